@@ -1,0 +1,430 @@
+#!/usr/bin/env python3
+"""Build the tiny random test models in tests/fixtures and record reference outputs.
+
+Run in a throwaway venv with torch and transformers (>= 5.17) from PyPI:
+
+    python3 -m venv /tmp/fx && /tmp/fx/bin/pip install torch transformers
+    /tmp/fx/bin/python scripts/make_fixtures.py
+
+Every parameter is random (norm weights included) and rounded to bf16, then stored in the
+fixture's dtype. The reference runs in float64 with eager attention and eager experts.
+For each fixture, reference.json holds:
+  prompt          token ids of the prompt
+  prefill_logits  one row per prompt position (one forward over the whole prompt)
+  greedy          greedy continuation (argmax, no sampling)
+  decode_logits   one row per step when prompt + greedy[:-1] is fed one token at a time with a cache
+tokenizer_reference.json holds encode/decode checks and rendered chat templates.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+OUT = os.path.join(ROOT, "tests", "fixtures")
+TEMPLATE = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_template.jinja")).read()
+VOCAB = 320
+GREEDY_STEPS = 8
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
+CORPUS = """
+The quick brown fox jumps over the lazy dog. Flash storage streams experts on demand.
+A mixture of experts routes each token to a few feed-forward networks; the rest stay on disk.
+Numbers like 12345 and 3.14159 appear, as do symbols: {"name": "get_weather", "arguments": {}}.
+ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun.
+JULIET: O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy name.
+    Indented code: fn main() { println!("hello"); }  // tabs\tand newlines\n
+Unicode: café, naïve, 東京, ñandú, emoji 🙂.
+"""
+
+
+def float64_module(name):
+    """Load a transformers modeling module with its float32 casts turned into float64.
+
+    transformers computes norms, softmaxes, RoPE tables and the DeltaNet recurrence in float32
+    even for a float64 model; this copy keeps the whole reference in float64.
+    """
+    spec = importlib.util.find_spec(name)
+    src = spec.loader.get_source(name)
+    for a, b in [("torch.float32", "torch.float64"), (".float()", ".double()"),
+                 ("dtype=torch.float)", "dtype=torch.float64)"), ("dtype=torch.float,", "dtype=torch.float64,"),
+                 ("dtype=torch.float ", "dtype=torch.float64 ")]:
+        src = src.replace(a, b)
+    # redefine the classes in place, so that auto classes building sub-models find them too
+    mod = importlib.import_module(name)
+    exec(compile(src, spec.origin, "exec"), mod.__dict__)
+    return mod
+
+
+def build_tokenizer():
+    tok = Tokenizer(models.BPE())
+    split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - len(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok.add_special_tokens(SPECIALS)
+    assert tok.get_vocab_size() <= VOCAB, tok.get_vocab_size()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=TEMPLATE,
+    )
+    return fast
+
+
+def randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(shape, std):
+        return torch.randn(shape, generator=g, dtype=torch.float64) * std
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                v = torch.log(torch.rand(p.shape, generator=g, dtype=torch.float64) * 7 + 1)
+            elif name.endswith("dt_bias"):
+                v = rnd(p.shape, 0.5)
+            elif "conv1d" in name:
+                v = rnd(p.shape, 0.4)
+            elif p.dim() == 1:  # norms: plain ones keep 1 + noise, zero-centred keep noise
+                base = 1.0 if float(p.double().mean()) > 0.5 else 0.0
+                v = base + rnd(p.shape, 0.1)
+            elif "embed_tokens" in name or name == "lm_head.weight":
+                v = rnd(p.shape, 0.5)
+            else:  # [.., out, in]
+                v = rnd(p.shape, 1.0 / p.shape[-1] ** 0.5)
+                if name.endswith("mlp.gate.weight"):
+                    v = v * 3.0  # decisive routing keeps top-k away from ties
+            p.copy_(v.to(torch.bfloat16).to(p.dtype))
+
+
+class GapMonitor:
+    """Records the smallest gap between the k-th and (k+1)-th router logit."""
+
+    def __init__(self, model):
+        self.min_gap = float("inf")
+        for name, mod in model.named_modules():
+            if name.endswith("mlp.gate") and hasattr(mod, "top_k"):
+                mod.register_forward_hook(self.hook)
+
+    def hook(self, mod, inp, out):
+        logits = out[0] if isinstance(out, tuple) else out
+        top = torch.topk(logits.double(), min(mod.top_k + 1, logits.shape[-1]), dim=-1).values
+        if top.shape[-1] > mod.top_k:
+            gap = (top[..., mod.top_k - 1] - top[..., mod.top_k]).min().item()
+            self.min_gap = min(self.min_gap, gap)
+
+
+def reference(model, prompt):
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        prefill = model(input_ids=ids, use_cache=False).logits[0]
+        # greedy, step by step with the model's own cache
+        seq = list(prompt)
+        out = model(input_ids=ids, use_cache=True)
+        cache = out.past_key_values
+        greedy = []
+        logits = out.logits[0, -1]
+        gaps = []
+        for _ in range(GREEDY_STEPS):
+            top2 = torch.topk(logits, 2).values
+            gaps.append((top2[0] - top2[1]).item())
+            nxt = int(torch.argmax(logits))
+            greedy.append(nxt)
+            seq.append(nxt)
+            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[0, -1]
+        # token-by-token from an empty cache over prompt + greedy[:-1]
+        rows = []
+        cache = None
+        for t in seq[:-1]:
+            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            rows.append(out.logits[0, -1])
+        decode = torch.stack(rows)
+        full = model(input_ids=torch.tensor([seq[:-1]]), use_cache=False).logits[0]
+        err = (decode - full).abs().max().item() / full.abs().max().item()
+        # the DeltaNet kernels of transformers compute in float32 even for a float64 model
+        print(f"  reference prefill vs token-by-token decode: relative max error {err:.2e}")
+    return prefill, greedy, decode, min(gaps)
+
+
+def rows(t):
+    return [[float(f"{x:.8g}") for x in r] for r in t.tolist()]
+
+
+def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, fused=False, wrap_dtype=None):
+    path = os.path.join(OUT, name)
+    for attempt in range(50):
+        torch.manual_seed(seed + attempt)
+        cfg = cfg_cls(**cfg_kwargs)
+        model = model_cls._from_config(cfg, attn_implementation="eager", experts_implementation="eager")
+        model = model.to(torch.float64)
+        randomize(model, seed + attempt)
+        # round through the storage dtype so the reference sees exactly the stored values
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(dtype).to(torch.float64))
+        mon = GapMonitor(model)
+        prefill, greedy, decode, tgap = reference(model, prompt)
+        if mon.min_gap > 2e-3 and tgap > 1e-3:
+            break
+        print(f"{name}: seed {seed + attempt} too close to a tie ({mon.min_gap:.2e}, {tgap:.2e}); retrying")
+    else:
+        sys.exit(f"{name}: no seed without near-ties")
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    model.to(dtype).save_pretrained(path, max_shard_size=shard or "50GB")
+    if fused:
+        fuse_experts(path, cfg_kwargs)
+    build_tokenizer().save_pretrained(path)
+    with open(os.path.join(path, "reference.json"), "w") as f:
+        json.dump(
+            {
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+                "prompt": prompt,
+                "prefill_logits": rows(prefill),
+                "greedy": greedy,
+                "decode_logits": rows(decode),
+            },
+            f,
+        )
+    print(f"{name}: ok (router gap {mon.min_gap:.2e}, greedy gap {tgap:.2e}), greedy {greedy}")
+
+
+def fuse_experts(path, kw):
+    """Rewrite per-expert tensors as the fused 3-D form some releases ship."""
+    f = os.path.join(path, "model.safetensors")
+    t = load_file(f)
+    out = {}
+    for layer in range(kw["num_hidden_layers"]):
+        pre = f"model.layers.{layer}.mlp.experts"
+        gu, dn = [], []
+        for e in range(kw["num_experts"]):
+            g = t.pop(f"{pre}.{e}.gate_proj.weight")
+            u = t.pop(f"{pre}.{e}.up_proj.weight")
+            gu.append(torch.cat([g, u], 0))
+            dn.append(t.pop(f"{pre}.{e}.down_proj.weight"))
+        out[f"{pre}.gate_up_proj"] = torch.stack(gu).contiguous()
+        out[f"{pre}.down_proj"] = torch.stack(dn).contiguous()
+    t.update(out)
+    save_file(t, f, metadata={"format": "pt"})
+
+
+def tokenizer_reference():
+    tok = build_tokenizer()
+    texts = [
+        "Hello world",
+        "ROMEO: But soft, what light through yonder window breaks?",
+        "  leading spaces and\ttabs\n\nnew lines 12345 café 東京 🙂",
+        "<|im_start|>user\nhi<|im_end|>",
+    ]
+    enc = [{"text": t, "ids": tok(t)["input_ids"]} for t in texts]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city — “quoted”",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    convs = [
+        dict(messages=[{"role": "user", "content": "Hi there"}], add_generation_prompt=True),
+        dict(
+            messages=[
+                {"role": "system", "content": "  You are terse.  "},
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "<think>\nmaybe red\n</think>\n\nRed."},
+                {"role": "user", "content": "Another."},
+            ],
+            add_generation_prompt=True,
+            enable_thinking=False,
+        ),
+        dict(
+            messages=[
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
+                    ],
+                },
+                {"role": "tool", "content": '{"temp": 21}'},
+                {"role": "tool", "content": '{"temp": 19}'},
+            ],
+            tools=tools,
+            add_generation_prompt=True,
+        ),
+        dict(
+            messages=[
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "<think>r</think>a"},
+            ],
+            add_generation_prompt=False,
+        ),
+    ]
+    chats = []
+    for c in convs:
+        kw = {k: v for k, v in c.items() if k not in ("messages", "tools")}
+        rendered = tok.apply_chat_template(c["messages"], tools=c.get("tools"), tokenize=False, **kw)
+        chats.append(dict(c, rendered=rendered))
+    with open(os.path.join(OUT, "tokenizer_reference.json"), "w") as f:
+        json.dump({"encode": enc, "chat": chats}, f, ensure_ascii=False, indent=1)
+
+
+def main():
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig, Qwen3MoeConfig, Qwen3NextConfig
+
+    q35 = float64_module("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    Qwen3_5MoeForCausalLM = q35.Qwen3_5MoeForCausalLM
+    Qwen3_5MoeForConditionalGeneration = q35.Qwen3_5MoeForConditionalGeneration
+    Qwen3NextForCausalLM = float64_module("transformers.models.qwen3_next.modeling_qwen3_next").Qwen3NextForCausalLM
+    Qwen3MoeForCausalLM = float64_module("transformers.models.qwen3_moe.modeling_qwen3_moe").Qwen3MoeForCausalLM
+
+    os.makedirs(OUT, exist_ok=True)
+    tok = build_tokenizer()
+    prompt = tok("ROMEO: But soft, what light through yonder window breaks?")["input_ids"]
+    short = prompt[:9]
+    common = dict(vocab_size=VOCAB, rms_norm_eps=1e-6, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+
+    qwen35_text = dict(
+        common,
+        hidden_size=48,
+        num_hidden_layers=5,  # default pattern, interval 4: L L L F L
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=12,
+        linear_value_head_dim=10,
+        linear_conv_kernel_dim=4,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=20,
+        tie_word_embeddings=False,
+        rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
+            mrope_section=[1, 1, 0], mrope_interleaved=True,
+        ),
+        max_position_embeddings=64,
+    )
+    make("qwen35_text", Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM, qwen35_text, torch.bfloat16, prompt, 100,
+         shard="60KB")
+    make("qwen35_fused", Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM, qwen35_text, torch.float32, short, 150,
+         fused=True)
+
+    text_cfg = dict(
+        common,
+        hidden_size=40,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=8,
+        linear_num_key_heads=1,
+        linear_num_value_heads=3,
+        linear_key_head_dim=8,
+        linear_value_head_dim=6,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=18,
+        shared_expert_intermediate_size=14,
+        rope_parameters=dict(
+            rope_type="default", rope_theta=1000000.0, partial_rotary_factor=0.5,
+            mrope_section=[1, 1, 0], mrope_interleaved=True,
+        ),
+        max_position_embeddings=128,
+    )
+    vision_cfg = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=24, out_hidden_size=40,
+                      patch_size=4, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
+    vl = dict(text_config=text_cfg, vision_config=vision_cfg, tie_word_embeddings=True,
+              image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+              vision_end_token_id=VOCAB - 4)
+    make("qwen35_vl", Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, vl, torch.float32, prompt, 200)
+
+    nxt = dict(
+        common,
+        hidden_size=32,
+        num_hidden_layers=4,  # L L L F
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=20,
+        shared_expert_intermediate_size=12,
+        intermediate_size=40,
+        mlp_only_layers=[2],
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25),
+        max_position_embeddings=64,
+    )
+    make("qwen3_next", Qwen3NextConfig, Qwen3NextForCausalLM, nxt, torch.float16, prompt, 300)
+
+    moe = dict(
+        common,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=44,
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=2,  # layers 1 and 3 sparse...
+        mlp_only_layers=[3],  # ...but layer 3 forced dense
+        tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        max_position_embeddings=64,
+    )
+    make("qwen3_moe", Qwen3MoeConfig, Qwen3MoeForCausalLM, moe, torch.bfloat16, prompt, 400)
+    moe2 = dict(moe, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False,
+                num_key_value_heads=1, num_experts_per_tok=3)
+    make("qwen3_moe_norm", Qwen3MoeConfig, Qwen3MoeForCausalLM, moe2, torch.bfloat16, short, 500)
+
+    tokenizer_reference()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+//! Reading Hugging Face checkpoints: one or many `*.safetensors` files, memory-mapped, with
+//! shape and dtype checks that name the tensor and file on failure.
+
+use crate::tensor::{DType, Mat};
+use anyhow::{Context, Result, anyhow, bail};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+struct TensorEntry {
+    file: usize,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl Checkpoint {
+    /// Opens every safetensors file of `dir` (those named by `model.safetensors.index.json`
+    /// when present) and reads their headers.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<String> = if index.exists() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| anyhow!("{}: field `weight_map` is missing", index.display()))?;
+            let set: BTreeSet<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            set.into_iter().collect()
+        } else {
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .with_context(|| format!("cannot read model directory {}", dir.display()))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        if names.is_empty() {
+            bail!("{}: no *.safetensors files found", dir.display());
+        }
+        let mut ck = Checkpoint { dir: dir.to_path_buf(), files: vec![], tensors: HashMap::new() };
+        for name in names {
+            let path = dir.join(&name);
+            let file = File::open(&path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+            // SAFETY: the mapping is read-only; a file truncated underneath us is a user error that
+            // the header check below catches at load for the common (already truncated) case.
+            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map)
+                .map_err(|e| anyhow!("{}: corrupt or truncated safetensors header: {e}", path.display()))?;
+            let base = 8 + header_len;
+            let fi = ck.files.len();
+            for (tname, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                let (start, end) = (base + s, base + e);
+                if end > map.len() {
+                    bail!(
+                        "{}: file is truncated: tensor `{tname}` needs bytes up to {end}, the file has {}",
+                        path.display(),
+                        map.len()
+                    );
+                }
+                ck.tensors.insert(
+                    tname.clone(),
+                    TensorEntry { file: fi, dtype: info.dtype, shape: info.shape.clone(), start, end },
+                );
+            }
+            ck.files.push((path, map));
+        }
+        Ok(ck)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Names of all tensors (sorted).
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        v.sort();
+        v
+    }
+
+    fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing from the checkpoint", self.dir.display()))
+    }
+
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(&self.entry(name)?.shape)
+    }
+
+    fn file_of(&self, e: &TensorEntry) -> &Path {
+        &self.files[e.file].0
+    }
+
+    /// Loads tensor `name`, checking its shape, as a `[rows, cols]` matrix where `rows` is the
+    /// product of all leading dimensions (a 1-D tensor is one row).
+    pub fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat> {
+        let e = self.entry(name)?;
+        if e.shape != shape {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, expected {:?}",
+                self.file_of(e).display(),
+                e.shape,
+                shape
+            );
+        }
+        let cols = *shape.last().unwrap_or(&1);
+        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let n = rows * cols;
+        let dt = match e.dtype {
+            StDtype::F32 => DType::F32,
+            StDtype::BF16 => DType::BF16,
+            StDtype::F16 => DType::F16,
+            other => bail!(
+                "{}: tensor `{name}` has unsupported dtype {other:?} (supported: F32, BF16, F16)",
+                self.file_of(e).display()
+            ),
+        };
+        if bytes.len() != n * dt.size() {
+            bail!("{}: tensor `{name}` holds {} bytes, its shape needs {}", self.file_of(e).display(), bytes.len(), n * dt.size());
+        }
+        match dt {
+            DType::F32 => {
+                let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                Mat::from_f32(rows, cols, data)
+            }
+            _ => {
+                let data = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                Mat::from_half(rows, cols, data, dt)
+            }
+        }
+        .with_context(|| format!("tensor `{name}`"))
+    }
+
+    /// Loads a tensor of `len` elements as f32 (norm weights, biases, per-head scalars). The
+    /// shape may carry extra unit dimensions only where `shape` says so.
+    pub fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.mat(name, shape)?.to_f32())
+    }
+}

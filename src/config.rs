@@ -1,0 +1,428 @@
+//! Model configuration: the three supported families read from a Hugging Face `config.json`.
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+use std::path::Path;
+
+/// Model family; decides the checkpoint layout and the small differences in the math.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Qwen3.5 MoE (`qwen3_5_moe` multimodal wrapper or `qwen3_5_moe_text`).
+    Qwen35Moe,
+    /// Qwen3-Next: Qwen3.5 math with fused DeltaNet projections.
+    Qwen3Next,
+    /// Qwen3-MoE: plain GQA attention, no DeltaNet, no shared expert.
+    Qwen3Moe,
+}
+
+/// Token mixer of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mixer {
+    /// Gated DeltaNet (`linear_attention`).
+    DeltaNet,
+    /// Softmax attention over a KV cache (`full_attention`).
+    Attention,
+}
+
+/// Feed-forward block of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ffn {
+    Moe,
+    Dense,
+}
+
+/// Gated DeltaNet sizes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearAttnConfig {
+    pub num_k_heads: usize,
+    pub num_v_heads: usize,
+    pub k_head_dim: usize,
+    pub v_head_dim: usize,
+    pub conv_kernel: usize,
+}
+
+impl LinearAttnConfig {
+    pub fn key_dim(&self) -> usize {
+        self.num_k_heads * self.k_head_dim
+    }
+    pub fn value_dim(&self) -> usize {
+        self.num_v_heads * self.v_head_dim
+    }
+    /// Channels of the causal conv: q, k and v together.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
+}
+
+/// Everything the forward pass needs to know about a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub arch: Arch,
+    /// Text weights live under `model.language_model.` (the multimodal Qwen3.5 wrapper).
+    pub multimodal: bool,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f64,
+    pub partial_rotary_factor: f64,
+    pub rms_norm_eps: f32,
+    pub mixers: Vec<Mixer>,
+    pub ffns: Vec<Ffn>,
+    /// Dense MLP intermediate size (0 when no layer is dense).
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    /// 0 when the family has no shared expert.
+    pub shared_expert_intermediate_size: usize,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub norm_topk_prob: bool,
+    pub linear: Option<LinearAttnConfig>,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.get(name).filter(|x| !x.is_null())
+}
+
+fn req_usize(v: &Value, name: &str) -> Result<usize> {
+    field(v, name)
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| anyhow!("config.json: field `{name}` is missing or not a non-negative integer"))
+}
+
+fn opt_usize(v: &Value, name: &str, default: usize) -> Result<usize> {
+    match field(v, name) {
+        None => Ok(default),
+        Some(_) => req_usize(v, name),
+    }
+}
+
+fn opt_f64(v: &Value, name: &str, default: f64) -> Result<f64> {
+    match field(v, name) {
+        None => Ok(default),
+        Some(x) => x.as_f64().ok_or_else(|| anyhow!("config.json: field `{name}` is not a number")),
+    }
+}
+
+fn opt_bool(v: &Value, name: &str, default: bool) -> Result<bool> {
+    match field(v, name) {
+        None => Ok(default),
+        Some(x) => x.as_bool().ok_or_else(|| anyhow!("config.json: field `{name}` is not a boolean")),
+    }
+}
+
+/// `eos_token_id` as one id or a list.
+pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        _ => vec![],
+    }
+}
+
+impl ModelConfig {
+    /// Reads `config.json` (and `generation_config.json` for extra EOS ids) from a checkpoint dir.
+    pub fn load(dir: &Path) -> Result<ModelConfig> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let root: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let mut cfg = Self::from_json(&root).with_context(|| format!("in {}", path.display()))?;
+        let gen_path = dir.join("generation_config.json");
+        if let Ok(t) = std::fs::read_to_string(&gen_path) {
+            let g: Value =
+                serde_json::from_str(&t).with_context(|| format!("{}: not valid JSON", gen_path.display()))?;
+            for id in token_ids(g.get("eos_token_id")) {
+                if !cfg.eos_token_ids.contains(&id) {
+                    cfg.eos_token_ids.push(id);
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses a `config.json` value.
+    pub fn from_json(root: &Value) -> Result<ModelConfig> {
+        let model_type = field(root, "model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("config.json: field `model_type` is missing"))?
+            .to_string();
+        let (arch, multimodal) = match model_type.as_str() {
+            "qwen3_5_moe" => (Arch::Qwen35Moe, true),
+            "qwen3_5_moe_text" => (Arch::Qwen35Moe, false),
+            "qwen3_next" => (Arch::Qwen3Next, false),
+            "qwen3_moe" => (Arch::Qwen3Moe, false),
+            other => bail!(
+                "config.json: unsupported model_type `{other}` (supported: qwen3_5_moe, qwen3_5_moe_text, \
+                 qwen3_next, qwen3_moe)"
+            ),
+        };
+        let t = if multimodal {
+            field(root, "text_config").ok_or_else(|| anyhow!("config.json: field `text_config` is missing"))?
+        } else {
+            root
+        };
+        let hidden_size = req_usize(t, "hidden_size")?;
+        let num_layers = req_usize(t, "num_hidden_layers")?;
+        let num_heads = req_usize(t, "num_attention_heads")?;
+        let num_kv_heads = opt_usize(t, "num_key_value_heads", num_heads)?;
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!(
+                "config.json: num_attention_heads ({num_heads}) must be a positive multiple of \
+                 num_key_value_heads ({num_kv_heads})"
+            );
+        }
+        let head_dim = opt_usize(t, "head_dim", hidden_size / num_heads)?;
+        if opt_bool(t, "attention_bias", false)? {
+            bail!("config.json: attention_bias = true is not supported");
+        }
+        if opt_bool(t, "use_sliding_window", false)? {
+            bail!("config.json: use_sliding_window = true is not supported");
+        }
+        let rope = field(t, "rope_parameters").or_else(|| field(t, "rope_scaling"));
+        let rope_type = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str);
+        if let Some(rt) = rope_type
+            && rt != "default"
+        {
+            bail!("config.json: rope_type `{rt}` is not supported (only default)");
+        }
+        let from_rope = |name: &str, default: f64| -> Result<f64> {
+            match rope.and_then(|r| field(r, name)) {
+                Some(x) => x.as_f64().ok_or_else(|| anyhow!("config.json: rope_parameters.{name} is not a number")),
+                None => opt_f64(t, name, default),
+            }
+        };
+        let partial_default = if arch == Arch::Qwen3Moe { 1.0 } else { 0.25 };
+        let rope_theta = from_rope("rope_theta", 10000.0)?;
+        let partial_rotary_factor = from_rope("partial_rotary_factor", partial_default)?;
+        let rot = (head_dim as f64 * partial_rotary_factor) as usize;
+        if rot % 2 != 0 || rot > head_dim {
+            bail!("config.json: rotary dimension {rot} (head_dim x partial_rotary_factor) must be even and <= head_dim");
+        }
+
+        let mixers = if arch == Arch::Qwen3Moe {
+            vec![Mixer::Attention; num_layers]
+        } else if let Some(lt) = field(t, "layer_types") {
+            let arr = lt.as_array().ok_or_else(|| anyhow!("config.json: field `layer_types` is not a list"))?;
+            if arr.len() != num_layers {
+                bail!("config.json: layer_types has {} entries, num_hidden_layers is {num_layers}", arr.len());
+            }
+            arr.iter()
+                .enumerate()
+                .map(|(i, x)| match x.as_str() {
+                    Some("linear_attention") => Ok(Mixer::DeltaNet),
+                    Some("full_attention") => Ok(Mixer::Attention),
+                    other => Err(anyhow!("config.json: layer_types[{i}] = {other:?} is not supported")),
+                })
+                .collect::<Result<_>>()?
+        } else {
+            let every = opt_usize(t, "full_attention_interval", 4)?.max(1);
+            (0..num_layers)
+                .map(|i| if (i + 1) % every == 0 { Mixer::Attention } else { Mixer::DeltaNet })
+                .collect()
+        };
+
+        // transformers 5 writes Qwen3-MoE's expert count as `num_local_experts`
+        let num_experts = match field(t, "num_experts") {
+            Some(_) => req_usize(t, "num_experts")?,
+            None => opt_usize(t, "num_local_experts", 0)?,
+        };
+        let ffns: Vec<Ffn> = if arch == Arch::Qwen35Moe {
+            vec![Ffn::Moe; num_layers]
+        } else {
+            let step = opt_usize(t, "decoder_sparse_step", 1)?.max(1);
+            let only: Vec<usize> = match field(t, "mlp_only_layers") {
+                None => vec![],
+                Some(v) => v
+                    .as_array()
+                    .ok_or_else(|| anyhow!("config.json: field `mlp_only_layers` is not a list"))?
+                    .iter()
+                    .map(|x| {
+                        x.as_u64()
+                            .map(|x| x as usize)
+                            .ok_or_else(|| anyhow!("config.json: mlp_only_layers holds a non-integer"))
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            (0..num_layers)
+                .map(|i| {
+                    if !only.contains(&i) && num_experts > 0 && (i + 1) % step == 0 { Ffn::Moe } else { Ffn::Dense }
+                })
+                .collect()
+        };
+        let any_moe = ffns.contains(&Ffn::Moe);
+        let any_dense = ffns.contains(&Ffn::Dense);
+        let num_experts_per_tok = if any_moe { req_usize(t, "num_experts_per_tok")? } else { 0 };
+        if any_moe && (num_experts_per_tok == 0 || num_experts_per_tok > num_experts) {
+            bail!("config.json: num_experts_per_tok ({num_experts_per_tok}) must be in 1..=num_experts ({num_experts})");
+        }
+        let linear = if mixers.contains(&Mixer::DeltaNet) {
+            let l = LinearAttnConfig {
+                num_k_heads: req_usize(t, "linear_num_key_heads")?,
+                num_v_heads: req_usize(t, "linear_num_value_heads")?,
+                k_head_dim: req_usize(t, "linear_key_head_dim")?,
+                v_head_dim: req_usize(t, "linear_value_head_dim")?,
+                conv_kernel: opt_usize(t, "linear_conv_kernel_dim", 4)?,
+            };
+            if l.num_k_heads == 0 || l.num_v_heads % l.num_k_heads != 0 || l.conv_kernel == 0 {
+                bail!(
+                    "config.json: linear_num_value_heads ({}) must be a multiple of linear_num_key_heads ({})",
+                    l.num_v_heads,
+                    l.num_k_heads
+                );
+            }
+            Some(l)
+        } else {
+            None
+        };
+        let mut eos_token_ids = token_ids(t.get("eos_token_id"));
+        for id in token_ids(root.get("eos_token_id")) {
+            if !eos_token_ids.contains(&id) {
+                eos_token_ids.push(id);
+            }
+        }
+        // The multimodal wrapper carries the tie flag at the top level.
+        let tie_word_embeddings = if multimodal {
+            opt_bool(root, "tie_word_embeddings", false)?
+        } else {
+            opt_bool(t, "tie_word_embeddings", false)?
+        };
+        let cfg = ModelConfig {
+            model_type,
+            arch,
+            multimodal,
+            vocab_size: req_usize(t, "vocab_size")?,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta,
+            partial_rotary_factor,
+            rms_norm_eps: opt_f64(t, "rms_norm_eps", 1e-6)? as f32,
+            mixers,
+            ffns,
+            intermediate_size: if any_dense { req_usize(t, "intermediate_size")? } else { 0 },
+            moe_intermediate_size: if any_moe { req_usize(t, "moe_intermediate_size")? } else { 0 },
+            shared_expert_intermediate_size: if arch == Arch::Qwen3Moe {
+                0
+            } else {
+                opt_usize(t, "shared_expert_intermediate_size", 0)?
+            },
+            num_experts,
+            num_experts_per_tok,
+            norm_topk_prob: arch == Arch::Qwen35Moe || opt_bool(t, "norm_topk_prob", false)?,
+            linear,
+            tie_word_embeddings,
+            max_position_embeddings: opt_usize(t, "max_position_embeddings", 32768)?,
+            eos_token_ids,
+        };
+        Ok(cfg)
+    }
+
+    /// Zero-centred RMSNorm `x·(1+w)` (Qwen3.5, Qwen3-Next) instead of `x·w`.
+    pub fn zero_centered_norm(&self) -> bool {
+        self.arch != Arch::Qwen3Moe
+    }
+
+    /// Attention output gated per element by sigmoid of a second half of q_proj.
+    pub fn gated_attention(&self) -> bool {
+        self.arch != Arch::Qwen3Moe
+    }
+
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim as f64 * self.partial_rotary_factor) as usize
+    }
+
+    /// Layer pattern as one letter a layer: `L` DeltaNet, `F` full attention; lower case when
+    /// the layer's feed-forward block is dense.
+    pub fn layer_pattern(&self) -> String {
+        self.mixers
+            .iter()
+            .zip(&self.ffns)
+            .map(|(m, f)| {
+                let c = if *m == Mixer::DeltaNet { 'L' } else { 'F' };
+                if *f == Ffn::Dense { c.to_ascii_lowercase() } else { c }
+            })
+            .collect()
+    }
+
+    /// Parameters of one routed expert (gate, up and down).
+    pub fn expert_params(&self) -> usize {
+        3 * self.hidden_size * self.moe_intermediate_size
+    }
+
+    /// Parameters of the token mixer of layer `i`.
+    pub fn mixer_params(&self, i: usize) -> usize {
+        let h = self.hidden_size;
+        match self.mixers[i] {
+            Mixer::Attention => {
+                let q = self.num_heads * self.head_dim * if self.gated_attention() { 2 } else { 1 };
+                let kv = 2 * self.num_kv_heads * self.head_dim;
+                h * (q + kv) + self.num_heads * self.head_dim * h + 2 * self.head_dim
+            }
+            Mixer::DeltaNet => {
+                let l = self.linear.as_ref().expect("DeltaNet layer without linear config");
+                let (c, vd, nv) = (l.conv_dim(), l.value_dim(), l.num_v_heads);
+                h * (c + vd + 2 * nv) + c * l.conv_kernel + 2 * nv + l.v_head_dim + vd * h
+            }
+        }
+    }
+
+    /// (total parameters, parameters used per token) of the text model.
+    pub fn param_counts(&self) -> (u64, u64) {
+        let h = self.hidden_size as u64;
+        let v = self.vocab_size as u64;
+        let mut total = v * h + if self.tie_word_embeddings { 0 } else { v * h } + h;
+        let mut inactive = 0u64;
+        for i in 0..self.num_layers {
+            total += 2 * h + self.mixer_params(i) as u64;
+            match self.ffns[i] {
+                Ffn::Dense => total += 3 * h * self.intermediate_size as u64,
+                Ffn::Moe => {
+                    let e = self.num_experts as u64;
+                    let ep = self.expert_params() as u64;
+                    total += e * h + e * ep;
+                    if self.shared_expert_intermediate_size > 0 {
+                        total += 3 * h * self.shared_expert_intermediate_size as u64 + h;
+                    }
+                    inactive += (e - self.num_experts_per_tok as u64) * ep;
+                }
+            }
+        }
+        (total, total - inactive)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn default_layer_pattern_and_errors() {
+        let c = json!({"model_type": "qwen3_5_moe_text", "vocab_size": 10, "hidden_size": 8,
+            "num_hidden_layers": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+            "linear_num_key_heads": 1, "linear_num_value_heads": 2, "linear_key_head_dim": 4,
+            "linear_value_head_dim": 4, "num_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 4, "shared_expert_intermediate_size": 4});
+        let cfg = ModelConfig::from_json(&c).unwrap();
+        assert_eq!(cfg.layer_pattern(), "LLLFLLLF");
+        assert_eq!(cfg.rotary_dim(), 2);
+        let mut bad = c.clone();
+        bad["model_type"] = json!("llama");
+        let e = ModelConfig::from_json(&bad).unwrap_err().to_string();
+        assert!(e.contains("unsupported model_type `llama`"), "{e}");
+        let mut bad = c.clone();
+        bad.as_object_mut().unwrap().remove("hidden_size");
+        let e = ModelConfig::from_json(&bad).unwrap_err().to_string();
+        assert!(e.contains("`hidden_size`"), "{e}");
+    }
+}

@@ -1,0 +1,101 @@
+//! Softmax attention with GQA, q/k RMSNorm, partial RoPE and (Qwen3.5 / Qwen3-Next) a
+//! per-element sigmoid output gate carried in the second half of each head's q_proj rows.
+
+use super::norm::RmsNorm;
+use super::rope::Rope;
+use super::sigmoid;
+use crate::tensor::{Mat, dot};
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q_proj: Mat,
+    pub k_proj: Mat,
+    pub v_proj: Mat,
+    pub o_proj: Mat,
+    pub q_norm: RmsNorm,
+    pub k_norm: RmsNorm,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub gated: bool,
+    pub rope: Rope,
+}
+
+/// Keys and values of past positions, `[pos][kv_head][head_dim]`.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl KvCache {
+    pub fn bytes(&self) -> usize {
+        (self.k.capacity() + self.v.capacity()) * 4
+    }
+}
+
+impl Attention {
+    /// Attends `n` new tokens at positions `pos0..pos0+n`, appending them to `cache`.
+    pub fn forward(&self, x: &[f32], n: usize, pos0: usize, cache: &mut KvCache, out: &mut [f32]) {
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let qw = if self.gated { 2 * d } else { d };
+        let mut q = vec![0.0; n * nh * qw];
+        let mut k = vec![0.0; n * nkv * d];
+        let mut v = vec![0.0; n * nkv * d];
+        self.q_proj.matmul(x, n, &mut q);
+        self.k_proj.matmul(x, n, &mut k);
+        self.v_proj.matmul(x, n, &mut v);
+
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for t in 0..n {
+            self.rope.table(pos0 + t, &mut cos, &mut sin);
+            for h in 0..nh {
+                let head = &mut q[(t * nh + h) * qw..(t * nh + h) * qw + d];
+                self.q_norm.apply(head);
+                Rope::apply(head, &cos, &sin);
+            }
+            for h in 0..nkv {
+                let head = &mut k[(t * nkv + h) * d..(t * nkv + h + 1) * d];
+                self.k_norm.apply(head);
+                Rope::apply(head, &cos, &sin);
+            }
+        }
+        cache.k.extend_from_slice(&k);
+        cache.v.extend_from_slice(&v);
+
+        let scale = 1.0 / (d as f32).sqrt();
+        let group = nh / nkv;
+        let mut o = vec![0.0; n * nh * d];
+        let mut scores = Vec::new();
+        for t in 0..n {
+            let len = pos0 + t + 1; // causal: this token sees every earlier position and itself
+            for h in 0..nh {
+                let kvh = h / group;
+                let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
+                scores.clear();
+                scores.extend((0..len).map(|p| dot(qh, &cache.k[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d]) * scale));
+                let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - m).exp();
+                    sum += *s;
+                }
+                let oh = &mut o[(t * nh + h) * d..(t * nh + h + 1) * d];
+                for (p, s) in scores.iter().enumerate() {
+                    let w = s / sum;
+                    let vp = &cache.v[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d];
+                    for (a, b) in oh.iter_mut().zip(vp) {
+                        *a += w * b;
+                    }
+                }
+                if self.gated {
+                    let g = &q[(t * nh + h) * qw + d..(t * nh + h + 1) * qw];
+                    for (a, b) in oh.iter_mut().zip(g) {
+                        *a *= sigmoid(*b);
+                    }
+                }
+            }
+        }
+        self.o_proj.matmul(&o, n, out);
+    }
+}

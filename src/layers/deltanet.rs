@@ -1,0 +1,133 @@
+//! Gated DeltaNet (linear attention): a causal depthwise conv over the q/k/v projection,
+//! then per value head a d_k×d_v state updated by the gated delta rule, then a gated RMSNorm.
+//! Prefill runs the same token recurrence as decode, so both give identical results.
+
+use super::norm::inv_rms;
+use super::{sigmoid, silu, softplus};
+use crate::config::LinearAttnConfig;
+use crate::tensor::Mat;
+
+#[derive(Clone, Debug)]
+pub struct DeltaNet {
+    pub cfg: LinearAttnConfig,
+    /// Rows `[q | k | v]`, each head-major.
+    pub in_proj_qkv: Mat,
+    pub in_proj_z: Mat,
+    pub in_proj_b: Mat,
+    pub in_proj_a: Mat,
+    /// `[conv_dim][kernel]`.
+    pub conv_w: Vec<f32>,
+    pub dt_bias: Vec<f32>,
+    /// −exp(A_log), per value head.
+    pub neg_a: Vec<f32>,
+    /// Plain (not zero-centred) weight of the gated output norm, `v_head_dim` long.
+    pub norm_w: Vec<f32>,
+    pub eps: f32,
+    pub out_proj: Mat,
+}
+
+/// Recurrent state of one DeltaNet layer.
+#[derive(Clone, Debug)]
+pub struct DeltaState {
+    /// The last `kernel-1` conv inputs, oldest first: `[kernel-1][conv_dim]`.
+    pub conv: Vec<f32>,
+    /// `[v_head][d_k][d_v]`.
+    pub s: Vec<f32>,
+}
+
+impl DeltaState {
+    pub fn new(c: &LinearAttnConfig) -> DeltaState {
+        DeltaState {
+            conv: vec![0.0; (c.conv_kernel - 1) * c.conv_dim()],
+            s: vec![0.0; c.num_v_heads * c.k_head_dim * c.v_head_dim],
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        (self.conv.len() + self.s.len()) * 4
+    }
+}
+
+fn l2_normalize(x: &mut [f32], scale: f32) {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    let inv = scale / (ss + 1e-6).sqrt();
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+impl DeltaNet {
+    pub fn forward(&self, x: &[f32], n: usize, st: &mut DeltaState, out: &mut [f32]) {
+        let c = &self.cfg;
+        let (cd, kd, vd) = (c.conv_dim(), c.key_dim(), c.value_dim());
+        let (nk, nv, dk, dv, kern) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim, c.conv_kernel);
+        let mut qkv = vec![0.0; n * cd];
+        let mut z = vec![0.0; n * vd];
+        let mut b = vec![0.0; n * nv];
+        let mut a = vec![0.0; n * nv];
+        self.in_proj_qkv.matmul(x, n, &mut qkv);
+        self.in_proj_z.matmul(x, n, &mut z);
+        self.in_proj_b.matmul(x, n, &mut b);
+        self.in_proj_a.matmul(x, n, &mut a);
+
+        let mut o = vec![0.0; n * vd];
+        let mut cv = vec![0.0; cd];
+        let mut kv_mem = vec![0.0; dv];
+        let q_scale = 1.0 / (dk as f32).sqrt();
+        for t in 0..n {
+            let xt = &qkv[t * cd..(t + 1) * cd];
+            // 1. causal depthwise conv over [history, x_t], then SiLU; roll the history.
+            for ch in 0..cd {
+                let w = &self.conv_w[ch * kern..(ch + 1) * kern];
+                let mut acc = w[kern - 1] * xt[ch];
+                for j in 0..kern - 1 {
+                    acc += w[j] * st.conv[j * cd + ch];
+                }
+                cv[ch] = silu(acc);
+            }
+            if kern > 1 {
+                st.conv.copy_within(cd.., 0);
+                let last = (kern - 2) * cd;
+                st.conv[last..last + cd].copy_from_slice(xt);
+            }
+            // 2. split and L2-normalise q and k per key head; q also scaled by 1/sqrt(d_k).
+            let (q, rest) = cv.split_at_mut(kd);
+            let (k, v) = rest.split_at_mut(kd);
+            for h in 0..nk {
+                l2_normalize(&mut q[h * dk..(h + 1) * dk], q_scale);
+                l2_normalize(&mut k[h * dk..(h + 1) * dk], 1.0);
+            }
+            // 3-4. gated delta rule per value head.
+            for j in 0..nv {
+                let kh = j / (nv / nk);
+                let (qj, kj, vj) = (&q[kh * dk..(kh + 1) * dk], &k[kh * dk..(kh + 1) * dk], &v[j * dv..(j + 1) * dv]);
+                let beta = sigmoid(b[t * nv + j]);
+                let decay = (self.neg_a[j] * softplus(a[t * nv + j] + self.dt_bias[j])).exp();
+                let s = &mut st.s[j * dk * dv..(j + 1) * dk * dv];
+                s.iter_mut().for_each(|v| *v *= decay);
+                kv_mem.iter_mut().for_each(|v| *v = 0.0);
+                for (i, &ki) in kj.iter().enumerate() {
+                    for (m, sv) in kv_mem.iter_mut().zip(&s[i * dv..(i + 1) * dv]) {
+                        *m += sv * ki;
+                    }
+                }
+                for (m, &vv) in kv_mem.iter_mut().zip(vj) {
+                    *m = (vv - *m) * beta; // now the delta u
+                }
+                let oj = &mut o[t * vd + j * dv..t * vd + (j + 1) * dv];
+                for (i, (&ki, &qi)) in kj.iter().zip(qj).enumerate() {
+                    let row = &mut s[i * dv..(i + 1) * dv];
+                    for ((sv, u), ov) in row.iter_mut().zip(&kv_mem).zip(oj.iter_mut()) {
+                        *sv += ki * u;
+                        *ov += *sv * qi;
+                    }
+                }
+                // 5. gated RMSNorm: rms(o)·w·silu(z).
+                let zj = &z[t * vd + j * dv..t * vd + (j + 1) * dv];
+                let inv = inv_rms(oj, self.eps);
+                for ((ov, w), zz) in oj.iter_mut().zip(&self.norm_w).zip(zj) {
+                    *ov = *ov * inv * w * silu(*zz);
+                }
+            }
+        }
+        self.out_proj.matmul(&o, n, out);
+    }
+}

@@ -1,0 +1,56 @@
+//! Rotary position embedding on the first `rot` dims of a head ("rotate half" pairing).
+//! Qwen3.5's mrope with text-only positions (all three ids equal) is exactly this.
+
+#[derive(Clone, Debug)]
+pub struct Rope {
+    inv_freq: Vec<f64>,
+}
+
+impl Rope {
+    pub fn new(rot_dim: usize, theta: f64) -> Rope {
+        let inv_freq = (0..rot_dim / 2).map(|j| theta.powf(-((2 * j) as f64) / rot_dim as f64)).collect();
+        Rope { inv_freq }
+    }
+
+    /// cos and sin tables for position `pos`, each `rot/2` long.
+    pub fn table(&self, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        cos.clear();
+        sin.clear();
+        for &f in &self.inv_freq {
+            let a = pos as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+
+    /// Rotates one head vector in place with the tables of its position.
+    #[inline]
+    pub fn apply(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = cos.len();
+        for j in 0..half {
+            let (a, b) = (head[j], head[j + half]);
+            head[j] = a * cos[j] - b * sin[j];
+            head[j + half] = b * cos[j] + a * sin[j];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_zero_is_identity_and_norm_is_kept() {
+        let r = Rope::new(4, 10000.0);
+        let (mut c, mut s) = (vec![], vec![]);
+        r.table(0, &mut c, &mut s);
+        let mut h = vec![1.0, 2.0, 3.0, 4.0, 5.0];
+        Rope::apply(&mut h, &c, &s);
+        assert_eq!(h, vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        r.table(7, &mut c, &mut s);
+        Rope::apply(&mut h, &c, &s);
+        let n: f32 = h[..4].iter().map(|v| v * v).sum();
+        assert!((n - 30.0).abs() < 1e-4);
+        assert_eq!(h[4], 5.0);
+    }
+}

@@ -1,0 +1,14 @@
+//! flashmoe: Mixture-of-Experts inference for models larger than memory.
+//!
+//! The library holds the model math ([`layers`], [`model`]), checkpoint reading
+//! ([`checkpoint`], [`load`]), generation ([`generate`]) and the tokenizer with its chat
+//! template ([`tokenizer`]); the `flashmoe` binary is a thin CLI over it.
+
+pub mod checkpoint;
+pub mod config;
+pub mod generate;
+pub mod layers;
+pub mod load;
+pub mod model;
+pub mod tensor;
+pub mod tokenizer;

@@ -1,0 +1,194 @@
+//! Building a [`Model`] from a Hugging Face checkpoint directory: tensor names per family,
+//! un-fusing Qwen3-Next's DeltaNet projections and fused expert tensors, shape checks.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Arch, Ffn, LinearAttnConfig, Mixer, ModelConfig};
+use crate::layers::attention::Attention;
+use crate::layers::deltanet::DeltaNet;
+use crate::layers::mlp::Mlp;
+use crate::layers::moe::{Moe, SharedExpert};
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::Rope;
+use crate::model::{FfnWeights, Layer, MixerWeights, Model, RunOptions};
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+
+/// Loads config and weights from `dir`.
+pub fn load_model(dir: &Path) -> Result<Model> {
+    let cfg = ModelConfig::load(dir)?;
+    let ck = Checkpoint::open(dir)?;
+    build(cfg, &ck).with_context(|| format!("loading model from {}", dir.display()))
+}
+
+/// Tensor prefix of the text model: the multimodal wrapper nests it under `language_model`.
+fn text_prefix(cfg: &ModelConfig, ck: &Checkpoint) -> Result<String> {
+    let candidates: &[&str] = if cfg.multimodal {
+        &["model.language_model.", "language_model.model.", "model."]
+    } else {
+        &["model.", "model.language_model."]
+    };
+    for p in candidates {
+        if ck.has(&format!("{p}embed_tokens.weight")) {
+            return Ok(p.to_string());
+        }
+    }
+    bail!(
+        "{}: tensor `{}embed_tokens.weight` is missing from the checkpoint",
+        ck.dir.display(),
+        candidates[0]
+    )
+}
+
+struct Loader<'a> {
+    ck: &'a Checkpoint,
+    cfg: &'a ModelConfig,
+}
+
+impl Loader<'_> {
+    fn norm(&self, name: &str, dim: usize, zero_centered: bool) -> Result<RmsNorm> {
+        Ok(RmsNorm::new(self.ck.vector(name, &[dim])?, self.cfg.rms_norm_eps, zero_centered))
+    }
+
+    fn mlp(&self, p: &str, inter: usize) -> Result<Mlp> {
+        let h = self.cfg.hidden_size;
+        Ok(Mlp {
+            gate: self.ck.mat(&format!("{p}.gate_proj.weight"), &[inter, h])?,
+            up: self.ck.mat(&format!("{p}.up_proj.weight"), &[inter, h])?,
+            down: self.ck.mat(&format!("{p}.down_proj.weight"), &[h, inter])?,
+        })
+    }
+
+    fn attention(&self, p: &str) -> Result<Attention> {
+        let c = self.cfg;
+        let (h, nh, nkv, d) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+        let gated = c.gated_attention();
+        let zc = c.zero_centered_norm();
+        Ok(Attention {
+            q_proj: self.ck.mat(&format!("{p}.q_proj.weight"), &[nh * d * if gated { 2 } else { 1 }, h])?,
+            k_proj: self.ck.mat(&format!("{p}.k_proj.weight"), &[nkv * d, h])?,
+            v_proj: self.ck.mat(&format!("{p}.v_proj.weight"), &[nkv * d, h])?,
+            o_proj: self.ck.mat(&format!("{p}.o_proj.weight"), &[h, nh * d])?,
+            q_norm: self.norm(&format!("{p}.q_norm.weight"), d, zc)?,
+            k_norm: self.norm(&format!("{p}.k_norm.weight"), d, zc)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+            gated,
+            rope: Rope::new(c.rotary_dim(), c.rope_theta),
+        })
+    }
+
+    fn deltanet(&self, p: &str, l: &LinearAttnConfig) -> Result<DeltaNet> {
+        let h = self.cfg.hidden_size;
+        let (kd, vd, nv, nk, cd) = (l.key_dim(), l.value_dim(), l.num_v_heads, l.num_k_heads, l.conv_dim());
+        let (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) = if self.cfg.arch == Arch::Qwen3Next {
+            // Rows grouped per key head g: [q_g, k_g, v of g's value heads, z of the same].
+            let fused = self.ck.mat(&format!("{p}.in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?;
+            let (dk, vg) = (l.k_head_dim, (nv / nk) * l.v_head_dim);
+            let gs = 2 * dk + 2 * vg;
+            let part = |off: usize, len: usize| (0..nk).map(|g| g * gs + off..g * gs + off + len).collect::<Vec<_>>();
+            let mut qkv = part(0, dk);
+            qkv.extend(part(dk, dk));
+            qkv.extend(part(2 * dk, vg));
+            let z = fused.gather_rows(&part(2 * dk + vg, vg));
+            // [b of g's value heads, a of the same] per key head.
+            let ba = self.ck.mat(&format!("{p}.in_proj_ba.weight"), &[2 * nv, h])?;
+            let per = nv / nk;
+            let b_rows: Vec<_> = (0..nk).map(|g| 2 * per * g..2 * per * g + per).collect();
+            let a_rows: Vec<_> = (0..nk).map(|g| 2 * per * g + per..2 * per * (g + 1)).collect();
+            (fused.gather_rows(&qkv), z, ba.gather_rows(&b_rows), ba.gather_rows(&a_rows))
+        } else {
+            (
+                self.ck.mat(&format!("{p}.in_proj_qkv.weight"), &[cd, h])?,
+                self.ck.mat(&format!("{p}.in_proj_z.weight"), &[vd, h])?,
+                self.ck.mat(&format!("{p}.in_proj_b.weight"), &[nv, h])?,
+                self.ck.mat(&format!("{p}.in_proj_a.weight"), &[nv, h])?,
+            )
+        };
+        let a_log = self.ck.vector(&format!("{p}.A_log"), &[nv])?;
+        Ok(DeltaNet {
+            cfg: l.clone(),
+            in_proj_qkv,
+            in_proj_z,
+            in_proj_b,
+            in_proj_a,
+            conv_w: self.ck.vector(&format!("{p}.conv1d.weight"), &[cd, 1, l.conv_kernel])?,
+            dt_bias: self.ck.vector(&format!("{p}.dt_bias"), &[nv])?,
+            neg_a: a_log.iter().map(|v| -v.exp()).collect(),
+            norm_w: self.ck.vector(&format!("{p}.norm.weight"), &[l.v_head_dim])?,
+            eps: self.cfg.rms_norm_eps,
+            out_proj: self.ck.mat(&format!("{p}.out_proj.weight"), &[h, vd])?,
+        })
+    }
+
+    /// Routed experts: one tensor per expert and projection, or the fused 3-D form.
+    fn experts(&self, p: &str) -> Result<Vec<Mlp>> {
+        let c = self.cfg;
+        let (e, h, i) = (c.num_experts, c.hidden_size, c.moe_intermediate_size);
+        let fused = format!("{p}.gate_up_proj");
+        if self.ck.has(&fused) {
+            let gu = self.ck.mat(&fused, &[e, 2 * i, h])?;
+            let dn = self.ck.mat(&format!("{p}.down_proj"), &[e, h, i])?;
+            return Ok((0..e)
+                .map(|x| Mlp {
+                    gate: gu.gather_rows(&[x * 2 * i..x * 2 * i + i]),
+                    up: gu.gather_rows(&[x * 2 * i + i..(x + 1) * 2 * i]),
+                    down: dn.gather_rows(&[x * h..(x + 1) * h]),
+                })
+                .collect());
+        }
+        (0..e).map(|x| self.mlp(&format!("{p}.{x}"), i)).collect()
+    }
+
+    fn moe(&self, p: &str) -> Result<Moe> {
+        let c = self.cfg;
+        let shared = if c.shared_expert_intermediate_size > 0 {
+            Some(SharedExpert {
+                mlp: self.mlp(&format!("{p}.shared_expert"), c.shared_expert_intermediate_size)?,
+                gate: self.ck.vector(&format!("{p}.shared_expert_gate.weight"), &[1, c.hidden_size])?,
+            })
+        } else {
+            None
+        };
+        Ok(Moe {
+            router: self.ck.mat(&format!("{p}.gate.weight"), &[c.num_experts, c.hidden_size])?,
+            experts: self.experts(&format!("{p}.experts"))?,
+            shared,
+            top_k: c.num_experts_per_tok,
+            norm_topk_prob: c.norm_topk_prob,
+        })
+    }
+}
+
+/// Assembles the model from an opened checkpoint.
+pub fn build(cfg: ModelConfig, ck: &Checkpoint) -> Result<Model> {
+    let pre = text_prefix(&cfg, ck)?;
+    let ld = Loader { ck, cfg: &cfg };
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+    let zc = cfg.zero_centered_norm();
+    let embed = ck.mat(&format!("{pre}embed_tokens.weight"), &[v, h])?;
+    let lm_head = if cfg.tie_word_embeddings { None } else { Some(ck.mat("lm_head.weight", &[v, h])?) };
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = format!("{pre}layers.{i}");
+        let mixer = match cfg.mixers[i] {
+            Mixer::Attention => MixerWeights::Attention(ld.attention(&format!("{p}.self_attn"))?),
+            Mixer::DeltaNet => {
+                let l = cfg.linear.as_ref().expect("checked in config");
+                MixerWeights::DeltaNet(ld.deltanet(&format!("{p}.linear_attn"), l)?)
+            }
+        };
+        let ffn = match cfg.ffns[i] {
+            Ffn::Moe => FfnWeights::Moe(ld.moe(&format!("{p}.mlp"))?),
+            Ffn::Dense => FfnWeights::Dense(ld.mlp(&format!("{p}.mlp"), cfg.intermediate_size)?),
+        };
+        layers.push(Layer {
+            input_norm: ld.norm(&format!("{p}.input_layernorm.weight"), h, zc)?,
+            post_norm: ld.norm(&format!("{p}.post_attention_layernorm.weight"), h, zc)?,
+            mixer,
+            ffn,
+        });
+    }
+    let norm = ld.norm(&format!("{pre}norm.weight"), h, zc)?;
+    Ok(Model { cfg, embed, layers, norm, lm_head, opts: RunOptions::default() })
+}

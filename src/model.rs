@@ -1,0 +1,179 @@
+//! The decoder: embeddings, a stack of (mixer + feed-forward) layers, final norm, lm_head,
+//! and the per-sequence state (KV caches and DeltaNet states).
+
+use crate::config::ModelConfig;
+use crate::layers::attention::{Attention, KvCache};
+use crate::layers::deltanet::{DeltaNet, DeltaState};
+use crate::layers::mlp::Mlp;
+use crate::layers::moe::Moe;
+use crate::layers::norm::RmsNorm;
+use crate::tensor::Mat;
+use anyhow::{Result, bail};
+
+/// Token mixer weights of one layer.
+#[derive(Clone, Debug)]
+pub enum MixerWeights {
+    Attention(Attention),
+    DeltaNet(DeltaNet),
+}
+
+/// Feed-forward weights of one layer.
+#[derive(Clone, Debug)]
+pub enum FfnWeights {
+    Moe(Moe),
+    Dense(Mlp),
+}
+
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub input_norm: RmsNorm,
+    pub post_norm: RmsNorm,
+    pub mixer: MixerWeights,
+    pub ffn: FfnWeights,
+}
+
+/// Per-layer sequence state.
+#[derive(Clone, Debug)]
+pub enum LayerState {
+    Kv(KvCache),
+    Delta(DeltaState),
+}
+
+/// Everything a sequence carries between calls: positions so far and each layer's state.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub pos: usize,
+    pub layers: Vec<LayerState>,
+}
+
+impl State {
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Kv(c) => c.bytes(),
+                LayerState::Delta(d) => d.bytes(),
+            })
+            .sum()
+    }
+}
+
+/// Run-time options of a forward pass.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Routed experts per token; `None` keeps the model's `num_experts_per_tok`.
+    pub experts_per_token: Option<usize>,
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub embed: Mat,
+    pub layers: Vec<Layer>,
+    pub norm: RmsNorm,
+    /// `None` when the embeddings are tied.
+    pub lm_head: Option<Mat>,
+    pub opts: RunOptions,
+}
+
+impl Layer {
+    /// h = x + mixer(norm1(x)); x' = h + ffn(norm2(h)), in place on `x` (`n` tokens).
+    fn forward(&self, x: &mut [f32], n: usize, pos0: usize, st: &mut LayerState, opts: &RunOptions) {
+        let mut h = vec![0.0; x.len()];
+        let mut y = vec![0.0; x.len()];
+        self.input_norm.forward(x, &mut h);
+        match (&self.mixer, st) {
+            (MixerWeights::Attention(a), LayerState::Kv(c)) => a.forward(&h, n, pos0, c, &mut y),
+            (MixerWeights::DeltaNet(d), LayerState::Delta(s)) => d.forward(&h, n, s, &mut y),
+            _ => unreachable!("layer state does not match its mixer"),
+        }
+        x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        self.post_norm.forward(x, &mut h);
+        match &self.ffn {
+            FfnWeights::Moe(m) => m.forward(&h, n, opts.experts_per_token, &mut y),
+            FfnWeights::Dense(m) => m.forward(&h, n, &mut y),
+        }
+        x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+    }
+}
+
+impl Model {
+    /// A fresh, empty sequence state.
+    pub fn new_state(&self) -> State {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                MixerWeights::Attention(_) => LayerState::Kv(KvCache::default()),
+                MixerWeights::DeltaNet(d) => LayerState::Delta(DeltaState::new(&d.cfg)),
+            })
+            .collect();
+        State { pos: 0, layers }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// Context length limit (positions) of one sequence.
+    pub fn max_context(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    /// Feeds `tokens` after what `st` holds. Returns logits `[rows, vocab]`: one row per token
+    /// when `all_logits`, else only the last token's row.
+    pub fn forward(&self, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        if n == 0 {
+            bail!("no tokens to process");
+        }
+        let h = self.cfg.hidden_size;
+        let v = self.cfg.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            bail!("token id {bad} is out of range: the vocabulary has {v} ids");
+        }
+        if st.pos + n > self.max_context() {
+            bail!(
+                "sequence of {} tokens exceeds the model's context of {} tokens",
+                st.pos + n,
+                self.max_context()
+            );
+        }
+        let mut x = vec![0.0; n * h];
+        for (t, &id) in tokens.iter().enumerate() {
+            self.embed.row_f32(id as usize, &mut x[t * h..(t + 1) * h]);
+        }
+        for (layer, ls) in self.layers.iter().zip(st.layers.iter_mut()) {
+            layer.forward(&mut x, n, st.pos, ls, &self.opts);
+        }
+        st.pos += n;
+        let rows = if all_logits { &mut x[..] } else { &mut x[(n - 1) * h..] };
+        self.norm.apply(rows);
+        let m = rows.len() / h;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0.0; m * v];
+        head.matmul(rows, m, &mut logits);
+        Ok(logits)
+    }
+
+    /// Bytes of all weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let mut b = self.embed.bytes() + self.lm_head.as_ref().map_or(0, Mat::bytes);
+        for l in &self.layers {
+            b += match &l.mixer {
+                MixerWeights::Attention(a) => a.q_proj.bytes() + a.k_proj.bytes() + a.v_proj.bytes() + a.o_proj.bytes(),
+                MixerWeights::DeltaNet(d) => {
+                    d.in_proj_qkv.bytes() + d.in_proj_z.bytes() + d.in_proj_b.bytes() + d.in_proj_a.bytes() + d.out_proj.bytes()
+                }
+            };
+            b += match &l.ffn {
+                FfnWeights::Moe(m) => {
+                    m.router.bytes()
+                        + m.experts.iter().map(Mlp::bytes).sum::<usize>()
+                        + m.shared.as_ref().map_or(0, |s| s.mlp.bytes())
+                }
+                FfnWeights::Dense(m) => m.bytes(),
+            };
+        }
+        b
+    }
+}

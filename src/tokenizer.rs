@@ -1,0 +1,247 @@
+//! Tokenizer (`tokenizer.json` through the `tokenizers` crate) and chat template
+//! (`chat_template.jinja` or `tokenizer_config.json`, rendered with minijinja the way
+//! transformers renders it: trim_blocks, lstrip_blocks, loop controls, Python string methods
+//! and a Python-compatible `tojson`).
+
+use anyhow::{Context, Result, anyhow};
+use minijinja::{Environment, Error as JError, ErrorKind, Value as JValue};
+use serde_json::Value;
+use std::path::Path;
+
+/// Tokenizer plus chat template of a model directory.
+pub struct TextTokenizer {
+    tok: tokenizers::Tokenizer,
+    template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    pub fn load(dir: &Path) -> Result<TextTokenizer> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            anyhow::bail!("{}: tokenizer file is missing", path.display());
+        }
+        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}: not valid JSON", cfg_path.display()))?,
+            Err(_) => Value::Null,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let template = if jinja.exists() {
+            Some(std::fs::read_to_string(&jinja).with_context(|| format!("cannot read {}", jinja.display()))?)
+        } else {
+            match cfg.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .or(list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(String::from),
+                _ => None,
+            }
+        };
+        Ok(TextTokenizer {
+            tok,
+            template,
+            bos_token: token_string(cfg.get("bos_token")),
+            eos_token: token_string(cfg.get("eos_token")),
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tok.encode(text, true).map_err(|e| anyhow!("tokenizer: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.tok.decode(ids, skip_special).map_err(|e| anyhow!("tokenizer: {e}"))
+    }
+
+    pub fn token_to_id(&self, s: &str) -> Option<u32> {
+        self.tok.token_to_id(s)
+    }
+
+    /// EOS id named by `tokenizer_config.json`, if any.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|s| self.token_to_id(s))
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Renders the chat template. `extra` holds further template variables (e.g.
+    /// `enable_thinking`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
+        let src = self.template.as_deref().ok_or_else(|| anyhow!("this model has no chat template"))?;
+        render_template(src, messages, tools, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref(), extra)
+    }
+}
+
+/// Renders a Hugging Face chat template.
+pub fn render_template(
+    src: &str,
+    messages: &Value,
+    tools: Option<&Value>,
+    add_generation_prompt: bool,
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+    extra: &serde_json::Map<String, Value>,
+) -> Result<String> {
+    let mut env = Environment::new();
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .expect("default delimiters"),
+    );
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("tojson", tojson);
+    env.add_function("raise_exception", |msg: String| -> Result<JValue, JError> {
+        Err(JError::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", src).map_err(|e| anyhow!("chat template does not parse: {e:#}"))?;
+    let mut ctx = extra.clone();
+    ctx.insert("messages".into(), messages.clone());
+    ctx.insert("tools".into(), tools.cloned().unwrap_or(Value::Null));
+    ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+    ctx.insert("bos_token".into(), bos_token.map_or(Value::Null, |s| Value::String(s.into())));
+    ctx.insert("eos_token".into(), eos_token.map_or(Value::Null, |s| Value::String(s.into())));
+    let tmpl = env.get_template("chat").expect("just added");
+    tmpl.render(JValue::from(minijinja::value::Serde(&ctx))).map_err(|e| anyhow!("chat template failed: {e:#}"))
+}
+
+/// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=…,
+/// separators=…, sort_keys=…)`, keys in insertion order, no HTML escaping.
+fn tojson(v: JValue, kwargs: minijinja::value::Kwargs) -> Result<JValue, JError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let json: Value = serde_json::to_value(&v).map_err(|e| JError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let (item, key) = match &separators {
+        Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
+        _ => (if indent.is_some() { ",".into() } else { ", ".into() }, ": ".into()),
+    };
+    let mut out = String::new();
+    py_dump(&json, indent, 0, &item, &key, sort_keys.unwrap_or(false), &mut out);
+    Ok(JValue::from_safe_string(out))
+}
+
+fn py_str(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn py_dump(v: &Value, indent: Option<usize>, level: usize, item: &str, key: &str, sort: bool, out: &mut String) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => py_str(s, out),
+        Value::Array(a) => {
+            if a.is_empty() {
+                return out.push_str("[]");
+            }
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item);
+                }
+                newline(out, level + 1);
+                py_dump(x, indent, level + 1, item, key, sort, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Value::Object(o) => {
+            if o.is_empty() {
+                return out.push_str("{}");
+            }
+            let mut entries: Vec<(&String, &Value)> = o.iter().collect();
+            if sort {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, x)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item);
+                }
+                newline(out, level + 1);
+                py_str(k, out);
+                out.push_str(key);
+                py_dump(x, indent, level + 1, item, key, sort, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+    }
+}
+
+/// Turns a growing token sequence into text pieces without splitting multi-byte characters.
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamDecoder {
+    pub fn new() -> StreamDecoder {
+        StreamDecoder { ids: vec![], emitted: 0 }
+    }
+
+    /// Adds a token; returns the newly completed text, if any.
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(String::new());
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(piece)
+    }
+}
