@@ -31,14 +31,18 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let index = dir.join("model.safetensors.index.json");
         let names: Vec<String> = if index.exists() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("cannot read {}", index.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", index.display()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| anyhow!("{}: field `weight_map` is missing", index.display()))?;
-            let set: BTreeSet<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            let set: BTreeSet<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
             set.into_iter().collect()
         } else {
             let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -53,15 +57,25 @@ impl Checkpoint {
         if names.is_empty() {
             bail!("{}: no *.safetensors files found", dir.display());
         }
-        let mut ck = Checkpoint { dir: dir.to_path_buf(), files: vec![], tensors: HashMap::new() };
+        let mut ck = Checkpoint {
+            dir: dir.to_path_buf(),
+            files: vec![],
+            tensors: HashMap::new(),
+        };
         for name in names {
             let path = dir.join(&name);
-            let file = File::open(&path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+            let file = File::open(&path)
+                .with_context(|| format!("cannot open weights file {}", path.display()))?;
             // SAFETY: the mapping is read-only; a file truncated underneath us is a user error that
             // the header check below catches at load for the common (already truncated) case.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-            let (header_len, meta) = SafeTensors::read_metadata(&map)
-                .map_err(|e| anyhow!("{}: corrupt or truncated safetensors header: {e}", path.display()))?;
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map {}", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+                anyhow!(
+                    "{}: corrupt or truncated safetensors header: {e}",
+                    path.display()
+                )
+            })?;
             let base = 8 + header_len;
             let fi = ck.files.len();
             for (tname, info) in meta.tensors() {
@@ -76,7 +90,13 @@ impl Checkpoint {
                 }
                 ck.tensors.insert(
                     tname.clone(),
-                    TensorEntry { file: fi, dtype: info.dtype, shape: info.shape.clone(), start, end },
+                    TensorEntry {
+                        file: fi,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start,
+                        end,
+                    },
                 );
             }
             ck.files.push((path, map));
@@ -96,9 +116,12 @@ impl Checkpoint {
     }
 
     fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing from the checkpoint", self.dir.display()))
+        self.tensors.get(name).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor `{name}` is missing from the checkpoint",
+                self.dir.display()
+            )
+        })
     }
 
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
@@ -135,15 +158,26 @@ impl Checkpoint {
             ),
         };
         if bytes.len() != n * dt.size() {
-            bail!("{}: tensor `{name}` holds {} bytes, its shape needs {}", self.file_of(e).display(), bytes.len(), n * dt.size());
+            bail!(
+                "{}: tensor `{name}` holds {} bytes, its shape needs {}",
+                self.file_of(e).display(),
+                bytes.len(),
+                n * dt.size()
+            );
         }
         match dt {
             DType::F32 => {
-                let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let data = bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
                 Mat::from_f32(rows, cols, data)
             }
             _ => {
-                let data = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                let data = bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect();
                 Mat::from_half(rows, cols, data, dt)
             }
         }

@@ -46,7 +46,11 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn norm(&self, name: &str, dim: usize, zero_centered: bool) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(self.ck.vector(name, &[dim])?, self.cfg.rms_norm_eps, zero_centered))
+        Ok(RmsNorm::new(
+            self.ck.vector(name, &[dim])?,
+            self.cfg.rms_norm_eps,
+            zero_centered,
+        ))
     }
 
     fn mlp(&self, p: &str, inter: usize) -> Result<Mlp> {
@@ -64,7 +68,10 @@ impl Loader<'_> {
         let gated = c.gated_attention();
         let zc = c.zero_centered_norm();
         Ok(Attention {
-            q_proj: self.ck.mat(&format!("{p}.q_proj.weight"), &[nh * d * if gated { 2 } else { 1 }, h])?,
+            q_proj: self.ck.mat(
+                &format!("{p}.q_proj.weight"),
+                &[nh * d * if gated { 2 } else { 1 }, h],
+            )?,
             k_proj: self.ck.mat(&format!("{p}.k_proj.weight"), &[nkv * d, h])?,
             v_proj: self.ck.mat(&format!("{p}.v_proj.weight"), &[nkv * d, h])?,
             o_proj: self.ck.mat(&format!("{p}.o_proj.weight"), &[h, nh * d])?,
@@ -80,23 +87,44 @@ impl Loader<'_> {
 
     fn deltanet(&self, p: &str, l: &LinearAttnConfig) -> Result<DeltaNet> {
         let h = self.cfg.hidden_size;
-        let (kd, vd, nv, nk, cd) = (l.key_dim(), l.value_dim(), l.num_v_heads, l.num_k_heads, l.conv_dim());
+        let (kd, vd, nv, nk, cd) = (
+            l.key_dim(),
+            l.value_dim(),
+            l.num_v_heads,
+            l.num_k_heads,
+            l.conv_dim(),
+        );
         let (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) = if self.cfg.arch == Arch::Qwen3Next {
             // Rows grouped per key head g: [q_g, k_g, v of g's value heads, z of the same].
-            let fused = self.ck.mat(&format!("{p}.in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?;
+            let fused = self
+                .ck
+                .mat(&format!("{p}.in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?;
             let (dk, vg) = (l.k_head_dim, (nv / nk) * l.v_head_dim);
             let gs = 2 * dk + 2 * vg;
-            let part = |off: usize, len: usize| (0..nk).map(|g| g * gs + off..g * gs + off + len).collect::<Vec<_>>();
+            let part = |off: usize, len: usize| {
+                (0..nk)
+                    .map(|g| g * gs + off..g * gs + off + len)
+                    .collect::<Vec<_>>()
+            };
             let mut qkv = part(0, dk);
             qkv.extend(part(dk, dk));
             qkv.extend(part(2 * dk, vg));
             let z = fused.gather_rows(&part(2 * dk + vg, vg));
             // [b of g's value heads, a of the same] per key head.
-            let ba = self.ck.mat(&format!("{p}.in_proj_ba.weight"), &[2 * nv, h])?;
+            let ba = self
+                .ck
+                .mat(&format!("{p}.in_proj_ba.weight"), &[2 * nv, h])?;
             let per = nv / nk;
             let b_rows: Vec<_> = (0..nk).map(|g| 2 * per * g..2 * per * g + per).collect();
-            let a_rows: Vec<_> = (0..nk).map(|g| 2 * per * g + per..2 * per * (g + 1)).collect();
-            (fused.gather_rows(&qkv), z, ba.gather_rows(&b_rows), ba.gather_rows(&a_rows))
+            let a_rows: Vec<_> = (0..nk)
+                .map(|g| 2 * per * g + per..2 * per * (g + 1))
+                .collect();
+            (
+                fused.gather_rows(&qkv),
+                z,
+                ba.gather_rows(&b_rows),
+                ba.gather_rows(&a_rows),
+            )
         } else {
             (
                 self.ck.mat(&format!("{p}.in_proj_qkv.weight"), &[cd, h])?,
@@ -112,10 +140,14 @@ impl Loader<'_> {
             in_proj_z,
             in_proj_b,
             in_proj_a,
-            conv_w: self.ck.vector(&format!("{p}.conv1d.weight"), &[cd, 1, l.conv_kernel])?,
+            conv_w: self
+                .ck
+                .vector(&format!("{p}.conv1d.weight"), &[cd, 1, l.conv_kernel])?,
             dt_bias: self.ck.vector(&format!("{p}.dt_bias"), &[nv])?,
             neg_a: a_log.iter().map(|v| -v.exp()).collect(),
-            norm_w: self.ck.vector(&format!("{p}.norm.weight"), &[l.v_head_dim])?,
+            norm_w: self
+                .ck
+                .vector(&format!("{p}.norm.weight"), &[l.v_head_dim])?,
             eps: self.cfg.rms_norm_eps,
             out_proj: self.ck.mat(&format!("{p}.out_proj.weight"), &[h, vd])?,
         })
@@ -131,9 +163,9 @@ impl Loader<'_> {
             let dn = self.ck.mat(&format!("{p}.down_proj"), &[e, h, i])?;
             return Ok((0..e)
                 .map(|x| Mlp {
-                    gate: gu.gather_rows(&[x * 2 * i..x * 2 * i + i]),
-                    up: gu.gather_rows(&[x * 2 * i + i..(x + 1) * 2 * i]),
-                    down: dn.gather_rows(&[x * h..(x + 1) * h]),
+                    gate: gu.slice_rows(x * 2 * i, x * 2 * i + i),
+                    up: gu.slice_rows(x * 2 * i + i, (x + 1) * 2 * i),
+                    down: dn.slice_rows(x * h, (x + 1) * h),
                 })
                 .collect());
         }
@@ -144,14 +176,22 @@ impl Loader<'_> {
         let c = self.cfg;
         let shared = if c.shared_expert_intermediate_size > 0 {
             Some(SharedExpert {
-                mlp: self.mlp(&format!("{p}.shared_expert"), c.shared_expert_intermediate_size)?,
-                gate: self.ck.vector(&format!("{p}.shared_expert_gate.weight"), &[1, c.hidden_size])?,
+                mlp: self.mlp(
+                    &format!("{p}.shared_expert"),
+                    c.shared_expert_intermediate_size,
+                )?,
+                gate: self.ck.vector(
+                    &format!("{p}.shared_expert_gate.weight"),
+                    &[1, c.hidden_size],
+                )?,
             })
         } else {
             None
         };
         Ok(Moe {
-            router: self.ck.mat(&format!("{p}.gate.weight"), &[c.num_experts, c.hidden_size])?,
+            router: self
+                .ck
+                .mat(&format!("{p}.gate.weight"), &[c.num_experts, c.hidden_size])?,
             experts: self.experts(&format!("{p}.experts"))?,
             shared,
             top_k: c.num_experts_per_tok,
@@ -167,7 +207,11 @@ pub fn build(cfg: ModelConfig, ck: &Checkpoint) -> Result<Model> {
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let zc = cfg.zero_centered_norm();
     let embed = ck.mat(&format!("{pre}embed_tokens.weight"), &[v, h])?;
-    let lm_head = if cfg.tie_word_embeddings { None } else { Some(ck.mat("lm_head.weight", &[v, h])?) };
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        Some(ck.mat("lm_head.weight", &[v, h])?)
+    };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("{pre}layers.{i}");
@@ -190,5 +234,12 @@ pub fn build(cfg: ModelConfig, ck: &Checkpoint) -> Result<Model> {
         });
     }
     let norm = ld.norm(&format!("{pre}norm.weight"), h, zc)?;
-    Ok(Model { cfg, embed, layers, norm, lm_head, opts: RunOptions::default() })
+    Ok(Model {
+        cfg,
+        embed,
+        layers,
+        norm,
+        lm_head,
+        opts: RunOptions::default(),
+    })
 }

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use flashmoe::config::{Ffn, Mixer, ModelConfig};
-use flashmoe::generate::{SamplingParams, Sampler, generate};
+use flashmoe::generate::{Sampler, SamplingParams, generate};
 use flashmoe::load::load_model;
 use flashmoe::tokenizer::{StreamDecoder, TextTokenizer};
 use serde_json::json;
@@ -11,7 +11,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "flashmoe", version, about = "Mixture-of-Experts inference for models larger than memory")]
+#[command(
+    name = "flashmoe",
+    version,
+    about = "Mixture-of-Experts inference for models larger than memory"
+)]
 struct Cli {
     /// Worker threads for matrix products (default: all cores).
     #[arg(long, global = true)]
@@ -78,7 +82,10 @@ struct GenerateArgs {
 fn main() {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .ok();
     }
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
@@ -104,7 +111,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut model = load_model(&a.model)?;
     if let Some(k) = a.experts_per_token {
         if k == 0 || k > model.cfg.num_experts {
-            bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
+            bail!(
+                "--experts-per-token must be in 1..={}",
+                model.cfg.num_experts
+            );
         }
         model.opts.experts_per_token = Some(k);
     }
@@ -134,8 +144,14 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         print!("{}", a.prompt);
     }
     let mut err = None;
-    let (_, stats) = generate(&model, &mut state, &ids, a.max_tokens, &mut sampler, &stops, |t| {
-        match dec.push(&tok, t) {
+    let (_, stats) = generate(
+        &model,
+        &mut state,
+        &ids,
+        a.max_tokens,
+        &mut sampler,
+        &stops,
+        |t| match dec.push(&tok, t) {
             Ok(piece) => {
                 print!("{piece}");
                 stdout.flush().is_ok()
@@ -144,8 +160,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 err = Some(e);
                 false
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = err {
         return Err(e);
     }
@@ -157,7 +173,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 fn cmd_logits(model: PathBuf, tokens: &str) -> Result<()> {
     let ids: Vec<u32> = tokens
         .split(',')
-        .map(|s| s.trim().parse::<u32>().with_context(|| format!("--tokens: `{s}` is not a token id")))
+        .map(|s| {
+            s.trim()
+                .parse::<u32>()
+                .with_context(|| format!("--tokens: `{s}` is not a token id"))
+        })
         .collect::<Result<_>>()?;
     let m = load_model(&model)?;
     let mut st = m.new_state();
@@ -168,7 +188,11 @@ fn cmd_logits(model: PathBuf, tokens: &str) -> Result<()> {
 }
 
 fn gib(b: f64) -> String {
-    if b >= 1e9 { format!("{:.2} GB", b / 1e9) } else { format!("{:.2} MB", b / 1e6) }
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else {
+        format!("{:.2} MB", b / 1e6)
+    }
 }
 
 fn cmd_inspect(dir: PathBuf) -> Result<()> {
@@ -185,13 +209,40 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
     let n_attn = c.mixers.iter().filter(|m| **m == Mixer::Attention).count();
     let n_moe = c.ffns.iter().filter(|f| **f == Ffn::Moe).count();
     println!("model          {}", dir.display());
-    println!("architecture   {} ({:?}{})", c.model_type, c.arch, if c.multimodal { ", multimodal wrapper" } else { "" });
-    println!("layers         {} ({} DeltaNet, {} full attention; {} MoE, {} dense)", c.num_layers, c.num_layers - n_attn, n_attn, n_moe, c.num_layers - n_moe);
-    println!("pattern        {}  (L DeltaNet, F attention; lower case = dense MLP)", c.layer_pattern());
-    println!("hidden         {}, vocab {}, context {}", c.hidden_size, c.vocab_size, c.max_position_embeddings);
+    println!(
+        "architecture   {} ({:?}{})",
+        c.model_type,
+        c.arch,
+        if c.multimodal {
+            ", multimodal wrapper"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "layers         {} ({} DeltaNet, {} full attention; {} MoE, {} dense)",
+        c.num_layers,
+        c.num_layers - n_attn,
+        n_attn,
+        n_moe,
+        c.num_layers - n_moe
+    );
+    println!(
+        "pattern        {}  (L DeltaNet, F attention; lower case = dense MLP)",
+        c.layer_pattern()
+    );
+    println!(
+        "hidden         {}, vocab {}, context {}",
+        c.hidden_size, c.vocab_size, c.max_position_embeddings
+    );
     println!(
         "attention      {} heads, {} kv heads, head dim {}, rotary dim {} (theta {}), gated {}",
-        c.num_heads, c.num_kv_heads, c.head_dim, c.rotary_dim(), c.rope_theta, c.gated_attention()
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.rotary_dim(),
+        c.rope_theta,
+        c.gated_attention()
     );
     if let Some(l) = &c.linear {
         println!(
@@ -204,15 +255,35 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
             "experts        {} per layer, {} routed per token{}, intermediate {}, shared {}",
             c.num_experts,
             c.num_experts_per_tok,
-            if c.norm_topk_prob { " (renormalised)" } else { "" },
+            if c.norm_topk_prob {
+                " (renormalised)"
+            } else {
+                ""
+            },
             c.moe_intermediate_size,
             c.shared_expert_intermediate_size
         );
         let eb = c.expert_params() * wbytes;
-        println!("bytes/expert   {} ({} bytes, {}-byte weights)", gib(eb as f64), eb, wbytes);
-        println!("expert bytes   {} per token at top-{}", gib((eb * c.num_experts_per_tok * n_moe) as f64), c.num_experts_per_tok);
+        println!(
+            "bytes/expert   {} ({} bytes, {}-byte weights)",
+            gib(eb as f64),
+            eb,
+            wbytes
+        );
+        println!(
+            "expert bytes   {} per token at top-{}",
+            gib((eb * c.num_experts_per_tok * n_moe) as f64),
+            c.num_experts_per_tok
+        );
     }
-    println!("parameters     {} total, {} active per token", total, active);
-    println!("weights        {} at {}-byte weights", gib((total as usize * wbytes) as f64), wbytes);
+    println!(
+        "parameters     {} total, {} active per token",
+        total, active
+    );
+    println!(
+        "weights        {} at {}-byte weights",
+        gib((total as usize * wbytes) as f64),
+        wbytes
+    );
     Ok(())
 }

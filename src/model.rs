@@ -77,7 +77,14 @@ pub struct Model {
 
 impl Layer {
     /// h = x + mixer(norm1(x)); x' = h + ffn(norm2(h)), in place on `x` (`n` tokens).
-    fn forward(&self, x: &mut [f32], n: usize, pos0: usize, st: &mut LayerState, opts: &RunOptions) {
+    fn forward(
+        &self,
+        x: &mut [f32],
+        n: usize,
+        pos0: usize,
+        st: &mut LayerState,
+        opts: &RunOptions,
+    ) {
         let mut h = vec![0.0; x.len()];
         let mut y = vec![0.0; x.len()];
         self.input_norm.forward(x, &mut h);
@@ -146,7 +153,11 @@ impl Model {
             layer.forward(&mut x, n, st.pos, ls, &self.opts);
         }
         st.pos += n;
-        let rows = if all_logits { &mut x[..] } else { &mut x[(n - 1) * h..] };
+        let rows = if all_logits {
+            &mut x[..]
+        } else {
+            &mut x[(n - 1) * h..]
+        };
         self.norm.apply(rows);
         let m = rows.len() / h;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -160,9 +171,15 @@ impl Model {
         let mut b = self.embed.bytes() + self.lm_head.as_ref().map_or(0, Mat::bytes);
         for l in &self.layers {
             b += match &l.mixer {
-                MixerWeights::Attention(a) => a.q_proj.bytes() + a.k_proj.bytes() + a.v_proj.bytes() + a.o_proj.bytes(),
+                MixerWeights::Attention(a) => {
+                    a.q_proj.bytes() + a.k_proj.bytes() + a.v_proj.bytes() + a.o_proj.bytes()
+                }
                 MixerWeights::DeltaNet(d) => {
-                    d.in_proj_qkv.bytes() + d.in_proj_z.bytes() + d.in_proj_b.bytes() + d.in_proj_a.bytes() + d.out_proj.bytes()
+                    d.in_proj_qkv.bytes()
+                        + d.in_proj_z.bytes()
+                        + d.in_proj_b.bytes()
+                        + d.in_proj_a.bytes()
+                        + d.out_proj.bytes()
                 }
             };
             b += match &l.ffn {

@@ -60,16 +60,30 @@ const PAR_MIN_ELEMS: usize = 1 << 16;
 impl Mat {
     pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Result<Mat> {
         if data.len() != rows * cols {
-            bail!("matrix data has {} elements, expected {rows}x{cols}", data.len());
+            bail!(
+                "matrix data has {} elements, expected {rows}x{cols}",
+                data.len()
+            );
         }
-        Ok(Mat { rows, cols, store: Store::F32(data) })
+        Ok(Mat {
+            rows,
+            cols,
+            store: Store::F32(data),
+        })
     }
 
     pub fn from_half(rows: usize, cols: usize, bits: Vec<u16>, dtype: DType) -> Result<Mat> {
         if bits.len() != rows * cols || dtype == DType::F32 {
-            bail!("half matrix data has {} elements, expected {rows}x{cols}", bits.len());
+            bail!(
+                "half matrix data has {} elements, expected {rows}x{cols}",
+                bits.len()
+            );
         }
-        Ok(Mat { rows, cols, store: Store::Half(bits, dtype) })
+        Ok(Mat {
+            rows,
+            cols,
+            store: Store::Half(bits, dtype),
+        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -115,8 +129,16 @@ impl Mat {
         let (a, b) = (r * self.cols, (r + 1) * self.cols);
         match &self.store {
             Store::F32(d) => dot(&d[a..b], x),
-            Store::Half(d, DType::BF16) => d[a..b].iter().zip(x).map(|(&w, &v)| bf16_to_f32(w) * v).sum(),
-            Store::Half(d, _) => d[a..b].iter().zip(x).map(|(&w, &v)| f16_to_f32(w) * v).sum(),
+            Store::Half(d, DType::BF16) => d[a..b]
+                .iter()
+                .zip(x)
+                .map(|(&w, &v)| bf16_to_f32(w) * v)
+                .sum(),
+            Store::Half(d, _) => d[a..b]
+                .iter()
+                .zip(x)
+                .map(|(&w, &v)| f16_to_f32(w) * v)
+                .sum(),
         }
     }
 
@@ -125,14 +147,33 @@ impl Mat {
         let c = self.cols;
         match &self.store {
             Store::F32(d) => {
-                let data: Vec<f32> = ranges.iter().flat_map(|r| d[r.start * c..r.end * c].iter().copied()).collect();
-                Mat { rows: data.len() / c, cols: c, store: Store::F32(data) }
+                let data: Vec<f32> = ranges
+                    .iter()
+                    .flat_map(|r| d[r.start * c..r.end * c].iter().copied())
+                    .collect();
+                Mat {
+                    rows: data.len() / c,
+                    cols: c,
+                    store: Store::F32(data),
+                }
             }
             Store::Half(d, t) => {
-                let data: Vec<u16> = ranges.iter().flat_map(|r| d[r.start * c..r.end * c].iter().copied()).collect();
-                Mat { rows: data.len() / c, cols: c, store: Store::Half(data, *t) }
+                let data: Vec<u16> = ranges
+                    .iter()
+                    .flat_map(|r| d[r.start * c..r.end * c].iter().copied())
+                    .collect();
+                Mat {
+                    rows: data.len() / c,
+                    cols: c,
+                    store: Store::Half(data, *t),
+                }
             }
         }
+    }
+
+    /// Rows `start..end` as a new matrix.
+    pub fn slice_rows(&self, start: usize, end: usize) -> Mat {
+        self.gather_rows(std::slice::from_ref(&(start..end)))
     }
 
     /// y = W·x for one vector.
@@ -161,14 +202,15 @@ impl Mat {
             return self.matvec(x, y);
         }
         let (rows, cols) = (self.rows, self.cols);
-        let block = |r0: usize, out: &mut Vec<(usize, usize, f32)>, buf: &mut Vec<f32>, r1: usize| {
-            for r in r0..r1 {
-                self.row_f32(r, buf);
-                for t in 0..n {
-                    out.push((t, r, dot(buf, &x[t * cols..(t + 1) * cols])));
+        let block =
+            |r0: usize, out: &mut Vec<(usize, usize, f32)>, buf: &mut Vec<f32>, r1: usize| {
+                for r in r0..r1 {
+                    self.row_f32(r, buf);
+                    for t in 0..n {
+                        out.push((t, r, dot(buf, &x[t * cols..(t + 1) * cols])));
+                    }
                 }
-            }
-        };
+            };
         const RB: usize = 32;
         let results: Vec<Vec<(usize, usize, f32)>> = if rows * cols * n < PAR_MIN_ELEMS {
             let mut out = Vec::with_capacity(rows * n);
@@ -221,7 +263,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -229,15 +273,35 @@ mod tests {
 
     #[test]
     fn matmul_matches_scalar_for_every_dtype_and_odd_sizes() {
-        for &(rows, cols, n) in &[(1, 1, 1), (7, 13, 3), (33, 65, 5), (300, 257, 2), (129, 700, 1)] {
+        for &(rows, cols, n) in &[
+            (1, 1, 1),
+            (7, 13, 3),
+            (33, 65, 5),
+            (300, 257, 2),
+            (129, 700, 1),
+        ] {
             let w = lcg(rows * cols, 7);
             let x = lcg(cols * n, 9);
             let mats = [
                 Mat::from_f32(rows, cols, w.clone()).unwrap(),
-                Mat::from_half(rows, cols, w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect(), DType::BF16)
-                    .unwrap(),
-                Mat::from_half(rows, cols, w.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect(), DType::F16)
-                    .unwrap(),
+                Mat::from_half(
+                    rows,
+                    cols,
+                    w.iter()
+                        .map(|v| half::bf16::from_f32(*v).to_bits())
+                        .collect(),
+                    DType::BF16,
+                )
+                .unwrap(),
+                Mat::from_half(
+                    rows,
+                    cols,
+                    w.iter()
+                        .map(|v| half::f16::from_f32(*v).to_bits())
+                        .collect(),
+                    DType::F16,
+                )
+                .unwrap(),
             ];
             for m in &mats {
                 let wf = m.to_f32();
@@ -245,9 +309,14 @@ mod tests {
                 m.matmul(&x, n, &mut y);
                 for t in 0..n {
                     for r in 0..rows {
-                        let want: f64 =
-                            (0..cols).map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
-                        assert!((y[t * rows + r] as f64 - want).abs() < 1e-4, "{rows}x{cols} {:?}", m.dtype());
+                        let want: f64 = (0..cols)
+                            .map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64)
+                            .sum();
+                        assert!(
+                            (y[t * rows + r] as f64 - want).abs() < 1e-4,
+                            "{rows}x{cols} {:?}",
+                            m.dtype()
+                        );
                     }
                 }
             }

@@ -58,7 +58,13 @@ impl DeltaNet {
     pub fn forward(&self, x: &[f32], n: usize, st: &mut DeltaState, out: &mut [f32]) {
         let c = &self.cfg;
         let (cd, kd, vd) = (c.conv_dim(), c.key_dim(), c.value_dim());
-        let (nk, nv, dk, dv, kern) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim, c.conv_kernel);
+        let (nk, nv, dk, dv, kern) = (
+            c.num_k_heads,
+            c.num_v_heads,
+            c.k_head_dim,
+            c.v_head_dim,
+            c.conv_kernel,
+        );
         let mut qkv = vec![0.0; n * cd];
         let mut z = vec![0.0; n * vd];
         let mut b = vec![0.0; n * nv];
@@ -78,8 +84,8 @@ impl DeltaNet {
             for ch in 0..cd {
                 let w = &self.conv_w[ch * kern..(ch + 1) * kern];
                 let mut acc = w[kern - 1] * xt[ch];
-                for j in 0..kern - 1 {
-                    acc += w[j] * st.conv[j * cd + ch];
+                for (j, wj) in w[..kern - 1].iter().enumerate() {
+                    acc += wj * st.conv[j * cd + ch];
                 }
                 cv[ch] = silu(acc);
             }
@@ -98,7 +104,11 @@ impl DeltaNet {
             // 3-4. gated delta rule per value head.
             for j in 0..nv {
                 let kh = j / (nv / nk);
-                let (qj, kj, vj) = (&q[kh * dk..(kh + 1) * dk], &k[kh * dk..(kh + 1) * dk], &v[j * dv..(j + 1) * dv]);
+                let (qj, kj, vj) = (
+                    &q[kh * dk..(kh + 1) * dk],
+                    &k[kh * dk..(kh + 1) * dk],
+                    &v[j * dv..(j + 1) * dv],
+                );
                 let beta = sigmoid(b[t * nv + j]);
                 let decay = (self.neg_a[j] * softplus(a[t * nv + j] + self.dt_bias[j])).exp();
                 let s = &mut st.s[j * dk * dv..(j + 1) * dk * dv];

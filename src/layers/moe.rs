@@ -30,7 +30,9 @@ pub fn route(logits: &[f32], k: usize, renormalize: bool) -> Vec<(usize, f32)> {
     p.iter_mut().for_each(|v| *v /= sum);
     let mut idx: Vec<usize> = (0..p.len()).collect();
     let k = k.min(p.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
+        p[b].total_cmp(&p[a]).then(a.cmp(&b))
+    });
     idx.truncate(k);
     idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     let mut top: Vec<(usize, f32)> = idx.into_iter().map(|e| (e, p[e])).collect();
@@ -70,7 +72,10 @@ impl Moe {
             ys.resize(toks.len() * h, 0.0);
             self.experts[ex].forward(&xs, toks.len(), &mut ys);
             for (i, &(t, w)) in toks.iter().enumerate() {
-                for (o, y) in out[t * h..(t + 1) * h].iter_mut().zip(&ys[i * h..(i + 1) * h]) {
+                for (o, y) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&ys[i * h..(i + 1) * h])
+                {
                     *o += w * y;
                 }
             }
@@ -80,7 +85,10 @@ impl Moe {
             sh.mlp.forward(x, n, &mut ys);
             for t in 0..n {
                 let g = sigmoid(dot(&sh.gate, &x[t * h..(t + 1) * h]));
-                for (o, y) in out[t * h..(t + 1) * h].iter_mut().zip(&ys[t * h..(t + 1) * h]) {
+                for (o, y) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&ys[t * h..(t + 1) * h])
+                {
                     *o += g * y;
                 }
             }

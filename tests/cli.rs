@@ -1,0 +1,117 @@
+//! The `flashmoe` binary end to end on a fixture: `logits` JSON, `generate`, `inspect`.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn run(args: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(args)
+        .output()
+        .unwrap();
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "flashmoe {args:?} failed: {e}");
+    (o, e)
+}
+
+#[test]
+fn logits_prints_one_row_per_token() {
+    let dir = fixture("qwen3_next");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let prompt: Vec<String> = r["prompt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    let (out, _) = run(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &prompt.join(","),
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["tokens"], r["prompt"]);
+    let got = v["logits"].as_array().unwrap();
+    let want = r["prefill_logits"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        for (a, b) in g.as_array().unwrap().iter().zip(w.as_array().unwrap()) {
+            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-3);
+        }
+    }
+}
+
+#[test]
+fn generate_streams_text_and_prints_stats() {
+    let dir = fixture("qwen35_vl");
+    let (out, err) = run(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "ROMEO:",
+        "--max-tokens",
+        "5",
+    ]);
+    assert!(out.starts_with("ROMEO:"), "{out}");
+    assert!(
+        err.contains("prompt: ") && err.contains("generated: 5 tokens") && err.contains("tok/s"),
+        "{err}"
+    );
+    let (_, err) = run(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--no-think",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.05",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "7",
+        "--experts-per-token",
+        "1",
+    ]);
+    assert!(err.contains("prompt: "), "{err}");
+}
+
+#[test]
+fn inspect_describes_the_model() {
+    let (out, _) = run(&[
+        "inspect",
+        "--model",
+        fixture("qwen35_text").to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("qwen3_5_moe_text") && out.contains("LLLFL") && out.contains("bytes/expert"),
+        "{out}"
+    );
+    let (out, _) = run(&["inspect", "--model", fixture("qwen3_moe").to_str().unwrap()]);
+    assert!(out.contains("fFff"), "{out}");
+}

@@ -1,0 +1,219 @@
+//! Every fixture against the float64 transformers reference recorded by
+//! scripts/make_fixtures.py: prefill logits, token-by-token decode logits, prefill followed by
+//! decode, and greedy generation.
+
+use flashmoe::checkpoint::Checkpoint;
+use flashmoe::config::ModelConfig;
+use flashmoe::generate::{Sampler, SamplingParams, generate};
+use flashmoe::load::load_model;
+use flashmoe::model::Model;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const FIXTURES: &[&str] = &[
+    "qwen35_text",
+    "qwen35_fused",
+    "qwen35_vl",
+    "qwen3_next",
+    "qwen3_moe",
+    "qwen3_moe_norm",
+];
+const TOL: f64 = 1e-4;
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+struct Reference {
+    prompt: Vec<u32>,
+    prefill: Vec<Vec<f64>>,
+    greedy: Vec<u32>,
+    decode: Vec<Vec<f64>>,
+}
+
+fn reference(name: &str) -> Reference {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir(name).join("reference.json")).unwrap())
+            .unwrap();
+    let ids = |k: &str| {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    let rows = |k: &str| {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect::<Vec<Vec<f64>>>()
+    };
+    Reference {
+        prompt: ids("prompt"),
+        prefill: rows("prefill_logits"),
+        greedy: ids("greedy"),
+        decode: rows("decode_logits"),
+    }
+}
+
+/// max |a − b| / max |b| over all rows.
+fn rel_err(got: &[f32], want: &[Vec<f64>]) -> f64 {
+    assert_eq!(got.len(), want.len() * want[0].len(), "row count");
+    let scale = want.iter().flatten().fold(0.0f64, |m, x| m.max(x.abs()));
+    let err = want
+        .iter()
+        .flatten()
+        .zip(got)
+        .fold(0.0f64, |m, (w, g)| m.max((w - *g as f64).abs()));
+    err / scale
+}
+
+fn model(name: &str) -> Model {
+    load_model(&dir(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+}
+
+#[test]
+fn prefill_matches_reference() {
+    for name in FIXTURES {
+        let (m, r) = (model(name), reference(name));
+        let mut st = m.new_state();
+        let logits = m.forward(&mut st, &r.prompt, true).unwrap();
+        let e = rel_err(&logits, &r.prefill);
+        eprintln!("{name}: prefill relative max error {e:.2e}");
+        assert!(e <= TOL, "{name}: prefill error {e:.2e}");
+    }
+}
+
+#[test]
+fn token_by_token_decode_matches_reference() {
+    for name in FIXTURES {
+        let (m, r) = (model(name), reference(name));
+        let mut seq = r.prompt.clone();
+        seq.extend(&r.greedy[..r.greedy.len() - 1]);
+        let mut st = m.new_state();
+        let mut got = vec![];
+        for &t in &seq {
+            got.extend(m.forward(&mut st, &[t], false).unwrap());
+        }
+        let e = rel_err(&got, &r.decode);
+        eprintln!("{name}: decode relative max error {e:.2e}");
+        assert!(e <= TOL, "{name}: decode error {e:.2e}");
+    }
+}
+
+#[test]
+fn prefill_then_decode_matches_reference() {
+    for name in FIXTURES {
+        let (m, r) = (model(name), reference(name));
+        let p = r.prompt.len();
+        let mut st = m.new_state();
+        // prefill in two chunks, then decode the greedy tokens one at a time
+        let mut got = m.forward(&mut st, &r.prompt[..p / 2], true).unwrap();
+        got.extend(m.forward(&mut st, &r.prompt[p / 2..], true).unwrap());
+        for &t in &r.greedy[..r.greedy.len() - 1] {
+            got.extend(m.forward(&mut st, &[t], false).unwrap());
+        }
+        let e = rel_err(&got, &r.decode);
+        assert!(e <= TOL, "{name}: chunked prefill + decode error {e:.2e}");
+    }
+}
+
+#[test]
+fn greedy_generation_matches_reference() {
+    for name in FIXTURES {
+        let (m, r) = (model(name), reference(name));
+        let mut st = m.new_state();
+        let mut sampler = Sampler::new(SamplingParams::default());
+        let mut streamed = vec![];
+        let (out, stats) = generate(
+            &m,
+            &mut st,
+            &r.prompt,
+            r.greedy.len(),
+            &mut sampler,
+            &[],
+            |t| {
+                streamed.push(t);
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(out, r.greedy, "{name}: greedy tokens");
+        assert_eq!(streamed, r.greedy, "{name}: streamed tokens");
+        assert_eq!(stats.generated_tokens, r.greedy.len());
+    }
+}
+
+#[test]
+fn stops_on_eos_and_at_max_tokens() {
+    let (m, r) = (model("qwen3_moe_norm"), reference("qwen3_moe_norm"));
+    let mut sampler = Sampler::new(SamplingParams::default());
+    // make the fourth greedy token an end-of-sequence id
+    let stop = [r.greedy[3]];
+    let first = r.greedy.iter().position(|t| *t == stop[0]).unwrap();
+    let (out, stats) = generate(
+        &m,
+        &mut m.new_state(),
+        &r.prompt,
+        100,
+        &mut sampler,
+        &stop,
+        |_| true,
+    )
+    .unwrap();
+    assert_eq!(out, r.greedy[..first]);
+    assert_eq!(stats.stop, flashmoe::generate::StopReason::Eos);
+    let (out, stats) = generate(
+        &m,
+        &mut m.new_state(),
+        &r.prompt,
+        2,
+        &mut sampler,
+        &[],
+        |_| true,
+    )
+    .unwrap();
+    assert_eq!(out, r.greedy[..2]);
+    assert_eq!(stats.stop, flashmoe::generate::StopReason::MaxTokens);
+}
+
+#[test]
+fn parameter_count_matches_checkpoint() {
+    for name in FIXTURES {
+        let cfg = ModelConfig::load(&dir(name)).unwrap();
+        let ck = Checkpoint::open(&dir(name)).unwrap();
+        let stored: u64 = ck
+            .names()
+            .iter()
+            .filter(|n| !n.starts_with("model.visual."))
+            .map(|n| ck.shape(n).unwrap().iter().product::<usize>() as u64)
+            .sum();
+        assert_eq!(cfg.param_counts().0, stored, "{name}");
+    }
+}
+
+#[test]
+fn experts_per_token_override_changes_routing_only() {
+    let mut m = model("qwen35_text");
+    let r = reference("qwen35_text");
+    let full = m.forward(&mut m.new_state(), &r.prompt, false).unwrap();
+    m.opts.experts_per_token = Some(m.cfg.num_experts_per_tok);
+    assert_eq!(
+        full,
+        m.forward(&mut m.new_state(), &r.prompt, false).unwrap()
+    );
+    m.opts.experts_per_token = Some(1);
+    assert_ne!(
+        full,
+        m.forward(&mut m.new_state(), &r.prompt, false).unwrap()
+    );
+}
