@@ -10,5 +10,6 @@ pub mod generate;
 pub mod layers;
 pub mod load;
 pub mod model;
+pub mod quant;
 pub mod tensor;
 pub mod tokenizer;

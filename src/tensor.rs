@@ -1,46 +1,115 @@
-//! Dense weight matrices in their storage dtype, with f32 matrix–vector and matrix–matrix
-//! products. Activations are always f32; weights stay in bf16/f16 to halve resident memory.
+//! Weight matrices in their storage format (f32, bf16, f16 or group-quantized), owned or
+//! memory-mapped, with f32 matrix–vector and matrix–matrix products. Activations are f32.
 
+use crate::quant::{self, QMat};
 use anyhow::{Result, bail};
+use memmap2::Mmap;
 use rayon::prelude::*;
+use std::sync::Arc;
 
-/// Storage element type of a dense weight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
+/// Storage format of a weight matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WKind {
     F32,
     BF16,
     F16,
+    /// Group-wise affine quantization (see [`crate::quant`]).
+    Q { bits: u8, group: u16 },
 }
 
-impl DType {
-    pub fn size(self) -> usize {
+/// Unquantized element type (kept for the checkpoint reader).
+pub type DType = WKind;
+
+impl WKind {
+    /// Bytes of a `[rows, cols]` matrix in this format.
+    pub fn bytes(self, rows: usize, cols: usize) -> usize {
         match self {
-            DType::F32 => 4,
-            DType::BF16 | DType::F16 => 2,
+            WKind::F32 => rows * cols * 4,
+            WKind::BF16 | WKind::F16 => rows * cols * 2,
+            WKind::Q { bits, group } => quant::blob_bytes(rows, cols, bits, group as usize),
         }
     }
-    pub fn name(self) -> &'static str {
+
+    /// Bytes per element for unquantized kinds (2 for quantized: their scales' size).
+    pub fn size(self) -> usize {
         match self {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
+            WKind::F32 => 4,
+            _ => 2,
         }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            WKind::F32 => "f32".into(),
+            WKind::BF16 => "bf16".into(),
+            WKind::F16 => "f16".into(),
+            WKind::Q { bits, group } => format!("q{bits}g{group}"),
+        }
+    }
+
+    /// Parses a name written by [`WKind::name`].
+    pub fn parse(s: &str) -> Option<WKind> {
+        match s {
+            "f32" => Some(WKind::F32),
+            "bf16" => Some(WKind::BF16),
+            "f16" => Some(WKind::F16),
+            _ => {
+                let rest = s.strip_prefix('q')?;
+                let (b, g) = rest.split_once('g')?;
+                let bits: u8 = b.parse().ok()?;
+                let group: u16 = g.parse().ok()?;
+                (quant::BITS.contains(&bits) && group > 0).then_some(WKind::Q { bits, group })
+            }
+        }
+    }
+}
+
+/// 8-byte aligned owned bytes, so that views as u16/f32 are always aligned.
+#[derive(Clone, Debug)]
+pub struct AlignedBytes {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedBytes {
+    pub fn zeroed(len: usize) -> AlignedBytes {
+        AlignedBytes { words: vec![0; len.div_ceil(8)], len }
+    }
+    pub fn from_slice(b: &[u8]) -> AlignedBytes {
+        let mut a = AlignedBytes::zeroed(b.len());
+        a.as_mut().copy_from_slice(b);
+        a
+    }
+    pub fn as_ref(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
+    }
+    pub fn as_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
     }
 }
 
 #[derive(Clone, Debug)]
-enum Store {
-    F32(Vec<f32>),
-    /// bf16 or f16 bit patterns.
-    Half(Vec<u16>, DType),
+enum Buf {
+    Owned(AlignedBytes),
+    Mapped { map: Arc<Mmap>, off: usize, len: usize },
 }
 
-/// A row-major `[rows, cols]` matrix (PyTorch `nn.Linear` layout: y = W·x).
+/// An owned or mapped `[rows, cols]` matrix (PyTorch `nn.Linear` layout: y = W·x).
 #[derive(Clone, Debug)]
 pub struct Mat {
     pub rows: usize,
     pub cols: usize,
-    store: Store,
+    pub kind: WKind,
+    buf: Buf,
+}
+
+/// A borrowed matrix: the unit every product works on.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub kind: WKind,
+    pub data: &'a [u8],
 }
 
 #[inline]
@@ -53,69 +122,127 @@ fn f16_to_f32(b: u16) -> f32 {
     half::f16::from_bits(b).to_f32()
 }
 
-/// Below this many weight elements a product runs on the calling thread: the pool's
-/// hand-off costs more than the work.
+/// Below this many weight elements × tokens a product runs on the calling thread: the
+/// pool's hand-off costs more than the work.
 const PAR_MIN_ELEMS: usize = 1 << 16;
 
 impl Mat {
+    /// A matrix over `data`, which must hold exactly the bytes `kind` needs.
+    pub fn from_bytes(rows: usize, cols: usize, kind: WKind, data: AlignedBytes) -> Result<Mat> {
+        if data.len != kind.bytes(rows, cols) {
+            bail!("matrix {rows}x{cols} {} needs {} bytes, got {}", kind.name(), kind.bytes(rows, cols), data.len);
+        }
+        Ok(Mat { rows, cols, kind, buf: Buf::Owned(data) })
+    }
+
+    /// A matrix inside a memory map; `off` must be 8-byte aligned.
+    pub fn mapped(rows: usize, cols: usize, kind: WKind, map: Arc<Mmap>, off: usize) -> Result<Mat> {
+        let len = kind.bytes(rows, cols);
+        if off % 8 != 0 || off + len > map.len() {
+            bail!("matrix {rows}x{cols} at offset {off} does not fit an aligned slot of the {}-byte map", map.len());
+        }
+        Ok(Mat { rows, cols, kind, buf: Buf::Mapped { map, off, len } })
+    }
+
     pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Result<Mat> {
-        if data.len() != rows * cols {
-            bail!(
-                "matrix data has {} elements, expected {rows}x{cols}",
-                data.len()
-            );
-        }
-        Ok(Mat {
-            rows,
-            cols,
-            store: Store::F32(data),
-        })
+        Mat::from_bytes(rows, cols, WKind::F32, AlignedBytes::from_slice(bytemuck::cast_slice(&data)))
     }
 
-    pub fn from_half(rows: usize, cols: usize, bits: Vec<u16>, dtype: DType) -> Result<Mat> {
-        if bits.len() != rows * cols || dtype == DType::F32 {
-            bail!(
-                "half matrix data has {} elements, expected {rows}x{cols}",
-                bits.len()
-            );
+    pub fn from_half(rows: usize, cols: usize, bits: Vec<u16>, kind: WKind) -> Result<Mat> {
+        if !matches!(kind, WKind::BF16 | WKind::F16) {
+            bail!("from_half needs bf16 or f16");
         }
-        Ok(Mat {
-            rows,
-            cols,
-            store: Store::Half(bits, dtype),
-        })
+        Mat::from_bytes(rows, cols, kind, AlignedBytes::from_slice(bytemuck::cast_slice(&bits)))
     }
 
-    pub fn dtype(&self) -> DType {
-        match &self.store {
-            Store::F32(_) => DType::F32,
-            Store::Half(_, d) => *d,
+    pub fn dtype(&self) -> WKind {
+        self.kind
+    }
+
+    pub fn data(&self) -> &[u8] {
+        match &self.buf {
+            Buf::Owned(a) => a.as_ref(),
+            Buf::Mapped { map, off, len } => &map[*off..*off + *len],
         }
+    }
+
+    pub fn view(&self) -> MatRef<'_> {
+        MatRef { rows: self.rows, cols: self.cols, kind: self.kind, data: self.data() }
     }
 
     pub fn bytes(&self) -> usize {
-        self.rows * self.cols * self.dtype().size()
+        self.kind.bytes(self.rows, self.cols)
+    }
+
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        self.view().row_f32(r, out)
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.view().to_f32()
+    }
+
+    pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
+        self.view().matvec(x, y)
+    }
+
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.view().matmul(x, n, y)
+    }
+
+    /// A new matrix made of the given row ranges, in order (un-fusing projections).
+    /// Unquantized matrices only.
+    pub fn gather_rows(&self, ranges: &[std::ops::Range<usize>]) -> Mat {
+        assert!(!matches!(self.kind, WKind::Q { .. }), "gather_rows on a quantized matrix");
+        let rb = self.kind.bytes(1, self.cols);
+        let d = self.data();
+        let bytes: Vec<u8> = ranges.iter().flat_map(|r| d[r.start * rb..r.end * rb].iter().copied()).collect();
+        let rows = bytes.len() / rb;
+        Mat { rows, cols: self.cols, kind: self.kind, buf: Buf::Owned(AlignedBytes::from_slice(&bytes)) }
+    }
+
+    /// Rows `start..end` as a new matrix.
+    pub fn slice_rows(&self, start: usize, end: usize) -> Mat {
+        self.gather_rows(std::slice::from_ref(&(start..end)))
+    }
+}
+
+/// Per-call scratch of a product: the quantized kernels' per-group sums of x.
+enum Prepared<'a> {
+    Plain(MatRef<'a>),
+    Quant(QMat<'a>),
+}
+
+impl<'a> MatRef<'a> {
+    fn prepared(&self) -> Prepared<'a> {
+        match self.kind {
+            WKind::Q { bits, group } => Prepared::Quant(QMat::new(self.data, self.rows, self.cols, bits, group as usize)),
+            _ => Prepared::Plain(*self),
+        }
     }
 
     /// Row `r` converted to f32 into `out`.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        let (a, b) = (r * self.cols, (r + 1) * self.cols);
-        match &self.store {
-            Store::F32(d) => out.copy_from_slice(&d[a..b]),
-            Store::Half(d, DType::BF16) => {
-                for (o, &v) in out.iter_mut().zip(&d[a..b]) {
+        let c = self.cols;
+        match self.kind {
+            WKind::F32 => out.copy_from_slice(&bytemuck::cast_slice::<u8, f32>(self.data)[r * c..(r + 1) * c]),
+            WKind::BF16 => {
+                let d: &[u16] = bytemuck::cast_slice(self.data);
+                for (o, &v) in out.iter_mut().zip(&d[r * c..(r + 1) * c]) {
                     *o = bf16_to_f32(v);
                 }
             }
-            Store::Half(d, _) => {
-                for (o, &v) in out.iter_mut().zip(&d[a..b]) {
+            WKind::F16 => {
+                let d: &[u16] = bytemuck::cast_slice(self.data);
+                for (o, &v) in out.iter_mut().zip(&d[r * c..(r + 1) * c]) {
                     *o = f16_to_f32(v);
                 }
             }
+            WKind::Q { bits, group } => QMat::new(self.data, self.rows, c, bits, group as usize).row_f32(r, out),
         }
     }
 
-    /// The whole matrix as f32 (tests, small tensors).
+    /// The whole matrix as f32.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];
         for r in 0..self.rows {
@@ -124,77 +251,50 @@ impl Mat {
         out
     }
 
-    #[inline]
-    fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
-        let (a, b) = (r * self.cols, (r + 1) * self.cols);
-        match &self.store {
-            Store::F32(d) => dot(&d[a..b], x),
-            Store::Half(d, DType::BF16) => d[a..b]
-                .iter()
-                .zip(x)
-                .map(|(&w, &v)| bf16_to_f32(w) * v)
-                .sum(),
-            Store::Half(d, _) => d[a..b]
-                .iter()
-                .zip(x)
-                .map(|(&w, &v)| f16_to_f32(w) * v)
-                .sum(),
-        }
-    }
-
-    /// A new matrix made of the given row ranges, in order (un-fusing projections).
-    pub fn gather_rows(&self, ranges: &[std::ops::Range<usize>]) -> Mat {
-        let c = self.cols;
-        match &self.store {
-            Store::F32(d) => {
-                let data: Vec<f32> = ranges
-                    .iter()
-                    .flat_map(|r| d[r.start * c..r.end * c].iter().copied())
-                    .collect();
-                Mat {
-                    rows: data.len() / c,
-                    cols: c,
-                    store: Store::F32(data),
-                }
-            }
-            Store::Half(d, t) => {
-                let data: Vec<u16> = ranges
-                    .iter()
-                    .flat_map(|r| d[r.start * c..r.end * c].iter().copied())
-                    .collect();
-                Mat {
-                    rows: data.len() / c,
-                    cols: c,
-                    store: Store::Half(data, *t),
-                }
-            }
-        }
-    }
-
-    /// Rows `start..end` as a new matrix.
-    pub fn slice_rows(&self, start: usize, end: usize) -> Mat {
-        self.gather_rows(std::slice::from_ref(&(start..end)))
-    }
-
     /// y = W·x for one vector.
     pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
         debug_assert_eq!(x.len(), self.cols);
         debug_assert_eq!(y.len(), self.rows);
+        let c = self.cols;
+        match self.prepared() {
+            Prepared::Quant(q) => {
+                let mut xs = Vec::new();
+                q.group_sums(x, &mut xs);
+                self.for_rows(y, |r| q.dot_row(r, x, &xs));
+            }
+            Prepared::Plain(m) => match m.kind {
+                WKind::F32 => {
+                    let d: &[f32] = bytemuck::cast_slice(m.data);
+                    self.for_rows(y, |r| dot(&d[r * c..(r + 1) * c], x));
+                }
+                WKind::BF16 => {
+                    let d: &[u16] = bytemuck::cast_slice(m.data);
+                    self.for_rows(y, |r| d[r * c..(r + 1) * c].iter().zip(x).map(|(&w, &v)| bf16_to_f32(w) * v).sum());
+                }
+                _ => {
+                    let d: &[u16] = bytemuck::cast_slice(m.data);
+                    self.for_rows(y, |r| d[r * c..(r + 1) * c].iter().zip(x).map(|(&w, &v)| f16_to_f32(w) * v).sum());
+                }
+            },
+        }
+    }
+
+    fn for_rows(&self, y: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
         if self.rows * self.cols < PAR_MIN_ELEMS {
             for (r, o) in y.iter_mut().enumerate() {
-                *o = self.dot_row(r, x);
+                *o = f(r);
             }
         } else {
             y.par_chunks_mut(64).enumerate().for_each(|(ci, ch)| {
                 for (i, o) in ch.iter_mut().enumerate() {
-                    *o = self.dot_row(ci * 64 + i, x);
+                    *o = f(ci * 64 + i);
                 }
             });
         }
     }
 
     /// Y = X·Wᵀ for `n` row vectors: `x` is `[n, cols]`, `y` is `[n, rows]`. Each weight row is
-    /// converted once and used for every input vector, so prefill reads the weights once.
+    /// decoded once and used for every input vector, so prefill reads the weights once.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(y.len(), n * self.rows);
@@ -202,35 +302,29 @@ impl Mat {
             return self.matvec(x, y);
         }
         let (rows, cols) = (self.rows, self.cols);
-        let block =
-            |r0: usize, out: &mut Vec<(usize, usize, f32)>, buf: &mut Vec<f32>, r1: usize| {
-                for r in r0..r1 {
-                    self.row_f32(r, buf);
-                    for t in 0..n {
-                        out.push((t, r, dot(buf, &x[t * cols..(t + 1) * cols])));
-                    }
-                }
-            };
         const RB: usize = 32;
-        let results: Vec<Vec<(usize, usize, f32)>> = if rows * cols * n < PAR_MIN_ELEMS {
-            let mut out = Vec::with_capacity(rows * n);
+        let block = |b: usize| {
+            let (r0, r1) = (b * RB, ((b + 1) * RB).min(rows));
+            let mut out = vec![0.0f32; (r1 - r0) * n];
             let mut buf = vec![0.0; cols];
-            block(0, &mut out, &mut buf, rows);
-            vec![out]
-        } else {
-            (0..rows.div_ceil(RB))
-                .into_par_iter()
-                .map(|b| {
-                    let mut out = Vec::with_capacity(RB * n);
-                    let mut buf = vec![0.0; cols];
-                    block(b * RB, &mut out, &mut buf, ((b + 1) * RB).min(rows));
-                    out
-                })
-                .collect()
+            for r in r0..r1 {
+                self.row_f32(r, &mut buf);
+                for t in 0..n {
+                    out[(r - r0) * n + t] = dot(&buf, &x[t * cols..(t + 1) * cols]);
+                }
+            }
+            out
         };
-        for part in results {
-            for (t, r, v) in part {
-                y[t * rows + r] = v;
+        let nb = rows.div_ceil(RB);
+        let parts: Vec<Vec<f32>> = if rows * cols * n < PAR_MIN_ELEMS {
+            (0..nb).map(block).collect()
+        } else {
+            (0..nb).into_par_iter().map(block).collect()
+        };
+        for (b, part) in parts.iter().enumerate() {
+            for (i, v) in part.iter().enumerate() {
+                let (r, t) = (b * RB + i / n, i % n);
+                y[t * rows + r] = *v;
             }
         }
     }
@@ -263,63 +357,50 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
     }
 
     #[test]
-    fn matmul_matches_scalar_for_every_dtype_and_odd_sizes() {
-        for &(rows, cols, n) in &[
-            (1, 1, 1),
-            (7, 13, 3),
-            (33, 65, 5),
-            (300, 257, 2),
-            (129, 700, 1),
-        ] {
+    fn products_match_scalar_reference_for_every_format_and_odd_sizes() {
+        for &(rows, cols, n) in &[(1, 64, 1), (7, 128, 3), (33, 192, 5), (300, 256, 2), (129, 704, 1), (5, 13, 2)] {
             let w = lcg(rows * cols, 7);
             let x = lcg(cols * n, 9);
-            let mats = [
+            let mut mats = vec![
                 Mat::from_f32(rows, cols, w.clone()).unwrap(),
-                Mat::from_half(
-                    rows,
-                    cols,
-                    w.iter()
-                        .map(|v| half::bf16::from_f32(*v).to_bits())
-                        .collect(),
-                    DType::BF16,
-                )
-                .unwrap(),
-                Mat::from_half(
-                    rows,
-                    cols,
-                    w.iter()
-                        .map(|v| half::f16::from_f32(*v).to_bits())
-                        .collect(),
-                    DType::F16,
-                )
-                .unwrap(),
+                Mat::from_half(rows, cols, w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect(), WKind::BF16)
+                    .unwrap(),
+                Mat::from_half(rows, cols, w.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect(), WKind::F16)
+                    .unwrap(),
             ];
+            for bits in quant::BITS {
+                let group = if cols % 64 == 0 { 64 } else { cols };
+                let blob = quant::quantize(&w, rows, cols, bits, group);
+                let kind = WKind::Q { bits, group: group as u16 };
+                mats.push(Mat::from_bytes(rows, cols, kind, AlignedBytes::from_slice(&blob)).unwrap());
+            }
             for m in &mats {
                 let wf = m.to_f32();
                 let mut y = vec![0.0; rows * n];
                 m.matmul(&x, n, &mut y);
                 for t in 0..n {
                     for r in 0..rows {
-                        let want: f64 = (0..cols)
-                            .map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64)
-                            .sum();
-                        assert!(
-                            (y[t * rows + r] as f64 - want).abs() < 1e-4,
-                            "{rows}x{cols} {:?}",
-                            m.dtype()
-                        );
+                        let want: f64 = (0..cols).map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
+                        let got = y[t * rows + r] as f64;
+                        assert!((got - want).abs() < 1e-4, "{rows}x{cols} {}: {got} vs {want}", m.kind.name());
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn kind_names_round_trip() {
+        for k in [WKind::F32, WKind::BF16, WKind::F16, WKind::Q { bits: 3, group: 64 }] {
+            assert_eq!(WKind::parse(&k.name()), Some(k));
+        }
+        assert_eq!(WKind::parse("q5g64"), None);
     }
 }
