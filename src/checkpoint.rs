@@ -1,7 +1,7 @@
 //! Reading Hugging Face checkpoints: one or many `*.safetensors` files, memory-mapped, with
 //! shape and dtype checks that name the tensor and file on failure.
 
-use crate::tensor::{DType, Mat};
+use crate::tensor::{AlignedBytes, DType, Mat};
 use anyhow::{Context, Result, anyhow, bail};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
@@ -31,18 +31,14 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let index = dir.join("model.safetensors.index.json");
         let names: Vec<String> = if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .with_context(|| format!("cannot read {}", index.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON", index.display()))?;
+            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| anyhow!("{}: field `weight_map` is missing", index.display()))?;
-            let set: BTreeSet<String> = map
-                .values()
-                .filter_map(|f| f.as_str().map(String::from))
-                .collect();
+            let set: BTreeSet<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
             set.into_iter().collect()
         } else {
             let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -57,25 +53,15 @@ impl Checkpoint {
         if names.is_empty() {
             bail!("{}: no *.safetensors files found", dir.display());
         }
-        let mut ck = Checkpoint {
-            dir: dir.to_path_buf(),
-            files: vec![],
-            tensors: HashMap::new(),
-        };
+        let mut ck = Checkpoint { dir: dir.to_path_buf(), files: vec![], tensors: HashMap::new() };
         for name in names {
             let path = dir.join(&name);
-            let file = File::open(&path)
-                .with_context(|| format!("cannot open weights file {}", path.display()))?;
+            let file = File::open(&path).with_context(|| format!("cannot open weights file {}", path.display()))?;
             // SAFETY: the mapping is read-only; a file truncated underneath us is a user error that
             // the header check below catches at load for the common (already truncated) case.
-            let map = unsafe { Mmap::map(&file) }
-                .with_context(|| format!("cannot map {}", path.display()))?;
-            let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-                anyhow!(
-                    "{}: corrupt or truncated safetensors header: {e}",
-                    path.display()
-                )
-            })?;
+            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map)
+                .map_err(|e| anyhow!("{}: corrupt or truncated safetensors header: {e}", path.display()))?;
             let base = 8 + header_len;
             let fi = ck.files.len();
             for (tname, info) in meta.tensors() {
@@ -90,13 +76,7 @@ impl Checkpoint {
                 }
                 ck.tensors.insert(
                     tname.clone(),
-                    TensorEntry {
-                        file: fi,
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        start,
-                        end,
-                    },
+                    TensorEntry { file: fi, dtype: info.dtype, shape: info.shape.clone(), start, end },
                 );
             }
             ck.files.push((path, map));
@@ -116,12 +96,9 @@ impl Checkpoint {
     }
 
     fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.tensors.get(name).ok_or_else(|| {
-            anyhow!(
-                "{}: tensor `{name}` is missing from the checkpoint",
-                self.dir.display()
-            )
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing from the checkpoint", self.dir.display()))
     }
 
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
@@ -135,53 +112,45 @@ impl Checkpoint {
     /// Loads tensor `name`, checking its shape, as a `[rows, cols]` matrix where `rows` is the
     /// product of all leading dimensions (a 1-D tensor is one row).
     pub fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat> {
+        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+        self.mat_rows(name, shape, 0..rows)
+    }
+
+    /// Rows `range` of tensor `name` (viewed as above), reading only those bytes: one expert
+    /// out of a fused `[experts, rows, cols]` tensor.
+    pub fn mat_rows(&self, name: &str, shape: &[usize], range: std::ops::Range<usize>) -> Result<Mat> {
         let e = self.entry(name)?;
+        let file = self.file_of(e).display();
         if e.shape != shape {
-            bail!(
-                "{}: tensor `{name}` has shape {:?}, expected {:?}",
-                self.file_of(e).display(),
-                e.shape,
-                shape
-            );
+            bail!("{file}: tensor `{name}` has shape {:?}, expected {:?}", e.shape, shape);
         }
         let cols = *shape.last().unwrap_or(&1);
         let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
-        let bytes = &self.files[e.file].1[e.start..e.end];
-        let n = rows * cols;
         let dt = match e.dtype {
             StDtype::F32 => DType::F32,
             StDtype::BF16 => DType::BF16,
             StDtype::F16 => DType::F16,
-            other => bail!(
-                "{}: tensor `{name}` has unsupported dtype {other:?} (supported: F32, BF16, F16)",
-                self.file_of(e).display()
-            ),
+            other => bail!("{file}: tensor `{name}` has unsupported dtype {other:?} (supported: F32, BF16, F16)"),
         };
-        if bytes.len() != n * dt.size() {
-            bail!(
-                "{}: tensor `{name}` holds {} bytes, its shape needs {}",
-                self.file_of(e).display(),
-                bytes.len(),
-                n * dt.size()
-            );
+        let need = rows * cols * dt.size();
+        if e.end - e.start != need {
+            bail!("{file}: tensor `{name}` holds {} bytes, its shape needs {need}", e.end - e.start);
         }
-        match dt {
-            DType::F32 => {
-                let data = bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                Mat::from_f32(rows, cols, data)
-            }
-            _ => {
-                let data = bytes
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                Mat::from_half(rows, cols, data, dt)
-            }
-        }
-        .with_context(|| format!("tensor `{name}`"))
+        assert!(range.end <= rows, "row range out of bounds");
+        let rb = cols * dt.size();
+        let bytes = &self.files[e.file].1[e.start + range.start * rb..e.start + range.end * rb];
+        Mat::from_bytes(range.len(), cols, dt, AlignedBytes::from_slice(bytes))
+            .with_context(|| format!("tensor `{name}`"))
+    }
+
+    /// Storage dtype of tensor `name` (`None` for types the engine does not read).
+    pub fn dtype(&self, name: &str) -> Result<Option<DType>> {
+        Ok(match self.entry(name)?.dtype {
+            StDtype::F32 => Some(DType::F32),
+            StDtype::BF16 => Some(DType::BF16),
+            StDtype::F16 => Some(DType::F16),
+            _ => None,
+        })
     }
 
     /// Loads a tensor of `len` elements as f32 (norm weights, biases, per-head scalars). The

@@ -94,9 +94,7 @@ fn req_usize(v: &Value, name: &str) -> Result<usize> {
     field(v, name)
         .and_then(Value::as_u64)
         .map(|x| x as usize)
-        .ok_or_else(|| {
-            anyhow!("config.json: field `{name}` is missing or not a non-negative integer")
-        })
+        .ok_or_else(|| anyhow!("config.json: field `{name}` is missing or not a non-negative integer"))
 }
 
 fn opt_usize(v: &Value, name: &str, default: usize) -> Result<usize> {
@@ -109,18 +107,14 @@ fn opt_usize(v: &Value, name: &str, default: usize) -> Result<usize> {
 fn opt_f64(v: &Value, name: &str, default: f64) -> Result<f64> {
     match field(v, name) {
         None => Ok(default),
-        Some(x) => x
-            .as_f64()
-            .ok_or_else(|| anyhow!("config.json: field `{name}` is not a number")),
+        Some(x) => x.as_f64().ok_or_else(|| anyhow!("config.json: field `{name}` is not a number")),
     }
 }
 
 fn opt_bool(v: &Value, name: &str, default: bool) -> Result<bool> {
     match field(v, name) {
         None => Ok(default),
-        Some(x) => x
-            .as_bool()
-            .ok_or_else(|| anyhow!("config.json: field `{name}` is not a boolean")),
+        Some(x) => x.as_bool().ok_or_else(|| anyhow!("config.json: field `{name}` is not a boolean")),
     }
 }
 
@@ -128,10 +122,7 @@ fn opt_bool(v: &Value, name: &str, default: bool) -> Result<bool> {
 pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
         _ => vec![],
     }
 }
@@ -140,22 +131,26 @@ impl ModelConfig {
     /// Reads `config.json` (and `generation_config.json` for extra EOS ids) from a checkpoint dir.
     pub fn load(dir: &Path) -> Result<ModelConfig> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let root: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let root: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         let mut cfg = Self::from_json(&root).with_context(|| format!("in {}", path.display()))?;
+        cfg.eos_token_ids = Self::load_eos(dir, std::mem::take(&mut cfg.eos_token_ids))?;
+        Ok(cfg)
+    }
+
+    /// Adds the EOS ids of `generation_config.json` (when present) to `ids`.
+    pub fn load_eos(dir: &Path, mut ids: Vec<u32>) -> Result<Vec<u32>> {
         let gen_path = dir.join("generation_config.json");
         if let Ok(t) = std::fs::read_to_string(&gen_path) {
-            let g: Value = serde_json::from_str(&t)
-                .with_context(|| format!("{}: not valid JSON", gen_path.display()))?;
+            let g: Value =
+                serde_json::from_str(&t).with_context(|| format!("{}: not valid JSON", gen_path.display()))?;
             for id in token_ids(g.get("eos_token_id")) {
-                if !cfg.eos_token_ids.contains(&id) {
-                    cfg.eos_token_ids.push(id);
+                if !ids.contains(&id) {
+                    ids.push(id);
                 }
             }
         }
-        Ok(cfg)
+        Ok(ids)
     }
 
     /// Parses a `config.json` value.
@@ -175,8 +170,7 @@ impl ModelConfig {
             ),
         };
         let t = if multimodal {
-            field(root, "text_config")
-                .ok_or_else(|| anyhow!("config.json: field `text_config` is missing"))?
+            field(root, "text_config").ok_or_else(|| anyhow!("config.json: field `text_config` is missing"))?
         } else {
             root
         };
@@ -198,9 +192,7 @@ impl ModelConfig {
             bail!("config.json: use_sliding_window = true is not supported");
         }
         let rope = field(t, "rope_parameters").or_else(|| field(t, "rope_scaling"));
-        let rope_type = rope
-            .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
-            .and_then(Value::as_str);
+        let rope_type = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str);
         if let Some(rt) = rope_type
             && rt != "default"
         {
@@ -208,9 +200,7 @@ impl ModelConfig {
         }
         let from_rope = |name: &str, default: f64| -> Result<f64> {
             match rope.and_then(|r| field(r, name)) {
-                Some(x) => x
-                    .as_f64()
-                    .ok_or_else(|| anyhow!("config.json: rope_parameters.{name} is not a number")),
+                Some(x) => x.as_f64().ok_or_else(|| anyhow!("config.json: rope_parameters.{name} is not a number")),
                 None => opt_f64(t, name, default),
             }
         };
@@ -227,36 +217,21 @@ impl ModelConfig {
         let mixers = if arch == Arch::Qwen3Moe {
             vec![Mixer::Attention; num_layers]
         } else if let Some(lt) = field(t, "layer_types") {
-            let arr = lt
-                .as_array()
-                .ok_or_else(|| anyhow!("config.json: field `layer_types` is not a list"))?;
+            let arr = lt.as_array().ok_or_else(|| anyhow!("config.json: field `layer_types` is not a list"))?;
             if arr.len() != num_layers {
-                bail!(
-                    "config.json: layer_types has {} entries, num_hidden_layers is {num_layers}",
-                    arr.len()
-                );
+                bail!("config.json: layer_types has {} entries, num_hidden_layers is {num_layers}", arr.len());
             }
             arr.iter()
                 .enumerate()
                 .map(|(i, x)| match x.as_str() {
                     Some("linear_attention") => Ok(Mixer::DeltaNet),
                     Some("full_attention") => Ok(Mixer::Attention),
-                    other => Err(anyhow!(
-                        "config.json: layer_types[{i}] = {other:?} is not supported"
-                    )),
+                    other => Err(anyhow!("config.json: layer_types[{i}] = {other:?} is not supported")),
                 })
                 .collect::<Result<_>>()?
         } else {
             let every = opt_usize(t, "full_attention_interval", 4)?.max(1);
-            (0..num_layers)
-                .map(|i| {
-                    if (i + 1) % every == 0 {
-                        Mixer::Attention
-                    } else {
-                        Mixer::DeltaNet
-                    }
-                })
-                .collect()
+            (0..num_layers).map(|i| if (i + 1) % every == 0 { Mixer::Attention } else { Mixer::DeltaNet }).collect()
         };
 
         // transformers 5 writes Qwen3-MoE's expert count as `num_local_experts`
@@ -264,40 +239,33 @@ impl ModelConfig {
             Some(_) => req_usize(t, "num_experts")?,
             None => opt_usize(t, "num_local_experts", 0)?,
         };
-        let ffns: Vec<Ffn> = if arch == Arch::Qwen35Moe {
-            vec![Ffn::Moe; num_layers]
-        } else {
-            let step = opt_usize(t, "decoder_sparse_step", 1)?.max(1);
-            let only: Vec<usize> = match field(t, "mlp_only_layers") {
-                None => vec![],
-                Some(v) => v
-                    .as_array()
-                    .ok_or_else(|| anyhow!("config.json: field `mlp_only_layers` is not a list"))?
-                    .iter()
-                    .map(|x| {
-                        x.as_u64().map(|x| x as usize).ok_or_else(|| {
-                            anyhow!("config.json: mlp_only_layers holds a non-integer")
+        let ffns: Vec<Ffn> =
+            if arch == Arch::Qwen35Moe {
+                vec![Ffn::Moe; num_layers]
+            } else {
+                let step = opt_usize(t, "decoder_sparse_step", 1)?.max(1);
+                let only: Vec<usize> = match field(t, "mlp_only_layers") {
+                    None => vec![],
+                    Some(v) => v
+                        .as_array()
+                        .ok_or_else(|| anyhow!("config.json: field `mlp_only_layers` is not a list"))?
+                        .iter()
+                        .map(|x| {
+                            x.as_u64()
+                                .map(|x| x as usize)
+                                .ok_or_else(|| anyhow!("config.json: mlp_only_layers holds a non-integer"))
                         })
+                        .collect::<Result<_>>()?,
+                };
+                (0..num_layers)
+                    .map(|i| {
+                        if !only.contains(&i) && num_experts > 0 && (i + 1) % step == 0 { Ffn::Moe } else { Ffn::Dense }
                     })
-                    .collect::<Result<_>>()?,
+                    .collect()
             };
-            (0..num_layers)
-                .map(|i| {
-                    if !only.contains(&i) && num_experts > 0 && (i + 1) % step == 0 {
-                        Ffn::Moe
-                    } else {
-                        Ffn::Dense
-                    }
-                })
-                .collect()
-        };
         let any_moe = ffns.contains(&Ffn::Moe);
         let any_dense = ffns.contains(&Ffn::Dense);
-        let num_experts_per_tok = if any_moe {
-            req_usize(t, "num_experts_per_tok")?
-        } else {
-            0
-        };
+        let num_experts_per_tok = if any_moe { req_usize(t, "num_experts_per_tok")? } else { 0 };
         if any_moe && (num_experts_per_tok == 0 || num_experts_per_tok > num_experts) {
             bail!(
                 "config.json: num_experts_per_tok ({num_experts_per_tok}) must be in 1..=num_experts ({num_experts})"
@@ -311,10 +279,7 @@ impl ModelConfig {
                 v_head_dim: req_usize(t, "linear_value_head_dim")?,
                 conv_kernel: opt_usize(t, "linear_conv_kernel_dim", 4)?,
             };
-            if l.num_k_heads == 0
-                || !l.num_v_heads.is_multiple_of(l.num_k_heads)
-                || l.conv_kernel == 0
-            {
+            if l.num_k_heads == 0 || !l.num_v_heads.is_multiple_of(l.num_k_heads) || l.conv_kernel == 0 {
                 bail!(
                     "config.json: linear_num_value_heads ({}) must be a multiple of linear_num_key_heads ({})",
                     l.num_v_heads,
@@ -352,16 +317,8 @@ impl ModelConfig {
             rms_norm_eps: opt_f64(t, "rms_norm_eps", 1e-6)? as f32,
             mixers,
             ffns,
-            intermediate_size: if any_dense {
-                req_usize(t, "intermediate_size")?
-            } else {
-                0
-            },
-            moe_intermediate_size: if any_moe {
-                req_usize(t, "moe_intermediate_size")?
-            } else {
-                0
-            },
+            intermediate_size: if any_dense { req_usize(t, "intermediate_size")? } else { 0 },
+            moe_intermediate_size: if any_moe { req_usize(t, "moe_intermediate_size")? } else { 0 },
             shared_expert_intermediate_size: if arch == Arch::Qwen3Moe {
                 0
             } else {
@@ -400,11 +357,7 @@ impl ModelConfig {
             .zip(&self.ffns)
             .map(|(m, f)| {
                 let c = if *m == Mixer::DeltaNet { 'L' } else { 'F' };
-                if *f == Ffn::Dense {
-                    c.to_ascii_lowercase()
-                } else {
-                    c
-                }
+                if *f == Ffn::Dense { c.to_ascii_lowercase() } else { c }
             })
             .collect()
     }
@@ -424,10 +377,7 @@ impl ModelConfig {
                 h * (q + kv) + self.num_heads * self.head_dim * h + 2 * self.head_dim
             }
             Mixer::DeltaNet => {
-                let l = self
-                    .linear
-                    .as_ref()
-                    .expect("DeltaNet layer without linear config");
+                let l = self.linear.as_ref().expect("DeltaNet layer without linear config");
                 let (c, vd, nv) = (l.conv_dim(), l.value_dim(), l.num_v_heads);
                 h * (c + vd + 2 * nv) + c * l.conv_kernel + 2 * nv + l.v_head_dim + vd * h
             }

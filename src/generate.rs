@@ -25,14 +25,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-        }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
     }
 }
 
@@ -48,10 +41,7 @@ impl SamplingParams {
             bail!("min_p must be in [0, 1], got {}", self.min_p);
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            bail!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            );
+            bail!("repetition_penalty must be > 0, got {}", self.repetition_penalty);
         }
         Ok(())
     }
@@ -91,22 +81,14 @@ impl Sampler {
                 {
                     *s = true;
                     let l = &mut logits[t as usize];
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
                 }
             }
         }
         if p.temperature == 0.0 {
             return argmax(logits) as u32;
         }
-        let mut cand: Vec<(usize, f32)> = logits
-            .iter()
-            .map(|&l| l / p.temperature)
-            .enumerate()
-            .collect();
+        let mut cand: Vec<(usize, f32)> = logits.iter().map(|&l| l / p.temperature).enumerate().collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         if p.top_k > 0 {
             cand.truncate(p.top_k);
@@ -203,11 +185,7 @@ pub fn generate(
         bail!(
             "the prompt has {} tokens{}, more than the context of {} tokens",
             prompt.len(),
-            if state.pos > 0 {
-                format!(" after {} cached", state.pos)
-            } else {
-                String::new()
-            },
+            if state.pos > 0 { format!(" after {} cached", state.pos) } else { String::new() },
             ctx
         );
     }
@@ -258,41 +236,22 @@ mod tests {
         let mut s = Sampler::new(SamplingParams::default());
         assert_eq!(s.sample(&mut [0.1, 2.0, -1.0], &[]), 1);
         // repetition penalty pushes the seen best token below the next one
-        let mut s = Sampler::new(SamplingParams {
-            repetition_penalty: 4.0,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 4.0, ..Default::default() });
         assert_eq!(s.sample(&mut [1.0, 2.0, -1.0], &[1]), 0);
         // top-k 1 with temperature is greedy
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 1.0,
-            top_k: 1,
-            seed: 3,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, seed: 3, ..Default::default() });
         for _ in 0..20 {
             assert_eq!(s.sample(&mut [0.0, 1.0, 0.5], &[]), 1);
         }
         // min-p removes the unlikely tail
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 1.0,
-            min_p: 0.5,
-            seed: 1,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, min_p: 0.5, seed: 1, ..Default::default() });
         for _ in 0..50 {
             assert_ne!(s.sample(&mut [5.0, 4.9, -10.0], &[]), 2);
         }
         // same seed, same draws
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams {
-                temperature: 1.0,
-                seed,
-                ..Default::default()
-            });
-            (0..16)
-                .map(|_| s.sample(&mut [0.0; 50], &[]))
-                .collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed, ..Default::default() });
+            (0..16).map(|_| s.sample(&mut [0.0; 50], &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));

@@ -1,27 +1,139 @@
-//! Building a [`Model`] from a Hugging Face checkpoint directory: tensor names per family,
-//! un-fusing Qwen3-Next's DeltaNet projections and fused expert tensors, shape checks.
+//! Building a [`Model`] from a Hugging Face checkpoint directory or a converted (flash) one:
+//! tensor names per family, un-fusing Qwen3-Next's DeltaNet projections and fused expert
+//! tensors, shape checks.
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Arch, Ffn, LinearAttnConfig, Mixer, ModelConfig};
+use crate::flash::{ExpertStore, Manifest, StoreOptions};
 use crate::layers::attention::Attention;
 use crate::layers::deltanet::DeltaNet;
 use crate::layers::mlp::Mlp;
+use crate::layers::moe::Experts;
 use crate::layers::moe::{Moe, SharedExpert};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::model::{FfnWeights, Layer, MixerWeights, Model, RunOptions};
+use crate::tensor::{Mat, WKind};
 use anyhow::{Context, Result, bail};
+use memmap2::Mmap;
+use std::collections::HashMap;
 use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-/// Loads config and weights from `dir`.
+/// Where weights come from: a Hugging Face checkpoint or a flash layout's resident file.
+pub trait TensorSource {
+    fn dir(&self) -> &Path;
+    fn has(&self, name: &str) -> bool;
+    /// Tensor `name` with exactly `shape`, as a matrix of `[prod(leading dims), last dim]`.
+    fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat>;
+    fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.mat(name, shape)?.to_f32())
+    }
+}
+
+impl TensorSource for Checkpoint {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+    fn has(&self, name: &str) -> bool {
+        Checkpoint::has(self, name)
+    }
+    fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat> {
+        Checkpoint::mat(self, name, shape)
+    }
+}
+
+/// The resident file of a converted model, memory-mapped.
+pub struct FlashResident {
+    dir: PathBuf,
+    map: Arc<Mmap>,
+    entries: HashMap<String, crate::flash::format::TensorEntry>,
+}
+
+impl FlashResident {
+    pub fn open(dir: &Path, m: &Manifest) -> Result<FlashResident> {
+        let path = dir.join(&m.resident.file);
+        let f = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: read-only mapping of a file this process does not modify.
+        let map = Arc::new(unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?);
+        let entries = m.resident.tensors.iter().map(|t| (t.name.clone(), t.clone())).collect();
+        Ok(FlashResident { dir: dir.to_path_buf(), map, entries })
+    }
+}
+
+impl TensorSource for FlashResident {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+    fn has(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+    fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("{}: tensor `{name}` is missing from the manifest", self.dir.display()))?;
+        if e.shape != shape {
+            bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", self.dir.display(), e.shape, shape);
+        }
+        let kind = WKind::parse(&e.kind).ok_or_else(|| {
+            anyhow::anyhow!("{}: tensor `{name}` has unsupported format `{}`", self.dir.display(), e.kind)
+        })?;
+        let cols = *shape.last().unwrap_or(&1);
+        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+        if kind.bytes(rows, cols) as u64 != e.bytes {
+            bail!(
+                "{}: tensor `{name}` is recorded with {} bytes, its shape needs {}",
+                self.dir.display(),
+                e.bytes,
+                kind.bytes(rows, cols)
+            );
+        }
+        Mat::mapped(rows, cols, kind, self.map.clone(), e.offset as usize)
+            .with_context(|| format!("{}: tensor `{name}`", self.dir.display()))
+    }
+}
+
+/// How to load a model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Expert store settings (converted models).
+    pub store: StoreOptions,
+    /// Read every expert of a converted model into memory at load (no streaming).
+    pub experts_in_memory: bool,
+}
+
+/// Loads config and weights from `dir` (a Hugging Face checkpoint or a converted model).
 pub fn load_model(dir: &Path) -> Result<Model> {
+    load_model_with(dir, &LoadOptions::default())
+}
+
+pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+    if Manifest::is_flash(dir) {
+        let m = Manifest::load(dir)?;
+        let cfg = ModelConfig::from_json(&m.config).with_context(|| format!("{}: config", dir.display()))?;
+        let mut cfg = cfg;
+        cfg.eos_token_ids = ModelConfig::load_eos(dir, cfg.eos_token_ids)?;
+        let res = FlashResident::open(dir, &m)?;
+        let store = match &m.experts {
+            Some(ex) => {
+                let mut so = opts.store.clone();
+                so.max_batch = so.max_batch.max(cfg.num_experts_per_tok);
+                Some(Arc::new(ExpertStore::open(dir, ex, &so)?))
+            }
+            None => None,
+        };
+        let (store, preload) = if opts.experts_in_memory { (None, store) } else { (store, None) };
+        return build(cfg, &res, store, preload).with_context(|| format!("loading model from {}", dir.display()));
+    }
     let cfg = ModelConfig::load(dir)?;
     let ck = Checkpoint::open(dir)?;
-    build(cfg, &ck).with_context(|| format!("loading model from {}", dir.display()))
+    build(cfg, &ck, None, None).with_context(|| format!("loading model from {}", dir.display()))
 }
 
 /// Tensor prefix of the text model: the multimodal wrapper nests it under `language_model`.
-fn text_prefix(cfg: &ModelConfig, ck: &Checkpoint) -> Result<String> {
+pub fn text_prefix(cfg: &ModelConfig, ck: &dyn TensorSource) -> Result<String> {
     let candidates: &[&str] = if cfg.multimodal {
         &["model.language_model.", "language_model.model.", "model."]
     } else {
@@ -32,25 +144,20 @@ fn text_prefix(cfg: &ModelConfig, ck: &Checkpoint) -> Result<String> {
             return Ok(p.to_string());
         }
     }
-    bail!(
-        "{}: tensor `{}embed_tokens.weight` is missing from the checkpoint",
-        ck.dir.display(),
-        candidates[0]
-    )
+    bail!("{}: tensor `{}embed_tokens.weight` is missing from the checkpoint", ck.dir().display(), candidates[0])
 }
 
 struct Loader<'a> {
-    ck: &'a Checkpoint,
+    ck: &'a dyn TensorSource,
     cfg: &'a ModelConfig,
+    store: Option<Arc<ExpertStore>>,
+    /// Converted experts to read into memory instead of streaming.
+    preload: Option<Arc<ExpertStore>>,
 }
 
 impl Loader<'_> {
     fn norm(&self, name: &str, dim: usize, zero_centered: bool) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(
-            self.ck.vector(name, &[dim])?,
-            self.cfg.rms_norm_eps,
-            zero_centered,
-        ))
+        Ok(RmsNorm::new(self.ck.vector(name, &[dim])?, self.cfg.rms_norm_eps, zero_centered))
     }
 
     fn mlp(&self, p: &str, inter: usize) -> Result<Mlp> {
@@ -68,10 +175,7 @@ impl Loader<'_> {
         let gated = c.gated_attention();
         let zc = c.zero_centered_norm();
         Ok(Attention {
-            q_proj: self.ck.mat(
-                &format!("{p}.q_proj.weight"),
-                &[nh * d * if gated { 2 } else { 1 }, h],
-            )?,
+            q_proj: self.ck.mat(&format!("{p}.q_proj.weight"), &[nh * d * if gated { 2 } else { 1 }, h])?,
             k_proj: self.ck.mat(&format!("{p}.k_proj.weight"), &[nkv * d, h])?,
             v_proj: self.ck.mat(&format!("{p}.v_proj.weight"), &[nkv * d, h])?,
             o_proj: self.ck.mat(&format!("{p}.o_proj.weight"), &[h, nh * d])?,
@@ -87,44 +191,23 @@ impl Loader<'_> {
 
     fn deltanet(&self, p: &str, l: &LinearAttnConfig) -> Result<DeltaNet> {
         let h = self.cfg.hidden_size;
-        let (kd, vd, nv, nk, cd) = (
-            l.key_dim(),
-            l.value_dim(),
-            l.num_v_heads,
-            l.num_k_heads,
-            l.conv_dim(),
-        );
+        let (kd, vd, nv, nk, cd) = (l.key_dim(), l.value_dim(), l.num_v_heads, l.num_k_heads, l.conv_dim());
         let (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) = if self.cfg.arch == Arch::Qwen3Next {
             // Rows grouped per key head g: [q_g, k_g, v of g's value heads, z of the same].
-            let fused = self
-                .ck
-                .mat(&format!("{p}.in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?;
+            let fused = self.ck.mat(&format!("{p}.in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?;
             let (dk, vg) = (l.k_head_dim, (nv / nk) * l.v_head_dim);
             let gs = 2 * dk + 2 * vg;
-            let part = |off: usize, len: usize| {
-                (0..nk)
-                    .map(|g| g * gs + off..g * gs + off + len)
-                    .collect::<Vec<_>>()
-            };
+            let part = |off: usize, len: usize| (0..nk).map(|g| g * gs + off..g * gs + off + len).collect::<Vec<_>>();
             let mut qkv = part(0, dk);
             qkv.extend(part(dk, dk));
             qkv.extend(part(2 * dk, vg));
             let z = fused.gather_rows(&part(2 * dk + vg, vg));
             // [b of g's value heads, a of the same] per key head.
-            let ba = self
-                .ck
-                .mat(&format!("{p}.in_proj_ba.weight"), &[2 * nv, h])?;
+            let ba = self.ck.mat(&format!("{p}.in_proj_ba.weight"), &[2 * nv, h])?;
             let per = nv / nk;
             let b_rows: Vec<_> = (0..nk).map(|g| 2 * per * g..2 * per * g + per).collect();
-            let a_rows: Vec<_> = (0..nk)
-                .map(|g| 2 * per * g + per..2 * per * (g + 1))
-                .collect();
-            (
-                fused.gather_rows(&qkv),
-                z,
-                ba.gather_rows(&b_rows),
-                ba.gather_rows(&a_rows),
-            )
+            let a_rows: Vec<_> = (0..nk).map(|g| 2 * per * g + per..2 * per * (g + 1)).collect();
+            (fused.gather_rows(&qkv), z, ba.gather_rows(&b_rows), ba.gather_rows(&a_rows))
         } else {
             (
                 self.ck.mat(&format!("{p}.in_proj_qkv.weight"), &[cd, h])?,
@@ -140,21 +223,17 @@ impl Loader<'_> {
             in_proj_z,
             in_proj_b,
             in_proj_a,
-            conv_w: self
-                .ck
-                .vector(&format!("{p}.conv1d.weight"), &[cd, 1, l.conv_kernel])?,
+            conv_w: self.ck.vector(&format!("{p}.conv1d.weight"), &[cd, 1, l.conv_kernel])?,
             dt_bias: self.ck.vector(&format!("{p}.dt_bias"), &[nv])?,
             neg_a: a_log.iter().map(|v| -v.exp()).collect(),
-            norm_w: self
-                .ck
-                .vector(&format!("{p}.norm.weight"), &[l.v_head_dim])?,
+            norm_w: self.ck.vector(&format!("{p}.norm.weight"), &[l.v_head_dim])?,
             eps: self.cfg.rms_norm_eps,
             out_proj: self.ck.mat(&format!("{p}.out_proj.weight"), &[h, vd])?,
         })
     }
 
     /// Routed experts: one tensor per expert and projection, or the fused 3-D form.
-    fn experts(&self, p: &str) -> Result<Vec<Mlp>> {
+    pub fn experts(&self, p: &str) -> Result<Vec<Mlp>> {
         let c = self.cfg;
         let (e, h, i) = (c.num_experts, c.hidden_size, c.moe_intermediate_size);
         let fused = format!("{p}.gate_up_proj");
@@ -172,27 +251,23 @@ impl Loader<'_> {
         (0..e).map(|x| self.mlp(&format!("{p}.{x}"), i)).collect()
     }
 
-    fn moe(&self, p: &str) -> Result<Moe> {
+    fn moe(&self, p: &str, layer: usize) -> Result<Moe> {
         let c = self.cfg;
         let shared = if c.shared_expert_intermediate_size > 0 {
             Some(SharedExpert {
-                mlp: self.mlp(
-                    &format!("{p}.shared_expert"),
-                    c.shared_expert_intermediate_size,
-                )?,
-                gate: self.ck.vector(
-                    &format!("{p}.shared_expert_gate.weight"),
-                    &[1, c.hidden_size],
-                )?,
+                mlp: self.mlp(&format!("{p}.shared_expert"), c.shared_expert_intermediate_size)?,
+                gate: self.ck.vector(&format!("{p}.shared_expert_gate.weight"), &[1, c.hidden_size])?,
             })
         } else {
             None
         };
         Ok(Moe {
-            router: self
-                .ck
-                .mat(&format!("{p}.gate.weight"), &[c.num_experts, c.hidden_size])?,
-            experts: self.experts(&format!("{p}.experts"))?,
+            router: self.ck.mat(&format!("{p}.gate.weight"), &[c.num_experts, c.hidden_size])?,
+            experts: match (&self.store, &self.preload) {
+                (Some(store), _) => Experts::Flash { store: store.clone(), layer },
+                (None, Some(pre)) => Experts::Memory(pre.load_layer(layer)?),
+                (None, None) => Experts::Memory(self.experts(&format!("{p}.experts"))?),
+            },
             shared,
             top_k: c.num_experts_per_tok,
             norm_topk_prob: c.norm_topk_prob,
@@ -200,18 +275,19 @@ impl Loader<'_> {
     }
 }
 
-/// Assembles the model from an opened checkpoint.
-pub fn build(cfg: ModelConfig, ck: &Checkpoint) -> Result<Model> {
+/// Assembles the model from a tensor source and, for converted models, an expert store.
+pub fn build(
+    cfg: ModelConfig,
+    ck: &dyn TensorSource,
+    store: Option<Arc<ExpertStore>>,
+    preload: Option<Arc<ExpertStore>>,
+) -> Result<Model> {
     let pre = text_prefix(&cfg, ck)?;
-    let ld = Loader { ck, cfg: &cfg };
+    let ld = Loader { ck, cfg: &cfg, store: store.clone(), preload };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let zc = cfg.zero_centered_norm();
     let embed = ck.mat(&format!("{pre}embed_tokens.weight"), &[v, h])?;
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(ck.mat("lm_head.weight", &[v, h])?)
-    };
+    let lm_head = if cfg.tie_word_embeddings { None } else { Some(ck.mat("lm_head.weight", &[v, h])?) };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("{pre}layers.{i}");
@@ -223,7 +299,7 @@ pub fn build(cfg: ModelConfig, ck: &Checkpoint) -> Result<Model> {
             }
         };
         let ffn = match cfg.ffns[i] {
-            Ffn::Moe => FfnWeights::Moe(ld.moe(&format!("{p}.mlp"))?),
+            Ffn::Moe => FfnWeights::Moe(ld.moe(&format!("{p}.mlp"), i)?),
             Ffn::Dense => FfnWeights::Dense(ld.mlp(&format!("{p}.mlp"), cfg.intermediate_size)?),
         };
         layers.push(Layer {
@@ -234,12 +310,5 @@ pub fn build(cfg: ModelConfig, ck: &Checkpoint) -> Result<Model> {
         });
     }
     let norm = ld.norm(&format!("{pre}norm.weight"), h, zc)?;
-    Ok(Model {
-        cfg,
-        embed,
-        layers,
-        norm,
-        lm_head,
-        opts: RunOptions::default(),
-    })
+    Ok(Model { cfg, embed, layers, norm, lm_head, opts: RunOptions::default(), store })
 }

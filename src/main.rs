@@ -3,19 +3,19 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use flashmoe::config::{Ffn, Mixer, ModelConfig};
+use flashmoe::flash::convert::{ConvertOptions, convert};
+use flashmoe::flash::{CacheMode, Manifest, StoreOptions};
 use flashmoe::generate::{Sampler, SamplingParams, generate};
-use flashmoe::load::load_model;
+use flashmoe::load::{LoadOptions, load_model_with};
+use flashmoe::model::Model;
+use flashmoe::tensor::WKind;
 use flashmoe::tokenizer::{StreamDecoder, TextTokenizer};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "flashmoe",
-    version,
-    about = "Mixture-of-Experts inference for models larger than memory"
-)]
+#[command(name = "flashmoe", version, about = "Mixture-of-Experts inference for models larger than memory")]
 struct Cli {
     /// Worker threads for matrix products (default: all cores).
     #[arg(long, global = true)]
@@ -35,6 +35,31 @@ enum Cmd {
         /// Comma-separated token ids, e.g. 1,2,3.
         #[arg(long)]
         tokens: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Convert a Hugging Face checkpoint to the expert-packed flash layout.
+    Convert {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        /// Routed expert format: q2, q3, q4, q8 or bf16.
+        #[arg(long, default_value = "q4")]
+        experts: String,
+        /// Format of the large dense matrices: bf16 or q8.
+        #[arg(long, default_value = "bf16")]
+        dense: String,
+        #[arg(long, default_value_t = 64)]
+        group_size: u16,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-check every checksum of a converted model.
+    Verify {
+        #[arg(long)]
+        model: PathBuf,
     },
     /// Describe a model: architecture, layer pattern, sizes, parameters, bytes per expert.
     Inspect {
@@ -77,20 +102,109 @@ struct GenerateArgs {
     /// Routed experts per token (overrides the model's top-k).
     #[arg(long)]
     experts_per_token: Option<usize>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Expert store settings (converted models).
+#[derive(Args, Clone)]
+struct StoreArgs {
+    /// `os`: buffered reads, the page cache caches; `direct`: O_DIRECT + own LRU cache.
+    #[arg(long, default_value = "os")]
+    cache: CacheMode,
+    /// Size of the own expert cache with --cache direct (e.g. 512M, 4G).
+    #[arg(long, default_value = "1G")]
+    cache_size: String,
+    /// Threads issuing expert reads.
+    #[arg(long, default_value_t = 8)]
+    io_threads: usize,
+    /// Read all experts of a converted model into memory at load instead of streaming them.
+    #[arg(long)]
+    experts_in_memory: bool,
+}
+
+/// Parses sizes like 4096, 512K, 64M, 2G (binary units).
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => bail!("size `{s}`: unknown unit `{c}` (use K, M, G or T)"),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num.parse().with_context(|| format!("size `{s}` is not a number"))?;
+    Ok((v * mul as f64) as u64)
+}
+
+impl StoreArgs {
+    fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            store: StoreOptions {
+                mode: self.cache,
+                cache_bytes: parse_size(&self.cache_size)?,
+                io_threads: self.io_threads,
+                ..Default::default()
+            },
+            experts_in_memory: self.experts_in_memory,
+        })
+    }
+}
+
+/// Expert-store statistics of a run, one line per item, on stderr.
+fn print_store_stats(m: &Model, tokens: usize) {
+    let Some(store) = &m.store else { return };
+    let s = store.stats();
+    let per = |x: f64| x / tokens.max(1) as f64;
+    eprintln!(
+        "experts: {} reads, {:.2} MB read ({:.2} MB/token), io wait {:.2} ms/token, expert compute {:.2} ms/token",
+        s.reads,
+        s.bytes_read as f64 / 1e6,
+        per(s.bytes_read as f64 / 1e6),
+        per(s.io_wait_ns as f64 / 1e6),
+        per(s.compute_ns as f64 / 1e6)
+    );
+    match store.mode {
+        CacheMode::Direct => eprintln!(
+            "cache: direct, {:.1}% hit rate ({} hits, {} misses), {:.1} MB own cache{}",
+            100.0 * s.hit_rate(),
+            s.hits,
+            s.misses,
+            store.slot_bytes() as f64 / 1e6,
+            if store.direct_fallback { " (O_DIRECT unsupported here: buffered reads)" } else { "" }
+        ),
+        CacheMode::Os => {
+            if let Ok((r, t)) = store.page_cache_residency() {
+                eprintln!(
+                    "cache: os, page cache holds {:.1}% of the expert files ({:.1} of {:.1} MB)",
+                    100.0 * r as f64 / t.max(1) as f64,
+                    r as f64 / 1e6,
+                    t as f64 / 1e6
+                );
+            }
+        }
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .ok();
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
     }
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
-        Cmd::Logits { model, tokens } => cmd_logits(model, &tokens),
+        Cmd::Logits { model, tokens, store } => cmd_logits(model, &tokens, &store),
         Cmd::Inspect { model } => cmd_inspect(model),
+        Cmd::Convert { from, to, experts, dense, group_size, force } => {
+            cmd_convert(from, to, &experts, &dense, group_size, force)
+        }
+        Cmd::Verify { model } => cmd_verify(model),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -108,13 +222,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     params.validate()?;
-    let mut model = load_model(&a.model)?;
+    let mut model = load_model_with(&a.model, &a.store.load_options()?)?;
     if let Some(k) = a.experts_per_token {
         if k == 0 || k > model.cfg.num_experts {
-            bail!(
-                "--experts-per-token must be in 1..={}",
-                model.cfg.num_experts
-            );
+            bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
         }
         model.opts.experts_per_token = Some(k);
     }
@@ -144,14 +255,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         print!("{}", a.prompt);
     }
     let mut err = None;
-    let (_, stats) = generate(
-        &model,
-        &mut state,
-        &ids,
-        a.max_tokens,
-        &mut sampler,
-        &stops,
-        |t| match dec.push(&tok, t) {
+    let (_, stats) =
+        generate(&model, &mut state, &ids, a.max_tokens, &mut sampler, &stops, |t| match dec.push(&tok, t) {
             Ok(piece) => {
                 print!("{piece}");
                 stdout.flush().is_ok()
@@ -160,26 +265,73 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 err = Some(e);
                 false
             }
-        },
-    )?;
+        })?;
     if let Some(e) = err {
         return Err(e);
     }
     println!();
     eprintln!("{}", stats.line());
+    print_store_stats(&model, stats.prompt_tokens + stats.generated_tokens);
     Ok(())
 }
 
-fn cmd_logits(model: PathBuf, tokens: &str) -> Result<()> {
+/// `q4` → 4-bit groups of `group`; `bf16` etc. as is.
+fn parse_kind(s: &str, group: u16, what: &str) -> Result<WKind> {
+    match s {
+        "q2" | "q3" | "q4" | "q8" => Ok(WKind::Q { bits: s[1..].parse()?, group }),
+        "bf16" => Ok(WKind::BF16),
+        "f16" => Ok(WKind::F16),
+        "f32" => Ok(WKind::F32),
+        _ => bail!("--{what}: unsupported format `{s}` (q2, q3, q4, q8, bf16)"),
+    }
+}
+
+fn cmd_convert(from: PathBuf, to: PathBuf, experts: &str, dense: &str, group: u16, force: bool) -> Result<()> {
+    if group == 0 {
+        bail!("--group-size must be positive");
+    }
+    let opts = ConvertOptions {
+        experts: parse_kind(experts, group, "experts")?,
+        dense: parse_kind(dense, group, "dense")?,
+        force,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let t = std::time::Instant::now();
+    let r = convert(&from, &to, &opts)?;
+    eprintln!(
+        "converted {} -> {} in {:.1}s: {} resident tensors ({:.2} MB), {} experts ({:.2} MB, {} bytes each)",
+        from.display(),
+        to.display(),
+        t.elapsed().as_secs_f64(),
+        r.tensors,
+        r.resident_bytes as f64 / 1e6,
+        r.experts,
+        r.expert_bytes as f64 / 1e6,
+        r.expert_stride
+    );
+    Ok(())
+}
+
+fn cmd_verify(dir: PathBuf) -> Result<()> {
+    let m = Manifest::load(&dir)?;
+    let total: u64 = m.files.iter().map(|f| f.bytes).sum();
+    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let n = m.verify(&dir, |b| pb.inc(b))?;
+    pb.finish_and_clear();
+    println!("ok: {} files, {:.2} MB, every checksum matches", m.files.len(), n as f64 / 1e6);
+    Ok(())
+}
+
+fn cmd_logits(model: PathBuf, tokens: &str, store: &StoreArgs) -> Result<()> {
     let ids: Vec<u32> = tokens
         .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<u32>()
-                .with_context(|| format!("--tokens: `{s}` is not a token id"))
-        })
+        .map(|s| s.trim().parse::<u32>().with_context(|| format!("--tokens: `{s}` is not a token id")))
         .collect::<Result<_>>()?;
-    let m = load_model(&model)?;
+    let m = load_model_with(&model, &store.load_options()?)?;
     let mut st = m.new_state();
     let logits = m.forward(&mut st, &ids, true)?;
     let rows: Vec<&[f32]> = logits.chunks(m.vocab_size()).collect();
@@ -188,11 +340,7 @@ fn cmd_logits(model: PathBuf, tokens: &str) -> Result<()> {
 }
 
 fn gib(b: f64) -> String {
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else {
-        format!("{:.2} MB", b / 1e6)
-    }
+    if b >= 1e9 { format!("{:.2} GB", b / 1e9) } else { format!("{:.2} MB", b / 1e6) }
 }
 
 fn cmd_inspect(dir: PathBuf) -> Result<()> {
@@ -213,11 +361,7 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
         "architecture   {} ({:?}{})",
         c.model_type,
         c.arch,
-        if c.multimodal {
-            ", multimodal wrapper"
-        } else {
-            ""
-        }
+        if c.multimodal { ", multimodal wrapper" } else { "" }
     );
     println!(
         "layers         {} ({} DeltaNet, {} full attention; {} MoE, {} dense)",
@@ -227,14 +371,8 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
         n_moe,
         c.num_layers - n_moe
     );
-    println!(
-        "pattern        {}  (L DeltaNet, F attention; lower case = dense MLP)",
-        c.layer_pattern()
-    );
-    println!(
-        "hidden         {}, vocab {}, context {}",
-        c.hidden_size, c.vocab_size, c.max_position_embeddings
-    );
+    println!("pattern        {}  (L DeltaNet, F attention; lower case = dense MLP)", c.layer_pattern());
+    println!("hidden         {}, vocab {}, context {}", c.hidden_size, c.vocab_size, c.max_position_embeddings);
     println!(
         "attention      {} heads, {} kv heads, head dim {}, rotary dim {} (theta {}), gated {}",
         c.num_heads,
@@ -255,35 +393,19 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
             "experts        {} per layer, {} routed per token{}, intermediate {}, shared {}",
             c.num_experts,
             c.num_experts_per_tok,
-            if c.norm_topk_prob {
-                " (renormalised)"
-            } else {
-                ""
-            },
+            if c.norm_topk_prob { " (renormalised)" } else { "" },
             c.moe_intermediate_size,
             c.shared_expert_intermediate_size
         );
         let eb = c.expert_params() * wbytes;
-        println!(
-            "bytes/expert   {} ({} bytes, {}-byte weights)",
-            gib(eb as f64),
-            eb,
-            wbytes
-        );
+        println!("bytes/expert   {} ({} bytes, {}-byte weights)", gib(eb as f64), eb, wbytes);
         println!(
             "expert bytes   {} per token at top-{}",
             gib((eb * c.num_experts_per_tok * n_moe) as f64),
             c.num_experts_per_tok
         );
     }
-    println!(
-        "parameters     {} total, {} active per token",
-        total, active
-    );
-    println!(
-        "weights        {} at {}-byte weights",
-        gib((total as usize * wbytes) as f64),
-        wbytes
-    );
+    println!("parameters     {} total, {} active per token", total, active);
+    println!("weights        {} at {}-byte weights", gib((total as usize * wbytes) as f64), wbytes);
     Ok(())
 }

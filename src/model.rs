@@ -2,13 +2,15 @@
 //! and the per-sequence state (KV caches and DeltaNet states).
 
 use crate::config::ModelConfig;
+use crate::flash::ExpertStore;
 use crate::layers::attention::{Attention, KvCache};
 use crate::layers::deltanet::{DeltaNet, DeltaState};
 use crate::layers::mlp::Mlp;
-use crate::layers::moe::Moe;
+use crate::layers::moe::{Experts, Moe};
 use crate::layers::norm::RmsNorm;
 use crate::tensor::Mat;
 use anyhow::{Result, bail};
+use std::sync::Arc;
 
 /// Token mixer weights of one layer.
 #[derive(Clone, Debug)]
@@ -44,6 +46,8 @@ pub enum LayerState {
 pub struct State {
     pub pos: usize,
     pub layers: Vec<LayerState>,
+    /// An error interrupted a forward pass part-way through the layers.
+    pub poisoned: bool,
 }
 
 impl State {
@@ -73,18 +77,13 @@ pub struct Model {
     /// `None` when the embeddings are tied.
     pub lm_head: Option<Mat>,
     pub opts: RunOptions,
+    /// The expert store of a converted (flash) model.
+    pub store: Option<Arc<ExpertStore>>,
 }
 
 impl Layer {
     /// h = x + mixer(norm1(x)); x' = h + ffn(norm2(h)), in place on `x` (`n` tokens).
-    fn forward(
-        &self,
-        x: &mut [f32],
-        n: usize,
-        pos0: usize,
-        st: &mut LayerState,
-        opts: &RunOptions,
-    ) {
+    fn forward(&self, x: &mut [f32], n: usize, pos0: usize, st: &mut LayerState, opts: &RunOptions) -> Result<()> {
         let mut h = vec![0.0; x.len()];
         let mut y = vec![0.0; x.len()];
         self.input_norm.forward(x, &mut h);
@@ -96,10 +95,11 @@ impl Layer {
         x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         self.post_norm.forward(x, &mut h);
         match &self.ffn {
-            FfnWeights::Moe(m) => m.forward(&h, n, opts.experts_per_token, &mut y),
+            FfnWeights::Moe(m) => m.forward(&h, n, opts.experts_per_token, &mut y)?,
             FfnWeights::Dense(m) => m.forward(&h, n, &mut y),
         }
         x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        Ok(())
     }
 }
 
@@ -114,7 +114,7 @@ impl Model {
                 MixerWeights::DeltaNet(d) => LayerState::Delta(DeltaState::new(&d.cfg)),
             })
             .collect();
-        State { pos: 0, layers }
+        State { pos: 0, layers, poisoned: false }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -130,6 +130,9 @@ impl Model {
     /// when `all_logits`, else only the last token's row.
     pub fn forward(&self, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let n = tokens.len();
+        if st.poisoned {
+            bail!("this sequence state was left incomplete by an earlier error; start a new one");
+        }
         if n == 0 {
             bail!("no tokens to process");
         }
@@ -139,25 +142,21 @@ impl Model {
             bail!("token id {bad} is out of range: the vocabulary has {v} ids");
         }
         if st.pos + n > self.max_context() {
-            bail!(
-                "sequence of {} tokens exceeds the model's context of {} tokens",
-                st.pos + n,
-                self.max_context()
-            );
+            bail!("sequence of {} tokens exceeds the model's context of {} tokens", st.pos + n, self.max_context());
         }
         let mut x = vec![0.0; n * h];
         for (t, &id) in tokens.iter().enumerate() {
             self.embed.row_f32(id as usize, &mut x[t * h..(t + 1) * h]);
         }
         for (layer, ls) in self.layers.iter().zip(st.layers.iter_mut()) {
-            layer.forward(&mut x, n, st.pos, ls, &self.opts);
+            if let Err(e) = layer.forward(&mut x, n, st.pos, ls, &self.opts) {
+                // the state saw part of this call: the sequence cannot continue
+                st.poisoned = true;
+                return Err(e);
+            }
         }
         st.pos += n;
-        let rows = if all_logits {
-            &mut x[..]
-        } else {
-            &mut x[(n - 1) * h..]
-        };
+        let rows = if all_logits { &mut x[..] } else { &mut x[(n - 1) * h..] };
         self.norm.apply(rows);
         let m = rows.len() / h;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -166,14 +165,12 @@ impl Model {
         Ok(logits)
     }
 
-    /// Bytes of all weights held in memory.
+    /// Bytes of the resident weights (everything but experts read from disk).
     pub fn weight_bytes(&self) -> usize {
         let mut b = self.embed.bytes() + self.lm_head.as_ref().map_or(0, Mat::bytes);
         for l in &self.layers {
             b += match &l.mixer {
-                MixerWeights::Attention(a) => {
-                    a.q_proj.bytes() + a.k_proj.bytes() + a.v_proj.bytes() + a.o_proj.bytes()
-                }
+                MixerWeights::Attention(a) => a.q_proj.bytes() + a.k_proj.bytes() + a.v_proj.bytes() + a.o_proj.bytes(),
                 MixerWeights::DeltaNet(d) => {
                     d.in_proj_qkv.bytes()
                         + d.in_proj_z.bytes()
@@ -185,7 +182,10 @@ impl Model {
             b += match &l.ffn {
                 FfnWeights::Moe(m) => {
                     m.router.bytes()
-                        + m.experts.iter().map(Mlp::bytes).sum::<usize>()
+                        + match &m.experts {
+                            Experts::Memory(v) => v.iter().map(Mlp::bytes).sum::<usize>(),
+                            Experts::Flash { .. } => 0,
+                        }
                         + m.shared.as_ref().map_or(0, |s| s.mlp.bytes())
                 }
                 FfnWeights::Dense(m) => m.bytes(),

@@ -14,7 +14,10 @@ pub enum WKind {
     BF16,
     F16,
     /// Group-wise affine quantization (see [`crate::quant`]).
-    Q { bits: u8, group: u16 },
+    Q {
+        bits: u8,
+        group: u16,
+    },
 }
 
 /// Unquantized element type (kept for the checkpoint reader).
@@ -191,13 +194,35 @@ impl Mat {
     }
 
     /// A new matrix made of the given row ranges, in order (un-fusing projections).
-    /// Unquantized matrices only.
     pub fn gather_rows(&self, ranges: &[std::ops::Range<usize>]) -> Mat {
-        assert!(!matches!(self.kind, WKind::Q { .. }), "gather_rows on a quantized matrix");
-        let rb = self.kind.bytes(1, self.cols);
         let d = self.data();
-        let bytes: Vec<u8> = ranges.iter().flat_map(|r| d[r.start * rb..r.end * rb].iter().copied()).collect();
-        let rows = bytes.len() / rb;
+        let rows: usize = ranges.iter().map(|r| r.len()).sum();
+        let bytes: Vec<u8> = match self.kind {
+            WKind::Q { bits, group } => {
+                // rows are independent: gather packed rows, then their scales, then their biases
+                let q = QMat::new(d, self.rows, self.cols, bits, group as usize);
+                let rb = quant::row_bytes(self.cols, bits);
+                let ng = self.cols.div_ceil(group as usize);
+                let mut out = vec![0u8; self.kind.bytes(rows, self.cols)];
+                let mut at = 0;
+                for r in ranges.iter().flat_map(|r| r.clone()) {
+                    out[at..at + rb].copy_from_slice(&q.packed[r * rb..(r + 1) * rb]);
+                    at += rb;
+                }
+                let aux_at = out.len() - 4 * rows * ng;
+                let aux: &mut [u16] = bytemuck::cast_slice_mut(&mut out[aux_at..]);
+                let (sc, bi) = aux.split_at_mut(rows * ng);
+                for (k, r) in ranges.iter().flat_map(|r| r.clone()).enumerate() {
+                    sc[k * ng..(k + 1) * ng].copy_from_slice(&q.scales[r * ng..(r + 1) * ng]);
+                    bi[k * ng..(k + 1) * ng].copy_from_slice(&q.biases[r * ng..(r + 1) * ng]);
+                }
+                out
+            }
+            _ => {
+                let rb = self.kind.bytes(1, self.cols);
+                ranges.iter().flat_map(|r| d[r.start * rb..r.end * rb].iter().copied()).collect()
+            }
+        };
         Mat { rows, cols: self.cols, kind: self.kind, buf: Buf::Owned(AlignedBytes::from_slice(&bytes)) }
     }
 
@@ -216,7 +241,9 @@ enum Prepared<'a> {
 impl<'a> MatRef<'a> {
     fn prepared(&self) -> Prepared<'a> {
         match self.kind {
-            WKind::Q { bits, group } => Prepared::Quant(QMat::new(self.data, self.rows, self.cols, bits, group as usize)),
+            WKind::Q { bits, group } => {
+                Prepared::Quant(QMat::new(self.data, self.rows, self.cols, bits, group as usize))
+            }
             _ => Prepared::Plain(*self),
         }
     }
@@ -393,6 +420,21 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn gather_rows_keeps_values_in_every_format() {
+        let (rows, cols) = (6, 128);
+        let w = lcg(rows * cols, 3);
+        let blob = quant::quantize(&w, rows, cols, 3, 64);
+        let q = Mat::from_bytes(rows, cols, WKind::Q { bits: 3, group: 64 }, AlignedBytes::from_slice(&blob)).unwrap();
+        let f = Mat::from_f32(rows, cols, w).unwrap();
+        for m in [q, f] {
+            let full = m.to_f32();
+            let g = m.gather_rows(&[4..6, 0..1]);
+            let want: Vec<f32> = [4, 5, 0].iter().flat_map(|&r| full[r * cols..(r + 1) * cols].to_vec()).collect();
+            assert_eq!(g.to_f32(), want);
         }
     }
 

@@ -30,20 +30,15 @@ impl TextTokenizer {
         if !path.exists() {
             anyhow::bail!("{}: tokenizer file is missing", path.display());
         }
-        let tok = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t)
-                .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?,
+            Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}: not valid JSON", cfg_path.display()))?,
             Err(_) => Value::Null,
         };
         let jinja = dir.join("chat_template.jinja");
         let template = if jinja.exists() {
-            Some(
-                std::fs::read_to_string(&jinja)
-                    .with_context(|| format!("cannot read {}", jinja.display()))?,
-            )
+            Some(std::fs::read_to_string(&jinja).with_context(|| format!("cannot read {}", jinja.display()))?)
         } else {
             match cfg.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
@@ -66,17 +61,12 @@ impl TextTokenizer {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tok
-            .encode(text, true)
-            .map_err(|e| anyhow!("tokenizer: {e}"))?;
+        let enc = self.tok.encode(text, true).map_err(|e| anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.tok
-            .decode(ids, skip_special)
-            .map_err(|e| anyhow!("tokenizer: {e}"))
+        self.tok.decode(ids, skip_special).map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
@@ -101,10 +91,7 @@ impl TextTokenizer {
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, Value>,
     ) -> Result<String> {
-        let src = self
-            .template
-            .as_deref()
-            .ok_or_else(|| anyhow!("this model has no chat template"))?;
+        let src = self.template.as_deref().ok_or_else(|| anyhow!("this model has no chat template"))?;
         render_template(
             src,
             messages,
@@ -140,26 +127,15 @@ pub fn render_template(
     env.add_function("raise_exception", |msg: String| -> Result<JValue, JError> {
         Err(JError::new(ErrorKind::InvalidOperation, msg))
     });
-    env.add_template("chat", src)
-        .map_err(|e| anyhow!("chat template does not parse: {e:#}"))?;
+    env.add_template("chat", src).map_err(|e| anyhow!("chat template does not parse: {e:#}"))?;
     let mut ctx = extra.clone();
     ctx.insert("messages".into(), messages.clone());
     ctx.insert("tools".into(), tools.cloned().unwrap_or(Value::Null));
-    ctx.insert(
-        "add_generation_prompt".into(),
-        Value::Bool(add_generation_prompt),
-    );
-    ctx.insert(
-        "bos_token".into(),
-        bos_token.map_or(Value::Null, |s| Value::String(s.into())),
-    );
-    ctx.insert(
-        "eos_token".into(),
-        eos_token.map_or(Value::Null, |s| Value::String(s.into())),
-    );
+    ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+    ctx.insert("bos_token".into(), bos_token.map_or(Value::Null, |s| Value::String(s.into())));
+    ctx.insert("eos_token".into(), eos_token.map_or(Value::Null, |s| Value::String(s.into())));
     let tmpl = env.get_template("chat").expect("just added");
-    tmpl.render(JValue::from(minijinja::value::Serde(&ctx)))
-        .map_err(|e| anyhow!("chat template failed: {e:#}"))
+    tmpl.render(JValue::from(minijinja::value::Serde(&ctx))).map_err(|e| anyhow!("chat template failed: {e:#}"))
 }
 
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=…,
@@ -169,29 +145,13 @@ fn tojson(v: JValue, kwargs: minijinja::value::Kwargs) -> Result<JValue, JError>
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
-    let json: Value = serde_json::to_value(&v)
-        .map_err(|e| JError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let json: Value = serde_json::to_value(&v).map_err(|e| JError::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let (item, key) = match &separators {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
-        _ => (
-            if indent.is_some() {
-                ",".into()
-            } else {
-                ", ".into()
-            },
-            ": ".into(),
-        ),
+        _ => (if indent.is_some() { ",".into() } else { ", ".into() }, ": ".into()),
     };
     let mut out = String::new();
-    py_dump(
-        &json,
-        indent,
-        0,
-        &item,
-        &key,
-        sort_keys.unwrap_or(false),
-        &mut out,
-    );
+    py_dump(&json, indent, 0, &item, &key, sort_keys.unwrap_or(false), &mut out);
     Ok(JValue::from_safe_string(out))
 }
 
@@ -213,15 +173,7 @@ fn py_str(s: &str, out: &mut String) {
     out.push('"');
 }
 
-fn py_dump(
-    v: &Value,
-    indent: Option<usize>,
-    level: usize,
-    item: &str,
-    key: &str,
-    sort: bool,
-    out: &mut String,
-) {
+fn py_dump(v: &Value, indent: Option<usize>, level: usize, item: &str, key: &str, sort: bool, out: &mut String) {
     let newline = |out: &mut String, level: usize| {
         if let Some(n) = indent {
             out.push('\n');
@@ -286,20 +238,14 @@ impl Default for StreamDecoder {
 
 impl StreamDecoder {
     pub fn new() -> StreamDecoder {
-        StreamDecoder {
-            ids: vec![],
-            emitted: 0,
-        }
+        StreamDecoder { ids: vec![], emitted: 0 }
     }
 
     /// Adds a token; returns the newly completed text, if any.
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
         let text = tok.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() < self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
             return Ok(String::new());
         }
         let piece = text[self.emitted..].to_string();

@@ -7,9 +7,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 /// A scratch copy of a fixture directory.
@@ -34,17 +32,12 @@ fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Ve
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut list: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
+    let mut list: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
     list.sort_by(|a, b| a.0.cmp(&b.0));
     edit(&mut list);
-    let views: Vec<(String, TensorView)> = list
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        list.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     let out = safetensors::serialize(views, None).unwrap();
     std::fs::write(&path, out).unwrap();
 }
@@ -58,10 +51,7 @@ fn missing_config_and_unknown_model_type() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("\"qwen3_moe\"", "\"llama\"")).unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("unsupported model_type `llama`") && e.contains("config.json"),
-        "{e}"
-    );
+    assert!(e.contains("unsupported model_type `llama`") && e.contains("config.json"), "{e}");
     std::fs::write(&cfg, text.replace("\"hidden_size\"", "\"hidden_sizes\"")).unwrap();
     let e = load_err(d.path());
     assert!(e.contains("`hidden_size`"), "{e}");
@@ -95,10 +85,7 @@ fn wrong_shape() {
         t.3.extend([0, 0]);
     });
     let e = load_err(d.path());
-    assert!(
-        e.contains(T) && e.contains("shape [13]") && e.contains("expected [12]"),
-        "{e}"
-    );
+    assert!(e.contains(T) && e.contains("shape [13]") && e.contains("expected [12]"), "{e}");
 }
 
 #[test]
@@ -120,19 +107,13 @@ fn corrupt_header() {
     b[8..24].copy_from_slice(b"#not-json-at-all");
     std::fs::write(&p, b).unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("header"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("header"), "{e}");
     // an absurd header length
     let mut b = std::fs::read(fixture("qwen3_moe_norm").join("model.safetensors")).unwrap();
     b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&p, b).unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("header"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("header"), "{e}");
 }
 
 #[test]
@@ -142,29 +123,18 @@ fn truncated_file() {
     let b = std::fs::read(&p).unwrap();
     std::fs::write(&p, &b[..b.len() - 100]).unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("model.safetensors") && (e.contains("truncated") || e.contains("header")),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && (e.contains("truncated") || e.contains("header")), "{e}");
 }
 
 #[test]
 fn token_out_of_range_and_prompt_over_context() {
     let m = load_model(&fixture("qwen3_moe_norm")).unwrap();
-    let e = m
-        .forward(&mut m.new_state(), &[1, 320], false)
-        .unwrap_err()
-        .to_string();
+    let e = m.forward(&mut m.new_state(), &[1, 320], false).unwrap_err().to_string();
     assert!(e.contains("token id 320") && e.contains("320 ids"), "{e}");
     let long = vec![1u32; m.max_context() + 1];
     let mut s = Sampler::new(SamplingParams::default());
-    let e = generate(&m, &mut m.new_state(), &long, 4, &mut s, &[], |_| true)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("65 tokens") && e.contains("context of 64"),
-        "{e}"
-    );
+    let e = generate(&m, &mut m.new_state(), &long, 4, &mut s, &[], |_| true).unwrap_err().to_string();
+    assert!(e.contains("65 tokens") && e.contains("context of 64"), "{e}");
     // a prompt that fits stops cleanly when the context fills up
     let fits = vec![1u32; m.max_context() - 2];
     let (out, st) = generate(&m, &mut m.new_state(), &fits, 10, &mut s, &[], |_| true).unwrap();
@@ -188,18 +158,9 @@ fn cli_reports_errors_without_panicking() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.starts_with("error:") && err.contains("/nonexistent/model/config.json"),
-        "{err}"
-    );
+    assert!(err.starts_with("error:") && err.contains("/nonexistent/model/config.json"), "{err}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashmoe"))
-        .args([
-            "logits",
-            "--model",
-            fixture("qwen3_moe").to_str().unwrap(),
-            "--tokens",
-            "1,x",
-        ])
+        .args(["logits", "--model", fixture("qwen3_moe").to_str().unwrap(), "--tokens", "1,x"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -5,20 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn run(args: &[&str]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
-        .args(args)
-        .output()
-        .unwrap();
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_flashmoe")).args(args).output().unwrap();
+    let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(out.status.success(), "flashmoe {args:?} failed: {e}");
     (o, e)
 }
@@ -26,22 +18,9 @@ fn run(args: &[&str]) -> (String, String) {
 #[test]
 fn logits_prints_one_row_per_token() {
     let dir = fixture("qwen3_next");
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let prompt: Vec<String> = r["prompt"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-    let (out, _) = run(&[
-        "logits",
-        "--model",
-        dir.to_str().unwrap(),
-        "--tokens",
-        &prompt.join(","),
-    ]);
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let prompt: Vec<String> = r["prompt"].as_array().unwrap().iter().map(|x| x.to_string()).collect();
+    let (out, _) = run(&["logits", "--model", dir.to_str().unwrap(), "--tokens", &prompt.join(",")]);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["tokens"], r["prompt"]);
     let got = v["logits"].as_array().unwrap();
@@ -57,20 +36,9 @@ fn logits_prints_one_row_per_token() {
 #[test]
 fn generate_streams_text_and_prints_stats() {
     let dir = fixture("qwen35_vl");
-    let (out, err) = run(&[
-        "generate",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "ROMEO:",
-        "--max-tokens",
-        "5",
-    ]);
+    let (out, err) = run(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "ROMEO:", "--max-tokens", "5"]);
     assert!(out.starts_with("ROMEO:"), "{out}");
-    assert!(
-        err.contains("prompt: ") && err.contains("generated: 5 tokens") && err.contains("tok/s"),
-        "{err}"
-    );
+    assert!(err.contains("prompt: ") && err.contains("generated: 5 tokens") && err.contains("tok/s"), "{err}");
     let (_, err) = run(&[
         "generate",
         "--model",
@@ -103,15 +71,8 @@ fn generate_streams_text_and_prints_stats() {
 
 #[test]
 fn inspect_describes_the_model() {
-    let (out, _) = run(&[
-        "inspect",
-        "--model",
-        fixture("qwen35_text").to_str().unwrap(),
-    ]);
-    assert!(
-        out.contains("qwen3_5_moe_text") && out.contains("LLLFL") && out.contains("bytes/expert"),
-        "{out}"
-    );
+    let (out, _) = run(&["inspect", "--model", fixture("qwen35_text").to_str().unwrap()]);
+    assert!(out.contains("qwen3_5_moe_text") && out.contains("LLLFL") && out.contains("bytes/expert"), "{out}");
     let (out, _) = run(&["inspect", "--model", fixture("qwen3_moe").to_str().unwrap()]);
     assert!(out.contains("fFff"), "{out}");
 }

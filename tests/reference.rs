@@ -10,20 +10,11 @@ use flashmoe::model::Model;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-const FIXTURES: &[&str] = &[
-    "qwen35_text",
-    "qwen35_fused",
-    "qwen35_vl",
-    "qwen3_next",
-    "qwen3_moe",
-    "qwen3_moe_norm",
-];
+const FIXTURES: &[&str] = &["qwen35_text", "qwen35_fused", "qwen35_vl", "qwen3_next", "qwen3_moe", "qwen3_moe_norm"];
 const TOL: f64 = 1e-4;
 
 fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 struct Reference {
@@ -34,27 +25,13 @@ struct Reference {
 }
 
 fn reference(name: &str) -> Reference {
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir(name).join("reference.json")).unwrap())
-            .unwrap();
-    let ids = |k: &str| {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir(name).join("reference.json")).unwrap()).unwrap();
+    let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
     let rows = |k: &str| {
         v[k].as_array()
             .unwrap()
             .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap())
-                    .collect()
-            })
+            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
             .collect::<Vec<Vec<f64>>>()
     };
     Reference {
@@ -69,11 +46,7 @@ fn reference(name: &str) -> Reference {
 fn rel_err(got: &[f32], want: &[Vec<f64>]) -> f64 {
     assert_eq!(got.len(), want.len() * want[0].len(), "row count");
     let scale = want.iter().flatten().fold(0.0f64, |m, x| m.max(x.abs()));
-    let err = want
-        .iter()
-        .flatten()
-        .zip(got)
-        .fold(0.0f64, |m, (w, g)| m.max((w - *g as f64).abs()));
+    let err = want.iter().flatten().zip(got).fold(0.0f64, |m, (w, g)| m.max((w - *g as f64).abs()));
     err / scale
 }
 
@@ -134,18 +107,10 @@ fn greedy_generation_matches_reference() {
         let mut st = m.new_state();
         let mut sampler = Sampler::new(SamplingParams::default());
         let mut streamed = vec![];
-        let (out, stats) = generate(
-            &m,
-            &mut st,
-            &r.prompt,
-            r.greedy.len(),
-            &mut sampler,
-            &[],
-            |t| {
-                streamed.push(t);
-                true
-            },
-        )
+        let (out, stats) = generate(&m, &mut st, &r.prompt, r.greedy.len(), &mut sampler, &[], |t| {
+            streamed.push(t);
+            true
+        })
         .unwrap();
         assert_eq!(out, r.greedy, "{name}: greedy tokens");
         assert_eq!(streamed, r.greedy, "{name}: streamed tokens");
@@ -160,28 +125,10 @@ fn stops_on_eos_and_at_max_tokens() {
     // make the fourth greedy token an end-of-sequence id
     let stop = [r.greedy[3]];
     let first = r.greedy.iter().position(|t| *t == stop[0]).unwrap();
-    let (out, stats) = generate(
-        &m,
-        &mut m.new_state(),
-        &r.prompt,
-        100,
-        &mut sampler,
-        &stop,
-        |_| true,
-    )
-    .unwrap();
+    let (out, stats) = generate(&m, &mut m.new_state(), &r.prompt, 100, &mut sampler, &stop, |_| true).unwrap();
     assert_eq!(out, r.greedy[..first]);
     assert_eq!(stats.stop, flashmoe::generate::StopReason::Eos);
-    let (out, stats) = generate(
-        &m,
-        &mut m.new_state(),
-        &r.prompt,
-        2,
-        &mut sampler,
-        &[],
-        |_| true,
-    )
-    .unwrap();
+    let (out, stats) = generate(&m, &mut m.new_state(), &r.prompt, 2, &mut sampler, &[], |_| true).unwrap();
     assert_eq!(out, r.greedy[..2]);
     assert_eq!(stats.stop, flashmoe::generate::StopReason::MaxTokens);
 }
@@ -207,13 +154,7 @@ fn experts_per_token_override_changes_routing_only() {
     let r = reference("qwen35_text");
     let full = m.forward(&mut m.new_state(), &r.prompt, false).unwrap();
     m.opts.experts_per_token = Some(m.cfg.num_experts_per_tok);
-    assert_eq!(
-        full,
-        m.forward(&mut m.new_state(), &r.prompt, false).unwrap()
-    );
+    assert_eq!(full, m.forward(&mut m.new_state(), &r.prompt, false).unwrap());
     m.opts.experts_per_token = Some(1);
-    assert_ne!(
-        full,
-        m.forward(&mut m.new_state(), &r.prompt, false).unwrap()
-    );
+    assert_ne!(full, m.forward(&mut m.new_state(), &r.prompt, false).unwrap());
 }

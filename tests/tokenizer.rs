@@ -10,10 +10,7 @@ fn fixtures() -> &'static Path {
 }
 
 fn reference() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("tokenizer_reference.json")).unwrap(),
-    )
-    .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_reference.json")).unwrap()).unwrap()
 }
 
 #[test]
@@ -21,12 +18,7 @@ fn encode_and_decode_match_transformers() {
     let tok = TextTokenizer::load(&fixtures().join("qwen35_text")).unwrap();
     for case in reference()["encode"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(text).unwrap(), want, "{text:?}");
         assert_eq!(tok.decode(&want, false).unwrap(), text);
     }
@@ -62,20 +54,8 @@ fn template_features_and_errors() {
              {{ ns.n }}|{{ messages[0].content.strip() }}|{{ 'a,b'.split(',') | tojson }}|{{ {'k': 'é\"<'} | tojson }}|\
              {{ messages[0].content.startswith('  H') }}|{{ {'a': [1, 2]} | tojson(indent=2) }}";
     let out = render_template(t, &msgs, None, false, None, None, &none).unwrap();
-    assert_eq!(
-        out,
-        "1|Hi|[\"a\", \"b\"]|{\"k\": \"é\\\"<\"}|True|{\n  \"a\": [\n    1,\n    2\n  ]\n}"
-    );
-    let e = render_template(
-        "{{ raise_exception('bad role') }}",
-        &msgs,
-        None,
-        false,
-        None,
-        None,
-        &none,
-    )
-    .unwrap_err();
+    assert_eq!(out, "1|Hi|[\"a\", \"b\"]|{\"k\": \"é\\\"<\"}|True|{\n  \"a\": [\n    1,\n    2\n  ]\n}");
+    let e = render_template("{{ raise_exception('bad role') }}", &msgs, None, false, None, None, &none).unwrap_err();
     assert!(format!("{e:#}").contains("bad role"));
     let e = render_template("{% if %}", &msgs, None, false, None, None, &none).unwrap_err();
     assert!(format!("{e:#}").contains("does not parse"));

@@ -73,9 +73,8 @@ impl Attention {
                 let kvh = h / group;
                 let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
                 scores.clear();
-                scores.extend((0..len).map(|p| {
-                    dot(qh, &cache.k[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d]) * scale
-                }));
+                scores
+                    .extend((0..len).map(|p| dot(qh, &cache.k[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d]) * scale));
                 let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0;
                 for s in scores.iter_mut() {

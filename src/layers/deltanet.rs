@@ -58,13 +58,7 @@ impl DeltaNet {
     pub fn forward(&self, x: &[f32], n: usize, st: &mut DeltaState, out: &mut [f32]) {
         let c = &self.cfg;
         let (cd, kd, vd) = (c.conv_dim(), c.key_dim(), c.value_dim());
-        let (nk, nv, dk, dv, kern) = (
-            c.num_k_heads,
-            c.num_v_heads,
-            c.k_head_dim,
-            c.v_head_dim,
-            c.conv_kernel,
-        );
+        let (nk, nv, dk, dv, kern) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim, c.conv_kernel);
         let mut qkv = vec![0.0; n * cd];
         let mut z = vec![0.0; n * vd];
         let mut b = vec![0.0; n * nv];
@@ -104,11 +98,7 @@ impl DeltaNet {
             // 3-4. gated delta rule per value head.
             for j in 0..nv {
                 let kh = j / (nv / nk);
-                let (qj, kj, vj) = (
-                    &q[kh * dk..(kh + 1) * dk],
-                    &k[kh * dk..(kh + 1) * dk],
-                    &v[j * dv..(j + 1) * dv],
-                );
+                let (qj, kj, vj) = (&q[kh * dk..(kh + 1) * dk], &k[kh * dk..(kh + 1) * dk], &v[j * dv..(j + 1) * dv]);
                 let beta = sigmoid(b[t * nv + j]);
                 let decay = (self.neg_a[j] * softplus(a[t * nv + j] + self.dt_bias[j])).exp();
                 let s = &mut st.s[j * dk * dv..(j + 1) * dk * dv];

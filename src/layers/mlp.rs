@@ -2,7 +2,7 @@
 //! expert and dense layers.
 
 use super::silu;
-use crate::tensor::Mat;
+use crate::tensor::{Mat, MatRef};
 
 #[derive(Clone, Debug)]
 pub struct Mlp {
@@ -11,9 +11,17 @@ pub struct Mlp {
     pub down: Mat,
 }
 
+/// A borrowed SwiGLU block (an expert read into a buffer, or a view of an [`Mlp`]).
+#[derive(Clone, Copy, Debug)]
+pub struct MlpRef<'a> {
+    pub gate: MatRef<'a>,
+    pub up: MatRef<'a>,
+    pub down: MatRef<'a>,
+}
+
 impl Mlp {
-    pub fn intermediate(&self) -> usize {
-        self.gate.rows
+    pub fn view(&self) -> MlpRef<'_> {
+        MlpRef { gate: self.gate.view(), up: self.up.view(), down: self.down.view() }
     }
 
     pub fn bytes(&self) -> usize {
@@ -22,7 +30,14 @@ impl Mlp {
 
     /// `out = mlp(x)` for `n` tokens.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        let i = self.intermediate();
+        self.view().forward(x, n, out)
+    }
+}
+
+impl MlpRef<'_> {
+    /// `out = mlp(x)` for `n` tokens.
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let i = self.gate.rows;
         let mut g = vec![0.0; n * i];
         let mut u = vec![0.0; n * i];
         self.gate.matmul(x, n, &mut g);

@@ -1,9 +1,12 @@
 //! Sparse MoE block: softmax router → top-k → optional renormalisation → routed SwiGLU
 //! experts, plus (Qwen3.5 / Qwen3-Next) a shared expert scaled by sigmoid(gate·x).
 
-use super::mlp::Mlp;
+use super::mlp::{Mlp, MlpRef};
 use super::sigmoid;
+use crate::flash::ExpertStore;
 use crate::tensor::{Mat, dot};
+use anyhow::Result;
+use std::sync::Arc;
 
 /// The always-on expert of Qwen3.5 / Qwen3-Next.
 #[derive(Clone, Debug)]
@@ -13,10 +16,28 @@ pub struct SharedExpert {
     pub gate: Vec<f32>,
 }
 
+/// Where a layer's routed experts live.
+#[derive(Clone)]
+pub enum Experts {
+    /// All in memory (a Hugging Face checkpoint).
+    Memory(Vec<Mlp>),
+    /// Read on demand from the flash layout's expert file of `layer`.
+    Flash { store: Arc<ExpertStore>, layer: usize },
+}
+
+impl std::fmt::Debug for Experts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Experts::Memory(v) => write!(f, "Experts::Memory({} experts)", v.len()),
+            Experts::Flash { layer, .. } => write!(f, "Experts::Flash(layer {layer})"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Moe {
     pub router: Mat,
-    pub experts: Vec<Mlp>,
+    pub experts: Experts,
     pub shared: Option<SharedExpert>,
     pub top_k: usize,
     pub norm_topk_prob: bool,
@@ -30,9 +51,7 @@ pub fn route(logits: &[f32], k: usize, renormalize: bool) -> Vec<(usize, f32)> {
     p.iter_mut().for_each(|v| *v /= sum);
     let mut idx: Vec<usize> = (0..p.len()).collect();
     let k = k.min(p.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
-        p[b].total_cmp(&p[a]).then(a.cmp(&b))
-    });
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     idx.truncate(k);
     idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     let mut top: Vec<(usize, f32)> = idx.into_iter().map(|e| (e, p[e])).collect();
@@ -45,8 +64,9 @@ pub fn route(logits: &[f32], k: usize, renormalize: bool) -> Vec<(usize, f32)> {
 
 impl Moe {
     /// `out = moe(x)` for `n` tokens. `top_k` overrides the configured number of routed experts.
-    /// Tokens are grouped by expert so each expert's weights are read once per call.
-    pub fn forward(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32]) {
+    /// Tokens are grouped by expert so each expert is read and decoded once per call; expert
+    /// outputs are summed in expert order, so the result does not depend on I/O timing.
+    pub fn forward(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32]) -> Result<()> {
         let h = self.router.cols;
         let e = self.router.rows;
         let mut logits = vec![0.0; n * e];
@@ -58,41 +78,54 @@ impl Moe {
                 per_expert[ex].push((t, w));
             }
         }
-        out.iter_mut().for_each(|v| *v = 0.0);
-        let mut xs = Vec::new();
-        let mut ys = Vec::new();
-        for (ex, toks) in per_expert.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
-            }
-            xs.clear();
+        let needed: Vec<usize> = (0..e).filter(|&ex| !per_expert[ex].is_empty()).collect();
+        let mut results: Vec<Vec<f32>> = vec![Vec::new(); needed.len()];
+        let run = |i: usize, mlp: MlpRef<'_>, results: &mut Vec<Vec<f32>>| {
+            let toks = &per_expert[needed[i]];
+            let mut xs = Vec::with_capacity(toks.len() * h);
             for &(t, _) in toks {
                 xs.extend_from_slice(&x[t * h..(t + 1) * h]);
             }
-            ys.resize(toks.len() * h, 0.0);
-            self.experts[ex].forward(&xs, toks.len(), &mut ys);
-            for (i, &(t, w)) in toks.iter().enumerate() {
-                for (o, y) in out[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(&ys[i * h..(i + 1) * h])
-                {
+            results[i].resize(toks.len() * h, 0.0);
+            mlp.forward(&xs, toks.len(), &mut results[i]);
+        };
+        let mut shared_out = vec![];
+        let shared = |shared_out: &mut Vec<f32>| {
+            if let Some(sh) = &self.shared {
+                shared_out.resize(n * h, 0.0);
+                sh.mlp.forward(x, n, shared_out);
+            }
+        };
+        match &self.experts {
+            Experts::Memory(v) => {
+                shared(&mut shared_out);
+                for i in 0..needed.len() {
+                    run(i, v[needed[i]].view(), &mut results);
+                }
+            }
+            Experts::Flash { store, layer } => {
+                let mut res = std::mem::take(&mut results);
+                store.with_experts(*layer, &needed, || shared(&mut shared_out), |i, m| run(i, m, &mut res))?;
+                results = res;
+            }
+        }
+        out.iter_mut().for_each(|v| *v = 0.0);
+        for (i, &ex) in needed.iter().enumerate() {
+            for (j, &(t, w)) in per_expert[ex].iter().enumerate() {
+                for (o, y) in out[t * h..(t + 1) * h].iter_mut().zip(&results[i][j * h..(j + 1) * h]) {
                     *o += w * y;
                 }
             }
         }
         if let Some(sh) = &self.shared {
-            let mut ys = vec![0.0; n * h];
-            sh.mlp.forward(x, n, &mut ys);
             for t in 0..n {
                 let g = sigmoid(dot(&sh.gate, &x[t * h..(t + 1) * h]));
-                for (o, y) in out[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(&ys[t * h..(t + 1) * h])
-                {
+                for (o, y) in out[t * h..(t + 1) * h].iter_mut().zip(&shared_out[t * h..(t + 1) * h]) {
                     *o += g * y;
                 }
             }
         }
+        Ok(())
     }
 }
 

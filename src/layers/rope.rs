@@ -8,9 +8,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(rot_dim: usize, theta: f64) -> Rope {
-        let inv_freq = (0..rot_dim / 2)
-            .map(|j| theta.powf(-((2 * j) as f64) / rot_dim as f64))
-            .collect();
+        let inv_freq = (0..rot_dim / 2).map(|j| theta.powf(-((2 * j) as f64) / rot_dim as f64)).collect();
         Rope { inv_freq }
     }
 

@@ -1,0 +1,310 @@
+//! `flashmoe convert`: a Hugging Face checkpoint → the flash layout, streamed tensor by tensor
+//! (a 400 GB checkpoint converts on a 24 GB machine) and atomic: everything is written under a
+//! temporary directory, checksums are re-verified, and only then is it renamed into place.
+
+use super::format::{
+    EXTENT_ALIGN, ExpertLayer, Experts, FORMAT, FileEntry, MANIFEST, Manifest, Part, Resident, TENSOR_ALIGN,
+    TensorEntry, VERSION, file_crc32,
+};
+use crate::checkpoint::Checkpoint;
+use crate::config::{Ffn, ModelConfig};
+use crate::load::text_prefix;
+use crate::quant;
+use crate::tensor::{Mat, WKind};
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Files copied verbatim next to the weights, so the converted directory is self-contained.
+const SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+];
+
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// Format of routed experts (`q4g64`, ..., `bf16`).
+    pub experts: WKind,
+    /// Format of large dense matrices (`bf16` or `q8g64`).
+    pub dense: WKind,
+    /// Replace an existing output directory.
+    pub force: bool,
+    pub progress: bool,
+}
+
+/// What a conversion wrote.
+#[derive(Clone, Debug)]
+pub struct ConvertReport {
+    pub resident_bytes: u64,
+    pub expert_bytes: u64,
+    pub expert_stride: u64,
+    pub tensors: usize,
+    pub experts: usize,
+}
+
+/// A file being written with its running CRC32.
+struct Out {
+    w: BufWriter<File>,
+    crc: crc32fast::Hasher,
+    pos: u64,
+    name: String,
+}
+
+impl Out {
+    fn create(dir: &Path, name: &str) -> Result<Out> {
+        let path = dir.join(name);
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Out { w: BufWriter::with_capacity(8 << 20, f), crc: crc32fast::Hasher::new(), pos: 0, name: name.into() })
+    }
+    fn write(&mut self, b: &[u8]) -> Result<()> {
+        self.w.write_all(b).with_context(|| format!("writing {}", self.name))?;
+        self.crc.update(b);
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+    fn pad_to(&mut self, align: u64) -> Result<()> {
+        let pad = self.pos.next_multiple_of(align) - self.pos;
+        self.write(&vec![0u8; pad as usize])
+    }
+    fn finish(mut self) -> Result<FileEntry> {
+        self.w.flush()?;
+        self.w.get_ref().sync_all()?;
+        Ok(FileEntry { name: self.name, bytes: self.pos, crc32: self.crc.finalize() })
+    }
+}
+
+/// Encodes a matrix in `kind`, converting rows in chunks so a huge embedding never needs an
+/// f32 copy of itself.
+pub fn encode(m: &Mat, kind: WKind) -> Vec<u8> {
+    if m.kind == kind {
+        return m.data().to_vec();
+    }
+    let (rows, cols) = (m.rows, m.cols);
+    let mut out = vec![0u8; kind.bytes(rows, cols)];
+    const CHUNK: usize = 1024;
+    let mut buf = vec![0f32; CHUNK.min(rows.max(1)) * cols];
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + CHUNK).min(rows);
+        let n = r1 - r0;
+        for r in r0..r1 {
+            m.row_f32(r, &mut buf[(r - r0) * cols..(r - r0 + 1) * cols]);
+        }
+        let rows_f = &buf[..n * cols];
+        match kind {
+            WKind::F32 => out[r0 * cols * 4..r1 * cols * 4].copy_from_slice(bytemuck::cast_slice(rows_f)),
+            WKind::BF16 | WKind::F16 => {
+                for (i, v) in rows_f.iter().enumerate() {
+                    let bits = if kind == WKind::BF16 {
+                        half::bf16::from_f32(*v).to_bits()
+                    } else {
+                        half::f16::from_f32(*v).to_bits()
+                    };
+                    let o = (r0 * cols + i) * 2;
+                    out[o..o + 2].copy_from_slice(&bits.to_le_bytes());
+                }
+            }
+            WKind::Q { bits, group } => {
+                let g = group as usize;
+                let blob = quant::quantize(rows_f, n, cols, bits, g);
+                // scatter the chunk's packed rows, scales and biases into the full blob
+                let rb = quant::row_bytes(cols, bits);
+                let ng = cols.div_ceil(g);
+                out[r0 * rb..r1 * rb].copy_from_slice(&blob[..n * rb]);
+                let (chunk_aux, full_aux) = (blob.len() - 4 * n * ng, out.len() - 4 * rows * ng);
+                let sc = 2 * ng;
+                out[full_aux + r0 * sc..full_aux + r1 * sc].copy_from_slice(&blob[chunk_aux..chunk_aux + n * sc]);
+                let (cb, fb) = (chunk_aux + n * sc, full_aux + rows * sc);
+                out[fb + r0 * sc..fb + r1 * sc].copy_from_slice(&blob[cb..cb + n * sc]);
+            }
+        }
+        r0 = r1;
+    }
+    out
+}
+
+/// Format of a resident tensor: vectors and small precision-critical tensors stay f32, routers
+/// stay bf16, the big matrices take the `dense` format.
+fn resident_kind(name: &str, shape: &[usize], dense: WKind) -> WKind {
+    let small = shape.len() == 1
+        || name.contains("conv1d")
+        || name.ends_with("A_log")
+        || name.ends_with("dt_bias")
+        || name.ends_with("norm.weight");
+    if small {
+        WKind::F32
+    } else if name.ends_with(".mlp.gate.weight") || name.ends_with("shared_expert_gate.weight") {
+        WKind::BF16
+    } else if let WKind::Q { group, .. } = dense {
+        if shape.last().copied().unwrap_or(0) % group as usize == 0 { dense } else { WKind::BF16 }
+    } else {
+        dense
+    }
+}
+
+/// Converts the checkpoint at `from` into the flash layout at `to`.
+pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    if matches!(opts.dense, WKind::Q { bits, .. } if bits != 8) {
+        bail!("--dense must be bf16 or q8 (lower precision for attention weights is not supported)");
+    }
+    let cfg = ModelConfig::load(from)?;
+    let raw_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(from.join("config.json"))?)?;
+    let ck = Checkpoint::open(from)?;
+    let pre = text_prefix(&cfg, &ck)?;
+    if to.exists() {
+        if !opts.force {
+            bail!("{} already exists (use --force to replace it)", to.display());
+        }
+        std::fs::remove_dir_all(to).with_context(|| format!("cannot remove {}", to.display()))?;
+    }
+    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let tmp: PathBuf = to.with_file_name(format!(".{name}.partial"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?; // left by an interrupted run
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+
+    let is_expert = |n: &str| n.contains(".mlp.experts.") || n.ends_with(".mlp.experts.gate_up_proj");
+    let resident_names: Vec<&str> = ck
+        .names()
+        .into_iter()
+        .filter(|n| (n.starts_with(pre.as_str()) || *n == "lm_head.weight") && !is_expert(n))
+        .collect();
+    let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&i| cfg.ffns[i] == Ffn::Moe).collect();
+    let (h, inter, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
+    let ek = opts.experts;
+    let a = |x: u64| x.next_multiple_of(TENSOR_ALIGN);
+    let gate = Part { offset: 0, rows: inter, cols: h };
+    let up = Part { offset: a(ek.bytes(inter, h) as u64), rows: inter, cols: h };
+    let down = Part { offset: a(up.offset + ek.bytes(inter, h) as u64), rows: h, cols: inter };
+    let stride = (down.offset + ek.bytes(h, inter) as u64).next_multiple_of(EXTENT_ALIGN);
+
+    let total_work: u64 = resident_names.len() as u64 + (moe_layers.len() * ne) as u64;
+    let pb = if opts.progress { ProgressBar::new(total_work) } else { ProgressBar::hidden() };
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} tensors+experts, {elapsed} (eta {eta})")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+
+    // 1. resident weights
+    pb.set_message("resident");
+    let mut out = Out::create(&tmp, "resident.bin")?;
+    let mut tensors = vec![];
+    for n in &resident_names {
+        let shape = ck.shape(n)?.to_vec();
+        let kind = resident_kind(n, &shape, opts.dense);
+        let m = ck.mat(n, &shape)?;
+        let bytes = encode(&m, kind);
+        out.pad_to(TENSOR_ALIGN)?;
+        tensors.push(TensorEntry {
+            name: n.to_string(),
+            kind: kind.name(),
+            shape,
+            offset: out.pos,
+            bytes: bytes.len() as u64,
+        });
+        out.write(&bytes)?;
+        pb.inc(1);
+    }
+    let resident_bytes = out.pos;
+    let mut files = vec![out.finish()?];
+
+    // 2. experts, one file per MoE layer, one aligned extent per expert
+    let mut layers = vec![];
+    let mut expert_bytes = 0;
+    let mut extent = vec![0u8; stride as usize];
+    for &l in &moe_layers {
+        pb.set_message(format!("layer {l}"));
+        let fname = format!("experts/layer_{l:03}.bin");
+        let mut out = Out::create(&tmp, &fname)?;
+        let p = format!("{pre}layers.{l}.mlp.experts");
+        let fused = ck.has(&format!("{p}.gate_up_proj"));
+        for e in 0..ne {
+            let (g, u, d) = if fused {
+                let (gu, dn) = (format!("{p}.gate_up_proj"), format!("{p}.down_proj"));
+                (
+                    ck.mat_rows(&gu, &[ne, 2 * inter, h], e * 2 * inter..e * 2 * inter + inter)?,
+                    ck.mat_rows(&gu, &[ne, 2 * inter, h], e * 2 * inter + inter..(e + 1) * 2 * inter)?,
+                    ck.mat_rows(&dn, &[ne, h, inter], e * h..(e + 1) * h)?,
+                )
+            } else {
+                (
+                    ck.mat(&format!("{p}.{e}.gate_proj.weight"), &[inter, h])?,
+                    ck.mat(&format!("{p}.{e}.up_proj.weight"), &[inter, h])?,
+                    ck.mat(&format!("{p}.{e}.down_proj.weight"), &[h, inter])?,
+                )
+            };
+            extent.iter_mut().for_each(|b| *b = 0);
+            for (m, part) in [(&g, &gate), (&u, &up), (&d, &down)] {
+                let b = encode(m, ek);
+                extent[part.offset as usize..part.offset as usize + b.len()].copy_from_slice(&b);
+            }
+            out.write(&extent)?;
+            pb.inc(1);
+        }
+        expert_bytes += out.pos;
+        files.push(out.finish()?);
+        layers.push(ExpertLayer { layer: l, file: fname });
+    }
+
+    // 3. side files
+    for f in SIDE_FILES {
+        let src = from.join(f);
+        if src.exists() {
+            let b = std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+            let mut out = Out::create(&tmp, f)?;
+            out.write(&b)?;
+            files.push(out.finish()?);
+        }
+    }
+
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        config: raw_cfg,
+        dense: opts.dense.name(),
+        resident: Resident { file: "resident.bin".into(), tensors },
+        experts: (!moe_layers.is_empty()).then(|| Experts {
+            kind: ek.name(),
+            num_experts: ne,
+            stride,
+            gate,
+            up,
+            down,
+            layers,
+        }),
+        files,
+    };
+
+    // 4. verify what reached the disk, then publish: manifest last, rename into place
+    pb.set_message("verify");
+    for f in &manifest.files {
+        let crc = file_crc32(&tmp.join(&f.name), &mut |_| {})?;
+        if crc != f.crc32 {
+            bail!("{}: written file does not read back intact (crc32 mismatch)", tmp.join(&f.name).display());
+        }
+    }
+    let text = serde_json::to_string_pretty(&manifest)?;
+    let mpath = tmp.join(MANIFEST);
+    std::fs::write(&mpath, text).with_context(|| format!("cannot write {}", mpath.display()))?;
+    File::open(&mpath)?.sync_all()?;
+    std::fs::rename(&tmp, to).with_context(|| format!("cannot rename {} to {}", tmp.display(), to.display()))?;
+    pb.finish_and_clear();
+    Ok(ConvertReport {
+        resident_bytes,
+        expert_bytes,
+        expert_stride: stride,
+        tensors: manifest.resident.tensors.len(),
+        experts: moe_layers.len() * ne,
+    })
+}

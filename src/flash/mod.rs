@@ -1,0 +1,10 @@
+//! The flash layout: a converted model whose non-expert weights sit in one memory-mapped
+//! resident file and whose routed experts are packed per layer, one contiguous 4 KiB-aligned
+//! extent per expert, so that one expert is one read.
+
+pub mod convert;
+pub mod format;
+pub mod store;
+
+pub use format::{MANIFEST, Manifest};
+pub use store::{CacheMode, ExpertStore, StoreOptions, StoreStats};

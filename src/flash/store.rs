@@ -1,0 +1,501 @@
+//! The expert store: reads routed experts from the per-layer expert files on demand.
+//!
+//! All reads of a layer are issued at once to a pool of I/O threads doing `pread` into
+//! reusable 4 KiB-aligned slots (no allocation per token); the caller computes each expert as
+//! soon as its bytes are in. Two cache modes:
+//! - `os`: buffered reads, the kernel's page cache is the cache (as in the original engine);
+//! - `direct`: `O_DIRECT` reads, and the slots themselves form an in-process LRU cache of
+//!   `cache_bytes`.
+
+use super::format::{Experts, Part};
+use crate::layers::mlp::MlpRef;
+use crate::tensor::{MatRef, WKind};
+use anyhow::{Context, Result, anyhow, bail};
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// Who caches expert bytes between tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    Os,
+    Direct,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "os" => Ok(CacheMode::Os),
+            "direct" => Ok(CacheMode::Direct),
+            _ => bail!("cache mode must be `os` or `direct`, got `{s}`"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub mode: CacheMode,
+    /// Size of the in-process cache (direct mode).
+    pub cache_bytes: u64,
+    pub io_threads: usize,
+    /// Most experts read at once (slots in flight); at least the routed experts per token.
+    pub max_batch: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { mode: CacheMode::Os, cache_bytes: 1 << 30, io_threads: 8, max_batch: 16 }
+    }
+}
+
+/// Counters since open (or the last reset).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreStats {
+    pub bytes_read: u64,
+    pub reads: u64,
+    /// Experts served from the in-process cache (direct mode).
+    pub hits: u64,
+    pub misses: u64,
+    /// Time the compute thread waited for expert bytes.
+    pub io_wait_ns: u64,
+    /// Time spent computing experts.
+    pub compute_ns: u64,
+}
+
+impl StoreStats {
+    pub fn hit_rate(&self) -> f64 {
+        if self.hits + self.misses == 0 { 0.0 } else { self.hits as f64 / (self.hits + self.misses) as f64 }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_read: AtomicU64,
+    reads: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    io_wait_ns: AtomicU64,
+    compute_ns: AtomicU64,
+}
+
+/// 4 KiB-aligned memory for the slots.
+struct Arena {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the arena is plain memory; the store's protocol gives each slot one writer (an I/O
+// thread, until its completion is received) or readers (the compute thread), never both.
+unsafe impl Send for Arena {}
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    fn new(bytes: usize) -> Arena {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(4096), 4096).expect("arena layout");
+        // SAFETY: non-zero size; zeroed pages are only committed by the OS when touched.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "cannot allocate {bytes} bytes for expert slots");
+        Arena { ptr, layout }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+struct Job {
+    fd: i32,
+    off: u64,
+    len: usize,
+    dst: usize,
+    tag: usize,
+}
+
+struct Done {
+    tag: usize,
+    result: std::io::Result<()>,
+}
+
+struct LayerFile {
+    path: PathBuf,
+    file: File,
+}
+
+/// Slot bookkeeping (direct mode keeps (layer, expert) → slot across calls).
+struct Slots {
+    key: Vec<Option<(usize, usize)>>,
+    last_use: Vec<u64>,
+    map: HashMap<(usize, usize), usize>,
+    tick: u64,
+}
+
+pub struct ExpertStore {
+    kind: WKind,
+    stride: usize,
+    parts: [Part; 3],
+    num_experts: usize,
+    files: HashMap<usize, LayerFile>,
+    pub mode: CacheMode,
+    /// O_DIRECT could not be used (filesystem refused it); reads are buffered.
+    pub direct_fallback: bool,
+    nslots: usize,
+    max_batch: usize,
+    arena: Arena,
+    slots: Mutex<Slots>,
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    counters: Counters,
+}
+
+fn pread_full(fd: i32, dst: *mut u8, len: usize, off: u64) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < len {
+        // SAFETY: dst..dst+len is a slot owned by this job until its completion is sent.
+        let n = unsafe { libc::pread(fd, dst.add(got) as *mut libc::c_void, len - got, (off + got as u64) as i64) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("end of file after {} of {len} bytes", got),
+            ));
+        }
+        got += n as usize;
+    }
+    Ok(())
+}
+
+impl ExpertStore {
+    /// Opens the expert files of a converted model.
+    pub fn open(dir: &Path, ex: &Experts, opts: &StoreOptions) -> Result<ExpertStore> {
+        let kind = ex.wkind()?;
+        let stride = ex.stride as usize;
+        let max_batch = opts.max_batch.max(1);
+        let mut direct_fallback = false;
+        let mut files = HashMap::new();
+        for l in &ex.layers {
+            let path = dir.join(&l.file);
+            let want = ex.stride * ex.num_experts as u64;
+            let open = |direct: bool| {
+                let mut o = std::fs::OpenOptions::new();
+                o.read(true);
+                if direct {
+                    o.custom_flags(libc::O_DIRECT);
+                }
+                o.open(&path)
+            };
+            let file = if opts.mode == CacheMode::Direct {
+                match open(true) {
+                    Ok(f) => f,
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        direct_fallback = true;
+                        open(false)?
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("cannot open expert file {}", path.display())),
+                }
+            } else {
+                open(false).with_context(|| format!("cannot open expert file {}", path.display()))?
+            };
+            let len = file.metadata()?.len();
+            if len < want {
+                bail!("{}: expert file has {len} bytes, {want} expected (truncated?)", path.display());
+            }
+            files.insert(l.layer, LayerFile { path, file });
+        }
+        let nslots = match opts.mode {
+            CacheMode::Os => max_batch,
+            CacheMode::Direct => ((opts.cache_bytes as usize) / stride).max(max_batch),
+        };
+        let (jtx, jrx) = unbounded::<Job>();
+        let (dtx, drx) = bounded::<Done>(nslots);
+        let workers = (0..opts.io_threads.max(1))
+            .map(|i| {
+                let (jrx, dtx) = (jrx.clone(), dtx.clone());
+                std::thread::Builder::new()
+                    .name(format!("flashmoe-io-{i}"))
+                    .spawn(move || {
+                        for j in jrx {
+                            let result = pread_full(j.fd, j.dst as *mut u8, j.len, j.off);
+                            if dtx.send(Done { tag: j.tag, result }).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                    .expect("spawn I/O thread")
+            })
+            .collect();
+        Ok(ExpertStore {
+            kind,
+            stride,
+            parts: [ex.gate, ex.up, ex.down],
+            num_experts: ex.num_experts,
+            files,
+            mode: opts.mode,
+            direct_fallback,
+            nslots,
+            max_batch: max_batch.min(nslots),
+            arena: Arena::new(nslots * stride),
+            slots: Mutex::new(Slots {
+                key: vec![None; nslots],
+                last_use: vec![0; nslots],
+                map: HashMap::new(),
+                tick: 0,
+            }),
+            jobs: Some(jtx),
+            done: drx,
+            workers,
+            counters: Counters::default(),
+        })
+    }
+
+    /// Bytes of one expert extent.
+    pub fn expert_bytes(&self) -> usize {
+        self.stride
+    }
+
+    /// Bytes of memory the store holds for slots (its cache in direct mode).
+    pub fn slot_bytes(&self) -> usize {
+        self.nslots * self.stride
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.counters;
+        StoreStats {
+            bytes_read: c.bytes_read.load(Relaxed),
+            reads: c.reads.load(Relaxed),
+            hits: c.hits.load(Relaxed),
+            misses: c.misses.load(Relaxed),
+            io_wait_ns: c.io_wait_ns.load(Relaxed),
+            compute_ns: c.compute_ns.load(Relaxed),
+        }
+    }
+
+    pub fn reset_stats(&self) {
+        let c = &self.counters;
+        for a in [&c.bytes_read, &c.reads, &c.hits, &c.misses, &c.io_wait_ns, &c.compute_ns] {
+            a.store(0, Relaxed);
+        }
+    }
+
+    fn slot(&self, s: usize) -> &[u8] {
+        // SAFETY: in bounds; only called for slots whose read has completed (or cache hits).
+        unsafe { std::slice::from_raw_parts(self.arena.ptr.add(s * self.stride), self.stride) }
+    }
+
+    fn view<'a>(&self, bytes: &'a [u8]) -> MlpRef<'a> {
+        let m = |p: &Part| MatRef {
+            rows: p.rows,
+            cols: p.cols,
+            kind: self.kind,
+            data: &bytes[p.offset as usize..p.offset as usize + self.kind.bytes(p.rows, p.cols)],
+        };
+        MlpRef { gate: m(&self.parts[0]), up: m(&self.parts[1]), down: m(&self.parts[2]) }
+    }
+
+    /// Reads experts `needed` of `layer` and calls `compute(i, expert)` for each `needed[i]` as
+    /// soon as its bytes are in memory (cache hits first). `during` runs once the first reads
+    /// are in flight (the shared expert's compute hides I/O there). A failed read is an error,
+    /// returned after every read in flight has finished.
+    pub fn with_experts(
+        &self,
+        layer: usize,
+        needed: &[usize],
+        during: impl FnOnce(),
+        mut compute: impl FnMut(usize, MlpRef<'_>),
+    ) -> Result<()> {
+        let lf = self.files.get(&layer).ok_or_else(|| anyhow!("layer {layer} has no expert file"))?;
+        if let Some(&e) = needed.iter().find(|&&e| e >= self.num_experts) {
+            bail!("expert {e} of layer {layer} is out of range ({} experts)", self.num_experts);
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut during = Some(during);
+        let jobs = self.jobs.as_ref().expect("store is open");
+        for (ci, chunk) in needed.chunks(self.max_batch).enumerate() {
+            let base = ci * self.max_batch;
+            slots.tick += 1;
+            let tick = slots.tick;
+            let mut hits = vec![];
+            let mut pending: Vec<(usize, usize)> = vec![]; // (i, slot)
+            for (j, &e) in chunk.iter().enumerate() {
+                let i = base + j;
+                if self.mode == CacheMode::Direct
+                    && let Some(&s) = slots.map.get(&(layer, e))
+                {
+                    slots.last_use[s] = tick;
+                    hits.push((i, s));
+                    continue;
+                }
+                let s = match self.mode {
+                    CacheMode::Os => j,
+                    CacheMode::Direct => {
+                        // least recently used slot not used by this batch
+                        let s = (0..self.nslots)
+                            .filter(|&s| slots.last_use[s] != tick)
+                            .min_by_key(|&s| slots.last_use[s])
+                            .expect("more slots than a batch");
+                        if let Some(old) = slots.key[s].take() {
+                            slots.map.remove(&old);
+                        }
+                        slots.last_use[s] = tick;
+                        s
+                    }
+                };
+                let dst = self.arena.ptr as usize + s * self.stride;
+                let job = Job {
+                    fd: lf.file.as_raw_fd(),
+                    off: (e * self.stride) as u64,
+                    len: self.stride,
+                    dst,
+                    tag: pending.len(),
+                };
+                jobs.send(job).map_err(|_| anyhow!("I/O threads are gone"))?;
+                pending.push((i, s));
+            }
+            let c = &self.counters;
+            c.hits.fetch_add(hits.len() as u64, Relaxed);
+            c.misses.fetch_add(pending.len() as u64, Relaxed);
+            if let Some(f) = during.take() {
+                f();
+            }
+            for (i, s) in hits {
+                let t = Instant::now();
+                compute(i, self.view(self.slot(s)));
+                c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+            }
+            let mut first_err = None;
+            for _ in 0..pending.len() {
+                let t = Instant::now();
+                let done = self.done.recv().map_err(|_| anyhow!("I/O threads are gone"))?;
+                c.io_wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                let (i, s) = pending[done.tag];
+                let e = needed[i];
+                if let Err(err) = done.result {
+                    if self.mode == CacheMode::Direct {
+                        slots.key[s] = None;
+                        slots.last_use[s] = 0;
+                    }
+                    first_err.get_or_insert_with(|| {
+                        anyhow!(
+                            "{}: reading expert {e} of layer {layer} ({} bytes at offset {}) failed: {err}",
+                            lf.path.display(),
+                            self.stride,
+                            e * self.stride
+                        )
+                    });
+                    continue;
+                }
+                c.bytes_read.fetch_add(self.stride as u64, Relaxed);
+                c.reads.fetch_add(1, Relaxed);
+                if self.mode == CacheMode::Direct {
+                    slots.key[s] = Some((layer, e));
+                    slots.map.insert((layer, e), s);
+                }
+                if first_err.is_none() {
+                    let t = Instant::now();
+                    compute(i, self.view(self.slot(s)));
+                    c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+        }
+        if let Some(f) = during.take() {
+            f();
+        }
+        Ok(())
+    }
+
+    /// Reads every expert of `layer` into owned memory (for runs that keep experts resident).
+    pub fn load_layer(&self, layer: usize) -> Result<Vec<crate::layers::mlp::Mlp>> {
+        let lf = self.files.get(&layer).ok_or_else(|| anyhow!("layer {layer} has no expert file"))?;
+        let f = File::open(&lf.path).with_context(|| format!("cannot open {}", lf.path.display()))?;
+        let mut buf = crate::tensor::AlignedBytes::zeroed(self.stride);
+        (0..self.num_experts)
+            .map(|e| {
+                pread_full(f.as_raw_fd(), buf.as_mut().as_mut_ptr(), self.stride, (e * self.stride) as u64)
+                    .with_context(|| format!("{}: reading expert {e}", lf.path.display()))?;
+                let v = self.view(buf.as_ref());
+                let own = |m: MatRef<'_>| {
+                    crate::tensor::Mat::from_bytes(
+                        m.rows,
+                        m.cols,
+                        m.kind,
+                        crate::tensor::AlignedBytes::from_slice(m.data),
+                    )
+                };
+                Ok(crate::layers::mlp::Mlp { gate: own(v.gate)?, up: own(v.up)?, down: own(v.down)? })
+            })
+            .collect()
+    }
+
+    /// Fraction of the expert files resident in the page cache: (resident bytes, total bytes).
+    pub fn page_cache_residency(&self) -> Result<(u64, u64)> {
+        let mut res = 0u64;
+        let mut total = 0u64;
+        for lf in self.files.values() {
+            let (r, t) = residency(&lf.path)?;
+            res += r;
+            total += t;
+        }
+        Ok((res, total))
+    }
+
+    /// Asks the kernel to drop the expert files from the page cache (cold-start runs).
+    pub fn drop_page_cache(&self) {
+        for lf in self.files.values() {
+            // SAFETY: plain syscall on an open descriptor.
+            unsafe { libc::posix_fadvise(lf.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+}
+
+impl Drop for ExpertStore {
+    fn drop(&mut self) {
+        self.jobs.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Resident bytes of a file in the page cache (mincore over a read-only mapping).
+pub fn residency(path: &Path) -> Result<(u64, u64)> {
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata()?.len() as usize;
+    if len == 0 {
+        return Ok((0, 0));
+    }
+    // SAFETY: a fresh read-only shared mapping, unmapped before returning; never dereferenced.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        if p == libc::MAP_FAILED {
+            bail!("{}: mmap failed: {}", path.display(), std::io::Error::last_os_error());
+        }
+        let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        let rc = libc::mincore(p, len, vec.as_mut_ptr());
+        libc::munmap(p, len);
+        if rc != 0 {
+            bail!("{}: mincore failed: {}", path.display(), std::io::Error::last_os_error());
+        }
+        let pages = vec.iter().filter(|&&v| v & 1 == 1).count();
+        Ok(((pages * page).min(len) as u64, len as u64))
+    }
+}
