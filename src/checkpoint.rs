@@ -143,6 +143,12 @@ impl Checkpoint {
             .with_context(|| format!("tensor `{name}`"))
     }
 
+    /// Raw bytes, dtype and shape of tensor `name` (no conversion).
+    pub fn raw(&self, name: &str) -> Result<(&[u8], StDtype, &[usize])> {
+        let e = self.entry(name)?;
+        Ok((&self.files[e.file].1[e.start..e.end], e.dtype, &e.shape))
+    }
+
     /// Storage dtype of tensor `name` (`None` for types the engine does not read).
     pub fn dtype(&self, name: &str) -> Result<Option<DType>> {
         Ok(match self.entry(name)?.dtype {

@@ -384,6 +384,22 @@ impl ModelConfig {
         }
     }
 
+    /// Bytes of one sequence's state (f32) after `tokens` positions: the KV caches of the
+    /// attention layers plus the fixed conv and recurrent states of the DeltaNet layers.
+    pub fn state_bytes(&self, tokens: usize) -> u64 {
+        let mut b = 0u64;
+        for m in &self.mixers {
+            b += match m {
+                Mixer::Attention => (2 * self.num_kv_heads * self.head_dim * tokens * 4) as u64,
+                Mixer::DeltaNet => {
+                    let l = self.linear.as_ref().expect("DeltaNet layer without linear config");
+                    (((l.conv_kernel - 1) * l.conv_dim() + l.num_v_heads * l.k_head_dim * l.v_head_dim) * 4) as u64
+                }
+            };
+        }
+        b
+    }
+
     /// (total parameters, parameters used per token) of the text model.
     pub fn param_counts(&self) -> (u64, u64) {
         let h = self.hidden_size as u64;

@@ -287,7 +287,13 @@ pub fn build(
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let zc = cfg.zero_centered_norm();
     let embed = ck.mat(&format!("{pre}embed_tokens.weight"), &[v, h])?;
-    let lm_head = if cfg.tie_word_embeddings { None } else { Some(ck.mat("lm_head.weight", &[v, h])?) };
+    // MLX conversions of the multimodal wrapper keep the head under `language_model.`
+    let head_name = if !ck.has("lm_head.weight") && ck.has("language_model.lm_head.weight") {
+        "language_model.lm_head.weight"
+    } else {
+        "lm_head.weight"
+    };
+    let lm_head = if cfg.tie_word_embeddings { None } else { Some(ck.mat(head_name, &[v, h])?) };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("{pre}layers.{i}");

@@ -344,19 +344,21 @@ fn gib(b: f64) -> String {
 }
 
 fn cmd_inspect(dir: PathBuf) -> Result<()> {
-    let c = ModelConfig::load(&dir)?;
+    let flash = Manifest::is_flash(&dir);
+    let (c, manifest) = if flash {
+        let m = Manifest::load(&dir)?;
+        (ModelConfig::from_json(&m.config)?, Some(m))
+    } else {
+        (ModelConfig::load(&dir)?, None)
+    };
     let (total, active) = c.param_counts();
-    let ck = flashmoe::checkpoint::Checkpoint::open(&dir)?;
-    // bytes per element of the checkpoint's weights, from the embedding tensor
-    let wbytes = ck
-        .names()
-        .iter()
-        .find(|n| n.ends_with("embed_tokens.weight"))
-        .and_then(|n| ck.mat(n, ck.shape(n).ok()?).ok())
-        .map_or(2, |m| m.dtype().size());
     let n_attn = c.mixers.iter().filter(|m| **m == Mixer::Attention).count();
     let n_moe = c.ffns.iter().filter(|f| **f == Ffn::Moe).count();
-    println!("model          {}", dir.display());
+    println!(
+        "model          {}{}",
+        dir.display(),
+        if flash { " (flash layout)" } else { " (Hugging Face checkpoint)" }
+    );
     println!(
         "architecture   {} ({:?}{})",
         c.model_type,
@@ -388,6 +390,29 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
             l.num_k_heads, l.k_head_dim, l.num_v_heads, l.v_head_dim, l.conv_kernel
         );
     }
+    println!("parameters     {total} total, {active} active per token");
+    // bytes of one expert and of the resident weights, as stored
+    let (expert_bytes, expert_fmt, resident_bytes) = match &manifest {
+        Some(m) => {
+            let res = m.files.iter().find(|f| f.name == m.resident.file).map_or(0, |f| f.bytes);
+            match &m.experts {
+                Some(e) => (e.stride, e.kind.clone(), res),
+                None => (0, "-".into(), res),
+            }
+        }
+        None => {
+            let ck = flashmoe::checkpoint::Checkpoint::open(&dir)?;
+            let size = ck
+                .names()
+                .iter()
+                .find(|n| n.ends_with("embed_tokens.weight"))
+                .and_then(|n| ck.dtype(n).ok().flatten())
+                .map_or(2, |d| d.size());
+            let eb = (c.expert_params() * size) as u64;
+            let all_experts = eb * (c.num_experts * n_moe) as u64;
+            (eb, format!("{}-byte weights", size), total * size as u64 - all_experts)
+        }
+    };
     if n_moe > 0 {
         println!(
             "experts        {} per layer, {} routed per token{}, intermediate {}, shared {}",
@@ -397,15 +422,28 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
             c.moe_intermediate_size,
             c.shared_expert_intermediate_size
         );
-        let eb = c.expert_params() * wbytes;
-        println!("bytes/expert   {} ({} bytes, {}-byte weights)", gib(eb as f64), eb, wbytes);
+        println!("bytes/expert   {expert_bytes} ({expert_fmt})");
+        let per_tok = expert_bytes * (c.num_experts_per_tok * n_moe) as u64;
+        let all = expert_bytes * (c.num_experts * n_moe) as u64;
         println!(
-            "expert bytes   {} per token at top-{}",
-            gib((eb * c.num_experts_per_tok * n_moe) as f64),
-            c.num_experts_per_tok
+            "expert bytes   {} per token at top-{}, {} in all",
+            gib(per_tok as f64),
+            c.num_experts_per_tok,
+            gib(all as f64)
         );
     }
-    println!("parameters     {} total, {} active per token", total, active);
-    println!("weights        {} at {}-byte weights", gib((total as usize * wbytes) as f64), wbytes);
+    if let Some(m) = &manifest {
+        println!("formats        dense {}, experts {}", m.dense, expert_fmt);
+    }
+    let store = StoreOptions::default();
+    let slots = if flash { expert_bytes * store.max_batch.max(c.num_experts_per_tok) as u64 } else { 0 };
+    println!(
+        "footprint      resident weights {}{}, expert buffers {} (os cache; direct adds --cache-size), \
+         state {} at 4096 tokens",
+        gib(resident_bytes as f64),
+        if flash { " (mapped)" } else { "" },
+        gib(slots as f64),
+        gib(c.state_bytes(4096) as f64)
+    );
     Ok(())
 }

@@ -63,6 +63,7 @@ fn bf16_up(x: f32) -> bf16 {
 }
 
 /// Quantizes a `[rows, cols]` f32 matrix into a blob.
+#[allow(clippy::needless_range_loop)] // j indexes the row and the packed bit stream alike
 pub fn quantize(w: &[f32], rows: usize, cols: usize, bits: u8, group: usize) -> Vec<u8> {
     assert!(BITS.contains(&bits), "unsupported bit width {bits}");
     let rb = row_bytes(cols, bits);
@@ -137,6 +138,7 @@ impl<'a> QMat<'a> {
 
     /// Σ_j w[r][j]·x[j] as Σ_groups (scale·Σ q·x + bias·Σ x); `xsum[g]` is Σ x over group g.
     #[inline]
+    #[allow(clippy::needless_range_loop)]
     pub fn dot_row(&self, r: usize, x: &[f32], xsum: &[f32]) -> f32 {
         let rb = row_bytes(self.cols, self.bits);
         let p = &self.packed[r * rb..(r + 1) * rb];
@@ -195,7 +197,7 @@ mod tests {
             for &(rows, cols, group) in &[(3, 64, 64), (5, 200, 64), (2, 96, 32), (1, 7, 64)] {
                 let w = rnd(rows * cols, bits as u64);
                 let blob = AlignedBytes::from_slice(&quantize(&w, rows, cols, bits, group));
-                let blob = blob.as_ref();
+                let blob = blob.bytes();
                 assert_eq!(blob.len(), blob_bytes(rows, cols, bits, group));
                 let q = QMat::new(blob, rows, cols, bits, group);
                 let mut row = vec![0.0; cols];
@@ -220,7 +222,7 @@ mod tests {
                 let w = rnd(rows * cols, 11 + bits as u64);
                 let x = rnd(cols, 5);
                 let blob = AlignedBytes::from_slice(&quantize(&w, rows, cols, bits, group));
-                let q = QMat::new(blob.as_ref(), rows, cols, bits, group);
+                let q = QMat::new(blob.bytes(), rows, cols, bits, group);
                 let mut xs = vec![];
                 q.group_sums(&x, &mut xs);
                 let mut row = vec![0.0; cols];

@@ -80,13 +80,13 @@ impl AlignedBytes {
     }
     pub fn from_slice(b: &[u8]) -> AlignedBytes {
         let mut a = AlignedBytes::zeroed(b.len());
-        a.as_mut().copy_from_slice(b);
+        a.bytes_mut().copy_from_slice(b);
         a
     }
-    pub fn as_ref(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         &bytemuck::cast_slice(&self.words)[..self.len]
     }
-    pub fn as_mut(&mut self) -> &mut [u8] {
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
         &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
     }
 }
@@ -141,7 +141,7 @@ impl Mat {
     /// A matrix inside a memory map; `off` must be 8-byte aligned.
     pub fn mapped(rows: usize, cols: usize, kind: WKind, map: Arc<Mmap>, off: usize) -> Result<Mat> {
         let len = kind.bytes(rows, cols);
-        if off % 8 != 0 || off + len > map.len() {
+        if !off.is_multiple_of(8) || off + len > map.len() {
             bail!("matrix {rows}x{cols} at offset {off} does not fit an aligned slot of the {}-byte map", map.len());
         }
         Ok(Mat { rows, cols, kind, buf: Buf::Mapped { map, off, len } })
@@ -164,7 +164,7 @@ impl Mat {
 
     pub fn data(&self) -> &[u8] {
         match &self.buf {
-            Buf::Owned(a) => a.as_ref(),
+            Buf::Owned(a) => a.bytes(),
             Buf::Mapped { map, off, len } => &map[*off..*off + *len],
         }
     }

@@ -429,9 +429,9 @@ impl ExpertStore {
         let mut buf = crate::tensor::AlignedBytes::zeroed(self.stride);
         (0..self.num_experts)
             .map(|e| {
-                pread_full(f.as_raw_fd(), buf.as_mut().as_mut_ptr(), self.stride, (e * self.stride) as u64)
+                pread_full(f.as_raw_fd(), buf.bytes_mut().as_mut_ptr(), self.stride, (e * self.stride) as u64)
                     .with_context(|| format!("{}: reading expert {e}", lf.path.display()))?;
-                let v = self.view(buf.as_ref());
+                let v = self.view(buf.bytes());
                 let own = |m: MatRef<'_>| {
                     crate::tensor::Mat::from_bytes(
                         m.rows,

@@ -1,0 +1,252 @@
+//! The flash layout end to end: conversion of every fixture, the expert store in both cache
+//! modes against the in-memory run, quantization error bounds, determinism, atomicity and
+//! damaged files.
+
+use flashmoe::flash::convert::{ConvertOptions, convert};
+use flashmoe::flash::{CacheMode, Manifest, StoreOptions};
+use flashmoe::load::{LoadOptions, load_model, load_model_with};
+use flashmoe::tensor::WKind;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const FIXTURES: &[&str] = &["qwen35_text", "qwen35_fused", "qwen35_vl", "qwen3_next", "qwen3_moe", "qwen3_moe_norm"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn opts(experts: WKind) -> ConvertOptions {
+    ConvertOptions { experts, dense: WKind::BF16, force: false, progress: false }
+}
+
+fn q(bits: u8) -> WKind {
+    WKind::Q { bits, group: 64 }
+}
+
+fn prompt(name: &str) -> (Vec<u32>, Vec<Vec<f64>>) {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap();
+    let p = v["prompt"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let rows = v["prefill_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect();
+    (p, rows)
+}
+
+fn logits(dir: &Path, lo: &LoadOptions, tokens: &[u32]) -> Vec<f32> {
+    let m = load_model_with(dir, lo).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+    m.forward(&mut m.new_state(), tokens, true).unwrap()
+}
+
+/// (relative max error, top-1 agreement, mean KL(reference ‖ got)).
+fn compare(got: &[f32], want: &[Vec<f64>]) -> (f64, f64, f64) {
+    let v = want[0].len();
+    let scale = want.iter().flatten().fold(0.0f64, |m, x| m.max(x.abs()));
+    let (mut err, mut top, mut kl) = (0.0f64, 0.0, 0.0);
+    let lsm = |r: &[f64]| {
+        let m = r.iter().cloned().fold(f64::MIN, f64::max);
+        let s: f64 = r.iter().map(|x| (x - m).exp()).sum();
+        r.iter().map(|x| x - m - s.ln()).collect::<Vec<_>>()
+    };
+    let argmax = |r: &[f64]| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+    for (t, w) in want.iter().enumerate() {
+        let g: Vec<f64> = got[t * v..(t + 1) * v].iter().map(|x| *x as f64).collect();
+        err = err.max(w.iter().zip(&g).fold(0.0f64, |m, (a, b)| m.max((a - b).abs())));
+        top += (argmax(w) == argmax(&g)) as u8 as f64;
+        let (p, q) = (lsm(w), lsm(&g));
+        kl += p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+    }
+    (err / scale, top / want.len() as f64, kl / want.len() as f64)
+}
+
+#[test]
+fn bf16_experts_reproduce_the_reference_and_q8_stays_close() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let (p, want) = prompt(name);
+        for (kind, max_err, min_top, max_kl) in [(WKind::BF16, 1e-4, 1.0, 1e-8), (q(8), 0.25, 0.95, 0.02)] {
+            let out = tmp.path().join(format!("{name}-{}", kind.name()));
+            convert(&fixture(name), &out, &opts(kind)).unwrap();
+            let (e, top, kl) = compare(&logits(&out, &LoadOptions::default(), &p), &want);
+            eprintln!("{name} {}: rel err {e:.2e}, top-1 {top:.3}, KL {kl:.2e}", kind.name());
+            assert!(e <= max_err && top >= min_top && kl <= max_kl, "{name} {}: {e} {top} {kl}", kind.name());
+        }
+    }
+}
+
+/// The quantization error table of docs/QUALITY.md (run with --nocapture to print it).
+/// Conversion is deterministic, so these bounds are tight ceilings over the measured values.
+#[test]
+fn quantized_experts_stay_within_measured_bounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    // (bits, max mean KL, min top-1) over all fixtures
+    let bounds = [(8u8, 0.02, 0.95), (4, 2.5, 0.3), (3, 2.6, 0.3), (2, 6.0, 0.05)];
+    println!("| fixture | experts | rel. max error | top-1 agreement | mean KL |\n|---|---|---|---|---|");
+    for name in FIXTURES {
+        let (p, want) = prompt(name);
+        for (bits, max_kl, min_top) in bounds {
+            let out = tmp.path().join(format!("{name}-q{bits}"));
+            convert(&fixture(name), &out, &opts(q(bits))).unwrap();
+            let (e, top, kl) = compare(&logits(&out, &LoadOptions::default(), &p), &want);
+            println!("| {name} | q{bits} | {e:.3} | {top:.3} | {kl:.4} |");
+            assert!(kl <= max_kl && top >= min_top, "{name} q{bits}: KL {kl}, top-1 {top}");
+        }
+    }
+}
+
+#[test]
+fn streamed_experts_equal_in_memory_experts_in_both_cache_modes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["qwen35_text", "qwen3_next", "qwen3_moe"] {
+        let out = tmp.path().join(name);
+        convert(&fixture(name), &out, &opts(q(4))).unwrap();
+        let (p, _) = prompt(name);
+        let in_mem = load_model_with(&out, &LoadOptions { experts_in_memory: true, ..Default::default() }).unwrap();
+        let mem = in_mem.forward(&mut in_mem.new_state(), &p, true).unwrap();
+        let mut st = in_mem.new_state();
+        let mem_decode: Vec<Vec<f32>> = p.iter().map(|&t| in_mem.forward(&mut st, &[t], false).unwrap()).collect();
+        for mode in [CacheMode::Os, CacheMode::Direct] {
+            // a cache of one expert: far smaller than the model's experts
+            let lo = LoadOptions {
+                store: StoreOptions { mode, cache_bytes: 1, io_threads: 3, max_batch: 2 },
+                experts_in_memory: false,
+            };
+            let m = load_model_with(&out, &lo).unwrap();
+            let store = m.store.clone().unwrap();
+            assert!(store.slot_bytes() < 8 * store.expert_bytes());
+            // prefill at once, then decode token by token: both must equal the in-memory run
+            let got = m.forward(&mut m.new_state(), &p, true).unwrap();
+            assert_eq!(got, mem, "{name} {mode:?}: prefill");
+            let mut st = m.new_state();
+            for (t, &tok) in p.iter().enumerate() {
+                assert_eq!(m.forward(&mut st, &[tok], false).unwrap(), mem_decode[t], "{name} {mode:?}: decode {t}");
+            }
+            let s = store.stats();
+            assert!(s.reads > 0 && s.bytes_read == s.reads * store.expert_bytes() as u64);
+            if mode == CacheMode::Direct {
+                assert!(s.hits + s.misses >= s.reads && s.misses == s.reads);
+            }
+        }
+    }
+}
+
+#[test]
+fn conversion_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    convert(&fixture("qwen3_next"), &a, &opts(q(3))).unwrap();
+    convert(&fixture("qwen3_next"), &b, &opts(q(3))).unwrap();
+    let ma = Manifest::load(&a).unwrap();
+    assert_eq!(ma, Manifest::load(&b).unwrap());
+    for f in ma.files.iter().map(|f| f.name.clone()).chain([flashmoe::flash::MANIFEST.to_string()]) {
+        assert_eq!(std::fs::read(a.join(&f)).unwrap(), std::fs::read(b.join(&f)).unwrap(), "{f}");
+    }
+    // a second conversion onto an existing directory needs --force
+    let e = convert(&fixture("qwen3_next"), &a, &opts(q(3))).unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+}
+
+#[test]
+fn failed_conversion_leaves_nothing_that_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for e in std::fs::read_dir(fixture("qwen3_moe_norm")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+    }
+    // drop one expert tensor: conversion fails half-way through the expert files
+    let path = src.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let keep: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().filter(|(n, _)| n != "model.layers.2.mlp.experts.5.up_proj.weight").collect();
+    let out = safetensors::serialize(keep, None).unwrap();
+    std::fs::write(&path, out).unwrap();
+    let dst = tmp.path().join("out");
+    let e = format!("{:#}", convert(&src, &dst, &opts(q(4))).unwrap_err());
+    assert!(e.contains("model.layers.2.mlp.experts.5.up_proj.weight"), "{e}");
+    assert!(!dst.exists());
+    let partial = tmp.path().join(".out.partial");
+    assert!(!partial.join(flashmoe::flash::MANIFEST).exists());
+    assert!(load_model(&partial).is_err());
+}
+
+#[test]
+fn damaged_files_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    convert(&fixture("qwen35_text"), &out, &opts(q(4))).unwrap();
+    Manifest::load(&out).unwrap().verify(&out, |_| {}).unwrap();
+    let ef = out.join("experts/layer_001.bin");
+    let good = std::fs::read(&ef).unwrap();
+
+    // a flipped byte: loads (sizes match) but `verify` names the file
+    let mut bad = good.clone();
+    bad[100] ^= 0xff;
+    std::fs::write(&ef, &bad).unwrap();
+    let e = Manifest::load(&out).unwrap().verify(&out, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("layer_001.bin") && e.contains("checksum"), "{e}");
+
+    // truncated: refused at load
+    std::fs::write(&ef, &good[..good.len() - 4096]).unwrap();
+    let e = format!("{:#}", load_model(&out).err().unwrap());
+    assert!(e.contains("layer_001.bin") && e.contains("truncated"), "{e}");
+
+    // truncated while running: the read fails and generation reports it, no garbage
+    std::fs::write(&ef, &good).unwrap();
+    let m = load_model(&out).unwrap();
+    std::fs::write(&ef, &good[..4096]).unwrap();
+    let (p, _) = prompt("qwen35_text");
+    let e = format!("{:#}", m.forward(&mut m.new_state(), &p, false).unwrap_err());
+    assert!(e.contains("layer_001.bin") && e.contains("expert"), "{e}");
+
+    // a manifest from the future
+    std::fs::write(&ef, &good).unwrap();
+    let mp = out.join(flashmoe::flash::MANIFEST);
+    let text = std::fs::read_to_string(&mp).unwrap();
+    std::fs::write(&mp, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+    let e = format!("{:#}", load_model(&out).err().unwrap());
+    assert!(e.contains("version 99"), "{e}");
+}
+
+#[test]
+fn converted_model_generates_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    let bin = env!("CARGO_BIN_EXE_flashmoe");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let o = out.to_str().unwrap();
+    run(&["convert", "--from", fixture("qwen35_vl").to_str().unwrap(), "--to", o, "--experts", "q4", "--dense", "q8"]);
+    let (v, _) = run(&["verify", "--model", o]);
+    assert!(v.starts_with("ok:"), "{v}");
+    for cache in ["os", "direct"] {
+        let (text, err) = run(&[
+            "generate",
+            "--model",
+            o,
+            "--prompt",
+            "ROMEO:",
+            "--max-tokens",
+            "4",
+            "--cache",
+            cache,
+            "--cache-size",
+            "64K",
+        ]);
+        assert!(text.starts_with("ROMEO:"));
+        assert!(
+            err.contains("experts:") && err.contains("MB/token") && err.contains(&format!("cache: {cache}")),
+            "{err}"
+        );
+    }
+    let (info, _) = run(&["inspect", "--model", o]);
+    assert!(info.contains("q4g64") && info.contains("footprint"), "{info}");
+}
