@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod flash;
 pub mod generate;
 pub mod layers;

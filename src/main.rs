@@ -56,6 +56,35 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Perplexity of a text; with --reference, KL divergence and top-1 agreement against it.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// Text file to score.
+        #[arg(long)]
+        text: PathBuf,
+        /// Reference model (e.g. the bf16 original of a quantized model).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Routed experts per token for the model (not the reference).
+        #[arg(long)]
+        experts_per_token: Option<usize>,
+        /// Re-quantize the model's experts in memory: q2, q3, q4, q8 or bf16.
+        #[arg(long)]
+        experts: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        group_size: u16,
+        /// Tokens per window (each window starts from an empty state).
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        /// Score at most this many tokens of the text.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Re-check every checksum of a converted model.
     Verify {
         #[arg(long)]
@@ -205,6 +234,21 @@ fn main() {
             cmd_convert(from, to, &experts, &dense, group_size, force)
         }
         Cmd::Verify { model } => cmd_verify(model),
+        Cmd::Eval {
+            model,
+            text,
+            reference,
+            experts_per_token,
+            experts,
+            group_size,
+            window,
+            max_tokens,
+            json,
+            store,
+        } => cmd_eval(
+            EvalArgs { model, text, reference, experts_per_token, experts, group_size, window, max_tokens, json },
+            &store,
+        ),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -309,6 +353,61 @@ fn cmd_convert(from: PathBuf, to: PathBuf, experts: &str, dense: &str, group: u1
         r.expert_bytes as f64 / 1e6,
         r.expert_stride
     );
+    Ok(())
+}
+
+struct EvalArgs {
+    model: PathBuf,
+    text: PathBuf,
+    reference: Option<PathBuf>,
+    experts_per_token: Option<usize>,
+    experts: Option<String>,
+    group_size: u16,
+    window: usize,
+    max_tokens: Option<usize>,
+    json: bool,
+}
+
+fn cmd_eval(a: EvalArgs, store: &StoreArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.text).with_context(|| format!("cannot read {}", a.text.display()))?;
+    let tok = TextTokenizer::load(&a.model)?;
+    let mut ids = tok.encode(&text)?;
+    if let Some(m) = a.max_tokens {
+        ids.truncate(m);
+    }
+    let mut lo = store.load_options()?;
+    if a.experts.is_some() {
+        lo.experts_in_memory = true;
+    }
+    let mut model = load_model_with(&a.model, &lo)?;
+    if let Some(k) = a.experts_per_token {
+        if k == 0 || k > model.cfg.num_experts {
+            bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
+        }
+        model.opts.experts_per_token = Some(k);
+    }
+    if let Some(e) = &a.experts {
+        model.requantize_experts(parse_kind(e, a.group_size, "experts")?)?;
+    }
+    let reference = a.reference.as_ref().map(|r| load_model_with(r, &store.load_options()?)).transpose()?;
+    let window = a.window.min(model.max_context());
+    let r = flashmoe::eval::evaluate(&model, reference.as_ref(), &ids, window)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print!(
+            "perplexity {:.4} (nll {:.4}) over {} tokens in {} windows of {}",
+            r.perplexity, r.nll, r.tokens, r.windows, window
+        );
+        if let (Some(kl), Some(t)) = (r.kl, r.top1) {
+            print!(", KL {kl:.5}, top-1 agreement {:.2}%", 100.0 * t);
+        }
+        println!(
+            " [{:.1}s, {:.0} tok/s]",
+            r.secs,
+            r.tokens as f64 * if reference.is_some() { 2.0 } else { 1.0 } / r.secs
+        );
+    }
     Ok(())
 }
 

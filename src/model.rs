@@ -165,6 +165,26 @@ impl Model {
         Ok(logits)
     }
 
+    /// Re-encodes every in-memory routed expert in `kind` (quality experiments: what would q2
+    /// experts cost?). Fails for experts streamed from a converted model.
+    pub fn requantize_experts(&mut self, kind: crate::tensor::WKind) -> Result<()> {
+        for l in &mut self.layers {
+            if let FfnWeights::Moe(m) = &mut l.ffn {
+                match &mut m.experts {
+                    Experts::Memory(v) => {
+                        for e in v.iter_mut() {
+                            *e = Mlp { gate: e.gate.to_kind(kind), up: e.up.to_kind(kind), down: e.down.to_kind(kind) };
+                        }
+                    }
+                    Experts::Flash { .. } => {
+                        bail!("experts of a converted model are re-quantized by converting again (flashmoe convert)")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of the resident weights (everything but experts read from disk).
     pub fn weight_bytes(&self) -> usize {
         let mut b = self.embed.bytes() + self.lm_head.as_ref().map_or(0, Mat::bytes);

@@ -82,56 +82,6 @@ impl Out {
     }
 }
 
-/// Encodes a matrix in `kind`, converting rows in chunks so a huge embedding never needs an
-/// f32 copy of itself.
-pub fn encode(m: &Mat, kind: WKind) -> Vec<u8> {
-    if m.kind == kind {
-        return m.data().to_vec();
-    }
-    let (rows, cols) = (m.rows, m.cols);
-    let mut out = vec![0u8; kind.bytes(rows, cols)];
-    const CHUNK: usize = 1024;
-    let mut buf = vec![0f32; CHUNK.min(rows.max(1)) * cols];
-    let mut r0 = 0;
-    while r0 < rows {
-        let r1 = (r0 + CHUNK).min(rows);
-        let n = r1 - r0;
-        for r in r0..r1 {
-            m.row_f32(r, &mut buf[(r - r0) * cols..(r - r0 + 1) * cols]);
-        }
-        let rows_f = &buf[..n * cols];
-        match kind {
-            WKind::F32 => out[r0 * cols * 4..r1 * cols * 4].copy_from_slice(bytemuck::cast_slice(rows_f)),
-            WKind::BF16 | WKind::F16 => {
-                for (i, v) in rows_f.iter().enumerate() {
-                    let bits = if kind == WKind::BF16 {
-                        half::bf16::from_f32(*v).to_bits()
-                    } else {
-                        half::f16::from_f32(*v).to_bits()
-                    };
-                    let o = (r0 * cols + i) * 2;
-                    out[o..o + 2].copy_from_slice(&bits.to_le_bytes());
-                }
-            }
-            WKind::Q { bits, group } => {
-                let g = group as usize;
-                let blob = quant::quantize(rows_f, n, cols, bits, g);
-                // scatter the chunk's packed rows, scales and biases into the full blob
-                let rb = quant::row_bytes(cols, bits);
-                let ng = cols.div_ceil(g);
-                out[r0 * rb..r1 * rb].copy_from_slice(&blob[..n * rb]);
-                let (chunk_aux, full_aux) = (blob.len() - 4 * n * ng, out.len() - 4 * rows * ng);
-                let sc = 2 * ng;
-                out[full_aux + r0 * sc..full_aux + r1 * sc].copy_from_slice(&blob[chunk_aux..chunk_aux + n * sc]);
-                let (cb, fb) = (chunk_aux + n * sc, full_aux + rows * sc);
-                out[fb + r0 * sc..fb + r1 * sc].copy_from_slice(&blob[cb..cb + n * sc]);
-            }
-        }
-        r0 = r1;
-    }
-    out
-}
-
 /// An MLX-quantized tensor (`X.weight` packed as uint32 beside `X.scales` and `X.biases`),
 /// optionally only rows `rows` of its flattened `[.., out]` leading dimensions, as a quantized
 /// matrix holding exactly the source bytes.
@@ -278,7 +228,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
                 let v: Vec<f32> = m.to_f32().iter().map(|x| x - 1.0).collect();
                 m = Mat::from_f32(m.rows, m.cols, v)?;
             }
-            (shape.clone(), encode(&m, kind), kind)
+            (shape.clone(), m.encode(kind), kind)
         };
         out.pad_to(TENSOR_ALIGN)?;
         tensors.push(TensorEntry {
@@ -334,7 +284,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
             };
             extent.iter_mut().for_each(|b| *b = 0);
             for (m, part) in [(&g, &gate), (&u, &up), (&d, &down)] {
-                let b = encode(m, ek);
+                let b = m.encode(ek);
                 extent[part.offset as usize..part.offset as usize + b.len()].copy_from_slice(&b);
             }
             out.write(&extent)?;
