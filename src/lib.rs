@@ -4,6 +4,7 @@
 //! ([`checkpoint`], [`load`]), generation ([`generate`]) and the tokenizer with its chat
 //! template ([`tokenizer`]); the `flashmoe` binary is a thin CLI over it.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
@@ -12,6 +13,7 @@ pub mod generate;
 pub mod layers;
 pub mod load;
 pub mod model;
+pub mod profile;
 pub mod quant;
 pub mod tensor;
 pub mod tokenizer;

@@ -271,6 +271,7 @@ impl Loader<'_> {
             shared,
             top_k: c.num_experts_per_tok,
             norm_topk_prob: c.norm_topk_prob,
+            layer,
         })
     }
 }

@@ -85,6 +85,49 @@ enum Cmd {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Write a full-size model of a published shape with random weights (flash layout).
+    Synth {
+        /// qwen3.5-397b-a17b, qwen3.5-122b-a10b, qwen3.5-35b-a3b, qwen3-next-80b-a3b,
+        /// qwen3-235b-a22b or qwen3-30b-a3b.
+        #[arg(long)]
+        preset: String,
+        /// Keep every per-layer shape but only the first N layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        #[arg(long, default_value = "q4")]
+        experts: String,
+        #[arg(long, default_value = "bf16")]
+        dense: String,
+        /// uniform (worst case for caches) or skewed (trained-model-like popularity).
+        #[arg(long, default_value = "skewed")]
+        routing: flashmoe::flash::synth::Routing,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Measure prefill and decode speed, time per phase, bytes read, cache hit rate, memory.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 32)]
+        gen_tokens: usize,
+        #[arg(long)]
+        experts_per_token: Option<usize>,
+        /// Evict the model's expert files from the page cache first (posix_fadvise).
+        #[arg(long)]
+        cold: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Re-check every checksum of a converted model.
     Verify {
         #[arg(long)]
@@ -234,6 +277,12 @@ fn main() {
             cmd_convert(from, to, &experts, &dense, group_size, force)
         }
         Cmd::Verify { model } => cmd_verify(model),
+        Cmd::Synth { preset, layers, experts, dense, routing, seed, to, force } => {
+            cmd_synth(&preset, layers, &experts, &dense, routing, seed, &to, force)
+        }
+        Cmd::Bench { model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, store } => {
+            cmd_bench(&model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, &store)
+        }
         Cmd::Eval {
             model,
             text,
@@ -408,6 +457,97 @@ fn cmd_eval(a: EvalArgs, store: &StoreArgs) -> Result<()> {
             r.tokens as f64 * if reference.is_some() { 2.0 } else { 1.0 } / r.secs
         );
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_synth(
+    preset: &str,
+    layers: Option<usize>,
+    experts: &str,
+    dense: &str,
+    routing: flashmoe::flash::synth::Routing,
+    seed: u64,
+    to: &std::path::Path,
+    force: bool,
+) -> Result<()> {
+    let opts = flashmoe::flash::synth::SynthOptions {
+        experts: parse_kind(experts, 64, "experts")?,
+        dense: parse_kind(dense, 64, "dense")?,
+        routing,
+        layers,
+        seed,
+        force,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let t = std::time::Instant::now();
+    let r = flashmoe::flash::synth::synth(preset, to, &opts)?;
+    eprintln!(
+        "wrote {} ({} layers) to {} in {:.1}s: resident {:.2} GB, experts {:.2} GB ({} bytes each)",
+        preset,
+        r.layers,
+        to.display(),
+        t.elapsed().as_secs_f64(),
+        r.resident_bytes as f64 / 1e9,
+        r.expert_bytes as f64 / 1e9,
+        r.expert_stride
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_bench(
+    dir: &std::path::Path,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    experts_per_token: Option<usize>,
+    cold: bool,
+    seed: u64,
+    json: bool,
+    store: &StoreArgs,
+) -> Result<()> {
+    let mut model = load_model_with(dir, &store.load_options()?)?;
+    if let Some(k) = experts_per_token {
+        if k == 0 || k > model.cfg.num_experts {
+            bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
+        }
+        model.opts.experts_per_token = Some(k);
+    }
+    let r = flashmoe::bench::run(&model, &flashmoe::bench::BenchOptions { prompt_tokens, gen_tokens, cold, seed })?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "model            {} ({}, top-{}, {} threads, cache {})",
+        dir.display(),
+        model.cfg.model_type,
+        r.experts_per_token,
+        r.threads,
+        r.cache_mode
+    );
+    println!("prefill          {} tokens in {:.2}s: {:.2} tok/s", r.prompt_tokens, r.prefill_s, r.prefill_tok_s);
+    println!("decode           {} tokens in {:.2}s: {:.3} tok/s", r.gen_tokens, r.decode_s, r.decode_tok_s);
+    println!(
+        "expert I/O       {:.2} MB/token in {:.1} reads, {:.3} GB/s, cache hit rate {:.1}%",
+        r.bytes_read_per_token / 1e6,
+        r.reads_per_token,
+        r.disk_gb_s,
+        100.0 * r.cache_hit_rate
+    );
+    println!(
+        "weights/token    {:.2} MB touched (resident {:.2} GB)",
+        r.weight_bytes_per_token / 1e6,
+        r.resident_weight_bytes as f64 / 1e9
+    );
+    println!(
+        "routing          top 10% of experts take {:.1}% of routings; {:.1}% of experts reused from the previous token",
+        100.0 * r.top10pct_expert_share,
+        100.0 * r.expert_reuse
+    );
+    println!("peak RSS         {:.2} GB", r.peak_rss_bytes as f64 / 1e9);
+    let line: Vec<String> = r.phases_ms.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+    println!("ms/token         {}", line.join(", "));
     Ok(())
 }
 

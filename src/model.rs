@@ -8,9 +8,11 @@ use crate::layers::deltanet::{DeltaNet, DeltaState};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{Experts, Moe};
 use crate::layers::norm::RmsNorm;
+use crate::profile::{PROFILE, add_since};
 use crate::tensor::Mat;
 use anyhow::{Result, bail};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Token mixer weights of one layer.
 #[derive(Clone, Debug)]
@@ -87,16 +89,22 @@ impl Layer {
         let mut h = vec![0.0; x.len()];
         let mut y = vec![0.0; x.len()];
         self.input_norm.forward(x, &mut h);
+        let t = Instant::now();
         match (&self.mixer, st) {
             (MixerWeights::Attention(a), LayerState::Kv(c)) => a.forward(&h, n, pos0, c, &mut y),
             (MixerWeights::DeltaNet(d), LayerState::Delta(s)) => d.forward(&h, n, s, &mut y),
             _ => unreachable!("layer state does not match its mixer"),
         }
+        add_since(&PROFILE.mixer, t);
         x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         self.post_norm.forward(x, &mut h);
         match &self.ffn {
             FfnWeights::Moe(m) => m.forward(&h, n, opts.experts_per_token, &mut y)?,
-            FfnWeights::Dense(m) => m.forward(&h, n, &mut y),
+            FfnWeights::Dense(m) => {
+                let t = Instant::now();
+                m.forward(&h, n, &mut y);
+                add_since(&PROFILE.dense, t);
+            }
         }
         x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         Ok(())
@@ -144,6 +152,7 @@ impl Model {
         if st.pos + n > self.max_context() {
             bail!("sequence of {} tokens exceeds the model's context of {} tokens", st.pos + n, self.max_context());
         }
+        let t_total = Instant::now();
         let mut x = vec![0.0; n * h];
         for (t, &id) in tokens.iter().enumerate() {
             self.embed.row_f32(id as usize, &mut x[t * h..(t + 1) * h]);
@@ -161,7 +170,10 @@ impl Model {
         let m = rows.len() / h;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0.0; m * v];
+        let t = Instant::now();
         head.matmul(rows, m, &mut logits);
+        add_since(&PROFILE.lm_head, t);
+        add_since(&PROFILE.total, t_total);
         Ok(logits)
     }
 

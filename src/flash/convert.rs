@@ -49,15 +49,15 @@ pub struct ConvertReport {
 }
 
 /// A file being written with its running CRC32.
-struct Out {
+pub(crate) struct Out {
     w: BufWriter<File>,
     crc: crc32fast::Hasher,
-    pos: u64,
+    pub(crate) pos: u64,
     name: String,
 }
 
 impl Out {
-    fn create(dir: &Path, name: &str) -> Result<Out> {
+    pub(crate) fn create(dir: &Path, name: &str) -> Result<Out> {
         let path = dir.join(name);
         if let Some(p) = path.parent() {
             std::fs::create_dir_all(p)?;
@@ -65,17 +65,17 @@ impl Out {
         let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         Ok(Out { w: BufWriter::with_capacity(8 << 20, f), crc: crc32fast::Hasher::new(), pos: 0, name: name.into() })
     }
-    fn write(&mut self, b: &[u8]) -> Result<()> {
+    pub(crate) fn write(&mut self, b: &[u8]) -> Result<()> {
         self.w.write_all(b).with_context(|| format!("writing {}", self.name))?;
         self.crc.update(b);
         self.pos += b.len() as u64;
         Ok(())
     }
-    fn pad_to(&mut self, align: u64) -> Result<()> {
+    pub(crate) fn pad_to(&mut self, align: u64) -> Result<()> {
         let pad = self.pos.next_multiple_of(align) - self.pos;
         self.write(&vec![0u8; pad as usize])
     }
-    fn finish(mut self) -> Result<FileEntry> {
+    pub(crate) fn finish(mut self) -> Result<FileEntry> {
         self.w.flush()?;
         self.w.get_ref().sync_all()?;
         Ok(FileEntry { name: self.name, bytes: self.pos, crc32: self.crc.finalize() })
@@ -132,7 +132,7 @@ fn mlx_group(cfg: &serde_json::Value, base: &str) -> usize {
 
 /// Format of a resident tensor: vectors and small precision-critical tensors stay f32, routers
 /// stay bf16, the big matrices take the `dense` format.
-fn resident_kind(name: &str, shape: &[usize], dense: WKind) -> WKind {
+pub(crate) fn resident_kind(name: &str, shape: &[usize], dense: WKind) -> WKind {
     let small = shape.len() == 1
         || name.contains("conv1d")
         || name.ends_with("A_log")

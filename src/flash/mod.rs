@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod format;
 pub mod store;
+pub mod synth;
 
 pub use format::{MANIFEST, Manifest};
 pub use store::{CacheMode, ExpertStore, StoreOptions, StoreStats};

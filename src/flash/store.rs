@@ -60,7 +60,8 @@ impl Default for StoreOptions {
 pub struct StoreStats {
     pub bytes_read: u64,
     pub reads: u64,
-    /// Experts served from the in-process cache (direct mode).
+    /// Experts found in memory: the own cache (direct mode), or fully resident in the page
+    /// cache just before the read (os mode, asked with mincore).
     pub hits: u64,
     pub misses: u64,
     /// Time the compute thread waited for expert bytes.
@@ -129,6 +130,17 @@ struct Done {
 struct LayerFile {
     path: PathBuf,
     file: File,
+    /// Read-only mapping used only to ask the kernel which pages are cached (os mode).
+    map: Option<(usize, usize)>,
+}
+
+impl Drop for LayerFile {
+    fn drop(&mut self) {
+        if let Some((p, len)) = self.map {
+            // SAFETY: mapped in `ExpertStore::open` with this length; never dereferenced.
+            unsafe { libc::munmap(p as *mut libc::c_void, len) };
+        }
+    }
 }
 
 /// Slot bookkeeping (direct mode keeps (layer, expert) → slot across calls).
@@ -137,6 +149,8 @@ struct Slots {
     last_use: Vec<u64>,
     map: HashMap<(usize, usize), usize>,
     tick: u64,
+    /// mincore scratch (os mode).
+    pages: Vec<u8>,
 }
 
 pub struct ExpertStore {
@@ -216,7 +230,23 @@ impl ExpertStore {
             if len < want {
                 bail!("{}: expert file has {len} bytes, {want} expected (truncated?)", path.display());
             }
-            files.insert(l.layer, LayerFile { path, file });
+            let map = if opts.mode == CacheMode::Os {
+                // SAFETY: a read-only shared mapping of a file we keep open; only passed to mincore.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len as usize,
+                        libc::PROT_READ,
+                        libc::MAP_SHARED,
+                        file.as_raw_fd(),
+                        0,
+                    )
+                };
+                (p != libc::MAP_FAILED).then_some((p as usize, len as usize))
+            } else {
+                None
+            };
+            files.insert(l.layer, LayerFile { path, file, map });
         }
         let nslots = match opts.mode {
             CacheMode::Os => max_batch,
@@ -256,6 +286,7 @@ impl ExpertStore {
                 last_use: vec![0; nslots],
                 map: HashMap::new(),
                 tick: 0,
+                pages: Vec::new(),
             }),
             jobs: Some(jtx),
             done: drx,
@@ -331,6 +362,7 @@ impl ExpertStore {
             slots.tick += 1;
             let tick = slots.tick;
             let mut hits = vec![];
+            let mut page_hits = 0u64;
             let mut pending: Vec<(usize, usize)> = vec![]; // (i, slot)
             for (j, &e) in chunk.iter().enumerate() {
                 let i = base + j;
@@ -340,6 +372,24 @@ impl ExpertStore {
                     slots.last_use[s] = tick;
                     hits.push((i, s));
                     continue;
+                }
+                if self.mode == CacheMode::Os {
+                    // page-cache hit: every page of the extent is resident before the read
+                    if let Some((p, _)) = lf.map {
+                        let page = 4096;
+                        slots.pages.resize(self.stride.div_ceil(page), 0);
+                        // SAFETY: the range lies inside the mapping (file length checked at open).
+                        let rc = unsafe {
+                            libc::mincore(
+                                (p + e * self.stride) as *mut libc::c_void,
+                                self.stride,
+                                slots.pages.as_mut_ptr(),
+                            )
+                        };
+                        if rc == 0 && slots.pages.iter().all(|v| v & 1 == 1) {
+                            page_hits += 1;
+                        }
+                    }
                 }
                 let s = match self.mode {
                     CacheMode::Os => j,
@@ -368,8 +418,8 @@ impl ExpertStore {
                 pending.push((i, s));
             }
             let c = &self.counters;
-            c.hits.fetch_add(hits.len() as u64, Relaxed);
-            c.misses.fetch_add(pending.len() as u64, Relaxed);
+            c.hits.fetch_add(hits.len() as u64 + page_hits, Relaxed);
+            c.misses.fetch_add(pending.len() as u64 - page_hits, Relaxed);
             if let Some(f) = during.take() {
                 f();
             }

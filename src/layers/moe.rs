@@ -4,9 +4,11 @@
 use super::mlp::{Mlp, MlpRef};
 use super::sigmoid;
 use crate::flash::ExpertStore;
+use crate::profile::{PROFILE, add_since};
 use crate::tensor::{Mat, dot};
 use anyhow::Result;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The always-on expert of Qwen3.5 / Qwen3-Next.
 #[derive(Clone, Debug)]
@@ -41,6 +43,8 @@ pub struct Moe {
     pub shared: Option<SharedExpert>,
     pub top_k: usize,
     pub norm_topk_prob: bool,
+    /// Index of the layer (for routing statistics).
+    pub layer: usize,
 }
 
 /// Top-k experts of one token from its router logits: (expert, weight), best first.
@@ -67,6 +71,7 @@ impl Moe {
     /// Tokens are grouped by expert so each expert is read and decoded once per call; expert
     /// outputs are summed in expert order, so the result does not depend on I/O timing.
     pub fn forward(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32]) -> Result<()> {
+        let t_route = Instant::now();
         let h = self.router.cols;
         let e = self.router.rows;
         let mut logits = vec![0.0; n * e];
@@ -74,11 +79,15 @@ impl Moe {
         let k = top_k.unwrap_or(self.top_k);
         let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
         for t in 0..n {
-            for (ex, w) in route(&logits[t * e..(t + 1) * e], k, self.norm_topk_prob) {
+            let r = route(&logits[t * e..(t + 1) * e], k, self.norm_topk_prob);
+            let chosen: Vec<usize> = r.iter().map(|x| x.0).collect();
+            crate::profile::record_routing(self.layer, e, &chosen);
+            for (ex, w) in r {
                 per_expert[ex].push((t, w));
             }
         }
         let needed: Vec<usize> = (0..e).filter(|&ex| !per_expert[ex].is_empty()).collect();
+        add_since(&PROFILE.route, t_route);
         let mut results: Vec<Vec<f32>> = vec![Vec::new(); needed.len()];
         let run = |i: usize, mlp: MlpRef<'_>, results: &mut Vec<Vec<f32>>| {
             let toks = &per_expert[needed[i]];
@@ -90,12 +99,16 @@ impl Moe {
             mlp.forward(&xs, toks.len(), &mut results[i]);
         };
         let mut shared_out = vec![];
+        let shared_ns = std::cell::Cell::new(0u64);
         let shared = |shared_out: &mut Vec<f32>| {
             if let Some(sh) = &self.shared {
+                let t = Instant::now();
                 shared_out.resize(n * h, 0.0);
                 sh.mlp.forward(x, n, shared_out);
+                shared_ns.set(t.elapsed().as_nanos() as u64);
             }
         };
+        let t_experts = Instant::now();
         match &self.experts {
             Experts::Memory(v) => {
                 shared(&mut shared_out);
@@ -109,6 +122,9 @@ impl Moe {
                 results = res;
             }
         }
+        let spent = t_experts.elapsed().as_nanos() as u64;
+        PROFILE.shared_expert.fetch_add(shared_ns.get(), std::sync::atomic::Ordering::Relaxed);
+        PROFILE.experts.fetch_add(spent.saturating_sub(shared_ns.get()), std::sync::atomic::Ordering::Relaxed);
         out.iter_mut().for_each(|v| *v = 0.0);
         for (i, &ex) in needed.iter().enumerate() {
             for (j, &(t, w)) in per_expert[ex].iter().enumerate() {

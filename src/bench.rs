@@ -1,0 +1,184 @@
+//! `flashmoe bench`: prefill and decode speed, time per phase, bytes read per token, cache
+//! behaviour and memory, on any model (synthetic full-size ones included).
+
+use crate::generate::argmax;
+use crate::layers::moe::Experts;
+use crate::model::{FfnWeights, Model};
+use crate::profile::{PROFILE, routing_start, routing_take};
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    /// Evict the model's files from the page cache first.
+    pub cold: bool,
+    pub seed: u64,
+}
+
+/// Everything `bench --json` prints. Key names are relied on by outside checks.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Expert bytes read from disk per decode token.
+    pub bytes_read_per_token: f64,
+    pub reads_per_token: f64,
+    /// Expert bytes read per second of decode wall time.
+    pub disk_gb_s: f64,
+    /// Share of expert fetches served from memory (own cache, or page cache in os mode).
+    pub cache_hit_rate: f64,
+    pub peak_rss_bytes: u64,
+    /// Weight bytes one decode token touches: resident weights used plus its routed experts.
+    pub weight_bytes_per_token: f64,
+    pub resident_weight_bytes: u64,
+    /// Milliseconds per decode token, by phase.
+    pub phases_ms: BTreeMap<String, f64>,
+    pub prefill_phases_ms: BTreeMap<String, f64>,
+    /// Mean share of routings that go to the most popular 10% of a layer's experts (decode).
+    pub top10pct_expert_share: f64,
+    /// Share of a token's experts the previous token also used (same layer).
+    pub expert_reuse: f64,
+    pub cache_mode: String,
+    pub experts_per_token: usize,
+    pub threads: usize,
+}
+
+/// Peak resident set size of this process (VmHWM).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn phases(model: &Model, tokens: usize, store_before: &crate::flash::StoreStats) -> BTreeMap<String, f64> {
+    let p = PROFILE.snapshot();
+    let ms = |ns: u64| ns as f64 / 1e6 / tokens.max(1) as f64;
+    let (wait, compute) = match &model.store {
+        Some(s) => {
+            let st = s.stats();
+            (st.io_wait_ns - store_before.io_wait_ns, st.compute_ns - store_before.compute_ns)
+        }
+        None => (0, p.experts),
+    };
+    let mut m = BTreeMap::new();
+    m.insert("attention_deltanet".into(), ms(p.mixer));
+    m.insert("routing".into(), ms(p.route));
+    m.insert("shared_expert".into(), ms(p.shared_expert));
+    m.insert("expert_io_wait".into(), ms(wait));
+    m.insert("expert_compute".into(), ms(compute));
+    m.insert("expert_other".into(), ms(p.experts.saturating_sub(wait + compute)));
+    m.insert("dense_mlp".into(), ms(p.dense));
+    m.insert("lm_head".into(), ms(p.lm_head));
+    let known = p.mixer + p.route + p.shared_expert + p.experts + p.dense + p.lm_head;
+    m.insert("other".into(), ms(p.total.saturating_sub(known)));
+    m.insert("total".into(), ms(p.total));
+    m
+}
+
+/// Bytes of weights one decode token reads: every resident matrix but the embedding table
+/// (one row of it), plus `k` routed experts per MoE layer.
+pub fn weight_bytes_per_token(model: &Model, k: usize) -> f64 {
+    let c = &model.cfg;
+    let embed_row = model.embed.bytes() as f64 / c.vocab_size as f64;
+    let tied = model.lm_head.is_none();
+    let mut b = model.weight_bytes() as f64 - if tied { 0.0 } else { model.embed.bytes() as f64 - embed_row };
+    for l in &model.layers {
+        if let FfnWeights::Moe(m) = &l.ffn {
+            match &m.experts {
+                Experts::Memory(v) => {
+                    let all: usize = v.iter().map(|e| e.bytes()).sum();
+                    b -= all as f64;
+                    b += k as f64 * all as f64 / v.len() as f64;
+                }
+                Experts::Flash { store, .. } => b += (k * store.expert_bytes()) as f64,
+            }
+        }
+    }
+    b
+}
+
+/// Runs the benchmark: a random prompt prefilled at once, then `gen_tokens` greedy decode steps.
+pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
+    if opts.cold
+        && let Some(s) = &model.store
+    {
+        s.drop_page_cache();
+    }
+    let v = model.vocab_size() as u64;
+    let mut x = opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let prompt: Vec<u32> = (0..opts.prompt_tokens.max(1))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % v) as u32
+        })
+        .collect();
+    let mut st = model.new_state();
+    let stats = || model.store.as_ref().map(|s| s.stats()).unwrap_or_default();
+
+    PROFILE.reset();
+    let s0 = stats();
+    let t = Instant::now();
+    let mut logits = model.forward(&mut st, &prompt, false)?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let prefill_phases = phases(model, prompt.len(), &s0);
+
+    PROFILE.reset();
+    routing_start();
+    let s1 = stats();
+    let t = Instant::now();
+    let mut made = 0;
+    for _ in 0..opts.gen_tokens {
+        if st.pos >= model.max_context() {
+            break;
+        }
+        let tok = argmax(&logits) as u32;
+        logits = model.forward(&mut st, &[tok], false)?;
+        made += 1;
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    let routing = routing_take();
+    let s2 = stats();
+    let decode_phases = phases(model, made, &s1);
+    let per = |x: u64| x as f64 / made.max(1) as f64;
+    let bytes = s2.bytes_read - s1.bytes_read;
+    let (hits, misses) = (s2.hits - s1.hits, s2.misses - s1.misses);
+    let k = model.opts.experts_per_token.unwrap_or(model.cfg.num_experts_per_tok);
+    Ok(BenchResult {
+        prompt_tokens: prompt.len(),
+        gen_tokens: made,
+        prefill_tok_s: prompt.len() as f64 / prefill_s,
+        decode_tok_s: made as f64 / decode_s.max(1e-12),
+        prefill_s,
+        decode_s,
+        bytes_read_per_token: per(bytes),
+        reads_per_token: per(s2.reads - s1.reads),
+        disk_gb_s: bytes as f64 / 1e9 / decode_s.max(1e-12),
+        cache_hit_rate: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+        peak_rss_bytes: peak_rss_bytes(),
+        weight_bytes_per_token: weight_bytes_per_token(model, k),
+        resident_weight_bytes: model.weight_bytes() as u64,
+        phases_ms: decode_phases,
+        prefill_phases_ms: prefill_phases,
+        top10pct_expert_share: routing.top_share(0.10),
+        expert_reuse: routing.reuse(),
+        cache_mode: model.store.as_ref().map_or("memory".into(), |s| format!("{:?}", s.mode).to_lowercase()),
+        experts_per_token: k,
+        threads: rayon::current_num_threads(),
+    })
+}
