@@ -10,6 +10,7 @@ pub mod config;
 pub mod eval;
 pub mod flash;
 pub mod generate;
+pub mod kernels;
 pub mod layers;
 pub mod load;
 pub mod model;

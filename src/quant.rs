@@ -125,14 +125,29 @@ impl<'a> QMat<'a> {
         self.cols.div_ceil(self.group)
     }
 
-    /// Row `r` dequantized (the scalar reference).
+    /// Row `r` dequantized.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let rb = row_bytes(self.cols, self.bits);
         let p = &self.packed[r * rb..(r + 1) * rb];
         let ng = self.groups();
-        for (j, o) in out.iter_mut().enumerate() {
-            let g = r * ng + j / self.group;
-            *o = bf(self.scales[g]) * get_bits(p, j, self.bits) as f32 + bf(self.biases[g]);
+        for g in 0..ng {
+            let (s, z) = (bf(self.scales[r * ng + g]), bf(self.biases[r * ng + g]));
+            let (a, b) = (g * self.group, ((g + 1) * self.group).min(self.cols));
+            let o = &mut out[a..b];
+            match self.bits {
+                8 => o.iter_mut().zip(&p[a..b]).for_each(|(o, &q)| *o = s * q as f32 + z),
+                4 if a % 2 == 0 => {
+                    for (i, o) in o.iter_mut().enumerate() {
+                        let j = a + i;
+                        *o = s * ((p[j / 2] >> ((j % 2) * 4)) & 15) as f32 + z;
+                    }
+                }
+                _ => {
+                    for (i, o) in o.iter_mut().enumerate() {
+                        *o = s * get_bits(p, a + i, self.bits) as f32 + z;
+                    }
+                }
+            }
         }
     }
 

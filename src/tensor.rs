@@ -1,6 +1,7 @@
 //! Weight matrices in their storage format (f32, bf16, f16 or group-quantized), owned or
 //! memory-mapped, with f32 matrix–vector and matrix–matrix products. Activations are f32.
 
+use crate::kernels::{self, QPrep};
 use crate::quant::{self, QMat};
 use anyhow::{Result, bail};
 use memmap2::Mmap;
@@ -123,6 +124,12 @@ fn bf16_to_f32(b: u16) -> f32 {
 #[inline]
 fn f16_to_f32(b: u16) -> f32 {
     half::f16::from_bits(b).to_f32()
+}
+
+thread_local! {
+    /// The calling thread's prepared activation vector for quantized products (no allocation
+    /// per product once warm).
+    static PREP: std::cell::RefCell<QPrep> = std::cell::RefCell::new(QPrep::default());
 }
 
 /// Below this many weight elements × tokens a product runs on the calling thread: the
@@ -341,11 +348,21 @@ impl<'a> MatRef<'a> {
         debug_assert_eq!(y.len(), self.rows);
         let c = self.cols;
         match self.prepared() {
-            Prepared::Quant(q) => {
-                let mut xs = Vec::new();
-                q.group_sums(x, &mut xs);
-                self.for_rows(y, |r| q.dot_row(r, x, &xs));
-            }
+            Prepared::Quant(q) => PREP.with(|cell| {
+                let mut prep = cell.borrow_mut();
+                prep.prepare(x, q.bits, q.group);
+                let prep = &*prep;
+                let rb = quant::row_bytes(c, q.bits);
+                let ng = c.div_ceil(q.group);
+                self.for_rows(y, |r| {
+                    kernels::qdot(
+                        &q.packed[r * rb..(r + 1) * rb],
+                        &q.scales[r * ng..(r + 1) * ng],
+                        &q.biases[r * ng..(r + 1) * ng],
+                        prep,
+                    )
+                });
+            }),
             Prepared::Plain(m) => match m.kind {
                 WKind::F32 => {
                     let d: &[f32] = bytemuck::cast_slice(m.data);
@@ -353,7 +370,7 @@ impl<'a> MatRef<'a> {
                 }
                 WKind::BF16 => {
                     let d: &[u16] = bytemuck::cast_slice(m.data);
-                    self.for_rows(y, |r| d[r * c..(r + 1) * c].iter().zip(x).map(|(&w, &v)| bf16_to_f32(w) * v).sum());
+                    self.for_rows(y, |r| kernels::dot_bf16(&d[r * c..(r + 1) * c], x));
                 }
                 _ => {
                     let d: &[u16] = bytemuck::cast_slice(m.data);
@@ -393,8 +410,15 @@ impl<'a> MatRef<'a> {
             let mut buf = vec![0.0; cols];
             for r in r0..r1 {
                 self.row_f32(r, &mut buf);
-                for t in 0..n {
-                    out[(r - r0) * n + t] = dot(&buf, &x[t * cols..(t + 1) * cols]);
+                let o = &mut out[(r - r0) * n..(r - r0 + 1) * n];
+                let xt = |t: usize| &x[t * cols..(t + 1) * cols];
+                let mut t = 0;
+                while t + 4 <= n {
+                    o[t..t + 4].copy_from_slice(&kernels::dot4(&buf, [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)]));
+                    t += 4;
+                }
+                for t in t..n {
+                    o[t] = dot(&buf, xt(t));
                 }
             }
             out
@@ -414,24 +438,7 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// f32 dot product with independent partial sums (lets the compiler vectorise).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
+pub use crate::kernels::dot;
 
 #[cfg(test)]
 mod tests {

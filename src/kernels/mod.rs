@@ -1,0 +1,332 @@
+//! Hot-path dot products with run-time ISA dispatch: AVX-512, AVX2+FMA, NEON, and the scalar
+//! code the tests use as reference.
+//!
+//! Quantized rows are dotted against a *prepared* activation vector: x permuted so that the
+//! nibbles (q4) or crumbs (q2) of a packed chunk line up with their inputs after a plain
+//! shift-and-mask, plus the per-group sums of x that carry the affine bias. The preparation
+//! costs O(cols) once per product and is shared by every row.
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::OnceLock;
+
+/// The instruction set in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+    Neon,
+}
+
+static ISA: OnceLock<Isa> = OnceLock::new();
+
+/// Detected once; `FLASHMOE_ISA=scalar|avx2|avx512` narrows it (benchmarks, tests).
+pub fn isa() -> Isa {
+    *ISA.get_or_init(|| {
+        let best = detect();
+        match std::env::var("FLASHMOE_ISA").ok().as_deref() {
+            Some("scalar") => Isa::Scalar,
+            Some("avx2") if best == Isa::Avx512 => Isa::Avx2,
+            _ => best,
+        }
+    })
+}
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            return Isa::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return Isa::Neon;
+        }
+    }
+    Isa::Scalar
+}
+
+#[inline]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Σ a·b.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    match isa() {
+        // SAFETY: the ISA was detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::dot_f32_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::dot_f32_avx2(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { neon::dot_f32(a, b) },
+        _ => dot_scalar(a, b),
+    }
+}
+
+/// Scalar reference of [`dot`].
+pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Four dot products of one row against four vectors (register blocking for prefill).
+#[inline]
+pub fn dot4(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    match isa() {
+        // SAFETY: the ISA was detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::dot4_f32_avx512(row, x) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::dot4_f32_avx2(row, x) },
+        _ => [dot(row, x[0]), dot(row, x[1]), dot(row, x[2]), dot(row, x[3])],
+    }
+}
+
+/// Σ bf16(w)·x.
+#[inline]
+pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    match isa() {
+        // SAFETY: the ISA was detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::dot_bf16_avx512(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::dot_bf16_avx2(w, x) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { neon::dot_bf16(w, x) },
+        _ => dot_bf16_scalar(w, x),
+    }
+}
+
+pub fn dot_bf16_scalar(w: &[u16], x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (cw, cx) = (w.chunks_exact(8), x.chunks_exact(8));
+    let (rw, rx) = (cw.remainder(), cx.remainder());
+    for (a, b) in cw.zip(cx) {
+        for i in 0..8 {
+            acc[i] += bf16_to_f32(a[i]) * b[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in rw.iter().zip(rx) {
+        s += bf16_to_f32(*a) * b;
+    }
+    s
+}
+
+/// An activation vector prepared for the quantized dot products of one format.
+#[derive(Default, Debug, Clone)]
+pub struct QPrep {
+    /// x, permuted for the packing of `bits` (identity for 8 and 3 bits).
+    pub xp: Vec<f32>,
+    /// Σ x over each group.
+    pub xsum: Vec<f32>,
+    pub bits: u8,
+    pub group: usize,
+    /// The SIMD layout applies (cols and group are multiples of the chunk).
+    pub fast: bool,
+}
+
+/// Elements per packed chunk whose lanes a permutation lines up (16 bytes).
+fn chunk(bits: u8) -> usize {
+    match bits {
+        4 => 32,
+        2 => 64,
+        _ => 16,
+    }
+}
+
+impl QPrep {
+    /// Prepares `x` for rows of `bits`-bit groups of `group`.
+    pub fn prepare(&mut self, x: &[f32], bits: u8, group: usize) {
+        let cols = x.len();
+        self.bits = bits;
+        self.group = group;
+        self.xsum.clear();
+        self.xsum.extend(x.chunks(group).map(|c| c.iter().sum::<f32>()));
+        let ch = chunk(bits);
+        self.fast = matches!(isa(), Isa::Avx2 | Isa::Avx512)
+            && bits != 3
+            && cols.is_multiple_of(ch)
+            && group.is_multiple_of(ch);
+        self.xp.clear();
+        if !self.fast || bits == 8 {
+            self.xp.extend_from_slice(x);
+            return;
+        }
+        // element j of a chunk sits in byte j / per at shift (j % per)·bits: lane order is
+        // phase-major, so phase p of the chunk's 16 bytes holds elements p, p+per, ...
+        let per = 8 / bits as usize;
+        for c in x.chunks(ch) {
+            for p in 0..per {
+                self.xp.extend((0..16).map(|i| c[i * per + p]));
+            }
+        }
+    }
+}
+
+/// Σ_j w_j·x_j of packed row `packed` (its scales and biases per group) against `prep`.
+#[inline]
+pub fn qdot(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 {
+    if prep.fast {
+        // SAFETY: `fast` is only set when a SIMD ISA was detected and the sizes fit its chunks.
+        #[cfg(target_arch = "x86_64")]
+        match isa() {
+            Isa::Avx512 => return unsafe { x86::qdot_avx512(packed, scales, biases, prep) },
+            Isa::Avx2 => return unsafe { x86::qdot_avx2(packed, scales, biases, prep) },
+            _ => {}
+        }
+    }
+    qdot_scalar(packed, scales, biases, &prep.xp, &prep.xsum, prep.bits, prep.group)
+}
+
+/// Scalar reference: x in natural order.
+pub fn qdot_scalar(
+    packed: &[u8],
+    scales: &[u16],
+    biases: &[u16],
+    x: &[f32],
+    xsum: &[f32],
+    bits: u8,
+    group: usize,
+) -> f32 {
+    let cols = x.len();
+    let mask = (1u32 << bits) - 1;
+    let mut acc = 0.0f32;
+    for (g, (&s, &b)) in scales.iter().zip(biases).enumerate() {
+        let (a, e) = (g * group, ((g + 1) * group).min(cols));
+        let mut qx = 0.0f32;
+        for (j, xv) in x.iter().enumerate().take(e).skip(a) {
+            let bit = j * bits as usize;
+            let mut w = packed[bit / 8] as u32;
+            if bit / 8 + 1 < packed.len() {
+                w |= (packed[bit / 8 + 1] as u32) << 8;
+            }
+            qx += ((w >> (bit % 8)) & mask) as f32 * xv;
+        }
+        acc += bf16_to_f32(s) * qx + bf16_to_f32(b) * xsum[g];
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant;
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn simd_dots_match_scalar_on_odd_sizes() {
+        for n in [1, 7, 8, 15, 16, 17, 31, 33, 64, 100, 257, 1000] {
+            let (a, b) = (rnd(n, 1), rnd(n, 2));
+            let want = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "dot {n}");
+            let w: Vec<u16> = a.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+            let wb: f64 = w.iter().zip(&b).map(|(x, y)| bf16_to_f32(*x) as f64 * *y as f64).sum();
+            assert!((dot_bf16(&w, &b) as f64 - wb).abs() < 1e-4, "bf16 {n}");
+            assert!((dot_bf16_scalar(&w, &b) as f64 - wb).abs() < 1e-4, "bf16 scalar {n}");
+            assert!((dot_scalar(&a, &b) as f64 - want).abs() < 1e-4, "dot scalar {n}");
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                let x4 = [&b[..], &b[..], &a[..], &a[..]];
+                unsafe {
+                    assert!((x86::dot_f32_avx2(&a, &b) as f64 - want).abs() < 1e-4, "avx2 dot {n}");
+                    assert!((x86::dot_bf16_avx2(&w, &b) as f64 - wb).abs() < 1e-4, "avx2 bf16 {n}");
+                    assert!((x86::dot4_f32_avx2(&a, x4)[1] as f64 - want).abs() < 1e-4, "avx2 dot4 {n}");
+                }
+            }
+            let xs = [rnd(n, 3), rnd(n, 4), rnd(n, 5), rnd(n, 6)];
+            let got = dot4(&a, [&xs[0], &xs[1], &xs[2], &xs[3]]);
+            for k in 0..4 {
+                let want: f64 = a.iter().zip(&xs[k]).map(|(x, y)| *x as f64 * *y as f64).sum();
+                assert!((got[k] as f64 - want).abs() < 1e-4, "dot4 {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_dots_match_scalar_reference() {
+        for bits in quant::BITS {
+            for &(rows, cols, group) in &[
+                (3, 64, 64),
+                (2, 128, 64),
+                (5, 192, 32),
+                (2, 96, 32),
+                (3, 40, 8),
+                (1, 2048, 64),
+                (2, 48, 64),
+                (2, 96, 64),
+                (1, 192, 128),
+            ] {
+                let w = rnd(rows * cols, bits as u64 + cols as u64);
+                let x = rnd(cols, 99);
+                let blob = crate::tensor::AlignedBytes::from_slice(&quant::quantize(&w, rows, cols, bits, group));
+                let q = quant::QMat::new(blob.bytes(), rows, cols, bits, group);
+                let mut prep = QPrep::default();
+                prep.prepare(&x, bits, group);
+                let rb = quant::row_bytes(cols, bits);
+                let ng = cols.div_ceil(group);
+                let mut row = vec![0.0; cols];
+                for r in 0..rows {
+                    q.row_f32(r, &mut row);
+                    let want: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let (pk, sc, bi) = (
+                        &q.packed[r * rb..(r + 1) * rb],
+                        &q.scales[r * ng..(r + 1) * ng],
+                        &q.biases[r * ng..(r + 1) * ng],
+                    );
+                    let mut got = vec![qdot(pk, sc, bi, &prep), qdot_scalar(pk, sc, bi, &x, &prep.xsum, bits, group)];
+                    // every x86 kernel this CPU can run, whatever the dispatcher picked
+                    #[cfg(target_arch = "x86_64")]
+                    if prep.fast {
+                        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                            got.push(unsafe { x86::qdot_avx2(pk, sc, bi, &prep) });
+                        }
+                        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                            got.push(unsafe { x86::qdot_avx512(pk, sc, bi, &prep) });
+                        }
+                    }
+                    for g in got {
+                        assert!(
+                            (g as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "q{bits} {rows}x{cols}/{group}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! x86-64 kernels: AVX-512 (F + BW) and AVX2 + FMA. Every function requires its features,
+//! which the dispatcher in `mod.rs` checks at run time.
+
+#![allow(unsafe_op_in_unsafe_fn)] // every function here is an unsafe SIMD kernel
+
+use super::{QPrep, bf16_to_f32};
+use std::arch::x86_64::*;
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn widen_bf16_512(p: *const u16) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn widen_bf16_256(p: *const u16) -> __m256 {
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
+}
+
+/// 16 bytes → 16 floats.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn u8x16_512(v: __m128i) -> __m512 {
+    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v))
+}
+
+/// 16 bytes, times 16 floats at `x`, into `acc` (as two halves of 8).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_u8x16_256(v: __m128i, x: *const f32, acc: __m256) -> __m256 {
+    let a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    let b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+    _mm256_fmadd_ps(b, _mm256_loadu_ps(x.add(8)), _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// # Safety
+/// AVX-512F must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i + 32 <= n {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), a1);
+        i += 32;
+    }
+    if i + 16 <= n {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), a0);
+        i += 16;
+    }
+    if i < n {
+        let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pa.add(i)), _mm512_maskz_loadu_ps(m, pb.add(i)), a1);
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
+}
+
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), a1);
+        i += 16;
+    }
+    let mut s = hsum256(_mm256_add_ps(a0, a1));
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+/// # Safety
+/// AVX-512F must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot4_f32_avx512(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    let n = row.len();
+    let pr = row.as_ptr();
+    let px = [x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr()];
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 16 <= n {
+        let r = _mm512_loadu_ps(pr.add(i));
+        for k in 0..4 {
+            acc[k] = _mm512_fmadd_ps(r, _mm512_loadu_ps(px[k].add(i)), acc[k]);
+        }
+        i += 16;
+    }
+    if i < n {
+        let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        let r = _mm512_maskz_loadu_ps(m, pr.add(i));
+        for k in 0..4 {
+            acc[k] = _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(m, px[k].add(i)), acc[k]);
+        }
+    }
+    [
+        _mm512_reduce_add_ps(acc[0]),
+        _mm512_reduce_add_ps(acc[1]),
+        _mm512_reduce_add_ps(acc[2]),
+        _mm512_reduce_add_ps(acc[3]),
+    ]
+}
+
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot4_f32_avx2(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    let n = row.len();
+    let pr = row.as_ptr();
+    let px = [x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr()];
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 8 <= n {
+        let r = _mm256_loadu_ps(pr.add(i));
+        for k in 0..4 {
+            acc[k] = _mm256_fmadd_ps(r, _mm256_loadu_ps(px[k].add(i)), acc[k]);
+        }
+        i += 8;
+    }
+    let mut out = [hsum256(acc[0]), hsum256(acc[1]), hsum256(acc[2]), hsum256(acc[3])];
+    while i < n {
+        for k in 0..4 {
+            out[k] += row[i] * x[k][i];
+        }
+        i += 1;
+    }
+    out
+}
+
+/// # Safety
+/// AVX-512F and AVX-512BW must be available.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn dot_bf16_avx512(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i + 32 <= n {
+        a0 = _mm512_fmadd_ps(widen_bf16_512(pw.add(i)), _mm512_loadu_ps(px.add(i)), a0);
+        a1 = _mm512_fmadd_ps(widen_bf16_512(pw.add(i + 16)), _mm512_loadu_ps(px.add(i + 16)), a1);
+        i += 32;
+    }
+    let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    while i < n {
+        s += bf16_to_f32(w[i]) * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        a0 = _mm256_fmadd_ps(widen_bf16_256(pw.add(i)), _mm256_loadu_ps(px.add(i)), a0);
+        a1 = _mm256_fmadd_ps(widen_bf16_256(pw.add(i + 8)), _mm256_loadu_ps(px.add(i + 8)), a1);
+        i += 16;
+    }
+    let mut s = hsum256(_mm256_add_ps(a0, a1));
+    while i < n {
+        s += bf16_to_f32(w[i]) * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// Quantized row · prepared x (see `QPrep`): bits 8, 4 or 2, group a multiple of the chunk.
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be available; `prep.fast` must hold for this row's sizes.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn qdot_avx512(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 {
+    let (xp, p, group) = (prep.xp.as_ptr(), packed.as_ptr(), prep.group);
+    let mut acc = _mm512_setzero_ps();
+    let mut bacc = 0.0f32;
+    let lo4 = _mm_set1_epi8(0x0f);
+    let lo2 = _mm_set1_epi8(0x03);
+    for (g, (&s, &b)) in scales.iter().zip(biases).enumerate() {
+        let (mut e, end) = (g * group, ((g + 1) * group).min(prep.xp.len()));
+        let mut ga = _mm512_setzero_ps();
+        match prep.bits {
+            4 => {
+                while e < end {
+                    let v = _mm_loadu_si128(p.add(e / 2) as *const __m128i);
+                    ga = _mm512_fmadd_ps(u8x16_512(_mm_and_si128(v, lo4)), _mm512_loadu_ps(xp.add(e)), ga);
+                    ga = _mm512_fmadd_ps(
+                        u8x16_512(_mm_and_si128(_mm_srli_epi16(v, 4), lo4)),
+                        _mm512_loadu_ps(xp.add(e + 16)),
+                        ga,
+                    );
+                    e += 32;
+                }
+            }
+            8 => {
+                while e < end {
+                    let v = _mm_loadu_si128(p.add(e) as *const __m128i);
+                    ga = _mm512_fmadd_ps(u8x16_512(v), _mm512_loadu_ps(xp.add(e)), ga);
+                    e += 16;
+                }
+            }
+            _ => {
+                while e < end {
+                    let v = _mm_loadu_si128(p.add(e / 4) as *const __m128i);
+                    ga = _mm512_fmadd_ps(u8x16_512(_mm_and_si128(v, lo2)), _mm512_loadu_ps(xp.add(e)), ga);
+                    ga = _mm512_fmadd_ps(
+                        u8x16_512(_mm_and_si128(_mm_srli_epi16(v, 2), lo2)),
+                        _mm512_loadu_ps(xp.add(e + 16)),
+                        ga,
+                    );
+                    ga = _mm512_fmadd_ps(
+                        u8x16_512(_mm_and_si128(_mm_srli_epi16(v, 4), lo2)),
+                        _mm512_loadu_ps(xp.add(e + 32)),
+                        ga,
+                    );
+                    ga = _mm512_fmadd_ps(
+                        u8x16_512(_mm_and_si128(_mm_srli_epi16(v, 6), lo2)),
+                        _mm512_loadu_ps(xp.add(e + 48)),
+                        ga,
+                    );
+                    e += 64;
+                }
+            }
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(s)), ga, acc);
+        bacc += bf16_to_f32(b) * prep.xsum[g];
+    }
+    _mm512_reduce_add_ps(acc) + bacc
+}
+
+/// AVX2 version of [`qdot_avx512`].
+///
+/// # Safety
+/// AVX2 and FMA must be available; `prep.fast` must hold for this row's sizes.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn qdot_avx2(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 {
+    let (xp, p, group) = (prep.xp.as_ptr(), packed.as_ptr(), prep.group);
+    let mut acc = _mm256_setzero_ps();
+    let mut bacc = 0.0f32;
+    let lo4 = _mm_set1_epi8(0x0f);
+    let lo2 = _mm_set1_epi8(0x03);
+    for (g, (&s, &b)) in scales.iter().zip(biases).enumerate() {
+        let (mut e, end) = (g * group, ((g + 1) * group).min(prep.xp.len()));
+        let mut ga = _mm256_setzero_ps();
+        match prep.bits {
+            4 => {
+                while e < end {
+                    let v = _mm_loadu_si128(p.add(e / 2) as *const __m128i);
+                    ga = fma_u8x16_256(_mm_and_si128(v, lo4), xp.add(e), ga);
+                    ga = fma_u8x16_256(_mm_and_si128(_mm_srli_epi16(v, 4), lo4), xp.add(e + 16), ga);
+                    e += 32;
+                }
+            }
+            8 => {
+                while e < end {
+                    ga = fma_u8x16_256(_mm_loadu_si128(p.add(e) as *const __m128i), xp.add(e), ga);
+                    e += 16;
+                }
+            }
+            _ => {
+                while e < end {
+                    let v = _mm_loadu_si128(p.add(e / 4) as *const __m128i);
+                    for ph in 0..4 {
+                        let sh = _mm_srl_epi16(v, _mm_cvtsi32_si128(2 * ph as i32));
+                        ga = fma_u8x16_256(_mm_and_si128(sh, lo2), xp.add(e + 16 * ph), ga);
+                    }
+                    e += 64;
+                }
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(bf16_to_f32(s)), ga, acc);
+        bacc += bf16_to_f32(b) * prep.xsum[g];
+    }
+    hsum256(acc) + bacc
+}
