@@ -417,8 +417,8 @@ impl<'a> MatRef<'a> {
                     o[t..t + 4].copy_from_slice(&kernels::dot4(&buf, [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)]));
                     t += 4;
                 }
-                for t in t..n {
-                    o[t] = dot(&buf, xt(t));
+                for (i, ot) in o.iter_mut().enumerate().skip(t) {
+                    *ot = dot(&buf, xt(i));
                 }
             }
             out
