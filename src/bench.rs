@@ -28,10 +28,12 @@ pub struct BenchResult {
     pub decode_tok_s: f64,
     pub prefill_s: f64,
     pub decode_s: f64,
-    /// Expert bytes read from disk per decode token.
+    /// Expert bytes read from disk per decode token (page-cache hits excluded).
     pub bytes_read_per_token: f64,
+    /// Expert bytes copied into the engine per decode token (from disk or page cache).
+    pub bytes_fetched_per_token: f64,
     pub reads_per_token: f64,
-    /// Expert bytes read per second of decode wall time.
+    /// Expert bytes read from disk per second of decode wall time.
     pub disk_gb_s: f64,
     /// Share of expert fetches served from memory (own cache, or page cache in os mode).
     pub cache_hit_rate: f64,
@@ -156,8 +158,10 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     let s2 = stats();
     let decode_phases = phases(model, made, &s1);
     let per = |x: u64| x as f64 / made.max(1) as f64;
-    let bytes = s2.bytes_read - s1.bytes_read;
     let (hits, misses) = (s2.hits - s1.hits, s2.misses - s1.misses);
+    // from disk: every own-cache miss (direct), every read not fully in the page cache (os)
+    let bytes = misses * model.store.as_ref().map_or(0, |s| s.expert_bytes() as u64);
+    let fetched = s2.bytes_read - s1.bytes_read;
     let k = model.opts.experts_per_token.unwrap_or(model.cfg.num_experts_per_tok);
     Ok(BenchResult {
         prompt_tokens: prompt.len(),
@@ -167,6 +171,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         prefill_s,
         decode_s,
         bytes_read_per_token: per(bytes),
+        bytes_fetched_per_token: per(fetched),
         reads_per_token: per(s2.reads - s1.reads),
         disk_gb_s: bytes as f64 / 1e9 / decode_s.max(1e-12),
         cache_hit_rate: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },

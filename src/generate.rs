@@ -21,11 +21,21 @@ pub struct SamplingParams {
     /// Divide positive (multiply negative) logits of already seen tokens; 1 disables.
     pub repetition_penalty: f32,
     pub seed: u64,
+    /// Added to the logits of these tokens before anything else (OpenAI `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            logit_bias: vec![],
+        }
     }
 }
 
@@ -73,6 +83,11 @@ impl Sampler {
     /// Samples one token id; `history` is every token so far (for the repetition penalty).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];
             for &t in history {

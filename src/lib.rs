@@ -5,6 +5,8 @@
 //! template ([`tokenizer`]); the `flashmoe` binary is a thin CLI over it.
 
 pub mod bench;
+pub mod builtin;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
@@ -16,5 +18,9 @@ pub mod load;
 pub mod model;
 pub mod profile;
 pub mod quant;
+pub mod server;
+pub mod session;
+pub mod sysbench;
 pub mod tensor;
 pub mod tokenizer;
+pub mod toolcall;

@@ -58,8 +58,9 @@ enum Cmd {
     },
     /// Perplexity of a text; with --reference, KL divergence and top-1 agreement against it.
     Eval {
+        /// Model directory (default: the built-in model).
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// Text file to score.
         #[arg(long)]
         text: PathBuf,
@@ -110,8 +111,9 @@ enum Cmd {
     },
     /// Measure prefill and decode speed, time per phase, bytes read, cache hit rate, memory.
     Bench {
+        /// Model directory (default: the built-in model).
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         #[arg(long, default_value_t = 128)]
         prompt_tokens: usize,
         #[arg(long, default_value_t = 32)]
@@ -128,6 +130,24 @@ enum Cmd {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Measure this machine's limits: random expert-sized reads from a file, memory bandwidth.
+    Sysbench {
+        /// File to read from (e.g. an expert file); omit to measure memory only.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long, default_value_t = 7077888)]
+        block: usize,
+        #[arg(long, default_value_t = 8)]
+        io_threads: usize,
+        /// Bypass the page cache (O_DIRECT).
+        #[arg(long)]
+        direct: bool,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Also measure memory read bandwidth (1 GiB array; one thread, then all).
+        #[arg(long)]
+        memory: bool,
+    },
     /// Re-check every checksum of a converted model.
     Verify {
         #[arg(long)]
@@ -135,16 +155,56 @@ enum Cmd {
     },
     /// Describe a model: architecture, layer pattern, sizes, parameters, bytes per expert.
     Inspect {
+        /// Model directory (default: the built-in model).
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
+    },
+    /// Interactive chat in the terminal (history, /reset /stats /save /load, Ctrl-C stops an answer).
+    Chat {
+        /// Model directory (default: the built-in model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// System prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// Read the system prompt from a file.
+        #[arg(long, conflicts_with = "system")]
+        system_file: Option<PathBuf>,
+        /// Start with thinking off (Qwen3.x `enable_thinking=false`).
+        #[arg(long)]
+        no_think: bool,
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
+    Serve {
+        /// Model directory (default: the built-in model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Requests that may wait while one generates; more get 503.
+        #[arg(long, default_value_t = 16)]
+        max_queue: usize,
+        /// Name clients use for the model (default: the directory name).
+        #[arg(long)]
+        model_id: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Model directory (Hugging Face checkpoint).
+    /// Model directory, a Hugging Face checkpoint or a converted one (default: the built-in model).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt as a user message with the model's chat template.
@@ -176,6 +236,46 @@ struct GenerateArgs {
     experts_per_token: Option<usize>,
     #[command(flatten)]
     store: StoreArgs,
+}
+
+/// Sampling settings (temperature 0 = greedy).
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.1)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            logit_bias: vec![],
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+fn resolve(model: Option<PathBuf>) -> Result<PathBuf> {
+    match model {
+        Some(m) => Ok(m),
+        None => flashmoe::builtin::default_model(),
+    }
 }
 
 /// Expert store settings (converted models).
@@ -272,16 +372,43 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Logits { model, tokens, store } => cmd_logits(model, &tokens, &store),
-        Cmd::Inspect { model } => cmd_inspect(model),
+        Cmd::Inspect { model } => resolve(model).and_then(cmd_inspect),
+        Cmd::Chat { model, system, system_file, no_think, max_tokens, sampling, store } => {
+            cmd_chat(model, system, system_file, no_think, max_tokens, &sampling, &store)
+        }
+        Cmd::Serve { model, host, port, max_queue, model_id, store } => {
+            cmd_serve(model, &host, port, max_queue, model_id, &store)
+        }
         Cmd::Convert { from, to, experts, dense, group_size, force } => {
             cmd_convert(from, to, &experts, &dense, group_size, force)
         }
         Cmd::Verify { model } => cmd_verify(model),
+        Cmd::Sysbench { file, block, io_threads, direct, seconds, memory } => {
+            if let Some(f) = file {
+                let r = flashmoe::sysbench::disk_read(&f, block, io_threads, direct, seconds);
+                r.map(|bps| {
+                    println!(
+                        "{{\"disk_gb_s\": {:.3}, \"block\": {block}, \"threads\": {io_threads}, \"direct\": {direct}}}",
+                        bps / 1e9
+                    )
+                })
+            } else {
+                Ok(())
+            }
+            .and_then(|_| {
+                if memory {
+                    let one = flashmoe::sysbench::memory_read(1 << 30, 1);
+                    let all = flashmoe::sysbench::memory_read(1 << 30, rayon::current_num_threads());
+                    println!("{{\"mem_gb_s_1thread\": {:.2}, \"mem_gb_s_all\": {:.2}}}", one / 1e9, all / 1e9);
+                }
+                Ok(())
+            })
+        }
         Cmd::Synth { preset, layers, experts, dense, routing, seed, to, force } => {
             cmd_synth(&preset, layers, &experts, &dense, routing, seed, &to, force)
         }
         Cmd::Bench { model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, store } => {
-            cmd_bench(&model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, &store)
+            resolve(model).and_then(|model| cmd_bench(&model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, &store))
         }
         Cmd::Eval {
             model,
@@ -294,10 +421,9 @@ fn main() {
             max_tokens,
             json,
             store,
-        } => cmd_eval(
-            EvalArgs { model, text, reference, experts_per_token, experts, group_size, window, max_tokens, json },
-            &store,
-        ),
+        } => resolve(model).and_then(|model| {
+            cmd_eval(EvalArgs { model, text, reference, experts_per_token, experts, group_size, window, max_tokens, json }, &store)
+        }),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -313,16 +439,18 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         min_p: a.min_p,
         repetition_penalty: a.repetition_penalty,
         seed: a.seed,
+        logit_bias: vec![],
     };
     params.validate()?;
-    let mut model = load_model_with(&a.model, &a.store.load_options()?)?;
+    let dir = resolve(a.model.clone())?;
+    let mut model = load_model_with(&dir, &a.store.load_options()?)?;
     if let Some(k) = a.experts_per_token {
         if k == 0 || k > model.cfg.num_experts {
             bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
         }
         model.opts.experts_per_token = Some(k);
     }
-    let tok = TextTokenizer::load(&a.model)?;
+    let tok = TextTokenizer::load(&dir)?;
     let text = if a.chat {
         let mut msgs = vec![];
         if let Some(s) = &a.system {
@@ -549,6 +677,48 @@ fn cmd_bench(
     let line: Vec<String> = r.phases_ms.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
     println!("ms/token         {}", line.join(", "));
     Ok(())
+}
+
+fn cmd_chat(
+    model: Option<PathBuf>,
+    system: Option<String>,
+    system_file: Option<PathBuf>,
+    no_think: bool,
+    max_tokens: usize,
+    sampling: &SamplingArgs,
+    store: &StoreArgs,
+) -> Result<()> {
+    let dir = resolve(model)?;
+    let system = match system_file {
+        Some(f) => Some(std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?.trim().to_string()),
+        None => system,
+    };
+    let session = flashmoe::session::Session::new(load_model_with(&dir, &store.load_options()?)?, TextTokenizer::load(&dir)?);
+    let opts = flashmoe::chat::ChatOptions { system, thinking: !no_think, max_tokens, sampling: sampling.params()? };
+    flashmoe::chat::run(session, opts)
+}
+
+fn cmd_serve(
+    model: Option<PathBuf>,
+    host: &str,
+    port: u16,
+    max_queue: usize,
+    model_id: Option<String>,
+    store: &StoreArgs,
+) -> Result<()> {
+    let dir = resolve(model)?;
+    let tok = TextTokenizer::load(&dir)?;
+    if !tok.has_chat_template() {
+        eprintln!("warning: {} has no chat template; /v1/chat/completions will fail", dir.display());
+    }
+    let session = flashmoe::session::Session::new(load_model_with(&dir, &store.load_options()?)?, tok);
+    let model_id = model_id.unwrap_or_else(|| {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        if name.starts_with("default-") { "flashmoe-default".into() } else { name }
+    });
+    let opts = flashmoe::server::ServerOptions { model_id, max_queue, default_max_tokens: 256 };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(flashmoe::server::serve(session, host, port, opts))
 }
 
 fn cmd_verify(dir: PathBuf) -> Result<()> {

@@ -9,6 +9,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// Tokenizer plus chat template of a model directory.
+#[derive(Clone)]
 pub struct TextTokenizer {
     tok: tokenizers::Tokenizer,
     template: Option<String>,

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Beyond RAM, measured: full-scale synthetic models bigger than the memory they may use.
+#
+#  1. this machine's limits: random expert-sized O_DIRECT reads at the engine's parallelism,
+#     and memory read bandwidth;
+#  2. models larger than a memory cgroup's limit (page cache is charged to the cgroup; going
+#     over the limit with anonymous memory kills the process), run cold in both cache modes:
+#       - a Qwen3-Next-80B-A3B-shaped model, all 48 layers, q4 experts (~50 GB),
+#       - a Qwen3.5-397B-A17B-shaped model cut to $L397 layers (every per-layer shape exact);
+#  3. JSON results in $RESULTS, and the table for docs/PERFORMANCE.md (bench/perf_table.py).
+#
+# Needs root for the cgroup (v1 memory controller, or cgroup v2 memory.max) and ~55 GB free
+# disk under $WORK. The synthetic models are deleted at the end (KEEP=1 keeps them).
+#
+#   bash bench/beyond_ram.sh                 # everything
+#   ONLY=next80b bash bench/beyond_ram.sh    # one model
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/release/flashmoe}
+WORK=${WORK:-/work/flashmoe-bench}
+RESULTS=${RESULTS:-bench/results}
+LIMIT_80B=${LIMIT_80B:-10G}
+LIMIT_397B=${LIMIT_397B:-8G}
+L397=${L397:-6}
+GEN=${GEN:-24}
+PROMPT=${PROMPT:-16}
+ONLY=${ONLY:-all}
+
+cargo build --release --quiet
+mkdir -p "$WORK" "$RESULTS"
+echo "disk: $(df -h "$WORK" | tail -1)"
+
+# Runs a command inside a memory cgroup limited to $1 (v1, else v2). Prints the cgroup's peak.
+limited() {
+    local limit=$1; shift
+    local bytes
+    bytes=$(numfmt --from=iec "$limit")
+    if [ -d /sys/fs/cgroup/memory ]; then
+        local cg=/sys/fs/cgroup/memory/flashmoe_bench
+        [ -d $cg ] || mkdir $cg
+        echo "$bytes" > $cg/memory.limit_in_bytes
+        echo 0 > $cg/memory.max_usage_in_bytes 2>/dev/null || true
+        sh -c "echo \$\$ > $cg/cgroup.procs && exec \"\$@\"" _ "$@"
+        echo "cgroup peak: $(cat $cg/memory.max_usage_in_bytes) bytes (limit $bytes)" >&2
+    else
+        local root=/sys/fs/cgroup
+        [ -f $root/cgroup.controllers ] || root=/sys/fs/cgroup/unified
+        local cg=$root/flashmoe_bench
+        [ -d $cg ] || mkdir $cg
+        echo "+memory" > $root/cgroup.subtree_control 2>/dev/null || true
+        echo "$bytes" > $cg/memory.max
+        sh -c "echo \$\$ > $cg/cgroup.procs && exec \"\$@\"" _ "$@"
+        echo "cgroup peak: $(cat $cg/memory.peak 2>/dev/null || echo n/a) bytes (limit $bytes)" >&2
+    fi
+}
+
+drop_all() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+
+# 1. machine limits (memory now; disk on the first expert file written below)
+$BIN sysbench --memory | tee "$RESULTS/memory.json"
+
+run_model() {
+    local name=$1 preset=$2 limit=$3; shift 3
+    local dir=$WORK/$name
+    [ -f "$dir/flashmoe.json" ] || $BIN synth --preset "$preset" --experts q4 --routing skewed "$@" --to "$dir" --force
+    local stride
+    stride=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['experts']['stride'])" "$dir/flashmoe.json")
+    du -sh "$dir"
+    for t in 1 4 8 16; do
+        drop_all
+        $BIN sysbench --file "$dir/experts/layer_000.bin" --block "$stride" --io-threads $t --direct --seconds 4 \
+            | tee "$RESULTS/${name}_disk_t$t.json"
+    done
+    for k in "${KS[@]}"; do
+        for cache in os direct; do
+            drop_all
+            echo "== $name k=$k cache=$cache (memory limit $limit)"
+            limited "$limit" $BIN bench --model "$dir" --cold --cache $cache --cache-size 2G --io-threads 8 \
+                --experts-per-token "$k" --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --json \
+                2> >(tee "$RESULTS/${name}_k${k}_${cache}.log" >&2) | tee "$RESULTS/${name}_k${k}_${cache}.json"
+        done
+    done
+    [ "${KEEP:-0}" = 1 ] || rm -rf "$dir"
+}
+
+if [ "$ONLY" = all ] || [ "$ONLY" = next80b ]; then
+    KS=(10)
+    run_model next80b qwen3-next-80b-a3b "$LIMIT_80B"
+fi
+if [ "$ONLY" = all ] || [ "$ONLY" = q397b ]; then
+    KS=(10 4)
+    run_model q397b qwen3.5-397b-a17b "$LIMIT_397B" --layers "$L397"
+fi
+python3 bench/perf_table.py "$RESULTS"

@@ -1,0 +1,141 @@
+//! `flashmoe chat`: an interactive multi-turn chat in the terminal. The sequence state carries
+//! over between turns (only new tokens are prefilled); Ctrl-C stops the current answer.
+
+use crate::generate::SamplingParams;
+use crate::session::Session;
+use anyhow::{Context, Result};
+use rustyline::error::ReadlineError;
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+pub struct ChatOptions {
+    pub system: Option<String>,
+    pub thinking: bool,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+const HELP: &str = "commands: /reset  /stats  /save FILE  /load FILE  /system TEXT  /think on|off  /help  /exit";
+
+fn history_path() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".flashmoe_history"))
+}
+
+/// Runs the chat loop until end of input or /exit.
+pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || flag.store(true, Relaxed)).context("cannot install the Ctrl-C handler")?;
+    }
+    let mut ed = rustyline::DefaultEditor::new()?;
+    if let Some(h) = history_path() {
+        let _ = ed.load_history(&h);
+    }
+    let mut messages: Vec<Value> = vec![];
+    let mut last_stats: Option<String> = None;
+    eprintln!("flashmoe chat: {} ({}). {HELP}", session.model.cfg.model_type, if opts.thinking { "thinking on" } else { "thinking off" });
+    loop {
+        let line = match ed.readline("> ") {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let line = line.trim().to_string();
+        if line.is_empty() {
+            continue;
+        }
+        let _ = ed.add_history_entry(&line);
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(' ').map_or((cmd, ""), |(a, b)| (a, b.trim()));
+            match name {
+                "exit" | "quit" => break,
+                "help" => eprintln!("{HELP}"),
+                "reset" => {
+                    messages.clear();
+                    session.reset();
+                    eprintln!("(conversation cleared)");
+                }
+                "stats" => {
+                    eprintln!("{}", last_stats.as_deref().unwrap_or("(no answer yet)"));
+                    eprintln!("cached tokens: {}, turns: {}", session.cached_tokens(), messages.len() / 2);
+                    if let Some(s) = &session.model.store {
+                        let st = s.stats();
+                        eprintln!("experts: {} reads, {:.1} MB, hit rate {:.1}%", st.reads, st.bytes_read as f64 / 1e6, 100.0 * st.hit_rate());
+                    }
+                }
+                "system" => {
+                    opts.system = (!arg.is_empty()).then(|| arg.to_string());
+                    eprintln!("(system prompt {})", if opts.system.is_some() { "set" } else { "cleared" });
+                }
+                "think" => {
+                    opts.thinking = arg != "off";
+                    eprintln!("(thinking {})", if opts.thinking { "on" } else { "off" });
+                }
+                "save" if !arg.is_empty() => {
+                    let v = json!({"system": opts.system, "messages": messages});
+                    match std::fs::write(arg, serde_json::to_string_pretty(&v)?) {
+                        Ok(()) => eprintln!("(saved {} messages to {arg})", messages.len()),
+                        Err(e) => eprintln!("error: cannot write {arg}: {e}"),
+                    }
+                }
+                "load" if !arg.is_empty() => match std::fs::read_to_string(arg).map_err(anyhow::Error::from).and_then(|t| Ok(serde_json::from_str::<Value>(&t)?)) {
+                    Ok(v) => {
+                        messages = v["messages"].as_array().cloned().unwrap_or_default();
+                        opts.system = v["system"].as_str().map(String::from);
+                        session.reset();
+                        eprintln!("(loaded {} messages from {arg})", messages.len());
+                    }
+                    Err(e) => eprintln!("error: cannot load {arg}: {e:#}"),
+                },
+                _ => eprintln!("unknown command. {HELP}"),
+            }
+            continue;
+        }
+        messages.push(json!({"role": "user", "content": line}));
+        let mut all = vec![];
+        if let Some(s) = &opts.system {
+            all.push(json!({"role": "system", "content": s}));
+        }
+        all.extend(messages.iter().cloned());
+        let mut extra = serde_json::Map::new();
+        extra.insert("enable_thinking".into(), json!(opts.thinking));
+        let prompt = session.tok.encode(&session.tok.apply_chat_template(&Value::Array(all), None, true, &extra)?)?;
+        interrupted.store(false, Relaxed);
+        let mut out = std::io::stdout();
+        let res = session.generate(&prompt, opts.max_tokens, &opts.sampling, &[], |piece| {
+            print!("{piece}");
+            let _ = out.flush();
+            !interrupted.load(Relaxed)
+        });
+        println!();
+        match res {
+            Ok(o) => {
+                let stats = format!(
+                    "[{} prompt tokens ({} reused), {:.1} tok/s prefill | {} tokens, {:.2} tok/s | {}]",
+                    o.prompt_tokens,
+                    o.reused_tokens,
+                    o.stats.prompt_tok_s(),
+                    o.tokens.len(),
+                    o.stats.gen_tok_s(),
+                    o.finish.as_str()
+                );
+                eprintln!("{stats}");
+                last_stats = Some(stats);
+                messages.push(json!({"role": "assistant", "content": o.text}));
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                messages.pop();
+            }
+        }
+    }
+    if let Some(h) = history_path() {
+        let _ = ed.save_history(&h);
+    }
+    Ok(())
+}

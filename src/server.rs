@@ -1,0 +1,516 @@
+//! OpenAI-compatible HTTP server (axum): `/v1/chat/completions` (streamed as SSE or not, with
+//! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus).
+//!
+//! One generation runs at a time (the engine owns one sequence state, which is what lets a
+//! request that extends the previous conversation reuse its cached prefix); further requests
+//! wait in a bounded FIFO queue and get 503 when it is full. Generation stops when the client
+//! goes away.
+
+use crate::generate::SamplingParams;
+use crate::session::{ContextExceeded, Finish, Output, Session};
+use crate::toolcall::{self, StreamEvent, ToolStream};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{Semaphore, mpsc};
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// The id clients use in `model` (and `/v1/models` lists).
+    pub model_id: String,
+    /// Requests that may wait for the engine; more get 503.
+    pub max_queue: usize,
+    /// Default `max_tokens` when a request gives none.
+    pub default_max_tokens: usize,
+}
+
+#[derive(Default)]
+struct Metrics {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    prompt_tokens: AtomicU64,
+    reused_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    prefill_ns: AtomicU64,
+    decode_ns: AtomicU64,
+    last_decode_tok_s_milli: AtomicU64,
+}
+
+struct App {
+    session: Arc<Mutex<Session>>,
+    /// A copy of the session's tokenizer, so requests can be prepared while one generates.
+    tok: crate::tokenizer::TextTokenizer,
+    context: usize,
+    store: Option<Arc<crate::flash::ExpertStore>>,
+    opts: ServerOptions,
+    engine: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    metrics: Metrics,
+}
+
+type Shared = Arc<App>;
+
+/// An OpenAI-style error response.
+fn error(status: StatusCode, message: impl Into<String>, kind: &str, code: Option<&str>, param: Option<&str>) -> Response {
+    let body = json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn bad_request(message: impl Into<String>, param: Option<&str>) -> Response {
+    error(StatusCode::BAD_REQUEST, message, "invalid_request_error", None, param)
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn new_id(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    format!("{prefix}-{:x}{:04x}", t, N.fetch_add(1, Relaxed) & 0xffff)
+}
+
+/// Builds the router (tests bind it to a loopback port themselves).
+pub fn router(session: Session, opts: ServerOptions) -> Router {
+    let app = Arc::new(App {
+        tok: session.tok.clone(),
+        context: session.model.max_context(),
+        store: session.model.store.clone(),
+        session: Arc::new(Mutex::new(session)),
+        opts,
+        engine: Arc::new(Semaphore::new(1)),
+        waiting: AtomicUsize::new(0),
+        metrics: Metrics::default(),
+    });
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "unknown endpoint", "invalid_request_error", Some("not_found"), None) })
+        .with_state(app)
+}
+
+/// Serves until the process is stopped.
+pub async fn serve(session: Session, host: &str, port: u16, opts: ServerOptions) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind((host, port)).await?;
+    eprintln!("flashmoe serving `{}` on http://{}", opts.model_id, listener.local_addr()?);
+    axum::serve(listener, router(session, opts)).await?;
+    Ok(())
+}
+
+async fn models(State(app): State<Shared>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{"id": app.opts.model_id, "object": "model", "created": 0, "owned_by": "flashmoe"}]}))
+}
+
+async fn metrics(State(app): State<Shared>) -> Response {
+    let m = &app.metrics;
+    let store = app.store.as_ref().map(|s| s.stats());
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, v: f64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    };
+    metric("flashmoe_requests_total", "counter", "Requests received.", m.requests.load(Relaxed) as f64);
+    metric("flashmoe_request_errors_total", "counter", "Requests answered with an error.", m.errors.load(Relaxed) as f64);
+    metric("flashmoe_prompt_tokens_total", "counter", "Prompt tokens of all requests.", m.prompt_tokens.load(Relaxed) as f64);
+    metric("flashmoe_prompt_tokens_reused_total", "counter", "Prompt tokens served from the cached prefix.", m.reused_tokens.load(Relaxed) as f64);
+    metric("flashmoe_completion_tokens_total", "counter", "Generated tokens.", m.completion_tokens.load(Relaxed) as f64);
+    let secs = |ns: &AtomicU64| ns.load(Relaxed) as f64 / 1e9;
+    let prefilled = (m.prompt_tokens.load(Relaxed) - m.reused_tokens.load(Relaxed)) as f64;
+    metric("flashmoe_prefill_tokens_per_second", "gauge", "Prefill speed over all requests.", prefilled / secs(&m.prefill_ns).max(1e-9));
+    metric("flashmoe_decode_tokens_per_second", "gauge", "Decode speed of the last request.", m.last_decode_tok_s_milli.load(Relaxed) as f64 / 1000.0);
+    metric("flashmoe_decode_seconds_total", "counter", "Time spent decoding.", secs(&m.decode_ns));
+    metric("flashmoe_queue_depth", "gauge", "Requests waiting for the engine.", app.waiting.load(Relaxed) as f64);
+    metric("flashmoe_busy", "gauge", "1 while a generation runs.", if app.engine.available_permits() == 0 { 1.0 } else { 0.0 });
+    if let Some(s) = store {
+        metric("flashmoe_expert_bytes_read_total", "counter", "Expert bytes read from the expert files.", s.bytes_read as f64);
+        metric("flashmoe_expert_reads_total", "counter", "Expert reads issued.", s.reads as f64);
+        metric("flashmoe_expert_cache_hit_rate", "gauge", "Expert fetches served from memory.", s.hit_rate());
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Parsed generation settings shared by both completion endpoints.
+struct GenParams {
+    sampling: SamplingParams,
+    max_tokens: usize,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
+    if let Some(m) = b.get("model").and_then(Value::as_str)
+        && m != app.opts.model_id
+    {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("The model `{m}` does not exist (this server serves `{}`)", app.opts.model_id),
+            "invalid_request_error",
+            Some("model_not_found"),
+            Some("model"),
+        ));
+    }
+    let num = |k: &str| -> Result<Option<f64>, Response> {
+        match b.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| bad_request(format!("`{k}` must be a number"), Some(k))),
+        }
+    };
+    if let Some(n) = num("n")?
+        && n != 1.0
+    {
+        return Err(bad_request("only n = 1 is supported", Some("n")));
+    }
+    let temperature = num("temperature")?.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(bad_request("`temperature` must be between 0 and 2", Some("temperature")));
+    }
+    let top_p = num("top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad_request("`top_p` must be in (0, 1]", Some("top_p")));
+    }
+    let min_p = num("min_p")?.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(bad_request("`min_p` must be in [0, 1]", Some("min_p")));
+    }
+    let top_k = num("top_k")?.unwrap_or(0.0);
+    if top_k < 0.0 {
+        return Err(bad_request("`top_k` must be >= 0", Some("top_k")));
+    }
+    let rep = num("repetition_penalty")?.unwrap_or(1.0);
+    if rep <= 0.0 {
+        return Err(bad_request("`repetition_penalty` must be > 0", Some("repetition_penalty")));
+    }
+    let max_tokens = match num("max_completion_tokens")?.or(num("max_tokens")?) {
+        Some(v) if v < 1.0 => return Err(bad_request("`max_tokens` must be at least 1", Some("max_tokens"))),
+        Some(v) => v as usize,
+        None => app.opts.default_max_tokens,
+    };
+    let stop = match b.get("stop") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(Value::is_string) => {
+            a.iter().filter_map(|s| s.as_str().map(String::from)).collect()
+        }
+        _ => return Err(bad_request("`stop` must be a string or a list of at most 4 strings", Some("stop"))),
+    };
+    let seed = num("seed")?.map_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64), |s| s as u64);
+    let stream = match b.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(x)) => *x,
+        _ => return Err(bad_request("`stream` must be a boolean", Some("stream"))),
+    };
+    let include_usage = b.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let mut logit_bias = vec![];
+    match b.get("logit_bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (k, v) in m {
+                let (Ok(t), Some(x)) = (k.parse::<u32>(), v.as_f64()) else {
+                    return Err(bad_request("`logit_bias` maps token ids to numbers", Some("logit_bias")));
+                };
+                if !(-100.0..=100.0).contains(&x) {
+                    return Err(bad_request("`logit_bias` values must be in [-100, 100]", Some("logit_bias")));
+                }
+                logit_bias.push((t, x as f32));
+            }
+        }
+        _ => return Err(bad_request("`logit_bias` must be an object", Some("logit_bias"))),
+    }
+    Ok(GenParams {
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_k: top_k as usize,
+            top_p: top_p as f32,
+            min_p: min_p as f32,
+            repetition_penalty: rep as f32,
+            seed,
+            logit_bias,
+        },
+        max_tokens,
+        stop,
+        stream,
+        include_usage,
+    })
+}
+
+/// Message content as text: a string, or the text parts of a list of parts.
+fn content_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => Some(String::new()),
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("")),
+        _ => None,
+    }
+}
+
+/// Validates and normalises OpenAI messages for the chat template.
+fn normalise_messages(msgs: &Value) -> Result<Value, Response> {
+    let arr = msgs.as_array().filter(|a| !a.is_empty()).ok_or_else(|| bad_request("`messages` must be a non-empty list", Some("messages")))?;
+    let mut out = vec![];
+    for (i, m) in arr.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| bad_request(format!("messages[{i}].role is missing"), Some("messages")))?;
+        if !["system", "developer", "user", "assistant", "tool"].contains(&role) {
+            return Err(bad_request(format!("messages[{i}].role `{role}` is not supported"), Some("messages")));
+        }
+        let content = content_text(m.get("content").unwrap_or(&Value::Null))
+            .ok_or_else(|| bad_request(format!("messages[{i}].content must be a string or a list of parts"), Some("messages")))?;
+        let mut n = json!({"role": if role == "developer" { "system" } else { role }, "content": content});
+        if let Some(tc) = m.get("tool_calls").filter(|v| !v.is_null()) {
+            n["tool_calls"] = tc.clone();
+        }
+        if let Some(id) = m.get("tool_call_id") {
+            n["tool_call_id"] = id.clone();
+        }
+        out.push(n);
+    }
+    Ok(Value::Array(out))
+}
+
+/// Sets a flag when dropped: the handler future is dropped when its client disconnects.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
+    }
+}
+
+/// Waits for the engine in the bounded queue.
+async fn acquire(app: &Shared) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    if let Ok(p) = app.engine.clone().try_acquire_owned() {
+        return Ok(p);
+    }
+    if app.waiting.fetch_add(1, Relaxed) >= app.opts.max_queue {
+        app.waiting.fetch_sub(1, Relaxed);
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the server is busy: too many queued requests", "server_error", Some("queue_full"), None));
+    }
+    let permit = app.engine.clone().acquire_owned().await;
+    app.waiting.fetch_sub(1, Relaxed);
+    permit.map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down", "server_error", None, None))
+}
+
+fn record(app: &App, o: &Output) {
+    let m = &app.metrics;
+    m.prompt_tokens.fetch_add(o.prompt_tokens as u64, Relaxed);
+    m.reused_tokens.fetch_add(o.reused_tokens as u64, Relaxed);
+    m.completion_tokens.fetch_add(o.tokens.len() as u64, Relaxed);
+    m.prefill_ns.fetch_add((o.stats.prompt_secs * 1e9) as u64, Relaxed);
+    m.decode_ns.fetch_add((o.stats.generate_secs * 1e9) as u64, Relaxed);
+    m.last_decode_tok_s_milli.store((o.stats.gen_tok_s() * 1000.0) as u64, Relaxed);
+}
+
+fn usage(o: &Output) -> Value {
+    json!({"prompt_tokens": o.prompt_tokens, "completion_tokens": o.tokens.len(), "total_tokens": o.prompt_tokens + o.tokens.len(),
+           "prompt_tokens_details": {"cached_tokens": o.reused_tokens}})
+}
+
+fn gen_error(app: &App, e: anyhow::Error) -> Response {
+    app.metrics.errors.fetch_add(1, Relaxed);
+    if let Some(c) = e.downcast_ref::<ContextExceeded>() {
+        return error(StatusCode::BAD_REQUEST, c.to_string(), "invalid_request_error", Some("context_length_exceeded"), Some("messages"));
+    }
+    error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"), "server_error", None, None)
+}
+
+enum Kind {
+    Chat { tools: bool },
+    Text,
+}
+
+async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRejection>) -> Response {
+    app.metrics.requests.fetch_add(1, Relaxed);
+    let resp = async {
+        let Json(b) = body.map_err(|e| bad_request(format!("invalid JSON body: {e}"), None))?;
+        let p = parse_params(&app, &b)?;
+        let messages = normalise_messages(b.get("messages").unwrap_or(&Value::Null))?;
+        let tools = b.get("tools").filter(|t| !t.is_null()).cloned();
+        if let Some(t) = &tools
+            && !t.is_array()
+        {
+            return Err(bad_request("`tools` must be a list", Some("tools")));
+        }
+        let tool_choice_none = b.get("tool_choice").and_then(Value::as_str) == Some("none");
+        let tools = if tool_choice_none { None } else { tools };
+        let mut extra = serde_json::Map::new();
+        if let Some(kw) = b.get("chat_template_kwargs").and_then(Value::as_object) {
+            extra.extend(kw.clone());
+        }
+        let text = app.tok.apply_chat_template(&messages, tools.as_ref(), true, &extra).map_err(|e| bad_request(format!("{e:#}"), Some("messages")))?;
+        let prompt = app.tok.encode(&text).map_err(|e| bad_request(format!("{e:#}"), Some("messages")))?;
+        Ok(run(app.clone(), prompt, p, Kind::Chat { tools: tools.is_some() }).await)
+    }
+    .await;
+    resp.unwrap_or_else(|e| {
+        app.metrics.errors.fetch_add(1, Relaxed);
+        e
+    })
+}
+
+async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRejection>) -> Response {
+    app.metrics.requests.fetch_add(1, Relaxed);
+    let resp = async {
+        let Json(b) = body.map_err(|e| bad_request(format!("invalid JSON body: {e}"), None))?;
+        let p = parse_params(&app, &b)?;
+        let text = match b.get("prompt") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+            _ => return Err(bad_request("`prompt` must be a string", Some("prompt"))),
+        };
+        if text.is_empty() {
+            return Err(bad_request("`prompt` is empty", Some("prompt")));
+        }
+        let prompt = app.tok.encode(&text).map_err(|e| bad_request(format!("{e:#}"), Some("prompt")))?;
+        Ok(run(app.clone(), prompt, p, Kind::Text).await)
+    }
+    .await;
+    resp.unwrap_or_else(|e| {
+        app.metrics.errors.fetch_add(1, Relaxed);
+        e
+    })
+}
+
+/// Runs one generation on the engine thread, streamed or not.
+async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Response {
+    let ctx = app.context;
+    if prompt.len() >= ctx {
+        return gen_error(&app, ContextExceeded { prompt_tokens: prompt.len(), context: ctx }.into());
+    }
+    let permit = match acquire(&app).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let id = new_id(if matches!(kind, Kind::Text) { "cmpl" } else { "chatcmpl" });
+    let created = now();
+    let model = app.opts.model_id.clone();
+    if !p.stream {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(cancel.clone());
+        let session = app.session.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+            s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |_| !cancel.load(Relaxed))
+        })
+        .await;
+        let o = match res {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return gen_error(&app, e),
+            Err(e) => return gen_error(&app, anyhow::anyhow!("generation task failed: {e}")),
+        };
+        record(&app, &o);
+        let finish = |f: Finish| if f == Finish::Length { "length" } else { "stop" };
+        let body = match kind {
+            Kind::Text => json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": o.text, "finish_reason": finish(o.finish), "logprobs": null}], "usage": usage(&o)}),
+            Kind::Chat { tools } => {
+                let (content, calls) = if tools { toolcall::parse(&o.text) } else { (o.text.clone(), vec![]) };
+                let mut msg = json!({"role": "assistant", "content": content});
+                let mut reason = finish(o.finish);
+                if !calls.is_empty() {
+                    msg["content"] = if content.is_empty() { Value::Null } else { json!(content) };
+                    msg["tool_calls"] = calls
+                        .iter()
+                        .map(|c| json!({"id": new_id("call"), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                        .collect();
+                    reason = "tool_calls";
+                }
+                json!({"id": id, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": msg, "finish_reason": reason, "logprobs": null}], "usage": usage(&o)})
+            }
+        };
+        return Json(body).into_response();
+    }
+
+    // streamed: chunks flow through a channel; a closed channel (client gone) cancels
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    let session = app.session.clone();
+    let app2 = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let chunk = |delta: Value, finish: Option<&str>| -> Event {
+            let body = match kind {
+                Kind::Text => json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": delta.as_str().unwrap_or(""), "finish_reason": finish, "logprobs": null}]}),
+                Kind::Chat { .. } => json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]}),
+            };
+            Event::default().data(body.to_string())
+        };
+        let send = |e: Event| tx.blocking_send(e).is_ok();
+        let tools = matches!(kind, Kind::Chat { tools: true });
+        let is_chat = matches!(kind, Kind::Chat { .. });
+        if is_chat && !send(chunk(json!({"role": "assistant", "content": ""}), None)) {
+            return;
+        }
+        let mut splitter = ToolStream::default();
+        let mut n_calls = 0usize;
+        let mut emit = |events: Vec<StreamEvent>| -> bool {
+            for ev in events {
+                let ok = match ev {
+                    StreamEvent::Content(c) if c.is_empty() => true,
+                    StreamEvent::Content(c) => send(chunk(if is_chat { json!({"content": c}) } else { json!(c) }, None)),
+                    StreamEvent::Call(c) => {
+                        n_calls += 1;
+                        send(chunk(
+                            json!({"tool_calls": [{"index": n_calls - 1, "id": new_id("call"), "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments}}]}),
+                            None,
+                        ))
+                    }
+                };
+                if !ok {
+                    return false;
+                }
+            }
+            true
+        };
+        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        let res = s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |piece| {
+            if tools { emit(splitter.push(piece)) } else { emit(vec![StreamEvent::Content(piece.to_string())]) }
+        });
+        drop(s);
+        match res {
+            Ok(o) => {
+                record(&app2, &o);
+                if o.finish == Finish::Cancelled {
+                    return;
+                }
+                let rest = splitter.finish();
+                if !emit(rest) {
+                    return;
+                }
+                let reason = if n_calls > 0 { "tool_calls" } else if o.finish == Finish::Length { "length" } else { "stop" };
+                if !send(chunk(if is_chat { json!({}) } else { json!("") }, Some(reason))) {
+                    return;
+                }
+                if p.include_usage {
+                    let body = json!({"id": id, "object": if is_chat { "chat.completion.chunk" } else { "text_completion" },
+                        "created": created, "model": model, "choices": [], "usage": usage(&o)});
+                    send(Event::default().data(body.to_string()));
+                }
+                send(Event::default().data("[DONE]"));
+            }
+            Err(e) => {
+                app2.metrics.errors.fetch_add(1, Relaxed);
+                let body = json!({"error": {"message": format!("{e:#}"), "type": "server_error", "param": null, "code": null}});
+                send(Event::default().data(body.to_string()));
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let stream = tokio_stream::StreamExt::map(stream, Ok::<Event, Infallible>);
+    Sse::new(stream).into_response()
+}

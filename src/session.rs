@@ -1,0 +1,233 @@
+//! A conversation engine over one model: keeps the sequence state between requests so a prompt
+//! that extends the previous one only prefills its new tokens, streams text, honours stop
+//! strings and cancellation.
+//!
+//! DeltaNet state cannot be rolled back token by token, so besides the live state the session
+//! keeps snapshots taken where prompts ended; a prompt that diverges from the cached tokens
+//! resumes from the latest snapshot at or before the divergence (the chat template rewrites
+//! earlier assistant turns, e.g. dropping their thinking, so this matters).
+
+use crate::generate::{GenStats, Sampler, SamplingParams, StopReason};
+use crate::model::{Model, State};
+use crate::tokenizer::{StreamDecoder, TextTokenizer};
+use anyhow::{Result, bail};
+use std::time::Instant;
+
+/// Snapshots kept (each is a full copy of the sequence state).
+const MAX_SNAPSHOTS: usize = 4;
+
+/// Why a generation ended, in OpenAI terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// EOS or a stop string.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+    /// The caller cancelled (Ctrl-C, client gone).
+    Cancelled,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Result of [`Session::generate`].
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish: Finish,
+    pub prompt_tokens: usize,
+    /// Prompt tokens that were already in the state (not prefilled again).
+    pub reused_tokens: usize,
+    pub stats: GenStats,
+}
+
+/// A prompt that does not fit the model's context.
+#[derive(Debug)]
+pub struct ContextExceeded {
+    pub prompt_tokens: usize,
+    pub context: usize,
+}
+
+impl std::fmt::Display for ContextExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the prompt has {} tokens, the model's context is {} tokens", self.prompt_tokens, self.context)
+    }
+}
+
+impl std::error::Error for ContextExceeded {}
+
+pub struct Session {
+    pub model: Model,
+    pub tok: TextTokenizer,
+    pub stop_ids: Vec<u32>,
+    state: State,
+    /// Tokens whose effect `state` holds.
+    cached: Vec<u32>,
+    snapshots: Vec<(usize, State)>,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl Session {
+    pub fn new(model: Model, tok: TextTokenizer) -> Session {
+        let mut stop_ids = model.cfg.eos_token_ids.clone();
+        stop_ids.extend(tok.eos_id());
+        for s in ["<|im_end|>", "<|endoftext|>"] {
+            stop_ids.extend(tok.token_to_id(s));
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        let state = model.new_state();
+        Session { model, tok, stop_ids, state, cached: vec![], snapshots: vec![] }
+    }
+
+    /// Forgets the conversation state.
+    pub fn reset(&mut self) {
+        self.state = self.model.new_state();
+        self.cached.clear();
+        self.snapshots.clear();
+    }
+
+    /// Tokens currently held in the state.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Brings the state to `prompt[..n]` for the largest reusable n < prompt.len().
+    fn rewind(&mut self, prompt: &[u32]) -> usize {
+        let l = common_prefix(&self.cached, prompt);
+        if l == self.cached.len() && l < prompt.len() && !self.state.poisoned {
+            return l;
+        }
+        let best =
+            self.snapshots.iter().enumerate().filter(|(_, (p, _))| *p <= l && *p < prompt.len()).max_by_key(|(_, (p, _))| *p);
+        match best {
+            Some((_, (p, st))) => {
+                let p = *p;
+                self.state = st.clone();
+                self.cached = prompt[..p].to_vec();
+                // snapshots past the divergence describe another history
+                self.snapshots.retain(|(q, _)| *q <= p);
+                p
+            }
+            None => {
+                self.reset();
+                0
+            }
+        }
+    }
+
+    /// Generates a continuation of `prompt`. `on_text` receives text as it completes and
+    /// returns false to cancel.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        params: &SamplingParams,
+        stop: &[String],
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Output> {
+        let ctx = self.model.max_context();
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if prompt.len() >= ctx {
+            return Err(ContextExceeded { prompt_tokens: prompt.len(), context: ctx }.into());
+        }
+        params.validate()?;
+        let t0 = Instant::now();
+        let reused = self.rewind(prompt);
+        self.cached.truncate(reused);
+        // prefill all but the last token, snapshot there (so the same prompt, or one that
+        // extends it, can resume), then the last token gives the first logits
+        let n = prompt.len();
+        if reused < n - 1 {
+            self.model.forward(&mut self.state, &prompt[reused..n - 1], false)?;
+            self.cached.extend_from_slice(&prompt[reused..n - 1]);
+        }
+        if !self.snapshots.iter().any(|(p, _)| *p == n - 1) {
+            self.snapshots.push((n - 1, self.state.clone()));
+            if self.snapshots.len() > MAX_SNAPSHOTS {
+                self.snapshots.remove(0);
+            }
+        }
+        let mut logits = self.model.forward(&mut self.state, &prompt[n - 1..], false)?;
+        self.cached.push(prompt[n - 1]);
+        let prompt_secs = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut sampler = Sampler::new(params.clone());
+        let mut dec = StreamDecoder::new();
+        let (mut text, mut tokens) = (String::new(), vec![]);
+        let mut emitted = 0;
+        let mut history = prompt.to_vec();
+        let max_tokens = max_tokens.min(ctx - prompt.len());
+        let finish = loop {
+            if tokens.len() >= max_tokens {
+                break Finish::Length;
+            }
+            let tok = sampler.sample(&mut logits, &history);
+            if self.stop_ids.contains(&tok) {
+                break Finish::Stop;
+            }
+            tokens.push(tok);
+            history.push(tok);
+            text.push_str(&dec.push(&self.tok, tok)?);
+            // a stop string ends the text just before it
+            if let Some(cut) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+                if cut > emitted {
+                    on_text(&text[emitted..cut]);
+                }
+                emitted = cut;
+                break Finish::Stop;
+            }
+            // hold back a tail that could still become a stop string
+            let hold = stop
+                .iter()
+                .flat_map(|s| (1..s.len()).filter(move |&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
+                .filter(|pre| text.ends_with(pre))
+                .map(|pre| pre.len())
+                .max()
+                .unwrap_or(0);
+            let safe = text.len() - hold;
+            if safe > emitted {
+                let ok = on_text(&text[emitted..safe]);
+                emitted = safe;
+                if !ok {
+                    break Finish::Cancelled;
+                }
+            }
+            if tokens.len() >= max_tokens {
+                break Finish::Length;
+            }
+            logits = self.model.forward(&mut self.state, &[tok], false)?;
+            self.cached.push(tok);
+        };
+        if finish != Finish::Stop && emitted < text.len() {
+            on_text(&text[emitted..]);
+        }
+        let stats = GenStats {
+            prompt_tokens: prompt.len() - reused,
+            prompt_secs,
+            generated_tokens: tokens.len(),
+            generate_secs: t1.elapsed().as_secs_f64(),
+            stop: match finish {
+                Finish::Stop => StopReason::Eos,
+                Finish::Length => StopReason::MaxTokens,
+                Finish::Cancelled => StopReason::Cancelled,
+            },
+        };
+        Ok(Output { text, tokens, finish, prompt_tokens: prompt.len(), reused_tokens: reused, stats })
+    }
+}

@@ -1,0 +1,234 @@
+//! The OpenAI-compatible server on a loopback port with the built-in model, driven by reqwest;
+//! and (tests/openai_client.py) by the official `openai` Python package.
+
+use flashmoe::load::load_model;
+use flashmoe::server::{ServerOptions, router};
+use flashmoe::session::Session;
+use flashmoe::tokenizer::TextTokenizer;
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::time::Duration;
+
+fn model_dir() -> &'static Path {
+    Path::new(flashmoe::builtin::SOURCE)
+}
+
+/// Starts a server on 127.0.0.1:<free port> in a background thread; returns its base URL.
+fn start(max_queue: usize) -> String {
+    let dir = model_dir();
+    let session = Session::new(load_model(dir).unwrap(), TextTokenizer::load(dir).unwrap());
+    let opts = ServerOptions { model_id: "flashmoe-default".into(), max_queue, default_max_tokens: 64 };
+    let app = router(session, opts);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    format!("http://{}", rx.recv().unwrap())
+}
+
+fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+fn post(url: &str, body: Value) -> (u16, Value) {
+    let r = client().post(url).json(&body).send().unwrap();
+    (r.status().as_u16(), r.json().unwrap())
+}
+
+/// The `data:` payloads of an SSE response.
+fn sse(url: &str, body: Value) -> Vec<String> {
+    let r = client().post(url).json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    BufReader::new(r).lines().map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(String::from)).collect()
+}
+
+#[test]
+fn chat_completions_streamed_and_not_agree_with_usage_and_prefix_reuse() {
+    let base = start(8);
+    assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
+    let models: Value = client().get(format!("{base}/v1/models")).send().unwrap().json().unwrap();
+    assert_eq!(models["data"][0]["id"], "flashmoe-default");
+
+    let msgs = json!([{"role": "system", "content": "You are a player in Shakespeare's company."},
+                      {"role": "user", "content": "Speak as ROMEO."}]);
+    let body = json!({"model": "flashmoe-default", "messages": msgs, "max_tokens": 24, "temperature": 0});
+    let (st, a) = post(&format!("{base}/v1/chat/completions"), body.clone());
+    assert_eq!(st, 200, "{a}");
+    let text = a["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+    let u = &a["usage"];
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap());
+    assert!(["stop", "length"].contains(&a["choices"][0]["finish_reason"].as_str().unwrap()));
+
+    // the same request streamed gives the same text, then usage, then [DONE]
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
+    let events = sse(&format!("{base}/v1/chat/completions"), sb);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, text);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], a["usage"]["completion_tokens"]);
+    // identical prompt: all but its last token come from the cache
+    assert_eq!(chunks.last().unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() - 1);
+
+    // the next turn extends the conversation: its prefix is reused
+    let mut next = msgs.as_array().unwrap().clone();
+    next.push(json!({"role": "assistant", "content": text}));
+    next.push(json!({"role": "user", "content": "Speak as JULIET."}));
+    let (st, b) = post(&format!("{base}/v1/chat/completions"), json!({"messages": next, "max_tokens": 8, "temperature": 0.7, "seed": 3}));
+    assert_eq!(st, 200, "{b}");
+    let cached = b["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= u["prompt_tokens"].as_u64().unwrap() - 1, "cached {cached}: {b}");
+
+    // plain completions, streamed and not
+    let (st, c) = post(&format!("{base}/v1/completions"), json!({"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0}));
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    let ev = sse(&format!("{base}/v1/completions"), json!({"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0, "stream": true}));
+    let s: String = ev[..ev.len() - 1].iter().filter_map(|e| serde_json::from_str::<Value>(e).ok()).filter_map(|v| v["choices"][0]["text"].as_str().map(String::from)).collect();
+    assert_eq!(s, c["choices"][0]["text"].as_str().unwrap());
+
+    let m = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
+    assert!(m.contains("flashmoe_completion_tokens_total") && m.contains("flashmoe_queue_depth 0"), "{m}");
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_survives() {
+    let base = start(8);
+    let url = format!("{base}/v1/chat/completions");
+    let r = client().post(&url).header("content-type", "application/json").body("{not json").send().unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (json!({"model": "gpt-4", "messages": user}), 404, Some("model_not_found")),
+        (json!({"messages": []}), 400, None),
+        (json!({"messages": [{"role": "wizard", "content": "x"}]}), 400, None),
+        (json!({"messages": user, "temperature": -1}), 400, None),
+        (json!({"messages": user, "max_tokens": 0}), 400, None),
+        (json!({"messages": user, "n": 2}), 400, None),
+        (json!({"messages": user, "stop": 7}), 400, None),
+        (json!({"messages": [{"role": "user", "content": "word ".repeat(3000)}]}), 400, Some("context_length_exceeded")),
+    ];
+    for (body, status, code) in cases {
+        let (st, e) = post(&url, body.clone());
+        assert_eq!(st, status, "{body}: {e}");
+        assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if let Some(c) = code {
+            assert_eq!(e["error"]["code"], c);
+        }
+    }
+    let (st, _) = post(&format!("{base}/v1/completions"), json!({"prompt": 5}));
+    assert_eq!(st, 400);
+    assert_eq!(client().get(format!("{base}/nope")).send().unwrap().status().as_u16(), 404);
+    assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
+}
+
+#[test]
+fn tool_call_round_trip() {
+    let base = start(8);
+    let url = format!("{base}/v1/chat/completions");
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let q = json!({"role": "user", "content": "What is the weather in Verona?"});
+    let (st, a) = post(&url, json!({"messages": [q], "tools": tools, "temperature": 0, "max_tokens": 60}));
+    assert_eq!(st, 200, "{a}");
+    let choice = &a["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{a}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args["city"], "Verona");
+
+    // streamed: the call arrives as a tool_calls delta
+    let ev = sse(&url, json!({"messages": [q], "tools": tools, "temperature": 0, "max_tokens": 60, "stream": true}));
+    let chunks: Vec<Value> = ev.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    let streamed_call = chunks.iter().find_map(|c| c["choices"][0]["delta"]["tool_calls"][0].as_object().cloned()).expect("a tool_calls delta");
+    assert_eq!(streamed_call["function"]["name"], "get_weather");
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "tool_calls"));
+
+    // the tool's result goes back as a `tool` message; the model answers from it
+    let msgs = json!([q, choice["message"], {"role": "tool", "tool_call_id": call["id"],
+        "content": "{\"city\": \"Verona\", \"weather\": \"sunny\", \"temperature\": 21}"}]);
+    let (st, b) = post(&url, json!({"messages": msgs, "tools": tools, "temperature": 0, "max_tokens": 40}));
+    assert_eq!(st, 200, "{b}");
+    let answer = b["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Verona") && answer.contains("sunny"), "{answer}");
+    assert!(b["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn disconnect_stops_generation_and_the_queue_is_bounded() {
+    let base = start(0);
+    let url = format!("{base}/v1/completions");
+    // end-of-text banned, so only the disconnect can end this one early
+    let tok = TextTokenizer::load(model_dir()).unwrap();
+    let mut bias = serde_json::Map::new();
+    for s in ["<|endoftext|>", "<|im_end|>"] {
+        bias.insert(tok.token_to_id(s).unwrap().to_string(), json!(-100));
+    }
+    let body = json!({"prompt": "ROMEO:", "max_tokens": 900, "stream": true, "temperature": 1, "logit_bias": bias});
+    let c = client();
+    let r = c.post(&url).json(&body).send().unwrap();
+    let mut lines = BufReader::new(r).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    // while that one holds the engine, a queue of size 0 refuses the next
+    let t0 = std::time::Instant::now();
+    let r2 = c.post(&url).json(&json!({"prompt": "JULIET:", "max_tokens": 4})).send().unwrap();
+    let (st, e): (u16, Value) = (r2.status().as_u16(), r2.json().unwrap());
+    assert_eq!(st, 503, "{e} after {:?}", t0.elapsed());
+    assert_eq!(e["error"]["code"], "queue_full");
+    drop(lines); // the client goes away
+    // the engine frees up well before 900 tokens would have been made
+    let t = std::time::Instant::now();
+    loop {
+        let (st, _) = post(&url, json!({"prompt": "JULIET:", "max_tokens": 4}));
+        if st == 200 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "engine still busy after the client left");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
+    let done: f64 = m.lines().find_map(|l| l.strip_prefix("flashmoe_completion_tokens_total ")).unwrap().parse().unwrap();
+    assert!(done < 900.0, "generation went on after the disconnect: {done} tokens");
+}
+
+/// The official `openai` Python client (installed from PyPI into target/openai-venv) against
+/// the server: a streamed chat, a non-streamed chat and a tool call round trip.
+#[test]
+fn official_openai_python_client() {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openai-venv");
+    let py = venv.join("bin/python");
+    if !py.exists() {
+        let ok = std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv).status().unwrap().success();
+        assert!(ok, "python3 -m venv failed");
+    }
+    let has = std::process::Command::new(&py).args(["-c", "import openai"]).status().unwrap().success();
+    if !has {
+        let ok = std::process::Command::new(&py).args(["-m", "pip", "install", "-q", "openai"]).status().unwrap().success();
+        assert!(ok, "pip install openai failed (PyPI must be reachable)");
+    }
+    let base = start(8);
+    let out = std::process::Command::new(&py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
+        .arg(format!("{base}/v1"))
+        .output()
+        .unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "openai client script failed:\n{so}\n{se}");
+    assert!(so.contains("all openai client checks passed"), "{so}");
+}
