@@ -48,6 +48,8 @@ pub struct BenchResult {
     pub top10pct_expert_share: f64,
     /// Share of a token's experts the previous token also used (same layer).
     pub expert_reuse: f64,
+    /// Share of prefetched (predicted) experts that were then routed to (with --prefetch).
+    pub prefetch_accuracy: f64,
     pub cache_mode: String,
     pub experts_per_token: usize,
     pub threads: usize,
@@ -182,6 +184,11 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         prefill_phases_ms: prefill_phases,
         top10pct_expert_share: routing.top_share(0.10),
         expert_reuse: routing.reuse(),
+        prefetch_accuracy: if s2.prefetched > s1.prefetched {
+            (s2.prefetch_used - s1.prefetch_used) as f64 / (s2.prefetched - s1.prefetched) as f64
+        } else {
+            0.0
+        },
         cache_mode: model.store.as_ref().map_or("memory".into(), |s| format!("{:?}", s.mode).to_lowercase()),
         experts_per_token: k,
         threads: rayon::current_num_threads(),

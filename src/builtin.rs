@@ -3,8 +3,8 @@
 //! the flash layout in the user's cache directory, so it runs like any giant: resident weights
 //! mapped, experts streamed from disk.
 
-use crate::flash::convert::{ConvertOptions, convert};
 use crate::flash::Manifest;
+use crate::flash::convert::{ConvertOptions, convert};
 use crate::tensor::WKind;
 use anyhow::{Result, bail};
 use std::path::{Path, PathBuf};

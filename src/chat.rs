@@ -37,7 +37,11 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
     }
     let mut messages: Vec<Value> = vec![];
     let mut last_stats: Option<String> = None;
-    eprintln!("flashmoe chat: {} ({}). {HELP}", session.model.cfg.model_type, if opts.thinking { "thinking on" } else { "thinking off" });
+    eprintln!(
+        "flashmoe chat: {} ({}). {HELP}",
+        session.model.cfg.model_type,
+        if opts.thinking { "thinking on" } else { "thinking off" }
+    );
     loop {
         let line = match ed.readline("> ") {
             Ok(l) => l,
@@ -65,7 +69,12 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
                     eprintln!("cached tokens: {}, turns: {}", session.cached_tokens(), messages.len() / 2);
                     if let Some(s) = &session.model.store {
                         let st = s.stats();
-                        eprintln!("experts: {} reads, {:.1} MB, hit rate {:.1}%", st.reads, st.bytes_read as f64 / 1e6, 100.0 * st.hit_rate());
+                        eprintln!(
+                            "experts: {} reads, {:.1} MB, hit rate {:.1}%",
+                            st.reads,
+                            st.bytes_read as f64 / 1e6,
+                            100.0 * st.hit_rate()
+                        );
                     }
                 }
                 "system" => {
@@ -83,7 +92,10 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
                         Err(e) => eprintln!("error: cannot write {arg}: {e}"),
                     }
                 }
-                "load" if !arg.is_empty() => match std::fs::read_to_string(arg).map_err(anyhow::Error::from).and_then(|t| Ok(serde_json::from_str::<Value>(&t)?)) {
+                "load" if !arg.is_empty() => match std::fs::read_to_string(arg)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|t| Ok(serde_json::from_str::<Value>(&t)?))
+                {
                     Ok(v) => {
                         messages = v["messages"].as_array().cloned().unwrap_or_default();
                         opts.system = v["system"].as_str().map(String::from);

@@ -293,6 +293,9 @@ struct StoreArgs {
     /// Read all experts of a converted model into memory at load instead of streaming them.
     #[arg(long)]
     experts_in_memory: bool,
+    /// Experiment: read the next layer's predicted experts ahead (os cache mode).
+    #[arg(long)]
+    prefetch: bool,
 }
 
 /// Parses sizes like 4096, 512K, 64M, 2G (binary units).
@@ -322,6 +325,7 @@ impl StoreArgs {
                 mode: self.cache,
                 cache_bytes: parse_size(&self.cache_size)?,
                 io_threads: self.io_threads,
+                prefetch: self.prefetch,
                 ..Default::default()
             },
             experts_in_memory: self.experts_in_memory,
@@ -383,33 +387,32 @@ fn main() {
             cmd_convert(from, to, &experts, &dense, group_size, force)
         }
         Cmd::Verify { model } => cmd_verify(model),
-        Cmd::Sysbench { file, block, io_threads, direct, seconds, memory } => {
-            if let Some(f) = file {
-                let r = flashmoe::sysbench::disk_read(&f, block, io_threads, direct, seconds);
-                r.map(|bps| {
-                    println!(
-                        "{{\"disk_gb_s\": {:.3}, \"block\": {block}, \"threads\": {io_threads}, \"direct\": {direct}}}",
-                        bps / 1e9
-                    )
-                })
-            } else {
-                Ok(())
-            }
-            .and_then(|_| {
-                if memory {
-                    let one = flashmoe::sysbench::memory_read(1 << 30, 1);
-                    let all = flashmoe::sysbench::memory_read(1 << 30, rayon::current_num_threads());
-                    println!("{{\"mem_gb_s_1thread\": {:.2}, \"mem_gb_s_all\": {:.2}}}", one / 1e9, all / 1e9);
-                }
-                Ok(())
+        Cmd::Sysbench { file, block, io_threads, direct, seconds, memory } => if let Some(f) = file {
+            let r = flashmoe::sysbench::disk_read(&f, block, io_threads, direct, seconds);
+            r.map(|bps| {
+                println!(
+                    "{{\"disk_gb_s\": {:.3}, \"block\": {block}, \"threads\": {io_threads}, \"direct\": {direct}}}",
+                    bps / 1e9
+                )
             })
+        } else {
+            Ok(())
         }
+        .and_then(|_| {
+            if memory {
+                let one = flashmoe::sysbench::memory_read(1 << 30, 1);
+                let all = flashmoe::sysbench::memory_read(1 << 30, rayon::current_num_threads());
+                println!("{{\"mem_gb_s_1thread\": {:.2}, \"mem_gb_s_all\": {:.2}}}", one / 1e9, all / 1e9);
+            }
+            Ok(())
+        }),
         Cmd::Synth { preset, layers, experts, dense, routing, seed, to, force } => {
             cmd_synth(&preset, layers, &experts, &dense, routing, seed, &to, force)
         }
-        Cmd::Bench { model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, store } => {
-            resolve(model).and_then(|model| cmd_bench(&model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, &store))
-        }
+        Cmd::Bench { model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, store } => resolve(model)
+            .and_then(|model| {
+                cmd_bench(&model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, &store)
+            }),
         Cmd::Eval {
             model,
             text,
@@ -422,7 +425,10 @@ fn main() {
             json,
             store,
         } => resolve(model).and_then(|model| {
-            cmd_eval(EvalArgs { model, text, reference, experts_per_token, experts, group_size, window, max_tokens, json }, &store)
+            cmd_eval(
+                EvalArgs { model, text, reference, experts_per_token, experts, group_size, window, max_tokens, json },
+                &store,
+            )
         }),
     };
     if let Err(e) = r {
@@ -690,10 +696,13 @@ fn cmd_chat(
 ) -> Result<()> {
     let dir = resolve(model)?;
     let system = match system_file {
-        Some(f) => Some(std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?.trim().to_string()),
+        Some(f) => Some(
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?.trim().to_string(),
+        ),
         None => system,
     };
-    let session = flashmoe::session::Session::new(load_model_with(&dir, &store.load_options()?)?, TextTokenizer::load(&dir)?);
+    let session =
+        flashmoe::session::Session::new(load_model_with(&dir, &store.load_options()?)?, TextTokenizer::load(&dir)?);
     let opts = flashmoe::chat::ChatOptions { system, thinking: !no_think, max_tokens, sampling: sampling.params()? };
     flashmoe::chat::run(session, opts)
 }

@@ -112,6 +112,20 @@ impl Layer {
 }
 
 impl Model {
+    /// Speculative prefetch: layer `i + 1`'s router applied to the hidden state entering layer
+    /// `i` predicts its experts; the store reads them ahead while layer `i` runs.
+    fn prefetch_next(&self, i: usize, x: &[f32]) {
+        let (Some(next), Some(store)) = (self.layers.get(i + 1), &self.store) else { return };
+        let FfnWeights::Moe(m) = &next.ffn else { return };
+        let mut h = x.to_vec();
+        next.post_norm.apply(&mut h);
+        let mut logits = vec![0.0; m.router.rows];
+        m.router.matvec(&h, &mut logits);
+        let k = self.opts.experts_per_token.unwrap_or(m.top_k);
+        let experts: Vec<usize> = crate::layers::moe::route(&logits, k, false).into_iter().map(|r| r.0).collect();
+        store.prefetch(i + 1, &experts);
+    }
+
     /// A fresh, empty sequence state.
     pub fn new_state(&self) -> State {
         let layers = self
@@ -157,7 +171,11 @@ impl Model {
         for (t, &id) in tokens.iter().enumerate() {
             self.embed.row_f32(id as usize, &mut x[t * h..(t + 1) * h]);
         }
-        for (layer, ls) in self.layers.iter().zip(st.layers.iter_mut()) {
+        let prefetch = n == 1 && self.store.as_ref().is_some_and(|s| s.prefetch);
+        for (i, (layer, ls)) in self.layers.iter().zip(st.layers.iter_mut()).enumerate() {
+            if prefetch {
+                self.prefetch_next(i, &x);
+            }
             if let Err(e) = layer.forward(&mut x, n, st.pos, ls, &self.opts) {
                 // the state saw part of this call: the sequence cannot continue
                 st.poisoned = true;

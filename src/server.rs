@@ -9,8 +9,8 @@
 use crate::generate::SamplingParams;
 use crate::session::{ContextExceeded, Finish, Output, Session};
 use crate::toolcall::{self, StreamEvent, ToolStream};
-use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -61,7 +61,13 @@ struct App {
 type Shared = Arc<App>;
 
 /// An OpenAI-style error response.
-fn error(status: StatusCode, message: impl Into<String>, kind: &str, code: Option<&str>, param: Option<&str>) -> Response {
+fn error(
+    status: StatusCode,
+    message: impl Into<String>,
+    kind: &str,
+    code: Option<&str>,
+    param: Option<&str>,
+) -> Response {
     let body = json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}});
     (status, Json(body)).into_response()
 }
@@ -98,7 +104,9 @@ pub fn router(session: Session, opts: ServerOptions) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/metrics", get(metrics))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "unknown endpoint", "invalid_request_error", Some("not_found"), None) })
+        .fallback(|| async {
+            error(StatusCode::NOT_FOUND, "unknown endpoint", "invalid_request_error", Some("not_found"), None)
+        })
         .with_state(app)
 }
 
@@ -111,7 +119,9 @@ pub async fn serve(session: Session, host: &str, port: u16, opts: ServerOptions)
 }
 
 async fn models(State(app): State<Shared>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{"id": app.opts.model_id, "object": "model", "created": 0, "owned_by": "flashmoe"}]}))
+    Json(
+        json!({"object": "list", "data": [{"id": app.opts.model_id, "object": "model", "created": 0, "owned_by": "flashmoe"}]}),
+    )
 }
 
 async fn metrics(State(app): State<Shared>) -> Response {
@@ -122,19 +132,59 @@ async fn metrics(State(app): State<Shared>) -> Response {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
     };
     metric("flashmoe_requests_total", "counter", "Requests received.", m.requests.load(Relaxed) as f64);
-    metric("flashmoe_request_errors_total", "counter", "Requests answered with an error.", m.errors.load(Relaxed) as f64);
-    metric("flashmoe_prompt_tokens_total", "counter", "Prompt tokens of all requests.", m.prompt_tokens.load(Relaxed) as f64);
-    metric("flashmoe_prompt_tokens_reused_total", "counter", "Prompt tokens served from the cached prefix.", m.reused_tokens.load(Relaxed) as f64);
-    metric("flashmoe_completion_tokens_total", "counter", "Generated tokens.", m.completion_tokens.load(Relaxed) as f64);
+    metric(
+        "flashmoe_request_errors_total",
+        "counter",
+        "Requests answered with an error.",
+        m.errors.load(Relaxed) as f64,
+    );
+    metric(
+        "flashmoe_prompt_tokens_total",
+        "counter",
+        "Prompt tokens of all requests.",
+        m.prompt_tokens.load(Relaxed) as f64,
+    );
+    metric(
+        "flashmoe_prompt_tokens_reused_total",
+        "counter",
+        "Prompt tokens served from the cached prefix.",
+        m.reused_tokens.load(Relaxed) as f64,
+    );
+    metric(
+        "flashmoe_completion_tokens_total",
+        "counter",
+        "Generated tokens.",
+        m.completion_tokens.load(Relaxed) as f64,
+    );
     let secs = |ns: &AtomicU64| ns.load(Relaxed) as f64 / 1e9;
     let prefilled = (m.prompt_tokens.load(Relaxed) - m.reused_tokens.load(Relaxed)) as f64;
-    metric("flashmoe_prefill_tokens_per_second", "gauge", "Prefill speed over all requests.", prefilled / secs(&m.prefill_ns).max(1e-9));
-    metric("flashmoe_decode_tokens_per_second", "gauge", "Decode speed of the last request.", m.last_decode_tok_s_milli.load(Relaxed) as f64 / 1000.0);
+    metric(
+        "flashmoe_prefill_tokens_per_second",
+        "gauge",
+        "Prefill speed over all requests.",
+        prefilled / secs(&m.prefill_ns).max(1e-9),
+    );
+    metric(
+        "flashmoe_decode_tokens_per_second",
+        "gauge",
+        "Decode speed of the last request.",
+        m.last_decode_tok_s_milli.load(Relaxed) as f64 / 1000.0,
+    );
     metric("flashmoe_decode_seconds_total", "counter", "Time spent decoding.", secs(&m.decode_ns));
     metric("flashmoe_queue_depth", "gauge", "Requests waiting for the engine.", app.waiting.load(Relaxed) as f64);
-    metric("flashmoe_busy", "gauge", "1 while a generation runs.", if app.engine.available_permits() == 0 { 1.0 } else { 0.0 });
+    metric(
+        "flashmoe_busy",
+        "gauge",
+        "1 while a generation runs.",
+        if app.engine.available_permits() == 0 { 1.0 } else { 0.0 },
+    );
     if let Some(s) = store {
-        metric("flashmoe_expert_bytes_read_total", "counter", "Expert bytes read from the expert files.", s.bytes_read as f64);
+        metric(
+            "flashmoe_expert_bytes_read_total",
+            "counter",
+            "Expert bytes read from the expert files.",
+            s.bytes_read as f64,
+        );
         metric("flashmoe_expert_reads_total", "counter", "Expert reads issued.", s.reads as f64);
         metric("flashmoe_expert_cache_hit_rate", "gauge", "Expert fetches served from memory.", s.hit_rate());
     }
@@ -206,7 +256,8 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
         }
         _ => return Err(bad_request("`stop` must be a string or a list of at most 4 strings", Some("stop"))),
     };
-    let seed = num("seed")?.map_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64), |s| s as u64);
+    let seed = num("seed")?
+        .map_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64), |s| s as u64);
     let stream = match b.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(x)) => *x,
@@ -251,22 +302,31 @@ fn content_text(v: &Value) -> Option<String> {
     match v {
         Value::Null => Some(String::new()),
         Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => Some(parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("")),
+        Value::Array(parts) => {
+            Some(parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join(""))
+        }
         _ => None,
     }
 }
 
 /// Validates and normalises OpenAI messages for the chat template.
 fn normalise_messages(msgs: &Value) -> Result<Value, Response> {
-    let arr = msgs.as_array().filter(|a| !a.is_empty()).ok_or_else(|| bad_request("`messages` must be a non-empty list", Some("messages")))?;
+    let arr = msgs
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| bad_request("`messages` must be a non-empty list", Some("messages")))?;
     let mut out = vec![];
     for (i, m) in arr.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| bad_request(format!("messages[{i}].role is missing"), Some("messages")))?;
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad_request(format!("messages[{i}].role is missing"), Some("messages")))?;
         if !["system", "developer", "user", "assistant", "tool"].contains(&role) {
             return Err(bad_request(format!("messages[{i}].role `{role}` is not supported"), Some("messages")));
         }
-        let content = content_text(m.get("content").unwrap_or(&Value::Null))
-            .ok_or_else(|| bad_request(format!("messages[{i}].content must be a string or a list of parts"), Some("messages")))?;
+        let content = content_text(m.get("content").unwrap_or(&Value::Null)).ok_or_else(|| {
+            bad_request(format!("messages[{i}].content must be a string or a list of parts"), Some("messages"))
+        })?;
         let mut n = json!({"role": if role == "developer" { "system" } else { role }, "content": content});
         if let Some(tc) = m.get("tool_calls").filter(|v| !v.is_null()) {
             n["tool_calls"] = tc.clone();
@@ -295,11 +355,18 @@ async fn acquire(app: &Shared) -> Result<tokio::sync::OwnedSemaphorePermit, Resp
     }
     if app.waiting.fetch_add(1, Relaxed) >= app.opts.max_queue {
         app.waiting.fetch_sub(1, Relaxed);
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the server is busy: too many queued requests", "server_error", Some("queue_full"), None));
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is busy: too many queued requests",
+            "server_error",
+            Some("queue_full"),
+            None,
+        ));
     }
     let permit = app.engine.clone().acquire_owned().await;
     app.waiting.fetch_sub(1, Relaxed);
-    permit.map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down", "server_error", None, None))
+    permit
+        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down", "server_error", None, None))
 }
 
 fn record(app: &App, o: &Output) {
@@ -320,7 +387,13 @@ fn usage(o: &Output) -> Value {
 fn gen_error(app: &App, e: anyhow::Error) -> Response {
     app.metrics.errors.fetch_add(1, Relaxed);
     if let Some(c) = e.downcast_ref::<ContextExceeded>() {
-        return error(StatusCode::BAD_REQUEST, c.to_string(), "invalid_request_error", Some("context_length_exceeded"), Some("messages"));
+        return error(
+            StatusCode::BAD_REQUEST,
+            c.to_string(),
+            "invalid_request_error",
+            Some("context_length_exceeded"),
+            Some("messages"),
+        );
     }
     error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"), "server_error", None, None)
 }
@@ -348,7 +421,10 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
         if let Some(kw) = b.get("chat_template_kwargs").and_then(Value::as_object) {
             extra.extend(kw.clone());
         }
-        let text = app.tok.apply_chat_template(&messages, tools.as_ref(), true, &extra).map_err(|e| bad_request(format!("{e:#}"), Some("messages")))?;
+        let text = app
+            .tok
+            .apply_chat_template(&messages, tools.as_ref(), true, &extra)
+            .map_err(|e| bad_request(format!("{e:#}"), Some("messages")))?;
         let prompt = app.tok.encode(&text).map_err(|e| bad_request(format!("{e:#}"), Some("messages")))?;
         Ok(run(app.clone(), prompt, p, Kind::Chat { tools: tools.is_some() }).await)
     }
@@ -444,8 +520,10 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
             let body = match kind {
                 Kind::Text => json!({"id": id, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": 0, "text": delta.as_str().unwrap_or(""), "finish_reason": finish, "logprobs": null}]}),
-                Kind::Chat { .. } => json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]}),
+                Kind::Chat { .. } => {
+                    json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
+                }
             };
             Event::default().data(body.to_string())
         };
@@ -461,7 +539,9 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
             for ev in events {
                 let ok = match ev {
                     StreamEvent::Content(c) if c.is_empty() => true,
-                    StreamEvent::Content(c) => send(chunk(if is_chat { json!({"content": c}) } else { json!(c) }, None)),
+                    StreamEvent::Content(c) => {
+                        send(chunk(if is_chat { json!({"content": c}) } else { json!(c) }, None))
+                    }
                     StreamEvent::Call(c) => {
                         n_calls += 1;
                         send(chunk(
@@ -492,7 +572,13 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
                 if !emit(rest) {
                     return;
                 }
-                let reason = if n_calls > 0 { "tool_calls" } else if o.finish == Finish::Length { "length" } else { "stop" };
+                let reason = if n_calls > 0 {
+                    "tool_calls"
+                } else if o.finish == Finish::Length {
+                    "length"
+                } else {
+                    "stop"
+                };
                 if !send(chunk(if is_chat { json!({}) } else { json!("") }, Some(reason))) {
                     return;
                 }

@@ -109,8 +109,12 @@ impl Session {
         if l == self.cached.len() && l < prompt.len() && !self.state.poisoned {
             return l;
         }
-        let best =
-            self.snapshots.iter().enumerate().filter(|(_, (p, _))| *p <= l && *p < prompt.len()).max_by_key(|(_, (p, _))| *p);
+        let best = self
+            .snapshots
+            .iter()
+            .enumerate()
+            .filter(|(_, (p, _))| *p <= l && *p < prompt.len())
+            .max_by_key(|(_, (p, _))| *p);
         match best {
             Some((_, (p, st))) => {
                 let p = *p;

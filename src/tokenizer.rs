@@ -245,7 +245,8 @@ impl StreamDecoder {
     /// Adds a token; returns the newly completed text, if any.
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids, true)?;
+        // special tokens stay: <think> and <tool_call> are part of the answer (EOS never reaches here)
+        let text = tok.decode(&self.ids, false)?;
         if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
             return Ok(String::new());
         }

@@ -80,7 +80,11 @@ impl ToolStream {
                 // hold back a tail that could be the beginning of "<tool_call>"
                 let keep = (1..OPEN.len())
                     .rev()
-                    .find(|&k| self.buf.len() >= k && self.buf.is_char_boundary(self.buf.len() - k) && OPEN.starts_with(&self.buf[self.buf.len() - k..]))
+                    .find(|&k| {
+                        self.buf.len() >= k
+                            && self.buf.is_char_boundary(self.buf.len() - k)
+                            && OPEN.starts_with(&self.buf[self.buf.len() - k..])
+                    })
                     .unwrap_or(0);
                 let cut = self.buf.len() - keep;
                 if cut > 0 {

@@ -111,7 +111,13 @@ fn streamed_experts_equal_in_memory_experts_in_both_cache_modes() {
         for mode in [CacheMode::Os, CacheMode::Direct] {
             // a cache of one expert: far smaller than the model's experts
             let lo = LoadOptions {
-                store: StoreOptions { mode, cache_bytes: 1, io_threads: 3, max_batch: 2 },
+                store: StoreOptions {
+                    mode,
+                    cache_bytes: 1,
+                    io_threads: 3,
+                    max_batch: 2,
+                    prefetch: mode == CacheMode::Os,
+                },
                 experts_in_memory: false,
             };
             let m = load_model_with(&out, &lo).unwrap();

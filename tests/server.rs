@@ -64,7 +64,10 @@ fn chat_completions_streamed_and_not_agree_with_usage_and_prefix_reuse() {
     let text = a["choices"][0]["message"]["content"].as_str().unwrap().to_string();
     assert!(!text.is_empty());
     let u = &a["usage"];
-    assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
     assert!(["stop", "length"].contains(&a["choices"][0]["finish_reason"].as_str().unwrap()));
 
     // the same request streamed gives the same text, then usage, then [DONE]
@@ -79,23 +82,37 @@ fn chat_completions_streamed_and_not_agree_with_usage_and_prefix_reuse() {
     assert_eq!(streamed, text);
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], a["usage"]["completion_tokens"]);
     // identical prompt: all but its last token come from the cache
-    assert_eq!(chunks.last().unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() - 1);
+    assert_eq!(
+        chunks.last().unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() - 1
+    );
 
     // the next turn extends the conversation: its prefix is reused
     let mut next = msgs.as_array().unwrap().clone();
     next.push(json!({"role": "assistant", "content": text}));
     next.push(json!({"role": "user", "content": "Speak as JULIET."}));
-    let (st, b) = post(&format!("{base}/v1/chat/completions"), json!({"messages": next, "max_tokens": 8, "temperature": 0.7, "seed": 3}));
+    let (st, b) = post(
+        &format!("{base}/v1/chat/completions"),
+        json!({"messages": next, "max_tokens": 8, "temperature": 0.7, "seed": 3}),
+    );
     assert_eq!(st, 200, "{b}");
     let cached = b["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
     assert!(cached >= u["prompt_tokens"].as_u64().unwrap() - 1, "cached {cached}: {b}");
 
     // plain completions, streamed and not
-    let (st, c) = post(&format!("{base}/v1/completions"), json!({"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0}));
+    let (st, c) =
+        post(&format!("{base}/v1/completions"), json!({"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0}));
     assert_eq!(st, 200, "{c}");
     assert_eq!(c["object"], "text_completion");
-    let ev = sse(&format!("{base}/v1/completions"), json!({"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0, "stream": true}));
-    let s: String = ev[..ev.len() - 1].iter().filter_map(|e| serde_json::from_str::<Value>(e).ok()).filter_map(|v| v["choices"][0]["text"].as_str().map(String::from)).collect();
+    let ev = sse(
+        &format!("{base}/v1/completions"),
+        json!({"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0, "stream": true}),
+    );
+    let s: String = ev[..ev.len() - 1]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(String::from))
+        .collect();
     assert_eq!(s, c["choices"][0]["text"].as_str().unwrap());
 
     let m = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
@@ -119,7 +136,11 @@ fn bad_requests_get_openai_errors_and_the_server_survives() {
         (json!({"messages": user, "max_tokens": 0}), 400, None),
         (json!({"messages": user, "n": 2}), 400, None),
         (json!({"messages": user, "stop": 7}), 400, None),
-        (json!({"messages": [{"role": "user", "content": "word ".repeat(3000)}]}), 400, Some("context_length_exceeded")),
+        (
+            json!({"messages": [{"role": "user", "content": "word ".repeat(3000)}]}),
+            400,
+            Some("context_length_exceeded"),
+        ),
     ];
     for (body, status, code) in cases {
         let (st, e) = post(&url, body.clone());
@@ -155,7 +176,10 @@ fn tool_call_round_trip() {
     // streamed: the call arrives as a tool_calls delta
     let ev = sse(&url, json!({"messages": [q], "tools": tools, "temperature": 0, "max_tokens": 60, "stream": true}));
     let chunks: Vec<Value> = ev.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
-    let streamed_call = chunks.iter().find_map(|c| c["choices"][0]["delta"]["tool_calls"][0].as_object().cloned()).expect("a tool_calls delta");
+    let streamed_call = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"][0].as_object().cloned())
+        .expect("a tool_calls delta");
     assert_eq!(streamed_call["function"]["name"], "get_weather");
     assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "tool_calls"));
 
@@ -203,7 +227,8 @@ fn disconnect_stops_generation_and_the_queue_is_bounded() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let m = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
-    let done: f64 = m.lines().find_map(|l| l.strip_prefix("flashmoe_completion_tokens_total ")).unwrap().parse().unwrap();
+    let done: f64 =
+        m.lines().find_map(|l| l.strip_prefix("flashmoe_completion_tokens_total ")).unwrap().parse().unwrap();
     assert!(done < 900.0, "generation went on after the disconnect: {done} tokens");
 }
 
@@ -219,7 +244,8 @@ fn official_openai_python_client() {
     }
     let has = std::process::Command::new(&py).args(["-c", "import openai"]).status().unwrap().success();
     if !has {
-        let ok = std::process::Command::new(&py).args(["-m", "pip", "install", "-q", "openai"]).status().unwrap().success();
+        let ok =
+            std::process::Command::new(&py).args(["-m", "pip", "install", "-q", "openai"]).status().unwrap().success();
         assert!(ok, "pip install openai failed (PyPI must be reachable)");
     }
     let base = start(8);

@@ -47,11 +47,14 @@ pub struct StoreOptions {
     pub io_threads: usize,
     /// Most experts read at once (slots in flight); at least the routed experts per token.
     pub max_batch: usize,
+    /// Experiment: before each decode layer, predict the next layer's experts (its router on
+    /// the current hidden state) and ask the kernel to read them ahead (os mode).
+    pub prefetch: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { mode: CacheMode::Os, cache_bytes: 1 << 30, io_threads: 8, max_batch: 16 }
+        StoreOptions { mode: CacheMode::Os, cache_bytes: 1 << 30, io_threads: 8, max_batch: 16, prefetch: false }
     }
 }
 
@@ -68,6 +71,9 @@ pub struct StoreStats {
     pub io_wait_ns: u64,
     /// Time spent computing experts.
     pub compute_ns: u64,
+    /// Experts predicted by the prefetcher, and how many of them were then routed to.
+    pub prefetched: u64,
+    pub prefetch_used: u64,
 }
 
 impl StoreStats {
@@ -84,6 +90,8 @@ struct Counters {
     misses: AtomicU64,
     io_wait_ns: AtomicU64,
     compute_ns: AtomicU64,
+    prefetched: AtomicU64,
+    prefetch_used: AtomicU64,
 }
 
 /// 4 KiB-aligned memory for the slots.
@@ -170,6 +178,8 @@ pub struct ExpertStore {
     done: Receiver<Done>,
     workers: Vec<std::thread::JoinHandle<()>>,
     counters: Counters,
+    pub prefetch: bool,
+    predicted: Mutex<HashMap<usize, Vec<usize>>>,
 }
 
 fn pread_full(fd: i32, dst: *mut u8, len: usize, off: u64) -> std::io::Result<()> {
@@ -292,6 +302,8 @@ impl ExpertStore {
             done: drx,
             workers,
             counters: Counters::default(),
+            prefetch: opts.prefetch,
+            predicted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -314,12 +326,16 @@ impl ExpertStore {
             misses: c.misses.load(Relaxed),
             io_wait_ns: c.io_wait_ns.load(Relaxed),
             compute_ns: c.compute_ns.load(Relaxed),
+            prefetched: c.prefetched.load(Relaxed),
+            prefetch_used: c.prefetch_used.load(Relaxed),
         }
     }
 
     pub fn reset_stats(&self) {
         let c = &self.counters;
-        for a in [&c.bytes_read, &c.reads, &c.hits, &c.misses, &c.io_wait_ns, &c.compute_ns] {
+        for a in
+            [&c.bytes_read, &c.reads, &c.hits, &c.misses, &c.io_wait_ns, &c.compute_ns, &c.prefetched, &c.prefetch_used]
+        {
             a.store(0, Relaxed);
         }
     }
@@ -353,6 +369,12 @@ impl ExpertStore {
         let lf = self.files.get(&layer).ok_or_else(|| anyhow!("layer {layer} has no expert file"))?;
         if let Some(&e) = needed.iter().find(|&&e| e >= self.num_experts) {
             bail!("expert {e} of layer {layer} is out of range ({} experts)", self.num_experts);
+        }
+        if self.prefetch
+            && let Some(p) = self.predicted.lock().unwrap_or_else(|p| p.into_inner()).remove(&layer)
+        {
+            let used = needed.iter().filter(|e| p.contains(e)).count();
+            self.counters.prefetch_used.fetch_add(used as u64, Relaxed);
         }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let mut during = Some(during);
@@ -493,6 +515,26 @@ impl ExpertStore {
                 Ok(crate::layers::mlp::Mlp { gate: own(v.gate)?, up: own(v.up)?, down: own(v.down)? })
             })
             .collect()
+    }
+
+    /// Asks the kernel to start reading these experts of `layer` (a prediction; os mode).
+    pub fn prefetch(&self, layer: usize, experts: &[usize]) {
+        let Some(lf) = self.files.get(&layer) else { return };
+        if self.mode == CacheMode::Os {
+            for &e in experts {
+                // SAFETY: plain syscall on an open descriptor; a hint, errors are irrelevant.
+                unsafe {
+                    libc::posix_fadvise(
+                        lf.file.as_raw_fd(),
+                        (e * self.stride) as i64,
+                        self.stride as i64,
+                        libc::POSIX_FADV_WILLNEED,
+                    )
+                };
+            }
+        }
+        self.counters.prefetched.fetch_add(experts.len() as u64, Relaxed);
+        self.predicted.lock().unwrap_or_else(|p| p.into_inner()).insert(layer, experts.to_vec());
     }
 
     /// Fraction of the expert files resident in the page cache: (resident bytes, total bytes).

@@ -19,6 +19,8 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512,
+    /// AVX-512 with VNNI: quantized rows use int8 activations and `vpdpbusd`.
+    Avx512Vnni,
     Neon,
 }
 
@@ -28,9 +30,11 @@ static ISA: OnceLock<Isa> = OnceLock::new();
 pub fn isa() -> Isa {
     *ISA.get_or_init(|| {
         let best = detect();
+        let x86 = matches!(best, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni);
         match std::env::var("FLASHMOE_ISA").ok().as_deref() {
             Some("scalar") => Isa::Scalar,
-            Some("avx2") if best == Isa::Avx512 => Isa::Avx2,
+            Some("avx2") if x86 => Isa::Avx2,
+            Some("avx512") if matches!(best, Isa::Avx512 | Isa::Avx512Vnni) => Isa::Avx512,
             _ => best,
         }
     })
@@ -40,6 +44,9 @@ fn detect() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            if is_x86_feature_detected!("avx512vnni") {
+                return Isa::Avx512Vnni;
+            }
             return Isa::Avx512;
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -67,7 +74,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     match isa() {
         // SAFETY: the ISA was detected at run time.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::dot_f32_avx512(a, b) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::dot_f32_avx512(a, b) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::dot_f32_avx2(a, b) },
         #[cfg(target_arch = "aarch64")]
@@ -99,7 +106,7 @@ pub fn dot4(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     match isa() {
         // SAFETY: the ISA was detected at run time.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::dot4_f32_avx512(row, x) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::dot4_f32_avx512(row, x) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::dot4_f32_avx2(row, x) },
         _ => [dot(row, x[0]), dot(row, x[1]), dot(row, x[2]), dot(row, x[3])],
@@ -113,7 +120,7 @@ pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
     match isa() {
         // SAFETY: the ISA was detected at run time.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::dot_bf16_avx512(w, x) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::dot_bf16_avx512(w, x) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::dot_bf16_avx2(w, x) },
         #[cfg(target_arch = "aarch64")]
@@ -149,6 +156,12 @@ pub struct QPrep {
     pub group: usize,
     /// The SIMD layout applies (cols and group are multiples of the chunk).
     pub fast: bool,
+    /// int8 activations for `vpdpbusd` (VNNI): x / scale rounded, per group, permuted so each
+    /// 64-element block lines up with its unpacked weight bytes.
+    pub xq: Vec<i8>,
+    /// Per-group scale of `xq`.
+    pub xscale: Vec<f32>,
+    pub int8: bool,
 }
 
 /// Elements per packed chunk whose lanes a permutation lines up (16 bytes).
@@ -169,10 +182,14 @@ impl QPrep {
         self.xsum.clear();
         self.xsum.extend(x.chunks(group).map(|c| c.iter().sum::<f32>()));
         let ch = chunk(bits);
-        self.fast = matches!(isa(), Isa::Avx2 | Isa::Avx512)
+        self.fast = matches!(isa(), Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni)
             && bits != 3
             && cols.is_multiple_of(ch)
             && group.is_multiple_of(ch);
+        self.int8 = self.fast && isa() == Isa::Avx512Vnni && cols.is_multiple_of(64) && group.is_multiple_of(64);
+        if self.int8 {
+            self.prepare_int8(x, bits, group);
+        }
         self.xp.clear();
         if !self.fast || bits == 8 {
             self.xp.extend_from_slice(x);
@@ -189,6 +206,40 @@ impl QPrep {
     }
 }
 
+impl QPrep {
+    /// int8 activations, per group: xq = round(x / s), s = max|x| / 127; each 64-element block
+    /// ordered like the bytes its weights unpack to (q4: even elements of both 32-element
+    /// halves, then their odd elements; q2: the four 2-bit phases; q8: natural).
+    fn prepare_int8(&mut self, x: &[f32], bits: u8, group: usize) {
+        self.xscale.clear();
+        self.xq.clear();
+        for gx in x.chunks(group) {
+            let amax = gx.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = amax / 127.0;
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            self.xscale.push(s);
+            for b in gx.chunks(64) {
+                let q = |v: f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
+                match bits {
+                    4 => {
+                        for half in 0..2 {
+                            for h in 0..2 {
+                                self.xq.extend((0..16).map(|i| q(b[h * 32 + 2 * i + half])));
+                            }
+                        }
+                    }
+                    2 => {
+                        for p in 0..4 {
+                            self.xq.extend((0..16).map(|i| q(b[4 * i + p])));
+                        }
+                    }
+                    _ => self.xq.extend(b.iter().map(|&v| q(v))),
+                }
+            }
+        }
+    }
+}
+
 /// Σ_j w_j·x_j of packed row `packed` (its scales and biases per group) against `prep`.
 #[inline]
 pub fn qdot(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 {
@@ -196,7 +247,8 @@ pub fn qdot(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 
         // SAFETY: `fast` is only set when a SIMD ISA was detected and the sizes fit its chunks.
         #[cfg(target_arch = "x86_64")]
         match isa() {
-            Isa::Avx512 => return unsafe { x86::qdot_avx512(packed, scales, biases, prep) },
+            Isa::Avx512Vnni if prep.int8 => return unsafe { x86::qdot_vnni(packed, scales, biases, prep) },
+            Isa::Avx512 | Isa::Avx512Vnni => return unsafe { x86::qdot_avx512(packed, scales, biases, prep) },
             Isa::Avx2 => return unsafe { x86::qdot_avx2(packed, scales, biases, prep) },
             _ => {}
         }
@@ -318,6 +370,24 @@ mod tests {
                         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
                             got.push(unsafe { x86::qdot_avx512(pk, sc, bi, &prep) });
                         }
+                    }
+                    // the int8-activation kernel rounds x to 8 bits per group: its error is at
+                    // most Σ|w|·(x scale)/2 per group
+                    #[cfg(target_arch = "x86_64")]
+                    if prep.int8 {
+                        let v = unsafe { x86::qdot_vnni(pk, sc, bi, &prep) } as f64;
+                        let bound: f64 = row
+                            .chunks(group)
+                            .zip(&prep.xscale)
+                            .map(|(w, s)| w.iter().map(|v| v.abs() as f64).sum::<f64>() * *s as f64 * 0.5)
+                            .sum::<f64>()
+                            + 1e-4;
+                        assert!(
+                            (v - want).abs() <= bound,
+                            "vnni q{bits} {rows}x{cols}/{group}: {v} vs {want} ({bound})"
+                        );
+                        assert_eq!(got[0] as f64, v, "the dispatcher picked the VNNI kernel");
+                        got.remove(0);
                     }
                     for g in got {
                         assert!(

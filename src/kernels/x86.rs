@@ -295,3 +295,48 @@ pub unsafe fn qdot_avx2(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QP
     }
     hsum256(acc) + bacc
 }
+
+/// Quantized row · int8 activations with `vpdpbusd` (u8 weights × s8 activations → i32), one
+/// 64-element block per instruction; then scaled per group by (weight scale × activation scale).
+///
+/// # Safety
+/// AVX-512F/BW/VNNI must be available; `prep.int8` must hold for this row's sizes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn qdot_vnni(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 {
+    let (xq, p, group) = (prep.xq.as_ptr(), packed.as_ptr(), prep.group);
+    let cols = prep.xp.len();
+    let mut acc = _mm512_setzero_ps();
+    let mut bacc = 0.0f32;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm_set1_epi8(0x03);
+    for (g, (&s, &b)) in scales.iter().zip(biases).enumerate() {
+        let (mut e, end) = (g * group, ((g + 1) * group).min(cols));
+        let mut d = _mm512_setzero_si512();
+        while e < end {
+            let w = match prep.bits {
+                4 => {
+                    let v = _mm256_loadu_si256(p.add(e / 2) as *const __m256i);
+                    let lo = _mm256_and_si256(v, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+                }
+                8 => _mm512_loadu_si512(p.add(e) as *const __m512i),
+                _ => {
+                    let v = _mm_loadu_si128(p.add(e / 4) as *const __m128i);
+                    let p0 = _mm_and_si128(v, m2);
+                    let p1 = _mm_and_si128(_mm_srli_epi16(v, 2), m2);
+                    let p2 = _mm_and_si128(_mm_srli_epi16(v, 4), m2);
+                    let p3 = _mm_and_si128(_mm_srli_epi16(v, 6), m2);
+                    let lo = _mm256_inserti128_si256(_mm256_castsi128_si256(p0), p1, 1);
+                    let hi = _mm256_inserti128_si256(_mm256_castsi128_si256(p2), p3, 1);
+                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+                }
+            };
+            d = _mm512_dpbusd_epi32(d, w, _mm512_loadu_si512(xq.add(e) as *const __m512i));
+            e += 64;
+        }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(bf16_to_f32(s) * prep.xscale[g]), acc);
+        bacc += bf16_to_f32(b) * prep.xsum[g];
+    }
+    _mm512_reduce_add_ps(acc) + bacc
+}
