@@ -387,25 +387,9 @@ fn main() {
             cmd_convert(from, to, &experts, &dense, group_size, force)
         }
         Cmd::Verify { model } => cmd_verify(model),
-        Cmd::Sysbench { file, block, io_threads, direct, seconds, memory } => if let Some(f) = file {
-            let r = flashmoe::sysbench::disk_read(&f, block, io_threads, direct, seconds);
-            r.map(|bps| {
-                println!(
-                    "{{\"disk_gb_s\": {:.3}, \"block\": {block}, \"threads\": {io_threads}, \"direct\": {direct}}}",
-                    bps / 1e9
-                )
-            })
-        } else {
-            Ok(())
+        Cmd::Sysbench { file, block, io_threads, direct, seconds, memory } => {
+            cmd_sysbench(file, block, io_threads, direct, seconds, memory)
         }
-        .and_then(|_| {
-            if memory {
-                let one = flashmoe::sysbench::memory_read(1 << 30, 1);
-                let all = flashmoe::sysbench::memory_read(1 << 30, rayon::current_num_threads());
-                println!("{{\"mem_gb_s_1thread\": {:.2}, \"mem_gb_s_all\": {:.2}}}", one / 1e9, all / 1e9);
-            }
-            Ok(())
-        }),
         Cmd::Synth { preset, layers, experts, dense, routing, seed, to, force } => {
             cmd_synth(&preset, layers, &experts, &dense, routing, seed, &to, force)
         }
@@ -728,6 +712,29 @@ fn cmd_serve(
     let opts = flashmoe::server::ServerOptions { model_id, max_queue, default_max_tokens: 256 };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(flashmoe::server::serve(session, host, port, opts))
+}
+
+fn cmd_sysbench(
+    file: Option<PathBuf>,
+    block: usize,
+    threads: usize,
+    direct: bool,
+    secs: f64,
+    memory: bool,
+) -> Result<()> {
+    if let Some(f) = file {
+        let bps = flashmoe::sysbench::disk_read(&f, block, threads, direct, secs)?;
+        println!(
+            "{{\"disk_gb_s\": {:.3}, \"block\": {block}, \"threads\": {threads}, \"direct\": {direct}}}",
+            bps / 1e9
+        );
+    }
+    if memory {
+        let one = flashmoe::sysbench::memory_read(1 << 30, 1);
+        let all = flashmoe::sysbench::memory_read(1 << 30, rayon::current_num_threads());
+        println!("{{\"mem_gb_s_1thread\": {:.2}, \"mem_gb_s_all\": {:.2}}}", one / 1e9, all / 1e9);
+    }
+    Ok(())
 }
 
 fn cmd_verify(dir: PathBuf) -> Result<()> {
