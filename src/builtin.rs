@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 pub const SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
 
 /// Expert format of the converted built-in model (see docs/QUALITY.md for what it costs).
-pub const EXPERTS: WKind = WKind::Q { bits: 8, group: 64 };
+pub const EXPERTS: WKind = WKind::Q { bits: 4, group: 64 };
 
 fn cache_root() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")

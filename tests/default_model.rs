@@ -1,0 +1,51 @@
+//! The built-in model: its perplexity on the held-out plays equals the transformers reference
+//! recorded at training time, the quality table of docs/QUALITY.md is reproduced, and the README's
+//! main command prints Shakespeare-like text.
+
+use flashmoe::eval::evaluate;
+use flashmoe::load::load_model;
+use flashmoe::tensor::WKind;
+use flashmoe::tokenizer::TextTokenizer;
+use serde_json::Value;
+use std::path::Path;
+
+fn dir() -> &'static Path {
+    Path::new(flashmoe::builtin::SOURCE)
+}
+
+#[test]
+fn perplexity_matches_transformers_and_the_quality_table() {
+    let info: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("training.json")).unwrap()).unwrap();
+    let want = info["reference_eval"]["perplexity"].as_f64().unwrap();
+    let tok = TextTokenizer::load(dir()).unwrap();
+    let ids = tok.encode(&std::fs::read_to_string(dir().join("valid.txt")).unwrap()).unwrap();
+    assert_eq!(ids.len() - ids.len().div_ceil(512), info["reference_eval"]["tokens"].as_u64().unwrap() as usize);
+    let mut m = load_model(dir()).unwrap();
+    let r = evaluate(&m, None, &ids, 512).unwrap();
+    assert!((r.perplexity / want - 1.0).abs() < 1e-4, "engine {} vs transformers {want}", r.perplexity);
+    // docs/QUALITY.md: q4 experts, K = 2 → perplexity 90.39
+    m.requantize_experts(WKind::Q { bits: 4, group: 64 }).unwrap();
+    m.opts.experts_per_token = Some(2);
+    let r = evaluate(&m, None, &ids, 512).unwrap();
+    assert!((r.perplexity - 90.39).abs() < 0.05, "q4 K=2 perplexity {}", r.perplexity);
+}
+
+#[test]
+fn main_command_prints_shakespeare() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["generate", "--prompt", "ROMEO:", "--max-tokens", "40"])
+        .env("XDG_CACHE_HOME", cache.path())
+        .env_remove("FLASHMOE_MODEL")
+        .output()
+        .unwrap();
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("converting") && err.contains("experts:"), "{err}");
+    assert!(text.starts_with("ROMEO:"));
+    // English words of the plays, not byte soup
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let common = ["the", "and", "I", "to", "of", "my", "a", "you", "is", "that", "in", "not", "me", "it", "thou", "with", "be"];
+    let hits = words.iter().filter(|w| common.contains(&w.trim_matches(|c: char| !c.is_alphabetic()))).count();
+    assert!(words.len() >= 10 && hits >= 3, "{text}");
+}
