@@ -130,6 +130,17 @@ impl<'a> QMat<'a> {
         let rb = row_bytes(self.cols, self.bits);
         let p = &self.packed[r * rb..(r + 1) * rb];
         let ng = self.groups();
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.bits, 4 | 8)
+            && matches!(crate::kernels::isa(), crate::kernels::Isa::Avx512 | crate::kernels::Isa::Avx512Vnni)
+            && self.cols.is_multiple_of(32)
+            && self.group.is_multiple_of(32)
+        {
+            let (sc, bi) = (&self.scales[r * ng..(r + 1) * ng], &self.biases[r * ng..(r + 1) * ng]);
+            // SAFETY: AVX-512 detected; sizes are multiples of 32 as the kernel requires.
+            unsafe { crate::kernels::dequant_row_avx512(p, sc, bi, self.bits, self.group, &mut out[..self.cols]) };
+            return;
+        }
         for g in 0..ng {
             let (s, z) = (bf(self.scales[r * ng + g]), bf(self.biases[r * ng + g]));
             let (a, b) = (g * self.group, ((g + 1) * self.group).min(self.cols));

@@ -404,21 +404,28 @@ impl<'a> MatRef<'a> {
         }
         let (rows, cols) = (self.rows, self.cols);
         const RB: usize = 32;
+        // A block of rows is decoded once into f32 (it stays in L2), then swept by tiles of
+        // four tokens (they stay in L1): x streams once per row block, not once per row.
         let block = |b: usize| {
             let (r0, r1) = (b * RB, ((b + 1) * RB).min(rows));
-            let mut out = vec![0.0f32; (r1 - r0) * n];
-            let mut buf = vec![0.0; cols];
+            let nr = r1 - r0;
+            let mut out = vec![0.0f32; nr * n];
+            let mut rowsf = vec![0.0; nr * cols];
             for r in r0..r1 {
-                self.row_f32(r, &mut buf);
-                let o = &mut out[(r - r0) * n..(r - r0 + 1) * n];
-                let xt = |t: usize| &x[t * cols..(t + 1) * cols];
-                let mut t = 0;
-                while t + 4 <= n {
-                    o[t..t + 4].copy_from_slice(&kernels::dot4(&buf, [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)]));
-                    t += 4;
+                self.row_f32(r, &mut rowsf[(r - r0) * cols..(r - r0 + 1) * cols]);
+            }
+            let xt = |t: usize| &x[t * cols..(t + 1) * cols];
+            let mut t = 0;
+            while t + 4 <= n {
+                let xs = [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)];
+                for (i, row) in rowsf.chunks_exact(cols).enumerate() {
+                    out[i * n + t..i * n + t + 4].copy_from_slice(&kernels::dot4(row, xs));
                 }
-                for (i, ot) in o.iter_mut().enumerate().skip(t) {
-                    *ot = dot(&buf, xt(i));
+                t += 4;
+            }
+            for t in t..n {
+                for (i, row) in rowsf.chunks_exact(cols).enumerate() {
+                    out[i * n + t] = dot(row, xt(t));
                 }
             }
             out

@@ -45,7 +45,8 @@ fn main_command_prints_shakespeare() {
     assert!(text.starts_with("ROMEO:"));
     // English words of the plays, not byte soup
     let words: Vec<&str> = text.split_whitespace().collect();
-    let common = ["the", "and", "I", "to", "of", "my", "a", "you", "is", "that", "in", "not", "me", "it", "thou", "with", "be"];
+    let common =
+        ["the", "and", "I", "to", "of", "my", "a", "you", "is", "that", "in", "not", "me", "it", "thou", "with", "be"];
     let hits = words.iter().filter(|w| common.contains(&w.trim_matches(|c: char| !c.is_alphabetic()))).count();
     assert!(words.len() >= 10 && hits >= 3, "{text}");
 }

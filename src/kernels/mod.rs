@@ -62,6 +62,9 @@ fn detect() -> Isa {
     Isa::Scalar
 }
 
+#[cfg(target_arch = "x86_64")]
+pub use x86::dequant_row_avx512;
+
 #[inline]
 pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)

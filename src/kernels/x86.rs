@@ -340,3 +340,37 @@ pub unsafe fn qdot_vnni(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QP
     }
     _mm512_reduce_add_ps(acc) + bacc
 }
+
+/// Dequantizes one q4 or q8 row (natural element order) into `out`: w = scale·q + bias.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `out.len()` and `group` must be multiples of 32.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn dequant_row_avx512(
+    packed: &[u8],
+    scales: &[u16],
+    biases: &[u16],
+    bits: u8,
+    group: usize,
+    out: &mut [f32],
+) {
+    let (p, o) = (packed.as_ptr(), out.as_mut_ptr());
+    let m4 = _mm_set1_epi8(0x0f);
+    let cols = out.len();
+    for (g, (&s, &b)) in scales.iter().zip(biases).enumerate() {
+        let (vs, vb) = (_mm512_set1_ps(bf16_to_f32(s)), _mm512_set1_ps(bf16_to_f32(b)));
+        let (mut e, end) = (g * group, ((g + 1) * group).min(cols));
+        while e < end {
+            let (a, c) = if bits == 4 {
+                let v = _mm_loadu_si128(p.add(e / 2) as *const __m128i);
+                let (lo, hi) = (_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+                (_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi))
+            } else {
+                (_mm_loadu_si128(p.add(e) as *const __m128i), _mm_loadu_si128(p.add(e + 16) as *const __m128i))
+            };
+            _mm512_storeu_ps(o.add(e), _mm512_fmadd_ps(u8x16_512(a), vs, vb));
+            _mm512_storeu_ps(o.add(e + 16), _mm512_fmadd_ps(u8x16_512(c), vs, vb));
+            e += 32;
+        }
+    }
+}
