@@ -76,3 +76,31 @@ fn inspect_describes_the_model() {
     let (out, _) = run(&["inspect", "--model", fixture("qwen3_moe").to_str().unwrap()]);
     assert!(out.contains("fFff"), "{out}");
 }
+
+#[test]
+fn chat_keeps_state_between_turns_and_answers_commands() {
+    use std::io::Write;
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["chat", "--model", flashmoe::builtin::SOURCE, "--max-tokens", "12", "--system", "Be brief."])
+        .env("HOME", cache.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let save = cache.path().join("conv.json");
+    let script = format!("Speak as ROMEO.\nSpeak as JULIET.\n/stats\n/save {}\n/reset\n/exit\n", save.display());
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // two answers with stats lines; the second reused the first turn's tokens
+    let stats: Vec<&str> = err.lines().filter(|l| l.contains("prompt tokens (")).collect();
+    assert_eq!(stats.len(), 3, "two answers and /stats repeating the last: {err}");
+    assert!(stats[0].contains("(0 reused)") && !stats[1].contains("(0 reused)"), "{err}");
+    assert!(err.contains("cached tokens:") && err.contains("conversation cleared"), "{err}");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&save).unwrap()).unwrap();
+    assert_eq!(saved["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(saved["system"], "Be brief.");
+}
