@@ -3,8 +3,7 @@
 //! temporary directory, checksums are re-verified, and only then is it renamed into place.
 
 use super::format::{
-    EXTENT_ALIGN, ExpertLayer, Experts, FORMAT, FileEntry, MANIFEST, Manifest, Part, Resident, TENSOR_ALIGN,
-    TensorEntry, VERSION, file_crc32,
+    ExpertLayer, Experts, FileEntry, MANIFEST, Manifest, TENSOR_ALIGN, TensorEntry, expert_layout, file_crc32,
 };
 use crate::checkpoint::Checkpoint;
 use crate::config::{Ffn, ModelConfig};
@@ -192,11 +191,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&i| cfg.ffns[i] == Ffn::Moe).collect();
     let (h, inter, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
     let ek = opts.experts;
-    let a = |x: u64| x.next_multiple_of(TENSOR_ALIGN);
-    let gate = Part { offset: 0, rows: inter, cols: h };
-    let up = Part { offset: a(ek.bytes(inter, h) as u64), rows: inter, cols: h };
-    let down = Part { offset: a(up.offset + ek.bytes(inter, h) as u64), rows: h, cols: inter };
-    let stride = (down.offset + ek.bytes(h, inter) as u64).next_multiple_of(EXTENT_ALIGN);
+    let ([gate, up, down], stride) = expert_layout(ek, h, inter);
 
     let total_work: u64 = resident_names.len() as u64 + (moe_layers.len() * ne) as u64;
     let pb = if opts.progress { ProgressBar::new(total_work) } else { ProgressBar::hidden() };
@@ -306,23 +301,9 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
         }
     }
 
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        version: VERSION,
-        config: raw_cfg,
-        dense: opts.dense.name(),
-        resident: Resident { file: "resident.bin".into(), tensors },
-        experts: (!moe_layers.is_empty()).then(|| Experts {
-            kind: ek.name(),
-            num_experts: ne,
-            stride,
-            gate,
-            up,
-            down,
-            layers,
-        }),
-        files,
-    };
+    let experts =
+        (!moe_layers.is_empty()).then(|| Experts { kind: ek.name(), num_experts: ne, stride, gate, up, down, layers });
+    let manifest = Manifest::new(raw_cfg, opts.dense, tensors, experts, files);
 
     // 4. verify what reached the disk, then publish: manifest last, rename into place
     pb.set_message("verify");

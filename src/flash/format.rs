@@ -79,6 +79,38 @@ pub struct FileEntry {
     pub crc32: u32,
 }
 
+/// Where gate, up and down sit in an extent of `kind` experts, and the extent stride: matrices
+/// aligned to [`TENSOR_ALIGN`], extents to [`EXTENT_ALIGN`].
+pub fn expert_layout(kind: WKind, hidden: usize, inter: usize) -> ([Part; 3], u64) {
+    let a = |x: u64| x.next_multiple_of(TENSOR_ALIGN);
+    let gate = Part { offset: 0, rows: inter, cols: hidden };
+    let up = Part { offset: a(kind.bytes(inter, hidden) as u64), rows: inter, cols: hidden };
+    let down = Part { offset: a(up.offset + kind.bytes(inter, hidden) as u64), rows: hidden, cols: inter };
+    let stride = (down.offset + kind.bytes(hidden, inter) as u64).next_multiple_of(EXTENT_ALIGN);
+    ([gate, up, down], stride)
+}
+
+impl Manifest {
+    /// A manifest of the current format version.
+    pub fn new(
+        config: serde_json::Value,
+        dense: WKind,
+        tensors: Vec<TensorEntry>,
+        experts: Option<Experts>,
+        files: Vec<FileEntry>,
+    ) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            config,
+            dense: dense.name(),
+            resident: Resident { file: "resident.bin".into(), tensors },
+            experts,
+            files,
+        }
+    }
+}
+
 impl Experts {
     pub fn wkind(&self) -> Result<WKind> {
         WKind::parse(&self.kind).ok_or_else(|| anyhow!("{MANIFEST}: unsupported expert format `{}`", self.kind))

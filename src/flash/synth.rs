@@ -11,9 +11,7 @@
 //! resulting concentration.
 
 use super::convert::{Out, resident_kind};
-use super::format::{
-    EXTENT_ALIGN, ExpertLayer, Experts, FORMAT, MANIFEST, Manifest, Part, Resident, TENSOR_ALIGN, TensorEntry, VERSION,
-};
+use super::format::{ExpertLayer, Experts, MANIFEST, Manifest, Part, TENSOR_ALIGN, TensorEntry, expert_layout};
 use crate::config::{Arch, Ffn, Mixer, ModelConfig};
 use crate::tensor::{AlignedBytes, Mat, WKind};
 use anyhow::{Context, Result, bail};
@@ -323,11 +321,7 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
 
     let ek = opts.experts;
     let (h, inter, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
-    let a = |x: u64| x.next_multiple_of(TENSOR_ALIGN);
-    let gate = Part { offset: 0, rows: inter, cols: h };
-    let up = Part { offset: a(ek.bytes(inter, h) as u64), rows: inter, cols: h };
-    let down = Part { offset: a(up.offset + ek.bytes(inter, h) as u64), rows: h, cols: inter };
-    let stride = (down.offset + ek.bytes(h, inter) as u64).next_multiple_of(EXTENT_ALIGN);
+    let ([gate, up, down], stride) = expert_layout(ek, h, inter);
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&i| cfg.ffns[i] == Ffn::Moe).collect();
     let specs = specs(&cfg);
     let expert_total = stride * (ne * moe_layers.len()) as u64;
@@ -377,23 +371,9 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
         files.push(out.finish()?);
         layers.push(ExpertLayer { layer: l, file: fname });
     }
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        version: VERSION,
-        config: raw,
-        dense: opts.dense.name(),
-        resident: Resident { file: "resident.bin".into(), tensors },
-        experts: (!moe_layers.is_empty()).then(|| Experts {
-            kind: ek.name(),
-            num_experts: ne,
-            stride,
-            gate,
-            up,
-            down,
-            layers,
-        }),
-        files,
-    };
+    let experts =
+        (!moe_layers.is_empty()).then(|| Experts { kind: ek.name(), num_experts: ne, stride, gate, up, down, layers });
+    let manifest = Manifest::new(raw, opts.dense, tensors, experts, files);
     std::fs::write(tmp.join(MANIFEST), serde_json::to_string_pretty(&manifest)?)?;
     std::fs::rename(&tmp, to).with_context(|| format!("cannot rename {} to {}", tmp.display(), to.display()))?;
     pb.finish_and_clear();
