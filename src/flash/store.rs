@@ -4,6 +4,8 @@
 //! reusable 4 KiB-aligned slots (no allocation per token); the caller computes each expert as
 //! soon as its bytes are in. Two cache modes:
 //! - `os`: buffered reads, the kernel's page cache is the cache (as in the original engine);
+//!   an expert already fully in the page cache (asked with mincore) is computed in place from a
+//!   read-only mapping of its file, without a read or a copy;
 //! - `direct`: `O_DIRECT` reads, and the slots themselves form an in-process LRU cache of
 //!   `cache_bytes`.
 
@@ -385,6 +387,7 @@ impl ExpertStore {
             let tick = slots.tick;
             let mut hits = vec![];
             let mut page_hits = 0u64;
+            let mut mapped: Vec<(usize, usize)> = vec![]; // (i, address in the file mapping)
             let mut pending: Vec<(usize, usize)> = vec![]; // (i, slot)
             for (j, &e) in chunk.iter().enumerate() {
                 let i = base + j;
@@ -409,7 +412,10 @@ impl ExpertStore {
                             )
                         };
                         if rc == 0 && slots.pages.iter().all(|v| v & 1 == 1) {
+                            // computed in place from the page cache: no read, no copy
                             page_hits += 1;
+                            mapped.push((i, p + e * self.stride));
+                            continue;
                         }
                     }
                 }
@@ -441,13 +447,23 @@ impl ExpertStore {
             }
             let c = &self.counters;
             c.hits.fetch_add(hits.len() as u64 + page_hits, Relaxed);
-            c.misses.fetch_add(pending.len() as u64 - page_hits, Relaxed);
+            c.misses.fetch_add(pending.len() as u64, Relaxed);
             if let Some(f) = during.take() {
                 f();
             }
             for (i, s) in hits {
                 let t = Instant::now();
                 compute(i, self.view(self.slot(s)));
+                c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+            }
+            for (i, addr) in mapped {
+                let t = Instant::now();
+                // SAFETY: a read-only mapping of a file this process never writes, alive as long
+                // as the store; the extent lies inside it (length checked at open). Were the file
+                // truncated by someone else in between, this would fault: the same contract as
+                // any mmap of model weights (the resident file too).
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) };
+                compute(i, self.view(bytes));
                 c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
             }
             let mut first_err = None;
