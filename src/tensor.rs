@@ -415,11 +415,20 @@ impl<'a> MatRef<'a> {
                 self.row_f32(r, &mut rowsf[(r - r0) * cols..(r - r0 + 1) * cols]);
             }
             let xt = |t: usize| &x[t * cols..(t + 1) * cols];
+            let rowf = |i: usize| &rowsf[i * cols..(i + 1) * cols];
             let mut t = 0;
             while t + 4 <= n {
                 let xs = [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)];
-                for (i, row) in rowsf.chunks_exact(cols).enumerate() {
-                    out[i * n + t..i * n + t + 4].copy_from_slice(&kernels::dot4(row, xs));
+                let mut i = 0;
+                while i + 4 <= nr {
+                    let blk = kernels::dot4x4([rowf(i), rowf(i + 1), rowf(i + 2), rowf(i + 3)], xs);
+                    for (k, b) in blk.iter().enumerate() {
+                        out[(i + k) * n + t..(i + k) * n + t + 4].copy_from_slice(b);
+                    }
+                    i += 4;
+                }
+                for i in i..nr {
+                    out[i * n + t..i * n + t + 4].copy_from_slice(&kernels::dot4(rowf(i), xs));
                 }
                 t += 4;
             }

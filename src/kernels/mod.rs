@@ -116,6 +116,17 @@ pub fn dot4(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     }
 }
 
+/// 4 rows × 4 vectors of dot products: `out[r][t] = rows[r] · x[t]`.
+#[inline]
+pub fn dot4x4(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    match isa() {
+        // SAFETY: the ISA was detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::dot4x4_avx512(rows, x) },
+        _ => [dot4(rows[0], x), dot4(rows[1], x), dot4(rows[2], x), dot4(rows[3], x)],
+    }
+}
+
 /// Σ bf16(w)·x.
 #[inline]
 pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
@@ -324,6 +335,14 @@ mod tests {
                 }
             }
             let xs = [rnd(n, 3), rnd(n, 4), rnd(n, 5), rnd(n, 6)];
+            let rs = [rnd(n, 7), rnd(n, 8), rnd(n, 9), rnd(n, 10)];
+            let blk = dot4x4([&rs[0], &rs[1], &rs[2], &rs[3]], [&xs[0], &xs[1], &xs[2], &xs[3]]);
+            for r in 0..4 {
+                for k in 0..4 {
+                    let want: f64 = rs[r].iter().zip(&xs[k]).map(|(x, y)| *x as f64 * *y as f64).sum();
+                    assert!((blk[r][k] as f64 - want).abs() < 1e-4, "dot4x4 {n}");
+                }
+            }
             let got = dot4(&a, [&xs[0], &xs[1], &xs[2], &xs[3]]);
             for k in 0..4 {
                 let want: f64 = a.iter().zip(&xs[k]).map(|(x, y)| *x as f64 * *y as f64).sum();

@@ -374,3 +374,54 @@ pub unsafe fn dequant_row_avx512(
         }
     }
 }
+
+/// A 4×4 block of dot products: rows × vectors, 16 accumulators, so every loaded vector
+/// feeds four FMAs (prefill's inner kernel).
+///
+/// # Safety
+/// AVX-512F must be available; all eight slices must have the same length.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot4x4_avx512(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    let n = rows[0].len();
+    let pr = [rows[0].as_ptr(), rows[1].as_ptr(), rows[2].as_ptr(), rows[3].as_ptr()];
+    let px = [x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr()];
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut i = 0;
+    while i + 16 <= n {
+        let xv = [
+            _mm512_loadu_ps(px[0].add(i)),
+            _mm512_loadu_ps(px[1].add(i)),
+            _mm512_loadu_ps(px[2].add(i)),
+            _mm512_loadu_ps(px[3].add(i)),
+        ];
+        for r in 0..4 {
+            let rv = _mm512_loadu_ps(pr[r].add(i));
+            for t in 0..4 {
+                acc[r][t] = _mm512_fmadd_ps(rv, xv[t], acc[r][t]);
+            }
+        }
+        i += 16;
+    }
+    if i < n {
+        let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        let xv = [
+            _mm512_maskz_loadu_ps(m, px[0].add(i)),
+            _mm512_maskz_loadu_ps(m, px[1].add(i)),
+            _mm512_maskz_loadu_ps(m, px[2].add(i)),
+            _mm512_maskz_loadu_ps(m, px[3].add(i)),
+        ];
+        for r in 0..4 {
+            let rv = _mm512_maskz_loadu_ps(m, pr[r].add(i));
+            for t in 0..4 {
+                acc[r][t] = _mm512_fmadd_ps(rv, xv[t], acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0f32; 4]; 4];
+    for r in 0..4 {
+        for t in 0..4 {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}

@@ -54,6 +54,85 @@ fn l2_normalize(x: &mut [f32], scale: f32) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// One token of the gated delta rule for one value head: S ← decay·S, u = (v − Sᵀk)·β,
+/// S ← S + k uᵀ, o = Sᵀq (`s` is d_k×d_v row-major; `u` is scratch of d_v). Two passes over S.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn delta_step_body(
+    s: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    beta: f32,
+    decay: f32,
+    o: &mut [f32],
+    u: &mut [f32],
+) {
+    let dv = v.len();
+    u.fill(0.0);
+    for (row, &ki) in s.chunks_exact_mut(dv).zip(k) {
+        for (sv, m) in row.iter_mut().zip(u.iter_mut()) {
+            *sv *= decay;
+            *m += *sv * ki;
+        }
+    }
+    for (m, &vv) in u.iter_mut().zip(v) {
+        *m = (vv - *m) * beta;
+    }
+    for ((row, &ki), &qi) in s.chunks_exact_mut(dv).zip(k).zip(q) {
+        for ((sv, m), ov) in row.iter_mut().zip(u.iter()).zip(o.iter_mut()) {
+            *sv += ki * m;
+            *ov += *sv * qi;
+        }
+    }
+}
+
+// The same element-wise code compiled for wider vectors (identical results: no reassociation).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn delta_step_avx512(
+    s: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    beta: f32,
+    decay: f32,
+    o: &mut [f32],
+    u: &mut [f32],
+) {
+    delta_step_body(s, q, k, v, beta, decay, o, u)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn delta_step_avx2(
+    s: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    beta: f32,
+    decay: f32,
+    o: &mut [f32],
+    u: &mut [f32],
+) {
+    delta_step_body(s, q, k, v, beta, decay, o, u)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn delta_step(s: &mut [f32], q: &[f32], k: &[f32], v: &[f32], beta: f32, decay: f32, o: &mut [f32], u: &mut [f32]) {
+    use crate::kernels::{Isa, isa};
+    match isa() {
+        // SAFETY: the ISA was detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { delta_step_avx512(s, q, k, v, beta, decay, o, u) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { delta_step_avx2(s, q, k, v, beta, decay, o, u) },
+        _ => delta_step_body(s, q, k, v, beta, decay, o, u),
+    }
+}
+
 impl DeltaNet {
     pub fn forward(&self, x: &[f32], n: usize, st: &mut DeltaState, out: &mut [f32]) {
         let c = &self.cfg;
@@ -102,24 +181,8 @@ impl DeltaNet {
                 let beta = sigmoid(b[t * nv + j]);
                 let decay = (self.neg_a[j] * softplus(a[t * nv + j] + self.dt_bias[j])).exp();
                 let s = &mut st.s[j * dk * dv..(j + 1) * dk * dv];
-                s.iter_mut().for_each(|v| *v *= decay);
-                kv_mem.iter_mut().for_each(|v| *v = 0.0);
-                for (i, &ki) in kj.iter().enumerate() {
-                    for (m, sv) in kv_mem.iter_mut().zip(&s[i * dv..(i + 1) * dv]) {
-                        *m += sv * ki;
-                    }
-                }
-                for (m, &vv) in kv_mem.iter_mut().zip(vj) {
-                    *m = (vv - *m) * beta; // now the delta u
-                }
                 let oj = &mut o[t * vd + j * dv..t * vd + (j + 1) * dv];
-                for (i, (&ki, &qi)) in kj.iter().zip(qj).enumerate() {
-                    let row = &mut s[i * dv..(i + 1) * dv];
-                    for ((sv, u), ov) in row.iter_mut().zip(&kv_mem).zip(oj.iter_mut()) {
-                        *sv += ki * u;
-                        *ov += *sv * qi;
-                    }
-                }
+                delta_step(s, qj, kj, vj, beta, decay, oj, &mut kv_mem);
                 // 5. gated RMSNorm: rms(o)·w·silu(z).
                 let zj = &z[t * vd + j * dv..t * vd + (j + 1) * dv];
                 let inv = inv_rms(oj, self.eps);
