@@ -102,6 +102,8 @@ pub struct LoadOptions {
     pub store: StoreOptions,
     /// Read every expert of a converted model into memory at load (no streaming).
     pub experts_in_memory: bool,
+    /// Lock the resident weights of a converted model in RAM (mlock).
+    pub mlock: bool,
 }
 
 /// Loads config and weights from `dir` (a Hugging Face checkpoint or a converted model).
@@ -116,6 +118,13 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let mut cfg = cfg;
         cfg.eos_token_ids = ModelConfig::load_eos(dir, cfg.eos_token_ids)?;
         let res = FlashResident::open(dir, &m)?;
+        if opts.mlock {
+            // keep the resident weights in RAM: under memory pressure the page cache would
+            // otherwise evict them in favour of expert pages and re-read them every token
+            if let Err(e) = res.map.lock() {
+                eprintln!("warning: cannot lock the resident weights in memory ({e}); running without --mlock");
+            }
+        }
         let store = match &m.experts {
             Some(ex) => {
                 let mut so = opts.store.clone();

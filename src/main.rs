@@ -297,6 +297,9 @@ struct StoreArgs {
     /// Experiment: read the next layer's predicted experts ahead (os cache mode).
     #[arg(long)]
     prefetch: bool,
+    /// Lock the resident (non-expert) weights in RAM so expert reads cannot evict them.
+    #[arg(long)]
+    mlock: bool,
 }
 
 /// Parses sizes like 4096, 512K, 64M, 2G (binary units).
@@ -330,6 +333,7 @@ impl StoreArgs {
                 ..Default::default()
             },
             experts_in_memory: self.experts_in_memory,
+            mlock: self.mlock,
         })
     }
 }
