@@ -119,6 +119,7 @@ fn streamed_experts_equal_in_memory_experts_in_both_cache_modes() {
                     prefetch: mode == CacheMode::Os,
                 },
                 experts_in_memory: false,
+                mlock: mode == CacheMode::Os,
             };
             let m = load_model_with(&out, &lo).unwrap();
             let store = m.store.clone().unwrap();
