@@ -103,6 +103,18 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// y += a·x (attention's value sums, the MoE combine).
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    match isa() {
+        // SAFETY: the ISA was detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::axpy_avx512(a, x, y) },
+        _ => y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x),
+    }
+}
+
 /// Four dot products of one row against four vectors (register blocking for prefill).
 #[inline]
 pub fn dot4(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
@@ -325,6 +337,11 @@ mod tests {
             assert!((dot_bf16(&w, &b) as f64 - wb).abs() < 1e-4, "bf16 {n}");
             assert!((dot_bf16_scalar(&w, &b) as f64 - wb).abs() < 1e-4, "bf16 scalar {n}");
             assert!((dot_scalar(&a, &b) as f64 - want).abs() < 1e-4, "dot scalar {n}");
+            let mut y = b.clone();
+            axpy(0.5, &a, &mut y);
+            for i in 0..n {
+                assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6, "axpy {n}");
+            }
             #[cfg(target_arch = "x86_64")]
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 let x4 = [&b[..], &b[..], &a[..], &a[..]];

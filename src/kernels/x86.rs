@@ -425,3 +425,24 @@ pub unsafe fn dot4x4_avx512(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] 
     }
     out
 }
+
+/// y += a·x.
+///
+/// # Safety
+/// AVX-512F must be available; `x` and `y` have the same length.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let va = _mm512_set1_ps(a);
+    let mut i = 0;
+    while i + 16 <= n {
+        _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(va, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))));
+        i += 16;
+    }
+    if i < n {
+        let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        let v = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, px.add(i)), _mm512_maskz_loadu_ps(m, py.add(i)));
+        _mm512_mask_storeu_ps(py.add(i), m, v);
+    }
+}

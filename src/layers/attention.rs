@@ -83,11 +83,7 @@ impl Attention {
                 }
                 let oh = &mut o[(t * nh + h) * d..(t * nh + h + 1) * d];
                 for (p, s) in scores.iter().enumerate() {
-                    let w = s / sum;
-                    let vp = &cache.v[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d];
-                    for (a, b) in oh.iter_mut().zip(vp) {
-                        *a += w * b;
-                    }
+                    crate::kernels::axpy(s / sum, &cache.v[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d], oh);
                 }
                 if self.gated {
                     let g = &q[(t * nh + h) * qw + d..(t * nh + h + 1) * qw];

@@ -128,17 +128,13 @@ impl Moe {
         out.iter_mut().for_each(|v| *v = 0.0);
         for (i, &ex) in needed.iter().enumerate() {
             for (j, &(t, w)) in per_expert[ex].iter().enumerate() {
-                for (o, y) in out[t * h..(t + 1) * h].iter_mut().zip(&results[i][j * h..(j + 1) * h]) {
-                    *o += w * y;
-                }
+                crate::kernels::axpy(w, &results[i][j * h..(j + 1) * h], &mut out[t * h..(t + 1) * h]);
             }
         }
         if let Some(sh) = &self.shared {
             for t in 0..n {
                 let g = sigmoid(dot(&sh.gate, &x[t * h..(t + 1) * h]));
-                for (o, y) in out[t * h..(t + 1) * h].iter_mut().zip(&shared_out[t * h..(t + 1) * h]) {
-                    *o += g * y;
-                }
+                crate::kernels::axpy(g, &shared_out[t * h..(t + 1) * h], &mut out[t * h..(t + 1) * h]);
             }
         }
         Ok(())
