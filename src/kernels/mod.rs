@@ -26,6 +26,18 @@ pub enum Isa {
 
 static ISA: OnceLock<Isa> = OnceLock::new();
 
+/// AVX-512 VBMI (byte permutes), used by the q3 kernel.
+fn vbmi() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa() == Isa::Avx512Vnni && is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Detected once; `FLASHMOE_ISA=scalar|avx2|avx512` narrows it (benchmarks, tests).
 pub fn isa() -> Isa {
     *ISA.get_or_init(|| {
@@ -208,16 +220,21 @@ impl QPrep {
         self.xsum.clear();
         self.xsum.extend(x.chunks(group).map(|c| c.iter().sum::<f32>()));
         let ch = chunk(bits);
+        // q3 has only the int8 (VNNI + VBMI) path
+        let q3_ok = bits != 3 || vbmi();
         self.fast = matches!(isa(), Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni)
-            && bits != 3
+            && q3_ok
             && cols.is_multiple_of(ch)
             && group.is_multiple_of(ch);
         self.int8 = self.fast && isa() == Isa::Avx512Vnni && cols.is_multiple_of(64) && group.is_multiple_of(64);
+        if bits == 3 && !self.int8 {
+            self.fast = false;
+        }
         if self.int8 {
             self.prepare_int8(x, bits, group);
         }
         self.xp.clear();
-        if !self.fast || bits == 8 {
+        if !self.fast || bits == 8 || bits == 3 {
             self.xp.extend_from_slice(x);
             return;
         }
@@ -273,6 +290,9 @@ pub fn qdot(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 
         // SAFETY: `fast` is only set when a SIMD ISA was detected and the sizes fit its chunks.
         #[cfg(target_arch = "x86_64")]
         match isa() {
+            Isa::Avx512Vnni if prep.int8 && prep.bits == 3 => {
+                return unsafe { x86::qdot_vnni_q3(packed, scales, biases, prep) };
+            }
             Isa::Avx512Vnni if prep.int8 => return unsafe { x86::qdot_vnni(packed, scales, biases, prep) },
             Isa::Avx512 | Isa::Avx512Vnni => return unsafe { x86::qdot_avx512(packed, scales, biases, prep) },
             Isa::Avx2 => return unsafe { x86::qdot_avx2(packed, scales, biases, prep) },
@@ -402,7 +422,7 @@ mod tests {
                     let mut got = vec![qdot(pk, sc, bi, &prep), qdot_scalar(pk, sc, bi, &x, &prep.xsum, bits, group)];
                     // every x86 kernel this CPU can run, whatever the dispatcher picked
                     #[cfg(target_arch = "x86_64")]
-                    if prep.fast {
+                    if prep.fast && bits != 3 {
                         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                             got.push(unsafe { x86::qdot_avx2(pk, sc, bi, &prep) });
                         }
@@ -414,7 +434,11 @@ mod tests {
                     // most Σ|w|·(x scale)/2 per group
                     #[cfg(target_arch = "x86_64")]
                     if prep.int8 {
-                        let v = unsafe { x86::qdot_vnni(pk, sc, bi, &prep) } as f64;
+                        let v = if bits == 3 {
+                            unsafe { x86::qdot_vnni_q3(pk, sc, bi, &prep) }
+                        } else {
+                            unsafe { x86::qdot_vnni(pk, sc, bi, &prep) }
+                        } as f64;
                         let bound: f64 = row
                             .chunks(group)
                             .zip(&prep.xscale)

@@ -446,3 +446,55 @@ pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
         _mm512_mask_storeu_ps(py.add(i), m, v);
     }
 }
+
+/// Byte-gather and shift tables turning 24 bytes of 3-bit values into 64 16-bit lanes (two
+/// registers of 32): lane j takes bytes 3j/8 and 3j/8+1 and shifts right by 3j mod 8.
+fn q3_tables() -> &'static ([u8; 64], [u8; 64], [u16; 32], [u16; 32]) {
+    static T: std::sync::OnceLock<([u8; 64], [u8; 64], [u16; 32], [u16; 32])> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let (mut ia, mut ib, mut sa, mut sb) = ([0u8; 64], [0u8; 64], [0u16; 32], [0u16; 32]);
+        for j in 0..32 {
+            for (idx, sh, e) in [(&mut ia, &mut sa, j), (&mut ib, &mut sb, j + 32)] {
+                let bit = 3 * e;
+                idx[2 * j] = (bit / 8) as u8;
+                idx[2 * j + 1] = (bit / 8 + 1) as u8;
+                sh[j] = (bit % 8) as u16;
+            }
+        }
+        (ia, ib, sa, sb)
+    })
+}
+
+/// q3 row · int8 activations: 64 three-bit weights (24 bytes) unpacked with `vpermb` and
+/// variable shifts, then one `vpdpbusd`.
+///
+/// # Safety
+/// AVX-512F/BW/VBMI/VNNI must be available; `prep.int8` must hold for this row (bits 3).
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+pub unsafe fn qdot_vnni_q3(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 {
+    let (ia, ib, sa, sb) = q3_tables();
+    let (ia, ib) =
+        (_mm512_loadu_si512(ia.as_ptr() as *const __m512i), _mm512_loadu_si512(ib.as_ptr() as *const __m512i));
+    let (sa, sb) =
+        (_mm512_loadu_si512(sa.as_ptr() as *const __m512i), _mm512_loadu_si512(sb.as_ptr() as *const __m512i));
+    let m7 = _mm512_set1_epi16(7);
+    let (xq, p, group) = (prep.xq.as_ptr(), packed.as_ptr(), prep.group);
+    let cols = prep.xp.len();
+    let mut acc = _mm512_setzero_ps();
+    let mut bacc = 0.0f32;
+    for (g, (&s, &b)) in scales.iter().zip(biases).enumerate() {
+        let (mut e, end) = (g * group, ((g + 1) * group).min(cols));
+        let mut d = _mm512_setzero_si512();
+        while e < end {
+            let v = _mm512_maskz_loadu_epi8(0x00ff_ffff, p.add(e * 3 / 8) as *const i8);
+            let a = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(ia, v), sa), m7);
+            let c = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(ib, v), sb), m7);
+            let w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(a)), _mm512_cvtepi16_epi8(c), 1);
+            d = _mm512_dpbusd_epi32(d, w, _mm512_loadu_si512(xq.add(e) as *const __m512i));
+            e += 64;
+        }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(bf16_to_f32(s) * prep.xscale[g]), acc);
+        bacc += bf16_to_f32(b) * prep.xsum[g];
+    }
+    _mm512_reduce_add_ps(acc) + bacc
+}
