@@ -449,8 +449,10 @@ pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
 
 /// Byte-gather and shift tables turning 24 bytes of 3-bit values into 64 16-bit lanes (two
 /// registers of 32): lane j takes bytes 3j/8 and 3j/8+1 and shifts right by 3j mod 8.
-fn q3_tables() -> &'static ([u8; 64], [u8; 64], [u16; 32], [u16; 32]) {
-    static T: std::sync::OnceLock<([u8; 64], [u8; 64], [u16; 32], [u16; 32])> = std::sync::OnceLock::new();
+type Q3Tables = ([u8; 64], [u8; 64], [u16; 32], [u16; 32]);
+
+fn q3_tables() -> &'static Q3Tables {
+    static T: std::sync::OnceLock<Q3Tables> = std::sync::OnceLock::new();
     T.get_or_init(|| {
         let (mut ia, mut ib, mut sa, mut sb) = ([0u8; 64], [0u8; 64], [0u16; 32], [0u16; 32]);
         for j in 0..32 {
