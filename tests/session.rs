@@ -1,0 +1,78 @@
+//! The conversation engine shared by `chat` and `serve`: cancellation (Ctrl-C, client gone),
+//! stop strings, and prefix reuse through state snapshots when a prompt diverges.
+
+use flashmoe::generate::SamplingParams;
+use flashmoe::load::load_model;
+use flashmoe::session::{Finish, Session};
+use flashmoe::tokenizer::TextTokenizer;
+use std::path::Path;
+
+fn session() -> Session {
+    let dir = Path::new(flashmoe::builtin::SOURCE);
+    Session::new(load_model(dir).unwrap(), TextTokenizer::load(dir).unwrap())
+}
+
+fn greedy() -> SamplingParams {
+    let mut p = SamplingParams::default();
+    // end-of-text banned so only the caller decides when to stop
+    p.logit_bias = vec![(4089, -100.0), (4091, -100.0)];
+    p
+}
+
+#[test]
+fn cancel_stops_generation_at_once() {
+    let mut s = session();
+    let prompt = s.tok.encode("ROMEO:").unwrap();
+    let mut pieces = 0;
+    let o = s
+        .generate(&prompt, 500, &greedy(), &[], |_| {
+            pieces += 1;
+            pieces < 3
+        })
+        .unwrap();
+    assert_eq!(o.finish, Finish::Cancelled);
+    assert!(o.tokens.len() <= 6, "{} tokens after cancelling", o.tokens.len());
+}
+
+#[test]
+fn stop_strings_end_the_text_before_them_and_are_never_streamed() {
+    let mut s = session();
+    let prompt = s.tok.encode("ROMEO:").unwrap();
+    let full = s.generate(&prompt, 40, &greedy(), &[], |_| true).unwrap();
+    // stop at the third word of the greedy continuation
+    let words: Vec<&str> = full.text.split_whitespace().collect();
+    let stop = words[2].to_string();
+    let mut streamed = String::new();
+    let o = s
+        .generate(&prompt, 40, &greedy(), std::slice::from_ref(&stop), |t| {
+            streamed.push_str(t);
+            true
+        })
+        .unwrap();
+    assert_eq!(o.finish, Finish::Stop);
+    assert_eq!(o.text, full.text[..full.text.find(&stop).unwrap()]);
+    assert_eq!(streamed, o.text);
+}
+
+#[test]
+fn diverging_prompts_resume_from_snapshots_with_identical_results() {
+    let mut s = session();
+    let a = s.tok.encode("ROMEO: But soft, what light through yonder window breaks?").unwrap();
+    let b = s.tok.encode("ROMEO: But soft, what light is that?").unwrap();
+    let a_ext = s.tok.encode("ROMEO: But soft, what light through yonder window breaks? It is the east.").unwrap();
+    assert_eq!(a_ext[..a.len()], a[..]);
+    let base = |p: &[u32]| session().generate(p, 12, &greedy(), &[], |_| true).unwrap().tokens;
+    let (base_a, base_b, base_ext) = (base(&a), base(&b), base(&a_ext));
+
+    let o = s.generate(&a, 12, &greedy(), &[], |_| true).unwrap();
+    assert_eq!((o.reused_tokens, &o.tokens), (0, &base_a));
+    // the same prompt again: everything but its last token comes from the snapshot
+    let o = s.generate(&a, 12, &greedy(), &[], |_| true).unwrap();
+    assert_eq!((o.reused_tokens, &o.tokens), (a.len() - 1, &base_a));
+    // a prompt that extends `a` differently from what was generated resumes at a's snapshot
+    let o = s.generate(&a_ext, 12, &greedy(), &[], |_| true).unwrap();
+    assert_eq!((o.reused_tokens, &o.tokens), (a.len() - 1, &base_ext));
+    // one that diverges inside `a`: no snapshot lies before the divergence, a clean restart
+    let o = s.generate(&b, 12, &greedy(), &[], |_| true).unwrap();
+    assert_eq!((o.reused_tokens, &o.tokens), (0, &base_b));
+}
