@@ -13,10 +13,8 @@ fn session() -> Session {
 }
 
 fn greedy() -> SamplingParams {
-    let mut p = SamplingParams::default();
     // end-of-text banned so only the caller decides when to stop
-    p.logit_bias = vec![(4089, -100.0), (4091, -100.0)];
-    p
+    SamplingParams { logit_bias: vec![(4089, -100.0), (4091, -100.0)], ..Default::default() }
 }
 
 #[test]
