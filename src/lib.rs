@@ -22,5 +22,7 @@ pub mod server;
 pub mod session;
 pub mod sysbench;
 pub mod tensor;
+#[cfg(test)]
+mod testutil;
 pub mod tokenizer;
 pub mod toolcall;

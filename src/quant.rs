@@ -208,13 +208,7 @@ mod tests {
     use crate::tensor::AlignedBytes;
 
     fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-            })
-            .collect()
+        crate::testutil::uniform(n, seed).into_iter().map(|v| v * 0.2).collect()
     }
 
     #[test]

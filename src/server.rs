@@ -401,6 +401,14 @@ fn gen_error(app: &App, e: anyhow::Error) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"), "server_error", None, None)
 }
 
+/// The response, counting a request refused before generation as an error.
+fn counted(app: &App, resp: Result<Response, Response>) -> Response {
+    resp.unwrap_or_else(|e| {
+        app.metrics.errors.fetch_add(1, Relaxed);
+        e
+    })
+}
+
 enum Kind {
     Chat { tools: bool },
     Text,
@@ -432,10 +440,7 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
         Ok(run(app.clone(), prompt, p, Kind::Chat { tools: tools.is_some() }).await)
     }
     .await;
-    resp.unwrap_or_else(|e| {
-        app.metrics.errors.fetch_add(1, Relaxed);
-        e
-    })
+    counted(&app, resp)
 }
 
 async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRejection>) -> Response {
@@ -455,10 +460,7 @@ async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRe
         Ok(run(app.clone(), prompt, p, Kind::Text).await)
     }
     .await;
-    resp.unwrap_or_else(|e| {
-        app.metrics.errors.fetch_add(1, Relaxed);
-        e
-    })
+    counted(&app, resp)
 }
 
 /// Runs one generation on the engine thread, streamed or not.

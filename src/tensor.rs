@@ -460,15 +460,7 @@ pub use crate::kernels::dot;
 mod tests {
     use super::*;
 
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::testutil::uniform as lcg;
 
     #[test]
     fn products_match_scalar_reference_for_every_format_and_odd_sizes() {

@@ -336,15 +336,7 @@ mod tests {
     use super::*;
     use crate::quant;
 
-    fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::testutil::uniform as rnd;
 
     #[test]
     fn simd_dots_match_scalar_on_odd_sizes() {
