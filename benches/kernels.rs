@@ -43,7 +43,11 @@ fn bench(c: &mut Criterion) {
     for (name, m) in matrices(4096, 4096).into_iter().filter(|(n, _)| n == "q4" || n == "bf16") {
         let mut y = vec![0.0; 4096 * 16];
         g.throughput(Throughput::Elements((4096 * 4096 * 16) as u64));
+        // default: bf16 activations (vdpbf16ps) where the CPU has AVX-512 BF16; exact: f32 FMA
         g.bench_function(&name, |b| b.iter(|| pool.install(|| m.matmul(&xs, 16, &mut y))));
+        g.bench_function(format!("{name}-exact"), |b| {
+            b.iter(|| pool.install(|| flashmoe::tensor::exact_products(true, || m.matmul(&xs, 16, &mut y))))
+        });
     }
     g.finish();
 }

@@ -104,6 +104,8 @@ pub struct LoadOptions {
     pub experts_in_memory: bool,
     /// Lock the resident weights of a converted model in RAM (mlock).
     pub mlock: bool,
+    /// Multi-token products on f32 activations ([`RunOptions::exact`]).
+    pub exact: bool,
 }
 
 /// Loads config and weights from `dir` (a Hugging Face checkpoint or a converted model).
@@ -134,11 +136,16 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
             None => None,
         };
         let (store, preload) = if opts.experts_in_memory { (None, store) } else { (store, None) };
-        return build(cfg, &res, store, preload).with_context(|| format!("loading model from {}", dir.display()));
+        let mut m =
+            build(cfg, &res, store, preload).with_context(|| format!("loading model from {}", dir.display()))?;
+        m.opts.exact = opts.exact;
+        return Ok(m);
     }
     let cfg = ModelConfig::load(dir)?;
     let ck = Checkpoint::open(dir)?;
-    build(cfg, &ck, None, None).with_context(|| format!("loading model from {}", dir.display()))
+    let mut m = build(cfg, &ck, None, None).with_context(|| format!("loading model from {}", dir.display()))?;
+    m.opts.exact = opts.exact;
+    Ok(m)
 }
 
 /// Tensor prefix of the text model: the multimodal wrapper nests it under `language_model`.

@@ -300,6 +300,10 @@ struct StoreArgs {
     /// Lock the resident (non-expert) weights in RAM so expert reads cannot evict them.
     #[arg(long)]
     mlock: bool,
+    /// Multi-token (prefill) products on f32 activations, as the reference does, instead of
+    /// bf16 activations on CPUs with AVX-512 BF16.
+    #[arg(long)]
+    exact: bool,
 }
 
 /// Parses sizes like 4096, 512K, 64M, 2G (binary units).
@@ -334,6 +338,7 @@ impl StoreArgs {
             },
             experts_in_memory: self.experts_in_memory,
             mlock: self.mlock,
+            exact: self.exact,
         })
     }
 }

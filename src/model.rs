@@ -69,6 +69,9 @@ impl State {
 pub struct RunOptions {
     /// Routed experts per token; `None` keeps the model's `num_experts_per_tok`.
     pub experts_per_token: Option<usize>,
+    /// Multi-token products on f32 activations, as the reference does; otherwise bf16 and
+    /// quantized weights meet bf16 activations where the CPU has AVX-512 BF16 (prefill ~1.6×).
+    pub exact: bool,
 }
 
 pub struct Model {
@@ -151,6 +154,10 @@ impl Model {
     /// Feeds `tokens` after what `st` holds. Returns logits `[rows, vocab]`: one row per token
     /// when `all_logits`, else only the last token's row.
     pub fn forward(&self, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        crate::tensor::exact_products(self.opts.exact, || self.forward_inner(st, tokens, all_logits))
+    }
+
+    fn forward_inner(&self, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let n = tokens.len();
         if st.poisoned {
             bail!("this sequence state was left incomplete by an earlier error; start a new one");

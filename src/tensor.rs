@@ -396,59 +396,143 @@ impl<'a> MatRef<'a> {
 
     /// Y = X·Wᵀ for `n` row vectors: `x` is `[n, cols]`, `y` is `[n, rows]`. Each weight row is
     /// decoded once and used for every input vector, so prefill reads the weights once.
+    ///
+    /// bf16 and quantized weights run on bf16 activations (`vdpbf16ps`) where the CPU has
+    /// AVX-512 BF16, unless [`exact_products`] holds for this thread.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(y.len(), n * self.rows);
         if n == 1 {
             return self.matvec(x, y);
         }
-        let (rows, cols) = (self.rows, self.cols);
-        const RB: usize = 32;
-        // A block of rows is decoded once into f32 (it stays in L2), then swept by tiles of
-        // four tokens (they stay in L1): x streams once per row block, not once per row.
-        let block = |b: usize| {
-            let (r0, r1) = (b * RB, ((b + 1) * RB).min(rows));
-            let nr = r1 - r0;
-            let mut out = vec![0.0f32; nr * n];
-            let mut rowsf = vec![0.0; nr * cols];
-            for r in r0..r1 {
-                self.row_f32(r, &mut rowsf[(r - r0) * cols..(r - r0 + 1) * cols]);
-            }
-            let xt = |t: usize| &x[t * cols..(t + 1) * cols];
-            let rowf = |i: usize| &rowsf[i * cols..(i + 1) * cols];
-            let mut t = 0;
-            while t + 4 <= n {
-                let xs = [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)];
-                let mut i = 0;
-                while i + 4 <= nr {
-                    let blk = kernels::dot4x4([rowf(i), rowf(i + 1), rowf(i + 2), rowf(i + 3)], xs);
-                    for (k, b) in blk.iter().enumerate() {
-                        out[(i + k) * n + t..(i + k) * n + t + 4].copy_from_slice(b);
-                    }
-                    i += 4;
-                }
-                for i in i..nr {
-                    out[i * n + t..i * n + t + 4].copy_from_slice(&kernels::dot4(rowf(i), xs));
-                }
-                t += 4;
-            }
-            for t in t..n {
-                for (i, row) in rowsf.chunks_exact(cols).enumerate() {
-                    out[i * n + t] = dot(row, xt(t));
-                }
-            }
-            out
-        };
-        let nb = rows.div_ceil(RB);
-        let parts: Vec<Vec<f32>> = if rows * cols * n < PAR_MIN_ELEMS {
-            (0..nb).map(block).collect()
+        let bf16 = !EXACT.get() && kernels::bf16_products() && matches!(self.kind, WKind::BF16 | WKind::Q { .. });
+        // rows are independent: each block writes its own rows of every output vector
+        let out = OutPtr(y.as_mut_ptr());
+        if bf16 {
+            // the activations in bf16 once per product, in a reused per-thread buffer
+            let mut xb = XBF16.take();
+            xb.resize(x.len(), 0);
+            kernels::f32_to_bf16(x, &mut xb);
+            self.blocks(n, |b| self.block_bf16(b, &xb, n, out));
+            XBF16.set(xb);
         } else {
-            (0..nb).into_par_iter().map(block).collect()
+            self.blocks(n, |b| self.block_f32(b, x, n, out));
+        }
+    }
+
+    /// Runs `f` on every block of [`RB`] rows, on the pool when the product is big enough.
+    fn blocks(&self, n: usize, f: impl Fn(usize) + Sync + Send) {
+        let nb = self.rows.div_ceil(RB);
+        if self.rows * self.cols * n < PAR_MIN_ELEMS {
+            (0..nb).for_each(f);
+        } else {
+            (0..nb).into_par_iter().for_each(f);
+        }
+    }
+
+    /// Rows `b·RB..` of the product on f32: the rows are decoded once into f32 (they stay in
+    /// L2), then swept by tiles of four tokens (they stay in L1).
+    fn block_f32(&self, b: usize, x: &[f32], n: usize, out: OutPtr) {
+        let (rows, cols) = (self.rows, self.cols);
+        let (r0, r1) = (b * RB, ((b + 1) * RB).min(rows));
+        let nr = r1 - r0;
+        let mut rowsf = ROWS_F32.take();
+        rowsf.resize(nr * cols, 0.0);
+        for r in r0..r1 {
+            self.row_f32(r, &mut rowsf[(r - r0) * cols..(r - r0 + 1) * cols]);
+        }
+        // a partial tile repeats its last row / token and drops those results
+        let row = |i: usize| &rowsf[i.min(nr - 1) * cols..(i.min(nr - 1) + 1) * cols];
+        let xt = |t: usize| &x[t.min(n - 1) * cols..(t.min(n - 1) + 1) * cols];
+        for t in (0..n).step_by(4) {
+            let xs = [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)];
+            for i in (0..nr).step_by(4) {
+                let blk = kernels::dot4x4([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
+                out.put(&blk, r0 + i, r1, t, n, rows);
+            }
+        }
+        ROWS_F32.set(rowsf);
+    }
+
+    /// Rows `b·RB..` of the product on bf16: bf16 weights are used in place, quantized rows
+    /// are dequantized to bf16 once.
+    fn block_bf16(&self, b: usize, xb: &[u16], n: usize, out: OutPtr) {
+        let (rows, cols) = (self.rows, self.cols);
+        let (r0, r1) = (b * RB, ((b + 1) * RB).min(rows));
+        let nr = r1 - r0;
+        let mut dec = ROWS_BF16.take();
+        let src: &[u16] = match self.kind {
+            WKind::Q { bits, group } => {
+                let q = QMat::new(self.data, rows, cols, bits, group as usize);
+                dec.resize(nr * cols, 0);
+                let mut tmp = Vec::new();
+                for r in r0..r1 {
+                    let o = &mut dec[(r - r0) * cols..(r - r0 + 1) * cols];
+                    if !kernels::dequant_row_bf16(&q, r, o) {
+                        tmp.resize(cols, 0.0);
+                        q.row_f32(r, &mut tmp);
+                        kernels::f32_to_bf16(&tmp, o);
+                    }
+                }
+                &dec
+            }
+            _ => &bytemuck::cast_slice::<u8, u16>(self.data)[r0 * cols..r1 * cols],
         };
-        for (b, part) in parts.iter().enumerate() {
-            for (i, v) in part.iter().enumerate() {
-                let (r, t) = (b * RB + i / n, i % n);
-                y[t * rows + r] = *v;
+        let row = |i: usize| &src[i.min(nr - 1) * cols..(i.min(nr - 1) + 1) * cols];
+        let xt = |t: usize| &xb[t.min(n - 1) * cols..(t.min(n - 1) + 1) * cols];
+        for t in (0..n).step_by(4) {
+            let xs = [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)];
+            for i in (0..nr).step_by(4) {
+                let blk = kernels::dot4x4_bf16([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
+                out.put(&blk, r0 + i, r1, t, n, rows);
+            }
+        }
+        ROWS_BF16.set(dec);
+    }
+}
+
+/// Rows per block of a matrix product (the unit of parallel work).
+const RB: usize = 32;
+
+thread_local! {
+    /// Prefill scratch, reused so that products allocate nothing once warm.
+    static XBF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    static ROWS_F32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static ROWS_BF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    static EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's multi-token products in f32 (`exact`) or allowed bf16
+/// activations; the reference tests and `logits` use exact products.
+pub fn exact_products<R>(exact: bool, f: impl FnOnce() -> R) -> R {
+    let old = EXACT.replace(exact);
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            EXACT.set(self.0);
+        }
+    }
+    let _restore = Restore(old);
+    f()
+}
+
+/// The output of a product, shared by the blocks that each write their own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: blocks write disjoint rows of the output, which outlives the product.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Stores a 4×4 tile (rows `r..`, tokens `t..`) of a `[n, rows]` output, dropping the
+    /// entries past `r_end` or `n`.
+    #[inline]
+    fn put(self, blk: &[[f32; 4]; 4], r: usize, r_end: usize, t: usize, n: usize, rows: usize) {
+        for (i, br) in blk.iter().enumerate().take(r_end.saturating_sub(r)) {
+            for (k, v) in br.iter().enumerate().take(n - t) {
+                // SAFETY: r + i < r_end <= rows and t + k < n: inside the `[n, rows]` output,
+                // in a row no other block writes.
+                unsafe { *self.0.add((t + k) * rows + r + i) = *v };
             }
         }
     }
@@ -480,22 +564,31 @@ mod tests {
                 let kind = WKind::Q { bits, group: group as u16 };
                 mats.push(Mat::from_bytes(rows, cols, kind, AlignedBytes::from_slice(&blob)).unwrap());
             }
-            for m in &mats {
+            for (m, exact) in mats.iter().flat_map(|m| [(m, true), (m, false)]) {
                 let wf = m.to_f32();
                 let mut y = vec![0.0; rows * n];
-                m.matmul(&x, n, &mut y);
+                exact_products(exact, || m.matmul(&x, n, &mut y));
+                let bf16 = !exact && n > 1 && kernels::bf16_products() && m.kind != WKind::F32 && m.kind != WKind::F16;
                 for t in 0..n {
                     for r in 0..rows {
                         let want: f64 = (0..cols).map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
                         let got = y[t * rows + r] as f64;
-                        // quantized single-vector products may use int8 activations (VNNI):
-                        // allow half an activation step per weight
                         let xt = &x[t * cols..(t + 1) * cols];
                         let amax = xt.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
                         let wsum: f64 = wf[r * cols..(r + 1) * cols].iter().map(|v| v.abs() as f64).sum();
+                        let wx: f64 = (0..cols).map(|c| (wf[r * cols + c] as f64 * xt[c] as f64).abs()).sum();
+                        // quantized single-vector products may use int8 activations (VNNI):
+                        // allow half an activation step per weight; bf16 products round x
+                        // (and a dequantized weight) to 8 significant bits: 2^-8 relative
                         let int8 = matches!(m.kind, WKind::Q { .. }) && n == 1;
-                        let tol = 1e-4 + if int8 { wsum * amax / 127.0 * 0.5 } else { 0.0 };
-                        assert!((got - want).abs() < tol, "{rows}x{cols} {}: {got} vs {want}", m.kind.name());
+                        let tol = 1e-4
+                            + if int8 { wsum * amax / 127.0 * 0.5 } else { 0.0 }
+                            + if bf16 { wx / 256.0 } else { 0.0 };
+                        assert!(
+                            (got - want).abs() < tol,
+                            "{rows}x{cols} {} exact={exact}: {got} vs {want}",
+                            m.kind.name()
+                        );
                     }
                 }
             }

@@ -21,8 +21,14 @@ fn perplexity_matches_transformers_and_the_quality_table() {
     let ids = tok.encode(&std::fs::read_to_string(dir().join("valid.txt")).unwrap()).unwrap();
     assert_eq!(ids.len() - ids.len().div_ceil(512), info["reference_eval"]["tokens"].as_u64().unwrap() as usize);
     let mut m = load_model(dir()).unwrap();
+    m.opts.exact = true;
     let r = evaluate(&m, None, &ids, 512).unwrap();
     assert!((r.perplexity / want - 1.0).abs() < 1e-4, "engine {} vs transformers {want}", r.perplexity);
+    // the default prefill products (bf16 activations where the CPU has AVX-512 BF16) move it
+    // by about 1e-4 (measured: 83.0568 against the reference's 83.0659)
+    m.opts.exact = false;
+    let r = evaluate(&m, None, &ids, 512).unwrap();
+    assert!((r.perplexity / want - 1.0).abs() < 1e-3, "bf16 prefill: engine {} vs transformers {want}", r.perplexity);
     // docs/QUALITY.md: q4 experts, K = 2 → perplexity 90.39 (measured with the AVX-512 VNNI
     // kernels, whose int8 activations shift it by a few hundredths against the f32 kernels)
     m.requantize_experts(WKind::Q { bits: 4, group: 64 }).unwrap();
@@ -35,7 +41,7 @@ fn perplexity_matches_transformers_and_the_quality_table() {
 fn main_command_prints_shakespeare() {
     let cache = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashmoe"))
-        .args(["generate", "--prompt", "ROMEO:", "--max-tokens", "40"])
+        .args(["generate", "--prompt", "SCENE I. Verona.", "--max-tokens", "40"])
         .env("XDG_CACHE_HOME", cache.path())
         .env_remove("FLASHMOE_MODEL")
         .output()
@@ -43,7 +49,7 @@ fn main_command_prints_shakespeare() {
     let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{err}");
     assert!(err.contains("converting") && err.contains("experts:"), "{err}");
-    assert!(text.starts_with("ROMEO:"));
+    assert!(text.starts_with("SCENE I. Verona."));
     // English words of the plays, not byte soup
     let words: Vec<&str> = text.split_whitespace().collect();
     let common =

@@ -169,8 +169,10 @@ fn mlx_checkpoint_imports_bit_exact() {
 
     // and it computes what the dequantized checkpoint computes
     let prompt = [5u32, 77, 120, 3, 250, 9, 41];
-    let a = load_model(&out).unwrap();
-    let b = load_model(&deq_dir).unwrap();
+    // (exact products: the twin's weights are f32, the import's q4, and only the f32 path
+    // treats both alike)
+    let (mut a, mut b) = (load_model(&out).unwrap(), load_model(&deq_dir).unwrap());
+    (a.opts.exact, b.opts.exact) = (true, true);
     let la = a.forward(&mut a.new_state(), &prompt, true).unwrap();
     let lb = b.forward(&mut b.new_state(), &prompt, true).unwrap();
     let scale = lb.iter().fold(0f32, |m, x| m.max(x.abs()));

@@ -151,6 +151,82 @@ pub fn dot4x4(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
     }
 }
 
+static BF16: OnceLock<bool> = OnceLock::new();
+
+/// AVX-512 BF16 (`vdpbf16ps`) is usable: multi-token products may run on bf16 activations.
+pub fn bf16_products() -> bool {
+    *BF16.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// f32 → bf16 bits, rounding to nearest even.
+pub fn f32_to_bf16(x: &[f32], out: &mut [u16]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if bf16_products() {
+        // SAFETY: AVX-512 BF16 was detected at run time.
+        return unsafe { x86::f32_to_bf16_avx512(x, out) };
+    }
+    f32_to_bf16_scalar(x, out)
+}
+
+/// Scalar reference of [`f32_to_bf16`].
+pub fn f32_to_bf16_scalar(x: &[f32], out: &mut [u16]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = half::bf16::from_f32(*v).to_bits();
+    }
+}
+
+/// 4 bf16 rows × 4 bf16 vectors of dot products, accumulated in f32 (prefill's inner kernel
+/// where [`bf16_products`] holds).
+#[inline]
+pub fn dot4x4_bf16(rows: [&[u16]; 4], x: [&[u16]; 4]) -> [[f32; 4]; 4] {
+    let n = rows[0].len();
+    assert!(rows.iter().chain(&x).all(|s| s.len() == n), "dot4x4_bf16: unequal lengths");
+    #[cfg(target_arch = "x86_64")]
+    if bf16_products() {
+        // SAFETY: AVX-512 BF16 was detected at run time; the lengths are equal.
+        return unsafe { x86::dot4x4_bf16_avx512(rows, x) };
+    }
+    dot4x4_bf16_scalar(rows, x)
+}
+
+/// Scalar reference of [`dot4x4_bf16`].
+pub fn dot4x4_bf16_scalar(rows: [&[u16]; 4], x: [&[u16]; 4]) -> [[f32; 4]; 4] {
+    let mut out = [[0.0f32; 4]; 4];
+    for r in 0..4 {
+        for t in 0..4 {
+            out[r][t] = rows[r].iter().zip(x[t]).map(|(&a, &b)| bf16_to_f32(a) * bf16_to_f32(b)).sum();
+        }
+    }
+    out
+}
+
+/// Dequantizes row `r` of a q4/q8 matrix straight to bf16 when the SIMD kernel applies
+/// (returns false otherwise, and the caller goes through f32).
+pub fn dequant_row_bf16(q: &crate::quant::QMat<'_>, r: usize, out: &mut [u16]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_products() && matches!(q.bits, 4 | 8) && q.cols.is_multiple_of(32) && q.group.is_multiple_of(32) {
+        let rb = crate::quant::row_bytes(q.cols, q.bits);
+        let ng = q.cols.div_ceil(q.group);
+        let (p, sc, bi) =
+            (&q.packed[r * rb..(r + 1) * rb], &q.scales[r * ng..(r + 1) * ng], &q.biases[r * ng..(r + 1) * ng]);
+        // SAFETY: AVX-512 BF16 detected; sizes are multiples of 32 as the kernel requires.
+        unsafe { x86::dequant_row_bf16_avx512(p, sc, bi, q.bits, q.group, &mut out[..q.cols]) };
+        return true;
+    }
+    let _ = (q, r, out);
+    false
+}
+
 /// Σ bf16(w)·x.
 #[inline]
 pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
@@ -376,6 +452,47 @@ mod tests {
             for k in 0..4 {
                 let want: f64 = a.iter().zip(&xs[k]).map(|(x, y)| *x as f64 * *y as f64).sum();
                 assert!((got[k] as f64 - want).abs() < 1e-4, "dot4 {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_products_match_scalar_reference_on_odd_sizes() {
+        let bf = |v: &[f32]| v.iter().map(|x| half::bf16::from_f32(*x).to_bits()).collect::<Vec<u16>>();
+        for n in [1, 7, 31, 32, 33, 64, 95, 100, 257, 2048] {
+            let x = rnd(n, 11);
+            let (mut a, mut b) = (vec![0u16; n], vec![0u16; n]);
+            f32_to_bf16(&x, &mut a);
+            f32_to_bf16_scalar(&x, &mut b);
+            assert_eq!(a, b, "f32_to_bf16 {n}");
+            let rs: Vec<Vec<u16>> = (0..4).map(|i| bf(&rnd(n, 20 + i))).collect();
+            let xs: Vec<Vec<u16>> = (0..4).map(|i| bf(&rnd(n, 30 + i))).collect();
+            let rr = [&rs[0][..], &rs[1][..], &rs[2][..], &rs[3][..]];
+            let xx = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];
+            let (got, want) = (dot4x4_bf16(rr, xx), dot4x4_bf16_scalar(rr, xx));
+            for r in 0..4 {
+                for t in 0..4 {
+                    let exact: f64 =
+                        rr[r].iter().zip(xx[t]).map(|(&p, &q)| bf16_to_f32(p) as f64 * bf16_to_f32(q) as f64).sum();
+                    // products of bf16 are exact in f32; only the summation order differs
+                    assert!((got[r][t] as f64 - exact).abs() < 1e-4, "dot4x4_bf16 {n}: {} vs {exact}", got[r][t]);
+                    assert!((want[r][t] as f64 - exact).abs() < 1e-4, "scalar {n}");
+                }
+            }
+        }
+        for bits in [4u8, 8, 2, 3] {
+            for &(rows, cols, group) in &[(3, 64, 64), (2, 96, 32), (1, 2048, 64), (2, 40, 8)] {
+                let w = rnd(rows * cols, 5 + bits as u64);
+                let blob = crate::tensor::AlignedBytes::from_slice(&quant::quantize(&w, rows, cols, bits, group));
+                let q = quant::QMat::new(blob.bytes(), rows, cols, bits, group);
+                let (mut f, mut want, mut got) = (vec![0.0; cols], vec![0u16; cols], vec![0u16; cols]);
+                for r in 0..rows {
+                    q.row_f32(r, &mut f);
+                    f32_to_bf16_scalar(&f, &mut want);
+                    if dequant_row_bf16(&q, r, &mut got) {
+                        assert_eq!(got, want, "dequant_row_bf16 q{bits} {rows}x{cols}/{group}");
+                    }
+                }
             }
         }
     }

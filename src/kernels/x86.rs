@@ -500,3 +500,98 @@ pub unsafe fn qdot_vnni_q3(packed: &[u8], scales: &[u16], biases: &[u16], prep: 
     }
     _mm512_reduce_add_ps(acc) + bacc
 }
+
+/// 32 bf16 values at `p` (the lanes below `m` only; the rest read as zero).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn load_bh(p: *const u16, m: __mmask32) -> __m512bh {
+    std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(m, p as *const i16))
+}
+
+/// A 4×4 block of dot products on bf16 rows and bf16 vectors, accumulated in f32 by
+/// `vdpbf16ps` (two multiply-adds per lane per instruction: twice the f32 FMA's work).
+///
+/// # Safety
+/// AVX-512F/BW/BF16 must be available; all eight slices must have the same length.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn dot4x4_bf16_avx512(rows: [&[u16]; 4], x: [&[u16]; 4]) -> [[f32; 4]; 4] {
+    let n = rows[0].len();
+    let pr = [rows[0].as_ptr(), rows[1].as_ptr(), rows[2].as_ptr(), rows[3].as_ptr()];
+    let px = [x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr()];
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut i = 0;
+    while i < n {
+        let m: __mmask32 = if i + 32 <= n { !0 } else { (1u32 << (n - i)) - 1 };
+        let xv =
+            [load_bh(px[0].add(i), m), load_bh(px[1].add(i), m), load_bh(px[2].add(i), m), load_bh(px[3].add(i), m)];
+        for r in 0..4 {
+            let rv = load_bh(pr[r].add(i), m);
+            for t in 0..4 {
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], rv, xv[t]);
+            }
+        }
+        i += 32;
+    }
+    let mut out = [[0.0f32; 4]; 4];
+    for r in 0..4 {
+        for t in 0..4 {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// f32 → bf16, rounding to nearest even (`vcvtneps2bf16`).
+///
+/// # Safety
+/// AVX-512F/BW/BF16 must be available; `out.len() == x.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn f32_to_bf16_avx512(x: &[f32], out: &mut [u16]) {
+    let n = x.len().min(out.len());
+    let (p, o) = (x.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i < n {
+        let m: __mmask16 = if i + 16 <= n { !0 } else { ((1u32 << (n - i)) - 1) as u16 };
+        let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, p.add(i)));
+        _mm256_mask_storeu_epi16(o.add(i) as *mut i16, m, std::mem::transmute::<__m256bh, __m256i>(v));
+        i += 16;
+    }
+}
+
+/// Dequantizes one q4 or q8 row like [`dequant_row_avx512`], rounding to bf16.
+///
+/// # Safety
+/// AVX-512F/BW/BF16 must be available; `out.len()` and `group` must be multiples of 32.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn dequant_row_bf16_avx512(
+    packed: &[u8],
+    scales: &[u16],
+    biases: &[u16],
+    bits: u8,
+    group: usize,
+    out: &mut [u16],
+) {
+    let (p, o) = (packed.as_ptr(), out.as_mut_ptr());
+    let m4 = _mm_set1_epi8(0x0f);
+    let cols = out.len();
+    for (g, (&s, &b)) in scales.iter().zip(biases).enumerate() {
+        let (vs, vb) = (_mm512_set1_ps(bf16_to_f32(s)), _mm512_set1_ps(bf16_to_f32(b)));
+        let (mut e, end) = (g * group, ((g + 1) * group).min(cols));
+        while e < end {
+            let (a, c) = if bits == 4 {
+                let v = _mm_loadu_si128(p.add(e / 2) as *const __m128i);
+                let (lo, hi) = (_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+                (_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi))
+            } else {
+                (_mm_loadu_si128(p.add(e) as *const __m128i), _mm_loadu_si128(p.add(e + 16) as *const __m128i))
+            };
+            let (fa, fc) = (_mm512_fmadd_ps(u8x16_512(a), vs, vb), _mm512_fmadd_ps(u8x16_512(c), vs, vb));
+            // cvtne2ps puts its second operand in the low half
+            _mm512_storeu_si512(
+                o.add(e) as *mut _,
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(fc, fa)),
+            );
+            e += 32;
+        }
+    }
+}
