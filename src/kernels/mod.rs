@@ -158,7 +158,9 @@ pub fn bf16_products() -> bool {
     *BF16.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) && is_x86_feature_detected!("avx512bf16")
+            matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni)
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bf16")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {

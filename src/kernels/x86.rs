@@ -418,11 +418,10 @@ pub unsafe fn dot4x4_avx512(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] 
         }
     }
     let mut out = [[0.0f32; 4]; 4];
-    for r in 0..4 {
-        for t in 0..4 {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
+    _mm512_storeu_ps(
+        out.as_mut_ptr() as *mut f32,
+        reduce16(std::mem::transmute::<[[__m512; 4]; 4], [__m512; 16]>(acc)),
+    );
     out
 }
 
@@ -533,19 +532,39 @@ pub unsafe fn dot4x4_bf16_avx512(rows: [&[u16]; 4], x: [&[u16]; 4]) -> [[f32; 4]
         i += 32;
     }
     let mut out = [[0.0f32; 4]; 4];
-    for r in 0..4 {
-        for t in 0..4 {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
+    _mm512_storeu_ps(
+        out.as_mut_ptr() as *mut f32,
+        reduce16(std::mem::transmute::<[[__m512; 4]; 4], [__m512; 16]>(acc)),
+    );
     out
+}
+
+/// Lane j of the result is the sum of the lanes of `v[j]` (16 horizontal sums in 45
+/// shuffles and adds instead of 16 separate reductions).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce16(v: [__m512; 16]) -> __m512 {
+    // pairs: per 128-bit lane [a, b, a, b] partial sums
+    let p: [__m512; 8] = std::array::from_fn(|k| {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+    });
+    // quads: per 128-bit lane [a, b, c, d]
+    let q: [__m512; 4] = std::array::from_fn(|k| {
+        let (x, y) = (_mm512_castps_pd(p[2 * k]), _mm512_castps_pd(p[2 * k + 1]));
+        _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)))
+    });
+    // across the four 128-bit lanes
+    let u = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], 0x44), _mm512_shuffle_f32x4(q[0], q[1], 0xee));
+    let w = _mm512_add_ps(_mm512_shuffle_f32x4(q[2], q[3], 0x44), _mm512_shuffle_f32x4(q[2], q[3], 0xee));
+    _mm512_add_ps(_mm512_shuffle_f32x4(u, w, 0x88), _mm512_shuffle_f32x4(u, w, 0xdd))
 }
 
 /// f32 → bf16, rounding to nearest even (`vcvtneps2bf16`).
 ///
 /// # Safety
-/// AVX-512F/BW/BF16 must be available; `out.len() == x.len()`.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+/// AVX-512F/BW/VL/BF16 must be available; `out.len() == x.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub unsafe fn f32_to_bf16_avx512(x: &[f32], out: &mut [u16]) {
     let n = x.len().min(out.len());
     let (p, o) = (x.as_ptr(), out.as_mut_ptr());
@@ -558,7 +577,9 @@ pub unsafe fn f32_to_bf16_avx512(x: &[f32], out: &mut [u16]) {
     }
 }
 
-/// Dequantizes one q4 or q8 row like [`dequant_row_avx512`], rounding to bf16.
+/// Dequantizes one q4 or q8 row like [`dequant_row_avx512`], rounding to bf16. A q4 group's
+/// sixteen possible values are computed once and its nibbles index them (`vpermw`): the same
+/// bits as rounding each `scale·q + bias`, at a third of the instructions.
 ///
 /// # Safety
 /// AVX-512F/BW/BF16 must be available; `out.len()` and `group` must be multiples of 32.
@@ -574,17 +595,26 @@ pub unsafe fn dequant_row_bf16_avx512(
     let (p, o) = (packed.as_ptr(), out.as_mut_ptr());
     let m4 = _mm_set1_epi8(0x0f);
     let cols = out.len();
+    let q16 = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
     for (g, (&s, &b)) in scales.iter().zip(biases).enumerate() {
         let (vs, vb) = (_mm512_set1_ps(bf16_to_f32(s)), _mm512_set1_ps(bf16_to_f32(b)));
         let (mut e, end) = (g * group, ((g + 1) * group).min(cols));
-        while e < end {
-            let (a, c) = if bits == 4 {
+        if bits == 4 {
+            let lut = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_fmadd_ps(q16, vs, vb)));
+            let lut = _mm512_castsi256_si512(lut);
+            while e < end {
                 let v = _mm_loadu_si128(p.add(e / 2) as *const __m128i);
                 let (lo, hi) = (_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
-                (_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi))
-            } else {
-                (_mm_loadu_si128(p.add(e) as *const __m128i), _mm_loadu_si128(p.add(e + 16) as *const __m128i))
-            };
+                let idx = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+                let w = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx), lut);
+                _mm512_storeu_si512(o.add(e) as *mut _, w);
+                e += 32;
+            }
+            continue;
+        }
+        while e < end {
+            let (a, c) =
+                (_mm_loadu_si128(p.add(e) as *const __m128i), _mm_loadu_si128(p.add(e + 16) as *const __m128i));
             let (fa, fc) = (_mm512_fmadd_ps(u8x16_512(a), vs, vb), _mm512_fmadd_ps(u8x16_512(c), vs, vb));
             // cvtne2ps puts its second operand in the low half
             _mm512_storeu_si512(
