@@ -122,13 +122,14 @@ unsafe fn delta_step_avx2(
 
 #[allow(clippy::too_many_arguments)]
 fn delta_step(s: &mut [f32], q: &[f32], k: &[f32], v: &[f32], beta: f32, decay: f32, o: &mut [f32], u: &mut [f32]) {
-    use crate::kernels::{Isa, isa};
-    match isa() {
+    match crate::kernels::isa() {
         // SAFETY: the ISA was detected at run time.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni => unsafe { delta_step_avx512(s, q, k, v, beta, decay, o, u) },
+        crate::kernels::Isa::Avx512 | crate::kernels::Isa::Avx512Vnni => unsafe {
+            delta_step_avx512(s, q, k, v, beta, decay, o, u)
+        },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { delta_step_avx2(s, q, k, v, beta, decay, o, u) },
+        crate::kernels::Isa::Avx2 => unsafe { delta_step_avx2(s, q, k, v, beta, decay, o, u) },
         _ => delta_step_body(s, q, k, v, beta, decay, o, u),
     }
 }
