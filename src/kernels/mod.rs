@@ -38,6 +38,21 @@ fn vbmi() -> bool {
     }
 }
 
+/// AVX-512 VL (masked 256-bit loads), used with VNNI by the group-64 kernels.
+fn avx512vl() -> bool {
+    static VL: OnceLock<bool> = OnceLock::new();
+    *VL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512vl")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Detected once; `FLASHMOE_ISA=scalar|avx2|avx512` narrows it (benchmarks, tests).
 pub fn isa() -> Isa {
     *ISA.get_or_init(|| {
@@ -371,6 +386,12 @@ pub fn qdot(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 
             Isa::Avx512Vnni if prep.int8 && prep.bits == 3 => {
                 return unsafe { x86::qdot_vnni_q3(packed, scales, biases, prep) };
             }
+            Isa::Avx512Vnni if prep.int8 && prep.group == 64 && prep.bits == 4 && avx512vl() => {
+                return unsafe { x86::qdot_vnni_g64::<4>(packed, scales, biases, prep) };
+            }
+            Isa::Avx512Vnni if prep.int8 && prep.group == 64 && prep.bits == 8 && avx512vl() => {
+                return unsafe { x86::qdot_vnni_g64::<8>(packed, scales, biases, prep) };
+            }
             Isa::Avx512Vnni if prep.int8 => return unsafe { x86::qdot_vnni(packed, scales, biases, prep) },
             Isa::Avx512 | Isa::Avx512Vnni => return unsafe { x86::qdot_avx512(packed, scales, biases, prep) },
             Isa::Avx2 => return unsafe { x86::qdot_avx2(packed, scales, biases, prep) },
@@ -512,6 +533,7 @@ mod tests {
                 (2, 48, 64),
                 (2, 96, 64),
                 (1, 192, 128),
+                (2, 64 * 37, 64),
             ] {
                 let w = rnd(rows * cols, bits as u64 + cols as u64);
                 let x = rnd(cols, 99);
@@ -550,6 +572,16 @@ mod tests {
                         } else {
                             unsafe { x86::qdot_vnni(pk, sc, bi, &prep) }
                         } as f64;
+                        // the group-64 kernel: the same products, summed in another order
+                        let v64 = match bits {
+                            4 if group == 64 && avx512vl() => {
+                                Some(unsafe { x86::qdot_vnni_g64::<4>(pk, sc, bi, &prep) })
+                            }
+                            8 if group == 64 && avx512vl() => {
+                                Some(unsafe { x86::qdot_vnni_g64::<8>(pk, sc, bi, &prep) })
+                            }
+                            _ => None,
+                        };
                         let bound: f64 = row
                             .chunks(group)
                             .zip(&prep.xscale)
@@ -560,7 +592,16 @@ mod tests {
                             (v - want).abs() <= bound,
                             "vnni q{bits} {rows}x{cols}/{group}: {v} vs {want} ({bound})"
                         );
-                        assert_eq!(got[0] as f64, v, "the dispatcher picked the VNNI kernel");
+                        if let Some(v64) = v64 {
+                            let v64 = v64 as f64;
+                            assert!(
+                                (v64 - v).abs() <= 1e-5 * (1.0 + v.abs()),
+                                "g64 q{bits} {rows}x{cols}: {v64} vs {v}"
+                            );
+                            assert_eq!(got[0] as f64, v64, "the dispatcher picked the group-64 VNNI kernel");
+                        } else {
+                            assert_eq!(got[0] as f64, v, "the dispatcher picked the VNNI kernel");
+                        }
                         got.remove(0);
                     }
                     for g in got {

@@ -341,6 +341,58 @@ pub unsafe fn qdot_vnni(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QP
     _mm512_reduce_add_ps(acc) + bacc
 }
 
+/// [`qdot_vnni`] for q4/q8 rows in groups of exactly 64 (one `vpdpbusd` per group): the
+/// group scales (× activation scales) and the bias terms are computed 16 groups at a time in
+/// vectors, and two accumulators break the FMA chain.
+///
+/// # Safety
+/// AVX-512F/BW/VL/VNNI must be available; `prep.int8` must hold, with `prep.group == 64` and
+/// `prep.bits` 4 or 8.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn qdot_vnni_g64<const BITS: usize>(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 {
+    let (xq, p) = (prep.xq.as_ptr(), packed.as_ptr());
+    let (xscale, xsum) = (prep.xscale.as_ptr(), prep.xsum.as_ptr());
+    let ng = scales.len();
+    let m4 = _mm256_set1_epi8(0x0f);
+    let weights = |g: usize| -> __m512i {
+        if BITS == 4 {
+            let v = _mm256_loadu_si256(p.add(g * 32) as *const __m256i);
+            let (lo, hi) = (_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+        } else {
+            _mm512_loadu_si512(p.add(g * 64) as *const __m512i)
+        }
+    };
+    let dot = |g: usize| {
+        let x = _mm512_loadu_si512(xq.add(g * 64) as *const __m512i);
+        _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), weights(g), x))
+    };
+    let widen = |m: __mmask16, q: *const u16| {
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, q as *const i16)), 16))
+    };
+    let (mut acc0, mut acc1, mut bacc) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut sc = [0f32; 16];
+    let mut g = 0;
+    while g < ng {
+        let n = (ng - g).min(16);
+        let m: __mmask16 = ((1u32 << n) - 1) as u16;
+        let s = _mm512_mul_ps(widen(m, scales.as_ptr().add(g)), _mm512_maskz_loadu_ps(m, xscale.add(g)));
+        _mm512_storeu_ps(sc.as_mut_ptr(), s);
+        bacc = _mm512_fmadd_ps(widen(m, biases.as_ptr().add(g)), _mm512_maskz_loadu_ps(m, xsum.add(g)), bacc);
+        let mut j = 0;
+        while j + 2 <= n {
+            acc0 = _mm512_fmadd_ps(dot(g + j), _mm512_set1_ps(sc[j]), acc0);
+            acc1 = _mm512_fmadd_ps(dot(g + j + 1), _mm512_set1_ps(sc[j + 1]), acc1);
+            j += 2;
+        }
+        if j < n {
+            acc0 = _mm512_fmadd_ps(dot(g + j), _mm512_set1_ps(sc[j]), acc0);
+        }
+        g += 16;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + _mm512_reduce_add_ps(bacc)
+}
+
 /// Dequantizes one q4 or q8 row (natural element order) into `out`: w = scale·q + bias.
 ///
 /// # Safety
