@@ -239,7 +239,12 @@ impl Loader<'_> {
             in_proj_z,
             in_proj_b,
             in_proj_a,
-            conv_w: self.ck.vector(&format!("{p}.conv1d.weight"), &[cd, 1, l.conv_kernel])?,
+            conv_w: {
+                // stored [channel][tap]; kept [tap][channel] so each tap is one vector pass
+                let w = self.ck.vector(&format!("{p}.conv1d.weight"), &[cd, 1, l.conv_kernel])?;
+                let kern = l.conv_kernel;
+                (0..kern).flat_map(|j| (0..cd).map(move |ch| (ch, j))).map(|(ch, j)| w[ch * kern + j]).collect()
+            },
             dt_bias: self.ck.vector(&format!("{p}.dt_bias"), &[nv])?,
             neg_a: a_log.iter().map(|v| -v.exp()).collect(),
             norm_w: self.ck.vector(&format!("{p}.norm.weight"), &[l.v_head_dim])?,

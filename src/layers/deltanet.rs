@@ -1,11 +1,13 @@
 //! Gated DeltaNet (linear attention): a causal depthwise conv over the q/k/v projection,
 //! then per value head a d_k×d_v state updated by the gated delta rule, then a gated RMSNorm.
-//! Prefill runs the same token recurrence as decode, so both give identical results.
+//! Prefill runs the same token recurrence as decode, so both give identical results; the value
+//! heads are independent and run in parallel.
 
 use super::norm::inv_rms;
 use super::{sigmoid, silu, softplus};
 use crate::config::LinearAttnConfig;
 use crate::tensor::Mat;
+use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
 pub struct DeltaNet {
@@ -15,7 +17,7 @@ pub struct DeltaNet {
     pub in_proj_z: Mat,
     pub in_proj_b: Mat,
     pub in_proj_a: Mat,
-    /// `[conv_dim][kernel]`.
+    /// `[kernel][conv_dim]` (transposed from the checkpoint's `[conv_dim, 1, kernel]`).
     pub conv_w: Vec<f32>,
     pub dt_bias: Vec<f32>,
     /// −exp(A_log), per value head.
@@ -148,48 +150,52 @@ impl DeltaNet {
         self.in_proj_b.matmul(x, n, &mut b);
         self.in_proj_a.matmul(x, n, &mut a);
 
-        let mut o = vec![0.0; n * vd];
-        let mut cv = vec![0.0; cd];
-        let mut kv_mem = vec![0.0; dv];
+        // 1. causal depthwise conv over [history, x_0..x_n], then SiLU; the last kernel-1
+        //    inputs become the history.
+        let mut win = Vec::with_capacity(st.conv.len() + qkv.len());
+        win.extend_from_slice(&st.conv);
+        win.extend_from_slice(&qkv);
+        let mut cv = vec![0.0; n * cd];
         let q_scale = 1.0 / (dk as f32).sqrt();
-        for t in 0..n {
-            let xt = &qkv[t * cd..(t + 1) * cd];
-            // 1. causal depthwise conv over [history, x_t], then SiLU; roll the history.
-            for ch in 0..cd {
-                let w = &self.conv_w[ch * kern..(ch + 1) * kern];
-                let mut acc = w[kern - 1] * xt[ch];
-                for (j, wj) in w[..kern - 1].iter().enumerate() {
-                    acc += wj * st.conv[j * cd + ch];
-                }
-                cv[ch] = silu(acc);
+        for (t, ct) in cv.chunks_exact_mut(cd).enumerate() {
+            for j in 0..kern {
+                let (w, src) = (&self.conv_w[j * cd..(j + 1) * cd], &win[(t + j) * cd..(t + j + 1) * cd]);
+                ct.iter_mut().zip(w).zip(src).for_each(|((o, w), s)| *o += w * s);
             }
-            if kern > 1 {
-                st.conv.copy_within(cd.., 0);
-                let last = (kern - 2) * cd;
-                st.conv[last..last + cd].copy_from_slice(xt);
-            }
-            // 2. split and L2-normalise q and k per key head; q also scaled by 1/sqrt(d_k).
-            let (q, rest) = cv.split_at_mut(kd);
-            let (k, v) = rest.split_at_mut(kd);
+            ct.iter_mut().for_each(|v| *v = silu(*v));
+            // 2. L2-normalise q and k per key head; q also scaled by 1/sqrt(d_k).
             for h in 0..nk {
-                l2_normalize(&mut q[h * dk..(h + 1) * dk], q_scale);
-                l2_normalize(&mut k[h * dk..(h + 1) * dk], 1.0);
+                l2_normalize(&mut ct[h * dk..(h + 1) * dk], q_scale);
+                l2_normalize(&mut ct[kd + h * dk..kd + (h + 1) * dk], 1.0);
             }
-            // 3-4. gated delta rule per value head.
-            for j in 0..nv {
-                let kh = j / (nv / nk);
-                let (qj, kj, vj) = (&q[kh * dk..(kh + 1) * dk], &k[kh * dk..(kh + 1) * dk], &v[j * dv..(j + 1) * dv]);
+        }
+        let keep = st.conv.len();
+        st.conv.copy_from_slice(&win[win.len() - keep..]);
+        // 3-5. per value head, over the tokens: the gated delta rule, then the gated RMSNorm
+        //      rms(o)·w·silu(z). Heads own disjoint states and outputs: one task each.
+        let mut oh = vec![0.0; nv * n * dv];
+        let head = |(j, (s, oj)): (usize, (&mut [f32], &mut [f32]))| {
+            let kh = j / (nv / nk);
+            let mut kv_mem = vec![0.0; dv];
+            for (t, ot) in oj.chunks_exact_mut(dv).enumerate() {
+                let c = &cv[t * cd..(t + 1) * cd];
+                let (qj, kj) = (&c[kh * dk..(kh + 1) * dk], &c[kd + kh * dk..kd + (kh + 1) * dk]);
+                let vj = &c[2 * kd + j * dv..2 * kd + (j + 1) * dv];
                 let beta = sigmoid(b[t * nv + j]);
                 let decay = (self.neg_a[j] * softplus(a[t * nv + j] + self.dt_bias[j])).exp();
-                let s = &mut st.s[j * dk * dv..(j + 1) * dk * dv];
-                let oj = &mut o[t * vd + j * dv..t * vd + (j + 1) * dv];
-                delta_step(s, qj, kj, vj, beta, decay, oj, &mut kv_mem);
-                // 5. gated RMSNorm: rms(o)·w·silu(z).
+                delta_step(s, qj, kj, vj, beta, decay, ot, &mut kv_mem);
                 let zj = &z[t * vd + j * dv..t * vd + (j + 1) * dv];
-                let inv = inv_rms(oj, self.eps);
-                for ((ov, w), zz) in oj.iter_mut().zip(&self.norm_w).zip(zj) {
+                let inv = inv_rms(ot, self.eps);
+                for ((ov, w), zz) in ot.iter_mut().zip(&self.norm_w).zip(zj) {
                     *ov = *ov * inv * w * silu(*zz);
                 }
+            }
+        };
+        st.s.par_chunks_mut(dk * dv).zip(oh.par_chunks_mut(n * dv)).enumerate().for_each(head);
+        let mut o = vec![0.0; n * vd];
+        for (j, oj) in oh.chunks_exact(n * dv).enumerate() {
+            for (t, ot) in oj.chunks_exact(dv).enumerate() {
+                o[t * vd + j * dv..t * vd + (j + 1) * dv].copy_from_slice(ot);
             }
         }
         self.out_proj.matmul(&o, n, out);
