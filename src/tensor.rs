@@ -397,8 +397,9 @@ impl<'a> MatRef<'a> {
     /// Y = X·Wᵀ for `n` row vectors: `x` is `[n, cols]`, `y` is `[n, rows]`. Each weight row is
     /// decoded once and used for every input vector, so prefill reads the weights once.
     ///
-    /// bf16 and quantized weights run on bf16 activations (`vdpbf16ps`) where the CPU has
-    /// AVX-512 BF16, unless [`exact_products`] holds for this thread.
+    /// Unless [`exact_products`] holds for this thread, q4/q8 weights run on int8 activations
+    /// (`vpdpbusd`, rounded as decode rounds them) where the CPU has AVX-512 VNNI, and bf16 and
+    /// other quantized weights on bf16 activations (`vdpbf16ps`) where it has AVX-512 BF16.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(y.len(), n * self.rows);
@@ -408,7 +409,17 @@ impl<'a> MatRef<'a> {
         let bf16 = !EXACT.get() && kernels::bf16_products() && matches!(self.kind, WKind::BF16 | WKind::Q { .. });
         // rows are independent: each block writes its own rows of every output vector
         let out = OutPtr(y.as_mut_ptr());
-        if bf16 {
+        if let WKind::Q { bits, group } = self.kind
+            && !EXACT.get()
+            && kernels::int8_gemm(bits, group as usize, self.cols)
+        {
+            // q4/q8 with VNNI: int8 activations, as decode uses, in a reused per-thread buffer
+            let q = QMat::new(self.data, self.rows, self.cols, bits, group as usize);
+            let mut xt = QTOKENS.take();
+            xt.quantize(x, n, self.cols, group as usize, bits);
+            self.blocks(n, |b| self.block_int8(b, &q, &xt, out));
+            QTOKENS.set(xt);
+        } else if bf16 {
             // the activations in bf16 once per product, in a reused per-thread buffer
             let mut xb = XBF16.take();
             xb.resize(x.len(), 0);
@@ -452,6 +463,19 @@ impl<'a> MatRef<'a> {
             }
         }
         ROWS_F32.set(rowsf);
+    }
+
+    /// Rows `b·RB..` of the product on int8 activations: packed 16 rows at a time.
+    fn block_int8(&self, b: usize, q: &QMat<'_>, xt: &kernels::QTokens, out: OutPtr) {
+        let (r0, r1) = (b * RB, ((b + 1) * RB).min(self.rows));
+        let mut panel = PANEL.take();
+        for p0 in (r0..r1).step_by(16) {
+            panel.pack(q, p0, (r1 - p0).min(16));
+            // SAFETY: `out` is the `[n, rows]` output of this product; rows r0..r1 are this
+            // block's alone.
+            unsafe { panel.gemm(q, xt, out.0, self.rows, p0) };
+        }
+        PANEL.set(panel);
     }
 
     /// Rows `b·RB..` of the product on bf16: bf16 weights are used in place, quantized rows
@@ -500,6 +524,8 @@ thread_local! {
     static ROWS_F32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     static ROWS_BF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
     static EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static QTOKENS: std::cell::Cell<kernels::QTokens> = std::cell::Cell::new(kernels::QTokens::default());
+    static PANEL: std::cell::Cell<kernels::Panel> = std::cell::Cell::new(kernels::Panel::default());
 }
 
 /// Runs `f` with this thread's multi-token products in f32 (`exact`) or allowed bf16
@@ -569,6 +595,8 @@ mod tests {
                 let mut y = vec![0.0; rows * n];
                 exact_products(exact, || m.matmul(&x, n, &mut y));
                 let bf16 = !exact && n > 1 && kernels::bf16_products() && m.kind != WKind::F32 && m.kind != WKind::F16;
+                let bf16 = bf16
+                    && !matches!(m.kind, WKind::Q { bits, group } if kernels::int8_gemm(bits, group as usize, cols));
                 for t in 0..n {
                     for r in 0..rows {
                         let want: f64 = (0..cols).map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
@@ -580,7 +608,12 @@ mod tests {
                         // quantized single-vector products may use int8 activations (VNNI):
                         // allow half an activation step per weight; bf16 products round x
                         // (and a dequantized weight) to 8 significant bits: 2^-8 relative
-                        let int8 = matches!(m.kind, WKind::Q { .. }) && n == 1;
+                        let int8 = match m.kind {
+                            WKind::Q { bits, group } => {
+                                n == 1 || (!exact && kernels::int8_gemm(bits, group as usize, cols))
+                            }
+                            _ => false,
+                        };
                         let tol = 1e-4
                             + if int8 { wsum * amax / 127.0 * 0.5 } else { 0.0 }
                             + if bf16 { wx / 256.0 } else { 0.0 };

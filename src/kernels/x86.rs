@@ -677,3 +677,225 @@ pub unsafe fn dequant_row_bf16_avx512(
         }
     }
 }
+
+/// Packs rows `r0..r0 + nrows` (at most 16) of a q4/q8 matrix for [`gemm_panel_vnni`]: per
+/// 64-column block, 16 vectors of 64 bytes, vector d holding weight bytes 4d..4d+4 of each of
+/// the 16 rows (a 16×16 dword transpose of the unpacked rows); per group, the 16 rows' scales
+/// and biases as f32. Missing rows are zero.
+///
+/// # Safety
+/// AVX-512F/BW/VL must be available; `q.bits` is 4 or 8, `q.cols` a multiple of 64 and
+/// `q.group` a multiple of 64; `wp` holds `16·cols` bytes, `sp` and `bp` `16·groups` floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn pack_panel_vnni(
+    q: &crate::quant::QMat<'_>,
+    r0: usize,
+    nrows: usize,
+    wp: &mut [u8],
+    sp: &mut [f32],
+    bp: &mut [f32],
+) {
+    let (cols, ng) = (q.cols, q.cols.div_ceil(q.group));
+    let rb = crate::quant::row_bytes(cols, q.bits);
+    // scales and biases: 16 rows × 16 groups at a time, widened to f32 and transposed
+    for (src, dst) in [(q.scales, sp), (q.biases, bp)] {
+        for g0 in (0..ng).step_by(16) {
+            let m: __mmask16 = ((1u32 << (ng - g0).min(16)) - 1) as u16;
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, ri) in r.iter_mut().enumerate().take(nrows) {
+                let v = _mm256_maskz_loadu_epi16(m, src.as_ptr().add((r0 + i) * ng + g0) as *const i16);
+                *ri = _mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16);
+            }
+            let t = transpose16(&r);
+            for (k, v) in t.iter().enumerate().take((ng - g0).min(16)) {
+                _mm512_storeu_si512(dst.as_mut_ptr().add((g0 + k) * 16) as *mut _, *v);
+            }
+        }
+    }
+    let out = wp.as_mut_ptr();
+    if q.bits == 4 {
+        return pack_q4(q, r0, nrows, rb, out);
+    }
+    for blk in 0..cols / 64 {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, ri) in r.iter_mut().enumerate().take(nrows) {
+            *ri = _mm512_loadu_si512(q.packed.as_ptr().add((r0 + i) * rb + blk * 64) as *const __m512i);
+        }
+        let t = transpose16(&r);
+        for (d, v) in t.iter().enumerate() {
+            _mm512_storeu_si512(out.add((blk * 16 + d) * 64) as *mut _, *v);
+        }
+    }
+}
+
+/// 16×16 transpose of 32-bit elements: lane i of result d is lane d of `r[i]`.
+#[allow(clippy::needless_range_loop)] // constant-index loops over registers unroll fully
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
+    let mut t = [_mm512_setzero_si512(); 16];
+    for k in 0..8 {
+        t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+    // u[4i + j], 128-bit lane L: rows 4i..4i+4 of dword 4L + j
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    let mut o = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
+        let v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+        let w0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+        let w1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+        o[j] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+        o[8 + j] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+        o[4 + j] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+        o[12 + j] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+    }
+    o
+}
+
+/// q4 panels without unpacking first: the 16 rows' packed dwords are transposed (two 8×8
+/// transposes side by side, 32 shuffles per 64 columns), then the low nibbles of packed dword j
+/// give vector 2j (elements 8j, 8j+2, 8j+4, 8j+6 of each row) and the high nibbles vector
+/// 2j+1 (the odd ones); [`super::QTokens`] orders the activations to match.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_q4(q: &crate::quant::QMat<'_>, r0: usize, nrows: usize, rb: usize, out: *mut u8) {
+    let zero = [0u8; 32];
+    let m4 = _mm512_set1_epi8(0x0f);
+    let lo_idx = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    let hi_idx = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    for blk in 0..q.cols / 64 {
+        let src = |i: usize| -> *const __m256i {
+            if i < nrows {
+                q.packed.as_ptr().add((r0 + i) * rb + blk * 32) as *const __m256i
+            } else {
+                zero.as_ptr() as *const __m256i
+            }
+        };
+        // r[i]: row i's 8 packed dwords, then row i + 8's
+        let mut r = [_mm512_setzero_si512(); 8];
+        for i in 0..8 {
+            r[i] = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256(src(i))),
+                _mm256_loadu_si256(src(i + 8)),
+                1,
+            );
+        }
+        let mut t = [_mm512_setzero_si512(); 8];
+        for k in 0..4 {
+            t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+        }
+        // u[4h + j], 128-bit lane L: rows 4h..4h+4 (+8 in the upper half) of dword 4(L%2) + j
+        let mut u = [_mm512_setzero_si512(); 8];
+        for h in 0..2 {
+            u[4 * h] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+            u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+            u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+            u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+        }
+        let o = out.add(blk * 16 * 64);
+        for j in 0..4 {
+            // packed dword j and j + 4 of all 16 rows
+            let dj = _mm512_permutex2var_epi64(u[j], lo_idx, u[4 + j]);
+            let dj4 = _mm512_permutex2var_epi64(u[j], hi_idx, u[4 + j]);
+            for (d, v) in [(j, dj), (j + 4, dj4)] {
+                _mm512_storeu_si512(o.add(2 * d * 64) as *mut _, _mm512_and_si512(v, m4));
+                _mm512_storeu_si512(o.add((2 * d + 1) * 64) as *mut _, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+            }
+        }
+    }
+}
+
+/// Int8 activations of `T` tokens for [`gemm_panel_vnni`]: per token, x quantized per weight
+/// group (natural order), the groups' scales and the groups' sums of the unquantized x.
+pub struct Int8Tokens<'a, const T: usize> {
+    pub xq: [&'a [i8]; T],
+    pub xs: [&'a [f32]; T],
+    pub xsum: [&'a [f32]; T],
+}
+
+/// 16 rows (a packed panel) × `T` tokens with `vpdpbusd`: lanes are rows, each activation
+/// dword is broadcast, and the group scales are applied once per 64 columns to 16 rows at a
+/// time. Writes `y[t·rows + r0 + i]` for `i < nrows`.
+///
+/// # Safety
+/// AVX-512F/BW/VNNI must be available; the panel is packed by [`pack_panel_vnni`] for `cols`
+/// columns in groups of `group` (multiples of 64); `y` holds `T` rows of `rows` floats from
+/// which `r0 + nrows <= rows`.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // register arrays, unrolled
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn gemm_panel_vnni<const T: usize>(
+    wp: &[u8],
+    sp: &[f32],
+    bp: &[f32],
+    cols: usize,
+    group: usize,
+    x: &Int8Tokens<'_, T>,
+    y: *mut f32,
+    rows: usize,
+    r0: usize,
+    nrows: usize,
+) {
+    let mut acc = [_mm512_setzero_ps(); T];
+    for blk in 0..cols / 64 {
+        let g = blk * 64 / group;
+        let mut ai = [_mm512_setzero_si512(); T];
+        let w = wp.as_ptr().add(blk * 16 * 64);
+        for d in 0..16 {
+            let wv = _mm512_loadu_si512(w.add(d * 64) as *const __m512i);
+            for t in 0..T {
+                let xd = (x.xq[t].as_ptr().add(blk * 64 + d * 4) as *const i32).read_unaligned();
+                ai[t] = _mm512_dpbusd_epi32(ai[t], wv, _mm512_set1_epi32(xd));
+            }
+        }
+        let ws = _mm512_loadu_ps(sp.as_ptr().add(g * 16));
+        for t in 0..T {
+            let s = _mm512_mul_ps(ws, _mm512_set1_ps(x.xs[t][g]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[t]), s, acc[t]);
+        }
+        if (blk * 64).is_multiple_of(group) {
+            let wb = _mm512_loadu_ps(bp.as_ptr().add(g * 16));
+            for t in 0..T {
+                acc[t] = _mm512_fmadd_ps(wb, _mm512_set1_ps(x.xsum[t][g]), acc[t]);
+            }
+        }
+    }
+    let m: __mmask16 = ((1u32 << nrows) - 1) as u16;
+    for (t, a) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(y.add(t * rows + r0), m, *a);
+    }
+}
+
+/// One group of activations to int8: returns (scale, Σ x); `xq` gets round-half-even(x / s)
+/// clamped to ±127, as the scalar [`super::QTokens::quantize`] computes it.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `x.len() == xq.len()`, a multiple of 16.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn quantize_group_avx512(x: &[f32], xq: &mut [i8]) -> (f32, f32) {
+    let (p, n) = (x.as_ptr(), x.len());
+    let (mut amax, mut sum) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for i in (0..n).step_by(16) {
+        let v = _mm512_loadu_ps(p.add(i));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        sum = _mm512_add_ps(sum, v);
+    }
+    let s = _mm512_reduce_max_ps(amax) / 127.0;
+    let inv = _mm512_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+    let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+    for i in (0..n).step_by(16) {
+        // cvtps2dq rounds to nearest even under the default MXCSR
+        let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
+        let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+        _mm_storeu_si128(xq.as_mut_ptr().add(i) as *mut __m128i, _mm512_cvtepi32_epi8(q));
+    }
+    (s, _mm512_reduce_add_ps(sum))
+}
