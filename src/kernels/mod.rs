@@ -334,6 +334,8 @@ pub struct Panel {
     sp: Vec<f32>,
     bp: Vec<f32>,
     nrows: usize,
+    /// The rows' packed bytes, copied in one sequential pass before the transposing reads.
+    stage: Vec<u8>,
 }
 
 impl Panel {
@@ -345,11 +347,25 @@ impl Panel {
         self.sp.resize(16 * ng, 0.0);
         self.bp.resize(16 * ng, 0.0);
         self.nrows = nrows;
-        // SAFETY: `int8_gemm` checked VNNI (with AVX-512F/BW) and the sizes; buffers sized above.
+        // The transposing pass reads 16 rows side by side, which the hardware prefetchers do not
+        // follow: streamed from DRAM it stalls on every line. One sequential copy first.
+        let rb = crate::quant::row_bytes(q.cols, q.bits);
+        self.stage.clear();
+        self.stage.extend_from_slice(&q.packed[r0 * rb..(r0 + nrows) * rb]);
+        let sub = crate::quant::QMat {
+            rows: nrows,
+            packed: &self.stage,
+            scales: &q.scales[r0 * ng..(r0 + nrows) * ng],
+            biases: &q.biases[r0 * ng..(r0 + nrows) * ng],
+            ..*q
+        };
+        // SAFETY: `int8_gemm` checked VNNI (with AVX-512F/BW/VL) and the sizes; buffers sized above.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            x86::pack_panel_vnni(q, r0, nrows, &mut self.wp, &mut self.sp, &mut self.bp)
+            x86::pack_panel_vnni(&sub, 0, nrows, &mut self.wp, &mut self.sp, &mut self.bp)
         };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = sub;
     }
 
     /// `y[t·rows + r0 + i] = row r0 + i · x_t` for the panel's rows and every token of `x`.
