@@ -12,7 +12,8 @@ echo "| experts | K | perplexity | mean KL vs bf16 K=4 | top-1 agreement |"
 echo "|---|---|---|---|---|"
 row() { # label K args...
     local label=$1 k=$2; shift 2
-    $BIN eval --model $M --text $T --reference $M --json "$@" | python3 -c "
+    # --exact: f32 prefill activations, so the table shows what the weights' formats cost
+    $BIN eval --model $M --text $T --reference $M --json --exact "$@" | python3 -c "
 import json,sys; r=json.load(sys.stdin)
 print(f'| $label | $k | {r[\"perplexity\"]:.3f} | {r[\"kl\"]:.4f} | {100*r[\"top1\"]:.1f}% |')"
 }
