@@ -5,6 +5,7 @@ use super::norm::RmsNorm;
 use super::rope::Rope;
 use super::sigmoid;
 use crate::tensor::{Mat, dot};
+use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
 pub struct Attention {
@@ -66,32 +67,36 @@ impl Attention {
         let scale = 1.0 / (d as f32).sqrt();
         let group = nh / nkv;
         let mut o = vec![0.0; n * nh * d];
-        let mut scores = Vec::new();
-        for t in 0..n {
+        // every (token, head) output is independent given the cache: one task each
+        let cache = &*cache;
+        let attend = |scores: &mut Vec<f32>, (i, oh): (usize, &mut [f32])| {
+            let (t, h) = (i / nh, i % nh);
             let len = pos0 + t + 1; // causal: this token sees every earlier position and itself
-            for h in 0..nh {
-                let kvh = h / group;
-                let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
-                scores.clear();
-                scores
-                    .extend((0..len).map(|p| dot(qh, &cache.k[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d]) * scale));
-                let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - m).exp();
-                    sum += *s;
-                }
-                let oh = &mut o[(t * nh + h) * d..(t * nh + h + 1) * d];
-                for (p, s) in scores.iter().enumerate() {
-                    crate::kernels::axpy(s / sum, &cache.v[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d], oh);
-                }
-                if self.gated {
-                    let g = &q[(t * nh + h) * qw + d..(t * nh + h + 1) * qw];
-                    for (a, b) in oh.iter_mut().zip(g) {
-                        *a *= sigmoid(*b);
-                    }
+            let kvh = h / group;
+            let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
+            scores.clear();
+            scores.extend((0..len).map(|p| dot(qh, &cache.k[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d]) * scale));
+            let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - m).exp();
+                sum += *s;
+            }
+            for (p, s) in scores.iter().enumerate() {
+                crate::kernels::axpy(s / sum, &cache.v[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d], oh);
+            }
+            if self.gated {
+                let g = &q[(t * nh + h) * qw + d..(t * nh + h + 1) * qw];
+                for (a, b) in oh.iter_mut().zip(g) {
+                    *a *= sigmoid(*b);
                 }
             }
+        };
+        if n * nh * (pos0 + n) * d < 1 << 16 {
+            let mut scores = Vec::new();
+            o.chunks_mut(d).enumerate().for_each(|c| attend(&mut scores, c));
+        } else {
+            o.par_chunks_mut(d).enumerate().for_each_init(Vec::new, attend);
         }
         self.o_proj.matmul(&o, n, out);
     }
