@@ -110,16 +110,17 @@ fn streamed_experts_equal_in_memory_experts_in_both_cache_modes() {
         let mem = in_mem.forward(&mut in_mem.new_state(), &p, true).unwrap();
         let mut st = in_mem.new_state();
         let mem_decode: Vec<Vec<f32>> = p.iter().map(|&t| in_mem.forward(&mut st, &[t], false).unwrap()).collect();
-        for mode in [CacheMode::Os, CacheMode::Direct] {
-            // a cache of one expert: far smaller than the model's experts
+        let stride = {
+            let m = load_model_with(&out, &LoadOptions::default()).unwrap();
+            m.store.as_ref().unwrap().expert_bytes() as u64
+        };
+        // (mode, cache bytes, prefetch): a cache of one expert (far smaller than the model's
+        // experts) in both modes, and in direct mode a cache of five with prefetching reads
+        for (mode, cache_bytes, prefetch) in
+            [(CacheMode::Os, 1, true), (CacheMode::Direct, 1, false), (CacheMode::Direct, 5 * stride, true)]
+        {
             let lo = LoadOptions {
-                store: StoreOptions {
-                    mode,
-                    cache_bytes: 1,
-                    io_threads: 3,
-                    max_batch: 2,
-                    prefetch: mode == CacheMode::Os,
-                },
+                store: StoreOptions { mode, cache_bytes, io_threads: 3, max_batch: 2, prefetch },
                 experts_in_memory: false,
                 mlock: mode == CacheMode::Os,
                 exact: false,
@@ -142,8 +143,12 @@ fn streamed_experts_equal_in_memory_experts_in_both_cache_modes() {
             if mode == CacheMode::Os {
                 assert!(s.hits > 0, "no page-cache hit computed in place: {s:?}");
             }
-            if mode == CacheMode::Direct {
+            if mode == CacheMode::Direct && !prefetch {
                 assert!(s.hits + s.misses >= s.reads && s.misses == s.reads);
+            }
+            if mode == CacheMode::Direct && prefetch {
+                // predicted experts were read ahead into the own cache
+                assert!(s.prefetched > 0 && s.reads >= s.misses, "{s:?}");
             }
         }
     }

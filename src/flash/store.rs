@@ -50,7 +50,8 @@ pub struct StoreOptions {
     /// Most experts read at once (slots in flight); at least the routed experts per token.
     pub max_batch: usize,
     /// Experiment: before each decode layer, predict the next layer's experts (its router on
-    /// the current hidden state) and ask the kernel to read them ahead (os mode).
+    /// the current hidden state) and read them ahead: a page-cache hint in os mode, O_DIRECT
+    /// reads into the own cache in direct mode.
     pub prefetch: bool,
 }
 
@@ -161,7 +162,15 @@ struct Slots {
     tick: u64,
     /// mincore scratch (os mode).
     pages: Vec<u8>,
+    /// A read is in flight into the slot.
+    busy: Vec<bool>,
+    /// Prefetched extents being read (direct mode): key → slot, and slot → key.
+    inflight: HashMap<(usize, usize), usize>,
+    inflight_key: Vec<Option<(usize, usize)>>,
 }
+
+/// Completion tags at or above this are prefetches into slot `tag - PREFETCH_TAG`.
+const PREFETCH_TAG: usize = usize::MAX / 2;
 
 pub struct ExpertStore {
     kind: WKind,
@@ -299,6 +308,9 @@ impl ExpertStore {
                 map: HashMap::new(),
                 tick: 0,
                 pages: Vec::new(),
+                busy: vec![false; nslots],
+                inflight: HashMap::new(),
+                inflight_key: vec![None; nslots],
             }),
             jobs: Some(jtx),
             done: drx,
@@ -389,6 +401,7 @@ impl ExpertStore {
             let mut page_hits = 0u64;
             let mut mapped: Vec<(usize, usize)> = vec![]; // (i, address in the file mapping)
             let mut pending: Vec<(usize, usize)> = vec![]; // (i, slot)
+            let mut awaited: Vec<(usize, usize)> = vec![]; // (i, slot of a prefetch in flight)
             for (j, &e) in chunk.iter().enumerate() {
                 let i = base + j;
                 if self.mode == CacheMode::Direct
@@ -396,6 +409,12 @@ impl ExpertStore {
                 {
                     slots.last_use[s] = tick;
                     hits.push((i, s));
+                    continue;
+                }
+                if let Some(&s) = slots.inflight.get(&(layer, e)) {
+                    // prefetched, still being read: wait for that read instead of issuing one
+                    slots.last_use[s] = tick;
+                    awaited.push((i, s));
                     continue;
                 }
                 if self.mode == CacheMode::Os {
@@ -424,9 +443,9 @@ impl ExpertStore {
                     CacheMode::Direct => {
                         // least recently used slot not used by this batch
                         let s = (0..self.nslots)
-                            .filter(|&s| slots.last_use[s] != tick)
+                            .filter(|&s| slots.last_use[s] != tick && !slots.busy[s])
                             .min_by_key(|&s| slots.last_use[s])
-                            .expect("more slots than a batch");
+                            .expect("prefetches leave a batch of slots free");
                         if let Some(old) = slots.key[s].take() {
                             slots.map.remove(&old);
                         }
@@ -443,11 +462,12 @@ impl ExpertStore {
                     tag: pending.len(),
                 };
                 jobs.send(job).map_err(|_| anyhow!("I/O threads are gone"))?;
+                slots.busy[s] = true;
                 pending.push((i, s));
             }
             let c = &self.counters;
             c.hits.fetch_add(hits.len() as u64 + page_hits, Relaxed);
-            c.misses.fetch_add(pending.len() as u64, Relaxed);
+            c.misses.fetch_add((pending.len() + awaited.len()) as u64, Relaxed);
             if let Some(f) = during.take() {
                 f();
             }
@@ -467,12 +487,34 @@ impl ExpertStore {
                 c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
             }
             let mut first_err = None;
-            for _ in 0..pending.len() {
+            let mut left = pending.len() + awaited.len();
+            while left > 0 {
                 let t = Instant::now();
                 let done = self.done.recv().map_err(|_| anyhow!("I/O threads are gone"))?;
                 c.io_wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-                let (i, s) = pending[done.tag];
-                let e = needed[i];
+                let (i, s, key) = if done.tag >= PREFETCH_TAG {
+                    // a prefetch finished (for this layer or another): it joins the cache
+                    let s = done.tag - PREFETCH_TAG;
+                    let key = slots.inflight_key[s].take().expect("prefetch slot has a key");
+                    slots.inflight.remove(&key);
+                    slots.busy[s] = false;
+                    if done.result.is_ok() {
+                        c.bytes_read.fetch_add(self.stride as u64, Relaxed);
+                        c.reads.fetch_add(1, Relaxed);
+                        slots.key[s] = Some(key);
+                        slots.map.insert(key, s);
+                    } else {
+                        slots.last_use[s] = 0;
+                    }
+                    let Some(at) = awaited.iter().position(|a| a.1 == s) else { continue };
+                    (awaited.swap_remove(at).0, s, key)
+                } else {
+                    let (i, s) = pending[done.tag];
+                    slots.busy[s] = false;
+                    (i, s, (layer, needed[i]))
+                };
+                left -= 1;
+                let e = key.1;
                 if let Err(err) = done.result {
                     if self.mode == CacheMode::Direct {
                         slots.key[s] = None;
@@ -488,11 +530,13 @@ impl ExpertStore {
                     });
                     continue;
                 }
-                c.bytes_read.fetch_add(self.stride as u64, Relaxed);
-                c.reads.fetch_add(1, Relaxed);
-                if self.mode == CacheMode::Direct {
-                    slots.key[s] = Some((layer, e));
-                    slots.map.insert((layer, e), s);
+                if done.tag < PREFETCH_TAG {
+                    c.bytes_read.fetch_add(self.stride as u64, Relaxed);
+                    c.reads.fetch_add(1, Relaxed);
+                    if self.mode == CacheMode::Direct {
+                        slots.key[s] = Some(key);
+                        slots.map.insert(key, s);
+                    }
                 }
                 if first_err.is_none() {
                     let t = Instant::now();
@@ -533,9 +577,46 @@ impl ExpertStore {
             .collect()
     }
 
-    /// Asks the kernel to start reading these experts of `layer` (a prediction; os mode).
+    /// Starts reading these experts of `layer` ahead (a prediction): a page-cache hint in os
+    /// mode; in direct mode O_DIRECT reads into least recently used slots of the own cache,
+    /// always leaving a batch of slots free for the reads the routing will ask for.
     pub fn prefetch(&self, layer: usize, experts: &[usize]) {
         let Some(lf) = self.files.get(&layer) else { return };
+        if self.mode == CacheMode::Direct
+            && let Some(jobs) = self.jobs.as_ref()
+        {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.tick += 1;
+            let tick = slots.tick;
+            for &e in experts.iter().filter(|&&e| e < self.num_experts) {
+                if slots.map.contains_key(&(layer, e)) || slots.inflight.contains_key(&(layer, e)) {
+                    continue;
+                }
+                if slots.busy.iter().filter(|b| !**b).count() <= self.max_batch {
+                    break;
+                }
+                let Some(s) = (0..self.nslots).filter(|&s| !slots.busy[s]).min_by_key(|&s| slots.last_use[s]) else {
+                    break;
+                };
+                if let Some(old) = slots.key[s].take() {
+                    slots.map.remove(&old);
+                }
+                let job = Job {
+                    fd: lf.file.as_raw_fd(),
+                    off: (e * self.stride) as u64,
+                    len: self.stride,
+                    dst: self.arena.ptr as usize + s * self.stride,
+                    tag: PREFETCH_TAG + s,
+                };
+                if jobs.send(job).is_err() {
+                    break;
+                }
+                slots.busy[s] = true;
+                slots.last_use[s] = tick;
+                slots.inflight.insert((layer, e), s);
+                slots.inflight_key[s] = Some((layer, e));
+            }
+        }
         if self.mode == CacheMode::Os {
             for &e in experts {
                 // SAFETY: plain syscall on an open descriptor; a hint, errors are irrelevant.
