@@ -37,9 +37,18 @@ impl RmsNorm {
     }
 }
 
-/// 1 / sqrt(mean(x²) + eps), accumulated in f64 for stability on long rows.
+/// 1 / sqrt(mean(x²) + eps), accumulated in f64 for stability on long rows (eight
+/// independent lanes, so the loop vectorizes).
 #[inline]
 pub fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += (v as f64) * (v as f64);
+        }
+    }
+    let ss = acc.iter().sum::<f64>() + tail;
     (1.0 / ((ss / x.len() as f64) + eps as f64).sqrt()) as f32
 }
