@@ -406,28 +406,27 @@ impl<'a> MatRef<'a> {
         if n == 1 {
             return self.matvec(x, y);
         }
-        let bf16 = !EXACT.get() && kernels::bf16_products() && matches!(self.kind, WKind::BF16 | WKind::Q { .. });
+        let fast = !EXACT.get();
         // rows are independent: each block writes its own rows of every output vector
         let out = OutPtr(y.as_mut_ptr());
-        if let WKind::Q { bits, group } = self.kind
-            && !EXACT.get()
-            && kernels::int8_gemm(bits, group as usize, self.cols)
-        {
-            // q4/q8 with VNNI: int8 activations, as decode uses, in a reused per-thread buffer
-            let q = QMat::new(self.data, self.rows, self.cols, bits, group as usize);
-            let mut xt = QTOKENS.take();
-            xt.quantize(x, n, self.cols, group as usize, bits);
-            self.blocks(n, |b| self.block_int8(b, &q, &xt, out));
-            QTOKENS.set(xt);
-        } else if bf16 {
-            // the activations in bf16 once per product, in a reused per-thread buffer
-            let mut xb = XBF16.take();
-            xb.resize(x.len(), 0);
-            kernels::f32_to_bf16(x, &mut xb);
-            self.blocks(n, |b| self.block_bf16(b, &xb, n, out));
-            XBF16.set(xb);
-        } else {
-            self.blocks(n, |b| self.block_f32(b, x, n, out));
+        match self.kind {
+            WKind::Q { bits, group } if fast && kernels::int8_gemm(bits, group as usize, self.cols) => {
+                // int8 activations, as decode uses, in a reused per-thread buffer
+                let q = QMat::new(self.data, self.rows, self.cols, bits, group as usize);
+                let mut xt = QTOKENS.take();
+                xt.quantize(x, n, self.cols, group as usize, bits);
+                self.blocks(n, |b| self.block_int8(b, &q, &xt, out));
+                QTOKENS.set(xt);
+            }
+            WKind::BF16 | WKind::Q { .. } if fast && kernels::bf16_products() => {
+                // the activations in bf16 once per product, in a reused per-thread buffer
+                let mut xb = XBF16.take();
+                xb.resize(x.len(), 0);
+                kernels::f32_to_bf16(x, &mut xb);
+                self.blocks(n, |b| self.block_bf16(b, &xb, n, out));
+                XBF16.set(xb);
+            }
+            _ => self.blocks(n, |b| self.block_f32(b, x, n, out)),
         }
     }
 
