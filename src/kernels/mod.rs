@@ -218,6 +218,8 @@ pub struct QPrep {
     /// Per-group scale of `xq`.
     pub xscale: Vec<f32>,
     pub int8: bool,
+    /// Natural-order int8 scratch.
+    nat: Vec<i8>,
 }
 
 /// Elements per packed chunk whose lanes a permutation lines up (16 bytes).
@@ -274,31 +276,60 @@ impl QPrep {
     fn prepare_int8(&mut self, x: &[f32], bits: u8, group: usize) {
         self.xscale.clear();
         self.xq.clear();
-        for gx in x.chunks(group) {
-            let amax = gx.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = amax / 127.0;
-            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-            self.xscale.push(s);
-            for b in gx.chunks(64) {
-                let q = |v: f32| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-                match bits {
-                    4 => {
-                        for half in 0..2 {
-                            for h in 0..2 {
-                                self.xq.extend((0..16).map(|i| q(b[h * 32 + 2 * i + half])));
-                            }
-                        }
-                    }
-                    2 => {
-                        for p in 0..4 {
-                            self.xq.extend((0..16).map(|i| q(b[4 * i + p])));
-                        }
-                    }
-                    _ => self.xq.extend(b.iter().map(|&v| q(v))),
-                }
-            }
+        // natural order first, then each 64-element block permuted for its weights' layout
+        let mut nat = std::mem::take(&mut self.nat);
+        nat.resize(x.len(), 0);
+        for (gx, gq) in x.chunks(group).zip(nat.chunks_mut(group)) {
+            self.xscale.push(quantize_group(gx, gq).0);
         }
+        match bits {
+            4 => nat.chunks(64).for_each(|b| self.xq.extend(Q4_ORDER.iter().map(|&k| b[k as usize]))),
+            2 => nat.chunks(64).for_each(|b| self.xq.extend(Q2_ORDER.iter().map(|&k| b[k as usize]))),
+            _ => self.xq.extend_from_slice(&nat),
+        }
+        self.nat = nat;
     }
+}
+
+/// Source element of each position of a 64-element q4 block: even elements of both 32-element
+/// halves, then their odd elements.
+const Q4_ORDER: [u8; 64] = {
+    let mut o = [0u8; 64];
+    let mut k = 0;
+    while k < 64 {
+        let (half, h, i) = (k / 32, (k / 16) % 2, k % 16);
+        o[k] = (h * 32 + 2 * i + half) as u8;
+        k += 1;
+    }
+    o
+};
+
+/// The same for q2: the four 2-bit phases in turn.
+const Q2_ORDER: [u8; 64] = {
+    let mut o = [0u8; 64];
+    let mut k = 0;
+    while k < 64 {
+        o[k] = (4 * (k % 16) + k / 16) as u8;
+        k += 1;
+    }
+    o
+};
+
+/// One group of activations to int8: xq = round-half-even(x / s) clamped to ±127 with
+/// s = max|x| / 127. Returns (s, Σ x).
+pub(crate) fn quantize_group(x: &[f32], xq: &mut [i8]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) && x.len().is_multiple_of(16) {
+        // SAFETY: AVX-512 detected; equal lengths, a multiple of 16.
+        return unsafe { x86::quantize_group_avx512(x, xq) };
+    }
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = amax / 127.0;
+    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+    for (q, &v) in xq.iter_mut().zip(x) {
+        *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    (s, x.iter().sum())
 }
 
 /// Σ_j w_j·x_j of packed row `packed` (its scales and biases per group) against `prep`.
