@@ -527,6 +527,12 @@ thread_local! {
     static PANEL: std::cell::Cell<kernels::Panel> = std::cell::Cell::new(kernels::Panel::default());
 }
 
+/// Whether this thread's multi-token products are exact (see [`exact_products`]); tasks handed
+/// to other threads carry it over.
+pub fn exact() -> bool {
+    EXACT.get()
+}
+
 /// Runs `f` with this thread's multi-token products in f32 (`exact`) or allowed bf16
 /// activations; the reference tests and `logits` use exact products.
 pub fn exact_products<R>(exact: bool, f: impl FnOnce() -> R) -> R {

@@ -14,6 +14,7 @@ use crate::layers::mlp::MlpRef;
 use crate::tensor::{MatRef, WKind};
 use anyhow::{Context, Result, anyhow, bail};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
@@ -378,7 +379,7 @@ impl ExpertStore {
         layer: usize,
         needed: &[usize],
         during: impl FnOnce(),
-        mut compute: impl FnMut(usize, MlpRef<'_>),
+        compute: impl Fn(usize, MlpRef<'_>) + Sync,
     ) -> Result<()> {
         let lf = self.files.get(&layer).ok_or_else(|| anyhow!("layer {layer} has no expert file"))?;
         if let Some(&e) = needed.iter().find(|&&e| e >= self.num_experts) {
@@ -471,21 +472,22 @@ impl ExpertStore {
             if let Some(f) = during.take() {
                 f();
             }
-            for (i, s) in hits {
-                let t = Instant::now();
-                compute(i, self.view(self.slot(s)));
-                c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-            }
-            for (i, addr) in mapped {
-                let t = Instant::now();
-                // SAFETY: a read-only mapping of a file this process never writes, alive as long
-                // as the store; the extent lies inside it (length checked at open). Were the file
-                // truncated by someone else in between, this would fault: the same contract as
-                // any mmap of model weights (the resident file too).
-                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) };
-                compute(i, self.view(bytes));
-                c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-            }
+            // experts already in memory (own cache, or the page cache through the mapping) are
+            // computed as parallel tasks while the reads proceed
+            let ready: Vec<(usize, &[u8])> = hits
+                .iter()
+                .map(|&(i, s)| (i, self.slot(s)))
+                .chain(mapped.iter().map(|&(i, addr)| {
+                    // SAFETY: a read-only mapping of a file this process never writes, alive as
+                    // long as the store; the extent lies inside it (length checked at open).
+                    // Were the file truncated by someone else in between, this would fault: the
+                    // same contract as any mmap of model weights (the resident file too).
+                    (i, unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) })
+                }))
+                .collect();
+            let t = Instant::now();
+            ready.par_iter().for_each(|&(i, bytes)| compute(i, self.view(bytes)));
+            c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
             let mut first_err = None;
             let mut left = pending.len() + awaited.len();
             while left > 0 {

@@ -7,6 +7,7 @@ use crate::flash::ExpertStore;
 use crate::profile::{PROFILE, add_since};
 use crate::tensor::{Mat, dot};
 use anyhow::Result;
+use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -88,15 +89,21 @@ impl Moe {
         }
         let needed: Vec<usize> = (0..e).filter(|&ex| !per_expert[ex].is_empty()).collect();
         add_since(&PROFILE.route, t_route);
-        let mut results: Vec<Vec<f32>> = vec![Vec::new(); needed.len()];
-        let run = |i: usize, mlp: MlpRef<'_>, results: &mut Vec<Vec<f32>>| {
-            let toks = &per_expert[needed[i]];
-            let mut xs = Vec::with_capacity(toks.len() * h);
-            for &(t, _) in toks {
-                xs.extend_from_slice(&x[t * h..(t + 1) * h]);
-            }
-            results[i].resize(toks.len() * h, 0.0);
-            mlp.forward(&xs, toks.len(), &mut results[i]);
+        // experts that are ready at once run as parallel tasks, each into its own slot;
+        // the combine below sums them in expert order, so the result is the same
+        let results: Vec<std::sync::Mutex<Vec<f32>>> = needed.iter().map(|_| Default::default()).collect();
+        let exact = crate::tensor::exact();
+        let run = |i: usize, mlp: MlpRef<'_>| {
+            crate::tensor::exact_products(exact, || {
+                let toks = &per_expert[needed[i]];
+                let mut xs = Vec::with_capacity(toks.len() * h);
+                for &(t, _) in toks {
+                    xs.extend_from_slice(&x[t * h..(t + 1) * h]);
+                }
+                let mut y = vec![0.0; toks.len() * h];
+                mlp.forward(&xs, toks.len(), &mut y);
+                *results[i].lock().unwrap_or_else(|p| p.into_inner()) = y;
+            })
         };
         let mut shared_out = vec![];
         let shared_ns = std::cell::Cell::new(0u64);
@@ -112,16 +119,14 @@ impl Moe {
         match &self.experts {
             Experts::Memory(v) => {
                 shared(&mut shared_out);
-                for i in 0..needed.len() {
-                    run(i, v[needed[i]].view(), &mut results);
-                }
+                (0..needed.len()).into_par_iter().for_each(|i| run(i, v[needed[i]].view()));
             }
             Experts::Flash { store, layer } => {
-                let mut res = std::mem::take(&mut results);
-                store.with_experts(*layer, &needed, || shared(&mut shared_out), |i, m| run(i, m, &mut res))?;
-                results = res;
+                store.with_experts(*layer, &needed, || shared(&mut shared_out), run)?;
             }
         }
+        let results: Vec<Vec<f32>> =
+            results.into_iter().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())).collect();
         let spent = t_experts.elapsed().as_nanos() as u64;
         PROFILE.shared_expert.fetch_add(shared_ns.get(), std::sync::atomic::Ordering::Relaxed);
         PROFILE.experts.fetch_add(spent.saturating_sub(shared_ns.get()), std::sync::atomic::Ordering::Relaxed);
