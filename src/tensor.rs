@@ -451,16 +451,7 @@ impl<'a> MatRef<'a> {
         for r in r0..r1 {
             self.row_f32(r, &mut rowsf[(r - r0) * cols..(r - r0 + 1) * cols]);
         }
-        // a partial tile repeats its last row / token and drops those results
-        let row = |i: usize| &rowsf[i.min(nr - 1) * cols..(i.min(nr - 1) + 1) * cols];
-        let xt = |t: usize| &x[t.min(n - 1) * cols..(t.min(n - 1) + 1) * cols];
-        for t in (0..n).step_by(4) {
-            let xs = [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)];
-            for i in (0..nr).step_by(4) {
-                let blk = kernels::dot4x4([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
-                out.put(&blk, r0 + i, r1, t, n, rows);
-            }
-        }
+        sweep_tiles(&rowsf, x, cols, r0, r1, n, rows, out, kernels::dot4x4);
         ROWS_F32.set(rowsf);
     }
 
@@ -501,16 +492,34 @@ impl<'a> MatRef<'a> {
             }
             _ => &bytemuck::cast_slice::<u8, u16>(self.data)[r0 * cols..r1 * cols],
         };
-        let row = |i: usize| &src[i.min(nr - 1) * cols..(i.min(nr - 1) + 1) * cols];
-        let xt = |t: usize| &xb[t.min(n - 1) * cols..(t.min(n - 1) + 1) * cols];
-        for t in (0..n).step_by(4) {
-            let xs = [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)];
-            for i in (0..nr).step_by(4) {
-                let blk = kernels::dot4x4_bf16([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
-                out.put(&blk, r0 + i, r1, t, n, rows);
-            }
-        }
+        sweep_tiles(src, xb, cols, r0, r1, n, rows, out, kernels::dot4x4_bf16);
         ROWS_BF16.set(dec);
+    }
+}
+
+/// Sweeps a block's decoded rows `r0..r1` (`src`, `cols` each) by 4×4 tiles against the `n`
+/// token vectors of `x`, tokens outermost so a tile of x stays in L1 while the rows stream from
+/// L2. A partial tile repeats its last row / token and drops those results.
+#[allow(clippy::too_many_arguments)]
+fn sweep_tiles<T>(
+    src: &[T],
+    x: &[T],
+    cols: usize,
+    r0: usize,
+    r1: usize,
+    n: usize,
+    rows: usize,
+    out: OutPtr,
+    tile: impl Fn([&[T]; 4], [&[T]; 4]) -> [[f32; 4]; 4],
+) {
+    let nr = r1 - r0;
+    let row = |i: usize| &src[i.min(nr - 1) * cols..(i.min(nr - 1) + 1) * cols];
+    let xt = |t: usize| &x[t.min(n - 1) * cols..(t.min(n - 1) + 1) * cols];
+    for t in (0..n).step_by(4) {
+        let xs = [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)];
+        for i in (0..nr).step_by(4) {
+            out.put(&tile([row(i), row(i + 1), row(i + 2), row(i + 3)], xs), r0 + i, r1, t, n, rows);
+        }
     }
 }
 

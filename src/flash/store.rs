@@ -398,9 +398,8 @@ impl ExpertStore {
             let base = ci * self.max_batch;
             slots.tick += 1;
             let tick = slots.tick;
-            let mut hits = vec![];
-            let mut page_hits = 0u64;
-            let mut mapped: Vec<(usize, usize)> = vec![]; // (i, address in the file mapping)
+            // experts already in memory: the own cache, or the page cache through the mapping
+            let mut ready: Vec<(usize, &[u8])> = vec![];
             let mut pending: Vec<(usize, usize)> = vec![]; // (i, slot)
             let mut awaited: Vec<(usize, usize)> = vec![]; // (i, slot of a prefetch in flight)
             for (j, &e) in chunk.iter().enumerate() {
@@ -409,7 +408,7 @@ impl ExpertStore {
                     && let Some(&s) = slots.map.get(&(layer, e))
                 {
                     slots.last_use[s] = tick;
-                    hits.push((i, s));
+                    ready.push((i, self.slot(s)));
                     continue;
                 }
                 if let Some(&s) = slots.inflight.get(&(layer, e)) {
@@ -432,9 +431,15 @@ impl ExpertStore {
                             )
                         };
                         if rc == 0 && slots.pages.iter().all(|v| v & 1 == 1) {
-                            // computed in place from the page cache: no read, no copy
-                            page_hits += 1;
-                            mapped.push((i, p + e * self.stride));
+                            // computed in place from the page cache: no read, no copy.
+                            // SAFETY: a read-only mapping of a file this process never writes,
+                            // alive as long as the store; the extent lies inside it (length
+                            // checked at open). Were the file truncated by someone else in
+                            // between, this would fault: the same contract as any mmap of model
+                            // weights (the resident file too).
+                            let bytes =
+                                unsafe { std::slice::from_raw_parts((p + e * self.stride) as *const u8, self.stride) };
+                            ready.push((i, bytes));
                             continue;
                         }
                     }
@@ -467,24 +472,12 @@ impl ExpertStore {
                 pending.push((i, s));
             }
             let c = &self.counters;
-            c.hits.fetch_add(hits.len() as u64 + page_hits, Relaxed);
+            c.hits.fetch_add(ready.len() as u64, Relaxed);
             c.misses.fetch_add((pending.len() + awaited.len()) as u64, Relaxed);
             if let Some(f) = during.take() {
                 f();
             }
-            // experts already in memory (own cache, or the page cache through the mapping) are
-            // computed as parallel tasks while the reads proceed
-            let ready: Vec<(usize, &[u8])> = hits
-                .iter()
-                .map(|&(i, s)| (i, self.slot(s)))
-                .chain(mapped.iter().map(|&(i, addr)| {
-                    // SAFETY: a read-only mapping of a file this process never writes, alive as
-                    // long as the store; the extent lies inside it (length checked at open).
-                    // Were the file truncated by someone else in between, this would fault: the
-                    // same contract as any mmap of model weights (the resident file too).
-                    (i, unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) })
-                }))
-                .collect();
+            // the ready experts are computed as parallel tasks while the reads proceed
             let t = Instant::now();
             ready.par_iter().for_each(|&(i, bytes)| compute(i, self.view(bytes)));
             c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);

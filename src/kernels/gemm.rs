@@ -13,9 +13,7 @@ pub fn bf16_products() -> bool {
     *BF16.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni)
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512bf16")
+            matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) && avx512vl() && is_x86_feature_detected!("avx512bf16")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -129,18 +127,14 @@ impl QTokens {
         self.xq.clear();
         self.xs.clear();
         self.xsum.clear();
-        #[cfg(target_arch = "x86_64")]
-        if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) && group.is_multiple_of(16) && cols.is_multiple_of(group) {
-            self.xq.resize(x.len(), 0);
-            for (gx, gq) in x.chunks(group).zip(self.xq.chunks_mut(group)) {
-                // SAFETY: AVX-512 detected; equal lengths, multiples of 16.
-                let (s, sum) = unsafe { x86::quantize_group_avx512(gx, gq) };
-                self.xs.push(s);
-                self.xsum.push(sum);
-            }
-            return;
+        self.xq.resize(x.len(), 0);
+        for (gx, gq) in
+            x.chunks(cols).flat_map(|r| r.chunks(group)).zip(self.xq.chunks_mut(cols).flat_map(|r| r.chunks_mut(group)))
+        {
+            let (s, sum) = super::quantize_group(gx, gq);
+            self.xs.push(s);
+            self.xsum.push(sum);
         }
-        self.quantize_scalar(x, n, cols, group);
     }
 
     /// Scalar reference of [`QTokens::quantize`].

@@ -174,16 +174,15 @@ impl DeltaNet {
         // 3-5. per value head, over the tokens: the gated delta rule, then the gated RMSNorm
         //      rms(o)·w·silu(z). Heads own disjoint states and outputs: one task each.
         let mut oh = vec![0.0; nv * n * dv];
-        let head = |(j, (s, oj)): (usize, (&mut [f32], &mut [f32]))| {
+        let head = |kv_mem: &mut Vec<f32>, (j, (s, oj)): (usize, (&mut [f32], &mut [f32]))| {
             let kh = j / (nv / nk);
-            let mut kv_mem = vec![0.0; dv];
             for (t, ot) in oj.chunks_exact_mut(dv).enumerate() {
                 let c = &cv[t * cd..(t + 1) * cd];
                 let (qj, kj) = (&c[kh * dk..(kh + 1) * dk], &c[kd + kh * dk..kd + (kh + 1) * dk]);
                 let vj = &c[2 * kd + j * dv..2 * kd + (j + 1) * dv];
                 let beta = sigmoid(b[t * nv + j]);
                 let decay = (self.neg_a[j] * softplus(a[t * nv + j] + self.dt_bias[j])).exp();
-                delta_step(s, qj, kj, vj, beta, decay, ot, &mut kv_mem);
+                delta_step(s, qj, kj, vj, beta, decay, ot, kv_mem);
                 let zj = &z[t * vd + j * dv..t * vd + (j + 1) * dv];
                 let inv = inv_rms(ot, self.eps);
                 for ((ov, w), zz) in ot.iter_mut().zip(&self.norm_w).zip(zj) {
@@ -191,7 +190,7 @@ impl DeltaNet {
                 }
             }
         };
-        st.s.par_chunks_mut(dk * dv).zip(oh.par_chunks_mut(n * dv)).enumerate().for_each(head);
+        st.s.par_chunks_mut(dk * dv).zip(oh.par_chunks_mut(n * dv)).enumerate().for_each_init(|| vec![0.0; dv], head);
         let mut o = vec![0.0; n * vd];
         for (j, oj) in oh.chunks_exact(n * dv).enumerate() {
             for (t, ot) in oj.chunks_exact(dv).enumerate() {
