@@ -41,6 +41,21 @@ fn vbmi() -> bool {
     }
 }
 
+/// The aarch64 dot-product extension (`sdot`), used for int8 activations on q4/q2 rows.
+fn dotprod() -> bool {
+    static DP: OnceLock<bool> = OnceLock::new();
+    *DP.get_or_init(|| {
+        #[cfg(target_arch = "aarch64")]
+        {
+            isa() == Isa::Neon && std::arch::is_aarch64_feature_detected!("dotprod")
+        }
+        #[cfg(not(target_arch = "aarch64"))]
+        {
+            false
+        }
+    })
+}
+
 /// AVX-512 VL (masked 256-bit loads), used with VNNI by the group-64 kernels.
 fn avx512vl() -> bool {
     static VL: OnceLock<bool> = OnceLock::new();
@@ -141,6 +156,8 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         // SAFETY: the ISA was detected at run time.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::axpy_avx512(a, x, y) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { neon::axpy(a, x, y) },
         _ => y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x),
     }
 }
@@ -165,6 +182,8 @@ pub fn dot4x4(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
         // SAFETY: the ISA was detected at run time.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::dot4x4_avx512(rows, x) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { neon::dot4x4(rows, x) },
         _ => [dot4(rows[0], x), dot4(rows[1], x), dot4(rows[2], x), dot4(rows[3], x)],
     }
 }
@@ -242,11 +261,13 @@ impl QPrep {
         let ch = chunk(bits);
         // q3 has only the int8 (VNNI + VBMI) path
         let q3_ok = bits != 3 || vbmi();
-        self.fast = matches!(isa(), Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni)
+        self.fast = matches!(isa(), Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni | Isa::Neon)
             && q3_ok
             && cols.is_multiple_of(ch)
             && group.is_multiple_of(ch);
-        self.int8 = self.fast && isa() == Isa::Avx512Vnni && cols.is_multiple_of(64) && group.is_multiple_of(64);
+        // NEON's `sdot` multiplies signed bytes: only q4/q2 weights fit
+        let int8_isa = isa() == Isa::Avx512Vnni || (dotprod() && matches!(bits, 4 | 2));
+        self.int8 = self.fast && int8_isa && cols.is_multiple_of(64) && group.is_multiple_of(64);
         if bits == 3 && !self.int8 {
             self.fast = false;
         }
@@ -353,6 +374,15 @@ pub fn qdot(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 
             Isa::Avx2 => return unsafe { x86::qdot_avx2(packed, scales, biases, prep) },
             _ => {}
         }
+        // SAFETY: as above; `int8` on aarch64 implies the dot-product extension and q4/q2.
+        #[cfg(target_arch = "aarch64")]
+        return unsafe {
+            if prep.int8 {
+                neon::qdot_sdot(packed, scales, biases, prep)
+            } else {
+                neon::qdot(packed, scales, biases, prep)
+            }
+        };
     }
     qdot_scalar(packed, scales, biases, &prep.xp, &prep.xsum, prep.bits, prep.group)
 }
@@ -468,7 +498,7 @@ mod tests {
                         &q.biases[r * ng..(r + 1) * ng],
                     );
                     let mut got = vec![qdot(pk, sc, bi, &prep), qdot_scalar(pk, sc, bi, &x, &prep.xsum, bits, group)];
-                    // every x86 kernel this CPU can run, whatever the dispatcher picked
+                    // every float-activation kernel this CPU can run, whatever the dispatcher picked
                     #[cfg(target_arch = "x86_64")]
                     if prep.fast && bits != 3 {
                         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -478,46 +508,56 @@ mod tests {
                             got.push(unsafe { x86::qdot_avx512(pk, sc, bi, &prep) });
                         }
                     }
-                    // the int8-activation kernel rounds x to 8 bits per group: its error is at
+                    #[cfg(target_arch = "aarch64")]
+                    {
+                        let fits = |c: usize| cols.is_multiple_of(c) && group.is_multiple_of(c);
+                        assert_eq!(prep.fast, bits != 3 && fits(chunk(bits)), "NEON takes q{bits} {cols}/{group}");
+                        assert_eq!(prep.int8, prep.fast && dotprod() && matches!(bits, 4 | 2) && fits(64));
+                    }
+                    #[cfg(target_arch = "aarch64")]
+                    if prep.fast && bits != 3 {
+                        got.push(unsafe { neon::qdot(pk, sc, bi, &prep) });
+                    }
+                    // the int8-activation kernels round x to 8 bits per group: their error is at
                     // most Σ|w|·(x scale)/2 per group
-                    #[cfg(target_arch = "x86_64")]
                     if prep.int8 {
-                        let v = if bits == 3 {
-                            unsafe { x86::qdot_vnni_q3(pk, sc, bi, &prep) }
-                        } else {
-                            unsafe { x86::qdot_vnni(pk, sc, bi, &prep) }
-                        } as f64;
-                        // the group-64 kernel: the same products, summed in another order
-                        let v64 = match bits {
-                            4 if group == 64 && avx512vl() => {
-                                Some(unsafe { x86::qdot_vnni_g64::<4>(pk, sc, bi, &prep) })
-                            }
-                            8 if group == 64 && avx512vl() => {
-                                Some(unsafe { x86::qdot_vnni_g64::<8>(pk, sc, bi, &prep) })
-                            }
-                            _ => None,
-                        };
                         let bound: f64 = row
                             .chunks(group)
                             .zip(&prep.xscale)
                             .map(|(w, s)| w.iter().map(|v| v.abs() as f64).sum::<f64>() * *s as f64 * 0.5)
                             .sum::<f64>()
                             + 1e-4;
-                        assert!(
-                            (v - want).abs() <= bound,
-                            "vnni q{bits} {rows}x{cols}/{group}: {v} vs {want} ({bound})"
-                        );
-                        if let Some(v64) = v64 {
-                            let v64 = v64 as f64;
-                            assert!(
-                                (v64 - v).abs() <= 1e-5 * (1.0 + v.abs()),
-                                "g64 q{bits} {rows}x{cols}: {v64} vs {v}"
-                            );
-                            assert_eq!(got[0] as f64, v64, "the dispatcher picked the group-64 VNNI kernel");
-                        } else {
-                            assert_eq!(got[0] as f64, v, "the dispatcher picked the VNNI kernel");
+                        let v = got.remove(0) as f64;
+                        let what = format!("int8 q{bits} {rows}x{cols}/{group}");
+                        assert!((v - want).abs() <= bound, "{what}: {v} vs {want} ({bound})");
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            let vnni = if bits == 3 {
+                                unsafe { x86::qdot_vnni_q3(pk, sc, bi, &prep) }
+                            } else {
+                                unsafe { x86::qdot_vnni(pk, sc, bi, &prep) }
+                            } as f64;
+                            assert!((vnni - want).abs() <= bound, "vnni {what}: {vnni} vs {want} ({bound})");
+                            // the group-64 kernel: the same products, summed in another order
+                            let v64 = match bits {
+                                4 if group == 64 && avx512vl() => {
+                                    Some(unsafe { x86::qdot_vnni_g64::<4>(pk, sc, bi, &prep) })
+                                }
+                                8 if group == 64 && avx512vl() => {
+                                    Some(unsafe { x86::qdot_vnni_g64::<8>(pk, sc, bi, &prep) })
+                                }
+                                _ => None,
+                            };
+                            if let Some(v64) = v64 {
+                                let v64 = v64 as f64;
+                                assert!((v64 - vnni).abs() <= 1e-5 * (1.0 + vnni.abs()), "g64 {what}: {v64} vs {vnni}");
+                                assert_eq!(v, v64, "the dispatcher picked the group-64 VNNI kernel");
+                            } else {
+                                assert_eq!(v, vnni, "the dispatcher picked the VNNI kernel");
+                            }
                         }
-                        got.remove(0);
+                        #[cfg(target_arch = "aarch64")]
+                        assert_eq!(v, unsafe { neon::qdot_sdot(pk, sc, bi, &prep) } as f64, "the sdot kernel");
                     }
                     for g in got {
                         assert!(
