@@ -2,6 +2,7 @@
 //! the last-level cache (so memory bandwidth is the limit). `cargo bench --bench kernels`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use flashmoe::generate::{Sampler, SamplingParams};
 use flashmoe::quant;
 use flashmoe::tensor::{AlignedBytes, Mat, WKind};
 
@@ -47,6 +48,31 @@ fn bench(c: &mut Criterion) {
         g.bench_function(&name, |b| b.iter(|| pool.install(|| m.matmul(&xs, 16, &mut y))));
         g.bench_function(format!("{name}-exact"), |b| {
             b.iter(|| pool.install(|| flashmoe::tensor::exact_products(true, || m.matmul(&xs, 16, &mut y))))
+        });
+    }
+    g.finish();
+    // sampling one token over Qwen3.5's 248,320-token vocabulary, per token of decode
+    let mut g = c.benchmark_group("sample_248k_vocab");
+    let mut st = 7u64;
+    let logits: Vec<f32> = (0..248_320)
+        .map(|_| {
+            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let u = (st >> 40) as f32 / (1u64 << 24) as f32;
+            20.0 * u * u * u * u - 2.0 // a few likely tokens, a long tail
+        })
+        .collect();
+    let history: Vec<u32> = (0..512).map(|i| (i * 997) % 248_320).collect();
+    let cli =
+        SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, ..Default::default() };
+    let api = SamplingParams { temperature: 1.0, ..Default::default() };
+    for (name, p) in [("cli_defaults", cli), ("openai_defaults", api)] {
+        let mut s = Sampler::new(p);
+        let mut l = logits.clone();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                l.copy_from_slice(&logits);
+                s.sample(&mut l, &history)
+            })
         });
     }
     g.finish();

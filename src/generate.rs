@@ -61,6 +61,37 @@ impl SamplingParams {
 pub struct Sampler {
     pub params: SamplingParams,
     rng: StdRng,
+    /// Per-token scratch, kept so sampling allocates nothing once warm: the candidates
+    /// (token, weight), the top-k heap, and a bitset of the tokens seen in the history.
+    cand: Vec<(u32, f32)>,
+    heap: Vec<std::cmp::Reverse<Ranked>>,
+    seen: Vec<u64>,
+}
+
+/// A logit with its token, ordered by logit (higher first), then token id (lower first).
+#[derive(Clone, Copy, Debug)]
+struct Ranked(f32, u32);
+
+impl Ord for Ranked {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
+    }
+}
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl PartialEq for Ranked {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o).is_eq()
+    }
+}
+impl Eq for Ranked {}
+
+/// Best first: larger weight, then lower token id.
+fn best_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
 /// Index of the largest value (first on ties).
@@ -77,11 +108,31 @@ pub fn argmax(x: &[f32]) -> usize {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
         let rng = StdRng::seed_from_u64(params.seed);
-        Sampler { params, rng }
+        Sampler { params, rng, cand: Vec::new(), heap: Vec::new(), seen: Vec::new() }
     }
 
     /// Samples one token id; `history` is every token so far (for the repetition penalty).
+    ///
+    /// Nothing here sorts the vocabulary: top-k keeps a heap of k, min-p is a filter, and top-p
+    /// sorts only as long a prefix of the most likely tokens as it needs.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        if !self.candidates(logits, history) {
+            return argmax(logits) as u32;
+        }
+        let total: f32 = self.cand.iter().map(|c| c.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for c in self.cand.iter() {
+            r -= c.1;
+            if r <= 0.0 {
+                return c.0;
+            }
+        }
+        self.cand.last().map_or(argmax(logits) as u32, |c| c.0)
+    }
+
+    /// Applies the bias and the penalty to `logits`, then leaves in `self.cand` the tokens
+    /// the filters keep, with unnormalized weights. False when decoding is greedy.
+    fn candidates(&mut self, logits: &mut [f32], history: &[u32]) -> bool {
         let p = &self.params;
         for &(t, b) in &p.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
@@ -89,53 +140,101 @@ impl Sampler {
             }
         }
         if p.repetition_penalty != 1.0 {
-            let mut seen = vec![false; logits.len()];
+            self.seen.resize(logits.len().div_ceil(64), 0);
             for &t in history {
-                if let Some(s) = seen.get_mut(t as usize)
-                    && !*s
-                {
-                    *s = true;
-                    let l = &mut logits[t as usize];
+                let t = t as usize;
+                if t < logits.len() && self.seen[t / 64] & (1 << (t % 64)) == 0 {
+                    self.seen[t / 64] |= 1 << (t % 64);
+                    let l = &mut logits[t];
                     *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+            for &t in history {
+                if let Some(w) = self.seen.get_mut(t as usize / 64) {
+                    *w = 0;
                 }
             }
         }
         if p.temperature == 0.0 {
-            return argmax(logits) as u32;
+            return false;
         }
-        let mut cand: Vec<(usize, f32)> = logits.iter().map(|&l| l / p.temperature).enumerate().collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-        if p.top_k > 0 {
-            cand.truncate(p.top_k);
-        }
-        let m = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - m).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= sum);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, &q) in probs.iter().enumerate() {
-                acc += q;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
+        let cand = &mut self.cand;
+        cand.clear();
+        let sorted = p.top_k > 0 && p.top_k < logits.len();
+        if sorted {
+            // the k best in a min-heap whose root is the worst kept
+            let mut heap = std::collections::BinaryHeap::from(std::mem::take(&mut self.heap));
+            heap.clear();
+            for (i, &l) in logits.iter().enumerate() {
+                let r = Ranked(l, i as u32);
+                if heap.len() < p.top_k {
+                    heap.push(std::cmp::Reverse(r));
+                } else if let Some(mut worst) = heap.peek_mut()
+                    && r > worst.0
+                {
+                    *worst = std::cmp::Reverse(r);
                 }
             }
+            cand.extend(heap.iter().map(|r| (r.0.1, r.0.0)));
+            self.heap = heap.into_vec();
+            cand.sort_unstable_by(best_first);
+        } else {
+            cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        }
+        // weights relative to the most likely candidate: exp((l − max) / T)
+        let m = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
+        let inv_t = 1.0 / p.temperature;
+        let mut z = 0.0f32;
+        for c in cand.iter_mut() {
+            c.1 = ((c.1 - m) * inv_t).exp();
+            z += c.1;
         }
         if p.min_p > 0.0 {
-            let floor = p.min_p * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+            // probability ≥ min_p × the best one's; the best has weight 1
+            cand.retain(|c| c.1 >= p.min_p);
         }
-        let total: f32 = probs[..keep].iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for i in 0..keep {
-            r -= probs[i];
-            if r <= 0.0 {
-                return cand[i].0 as u32;
+        if p.top_p < 1.0 {
+            let keep =
+                if sorted { prefix_reaching(cand, p.top_p * z) } else { sort_prefix_reaching(cand, p.top_p * z) };
+            cand.truncate(keep);
+        }
+        true
+    }
+}
+
+/// Length of the shortest prefix of `cand` (sorted best first) whose weights reach `target`.
+fn prefix_reaching(cand: &[(u32, f32)], target: f32) -> usize {
+    let mut acc = 0.0;
+    for (i, c) in cand.iter().enumerate() {
+        acc += c.1;
+        if acc >= target {
+            return i + 1;
+        }
+    }
+    cand.len()
+}
+
+/// [`prefix_reaching`] on unsorted candidates: sorts a growing prefix of the best ones (64,
+/// then 8× more each round) until it reaches `target`.
+fn sort_prefix_reaching(cand: &mut [(u32, f32)], target: f32) -> usize {
+    let (mut done, mut acc, mut r) = (0, 0.0, 64);
+    loop {
+        let end = r.min(cand.len());
+        let rest = &mut cand[done..];
+        if end - done < rest.len() {
+            rest.select_nth_unstable_by(end - done - 1, best_first);
+        }
+        rest[..end - done].sort_unstable_by(best_first);
+        for (i, c) in cand[done..end].iter().enumerate() {
+            acc += c.1;
+            if acc >= target {
+                return done + i + 1;
             }
         }
-        cand[keep - 1].0 as u32
+        if end == cand.len() {
+            return end;
+        }
+        (done, r) = (end, r * 8);
     }
 }
 
@@ -270,5 +369,76 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    /// The filters by a full sort of the vocabulary: the tokens kept and their probabilities.
+    fn kept_by_full_sort(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+        let mut cand: Vec<(usize, f32)> = logits.iter().map(|&l| l / p.temperature).enumerate().collect();
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let m = cand[0].1;
+        let probs: Vec<f32> = cand.iter().map(|c| (c.1 - m).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        let probs: Vec<f32> = probs.iter().map(|x| x / sum).collect();
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            if let Some(i) = probs.iter().position(|&q| {
+                acc += q;
+                acc >= p.top_p
+            }) {
+                keep = i + 1;
+            }
+        }
+        if p.min_p > 0.0 {
+            keep = keep.min(probs.iter().take_while(|&&q| q >= p.min_p * probs[0]).count().max(1));
+        }
+        cand[..keep].iter().zip(&probs).map(|(c, &q)| (c.0 as u32, q)).collect()
+    }
+
+    #[test]
+    fn filters_keep_what_a_full_sort_keeps() {
+        let mut st = 1u64;
+        let mut rnd = || {
+            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (st >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for case in 0..60 {
+            let v = [1, 2, 7, 100, 1000, 5000][case % 6];
+            // peaked and flat distributions, with ties
+            let logits: Vec<f32> = (0..v).map(|_| (rnd() * 12.0).powi(1 + case as i32 % 3).round() / 4.0).collect();
+            let p = SamplingParams {
+                temperature: [0.3, 1.0, 1.7][case % 3],
+                top_k: [0, 1, 5, 40, 2000][case % 5],
+                top_p: [1.0, 0.9, 0.5, 0.999][case % 4],
+                min_p: [0.0, 0.05, 0.3][case / 20],
+                ..Default::default()
+            };
+            // tokens of zero weight (underflow) may be ordered differently: compare the rest, by id
+            let mut want = kept_by_full_sort(&logits, &p);
+            want.retain(|w| w.1 > 0.0);
+            want.sort_by_key(|w| w.0);
+            let mut s = Sampler::new(p.clone());
+            assert!(s.candidates(&mut logits.clone(), &[]));
+            let mut got = s.cand.clone();
+            got.retain(|g| g.1 > 0.0);
+            got.sort_by_key(|g| g.0);
+            let z: f32 = if p.top_k > 0 && p.top_k < v {
+                // weights of the top k
+                let mut all: Vec<f32> = logits.clone();
+                all.sort_by(|a, b| b.total_cmp(a));
+                all[..p.top_k].iter().map(|l| ((l - all[0]) / p.temperature).exp()).sum()
+            } else {
+                let m = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+                logits.iter().map(|l| ((l - m) / p.temperature).exp()).sum()
+            };
+            let ids = |c: &[(u32, f32)]| c.iter().map(|c| c.0).collect::<Vec<_>>();
+            assert_eq!(ids(&got), ids(&want), "case {case}: {p:?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g.1 / z - w.1).abs() < 1e-5, "case {case}: {} vs {}", g.1 / z, w.1);
+            }
+        }
     }
 }
