@@ -18,6 +18,7 @@ pub mod load;
 pub mod model;
 pub mod profile;
 pub mod quant;
+pub mod scratch;
 pub mod server;
 pub mod session;
 pub mod sysbench;

@@ -9,6 +9,7 @@ use crate::layers::mlp::Mlp;
 use crate::layers::moe::{Experts, Moe};
 use crate::layers::norm::RmsNorm;
 use crate::profile::{PROFILE, add_since};
+use crate::scratch;
 use crate::tensor::Mat;
 use anyhow::{Result, bail};
 use std::sync::Arc;
@@ -89,8 +90,8 @@ pub struct Model {
 impl Layer {
     /// h = x + mixer(norm1(x)); x' = h + ffn(norm2(h)), in place on `x` (`n` tokens).
     fn forward(&self, x: &mut [f32], n: usize, pos0: usize, st: &mut LayerState, opts: &RunOptions) -> Result<()> {
-        let mut h = vec![0.0; x.len()];
-        let mut y = vec![0.0; x.len()];
+        let mut h = scratch::zeros(x.len());
+        let mut y = scratch::zeros(x.len());
         self.input_norm.forward(x, &mut h);
         let t = Instant::now();
         match (&self.mixer, st) {
@@ -120,13 +121,12 @@ impl Model {
     fn prefetch_next(&self, i: usize, x: &[f32]) {
         let (Some(next), Some(store)) = (self.layers.get(i + 1), &self.store) else { return };
         let FfnWeights::Moe(m) = &next.ffn else { return };
-        let mut h = x.to_vec();
+        let mut h = scratch::copy(x);
         next.post_norm.apply(&mut h);
-        let mut logits = vec![0.0; m.router.rows];
+        let mut logits = scratch::zeros(m.router.rows);
         m.router.matvec(&h, &mut logits);
         let k = self.opts.experts_per_token.unwrap_or(m.top_k);
-        let experts: Vec<usize> = crate::layers::moe::route(&logits, k, false).into_iter().map(|r| r.0).collect();
-        store.prefetch(i + 1, &experts);
+        crate::layers::moe::with_top_experts(&logits, k, |experts| store.prefetch(i + 1, experts));
     }
 
     /// A fresh, empty sequence state.
@@ -174,7 +174,7 @@ impl Model {
             bail!("sequence of {} tokens exceeds the model's context of {} tokens", st.pos + n, self.max_context());
         }
         let t_total = Instant::now();
-        let mut x = vec![0.0; n * h];
+        let mut x = scratch::zeros(n * h);
         for (t, &id) in tokens.iter().enumerate() {
             self.embed.row_f32(id as usize, &mut x[t * h..(t + 1) * h]);
         }

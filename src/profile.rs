@@ -114,7 +114,8 @@ pub fn record_routing(layer: usize, num_experts: usize, experts: &[usize]) {
     }
     s.reused += experts.iter().filter(|e| s.last[layer].contains(e)).count() as u64;
     s.routed += experts.len() as u64;
-    s.last[layer] = experts.to_vec();
+    s.last[layer].clear();
+    s.last[layer].extend_from_slice(experts);
 }
 
 impl RoutingStats {

@@ -13,10 +13,11 @@ use super::format::{Experts, Part};
 use crate::layers::mlp::MlpRef;
 use crate::tensor::{MatRef, WKind};
 use anyhow::{Context, Result, anyhow, bail};
-use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
+use std::mem::take;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -168,6 +169,21 @@ struct Slots {
     /// Prefetched extents being read (direct mode): key → slot, and slot → key.
     inflight: HashMap<(usize, usize), usize>,
     inflight_key: Vec<Option<(usize, usize)>>,
+    /// Per-call lists of `with_experts`, kept so a call allocates nothing once warm:
+    /// (index, where its bytes are) of the experts already in memory, (index, slot) of the
+    /// reads issued, (index, slot) of the prefetches in flight it waits for.
+    ready: Vec<(usize, Ready)>,
+    pending: Vec<(usize, usize)>,
+    awaited: Vec<(usize, usize)>,
+}
+
+/// Where the bytes of an expert that is already in memory are.
+#[derive(Clone, Copy, Debug)]
+enum Ready {
+    /// A slot of the own cache.
+    Slot(usize),
+    /// The page cache, through the read-only mapping of the layer's file (os mode).
+    Mapped { addr: usize },
 }
 
 /// Completion tags at or above this are prefetches into slot `tag - PREFETCH_TAG`.
@@ -274,7 +290,8 @@ impl ExpertStore {
             CacheMode::Os => max_batch,
             CacheMode::Direct => ((opts.cache_bytes as usize) / stride).max(max_batch),
         };
-        let (jtx, jrx) = unbounded::<Job>();
+        // a job holds a slot until its completion is received: never more than nslots queued
+        let (jtx, jrx) = bounded::<Job>(nslots);
         let (dtx, drx) = bounded::<Done>(nslots);
         let workers = (0..opts.io_threads.max(1))
             .map(|i| {
@@ -312,6 +329,9 @@ impl ExpertStore {
                 busy: vec![false; nslots],
                 inflight: HashMap::new(),
                 inflight_key: vec![None; nslots],
+                ready: Vec::new(),
+                pending: Vec::new(),
+                awaited: Vec::new(),
             }),
             jobs: Some(jtx),
             done: drx,
@@ -370,8 +390,8 @@ impl ExpertStore {
         MlpRef { gate: m(&self.parts[0]), up: m(&self.parts[1]), down: m(&self.parts[2]) }
     }
 
-    /// Reads experts `needed` of `layer` and calls `compute(i, expert)` for each `needed[i]` as
-    /// soon as its bytes are in memory (cache hits first). `during` runs once the first reads
+    /// Reads experts `needed` of `layer` and calls `compute(i, expert)` exactly once for each
+    /// `needed[i]`, as soon as its bytes are in memory (cache hits first). `during` runs once the first reads
     /// are in flight (the shared expert's compute hides I/O there). A failed read is an error,
     /// returned after every read in flight has finished.
     pub fn with_experts(
@@ -386,10 +406,11 @@ impl ExpertStore {
             bail!("expert {e} of layer {layer} is out of range ({} experts)", self.num_experts);
         }
         if self.prefetch
-            && let Some(p) = self.predicted.lock().unwrap_or_else(|p| p.into_inner()).remove(&layer)
+            && let Some(p) = self.predicted.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&layer)
         {
             let used = needed.iter().filter(|e| p.contains(e)).count();
             self.counters.prefetch_used.fetch_add(used as u64, Relaxed);
+            p.clear();
         }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let mut during = Some(during);
@@ -399,16 +420,18 @@ impl ExpertStore {
             slots.tick += 1;
             let tick = slots.tick;
             // experts already in memory: the own cache, or the page cache through the mapping
-            let mut ready: Vec<(usize, &[u8])> = vec![];
-            let mut pending: Vec<(usize, usize)> = vec![]; // (i, slot)
-            let mut awaited: Vec<(usize, usize)> = vec![]; // (i, slot of a prefetch in flight)
+            let (mut ready, mut pending, mut awaited) =
+                (take(&mut slots.ready), take(&mut slots.pending), take(&mut slots.awaited));
+            ready.clear();
+            pending.clear();
+            awaited.clear();
             for (j, &e) in chunk.iter().enumerate() {
                 let i = base + j;
                 if self.mode == CacheMode::Direct
                     && let Some(&s) = slots.map.get(&(layer, e))
                 {
                     slots.last_use[s] = tick;
-                    ready.push((i, self.slot(s)));
+                    ready.push((i, Ready::Slot(s)));
                     continue;
                 }
                 if let Some(&s) = slots.inflight.get(&(layer, e)) {
@@ -431,15 +454,8 @@ impl ExpertStore {
                             )
                         };
                         if rc == 0 && slots.pages.iter().all(|v| v & 1 == 1) {
-                            // computed in place from the page cache: no read, no copy.
-                            // SAFETY: a read-only mapping of a file this process never writes,
-                            // alive as long as the store; the extent lies inside it (length
-                            // checked at open). Were the file truncated by someone else in
-                            // between, this would fault: the same contract as any mmap of model
-                            // weights (the resident file too).
-                            let bytes =
-                                unsafe { std::slice::from_raw_parts((p + e * self.stride) as *const u8, self.stride) };
-                            ready.push((i, bytes));
+                            // computed in place from the page cache: no read, no copy
+                            ready.push((i, Ready::Mapped { addr: p + e * self.stride }));
                             continue;
                         }
                     }
@@ -479,7 +495,17 @@ impl ExpertStore {
             }
             // the ready experts are computed as parallel tasks while the reads proceed
             let t = Instant::now();
-            ready.par_iter().for_each(|&(i, bytes)| compute(i, self.view(bytes)));
+            ready.par_iter().for_each(|&(i, at)| {
+                let bytes = match at {
+                    Ready::Slot(s) => self.slot(s),
+                    // SAFETY: a read-only mapping of a file this process never writes, alive as
+                    // long as the store; the extent lies inside it (length checked at open).
+                    // Were the file truncated by someone else in between, this would fault: the
+                    // same contract as any mmap of model weights (the resident file too).
+                    Ready::Mapped { addr } => unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) },
+                };
+                compute(i, self.view(bytes))
+            });
             c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
             let mut first_err = None;
             let mut left = pending.len() + awaited.len();
@@ -539,6 +565,7 @@ impl ExpertStore {
                     c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
                 }
             }
+            (slots.ready, slots.pending, slots.awaited) = (ready, pending, awaited);
             if let Some(e) = first_err {
                 return Err(e);
             }
@@ -626,7 +653,10 @@ impl ExpertStore {
             }
         }
         self.counters.prefetched.fetch_add(experts.len() as u64, Relaxed);
-        self.predicted.lock().unwrap_or_else(|p| p.into_inner()).insert(layer, experts.to_vec());
+        let mut predicted = self.predicted.lock().unwrap_or_else(|p| p.into_inner());
+        let p = predicted.entry(layer).or_default();
+        p.clear();
+        p.extend_from_slice(experts);
     }
 
     /// Fraction of the expert files resident in the page cache: (resident bytes, total bytes).

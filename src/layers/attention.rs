@@ -4,6 +4,7 @@
 use super::norm::RmsNorm;
 use super::rope::Rope;
 use super::sigmoid;
+use crate::scratch;
 use crate::tensor::{Mat, dot};
 use rayon::prelude::*;
 
@@ -40,16 +41,16 @@ impl Attention {
     pub fn forward(&self, x: &[f32], n: usize, pos0: usize, cache: &mut KvCache, out: &mut [f32]) {
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qw = if self.gated { 2 * d } else { d };
-        let mut q = vec![0.0; n * nh * qw];
-        let mut k = vec![0.0; n * nkv * d];
-        let mut v = vec![0.0; n * nkv * d];
+        let mut q = scratch::zeros(n * nh * qw);
+        let mut k = scratch::zeros(n * nkv * d);
+        let mut v = scratch::zeros(n * nkv * d);
         self.q_proj.matmul(x, n, &mut q);
         self.k_proj.matmul(x, n, &mut k);
         self.v_proj.matmul(x, n, &mut v);
 
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        let (mut cos, mut sin) = (scratch::zeros(0), scratch::zeros(0));
         for t in 0..n {
-            self.rope.table(pos0 + t, &mut cos, &mut sin);
+            self.rope.table(pos0 + t, cos.vec(), sin.vec());
             for h in 0..nh {
                 let head = &mut q[(t * nh + h) * qw..(t * nh + h) * qw + d];
                 self.q_norm.apply(head);
@@ -61,15 +62,22 @@ impl Attention {
                 Rope::apply(head, &cos, &sin);
             }
         }
+        // grow by at least 256 positions at a time, so short runs never reallocate mid-decode
+        let add = k.len().max(256 * nkv * d);
+        if cache.k.capacity() - cache.k.len() < k.len() {
+            cache.k.reserve(add);
+            cache.v.reserve(add);
+        }
         cache.k.extend_from_slice(&k);
         cache.v.extend_from_slice(&v);
 
         let scale = 1.0 / (d as f32).sqrt();
         let group = nh / nkv;
-        let mut o = vec![0.0; n * nh * d];
+        let mut o = scratch::zeros(n * nh * d);
         // every (token, head) output is independent given the cache: one task each
         let cache = &*cache;
-        let attend = |scores: &mut Vec<f32>, (i, oh): (usize, &mut [f32])| {
+        let attend = |scores: &mut scratch::Buf, (i, oh): (usize, &mut [f32])| {
+            let scores = scores.vec();
             let (t, h) = (i / nh, i % nh);
             let len = pos0 + t + 1; // causal: this token sees every earlier position and itself
             let kvh = h / group;
@@ -93,10 +101,10 @@ impl Attention {
             }
         };
         if n * nh * (pos0 + n) * d < 1 << 16 {
-            let mut scores = Vec::new();
+            let mut scores = scratch::zeros(0);
             o.chunks_mut(d).enumerate().for_each(|c| attend(&mut scores, c));
         } else {
-            o.par_chunks_mut(d).enumerate().for_each_init(Vec::new, attend);
+            o.par_chunks_mut(d).enumerate().for_each_init(|| scratch::zeros(0), attend);
         }
         self.o_proj.matmul(&o, n, out);
     }

@@ -6,6 +6,7 @@
 use super::norm::inv_rms;
 use super::{sigmoid, silu, softplus};
 use crate::config::LinearAttnConfig;
+use crate::scratch;
 use crate::tensor::Mat;
 use rayon::prelude::*;
 
@@ -141,10 +142,10 @@ impl DeltaNet {
         let c = &self.cfg;
         let (cd, kd, vd) = (c.conv_dim(), c.key_dim(), c.value_dim());
         let (nk, nv, dk, dv, kern) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim, c.conv_kernel);
-        let mut qkv = vec![0.0; n * cd];
-        let mut z = vec![0.0; n * vd];
-        let mut b = vec![0.0; n * nv];
-        let mut a = vec![0.0; n * nv];
+        let mut qkv = scratch::zeros(n * cd);
+        let mut z = scratch::zeros(n * vd);
+        let mut b = scratch::zeros(n * nv);
+        let mut a = scratch::zeros(n * nv);
         self.in_proj_qkv.matmul(x, n, &mut qkv);
         self.in_proj_z.matmul(x, n, &mut z);
         self.in_proj_b.matmul(x, n, &mut b);
@@ -152,10 +153,9 @@ impl DeltaNet {
 
         // 1. causal depthwise conv over [history, x_0..x_n], then SiLU; the last kernel-1
         //    inputs become the history.
-        let mut win = Vec::with_capacity(st.conv.len() + qkv.len());
-        win.extend_from_slice(&st.conv);
-        win.extend_from_slice(&qkv);
-        let mut cv = vec![0.0; n * cd];
+        let mut win = scratch::copy(&st.conv);
+        win.vec().extend_from_slice(&qkv);
+        let mut cv = scratch::zeros(n * cd);
         let q_scale = 1.0 / (dk as f32).sqrt();
         for (t, ct) in cv.chunks_exact_mut(cd).enumerate() {
             for j in 0..kern {
@@ -173,8 +173,8 @@ impl DeltaNet {
         st.conv.copy_from_slice(&win[win.len() - keep..]);
         // 3-5. per value head, over the tokens: the gated delta rule, then the gated RMSNorm
         //      rms(o)·w·silu(z). Heads own disjoint states and outputs: one task each.
-        let mut oh = vec![0.0; nv * n * dv];
-        let head = |kv_mem: &mut Vec<f32>, (j, (s, oj)): (usize, (&mut [f32], &mut [f32]))| {
+        let mut oh = scratch::zeros(nv * n * dv);
+        let head = |kv_mem: &mut scratch::Buf, (j, (s, oj)): (usize, (&mut [f32], &mut [f32]))| {
             let kh = j / (nv / nk);
             for (t, ot) in oj.chunks_exact_mut(dv).enumerate() {
                 let c = &cv[t * cd..(t + 1) * cd];
@@ -190,8 +190,11 @@ impl DeltaNet {
                 }
             }
         };
-        st.s.par_chunks_mut(dk * dv).zip(oh.par_chunks_mut(n * dv)).enumerate().for_each_init(|| vec![0.0; dv], head);
-        let mut o = vec![0.0; n * vd];
+        st.s.par_chunks_mut(dk * dv)
+            .zip(oh.par_chunks_mut(n * dv))
+            .enumerate()
+            .for_each_init(|| scratch::zeros(dv), head);
+        let mut o = scratch::zeros(n * vd);
         for (j, oj) in oh.chunks_exact(n * dv).enumerate() {
             for (t, ot) in oj.chunks_exact(dv).enumerate() {
                 o[t * vd + j * dv..t * vd + (j + 1) * dv].copy_from_slice(ot);

@@ -38,8 +38,8 @@ impl MlpRef<'_> {
     /// `out = mlp(x)` for `n` tokens.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
         let i = self.gate.rows;
-        let mut g = vec![0.0; n * i];
-        let mut u = vec![0.0; n * i];
+        let mut g = crate::scratch::zeros(n * i);
+        let mut u = crate::scratch::zeros(n * i);
         self.gate.matmul(x, n, &mut g);
         self.up.matmul(x, n, &mut u);
         for (a, b) in g.iter_mut().zip(&u) {

@@ -5,6 +5,7 @@ use super::mlp::{Mlp, MlpRef};
 use super::sigmoid;
 use crate::flash::ExpertStore;
 use crate::profile::{PROFILE, add_since};
+use crate::scratch;
 use crate::tensor::{Mat, dot};
 use anyhow::Result;
 use rayon::prelude::*;
@@ -50,21 +51,81 @@ pub struct Moe {
 
 /// Top-k experts of one token from its router logits: (expert, weight), best first.
 pub fn route(logits: &[f32], k: usize, renormalize: bool) -> Vec<(usize, f32)> {
+    let mut top = vec![];
+    route_into(logits, k, renormalize, &mut Select::default(), &mut top);
+    top
+}
+
+/// Calls `f` with the `k` experts the router logits pick (best first), without allocating.
+pub fn with_top_experts<R>(logits: &[f32], k: usize, f: impl FnOnce(&[usize]) -> R) -> R {
+    let mut r = ROUTING.take();
+    route_into(logits, k, false, &mut r.select, &mut r.top);
+    r.chosen.clear();
+    r.chosen.extend(r.top.iter().map(|t| t.0));
+    let out = f(&r.chosen);
+    ROUTING.set(r);
+    out
+}
+
+/// Scratch of [`route_into`].
+#[derive(Default, Debug)]
+pub struct Select {
+    p: Vec<f32>,
+    idx: Vec<usize>,
+}
+
+/// [`route`] into `top`, with reused scratch.
+fn route_into(logits: &[f32], k: usize, renormalize: bool, s: &mut Select, top: &mut Vec<(usize, f32)>) {
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<f32> = logits.iter().map(|&l| (l - m).exp()).collect();
-    let sum: f32 = p.iter().sum();
-    p.iter_mut().for_each(|v| *v /= sum);
-    let mut idx: Vec<usize> = (0..p.len()).collect();
+    s.p.clear();
+    s.p.extend(logits.iter().map(|&l| (l - m).exp()));
+    let sum: f32 = s.p.iter().sum();
+    s.p.iter_mut().for_each(|v| *v /= sum);
+    let p = &s.p;
+    s.idx.clear();
+    s.idx.extend(0..p.len());
     let k = k.min(p.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-    let mut top: Vec<(usize, f32)> = idx.into_iter().map(|e| (e, p[e])).collect();
+    s.idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    s.idx.truncate(k);
+    s.idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    top.clear();
+    top.extend(s.idx.iter().map(|&e| (e, p[e])));
     if renormalize {
         let s: f32 = top.iter().map(|t| t.1).sum();
         top.iter_mut().for_each(|t| t.1 /= s);
     }
-    top
+}
+
+/// Per-thread routing scratch, reused so that routing allocates nothing once warm.
+#[derive(Default, Debug)]
+struct Routing {
+    select: Select,
+    top: Vec<(usize, f32)>,
+    chosen: Vec<usize>,
+    /// (expert, token, weight) of every routing of the call, sorted by expert then token.
+    assign: Vec<(usize, usize, f32)>,
+    /// The distinct experts, ascending, and where each one's assignments start (one more
+    /// entry: the end).
+    needed: Vec<usize>,
+    start: Vec<usize>,
+}
+
+thread_local! {
+    static ROUTING: std::cell::Cell<Routing> = std::cell::Cell::new(Routing::default());
+}
+
+/// Each expert task writes its own rows of one shared output buffer.
+#[derive(Clone, Copy)]
+struct Rows(*mut f32);
+// SAFETY: tasks write disjoint row ranges (see `Moe::forward`).
+unsafe impl Send for Rows {}
+unsafe impl Sync for Rows {}
+
+impl Rows {
+    /// The element at `off` (a method, so closures capture the whole `Rows`).
+    fn at(self, off: usize) -> *mut f32 {
+        self.0.wrapping_add(off)
+    }
 }
 
 impl Moe {
@@ -72,45 +133,69 @@ impl Moe {
     /// Tokens are grouped by expert so each expert is read and decoded once per call; expert
     /// outputs are summed in expert order, so the result does not depend on I/O timing.
     pub fn forward(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32]) -> Result<()> {
+        let mut r = ROUTING.take();
+        let res = self.forward_with(x, n, top_k, out, &mut r);
+        ROUTING.set(r);
+        res
+    }
+
+    fn forward_with(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32], r: &mut Routing) -> Result<()> {
         let t_route = Instant::now();
         let h = self.router.cols;
         let e = self.router.rows;
-        let mut logits = vec![0.0; n * e];
+        let mut logits = scratch::zeros(n * e);
         self.router.matmul(x, n, &mut logits);
         let k = top_k.unwrap_or(self.top_k);
-        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+        r.assign.clear();
         for t in 0..n {
-            let r = route(&logits[t * e..(t + 1) * e], k, self.norm_topk_prob);
-            let chosen: Vec<usize> = r.iter().map(|x| x.0).collect();
-            crate::profile::record_routing(self.layer, e, &chosen);
-            for (ex, w) in r {
-                per_expert[ex].push((t, w));
+            route_into(&logits[t * e..(t + 1) * e], k, self.norm_topk_prob, &mut r.select, &mut r.top);
+            r.chosen.clear();
+            r.chosen.extend(r.top.iter().map(|x| x.0));
+            crate::profile::record_routing(self.layer, e, &r.chosen);
+            r.assign.extend(r.top.iter().map(|&(ex, w)| (ex, t, w)));
+        }
+        r.assign.sort_unstable_by_key(|a| (a.0, a.1));
+        r.needed.clear();
+        r.start.clear();
+        for (j, a) in r.assign.iter().enumerate() {
+            if r.needed.last() != Some(&a.0) {
+                r.needed.push(a.0);
+                r.start.push(j);
             }
         }
-        let needed: Vec<usize> = (0..e).filter(|&ex| !per_expert[ex].is_empty()).collect();
+        r.start.push(r.assign.len());
         add_since(&PROFILE.route, t_route);
-        // experts that are ready at once run as parallel tasks, each into its own slot;
-        // the combine below sums them in expert order, so the result is the same
-        let results: Vec<std::sync::Mutex<Vec<f32>>> = needed.iter().map(|_| Default::default()).collect();
+        // expert i's outputs are rows start[i]..start[i + 1] of `ys`: ready experts run as
+        // parallel tasks, and the combine below sums them in expert order, so the result is
+        // the same whatever order they finish in
+        let (assign, needed, start) = (&r.assign, &r.needed, &r.start);
+        let mut ys = scratch::zeros(assign.len() * h);
+        let rows = Rows(ys.as_mut_ptr());
         let exact = crate::tensor::exact();
         let run = |i: usize, mlp: MlpRef<'_>| {
             crate::tensor::exact_products(exact, || {
-                let toks = &per_expert[needed[i]];
-                let mut xs = Vec::with_capacity(toks.len() * h);
-                for &(t, _) in toks {
-                    xs.extend_from_slice(&x[t * h..(t + 1) * h]);
+                let (a, b) = (start[i], start[i + 1]);
+                // SAFETY: `with_experts` (and the in-memory loop) compute each index exactly once,
+                // and rows a..b of `ys` belong to index i alone; `ys` outlives every task.
+                let y = unsafe { std::slice::from_raw_parts_mut(rows.at(a * h), (b - a) * h) };
+                if b - a == 1 {
+                    let t = assign[a].1;
+                    mlp.forward(&x[t * h..(t + 1) * h], 1, y);
+                } else {
+                    let mut xs = scratch::zeros(0);
+                    for &(_, t, _) in &assign[a..b] {
+                        xs.vec().extend_from_slice(&x[t * h..(t + 1) * h]);
+                    }
+                    mlp.forward(&xs, b - a, y);
                 }
-                let mut y = vec![0.0; toks.len() * h];
-                mlp.forward(&xs, toks.len(), &mut y);
-                *results[i].lock().unwrap_or_else(|p| p.into_inner()) = y;
             })
         };
-        let mut shared_out = vec![];
+        let mut shared_out = scratch::zeros(0);
         let shared_ns = std::cell::Cell::new(0u64);
-        let shared = |shared_out: &mut Vec<f32>| {
+        let shared = |shared_out: &mut scratch::Buf| {
             if let Some(sh) = &self.shared {
                 let t = Instant::now();
-                shared_out.resize(n * h, 0.0);
+                shared_out.vec().resize(n * h, 0.0);
                 sh.mlp.forward(x, n, shared_out);
                 shared_ns.set(t.elapsed().as_nanos() as u64);
             }
@@ -122,19 +207,15 @@ impl Moe {
                 (0..needed.len()).into_par_iter().for_each(|i| run(i, v[needed[i]].view()));
             }
             Experts::Flash { store, layer } => {
-                store.with_experts(*layer, &needed, || shared(&mut shared_out), run)?;
+                store.with_experts(*layer, needed, || shared(&mut shared_out), run)?;
             }
         }
-        let results: Vec<Vec<f32>> =
-            results.into_iter().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())).collect();
         let spent = t_experts.elapsed().as_nanos() as u64;
         PROFILE.shared_expert.fetch_add(shared_ns.get(), std::sync::atomic::Ordering::Relaxed);
         PROFILE.experts.fetch_add(spent.saturating_sub(shared_ns.get()), std::sync::atomic::Ordering::Relaxed);
         out.iter_mut().for_each(|v| *v = 0.0);
-        for (i, &ex) in needed.iter().enumerate() {
-            for (j, &(t, w)) in per_expert[ex].iter().enumerate() {
-                crate::kernels::axpy(w, &results[i][j * h..(j + 1) * h], &mut out[t * h..(t + 1) * h]);
-            }
+        for (j, &(_, t, w)) in assign.iter().enumerate() {
+            crate::kernels::axpy(w, &ys[j * h..(j + 1) * h], &mut out[t * h..(t + 1) * h]);
         }
         if let Some(sh) = &self.shared {
             for t in 0..n {

@@ -1,0 +1,99 @@
+//! Per-thread pools of f32 buffers for the temporaries of one forward step: once warm, a
+//! decode step takes its buffers from the pool and gives them back instead of allocating.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+
+/// Buffers kept per thread.
+const KEEP: usize = 64;
+/// Larger buffers (prefill's) go back to the allocator, so a long prompt does not leave the
+/// pool holding hundreds of MB.
+const MAX_ELEMS: usize = 1 << 20;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A pooled buffer; it returns to the pool of the thread that drops it.
+#[derive(Debug, Default)]
+pub struct Buf(Vec<f32>);
+
+/// `n` zeros from this thread's pool.
+pub fn zeros(n: usize) -> Buf {
+    let mut v = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten().unwrap_or_default();
+    v.clear();
+    v.resize(n, 0.0);
+    Buf(v)
+}
+
+/// A copy of `x` from this thread's pool.
+pub fn copy(x: &[f32]) -> Buf {
+    let mut b = zeros(0);
+    b.0.extend_from_slice(x);
+    b
+}
+
+impl Buf {
+    /// The vector itself, to grow or clear.
+    pub fn vec(&mut self) -> &mut Vec<f32> {
+        &mut self.0
+    }
+}
+
+impl Deref for Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a Buf {
+    type Item = &'a f32;
+    type IntoIter = std::slice::Iter<'a, f32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        if v.capacity() > 0 && v.capacity() <= MAX_ELEMS {
+            let _ = POOL.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < KEEP {
+                    p.push(v);
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_zeroed_reused_and_large_ones_released() {
+        let pooled = || POOL.with(|p| p.borrow().len());
+        let mut a = zeros(100);
+        a[3] = 7.0;
+        let p = a.as_ptr();
+        drop(a);
+        let before = pooled();
+        let b = zeros(50);
+        assert_eq!(b.as_ptr(), p, "the same allocation comes back");
+        assert!(b.iter().all(|&v| v == 0.0) && b.len() == 50);
+        assert_eq!(pooled(), before - 1);
+        drop(zeros(MAX_ELEMS + 1));
+        assert_eq!(pooled(), before - 1, "a prefill-sized buffer is not kept");
+        drop(b);
+        assert_eq!(pooled(), before);
+    }
+}
