@@ -82,14 +82,16 @@ pub fn dequant_row_bf16(q: &crate::quant::QMat<'_>, r: usize, out: &mut [u16]) -
     false
 }
 
-/// Multi-token products of these q4/q8 rows can run on int8 activations with VNNI
-/// (`vpdpbusd`), rounded per group exactly as decode's matrix–vector products round them.
+/// Multi-token products of these q4/q8 rows can run on int8 activations, rounded per group as
+/// decode's int8 matrix–vector products round them: with VNNI (`vpdpbusd`) for q4 and q8, with
+/// AVX2 (`vpmaddubsw`, whose 16-bit sums only 4-bit weights keep from saturating) for q4.
 pub fn int8_gemm(bits: u8, group: usize, cols: usize) -> bool {
-    isa() == Isa::Avx512Vnni
-        && avx512vl()
-        && matches!(bits, 4 | 8)
-        && group.is_multiple_of(64)
-        && cols.is_multiple_of(64)
+    let kernel = match isa() {
+        Isa::Avx512Vnni => avx512vl() && matches!(bits, 4 | 8),
+        Isa::Avx2 | Isa::Avx512 => bits == 4,
+        _ => false,
+    };
+    kernel && group.is_multiple_of(64) && cols.is_multiple_of(64)
 }
 
 /// Int8 activations of several tokens: per token and weight group, x / s rounded with
@@ -193,13 +195,18 @@ impl Panel {
             biases: &q.biases[r0 * ng..(r0 + nrows) * ng],
             ..*q
         };
-        // SAFETY: `int8_gemm` checked VNNI (with AVX-512F/BW/VL) and the sizes; buffers sized above.
         #[cfg(target_arch = "x86_64")]
-        unsafe {
-            x86::pack_panel_vnni(&sub, 0, nrows, &mut self.wp, &mut self.sp, &mut self.bp)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = sub;
+        if isa() == Isa::Avx512Vnni {
+            // SAFETY: `int8_gemm` checked VNNI (with AVX-512F/BW/VL) and the sizes; buffers sized above.
+            return unsafe { x86::pack_panel_vnni(&sub, 0, nrows, &mut self.wp, &mut self.sp, &mut self.bp) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if q.bits == 4 && is_x86_feature_detected!("avx2") {
+            pack_scales(&sub, nrows, &mut self.sp, &mut self.bp);
+            // SAFETY: AVX2 detected; `int8_gemm` checked the sizes; `wp` sized above.
+            return unsafe { x86::pack_q4_avx2(&sub, nrows, &mut self.wp) };
+        }
+        pack_panel_scalar(&sub, nrows, &mut self.wp, &mut self.sp, &mut self.bp);
     }
 
     /// `y[t·rows + r0 + i] = row r0 + i · x_t` for the panel's rows and every token of `x`.
@@ -223,10 +230,15 @@ impl Panel {
                             xsum: std::array::from_fn(|i| x.token(t + i).2),
                         };
                         let (w, s, b) = (&self.wp, &self.sp, &self.bp);
-                        // SAFETY: packed for `q` (VNNI checked there); the caller vouches for `y`.
+                        // SAFETY: packed for `q` (`int8_gemm` checked the ISA and the sizes
+                        // there); the caller vouches for `y`.
                         unsafe {
                             let yt = y.add(t * rows);
-                            x86::gemm_panel_vnni::<$T>(w, s, b, q.cols, q.group, &tok, yt, rows, r0, self.nrows);
+                            if isa() == Isa::Avx512Vnni {
+                                x86::gemm_panel_vnni::<$T>(w, s, b, q.cols, q.group, &tok, yt, rows, r0, self.nrows);
+                            } else {
+                                x86::gemm_panel_q4_avx2::<$T>(w, s, b, q.cols, q.group, &tok, yt, rows, r0, self.nrows);
+                            }
                         }
                         t += $T;
                     }
@@ -238,6 +250,38 @@ impl Panel {
             tile!(1);
         }
         let _ = (q, y, r0);
+    }
+}
+
+/// The panel layout without SIMD (the packer where VNNI is absent; the reference of
+/// `pack_panel_vnni`): per 64-column block, 16 dwords per activation dword position, each
+/// holding the four weight bytes of one row (rows in lanes) that meet that activation dword
+/// ([`QTokens::position`]); scales and biases as f32, 16 rows per group.
+pub fn pack_panel_scalar(q: &crate::quant::QMat<'_>, nrows: usize, wp: &mut [u8], sp: &mut [f32], bp: &mut [f32]) {
+    let cols = q.cols;
+    let rb = crate::quant::row_bytes(cols, q.bits);
+    wp[..16 * cols].fill(0);
+    for i in 0..nrows {
+        let p = &q.packed[i * rb..(i + 1) * rb];
+        for j in 0..cols {
+            let w = if q.bits == 8 { p[j] } else { (p[j / 2] >> (4 * (j % 2))) & 15 };
+            let (blk, pos) = (j / 64, QTokens::position(j % 64, q.bits));
+            wp[(blk * 16 + pos / 4) * 64 + i * 4 + pos % 4] = w;
+        }
+    }
+    pack_scales(q, nrows, sp, bp);
+}
+
+/// A panel's group scales and biases as f32, 16 rows per group (absent rows 0).
+fn pack_scales(q: &crate::quant::QMat<'_>, nrows: usize, sp: &mut [f32], bp: &mut [f32]) {
+    let ng = q.cols.div_ceil(q.group);
+    sp[..16 * ng].fill(0.0);
+    bp[..16 * ng].fill(0.0);
+    for i in 0..nrows {
+        for g in 0..ng {
+            sp[g * 16 + i] = bf16_to_f32(q.scales[i * ng + g]);
+            bp[g * 16 + i] = bf16_to_f32(q.biases[i * ng + g]);
+        }
     }
 }
 
@@ -358,8 +402,10 @@ mod tests {
                             &q.scales[r * ng..(r + 1) * ng],
                             &q.biases[r * ng..(r + 1) * ng],
                         );
-                        let dec = qdot(pk, sc, bi, &one) as f64;
-                        assert!((got - dec).abs() < 1e-4 * (1.0 + dec.abs()), "prefill {got} vs decode {dec}");
+                        if one.int8 {
+                            let dec = qdot(pk, sc, bi, &one) as f64;
+                            assert!((got - dec).abs() < 1e-4 * (1.0 + dec.abs()), "prefill {got} vs decode {dec}");
+                        }
                         // and close to the f32 product
                         q.row_f32(r, &mut deq);
                         let exact: f64 = deq.iter().zip(&x[t * cols..]).map(|(a, b)| *a as f64 * *b as f64).sum();
@@ -370,6 +416,72 @@ mod tests {
                             .sum::<f64>()
                             + 1e-4;
                         assert!((got - exact).abs() <= bound, "int8 error {got} vs {exact} > {bound}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Both int8 panel kernels this CPU can run, whatever the dispatcher picks, on the
+    /// portable packer's panels; and the VNNI packer against the portable one.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_int8_panel_kernel_matches_the_scalar_reference() {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let vnni = isa() == Isa::Avx512Vnni && avx512vl();
+        for bits in [4u8, 8] {
+            for &(rows, cols, group, n) in &[(16, 64, 64, 8), (5, 128, 64, 3), (21, 192, 64, 15), (17, 256, 128, 9)] {
+                let w = rnd(rows * cols, 60 + bits as u64);
+                let blob = crate::tensor::AlignedBytes::from_slice(&quant::quantize(&w, rows, cols, bits, group));
+                let q = quant::QMat::new(blob.bytes(), rows, cols, bits, group);
+                let mut xt = QTokens::default();
+                xt.quantize(&rnd(n * cols, 61), n, cols, group, bits);
+                let ng = cols.div_ceil(group);
+                let rb = quant::row_bytes(cols, bits);
+                for r0 in (0..rows).step_by(16) {
+                    let nr = (rows - r0).min(16);
+                    let sub = quant::QMat {
+                        rows: nr,
+                        packed: &q.packed[r0 * rb..(r0 + nr) * rb],
+                        scales: &q.scales[r0 * ng..(r0 + nr) * ng],
+                        biases: &q.biases[r0 * ng..(r0 + nr) * ng],
+                        ..q
+                    };
+                    let (mut wp, mut sp, mut bp) = (vec![0u8; 16 * cols], vec![0f32; 16 * ng], vec![0f32; 16 * ng]);
+                    pack_panel_scalar(&sub, nr, &mut wp, &mut sp, &mut bp);
+                    if vnni {
+                        let (mut w2, mut s2, mut b2) = (vec![0u8; 16 * cols], vec![0f32; 16 * ng], vec![0f32; 16 * ng]);
+                        unsafe { x86::pack_panel_vnni(&sub, 0, nr, &mut w2, &mut s2, &mut b2) };
+                        assert_eq!((&w2, &s2, &b2), (&wp, &sp, &bp), "VNNI packer q{bits} {rows}x{cols}/{group}");
+                    }
+                    if avx2 && bits == 4 {
+                        let mut w2 = vec![1u8; 16 * cols];
+                        unsafe { x86::pack_q4_avx2(&sub, nr, &mut w2) };
+                        assert_eq!(w2, wp, "AVX2 q4 packer {rows}x{cols}/{group}");
+                    }
+                    let mut y = vec![f32::NAN; n * rows];
+                    for t in 0..n {
+                        let tok =
+                            x86::Int8Tokens::<1> { xq: [xt.token(t).0], xs: [xt.token(t).1], xsum: [xt.token(t).2] };
+                        let yt = y[t * rows..].as_mut_ptr();
+                        unsafe {
+                            if bits == 4 && avx2 {
+                                x86::gemm_panel_q4_avx2::<1>(&wp, &sp, &bp, cols, group, &tok, yt, rows, r0, nr);
+                            } else if vnni {
+                                x86::gemm_panel_vnni::<1>(&wp, &sp, &bp, cols, group, &tok, yt, rows, r0, nr);
+                            }
+                        }
+                    }
+                    for t in 0..n {
+                        for r in r0..r0 + nr {
+                            let (got, want) = (y[t * rows + r] as f64, int8_dot_scalar(&q, r, &xt, t));
+                            if !got.is_nan() {
+                                assert!(
+                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                    "q{bits} t{t} r{r}: {got} vs {want}"
+                                );
+                            }
+                        }
                     }
                 }
             }

@@ -182,6 +182,8 @@ pub fn dot4x4(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
         // SAFETY: the ISA was detected at run time.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::dot4x4_avx512(rows, x) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::dot4x4_f32_avx2(rows, x) },
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => unsafe { neon::dot4x4(rows, x) },
         _ => [dot4(rows[0], x), dot4(rows[1], x), dot4(rows[2], x), dot4(rows[3], x)],
@@ -344,6 +346,11 @@ pub(crate) fn quantize_group(x: &[f32], xq: &mut [i8]) -> (f32, f32) {
         // SAFETY: AVX-512 detected; equal lengths, a multiple of 16.
         return unsafe { x86::quantize_group_avx512(x, xq) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 && x.len().is_multiple_of(32) {
+        // SAFETY: AVX2 detected; equal lengths, a multiple of 32.
+        return unsafe { x86::quantize_group_avx2(x, xq) };
+    }
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let s = amax / 127.0;
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
@@ -446,6 +453,27 @@ mod tests {
                     assert!((x86::dot_f32_avx2(&a, &b) as f64 - want).abs() < 1e-4, "avx2 dot {n}");
                     assert!((x86::dot_bf16_avx2(&w, &b) as f64 - wb).abs() < 1e-4, "avx2 bf16 {n}");
                     assert!((x86::dot4_f32_avx2(&a, x4)[1] as f64 - want).abs() < 1e-4, "avx2 dot4 {n}");
+                    let blk = x86::dot4x4_f32_avx2([&a, &b, &a, &b], x4);
+                    assert!(
+                        (blk[0][1] as f64 - want).abs() < 1e-4 && (blk[3][2] as f64 - want).abs() < 1e-4,
+                        "avx2 4x4 {n}"
+                    );
+                    if n % 32 == 0 {
+                        let (mut q1, mut q2) = (vec![0i8; n], vec![0i8; n]);
+                        // exact halves (ties) among the values, to check the rounding
+                        let mut xt = a.clone();
+                        let amax = xt.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        xt[1] = amax / 127.0 * 2.5;
+                        let (s1, t1) = x86::quantize_group_avx2(&xt, &mut q1);
+                        let amax = xt.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let s = amax / 127.0;
+                        for (q, v) in q2.iter_mut().zip(&xt) {
+                            *q = (v * (1.0 / s)).round_ties_even().clamp(-127.0, 127.0) as i8;
+                        }
+                        assert_eq!(s1, s, "avx2 quantizer scale {n}");
+                        assert!((t1 - xt.iter().sum::<f32>()).abs() < 1e-4, "avx2 quantizer sum {n}");
+                        assert_eq!(q1, q2, "avx2 quantizer {n}");
+                    }
                 }
             }
             let xs = [rnd(n, 3), rnd(n, 4), rnd(n, 5), rnd(n, 6)];

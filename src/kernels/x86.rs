@@ -899,3 +899,198 @@ pub unsafe fn quantize_group_avx512(x: &[f32], xq: &mut [i8]) -> (f32, f32) {
     }
     (s, _mm512_reduce_add_ps(sum))
 }
+
+/// [`gemm_panel_vnni`] for AVX2 CPUs (no VNNI), q4 panels only: `vpmaddubsw` multiplies the
+/// unsigned weight bytes by the int8 activations into 16-bit pair sums, at most
+/// 2·15·127 = 3,810 each, so eight of them add up in 16 bits (≤ 30,480) before `vpmaddwd`
+/// widens them; rows 0–7 and 8–15 of the panel are two vectors.
+///
+/// # Safety
+/// AVX2 and FMA must be available; as [`gemm_panel_vnni`], with 4-bit weights.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // register arrays, unrolled
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn gemm_panel_q4_avx2<const T: usize>(
+    wp: &[u8],
+    sp: &[f32],
+    bp: &[f32],
+    cols: usize,
+    group: usize,
+    x: &Int8Tokens<'_, T>,
+    y: *mut f32,
+    rows: usize,
+    r0: usize,
+    nrows: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    for blk in 0..cols / 64 {
+        let g = blk * 64 / group;
+        let w = wp.as_ptr().add(blk * 16 * 64);
+        let mut ai = [[_mm256_setzero_si256(); T]; 2];
+        for d0 in (0..16).step_by(8) {
+            let mut a16 = [[_mm256_setzero_si256(); T]; 2];
+            for d in d0..d0 + 8 {
+                let w0 = _mm256_loadu_si256(w.add(d * 64) as *const __m256i);
+                let w1 = _mm256_loadu_si256(w.add(d * 64 + 32) as *const __m256i);
+                for t in 0..T {
+                    let xd = (x.xq[t].as_ptr().add(blk * 64 + d * 4) as *const i32).read_unaligned();
+                    let xb = _mm256_set1_epi32(xd);
+                    a16[0][t] = _mm256_add_epi16(a16[0][t], _mm256_maddubs_epi16(w0, xb));
+                    a16[1][t] = _mm256_add_epi16(a16[1][t], _mm256_maddubs_epi16(w1, xb));
+                }
+            }
+            for h in 0..2 {
+                for t in 0..T {
+                    ai[h][t] = _mm256_add_epi32(ai[h][t], _mm256_madd_epi16(a16[h][t], ones));
+                }
+            }
+        }
+        for h in 0..2 {
+            let ws = _mm256_loadu_ps(sp.as_ptr().add(g * 16 + 8 * h));
+            for t in 0..T {
+                let s = _mm256_mul_ps(ws, _mm256_set1_ps(x.xs[t][g]));
+                acc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[h][t]), s, acc[h][t]);
+            }
+            if (blk * 64).is_multiple_of(group) {
+                let wb = _mm256_loadu_ps(bp.as_ptr().add(g * 16 + 8 * h));
+                for t in 0..T {
+                    acc[h][t] = _mm256_fmadd_ps(wb, _mm256_set1_ps(x.xsum[t][g]), acc[h][t]);
+                }
+            }
+        }
+    }
+    for t in 0..T {
+        let mut out = [0f32; 16];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[0][t]);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1][t]);
+        std::ptr::copy_nonoverlapping(out.as_ptr(), y.add(t * rows + r0), nrows);
+    }
+}
+
+/// [`pack_panel_vnni`]'s layout for q4 with AVX2: each half of the panel (rows 0–7, 8–15) has
+/// its 8 packed dwords per 64 columns transposed (8×8), then dword j's low nibbles are vector
+/// 2j and its high nibbles vector 2j + 1. Scales and biases are widened by the caller.
+///
+/// # Safety
+/// AVX2 must be available; `q.bits == 4`, `q.cols` a multiple of 64, `q.rows >= nrows`,
+/// `nrows <= 16`; `wp` holds `16·cols` bytes.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2")]
+pub unsafe fn pack_q4_avx2(q: &crate::quant::QMat<'_>, nrows: usize, wp: &mut [u8]) {
+    let rb = crate::quant::row_bytes(q.cols, 4);
+    let zero = [0u8; 32];
+    let m4 = _mm256_set1_epi8(0x0f);
+    let out = wp.as_mut_ptr();
+    for blk in 0..q.cols / 64 {
+        for half in 0..2 {
+            let mut r = [_mm256_setzero_si256(); 8];
+            for i in 0..8 {
+                let row = 8 * half + i;
+                let src = if row < nrows { q.packed.as_ptr().add(row * rb + blk * 32) } else { zero.as_ptr() };
+                r[i] = _mm256_loadu_si256(src as *const __m256i);
+            }
+            let t = transpose8x8_epi32(&r);
+            for j in 0..8 {
+                let o = out.add((blk * 16 + 2 * j) * 64 + 32 * half);
+                _mm256_storeu_si256(o as *mut __m256i, _mm256_and_si256(t[j], m4));
+                let hi = _mm256_and_si256(_mm256_srli_epi16(t[j], 4), m4);
+                _mm256_storeu_si256(o.add(64) as *mut __m256i, hi);
+            }
+        }
+    }
+}
+
+/// 8×8 transpose of 32-bit elements: lane i of result j is lane j of `r[i]`.
+#[allow(clippy::needless_range_loop)]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8x8_epi32(r: &[__m256i; 8]) -> [__m256i; 8] {
+    let mut t = [_mm256_setzero_si256(); 8];
+    for k in 0..4 {
+        t[2 * k] = _mm256_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm256_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+    let mut u = [_mm256_setzero_si256(); 8];
+    for h in 0..2 {
+        u[4 * h] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    // u[j] (j < 4) holds dwords j and j + 4 of rows 0–3 in its two 128-bit lanes; u[4 + j] of rows 4–7
+    let mut o = [_mm256_setzero_si256(); 8];
+    for j in 0..4 {
+        o[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+        o[j + 4] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+    }
+    o
+}
+
+/// [`quantize_group_avx512`] with AVX2.
+///
+/// # Safety
+/// AVX2 must be available; `x.len() == xq.len()`, a multiple of 32.
+#[target_feature(enable = "avx2")]
+pub unsafe fn quantize_group_avx2(x: &[f32], xq: &mut [i8]) -> (f32, f32) {
+    let (p, n) = (x.as_ptr(), x.len());
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let (mut amax, mut sum) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for i in (0..n).step_by(8) {
+        let v = _mm256_loadu_ps(p.add(i));
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v, abs));
+        sum = _mm256_add_ps(sum, v);
+    }
+    let mut m = [0f32; 8];
+    _mm256_storeu_ps(m.as_mut_ptr(), amax);
+    let s = m.iter().fold(0f32, |a, &b| a.max(b)) / 127.0;
+    let inv = _mm256_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+    let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for i in (0..n).step_by(32) {
+        // cvtps2dq rounds to nearest even under the default MXCSR
+        let q: [__m256i; 4] = std::array::from_fn(|k| {
+            let v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p.add(i + 8 * k)), inv));
+            _mm256_min_epi32(_mm256_max_epi32(v, lo), hi)
+        });
+        let b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(xq.as_mut_ptr().add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(b, order));
+    }
+    (s, hsum256(sum))
+}
+
+/// 4 rows × 4 vectors of dot products with AVX2 (16 registers: two passes of 2 rows × 4
+/// vectors, so each vector load serves two rows).
+///
+/// # Safety
+/// AVX2 and FMA must be available; all eight slices have the same length.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot4x4_f32_avx2(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    let n = rows[0].len();
+    let px = x.map(|v| v.as_ptr());
+    let mut out = [[0f32; 4]; 4];
+    for pair in 0..2 {
+        let (r0, r1) = (rows[2 * pair], rows[2 * pair + 1]);
+        let (p0, p1) = (r0.as_ptr(), r1.as_ptr());
+        let mut a = [[_mm256_setzero_ps(); 4]; 2];
+        let mut i = 0;
+        while i + 8 <= n {
+            let (w0, w1) = (_mm256_loadu_ps(p0.add(i)), _mm256_loadu_ps(p1.add(i)));
+            for k in 0..4 {
+                let xv = _mm256_loadu_ps(px[k].add(i));
+                a[0][k] = _mm256_fmadd_ps(w0, xv, a[0][k]);
+                a[1][k] = _mm256_fmadd_ps(w1, xv, a[1][k]);
+            }
+            i += 8;
+        }
+        for (h, row) in [r0, r1].iter().enumerate() {
+            for k in 0..4 {
+                let mut s = hsum256(a[h][k]);
+                for j in i..n {
+                    s += row[j] * x[k][j];
+                }
+                out[2 * pair + h][k] = s;
+            }
+        }
+    }
+    out
+}
