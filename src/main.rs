@@ -12,7 +12,7 @@ use flashmoe::tensor::WKind;
 use flashmoe::tokenizer::{StreamDecoder, TextTokenizer};
 use serde_json::json;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(name = "flashmoe", version, about = "Mixture-of-Experts inference for models larger than memory")]
@@ -282,11 +282,15 @@ fn resolve(model: Option<PathBuf>) -> Result<PathBuf> {
 /// Expert store settings (converted models).
 #[derive(Args, Clone)]
 struct StoreArgs {
-    /// `os`: buffered reads, the page cache caches; `direct`: O_DIRECT + own LRU cache.
-    #[arg(long, default_value = "os")]
-    cache: CacheMode,
-    /// Size of the own expert cache with --cache direct (e.g. 512M, 4G).
-    #[arg(long, default_value = "1G")]
+    /// `os`: buffered reads, the page cache caches; `direct`: O_DIRECT + own LRU cache;
+    /// `auto`: direct when the expert files exceed half the memory this process may use (it won
+    /// every beyond-RAM run: 1.9x on the 80B shape), else os (warm experts are computed in
+    /// place from the page cache).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "os", "direct"])]
+    cache: String,
+    /// Size of the own expert cache with --cache direct (e.g. 512M, 4G); `auto`: a quarter of
+    /// the memory this process may use, 256M to 32G.
+    #[arg(long, default_value = "auto")]
     cache_size: String,
     /// Threads issuing expert reads.
     #[arg(long, default_value_t = 8)]
@@ -327,17 +331,62 @@ fn parse_size(s: &str) -> Result<u64> {
     Ok((v * mul as f64) as u64)
 }
 
+/// Memory this process may use: `MemAvailable`, or its memory cgroup's limit if lower.
+fn usable_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let avail = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())?
+        * 1024;
+    let mut limit = u64::MAX;
+    for line in std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default().lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctrl, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        let file = match ctrl {
+            "" => format!("/sys/fs/cgroup{path}/memory.max"),
+            c if c.split(',').any(|c| c == "memory") => format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"),
+            _ => continue,
+        };
+        if let Some(v) = std::fs::read_to_string(file).ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+            limit = limit.min(v);
+        }
+    }
+    Some(avail.min(limit))
+}
+
+/// Total size of a converted model's expert files (0 for a checkpoint).
+fn expert_file_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("experts"))
+        .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
 impl StoreArgs {
-    fn load_options(&self) -> Result<LoadOptions> {
+    /// The store settings for the model in `dir`, `auto` values resolved.
+    fn load_options(&self, dir: &Path) -> Result<LoadOptions> {
+        let usable = usable_memory();
+        let mode = match self.cache.as_str() {
+            "os" => CacheMode::Os,
+            "direct" => CacheMode::Direct,
+            _ => match usable {
+                Some(m) if expert_file_bytes(dir) > m / 2 => CacheMode::Direct,
+                _ => CacheMode::Os,
+            },
+        };
+        let cache_bytes = match self.cache_size.as_str() {
+            "auto" => usable.map_or(1 << 30, |m| (m / 4).clamp(256 << 20, 32 << 30)),
+            s => parse_size(s)?,
+        };
         Ok(LoadOptions {
             store: StoreOptions {
-                mode: self.cache,
-                cache_bytes: parse_size(&self.cache_size)?,
+                mode,
+                cache_bytes,
                 io_threads: self.io_threads,
                 prefetch: match self.prefetch.as_str() {
                     "on" => true,
                     "off" => false,
-                    _ => self.cache == CacheMode::Direct,
+                    _ => mode == CacheMode::Direct,
                 },
                 ..Default::default()
             },
@@ -461,7 +510,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     params.validate()?;
     let dir = resolve(a.model.clone())?;
-    let mut model = load_model_with(&dir, &a.store.load_options()?)?;
+    let mut model = load_model_with(&dir, &a.store.load_options(&dir)?)?;
     if let Some(k) = a.experts_per_token {
         if k == 0 || k > model.cfg.num_experts {
             bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
@@ -570,7 +619,7 @@ fn cmd_eval(a: EvalArgs, store: &StoreArgs) -> Result<()> {
     if let Some(m) = a.max_tokens {
         ids.truncate(m);
     }
-    let mut lo = store.load_options()?;
+    let mut lo = store.load_options(&a.model)?;
     if a.experts.is_some() {
         lo.experts_in_memory = true;
     }
@@ -584,7 +633,7 @@ fn cmd_eval(a: EvalArgs, store: &StoreArgs) -> Result<()> {
     if let Some(e) = &a.experts {
         model.requantize_experts(parse_kind(e, a.group_size, "experts")?)?;
     }
-    let reference = a.reference.as_ref().map(|r| load_model_with(r, &store.load_options()?)).transpose()?;
+    let reference = a.reference.as_ref().map(|r| load_model_with(r, &store.load_options(r)?)).transpose()?;
     let window = a.window.min(model.max_context());
     let r = flashmoe::eval::evaluate(&model, reference.as_ref(), &ids, window)?;
     if a.json {
@@ -652,7 +701,7 @@ fn cmd_bench(
     json: bool,
     store: &StoreArgs,
 ) -> Result<()> {
-    let mut model = load_model_with(dir, &store.load_options()?)?;
+    let mut model = load_model_with(dir, &store.load_options(dir)?)?;
     if let Some(k) = experts_per_token {
         if k == 0 || k > model.cfg.num_experts {
             bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
@@ -714,7 +763,7 @@ fn cmd_chat(
         None => system,
     };
     let session =
-        flashmoe::session::Session::new(load_model_with(&dir, &store.load_options()?)?, TextTokenizer::load(&dir)?);
+        flashmoe::session::Session::new(load_model_with(&dir, &store.load_options(&dir)?)?, TextTokenizer::load(&dir)?);
     let opts = flashmoe::chat::ChatOptions { system, thinking: !no_think, max_tokens, sampling: sampling.params()? };
     flashmoe::chat::run(session, opts)
 }
@@ -732,7 +781,7 @@ fn cmd_serve(
     if !tok.has_chat_template() {
         eprintln!("warning: {} has no chat template; /v1/chat/completions will fail", dir.display());
     }
-    let session = flashmoe::session::Session::new(load_model_with(&dir, &store.load_options()?)?, tok);
+    let session = flashmoe::session::Session::new(load_model_with(&dir, &store.load_options(&dir)?)?, tok);
     let model_id = model_id.unwrap_or_else(|| {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         if name.starts_with("default-") { "flashmoe-default".into() } else { name }
@@ -784,7 +833,7 @@ fn cmd_logits(model: PathBuf, tokens: &str, store: &StoreArgs) -> Result<()> {
         .split(',')
         .map(|s| s.trim().parse::<u32>().with_context(|| format!("--tokens: `{s}` is not a token id")))
         .collect::<Result<_>>()?;
-    let m = load_model_with(&model, &store.load_options()?)?;
+    let m = load_model_with(&model, &store.load_options(&model)?)?;
     let mut st = m.new_state();
     let logits = m.forward(&mut st, &ids, true)?;
     let rows: Vec<&[f32]> = logits.chunks(m.vocab_size()).collect();
