@@ -194,28 +194,16 @@ impl Sampler {
             cand.retain(|c| c.1 >= p.min_p);
         }
         if p.top_p < 1.0 {
-            let keep =
-                if sorted { prefix_reaching(cand, p.top_p * z) } else { sort_prefix_reaching(cand, p.top_p * z) };
+            let keep = sort_prefix_reaching(cand, p.top_p * z);
             cand.truncate(keep);
         }
         true
     }
 }
 
-/// Length of the shortest prefix of `cand` (sorted best first) whose weights reach `target`.
-fn prefix_reaching(cand: &[(u32, f32)], target: f32) -> usize {
-    let mut acc = 0.0;
-    for (i, c) in cand.iter().enumerate() {
-        acc += c.1;
-        if acc >= target {
-            return i + 1;
-        }
-    }
-    cand.len()
-}
-
-/// [`prefix_reaching`] on unsorted candidates: sorts a growing prefix of the best ones (64,
-/// then 8× more each round) until it reaches `target`.
+/// Length of the shortest run of the best candidates whose weights reach `target`, left sorted
+/// best first at the front: sorts a growing prefix (64, then 8× more each round), so an
+/// already sorted list costs one pass.
 fn sort_prefix_reaching(cand: &mut [(u32, f32)], target: f32) -> usize {
     let (mut done, mut acc, mut r) = (0, 0.0, 64);
     loop {

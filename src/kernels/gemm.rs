@@ -196,16 +196,18 @@ impl Panel {
             ..*q
         };
         #[cfg(target_arch = "x86_64")]
-        if isa() == Isa::Avx512Vnni {
-            // SAFETY: `int8_gemm` checked VNNI (with AVX-512F/BW/VL) and the sizes; buffers sized above.
-            return unsafe { x86::pack_panel_vnni(&sub, 0, nrows, &mut self.wp, &mut self.sp, &mut self.bp) };
-        }
-        #[cfg(target_arch = "x86_64")]
-        if q.bits == 4 && is_x86_feature_detected!("avx2") {
+        {
+            if isa() == Isa::Avx512Vnni {
+                // SAFETY: `int8_gemm` checked VNNI (with AVX-512F/BW/VL) and the sizes; buffers
+                // sized above.
+                return unsafe { x86::pack_panel_vnni(&sub, 0, nrows, &mut self.wp, &mut self.sp, &mut self.bp) };
+            }
+            // otherwise `int8_gemm` admitted only q4 on AVX2 (or AVX-512 without VNNI)
             pack_scales(&sub, nrows, &mut self.sp, &mut self.bp);
             // SAFETY: AVX2 detected; `int8_gemm` checked the sizes; `wp` sized above.
-            return unsafe { x86::pack_q4_avx2(&sub, nrows, &mut self.wp) };
+            unsafe { x86::pack_q4_avx2(&sub, nrows, &mut self.wp) }
         }
+        #[cfg(not(target_arch = "x86_64"))]
         pack_panel_scalar(&sub, nrows, &mut self.wp, &mut self.sp, &mut self.bp);
     }
 
