@@ -4,7 +4,7 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flashmoe::generate::{Sampler, SamplingParams};
 use flashmoe::quant;
-use flashmoe::tensor::{AlignedBytes, Mat, WKind};
+use flashmoe::tensor::{AlignedBytes, Mat, Precision, WKind};
 
 fn matrices(rows: usize, cols: usize) -> Vec<(String, Mat)> {
     let mut s = 1u64;
@@ -35,7 +35,7 @@ fn bench(c: &mut Criterion) {
     for (name, m) in matrices(rows, cols) {
         let mut y = vec![0.0; rows];
         g.throughput(Throughput::Bytes(m.bytes() as u64));
-        g.bench_function(&name, |b| b.iter(|| pool.install(|| m.matvec(&x, &mut y))));
+        g.bench_function(&name, |b| b.iter(|| pool.install(|| m.matvec(&x, &mut y, Precision::Fast))));
     }
     g.finish();
     let mut g = c.benchmark_group("matmul_16tok_1thread");
@@ -45,9 +45,9 @@ fn bench(c: &mut Criterion) {
         let mut y = vec![0.0; 4096 * 16];
         g.throughput(Throughput::Elements((4096 * 4096 * 16) as u64));
         // default: bf16 activations (vdpbf16ps) where the CPU has AVX-512 BF16; exact: f32 FMA
-        g.bench_function(&name, |b| b.iter(|| pool.install(|| m.matmul(&xs, 16, &mut y))));
+        g.bench_function(&name, |b| b.iter(|| pool.install(|| m.matmul(&xs, 16, &mut y, Precision::Fast))));
         g.bench_function(format!("{name}-exact"), |b| {
-            b.iter(|| pool.install(|| flashmoe::tensor::exact_products(true, || m.matmul(&xs, 16, &mut y))))
+            b.iter(|| pool.install(|| m.matmul(&xs, 16, &mut y, Precision::Exact)))
         });
     }
     g.finish();

@@ -9,6 +9,7 @@ pub mod builtin;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 pub mod eval;
 pub mod flash;
 pub mod generate;

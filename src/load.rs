@@ -104,8 +104,8 @@ pub struct LoadOptions {
     pub experts_in_memory: bool,
     /// Lock the resident weights of a converted model in RAM (mlock).
     pub mlock: bool,
-    /// Multi-token products on f32 activations ([`RunOptions::exact`]).
-    pub exact: bool,
+    /// How products treat activations ([`crate::model::RunOptions::precision`]).
+    pub precision: crate::tensor::Precision,
 }
 
 /// Loads config and weights from `dir` (a Hugging Face checkpoint or a converted model).
@@ -138,13 +138,13 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let (store, preload) = if opts.experts_in_memory { (None, store) } else { (store, None) };
         let mut m =
             build(cfg, &res, store, preload).with_context(|| format!("loading model from {}", dir.display()))?;
-        m.opts.exact = opts.exact;
+        m.opts.precision = opts.precision;
         return Ok(m);
     }
     let cfg = ModelConfig::load(dir)?;
     let ck = Checkpoint::open(dir)?;
     let mut m = build(cfg, &ck, None, None).with_context(|| format!("loading model from {}", dir.display()))?;
-    m.opts.exact = opts.exact;
+    m.opts.precision = opts.precision;
     Ok(m)
 }
 

@@ -8,7 +8,7 @@ use flashmoe::flash::{CacheMode, Manifest, StoreOptions};
 use flashmoe::generate::{Sampler, SamplingParams, generate};
 use flashmoe::load::{LoadOptions, load_model_with};
 use flashmoe::model::Model;
-use flashmoe::tensor::WKind;
+use flashmoe::tensor::{Precision, WKind};
 use flashmoe::tokenizer::{StreamDecoder, TextTokenizer};
 use serde_json::json;
 use std::io::Write;
@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 #[derive(Parser)]
 #[command(name = "flashmoe", version, about = "Mixture-of-Experts inference for models larger than memory")]
 struct Cli {
-    /// Worker threads for matrix products (default: all cores).
+    /// Compute threads (default: the physical cores this process may use, SMT siblings once,
+    /// within its CPU affinity and cgroup quota; or $RAYON_NUM_THREADS).
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -35,6 +36,10 @@ enum Cmd {
         /// Comma-separated token ids, e.g. 1,2,3.
         #[arg(long)]
         tokens: String,
+        /// Compute as generate does (int8/bf16 activations) instead of exactly (f32
+        /// activations, the default here: this command checks models against a reference).
+        #[arg(long)]
+        fast: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -392,7 +397,7 @@ impl StoreArgs {
             },
             experts_in_memory: self.experts_in_memory,
             mlock: self.mlock,
-            exact: self.exact,
+            precision: if self.exact { Precision::Exact } else { Precision::Fast },
         })
     }
 }
@@ -447,12 +452,12 @@ fn tune_malloc() {
 fn main() {
     let cli = Cli::parse();
     tune_malloc();
-    if let Some(t) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
-    }
+    let env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
+    let threads = cli.threads.or(env).filter(|&t| t > 0).unwrap_or_else(flashmoe::cpu::default_threads);
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
-        Cmd::Logits { model, tokens, store } => cmd_logits(model, &tokens, &store),
+        Cmd::Logits { model, tokens, fast, store } => cmd_logits(model, &tokens, fast, &store),
         Cmd::Inspect { model } => resolve(model).and_then(cmd_inspect),
         Cmd::Chat { model, system, system_file, no_think, max_tokens, sampling, store } => {
             cmd_chat(model, system, system_file, no_think, max_tokens, &sampling, &store)
@@ -828,12 +833,17 @@ fn cmd_verify(dir: PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn cmd_logits(model: PathBuf, tokens: &str, store: &StoreArgs) -> Result<()> {
+fn cmd_logits(model: PathBuf, tokens: &str, fast: bool, store: &StoreArgs) -> Result<()> {
+    if fast && store.exact {
+        bail!("logits: --fast and --exact contradict each other (logits is exact by default)");
+    }
     let ids: Vec<u32> = tokens
         .split(',')
         .map(|s| s.trim().parse::<u32>().with_context(|| format!("--tokens: `{s}` is not a token id")))
         .collect::<Result<_>>()?;
-    let m = load_model_with(&model, &store.load_options(&model)?)?;
+    let mut opts = store.load_options(&model)?;
+    opts.precision = if fast { Precision::Fast } else { Precision::Exact };
+    let m = load_model_with(&model, &opts)?;
     let mut st = m.new_state();
     let logits = m.forward(&mut st, &ids, true)?;
     let rows: Vec<&[f32]> = logits.chunks(m.vocab_size()).collect();

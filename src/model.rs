@@ -10,7 +10,7 @@ use crate::layers::moe::{Experts, Moe};
 use crate::layers::norm::RmsNorm;
 use crate::profile::{PROFILE, add_since};
 use crate::scratch;
-use crate::tensor::Mat;
+use crate::tensor::{Mat, Precision};
 use anyhow::{Result, bail};
 use std::sync::Arc;
 use std::time::Instant;
@@ -70,9 +70,8 @@ impl State {
 pub struct RunOptions {
     /// Routed experts per token; `None` keeps the model's `num_experts_per_tok`.
     pub experts_per_token: Option<usize>,
-    /// Multi-token products on f32 activations, as the reference does; otherwise bf16 and
-    /// quantized weights meet bf16 activations where the CPU has AVX-512 BF16 (prefill ~1.6×).
-    pub exact: bool,
+    /// How products treat activations: exact (f32, as the reference) or fast (int8/bf16).
+    pub precision: Precision,
 }
 
 pub struct Model {
@@ -90,23 +89,24 @@ pub struct Model {
 impl Layer {
     /// h = x + mixer(norm1(x)); x' = h + ffn(norm2(h)), in place on `x` (`n` tokens).
     fn forward(&self, x: &mut [f32], n: usize, pos0: usize, st: &mut LayerState, opts: &RunOptions) -> Result<()> {
+        let p = opts.precision;
         let mut h = scratch::zeros(x.len());
         let mut y = scratch::zeros(x.len());
         self.input_norm.forward(x, &mut h);
         let t = Instant::now();
         match (&self.mixer, st) {
-            (MixerWeights::Attention(a), LayerState::Kv(c)) => a.forward(&h, n, pos0, c, &mut y),
-            (MixerWeights::DeltaNet(d), LayerState::Delta(s)) => d.forward(&h, n, s, &mut y),
+            (MixerWeights::Attention(a), LayerState::Kv(c)) => a.forward(&h, n, pos0, c, &mut y, p),
+            (MixerWeights::DeltaNet(d), LayerState::Delta(s)) => d.forward(&h, n, s, &mut y, p),
             _ => unreachable!("layer state does not match its mixer"),
         }
         add_since(&PROFILE.mixer, t);
         x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         self.post_norm.forward(x, &mut h);
         match &self.ffn {
-            FfnWeights::Moe(m) => m.forward(&h, n, opts.experts_per_token, &mut y)?,
+            FfnWeights::Moe(m) => m.forward(&h, n, opts.experts_per_token, &mut y, p)?,
             FfnWeights::Dense(m) => {
                 let t = Instant::now();
-                m.forward(&h, n, &mut y);
+                m.forward(&h, n, &mut y, p);
                 add_since(&PROFILE.dense, t);
             }
         }
@@ -124,7 +124,7 @@ impl Model {
         let mut h = scratch::copy(x);
         next.post_norm.apply(&mut h);
         let mut logits = scratch::zeros(m.router.rows);
-        m.router.matvec(&h, &mut logits);
+        m.router.matvec(&h, &mut logits, self.opts.precision);
         let k = self.opts.experts_per_token.unwrap_or(m.top_k);
         crate::layers::moe::with_top_experts(&logits, k, |experts| store.prefetch(i + 1, experts));
     }
@@ -154,10 +154,6 @@ impl Model {
     /// Feeds `tokens` after what `st` holds. Returns logits `[rows, vocab]`: one row per token
     /// when `all_logits`, else only the last token's row.
     pub fn forward(&self, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        crate::tensor::exact_products(self.opts.exact, || self.forward_inner(st, tokens, all_logits))
-    }
-
-    fn forward_inner(&self, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let n = tokens.len();
         if st.poisoned {
             bail!("this sequence state was left incomplete by an earlier error; start a new one");
@@ -196,7 +192,7 @@ impl Model {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0.0; m * v];
         let t = Instant::now();
-        head.matmul(rows, m, &mut logits);
+        head.matmul(rows, m, &mut logits, self.opts.precision);
         add_since(&PROFILE.lm_head, t);
         add_since(&PROFILE.total, t_total);
         Ok(logits)

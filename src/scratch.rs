@@ -1,8 +1,14 @@
-//! Per-thread pools of f32 buffers for the temporaries of one forward step: once warm, a
-//! decode step takes its buffers from the pool and gives them back instead of allocating.
+//! Per-thread pools of scratch for the temporaries of one forward step: once warm, a decode
+//! step takes its buffers from the pool and gives them back instead of allocating.
+//!
+//! A pool is borrowed only for the instant of a pop or a push, never while its value is in
+//! use: a rayon worker that waits inside a parallel loop may run another task on the same
+//! thread (work stealing), and that task takes its own value from the same pool.
 
 use std::cell::RefCell;
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
+use std::thread::LocalKey;
 
 /// Buffers kept per thread.
 const KEEP: usize = 64;
@@ -75,9 +81,85 @@ impl Drop for Buf {
     }
 }
 
+/// A per-thread stack of reusable values of one type (declare it with `thread_local!`).
+pub struct Pool<T>(RefCell<Vec<T>>);
+
+impl<T> Pool<T> {
+    pub const fn new() -> Pool<T> {
+        Pool(RefCell::new(Vec::new()))
+    }
+}
+
+impl<T> Default for Pool<T> {
+    fn default() -> Self {
+        Pool::new()
+    }
+}
+
+/// Values of one pool kept per thread: a few cover the nesting that work stealing produces.
+const KEEP_VALUES: usize = 8;
+
+/// A value taken from a [`Pool`]; it goes back to the pool of the thread that drops it.
+pub struct Pooled<T: 'static> {
+    v: ManuallyDrop<T>,
+    pool: &'static LocalKey<Pool<T>>,
+}
+
+/// A value from this thread's `pool` (a default one when the pool is empty).
+pub fn take<T: Default>(pool: &'static LocalKey<Pool<T>>) -> Pooled<T> {
+    let v = pool.try_with(|p| p.0.borrow_mut().pop()).ok().flatten().unwrap_or_default();
+    Pooled { v: ManuallyDrop::new(v), pool }
+}
+
+impl<T> Deref for Pooled<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.v
+    }
+}
+
+impl<T> DerefMut for Pooled<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.v
+    }
+}
+
+impl<T> Drop for Pooled<T> {
+    fn drop(&mut self) {
+        // SAFETY: `v` is never used again after this.
+        let v = unsafe { ManuallyDrop::take(&mut self.v) };
+        let _ = self.pool.try_with(|p| {
+            let mut p = p.0.borrow_mut();
+            if p.len() < KEEP_VALUES {
+                p.push(v);
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        static WORDS: Pool<Vec<u64>> = const { Pool::new() };
+    }
+
+    #[test]
+    fn pooled_values_nest_and_come_back() {
+        let mut a = take(&WORDS);
+        a.push(1);
+        {
+            // a nested take (what a stolen task does) gets its own value, no panic
+            let mut b = take(&WORDS);
+            b.push(2);
+            assert_eq!(*a, vec![1]);
+        }
+        drop(a);
+        assert_eq!(WORDS.with(|p| p.0.borrow().len()), 2);
+        let c = take(&WORDS);
+        assert_eq!(*c, vec![1], "the last value given back comes first");
+    }
 
     #[test]
     fn buffers_are_zeroed_reused_and_large_ones_released() {

@@ -3,10 +3,12 @@
 
 use crate::kernels::{self, QPrep};
 use crate::quant::{self, QMat};
+use crate::scratch::{self, Pool};
 use anyhow::{Result, bail};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 /// Storage format of a weight matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -126,15 +128,43 @@ fn f16_to_f32(b: u16) -> f32 {
     half::f16::from_bits(b).to_f32()
 }
 
-thread_local! {
-    /// The calling thread's prepared activation vector for quantized products (no allocation
-    /// per product once warm).
-    static PREP: std::cell::RefCell<QPrep> = std::cell::RefCell::new(QPrep::default());
+/// How products treat the activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 activations in every product, as the reference computes (`logits`, the tests).
+    Exact,
+    /// int8 activations for q4/q8 (VNNI, AVX2) or q4/q2 (NEON dot product) weights, bf16
+    /// activations where the CPU has AVX-512 BF16; f32 elsewhere. About 2× faster prefill.
+    #[default]
+    Fast,
 }
 
-/// Below this many weight elements × tokens a product runs on the calling thread: the
-/// pool's hand-off costs more than the work.
-const PAR_MIN_ELEMS: usize = 1 << 16;
+thread_local! {
+    /// Prepared activation vectors of quantized products (no allocation per product once warm).
+    static PREP: Pool<QPrep> = const { Pool::new() };
+}
+
+/// Below this much work (weight elements × tokens for products) a step runs on the calling
+/// thread: the pool's hand-off costs more than the work. `FLASHMOE_PAR_MIN` overrides it.
+static PAR_MIN: AtomicUsize = AtomicUsize::new(UNSET);
+const UNSET: usize = usize::MAX;
+
+/// Whether work of this size goes to the thread pool.
+#[inline]
+pub fn parallel(work: usize) -> bool {
+    let mut min = PAR_MIN.load(Relaxed);
+    if min == UNSET {
+        min = std::env::var("FLASHMOE_PAR_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 16);
+        let _ = PAR_MIN.compare_exchange(UNSET, min, Relaxed, Relaxed);
+    }
+    work >= min
+}
+
+/// Sets the size from which work goes to the thread pool (tests set 0, so that tiny models
+/// run every parallel path; results do not depend on it).
+pub fn set_parallel_threshold(work: usize) {
+    PAR_MIN.store(work, Relaxed);
+}
 
 impl Mat {
     /// A matrix over `data`, which must hold exactly the bytes `kind` needs.
@@ -192,12 +222,12 @@ impl Mat {
         self.view().to_f32()
     }
 
-    pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
-        self.view().matvec(x, y)
+    pub fn matvec(&self, x: &[f32], y: &mut [f32], p: Precision) {
+        self.view().matvec(x, y, p)
     }
 
-    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        self.view().matmul(x, n, y)
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32], p: Precision) {
+        self.view().matmul(x, n, y, p)
     }
 
     /// A new matrix made of the given row ranges, in order (un-fusing projections).
@@ -342,15 +372,16 @@ impl<'a> MatRef<'a> {
         out
     }
 
-    /// y = W·x for one vector.
-    pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
+    /// y = W·x for one vector. Quantized rows meet int8 activations with [`Precision::Fast`]
+    /// where the CPU has the instructions.
+    pub fn matvec(&self, x: &[f32], y: &mut [f32], p: Precision) {
         debug_assert_eq!(x.len(), self.cols);
         debug_assert_eq!(y.len(), self.rows);
         let c = self.cols;
         match self.prepared() {
-            Prepared::Quant(q) => PREP.with(|cell| {
-                let mut prep = cell.borrow_mut();
-                prep.prepare(x, q.bits, q.group);
+            Prepared::Quant(q) => {
+                let mut prep = scratch::take(&PREP);
+                prep.prepare_with(x, q.bits, q.group, p == Precision::Fast);
                 let prep = &*prep;
                 let rb = quant::row_bytes(c, q.bits);
                 let ng = c.div_ceil(q.group);
@@ -362,7 +393,7 @@ impl<'a> MatRef<'a> {
                         prep,
                     )
                 });
-            }),
+            }
             Prepared::Plain(m) => match m.kind {
                 WKind::F32 => {
                     let d: &[f32] = bytemuck::cast_slice(m.data);
@@ -381,7 +412,7 @@ impl<'a> MatRef<'a> {
     }
 
     fn for_rows(&self, y: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
-        if self.rows * self.cols < PAR_MIN_ELEMS {
+        if !parallel(self.rows * self.cols) {
             for (r, o) in y.iter_mut().enumerate() {
                 *o = f(r);
             }
@@ -397,34 +428,32 @@ impl<'a> MatRef<'a> {
     /// Y = X·Wᵀ for `n` row vectors: `x` is `[n, cols]`, `y` is `[n, rows]`. Each weight row is
     /// decoded once and used for every input vector, so prefill reads the weights once.
     ///
-    /// Unless [`exact_products`] holds for this thread, q4/q8 weights run on int8 activations
-    /// (`vpdpbusd`, rounded as decode rounds them) where the CPU has AVX-512 VNNI, and bf16 and
+    /// With [`Precision::Fast`], q4/q8 weights run on int8 activations (`vpdpbusd`, rounded
+    /// as decode rounds them) where the CPU has AVX-512 VNNI (q4 also with AVX2), and bf16 and
     /// other quantized weights on bf16 activations (`vdpbf16ps`) where it has AVX-512 BF16.
-    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32], p: Precision) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(y.len(), n * self.rows);
         if n == 1 {
-            return self.matvec(x, y);
+            return self.matvec(x, y, p);
         }
-        let fast = !EXACT.get();
+        let fast = p == Precision::Fast;
         // rows are independent: each block writes its own rows of every output vector
         let out = OutPtr(y.as_mut_ptr());
         match self.kind {
             WKind::Q { bits, group } if fast && kernels::int8_gemm(bits, group as usize, self.cols) => {
                 // int8 activations, as decode uses, in a reused per-thread buffer
                 let q = QMat::new(self.data, self.rows, self.cols, bits, group as usize);
-                let mut xt = QTOKENS.take();
+                let mut xt = scratch::take(&QTOKENS);
                 xt.quantize(x, n, self.cols, group as usize, bits);
                 self.blocks(n, |b| self.block_int8(b, &q, &xt, out));
-                QTOKENS.set(xt);
             }
             WKind::BF16 | WKind::Q { .. } if fast && kernels::bf16_products() => {
                 // the activations in bf16 once per product, in a reused per-thread buffer
-                let mut xb = XBF16.take();
+                let mut xb = scratch::take(&XBF16);
                 xb.resize(x.len(), 0);
                 kernels::f32_to_bf16(x, &mut xb);
                 self.blocks(n, |b| self.block_bf16(b, &xb, n, out));
-                XBF16.set(xb);
             }
             _ => self.blocks(n, |b| self.block_f32(b, x, n, out)),
         }
@@ -433,7 +462,7 @@ impl<'a> MatRef<'a> {
     /// Runs `f` on every block of [`RB`] rows, on the pool when the product is big enough.
     fn blocks(&self, n: usize, f: impl Fn(usize) + Sync + Send) {
         let nb = self.rows.div_ceil(RB);
-        if self.rows * self.cols * n < PAR_MIN_ELEMS {
+        if !parallel(self.rows * self.cols * n) {
             (0..nb).for_each(f);
         } else {
             (0..nb).into_par_iter().for_each(f);
@@ -446,26 +475,24 @@ impl<'a> MatRef<'a> {
         let (rows, cols) = (self.rows, self.cols);
         let (r0, r1) = (b * RB, ((b + 1) * RB).min(rows));
         let nr = r1 - r0;
-        let mut rowsf = ROWS_F32.take();
+        let mut rowsf = scratch::take(&ROWS_F32);
         rowsf.resize(nr * cols, 0.0);
         for r in r0..r1 {
             self.row_f32(r, &mut rowsf[(r - r0) * cols..(r - r0 + 1) * cols]);
         }
         sweep_tiles(&rowsf, x, cols, r0, r1, n, rows, out, kernels::dot4x4);
-        ROWS_F32.set(rowsf);
     }
 
     /// Rows `b·RB..` of the product on int8 activations: packed 16 rows at a time.
     fn block_int8(&self, b: usize, q: &QMat<'_>, xt: &kernels::QTokens, out: OutPtr) {
         let (r0, r1) = (b * RB, ((b + 1) * RB).min(self.rows));
-        let mut panel = PANEL.take();
+        let mut panel = scratch::take(&PANEL);
         for p0 in (r0..r1).step_by(16) {
             panel.pack(q, p0, (r1 - p0).min(16));
             // SAFETY: `out` is the `[n, rows]` output of this product; rows r0..r1 are this
             // block's alone.
             unsafe { panel.gemm(q, xt, out.0, self.rows, p0) };
         }
-        PANEL.set(panel);
     }
 
     /// Rows `b·RB..` of the product on bf16: bf16 weights are used in place, quantized rows
@@ -474,7 +501,7 @@ impl<'a> MatRef<'a> {
         let (rows, cols) = (self.rows, self.cols);
         let (r0, r1) = (b * RB, ((b + 1) * RB).min(rows));
         let nr = r1 - r0;
-        let mut dec = ROWS_BF16.take();
+        let mut dec = scratch::take(&ROWS_BF16);
         let src: &[u16] = match self.kind {
             WKind::Q { bits, group } => {
                 let q = QMat::new(self.data, rows, cols, bits, group as usize);
@@ -493,7 +520,6 @@ impl<'a> MatRef<'a> {
             _ => &bytemuck::cast_slice::<u8, u16>(self.data)[r0 * cols..r1 * cols],
         };
         sweep_tiles(src, xb, cols, r0, r1, n, rows, out, kernels::dot4x4_bf16);
-        ROWS_BF16.set(dec);
     }
 }
 
@@ -528,32 +554,11 @@ const RB: usize = 32;
 
 thread_local! {
     /// Prefill scratch, reused so that products allocate nothing once warm.
-    static XBF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
-    static ROWS_F32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-    static ROWS_BF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
-    static EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static QTOKENS: std::cell::Cell<kernels::QTokens> = std::cell::Cell::new(kernels::QTokens::default());
-    static PANEL: std::cell::Cell<kernels::Panel> = std::cell::Cell::new(kernels::Panel::default());
-}
-
-/// Whether this thread's multi-token products are exact (see [`exact_products`]); tasks handed
-/// to other threads carry it over.
-pub fn exact() -> bool {
-    EXACT.get()
-}
-
-/// Runs `f` with this thread's multi-token products in f32 (`exact`) or allowed bf16
-/// activations; the reference tests and `logits` use exact products.
-pub fn exact_products<R>(exact: bool, f: impl FnOnce() -> R) -> R {
-    let old = EXACT.replace(exact);
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            EXACT.set(self.0);
-        }
-    }
-    let _restore = Restore(old);
-    f()
+    static XBF16: Pool<Vec<u16>> = const { Pool::new() };
+    static ROWS_F32: Pool<Vec<f32>> = const { Pool::new() };
+    static ROWS_BF16: Pool<Vec<u16>> = const { Pool::new() };
+    static QTOKENS: Pool<kernels::QTokens> = const { Pool::new() };
+    static PANEL: Pool<kernels::Panel> = const { Pool::new() };
 }
 
 /// The output of a product, shared by the blocks that each write their own rows.
@@ -607,7 +612,7 @@ mod tests {
             for (m, exact) in mats.iter().flat_map(|m| [(m, true), (m, false)]) {
                 let wf = m.to_f32();
                 let mut y = vec![0.0; rows * n];
-                exact_products(exact, || m.matmul(&x, n, &mut y));
+                m.matmul(&x, n, &mut y, if exact { Precision::Exact } else { Precision::Fast });
                 let bf16 = !exact && n > 1 && kernels::bf16_products() && m.kind != WKind::F32 && m.kind != WKind::F16;
                 let bf16 = bf16
                     && !matches!(m.kind, WKind::Q { bits, group } if kernels::int8_gemm(bits, group as usize, cols));
@@ -624,7 +629,7 @@ mod tests {
                         // (and a dequantized weight) to 8 significant bits: 2^-8 relative
                         let int8 = match m.kind {
                             WKind::Q { bits, group } => {
-                                n == 1 || (!exact && kernels::int8_gemm(bits, group as usize, cols))
+                                !exact && (n == 1 || kernels::int8_gemm(bits, group as usize, cols))
                             }
                             _ => false,
                         };

@@ -21,22 +21,22 @@ fn perplexity_matches_transformers_and_the_quality_table() {
     let ids = tok.encode(&std::fs::read_to_string(dir().join("valid.txt")).unwrap()).unwrap();
     assert_eq!(ids.len() - ids.len().div_ceil(512), info["reference_eval"]["tokens"].as_u64().unwrap() as usize);
     let mut m = load_model(dir()).unwrap();
-    m.opts.exact = true;
+    m.opts.precision = flashmoe::tensor::Precision::Exact;
     let r = evaluate(&m, None, &ids, 512).unwrap();
     assert!((r.perplexity / want - 1.0).abs() < 1e-4, "engine {} vs transformers {want}", r.perplexity);
     // the default prefill products (bf16 activations where the CPU has AVX-512 BF16) move it
     // by a few 1e-4 (measured: 83.0331 against the reference's 83.0659)
-    m.opts.exact = false;
+    m.opts.precision = flashmoe::tensor::Precision::Fast;
     let r = evaluate(&m, None, &ids, 512).unwrap();
     assert!((r.perplexity / want - 1.0).abs() < 1e-3, "bf16 prefill: engine {} vs transformers {want}", r.perplexity);
     // docs/QUALITY.md: q4 experts, K = 2 → perplexity 90.394 with exact products; the default
     // int8 activations (VNNI) shift it by a few hundredths (measured: 90.455)
     m.requantize_experts(WKind::Q { bits: 4, group: 64 }).unwrap();
     m.opts.experts_per_token = Some(2);
-    m.opts.exact = true;
+    m.opts.precision = flashmoe::tensor::Precision::Exact;
     let r = evaluate(&m, None, &ids, 512).unwrap();
     assert!((r.perplexity - 90.394).abs() < 0.05, "q4 K=2 perplexity {}", r.perplexity);
-    m.opts.exact = false;
+    m.opts.precision = flashmoe::tensor::Precision::Fast;
     let r = evaluate(&m, None, &ids, 512).unwrap();
     assert!((r.perplexity - 90.394).abs() < 0.3, "q4 K=2 perplexity, fast prefill: {}", r.perplexity);
 }

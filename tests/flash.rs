@@ -39,7 +39,7 @@ fn prompt(name: &str) -> (Vec<u32>, Vec<Vec<f64>>) {
 fn logits(dir: &Path, lo: &LoadOptions, tokens: &[u32]) -> Vec<f32> {
     let mut m = load_model_with(dir, lo).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
     // quantization error alone: f32 activations, as the reference
-    m.opts.exact = true;
+    m.opts.precision = flashmoe::tensor::Precision::Exact;
     m.forward(&mut m.new_state(), tokens, true).unwrap()
 }
 
@@ -123,7 +123,7 @@ fn streamed_experts_equal_in_memory_experts_in_both_cache_modes() {
                 store: StoreOptions { mode, cache_bytes, io_threads: 3, max_batch: 2, prefetch },
                 experts_in_memory: false,
                 mlock: mode == CacheMode::Os,
-                exact: false,
+                precision: flashmoe::tensor::Precision::Fast,
             };
             let m = load_model_with(&out, &lo).unwrap();
             let store = m.store.clone().unwrap();

@@ -10,7 +10,7 @@ use flashmoe::flash::convert::{ConvertOptions, convert};
 use flashmoe::flash::{MANIFEST, Manifest};
 use flashmoe::load::load_model;
 use flashmoe::quant;
-use flashmoe::tensor::{AlignedBytes, Mat, WKind};
+use flashmoe::tensor::{AlignedBytes, Mat, Precision, WKind};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -172,7 +172,7 @@ fn mlx_checkpoint_imports_bit_exact() {
     // (exact products: the twin's weights are f32, the import's q4, and only the f32 path
     // treats both alike)
     let (mut a, mut b) = (load_model(&out).unwrap(), load_model(&deq_dir).unwrap());
-    (a.opts.exact, b.opts.exact) = (true, true);
+    (a.opts.precision, b.opts.precision) = (Precision::Exact, Precision::Exact);
     let la = a.forward(&mut a.new_state(), &prompt, true).unwrap();
     let lb = b.forward(&mut b.new_state(), &prompt, true).unwrap();
     let scale = lb.iter().fold(0f32, |m, x| m.max(x.abs()));

@@ -53,7 +53,7 @@ fn rel_err(got: &[f32], want: &[Vec<f64>]) -> f64 {
 /// A fixture with exact (f32-activation) products, as the reference computes them.
 fn model(name: &str) -> Model {
     let mut m = load_model(&dir(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    m.opts.exact = true;
+    m.opts.precision = flashmoe::tensor::Precision::Exact;
     m
 }
 
@@ -83,7 +83,7 @@ fn agreement(got: &[f32], want: &[Vec<f64>]) -> (f64, f64) {
 fn fast_prefill_stays_close_to_reference() {
     for name in FIXTURES {
         let (mut m, r) = (model(name), reference(name));
-        m.opts.exact = false;
+        m.opts.precision = flashmoe::tensor::Precision::Fast;
         let logits = m.forward(&mut m.new_state(), &r.prompt, true).unwrap();
         let (top, kl) = agreement(&logits, &r.prefill);
         eprintln!("{name}: bf16 prefill top-1 {top:.3}, mean KL {kl:.2e}");

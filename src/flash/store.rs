@@ -11,18 +11,18 @@
 
 use super::format::{Experts, Part};
 use crate::layers::mlp::MlpRef;
+use crate::scratch::{self, Pool};
 use crate::tensor::{MatRef, WKind};
 use anyhow::{Context, Result, anyhow, bail};
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Sender, bounded};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
-use std::mem::take;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// Who caches expert bytes between tokens.
@@ -106,7 +106,8 @@ struct Arena {
 }
 
 // SAFETY: the arena is plain memory; the store's protocol gives each slot one writer (an I/O
-// thread, until its completion is received) or readers (the compute thread), never both.
+// thread, while the slot is `Reading`) or readers (callers that pinned it once `Ready`),
+// never both.
 unsafe impl Send for Arena {}
 unsafe impl Sync for Arena {}
 
@@ -127,18 +128,18 @@ impl Drop for Arena {
     }
 }
 
+/// One read: `len` bytes at `off` of `fd` into slot `slot` (at `dst`), for `key`.
 struct Job {
     fd: i32,
     off: u64,
     len: usize,
     dst: usize,
-    tag: usize,
+    slot: usize,
+    key: Key,
 }
 
-struct Done {
-    tag: usize,
-    result: std::io::Result<()>,
-}
+/// (layer, expert).
+type Key = (usize, usize);
 
 struct LayerFile {
     path: PathBuf,
@@ -156,38 +157,134 @@ impl Drop for LayerFile {
     }
 }
 
-/// Slot bookkeeping (direct mode keeps (layer, expert) → slot across calls).
+/// What a slot holds.
+#[derive(Clone, Debug, PartialEq)]
+enum SlotState {
+    Empty,
+    /// An I/O thread is writing it.
+    Reading,
+    /// The bytes of `Slots::key` are in.
+    Ready,
+    /// Its read failed (kept until the callers waiting for it have seen the error).
+    Failed(String),
+}
+
+/// Slot bookkeeping, shared by the callers and the I/O threads. The lock is held only to
+/// change it, never while computing or waiting for a read.
 struct Slots {
-    key: Vec<Option<(usize, usize)>>,
+    key: Vec<Option<Key>>,
+    state: Vec<SlotState>,
+    /// Callers computing from the slot or waiting for its read: it is not evicted meanwhile.
+    pins: Vec<u32>,
     last_use: Vec<u64>,
-    map: HashMap<(usize, usize), usize>,
+    /// Direct mode: the cache, key → slot holding its bytes.
+    map: HashMap<Key, usize>,
+    /// Reads in flight (demand reads and prefetches): key → slot.
+    inflight: HashMap<Key, usize>,
     tick: u64,
     /// mincore scratch (os mode).
     pages: Vec<u8>,
-    /// A read is in flight into the slot.
-    busy: Vec<bool>,
-    /// Prefetched extents being read (direct mode): key → slot, and slot → key.
-    inflight: HashMap<(usize, usize), usize>,
-    inflight_key: Vec<Option<(usize, usize)>>,
-    /// Per-call lists of `with_experts`, kept so a call allocates nothing once warm:
-    /// (index, where its bytes are) of the experts already in memory, (index, slot) of the
-    /// reads issued, (index, slot) of the prefetches in flight it waits for.
-    ready: Vec<(usize, Ready)>,
-    pending: Vec<(usize, usize)>,
-    awaited: Vec<(usize, usize)>,
+}
+
+impl Slots {
+    /// Least recently used slot that nobody reads, computes from or waits for.
+    fn victim(&self) -> Option<usize> {
+        (0..self.key.len()).filter(|&s| self.free(s)).min_by_key(|&s| self.last_use[s])
+    }
+
+    fn free(&self, s: usize) -> bool {
+        self.pins[s] == 0 && self.state[s] != SlotState::Reading
+    }
+
+    /// Takes slot `s` for a read of `key`: its old content leaves the cache.
+    fn claim(&mut self, s: usize, key: Key, tick: u64) {
+        if let Some(old) = self.key[s].take()
+            && self.map.get(&old) == Some(&s)
+        {
+            self.map.remove(&old);
+        }
+        self.key[s] = Some(key);
+        self.state[s] = SlotState::Reading;
+        self.last_use[s] = tick;
+        self.inflight.insert(key, s);
+    }
+
+    fn unpin(&mut self, s: usize) {
+        self.pins[s] -= 1;
+        if self.pins[s] == 0 && matches!(self.state[s], SlotState::Failed(_)) {
+            self.forget(s);
+        }
+    }
+
+    fn forget(&mut self, s: usize) {
+        self.state[s] = SlotState::Empty;
+        self.key[s] = None;
+        self.last_use[s] = 0;
+    }
+}
+
+/// What the store's I/O threads share with its callers.
+struct Shared {
+    slots: Mutex<Slots>,
+    /// Signalled when a read completes or a slot is released.
+    changed: Condvar,
+    counters: Counters,
+    direct: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An I/O thread's completion of `j`: the slot becomes readable (and, in direct mode, a
+    /// cache entry), or failed for whoever waits for it.
+    fn complete(&self, j: &Job, result: std::io::Result<()>, path: &Path) {
+        let mut g = self.lock();
+        if g.inflight.get(&j.key) == Some(&j.slot) {
+            g.inflight.remove(&j.key);
+        }
+        match result {
+            Ok(()) => {
+                g.state[j.slot] = SlotState::Ready;
+                if self.direct {
+                    g.map.insert(j.key, j.slot);
+                }
+                self.counters.bytes_read.fetch_add(j.len as u64, Relaxed);
+                self.counters.reads.fetch_add(1, Relaxed);
+            }
+            Err(e) if g.pins[j.slot] > 0 => {
+                g.state[j.slot] = SlotState::Failed(format!(
+                    "{}: reading expert {} of layer {} ({} bytes at offset {}) failed: {e}",
+                    path.display(),
+                    j.key.1,
+                    j.key.0,
+                    j.len,
+                    j.off
+                ));
+            }
+            Err(_) => g.forget(j.slot),
+        }
+        drop(g);
+        self.changed.notify_all();
+    }
 }
 
 /// Where the bytes of an expert that is already in memory are.
 #[derive(Clone, Copy, Debug)]
 enum Ready {
-    /// A slot of the own cache.
+    /// A slot of the store (pinned by the caller until computed).
     Slot(usize),
     /// The page cache, through the read-only mapping of the layer's file (os mode).
     Mapped { addr: usize },
 }
 
-/// Completion tags at or above this are prefetches into slot `tag - PREFETCH_TAG`.
-const PREFETCH_TAG: usize = usize::MAX / 2;
+thread_local! {
+    /// Per-call lists of `with_experts` (no allocation per call once warm): (index, where)
+    /// of experts whose bytes are in, (index, slot) of those whose reads are in flight.
+    static READY: Pool<Vec<(usize, Ready)>> = const { Pool::new() };
+    static WAITING: Pool<Vec<(usize, usize)>> = const { Pool::new() };
+}
 
 pub struct ExpertStore {
     kind: WKind,
@@ -201,11 +298,9 @@ pub struct ExpertStore {
     nslots: usize,
     max_batch: usize,
     arena: Arena,
-    slots: Mutex<Slots>,
+    shared: Arc<Shared>,
     jobs: Option<Sender<Job>>,
-    done: Receiver<Done>,
     workers: Vec<std::thread::JoinHandle<()>>,
-    counters: Counters,
     pub prefetch: bool,
     predicted: Mutex<HashMap<usize, Vec<usize>>>,
 }
@@ -213,7 +308,7 @@ pub struct ExpertStore {
 fn pread_full(fd: i32, dst: *mut u8, len: usize, off: u64) -> std::io::Result<()> {
     let mut got = 0;
     while got < len {
-        // SAFETY: dst..dst+len is a slot owned by this job until its completion is sent.
+        // SAFETY: dst..dst+len is a slot owned by this job until its completion is recorded.
         let n = unsafe { libc::pread(fd, dst.add(got) as *mut libc::c_void, len - got, (off + got as u64) as i64) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
@@ -290,25 +385,39 @@ impl ExpertStore {
             CacheMode::Os => max_batch,
             CacheMode::Direct => ((opts.cache_bytes as usize) / stride).max(max_batch),
         };
-        // a job holds a slot until its completion is received: never more than nslots queued
+        let shared = Arc::new(Shared {
+            slots: Mutex::new(Slots {
+                key: vec![None; nslots],
+                state: vec![SlotState::Empty; nslots],
+                pins: vec![0; nslots],
+                last_use: vec![0; nslots],
+                map: HashMap::new(),
+                inflight: HashMap::new(),
+                tick: 0,
+                pages: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            counters: Counters::default(),
+            direct: opts.mode == CacheMode::Direct,
+        });
+        let paths: Arc<HashMap<i32, PathBuf>> =
+            Arc::new(files.values().map(|f: &LayerFile| (f.file.as_raw_fd(), f.path.clone())).collect());
+        // at most one job per slot is ever queued: sending never blocks
         let (jtx, jrx) = bounded::<Job>(nslots);
-        let (dtx, drx) = bounded::<Done>(nslots);
         let workers = (0..opts.io_threads.max(1))
             .map(|i| {
-                let (jrx, dtx) = (jrx.clone(), dtx.clone());
+                let (jrx, shared, paths) = (jrx.clone(), shared.clone(), paths.clone());
                 std::thread::Builder::new()
                     .name(format!("flashmoe-io-{i}"))
                     .spawn(move || {
                         for j in jrx {
                             let result = pread_full(j.fd, j.dst as *mut u8, j.len, j.off);
-                            if dtx.send(Done { tag: j.tag, result }).is_err() {
-                                break;
-                            }
+                            shared.complete(&j, result, paths.get(&j.fd).map_or(Path::new("?"), |p| p));
                         }
                     })
-                    .expect("spawn I/O thread")
+                    .context("cannot start an I/O thread")
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(ExpertStore {
             kind,
             stride,
@@ -320,23 +429,9 @@ impl ExpertStore {
             nslots,
             max_batch: max_batch.min(nslots),
             arena: Arena::new(nslots * stride),
-            slots: Mutex::new(Slots {
-                key: vec![None; nslots],
-                last_use: vec![0; nslots],
-                map: HashMap::new(),
-                tick: 0,
-                pages: Vec::new(),
-                busy: vec![false; nslots],
-                inflight: HashMap::new(),
-                inflight_key: vec![None; nslots],
-                ready: Vec::new(),
-                pending: Vec::new(),
-                awaited: Vec::new(),
-            }),
+            shared,
             jobs: Some(jtx),
-            done: drx,
             workers,
-            counters: Counters::default(),
             prefetch: opts.prefetch,
             predicted: Mutex::new(HashMap::new()),
         })
@@ -353,7 +448,7 @@ impl ExpertStore {
     }
 
     pub fn stats(&self) -> StoreStats {
-        let c = &self.counters;
+        let c = &self.shared.counters;
         StoreStats {
             bytes_read: c.bytes_read.load(Relaxed),
             reads: c.reads.load(Relaxed),
@@ -367,7 +462,7 @@ impl ExpertStore {
     }
 
     pub fn reset_stats(&self) {
-        let c = &self.counters;
+        let c = &self.shared.counters;
         for a in
             [&c.bytes_read, &c.reads, &c.hits, &c.misses, &c.io_wait_ns, &c.compute_ns, &c.prefetched, &c.prefetch_used]
         {
@@ -376,7 +471,7 @@ impl ExpertStore {
     }
 
     fn slot(&self, s: usize) -> &[u8] {
-        // SAFETY: in bounds; only called for slots whose read has completed (or cache hits).
+        // SAFETY: in bounds; only called for pinned slots whose read has completed.
         unsafe { std::slice::from_raw_parts(self.arena.ptr.add(s * self.stride), self.stride) }
     }
 
@@ -390,10 +485,21 @@ impl ExpertStore {
         MlpRef { gate: m(&self.parts[0]), up: m(&self.parts[1]), down: m(&self.parts[2]) }
     }
 
+    /// Whether every page of expert `e`'s extent is in the page cache (os mode).
+    fn page_cached(&self, lf: &LayerFile, e: usize, pages: &mut Vec<u8>) -> Option<usize> {
+        let (p, _) = lf.map?;
+        pages.resize(self.stride.div_ceil(4096), 0);
+        let addr = p + e * self.stride;
+        // SAFETY: the range lies inside the mapping (file length checked at open).
+        let rc = unsafe { libc::mincore(addr as *mut libc::c_void, self.stride, pages.as_mut_ptr()) };
+        (rc == 0 && pages.iter().all(|v| v & 1 == 1)).then_some(addr)
+    }
+
     /// Reads experts `needed` of `layer` and calls `compute(i, expert)` exactly once for each
-    /// `needed[i]`, as soon as its bytes are in memory (cache hits first). `during` runs once the first reads
-    /// are in flight (the shared expert's compute hides I/O there). A failed read is an error,
-    /// returned after every read in flight has finished.
+    /// `needed[i]`, as soon as its bytes are in memory (cache hits first; several ready at once
+    /// run as parallel tasks). `during` runs once the first reads are in flight (the shared
+    /// expert's compute hides I/O there). A failed read is an error. Several callers may use
+    /// one store at once: no lock is held while computing or waiting.
     pub fn with_experts(
         &self,
         layer: usize,
@@ -405,97 +511,114 @@ impl ExpertStore {
         if let Some(&e) = needed.iter().find(|&&e| e >= self.num_experts) {
             bail!("expert {e} of layer {layer} is out of range ({} experts)", self.num_experts);
         }
+        let c = &self.shared.counters;
         if self.prefetch
             && let Some(p) = self.predicted.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&layer)
         {
             let used = needed.iter().filter(|e| p.contains(e)).count();
-            self.counters.prefetch_used.fetch_add(used as u64, Relaxed);
+            c.prefetch_used.fetch_add(used as u64, Relaxed);
             p.clear();
         }
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let mut during = Some(during);
         let jobs = self.jobs.as_ref().expect("store is open");
-        for (ci, chunk) in needed.chunks(self.max_batch).enumerate() {
-            let base = ci * self.max_batch;
-            slots.tick += 1;
-            let tick = slots.tick;
-            // experts already in memory: the own cache, or the page cache through the mapping
-            let (mut ready, mut pending, mut awaited) =
-                (take(&mut slots.ready), take(&mut slots.pending), take(&mut slots.awaited));
-            ready.clear();
-            pending.clear();
-            awaited.clear();
-            for (j, &e) in chunk.iter().enumerate() {
-                let i = base + j;
-                if self.mode == CacheMode::Direct
-                    && let Some(&s) = slots.map.get(&(layer, e))
+        let (mut ready, mut waiting) = (scratch::take(&READY), scratch::take(&WAITING));
+        ready.clear();
+        waiting.clear();
+        let mut during = Some(during);
+        let mut next = 0;
+        let mut failed: Option<String> = None;
+        let mut g = self.shared.lock();
+        let res = loop {
+            // place the next experts, at most a batch outstanding
+            g.tick += 1;
+            let tick = g.tick;
+            while failed.is_none() && next < needed.len() && ready.len() + waiting.len() < self.max_batch {
+                let key = (layer, needed[next]);
+                if let Some(s) = g.map.get(&key).or_else(|| g.inflight.get(&key)).copied() {
+                    // cached (direct mode), or being read already (a prefetch, another caller)
+                    g.pins[s] += 1;
+                    g.last_use[s] = tick;
+                    if g.state[s] == SlotState::Ready {
+                        c.hits.fetch_add(1, Relaxed);
+                        ready.push((next, Ready::Slot(s)));
+                    } else {
+                        c.misses.fetch_add(1, Relaxed);
+                        waiting.push((next, s));
+                    }
+                } else if self.mode == CacheMode::Os
+                    && let Some(addr) = self.page_cached(lf, key.1, &mut g.pages)
                 {
-                    slots.last_use[s] = tick;
-                    ready.push((i, Ready::Slot(s)));
-                    continue;
-                }
-                if let Some(&s) = slots.inflight.get(&(layer, e)) {
-                    // prefetched, still being read: wait for that read instead of issuing one
-                    slots.last_use[s] = tick;
-                    awaited.push((i, s));
-                    continue;
-                }
-                if self.mode == CacheMode::Os {
-                    // page-cache hit: every page of the extent is resident before the read
-                    if let Some((p, _)) = lf.map {
-                        let page = 4096;
-                        slots.pages.resize(self.stride.div_ceil(page), 0);
-                        // SAFETY: the range lies inside the mapping (file length checked at open).
-                        let rc = unsafe {
-                            libc::mincore(
-                                (p + e * self.stride) as *mut libc::c_void,
-                                self.stride,
-                                slots.pages.as_mut_ptr(),
-                            )
-                        };
-                        if rc == 0 && slots.pages.iter().all(|v| v & 1 == 1) {
-                            // computed in place from the page cache: no read, no copy
-                            ready.push((i, Ready::Mapped { addr: p + e * self.stride }));
-                            continue;
-                        }
+                    // computed in place from the page cache: no read, no copy
+                    c.hits.fetch_add(1, Relaxed);
+                    ready.push((next, Ready::Mapped { addr }));
+                } else if let Some(s) = g.victim() {
+                    g.claim(s, key, tick);
+                    g.pins[s] += 1;
+                    let job = Job {
+                        fd: lf.file.as_raw_fd(),
+                        off: (key.1 * self.stride) as u64,
+                        len: self.stride,
+                        dst: self.arena.ptr as usize + s * self.stride,
+                        slot: s,
+                        key,
+                    };
+                    if jobs.try_send(job).is_err() {
+                        g.inflight.remove(&key);
+                        g.forget(s);
+                        g.pins[s] -= 1;
+                        failed = Some("the expert store's I/O threads are gone".into());
+                        break;
                     }
+                    c.misses.fetch_add(1, Relaxed);
+                    waiting.push((next, s));
+                } else {
+                    break; // every slot is in use: compute what is here, or wait
                 }
-                let s = match self.mode {
-                    CacheMode::Os => j,
-                    CacheMode::Direct => {
-                        // least recently used slot not used by this batch
-                        let s = (0..self.nslots)
-                            .filter(|&s| slots.last_use[s] != tick && !slots.busy[s])
-                            .min_by_key(|&s| slots.last_use[s])
-                            .expect("prefetches leave a batch of slots free");
-                        if let Some(old) = slots.key[s].take() {
-                            slots.map.remove(&old);
-                        }
-                        slots.last_use[s] = tick;
-                        s
-                    }
-                };
-                let dst = self.arena.ptr as usize + s * self.stride;
-                let job = Job {
-                    fd: lf.file.as_raw_fd(),
-                    off: (e * self.stride) as u64,
-                    len: self.stride,
-                    dst,
-                    tag: pending.len(),
-                };
-                jobs.send(job).map_err(|_| anyhow!("I/O threads are gone"))?;
-                slots.busy[s] = true;
-                pending.push((i, s));
+                next += 1;
             }
-            let c = &self.counters;
-            c.hits.fetch_add(ready.len() as u64, Relaxed);
-            c.misses.fetch_add((pending.len() + awaited.len()) as u64, Relaxed);
+            // reads that have completed join the ready list
+            let mut k = 0;
+            while k < waiting.len() {
+                let (i, s) = waiting[k];
+                match &g.state[s] {
+                    SlotState::Ready => ready.push((i, Ready::Slot(s))),
+                    SlotState::Failed(msg) => {
+                        failed.get_or_insert_with(|| msg.clone());
+                        g.unpin(s);
+                    }
+                    SlotState::Reading | SlotState::Empty => {
+                        k += 1;
+                        continue;
+                    }
+                }
+                waiting.swap_remove(k);
+            }
+            if failed.is_some() {
+                ready.iter().for_each(|r| {
+                    if let (_, Ready::Slot(s)) = r {
+                        g.unpin(*s)
+                    }
+                });
+                waiting.iter().for_each(|&(_, s)| g.unpin(s));
+                ready.clear();
+                waiting.clear();
+                break Err(anyhow!(failed.take().unwrap_or_default()));
+            }
+            if ready.is_empty() && during.is_none() {
+                if waiting.is_empty() && next == needed.len() {
+                    break Ok(());
+                }
+                // nothing to compute: wait for a read (or, every slot busy, for a release)
+                let t = Instant::now();
+                g = self.shared.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+                c.io_wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                continue;
+            }
+            drop(g);
             if let Some(f) = during.take() {
                 f();
             }
-            // the ready experts are computed as parallel tasks while the reads proceed
             let t = Instant::now();
-            ready.par_iter().for_each(|&(i, at)| {
+            let run = |&(i, at): &(usize, Ready)| {
                 let bytes = match at {
                     Ready::Slot(s) => self.slot(s),
                     // SAFETY: a read-only mapping of a file this process never writes, alive as
@@ -505,75 +628,32 @@ impl ExpertStore {
                     Ready::Mapped { addr } => unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) },
                 };
                 compute(i, self.view(bytes))
-            });
+            };
+            if ready.len() > 1 {
+                ready.par_iter().for_each(run);
+            } else {
+                ready.iter().for_each(run);
+            }
             c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-            let mut first_err = None;
-            let mut left = pending.len() + awaited.len();
-            while left > 0 {
-                let t = Instant::now();
-                let done = self.done.recv().map_err(|_| anyhow!("I/O threads are gone"))?;
-                c.io_wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-                let (i, s, key) = if done.tag >= PREFETCH_TAG {
-                    // a prefetch finished (for this layer or another): it joins the cache
-                    let s = done.tag - PREFETCH_TAG;
-                    let key = slots.inflight_key[s].take().expect("prefetch slot has a key");
-                    slots.inflight.remove(&key);
-                    slots.busy[s] = false;
-                    if done.result.is_ok() {
-                        c.bytes_read.fetch_add(self.stride as u64, Relaxed);
-                        c.reads.fetch_add(1, Relaxed);
-                        slots.key[s] = Some(key);
-                        slots.map.insert(key, s);
-                    } else {
-                        slots.last_use[s] = 0;
-                    }
-                    let Some(at) = awaited.iter().position(|a| a.1 == s) else { continue };
-                    (awaited.swap_remove(at).0, s, key)
-                } else {
-                    let (i, s) = pending[done.tag];
-                    slots.busy[s] = false;
-                    (i, s, (layer, needed[i]))
-                };
-                left -= 1;
-                let e = key.1;
-                if let Err(err) = done.result {
-                    if self.mode == CacheMode::Direct {
-                        slots.key[s] = None;
-                        slots.last_use[s] = 0;
-                    }
-                    first_err.get_or_insert_with(|| {
-                        anyhow!(
-                            "{}: reading expert {e} of layer {layer} ({} bytes at offset {}) failed: {err}",
-                            lf.path.display(),
-                            self.stride,
-                            e * self.stride
-                        )
-                    });
-                    continue;
-                }
-                if done.tag < PREFETCH_TAG {
-                    c.bytes_read.fetch_add(self.stride as u64, Relaxed);
-                    c.reads.fetch_add(1, Relaxed);
-                    if self.mode == CacheMode::Direct {
-                        slots.key[s] = Some(key);
-                        slots.map.insert(key, s);
-                    }
-                }
-                if first_err.is_none() {
-                    let t = Instant::now();
-                    compute(i, self.view(self.slot(s)));
-                    c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+            g = self.shared.lock();
+            let released = ready.iter().any(|r| matches!(r.1, Ready::Slot(_)));
+            for &(_, at) in ready.iter() {
+                if let Ready::Slot(s) = at {
+                    g.unpin(s);
                 }
             }
-            (slots.ready, slots.pending, slots.awaited) = (ready, pending, awaited);
-            if let Some(e) = first_err {
-                return Err(e);
+            ready.clear();
+            if released {
+                self.shared.changed.notify_all();
             }
-        }
-        if let Some(f) = during.take() {
+        };
+        drop(g);
+        if res.is_ok()
+            && let Some(f) = during.take()
+        {
             f();
         }
-        Ok(())
+        res
     }
 
     /// Reads every expert of `layer` into owned memory (for runs that keep experts resident).
@@ -607,36 +687,32 @@ impl ExpertStore {
         if self.mode == CacheMode::Direct
             && let Some(jobs) = self.jobs.as_ref()
         {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.tick += 1;
-            let tick = slots.tick;
+            let mut g = self.shared.lock();
+            g.tick += 1;
+            let tick = g.tick;
             for &e in experts.iter().filter(|&&e| e < self.num_experts) {
-                if slots.map.contains_key(&(layer, e)) || slots.inflight.contains_key(&(layer, e)) {
+                let key = (layer, e);
+                if g.map.contains_key(&key) || g.inflight.contains_key(&key) {
                     continue;
                 }
-                if slots.busy.iter().filter(|b| !**b).count() <= self.max_batch {
+                if (0..self.nslots).filter(|&s| g.free(s)).count() <= self.max_batch {
                     break;
                 }
-                let Some(s) = (0..self.nslots).filter(|&s| !slots.busy[s]).min_by_key(|&s| slots.last_use[s]) else {
-                    break;
-                };
-                if let Some(old) = slots.key[s].take() {
-                    slots.map.remove(&old);
-                }
+                let Some(s) = g.victim() else { break };
+                g.claim(s, key, tick);
                 let job = Job {
                     fd: lf.file.as_raw_fd(),
                     off: (e * self.stride) as u64,
                     len: self.stride,
                     dst: self.arena.ptr as usize + s * self.stride,
-                    tag: PREFETCH_TAG + s,
+                    slot: s,
+                    key,
                 };
-                if jobs.send(job).is_err() {
+                if jobs.try_send(job).is_err() {
+                    g.inflight.remove(&key);
+                    g.forget(s);
                     break;
                 }
-                slots.busy[s] = true;
-                slots.last_use[s] = tick;
-                slots.inflight.insert((layer, e), s);
-                slots.inflight_key[s] = Some((layer, e));
             }
         }
         if self.mode == CacheMode::Os {
@@ -652,7 +728,7 @@ impl ExpertStore {
                 };
             }
         }
-        self.counters.prefetched.fetch_add(experts.len() as u64, Relaxed);
+        self.shared.counters.prefetched.fetch_add(experts.len() as u64, Relaxed);
         let mut predicted = self.predicted.lock().unwrap_or_else(|p| p.into_inner());
         let p = predicted.entry(layer).or_default();
         p.clear();

@@ -253,8 +253,14 @@ fn chunk(bits: u8) -> usize {
 }
 
 impl QPrep {
-    /// Prepares `x` for rows of `bits`-bit groups of `group`.
+    /// Prepares `x` for rows of `bits`-bit groups of `group`, on int8 activations where the
+    /// CPU has the instructions.
     pub fn prepare(&mut self, x: &[f32], bits: u8, group: usize) {
+        self.prepare_with(x, bits, group, true)
+    }
+
+    /// [`QPrep::prepare`]; `int8_ok` false keeps f32 activations (exact products).
+    pub fn prepare_with(&mut self, x: &[f32], bits: u8, group: usize, int8_ok: bool) {
         let cols = x.len();
         self.bits = bits;
         self.group = group;
@@ -269,7 +275,7 @@ impl QPrep {
             && group.is_multiple_of(ch);
         // NEON's `sdot` multiplies signed bytes: only q4/q2 weights fit
         let int8_isa = isa() == Isa::Avx512Vnni || (dotprod() && matches!(bits, 4 | 2));
-        self.int8 = self.fast && int8_isa && cols.is_multiple_of(64) && group.is_multiple_of(64);
+        self.int8 = int8_ok && self.fast && int8_isa && cols.is_multiple_of(64) && group.is_multiple_of(64);
         if bits == 3 && !self.int8 {
             self.fast = false;
         }

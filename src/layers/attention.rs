@@ -5,7 +5,7 @@ use super::norm::RmsNorm;
 use super::rope::Rope;
 use super::sigmoid;
 use crate::scratch;
-use crate::tensor::{Mat, dot};
+use crate::tensor::{Mat, Precision, dot};
 use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -38,15 +38,15 @@ impl KvCache {
 
 impl Attention {
     /// Attends `n` new tokens at positions `pos0..pos0+n`, appending them to `cache`.
-    pub fn forward(&self, x: &[f32], n: usize, pos0: usize, cache: &mut KvCache, out: &mut [f32]) {
+    pub fn forward(&self, x: &[f32], n: usize, pos0: usize, cache: &mut KvCache, out: &mut [f32], p: Precision) {
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qw = if self.gated { 2 * d } else { d };
         let mut q = scratch::zeros(n * nh * qw);
         let mut k = scratch::zeros(n * nkv * d);
         let mut v = scratch::zeros(n * nkv * d);
-        self.q_proj.matmul(x, n, &mut q);
-        self.k_proj.matmul(x, n, &mut k);
-        self.v_proj.matmul(x, n, &mut v);
+        self.q_proj.matmul(x, n, &mut q, p);
+        self.k_proj.matmul(x, n, &mut k, p);
+        self.v_proj.matmul(x, n, &mut v, p);
 
         let (mut cos, mut sin) = (scratch::zeros(0), scratch::zeros(0));
         for t in 0..n {
@@ -100,12 +100,12 @@ impl Attention {
                 }
             }
         };
-        if n * nh * (pos0 + n) * d < 1 << 16 {
+        if !crate::tensor::parallel(n * nh * (pos0 + n) * d) {
             let mut scores = scratch::zeros(0);
             o.chunks_mut(d).enumerate().for_each(|c| attend(&mut scores, c));
         } else {
             o.par_chunks_mut(d).enumerate().for_each_init(|| scratch::zeros(0), attend);
         }
-        self.o_proj.matmul(&o, n, out);
+        self.o_proj.matmul(&o, n, out, p);
     }
 }

@@ -7,7 +7,7 @@ use super::norm::inv_rms;
 use super::{sigmoid, silu, softplus};
 use crate::config::LinearAttnConfig;
 use crate::scratch;
-use crate::tensor::Mat;
+use crate::tensor::{Mat, Precision};
 use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -138,7 +138,7 @@ fn delta_step(s: &mut [f32], q: &[f32], k: &[f32], v: &[f32], beta: f32, decay: 
 }
 
 impl DeltaNet {
-    pub fn forward(&self, x: &[f32], n: usize, st: &mut DeltaState, out: &mut [f32]) {
+    pub fn forward(&self, x: &[f32], n: usize, st: &mut DeltaState, out: &mut [f32], p: Precision) {
         let c = &self.cfg;
         let (cd, kd, vd) = (c.conv_dim(), c.key_dim(), c.value_dim());
         let (nk, nv, dk, dv, kern) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim, c.conv_kernel);
@@ -146,10 +146,10 @@ impl DeltaNet {
         let mut z = scratch::zeros(n * vd);
         let mut b = scratch::zeros(n * nv);
         let mut a = scratch::zeros(n * nv);
-        self.in_proj_qkv.matmul(x, n, &mut qkv);
-        self.in_proj_z.matmul(x, n, &mut z);
-        self.in_proj_b.matmul(x, n, &mut b);
-        self.in_proj_a.matmul(x, n, &mut a);
+        self.in_proj_qkv.matmul(x, n, &mut qkv, p);
+        self.in_proj_z.matmul(x, n, &mut z, p);
+        self.in_proj_b.matmul(x, n, &mut b, p);
+        self.in_proj_a.matmul(x, n, &mut a, p);
 
         // 1. causal depthwise conv over [history, x_0..x_n], then SiLU; the last kernel-1
         //    inputs become the history.
@@ -200,6 +200,6 @@ impl DeltaNet {
                 o[t * vd + j * dv..t * vd + (j + 1) * dv].copy_from_slice(ot);
             }
         }
-        self.out_proj.matmul(&o, n, out);
+        self.out_proj.matmul(&o, n, out, p);
     }
 }

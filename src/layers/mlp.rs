@@ -2,7 +2,7 @@
 //! expert and dense layers.
 
 use super::silu;
-use crate::tensor::{Mat, MatRef};
+use crate::tensor::{Mat, MatRef, Precision};
 
 #[derive(Clone, Debug)]
 pub struct Mlp {
@@ -29,22 +29,22 @@ impl Mlp {
     }
 
     /// `out = mlp(x)` for `n` tokens.
-    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        self.view().forward(x, n, out)
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32], p: Precision) {
+        self.view().forward(x, n, out, p)
     }
 }
 
 impl MlpRef<'_> {
     /// `out = mlp(x)` for `n` tokens.
-    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32], p: Precision) {
         let i = self.gate.rows;
         let mut g = crate::scratch::zeros(n * i);
         let mut u = crate::scratch::zeros(n * i);
-        self.gate.matmul(x, n, &mut g);
-        self.up.matmul(x, n, &mut u);
+        self.gate.matmul(x, n, &mut g, p);
+        self.up.matmul(x, n, &mut u, p);
         for (a, b) in g.iter_mut().zip(&u) {
             *a = silu(*a) * b;
         }
-        self.down.matmul(&g, n, out);
+        self.down.matmul(&g, n, out, p);
     }
 }

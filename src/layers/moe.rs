@@ -6,7 +6,7 @@ use super::sigmoid;
 use crate::flash::ExpertStore;
 use crate::profile::{PROFILE, add_since};
 use crate::scratch;
-use crate::tensor::{Mat, dot};
+use crate::tensor::{Mat, Precision, dot};
 use anyhow::Result;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -58,13 +58,12 @@ pub fn route(logits: &[f32], k: usize, renormalize: bool) -> Vec<(usize, f32)> {
 
 /// Calls `f` with the `k` experts the router logits pick (best first), without allocating.
 pub fn with_top_experts<R>(logits: &[f32], k: usize, f: impl FnOnce(&[usize]) -> R) -> R {
-    let mut r = ROUTING.take();
+    let mut r = scratch::take(&ROUTING);
+    let r = &mut *r;
     route_into(logits, k, false, &mut r.select, &mut r.top);
     r.chosen.clear();
     r.chosen.extend(r.top.iter().map(|t| t.0));
-    let out = f(&r.chosen);
-    ROUTING.set(r);
-    out
+    f(&r.chosen)
 }
 
 /// Scratch of [`route_into`].
@@ -111,7 +110,7 @@ struct Routing {
 }
 
 thread_local! {
-    static ROUTING: std::cell::Cell<Routing> = std::cell::Cell::new(Routing::default());
+    static ROUTING: scratch::Pool<Routing> = const { scratch::Pool::new() };
 }
 
 /// Each expert task writes its own rows of one shared output buffer.
@@ -132,19 +131,14 @@ impl Moe {
     /// `out = moe(x)` for `n` tokens. `top_k` overrides the configured number of routed experts.
     /// Tokens are grouped by expert so each expert is read and decoded once per call; expert
     /// outputs are summed in expert order, so the result does not depend on I/O timing.
-    pub fn forward(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32]) -> Result<()> {
-        let mut r = ROUTING.take();
-        let res = self.forward_with(x, n, top_k, out, &mut r);
-        ROUTING.set(r);
-        res
-    }
-
-    fn forward_with(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32], r: &mut Routing) -> Result<()> {
+    pub fn forward(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32], p: Precision) -> Result<()> {
+        let mut r = scratch::take(&ROUTING);
+        let r = &mut *r;
         let t_route = Instant::now();
         let h = self.router.cols;
         let e = self.router.rows;
         let mut logits = scratch::zeros(n * e);
-        self.router.matmul(x, n, &mut logits);
+        self.router.matmul(x, n, &mut logits, p);
         let k = top_k.unwrap_or(self.top_k);
         r.assign.clear();
         for t in 0..n {
@@ -171,24 +165,21 @@ impl Moe {
         let (assign, needed, start) = (&r.assign, &r.needed, &r.start);
         let mut ys = scratch::zeros(assign.len() * h);
         let rows = Rows(ys.as_mut_ptr());
-        let exact = crate::tensor::exact();
         let run = |i: usize, mlp: MlpRef<'_>| {
-            crate::tensor::exact_products(exact, || {
-                let (a, b) = (start[i], start[i + 1]);
-                // SAFETY: `with_experts` (and the in-memory loop) compute each index exactly once,
-                // and rows a..b of `ys` belong to index i alone; `ys` outlives every task.
-                let y = unsafe { std::slice::from_raw_parts_mut(rows.at(a * h), (b - a) * h) };
-                if b - a == 1 {
-                    let t = assign[a].1;
-                    mlp.forward(&x[t * h..(t + 1) * h], 1, y);
-                } else {
-                    let mut xs = scratch::zeros(0);
-                    for &(_, t, _) in &assign[a..b] {
-                        xs.vec().extend_from_slice(&x[t * h..(t + 1) * h]);
-                    }
-                    mlp.forward(&xs, b - a, y);
+            let (a, b) = (start[i], start[i + 1]);
+            // SAFETY: `with_experts` (and the in-memory loop) compute each index exactly once,
+            // and rows a..b of `ys` belong to index i alone; `ys` outlives every task.
+            let y = unsafe { std::slice::from_raw_parts_mut(rows.at(a * h), (b - a) * h) };
+            if b - a == 1 {
+                let t = assign[a].1;
+                mlp.forward(&x[t * h..(t + 1) * h], 1, y, p);
+            } else {
+                let mut xs = scratch::zeros(0);
+                for &(_, t, _) in &assign[a..b] {
+                    xs.vec().extend_from_slice(&x[t * h..(t + 1) * h]);
                 }
-            })
+                mlp.forward(&xs, b - a, y, p);
+            }
         };
         let mut shared_out = scratch::zeros(0);
         let shared_ns = std::cell::Cell::new(0u64);
@@ -196,7 +187,7 @@ impl Moe {
             if let Some(sh) = &self.shared {
                 let t = Instant::now();
                 shared_out.vec().resize(n * h, 0.0);
-                sh.mlp.forward(x, n, shared_out);
+                sh.mlp.forward(x, n, shared_out, p);
                 shared_ns.set(t.elapsed().as_nanos() as u64);
             }
         };
