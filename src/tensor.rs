@@ -1,7 +1,7 @@
 //! Weight matrices in their storage format (f32, bf16, f16 or group-quantized), owned or
 //! memory-mapped, with f32 matrix–vector and matrix–matrix products. Activations are f32.
 
-use crate::kernels::{self, QPrep};
+use crate::kernels::{self, QPrep, amx};
 use crate::quant::{self, QMat};
 use crate::scratch::{self, Pool};
 use anyhow::{Result, bail};
@@ -445,15 +445,29 @@ impl<'a> MatRef<'a> {
                 // int8 activations, as decode uses, in a reused per-thread buffer
                 let q = QMat::new(self.data, self.rows, self.cols, bits, group as usize);
                 let mut xt = scratch::take(&QTOKENS);
-                xt.quantize(x, n, self.cols, group as usize, bits);
-                self.blocks(n, |b| self.block_int8(b, &q, &xt, out));
+                if amx::amx_int8() {
+                    // AMX tiles take the activations in natural column order
+                    xt.quantize(x, n, self.cols, group as usize, 8);
+                    let mut tok = scratch::take(&AMX_INT8);
+                    tok.pack(&xt);
+                    self.blocks(n, |b| self.block_int8_amx(b, &q, &tok, out));
+                } else {
+                    xt.quantize(x, n, self.cols, group as usize, bits);
+                    self.blocks(n, |b| self.block_int8(b, &q, &xt, out));
+                }
             }
             WKind::BF16 | WKind::Q { .. } if fast && kernels::bf16_products() => {
                 // the activations in bf16 once per product, in a reused per-thread buffer
                 let mut xb = scratch::take(&XBF16);
                 xb.resize(x.len(), 0);
                 kernels::f32_to_bf16(x, &mut xb);
-                self.blocks(n, |b| self.block_bf16(b, &xb, n, out));
+                if amx::amx_bf16() && self.cols.is_multiple_of(32) {
+                    let mut tok = scratch::take(&AMX_BF16);
+                    tok.pack(&xb, n, self.cols);
+                    self.blocks(n, |b| self.block_bf16(b, &xb, n, Some(&tok), out));
+                } else {
+                    self.blocks(n, |b| self.block_bf16(b, &xb, n, None, out));
+                }
             }
             _ => self.blocks(n, |b| self.block_f32(b, x, n, out)),
         }
@@ -495,9 +509,23 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Rows `b·RB..` of the product on int8 activations, on AMX tiles: 16 rows at a time
+    /// unpacked to bytes.
+    fn block_int8_amx(&self, b: usize, q: &QMat<'_>, tok: &amx::Int8Tokens, out: OutPtr) {
+        let (r0, r1) = (b * RB, ((b + 1) * RB).min(self.rows));
+        let mut panel = scratch::take(&AMX_PANEL);
+        for p0 in (r0..r1).step_by(amx::T) {
+            panel.pack(q, p0, (r1 - p0).min(amx::T));
+            let mut y = amx::Out { y: out.0, rows: self.rows, r0: p0, _life: std::marker::PhantomData };
+            // SAFETY: AMX checked by the caller; rows p0.. of the `[n, rows]` output are this
+            // block's alone.
+            unsafe { amx::gemm_int8(&panel, tok, q.group, &mut y) };
+        }
+    }
+
     /// Rows `b·RB..` of the product on bf16: bf16 weights are used in place, quantized rows
-    /// are dequantized to bf16 once.
-    fn block_bf16(&self, b: usize, xb: &[u16], n: usize, out: OutPtr) {
+    /// are dequantized to bf16 once; on AMX tiles when `tiles` holds the packed tokens.
+    fn block_bf16(&self, b: usize, xb: &[u16], n: usize, tiles: Option<&amx::Bf16Tokens>, out: OutPtr) {
         let (rows, cols) = (self.rows, self.cols);
         let (r0, r1) = (b * RB, ((b + 1) * RB).min(rows));
         let nr = r1 - r0;
@@ -519,6 +547,26 @@ impl<'a> MatRef<'a> {
             }
             _ => &bytemuck::cast_slice::<u8, u16>(self.data)[r0 * cols..r1 * cols],
         };
+        if let Some(tok) = tiles {
+            let mut pad = scratch::take(&ROWS_BF16);
+            for p0 in (0..nr).step_by(amx::T) {
+                let np = (nr - p0).min(amx::T);
+                // a tile reads 16 whole rows: a short panel goes through a zero-padded copy
+                let w = if np == amx::T {
+                    &src[p0 * cols..]
+                } else {
+                    pad.clear();
+                    pad.extend_from_slice(&src[p0 * cols..(p0 + np) * cols]);
+                    pad.resize(amx::T * cols, 0);
+                    &pad[..]
+                };
+                let mut y = amx::Out { y: out.0, rows, r0: r0 + p0, _life: std::marker::PhantomData };
+                // SAFETY: AMX checked by the caller; `w` holds 16 rows; rows r0.. of the
+                // `[n, rows]` output are this block's alone.
+                unsafe { amx::gemm_bf16(w, np, cols, tok, &mut y) };
+            }
+            return;
+        }
         sweep_tiles(src, xb, cols, r0, r1, n, rows, out, kernels::dot4x4_bf16);
     }
 }
@@ -559,6 +607,9 @@ thread_local! {
     static ROWS_BF16: Pool<Vec<u16>> = const { Pool::new() };
     static QTOKENS: Pool<kernels::QTokens> = const { Pool::new() };
     static PANEL: Pool<kernels::Panel> = const { Pool::new() };
+    static AMX_INT8: Pool<amx::Int8Tokens> = const { Pool::new() };
+    static AMX_BF16: Pool<amx::Bf16Tokens> = const { Pool::new() };
+    static AMX_PANEL: Pool<amx::Int8Panel> = const { Pool::new() };
 }
 
 /// The output of a product, shared by the blocks that each write their own rows.

@@ -11,6 +11,7 @@ mod neon;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub mod amx;
 mod gemm;
 pub use gemm::*;
 
