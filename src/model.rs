@@ -100,7 +100,7 @@ impl Layer {
             _ => unreachable!("layer state does not match its mixer"),
         }
         add_since(&PROFILE.mixer, t);
-        x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        add_assign(x, &y);
         self.post_norm.forward(x, &mut h);
         match &self.ffn {
             FfnWeights::Moe(m) => m.forward(&h, n, opts.experts_per_token, &mut y, p)?,
@@ -110,8 +110,18 @@ impl Layer {
                 add_since(&PROFILE.dense, t);
             }
         }
-        x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        add_assign(x, &y);
         Ok(())
+    }
+}
+
+/// x += y (in parallel for a prompt's rows).
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    if crate::tensor::parallel(x.len()) && x.len() > 1 << 14 {
+        use rayon::prelude::*;
+        x.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(a, b)| crate::kernels::axpy(1.0, b, a));
+    } else {
+        crate::kernels::axpy(1.0, y, x);
     }
 }
 

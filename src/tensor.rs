@@ -417,9 +417,11 @@ impl<'a> MatRef<'a> {
                 *o = f(r);
             }
         } else {
-            y.par_chunks_mut(64).enumerate().for_each(|(ci, ch)| {
-                for (i, o) in ch.iter_mut().enumerate() {
-                    *o = f(ci * 64 + i);
+            // a few chunks per thread, so that small products (router, k/v) spread too
+            let ch = (self.rows / (4 * rayon::current_num_threads())).clamp(4, 64);
+            y.par_chunks_mut(ch).enumerate().for_each(|(ci, c)| {
+                for (i, o) in c.iter_mut().enumerate() {
+                    *o = f(ci * ch + i);
                 }
             });
         }

@@ -526,6 +526,8 @@ impl ExpertStore {
         let mut during = Some(during);
         let mut next = 0;
         let mut failed: Option<String> = None;
+        // an expert read into a buffer of this call's own (see below)
+        let mut private: Option<usize> = None;
         let mut g = self.shared.lock();
         let res = loop {
             // place the next experts, at most a batch outstanding
@@ -571,7 +573,16 @@ impl ExpertStore {
                     c.misses.fetch_add(1, Relaxed);
                     waiting.push((next, s));
                 } else {
-                    break; // every slot is in use: compute what is here, or wait
+                    // Every slot is pinned by other callers. Waiting for one to be released could
+                    // deadlock: rayon may be running this call on a thread whose stack holds,
+                    // further down, the very caller that pinned it. With nothing of its own in
+                    // flight, this call reads the expert into a buffer of its own instead.
+                    if ready.is_empty() && waiting.is_empty() && private.is_none() {
+                        c.misses.fetch_add(1, Relaxed);
+                        private = Some(next);
+                        next += 1;
+                    }
+                    break;
                 }
                 next += 1;
             }
@@ -603,11 +614,12 @@ impl ExpertStore {
                 waiting.clear();
                 break Err(anyhow!(failed.take().unwrap_or_default()));
             }
-            if ready.is_empty() && during.is_none() {
+            if ready.is_empty() && during.is_none() && private.is_none() {
                 if waiting.is_empty() && next == needed.len() {
                     break Ok(());
                 }
-                // nothing to compute: wait for a read (or, every slot busy, for a release)
+                // nothing to compute: wait for a read in flight (the I/O threads complete it
+                // whatever the callers do)
                 let t = Instant::now();
                 g = self.shared.changed.wait(g).unwrap_or_else(|p| p.into_inner());
                 c.io_wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
@@ -635,6 +647,32 @@ impl ExpertStore {
                 ready.iter().for_each(run);
             }
             c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+            if let Some(i) = private.take() {
+                let e = needed[i];
+                let buf = Arena::new(self.stride);
+                let t = Instant::now();
+                // SAFETY: the buffer is this call's, `stride` bytes, 4 KiB-aligned for O_DIRECT.
+                let res = pread_full(lf.file.as_raw_fd(), buf.ptr, self.stride, (e * self.stride) as u64);
+                c.io_wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                match res {
+                    Ok(()) => {
+                        c.bytes_read.fetch_add(self.stride as u64, Relaxed);
+                        c.reads.fetch_add(1, Relaxed);
+                        let t = Instant::now();
+                        // SAFETY: the buffer was filled above and lives to the end of this block.
+                        compute(i, self.view(unsafe { std::slice::from_raw_parts(buf.ptr, self.stride) }));
+                        c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                    }
+                    Err(err) => {
+                        failed = Some(format!(
+                            "{}: reading expert {e} of layer {layer} ({} bytes at offset {}) failed: {err}",
+                            lf.path.display(),
+                            self.stride,
+                            e * self.stride
+                        ))
+                    }
+                }
+            }
             g = self.shared.lock();
             let released = ready.iter().any(|r| matches!(r.1, Ready::Slot(_)));
             for &(_, at) in ready.iter() {

@@ -91,16 +91,26 @@ impl Bf16Tokens {
         (self.n, self.tiles, self.blocks) = (n, n.div_ceil(T), cols / 32);
         self.b.clear();
         self.b.resize(self.tiles * self.blocks * 512, 0);
-        for t in 0..n {
-            let (tt, nn) = (t / T, t % T);
-            for kb in 0..self.blocks {
-                let tile = &mut self.b[(tt * self.blocks + kb) * 512..][..512];
-                let src = &x[t * cols + kb * 32..][..32];
-                for k in 0..16 {
-                    tile[k * 32 + nn * 2] = src[2 * k];
-                    tile[k * 32 + nn * 2 + 1] = src[2 * k + 1];
+        let blocks = self.blocks;
+        // one token tile's blocks: token nn's pair k sits at [k][nn]
+        let pack = |(tt, dst): (usize, &mut [u16])| {
+            for nn in 0..T.min(n - tt * T) {
+                let src = &x[(tt * T + nn) * cols..][..cols];
+                for kb in 0..blocks {
+                    for k in 0..16 {
+                        let o = kb * 512 + k * 32 + nn * 2;
+                        dst[o] = src[kb * 32 + 2 * k];
+                        dst[o + 1] = src[kb * 32 + 2 * k + 1];
+                    }
                 }
             }
+        };
+        let chunks = self.b.chunks_mut(blocks * 512).enumerate();
+        if crate::tensor::parallel(n * cols) && self.tiles > 1 {
+            use rayon::prelude::*;
+            self.b.par_chunks_mut(blocks * 512).enumerate().for_each(pack);
+        } else {
+            chunks.for_each(pack);
         }
     }
 
@@ -185,10 +195,7 @@ impl Int8Panel {
                 if q.bits == 8 {
                     dst.copy_from_slice(&p[kb * 64..kb * 64 + 64]);
                 } else {
-                    for (j, &b) in p[kb * 32..kb * 32 + 32].iter().enumerate() {
-                        dst[2 * j] = b & 15;
-                        dst[2 * j + 1] = b >> 4;
-                    }
+                    unpack_q4(&p[kb * 32..kb * 32 + 32], dst);
                 }
             }
         }
@@ -206,6 +213,35 @@ impl Int8Panel {
 
     fn tile(&self, kb: usize) -> &[u8] {
         &self.a[kb * 1024..][..1024]
+    }
+}
+
+/// 32 bytes of q4 (column 2j in the low nibble of byte j, 2j + 1 in the high) → 64 bytes.
+#[inline]
+fn unpack_q4(src: &[u8], dst: &mut [u8]) {
+    assert!(src.len() == 32 && dst.len() == 64);
+    #[cfg(target_arch = "x86_64")]
+    if matches!(super::isa(), super::Isa::Avx512 | super::Isa::Avx512Vnni) {
+        // SAFETY: AVX-512F/BW detected; 32 bytes read, 64 written (asserted).
+        return unsafe { unpack_q4_avx512(src, dst) };
+    }
+    for (j, &b) in src.iter().enumerate() {
+        dst[2 * j] = b & 15;
+        dst[2 * j + 1] = b >> 4;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unpack_q4_avx512(src: &[u8], dst: &mut [u8]) {
+    use std::arch::x86_64::*;
+    // SAFETY: lengths checked by the caller.
+    unsafe {
+        // word j = byte j; its low byte keeps the low nibble, its high byte gets the high one
+        let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(src.as_ptr() as *const __m256i));
+        let lo = _mm512_and_si512(w, _mm512_set1_epi16(0x000f));
+        let hi = _mm512_and_si512(_mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0f00));
+        _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, _mm512_or_si512(lo, hi));
     }
 }
 
@@ -511,6 +547,16 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn q4_unpacking_matches_scalar() {
+        let src: Vec<u8> = (0..32u32).map(|i| (i * 37 + 11) as u8).collect();
+        let mut got = [0u8; 64];
+        unpack_q4(&src, &mut got);
+        for j in 0..64 {
+            assert_eq!(got[j], (src[j / 2] >> (4 * (j % 2))) & 15, "column {j}");
         }
     }
 

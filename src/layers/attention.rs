@@ -44,23 +44,32 @@ impl Attention {
         let mut q = scratch::zeros(n * nh * qw);
         let mut k = scratch::zeros(n * nkv * d);
         let mut v = scratch::zeros(n * nkv * d);
-        self.q_proj.matmul(x, n, &mut q, p);
-        self.k_proj.matmul(x, n, &mut k, p);
-        self.v_proj.matmul(x, n, &mut v, p);
+        // independent products side by side: the pool's workers wake once, not three times
+        rayon::join(
+            || self.q_proj.matmul(x, n, &mut q, p),
+            || rayon::join(|| self.k_proj.matmul(x, n, &mut k, p), || self.v_proj.matmul(x, n, &mut v, p)),
+        );
 
-        let (mut cos, mut sin) = (scratch::zeros(0), scratch::zeros(0));
-        for t in 0..n {
+        // q/k norm and RoPE, token by token (in parallel for a prompt)
+        let rotate = |(cos, sin): &mut (scratch::Buf, scratch::Buf),
+                      (t, (qt, kt)): (usize, (&mut [f32], &mut [f32]))| {
             self.rope.table(pos0 + t, cos.vec(), sin.vec());
-            for h in 0..nh {
-                let head = &mut q[(t * nh + h) * qw..(t * nh + h) * qw + d];
+            for head in qt.chunks_exact_mut(qw) {
+                let head = &mut head[..d];
                 self.q_norm.apply(head);
-                Rope::apply(head, &cos, &sin);
+                Rope::apply(head, cos, sin);
             }
-            for h in 0..nkv {
-                let head = &mut k[(t * nkv + h) * d..(t * nkv + h + 1) * d];
+            for head in kt.chunks_exact_mut(d) {
                 self.k_norm.apply(head);
-                Rope::apply(head, &cos, &sin);
+                Rope::apply(head, cos, sin);
             }
+        };
+        let tables = || (scratch::zeros(0), scratch::zeros(0));
+        if n > 1 && crate::tensor::parallel(n * (nh + nkv) * d) {
+            q.par_chunks_mut(nh * qw).zip(k.par_chunks_mut(nkv * d)).enumerate().for_each_init(tables, rotate);
+        } else {
+            let mut tb = tables();
+            q.chunks_mut(nh * qw).zip(k.chunks_mut(nkv * d)).enumerate().for_each(|c| rotate(&mut tb, c));
         }
         // grow by at least 256 positions at a time, so short runs never reallocate mid-decode
         let add = k.len().max(256 * nkv * d);

@@ -146,10 +146,11 @@ impl DeltaNet {
         let mut z = scratch::zeros(n * vd);
         let mut b = scratch::zeros(n * nv);
         let mut a = scratch::zeros(n * nv);
-        self.in_proj_qkv.matmul(x, n, &mut qkv, p);
-        self.in_proj_z.matmul(x, n, &mut z, p);
-        self.in_proj_b.matmul(x, n, &mut b, p);
-        self.in_proj_a.matmul(x, n, &mut a, p);
+        // independent products side by side: the pool's workers wake once, not four times
+        rayon::join(
+            || rayon::join(|| self.in_proj_qkv.matmul(x, n, &mut qkv, p), || self.in_proj_z.matmul(x, n, &mut z, p)),
+            || rayon::join(|| self.in_proj_b.matmul(x, n, &mut b, p), || self.in_proj_a.matmul(x, n, &mut a, p)),
+        );
 
         // 1. causal depthwise conv over [history, x_0..x_n], then SiLU; the last kernel-1
         //    inputs become the history.

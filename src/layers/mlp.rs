@@ -40,8 +40,7 @@ impl MlpRef<'_> {
         let i = self.gate.rows;
         let mut g = crate::scratch::zeros(n * i);
         let mut u = crate::scratch::zeros(n * i);
-        self.gate.matmul(x, n, &mut g, p);
-        self.up.matmul(x, n, &mut u, p);
+        rayon::join(|| self.gate.matmul(x, n, &mut g, p), || self.up.matmul(x, n, &mut u, p));
         for (a, b) in g.iter_mut().zip(&u) {
             *a = silu(*a) * b;
         }

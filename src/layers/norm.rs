@@ -22,11 +22,17 @@ impl RmsNorm {
 
     /// Normalises each row of `x` in place.
     pub fn apply(&self, x: &mut [f32]) {
-        for row in x.chunks_exact_mut(self.w.len()) {
+        let norm = |row: &mut [f32]| {
             let inv = inv_rms(row, self.eps);
             for (v, w) in row.iter_mut().zip(&self.w) {
                 *v *= inv * w;
             }
+        };
+        if x.len() > self.w.len() && crate::tensor::parallel(x.len()) {
+            use rayon::prelude::*;
+            x.par_chunks_exact_mut(self.w.len()).for_each(norm);
+        } else {
+            x.chunks_exact_mut(self.w.len()).for_each(norm);
         }
     }
 
