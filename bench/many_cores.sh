@@ -7,7 +7,8 @@
 #   SHAPES="qwen3-30b-a3b:24" bash bench/many_cores.sh
 #
 # SHAPES: preset:layers ...; THREADS: thread counts; one JSON line per run in $RES, the table
-# printed at the end (bench/cores_table.py). Each model is deleted after its runs.
+# printed at the end (bench/cores_table.py). Each model is deleted after its runs (KEEP=1 keeps
+# them under $WORK).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/flashmoe}
@@ -18,6 +19,8 @@ SHAPES=${SHAPES:-"qwen3-30b-a3b:24 qwen3.5-35b-a3b:40 qwen3-next-80b-a3b:48"}
 PROMPT=${PROMPT:-512}
 GEN=${GEN:-32}
 DENSE=${DENSE:-bf16}
+# extra runs at 16 threads: no-amx (FLASHMOE_AMX=off), exact (--exact)
+VARIANTS=${VARIANTS:-"no-amx exact"}
 mkdir -p "$WORK" "$(dirname "$RES")"
 "$BIN" sysbench --memory | tee -a "$RES.sysbench"
 for spec in $SHAPES; do
@@ -39,8 +42,12 @@ for spec in $SHAPES; do
     for t in $THREADS; do
         run default "" "$t"
     done
-    run no-amx FLASHMOE_AMX=off 16
-    run exact "" 16 --exact
-    rm -rf "$m"
+    for v in $VARIANTS; do
+        case $v in
+            no-amx) run no-amx FLASHMOE_AMX=off 16 ;;
+            exact) run exact "" 16 --exact ;;
+        esac
+    done
+    [ "${KEEP:-0}" = 1 ] || rm -rf "$m"
 done
 python3 bench/cores_table.py "$RES"

@@ -28,14 +28,18 @@ pub struct BenchResult {
     pub decode_tok_s: f64,
     pub prefill_s: f64,
     pub decode_s: f64,
-    /// Expert bytes read from disk per decode token (page-cache hits excluded).
+    /// Bytes of the routed experts that were not in memory when a token asked for them (its
+    /// misses × the expert size): what the routing waited for.
     pub bytes_read_per_token: f64,
-    /// Expert bytes copied into the engine per decode token (from disk or page cache).
+    /// Bytes the store's I/O threads read per decode token, counted as each read completes:
+    /// demand reads and prefetches, mispredicted prefetches included. This is the disk traffic
+    /// (an expert that was prefetched in time counts as a hit, but its read counts here).
     pub bytes_fetched_per_token: f64,
     pub reads_per_token: f64,
-    /// Expert bytes read from disk per second of decode wall time.
+    /// `bytes_fetched_per_token` × decode tok/s: the disk's achieved throughput.
     pub disk_gb_s: f64,
-    /// Share of expert fetches served from memory (own cache, or page cache in os mode).
+    /// Share of expert fetches served from memory (own cache, prefetched reads that completed
+    /// in time included, or page cache in os mode).
     pub cache_hit_rate: f64,
     pub peak_rss_bytes: u64,
     /// Weight bytes one decode token touches: resident weights used plus its routed experts.
@@ -175,7 +179,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         bytes_read_per_token: per(bytes),
         bytes_fetched_per_token: per(fetched),
         reads_per_token: per(s2.reads - s1.reads),
-        disk_gb_s: bytes as f64 / 1e9 / decode_s.max(1e-12),
+        disk_gb_s: fetched as f64 / 1e9 / decode_s.max(1e-12),
         cache_hit_rate: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
         peak_rss_bytes: peak_rss_bytes(),
         weight_bytes_per_token: weight_bytes_per_token(model, k),

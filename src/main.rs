@@ -729,10 +729,12 @@ fn cmd_bench(
     println!("prefill          {} tokens in {:.2}s: {:.2} tok/s", r.prompt_tokens, r.prefill_s, r.prefill_tok_s);
     println!("decode           {} tokens in {:.2}s: {:.3} tok/s", r.gen_tokens, r.decode_s, r.decode_tok_s);
     println!(
-        "expert I/O       {:.2} MB/token in {:.1} reads, {:.3} GB/s, cache hit rate {:.1}%",
-        r.bytes_read_per_token / 1e6,
+        "expert I/O       {:.2} MB/token read in {:.1} reads (prefetches included), {:.3} GB/s; \
+         {:.2} MB/token missed when asked; cache hit rate {:.1}%",
+        r.bytes_fetched_per_token / 1e6,
         r.reads_per_token,
         r.disk_gb_s,
+        r.bytes_read_per_token / 1e6,
         100.0 * r.cache_hit_rate
     );
     println!(
