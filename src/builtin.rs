@@ -44,8 +44,20 @@ pub fn default_model() -> Result<PathBuf> {
     if !Manifest::is_flash(&dst) {
         std::fs::create_dir_all(cache_root())?;
         eprintln!("preparing the built-in model (first run): converting to {}", dst.display());
-        let opts = ConvertOptions { experts: EXPERTS, dense: WKind::BF16, force: true, progress: false };
-        convert(src, &dst, &opts)?;
+        let opts = ConvertOptions { experts: EXPERTS, dense: WKind::BF16, force: false, progress: false };
+        if let Err(e) = convert(src, &dst, &opts) {
+            if !format!("{e:#}").contains("another flashmoe") {
+                return Err(e);
+            }
+            // another process converting it at the same moment: use its result
+            let t = std::time::Instant::now();
+            while !Manifest::is_flash(&dst) && t.elapsed().as_secs() < 120 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            if !Manifest::is_flash(&dst) {
+                return Err(e);
+            }
+        }
     }
     Ok(dst)
 }

@@ -119,6 +119,24 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let cfg = ModelConfig::from_json(&m.config).with_context(|| format!("{}: config", dir.display()))?;
         let mut cfg = cfg;
         cfg.eos_token_ids = ModelConfig::load_eos(dir, cfg.eos_token_ids)?;
+        if let Some(ex) = &m.experts {
+            let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+            let dims = [ex.gate, ex.up, ex.down].map(|p| (p.rows, p.cols));
+            if ex.num_experts != cfg.num_experts || dims != [(i, h), (i, h), (h, i)] {
+                bail!(
+                    "{}: the manifest's experts ({} of {dims:?}) do not match the config ({} experts, hidden {h}, \
+                     intermediate {i})",
+                    dir.display(),
+                    ex.num_experts,
+                    cfg.num_experts
+                );
+            }
+            if let Some(l) = (0..cfg.num_layers)
+                .find(|&l| cfg.ffns[l] == crate::config::Ffn::Moe && !ex.layers.iter().any(|x| x.layer == l))
+            {
+                bail!("{}: MoE layer {l} has no expert file in the manifest", dir.display());
+            }
+        }
         let res = FlashResident::open(dir, &m)?;
         if opts.mlock {
             // keep the resident weights in RAM: under memory pressure the page cache would

@@ -36,6 +36,13 @@ impl WKind {
         }
     }
 
+    /// [`WKind::bytes`], or `None` where a size read from a file would overflow.
+    pub fn checked_bytes(self, rows: usize, cols: usize) -> Option<usize> {
+        // every format needs fewer than 8 bytes per element: if that fits, the formulas do
+        rows.checked_mul(cols)?.checked_mul(8)?;
+        Some(self.bytes(rows, cols))
+    }
+
     /// Bytes per element for unquantized kinds (2 for quantized: their scales' size).
     pub fn size(self) -> usize {
         match self {
@@ -177,8 +184,8 @@ impl Mat {
 
     /// A matrix inside a memory map; `off` must be 8-byte aligned.
     pub fn mapped(rows: usize, cols: usize, kind: WKind, map: Arc<Mmap>, off: usize) -> Result<Mat> {
-        let len = kind.bytes(rows, cols);
-        if !off.is_multiple_of(8) || off + len > map.len() {
+        let len = kind.checked_bytes(rows, cols).unwrap_or(usize::MAX);
+        if !off.is_multiple_of(8) || off.checked_add(len).is_none_or(|end| end > map.len()) {
             bail!("matrix {rows}x{cols} at offset {off} does not fit an aligned slot of the {}-byte map", map.len());
         }
         Ok(Mat { rows, cols, kind, buf: Buf::Mapped { map, off, len } })

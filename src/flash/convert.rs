@@ -5,6 +5,7 @@
 use super::format::{
     ExpertLayer, Experts, FileEntry, MANIFEST, Manifest, TENSOR_ALIGN, TensorEntry, expert_layout, file_crc32,
 };
+use super::staging::Staging;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Ffn, ModelConfig};
 use crate::load::text_prefix;
@@ -53,6 +54,7 @@ pub(crate) struct Out {
     crc: crc32fast::Hasher,
     pub(crate) pos: u64,
     name: String,
+    path: PathBuf,
 }
 
 impl Out {
@@ -62,10 +64,17 @@ impl Out {
             std::fs::create_dir_all(p)?;
         }
         let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Out { w: BufWriter::with_capacity(8 << 20, f), crc: crc32fast::Hasher::new(), pos: 0, name: name.into() })
+        Ok(Out {
+            w: BufWriter::with_capacity(8 << 20, f),
+            crc: crc32fast::Hasher::new(),
+            pos: 0,
+            name: name.into(),
+            path,
+        })
     }
     pub(crate) fn write(&mut self, b: &[u8]) -> Result<()> {
-        self.w.write_all(b).with_context(|| format!("writing {}", self.name))?;
+        let (path, at) = (&self.path, self.pos);
+        self.w.write_all(b).with_context(|| format!("writing {} at byte {at}", path.display()))?;
         self.crc.update(b);
         self.pos += b.len() as u64;
         Ok(())
@@ -75,8 +84,9 @@ impl Out {
         self.write(&vec![0u8; pad as usize])
     }
     pub(crate) fn finish(mut self) -> Result<FileEntry> {
-        self.w.flush()?;
-        self.w.get_ref().sync_all()?;
+        let path = self.path.clone();
+        self.w.flush().with_context(|| format!("writing {}", path.display()))?;
+        self.w.get_ref().sync_all().with_context(|| format!("syncing {} to disk", path.display()))?;
         Ok(FileEntry { name: self.name, bytes: self.pos, crc32: self.crc.finalize() })
     }
 }
@@ -157,18 +167,6 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let raw_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(from.join("config.json"))?)?;
     let ck = Checkpoint::open(from)?;
     let pre = text_prefix(&cfg, &ck)?;
-    if to.exists() {
-        if !opts.force {
-            bail!("{} already exists (use --force to replace it)", to.display());
-        }
-        std::fs::remove_dir_all(to).with_context(|| format!("cannot remove {}", to.display()))?;
-    }
-    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    let tmp: PathBuf = to.with_file_name(format!(".{name}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?; // left by an interrupted run
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
 
     let is_expert = |n: &str| n.contains(".mlp.experts.") || n.contains(".mlp.switch_mlp.");
     let is_mlx_q = |n: &str| {
@@ -192,6 +190,27 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let (h, inter, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
     let ek = opts.experts;
     let ([gate, up, down], stride) = expert_layout(ek, h, inter);
+
+    // the output's size, for the free-space check
+    let mut expected = stride * (moe_layers.len() * ne) as u64;
+    for n in &resident_names {
+        expected += TENSOR_ALIGN
+            + if is_mlx_q(n) {
+                let base = &n[..n.len() - 7];
+                ["weight", "scales", "biases"]
+                    .iter()
+                    .map(|s| ck.raw(&format!("{base}.{s}")).map_or(0, |r| r.0.len() as u64))
+                    .sum()
+            } else {
+                let shape = ck.shape(n)?;
+                let cols = *shape.last().unwrap_or(&1);
+                let rows = shape.iter().product::<usize>() / cols.max(1);
+                resident_kind(n, shape, opts.dense).bytes(rows, cols) as u64
+            };
+    }
+    expected += SIDE_FILES.iter().filter_map(|f| std::fs::metadata(from.join(f)).ok()).map(|m| m.len()).sum::<u64>();
+    let staging = Staging::begin(to, opts.force, &[from], expected)?;
+    let tmp = staging.dir.clone();
 
     let total_work: u64 = resident_names.len() as u64 + (moe_layers.len() * ne) as u64;
     let pb = if opts.progress { ProgressBar::new(total_work) } else { ProgressBar::hidden() };
@@ -317,7 +336,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let mpath = tmp.join(MANIFEST);
     std::fs::write(&mpath, text).with_context(|| format!("cannot write {}", mpath.display()))?;
     File::open(&mpath)?.sync_all()?;
-    std::fs::rename(&tmp, to).with_context(|| format!("cannot rename {} to {}", tmp.display(), to.display()))?;
+    staging.publish()?;
     pb.finish_and_clear();
     Ok(ConvertReport {
         resident_bytes,

@@ -135,6 +135,7 @@ impl Manifest {
         }
         // Truncated or missing files are caught here, at load; content is checked by `verify`.
         for f in &m.files {
+            confined(&p, &f.name)?;
             let path = dir.join(&f.name);
             let len = std::fs::metadata(&path).with_context(|| format!("missing model file {}", path.display()))?.len();
             if len != f.bytes {
@@ -145,7 +146,72 @@ impl Manifest {
                 );
             }
         }
+        m.validate(&p)?;
         Ok(m)
+    }
+
+    /// Every size and offset the manifest states is consistent and inside its file, so that no
+    /// later use can overflow or read outside the store (`p`: the manifest's path, for errors).
+    fn validate(&self, p: &Path) -> Result<()> {
+        let size = |name: &str| -> Result<u64> {
+            confined(p, name)?;
+            self.files
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| f.bytes)
+                .ok_or_else(|| anyhow!("{}: `{name}` is not among the manifest's files", p.display()))
+        };
+        let resident = size(&self.resident.file)?;
+        for t in &self.resident.tensors {
+            let bad = |why: String| anyhow!("{}: tensor `{}`: {why}", p.display(), t.name);
+            let kind = WKind::parse(&t.kind).ok_or_else(|| bad(format!("unsupported format `{}`", t.kind)))?;
+            let cols = *t.shape.last().unwrap_or(&1);
+            let rows = t.shape[..t.shape.len().saturating_sub(1)]
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
+            let need = kind.checked_bytes(rows, cols).ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
+            if need as u64 != t.bytes {
+                bail!(bad(format!("recorded with {} bytes, its shape needs {need}", t.bytes)));
+            }
+            match t.offset.checked_add(t.bytes) {
+                Some(end) if end <= resident && t.offset % 8 == 0 => {}
+                _ => bail!(bad(format!(
+                    "{} bytes at offset {} do not fit an aligned place in the {resident}-byte {}",
+                    t.bytes, t.offset, self.resident.file
+                ))),
+            }
+        }
+        if let Some(ex) = &self.experts {
+            let bad = |why: String| anyhow!("{}: experts: {why}", p.display());
+            let kind = ex.wkind()?;
+            if ex.num_experts == 0 || ex.stride == 0 || ex.stride % 4096 != 0 {
+                bail!(bad(format!("{} experts of stride {} (a positive multiple of 4096)", ex.num_experts, ex.stride)));
+            }
+            for (name, part) in [("gate", ex.gate), ("up", ex.up), ("down", ex.down)] {
+                let end = kind
+                    .checked_bytes(part.rows, part.cols)
+                    .and_then(|b| part.offset.checked_add(b as u64))
+                    .filter(|&end| end <= ex.stride);
+                if end.is_none() || part.offset % 8 != 0 {
+                    bail!(bad(format!(
+                        "{name} ({}x{} at offset {}) does not fit an aligned place in the {}-byte extent",
+                        part.rows, part.cols, part.offset, ex.stride
+                    )));
+                }
+            }
+            let want = ex.stride.checked_mul(ex.num_experts as u64).ok_or_else(|| bad("size overflows".into()))?;
+            for l in &ex.layers {
+                let got = size(&l.file)?;
+                if got != want {
+                    bail!(bad(format!(
+                        "{} has {got} bytes, {} experts of {} need {want}",
+                        l.file, ex.num_experts, ex.stride
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Re-reads every file and checks its CRC32. Returns the number of bytes checked.
@@ -165,6 +231,16 @@ impl Manifest {
         }
         Ok(total)
     }
+}
+
+/// A file name of the manifest must stay inside the store: relative, no `..`.
+fn confined(manifest: &Path, name: &str) -> Result<()> {
+    use std::path::Component;
+    let p = Path::new(name);
+    if name.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        bail!("{}: file name `{name}` points outside the model directory", manifest.display());
+    }
+    Ok(())
 }
 
 /// CRC32 of a whole file, streamed.

@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod format;
+pub mod staging;
 pub mod store;
 pub mod synth;
 

@@ -12,6 +12,7 @@
 
 use super::convert::{Out, resident_kind};
 use super::format::{ExpertLayer, Experts, MANIFEST, Manifest, Part, TENSOR_ALIGN, TensorEntry, expert_layout};
+use super::staging::Staging;
 use crate::config::{Arch, Ffn, Mixer, ModelConfig};
 use crate::tensor::{AlignedBytes, Mat, WKind};
 use anyhow::{Context, Result, bail};
@@ -306,25 +307,22 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
     raw["flashmoe_synthetic"] = json!({"preset": preset, "routing": format!("{:?}", opts.routing).to_lowercase(),
         "seed": opts.seed, "full_layers": preset_config(preset)?["num_hidden_layers"]});
     let cfg = ModelConfig::from_json(&raw)?;
-    if to.exists() {
-        if !opts.force {
-            bail!("{} already exists (use --force to replace it)", to.display());
-        }
-        std::fs::remove_dir_all(to)?;
-    }
-    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    let tmp = to.with_file_name(format!(".{name}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-
     let ek = opts.experts;
     let (h, inter, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
     let ([gate, up, down], stride) = expert_layout(ek, h, inter);
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&i| cfg.ffns[i] == Ffn::Moe).collect();
     let specs = specs(&cfg);
     let expert_total = stride * (ne * moe_layers.len()) as u64;
+    let resident_total: u64 = specs
+        .iter()
+        .map(|(n, shape, _)| {
+            let cols = *shape.last().unwrap_or(&1);
+            TENSOR_ALIGN
+                + resident_kind(n, shape, opts.dense).bytes(shape.iter().product::<usize>() / cols, cols) as u64
+        })
+        .sum();
+    let staging = Staging::begin(to, opts.force, &[], expert_total + resident_total)?;
+    let tmp = staging.dir.clone();
     let pb = if opts.progress { ProgressBar::new(expert_total) } else { ProgressBar::hidden() };
     pb.set_style(
         ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} (eta {eta})")
@@ -374,8 +372,12 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
     let experts =
         (!moe_layers.is_empty()).then(|| Experts { kind: ek.name(), num_experts: ne, stride, gate, up, down, layers });
     let manifest = Manifest::new(raw, opts.dense, tensors, experts, files);
-    std::fs::write(tmp.join(MANIFEST), serde_json::to_string_pretty(&manifest)?)?;
-    std::fs::rename(&tmp, to).with_context(|| format!("cannot rename {} to {}", tmp.display(), to.display()))?;
+    let mpath = tmp.join(MANIFEST);
+    std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("cannot write {}", mpath.display()))?;
+    // what is about to replace the target must load: every file present at its size
+    Manifest::load(&tmp).context("the written model does not load")?;
+    staging.publish()?;
     pb.finish_and_clear();
     Ok(SynthReport { resident_bytes, expert_bytes: expert_total, expert_stride: stride, layers: cfg.num_layers })
 }
