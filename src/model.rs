@@ -86,8 +86,22 @@ pub struct Model {
     pub store: Option<Arc<ExpertStore>>,
 }
 
+/// Whether every value is finite (NaN and ±Inf are not).
+fn all_finite(x: &[f32]) -> bool {
+    // v·0 is NaN exactly for NaN and ±Inf; sixteen lanes, so the loop vectorizes
+    let mut acc = [0f32; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * 0.0;
+        }
+    }
+    acc.iter().chain(it.remainder()).all(|v| v.is_finite())
+}
+
 impl Layer {
-    /// h = x + mixer(norm1(x)); x' = h + ffn(norm2(h)), in place on `x` (`n` tokens).
+    /// h = x + mixer(norm1(x)); x' = h + ffn(norm2(h)), in place on `x` (`n` tokens). A
+    /// non-finite value (corrupt weights, an overflow) is an error naming the sublayer.
     fn forward(&self, x: &mut [f32], n: usize, pos0: usize, st: &mut LayerState, opts: &RunOptions) -> Result<()> {
         let p = opts.precision;
         let mut h = scratch::zeros(x.len());
@@ -100,6 +114,9 @@ impl Layer {
             _ => unreachable!("layer state does not match its mixer"),
         }
         add_since(&PROFILE.mixer, t);
+        if !all_finite(&y) {
+            bail!("non-finite values (NaN or Inf) in the output of the {} (corrupt weights?)", self.mixer_name());
+        }
         add_assign(x, &y);
         self.post_norm.forward(x, &mut h);
         match &self.ffn {
@@ -110,8 +127,19 @@ impl Layer {
                 add_since(&PROFILE.dense, t);
             }
         }
+        if !all_finite(&y) {
+            let what = if matches!(self.ffn, FfnWeights::Moe(_)) { "MoE block" } else { "feed-forward" };
+            bail!("non-finite values (NaN or Inf) in the output of the {what} (corrupt weights?)");
+        }
         add_assign(x, &y);
         Ok(())
+    }
+
+    fn mixer_name(&self) -> &'static str {
+        match self.mixer {
+            MixerWeights::Attention(_) => "attention",
+            MixerWeights::DeltaNet(_) => "DeltaNet mixer",
+        }
     }
 }
 
@@ -192,7 +220,7 @@ impl Model {
             if let Err(e) = layer.forward(&mut x, n, st.pos, ls, &self.opts) {
                 // the state saw part of this call: the sequence cannot continue
                 st.poisoned = true;
-                return Err(e);
+                return Err(e.context(format!("layer {i}")));
             }
         }
         st.pos += n;
@@ -204,6 +232,10 @@ impl Model {
         let t = Instant::now();
         head.matmul(rows, m, &mut logits, self.opts.precision);
         add_since(&PROFILE.lm_head, t);
+        if !all_finite(&logits) {
+            let what = if all_finite(rows) { "lm_head" } else { "final norm" };
+            bail!("non-finite logits (NaN or Inf) from the {what} (corrupt weights?)");
+        }
         add_since(&PROFILE.total, t_total);
         Ok(logits)
     }

@@ -327,6 +327,22 @@ impl Mat {
         out
     }
 
+    /// Index of the first NaN or ±Inf element (quantized: of the first such group scale or
+    /// bias), if any.
+    pub fn first_nonfinite(&self) -> Option<usize> {
+        let d = self.data();
+        let half = |bits: &[u16], exp: u16| bits.iter().position(|&b| b & exp == exp);
+        match self.kind {
+            WKind::F32 => bytemuck::cast_slice::<u8, f32>(d).iter().position(|v| !v.is_finite()),
+            WKind::BF16 => half(bytemuck::cast_slice(d), 0x7f80),
+            WKind::F16 => half(bytemuck::cast_slice(d), 0x7c00),
+            WKind::Q { bits, group } => {
+                let q = QMat::new(d, self.rows, self.cols, bits, group as usize);
+                half(q.scales, 0x7f80).or_else(|| half(q.biases, 0x7f80))
+            }
+        }
+    }
+
     /// Rows `start..end` as a new matrix.
     pub fn slice_rows(&self, start: usize, end: usize) -> Mat {
         self.gather_rows(std::slice::from_ref(&(start..end)))

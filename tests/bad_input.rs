@@ -166,3 +166,38 @@ fn cli_reports_errors_without_panicking() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`x` is not a token id"), "{err}");
 }
+
+/// A NaN in the weights: every run that computes through it is an error naming the layer and
+/// sublayer (never "!!!!" or `null` logits), and `convert` refuses the checkpoint.
+#[test]
+fn non_finite_weights_are_errors() {
+    let d = copy("qwen3_moe_norm");
+    let name = "model.layers.1.mlp.experts.0.down_proj.weight";
+    rewrite(d.path(), |l| {
+        let t = l.iter_mut().find(|t| t.0 == name).unwrap();
+        let nan: &[u8] = match t.1 {
+            Dtype::F32 => &f32::NAN.to_le_bytes(),
+            Dtype::BF16 => &0x7fc0u16.to_le_bytes(),
+            _ => &0x7e00u16.to_le_bytes(), // f16
+        };
+        let w = nan.len();
+        for i in 0..t.3.len() / w {
+            t.3[i * w..(i + 1) * w].copy_from_slice(nan);
+        }
+    });
+    let m = load_model(d.path()).unwrap();
+    // every token routes somewhere; run the whole vocabulary's first ids until expert 0 is hit
+    let tokens: Vec<u32> = (0..64).collect();
+    let e = format!("{:#}", m.forward(&mut m.new_state(), &tokens, true).unwrap_err());
+    assert!(e.contains("layer 1") && e.contains("non-finite") && e.contains("MoE"), "{e}");
+    let out = d.path().join("converted");
+    let opts = flashmoe::flash::convert::ConvertOptions {
+        experts: flashmoe::tensor::WKind::Q { bits: 4, group: 64 },
+        dense: flashmoe::tensor::WKind::BF16,
+        force: false,
+        progress: false,
+    };
+    let e = format!("{:#}", flashmoe::flash::convert::convert(d.path(), &out, &opts).unwrap_err());
+    assert!(e.contains("non-finite") && e.contains("layer 1 expert 0 down_proj"), "{e}");
+    assert!(!out.exists());
+}

@@ -158,6 +158,19 @@ pub(crate) fn resident_kind(name: &str, shape: &[usize], dense: WKind) -> WKind 
     }
 }
 
+/// Refuses weights holding NaN or Inf: a model converted from them would only ever produce
+/// non-finite logits.
+fn finite(m: &Mat, name: &str, from: &Path) -> Result<()> {
+    match m.first_nonfinite() {
+        None => Ok(()),
+        Some(i) => bail!(
+            "{}: tensor `{name}` holds a non-finite value (NaN or Inf) at element {i} ({}): refusing to convert",
+            from.display(),
+            if matches!(m.kind, WKind::Q { .. }) { "a group scale or bias" } else { "a weight" }
+        ),
+    }
+}
+
 /// Converts the checkpoint at `from` into the flash layout at `to`.
 pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     if matches!(opts.dense, WKind::Q { bits, .. } if bits != 8) {
@@ -229,6 +242,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
         let (shape, bytes, kind) = if is_mlx_q(n) {
             // already quantized: keep the source bytes
             let m = mlx_mat(&ck, n, mlx_group(&raw_cfg, &n[..n.len() - 7]), None)?;
+            finite(&m, n, from)?;
             (vec![m.rows, m.cols], m.data().to_vec(), m.kind)
         } else {
             let mut shape = ck.shape(n)?.to_vec();
@@ -242,6 +256,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
                 let v: Vec<f32> = m.to_f32().iter().map(|x| x - 1.0).collect();
                 m = Mat::from_f32(m.rows, m.cols, v)?;
             }
+            finite(&m, n, from)?;
             (shape.clone(), m.encode(kind), kind)
         };
         out.pad_to(TENSOR_ALIGN)?;
@@ -296,6 +311,9 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
                     ck.mat(&format!("{p}.{e}.down_proj.weight"), &[h, inter])?,
                 )
             };
+            for (m, which) in [(&g, "gate"), (&u, "up"), (&d, "down")] {
+                finite(m, &format!("layer {l} expert {e} {which}_proj"), from)?;
+            }
             extent.iter_mut().for_each(|b| *b = 0);
             for (m, part) in [(&g, &gate), (&u, &up), (&d, &down)] {
                 let b = m.encode(ek);
