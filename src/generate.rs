@@ -57,6 +57,9 @@ impl SamplingParams {
     }
 }
 
+/// Below this temperature sampling is greedy.
+pub const MIN_TEMPERATURE: f32 = 1e-6;
+
 /// Picks the next token from logits.
 pub struct Sampler {
     pub params: SamplingParams,
@@ -155,7 +158,9 @@ impl Sampler {
                 }
             }
         }
-        if p.temperature == 0.0 {
+        // temperatures this small are greedy (1/T would overflow f32 and turn every weight
+        // into NaN)
+        if p.temperature < MIN_TEMPERATURE {
             return false;
         }
         let cand = &mut self.cand;

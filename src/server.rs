@@ -283,21 +283,19 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
         }
         _ => return Err(bad_request("`logit_bias` must be an object", Some("logit_bias"))),
     }
-    Ok(GenParams {
-        sampling: SamplingParams {
-            temperature: temperature as f32,
-            top_k: top_k as usize,
-            top_p: top_p as f32,
-            min_p: min_p as f32,
-            repetition_penalty: rep as f32,
-            seed,
-            logit_bias,
-        },
-        max_tokens,
-        stop,
-        stream,
-        include_usage,
-    })
+    let sampling = SamplingParams {
+        temperature: temperature as f32,
+        top_k: top_k as usize,
+        top_p: top_p as f32,
+        min_p: min_p as f32,
+        repetition_penalty: rep as f32,
+        seed,
+        logit_bias,
+    };
+    // values that pass the checks above as f64 but not as the f32 the sampler uses (top_p
+    // 1e-46 rounds to 0, repetition_penalty 1e39 to infinity)
+    sampling.validate().map_err(|e| bad_request(format!("{e:#} (as a 32-bit float)"), None))?;
+    Ok(GenParams { sampling, max_tokens, stop, stream, include_usage })
 }
 
 /// Message content as text: a string, or the text parts of a list of parts.
@@ -351,13 +349,24 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// A place in the queue, given back when dropped: also when the client disconnects while it
+/// waits (the handler's future is dropped at the `.await`).
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Waits for the engine in the bounded queue.
 async fn acquire(app: &Shared) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
     if let Ok(p) = app.engine.clone().try_acquire_owned() {
         return Ok(p);
     }
-    if app.waiting.fetch_add(1, Relaxed) >= app.opts.max_queue {
-        app.waiting.fetch_sub(1, Relaxed);
+    let queued = app.waiting.fetch_add(1, Relaxed);
+    let _slot = QueueSlot(&app.waiting);
+    if queued >= app.opts.max_queue {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is busy: too many queued requests",
@@ -366,9 +375,10 @@ async fn acquire(app: &Shared) -> Result<tokio::sync::OwnedSemaphorePermit, Resp
             None,
         ));
     }
-    let permit = app.engine.clone().acquire_owned().await;
-    app.waiting.fetch_sub(1, Relaxed);
-    permit
+    app.engine
+        .clone()
+        .acquire_owned()
+        .await
         .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down", "server_error", None, None))
 }
 
@@ -563,7 +573,15 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
             true
         };
         let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        // called every token: a client that left stops the generation even while nothing is
+        // sent (held-back characters, a tool call being assembled)
         let res = s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |piece| {
+            if tx.is_closed() {
+                return false;
+            }
+            if piece.is_empty() {
+                return true;
+            }
             if tools { emit(splitter.push(piece)) } else { emit(vec![StreamEvent::Content(piece.to_string())]) }
         });
         drop(s);

@@ -131,8 +131,9 @@ impl Session {
         }
     }
 
-    /// Generates a continuation of `prompt`. `on_text` receives text as it completes and
-    /// returns false to cancel.
+    /// Generates a continuation of `prompt`. `on_text` receives text as it completes (it is
+    /// called once per generated token, with "" when nothing new is ready) and returns false
+    /// to cancel.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -205,12 +206,16 @@ impl Session {
                 .max()
                 .unwrap_or(0);
             let safe = text.len() - hold;
-            if safe > emitted {
+            // once per token, with "" when nothing new can be shown: the caller may cancel
+            let ok = if safe > emitted {
                 let ok = on_text(&text[emitted..safe]);
                 emitted = safe;
-                if !ok {
-                    break Finish::Cancelled;
-                }
+                ok
+            } else {
+                on_text("")
+            };
+            if !ok {
+                break Finish::Cancelled;
             }
             if tokens.len() >= max_tokens {
                 break Finish::Length;

@@ -136,6 +136,9 @@ fn bad_requests_get_openai_errors_and_the_server_survives() {
         (json!({"messages": user, "max_tokens": 0}), 400, None),
         (json!({"messages": user, "n": 2}), 400, None),
         (json!({"messages": user, "stop": 7}), 400, None),
+        // in range as f64, out of range as the sampler's f32
+        (json!({"messages": user, "repetition_penalty": 1e39}), 400, None),
+        (json!({"messages": user, "top_p": 1e-46}), 400, None),
         (
             json!({"messages": [{"role": "user", "content": "word ".repeat(3000)}]}),
             400,
@@ -152,6 +155,14 @@ fn bad_requests_get_openai_errors_and_the_server_survives() {
     }
     let (st, _) = post(&format!("{base}/v1/completions"), json!({"prompt": 5}));
     assert_eq!(st, 400);
+    // a vanishing temperature is greedy, not NaN weights
+    let text = |t: f64| {
+        let (st, a) =
+            post(&format!("{base}/v1/completions"), json!({"prompt": "ROMEO:", "max_tokens": 12, "temperature": t}));
+        assert_eq!(st, 200, "{a}");
+        a["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    assert_eq!(text(1e-40), text(0.0));
     assert_eq!(client().get(format!("{base}/nope")).send().unwrap().status().as_u16(), 404);
     assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
 }
@@ -230,6 +241,72 @@ fn disconnect_stops_generation_and_the_queue_is_bounded() {
     let done: f64 =
         m.lines().find_map(|l| l.strip_prefix("flashmoe_completion_tokens_total ")).unwrap().parse().unwrap();
     assert!(done < 900.0, "generation went on after the disconnect: {done} tokens");
+}
+
+/// The first line of a streamed completion that only a disconnect ends, left unread after
+/// that: the generation blocks on the full channel and holds the engine until it is dropped.
+fn hold_engine(base: &str) -> std::io::Lines<BufReader<reqwest::blocking::Response>> {
+    let tok = TextTokenizer::load(model_dir()).unwrap();
+    let mut bias = serde_json::Map::new();
+    for s in ["<|endoftext|>", "<|im_end|>"] {
+        bias.insert(tok.token_to_id(s).unwrap().to_string(), json!(-100));
+    }
+    let body = json!({"prompt": "ROMEO:", "max_tokens": 900, "stream": true, "temperature": 1, "logit_bias": bias});
+    let r = client().post(format!("{base}/v1/completions")).json(&body).send().unwrap();
+    let mut lines = BufReader::new(r).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("data: "));
+    lines
+}
+
+fn queue_depth(base: &str) -> f64 {
+    let m = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
+    m.lines().find_map(|l| l.strip_prefix("flashmoe_queue_depth ")).unwrap().parse().unwrap()
+}
+
+/// Clients that disconnect while queued give their place back: after 3 × max-queue of them,
+/// a burst of max-queue + 1 requests is served in full (it got 503s when the places leaked).
+#[test]
+fn queued_clients_that_disconnect_give_their_place_back() {
+    use std::io::Write;
+    let max_queue = 2;
+    let base = start(max_queue);
+    let addr = base.trim_start_matches("http://").to_string();
+    let held = hold_engine(&base);
+    let body = json!({"prompt": "JULIET:", "max_tokens": 4}).to_string();
+    for i in 0..3 * max_queue {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        // queued (the engine is held)...
+        let t = std::time::Instant::now();
+        while queue_depth(&base) < 1.0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "client {i} never queued");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(s); // ...and gone
+        let t = std::time::Instant::now();
+        while queue_depth(&base) > 0.0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "client {i}'s place was not given back");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    drop(held);
+    let url = format!("{base}/v1/completions");
+    let t = std::time::Instant::now();
+    while post(&url, json!({"prompt": "JULIET:", "max_tokens": 2})).0 != 200 {
+        assert!(t.elapsed() < Duration::from_secs(30), "engine still busy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let hs: Vec<_> =
+            (0..=max_queue).map(|_| s.spawn(|| post(&url, json!({"prompt": "JULIET:", "max_tokens": 8})).0)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
 }
 
 /// The official `openai` Python client (installed from PyPI into target/openai-venv) against

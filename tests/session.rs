@@ -74,3 +74,31 @@ fn diverging_prompts_resume_from_snapshots_with_identical_results() {
     let o = s.generate(&b, 12, &greedy(), &[], |_| true).unwrap();
     assert_eq!((o.reused_tokens, &o.tokens), (0, &base_b));
 }
+
+/// The callback runs once per generated token even while nothing can be shown (text held back
+/// as a possible stop string): a client that left is noticed at the next token, not at the
+/// next text.
+#[test]
+fn cancellation_is_asked_every_token() {
+    let mut s = session();
+    let prompt = s.tok.encode("ROMEO:").unwrap();
+    let mut calls = 0;
+    // every text ending in a letter could begin a stop string of letters: most is held back
+    let stops: Vec<String> = ('a'..='z').map(|c| format!("{c}\u{1}")).collect();
+    let o = s
+        .generate(&prompt, 30, &greedy(), &stops, |_| {
+            calls += 1;
+            true
+        })
+        .unwrap();
+    assert!(calls >= o.tokens.len(), "{calls} calls for {} tokens", o.tokens.len());
+    let mut calls = 0;
+    let o = s
+        .generate(&prompt, 30, &greedy(), &stops, |_| {
+            calls += 1;
+            calls < 5
+        })
+        .unwrap();
+    assert_eq!(o.finish, Finish::Cancelled);
+    assert!(o.tokens.len() <= 5, "{} tokens", o.tokens.len());
+}
