@@ -200,6 +200,9 @@ enum Cmd {
         /// Name clients use for the model (default: the directory name).
         #[arg(long)]
         model_id: Option<String>,
+        /// Require this key (`Authorization: Bearer KEY`) on every endpoint but /health.
+        #[arg(long, env = "FLASHMOE_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -462,8 +465,8 @@ fn main() {
         Cmd::Chat { model, system, system_file, no_think, max_tokens, sampling, store } => {
             cmd_chat(model, system, system_file, no_think, max_tokens, &sampling, &store)
         }
-        Cmd::Serve { model, host, port, max_queue, model_id, store } => {
-            cmd_serve(model, &host, port, max_queue, model_id, &store)
+        Cmd::Serve { model, host, port, max_queue, model_id, api_key, store } => {
+            cmd_serve(model, &host, port, max_queue, model_id, api_key, &store)
         }
         Cmd::Convert { from, to, experts, dense, group_size, force } => {
             cmd_convert(from, to, &experts, &dense, group_size, force)
@@ -781,8 +784,14 @@ fn cmd_serve(
     port: u16,
     max_queue: usize,
     model_id: Option<String>,
+    api_key: Option<String>,
     store: &StoreArgs,
 ) -> Result<()> {
+    let api_key = api_key.filter(|k| !k.is_empty());
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+    if !loopback && api_key.is_none() {
+        eprintln!("warning: serving on {host} without --api-key: anyone who can reach this address can use the model");
+    }
     let dir = resolve(model)?;
     let tok = TextTokenizer::load(&dir)?;
     if !tok.has_chat_template() {
@@ -793,7 +802,7 @@ fn cmd_serve(
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         if name.starts_with("default-") { "flashmoe-default".into() } else { name }
     });
-    let opts = flashmoe::server::ServerOptions { model_id, max_queue, default_max_tokens: 256 };
+    let opts = flashmoe::server::ServerOptions { model_id, max_queue, api_key, ..Default::default() };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(flashmoe::server::serve(session, host, port, opts))
 }

@@ -35,6 +35,23 @@ pub struct ServerOptions {
     pub max_queue: usize,
     /// Default `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
+    /// Required as `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every endpoint but
+    /// `/health`.
+    pub api_key: Option<String>,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            model_id: "flashmoe".into(),
+            max_queue: 16,
+            default_max_tokens: 256,
+            api_key: None,
+            max_body_bytes: 8 << 20,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -54,6 +71,8 @@ struct App {
     /// A copy of the session's tokenizer, so requests can be prepared while one generates.
     tok: crate::tokenizer::TextTokenizer,
     context: usize,
+    /// See [`crate::tokenizer::TextTokenizer::max_token_bytes`].
+    max_token_bytes: usize,
     store: Option<Arc<crate::flash::ExpertStore>>,
     opts: ServerOptions,
     engine: Arc<Semaphore>,
@@ -94,6 +113,7 @@ pub fn router(session: Session, opts: ServerOptions) -> Router {
     let app = Arc::new(App {
         tok: session.tok.clone(),
         context: session.model.max_context(),
+        max_token_bytes: session.tok.max_token_bytes(),
         store: session.model.store.clone(),
         session: Arc::new(Mutex::new(session)),
         opts,
@@ -110,7 +130,65 @@ pub fn router(session: Session, opts: ServerOptions) -> Router {
         .fallback(|| async {
             error(StatusCode::NOT_FOUND, "unknown endpoint", "invalid_request_error", Some("not_found"), None)
         })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+                "invalid_request_error",
+                Some("method_not_allowed"),
+                None,
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(app.opts.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app)
+}
+
+/// Tokens of a finished request, for the log line (set by the handlers on their response).
+#[derive(Clone, Copy)]
+struct Tokens(usize, usize);
+
+/// Every request: the API key (all but `/health`), then one log line on stderr.
+async fn gate(State(app): State<Shared>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let t = std::time::Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = match &app.opts.api_key {
+        Some(key) if path != "/health" && !authorized(req.headers(), key) => {
+            app.metrics.errors.fetch_add(1, Relaxed);
+            error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key (send `Authorization: Bearer KEY`)",
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                None,
+            )
+        }
+        _ => next.run(req).await,
+    };
+    let tokens = resp.extensions().get::<Tokens>().map_or(String::new(), |t| format!(" {}+{} tokens", t.0, t.1));
+    let stream =
+        if resp.headers().get("content-type").is_some_and(|v| v == "text/event-stream") { " stream" } else { "" };
+    eprintln!("{method} {path} {}{tokens}{stream} {} ms", resp.status().as_u16(), t.elapsed().as_millis());
+    resp
+}
+
+fn authorized(h: &axum::http::HeaderMap, key: &str) -> bool {
+    let bearer = h
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    let x = h.get("x-api-key").and_then(|v| v.to_str().ok());
+    // compared in constant time: the key's bytes do not leak through the response time
+    let eq = |a: &str| a.len() == key.len() && a.bytes().zip(key.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0;
+    bearer.is_some_and(eq) || x.is_some_and(eq)
+}
+
+/// A body the JSON extractor refused: 413 when over the size limit, else 400.
+fn body_error(e: JsonRejection) -> Response {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large", "invalid_request_error", None, None);
+    }
+    bad_request(format!("invalid JSON body: {e}"), None)
 }
 
 /// Serves until the process is stopped.
@@ -427,7 +505,7 @@ enum Kind {
 async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRejection>) -> Response {
     app.metrics.requests.fetch_add(1, Relaxed);
     let resp = async {
-        let Json(b) = body.map_err(|e| bad_request(format!("invalid JSON body: {e}"), None))?;
+        let Json(b) = body.map_err(body_error)?;
         let p = parse_params(&app, &b)?;
         let messages = normalise_messages(b.get("messages").unwrap_or(&Value::Null))?;
         let tools = b.get("tools").filter(|t| !t.is_null()).cloned();
@@ -442,12 +520,17 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
         if let Some(kw) = b.get("chat_template_kwargs").and_then(Value::as_object) {
             extra.extend(kw.clone());
         }
-        let text = app
-            .tok
-            .apply_chat_template(&messages, tools.as_ref(), true, &extra)
-            .map_err(|e| bad_request(format!("{e:#}"), Some("messages")))?;
-        let prompt = app.tok.encode(&text).map_err(|e| bad_request(format!("{e:#}"), Some("messages")))?;
-        Ok(run(app.clone(), prompt, p, Kind::Chat { tools: tools.is_some() }).await)
+        let has_tools = tools.is_some();
+        let a = app.clone();
+        let prompt = blocking(move || {
+            let text = a
+                .tok
+                .apply_chat_template(&messages, tools.as_ref(), true, &extra)
+                .map_err(|e| bad_request(format!("{e:#}"), Some("messages")))?;
+            tokenize(&a, &text, "messages")
+        })
+        .await?;
+        Ok(run(app.clone(), prompt, p, Kind::Chat { tools: has_tools }).await)
     }
     .await;
     counted(&app, resp)
@@ -456,7 +539,7 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
 async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRejection>) -> Response {
     app.metrics.requests.fetch_add(1, Relaxed);
     let resp = async {
-        let Json(b) = body.map_err(|e| bad_request(format!("invalid JSON body: {e}"), None))?;
+        let Json(b) = body.map_err(body_error)?;
         let p = parse_params(&app, &b)?;
         let text = match b.get("prompt") {
             Some(Value::String(s)) => s.clone(),
@@ -466,11 +549,40 @@ async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRe
         if text.is_empty() {
             return Err(bad_request("`prompt` is empty", Some("prompt")));
         }
-        let prompt = app.tok.encode(&text).map_err(|e| bad_request(format!("{e:#}"), Some("prompt")))?;
+        let a = app.clone();
+        let prompt = blocking(move || tokenize(&a, &text, "prompt")).await?;
         Ok(run(app.clone(), prompt, p, Kind::Text).await)
     }
     .await;
     counted(&app, resp)
+}
+
+/// Runs CPU-heavy request preparation (templates, tokenization) off the async threads, so a
+/// few huge prompts cannot stall `/health` and every other connection.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Response> + Send + 'static) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(error(StatusCode::INTERNAL_SERVER_ERROR, format!("request task failed: {e}"), "server_error", None, None))
+    })
+}
+
+/// Tokens of `text`; a text too long for the context by its length alone is refused before
+/// tokenizing it.
+fn tokenize(app: &App, text: &str, param: &str) -> Result<Vec<u32>, Response> {
+    let at_least = text.len() / app.max_token_bytes;
+    if at_least >= app.context {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the prompt ({} bytes, at least {at_least} tokens) exceeds the model's context of {} tokens",
+                text.len(),
+                app.context
+            ),
+            "invalid_request_error",
+            Some("context_length_exceeded"),
+            Some(param),
+        ));
+    }
+    app.tok.encode(text).map_err(|e| bad_request(format!("{e:#}"), Some(param)))
 }
 
 /// Runs one generation on the engine thread, streamed or not.
@@ -481,7 +593,10 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
     }
     let permit = match acquire(&app).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => {
+            app.metrics.errors.fetch_add(1, Relaxed);
+            return r;
+        }
     };
     let id = new_id(if matches!(kind, Kind::Text) { "cmpl" } else { "chatcmpl" });
     let created = now();
@@ -502,6 +617,7 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
             Err(e) => return gen_error(&app, anyhow::anyhow!("generation task failed: {e}")),
         };
         record(&app, &o);
+        let tokens = Tokens(o.prompt_tokens, o.tokens.len());
         let finish = |f: Finish| if f == Finish::Length { "length" } else { "stop" };
         let body = match kind {
             Kind::Text => json!({"id": id, "object": "text_completion", "created": created, "model": model,
@@ -522,7 +638,9 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
                     "choices": [{"index": 0, "message": msg, "finish_reason": reason, "logprobs": null}], "usage": usage(&o)})
             }
         };
-        return Json(body).into_response();
+        let mut resp = Json(body).into_response();
+        resp.extensions_mut().insert(tokens);
+        return resp;
     }
 
     // streamed: chunks flow through a channel; a closed channel (client gone) cancels

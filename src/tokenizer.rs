@@ -70,6 +70,13 @@ impl TextTokenizer {
         self.tok.decode(ids, skip_special).map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
+    /// An upper bound of the bytes one token stands for (the longest vocabulary entry in
+    /// UTF-8; a byte-level entry is never shorter than its bytes): a text of `b` bytes has at
+    /// least `b / max_token_bytes()` tokens.
+    pub fn max_token_bytes(&self) -> usize {
+        self.tok.get_vocab(true).keys().map(|k| k.len()).max().unwrap_or(1).max(1)
+    }
+
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
         self.tok.token_to_id(s)
     }

@@ -17,9 +17,17 @@ fn model_dir() -> &'static Path {
 
 /// Starts a server on 127.0.0.1:<free port> in a background thread; returns its base URL.
 fn start(max_queue: usize) -> String {
+    start_with(ServerOptions {
+        model_id: "flashmoe-default".into(),
+        max_queue,
+        default_max_tokens: 64,
+        ..Default::default()
+    })
+}
+
+fn start_with(opts: ServerOptions) -> String {
     let dir = model_dir();
     let session = Session::new(load_model(dir).unwrap(), TextTokenizer::load(dir).unwrap());
-    let opts = ServerOptions { model_id: "flashmoe-default".into(), max_queue, default_max_tokens: 64 };
     let app = router(session, opts);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -241,6 +249,75 @@ fn disconnect_stops_generation_and_the_queue_is_bounded() {
     let done: f64 =
         m.lines().find_map(|l| l.strip_prefix("flashmoe_completion_tokens_total ")).unwrap().parse().unwrap();
     assert!(done < 900.0, "generation went on after the disconnect: {done} tokens");
+}
+
+/// `--api-key`: every endpoint but /health wants it (Bearer or x-api-key); oversized bodies get
+/// 413, a wrong method 405 with an OpenAI error body, and refusals count as errors.
+#[test]
+fn api_key_body_limit_and_method_errors() {
+    let base = start_with(ServerOptions {
+        model_id: "m".into(),
+        max_queue: 2,
+        default_max_tokens: 8,
+        api_key: Some("sekrit".into()),
+        max_body_bytes: 1 << 16,
+    });
+    let url = format!("{base}/v1/completions");
+    let body = json!({"prompt": "ROMEO:", "max_tokens": 2});
+    let c = client();
+    assert_eq!(c.get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
+    for auth in [None, Some("Bearer wrong"), Some("sekrit")] {
+        let mut r = c.post(&url).json(&body);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        let r = r.send().unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{auth:?}");
+        let e: Value = r.json().unwrap();
+        assert_eq!(e["error"]["code"], "invalid_api_key");
+    }
+    assert_eq!(c.get(format!("{base}/v1/models")).send().unwrap().status().as_u16(), 401);
+    let ok = c.post(&url).bearer_auth("sekrit").json(&body).send().unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let ok = c.post(&url).header("x-api-key", "sekrit").json(&body).send().unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let big = json!({"prompt": "x".repeat(1 << 17)});
+    let r = c.post(&url).bearer_auth("sekrit").json(&big).send().unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let r = c.get(&url).bearer_auth("sekrit").send().unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["code"], "method_not_allowed");
+    let m = c.get(format!("{base}/metrics")).bearer_auth("sekrit").send().unwrap().text().unwrap();
+    let errors: f64 =
+        m.lines().find_map(|l| l.strip_prefix("flashmoe_request_errors_total ")).unwrap().parse().unwrap();
+    assert!(errors >= 5.0, "{errors} errors counted");
+}
+
+/// Huge prompts are refused by their length before tokenizing, off the async threads:
+/// `/health` keeps answering during a burst of them.
+#[test]
+fn huge_prompts_do_not_stall_the_server() {
+    let base = start(4);
+    let url = format!("{base}/v1/chat/completions");
+    let big = json!({"messages": [{"role": "user", "content": "word ".repeat(800_000)}]});
+    let slowest = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8).map(|_| s.spawn(|| post(&url, big.clone()))).collect();
+        let mut slowest = Duration::ZERO;
+        for _ in 0..20 {
+            let t = std::time::Instant::now();
+            assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
+            slowest = slowest.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for h in hs {
+            let (st, e) = h.join().unwrap();
+            assert_eq!(st, 400, "{e}");
+            assert_eq!(e["error"]["code"], "context_length_exceeded");
+        }
+        slowest
+    });
+    assert!(slowest < Duration::from_secs(1), "/health took {slowest:?} during the burst");
 }
 
 /// The first line of a streamed completion that only a disconnect ends, left unread after
