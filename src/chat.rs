@@ -24,6 +24,58 @@ fn history_path() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".flashmoe_history"))
 }
 
+/// Largest conversation file `/load` reads.
+const MAX_LOAD_BYTES: u64 = 64 << 20;
+
+/// A conversation written by `/save`: its system prompt and messages, checked (a regular
+/// file of at most [`MAX_LOAD_BYTES`], an object with a `messages` list of role/content
+/// objects).
+fn load_conversation(path: &std::path::Path) -> Result<(Option<String>, Vec<Value>)> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        anyhow::bail!("not a regular file");
+    }
+    if meta.len() > MAX_LOAD_BYTES {
+        anyhow::bail!(
+            "{} bytes: larger than the {} MiB a conversation file may have",
+            meta.len(),
+            MAX_LOAD_BYTES >> 20
+        );
+    }
+    let mut text = String::new();
+    f.take(MAX_LOAD_BYTES + 1).read_to_string(&mut text)?;
+    parse_conversation(&text)
+}
+
+fn parse_conversation(text: &str) -> Result<(Option<String>, Vec<Value>)> {
+    let v: Value = serde_json::from_str(text).context("not JSON")?;
+    let Some(msgs) = v.get("messages").and_then(Value::as_array) else {
+        anyhow::bail!("no `messages` list (files written by /save have one)");
+    };
+    for (i, m) in msgs.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        if !["system", "user", "assistant", "tool"].contains(&role) {
+            anyhow::bail!("message {i}: `role` must be system, user, assistant or tool");
+        }
+        let content_ok = match m.get("content") {
+            Some(Value::String(_)) => true,
+            Some(Value::Null) | None => role == "assistant" && m.get("tool_calls").is_some_and(Value::is_array),
+            _ => false,
+        };
+        if !content_ok {
+            anyhow::bail!("message {i}: `content` must be a string");
+        }
+    }
+    let system = match v.get("system") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => anyhow::bail!("`system` must be a string"),
+    };
+    Ok((system, msgs.clone()))
+}
+
 /// Runs the chat loop until end of input or /exit.
 pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -92,17 +144,14 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
                         Err(e) => eprintln!("error: cannot write {arg}: {e}"),
                     }
                 }
-                "load" if !arg.is_empty() => match std::fs::read_to_string(arg)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|t| Ok(serde_json::from_str::<Value>(&t)?))
-                {
-                    Ok(v) => {
-                        messages = v["messages"].as_array().cloned().unwrap_or_default();
-                        opts.system = v["system"].as_str().map(String::from);
+                "load" if !arg.is_empty() => match load_conversation(std::path::Path::new(arg)) {
+                    Ok((system, loaded)) => {
+                        messages = loaded;
+                        opts.system = system;
                         session.reset();
                         eprintln!("(loaded {} messages from {arg})", messages.len());
                     }
-                    Err(e) => eprintln!("error: cannot load {arg}: {e:#}"),
+                    Err(e) => eprintln!("error: cannot load {arg}: {e:#} (the conversation is unchanged)"),
                 },
                 _ => eprintln!("unknown command. {HELP}"),
             }
@@ -116,7 +165,19 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
         all.extend(messages.iter().cloned());
         let mut extra = serde_json::Map::new();
         extra.insert("enable_thinking".into(), json!(opts.thinking));
-        let prompt = session.tok.encode(&session.tok.apply_chat_template(&Value::Array(all), None, true, &extra)?)?;
+        let prompt = match session
+            .tok
+            .apply_chat_template(&Value::Array(all), None, true, &extra)
+            .and_then(|t| session.tok.encode(&t))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                // the turn is dropped, the conversation and the session go on
+                eprintln!("error: {e:#}");
+                messages.pop();
+                continue;
+            }
+        };
         interrupted.store(false, Relaxed);
         let mut out = std::io::stdout();
         let res = session.generate(&prompt, opts.max_tokens, &opts.sampling, &[], |piece| {
@@ -150,4 +211,30 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
         let _ = ed.save_history(&h);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_checks_what_it_reads() {
+        let ok = r#"{"system": "be brief", "messages": [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": null, "tool_calls": []}]}"#;
+        let (sys, m) = parse_conversation(ok).unwrap();
+        assert_eq!((sys.as_deref(), m.len()), (Some("be brief"), 2));
+        for bad in [
+            "[]",
+            "{}",
+            r#"{"messages": [{"role": "wizard", "content": "x"}]}"#,
+            r#"{"messages": [{"role": "user", "content": 5}]}"#,
+            r#"{"messages": [], "system": 3}"#,
+            "not json",
+        ] {
+            assert!(parse_conversation(bad).is_err(), "{bad}");
+        }
+        // a device that never ends is refused without reading it
+        let e = load_conversation(std::path::Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("regular file"), "{e}");
+    }
 }

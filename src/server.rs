@@ -40,6 +40,11 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// A connection that has not sent a complete request header within this time (a new
+    /// request on a kept-alive one included) is closed.
+    pub header_timeout: std::time::Duration,
 }
 
 impl Default for ServerOptions {
@@ -50,6 +55,8 @@ impl Default for ServerOptions {
             default_max_tokens: 256,
             api_key: None,
             max_body_bytes: 8 << 20,
+            max_connections: 256,
+            header_timeout: std::time::Duration::from_secs(15),
         }
     }
 }
@@ -195,8 +202,46 @@ fn body_error(e: JsonRejection) -> Response {
 pub async fn serve(session: Session, host: &str, port: u16, opts: ServerOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((host, port)).await?;
     eprintln!("flashmoe serving `{}` on http://{}", opts.model_id, listener.local_addr()?);
-    axum::serve(listener, router(session, opts)).await?;
-    Ok(())
+    serve_on(listener, session, opts).await
+}
+
+/// Serves on a bound listener: at most `max_connections` connections, each closed when it
+/// does not deliver a request header within `header_timeout` (slow or idle clients cannot
+/// hold the server's sockets).
+pub async fn serve_on(listener: tokio::net::TcpListener, session: Session, opts: ServerOptions) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let conns = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(opts.header_timeout);
+    let header_timeout = opts.header_timeout;
+    let app = router(session, opts);
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            // out of descriptors and the like: wait, then go on accepting
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            drop(stream); // over the cap
+            continue;
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (b, timeout) = (builder.clone(), header_timeout);
+        tokio::spawn(async move {
+            let _permit = permit;
+            // hyper's header timeout starts at a request's first byte: a client that sends
+            // nothing at all is closed here
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let _ = b.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+        });
+    }
 }
 
 async fn models(State(app): State<Shared>) -> Json<Value> {

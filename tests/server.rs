@@ -2,7 +2,7 @@
 //! and (tests/openai_client.py) by the official `openai` Python package.
 
 use flashmoe::load::load_model;
-use flashmoe::server::{ServerOptions, router};
+use flashmoe::server::ServerOptions;
 use flashmoe::session::Session;
 use flashmoe::tokenizer::TextTokenizer;
 use reqwest::blocking::Client;
@@ -28,14 +28,13 @@ fn start(max_queue: usize) -> String {
 fn start_with(opts: ServerOptions) -> String {
     let dir = model_dir();
     let session = Session::new(load_model(dir).unwrap(), TextTokenizer::load(dir).unwrap());
-    let app = router(session, opts);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(l.local_addr().unwrap()).unwrap();
-            axum::serve(l, app).await.unwrap();
+            flashmoe::server::serve_on(l, session, opts).await.unwrap();
         });
     });
     format!("http://{}", rx.recv().unwrap())
@@ -261,6 +260,7 @@ fn api_key_body_limit_and_method_errors() {
         default_max_tokens: 8,
         api_key: Some("sekrit".into()),
         max_body_bytes: 1 << 16,
+        ..Default::default()
     });
     let url = format!("{base}/v1/completions");
     let body = json!({"prompt": "ROMEO:", "max_tokens": 2});
@@ -318,6 +318,43 @@ fn huge_prompts_do_not_stall_the_server() {
         slowest
     });
     assert!(slowest < Duration::from_secs(1), "/health took {slowest:?} during the burst");
+}
+
+/// Slow and idle clients cannot hold the server: connections over the cap are closed at once,
+/// and one that does not finish its request header in time is closed; then /health answers.
+#[test]
+fn slow_and_idle_clients_are_cut_off() {
+    use std::io::{Read, Write};
+    let header_timeout = Duration::from_millis(800);
+    let base =
+        start_with(ServerOptions { model_id: "m".into(), max_connections: 16, header_timeout, ..Default::default() });
+    let addr = base.trim_start_matches("http://").to_string();
+    // 40 sockets: slowloris (a header never finished) and idle ones, past the cap of 16
+    let mut socks: Vec<std::net::TcpStream> = (0..40)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            if i % 2 == 0 {
+                write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+            }
+            s
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    // every one of them is closed by the server: at once (over the cap) or at the timeout
+    for (i, s) in socks.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue, // a 408 or similar before closing
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("connection {i} still open after {:?}: {e}", t.elapsed()),
+            }
+        }
+    }
+    assert!(t.elapsed() < header_timeout * 5, "took {:?}", t.elapsed());
+    assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
 }
 
 /// The first line of a streamed completion that only a disconnect ends, left unread after
