@@ -85,6 +85,8 @@ struct App {
     engine: Arc<Semaphore>,
     waiting: AtomicUsize,
     metrics: Metrics,
+    /// The server is stopping: generations end (streams with an error event and `[DONE]`).
+    stopping: AtomicBool,
 }
 
 type Shared = Arc<App>;
@@ -117,6 +119,10 @@ fn new_id(prefix: &str) -> String {
 
 /// Builds the router (tests bind it to a loopback port themselves).
 pub fn router(session: Session, opts: ServerOptions) -> Router {
+    build(session, opts).0
+}
+
+fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
     let app = Arc::new(App {
         tok: session.tok.clone(),
         context: session.model.max_context(),
@@ -127,8 +133,9 @@ pub fn router(session: Session, opts: ServerOptions) -> Router {
         engine: Arc::new(Semaphore::new(1)),
         waiting: AtomicUsize::new(0),
         metrics: Metrics::default(),
+        stopping: AtomicBool::new(false),
     });
-    Router::new()
+    let router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
@@ -148,7 +155,8 @@ pub fn router(session: Session, opts: ServerOptions) -> Router {
         })
         .layer(axum::extract::DefaultBodyLimit::max(app.opts.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
-        .with_state(app)
+        .with_state(app.clone());
+    (router, app)
 }
 
 /// Tokens of a finished request, for the log line (set by the handlers on their response).
@@ -198,25 +206,46 @@ fn body_error(e: JsonRejection) -> Response {
     bad_request(format!("invalid JSON body: {e}"), None)
 }
 
-/// Serves until the process is stopped.
+/// Serves until SIGTERM or Ctrl-C, then stops gracefully (see [`serve_on`]).
 pub async fn serve(session: Session, host: &str, port: u16, opts: ServerOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((host, port)).await?;
     eprintln!("flashmoe serving `{}` on http://{}", opts.model_id, listener.local_addr()?);
-    serve_on(listener, session, opts).await
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        eprintln!("stopping: finishing open requests");
+    };
+    serve_on(listener, session, opts, stop).await
 }
 
-/// Serves on a bound listener: at most `max_connections` connections, each closed when it
-/// does not deliver a request header within `header_timeout` (slow or idle clients cannot
-/// hold the server's sockets).
-pub async fn serve_on(listener: tokio::net::TcpListener, session: Session, opts: ServerOptions) -> anyhow::Result<()> {
+/// Serves on a bound listener until `stop` completes: at most `max_connections` connections,
+/// each closed when it does not deliver a request header within `header_timeout` (slow or
+/// idle clients cannot hold the server's sockets). On `stop` it accepts no more connections,
+/// answers queued requests with 503, ends the running generation (a stream with an error
+/// event and `[DONE]`), and returns once the open connections are done (at most 30 s).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    session: Session,
+    opts: ServerOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let conns = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(opts.header_timeout);
     let header_timeout = opts.header_timeout;
-    let app = router(session, opts);
+    let max_conns = opts.max_connections.max(1);
+    let (app, state) = build(session, opts);
+    tokio::pin!(stop);
     loop {
-        let (stream, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut stop => break,
+        };
+        let (stream, _) = match accepted {
             Ok(c) => c,
             // out of descriptors and the like: wait, then go on accepting
             Err(_) => {
@@ -242,6 +271,11 @@ pub async fn serve_on(listener: tokio::net::TcpListener, session: Session, opts:
             let _ = b.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
         });
     }
+    drop(listener);
+    state.stopping.store(true, Relaxed);
+    state.engine.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conns.acquire_many(max_conns as u32)).await;
+    Ok(())
 }
 
 async fn models(State(app): State<Shared>) -> Json<Value> {
@@ -650,13 +684,19 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
         let cancel = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(cancel.clone());
         let session = app.session.clone();
+        let a = app.clone();
         let res = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
-            s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |_| !cancel.load(Relaxed))
+            s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |_| {
+                !cancel.load(Relaxed) && !a.stopping.load(Relaxed)
+            })
         })
         .await;
         let o = match res {
+            Ok(Ok(o)) if o.finish == Finish::Cancelled && app.stopping.load(Relaxed) => {
+                return gen_error(&app, anyhow::anyhow!("the server is shutting down"));
+            }
             Ok(Ok(o)) => o,
             Ok(Err(e)) => return gen_error(&app, e),
             Err(e) => return gen_error(&app, anyhow::anyhow!("generation task failed: {e}")),
@@ -739,7 +779,7 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
         // called every token: a client that left stops the generation even while nothing is
         // sent (held-back characters, a tool call being assembled)
         let res = s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |piece| {
-            if tx.is_closed() {
+            if tx.is_closed() || app2.stopping.load(Relaxed) {
                 return false;
             }
             if piece.is_empty() {
@@ -752,6 +792,13 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
             Ok(o) => {
                 record(&app2, &o);
                 if o.finish == Finish::Cancelled {
+                    if app2.stopping.load(Relaxed) {
+                        app2.metrics.errors.fetch_add(1, Relaxed);
+                        let body = json!({"error": {"message": "the server is shutting down", "type": "server_error",
+                            "param": null, "code": "shutting_down"}});
+                        send(Event::default().data(body.to_string()));
+                        send(Event::default().data("[DONE]"));
+                    }
                     return;
                 }
                 let rest = splitter.finish();
@@ -779,6 +826,7 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
                 app2.metrics.errors.fetch_add(1, Relaxed);
                 let body = json!({"error": {"message": format!("{e:#}"), "type": "server_error", "param": null, "code": null}});
                 send(Event::default().data(body.to_string()));
+                send(Event::default().data("[DONE]"));
             }
         }
     });

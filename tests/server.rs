@@ -26,18 +26,29 @@ fn start(max_queue: usize) -> String {
 }
 
 fn start_with(opts: ServerOptions) -> String {
+    let (base, stop, _) = start_stoppable(opts);
+    std::mem::forget(stop); // dropping it would stop the server
+    base
+}
+
+/// A server, a sender that stops it, and its thread (which ends when the server has stopped).
+fn start_stoppable(opts: ServerOptions) -> (String, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
     let dir = model_dir();
     let session = Session::new(load_model(dir).unwrap(), TextTokenizer::load(dir).unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let h = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(l.local_addr().unwrap()).unwrap();
-            flashmoe::server::serve_on(l, session, opts).await.unwrap();
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            flashmoe::server::serve_on(l, session, opts, stop).await.unwrap();
         });
     });
-    format!("http://{}", rx.recv().unwrap())
+    (format!("http://{}", rx.recv().unwrap()), stop_tx, h)
 }
 
 fn client() -> Client {
@@ -355,6 +366,38 @@ fn slow_and_idle_clients_are_cut_off() {
     }
     assert!(t.elapsed() < header_timeout * 5, "took {:?}", t.elapsed());
     assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
+}
+
+/// Stopping (SIGTERM in `serve`): the running stream ends with an error event and `[DONE]`, a
+/// queued request gets 503, and the server returns.
+#[test]
+fn stopping_ends_streams_cleanly_and_answers_the_queue() {
+    let (base, stop, server) = start_stoppable(ServerOptions { model_id: "m".into(), ..Default::default() });
+    let tok = TextTokenizer::load(model_dir()).unwrap();
+    let mut bias = serde_json::Map::new();
+    for s in ["<|endoftext|>", "<|im_end|>"] {
+        bias.insert(tok.token_to_id(s).unwrap().to_string(), json!(-100));
+    }
+    let body = json!({"prompt": "ROMEO:", "max_tokens": 1000, "stream": true, "logit_bias": bias});
+    let r = client().post(format!("{base}/v1/completions")).json(&body).send().unwrap();
+    let mut lines = BufReader::new(r).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("data: "));
+    let url = format!("{base}/v1/completions");
+    let queued = std::thread::spawn(move || post(&url, json!({"prompt": "JULIET:", "max_tokens": 4})));
+    let t = std::time::Instant::now();
+    while queue_depth(&base) < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the second request never queued");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.send(()).unwrap();
+    let rest: Vec<String> =
+        lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(String::from)).collect();
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{:?}", rest.last());
+    let err: Value = serde_json::from_str(&rest[rest.len() - 2]).unwrap();
+    assert_eq!(err["error"]["code"], "shutting_down", "{err}");
+    let (st, e) = queued.join().unwrap();
+    assert_eq!(st, 503, "{e}");
+    server.join().unwrap();
 }
 
 /// The first line of a streamed completion that only a disconnect ends, left unread after
