@@ -178,13 +178,43 @@ async fn gate(State(app): State<Shared>, req: axum::extract::Request, next: axum
                 None,
             )
         }
-        _ => next.run(req).await,
+        _ => match read_body(&app, req).await {
+            Ok(req) => next.run(req).await,
+            Err(r) => {
+                app.metrics.errors.fetch_add(1, Relaxed);
+                r
+            }
+        },
     };
     let tokens = resp.extensions().get::<Tokens>().map_or(String::new(), |t| format!(" {}+{} tokens", t.0, t.1));
     let stream =
         if resp.headers().get("content-type").is_some_and(|v| v == "text/event-stream") { " stream" } else { "" };
     eprintln!("{method} {path} {}{tokens}{stream} {} ms", resp.status().as_u16(), t.elapsed().as_millis());
     resp
+}
+
+/// The whole request body, read within `header_timeout` of the header (a client trickling
+/// its body cannot hold a connection) and at most `max_body_bytes` (413).
+async fn read_body(app: &App, req: axum::extract::Request) -> Result<axum::extract::Request, Response> {
+    let (parts, body) = req.into_parts();
+    let limit = app.opts.max_body_bytes;
+    match tokio::time::timeout(app.opts.header_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))),
+        Ok(Err(_)) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body too large (the limit is {limit} bytes) or cut short"),
+            "invalid_request_error",
+            None,
+            None,
+        )),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive in time",
+            "invalid_request_error",
+            None,
+            None,
+        )),
+    }
 }
 
 fn authorized(h: &axum::http::HeaderMap, key: &str) -> bool {

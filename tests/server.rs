@@ -367,6 +367,17 @@ fn slow_and_idle_clients_are_cut_off() {
     }
     eprintln!("40 slow/idle sockets (cap 16, header timeout {header_timeout:?}) all closed after {:?}", t.elapsed());
     assert!(t.elapsed() < header_timeout * 5, "took {:?}", t.elapsed());
+    // a header in time, then a body that trickles: 408 at the timeout
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 408", "{}", String::from_utf8_lossy(&head));
     assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
 }
 
