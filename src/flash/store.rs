@@ -485,6 +485,26 @@ impl ExpertStore {
         MlpRef { gate: m(&self.parts[0]), up: m(&self.parts[1]), down: m(&self.parts[2]) }
     }
 
+    /// Claims slot `s` for `key` and queues its read (false, the slot left empty, when the I/O
+    /// threads are gone). Never blocks: at most one job per slot is ever queued.
+    fn issue(&self, g: &mut Slots, jobs: &Sender<Job>, lf: &LayerFile, s: usize, key: Key, tick: u64) -> bool {
+        g.claim(s, key, tick);
+        let job = Job {
+            fd: lf.file.as_raw_fd(),
+            off: (key.1 * self.stride) as u64,
+            len: self.stride,
+            dst: self.arena.ptr as usize + s * self.stride,
+            slot: s,
+            key,
+        };
+        if jobs.try_send(job).is_err() {
+            g.inflight.remove(&key);
+            g.forget(s);
+            return false;
+        }
+        true
+    }
+
     /// Whether every page of expert `e`'s extent is in the page cache (os mode).
     fn page_cached(&self, lf: &LayerFile, e: usize, pages: &mut Vec<u8>) -> Option<usize> {
         let (p, _) = lf.map?;
@@ -553,23 +573,11 @@ impl ExpertStore {
                     c.hits.fetch_add(1, Relaxed);
                     ready.push((next, Ready::Mapped { addr }));
                 } else if let Some(s) = g.victim() {
-                    g.claim(s, key, tick);
-                    g.pins[s] += 1;
-                    let job = Job {
-                        fd: lf.file.as_raw_fd(),
-                        off: (key.1 * self.stride) as u64,
-                        len: self.stride,
-                        dst: self.arena.ptr as usize + s * self.stride,
-                        slot: s,
-                        key,
-                    };
-                    if jobs.try_send(job).is_err() {
-                        g.inflight.remove(&key);
-                        g.forget(s);
-                        g.pins[s] -= 1;
+                    if !self.issue(&mut g, jobs, lf, s, key, tick) {
                         failed = Some("the expert store's I/O threads are gone".into());
                         break;
                     }
+                    g.pins[s] += 1;
                     c.misses.fetch_add(1, Relaxed);
                     waiting.push((next, s));
                 } else {
@@ -737,18 +745,7 @@ impl ExpertStore {
                     break;
                 }
                 let Some(s) = g.victim() else { break };
-                g.claim(s, key, tick);
-                let job = Job {
-                    fd: lf.file.as_raw_fd(),
-                    off: (e * self.stride) as u64,
-                    len: self.stride,
-                    dst: self.arena.ptr as usize + s * self.stride,
-                    slot: s,
-                    key,
-                };
-                if jobs.try_send(job).is_err() {
-                    g.inflight.remove(&key);
-                    g.forget(s);
+                if !self.issue(&mut g, jobs, lf, s, key, tick) {
                     break;
                 }
             }
