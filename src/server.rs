@@ -291,8 +291,9 @@ pub async fn serve_on(
         let (b, timeout) = (builder.clone(), header_timeout);
         tokio::spawn(async move {
             let _permit = permit;
-            // hyper's header timeout starts at a request's first byte: a client that sends
-            // nothing at all is closed here
+            // the protocol detection waits for a first byte without hyper's header timeout
+            // (which covers later requests on the connection): a client that sends nothing
+            // at all is closed here
             let mut first = [0u8; 1];
             match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
                 Ok(Ok(n)) if n > 0 => {}

@@ -378,6 +378,23 @@ fn slow_and_idle_clients_are_cut_off() {
     let mut head = [0u8; 12];
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 408", "{}", String::from_utf8_lossy(&head));
+    // a kept-alive connection idle after its request is closed at the timeout too
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(s, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = std::time::Instant::now();
+    let mut all = vec![];
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("idle kept-alive connection still open after {:?}: {e}", t.elapsed()),
+        }
+    }
+    assert!(all.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&all));
+    assert!(t.elapsed() >= header_timeout / 2, "closed at once, not kept alive");
     assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
 }
 
