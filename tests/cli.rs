@@ -104,3 +104,44 @@ fn chat_keeps_state_between_turns_and_answers_commands() {
     assert_eq!(saved["messages"].as_array().unwrap().len(), 4);
     assert_eq!(saved["system"], "Be brief.");
 }
+
+/// A chat-template error drops that turn only; a bad `/load` leaves the conversation as it was.
+#[test]
+fn chat_survives_template_errors_and_bad_loads() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(flashmoe::builtin::SOURCE).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+        }
+    }
+    // the template refuses any message containing BOOM
+    let tpl = model.join("chat_template.jinja");
+    let text = std::fs::read_to_string(&tpl).unwrap();
+    let guard = "{%- for m in messages %}{% if 'BOOM' in m.content %}{{ raise_exception('no BOOM here') }}{% endif %}{% endfor -%}\n";
+    std::fs::write(&tpl, format!("{guard}{text}")).unwrap();
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, r#"{"system": "x"}"#).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["chat", "--model", model.to_str().unwrap(), "--max-tokens", "6"])
+        .env("HOME", tmp.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!("Speak as ROMEO.\nBOOM\n/load {}\n/load /dev/zero\nSpeak as JULIET.\n/exit\n", bad.display());
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("no BOOM here"), "{err}");
+    assert!(err.contains("no `messages` list") && err.contains("not a regular file"), "{err}");
+    // both good turns answered; the second still reuses the first (the conversation survived)
+    let stats: Vec<&str> = err.lines().filter(|l| l.contains("prompt tokens (")).collect();
+    assert_eq!(stats.len(), 2, "{err}");
+    assert!(!stats[1].contains("(0 reused)"), "{err}");
+}
