@@ -208,16 +208,11 @@ impl Int8Panel {
                 }
             }
         }
-        self.sp.clear();
         self.sp.resize(ng * T, 0.0);
-        self.bp.clear();
         self.bp.resize(ng * T, 0.0);
-        for i in 0..nrows {
-            for g in 0..ng {
-                self.sp[g * T + i] = super::bf16_to_f32(q.scales[(r0 + i) * ng + g]);
-                self.bp[g * T + i] = super::bf16_to_f32(q.biases[(r0 + i) * ng + g]);
-            }
-        }
+        // the VNNI panels' layout: [group][row], 16 rows per group
+        let rows = crate::quant::QMat { rows: nrows, scales: &q.scales[r0 * ng..], biases: &q.biases[r0 * ng..], ..*q };
+        super::pack_scales(&rows, nrows, &mut self.sp, &mut self.bp);
     }
 
     fn tile(&self, kb: usize) -> &[u8] {

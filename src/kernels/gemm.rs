@@ -275,7 +275,7 @@ pub fn pack_panel_scalar(q: &crate::quant::QMat<'_>, nrows: usize, wp: &mut [u8]
 }
 
 /// A panel's group scales and biases as f32, 16 rows per group (absent rows 0).
-fn pack_scales(q: &crate::quant::QMat<'_>, nrows: usize, sp: &mut [f32], bp: &mut [f32]) {
+pub(super) fn pack_scales(q: &crate::quant::QMat<'_>, nrows: usize, sp: &mut [f32], bp: &mut [f32]) {
     let ng = q.cols.div_ceil(q.group);
     sp[..16 * ng].fill(0.0);
     bp[..16 * ng].fill(0.0);
