@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod layers;
 pub mod load;
 pub mod model;
+pub mod par;
 pub mod profile;
 pub mod quant;
 pub mod scratch;

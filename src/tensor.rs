@@ -7,6 +7,7 @@ use crate::scratch::{self, Pool};
 use anyhow::{Result, bail};
 use memmap2::Mmap;
 use rayon::prelude::*;
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -349,22 +350,7 @@ impl Mat {
     }
 }
 
-/// Per-call scratch of a product: the quantized kernels' per-group sums of x.
-enum Prepared<'a> {
-    Plain(MatRef<'a>),
-    Quant(QMat<'a>),
-}
-
 impl<'a> MatRef<'a> {
-    fn prepared(&self) -> Prepared<'a> {
-        match self.kind {
-            WKind::Q { bits, group } => {
-                Prepared::Quant(QMat::new(self.data, self.rows, self.cols, bits, group as usize))
-            }
-            _ => Prepared::Plain(*self),
-        }
-    }
-
     /// Row `r` converted to f32 into `out`.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let c = self.cols;
@@ -398,55 +384,45 @@ impl<'a> MatRef<'a> {
     /// y = W·x for one vector. Quantized rows meet int8 activations with [`Precision::Fast`]
     /// where the CPU has the instructions.
     pub fn matvec(&self, x: &[f32], y: &mut [f32], p: Precision) {
-        debug_assert_eq!(x.len(), self.cols);
-        debug_assert_eq!(y.len(), self.rows);
+        products(&mut [Product { w: *self, x, y }], 1, p)
+    }
+
+    /// Rows `r0..r0 + y.len()` of W·x, with x prepared for this matrix.
+    fn rows_into(&self, x: &Input<'_>, r0: usize, y: &mut [f32]) {
         let c = self.cols;
-        match self.prepared() {
-            Prepared::Quant(q) => {
-                let mut prep = scratch::take(&PREP);
-                prep.prepare_with(x, q.bits, q.group, p == Precision::Fast);
-                let prep = &*prep;
-                let rb = quant::row_bytes(c, q.bits);
-                let ng = c.div_ceil(q.group);
-                self.for_rows(y, |r| {
-                    kernels::qdot(
+        match (self.kind, x) {
+            (WKind::Q { bits, group }, Input::Quant(prep)) => {
+                let q = QMat::new(self.data, self.rows, c, bits, group as usize);
+                let rb = quant::row_bytes(c, bits);
+                let ng = c.div_ceil(group as usize);
+                for (o, r) in y.iter_mut().zip(r0..) {
+                    *o = kernels::qdot(
                         &q.packed[r * rb..(r + 1) * rb],
                         &q.scales[r * ng..(r + 1) * ng],
                         &q.biases[r * ng..(r + 1) * ng],
                         prep,
-                    )
-                });
+                    );
+                }
             }
-            Prepared::Plain(m) => match m.kind {
-                WKind::F32 => {
-                    let d: &[f32] = bytemuck::cast_slice(m.data);
-                    self.for_rows(y, |r| dot(&d[r * c..(r + 1) * c], x));
+            (WKind::F32, Input::Plain(x)) => {
+                let d: &[f32] = bytemuck::cast_slice(self.data);
+                for (o, r) in y.iter_mut().zip(r0..) {
+                    *o = dot(&d[r * c..(r + 1) * c], x);
                 }
-                WKind::BF16 => {
-                    let d: &[u16] = bytemuck::cast_slice(m.data);
-                    self.for_rows(y, |r| kernels::dot_bf16(&d[r * c..(r + 1) * c], x));
-                }
-                _ => {
-                    let d: &[u16] = bytemuck::cast_slice(m.data);
-                    self.for_rows(y, |r| d[r * c..(r + 1) * c].iter().zip(x).map(|(&w, &v)| f16_to_f32(w) * v).sum());
-                }
-            },
-        }
-    }
-
-    fn for_rows(&self, y: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
-        if !parallel(self.rows * self.cols) {
-            for (r, o) in y.iter_mut().enumerate() {
-                *o = f(r);
             }
-        } else {
-            // a few chunks per thread, so that small products (router, k/v) spread too
-            let ch = (self.rows / (4 * rayon::current_num_threads())).clamp(4, 64);
-            y.par_chunks_mut(ch).enumerate().for_each(|(ci, c)| {
-                for (i, o) in c.iter_mut().enumerate() {
-                    *o = f(ci * ch + i);
+            (WKind::BF16, Input::Plain(x)) => {
+                let d: &[u16] = bytemuck::cast_slice(self.data);
+                for (o, r) in y.iter_mut().zip(r0..) {
+                    *o = kernels::dot_bf16(&d[r * c..(r + 1) * c], x);
                 }
-            });
+            }
+            (_, Input::Plain(x)) => {
+                let d: &[u16] = bytemuck::cast_slice(self.data);
+                for (o, r) in y.iter_mut().zip(r0..) {
+                    *o = d[r * c..(r + 1) * c].iter().zip(*x).map(|(&w, &v)| f16_to_f32(w) * v).sum();
+                }
+            }
+            (_, Input::Quant(_)) => unreachable!("quantized input prepared for a plain matrix"),
         }
     }
 
@@ -635,6 +611,98 @@ thread_local! {
     static AMX_INT8: Pool<amx::Int8Tokens> = const { Pool::new() };
     static AMX_BF16: Pool<amx::Bf16Tokens> = const { Pool::new() };
     static AMX_PANEL: Pool<amx::Int8Panel> = const { Pool::new() };
+}
+
+/// One product of a set computed together: `y = W·x` (or `Y = X·Wᵀ` for several tokens).
+pub struct Product<'a> {
+    pub w: MatRef<'a>,
+    pub x: &'a [f32],
+    pub y: &'a mut [f32],
+}
+
+/// A product's input as its kernel takes it.
+enum Input<'a> {
+    Plain(&'a [f32]),
+    Quant(&'a QPrep),
+}
+
+/// Rows of one output a decode step computes per work item: ~64 KB of weights, so that an
+/// item's claim costs nothing beside it and every thread gets several items.
+fn rows_per_item(w: &MatRef<'_>, threads: usize) -> usize {
+    let row = w.kind.bytes(1, w.cols).max(1);
+    (65536 / row).clamp(4, (w.rows / (2 * threads)).max(4))
+}
+
+/// Computes independent products over `n` tokens each. One token (decode): every row of every
+/// product is a work item of one parallel step, so the threads start once for all of them
+/// (a layer's q, k and v; all experts' gate and up) and inputs shared by several products are
+/// prepared once. Several tokens: the products run side by side on rayon.
+pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
+    if n != 1 {
+        return match jobs {
+            [] => {}
+            [j] => j.w.matmul(j.x, n, j.y, p),
+            _ => {
+                let (a, b) = jobs.split_at_mut(jobs.len() / 2);
+                rayon::join(|| products(a, n, p), || products(b, n, p));
+            }
+        };
+    }
+    // (weights, input, output, output length)
+    type Job<'a> = (MatRef<'a>, &'a [f32], OutPtr, usize);
+    let jobs: SmallVec<[Job<'_>; 32]> =
+        jobs.iter_mut().map(|j| (j.w, j.x, OutPtr(j.y.as_mut_ptr()), j.y.len())).collect();
+    // prepare each distinct (input, format) once
+    let mut preps: SmallVec<[(usize, scratch::Pooled<QPrep>); 4]> = SmallVec::new();
+    let mut which: SmallVec<[usize; 32]> = SmallVec::new();
+    for (ji, &(w, x, _, ylen)) in jobs.iter().enumerate() {
+        debug_assert_eq!((x.len(), ylen), (w.cols, w.rows));
+        let WKind::Q { bits, group } = w.kind else {
+            which.push(usize::MAX);
+            continue;
+        };
+        match preps.iter().position(|&(k, _)| std::ptr::eq(jobs[k].1, x) && jobs[k].0.kind == w.kind) {
+            Some(i) => which.push(i),
+            None => {
+                let mut prep = scratch::take(&PREP);
+                prep.prepare_with(x, bits, group as usize, p == Precision::Fast);
+                preps.push((ji, prep));
+                which.push(preps.len() - 1);
+            }
+        }
+    }
+    let input = |ji: usize| match which[ji] {
+        usize::MAX => Input::Plain(jobs[ji].1),
+        i => Input::Quant(&preps[i].1),
+    };
+    // SAFETY (both uses): each output is a distinct `&mut` of the caller, alive past this call;
+    // `rows` is its length, and each write covers rows that no other item writes
+    let rows =
+        |ji: usize, r0: usize, r1: usize| unsafe { std::slice::from_raw_parts_mut(jobs[ji].2.0.add(r0), r1 - r0) };
+    let work: usize = jobs.iter().map(|j| j.0.rows * j.0.cols).sum();
+    if !parallel(work) {
+        for (ji, j) in jobs.iter().enumerate() {
+            j.0.rows_into(&input(ji), 0, rows(ji, 0, j.3));
+        }
+        return;
+    }
+    // work item k is rows [r0, r0 + per) of the product whose items start at or before k
+    let threads = rayon::current_num_threads();
+    let mut first: SmallVec<[usize; 33]> = SmallVec::new();
+    let mut per: SmallVec<[usize; 32]> = SmallVec::new();
+    first.push(0);
+    for j in &jobs {
+        let rpi = rows_per_item(&j.0, threads);
+        per.push(rpi);
+        first.push(first.last().copied().unwrap_or(0) + j.0.rows.div_ceil(rpi));
+    }
+    crate::par::for_each(first[jobs.len()], |k| {
+        let ji = first.partition_point(|&f| f <= k) - 1;
+        let w = jobs[ji].0;
+        let r0 = (k - first[ji]) * per[ji];
+        let r1 = (r0 + per[ji]).min(w.rows);
+        w.rows_into(&input(ji), r0, rows(ji, r0, r1));
+    });
 }
 
 /// The output of a product, shared by the blocks that each write their own rows.

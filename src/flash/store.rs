@@ -15,7 +15,7 @@ use crate::scratch::{self, Pool};
 use crate::tensor::{MatRef, WKind};
 use anyhow::{Context, Result, anyhow, bail};
 use crossbeam_channel::{Sender, bounded};
-use rayon::prelude::*;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
@@ -515,9 +515,9 @@ impl ExpertStore {
         (rc == 0 && pages.iter().all(|v| v & 1 == 1)).then_some(addr)
     }
 
-    /// Reads experts `needed` of `layer` and calls `compute(i, expert)` exactly once for each
-    /// `needed[i]`, as soon as its bytes are in memory (cache hits first; several ready at once
-    /// run as parallel tasks). `during` runs once the first reads are in flight (the shared
+    /// Reads experts `needed` of `layer` and calls `compute` with batches of `(i, expert)`,
+    /// each `needed[i]` in exactly one batch, as soon as its bytes are in memory (cache hits
+    /// first; the caller computes a batch's experts in parallel). `during` runs once the first reads are in flight (the shared
     /// expert's compute hides I/O there). A failed read is an error. Several callers may use
     /// one store at once: no lock is held while computing or waiting.
     pub fn with_experts(
@@ -525,7 +525,7 @@ impl ExpertStore {
         layer: usize,
         needed: &[usize],
         during: impl FnOnce(),
-        compute: impl Fn(usize, MlpRef<'_>) + Sync,
+        compute: impl Fn(&[(usize, MlpRef<'_>)]),
     ) -> Result<()> {
         let lf = self.files.get(&layer).ok_or_else(|| anyhow!("layer {layer} has no expert file"))?;
         if let Some(&e) = needed.iter().find(|&&e| e >= self.num_experts) {
@@ -638,21 +638,22 @@ impl ExpertStore {
                 f();
             }
             let t = Instant::now();
-            let run = |&(i, at): &(usize, Ready)| {
-                let bytes = match at {
-                    Ready::Slot(s) => self.slot(s),
-                    // SAFETY: a read-only mapping of a file this process never writes, alive as
-                    // long as the store; the extent lies inside it (length checked at open).
-                    // Were the file truncated by someone else in between, this would fault: the
-                    // same contract as any mmap of model weights (the resident file too).
-                    Ready::Mapped { addr } => unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) },
-                };
-                compute(i, self.view(bytes))
-            };
-            if ready.len() > 1 {
-                ready.par_iter().for_each(run);
-            } else {
-                ready.iter().for_each(run);
+            let batch: SmallVec<[(usize, MlpRef<'_>); 16]> = ready
+                .iter()
+                .map(|&(i, at)| {
+                    let bytes = match at {
+                        Ready::Slot(s) => self.slot(s),
+                        // SAFETY: a read-only mapping of a file this process never writes, alive
+                        // as long as the store; the extent lies inside it (length checked at
+                        // open). Were the file truncated by someone else in between, this would
+                        // fault: the same contract as any mmap of model weights.
+                        Ready::Mapped { addr } => unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) },
+                    };
+                    (i, self.view(bytes))
+                })
+                .collect();
+            if !batch.is_empty() {
+                compute(&batch);
             }
             c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
             if let Some(i) = private.take() {
@@ -668,7 +669,7 @@ impl ExpertStore {
                         c.reads.fetch_add(1, Relaxed);
                         let t = Instant::now();
                         // SAFETY: the buffer was filled above and lives to the end of this block.
-                        compute(i, self.view(unsafe { std::slice::from_raw_parts(buf.ptr, self.stride) }));
+                        compute(&[(i, self.view(unsafe { std::slice::from_raw_parts(buf.ptr, self.stride) }))]);
                         c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
                     }
                     Err(err) => {

@@ -5,7 +5,7 @@ use super::norm::RmsNorm;
 use super::rope::Rope;
 use super::sigmoid;
 use crate::scratch;
-use crate::tensor::{Mat, Precision, dot};
+use crate::tensor::{Mat, Precision, Product, dot, products};
 use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -44,10 +44,14 @@ impl Attention {
         let mut q = scratch::zeros(n * nh * qw);
         let mut k = scratch::zeros(n * nkv * d);
         let mut v = scratch::zeros(n * nkv * d);
-        // independent products side by side: the pool's workers wake once, not three times
-        rayon::join(
-            || self.q_proj.matmul(x, n, &mut q, p),
-            || rayon::join(|| self.k_proj.matmul(x, n, &mut k, p), || self.v_proj.matmul(x, n, &mut v, p)),
+        products(
+            &mut [
+                Product { w: self.q_proj.view(), x, y: &mut q },
+                Product { w: self.k_proj.view(), x, y: &mut k },
+                Product { w: self.v_proj.view(), x, y: &mut v },
+            ],
+            n,
+            p,
         );
 
         // q/k norm and RoPE, token by token (in parallel for a prompt)
@@ -112,6 +116,8 @@ impl Attention {
         if !crate::tensor::parallel(n * nh * (pos0 + n) * d) {
             let mut scores = scratch::zeros(0);
             o.chunks_mut(d).enumerate().for_each(|c| attend(&mut scores, c));
+        } else if n == 1 {
+            crate::par::chunks_mut(&mut o, d, |i, oh| attend(&mut scratch::zeros(0), (i, oh)));
         } else {
             o.par_chunks_mut(d).enumerate().for_each_init(|| scratch::zeros(0), attend);
         }

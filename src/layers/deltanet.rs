@@ -7,7 +7,7 @@ use super::norm::inv_rms;
 use super::{sigmoid, silu, softplus};
 use crate::config::LinearAttnConfig;
 use crate::scratch;
-use crate::tensor::{Mat, Precision};
+use crate::tensor::{Mat, Precision, Product, products};
 use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -146,10 +146,15 @@ impl DeltaNet {
         let mut z = scratch::zeros(n * vd);
         let mut b = scratch::zeros(n * nv);
         let mut a = scratch::zeros(n * nv);
-        // independent products side by side: the pool's workers wake once, not four times
-        rayon::join(
-            || rayon::join(|| self.in_proj_qkv.matmul(x, n, &mut qkv, p), || self.in_proj_z.matmul(x, n, &mut z, p)),
-            || rayon::join(|| self.in_proj_b.matmul(x, n, &mut b, p), || self.in_proj_a.matmul(x, n, &mut a, p)),
+        products(
+            &mut [
+                Product { w: self.in_proj_qkv.view(), x, y: &mut qkv },
+                Product { w: self.in_proj_z.view(), x, y: &mut z },
+                Product { w: self.in_proj_b.view(), x, y: &mut b },
+                Product { w: self.in_proj_a.view(), x, y: &mut a },
+            ],
+            n,
+            p,
         );
 
         // 1. causal depthwise conv over [history, x_0..x_n], then SiLU; the last kernel-1
@@ -191,10 +196,16 @@ impl DeltaNet {
                 }
             }
         };
-        st.s.par_chunks_mut(dk * dv)
-            .zip(oh.par_chunks_mut(n * dv))
-            .enumerate()
-            .for_each_init(|| scratch::zeros(dv), head);
+        if n == 1 {
+            crate::par::zip_chunks_mut(&mut st.s, dk * dv, &mut oh, dv, |j, s, o| {
+                head(&mut scratch::zeros(dv), (j, (s, o)))
+            });
+        } else {
+            st.s.par_chunks_mut(dk * dv)
+                .zip(oh.par_chunks_mut(n * dv))
+                .enumerate()
+                .for_each_init(|| scratch::zeros(dv), head);
+        }
         let mut o = scratch::zeros(n * vd);
         for (j, oj) in oh.chunks_exact(n * dv).enumerate() {
             for (t, ot) in oj.chunks_exact(dv).enumerate() {

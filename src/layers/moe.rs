@@ -1,7 +1,7 @@
 //! Sparse MoE block: softmax router → top-k → optional renormalisation → routed SwiGLU
 //! experts, plus (Qwen3.5 / Qwen3-Next) a shared expert scaled by sigmoid(gate·x).
 
-use super::mlp::{Mlp, MlpRef};
+use super::mlp::{Mlp, MlpRef, forward_each};
 use super::sigmoid;
 use crate::flash::ExpertStore;
 use crate::profile::{PROFILE, add_since};
@@ -9,6 +9,7 @@ use crate::scratch;
 use crate::tensor::{Mat, Precision, dot};
 use anyhow::Result;
 use rayon::prelude::*;
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -165,20 +166,40 @@ impl Moe {
         let (assign, needed, start) = (&r.assign, &r.needed, &r.start);
         let mut ys = scratch::zeros(assign.len() * h);
         let rows = Rows(ys.as_mut_ptr());
-        let run = |i: usize, mlp: MlpRef<'_>| {
+        // SAFETY: `with_experts` (and the in-memory call) give each index exactly once, and
+        // rows start[i]..start[i + 1] of `ys` belong to index i alone; `ys` outlives every task.
+        let out_of = |i: usize| unsafe {
             let (a, b) = (start[i], start[i + 1]);
-            // SAFETY: `with_experts` (and the in-memory loop) compute each index exactly once,
-            // and rows a..b of `ys` belong to index i alone; `ys` outlives every task.
-            let y = unsafe { std::slice::from_raw_parts_mut(rows.at(a * h), (b - a) * h) };
-            if b - a == 1 {
-                let t = assign[a].1;
-                mlp.forward(&x[t * h..(t + 1) * h], 1, y, p);
-            } else {
+            std::slice::from_raw_parts_mut(rows.at(a * h), (b - a) * h)
+        };
+        let tokens = |i: usize| start[i + 1] - start[i];
+        let run_batch = |batch: &[(usize, MlpRef<'_>)]| {
+            // experts with several tokens (prefill): one task each
+            let several = |b: &&(usize, MlpRef<'_>)| tokens(b.0) > 1;
+            let run = |&&(i, mlp): &&(usize, MlpRef<'_>)| {
                 let mut xs = scratch::zeros(0);
-                for &(_, t, _) in &assign[a..b] {
+                for &(_, t, _) in &assign[start[i]..start[i + 1]] {
                     xs.vec().extend_from_slice(&x[t * h..(t + 1) * h]);
                 }
-                mlp.forward(&xs, b - a, y, p);
+                mlp.forward(&xs, tokens(i), out_of(i), p);
+            };
+            let multi: SmallVec<[_; 16]> = batch.iter().filter(several).collect();
+            if multi.len() > 1 {
+                multi.par_iter().for_each(run);
+            } else {
+                multi.iter().for_each(run);
+            }
+            // experts with one token (all of decode): their products together
+            let mut single: SmallVec<[_; 16]> = batch
+                .iter()
+                .filter(|b| tokens(b.0) == 1)
+                .map(|&(i, mlp)| {
+                    let t = assign[start[i]].1;
+                    (mlp, &x[t * h..(t + 1) * h], out_of(i))
+                })
+                .collect();
+            if !single.is_empty() {
+                forward_each(&mut single, p);
             }
         };
         let mut shared_out = scratch::zeros(0);
@@ -195,10 +216,11 @@ impl Moe {
         match &self.experts {
             Experts::Memory(v) => {
                 shared(&mut shared_out);
-                (0..needed.len()).into_par_iter().for_each(|i| run(i, v[needed[i]].view()));
+                let batch: SmallVec<[_; 16]> = needed.iter().enumerate().map(|(i, &e)| (i, v[e].view())).collect();
+                run_batch(&batch);
             }
             Experts::Flash { store, layer } => {
-                store.with_experts(*layer, needed, || shared(&mut shared_out), run)?;
+                store.with_experts(*layer, needed, || shared(&mut shared_out), run_batch)?;
             }
         }
         let spent = t_experts.elapsed().as_nanos() as u64;
