@@ -6,12 +6,14 @@
 #
 #   LLAMA_SRC=~/llama.cpp GGUF_SCRIPT=../shared/tools/make_synth_gguf.py bash bench/llama_side_by_side.sh
 #
-# BIN: flashmoe binary; OLD: an earlier flashmoe binary to interleave too (optional);
-# LAYERS, THREADS, PROMPT, GEN, ROUNDS. One JSON line per run in $RES; a summary at the end.
+# BIN: flashmoe binary; OTHERS: "label=binary ..." earlier builds to interleave too (optional);
+# SCALING: thread counts to run BIN at afterwards (optional); LAYERS, THREADS, PROMPT, GEN,
+# ROUNDS. One JSON line per run in $RES; a summary at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/flashmoe}
-OLD=${OLD:-}
+OTHERS=${OTHERS:-}
+SCALING=${SCALING:-}
 LLAMA_SRC=${LLAMA_SRC:?the llama.cpp source tree}
 GGUF_SCRIPT=${GGUF_SCRIPT:?make_synth_gguf.py}
 WORK=${WORK:-/tmp/flashmoe-llama}
@@ -26,7 +28,7 @@ LB="$WORK/build/bin/llama-bench"
 if [ ! -x "$LB" ]; then
     (cmake -S "$LLAMA_SRC" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
         -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >"$WORK/cmake.log" 2>&1 &&
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >"$WORK/cmake.log" 2>&1 &&
         cmake --build "$WORK/build" --target llama-bench -j "$(nproc)" >"$WORK/build.log" 2>&1) &
     build=$!
 fi
@@ -35,13 +37,13 @@ gguf="$WORK/synth-$LAYERS.gguf"
 m="$WORK/flashmoe-$LAYERS"
 [ -s "$m/manifest.json" ] || "$BIN" synth --preset qwen3-30b-a3b --layers "$LAYERS" --experts q4 --dense q4 --to "$m" --force
 if [ -n "${build:-}" ]; then
-    wait "$build" || { tail -30 "$WORK/cmake.log" "$WORK/build.log"; exit 1; }
+    wait "$build" || { tail -n 30 "$WORK/cmake.log" "$WORK/build.log"; exit 1; }
 fi
 "$BIN" sysbench --memory | tee -a "$RES.sysbench"
-fm() { # label binary
-    local j
-    j=$("$2" bench --model "$m" --threads "$THREADS" --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --json)
-    echo "{\"engine\":\"$1\",\"threads\":$THREADS,\"run\":$j}" | tee -a "$RES"
+fm() { # label binary [threads]
+    local j t=${3:-$THREADS}
+    j=$("$2" bench --model "$m" --threads "$t" --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --json)
+    echo "{\"engine\":\"$1\",\"threads\":$t,\"run\":$j}" | tee -a "$RES"
 }
 fm warmup "$BIN" >/dev/null
 "$LB" -m "$gguf" -t "$THREADS" -p "$PROMPT" -n 0 -r 1 >/dev/null # warm the page cache
@@ -49,8 +51,9 @@ for _ in $(seq "$ROUNDS"); do
     fm flashmoe "$BIN"
     "$LB" -m "$gguf" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 2 -o jsonl |
         while read -r l; do echo "{\"engine\":\"llama.cpp\",\"threads\":$THREADS,\"run\":$l}"; done | tee -a "$RES"
-    [ -z "$OLD" ] || fm flashmoe-old "$OLD"
+    for o in $OTHERS; do fm "${o%%=*}" "${o#*=}"; done
 done
+for t in $SCALING; do fm flashmoe "$BIN" "$t"; done
 python3 - "$RES" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -60,5 +63,5 @@ for r in rows:
         kind = "pp" if d["n_prompt"] else "tg"
         print(f"{e:14} {kind}{d['n_prompt'] or d['n_gen']:<4} {d['avg_ts']:8.1f} tok/s")
     else:
-        print(f"{e:14} pp{d.get('prompt_tokens', '')} {d['prefill_tok_s']:8.1f} tok/s   tg {d['decode_tok_s']:7.2f} tok/s")
+        print(f"{e:14} pp{d.get('prompt_tokens', '')} {d['prefill_tok_s']:8.1f} tok/s   tg {d['decode_tok_s']:7.2f} tok/s   {r['threads']} threads")
 EOF

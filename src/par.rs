@@ -12,6 +12,7 @@
 //! a rayon pool's `install` size it alike. One caller leads a team at a time; another caller
 //! (a second sequence) falls back to rayon, and a step started inside a team item runs inline.
 
+use crossbeam_utils::CachePadded;
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -102,12 +103,14 @@ fn epoch(w: u64) -> u64 {
 
 type Job<'a> = &'a (dyn Fn(usize) + Sync);
 
+/// The fields every member touches each step sit on cache lines of their own, so that claims,
+/// completions and the leader's writes do not invalidate each other.
 struct Team {
-    word: AtomicU64,
+    word: CachePadded<AtomicU64>,
     /// Items of the current step finished.
-    done: AtomicU32,
+    done: CachePadded<AtomicU32>,
     /// The current step's function (a reference on the leader's stack), set while it runs.
-    job: AtomicPtr<Job<'static>>,
+    job: CachePadded<AtomicPtr<Job<'static>>>,
     /// A caller leads the team.
     busy: AtomicBool,
     panicked: AtomicBool,
@@ -130,9 +133,9 @@ fn team(threads: usize) -> &'static Team {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let spin_us = std::env::var("FLASHMOE_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let t: &'static Team = Box::leak(Box::new(Team {
-        word: AtomicU64::new(0),
-        done: AtomicU32::new(0),
-        job: AtomicPtr::new(std::ptr::null_mut()),
+        word: CachePadded::new(AtomicU64::new(0)),
+        done: CachePadded::new(AtomicU32::new(0)),
+        job: CachePadded::new(AtomicPtr::new(std::ptr::null_mut())),
         busy: AtomicBool::new(false),
         panicked: AtomicBool::new(false),
         sleepers: AtomicUsize::new(0),
@@ -170,28 +173,26 @@ impl Team {
 
     /// Claims and runs items of the step published as `w` until none is left.
     fn work(&self, mut w: u64) {
-        loop {
-            if next(w) >= items(w) {
-                return;
-            }
+        let mut job: Option<Job<'_>> = None;
+        let mut finished = 0;
+        while next(w) < items(w) {
             match self.word.compare_exchange_weak(w, w + 1, AcqRel, Acquire) {
                 Ok(_) => {
                     // SAFETY: the leader set `job` before publishing this step and keeps it
-                    // alive until every item, this one included, is counted done
-                    let job = unsafe { *self.job.load(Acquire) };
-                    if catch_unwind(AssertUnwindSafe(|| job(next(w)))).is_err() {
+                    // alive until every item, the ones claimed here included, is counted done
+                    let f = *job.get_or_insert_with(|| unsafe { *self.job.load(Acquire) });
+                    if catch_unwind(AssertUnwindSafe(|| f(next(w)))).is_err() {
                         self.panicked.store(true, Relaxed);
                     }
-                    self.done.fetch_add(1, Release);
+                    finished += 1;
                     w += 1;
                 }
-                Err(now) => {
-                    if epoch(now) != epoch(w) {
-                        return;
-                    }
-                    w = now;
-                }
+                Err(now) if epoch(now) == epoch(w) => w = now,
+                Err(_) => break,
             }
+        }
+        if finished > 0 {
+            self.done.fetch_add(finished, Release);
         }
     }
 

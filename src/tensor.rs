@@ -626,11 +626,15 @@ enum Input<'a> {
     Quant(&'a QPrep),
 }
 
-/// Rows of one output a decode step computes per work item: ~64 KB of weights, so that an
-/// item's claim costs nothing beside it and every thread gets several items.
-fn rows_per_item(w: &MatRef<'_>, threads: usize) -> usize {
-    let row = w.kind.bytes(1, w.cols).max(1);
-    (65536 / row).clamp(4, (w.rows / (2 * threads)).max(4))
+/// Work items of a decode step: about four per thread over all of its products (each claim is
+/// an atomic on a line every thread touches: more items cost more than the balance gains), at
+/// least 32 KB of weights each, never spanning two products. Returns each product's rows per item.
+fn rows_per_item(ws: &[MatRef<'_>], threads: usize) -> SmallVec<[usize; 32]> {
+    let total: usize = ws.iter().map(|w| w.kind.bytes(w.rows, w.cols)).sum();
+    let item = (total / (4 * threads)).max(32 << 10);
+    ws.iter()
+        .map(|w| w.rows.div_ceil(w.kind.bytes(w.rows, w.cols).div_ceil(item).clamp(1, w.rows.max(1))).max(1))
+        .collect()
 }
 
 /// Computes independent products over `n` tokens each. One token (decode): every row of every
@@ -688,13 +692,12 @@ pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
     }
     // work item k is rows [r0, r0 + per) of the product whose items start at or before k
     let threads = rayon::current_num_threads();
+    let ws: SmallVec<[MatRef<'_>; 32]> = jobs.iter().map(|j| j.0).collect();
+    let per = rows_per_item(&ws, threads);
     let mut first: SmallVec<[usize; 33]> = SmallVec::new();
-    let mut per: SmallVec<[usize; 32]> = SmallVec::new();
     first.push(0);
-    for j in &jobs {
-        let rpi = rows_per_item(&j.0, threads);
-        per.push(rpi);
-        first.push(first.last().copied().unwrap_or(0) + j.0.rows.div_ceil(rpi));
+    for (j, rpi) in jobs.iter().zip(&per) {
+        first.push(first.last().copied().unwrap_or(0) + j.0.rows.div_ceil(*rpi));
     }
     crate::par::for_each(first[jobs.len()], |k| {
         let ji = first.partition_point(|&f| f <= k) - 1;
