@@ -213,6 +213,8 @@ impl Model {
             self.embed.row_f32(id as usize, &mut x[t * h..(t + 1) * h]);
         }
         let prefetch = n == 1 && self.store.as_ref().is_some_and(|s| s.prefetch);
+        // decode runs on the team (crate::par) from step to step
+        let _hold = (n == 1).then(crate::par::hold);
         for (i, (layer, ls)) in self.layers.iter().zip(st.layers.iter_mut()).enumerate() {
             if prefetch {
                 self.prefetch_next(i, &x);

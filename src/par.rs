@@ -73,6 +73,30 @@ impl<T> Shared<T> {
     }
 }
 
+/// Keeps the caller's team spinning between steps until dropped (a decode pass: the gaps
+/// between its steps are short, but a few, such as the page-cache checks of a layer's experts,
+/// can outlast the spin window, and a parked helper takes tens of microseconds to wake).
+pub struct Hold(Option<&'static Team>);
+
+/// Holds the team of the calling thread's pool awake (see [`Hold`]); nothing when one thread.
+pub fn hold() -> Hold {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || IN_TEAM.get() {
+        return Hold(None);
+    }
+    let t = team(threads);
+    t.holds.fetch_add(1, SeqCst);
+    Hold(Some(t))
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            t.holds.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
 thread_local! {
     /// Set on helpers, and on a leader while it leads: a nested step runs inline.
     static IN_TEAM: Cell<bool> = const { Cell::new(false) };
@@ -116,6 +140,8 @@ struct Team {
     panicked: AtomicBool,
     /// Helpers parked on `wake`.
     sleepers: AtomicUsize,
+    /// Live [`Hold`]s: helpers spin past `spin` while there is one.
+    holds: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
     /// Helpers spin this long for the next step before parking (zero when the team has more
@@ -139,6 +165,7 @@ fn team(threads: usize) -> &'static Team {
         busy: AtomicBool::new(false),
         panicked: AtomicBool::new(false),
         sleepers: AtomicUsize::new(0),
+        holds: AtomicUsize::new(0),
         lock: Mutex::new(()),
         wake: Condvar::new(),
         spin: if threads <= cpus { Duration::from_micros(spin_us) } else { Duration::ZERO },
@@ -211,7 +238,10 @@ impl Team {
                         break;
                     }
                     spins += 1;
-                    if spins.is_multiple_of(64) && start.elapsed() >= self.spin {
+                    if spins.is_multiple_of(64)
+                        && start.elapsed() >= self.spin
+                        && (self.spin.is_zero() || self.holds.load(Relaxed) == 0)
+                    {
                         w = self.park(seen);
                         break;
                     }

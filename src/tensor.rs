@@ -626,12 +626,18 @@ enum Input<'a> {
     Quant(&'a QPrep),
 }
 
+/// Work items per thread of a decode step (`FLASHMOE_ITEMS` overrides 4, for tuning).
+fn items_per_thread() -> usize {
+    static ITEMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ITEMS.get_or_init(|| std::env::var("FLASHMOE_ITEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(4).max(1))
+}
+
 /// Work items of a decode step: about four per thread over all of its products (each claim is
 /// an atomic on a line every thread touches: more items cost more than the balance gains), at
 /// least 32 KB of weights each, never spanning two products. Returns each product's rows per item.
 fn rows_per_item(ws: &[MatRef<'_>], threads: usize) -> SmallVec<[usize; 32]> {
     let total: usize = ws.iter().map(|w| w.kind.bytes(w.rows, w.cols)).sum();
-    let item = (total / (4 * threads)).max(32 << 10);
+    let item = (total / (items_per_thread() * threads)).max(32 << 10);
     ws.iter()
         .map(|w| w.rows.div_ceil(w.kind.bytes(w.rows, w.cols).div_ceil(item).clamp(1, w.rows.max(1))).max(1))
         .collect()
