@@ -553,7 +553,13 @@ impl ExpertStore {
             // place the next experts, at most a batch outstanding
             g.tick += 1;
             let tick = g.tick;
-            while failed.is_none() && next < needed.len() && ready.len() + waiting.len() < self.max_batch {
+            // at most a batch of slots pinned by this call; experts computed in place from the
+            // page cache hold none, so a prompt's cached experts form one batch (one parallel
+            // loop over all of them, not a barrier every `max_batch`)
+            let slots_held = |ready: &[(usize, Ready)], waiting: &[(usize, usize)]| {
+                waiting.len() + ready.iter().filter(|r| matches!(r.1, Ready::Slot(_))).count()
+            };
+            while failed.is_none() && next < needed.len() && slots_held(&ready, &waiting) < self.max_batch {
                 let key = (layer, needed[next]);
                 if let Some(s) = g.map.get(&key).or_else(|| g.inflight.get(&key)).copied() {
                     // cached (direct mode), or being read already (a prefetch, another caller)
