@@ -163,6 +163,45 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `out[p] = scale · q · rows[p·stride ..][..q.len()]`: a head's attention scores over a KV
+/// cache whose rows for one KV head are `stride` elements apart.
+pub fn dot_rows(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    assert!(out.is_empty() || rows.len() >= (out.len() - 1) * stride + d, "rows too short");
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: the ISA was detected at run time; `rows` length checked above
+        match d {
+            64 => return unsafe { x86::dot_rows_avx512::<4>(q, rows, stride, scale, out) },
+            128 => return unsafe { x86::dot_rows_avx512::<8>(q, rows, stride, scale, out) },
+            256 => return unsafe { x86::dot_rows_avx512::<16>(q, rows, stride, scale, out) },
+            _ => {}
+        }
+    }
+    for (p, o) in out.iter_mut().enumerate() {
+        *o = scale * dot(q, &rows[p * stride..p * stride + d]);
+    }
+}
+
+/// `out += Σ_p w[p] · rows[p·stride ..][..out.len()]`: a head's weighted sum of cached values.
+pub fn axpy_rows(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let d = out.len();
+    assert!(w.is_empty() || rows.len() >= (w.len() - 1) * stride + d, "rows too short");
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: the ISA was detected at run time; `rows` length checked above
+        match d {
+            64 => return unsafe { x86::axpy_rows_avx512::<4>(w, rows, stride, out) },
+            128 => return unsafe { x86::axpy_rows_avx512::<8>(w, rows, stride, out) },
+            256 => return unsafe { x86::axpy_rows_avx512::<16>(w, rows, stride, out) },
+            _ => {}
+        }
+    }
+    for (p, &wp) in w.iter().enumerate() {
+        axpy(wp, &rows[p * stride..p * stride + d], out);
+    }
+}
+
 /// Four dot products of one row against four vectors (register blocking for prefill).
 #[inline]
 pub fn dot4(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
@@ -436,6 +475,31 @@ mod tests {
     use crate::quant;
 
     use crate::testutil::uniform as rnd;
+
+    #[test]
+    fn strided_attention_kernels_match_scalar() {
+        // head sizes with and without a SIMD kernel, KV rows interleaved with other heads'
+        for d in [16, 64, 100, 128, 256] {
+            for len in [0, 1, 5, 33] {
+                let stride = 3 * d + 7;
+                let rows = rnd(len.max(1) * stride + d, 3);
+                let (q, w) = (rnd(d, 4), rnd(len, 5));
+                let mut s = vec![0.0; len];
+                dot_rows(&q, &rows, stride, 0.5, &mut s);
+                let mut o = rnd(d, 6);
+                let o0 = o.clone();
+                axpy_rows(&w, &rows, stride, &mut o);
+                for p in 0..len {
+                    let want: f64 = (0..d).map(|j| q[j] as f64 * rows[p * stride + j] as f64).sum::<f64>() * 0.5;
+                    assert!((s[p] as f64 - want).abs() < 1e-4, "dot_rows d {d} len {len} p {p}");
+                }
+                for j in 0..d {
+                    let want = o0[j] as f64 + (0..len).map(|p| w[p] as f64 * rows[p * stride + j] as f64).sum::<f64>();
+                    assert!((o[j] as f64 - want).abs() < 1e-4, "axpy_rows d {d} len {len} j {j}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn simd_dots_match_scalar_on_odd_sizes() {

@@ -1094,3 +1094,55 @@ pub unsafe fn dot4x4_f32_avx2(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4
     }
     out
 }
+
+/// `out[p] = scale · q · rows[p·stride ..][..d]` for `d = 16·C` (attention scores over a KV
+/// cache): q stays in registers across the positions.
+///
+/// # Safety
+/// AVX-512F must be available; `rows` holds `(out.len() - 1)·stride + d` elements.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_rows_avx512<const C: usize>(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let mut qv = [_mm512_setzero_ps(); C];
+    for (c, v) in qv.iter_mut().enumerate() {
+        *v = _mm512_loadu_ps(q.as_ptr().add(16 * c));
+    }
+    let base = rows.as_ptr();
+    for (p, o) in out.iter_mut().enumerate() {
+        let r = base.add(p * stride);
+        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut c = 0;
+        while c + 2 <= C {
+            a0 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(r.add(16 * c)), a0);
+            a1 = _mm512_fmadd_ps(qv[c + 1], _mm512_loadu_ps(r.add(16 * c + 16)), a1);
+            c += 2;
+        }
+        if c < C {
+            a0 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(r.add(16 * c)), a0);
+        }
+        *o = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+/// `out += Σ_p w[p] · rows[p·stride ..][..d]` for `d = 16·C` (attention's weighted sum of
+/// values): `out` stays in registers across the positions.
+///
+/// # Safety
+/// AVX-512F must be available; `rows` holds `(w.len() - 1)·stride + d` elements.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn axpy_rows_avx512<const C: usize>(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let mut acc = [_mm512_setzero_ps(); C];
+    for (c, v) in acc.iter_mut().enumerate() {
+        *v = _mm512_loadu_ps(out.as_ptr().add(16 * c));
+    }
+    let base = rows.as_ptr();
+    for (p, &wp) in w.iter().enumerate() {
+        let r = base.add(p * stride);
+        let wv = _mm512_set1_ps(wp);
+        for (c, v) in acc.iter_mut().enumerate() {
+            *v = _mm512_fmadd_ps(wv, _mm512_loadu_ps(r.add(16 * c)), *v);
+        }
+    }
+    for (c, v) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *v);
+    }
+}

@@ -5,7 +5,7 @@ use super::norm::RmsNorm;
 use super::rope::Rope;
 use super::sigmoid;
 use crate::scratch;
-use crate::tensor::{Mat, Precision, Product, dot, products};
+use crate::tensor::{Mat, Precision, Product, products};
 use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -95,17 +95,20 @@ impl Attention {
             let len = pos0 + t + 1; // causal: this token sees every earlier position and itself
             let kvh = h / group;
             let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
+            // this KV head's rows are nkv·d apart in the cache
+            let (ks, vs) = (&cache.k[kvh * d..], &cache.v[kvh * d..]);
             scores.clear();
-            scores.extend((0..len).map(|p| dot(qh, &cache.k[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d]) * scale));
+            scores.resize(len, 0.0);
+            crate::kernels::dot_rows(qh, ks, nkv * d, scale, scores);
             let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0;
             for s in scores.iter_mut() {
                 *s = (*s - m).exp();
                 sum += *s;
             }
-            for (p, s) in scores.iter().enumerate() {
-                crate::kernels::axpy(s / sum, &cache.v[(p * nkv + kvh) * d..(p * nkv + kvh + 1) * d], oh);
-            }
+            let inv = 1.0 / sum;
+            scores.iter_mut().for_each(|s| *s *= inv);
+            crate::kernels::axpy_rows(scores, vs, nkv * d, oh);
             if self.gated {
                 let g = &q[(t * nh + h) * qw + d..(t * nh + h + 1) * qw];
                 for (a, b) in oh.iter_mut().zip(g) {
