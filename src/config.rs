@@ -1,19 +1,10 @@
-//! Model configuration: the three supported families read from a Hugging Face `config.json`.
+//! Model configuration read from a Hugging Face `config.json`; what differs between families
+//! comes from their [`Traits`](crate::families::Traits).
 
+use crate::families::{self, Traits};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 use std::path::Path;
-
-/// Model family; decides the checkpoint layout and the small differences in the math.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    /// Qwen3.5 MoE (`qwen3_5_moe` multimodal wrapper or `qwen3_5_moe_text`).
-    Qwen35Moe,
-    /// Qwen3-Next: Qwen3.5 math with fused DeltaNet projections.
-    Qwen3Next,
-    /// Qwen3-MoE: plain GQA attention, no DeltaNet, no shared expert.
-    Qwen3Moe,
-}
 
 /// Token mixer of a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,9 +49,10 @@ impl LinearAttnConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub model_type: String,
-    pub arch: Arch,
-    /// Text weights live under `model.language_model.` (the multimodal Qwen3.5 wrapper).
-    pub multimodal: bool,
+    /// The family's name ([`crate::families`]).
+    pub family: &'static str,
+    /// What the family decides (multimodal wrapper, norms, gates, which layers are what).
+    pub traits: Traits,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_layers: usize,
@@ -159,16 +151,9 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| anyhow!("config.json: field `model_type` is missing"))?
             .to_string();
-        let (arch, multimodal) = match model_type.as_str() {
-            "qwen3_5_moe" => (Arch::Qwen35Moe, true),
-            "qwen3_5_moe_text" => (Arch::Qwen35Moe, false),
-            "qwen3_next" => (Arch::Qwen3Next, false),
-            "qwen3_moe" => (Arch::Qwen3Moe, false),
-            other => bail!(
-                "config.json: unsupported model_type `{other}` (supported: qwen3_5_moe, qwen3_5_moe_text, \
-                 qwen3_next, qwen3_moe)"
-            ),
-        };
+        let family = families::by_model_type(&model_type)?;
+        let traits = family.traits(&model_type);
+        let multimodal = traits.multimodal;
         let t = if multimodal {
             field(root, "text_config").ok_or_else(|| anyhow!("config.json: field `text_config` is missing"))?
         } else {
@@ -204,7 +189,7 @@ impl ModelConfig {
                 None => opt_f64(t, name, default),
             }
         };
-        let partial_default = if arch == Arch::Qwen3Moe { 1.0 } else { 0.25 };
+        let partial_default = traits.partial_rotary_default;
         let rope_theta = from_rope("rope_theta", 10000.0)?;
         let partial_rotary_factor = from_rope("partial_rotary_factor", partial_default)?;
         let rot = (head_dim as f64 * partial_rotary_factor) as usize;
@@ -214,7 +199,7 @@ impl ModelConfig {
             );
         }
 
-        let mixers = if arch == Arch::Qwen3Moe {
+        let mixers = if !traits.deltanet_layers {
             vec![Mixer::Attention; num_layers]
         } else if let Some(lt) = field(t, "layer_types") {
             let arr = lt.as_array().ok_or_else(|| anyhow!("config.json: field `layer_types` is not a list"))?;
@@ -240,7 +225,7 @@ impl ModelConfig {
             None => opt_usize(t, "num_local_experts", 0)?,
         };
         let ffns: Vec<Ffn> =
-            if arch == Arch::Qwen35Moe {
+            if !traits.dense_layers {
                 vec![Ffn::Moe; num_layers]
             } else {
                 let step = opt_usize(t, "decoder_sparse_step", 1)?.max(1);
@@ -304,8 +289,8 @@ impl ModelConfig {
         };
         let cfg = ModelConfig {
             model_type,
-            arch,
-            multimodal,
+            family: family.name(),
+            traits,
             vocab_size: req_usize(t, "vocab_size")?,
             hidden_size,
             num_layers,
@@ -319,14 +304,14 @@ impl ModelConfig {
             ffns,
             intermediate_size: if any_dense { req_usize(t, "intermediate_size")? } else { 0 },
             moe_intermediate_size: if any_moe { req_usize(t, "moe_intermediate_size")? } else { 0 },
-            shared_expert_intermediate_size: if arch == Arch::Qwen3Moe {
-                0
-            } else {
+            shared_expert_intermediate_size: if traits.shared_expert {
                 opt_usize(t, "shared_expert_intermediate_size", 0)?
+            } else {
+                0
             },
             num_experts,
             num_experts_per_tok,
-            norm_topk_prob: arch == Arch::Qwen35Moe || opt_bool(t, "norm_topk_prob", false)?,
+            norm_topk_prob: traits.always_renormalize || opt_bool(t, "norm_topk_prob", false)?,
             linear,
             tie_word_embeddings,
             max_position_embeddings: opt_usize(t, "max_position_embeddings", 32768)?,
@@ -335,14 +320,19 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Zero-centred RMSNorm `x·(1+w)` (Qwen3.5, Qwen3-Next) instead of `x·w`.
+    /// Zero-centred RMSNorm `x·(1+w)` instead of `x·w`.
     pub fn zero_centered_norm(&self) -> bool {
-        self.arch != Arch::Qwen3Moe
+        self.traits.zero_centered_norm
     }
 
     /// Attention output gated per element by sigmoid of a second half of q_proj.
     pub fn gated_attention(&self) -> bool {
-        self.arch != Arch::Qwen3Moe
+        self.traits.gated_attention
+    }
+
+    /// Text weights live under `model.language_model.` (a multimodal wrapper).
+    pub fn multimodal(&self) -> bool {
+        self.traits.multimodal
     }
 
     pub fn rotary_dim(&self) -> usize {

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod eval;
+pub mod families;
 pub mod flash;
 pub mod generate;
 pub mod kernels;

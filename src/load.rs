@@ -3,7 +3,7 @@
 //! tensors, shape checks.
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Arch, Ffn, LinearAttnConfig, Mixer, ModelConfig};
+use crate::config::{Ffn, LinearAttnConfig, Mixer, ModelConfig};
 use crate::flash::{ExpertStore, Manifest, StoreOptions};
 use crate::layers::attention::Attention;
 use crate::layers::deltanet::DeltaNet;
@@ -168,7 +168,7 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
 
 /// Tensor prefix of the text model: the multimodal wrapper nests it under `language_model`.
 pub fn text_prefix(cfg: &ModelConfig, ck: &dyn TensorSource) -> Result<String> {
-    let candidates: &[&str] = if cfg.multimodal {
+    let candidates: &[&str] = if cfg.multimodal() {
         &["model.language_model.", "language_model.model.", "model."]
     } else {
         &["model.", "model.language_model."]
@@ -225,31 +225,9 @@ impl Loader<'_> {
 
     fn deltanet(&self, p: &str, l: &LinearAttnConfig) -> Result<DeltaNet> {
         let h = self.cfg.hidden_size;
-        let (kd, vd, nv, nk, cd) = (l.key_dim(), l.value_dim(), l.num_v_heads, l.num_k_heads, l.conv_dim());
-        let (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) = if self.cfg.arch == Arch::Qwen3Next {
-            // Rows grouped per key head g: [q_g, k_g, v of g's value heads, z of the same].
-            let fused = self.ck.mat(&format!("{p}.in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?;
-            let (dk, vg) = (l.k_head_dim, (nv / nk) * l.v_head_dim);
-            let gs = 2 * dk + 2 * vg;
-            let part = |off: usize, len: usize| (0..nk).map(|g| g * gs + off..g * gs + off + len).collect::<Vec<_>>();
-            let mut qkv = part(0, dk);
-            qkv.extend(part(dk, dk));
-            qkv.extend(part(2 * dk, vg));
-            let z = fused.gather_rows(&part(2 * dk + vg, vg));
-            // [b of g's value heads, a of the same] per key head.
-            let ba = self.ck.mat(&format!("{p}.in_proj_ba.weight"), &[2 * nv, h])?;
-            let per = nv / nk;
-            let b_rows: Vec<_> = (0..nk).map(|g| 2 * per * g..2 * per * g + per).collect();
-            let a_rows: Vec<_> = (0..nk).map(|g| 2 * per * g + per..2 * per * (g + 1)).collect();
-            (fused.gather_rows(&qkv), z, ba.gather_rows(&b_rows), ba.gather_rows(&a_rows))
-        } else {
-            (
-                self.ck.mat(&format!("{p}.in_proj_qkv.weight"), &[cd, h])?,
-                self.ck.mat(&format!("{p}.in_proj_z.weight"), &[vd, h])?,
-                self.ck.mat(&format!("{p}.in_proj_b.weight"), &[nv, h])?,
-                self.ck.mat(&format!("{p}.in_proj_a.weight"), &[nv, h])?,
-            )
-        };
+        let (vd, nv, cd) = (l.value_dim(), l.num_v_heads, l.conv_dim());
+        let family = crate::families::by_model_type(&self.cfg.model_type)?;
+        let [in_proj_qkv, in_proj_z, in_proj_b, in_proj_a] = family.deltanet_inputs(self.ck, p, l, h)?;
         let a_log = self.ck.vector(&format!("{p}.A_log"), &[nv])?;
         Ok(DeltaNet {
             cfg: l.clone(),

@@ -885,10 +885,10 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
         if flash { " (flash layout)" } else { " (Hugging Face checkpoint)" }
     );
     println!(
-        "architecture   {} ({:?}{})",
+        "architecture   {} ({}{})",
         c.model_type,
-        c.arch,
-        if c.multimodal { ", multimodal wrapper" } else { "" }
+        c.family,
+        if c.multimodal() { ", multimodal wrapper" } else { "" }
     );
     println!(
         "layers         {} ({} DeltaNet, {} full attention; {} MoE, {} dense)",

@@ -13,76 +13,13 @@
 use super::convert::{Out, resident_kind};
 use super::format::{ExpertLayer, Experts, MANIFEST, Manifest, Part, TENSOR_ALIGN, TensorEntry, expert_layout};
 use super::staging::Staging;
-use crate::config::{Arch, Ffn, Mixer, ModelConfig};
+use crate::config::{Ffn, Mixer, ModelConfig};
+use crate::families::preset_config;
 use crate::tensor::{AlignedBytes, Mat, WKind};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::path::Path;
-
-/// Presets: (name, config.json values, source).
-pub const PRESETS: &[&str] = &[
-    "qwen3.5-397b-a17b",
-    "qwen3.5-122b-a10b",
-    "qwen3.5-35b-a3b",
-    "qwen3-next-80b-a3b",
-    "qwen3-235b-a22b",
-    "qwen3-30b-a3b",
-];
-
-/// The public `config.json` values of a preset (text model only).
-///
-/// Sources: Qwen3.5-397B-A17B and Qwen3-Next-80B-A3B from ../shared/reference/model-math.md
-/// (checked against the published configs); Qwen3.5-35B-A3B equals the defaults of
-/// transformers' `Qwen3_5MoeTextConfig` ("Qwen3.5-35B-A3B style"); Qwen3-30B-A3B and
-/// Qwen3-235B-A22B from their published config.json (the 235B one also appears in public
-/// training scripts: 94 layers, 64/4 heads of 128, 128 experts, top-8, intermediate 1536).
-/// Qwen3.5-122B-A10B: 48 layers (12 attention), 256 experts, 8 routed + 1 shared, as its model
-/// card states; hidden 3072, heads 32/2, DeltaNet 16/64 heads and intermediate 1024 are the
-/// published config's values as recalled here, not re-checked against the file (no network).
-pub fn preset_config(name: &str) -> Result<Value> {
-    let qwen35 =
-        |hidden: usize, layers: usize, heads: usize, v_heads: usize, experts: usize, k: usize, inter: usize| {
-            json!({
-                "model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": hidden,
-                "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 2, "head_dim": 256,
-                "linear_num_key_heads": 16, "linear_num_value_heads": v_heads, "linear_key_head_dim": 128,
-                "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
-                "num_experts": experts, "num_experts_per_tok": k, "moe_intermediate_size": inter,
-                "shared_expert_intermediate_size": inter, "rms_norm_eps": 1e-6, "tie_word_embeddings": false,
-                "max_position_embeddings": 262144,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
-            })
-        };
-    let qwen3 = |hidden: usize, layers: usize, heads: usize, inter: usize| {
-        json!({
-            "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": hidden, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
-            "num_experts_per_tok": 8, "moe_intermediate_size": inter, "intermediate_size": inter * 8,
-            "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [], "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": false, "max_position_embeddings": 40960,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        })
-    };
-    Ok(match name {
-        "qwen3.5-397b-a17b" => qwen35(4096, 60, 32, 64, 512, 10, 1024),
-        "qwen3.5-122b-a10b" => qwen35(3072, 48, 32, 64, 256, 8, 1024),
-        "qwen3.5-35b-a3b" => qwen35(2048, 40, 16, 32, 256, 8, 512),
-        "qwen3-next-80b-a3b" => json!({
-            "model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48,
-            "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "linear_num_key_heads": 16,
-            "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
-            "linear_conv_kernel_dim": 4, "full_attention_interval": 4, "num_experts": 512, "num_experts_per_tok": 10,
-            "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "intermediate_size": 5120,
-            "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": true, "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": false, "max_position_embeddings": 262144,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
-        }),
-        "qwen3-235b-a22b" => qwen3(4096, 94, 64, 1536),
-        "qwen3-30b-a3b" => qwen3(2048, 48, 32, 768),
-        _ => bail!("unknown preset `{name}` (one of: {})", PRESETS.join(", ")),
-    })
-}
 
 /// Expert popularity shape of a synthetic model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,14 +112,9 @@ fn specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
                 let l = c.linear.as_ref().expect("DeltaNet layer without linear config");
                 let (cd, vd, nv) = (l.conv_dim(), l.value_dim(), l.num_v_heads);
                 let a = format!("{p}.linear_attn");
-                if c.arch == Arch::Qwen3Next {
-                    s.push((format!("{a}.in_proj_qkvz.weight"), vec![cd + vd, h], std(h)));
-                    s.push((format!("{a}.in_proj_ba.weight"), vec![2 * nv, h], std(h)));
-                } else {
-                    s.push((format!("{a}.in_proj_qkv.weight"), vec![cd, h], std(h)));
-                    s.push((format!("{a}.in_proj_z.weight"), vec![vd, h], std(h)));
-                    s.push((format!("{a}.in_proj_b.weight"), vec![nv, h], std(h)));
-                    s.push((format!("{a}.in_proj_a.weight"), vec![nv, h], std(h)));
+                let family = crate::families::by_model_type(&c.model_type).expect("a parsed config's family");
+                for (name, shape) in family.deltanet_input_tensors(&a, l, h) {
+                    s.push((name, shape, std(h)));
                 }
                 s.push((format!("{a}.conv1d.weight"), vec![cd, 1, l.conv_kernel], Init::Std(0.3)));
                 s.push((format!("{a}.dt_bias"), vec![nv], Init::Const(1.0)));

@@ -1,0 +1,128 @@
+//! Model families: everything that differs between `model_type`s lives in one file per family
+//! (config defaults, the checkpoint's tensor layout where it departs from the common names,
+//! synth presets), and this registry maps a `model_type` to its family. Generic code (config,
+//! load, convert, synth, inspect) asks the family or reads the [`Traits`] it recorded in the
+//! config, never the family's identity.
+//!
+//! Adding a family: a file with a unit struct implementing [`Family`], one line in [`FAMILIES`],
+//! and a fixture from `transformers` (docs/ARCHITECTURE.md walks through it).
+
+use crate::config::LinearAttnConfig;
+use crate::load::TensorSource;
+use crate::tensor::Mat;
+use anyhow::{Result, bail};
+use serde_json::Value;
+
+mod qwen3_5_moe;
+mod qwen3_moe;
+mod qwen3_next;
+
+/// The math and config switches a family sets; generic code reads these.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Traits {
+    /// The text model's config sits under `text_config`, its tensors under `language_model`.
+    pub multimodal: bool,
+    /// Whether `layer_types` / `full_attention_interval` apply (else every layer is attention).
+    pub deltanet_layers: bool,
+    /// Whether `decoder_sparse_step` / `mlp_only_layers` apply (else every layer is MoE).
+    pub dense_layers: bool,
+    /// Whether `shared_expert_intermediate_size` applies.
+    pub shared_expert: bool,
+    /// RMSNorm weights are stored as offsets from one (`(1 + w)·x̂`).
+    pub zero_centered_norm: bool,
+    /// q_proj also yields a sigmoid output gate per head.
+    pub gated_attention: bool,
+    /// `partial_rotary_factor` when config.json gives none.
+    pub partial_rotary_default: f64,
+    /// Top-k weights are renormalised whatever `norm_topk_prob` says.
+    pub always_renormalize: bool,
+}
+
+/// One model family.
+pub trait Family: Sync {
+    /// A short name (`inspect` prints it).
+    fn name(&self) -> &'static str;
+    /// The `model_type` values it reads.
+    fn model_types(&self) -> &'static [&'static str];
+    /// Its switches for one of its `model_type`s.
+    fn traits(&self, model_type: &str) -> Traits;
+    /// Synth presets: names and their text model's `config.json`.
+    fn presets(&self) -> &'static [&'static str] {
+        &[]
+    }
+    fn preset(&self, _name: &str) -> Option<Value> {
+        None
+    }
+    /// The DeltaNet input projections of the layer at tensor prefix `p` as (qkv, z, b, a), read
+    /// from the checkpoint's own layout (default: four separate tensors).
+    fn deltanet_inputs(&self, ck: &dyn TensorSource, p: &str, l: &LinearAttnConfig, h: usize) -> Result<[Mat; 4]> {
+        let (cd, vd, nv) = (l.conv_dim(), l.value_dim(), l.num_v_heads);
+        Ok([
+            ck.mat(&format!("{p}.in_proj_qkv.weight"), &[cd, h])?,
+            ck.mat(&format!("{p}.in_proj_z.weight"), &[vd, h])?,
+            ck.mat(&format!("{p}.in_proj_b.weight"), &[nv, h])?,
+            ck.mat(&format!("{p}.in_proj_a.weight"), &[nv, h])?,
+        ])
+    }
+    /// Names and shapes of those projections as the checkpoint stores them (what synth writes).
+    fn deltanet_input_tensors(&self, p: &str, l: &LinearAttnConfig, h: usize) -> Vec<(String, Vec<usize>)> {
+        let (cd, vd, nv) = (l.conv_dim(), l.value_dim(), l.num_v_heads);
+        vec![
+            (format!("{p}.in_proj_qkv.weight"), vec![cd, h]),
+            (format!("{p}.in_proj_z.weight"), vec![vd, h]),
+            (format!("{p}.in_proj_b.weight"), vec![nv, h]),
+            (format!("{p}.in_proj_a.weight"), vec![nv, h]),
+        ]
+    }
+}
+
+/// Every supported family, in the order `inspect` and error messages list them.
+static FAMILIES: &[&dyn Family] = &[&qwen3_5_moe::Qwen35Moe, &qwen3_next::Qwen3Next, &qwen3_moe::Qwen3Moe];
+
+/// The family of a `model_type`.
+pub fn by_model_type(model_type: &str) -> Result<&'static dyn Family> {
+    match FAMILIES.iter().find(|f| f.model_types().contains(&model_type)) {
+        Some(f) => Ok(*f),
+        None => {
+            let all: Vec<&str> = FAMILIES.iter().flat_map(|f| f.model_types().iter().copied()).collect();
+            bail!("config.json: unsupported model_type `{model_type}` (supported: {})", all.join(", "))
+        }
+    }
+}
+
+/// Names of every synth preset.
+pub fn presets() -> Vec<&'static str> {
+    FAMILIES.iter().flat_map(|f| f.presets().iter().copied()).collect()
+}
+
+/// The text model's `config.json` of a synth preset.
+pub fn preset_config(name: &str) -> Result<Value> {
+    match FAMILIES.iter().find_map(|f| f.preset(name)) {
+        Some(v) => Ok(v),
+        None => bail!("unknown preset `{name}` (one of: {})", presets().join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_model_type_and_preset_has_one_family() {
+        let mut seen = std::collections::HashSet::new();
+        for f in FAMILIES {
+            for mt in f.model_types() {
+                assert!(seen.insert(*mt), "{mt} claimed twice");
+                assert_eq!(by_model_type(mt).unwrap().name(), f.name());
+            }
+        }
+        for p in presets() {
+            let cfg = preset_config(p).unwrap();
+            let mt = cfg["model_type"].as_str().unwrap();
+            assert!(by_model_type(mt).is_ok(), "preset {p}: {mt}");
+            crate::config::ModelConfig::from_json(&cfg).unwrap();
+        }
+        assert!(by_model_type("llama").err().unwrap().to_string().contains("qwen3_moe"));
+        assert!(preset_config("nope").is_err());
+    }
+}
