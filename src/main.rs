@@ -226,8 +226,21 @@ struct GenerateArgs {
     no_think: bool,
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Routed experts per token (overrides the model's top-k).
+    #[arg(long)]
+    experts_per_token: Option<usize>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Sampling settings, the same defaults for every command (a server request's own values
+/// override them).
+#[derive(Args, Clone)]
+struct SamplingArgs {
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.7)]
     temperature: f32,
     #[arg(long, default_value_t = 40)]
     top_k: usize,
@@ -238,28 +251,6 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 1.1)]
     repetition_penalty: f32,
     /// Sampling seed (fixed by default, so runs repeat).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Routed experts per token (overrides the model's top-k).
-    #[arg(long)]
-    experts_per_token: Option<usize>,
-    #[command(flatten)]
-    store: StoreArgs,
-}
-
-/// Sampling settings (temperature 0 = greedy).
-#[derive(Args, Clone)]
-struct SamplingArgs {
-    #[arg(long, default_value_t = 0.7)]
-    temperature: f32,
-    #[arg(long, default_value_t = 40)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0.0)]
-    min_p: f32,
-    #[arg(long, default_value_t = 1.1)]
-    repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -507,16 +498,7 @@ fn main() {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repetition_penalty: a.repetition_penalty,
-        seed: a.seed,
-        logit_bias: vec![],
-    };
-    params.validate()?;
+    let params = a.sampling.params()?;
     let dir = resolve(a.model.clone())?;
     let mut model = load_model_with(&dir, &a.store.load_options(&dir)?)?;
     if let Some(k) = a.experts_per_token {

@@ -106,10 +106,7 @@ pub struct QMat<'a> {
     pub biases: &'a [u16],
 }
 
-#[inline]
-fn bf(x: u16) -> f32 {
-    f32::from_bits((x as u32) << 16)
-}
+use crate::kernels::bf16_to_f32 as bf;
 
 impl<'a> QMat<'a> {
     /// Views a blob (it must be 2-byte aligned).
@@ -162,8 +159,9 @@ impl<'a> QMat<'a> {
         }
     }
 
-    /// Σ_j w[r][j]·x[j] as Σ_groups (scale·Σ q·x + bias·Σ x); `xsum[g]` is Σ x over group g.
-    #[inline]
+    /// Σ_j w[r][j]·x[j] as Σ_groups (scale·Σ q·x + bias·Σ x); `xsum[g]` is Σ x over group g
+    /// (the packing's scalar reference, for the tests).
+    #[cfg(test)]
     #[allow(clippy::needless_range_loop)]
     pub fn dot_row(&self, r: usize, x: &[f32], xsum: &[f32]) -> f32 {
         let rb = row_bytes(self.cols, self.bits);
@@ -196,6 +194,7 @@ impl<'a> QMat<'a> {
     }
 
     /// Per-group sums of `x` (shared by every row).
+    #[cfg(test)]
     pub fn group_sums(&self, x: &[f32], out: &mut Vec<f32>) {
         out.clear();
         out.extend(x.chunks(self.group).map(|c| c.iter().sum::<f32>()));

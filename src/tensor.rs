@@ -126,10 +126,7 @@ pub struct MatRef<'a> {
     pub data: &'a [u8],
 }
 
-#[inline]
-fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
+use crate::kernels::bf16_to_f32;
 
 #[inline]
 fn f16_to_f32(b: u16) -> f32 {

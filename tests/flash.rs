@@ -271,3 +271,24 @@ fn converted_model_generates_through_the_cli() {
     let (info, _) = run(&["inspect", "--model", o]);
     assert!(info.contains("q4g64") && info.contains("footprint"), "{info}");
 }
+
+#[test]
+fn a_cache_larger_than_the_model_is_capped_to_it() {
+    // 4 EiB of slots would abort the process; the store holds at most every expert instead
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    convert(&fixture("qwen3_moe"), &out, &opts(q(4))).unwrap();
+    let lo = LoadOptions {
+        store: StoreOptions {
+            mode: CacheMode::Direct,
+            cache_bytes: 1 << 62,
+            io_threads: 2,
+            max_batch: 8,
+            prefetch: false,
+        },
+        ..Default::default()
+    };
+    let (p, want) = prompt("qwen3_moe");
+    let (_, _, mean_kl) = compare(&logits(&out, &lo, &p), &want);
+    assert!(mean_kl < 0.05, "mean KL {mean_kl}");
+}

@@ -112,12 +112,16 @@ unsafe impl Send for Arena {}
 unsafe impl Sync for Arena {}
 
 impl Arena {
-    fn new(bytes: usize) -> Arena {
-        let layout = std::alloc::Layout::from_size_align(bytes.max(4096), 4096).expect("arena layout");
+    /// Fails (rather than aborting) when the memory cannot be had: `--cache-size` is user input.
+    fn new(bytes: usize) -> Result<Arena> {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(4096), 4096)
+            .map_err(|_| anyhow!("{bytes} bytes of expert slots is more than this machine can address"))?;
         // SAFETY: non-zero size; zeroed pages are only committed by the OS when touched.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "cannot allocate {bytes} bytes for expert slots");
-        Arena { ptr, layout }
+        if ptr.is_null() {
+            bail!("cannot allocate {bytes} bytes for expert slots (lower --cache-size)");
+        }
+        Ok(Arena { ptr, layout })
     }
 }
 
@@ -383,7 +387,10 @@ impl ExpertStore {
         }
         let nslots = match opts.mode {
             CacheMode::Os => max_batch,
-            CacheMode::Direct => ((opts.cache_bytes as usize) / stride).max(max_batch),
+            // a cache larger than every expert of the model holds nothing more
+            CacheMode::Direct => {
+                ((opts.cache_bytes / stride as u64).min((files.len() * ex.num_experts) as u64) as usize).max(max_batch)
+            }
         };
         let shared = Arc::new(Shared {
             slots: Mutex::new(Slots {
@@ -428,7 +435,7 @@ impl ExpertStore {
             direct_fallback,
             nslots,
             max_batch: max_batch.min(nslots),
-            arena: Arena::new(nslots * stride),
+            arena: Arena::new(nslots.saturating_mul(stride))?,
             shared,
             jobs: Some(jtx),
             workers,
@@ -458,15 +465,6 @@ impl ExpertStore {
             compute_ns: c.compute_ns.load(Relaxed),
             prefetched: c.prefetched.load(Relaxed),
             prefetch_used: c.prefetch_used.load(Relaxed),
-        }
-    }
-
-    pub fn reset_stats(&self) {
-        let c = &self.shared.counters;
-        for a in
-            [&c.bytes_read, &c.reads, &c.hits, &c.misses, &c.io_wait_ns, &c.compute_ns, &c.prefetched, &c.prefetch_used]
-        {
-            a.store(0, Relaxed);
         }
     }
 
@@ -664,13 +662,15 @@ impl ExpertStore {
             c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
             if let Some(i) = private.take() {
                 let e = needed[i];
-                let buf = Arena::new(self.stride);
                 let t = Instant::now();
-                // SAFETY: the buffer is this call's, `stride` bytes, 4 KiB-aligned for O_DIRECT.
-                let res = pread_full(lf.file.as_raw_fd(), buf.ptr, self.stride, (e * self.stride) as u64);
+                let res = Arena::new(self.stride).and_then(|buf| {
+                    // SAFETY: the buffer is this call's, `stride` bytes, 4 KiB-aligned for O_DIRECT.
+                    pread_full(lf.file.as_raw_fd(), buf.ptr, self.stride, (e * self.stride) as u64)?;
+                    Ok(buf)
+                });
                 c.io_wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
                 match res {
-                    Ok(()) => {
+                    Ok(buf) => {
                         c.bytes_read.fetch_add(self.stride as u64, Relaxed);
                         c.reads.fetch_add(1, Relaxed);
                         let t = Instant::now();
