@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod layers;
 pub mod load;
 pub mod model;
+pub mod options;
 pub mod par;
 pub mod profile;
 pub mod quant;

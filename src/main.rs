@@ -288,7 +288,7 @@ struct StoreArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "os", "direct"])]
     cache: String,
     /// Size of the own expert cache with --cache direct (e.g. 512M, 4G); `auto`: a quarter of
-    /// the memory this process may use, 256M to 32G.
+    /// the memory this process may use, 256M to 32G, at most the expert files' size.
     #[arg(long, default_value = "auto")]
     cache_size: String,
     /// Threads issuing expert reads.
@@ -310,89 +310,31 @@ struct StoreArgs {
     exact: bool,
 }
 
-/// Parses sizes like 4096, 512K, 64M, 2G (binary units).
-fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mul) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => bail!("size `{s}`: unknown unit `{c}` (use K, M, G or T)"),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    let v: f64 = num.parse().with_context(|| format!("size `{s}` is not a number"))?;
-    Ok((v * mul as f64) as u64)
-}
-
-/// Memory this process may use: `MemAvailable`, or its memory cgroup's limit if lower.
-fn usable_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let avail = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())?
-        * 1024;
-    let mut limit = u64::MAX;
-    for line in std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default().lines() {
-        let mut f = line.splitn(3, ':');
-        let (_, ctrl, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
-        let file = match ctrl {
-            "" => format!("/sys/fs/cgroup{path}/memory.max"),
-            c if c.split(',').any(|c| c == "memory") => format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"),
-            _ => continue,
-        };
-        if let Some(v) = std::fs::read_to_string(file).ok().and_then(|v| v.trim().parse::<u64>().ok()) {
-            limit = limit.min(v);
-        }
-    }
-    Some(avail.min(limit))
-}
-
-/// Total size of a converted model's expert files (0 for a checkpoint).
-fn expert_file_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir.join("experts"))
-        .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
-        .unwrap_or(0)
-}
-
 impl StoreArgs {
     /// The store settings for the model in `dir`, `auto` values resolved.
     fn load_options(&self, dir: &Path) -> Result<LoadOptions> {
-        let usable = usable_memory();
-        let mode = match self.cache.as_str() {
-            "os" => CacheMode::Os,
-            "direct" => CacheMode::Direct,
-            _ => match usable {
-                Some(m) if expert_file_bytes(dir) > m / 2 => CacheMode::Direct,
-                _ => CacheMode::Os,
+        use flashmoe::options::{Choice, StoreChoices, parse_size};
+        StoreChoices {
+            cache: match self.cache.as_str() {
+                "os" => Choice::Is(CacheMode::Os),
+                "direct" => Choice::Is(CacheMode::Direct),
+                _ => Choice::Auto,
             },
-        };
-        let cache_bytes = match self.cache_size.as_str() {
-            "auto" => usable.map_or(1 << 30, |m| (m / 4).clamp(256 << 20, 32 << 30)),
-            s => parse_size(s)?,
-        };
-        Ok(LoadOptions {
-            store: StoreOptions {
-                mode,
-                cache_bytes,
-                io_threads: self.io_threads,
-                prefetch: match self.prefetch.as_str() {
-                    "on" => true,
-                    "off" => false,
-                    _ => mode == CacheMode::Direct,
-                },
-                ..Default::default()
+            cache_size: match self.cache_size.as_str() {
+                "auto" => Choice::Auto,
+                s => Choice::Is(parse_size(s).context("--cache-size")?),
+            },
+            io_threads: self.io_threads,
+            prefetch: match self.prefetch.as_str() {
+                "on" => Choice::Is(true),
+                "off" => Choice::Is(false),
+                _ => Choice::Auto,
             },
             experts_in_memory: self.experts_in_memory,
             mlock: self.mlock,
             precision: if self.exact { Precision::Exact } else { Precision::Fast },
-        })
+        }
+        .resolve(dir)
     }
 }
 
