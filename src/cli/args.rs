@@ -1,0 +1,356 @@
+//! The command line: every subcommand, its flags, and the flag groups they share.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use flashmoe::flash::CacheMode;
+use flashmoe::generate::SamplingParams;
+use flashmoe::load::LoadOptions;
+use flashmoe::tensor::{Precision, WKind};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "flashmoe", version, about = "Mixture-of-Experts inference for models larger than memory")]
+pub(crate) struct Cli {
+    /// Compute threads (default: the physical cores this process may use, SMT siblings once,
+    /// within its CPU affinity and cgroup quota; or $RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    pub(crate) threads: Option<usize>,
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Generate a continuation of a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Print the logits of every position of a token sequence as JSON.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids, e.g. 1,2,3.
+        #[arg(long)]
+        tokens: String,
+        /// Compute as generate does (int8/bf16 activations) instead of exactly (f32
+        /// activations, the default here: this command checks models against a reference).
+        #[arg(long)]
+        fast: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Convert a Hugging Face checkpoint to the expert-packed flash layout.
+    Convert {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        /// Routed expert format: q2, q3, q4, q8 or bf16.
+        #[arg(long, default_value = "q4")]
+        experts: String,
+        /// Format of the large dense matrices: bf16 or q8.
+        #[arg(long, default_value = "bf16")]
+        dense: String,
+        #[arg(long, default_value_t = 64)]
+        group_size: u16,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Perplexity of a text; with --reference, KL divergence and top-1 agreement against it.
+    Eval {
+        /// Model directory (default: the built-in model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Text file to score.
+        #[arg(long)]
+        text: PathBuf,
+        /// Reference model (e.g. the bf16 original of a quantized model).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Routed experts per token for the model (not the reference).
+        #[arg(long)]
+        experts_per_token: Option<usize>,
+        /// Re-quantize the model's experts in memory: q2, q3, q4, q8 or bf16.
+        #[arg(long)]
+        experts: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        group_size: u16,
+        /// Tokens per window (each window starts from an empty state).
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        /// Score at most this many tokens of the text.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Write a full-size model of a published shape with random weights (flash layout).
+    Synth {
+        /// qwen3.5-397b-a17b, qwen3.5-122b-a10b, qwen3.5-35b-a3b, qwen3-next-80b-a3b,
+        /// qwen3-235b-a22b or qwen3-30b-a3b.
+        #[arg(long)]
+        preset: String,
+        /// Keep every per-layer shape but only the first N layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        #[arg(long, default_value = "q4")]
+        experts: String,
+        #[arg(long, default_value = "bf16")]
+        dense: String,
+        /// uniform (worst case for caches) or skewed (trained-model-like popularity).
+        #[arg(long, default_value = "skewed")]
+        routing: flashmoe::flash::synth::Routing,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Measure prefill and decode speed, time per phase, bytes read, cache hit rate, memory.
+    Bench {
+        /// Model directory (default: the built-in model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 32)]
+        gen_tokens: usize,
+        #[arg(long)]
+        experts_per_token: Option<usize>,
+        /// Evict the model's expert files from the page cache first (posix_fadvise).
+        #[arg(long)]
+        cold: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Measure this machine's limits: random expert-sized reads from a file, memory bandwidth.
+    Sysbench {
+        /// File to read from (e.g. an expert file); omit to measure memory only.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long, default_value_t = 7077888)]
+        block: usize,
+        #[arg(long, default_value_t = 8)]
+        io_threads: usize,
+        /// Bypass the page cache (O_DIRECT).
+        #[arg(long)]
+        direct: bool,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Also measure memory read bandwidth (1 GiB array; one thread, then all).
+        #[arg(long)]
+        memory: bool,
+    },
+    /// Re-check every checksum of a converted model.
+    Verify {
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Describe a model: architecture, layer pattern, sizes, parameters, bytes per expert.
+    Inspect {
+        /// Model directory (default: the built-in model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Interactive chat in the terminal (history, /reset /stats /save /load, Ctrl-C stops an answer).
+    Chat {
+        /// Model directory (default: the built-in model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// System prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// Read the system prompt from a file.
+        #[arg(long, conflicts_with = "system")]
+        system_file: Option<PathBuf>,
+        /// Start with thinking off (Qwen3.x `enable_thinking=false`).
+        #[arg(long)]
+        no_think: bool,
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
+    Serve {
+        /// Model directory (default: the built-in model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Requests that may wait while one generates; more get 503.
+        #[arg(long, default_value_t = 16)]
+        max_queue: usize,
+        /// Name clients use for the model (default: the directory name).
+        #[arg(long)]
+        model_id: Option<String>,
+        /// Require this key (`Authorization: Bearer KEY`) on every endpoint but /health.
+        #[arg(long, env = "FLASHMOE_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct GenerateArgs {
+    /// Model directory, a Hugging Face checkpoint or a converted one (default: the built-in model).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    #[arg(long)]
+    pub(crate) prompt: String,
+    /// Wrap the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    pub(crate) chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    pub(crate) system: Option<String>,
+    /// Ask the template to skip the thinking block (Qwen3.x `enable_thinking=false`).
+    #[arg(long)]
+    pub(crate) no_think: bool,
+    #[arg(long, default_value_t = 128)]
+    pub(crate) max_tokens: usize,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
+    /// Routed experts per token (overrides the model's top-k).
+    #[arg(long)]
+    pub(crate) experts_per_token: Option<usize>,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// Sampling settings, the same defaults for every command (a server request's own values
+/// override them).
+#[derive(Args, Clone)]
+pub(crate) struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub(crate) temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    pub(crate) top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub(crate) top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub(crate) min_p: f32,
+    #[arg(long, default_value_t = 1.1)]
+    pub(crate) repetition_penalty: f32,
+    /// Sampling seed (fixed by default, so runs repeat).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+}
+
+impl SamplingArgs {
+    pub(crate) fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            logit_bias: vec![],
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// Expert store settings (converted models).
+#[derive(Args, Clone)]
+pub(crate) struct StoreArgs {
+    /// `os`: buffered reads, the page cache caches; `direct`: O_DIRECT + own LRU cache;
+    /// `auto`: direct when the expert files exceed half the memory this process may use (it won
+    /// every beyond-RAM run: 1.9x on the 80B shape), else os (warm experts are computed in
+    /// place from the page cache).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "os", "direct"])]
+    pub(crate) cache: String,
+    /// Size of the own expert cache with --cache direct (e.g. 512M, 4G); `auto`: a quarter of
+    /// the memory this process may use, 256M to 32G, at most the expert files' size.
+    #[arg(long, default_value = "auto")]
+    pub(crate) cache_size: String,
+    /// Threads issuing expert reads.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) io_threads: usize,
+    /// Read all experts of a converted model into memory at load instead of streaming them.
+    #[arg(long)]
+    pub(crate) experts_in_memory: bool,
+    /// Read the next layer's predicted experts ahead while this layer computes: on, off, or
+    /// auto (on with --cache direct, where it measured +10-30% cold; off with os, where it lost).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub(crate) prefetch: String,
+    /// Lock the resident (non-expert) weights in RAM so expert reads cannot evict them.
+    #[arg(long)]
+    pub(crate) mlock: bool,
+    /// Multi-token (prefill) products on f32 activations, as the reference does, instead of
+    /// bf16 activations on CPUs with AVX-512 BF16.
+    #[arg(long)]
+    pub(crate) exact: bool,
+}
+
+impl StoreArgs {
+    /// The store settings for the model in `dir`, `auto` values resolved.
+    pub(crate) fn load_options(&self, dir: &Path) -> Result<LoadOptions> {
+        use flashmoe::options::{Choice, StoreChoices, parse_size};
+        StoreChoices {
+            cache: match self.cache.as_str() {
+                "os" => Choice::Is(CacheMode::Os),
+                "direct" => Choice::Is(CacheMode::Direct),
+                _ => Choice::Auto,
+            },
+            cache_size: match self.cache_size.as_str() {
+                "auto" => Choice::Auto,
+                s => Choice::Is(parse_size(s).context("--cache-size")?),
+            },
+            io_threads: self.io_threads,
+            prefetch: match self.prefetch.as_str() {
+                "on" => Choice::Is(true),
+                "off" => Choice::Is(false),
+                _ => Choice::Auto,
+            },
+            experts_in_memory: self.experts_in_memory,
+            mlock: self.mlock,
+            precision: if self.exact { Precision::Exact } else { Precision::Fast },
+        }
+        .resolve(dir)
+    }
+}
+
+pub(crate) struct EvalArgs {
+    pub(crate) model: PathBuf,
+    pub(crate) text: PathBuf,
+    pub(crate) reference: Option<PathBuf>,
+    pub(crate) experts_per_token: Option<usize>,
+    pub(crate) experts: Option<String>,
+    pub(crate) group_size: u16,
+    pub(crate) window: usize,
+    pub(crate) max_tokens: Option<usize>,
+    pub(crate) json: bool,
+}
+
+pub(crate) fn resolve(model: Option<PathBuf>) -> Result<PathBuf> {
+    match model {
+        Some(m) => Ok(m),
+        None => flashmoe::builtin::default_model(),
+    }
+}
+
+/// `q4` → 4-bit groups of `group`; `bf16` etc. as is.
+pub(crate) fn parse_kind(s: &str, group: u16, what: &str) -> Result<WKind> {
+    match s {
+        "q2" | "q3" | "q4" | "q8" => Ok(WKind::Q { bits: s[1..].parse()?, group }),
+        "bf16" => Ok(WKind::BF16),
+        "f16" => Ok(WKind::F16),
+        "f32" => Ok(WKind::F32),
+        _ => bail!("--{what}: unsupported format `{s}` (q2, q3, q4, q8, bf16)"),
+    }
+}

@@ -1,0 +1,87 @@
+//! `bench` and `sysbench`.
+
+use super::args::*;
+use anyhow::{Result, bail};
+use flashmoe::load::load_model_with;
+use std::path::PathBuf;
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cmd_bench(
+    dir: &std::path::Path,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    experts_per_token: Option<usize>,
+    cold: bool,
+    seed: u64,
+    json: bool,
+    store: &StoreArgs,
+) -> Result<()> {
+    let mut model = load_model_with(dir, &store.load_options(dir)?)?;
+    if let Some(k) = experts_per_token {
+        if k == 0 || k > model.cfg.num_experts {
+            bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
+        }
+        model.opts.experts_per_token = Some(k);
+    }
+    let r = flashmoe::bench::run(&model, &flashmoe::bench::BenchOptions { prompt_tokens, gen_tokens, cold, seed })?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "model            {} ({}, top-{}, {} threads, cache {})",
+        dir.display(),
+        model.cfg.model_type,
+        r.experts_per_token,
+        r.threads,
+        r.cache_mode
+    );
+    println!("prefill          {} tokens in {:.2}s: {:.2} tok/s", r.prompt_tokens, r.prefill_s, r.prefill_tok_s);
+    println!("decode           {} tokens in {:.2}s: {:.3} tok/s", r.gen_tokens, r.decode_s, r.decode_tok_s);
+    println!(
+        "expert I/O       {:.2} MB/token read in {:.1} reads (prefetches included), {:.3} GB/s; \
+         {:.2} MB/token missed when asked; cache hit rate {:.1}%",
+        r.bytes_fetched_per_token / 1e6,
+        r.reads_per_token,
+        r.disk_gb_s,
+        r.bytes_read_per_token / 1e6,
+        100.0 * r.cache_hit_rate
+    );
+    println!(
+        "weights/token    {:.2} MB touched (resident {:.2} GB)",
+        r.weight_bytes_per_token / 1e6,
+        r.resident_weight_bytes as f64 / 1e9
+    );
+    println!(
+        "routing          top 10% of experts take {:.1}% of routings; {:.1}% of experts reused from the previous token",
+        100.0 * r.top10pct_expert_share,
+        100.0 * r.expert_reuse
+    );
+    println!("peak RSS         {:.2} GB", r.peak_rss_bytes as f64 / 1e9);
+    let line: Vec<String> = r.phases_ms.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+    println!("ms/token         {}", line.join(", "));
+    Ok(())
+}
+
+pub(crate) fn cmd_sysbench(
+    file: Option<PathBuf>,
+    block: usize,
+    threads: usize,
+    direct: bool,
+    secs: f64,
+    memory: bool,
+) -> Result<()> {
+    if let Some(f) = file {
+        let bps = flashmoe::sysbench::disk_read(&f, block, threads, direct, secs)?;
+        println!(
+            "{{\"disk_gb_s\": {:.3}, \"block\": {block}, \"threads\": {threads}, \"direct\": {direct}}}",
+            bps / 1e9
+        );
+    }
+    if memory {
+        let one = flashmoe::sysbench::memory_read(1 << 30, 1);
+        let all = flashmoe::sysbench::memory_read(1 << 30, rayon::current_num_threads());
+        println!("{{\"mem_gb_s_1thread\": {:.2}, \"mem_gb_s_all\": {:.2}}}", one / 1e9, all / 1e9);
+    }
+    Ok(())
+}

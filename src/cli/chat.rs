@@ -1,0 +1,58 @@
+//! `chat` and `serve`.
+
+use super::args::*;
+use anyhow::{Context, Result};
+use flashmoe::load::load_model_with;
+use flashmoe::tokenizer::TextTokenizer;
+use std::path::PathBuf;
+
+pub(crate) fn cmd_chat(
+    model: Option<PathBuf>,
+    system: Option<String>,
+    system_file: Option<PathBuf>,
+    no_think: bool,
+    max_tokens: usize,
+    sampling: &SamplingArgs,
+    store: &StoreArgs,
+) -> Result<()> {
+    let dir = resolve(model)?;
+    let system = match system_file {
+        Some(f) => Some(
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?.trim().to_string(),
+        ),
+        None => system,
+    };
+    let session =
+        flashmoe::session::Session::new(load_model_with(&dir, &store.load_options(&dir)?)?, TextTokenizer::load(&dir)?);
+    let opts = flashmoe::chat::ChatOptions { system, thinking: !no_think, max_tokens, sampling: sampling.params()? };
+    flashmoe::chat::run(session, opts)
+}
+
+pub(crate) fn cmd_serve(
+    model: Option<PathBuf>,
+    host: &str,
+    port: u16,
+    max_queue: usize,
+    model_id: Option<String>,
+    api_key: Option<String>,
+    store: &StoreArgs,
+) -> Result<()> {
+    let api_key = api_key.filter(|k| !k.is_empty());
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+    if !loopback && api_key.is_none() {
+        eprintln!("warning: serving on {host} without --api-key: anyone who can reach this address can use the model");
+    }
+    let dir = resolve(model)?;
+    let tok = TextTokenizer::load(&dir)?;
+    if !tok.has_chat_template() {
+        eprintln!("warning: {} has no chat template; /v1/chat/completions will fail", dir.display());
+    }
+    let session = flashmoe::session::Session::new(load_model_with(&dir, &store.load_options(&dir)?)?, tok);
+    let model_id = model_id.unwrap_or_else(|| {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        if name.starts_with("default-") { "flashmoe-default".into() } else { name }
+    });
+    let opts = flashmoe::server::ServerOptions { model_id, max_queue, api_key, ..Default::default() };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(flashmoe::server::serve(session, host, port, opts))
+}

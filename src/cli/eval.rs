@@ -1,0 +1,70 @@
+//! `eval` (perplexity) and `logits` (the verification tool).
+
+use super::args::*;
+use anyhow::{Context, Result, bail};
+use flashmoe::load::load_model_with;
+use flashmoe::tensor::Precision;
+use flashmoe::tokenizer::TextTokenizer;
+use serde_json::json;
+use std::path::PathBuf;
+
+pub(crate) fn cmd_eval(a: EvalArgs, store: &StoreArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.text).with_context(|| format!("cannot read {}", a.text.display()))?;
+    let tok = TextTokenizer::load(&a.model)?;
+    let mut ids = tok.encode(&text)?;
+    if let Some(m) = a.max_tokens {
+        ids.truncate(m);
+    }
+    let mut lo = store.load_options(&a.model)?;
+    if a.experts.is_some() {
+        lo.experts_in_memory = true;
+    }
+    let mut model = load_model_with(&a.model, &lo)?;
+    if let Some(k) = a.experts_per_token {
+        if k == 0 || k > model.cfg.num_experts {
+            bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
+        }
+        model.opts.experts_per_token = Some(k);
+    }
+    if let Some(e) = &a.experts {
+        model.requantize_experts(parse_kind(e, a.group_size, "experts")?)?;
+    }
+    let reference = a.reference.as_ref().map(|r| load_model_with(r, &store.load_options(r)?)).transpose()?;
+    let window = a.window.min(model.max_context());
+    let r = flashmoe::eval::evaluate(&model, reference.as_ref(), &ids, window)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print!(
+            "perplexity {:.4} (nll {:.4}) over {} tokens in {} windows of {}",
+            r.perplexity, r.nll, r.tokens, r.windows, window
+        );
+        if let (Some(kl), Some(t)) = (r.kl, r.top1) {
+            print!(", KL {kl:.5}, top-1 agreement {:.2}%", 100.0 * t);
+        }
+        println!(
+            " [{:.1}s, {:.0} tok/s]",
+            r.secs,
+            r.tokens as f64 * if reference.is_some() { 2.0 } else { 1.0 } / r.secs
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn cmd_logits(model: PathBuf, tokens: &str, fast: bool, store: &StoreArgs) -> Result<()> {
+    if fast && store.exact {
+        bail!("logits: --fast and --exact contradict each other (logits is exact by default)");
+    }
+    let ids: Vec<u32> = tokens
+        .split(',')
+        .map(|s| s.trim().parse::<u32>().with_context(|| format!("--tokens: `{s}` is not a token id")))
+        .collect::<Result<_>>()?;
+    let mut opts = store.load_options(&model)?;
+    opts.precision = if fast { Precision::Fast } else { Precision::Exact };
+    let m = load_model_with(&model, &opts)?;
+    let mut st = m.new_state();
+    let logits = m.forward(&mut st, &ids, true)?;
+    let rows: Vec<&[f32]> = logits.chunks(m.vocab_size()).collect();
+    println!("{}", json!({"tokens": ids, "logits": rows}));
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `inspect`: what a model is, from its config and files.
+
+use anyhow::Result;
+use flashmoe::config::{Ffn, Mixer, ModelConfig};
+use flashmoe::flash::{Manifest, StoreOptions};
+use std::path::PathBuf;
+
+pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
+    let flash = Manifest::is_flash(&dir);
+    let (c, manifest) = if flash {
+        let m = Manifest::load(&dir)?;
+        (ModelConfig::from_json(&m.config)?, Some(m))
+    } else {
+        (ModelConfig::load(&dir)?, None)
+    };
+    let (total, active) = c.param_counts();
+    let n_attn = c.mixers.iter().filter(|m| **m == Mixer::Attention).count();
+    let n_moe = c.ffns.iter().filter(|f| **f == Ffn::Moe).count();
+    println!(
+        "model          {}{}",
+        dir.display(),
+        if flash { " (flash layout)" } else { " (Hugging Face checkpoint)" }
+    );
+    println!(
+        "architecture   {} ({}{})",
+        c.model_type,
+        c.family,
+        if c.multimodal() { ", multimodal wrapper" } else { "" }
+    );
+    println!(
+        "layers         {} ({} DeltaNet, {} full attention; {} MoE, {} dense)",
+        c.num_layers,
+        c.num_layers - n_attn,
+        n_attn,
+        n_moe,
+        c.num_layers - n_moe
+    );
+    println!("pattern        {}  (L DeltaNet, F attention; lower case = dense MLP)", c.layer_pattern());
+    println!("hidden         {}, vocab {}, context {}", c.hidden_size, c.vocab_size, c.max_position_embeddings);
+    println!(
+        "attention      {} heads, {} kv heads, head dim {}, rotary dim {} (theta {}), gated {}",
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.rotary_dim(),
+        c.rope_theta,
+        c.gated_attention()
+    );
+    if let Some(l) = &c.linear {
+        println!(
+            "deltanet       {} k heads x {}, {} v heads x {}, conv kernel {}",
+            l.num_k_heads, l.k_head_dim, l.num_v_heads, l.v_head_dim, l.conv_kernel
+        );
+    }
+    println!("parameters     {total} total, {active} active per token");
+    // bytes of one expert and of the resident weights, as stored
+    let (expert_bytes, expert_fmt, resident_bytes) = match &manifest {
+        Some(m) => {
+            let res = m.files.iter().find(|f| f.name == m.resident.file).map_or(0, |f| f.bytes);
+            match &m.experts {
+                Some(e) => (e.stride, e.kind.clone(), res),
+                None => (0, "-".into(), res),
+            }
+        }
+        None => {
+            let ck = flashmoe::checkpoint::Checkpoint::open(&dir)?;
+            let size = ck
+                .names()
+                .iter()
+                .find(|n| n.ends_with("embed_tokens.weight"))
+                .and_then(|n| ck.dtype(n).ok().flatten())
+                .map_or(2, |d| d.size());
+            let eb = (c.expert_params() * size) as u64;
+            let all_experts = eb * (c.num_experts * n_moe) as u64;
+            (eb, format!("{}-byte weights", size), total * size as u64 - all_experts)
+        }
+    };
+    if n_moe > 0 {
+        println!(
+            "experts        {} per layer, {} routed per token{}, intermediate {}, shared {}",
+            c.num_experts,
+            c.num_experts_per_tok,
+            if c.norm_topk_prob { " (renormalised)" } else { "" },
+            c.moe_intermediate_size,
+            c.shared_expert_intermediate_size
+        );
+        println!("bytes/expert   {expert_bytes} ({expert_fmt})");
+        let per_tok = expert_bytes * (c.num_experts_per_tok * n_moe) as u64;
+        let all = expert_bytes * (c.num_experts * n_moe) as u64;
+        println!(
+            "expert bytes   {} per token at top-{}, {} in all",
+            gib(per_tok as f64),
+            c.num_experts_per_tok,
+            gib(all as f64)
+        );
+    }
+    if let Some(m) = &manifest {
+        println!("formats        dense {}, experts {}", m.dense, expert_fmt);
+    }
+    let store = StoreOptions::default();
+    let slots = if flash { expert_bytes * store.max_batch.max(c.num_experts_per_tok) as u64 } else { 0 };
+    println!(
+        "footprint      resident weights {}{}, expert buffers {} (os cache; direct adds --cache-size), \
+         state {} at 4096 tokens",
+        gib(resident_bytes as f64),
+        if flash { " (mapped)" } else { "" },
+        gib(slots as f64),
+        gib(c.state_bytes(4096) as f64)
+    );
+    Ok(())
+}
+
+pub(crate) fn gib(b: f64) -> String {
+    if b >= 1e9 { format!("{:.2} GB", b / 1e9) } else { format!("{:.2} MB", b / 1e6) }
+}
