@@ -1,7 +1,8 @@
 //! The manifest (`flashmoe.json`) of a converted model: self-describing, versioned, with every
 //! tensor's format, shape and offset, the expert extent layout, and a CRC32 per file.
 
-use crate::tensor::WKind;
+use crate::layers::mlp::MlpRef;
+use crate::tensor::{MatRef, WKind};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -77,6 +78,51 @@ pub struct FileEntry {
     pub name: String,
     pub bytes: u64,
     pub crc32: u32,
+}
+
+/// How one expert's extent splits into matrices: named parts, each with its place and format.
+/// The store deals in raw extents; this builds the views a block computes with, so an expert of
+/// other parts (biases, a fused gate/up, mixed formats) needs a layout, not a store change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpertLayout {
+    /// (name, place, format); SwiGLU experts have `gate`, `up` and `down`.
+    pub parts: Vec<(&'static str, Part, WKind)>,
+    /// Bytes from one extent to the next.
+    pub stride: usize,
+}
+
+impl ExpertLayout {
+    /// The layout a manifest describes, checked against its stride.
+    pub fn of(ex: &Experts) -> Result<ExpertLayout> {
+        let kind = ex.wkind()?;
+        let parts = vec![("gate", ex.gate, kind), ("up", ex.up, kind), ("down", ex.down, kind)];
+        for (name, p, k) in &parts {
+            let end = k.checked_bytes(p.rows, p.cols).and_then(|b| (p.offset as usize).checked_add(b));
+            if end.is_none_or(|e| e as u64 > ex.stride) {
+                bail!(
+                    "manifest: expert part `{name}` ({}x{} at byte {}) overruns the {}-byte extent",
+                    p.rows,
+                    p.cols,
+                    p.offset,
+                    ex.stride
+                );
+            }
+        }
+        Ok(ExpertLayout { parts, stride: ex.stride as usize })
+    }
+
+    /// The part called `name` as a matrix over `extent`.
+    pub fn part<'a>(&self, extent: &'a [u8], name: &str) -> Option<MatRef<'a>> {
+        let (_, p, kind) = self.parts.iter().find(|(n, ..)| *n == name)?;
+        let at = p.offset as usize;
+        Some(MatRef { rows: p.rows, cols: p.cols, kind: *kind, data: &extent[at..at + kind.bytes(p.rows, p.cols)] })
+    }
+
+    /// A SwiGLU expert's view of `extent` (`of` guarantees the three parts).
+    pub fn mlp<'a>(&self, extent: &'a [u8]) -> MlpRef<'a> {
+        let m = |n| self.part(extent, n).expect("a SwiGLU layout has gate, up and down");
+        MlpRef { gate: m("gate"), up: m("up"), down: m("down") }
+    }
 }
 
 /// Where gate, up and down sit in an extent of `kind` experts, and the extent stride: matrices
@@ -257,4 +303,30 @@ pub fn file_crc32(path: &Path, progress: &mut impl FnMut(u64)) -> Result<u32> {
         progress(n as u64);
     }
     Ok(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn experts(kind: WKind, h: usize, i: usize) -> Experts {
+        let ([gate, up, down], stride) = expert_layout(kind, h, i);
+        Experts { kind: kind.name(), num_experts: 2, stride, gate, up, down, layers: vec![] }
+    }
+
+    #[test]
+    fn a_layout_views_each_part_and_refuses_parts_past_the_extent() {
+        let kind = WKind::Q { bits: 4, group: 64 };
+        let ex = experts(kind, 128, 64);
+        let l = ExpertLayout::of(&ex).unwrap();
+        let extent = vec![0u8; l.stride];
+        let m = l.mlp(&extent);
+        assert_eq!((m.gate.rows, m.gate.cols, m.down.rows, m.down.cols), (64, 128, 128, 64));
+        assert_eq!(m.up.data.len(), kind.bytes(64, 128));
+        assert!(l.part(&extent, "bias").is_none());
+        let mut bad = ex.clone();
+        bad.down.rows = 4096;
+        let err = ExpertLayout::of(&bad).unwrap_err().to_string();
+        assert!(err.contains("`down`") && err.contains("overruns"), "{err}");
+    }
 }

@@ -9,10 +9,9 @@
 //! - `direct`: `O_DIRECT` reads, and the slots themselves form an in-process LRU cache of
 //!   `cache_bytes`.
 
-use super::format::{Experts, Part};
-use crate::layers::mlp::MlpRef;
+use super::format::{ExpertLayout, Experts};
 use crate::scratch::{self, Pool};
-use crate::tensor::{MatRef, WKind};
+use crate::tensor::MatRef;
 use anyhow::{Context, Result, anyhow, bail};
 use crossbeam_channel::{Sender, bounded};
 use smallvec::SmallVec;
@@ -291,9 +290,9 @@ thread_local! {
 }
 
 pub struct ExpertStore {
-    kind: WKind,
+    /// How an extent splits into matrices.
+    pub layout: ExpertLayout,
     stride: usize,
-    parts: [Part; 3],
     num_experts: usize,
     files: HashMap<usize, LayerFile>,
     pub mode: CacheMode,
@@ -335,7 +334,7 @@ fn pread_full(fd: i32, dst: *mut u8, len: usize, off: u64) -> std::io::Result<()
 impl ExpertStore {
     /// Opens the expert files of a converted model.
     pub fn open(dir: &Path, ex: &Experts, opts: &StoreOptions) -> Result<ExpertStore> {
-        let kind = ex.wkind()?;
+        let layout = ExpertLayout::of(ex)?;
         let stride = ex.stride as usize;
         let max_batch = opts.max_batch.max(1);
         let mut direct_fallback = false;
@@ -426,9 +425,8 @@ impl ExpertStore {
             })
             .collect::<Result<_>>()?;
         Ok(ExpertStore {
-            kind,
+            layout,
             stride,
-            parts: [ex.gate, ex.up, ex.down],
             num_experts: ex.num_experts,
             files,
             mode: opts.mode,
@@ -473,16 +471,6 @@ impl ExpertStore {
         unsafe { std::slice::from_raw_parts(self.arena.ptr.add(s * self.stride), self.stride) }
     }
 
-    fn view<'a>(&self, bytes: &'a [u8]) -> MlpRef<'a> {
-        let m = |p: &Part| MatRef {
-            rows: p.rows,
-            cols: p.cols,
-            kind: self.kind,
-            data: &bytes[p.offset as usize..p.offset as usize + self.kind.bytes(p.rows, p.cols)],
-        };
-        MlpRef { gate: m(&self.parts[0]), up: m(&self.parts[1]), down: m(&self.parts[2]) }
-    }
-
     /// Claims slot `s` for `key` and queues its read (false, the slot left empty, when the I/O
     /// threads are gone). Never blocks: at most one job per slot is ever queued.
     fn issue(&self, g: &mut Slots, jobs: &Sender<Job>, lf: &LayerFile, s: usize, key: Key, tick: u64) -> bool {
@@ -523,7 +511,7 @@ impl ExpertStore {
         layer: usize,
         needed: &[usize],
         during: impl FnOnce(),
-        compute: impl Fn(&[(usize, MlpRef<'_>)]),
+        compute: impl Fn(&[(usize, &[u8])]),
     ) -> Result<()> {
         let lf = self.files.get(&layer).ok_or_else(|| anyhow!("layer {layer} has no expert file"))?;
         if let Some(&e) = needed.iter().find(|&&e| e >= self.num_experts) {
@@ -642,7 +630,7 @@ impl ExpertStore {
                 f();
             }
             let t = Instant::now();
-            let batch: SmallVec<[(usize, MlpRef<'_>); 16]> = ready
+            let batch: SmallVec<[(usize, &[u8]); 16]> = ready
                 .iter()
                 .map(|&(i, at)| {
                     let bytes = match at {
@@ -653,7 +641,7 @@ impl ExpertStore {
                         // fault: the same contract as any mmap of model weights.
                         Ready::Mapped { addr } => unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) },
                     };
-                    (i, self.view(bytes))
+                    (i, bytes)
                 })
                 .collect();
             if !batch.is_empty() {
@@ -675,7 +663,7 @@ impl ExpertStore {
                         c.reads.fetch_add(1, Relaxed);
                         let t = Instant::now();
                         // SAFETY: the buffer was filled above and lives to the end of this block.
-                        compute(&[(i, self.view(unsafe { std::slice::from_raw_parts(buf.ptr, self.stride) }))]);
+                        compute(&[(i, unsafe { std::slice::from_raw_parts(buf.ptr, self.stride) })]);
                         c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
                     }
                     Err(err) => {
@@ -718,7 +706,7 @@ impl ExpertStore {
             .map(|e| {
                 pread_full(f.as_raw_fd(), buf.bytes_mut().as_mut_ptr(), self.stride, (e * self.stride) as u64)
                     .with_context(|| format!("{}: reading expert {e}", lf.path.display()))?;
-                let v = self.view(buf.bytes());
+                let v = self.layout.mlp(buf.bytes());
                 let own = |m: MatRef<'_>| {
                     crate::tensor::Mat::from_bytes(
                         m.rows,

@@ -220,7 +220,11 @@ impl Moe {
                 run_batch(&batch);
             }
             Experts::Flash { store, layer } => {
-                store.with_experts(*layer, needed, || shared(&mut shared_out), run_batch)?;
+                let views = |batch: &[(usize, &[u8])]| {
+                    let b: SmallVec<[_; 16]> = batch.iter().map(|&(i, extent)| (i, store.layout.mlp(extent))).collect();
+                    run_batch(&b)
+                };
+                store.with_experts(*layer, needed, || shared(&mut shared_out), views)?;
             }
         }
         let spent = t_experts.elapsed().as_nanos() as u64;
