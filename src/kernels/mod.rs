@@ -183,6 +183,31 @@ pub fn dot_rows(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f
     }
 }
 
+/// Softmax in place: `x ← e^(x − max x) / Σ` (attention weights over a KV cache).
+pub fn softmax(x: &mut [f32]) {
+    if x.is_empty() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: the ISA was detected at run time.
+        return unsafe { x86::softmax_avx512(x) };
+    }
+    softmax_scalar(x)
+}
+
+/// Scalar reference of [`softmax`].
+pub fn softmax_scalar(x: &mut [f32]) {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// `out += Σ_p w[p] · rows[p·stride ..][..out.len()]`: a head's weighted sum of cached values.
 pub fn axpy_rows(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     let d = out.len();
@@ -475,6 +500,30 @@ mod tests {
     use crate::quant;
 
     use crate::testutil::uniform as rnd;
+
+    #[test]
+    fn softmax_matches_a_float64_reference() {
+        for n in [1, 2, 15, 16, 17, 100, 1000, 2049] {
+            // scores of attention's range, one of them far below the others (underflow)
+            let mut x: Vec<f32> = rnd(n, 7).iter().map(|v| v * 30.0).collect();
+            x[n / 2] -= 200.0;
+            let m = x.iter().cloned().fold(f64::NEG_INFINITY, |a, b| a.max(b as f64));
+            let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            softmax(&mut a);
+            softmax_scalar(&mut b);
+            for i in 0..n {
+                let want = e[i] / s;
+                assert!(
+                    (a[i] as f64 - want).abs() <= 2e-6 * want.max(1e-30) + 1e-12,
+                    "softmax n {n} i {i}: {} vs {want}",
+                    a[i]
+                );
+                assert!((b[i] as f64 - want).abs() <= 2e-6 * want.max(1e-30) + 1e-12, "scalar n {n} i {i}");
+            }
+        }
+    }
 
     #[test]
     fn strided_attention_kernels_match_scalar() {

@@ -1146,3 +1146,54 @@ pub unsafe fn axpy_rows_avx512<const C: usize>(w: &[f32], rows: &[f32], stride: 
         _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *v);
     }
 }
+
+/// e^x for 16 lanes, x ≤ 0 or moderate (Cephes' single-precision polynomial on
+/// [-ln2/2, ln2/2], then `vscalefps` by the power of two: underflow goes smoothly to 0).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_avx512(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+    let n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), 0x08);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
+    _mm512_scalef_ps(e, n)
+}
+
+/// Softmax in place: x ← e^(x − max x) / Σ.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax_avx512(x: &mut [f32]) {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let tail = |i: usize| -> __mmask16 { ((1u32 << (n - i).min(16)) - 1) as u16 };
+    let mut vm = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < n {
+        vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail(i), p.add(i)));
+        i += 16;
+    }
+    let m = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+    let mut vs = _mm512_setzero_ps();
+    i = 0;
+    while i < n {
+        let k = tail(i);
+        let e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), m));
+        _mm512_mask_storeu_ps(p.add(i), k, e);
+        vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(k, e));
+        i += 16;
+    }
+    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(vs));
+    i = 0;
+    while i < n {
+        let k = tail(i);
+        _mm512_mask_storeu_ps(p.add(i), k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), inv));
+        i += 16;
+    }
+}

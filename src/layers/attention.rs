@@ -100,14 +100,7 @@ impl Attention {
             scores.clear();
             scores.resize(len, 0.0);
             crate::kernels::dot_rows(qh, ks, nkv * d, scale, scores);
-            let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - m).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            scores.iter_mut().for_each(|s| *s *= inv);
+            crate::kernels::softmax(scores);
             crate::kernels::axpy_rows(scores, vs, nkv * d, oh);
             if self.gated {
                 let g = &q[(t * nh + h) * qw + d..(t * nh + h + 1) * qw];
