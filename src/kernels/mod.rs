@@ -183,10 +183,11 @@ pub fn dot_rows(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f
     }
 }
 
-/// Softmax in place: `x ← e^(x − max x) / Σ` (attention weights over a KV cache).
-pub fn softmax(x: &mut [f32]) {
+/// Softmax in place: `x ← e^(x − max x) / Σ` (attention weights over a KV cache). Returns
+/// (max x, Σ e^(x − max x)), what merging softmaxes over parts of a context needs.
+pub fn softmax(x: &mut [f32]) -> (f32, f32) {
     if x.is_empty() {
-        return;
+        return (f32::NEG_INFINITY, 0.0);
     }
     #[cfg(target_arch = "x86_64")]
     if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
@@ -197,7 +198,7 @@ pub fn softmax(x: &mut [f32]) {
 }
 
 /// Scalar reference of [`softmax`].
-pub fn softmax_scalar(x: &mut [f32]) {
+pub fn softmax_scalar(x: &mut [f32]) -> (f32, f32) {
     let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {
@@ -206,6 +207,7 @@ pub fn softmax_scalar(x: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     x.iter_mut().for_each(|v| *v *= inv);
+    (m, sum)
 }
 
 /// `out += Σ_p w[p] · rows[p·stride ..][..out.len()]`: a head's weighted sum of cached values.
@@ -511,8 +513,10 @@ mod tests {
             let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
             let s: f64 = e.iter().sum();
             let (mut a, mut b) = (x.clone(), x.clone());
-            softmax(&mut a);
-            softmax_scalar(&mut b);
+            let (ma, sa) = softmax(&mut a);
+            let (mb, sb) = softmax_scalar(&mut b);
+            assert!(ma as f64 == m && mb as f64 == m, "max n {n}");
+            assert!((sa as f64 - s).abs() < 2e-6 * s && (sb as f64 - s).abs() < 2e-6 * s, "sum n {n}");
             for i in 0..n {
                 let want = e[i] / s;
                 assert!(

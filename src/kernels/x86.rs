@@ -1169,7 +1169,7 @@ unsafe fn exp_avx512(x: __m512) -> __m512 {
 /// # Safety
 /// AVX-512F must be available.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn softmax_avx512(x: &mut [f32]) {
+pub unsafe fn softmax_avx512(x: &mut [f32]) -> (f32, f32) {
     let n = x.len();
     let p = x.as_mut_ptr();
     let tail = |i: usize| -> __mmask16 { ((1u32 << (n - i).min(16)) - 1) as u16 };
@@ -1179,7 +1179,8 @@ pub unsafe fn softmax_avx512(x: &mut [f32]) {
         vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail(i), p.add(i)));
         i += 16;
     }
-    let m = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+    let max = _mm512_reduce_max_ps(vm);
+    let m = _mm512_set1_ps(max);
     let mut vs = _mm512_setzero_ps();
     i = 0;
     while i < n {
@@ -1189,11 +1190,13 @@ pub unsafe fn softmax_avx512(x: &mut [f32]) {
         vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(k, e));
         i += 16;
     }
-    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(vs));
+    let sum = _mm512_reduce_add_ps(vs);
+    let inv = _mm512_set1_ps(1.0 / sum);
     i = 0;
     while i < n {
         let k = tail(i);
         _mm512_mask_storeu_ps(p.add(i), k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), inv));
         i += 16;
     }
+    (max, sum)
 }
