@@ -534,18 +534,16 @@ impl ExpertStore {
         let mut failed: Option<String> = None;
         // an expert read into a buffer of this call's own (see below)
         let mut private: Option<usize> = None;
+        let mut mapped = 0;
         let mut g = self.shared.lock();
         let res = loop {
             // place the next experts, at most a batch outstanding
             g.tick += 1;
             let tick = g.tick;
             // at most a batch of slots pinned by this call; experts computed in place from the
-            // page cache hold none, so a prompt's cached experts form one batch (one parallel
-            // loop over all of them, not a barrier every `max_batch`)
-            let slots_held = |ready: &[(usize, Ready)], waiting: &[(usize, usize)]| {
-                waiting.len() + ready.iter().filter(|r| matches!(r.1, Ready::Slot(_))).count()
-            };
-            while failed.is_none() && next < needed.len() && slots_held(&ready, &waiting) < self.max_batch {
+            // page cache (`mapped` of the ready ones) hold none, so a prompt's cached experts
+            // form one batch (one parallel loop over all of them, not a barrier every `max_batch`)
+            while failed.is_none() && next < needed.len() && ready.len() - mapped + waiting.len() < self.max_batch {
                 let key = (layer, needed[next]);
                 if let Some(s) = g.map.get(&key).or_else(|| g.inflight.get(&key)).copied() {
                     // cached (direct mode), or being read already (a prefetch, another caller)
@@ -564,6 +562,7 @@ impl ExpertStore {
                     // computed in place from the page cache: no read, no copy
                     c.hits.fetch_add(1, Relaxed);
                     ready.push((next, Ready::Mapped { addr }));
+                    mapped += 1;
                 } else if let Some(s) = g.victim() {
                     if !self.issue(&mut g, jobs, lf, s, key, tick) {
                         failed = Some("the expert store's I/O threads are gone".into());
@@ -684,6 +683,7 @@ impl ExpertStore {
                 }
             }
             ready.clear();
+            mapped = 0;
             if released {
                 self.shared.changed.notify_all();
             }
