@@ -149,8 +149,23 @@ struct Team {
     spin: Duration,
 }
 
-/// One team per size, created on first use; helpers live as long as the process.
+/// One team per size, created on first use; helpers live as long as the process. Each thread
+/// remembers the last one it asked for, so a step takes no lock.
 fn team(threads: usize) -> &'static Team {
+    thread_local! {
+        static LAST: Cell<Option<(usize, &'static Team)>> = const { Cell::new(None) };
+    }
+    if let Some((n, t)) = LAST.get()
+        && n == threads
+    {
+        return t;
+    }
+    let t = team_of(threads);
+    LAST.set(Some((threads, t)));
+    t
+}
+
+fn team_of(threads: usize) -> &'static Team {
     static TEAMS: OnceLock<Mutex<Vec<(usize, &'static Team)>>> = OnceLock::new();
     let mut teams = TEAMS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     if let Some(&(_, t)) = teams.iter().find(|(n, _)| *n == threads) {
