@@ -48,6 +48,10 @@ pub struct BenchResult {
     /// Milliseconds per decode token, by phase.
     pub phases_ms: BTreeMap<String, f64>,
     pub prefill_phases_ms: BTreeMap<String, f64>,
+    /// Decode: parallel steps per token on the thread team, and the weight bytes per second
+    /// that single-token products read while they ran (their own roofline fraction).
+    pub team_steps_per_token: f64,
+    pub products_gb_s: f64,
     /// Mean share of routings that go to the most popular 10% of a layer's experts (decode).
     pub top10pct_expert_share: f64,
     /// Share of a token's experts the previous token also used (same layer).
@@ -94,6 +98,10 @@ fn phases(model: &Model, tokens: usize, store_before: &crate::flash::StoreStats)
     let known = p.mixer + p.route + p.shared_expert + p.experts + p.dense + p.lm_head;
     m.insert("other".into(), ms(p.total.saturating_sub(known)));
     m.insert("total".into(), ms(p.total));
+    // how decode spends its time on the thread team (not phases: they overlap the ones above)
+    m.insert("team_steps".into(), ms(p.step));
+    m.insert("team_step_tails".into(), ms(p.step_tail));
+    m.insert("single_token_products".into(), ms(p.products));
     m
 }
 
@@ -147,6 +155,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     let prefill_phases = phases(model, prompt.len(), &s0);
 
     PROFILE.reset();
+    crate::par::take_step_profile();
     routing_start();
     let s1 = stats();
     let t = Instant::now();
@@ -163,6 +172,10 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     let routing = routing_take();
     let s2 = stats();
     let decode_phases = phases(model, made, &s1);
+    let prof = PROFILE.snapshot();
+    for line in crate::par::take_step_profile() {
+        eprintln!("step profile (decode, {made} tokens): {line}");
+    }
     let per = |x: u64| x as f64 / made.max(1) as f64;
     let (hits, misses) = (s2.hits - s1.hits, s2.misses - s1.misses);
     // from disk: every own-cache miss (direct), every read not fully in the page cache (os)
@@ -186,6 +199,8 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         resident_weight_bytes: model.weight_bytes() as u64,
         phases_ms: decode_phases,
         prefill_phases_ms: prefill_phases,
+        team_steps_per_token: per(prof.steps),
+        products_gb_s: prof.product_bytes as f64 / prof.products.max(1) as f64,
         top10pct_expert_share: routing.top_share(0.10),
         expert_reuse: routing.reuse(),
         prefetch_accuracy: if s2.prefetched > s1.prefetched {

@@ -86,8 +86,16 @@ pub struct Model {
     pub store: Option<Arc<ExpertStore>>,
 }
 
-/// Whether every value is finite (NaN and ±Inf are not).
+/// Whether every value is finite (NaN and ±Inf are not); a prompt's rows in parallel.
 fn all_finite(x: &[f32]) -> bool {
+    if x.len() >= 1 << 18 && crate::tensor::parallel(x.len()) {
+        use rayon::prelude::*;
+        return x.par_chunks(1 << 16).all(finite_chunk);
+    }
+    finite_chunk(x)
+}
+
+fn finite_chunk(x: &[f32]) -> bool {
     // v·0 is NaN exactly for NaN and ±Inf; sixteen lanes, so the loop vectorizes
     let mut acc = [0f32; 16];
     let mut it = x.chunks_exact(16);

@@ -15,6 +15,7 @@
 use crossbeam_utils::CachePadded;
 use rayon::prelude::*;
 use std::cell::Cell;
+use std::panic::Location;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize};
@@ -23,20 +24,27 @@ use std::time::{Duration, Instant};
 
 /// Runs `f(i)` for every `i` in `0..n`, spread over the caller's team (the caller takes part).
 /// Items may run in any order and on any member; each runs exactly once.
+#[track_caller]
 pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
+    for_each_at(Location::caller(), n, f)
+}
+
+/// [`for_each`] on behalf of `site` (the caller's caller, for the step profile).
+pub fn for_each_at(site: &'static Location<'static>, n: usize, f: impl Fn(usize) + Sync) {
     let threads = rayon::current_num_threads();
     if n <= 1 || threads <= 1 || IN_TEAM.get() {
         (0..n).for_each(f);
         return;
     }
     match team(threads).lead() {
-        Some(lead) => lead.run(n, &f),
+        Some(lead) => lead.run(n, &f, site),
         None => (0..n).into_par_iter().for_each(&f),
     }
 }
 
 /// `f(i, a_i, b_i)` for the `i`-th chunks (`sa` and `sb` elements) of `a` and `b`, as
 /// [`for_each`]: decode's per-head steps, each owning its state and output.
+#[track_caller]
 pub fn zip_chunks_mut<A: Send, B: Send>(
     a: &mut [A],
     sa: usize,
@@ -58,6 +66,7 @@ pub fn zip_chunks_mut<A: Send, B: Send>(
 }
 
 /// `f(i, chunk_i)` for the `size`-element chunks of `data`, as [`for_each`].
+#[track_caller]
 pub fn chunks_mut<T: Send>(data: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     zip_chunks_mut(data, size, &mut [(); 0], 0, |i, c, _| f(i, c))
 }
@@ -286,17 +295,19 @@ impl Team {
 }
 
 impl Lead {
-    fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+    fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync), site: &'static Location<'static>) {
         for base in (0..n).step_by(MAX_ITEMS) {
             let m = (n - base).min(MAX_ITEMS);
             let g = move |i: usize| f(base + i);
-            self.step(m, &g);
+            self.step(m, &g, site);
         }
     }
 
     /// Publishes one step of `n` items, works on it, and returns once every item is done.
-    fn step(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+    fn step(&self, n: usize, f: &(dyn Fn(usize) + Sync), site: &'static Location<'static>) {
         let t = self.0;
+        let t0 = Instant::now();
+        let sites = sites();
         let job: Job<'_> = f;
         // helpers dereference it only after claiming one of this step's items, and this
         // function returns only after every item is done
@@ -310,6 +321,7 @@ impl Lead {
             t.wake.notify_all();
         }
         t.work(w);
+        let t1 = Instant::now();
         let mut spins = 0u32;
         while (t.done.load(Acquire) as usize) < n {
             spins += 1;
@@ -320,10 +332,64 @@ impl Lead {
             }
         }
         t.job.store(std::ptr::null_mut(), Relaxed);
+        let p = &crate::profile::PROFILE;
+        p.steps.fetch_add(1, Relaxed);
+        p.step.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        p.step_tail.fetch_add(t1.elapsed().as_nanos() as u64, Relaxed);
+        if let Some(sites) = sites {
+            let end = Instant::now();
+            let mut g = sites.lock().unwrap_or_else(|p| p.into_inner());
+            let gap = g.last.map_or(0, |l| t0.saturating_duration_since(l).as_nanos() as u64);
+            g.last = Some(end);
+            let e = g.by_site.entry(site).or_default();
+            e[0] += 1;
+            e[1] += (end - t0).as_nanos() as u64;
+            e[2] += (end - t1).as_nanos() as u64;
+            // a gap longer than a millisecond is between calls (a new token), not between steps
+            e[3] += if gap < 1_000_000 { gap } else { 0 };
+        }
         if t.panicked.load(Relaxed) {
             panic!("a task of a parallel step panicked");
         }
     }
+}
+
+/// Per call site of a step: [steps, ns inside, ns of tails, ns since the previous step ended].
+#[derive(Default)]
+pub struct Sites {
+    by_site: std::collections::HashMap<&'static Location<'static>, [u64; 4]>,
+    last: Option<Instant>,
+}
+
+/// Step timing by call site, recorded when `FLASHMOE_STEP_PROFILE` is set (a diagnostic:
+/// the gap before a step is the leader's serial work since the previous one).
+fn sites() -> Option<&'static Mutex<Sites>> {
+    static S: OnceLock<Option<Mutex<Sites>>> = OnceLock::new();
+    S.get_or_init(|| std::env::var_os("FLASHMOE_STEP_PROFILE").map(|_| Mutex::new(Sites::default()))).as_ref()
+}
+
+/// The recorded step timing as lines `site steps step_ms tail_ms gap_ms` (ms in total),
+/// largest gap first; empty unless `FLASHMOE_STEP_PROFILE` is set. Resets the record.
+pub fn take_step_profile() -> Vec<String> {
+    let Some(s) = sites() else { return vec![] };
+    let mut g = s.lock().unwrap_or_else(|p| p.into_inner());
+    let mut v: Vec<_> = g.by_site.drain().collect();
+    g.last = None;
+    v.sort_by_key(|(_, e)| std::cmp::Reverse(e[3]));
+    let ms = |ns: u64| ns as f64 / 1e6;
+    v.iter()
+        .map(|(l, e)| {
+            format!(
+                "{}:{} steps {} in {:.2} ms tails {:.2} ms gaps {:.2} ms",
+                l.file(),
+                l.line(),
+                e[0],
+                ms(e[1]),
+                ms(e[2]),
+                ms(e[3])
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

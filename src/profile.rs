@@ -18,6 +18,14 @@ pub struct Profile {
     pub lm_head: AtomicU64,
     /// Whole forward calls.
     pub total: AtomicU64,
+    /// Decode team steps (`par`): how many, the leader's time inside them, and the part of it
+    /// spent waiting for other members once no item was left to claim (the step's tail).
+    pub steps: AtomicU64,
+    pub step: AtomicU64,
+    pub step_tail: AtomicU64,
+    /// Single-token products (`tensor::products`): time and weight bytes read.
+    pub products: AtomicU64,
+    pub product_bytes: AtomicU64,
 }
 
 pub static PROFILE: Profile = Profile {
@@ -28,6 +36,11 @@ pub static PROFILE: Profile = Profile {
     dense: AtomicU64::new(0),
     lm_head: AtomicU64::new(0),
     total: AtomicU64::new(0),
+    steps: AtomicU64::new(0),
+    step: AtomicU64::new(0),
+    step_tail: AtomicU64::new(0),
+    products: AtomicU64::new(0),
+    product_bytes: AtomicU64::new(0),
 };
 
 /// A snapshot in nanoseconds.
@@ -40,12 +53,29 @@ pub struct ProfileSnapshot {
     pub dense: u64,
     pub lm_head: u64,
     pub total: u64,
+    pub steps: u64,
+    pub step: u64,
+    pub step_tail: u64,
+    pub products: u64,
+    pub product_bytes: u64,
 }
 
 impl Profile {
     pub fn reset(&self) {
-        for a in [&self.mixer, &self.route, &self.shared_expert, &self.experts, &self.dense, &self.lm_head, &self.total]
-        {
+        for a in [
+            &self.mixer,
+            &self.route,
+            &self.shared_expert,
+            &self.experts,
+            &self.dense,
+            &self.lm_head,
+            &self.total,
+            &self.steps,
+            &self.step,
+            &self.step_tail,
+            &self.products,
+            &self.product_bytes,
+        ] {
             a.store(0, Relaxed);
         }
     }
@@ -59,6 +89,11 @@ impl Profile {
             dense: self.dense.load(Relaxed),
             lm_head: self.lm_head.load(Relaxed),
             total: self.total.load(Relaxed),
+            steps: self.steps.load(Relaxed),
+            step: self.step.load(Relaxed),
+            step_tail: self.step_tail.load(Relaxed),
+            products: self.products.load(Relaxed),
+            product_bytes: self.product_bytes.load(Relaxed),
         }
     }
 }
@@ -67,6 +102,15 @@ impl Profile {
 #[inline]
 pub fn add_since(counter: &AtomicU64, t: Instant) {
     counter.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+}
+
+/// Adds its lifetime to a counter when dropped (a phase with several exits).
+pub struct Timed<'a>(pub &'a AtomicU64, pub Instant);
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        add_since(self.0, self.1);
+    }
 }
 
 /// Expert routing statistics (recorded only while enabled, by `bench`).

@@ -28,7 +28,14 @@ pub struct Buf(Vec<f32>);
 pub fn zeros(n: usize) -> Buf {
     let mut v = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten().unwrap_or_default();
     v.clear();
-    v.resize(n, 0.0);
+    if n >= 1 << 18 && crate::tensor::parallel(n) {
+        // a prompt's buffers run to tens of MB per layer (a 512-token MoE's expert outputs:
+        // 42 MB); one thread zeroing them held all the others up
+        use rayon::prelude::*;
+        v.par_extend(rayon::iter::repeat_n(0.0, n));
+    } else {
+        v.resize(n, 0.0);
+    }
     Buf(v)
 }
 

@@ -227,10 +227,12 @@ impl Mat {
         self.view().to_f32()
     }
 
+    #[track_caller]
     pub fn matvec(&self, x: &[f32], y: &mut [f32], p: Precision) {
         self.view().matvec(x, y, p)
     }
 
+    #[track_caller]
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32], p: Precision) {
         self.view().matmul(x, n, y, p)
     }
@@ -380,6 +382,7 @@ impl<'a> MatRef<'a> {
 
     /// y = W·x for one vector. Quantized rows meet int8 activations with [`Precision::Fast`]
     /// where the CPU has the instructions.
+    #[track_caller]
     pub fn matvec(&self, x: &[f32], y: &mut [f32], p: Precision) {
         products(&mut [Product { w: *self, x, y }], 1, p)
     }
@@ -429,6 +432,7 @@ impl<'a> MatRef<'a> {
     /// With [`Precision::Fast`], q4/q8 weights run on int8 activations (`vpdpbusd`, rounded
     /// as decode rounds them) where the CPU has AVX-512 VNNI (q4 also with AVX2), and bf16 and
     /// other quantized weights on bf16 activations (`vdpbf16ps`) where it has AVX-512 BF16.
+    #[track_caller]
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32], p: Precision) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(y.len(), n * self.rows);
@@ -629,21 +633,37 @@ fn items_per_thread() -> usize {
     *ITEMS.get_or_init(|| std::env::var("FLASHMOE_ITEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(4).max(1))
 }
 
-/// Work items of a decode step: about four per thread over all of its products (each claim is
-/// an atomic on a line every thread touches: more items cost more than the balance gains), at
-/// least 32 KB of weights each, never spanning two products. Returns each product's rows per item.
-fn rows_per_item(ws: &[MatRef<'_>], threads: usize) -> SmallVec<[usize; 32]> {
-    let total: usize = ws.iter().map(|w| w.kind.bytes(w.rows, w.cols)).sum();
-    let item = (total / (items_per_thread() * threads)).max(32 << 10);
-    ws.iter()
-        .map(|w| w.rows.div_ceil(w.kind.bytes(w.rows, w.cols).div_ceil(item).clamp(1, w.rows.max(1))).max(1))
-        .collect()
+/// Work items of a decode step, largest first (guided self-scheduling): each item takes half
+/// the remaining work's share per thread, down to a floor of 1/(2·`FLASHMOE_ITEMS`) of a
+/// thread's share (and 16 KB of weights), so the first claims are few and large and the step
+/// ends on small items rather than on one thread finishing a large one while the others wait.
+/// Each claim is an atomic on a line every thread touches: about seven items per thread at four.
+/// Items never span two products. Returns (product, first row, end row) per item.
+fn plan_items(ws: &[MatRef<'_>], threads: usize) -> SmallVec<[(usize, usize, usize); 256]> {
+    let bytes = |w: &MatRef<'_>| w.kind.bytes(w.rows, w.cols);
+    let total: usize = ws.iter().map(bytes).sum();
+    let floor = (total / (2 * items_per_thread() * threads)).max(16 << 10);
+    let mut left = total;
+    let mut items = SmallVec::new();
+    for (j, w) in ws.iter().enumerate() {
+        let row = bytes(w).div_ceil(w.rows.max(1)).max(1);
+        let mut r = 0;
+        while r < w.rows {
+            let size = (left / (2 * threads)).max(floor);
+            let n = size.div_ceil(row).clamp(1, w.rows - r);
+            items.push((j, r, r + n));
+            r += n;
+            left = left.saturating_sub(n * row);
+        }
+    }
+    items
 }
 
 /// Computes independent products over `n` tokens each. One token (decode): every row of every
 /// product is a work item of one parallel step, so the threads start once for all of them
 /// (a layer's q, k and v; all experts' gate and up) and inputs shared by several products are
 /// prepared once. Several tokens: the products run side by side on rayon.
+#[track_caller]
 pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
     if n != 1 {
         return match jobs {
@@ -655,6 +675,11 @@ pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
             }
         };
     }
+    let site = std::panic::Location::caller();
+    let prof = &crate::profile::PROFILE;
+    let _timed = crate::profile::Timed(&prof.products, std::time::Instant::now());
+    let bytes: usize = jobs.iter().map(|j| j.w.kind.bytes(j.w.rows, j.w.cols)).sum();
+    prof.product_bytes.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     // (weights, input, output, output length)
     type Job<'a> = (MatRef<'a>, &'a [f32], OutPtr, usize);
     let jobs: SmallVec<[Job<'_>; 32]> =
@@ -693,21 +718,11 @@ pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
         }
         return;
     }
-    // work item k is rows [r0, r0 + per) of the product whose items start at or before k
-    let threads = rayon::current_num_threads();
     let ws: SmallVec<[MatRef<'_>; 32]> = jobs.iter().map(|j| j.0).collect();
-    let per = rows_per_item(&ws, threads);
-    let mut first: SmallVec<[usize; 33]> = SmallVec::new();
-    first.push(0);
-    for (j, rpi) in jobs.iter().zip(&per) {
-        first.push(first.last().copied().unwrap_or(0) + j.0.rows.div_ceil(*rpi));
-    }
-    crate::par::for_each(first[jobs.len()], |k| {
-        let ji = first.partition_point(|&f| f <= k) - 1;
-        let w = jobs[ji].0;
-        let r0 = (k - first[ji]) * per[ji];
-        let r1 = (r0 + per[ji]).min(w.rows);
-        w.rows_into(&input(ji), r0, rows(ji, r0, r1));
+    let items = plan_items(&ws, rayon::current_num_threads());
+    crate::par::for_each_at(site, items.len(), |k| {
+        let (ji, r0, r1) = items[k];
+        jobs[ji].0.rows_into(&input(ji), r0, rows(ji, r0, r1));
     });
 }
 
@@ -794,6 +809,34 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn decode_items_cover_every_row_once_largest_first() {
+        let blob = |rows, cols| AlignedBytes::zeroed(quant::blob_bytes(rows, cols, 4, 64));
+        let (a, b, c) = (blob(4096, 2048), blob(512, 2048), blob(3, 64));
+        let kind = WKind::Q { bits: 4, group: 64 };
+        let ws = [
+            MatRef { rows: 4096, cols: 2048, kind, data: a.bytes() },
+            MatRef { rows: 512, cols: 2048, kind, data: b.bytes() },
+            MatRef { rows: 3, cols: 64, kind, data: c.bytes() },
+        ];
+        for threads in [1, 2, 3, 16, 64] {
+            let items = plan_items(&ws, threads);
+            let mut next = [0usize; 3];
+            let mut last = usize::MAX;
+            for &(j, r0, r1) in &items {
+                assert!(r0 == next[j] && r1 > r0 && r1 <= ws[j].rows, "{threads} threads: {items:?}");
+                next[j] = r1;
+                // sizes never grow within a product (the last item of one may be cut short)
+                if j == 0 {
+                    assert!(r1 - r0 <= last, "{threads} threads: {items:?}");
+                    last = r1 - r0;
+                }
+            }
+            assert_eq!(next, [4096, 512, 3]);
+            assert!(items.len() <= 8 * threads + 8, "{threads} threads: {} items", items.len());
         }
     }
 

@@ -185,8 +185,6 @@ struct Slots {
     /// Reads in flight (demand reads and prefetches): key → slot.
     inflight: HashMap<Key, usize>,
     tick: u64,
-    /// mincore scratch (os mode).
-    pages: Vec<u8>,
 }
 
 impl Slots {
@@ -287,6 +285,10 @@ thread_local! {
     /// of experts whose bytes are in, (index, slot) of those whose reads are in flight.
     static READY: Pool<Vec<(usize, Ready)>> = const { Pool::new() };
     static WAITING: Pool<Vec<(usize, usize)>> = const { Pool::new() };
+    /// Per call: where each needed expert sits in the mapping if all its pages are cached
+    /// (os mode), else 0; per thread: `mincore`'s answer.
+    static RESIDENT: Pool<Vec<usize>> = const { Pool::new() };
+    static PAGES: Pool<Vec<u8>> = const { Pool::new() };
 }
 
 pub struct ExpertStore {
@@ -400,7 +402,6 @@ impl ExpertStore {
                 map: HashMap::new(),
                 inflight: HashMap::new(),
                 tick: 0,
-                pages: Vec::new(),
             }),
             changed: Condvar::new(),
             counters: Counters::default(),
@@ -492,8 +493,9 @@ impl ExpertStore {
     }
 
     /// Whether every page of expert `e`'s extent is in the page cache (os mode).
-    fn page_cached(&self, lf: &LayerFile, e: usize, pages: &mut Vec<u8>) -> Option<usize> {
+    fn page_cached(&self, lf: &LayerFile, e: usize) -> Option<usize> {
         let (p, _) = lf.map?;
+        let mut pages = scratch::take(&PAGES);
         pages.resize(self.stride.div_ceil(4096), 0);
         let addr = p + e * self.stride;
         // SAFETY: the range lies inside the mapping (file length checked at open).
@@ -535,6 +537,15 @@ impl ExpertStore {
         // an expert read into a buffer of this call's own (see below)
         let mut private: Option<usize> = None;
         let mut mapped = 0;
+        // page-cache residency of every needed expert, asked up front and in parallel: `mincore`
+        // visits each 4 KiB page of an extent, microseconds per expert, which one thread would
+        // spend serially in every layer of a decode step while the others wait
+        let mut resident = scratch::take(&RESIDENT);
+        resident.clear();
+        resident.resize(needed.len(), 0);
+        if self.mode == CacheMode::Os && lf.map.is_some() {
+            crate::par::chunks_mut(&mut resident, 1, |i, r| r[0] = self.page_cached(lf, needed[i]).unwrap_or(0));
+        }
         let mut g = self.shared.lock();
         let res = loop {
             // place the next experts, at most a batch outstanding
@@ -556,9 +567,8 @@ impl ExpertStore {
                         c.misses.fetch_add(1, Relaxed);
                         waiting.push((next, s));
                     }
-                } else if self.mode == CacheMode::Os
-                    && let Some(addr) = self.page_cached(lf, key.1, &mut g.pages)
-                {
+                } else if resident[next] != 0 {
+                    let addr = resident[next];
                     // computed in place from the page cache: no read, no copy
                     c.hits.fetch_add(1, Relaxed);
                     ready.push((next, Ready::Mapped { addr }));

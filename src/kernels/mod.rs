@@ -197,6 +197,24 @@ pub fn softmax(x: &mut [f32]) -> (f32, f32) {
     softmax_scalar(x)
 }
 
+/// SwiGLU's gating in place: `g ← silu(g) · u`.
+pub fn swiglu(g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len());
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: the ISA was detected at run time; equal lengths.
+        return unsafe { x86::swiglu_avx512(g, u) };
+    }
+    swiglu_scalar(g, u)
+}
+
+/// Scalar reference of [`swiglu`].
+pub fn swiglu_scalar(g: &mut [f32], u: &[f32]) {
+    for (a, b) in g.iter_mut().zip(u) {
+        *a = crate::layers::silu(*a) * b;
+    }
+}
+
 /// Scalar reference of [`softmax`].
 pub fn softmax_scalar(x: &mut [f32]) -> (f32, f32) {
     let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -350,7 +368,8 @@ impl QPrep {
             self.prepare_int8(x, bits, group);
         }
         self.xp.clear();
-        if !self.fast || bits == 8 || bits == 3 {
+        // the int8 kernels read only xq (and the length of xp)
+        if !self.fast || bits == 8 || bits == 3 || self.int8 {
             self.xp.extend_from_slice(x);
             return;
         }
@@ -530,6 +549,31 @@ mod tests {
     }
 
     #[test]
+    fn swiglu_matches_a_float64_reference() {
+        for n in [0, 1, 15, 16, 17, 768, 1001] {
+            // gate values over the range of real activations, and a few extreme ones
+            let mut g: Vec<f32> = rnd(n, 11).iter().map(|v| v * 20.0).collect();
+            let u = rnd(n, 12);
+            for (i, v) in [-200.0, 200.0, -88.5, 0.0].into_iter().enumerate().filter(|&(i, _)| i < n) {
+                g[i] = v;
+            }
+            let (mut a, mut b) = (g.clone(), g.clone());
+            swiglu(&mut a, &u);
+            swiglu_scalar(&mut b, &u);
+            for i in 0..n {
+                let x = g[i] as f64;
+                let want = x / (1.0 + (-x).exp()) * u[i] as f64;
+                let tol = 2e-6 * want.abs() + 1e-30;
+                assert!((a[i] as f64 - want).abs() <= tol, "n {n} i {i}: {} vs {want}", a[i]);
+                assert!((b[i] as f64 - want).abs() <= tol, "scalar n {n} i {i}: {} vs {want}", b[i]);
+            }
+        }
+        let mut nan = [f32::NAN];
+        swiglu(&mut nan, &[1.0]);
+        assert!(nan[0].is_nan());
+    }
+
+    #[test]
     fn strided_attention_kernels_match_scalar() {
         // head sizes with and without a SIMD kernel, KV rows interleaved with other heads'
         for d in [16, 64, 100, 128, 256] {
@@ -651,13 +695,16 @@ mod tests {
                     );
                     let mut got = vec![qdot(pk, sc, bi, &prep), qdot_scalar(pk, sc, bi, &x, &prep.xsum, bits, group)];
                     // every float-activation kernel this CPU can run, whatever the dispatcher picked
+                    // (on a float preparation: an int8 one leaves x unpermuted)
+                    let mut fprep = QPrep::default();
+                    fprep.prepare_with(&x, bits, group, false);
                     #[cfg(target_arch = "x86_64")]
-                    if prep.fast && bits != 3 {
+                    if fprep.fast && bits != 3 {
                         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                            got.push(unsafe { x86::qdot_avx2(pk, sc, bi, &prep) });
+                            got.push(unsafe { x86::qdot_avx2(pk, sc, bi, &fprep) });
                         }
                         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                            got.push(unsafe { x86::qdot_avx512(pk, sc, bi, &prep) });
+                            got.push(unsafe { x86::qdot_avx512(pk, sc, bi, &fprep) });
                         }
                     }
                     #[cfg(target_arch = "aarch64")]
@@ -667,8 +714,8 @@ mod tests {
                         assert_eq!(prep.int8, prep.fast && dotprod() && matches!(bits, 4 | 2) && fits(64));
                     }
                     #[cfg(target_arch = "aarch64")]
-                    if prep.fast && bits != 3 {
-                        got.push(unsafe { neon::qdot(pk, sc, bi, &prep) });
+                    if fprep.fast && bits != 3 {
+                        got.push(unsafe { neon::qdot(pk, sc, bi, &fprep) });
                     }
                     // the int8-activation kernels round x to 8 bits per group: their error is at
                     // most Σ|w|·(x scale)/2 per group

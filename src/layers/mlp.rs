@@ -1,7 +1,6 @@
 //! SwiGLU feed-forward: down(silu(gate·x) ⊙ up·x). Used for routed experts, the shared
 //! expert and dense layers.
 
-use super::silu;
 use crate::tensor::{Mat, MatRef, Precision, Product, products};
 use smallvec::SmallVec;
 
@@ -45,9 +44,7 @@ impl MlpRef<'_> {
         let mut g = crate::scratch::zeros(n * i);
         let mut u = crate::scratch::zeros(n * i);
         products(&mut [Product { w: self.gate, x, y: &mut g }, Product { w: self.up, x, y: &mut u }], n, p);
-        for (a, b) in g.iter_mut().zip(&u) {
-            *a = silu(*a) * b;
-        }
+        crate::kernels::swiglu(&mut g, &u);
         self.down.matmul(&g, n, out, p);
     }
 }
@@ -71,9 +68,7 @@ pub fn forward_each(items: &mut [(MlpRef<'_>, &[f32], &mut [f32])], p: Precision
     }
     products(&mut jobs, 1, p);
     drop(jobs);
-    for (a, b) in g.iter_mut().zip(&u) {
-        *a = silu(*a) * b;
-    }
+    crate::kernels::swiglu(&mut g, &u);
     let mut jobs: SmallVec<[Product<'_>; 16]> = SmallVec::new();
     let mut gs = &g[..];
     for (m, _, out) in items.iter_mut() {

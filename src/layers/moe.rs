@@ -140,14 +140,32 @@ impl Moe {
         let e = self.router.rows;
         let mut logits = scratch::zeros(n * e);
         self.router.matmul(x, n, &mut logits, p);
-        let k = top_k.unwrap_or(self.top_k);
+        let k = top_k.unwrap_or(self.top_k).min(e);
         r.assign.clear();
-        for t in 0..n {
-            route_into(&logits[t * e..(t + 1) * e], k, self.norm_topk_prob, &mut r.select, &mut r.top);
-            r.chosen.clear();
-            r.chosen.extend(r.top.iter().map(|x| x.0));
-            crate::profile::record_routing(self.layer, e, &r.chosen);
-            r.assign.extend(r.top.iter().map(|&(ex, w)| (ex, t, w)));
+        if n > 1 && crate::tensor::parallel(n * e) {
+            // a prompt's tokens are routed in parallel (a serial loop over ~500 tokens × 512
+            // experts held every other thread up in each layer); statistics in token order
+            r.assign.resize(n * k, (0, 0, 0.0));
+            r.assign.par_chunks_mut(k).enumerate().for_each_init(
+                || (Select::default(), Vec::new()),
+                |(sel, top), (t, a)| {
+                    route_into(&logits[t * e..(t + 1) * e], k, self.norm_topk_prob, sel, top);
+                    a.iter_mut().zip(top.iter()).for_each(|(a, &(ex, w))| *a = (ex, t, w));
+                },
+            );
+            for a in r.assign.chunks(k) {
+                r.chosen.clear();
+                r.chosen.extend(a.iter().map(|x| x.0));
+                crate::profile::record_routing(self.layer, e, &r.chosen);
+            }
+        } else {
+            for t in 0..n {
+                route_into(&logits[t * e..(t + 1) * e], k, self.norm_topk_prob, &mut r.select, &mut r.top);
+                r.chosen.clear();
+                r.chosen.extend(r.top.iter().map(|x| x.0));
+                crate::profile::record_routing(self.layer, e, &r.chosen);
+                r.assign.extend(r.top.iter().map(|&(ex, w)| (ex, t, w)));
+            }
         }
         r.assign.sort_unstable_by_key(|a| (a.0, a.1));
         r.needed.clear();
@@ -230,14 +248,35 @@ impl Moe {
         let spent = t_experts.elapsed().as_nanos() as u64;
         PROFILE.shared_expert.fetch_add(shared_ns.get(), std::sync::atomic::Ordering::Relaxed);
         PROFILE.experts.fetch_add(spent.saturating_sub(shared_ns.get()), std::sync::atomic::Ordering::Relaxed);
-        out.iter_mut().for_each(|v| *v = 0.0);
-        for (j, &(_, t, w)) in assign.iter().enumerate() {
-            crate::kernels::axpy(w, &ys[j * h..(j + 1) * h], &mut out[t * h..(t + 1) * h]);
-        }
-        if let Some(sh) = &self.shared {
-            for t in 0..n {
+        // out_t = Σ (in expert order) w · expert(x_t) [+ sigmoid(gate·x_t) · shared(x_t)]
+        let combine = |t: usize, ot: &mut [f32], js: &mut dyn Iterator<Item = usize>| {
+            ot.iter_mut().for_each(|v| *v = 0.0);
+            for j in js {
+                crate::kernels::axpy(assign[j].2, &ys[j * h..(j + 1) * h], ot);
+            }
+            if let Some(sh) = &self.shared {
                 let g = sigmoid(dot(&sh.gate, &x[t * h..(t + 1) * h]));
-                crate::kernels::axpy(g, &shared_out[t * h..(t + 1) * h], &mut out[t * h..(t + 1) * h]);
+                crate::kernels::axpy(g, &shared_out[t * h..(t + 1) * h], ot);
+            }
+        };
+        if n > 1 && crate::tensor::parallel(n * h) {
+            // each token's routings, in the (expert-sorted) order of `assign`, then one task
+            // per token: the same sums in the same order as one thread would do them
+            let mut by_token = vec![0usize; n + 1];
+            assign.iter().for_each(|a| by_token[a.1 + 1] += 1);
+            (0..n).for_each(|t| by_token[t + 1] += by_token[t]);
+            let mut fill = by_token.clone();
+            let mut order = vec![0usize; assign.len()];
+            for (j, a) in assign.iter().enumerate() {
+                order[fill[a.1]] = j;
+                fill[a.1] += 1;
+            }
+            out.par_chunks_mut(h).enumerate().for_each(|(t, ot)| {
+                combine(t, ot, &mut order[by_token[t]..by_token[t + 1]].iter().copied());
+            });
+        } else {
+            for (t, ot) in out.chunks_mut(h).enumerate() {
+                combine(t, ot, &mut assign.iter().enumerate().filter(|a| a.1.1 == t).map(|a| a.0));
             }
         }
         Ok(())
