@@ -208,6 +208,16 @@ pub fn swiglu(g: &mut [f32], u: &[f32]) {
     swiglu_scalar(g, u)
 }
 
+/// SiLU in place: `x ← x · sigmoid(x)`.
+pub fn silu(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: the ISA was detected at run time.
+        return unsafe { x86::silu_avx512(x) };
+    }
+    x.iter_mut().for_each(|v| *v = crate::layers::silu(*v));
+}
+
 /// Scalar reference of [`swiglu`].
 pub fn swiglu_scalar(g: &mut [f32], u: &[f32]) {
     for (a, b) in g.iter_mut().zip(u) {
@@ -571,6 +581,14 @@ mod tests {
         let mut nan = [f32::NAN];
         swiglu(&mut nan, &[1.0]);
         assert!(nan[0].is_nan());
+        for n in [1, 16, 33, 4096] {
+            let mut x: Vec<f32> = rnd(n, 13).iter().map(|v| v * 30.0).collect();
+            let want: Vec<f64> = x.iter().map(|&v| v as f64 / (1.0 + (-(v as f64)).exp())).collect();
+            silu(&mut x);
+            for (a, w) in x.iter().zip(&want) {
+                assert!((*a as f64 - w).abs() <= 2e-6 * w.abs() + 1e-30, "silu n {n}: {a} vs {w}");
+            }
+        }
     }
 
     #[test]

@@ -1185,6 +1185,25 @@ pub unsafe fn swiglu_avx512(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// `x ← x / (1 + e^(−x))`, as [`swiglu_avx512`] without the second factor.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn silu_avx512(x: &mut [f32]) {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let k: __mmask16 = ((1u32 << (n - i).min(16)) - 1) as u16;
+        let a = _mm512_maskz_loadu_ps(k, p.add(i));
+        let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), a));
+        _mm512_mask_storeu_ps(p.add(i), k, _mm512_div_ps(a, _mm512_add_ps(one, e)));
+        i += 16;
+    }
+}
+
 /// Softmax in place: x ← e^(x − max x) / Σ.
 ///
 /// # Safety

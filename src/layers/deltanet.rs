@@ -4,7 +4,7 @@
 //! heads are independent and run in parallel.
 
 use super::norm::inv_rms;
-use super::{sigmoid, silu, softplus};
+use super::{sigmoid, softplus};
 use crate::config::LinearAttnConfig;
 use crate::scratch;
 use crate::tensor::{Mat, Precision, Product, products};
@@ -158,29 +158,38 @@ impl DeltaNet {
         );
 
         // 1. causal depthwise conv over [history, x_0..x_n], then SiLU; the last kernel-1
-        //    inputs become the history.
-        let mut win = scratch::copy(&st.conv);
-        win.vec().extend_from_slice(&qkv);
+        //    inputs become the history. Tokens are independent here: a prompt's run in parallel.
+        let hist = st.conv.len() / cd;
+        let input = |i: usize| {
+            if i < hist { &st.conv[i * cd..(i + 1) * cd] } else { &qkv[(i - hist) * cd..(i - hist + 1) * cd] }
+        };
         let mut cv = scratch::zeros(n * cd);
         let q_scale = 1.0 / (dk as f32).sqrt();
-        for (t, ct) in cv.chunks_exact_mut(cd).enumerate() {
+        let conv = |(t, ct): (usize, &mut [f32])| {
             for j in 0..kern {
-                let (w, src) = (&self.conv_w[j * cd..(j + 1) * cd], &win[(t + j) * cd..(t + j + 1) * cd]);
+                let (w, src) = (&self.conv_w[j * cd..(j + 1) * cd], input(t + j));
                 ct.iter_mut().zip(w).zip(src).for_each(|((o, w), s)| *o += w * s);
             }
-            ct.iter_mut().for_each(|v| *v = silu(*v));
+            crate::kernels::silu(ct);
             // 2. L2-normalise q and k per key head; q also scaled by 1/sqrt(d_k).
             for h in 0..nk {
                 l2_normalize(&mut ct[h * dk..(h + 1) * dk], q_scale);
                 l2_normalize(&mut ct[kd + h * dk..kd + (h + 1) * dk], 1.0);
             }
+        };
+        if n > 1 && crate::tensor::parallel(n * cd) {
+            cv.par_chunks_exact_mut(cd).enumerate().for_each(conv);
+        } else {
+            cv.chunks_exact_mut(cd).enumerate().for_each(conv);
         }
-        let keep = st.conv.len();
-        st.conv.copy_from_slice(&win[win.len() - keep..]);
+        let mut keep = scratch::zeros(0);
+        keep.vec().extend((n..n + hist).flat_map(input));
+        st.conv.copy_from_slice(&keep);
         // 3-5. per value head, over the tokens: the gated delta rule, then the gated RMSNorm
         //      rms(o)·w·silu(z). Heads own disjoint states and outputs: one task each.
         let mut oh = scratch::zeros(nv * n * dv);
-        let head = |kv_mem: &mut scratch::Buf, (j, (s, oj)): (usize, (&mut [f32], &mut [f32]))| {
+        let head = |(kv_mem, gate): &mut (scratch::Buf, scratch::Buf),
+                    (j, (s, oj)): (usize, (&mut [f32], &mut [f32]))| {
             let kh = j / (nv / nk);
             for (t, ot) in oj.chunks_exact_mut(dv).enumerate() {
                 let c = &cv[t * cd..(t + 1) * cd];
@@ -189,28 +198,35 @@ impl DeltaNet {
                 let beta = sigmoid(b[t * nv + j]);
                 let decay = (self.neg_a[j] * softplus(a[t * nv + j] + self.dt_bias[j])).exp();
                 delta_step(s, qj, kj, vj, beta, decay, ot, kv_mem);
-                let zj = &z[t * vd + j * dv..t * vd + (j + 1) * dv];
                 let inv = inv_rms(ot, self.eps);
-                for ((ov, w), zz) in ot.iter_mut().zip(&self.norm_w).zip(zj) {
-                    *ov = *ov * inv * w * silu(*zz);
+                gate.copy_from_slice(&z[t * vd + j * dv..t * vd + (j + 1) * dv]);
+                crate::kernels::silu(gate);
+                for ((ov, w), g) in ot.iter_mut().zip(&self.norm_w).zip(gate.iter()) {
+                    *ov = *ov * inv * w * g;
                 }
             }
         };
         if n == 1 {
             crate::par::zip_chunks_mut(&mut st.s, dk * dv, &mut oh, dv, |j, s, o| {
-                head(&mut scratch::zeros(dv), (j, (s, o)))
+                head(&mut (scratch::zeros(dv), scratch::zeros(dv)), (j, (s, o)))
             });
         } else {
             st.s.par_chunks_mut(dk * dv)
                 .zip(oh.par_chunks_mut(n * dv))
                 .enumerate()
-                .for_each_init(|| scratch::zeros(dv), head);
+                .for_each_init(|| (scratch::zeros(dv), scratch::zeros(dv)), head);
         }
+        // head-major → token-major
         let mut o = scratch::zeros(n * vd);
-        for (j, oj) in oh.chunks_exact(n * dv).enumerate() {
-            for (t, ot) in oj.chunks_exact(dv).enumerate() {
-                o[t * vd + j * dv..t * vd + (j + 1) * dv].copy_from_slice(ot);
+        let gather = |(t, ot): (usize, &mut [f32])| {
+            for (j, oj) in ot.chunks_exact_mut(dv).enumerate() {
+                oj.copy_from_slice(&oh[(j * n + t) * dv..(j * n + t + 1) * dv]);
             }
+        };
+        if n > 1 && crate::tensor::parallel(n * vd) {
+            o.par_chunks_exact_mut(vd).enumerate().for_each(gather);
+        } else {
+            o.chunks_exact_mut(vd).enumerate().for_each(gather);
         }
         self.out_proj.matmul(&o, n, out, p);
     }
