@@ -4,7 +4,9 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Ffn, LinearAttnConfig, Mixer, ModelConfig};
+use crate::families::{Names, weight};
 use crate::flash::{ExpertStore, Manifest, StoreOptions};
+use crate::import::{self, text_prefix};
 use crate::layers::attention::Attention;
 use crate::layers::deltanet::DeltaNet;
 use crate::layers::mlp::Mlp;
@@ -27,6 +29,10 @@ pub trait TensorSource {
     fn has(&self, name: &str) -> bool;
     /// Tensor `name` with exactly `shape`, as a matrix of `[prod(leading dims), last dim]`.
     fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat>;
+    /// The source checkpoint itself, when this is one (routed experts in any of its layouts).
+    fn checkpoint(&self) -> Option<&Checkpoint> {
+        None
+    }
     fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         Ok(self.mat(name, shape)?.to_f32())
     }
@@ -41,6 +47,9 @@ impl TensorSource for Checkpoint {
     }
     fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat> {
         Checkpoint::mat(self, name, shape)
+    }
+    fn checkpoint(&self) -> Option<&Checkpoint> {
+        Some(self)
     }
 }
 
@@ -166,24 +175,14 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     Ok(m)
 }
 
-/// Tensor prefix of the text model: the multimodal wrapper nests it under `language_model`.
-pub fn text_prefix(cfg: &ModelConfig, ck: &dyn TensorSource) -> Result<String> {
-    let candidates: &[&str] = if cfg.multimodal() {
-        &["model.language_model.", "language_model.model.", "model."]
-    } else {
-        &["model.", "model.language_model."]
-    };
-    for p in candidates {
-        if ck.has(&format!("{p}embed_tokens.weight")) {
-            return Ok(p.to_string());
-        }
-    }
-    bail!("{}: tensor `{}embed_tokens.weight` is missing from the checkpoint", ck.dir().display(), candidates[0])
-}
-
 struct Loader<'a> {
     ck: &'a dyn TensorSource,
     cfg: &'a ModelConfig,
+    names: &'static Names,
+    /// The text model's tensor prefix.
+    pre: String,
+    /// The source's config.json (MLX group sizes), read when experts are.
+    raw: std::cell::OnceCell<serde_json::Value>,
     store: Option<Arc<ExpertStore>>,
     /// Converted experts to read into memory instead of streaming.
     preload: Option<Arc<ExpertStore>>,
@@ -195,11 +194,11 @@ impl Loader<'_> {
     }
 
     fn mlp(&self, p: &str, inter: usize) -> Result<Mlp> {
-        let h = self.cfg.hidden_size;
+        let (h, n) = (self.cfg.hidden_size, self.names);
         Ok(Mlp {
-            gate: self.ck.mat(&format!("{p}.gate_proj.weight"), &[inter, h])?,
-            up: self.ck.mat(&format!("{p}.up_proj.weight"), &[inter, h])?,
-            down: self.ck.mat(&format!("{p}.down_proj.weight"), &[h, inter])?,
+            gate: self.ck.mat(&weight(p, n.gate_proj), &[inter, h])?,
+            up: self.ck.mat(&weight(p, n.up_proj), &[inter, h])?,
+            down: self.ck.mat(&weight(p, n.down_proj), &[h, inter])?,
         })
     }
 
@@ -208,13 +207,14 @@ impl Loader<'_> {
         let (h, nh, nkv, d) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
         let gated = c.gated_attention();
         let zc = c.zero_centered_norm();
+        let n = self.names;
         Ok(Attention {
-            q_proj: self.ck.mat(&format!("{p}.q_proj.weight"), &[nh * d * if gated { 2 } else { 1 }, h])?,
-            k_proj: self.ck.mat(&format!("{p}.k_proj.weight"), &[nkv * d, h])?,
-            v_proj: self.ck.mat(&format!("{p}.v_proj.weight"), &[nkv * d, h])?,
-            o_proj: self.ck.mat(&format!("{p}.o_proj.weight"), &[h, nh * d])?,
-            q_norm: self.norm(&format!("{p}.q_norm.weight"), d, zc)?,
-            k_norm: self.norm(&format!("{p}.k_norm.weight"), d, zc)?,
+            q_proj: self.ck.mat(&weight(p, n.q_proj), &[nh * d * if gated { 2 } else { 1 }, h])?,
+            k_proj: self.ck.mat(&weight(p, n.k_proj), &[nkv * d, h])?,
+            v_proj: self.ck.mat(&weight(p, n.v_proj), &[nkv * d, h])?,
+            o_proj: self.ck.mat(&weight(p, n.o_proj), &[h, nh * d])?,
+            q_norm: self.norm(&weight(p, n.q_norm), d, zc)?,
+            k_norm: self.norm(&weight(p, n.k_norm), d, zc)?,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
@@ -228,7 +228,8 @@ impl Loader<'_> {
         let (vd, nv, cd) = (l.value_dim(), l.num_v_heads, l.conv_dim());
         let family = crate::families::by_model_type(&self.cfg.model_type)?;
         let [in_proj_qkv, in_proj_z, in_proj_b, in_proj_a] = family.deltanet_inputs(self.ck, p, l, h)?;
-        let a_log = self.ck.vector(&format!("{p}.A_log"), &[nv])?;
+        let n = self.names;
+        let a_log = self.ck.vector(&format!("{p}.{}", n.a_log), &[nv])?;
         Ok(DeltaNet {
             cfg: l.clone(),
             in_proj_qkv,
@@ -237,53 +238,56 @@ impl Loader<'_> {
             in_proj_a,
             conv_w: {
                 // stored [channel][tap]; kept [tap][channel] so each tap is one vector pass
-                let w = self.ck.vector(&format!("{p}.conv1d.weight"), &[cd, 1, l.conv_kernel])?;
+                let w = self.ck.vector(&weight(p, n.conv1d), &[cd, 1, l.conv_kernel])?;
                 let kern = l.conv_kernel;
                 (0..kern).flat_map(|j| (0..cd).map(move |ch| (ch, j))).map(|(ch, j)| w[ch * kern + j]).collect()
             },
-            dt_bias: self.ck.vector(&format!("{p}.dt_bias"), &[nv])?,
+            dt_bias: self.ck.vector(&format!("{p}.{}", n.dt_bias), &[nv])?,
             neg_a: a_log.iter().map(|v| -v.exp()).collect(),
-            norm_w: self.ck.vector(&format!("{p}.norm.weight"), &[l.v_head_dim])?,
+            norm_w: self.ck.vector(&weight(p, n.gated_norm), &[l.v_head_dim])?,
             eps: self.cfg.rms_norm_eps,
-            out_proj: self.ck.mat(&format!("{p}.out_proj.weight"), &[h, vd])?,
+            out_proj: self.ck.mat(&weight(p, n.out_proj), &[h, vd])?,
         })
     }
 
-    /// Routed experts: one tensor per expert and projection, or the fused 3-D form.
-    pub fn experts(&self, p: &str) -> Result<Vec<Mlp>> {
-        let c = self.cfg;
-        let (e, h, i) = (c.num_experts, c.hidden_size, c.moe_intermediate_size);
-        let fused = format!("{p}.gate_up_proj");
-        if self.ck.has(&fused) {
-            let gu = self.ck.mat(&fused, &[e, 2 * i, h])?;
-            let dn = self.ck.mat(&format!("{p}.down_proj"), &[e, h, i])?;
-            return Ok((0..e)
-                .map(|x| Mlp {
-                    gate: gu.slice_rows(x * 2 * i, x * 2 * i + i),
-                    up: gu.slice_rows(x * 2 * i + i, (x + 1) * 2 * i),
-                    down: dn.slice_rows(x * h, (x + 1) * h),
-                })
-                .collect());
-        }
-        (0..e).map(|x| self.mlp(&format!("{p}.{x}"), i)).collect()
+    /// Routed experts of `layer` read into memory, in any layout [`import::expert`] reads.
+    fn experts(&self, layer: usize) -> Result<Vec<Mlp>> {
+        let Some(ck) = self.ck.checkpoint() else {
+            bail!("{}: layer {layer}'s experts are not in this tensor source", self.ck.dir().display());
+        };
+        let raw = match self.raw.get() {
+            Some(r) => r,
+            None => {
+                let path = ck.dir.join("config.json");
+                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                let v = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+                self.raw.get_or_init(|| v)
+            }
+        };
+        (0..self.cfg.num_experts)
+            .map(|e| {
+                let [gate, up, down] = import::expert(ck, self.cfg, raw, &self.pre, layer, e)?;
+                Ok(Mlp { gate, up, down })
+            })
+            .collect()
     }
 
     fn moe(&self, p: &str, layer: usize) -> Result<Moe> {
-        let c = self.cfg;
+        let (c, n) = (self.cfg, self.names);
         let shared = if c.shared_expert_intermediate_size > 0 {
             Some(SharedExpert {
-                mlp: self.mlp(&format!("{p}.shared_expert"), c.shared_expert_intermediate_size)?,
-                gate: self.ck.vector(&format!("{p}.shared_expert_gate.weight"), &[1, c.hidden_size])?,
+                mlp: self.mlp(&format!("{p}.{}", n.shared_expert), c.shared_expert_intermediate_size)?,
+                gate: self.ck.vector(&weight(p, n.shared_expert_gate), &[1, c.hidden_size])?,
             })
         } else {
             None
         };
         Ok(Moe {
-            router: self.ck.mat(&format!("{p}.gate.weight"), &[c.num_experts, c.hidden_size])?,
+            router: self.ck.mat(&weight(p, n.router), &[c.num_experts, c.hidden_size])?,
             experts: match (&self.store, &self.preload) {
                 (Some(store), _) => Experts::Flash { store: store.clone(), layer },
                 (None, Some(pre)) => Experts::Memory(pre.load_layer(layer)?),
-                (None, None) => Experts::Memory(self.experts(&format!("{p}.experts"))?),
+                (None, None) => Experts::Memory(self.experts(layer)?),
             },
             shared,
             top_k: c.num_experts_per_tok,
@@ -301,38 +305,38 @@ pub fn build(
     preload: Option<Arc<ExpertStore>>,
 ) -> Result<Model> {
     let pre = text_prefix(&cfg, ck)?;
-    let ld = Loader { ck, cfg: &cfg, store: store.clone(), preload };
+    let n = crate::families::names_of(&cfg.model_type);
+    let ld =
+        Loader { ck, cfg: &cfg, names: n, pre: pre.clone(), raw: Default::default(), store: store.clone(), preload };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let zc = cfg.zero_centered_norm();
-    let embed = ck.mat(&format!("{pre}embed_tokens.weight"), &[v, h])?;
+    let embed = ck.mat(&format!("{pre}{}.weight", n.embed), &[v, h])?;
     // MLX conversions of the multimodal wrapper keep the head under `language_model.`
-    let head_name = if !ck.has("lm_head.weight") && ck.has("language_model.lm_head.weight") {
-        "language_model.lm_head.weight"
-    } else {
-        "lm_head.weight"
-    };
+    let heads: Vec<String> = n.lm_head.iter().map(|h| format!("{h}.weight")).collect();
+    let head_name = heads.iter().find(|h| ck.has(h)).unwrap_or(&heads[0]);
     let lm_head = if cfg.tie_word_embeddings { None } else { Some(ck.mat(head_name, &[v, h])?) };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
-        let p = format!("{pre}layers.{i}");
+        let p = n.layer(&pre, i);
         let mixer = match cfg.mixers[i] {
-            Mixer::Attention => MixerWeights::Attention(ld.attention(&format!("{p}.self_attn"))?),
+            Mixer::Attention => MixerWeights::Attention(ld.attention(&format!("{p}.{}", n.attention))?),
             Mixer::DeltaNet => {
                 let l = cfg.linear.as_ref().expect("checked in config");
-                MixerWeights::DeltaNet(ld.deltanet(&format!("{p}.linear_attn"), l)?)
+                MixerWeights::DeltaNet(ld.deltanet(&format!("{p}.{}", n.deltanet), l)?)
             }
         };
+        let f = format!("{p}.{}", n.ffn);
         let ffn = match cfg.ffns[i] {
-            Ffn::Moe => FfnWeights::Moe(ld.moe(&format!("{p}.mlp"), i)?),
-            Ffn::Dense => FfnWeights::Dense(ld.mlp(&format!("{p}.mlp"), cfg.intermediate_size)?),
+            Ffn::Moe => FfnWeights::Moe(ld.moe(&f, i)?),
+            Ffn::Dense => FfnWeights::Dense(ld.mlp(&f, cfg.intermediate_size)?),
         };
         layers.push(Layer {
-            input_norm: ld.norm(&format!("{p}.input_layernorm.weight"), h, zc)?,
-            post_norm: ld.norm(&format!("{p}.post_attention_layernorm.weight"), h, zc)?,
+            input_norm: ld.norm(&weight(&p, n.input_norm), h, zc)?,
+            post_norm: ld.norm(&weight(&p, n.post_norm), h, zc)?,
             mixer,
             ffn,
         });
     }
-    let norm = ld.norm(&format!("{pre}norm.weight"), h, zc)?;
+    let norm = ld.norm(&format!("{pre}{}.weight", n.final_norm), h, zc)?;
     Ok(Model { cfg, embed, layers, norm, lm_head, opts: RunOptions::default(), store })
 }

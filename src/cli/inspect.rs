@@ -64,12 +64,9 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
         }
         None => {
             let ck = flashmoe::checkpoint::Checkpoint::open(&dir)?;
-            let size = ck
-                .names()
-                .iter()
-                .find(|n| n.ends_with("embed_tokens.weight"))
-                .and_then(|n| ck.dtype(n).ok().flatten())
-                .map_or(2, |d| d.size());
+            let embed = flashmoe::import::text_prefix(&c, &ck)
+                .map(|p| format!("{p}{}.weight", flashmoe::families::names_of(&c.model_type).embed));
+            let size = embed.ok().and_then(|n| ck.dtype(&n).ok().flatten()).map_or(2, |d| d.size());
             let eb = (c.expert_params() * size) as u64;
             let all_experts = eb * (c.num_experts * n_moe) as u64;
             (eb, format!("{}-byte weights", size), total * size as u64 - all_experts)

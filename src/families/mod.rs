@@ -13,9 +13,12 @@ use crate::tensor::Mat;
 use anyhow::{Result, bail};
 use serde_json::Value;
 
+mod names;
 mod qwen3_5_moe;
 mod qwen3_moe;
 mod qwen3_next;
+
+pub use names::{HF, Names, weight};
 
 /// The math and config switches a family sets; generic code reads these.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,6 +49,10 @@ pub trait Family: Sync {
     fn model_types(&self) -> &'static [&'static str];
     /// Its switches for one of its `model_type`s.
     fn traits(&self, model_type: &str) -> Traits;
+    /// Where its checkpoints keep each tensor.
+    fn names(&self) -> &'static Names {
+        &HF
+    }
     /// Synth presets: names and their text model's `config.json`.
     fn presets(&self) -> &'static [&'static str] {
         &[]
@@ -78,6 +85,12 @@ pub trait Family: Sync {
 
 /// Every supported family, in the order `inspect` and error messages list them.
 static FAMILIES: &[&dyn Family] = &[&qwen3_5_moe::Qwen35Moe, &qwen3_next::Qwen3Next, &qwen3_moe::Qwen3Moe];
+
+/// The tensor names of a `model_type`'s checkpoints (the common ones for an unknown type:
+/// config parsing has refused it already).
+pub fn names_of(model_type: &str) -> &'static Names {
+    by_model_type(model_type).map_or(&HF, |f| f.names())
+}
 
 /// The family of a `model_type`.
 pub fn by_model_type(model_type: &str) -> Result<&'static dyn Family> {

@@ -8,8 +8,8 @@ use super::format::{
 use super::staging::Staging;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Ffn, ModelConfig};
-use crate::load::text_prefix;
-use crate::quant;
+use crate::families::Names;
+use crate::import::{self, mlx_group, mlx_mat, text_prefix};
 use crate::tensor::{Mat, WKind};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -91,65 +91,17 @@ impl Out {
     }
 }
 
-/// An MLX-quantized tensor (`X.weight` packed as uint32 beside `X.scales` and `X.biases`),
-/// optionally only rows `rows` of its flattened `[.., out]` leading dimensions, as a quantized
-/// matrix holding exactly the source bytes.
-fn mlx_mat(ck: &Checkpoint, weight: &str, group: usize, rows: Option<std::ops::Range<usize>>) -> Result<Mat> {
-    use safetensors::tensor::Dtype;
-    let base = weight.strip_suffix(".weight").unwrap_or(weight);
-    let (w, wd, wshape) = ck.raw(weight)?;
-    let (sc, sd, sshape) = ck.raw(&format!("{base}.scales"))?;
-    let (bi, bd, _) = ck.raw(&format!("{base}.biases"))?;
-    if wd != Dtype::U32 {
-        bail!("{}: MLX tensor `{weight}` has dtype {wd:?}, expected U32", ck.dir.display());
-    }
-    if sd != Dtype::BF16 || bd != Dtype::BF16 {
-        bail!("{}: MLX scales/biases of `{weight}` are {sd:?}/{bd:?}; only BF16 imports bit-exactly", ck.dir.display());
-    }
-    let packed_cols = *wshape.last().unwrap_or(&0);
-    let ngroups = *sshape.last().unwrap_or(&0);
-    let total_rows: usize = wshape[..wshape.len().saturating_sub(1)].iter().product();
-    if ngroups == 0 || (packed_cols * 32) % (ngroups * group) != 0 {
-        bail!(
-            "{}: MLX tensor `{weight}`: {packed_cols} packed words and {ngroups} groups of {group} do not fit",
-            ck.dir.display()
-        );
-    }
-    let bits = (packed_cols * 32 / (ngroups * group)) as u8;
-    if !quant::BITS.contains(&bits) {
-        bail!("{}: MLX tensor `{weight}` is {bits}-bit; supported: 2, 3, 4, 8", ck.dir.display());
-    }
-    let cols = ngroups * group;
-    let r = rows.unwrap_or(0..total_rows);
-    let kind = WKind::Q { bits, group: group as u16 };
-    let mut blob = crate::tensor::AlignedBytes::zeroed(kind.bytes(r.len(), cols));
-    let b = blob.bytes_mut();
-    let (rb, sb) = (packed_cols * 4, ngroups * 2);
-    b[..r.len() * rb].copy_from_slice(&w[r.start * rb..r.end * rb]);
-    let aux = b.len() - 2 * r.len() * sb;
-    b[aux..aux + r.len() * sb].copy_from_slice(&sc[r.start * sb..r.end * sb]);
-    b[aux + r.len() * sb..].copy_from_slice(&bi[r.start * sb..r.end * sb]);
-    Mat::from_bytes(r.len(), cols, kind, blob)
-}
-
-/// MLX's group size for module `base` (per-module overrides first), 64 if unstated.
-fn mlx_group(cfg: &serde_json::Value, base: &str) -> usize {
-    let q = cfg.get("quantization").or_else(|| cfg.get("quantization_config"));
-    let get = |v: Option<&serde_json::Value>| v.and_then(|x| x.get("group_size")).and_then(|g| g.as_u64());
-    get(q.and_then(|q| q.get(base))).or(get(q)).unwrap_or(64) as usize
-}
-
 /// Format of a resident tensor: vectors and small precision-critical tensors stay f32, routers
 /// stay bf16, the big matrices take the `dense` format.
-pub(crate) fn resident_kind(name: &str, shape: &[usize], dense: WKind) -> WKind {
+pub(crate) fn resident_kind(names: &Names, name: &str, shape: &[usize], dense: WKind) -> WKind {
     let small = shape.len() == 1
-        || name.contains("conv1d")
-        || name.ends_with("A_log")
-        || name.ends_with("dt_bias")
+        || name.contains(&format!(".{}.", names.conv1d))
+        || name.ends_with(&format!(".{}", names.a_log))
+        || name.ends_with(&format!(".{}", names.dt_bias))
         || name.ends_with("norm.weight");
     if small {
         WKind::F32
-    } else if name.ends_with(".mlp.gate.weight") || name.ends_with("shared_expert_gate.weight") {
+    } else if names.is_gate(name) {
         WKind::BF16
     } else if let WKind::Q { group, .. } = dense {
         if shape.last().copied().unwrap_or(0) % group as usize == 0 { dense } else { WKind::BF16 }
@@ -181,7 +133,8 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let ck = Checkpoint::open(from)?;
     let pre = text_prefix(&cfg, &ck)?;
 
-    let is_expert = |n: &str| n.contains(".mlp.experts.") || n.contains(".mlp.switch_mlp.");
+    let names = crate::families::names_of(&cfg.model_type);
+    let is_expert = |n: &str| names.is_expert(n);
     let is_mlx_q = |n: &str| {
         n.ends_with(".weight")
             && ck.has(&format!("{}.scales", &n[..n.len() - 7]))
@@ -191,9 +144,9 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
         n.strip_suffix(".scales").or(n.strip_suffix(".biases")).is_some_and(|b| ck.has(&format!("{b}.weight")))
     };
     // MLX conversions store conv1d as [C, K, 1] and zero-centred norms already shifted by +1
-    let mlx_layout =
-        ck.names().iter().any(|n| n.ends_with("conv1d.weight") && ck.shape(n).is_ok_and(|s| s.last() == Some(&1)));
-    let head = |n: &str| n == "lm_head.weight" || n == "language_model.lm_head.weight";
+    let conv = format!(".{}.weight", names.conv1d);
+    let mlx_layout = ck.names().iter().any(|n| n.ends_with(&conv) && ck.shape(n).is_ok_and(|s| s.last() == Some(&1)));
+    let head = |n: &str| names.lm_head.iter().any(|h| n.strip_suffix(".weight") == Some(h));
     let resident_names: Vec<&str> = ck
         .names()
         .into_iter()
@@ -218,7 +171,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
                 let shape = ck.shape(n)?;
                 let cols = *shape.last().unwrap_or(&1);
                 let rows = shape.iter().product::<usize>() / cols.max(1);
-                resident_kind(n, shape, opts.dense).bytes(rows, cols) as u64
+                resident_kind(names, n, shape, opts.dense).bytes(rows, cols) as u64
             };
     }
     expected += SIDE_FILES.iter().filter_map(|f| std::fs::metadata(from.join(f)).ok()).map(|m| m.len()).sum::<u64>();
@@ -237,7 +190,6 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     pb.set_message("resident");
     let mut out = Out::create(&tmp, "resident.bin")?;
     let mut tensors = vec![];
-    let shifted = [".input_layernorm.weight", ".post_attention_layernorm.weight", ".q_norm.weight", ".k_norm.weight"];
     for n in &resident_names {
         let (shape, bytes, kind) = if is_mlx_q(n) {
             // already quantized: keep the source bytes
@@ -246,13 +198,12 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
             (vec![m.rows, m.cols], m.data().to_vec(), m.kind)
         } else {
             let mut shape = ck.shape(n)?.to_vec();
-            let kind = resident_kind(n, &shape, opts.dense);
+            let kind = resident_kind(names, n, &shape, opts.dense);
             let mut m = ck.mat(n, &shape)?;
-            if mlx_layout && n.ends_with("conv1d.weight") && shape.len() == 3 {
+            if mlx_layout && n.ends_with(&conv) && shape.len() == 3 {
                 shape = vec![shape[0], 1, shape[1]]; // [C, K, 1] and [C, 1, K] share one memory order
             }
-            let norm = shifted.iter().any(|s| n.ends_with(s)) || *n == format!("{pre}norm.weight");
-            if mlx_layout && cfg.zero_centered_norm() && norm {
+            if mlx_layout && cfg.zero_centered_norm() && names.is_offset_norm(&pre, n) {
                 let v: Vec<f32> = m.to_f32().iter().map(|x| x - 1.0).collect();
                 m = Mat::from_f32(m.rows, m.cols, v)?;
             }
@@ -281,36 +232,8 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
         pb.set_message(format!("layer {l}"));
         let fname = format!("experts/layer_{l:03}.bin");
         let mut out = Out::create(&tmp, &fname)?;
-        let p = format!("{pre}layers.{l}.mlp.experts");
-        let fused = ck.has(&format!("{p}.gate_up_proj"));
-        let sw = format!("{pre}layers.{l}.mlp.switch_mlp");
-        let mlx = ck.has(&format!("{sw}.gate_proj.scales"));
         for e in 0..ne {
-            let (g, u, d) = if mlx {
-                let m = |proj: &str, rows: usize| {
-                    let w = format!("{sw}.{proj}.weight");
-                    mlx_mat(&ck, &w, mlx_group(&raw_cfg, &format!("{sw}.{proj}")), Some(e * rows..(e + 1) * rows))
-                };
-                (m("gate_proj", inter)?, m("up_proj", inter)?, m("down_proj", h)?)
-            } else if ck.has(&format!("{sw}.gate_proj.weight")) {
-                let m = |proj: &str, rows: usize, cols: usize| {
-                    ck.mat_rows(&format!("{sw}.{proj}.weight"), &[ne, rows, cols], e * rows..(e + 1) * rows)
-                };
-                (m("gate_proj", inter, h)?, m("up_proj", inter, h)?, m("down_proj", h, inter)?)
-            } else if fused {
-                let (gu, dn) = (format!("{p}.gate_up_proj"), format!("{p}.down_proj"));
-                (
-                    ck.mat_rows(&gu, &[ne, 2 * inter, h], e * 2 * inter..e * 2 * inter + inter)?,
-                    ck.mat_rows(&gu, &[ne, 2 * inter, h], e * 2 * inter + inter..(e + 1) * 2 * inter)?,
-                    ck.mat_rows(&dn, &[ne, h, inter], e * h..(e + 1) * h)?,
-                )
-            } else {
-                (
-                    ck.mat(&format!("{p}.{e}.gate_proj.weight"), &[inter, h])?,
-                    ck.mat(&format!("{p}.{e}.up_proj.weight"), &[inter, h])?,
-                    ck.mat(&format!("{p}.{e}.down_proj.weight"), &[h, inter])?,
-                )
-            };
+            let [g, u, d] = import::expert(&ck, &cfg, &raw_cfg, &pre, l, e)?;
             for (m, which) in [(&g, "gate"), (&u, "up"), (&d, "down")] {
                 finite(m, &format!("layer {l} expert {e} {which}_proj"), from)?;
             }

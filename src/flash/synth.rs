@@ -15,6 +15,7 @@ use super::format::{ExpertLayer, Experts, MANIFEST, Manifest, Part, TENSOR_ALIGN
 use super::staging::Staging;
 use crate::config::{Ffn, Mixer, ModelConfig};
 use crate::families::preset_config;
+use crate::families::weight;
 use crate::tensor::{AlignedBytes, Mat, WKind};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -86,59 +87,65 @@ fn specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     // small outputs keep the residual stream dominated by the embedding (see module doc)
     let out_std = |fan_in: usize| Init::Std(0.1 / (fan_in as f32).sqrt());
     let norm = if c.zero_centered_norm() { Init::Const(0.0) } else { Init::Const(1.0) };
+    let family = crate::families::by_model_type(&c.model_type).expect("a parsed config's family");
+    let n = family.names();
+    let pre = n.text_prefixes[0];
+    let w = |m: &str, name: &str| weight(m, name);
     let mut s: Vec<(String, Vec<usize>, Init)> = vec![
-        ("model.embed_tokens.weight".into(), vec![v, h], Init::Embedding),
-        ("model.norm.weight".into(), vec![h], norm),
+        (format!("{pre}{}.weight", n.embed), vec![v, h], Init::Embedding),
+        (format!("{pre}{}.weight", n.final_norm), vec![h], norm),
     ];
     if !c.tie_word_embeddings {
-        s.push(("lm_head.weight".into(), vec![v, h], std(h)));
+        s.push((format!("{}.weight", n.lm_head[0]), vec![v, h], std(h)));
     }
     for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        s.push((format!("{p}.input_layernorm.weight"), vec![h], norm));
-        s.push((format!("{p}.post_attention_layernorm.weight"), vec![h], norm));
+        let p = n.layer(pre, i);
+        s.push((w(&p, n.input_norm), vec![h], norm));
+        s.push((w(&p, n.post_norm), vec![h], norm));
         match c.mixers[i] {
             Mixer::Attention => {
                 let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
                 let q = nh * d * if c.gated_attention() { 2 } else { 1 };
-                s.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h], std(h)));
-                s.push((format!("{p}.self_attn.k_proj.weight"), vec![nkv * d, h], std(h)));
-                s.push((format!("{p}.self_attn.v_proj.weight"), vec![nkv * d, h], std(h)));
-                s.push((format!("{p}.self_attn.o_proj.weight"), vec![h, nh * d], out_std(nh * d)));
-                s.push((format!("{p}.self_attn.q_norm.weight"), vec![d], norm));
-                s.push((format!("{p}.self_attn.k_norm.weight"), vec![d], norm));
+                let a = format!("{p}.{}", n.attention);
+                s.push((w(&a, n.q_proj), vec![q, h], std(h)));
+                s.push((w(&a, n.k_proj), vec![nkv * d, h], std(h)));
+                s.push((w(&a, n.v_proj), vec![nkv * d, h], std(h)));
+                s.push((w(&a, n.o_proj), vec![h, nh * d], out_std(nh * d)));
+                s.push((w(&a, n.q_norm), vec![d], norm));
+                s.push((w(&a, n.k_norm), vec![d], norm));
             }
             Mixer::DeltaNet => {
                 let l = c.linear.as_ref().expect("DeltaNet layer without linear config");
                 let (cd, vd, nv) = (l.conv_dim(), l.value_dim(), l.num_v_heads);
-                let a = format!("{p}.linear_attn");
-                let family = crate::families::by_model_type(&c.model_type).expect("a parsed config's family");
+                let a = format!("{p}.{}", n.deltanet);
                 for (name, shape) in family.deltanet_input_tensors(&a, l, h) {
                     s.push((name, shape, std(h)));
                 }
-                s.push((format!("{a}.conv1d.weight"), vec![cd, 1, l.conv_kernel], Init::Std(0.3)));
-                s.push((format!("{a}.dt_bias"), vec![nv], Init::Const(1.0)));
-                s.push((format!("{a}.A_log"), vec![nv], Init::ALog));
-                s.push((format!("{a}.norm.weight"), vec![l.v_head_dim], Init::Const(1.0)));
-                s.push((format!("{a}.out_proj.weight"), vec![h, vd], out_std(vd)));
+                s.push((w(&a, n.conv1d), vec![cd, 1, l.conv_kernel], Init::Std(0.3)));
+                s.push((format!("{a}.{}", n.dt_bias), vec![nv], Init::Const(1.0)));
+                s.push((format!("{a}.{}", n.a_log), vec![nv], Init::ALog));
+                s.push((w(&a, n.gated_norm), vec![l.v_head_dim], Init::Const(1.0)));
+                s.push((w(&a, n.out_proj), vec![h, vd], out_std(vd)));
             }
         }
+        let f = format!("{p}.{}", n.ffn);
         match c.ffns[i] {
             Ffn::Moe => {
-                s.push((format!("{p}.mlp.gate.weight"), vec![c.num_experts, h], Init::Router));
+                s.push((w(&f, n.router), vec![c.num_experts, h], Init::Router));
                 let si = c.shared_expert_intermediate_size;
                 if si > 0 {
-                    s.push((format!("{p}.mlp.shared_expert.gate_proj.weight"), vec![si, h], std(h)));
-                    s.push((format!("{p}.mlp.shared_expert.up_proj.weight"), vec![si, h], std(h)));
-                    s.push((format!("{p}.mlp.shared_expert.down_proj.weight"), vec![h, si], out_std(si)));
-                    s.push((format!("{p}.mlp.shared_expert_gate.weight"), vec![1, h], std(h)));
+                    let sh = format!("{f}.{}", n.shared_expert);
+                    s.push((w(&sh, n.gate_proj), vec![si, h], std(h)));
+                    s.push((w(&sh, n.up_proj), vec![si, h], std(h)));
+                    s.push((w(&sh, n.down_proj), vec![h, si], out_std(si)));
+                    s.push((w(&f, n.shared_expert_gate), vec![1, h], std(h)));
                 }
             }
             Ffn::Dense => {
                 let di = c.intermediate_size;
-                s.push((format!("{p}.mlp.gate_proj.weight"), vec![di, h], std(h)));
-                s.push((format!("{p}.mlp.up_proj.weight"), vec![di, h], std(h)));
-                s.push((format!("{p}.mlp.down_proj.weight"), vec![h, di], out_std(di)));
+                s.push((w(&f, n.gate_proj), vec![di, h], std(h)));
+                s.push((w(&f, n.up_proj), vec![di, h], std(h)));
+                s.push((w(&f, n.down_proj), vec![h, di], out_std(di)));
             }
         }
     }
@@ -244,13 +251,14 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
     let ([gate, up, down], stride) = expert_layout(ek, h, inter);
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&i| cfg.ffns[i] == Ffn::Moe).collect();
     let specs = specs(&cfg);
+    let names = crate::families::names_of(&cfg.model_type);
     let expert_total = stride * (ne * moe_layers.len()) as u64;
     let resident_total: u64 = specs
         .iter()
         .map(|(n, shape, _)| {
             let cols = *shape.last().unwrap_or(&1);
             TENSOR_ALIGN
-                + resident_kind(n, shape, opts.dense).bytes(shape.iter().product::<usize>() / cols, cols) as u64
+                + resident_kind(names, n, shape, opts.dense).bytes(shape.iter().product::<usize>() / cols, cols) as u64
         })
         .sum();
     let staging = Staging::begin(to, opts.force, &[], expert_total + resident_total)?;
@@ -269,7 +277,7 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
     for (n, shape, init) in &specs {
         let v = fill(*init, shape, &mut rng, opts.routing);
         let cols = *shape.last().unwrap_or(&1);
-        let kind = resident_kind(n, shape, opts.dense);
+        let kind = resident_kind(names, n, shape, opts.dense);
         let m = Mat::from_f32(v.len() / cols, cols, v)?;
         let m = if kind == WKind::F32 { m } else { m.to_kind(WKind::BF16) }; // halve the peak
         let bytes = m.encode(kind);
