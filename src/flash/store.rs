@@ -188,6 +188,18 @@ struct Slots {
 }
 
 impl Slots {
+    fn new(n: usize) -> Slots {
+        Slots {
+            key: vec![None; n],
+            state: vec![SlotState::Empty; n],
+            pins: vec![0; n],
+            last_use: vec![0; n],
+            map: HashMap::new(),
+            inflight: HashMap::new(),
+            tick: 0,
+        }
+    }
+
     /// Least recently used slot that nobody reads, computes from or waits for.
     fn victim(&self) -> Option<usize> {
         (0..self.key.len()).filter(|&s| self.free(s)).min_by_key(|&s| self.last_use[s])
@@ -394,15 +406,7 @@ impl ExpertStore {
             }
         };
         let shared = Arc::new(Shared {
-            slots: Mutex::new(Slots {
-                key: vec![None; nslots],
-                state: vec![SlotState::Empty; nslots],
-                pins: vec![0; nslots],
-                last_use: vec![0; nslots],
-                map: HashMap::new(),
-                inflight: HashMap::new(),
-                tick: 0,
-            }),
+            slots: Mutex::new(Slots::new(nslots)),
             changed: Condvar::new(),
             counters: Counters::default(),
             direct: opts.mode == CacheMode::Direct,
@@ -827,5 +831,71 @@ pub fn residency(path: &Path) -> Result<(u64, u64)> {
         }
         let pages = vec.iter().filter(|&&v| v & 1 == 1).count();
         Ok(((pages * page).min(len) as u64, len as u64))
+    }
+}
+
+#[cfg(test)]
+mod slot_policy {
+    use super::*;
+
+    /// A slot holding `key`, read and cached (direct mode), last used at `tick`.
+    fn cached(g: &mut Slots, s: usize, key: Key, tick: u64) {
+        g.claim(s, key, tick);
+        g.inflight.remove(&key);
+        g.state[s] = SlotState::Ready;
+        g.map.insert(key, s);
+    }
+
+    #[test]
+    fn the_victim_is_the_least_recently_used_slot_nobody_holds() {
+        let mut g = Slots::new(4);
+        // empty slots first (never used), lowest index among equals
+        assert_eq!(g.victim(), Some(0));
+        for (s, t) in [(0, 5), (1, 2), (2, 9), (3, 7)] {
+            cached(&mut g, s, (0, s), t);
+        }
+        assert_eq!(g.victim(), Some(1));
+        g.pins[1] = 1; // computing from it
+        assert_eq!(g.victim(), Some(0));
+        g.state[0] = SlotState::Reading; // a read in flight is never the victim
+        assert_eq!(g.victim(), Some(3));
+        g.pins[3] = 2;
+        g.pins[2] = 1;
+        assert_eq!(g.victim(), None, "every slot held: the caller reads into a buffer of its own");
+        g.unpin(3);
+        assert_eq!(g.victim(), None);
+        g.unpin(3);
+        assert_eq!(g.victim(), Some(3));
+    }
+
+    #[test]
+    fn claiming_a_slot_evicts_its_old_expert_from_the_cache() {
+        let mut g = Slots::new(2);
+        cached(&mut g, 0, (1, 4), 1);
+        assert_eq!(g.map.get(&(1, 4)), Some(&0));
+        g.claim(0, (1, 5), 2);
+        assert!(!g.map.contains_key(&(1, 4)), "the evicted expert is no longer a hit");
+        assert_eq!(g.inflight.get(&(1, 5)), Some(&0));
+        assert_eq!(g.state[0], SlotState::Reading);
+        // a key cached in another slot is left alone when this slot's old key differs
+        cached(&mut g, 1, (1, 6), 3);
+        g.map.insert((1, 7), 1);
+        g.key[0] = Some((1, 7));
+        g.claim(0, (1, 8), 4);
+        assert_eq!(g.map.get(&(1, 7)), Some(&1));
+    }
+
+    #[test]
+    fn a_failed_read_is_forgotten_once_its_last_waiter_lets_go() {
+        let mut g = Slots::new(1);
+        g.claim(0, (2, 3), 1);
+        g.pins[0] = 2;
+        g.state[0] = SlotState::Failed("disk error".into());
+        g.unpin(0);
+        assert!(matches!(g.state[0], SlotState::Failed(_)), "one waiter has not seen it yet");
+        g.unpin(0);
+        assert_eq!(g.state[0], SlotState::Empty);
+        assert_eq!(g.key[0], None);
+        assert_eq!(g.victim(), Some(0));
     }
 }
