@@ -1,7 +1,7 @@
 //! Reading Hugging Face checkpoints: one or many `*.safetensors` files, memory-mapped, with
 //! shape and dtype checks that name the tensor and file on failure.
 
-use crate::tensor::{AlignedBytes, DType, Mat};
+use crate::tensor::{AlignedBytes, Mat, WKind};
 use anyhow::{Context, Result, anyhow, bail};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
@@ -127,9 +127,9 @@ impl Checkpoint {
         let cols = *shape.last().unwrap_or(&1);
         let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
         let dt = match e.dtype {
-            StDtype::F32 => DType::F32,
-            StDtype::BF16 => DType::BF16,
-            StDtype::F16 => DType::F16,
+            StDtype::F32 => WKind::F32,
+            StDtype::BF16 => WKind::BF16,
+            StDtype::F16 => WKind::F16,
             other => bail!("{file}: tensor `{name}` has unsupported dtype {other:?} (supported: F32, BF16, F16)"),
         };
         let need = rows * cols * dt.size();
@@ -150,11 +150,11 @@ impl Checkpoint {
     }
 
     /// Storage dtype of tensor `name` (`None` for types the engine does not read).
-    pub fn dtype(&self, name: &str) -> Result<Option<DType>> {
+    pub fn dtype(&self, name: &str) -> Result<Option<WKind>> {
         Ok(match self.entry(name)?.dtype {
-            StDtype::F32 => Some(DType::F32),
-            StDtype::BF16 => Some(DType::BF16),
-            StDtype::F16 => Some(DType::F16),
+            StDtype::F32 => Some(WKind::F32),
+            StDtype::BF16 => Some(WKind::BF16),
+            StDtype::F16 => Some(WKind::F16),
             _ => None,
         })
     }

@@ -696,6 +696,8 @@ fn tokenize(app: &App, text: &str, param: &str) -> Result<Vec<u32>, Response> {
 }
 
 /// Runs one generation on the engine thread, streamed or not.
+/// A generation request: checks the context, waits for a generation slot, and answers whole
+/// or streamed.
 async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Response {
     let ctx = app.context;
     if prompt.len() >= ctx {
@@ -708,58 +710,91 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
             return r;
         }
     };
-    let id = new_id(if matches!(kind, Kind::Text) { "cmpl" } else { "chatcmpl" });
-    let created = now();
-    let model = app.opts.model_id.clone();
-    if !p.stream {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let _guard = CancelOnDrop(cancel.clone());
-        let session = app.session.clone();
-        let a = app.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
-            s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |_| {
-                !cancel.load(Relaxed) && !a.stopping.load(Relaxed)
-            })
-        })
-        .await;
-        let o = match res {
-            Ok(Ok(o)) if o.finish == Finish::Cancelled && app.stopping.load(Relaxed) => {
-                return gen_error(&app, anyhow::anyhow!("the server is shutting down"));
-            }
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => return gen_error(&app, e),
-            Err(e) => return gen_error(&app, anyhow::anyhow!("generation task failed: {e}")),
-        };
-        record(&app, &o);
-        let tokens = Tokens(o.prompt_tokens, o.tokens.len());
-        let finish = |f: Finish| if f == Finish::Length { "length" } else { "stop" };
-        let body = match kind {
-            Kind::Text => json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": o.text, "finish_reason": finish(o.finish), "logprobs": null}], "usage": usage(&o)}),
-            Kind::Chat { tools } => {
-                let (content, calls) = if tools { toolcall::parse(&o.text) } else { (o.text.clone(), vec![]) };
-                let mut msg = json!({"role": "assistant", "content": content});
-                let mut reason = finish(o.finish);
-                if !calls.is_empty() {
-                    msg["content"] = if content.is_empty() { Value::Null } else { json!(content) };
-                    msg["tool_calls"] = calls
-                        .iter()
-                        .map(|c| json!({"id": new_id("call"), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-                        .collect();
-                    reason = "tool_calls";
-                }
-                json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": msg, "finish_reason": reason, "logprobs": null}], "usage": usage(&o)})
-            }
-        };
-        let mut resp = Json(body).into_response();
-        resp.extensions_mut().insert(tokens);
-        return resp;
+    let reply = Reply {
+        id: new_id(if matches!(kind, Kind::Text) { "cmpl" } else { "chatcmpl" }),
+        created: now(),
+        model: app.opts.model_id.clone(),
+        kind,
+    };
+    if p.stream {
+        respond_stream(app, prompt, p, reply, permit)
+    } else {
+        respond_once(app, prompt, p, reply, permit).await
     }
+}
 
-    // streamed: chunks flow through a channel; a closed channel (client gone) cancels
+/// What every response of one request carries.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+/// The whole answer as one JSON body.
+async fn respond_once(
+    app: Shared,
+    prompt: Vec<u32>,
+    p: GenParams,
+    r: Reply,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response {
+    let Reply { id, created, model, kind } = r;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(cancel.clone());
+    let session = app.session.clone();
+    let a = app.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |_| !cancel.load(Relaxed) && !a.stopping.load(Relaxed))
+    })
+    .await;
+    let o = match res {
+        Ok(Ok(o)) if o.finish == Finish::Cancelled && app.stopping.load(Relaxed) => {
+            return gen_error(&app, anyhow::anyhow!("the server is shutting down"));
+        }
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return gen_error(&app, e),
+        Err(e) => return gen_error(&app, anyhow::anyhow!("generation task failed: {e}")),
+    };
+    record(&app, &o);
+    let tokens = Tokens(o.prompt_tokens, o.tokens.len());
+    let finish = |f: Finish| if f == Finish::Length { "length" } else { "stop" };
+    let body = match kind {
+        Kind::Text => json!({"id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": o.text, "finish_reason": finish(o.finish), "logprobs": null}], "usage": usage(&o)}),
+        Kind::Chat { tools } => {
+            let (content, calls) = if tools { toolcall::parse(&o.text) } else { (o.text.clone(), vec![]) };
+            let mut msg = json!({"role": "assistant", "content": content});
+            let mut reason = finish(o.finish);
+            if !calls.is_empty() {
+                msg["content"] = if content.is_empty() { Value::Null } else { json!(content) };
+                msg["tool_calls"] = calls
+                    .iter()
+                    .map(|c| json!({"id": new_id("call"), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                    .collect();
+                reason = "tool_calls";
+            }
+            json!({"id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": msg, "finish_reason": reason, "logprobs": null}], "usage": usage(&o)})
+        }
+    };
+    let mut resp = Json(body).into_response();
+    resp.extensions_mut().insert(tokens);
+    resp
+}
+
+/// The answer as server-sent events: chunks flow through a channel, and a closed channel
+/// (the client left) cancels the generation.
+fn respond_stream(
+    app: Shared,
+    prompt: Vec<u32>,
+    p: GenParams,
+    r: Reply,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response {
+    let Reply { id, created, model, kind } = r;
     let (tx, rx) = mpsc::channel::<Event>(64);
     let session = app.session.clone();
     let app2 = app.clone();

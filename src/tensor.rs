@@ -24,9 +24,6 @@ pub enum WKind {
     },
 }
 
-/// Unquantized element type (kept for the checkpoint reader).
-pub type DType = WKind;
-
 impl WKind {
     /// Bytes of a `[rows, cols]` matrix in this format.
     pub fn bytes(self, rows: usize, cols: usize) -> usize {
