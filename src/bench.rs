@@ -1,7 +1,6 @@
 //! `flashmoe bench`: prefill and decode speed, time per phase, bytes read per token, cache
 //! behaviour and memory, on any model (synthetic full-size ones included).
 
-use crate::generate::argmax;
 use crate::layers::moe::Experts;
 use crate::model::{FfnWeights, Model};
 use crate::profile::{PROFILE, routing_start, routing_take};
@@ -150,7 +149,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     PROFILE.reset();
     let s0 = stats();
     let t = Instant::now();
-    let mut logits = model.forward(&mut st, &prompt, false)?;
+    let logits = model.forward(&mut st, &prompt, false)?;
     let prefill_s = t.elapsed().as_secs_f64();
     let prefill_phases = phases(model, prompt.len(), &s0);
 
@@ -159,15 +158,12 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     routing_start();
     let s1 = stats();
     let t = Instant::now();
-    let mut made = 0;
-    for _ in 0..opts.gen_tokens {
-        if st.pos >= model.max_context() {
-            break;
-        }
-        let tok = argmax(&logits) as u32;
-        logits = model.forward(&mut st, &[tok], false)?;
-        made += 1;
-    }
+    // greedy, no stop token: `gen_tokens` forward passes (the shared decode loop samples one
+    // token more than it feeds back)
+    let pos0 = st.pos;
+    let mut greedy = crate::generate::Sampler::new(Default::default());
+    crate::generate::decode(model, &mut st, logits, prompt.clone(), opts.gen_tokens + 1, &mut greedy, &[], |_| true)?;
+    let made = st.pos - pos0;
     let decode_s = t.elapsed().as_secs_f64();
     let routing = routing_take();
     let s2 = stats();

@@ -273,6 +273,21 @@ impl GenStats {
     }
 }
 
+/// The tokens that end a generation: the config's `eos_token_id`s, the tokenizer's EOS, and
+/// the chat end-of-turn markers the vocabulary has (a chat model ends its turn with
+/// `<|im_end|>` even where config.json names only `<|endoftext|>`). One policy for every
+/// command.
+pub fn stop_ids(cfg: &crate::config::ModelConfig, tok: &crate::tokenizer::TextTokenizer) -> Vec<u32> {
+    let mut ids = cfg.eos_token_ids.clone();
+    ids.extend(tok.eos_id());
+    for s in ["<|im_end|>", "<|endoftext|>"] {
+        ids.extend(tok.token_to_id(s));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// Prefills `prompt` after what `state` holds, then decodes up to `max_tokens` new tokens.
 /// `on_token` sees each new token as it is made and returns false to stop.
 pub fn generate(
@@ -282,7 +297,7 @@ pub fn generate(
     max_tokens: usize,
     sampler: &mut Sampler,
     stop_ids: &[u32],
-    mut on_token: impl FnMut(u32) -> bool,
+    on_token: impl FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, GenStats)> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
@@ -296,11 +311,38 @@ pub fn generate(
             ctx
         );
     }
-    let mut history: Vec<u32> = prompt.to_vec();
     let t0 = Instant::now();
-    let mut logits = model.forward(state, prompt, false)?;
+    let logits = model.forward(state, prompt, false)?;
     let prompt_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
+    let (out, stop) = decode(model, state, logits, prompt.to_vec(), max_tokens, sampler, stop_ids, on_token)?;
+    let stats = GenStats {
+        prompt_tokens: prompt.len(),
+        prompt_secs,
+        generated_tokens: out.len(),
+        generate_secs: t1.elapsed().as_secs_f64(),
+        stop,
+    };
+    Ok((out, stats))
+}
+
+/// The decode loop every command shares (`generate`, [`crate::session::Session`], `bench`):
+/// from the logits of the last token `state` holds, samples up to `max_tokens` tokens, each
+/// fed back, until a stop token (not returned), the callback's false (the token it saw is
+/// returned), or a full context. `history` is every token so far (repetition penalty). The
+/// last returned token is fed to `state` only when the stop was a stop token.
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    model: &Model,
+    state: &mut State,
+    mut logits: Vec<f32>,
+    mut history: Vec<u32>,
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    stop_ids: &[u32],
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, StopReason)> {
+    let ctx = model.max_context();
     let mut out = Vec::new();
     let stop = loop {
         if out.len() >= max_tokens {
@@ -324,14 +366,7 @@ pub fn generate(
         }
         logits = model.forward(state, &[tok], false)?;
     };
-    let stats = GenStats {
-        prompt_tokens: prompt.len(),
-        prompt_secs,
-        generated_tokens: out.len(),
-        generate_secs: t1.elapsed().as_secs_f64(),
-        stop,
-    };
-    Ok((out, stats))
+    Ok((out, stop))
 }
 
 #[cfg(test)]

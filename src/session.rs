@@ -80,13 +80,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 impl Session {
     pub fn new(model: Model, tok: TextTokenizer) -> Session {
-        let mut stop_ids = model.cfg.eos_token_ids.clone();
-        stop_ids.extend(tok.eos_id());
-        for s in ["<|im_end|>", "<|endoftext|>"] {
-            stop_ids.extend(tok.token_to_id(s));
-        }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
+        let stop_ids = crate::generate::stop_ids(&model.cfg, &tok);
         let state = model.new_state();
         Session { model, tok, stop_ids, state, cached: vec![], snapshots: vec![] }
     }
@@ -166,62 +160,75 @@ impl Session {
                 self.snapshots.remove(0);
             }
         }
-        let mut logits = self.model.forward(&mut self.state, &prompt[n - 1..], false)?;
+        let logits = self.model.forward(&mut self.state, &prompt[n - 1..], false)?;
         self.cached.push(prompt[n - 1]);
         let prompt_secs = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
         let mut sampler = Sampler::new(params.clone());
         let mut dec = StreamDecoder::new();
-        let (mut text, mut tokens) = (String::new(), vec![]);
+        let mut text = String::new();
         let mut emitted = 0;
-        let mut history = prompt.to_vec();
+        let mut failed = None;
+        let mut stop_string = false;
         let max_tokens = max_tokens.min(ctx - prompt.len());
-        let finish = loop {
-            if tokens.len() >= max_tokens {
-                break Finish::Length;
-            }
-            let tok = sampler.sample(&mut logits, &history);
-            if self.stop_ids.contains(&tok) {
-                break Finish::Stop;
-            }
-            tokens.push(tok);
-            history.push(tok);
-            text.push_str(&dec.push(&self.tok, tok)?);
-            // a stop string ends the text just before it
-            if let Some(cut) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(cut);
-                if cut > emitted {
-                    on_text(&text[emitted..cut]);
+        let (tokens, reason) = crate::generate::decode(
+            &self.model,
+            &mut self.state,
+            logits,
+            prompt.to_vec(),
+            max_tokens,
+            &mut sampler,
+            &self.stop_ids,
+            |tok| {
+                match dec.push(&self.tok, tok) {
+                    Ok(piece) => text.push_str(&piece),
+                    Err(e) => {
+                        failed = Some(e);
+                        return false;
+                    }
                 }
-                emitted = cut;
-                break Finish::Stop;
-            }
-            // hold back a tail that could still become a stop string
-            let hold = stop
-                .iter()
-                .flat_map(|s| (1..s.len()).filter(move |&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
-                .filter(|pre| text.ends_with(pre))
-                .map(|pre| pre.len())
-                .max()
-                .unwrap_or(0);
-            let safe = text.len() - hold;
-            // once per token, with "" when nothing new can be shown: the caller may cancel
-            let ok = if safe > emitted {
-                let ok = on_text(&text[emitted..safe]);
-                emitted = safe;
-                ok
-            } else {
-                on_text("")
-            };
-            if !ok {
-                break Finish::Cancelled;
-            }
-            if tokens.len() >= max_tokens {
-                break Finish::Length;
-            }
-            logits = self.model.forward(&mut self.state, &[tok], false)?;
-            self.cached.push(tok);
+                // a stop string ends the text just before it
+                if let Some(cut) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+                    text.truncate(cut);
+                    if cut > emitted {
+                        on_text(&text[emitted..cut]);
+                    }
+                    emitted = cut;
+                    stop_string = true;
+                    return false;
+                }
+                // hold back a tail that could still become a stop string
+                let hold = stop
+                    .iter()
+                    .flat_map(|s| (1..s.len()).filter(move |&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
+                    .filter(|pre| text.ends_with(pre))
+                    .map(|pre| pre.len())
+                    .max()
+                    .unwrap_or(0);
+                let safe = text.len() - hold;
+                // once per token, with "" when nothing new can be shown: the caller may cancel
+                if safe > emitted {
+                    let ok = on_text(&text[emitted..safe]);
+                    emitted = safe;
+                    ok
+                } else {
+                    on_text("")
+                }
+            },
+        )?;
+        // the tokens whose effect the state now holds (the last one made is fed only when
+        // a stop token followed it)
+        self.cached.extend_from_slice(&tokens);
+        self.cached.truncate(self.state.pos);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let finish = match reason {
+            _ if stop_string => Finish::Stop,
+            StopReason::Eos => Finish::Stop,
+            StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
+            StopReason::Cancelled => Finish::Cancelled,
         };
         if finish != Finish::Stop && emitted < text.len() {
             on_text(&text[emitted..]);

@@ -42,8 +42,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
         a.prompt.clone()
     };
     let ids = tok.encode(&text)?;
-    let mut stops = model.cfg.eos_token_ids.clone();
-    stops.extend(tok.eos_id());
+    let stops = flashmoe::generate::stop_ids(&model.cfg, &tok);
     let mut state = model.new_state();
     let mut sampler = Sampler::new(params);
     let mut dec = StreamDecoder::new();
