@@ -165,11 +165,7 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
         all.extend(messages.iter().cloned());
         let mut extra = serde_json::Map::new();
         extra.insert("enable_thinking".into(), json!(opts.thinking));
-        let prompt = match session
-            .tok
-            .apply_chat_template(&Value::Array(all), None, true, &extra)
-            .and_then(|t| session.tok.encode(&t))
-        {
+        let prompt = match session.chat_prompt(&Value::Array(all), None, &extra) {
             Ok(p) => p,
             Err(e) => {
                 // the turn is dropped, the conversation and the session go on

@@ -632,15 +632,8 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
         }
         let has_tools = tools.is_some();
         let a = app.clone();
-        let prompt = blocking(move || {
-            let text = a
-                .tok
-                .apply_chat_template(&messages, tools.as_ref(), true, &extra)
-                .map_err(|e| bad_request(format!("{e:#}"), Some("messages")))?;
-            tokenize(&a, &text, "messages")
-        })
-        .await?;
-        Ok(run(app.clone(), prompt, p, Kind::Chat { tools: has_tools }).await)
+        let (prompt, turn) = blocking(move || chat_prompt(&a, &messages, tools.as_ref(), &extra)).await?;
+        Ok(run(app.clone(), prompt, turn, p, Kind::Chat { tools: has_tools }).await)
     }
     .await;
     counted(&app, resp)
@@ -661,7 +654,7 @@ async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRe
         }
         let a = app.clone();
         let prompt = blocking(move || tokenize(&a, &text, "prompt")).await?;
-        Ok(run(app.clone(), prompt, p, Kind::Text).await)
+        Ok(run(app.clone(), prompt, None, p, Kind::Text).await)
     }
     .await;
     counted(&app, resp)
@@ -695,10 +688,29 @@ fn tokenize(app: &App, text: &str, param: &str) -> Result<Vec<u32>, Response> {
     app.tok.encode(text).map_err(|e| bad_request(format!("{e:#}"), Some(param)))
 }
 
+/// The chat prompt of a request, and where its last turn begins (for the session's snapshot:
+/// see `session::chat_prompt`).
+fn chat_prompt(
+    app: &App,
+    messages: &Value,
+    tools: Option<&Value>,
+    extra: &serde_json::Map<String, Value>,
+) -> Result<(Vec<u32>, Option<usize>), Response> {
+    let render = |add_generation_prompt: bool| {
+        app.tok
+            .apply_chat_template(messages, tools, add_generation_prompt, extra)
+            .map_err(|e| bad_request(format!("{e:#}"), Some("messages")))
+    };
+    let prompt = tokenize(app, &render(true)?, "messages")?;
+    let turns = render(false).ok().and_then(|t| app.tok.encode(&t).ok());
+    let turn = turns.filter(|t| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t)).map(|t| t.len());
+    Ok((prompt, turn))
+}
+
 /// Runs one generation on the engine thread, streamed or not.
 /// A generation request: checks the context, waits for a generation slot, and answers whole
 /// or streamed.
-async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Response {
+async fn run(app: Shared, prompt: Vec<u32>, turn: Option<usize>, p: GenParams, kind: Kind) -> Response {
     let ctx = app.context;
     if prompt.len() >= ctx {
         return gen_error(&app, ContextExceeded { prompt_tokens: prompt.len(), context: ctx }.into());
@@ -715,6 +727,7 @@ async fn run(app: Shared, prompt: Vec<u32>, p: GenParams, kind: Kind) -> Respons
         created: now(),
         model: app.opts.model_id.clone(),
         kind,
+        turn,
     };
     if p.stream {
         respond_stream(app, prompt, p, reply, permit)
@@ -729,6 +742,8 @@ struct Reply {
     created: u64,
     model: String,
     kind: Kind,
+    /// Where the prompt's last turn begins (a snapshot there serves the next turn).
+    turn: Option<usize>,
 }
 
 /// The whole answer as one JSON body.
@@ -739,7 +754,7 @@ async fn respond_once(
     r: Reply,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
-    let Reply { id, created, model, kind } = r;
+    let Reply { id, created, model, kind, turn } = r;
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(cancel.clone());
     let session = app.session.clone();
@@ -747,6 +762,9 @@ async fn respond_once(
     let res = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = turn {
+            s.snapshot_at(t);
+        }
         s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |_| !cancel.load(Relaxed) && !a.stopping.load(Relaxed))
     })
     .await;
@@ -794,7 +812,7 @@ fn respond_stream(
     r: Reply,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
-    let Reply { id, created, model, kind } = r;
+    let Reply { id, created, model, kind, turn } = r;
     let (tx, rx) = mpsc::channel::<Event>(64);
     let session = app.session.clone();
     let app2 = app.clone();
@@ -842,6 +860,9 @@ fn respond_stream(
             true
         };
         let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = turn {
+            s.snapshot_at(t);
+        }
         // called every token: a client that left stops the generation even while nothing is
         // sent (held-back characters, a tool call being assembled)
         let res = s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |piece| {

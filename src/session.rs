@@ -5,12 +5,16 @@
 //! DeltaNet state cannot be rolled back token by token, so besides the live state the session
 //! keeps snapshots taken where prompts ended; a prompt that diverges from the cached tokens
 //! resumes from the latest snapshot at or before the divergence (the chat template rewrites
-//! earlier assistant turns, e.g. dropping their thinking, so this matters).
+//! earlier assistant turns, e.g. dropping their thinking, so this matters). Chat callers also
+//! name where the prompt's last turn begins ([`Session::snapshot_at`]): the next turn's prompt
+//! re-renders everything after it (the generation prompt's empty `<think></think>` with
+//! thinking off is gone from history), so a snapshot there is what the next turn resumes from.
 
 use crate::generate::{GenStats, Sampler, SamplingParams, StopReason};
 use crate::model::{Model, State};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use anyhow::{Result, bail};
+use smallvec::SmallVec;
 use std::time::Instant;
 
 /// Snapshots kept (each is a full copy of the sequence state).
@@ -72,6 +76,24 @@ pub struct Session {
     /// Tokens whose effect `state` holds.
     cached: Vec<u32>,
     snapshots: Vec<(usize, State)>,
+    /// A position of the next prompt to keep a snapshot at ([`Session::snapshot_at`]).
+    mark: Option<usize>,
+}
+
+/// The chat prompt of `messages` (generation prompt added) and where its last turn begins:
+/// the length of the same messages rendered without the generation prompt, when their tokens
+/// are a prefix of the prompt's (the place a snapshot serves the next turn).
+pub fn chat_prompt(
+    tok: &TextTokenizer,
+    messages: &serde_json::Value,
+    tools: Option<&serde_json::Value>,
+    extra: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(Vec<u32>, Option<usize>)> {
+    let prompt = tok.encode(&tok.apply_chat_template(messages, tools, true, extra)?)?;
+    // the same tokens, not merely the same text, or no snapshot is asked for
+    let turns = tok.apply_chat_template(messages, tools, false, extra).and_then(|t| tok.encode(&t));
+    let turn = turns.ok().filter(|t| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t)).map(|t| t.len());
+    Ok((prompt, turn))
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
@@ -82,7 +104,28 @@ impl Session {
     pub fn new(model: Model, tok: TextTokenizer) -> Session {
         let stop_ids = crate::generate::stop_ids(&model.cfg, &tok);
         let state = model.new_state();
-        Session { model, tok, stop_ids, state, cached: vec![], snapshots: vec![] }
+        Session { model, tok, stop_ids, state, cached: vec![], snapshots: vec![], mark: None }
+    }
+
+    /// Asks the next [`Session::generate`] to keep a snapshot after the first `pos` tokens of
+    /// its prompt (where its last turn begins; see the module doc).
+    pub fn snapshot_at(&mut self, pos: usize) {
+        self.mark = Some(pos);
+    }
+
+    /// The chat prompt of `messages` ([`chat_prompt`]), with a snapshot asked for where its
+    /// last turn begins.
+    pub fn chat_prompt(
+        &mut self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Vec<u32>> {
+        let (prompt, turn) = chat_prompt(&self.tok, messages, tools, extra)?;
+        if let Some(t) = turn {
+            self.snapshot_at(t);
+        }
+        Ok(prompt)
     }
 
     /// Forgets the conversation state.
@@ -150,14 +193,21 @@ impl Session {
         // prefill all but the last token, snapshot there (so the same prompt, or one that
         // extends it, can resume), then the last token gives the first logits
         let n = prompt.len();
-        if reused < n - 1 {
-            self.model.forward(&mut self.state, &prompt[reused..n - 1], false)?;
-            self.cached.extend_from_slice(&prompt[reused..n - 1]);
-        }
-        if !self.snapshots.iter().any(|(p, _)| *p == n - 1) {
-            self.snapshots.push((n - 1, self.state.clone()));
-            if self.snapshots.len() > MAX_SNAPSHOTS {
-                self.snapshots.remove(0);
+        let mut stops: SmallVec<[usize; 2]> =
+            self.mark.take().into_iter().filter(|&m| m > reused && m < n - 1).collect();
+        stops.push(n - 1);
+        let mut at = reused;
+        for stop in stops {
+            if at < stop {
+                self.model.forward(&mut self.state, &prompt[at..stop], false)?;
+                self.cached.extend_from_slice(&prompt[at..stop]);
+                at = stop;
+            }
+            if !self.snapshots.iter().any(|(p, _)| *p == stop) {
+                self.snapshots.push((stop, self.state.clone()));
+                if self.snapshots.len() > MAX_SNAPSHOTS {
+                    self.snapshots.remove(0);
+                }
             }
         }
         let logits = self.model.forward(&mut self.state, &prompt[n - 1..], false)?;

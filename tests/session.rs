@@ -102,3 +102,30 @@ fn cancellation_is_asked_every_token() {
     assert_eq!(o.finish, Finish::Cancelled);
     assert!(o.tokens.len() <= 5, "{} tokens", o.tokens.len());
 }
+
+/// With thinking off the generation prompt ends in an empty `<think></think>` that the next
+/// turn's rendering of history drops: the turn must still resume from a snapshot where its
+/// predecessor's last turn began, not recompute the whole conversation, and give what a fresh
+/// session gives.
+#[test]
+fn the_next_turn_reuses_the_conversation_with_thinking_off() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3_moe");
+    let open = || Session::new(load_model(&dir).unwrap(), TextTokenizer::load(&dir).unwrap());
+    let mut s = open();
+    let mut extra = serde_json::Map::new();
+    extra.insert("enable_thinking".into(), serde_json::json!(false));
+    let user = |t: &str| serde_json::json!({"role": "user", "content": t});
+    let mut msgs = vec![user("Hello there")];
+    let p1 = s.chat_prompt(&serde_json::json!(msgs), None, &extra).unwrap();
+    let o1 = s.generate(&p1, 6, &SamplingParams::default(), &[], |_| true).unwrap();
+    msgs.push(serde_json::json!({"role": "assistant", "content": o1.text}));
+    msgs.push(user("And then?"));
+    let p2 = s.chat_prompt(&serde_json::json!(msgs), None, &extra).unwrap();
+    let first_turn =
+        s.tok.encode(&s.tok.apply_chat_template(&serde_json::json!(msgs[..1]), None, false, &extra).unwrap()).unwrap();
+    assert!(p2.starts_with(&first_turn));
+    let o2 = s.generate(&p2, 6, &SamplingParams::default(), &[], |_| true).unwrap();
+    assert_eq!(o2.reused_tokens, first_turn.len(), "turn 2 resumes where turn 1's last turn began");
+    let fresh = open().generate(&p2, 6, &SamplingParams::default(), &[], |_| true).unwrap();
+    assert_eq!(o2.tokens, fresh.tokens);
+}
