@@ -244,6 +244,18 @@ pub enum StopReason {
     Cancelled,
 }
 
+impl StopReason {
+    /// How `generate` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "end of text",
+            StopReason::MaxTokens => "max tokens",
+            StopReason::ContextFull => "context full",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// Counts and timings of one generation.
 #[derive(Clone, Debug)]
 pub struct GenStats {
@@ -263,12 +275,12 @@ impl GenStats {
     }
     pub fn line(&self) -> String {
         format!(
-            "prompt: {} tokens, {:.2} tok/s | generated: {} tokens, {:.2} tok/s | stop: {:?}",
+            "prompt: {} tokens, {:.2} tok/s | generated: {} tokens, {:.2} tok/s | stop: {}",
             self.prompt_tokens,
             self.prompt_tok_s(),
             self.generated_tokens,
             self.gen_tok_s(),
-            self.stop
+            self.stop.as_str()
         )
     }
 }

@@ -44,27 +44,13 @@ fn main() {
         Cmd::Synth { preset, layers, experts, dense, routing, seed, to, force } => {
             cmd_synth(&preset, layers, &experts, &dense, routing, seed, &to, force)
         }
-        Cmd::Bench { model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, store } => resolve(model)
+        Cmd::Bench { model, prompt_tokens, gen_tokens, cold, seed, json, store } => {
+            resolve(model).and_then(|model| cmd_bench(&model, prompt_tokens, gen_tokens, cold, seed, json, &store))
+        }
+        Cmd::Eval { model, text, reference, experts, group_size, window, max_tokens, json, store } => resolve(model)
             .and_then(|model| {
-                cmd_bench(&model, prompt_tokens, gen_tokens, experts_per_token, cold, seed, json, &store)
+                cmd_eval(EvalArgs { model, text, reference, experts, group_size, window, max_tokens, json }, &store)
             }),
-        Cmd::Eval {
-            model,
-            text,
-            reference,
-            experts_per_token,
-            experts,
-            group_size,
-            window,
-            max_tokens,
-            json,
-            store,
-        } => resolve(model).and_then(|model| {
-            cmd_eval(
-                EvalArgs { model, text, reference, experts_per_token, experts, group_size, window, max_tokens, json },
-                &store,
-            )
-        }),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

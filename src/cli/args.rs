@@ -66,9 +66,6 @@ pub(crate) enum Cmd {
         /// Reference model (e.g. the bf16 original of a quantized model).
         #[arg(long)]
         reference: Option<PathBuf>,
-        /// Routed experts per token for the model (not the reference).
-        #[arg(long)]
-        experts_per_token: Option<usize>,
         /// Re-quantize the model's experts in memory: q2, q3, q4, q8 or bf16.
         #[arg(long)]
         experts: Option<String>,
@@ -117,8 +114,6 @@ pub(crate) enum Cmd {
         prompt_tokens: usize,
         #[arg(long, default_value_t = 32)]
         gen_tokens: usize,
-        #[arg(long)]
-        experts_per_token: Option<usize>,
         /// Evict the model's expert files from the page cache first (posix_fadvise).
         #[arg(long)]
         cold: bool,
@@ -143,7 +138,8 @@ pub(crate) enum Cmd {
         direct: bool,
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
-        /// Also measure memory read bandwidth (1 GiB array; one thread, then all).
+        /// Also measure memory read bandwidth (1 GiB array; one thread, then all), as a bare
+        /// `sysbench` does.
         #[arg(long)]
         memory: bool,
     },
@@ -222,9 +218,6 @@ pub(crate) struct GenerateArgs {
     pub(crate) max_tokens: usize,
     #[command(flatten)]
     pub(crate) sampling: SamplingArgs,
-    /// Routed experts per token (overrides the model's top-k).
-    #[arg(long)]
-    pub(crate) experts_per_token: Option<usize>,
     #[command(flatten)]
     pub(crate) store: StoreArgs,
 }
@@ -234,15 +227,15 @@ pub(crate) struct GenerateArgs {
 #[derive(Args, Clone)]
 pub(crate) struct SamplingArgs {
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     pub(crate) temperature: f32,
     #[arg(long, default_value_t = 40)]
     pub(crate) top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub(crate) top_p: f32,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub(crate) min_p: f32,
-    #[arg(long, default_value_t = 1.1)]
+    #[arg(long, default_value_t = 1.1, allow_negative_numbers = true)]
     pub(crate) repetition_penalty: f32,
     /// Sampling seed (fixed by default, so runs repeat).
     #[arg(long, default_value_t = 0)]
@@ -295,9 +288,30 @@ pub(crate) struct StoreArgs {
     /// bf16 activations on CPUs with AVX-512 BF16.
     #[arg(long)]
     pub(crate) exact: bool,
+    /// Routed experts per token (overrides the model's top-k; fewer read less per token).
+    #[arg(long)]
+    pub(crate) experts_per_token: Option<usize>,
 }
 
 impl StoreArgs {
+    /// Loads the model in `dir` with these settings (`--experts-per-token` applied).
+    pub(crate) fn load(&self, dir: &Path) -> Result<flashmoe::model::Model> {
+        let mut model = flashmoe::load::load_model_with(dir, &self.load_options(dir)?)?;
+        self.apply_experts(&mut model)?;
+        Ok(model)
+    }
+
+    /// Applies `--experts-per-token` to a loaded model.
+    pub(crate) fn apply_experts(&self, model: &mut flashmoe::model::Model) -> Result<()> {
+        if let Some(k) = self.experts_per_token {
+            if k == 0 || k > model.cfg.num_experts {
+                bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
+            }
+            model.opts.experts_per_token = Some(k);
+        }
+        Ok(())
+    }
+
     /// The store settings for the model in `dir`, `auto` values resolved.
     pub(crate) fn load_options(&self, dir: &Path) -> Result<LoadOptions> {
         use flashmoe::options::{Choice, StoreChoices, parse_size};
@@ -329,7 +343,6 @@ pub(crate) struct EvalArgs {
     pub(crate) model: PathBuf,
     pub(crate) text: PathBuf,
     pub(crate) reference: Option<PathBuf>,
-    pub(crate) experts_per_token: Option<usize>,
     pub(crate) experts: Option<String>,
     pub(crate) group_size: u16,
     pub(crate) window: usize,

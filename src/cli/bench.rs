@@ -1,8 +1,7 @@
 //! `bench` and `sysbench`.
 
 use super::args::*;
-use anyhow::{Result, bail};
-use flashmoe::load::load_model_with;
+use anyhow::Result;
 use std::path::PathBuf;
 
 #[allow(clippy::too_many_arguments)]
@@ -10,19 +9,12 @@ pub(crate) fn cmd_bench(
     dir: &std::path::Path,
     prompt_tokens: usize,
     gen_tokens: usize,
-    experts_per_token: Option<usize>,
     cold: bool,
     seed: u64,
     json: bool,
     store: &StoreArgs,
 ) -> Result<()> {
-    let mut model = load_model_with(dir, &store.load_options(dir)?)?;
-    if let Some(k) = experts_per_token {
-        if k == 0 || k > model.cfg.num_experts {
-            bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
-        }
-        model.opts.experts_per_token = Some(k);
-    }
+    let model = store.load(dir)?;
     let r = flashmoe::bench::run(&model, &flashmoe::bench::BenchOptions { prompt_tokens, gen_tokens, cold, seed })?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
@@ -71,6 +63,7 @@ pub(crate) fn cmd_sysbench(
     secs: f64,
     memory: bool,
 ) -> Result<()> {
+    let file_given = file.as_ref().map(|_| ());
     if let Some(f) = file {
         let bps = flashmoe::sysbench::disk_read(&f, block, threads, direct, secs)?;
         println!(
@@ -78,7 +71,8 @@ pub(crate) fn cmd_sysbench(
             bps / 1e9
         );
     }
-    if memory {
+    // memory is what a bare `sysbench` measures (no file named)
+    if memory || file_given.is_none() {
         let one = flashmoe::sysbench::memory_read(1 << 30, 1);
         let all = flashmoe::sysbench::memory_read(1 << 30, rayon::current_num_threads());
         println!("{{\"mem_gb_s_1thread\": {:.2}, \"mem_gb_s_all\": {:.2}}}", one / 1e9, all / 1e9);

@@ -2,7 +2,6 @@
 
 use super::args::*;
 use anyhow::{Context, Result};
-use flashmoe::load::load_model_with;
 use flashmoe::tokenizer::TextTokenizer;
 use std::path::PathBuf;
 
@@ -22,8 +21,7 @@ pub(crate) fn cmd_chat(
         ),
         None => system,
     };
-    let session =
-        flashmoe::session::Session::new(load_model_with(&dir, &store.load_options(&dir)?)?, TextTokenizer::load(&dir)?);
+    let session = flashmoe::session::Session::new(store.load(&dir)?, TextTokenizer::load(&dir)?);
     let opts = flashmoe::chat::ChatOptions { system, thinking: !no_think, max_tokens, sampling: sampling.params()? };
     flashmoe::chat::run(session, opts)
 }
@@ -47,7 +45,7 @@ pub(crate) fn cmd_serve(
     if !tok.has_chat_template() {
         eprintln!("warning: {} has no chat template; /v1/chat/completions will fail", dir.display());
     }
-    let session = flashmoe::session::Session::new(load_model_with(&dir, &store.load_options(&dir)?)?, tok);
+    let session = flashmoe::session::Session::new(store.load(&dir)?, tok);
     let model_id = model_id.unwrap_or_else(|| {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         if name.starts_with("default-") { "flashmoe-default".into() } else { name }

@@ -20,12 +20,8 @@ pub(crate) fn cmd_eval(a: EvalArgs, store: &StoreArgs) -> Result<()> {
         lo.experts_in_memory = true;
     }
     let mut model = load_model_with(&a.model, &lo)?;
-    if let Some(k) = a.experts_per_token {
-        if k == 0 || k > model.cfg.num_experts {
-            bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
-        }
-        model.opts.experts_per_token = Some(k);
-    }
+    // the model only, not the reference
+    store.apply_experts(&mut model)?;
     if let Some(e) = &a.experts {
         model.requantize_experts(parse_kind(e, a.group_size, "experts")?)?;
     }
@@ -61,7 +57,8 @@ pub(crate) fn cmd_logits(model: PathBuf, tokens: &str, fast: bool, store: &Store
         .collect::<Result<_>>()?;
     let mut opts = store.load_options(&model)?;
     opts.precision = if fast { Precision::Fast } else { Precision::Exact };
-    let m = load_model_with(&model, &opts)?;
+    let mut m = load_model_with(&model, &opts)?;
+    store.apply_experts(&mut m)?;
     let mut st = m.new_state();
     let logits = m.forward(&mut st, &ids, true)?;
     let rows: Vec<&[f32]> = logits.chunks(m.vocab_size()).collect();

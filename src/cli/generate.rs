@@ -4,7 +4,6 @@ use super::args::*;
 use anyhow::{Result, bail};
 use flashmoe::flash::CacheMode;
 use flashmoe::generate::{Sampler, generate};
-use flashmoe::load::load_model_with;
 use flashmoe::model::Model;
 use flashmoe::tokenizer::{StreamDecoder, TextTokenizer};
 use serde_json::json;
@@ -19,13 +18,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
         bail!("--system needs --chat (the system message goes through the chat template)");
     }
     let dir = resolve(a.model.clone())?;
-    let mut model = load_model_with(&dir, &a.store.load_options(&dir)?)?;
-    if let Some(k) = a.experts_per_token {
-        if k == 0 || k > model.cfg.num_experts {
-            bail!("--experts-per-token must be in 1..={}", model.cfg.num_experts);
-        }
-        model.opts.experts_per_token = Some(k);
-    }
+    let model = a.store.load(&dir)?;
     let tok = TextTokenizer::load(&dir)?;
     let text = if a.chat {
         let mut msgs = vec![];
