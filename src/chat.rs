@@ -158,14 +158,31 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
             continue;
         }
         messages.push(json!({"role": "user", "content": line}));
-        let mut all = vec![];
-        if let Some(s) = &opts.system {
-            all.push(json!({"role": "system", "content": s}));
+        let ctx = session.model.max_context();
+        let room = opts.max_tokens.clamp(1, 256);
+        let mut dropped = 0;
+        let prompt = loop {
+            let mut all = vec![];
+            if let Some(s) = &opts.system {
+                all.push(json!({"role": "system", "content": s}));
+            }
+            all.extend(messages.iter().cloned());
+            let mut extra = serde_json::Map::new();
+            extra.insert("enable_thinking".into(), json!(opts.thinking));
+            match session.chat_prompt(&Value::Array(all), None, &extra) {
+                // a conversation grown past the context drops its oldest turns (not the one
+                // just asked), so it goes on instead of failing at every later turn
+                Ok(p) if p.len() + room > ctx && messages.len() > 1 => {
+                    let next_user = messages.iter().skip(1).position(|m| m["role"] == "user").map_or(1, |i| i + 1);
+                    dropped += messages.drain(..next_user).count();
+                }
+                other => break other,
+            }
+        };
+        if dropped > 0 {
+            eprintln!("(dropped the {dropped} oldest messages to fit the context of {ctx} tokens)");
         }
-        all.extend(messages.iter().cloned());
-        let mut extra = serde_json::Map::new();
-        extra.insert("enable_thinking".into(), json!(opts.thinking));
-        let prompt = match session.chat_prompt(&Value::Array(all), None, &extra) {
+        let prompt = match prompt {
             Ok(p) => p,
             Err(e) => {
                 // the turn is dropped, the conversation and the session go on

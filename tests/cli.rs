@@ -105,6 +105,32 @@ fn chat_keeps_state_between_turns_and_answers_commands() {
     assert_eq!(saved["system"], "Be brief.");
 }
 
+/// A conversation that outgrows the context drops its oldest turns and goes on (the built-in
+/// model has 1024 positions; each turn here is ~400 tokens).
+#[test]
+fn chat_past_the_context_drops_the_oldest_turns() {
+    use std::io::Write;
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["chat", "--model", flashmoe::builtin::SOURCE, "--max-tokens", "8"])
+        .env("HOME", cache.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let long = "O Romeo, Romeo, wherefore art thou Romeo? ".repeat(40);
+    let script = format!("{long}\n{long}\n{long}\n{long}\n/exit\n");
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let answers = err.lines().filter(|l| l.contains("prompt tokens (")).count();
+    assert_eq!(answers, 4, "every turn answered: {err}");
+    assert!(err.contains("oldest messages to fit the context"), "{err}");
+    assert!(!err.contains("error:"), "{err}");
+}
+
 /// A chat-template error drops that turn only; a bad `/load` leaves the conversation as it was.
 #[test]
 fn chat_survives_template_errors_and_bad_loads() {
