@@ -203,7 +203,7 @@ pub fn swiglu(g: &mut [f32], u: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
         // SAFETY: the ISA was detected at run time; equal lengths.
-        return unsafe { x86::swiglu_avx512(g, u) };
+        return unsafe { x86::silu_avx512(g, Some(u)) };
     }
     swiglu_scalar(g, u)
 }
@@ -213,7 +213,7 @@ pub fn silu(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
         // SAFETY: the ISA was detected at run time.
-        return unsafe { x86::silu_avx512(x) };
+        return unsafe { x86::silu_avx512(x, None) };
     }
     x.iter_mut().for_each(|v| *v = crate::layers::silu(*v));
 }

@@ -1164,42 +1164,26 @@ unsafe fn exp_avx512(x: __m512) -> __m512 {
     _mm512_scalef_ps(e, n)
 }
 
-/// `g ← silu(g) · u = g · u / (1 + e^(−g))`; e^(−g) overflows to +∞ for very negative g,
-/// giving −0 as the scalar form does.
+/// `g ← silu(g) · u = g · u / (1 + e^(−g))`, or `silu(g)` alone without `u`; e^(−g)
+/// overflows to +∞ for very negative g, giving −0 as the scalar form does.
 ///
 /// # Safety
-/// AVX-512F must be available; `u` is at least as long as `g`.
+/// AVX-512F must be available; `u`, when given, is at least as long as `g`.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn swiglu_avx512(g: &mut [f32], u: &[f32]) {
+pub unsafe fn silu_avx512(g: &mut [f32], u: Option<&[f32]>) {
     let n = g.len();
-    let (pg, pu) = (g.as_mut_ptr(), u.as_ptr());
+    let pg = g.as_mut_ptr();
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
         let k: __mmask16 = ((1u32 << (n - i).min(16)) - 1) as u16;
         let a = _mm512_maskz_loadu_ps(k, pg.add(i));
         let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), a));
-        let s = _mm512_div_ps(_mm512_mul_ps(a, _mm512_maskz_loadu_ps(k, pu.add(i))), _mm512_add_ps(one, e));
-        _mm512_mask_storeu_ps(pg.add(i), k, s);
-        i += 16;
-    }
-}
-
-/// `x ← x / (1 + e^(−x))`, as [`swiglu_avx512`] without the second factor.
-///
-/// # Safety
-/// AVX-512F must be available.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn silu_avx512(x: &mut [f32]) {
-    let n = x.len();
-    let p = x.as_mut_ptr();
-    let one = _mm512_set1_ps(1.0);
-    let mut i = 0;
-    while i < n {
-        let k: __mmask16 = ((1u32 << (n - i).min(16)) - 1) as u16;
-        let a = _mm512_maskz_loadu_ps(k, p.add(i));
-        let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), a));
-        _mm512_mask_storeu_ps(p.add(i), k, _mm512_div_ps(a, _mm512_add_ps(one, e)));
+        let num = match u {
+            Some(u) => _mm512_mul_ps(a, _mm512_maskz_loadu_ps(k, u.as_ptr().add(i))),
+            None => a,
+        };
+        _mm512_mask_storeu_ps(pg.add(i), k, _mm512_div_ps(num, _mm512_add_ps(one, e)));
         i += 16;
     }
 }
