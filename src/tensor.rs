@@ -630,30 +630,51 @@ fn items_per_thread() -> usize {
     *ITEMS.get_or_init(|| std::env::var("FLASHMOE_ITEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(4).max(1))
 }
 
+/// Rows of a decode step's plan: one matrix, or several whose rows an item reads together.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Section {
+    pub rows: usize,
+    /// Weight bytes an item reads per row.
+    pub row_bytes: usize,
+    /// Items start on multiples of this many rows (and end on one, or at the last row).
+    pub align: usize,
+}
+
+impl Section {
+    fn of(w: &MatRef<'_>) -> Section {
+        Section { rows: w.rows, row_bytes: w.kind.bytes(w.rows, w.cols).div_ceil(w.rows.max(1)).max(1), align: 1 }
+    }
+}
+
 /// Work items of a decode step, largest first (guided self-scheduling): each item takes half
 /// the remaining work's share per thread, down to a floor of 1/(2·`FLASHMOE_ITEMS`) of a
 /// thread's share (and 16 KB of weights), so the first claims are few and large and the step
 /// ends on small items rather than on one thread finishing a large one while the others wait.
 /// Each claim is an atomic on a line every thread touches: about seven items per thread at four.
-/// Items never span two products. Returns (product, first row, end row) per item.
-fn plan_items(ws: &[MatRef<'_>], threads: usize) -> SmallVec<[(usize, usize, usize); 256]> {
-    let bytes = |w: &MatRef<'_>| w.kind.bytes(w.rows, w.cols);
-    let total: usize = ws.iter().map(bytes).sum();
+/// Items never span two sections. Returns (section, first row, end row) per item.
+pub(crate) fn plan(sections: &[Section], threads: usize) -> SmallVec<[(usize, usize, usize); 256]> {
+    let total: usize = sections.iter().map(|s| s.rows * s.row_bytes).sum();
     let floor = (total / (2 * items_per_thread() * threads)).max(16 << 10);
     let mut left = total;
     let mut items = SmallVec::new();
-    for (j, w) in ws.iter().enumerate() {
-        let row = bytes(w).div_ceil(w.rows.max(1)).max(1);
+    for (j, s) in sections.iter().enumerate() {
+        let align = s.align.max(1);
         let mut r = 0;
-        while r < w.rows {
+        while r < s.rows {
             let size = (left / (2 * threads)).max(floor);
-            let n = size.div_ceil(row).clamp(1, w.rows - r);
+            let n = size.div_ceil(s.row_bytes).next_multiple_of(align).min(s.rows - r);
             items.push((j, r, r + n));
             r += n;
-            left = left.saturating_sub(n * row);
+            left = left.saturating_sub(n * s.row_bytes);
         }
     }
     items
+}
+
+/// [`plan`] for whole products.
+fn plan_items(ws: &[MatRef<'_>], threads: usize) -> SmallVec<[(usize, usize, usize); 256]> {
+    let sections: SmallVec<[Section; 32]> = ws.iter().map(Section::of).collect();
+    plan(&sections, threads)
 }
 
 /// Computes independent products over `n` tokens each. One token (decode): every row of every
@@ -681,29 +702,8 @@ pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
     type Job<'a> = (MatRef<'a>, &'a [f32], OutPtr, usize);
     let jobs: SmallVec<[Job<'_>; 32]> =
         jobs.iter_mut().map(|j| (j.w, j.x, OutPtr(j.y.as_mut_ptr()), j.y.len())).collect();
-    // prepare each distinct (input, format) once
-    let mut preps: SmallVec<[(usize, scratch::Pooled<QPrep>); 4]> = SmallVec::new();
-    let mut which: SmallVec<[usize; 32]> = SmallVec::new();
-    for (ji, &(w, x, _, ylen)) in jobs.iter().enumerate() {
-        debug_assert_eq!((x.len(), ylen), (w.cols, w.rows));
-        let WKind::Q { bits, group } = w.kind else {
-            which.push(usize::MAX);
-            continue;
-        };
-        match preps.iter().position(|&(k, _)| std::ptr::eq(jobs[k].1, x) && jobs[k].0.kind == w.kind) {
-            Some(i) => which.push(i),
-            None => {
-                let mut prep = scratch::take(&PREP);
-                prep.prepare_with(x, bits, group as usize, p == Precision::Fast);
-                preps.push((ji, prep));
-                which.push(preps.len() - 1);
-            }
-        }
-    }
-    let input = |ji: usize| match which[ji] {
-        usize::MAX => Input::Plain(jobs[ji].1),
-        i => Input::Quant(&preps[i].1),
-    };
+    let prepared = Prepared::new(jobs.iter().map(|j| (j.0, j.1)), p);
+    let input = |ji: usize| prepared.input(ji, jobs[ji].1);
     // SAFETY (both uses): each output is a distinct `&mut` of the caller, alive past this call;
     // `rows` is its length, and each write covers rows that no other item writes
     let rows =
@@ -723,6 +723,179 @@ pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
     });
 }
 
+/// The inputs of a set of products, each distinct (input, format) prepared once.
+struct Prepared {
+    preps: SmallVec<[scratch::Pooled<QPrep>; 4]>,
+    /// Per product: its prepared input, or `usize::MAX` for a plain one.
+    which: SmallVec<[usize; 32]>,
+}
+
+impl Prepared {
+    fn new<'a>(jobs: impl Iterator<Item = (MatRef<'a>, &'a [f32])>, p: Precision) -> Prepared {
+        let mut seen: SmallVec<[(*const f32, WKind); 4]> = SmallVec::new();
+        let mut r = Prepared { preps: SmallVec::new(), which: SmallVec::new() };
+        for (w, x) in jobs {
+            debug_assert_eq!(x.len(), w.cols);
+            let WKind::Q { bits, group } = w.kind else {
+                r.which.push(usize::MAX);
+                continue;
+            };
+            match seen.iter().position(|&(k, kind)| std::ptr::eq(k, x.as_ptr()) && kind == w.kind) {
+                Some(i) => r.which.push(i),
+                None => {
+                    let mut prep = scratch::take(&PREP);
+                    prep.prepare_with(x, bits, group as usize, p == Precision::Fast);
+                    r.preps.push(prep);
+                    seen.push((x.as_ptr(), w.kind));
+                    r.which.push(r.preps.len() - 1);
+                }
+            }
+        }
+        r
+    }
+
+    /// Product `ji`'s input (`x` is its plain input).
+    fn input<'a>(&'a self, ji: usize, x: &'a [f32]) -> Input<'a> {
+        match self.which[ji] {
+            usize::MAX => Input::Plain(x),
+            i => Input::Quant(&self.preps[i]),
+        }
+    }
+}
+
+/// A SwiGLU block applied to one token as a term of a weighted sum (a routed or shared expert).
+#[derive(Clone, Copy)]
+pub struct SwigluTerm<'a> {
+    pub gate: MatRef<'a>,
+    pub up: MatRef<'a>,
+    pub down: MatRef<'a>,
+    pub x: &'a [f32],
+    pub weight: f32,
+}
+
+/// `out = Σ_i weight_i · down_i(silu(gate_i·x_i) ⊙ up_i·x_i)`, summed in the order given, in two
+/// decode steps: items of the first compute the same rows of a block's gate and up, apply
+/// SwiGLU to them and prepare them as the down product's input; items of the second compute
+/// rows of every block's down product and sum them into `out`. The leader's serial work
+/// between and after the steps (SwiGLU, quantizing each block's input, reading back every
+/// block's output to combine them) is gone. Each output element is the same sum, in the same
+/// order, as products followed by `axpy` per term would compute, so the result is identical.
+#[track_caller]
+pub fn swiglu_sum(terms: &[SwigluTerm<'_>], out: &mut [f32], p: Precision) {
+    let site = std::panic::Location::caller();
+    let hidden = out.len();
+    for t in terms {
+        assert!(
+            t.gate.rows == t.up.rows
+                && t.down.cols == t.gate.rows
+                && t.down.rows == hidden
+                && t.x.len() == t.gate.cols
+                && t.up.cols == t.gate.cols,
+            "a SwiGLU term's shapes do not chain"
+        );
+    }
+    let prof = &crate::profile::PROFILE;
+    let _timed = crate::profile::Timed(&prof.products, std::time::Instant::now());
+    let bytes: usize =
+        terms.iter().map(|t| [t.gate, t.up, t.down].iter().map(|w| w.kind.bytes(w.rows, w.cols)).sum::<usize>()).sum();
+    prof.product_bytes.fetch_add(bytes as u64, Relaxed);
+    // first step: the inputs of gate and up
+    let prepared = Prepared::new(terms.iter().flat_map(|t| [(t.gate, t.x), (t.up, t.x)]), p);
+    // each block's hidden activations, and their preparation for its down product
+    let offs: SmallVec<[usize; 17]> = std::iter::once(0)
+        .chain(terms.iter().scan(0, |o, t| {
+            *o += t.gate.rows;
+            Some(*o)
+        }))
+        .collect();
+    let mut h = scratch::zeros(offs[terms.len()]);
+    let hp = OutPtr(h.as_mut_ptr());
+    let mut down_in: SmallVec<[Option<scratch::Pooled<QPrep>>; 16]> = terms
+        .iter()
+        .map(|t| match t.down.kind {
+            WKind::Q { bits, group } => {
+                let mut q = scratch::take(&PREP);
+                q.layout(t.down.cols, bits, group as usize, p == Precision::Fast);
+                Some(q)
+            }
+            _ => None,
+        })
+        .collect();
+    let parts: SmallVec<[Option<kernels::PrepParts>; 16]> =
+        down_in.iter_mut().map(|q| q.as_mut().map(|q| q.parts())).collect();
+    let align = |w: &MatRef<'_>| match w.kind {
+        WKind::Q { group, .. } => lcm(group as usize, 16),
+        _ => 16,
+    };
+    let threads = if parallel(bytes) { rayon::current_num_threads() } else { 1 };
+    let sections: SmallVec<[Section; 16]> = terms
+        .iter()
+        .map(|t| Section {
+            align: align(&t.down),
+            row_bytes: Section::of(&t.gate).row_bytes + Section::of(&t.up).row_bytes,
+            ..Section::of(&t.gate)
+        })
+        .collect();
+    let items = plan(&sections, threads);
+    let gate_up = |k: usize| {
+        let (i, r0, r1) = items[k];
+        let t = &terms[i];
+        // SAFETY: rows r0..r1 of block i's part of `h` are this item's alone; `h` outlives the step
+        let g = unsafe { hp.slice(offs[i] + r0, r1 - r0) };
+        t.gate.rows_into(&prepared.input(2 * i, t.x), r0, g);
+        let mut u = scratch::zeros(r1 - r0);
+        t.up.rows_into(&prepared.input(2 * i + 1, t.x), r0, &mut u);
+        kernels::swiglu(g, &u);
+        if let Some(parts) = &parts[i] {
+            // SAFETY: laid out for block i's down input above and read only in the next step;
+            // r0 is a multiple of the group, r1 one too or the end, and no other item has them
+            unsafe { parts.fill(g, r0) };
+        }
+    };
+    step(site, items.len(), threads, gate_up);
+    drop(prepared);
+    // second step: rows of every down product, summed
+    let inputs: SmallVec<[Input<'_>; 16]> = terms
+        .iter()
+        .zip(&down_in)
+        .enumerate()
+        .map(|(i, (_, q))| match q {
+            Some(q) => Input::Quant(q),
+            None => Input::Plain(&h[offs[i]..offs[i + 1]]),
+        })
+        .collect();
+    let row_bytes = terms.iter().map(|t| Section::of(&t.down).row_bytes).sum();
+    let items = plan(&[Section { rows: hidden, row_bytes, align: 16 }], threads);
+    let op = OutPtr(out.as_mut_ptr());
+    let down = |k: usize| {
+        let (_, r0, r1) = items[k];
+        // SAFETY: rows r0..r1 of `out` are this item's alone; `out` outlives the step
+        let o = unsafe { op.slice(r0, r1 - r0) };
+        o.iter_mut().for_each(|v| *v = 0.0);
+        let mut y = scratch::zeros(r1 - r0);
+        for (t, input) in terms.iter().zip(&inputs) {
+            t.down.rows_into(input, r0, &mut y);
+            kernels::axpy(t.weight, &y, o);
+        }
+    };
+    step(site, items.len(), threads, down);
+}
+
+/// Runs a decode step's items on the team, or in order on this thread when it is one.
+fn step(site: &'static std::panic::Location<'static>, n: usize, threads: usize, f: impl Fn(usize) + Sync) {
+    if threads > 1 { crate::par::for_each_at(site, n, f) } else { (0..n).for_each(f) }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    a / gcd(a, b).max(1) * b
+}
+
 /// The output of a product, shared by the blocks that each write their own rows.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -731,6 +904,15 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
+    /// Elements `at..at + len` of the output.
+    ///
+    /// # Safety
+    /// Inside the output, and no one else reads or writes them while the slice lives.
+    unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: the caller's
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
+
     /// Stores a 4×4 tile (rows `r..`, tokens `t..`) of a `[n, rows]` output, dropping the
     /// entries past `r_end` or `n`.
     #[inline]
@@ -804,6 +986,73 @@ mod tests {
                             m.kind.name()
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_sum_is_its_products_summed_in_order_bit_for_bit() {
+        let mat = |rows: usize, cols: usize, seed: u64, kind: Option<u8>| {
+            let w: Vec<f32> = lcg(rows * cols, seed).iter().map(|v| v * 0.5).collect();
+            match kind {
+                None => Mat::from_half(
+                    rows,
+                    cols,
+                    w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect(),
+                    WKind::BF16,
+                )
+                .unwrap(),
+                Some(bits) => {
+                    let group = if cols.is_multiple_of(64) { 64 } else { cols };
+                    let blob = quant::quantize(&w, rows, cols, bits, group);
+                    let kind = WKind::Q { bits, group: group as u16 };
+                    Mat::from_bytes(rows, cols, kind, AlignedBytes::from_slice(&blob)).unwrap()
+                }
+            }
+        };
+        let kinds = quant::BITS.iter().map(|&b| Some(b)).chain([None]);
+        for (kind, &(hidden, inter)) in
+            kinds.flat_map(|k| [(256, 192), (128, 64), (64, 960), (48, 40)].iter().map(move |s| (k, s)))
+        {
+            let blocks: Vec<[Mat; 3]> = (0..4)
+                .map(|e| {
+                    [
+                        mat(inter, hidden, 10 + e, kind),
+                        mat(inter, hidden, 20 + e, kind),
+                        mat(hidden, inter, 30 + e, kind),
+                    ]
+                })
+                .collect();
+            let xs: Vec<Vec<f32>> = (0..2).map(|i| lcg(hidden, 40 + i)).collect();
+            let weights = [0.4, 0.3, 0.2, 0.7];
+            for p in [Precision::Exact, Precision::Fast] {
+                let mut want = vec![0.0; hidden];
+                for (e, [g, u, d]) in blocks.iter().enumerate() {
+                    let x = &xs[e % 2];
+                    let (mut gv, mut uv, mut y) = (vec![0.0; inter], vec![0.0; inter], vec![0.0; hidden]);
+                    g.matvec(x, &mut gv, p);
+                    u.matvec(x, &mut uv, p);
+                    kernels::swiglu(&mut gv, &uv);
+                    d.matvec(&gv, &mut y, p);
+                    kernels::axpy(weights[e], &y, &mut want);
+                }
+                let terms: Vec<SwigluTerm<'_>> = blocks
+                    .iter()
+                    .enumerate()
+                    .map(|(e, [g, u, d])| SwigluTerm {
+                        gate: g.view(),
+                        up: u.view(),
+                        down: d.view(),
+                        x: &xs[e % 2],
+                        weight: weights[e],
+                    })
+                    .collect();
+                for threads in [1, 3, 8] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let mut got = vec![f32::NAN; hidden];
+                    pool.install(|| swiglu_sum(&terms, &mut got, p));
+                    assert_eq!(got, want, "{kind:?} {hidden}x{inter} {p:?} {threads} threads");
                 }
             }
         }

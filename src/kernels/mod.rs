@@ -15,6 +15,7 @@ pub mod amx;
 mod gemm;
 pub use gemm::*;
 
+use smallvec::SmallVec;
 use std::sync::OnceLock;
 
 /// The instruction set in use.
@@ -334,8 +335,6 @@ pub struct QPrep {
     /// Per-group scale of `xq`.
     pub xscale: Vec<f32>,
     pub int8: bool,
-    /// Natural-order int8 scratch.
-    nat: Vec<i8>,
 }
 
 /// Elements per packed chunk whose lanes a permutation lines up (16 bytes).
@@ -356,11 +355,16 @@ impl QPrep {
 
     /// [`QPrep::prepare`]; `int8_ok` false keeps f32 activations (exact products).
     pub fn prepare_with(&mut self, x: &[f32], bits: u8, group: usize, int8_ok: bool) {
-        let cols = x.len();
+        self.layout(x.len(), bits, group, int8_ok);
+        // SAFETY: the whole vector, from one writer, into buffers `layout` sized for it
+        unsafe { self.parts().fill(x, 0) }
+    }
+
+    /// Sizes the buffers for a vector of `cols` and decides its kernels, so that parts of it
+    /// can then be filled by several writers at once ([`QPrep::parts`]).
+    pub fn layout(&mut self, cols: usize, bits: u8, group: usize, int8_ok: bool) {
         self.bits = bits;
         self.group = group;
-        self.xsum.clear();
-        self.xsum.extend(x.chunks(group).map(|c| c.iter().sum::<f32>()));
         let ch = chunk(bits);
         // q3 has only the int8 (VNNI + VBMI) path
         let q3_ok = bits != 3 || vbmi();
@@ -374,45 +378,98 @@ impl QPrep {
         if bits == 3 && !self.int8 {
             self.fast = false;
         }
-        if self.int8 {
-            self.prepare_int8(x, bits, group);
-        }
-        self.xp.clear();
-        // the int8 kernels read only xq (and the length of xp)
-        if !self.fast || bits == 8 || bits == 3 || self.int8 {
-            self.xp.extend_from_slice(x);
-            return;
-        }
-        // element j of a chunk sits in byte j / per at shift (j % per)·bits: lane order is
-        // phase-major, so phase p of the chunk's 16 bytes holds elements p, p+per, ...
-        let per = 8 / bits as usize;
-        for c in x.chunks(ch) {
-            for p in 0..per {
-                self.xp.extend((0..16).map(|i| c[i * per + p]));
-            }
+        let groups = cols.div_ceil(group);
+        self.xp.resize(cols, 0.0);
+        self.xsum.resize(groups, 0.0);
+        self.xq.resize(if self.int8 { cols } else { 0 }, 0);
+        self.xscale.resize(if self.int8 { groups } else { 0 }, 0.0);
+    }
+
+    /// Raw access for filling parts of the vector laid out by [`QPrep::layout`].
+    pub fn parts(&mut self) -> PrepParts {
+        PrepParts {
+            xp: self.xp.as_mut_ptr(),
+            xsum: self.xsum.as_mut_ptr(),
+            xq: self.xq.as_mut_ptr(),
+            xscale: self.xscale.as_mut_ptr(),
+            bits: self.bits,
+            group: self.group,
+            fast: self.fast,
+            int8: self.int8,
         }
     }
 }
 
-impl QPrep {
-    /// int8 activations, per group: xq = round(x / s), s = max|x| / 127; each 64-element block
-    /// ordered like the bytes its weights unpack to (q4: even elements of both 32-element
-    /// halves, then their odd elements; q2: the four 2-bit phases; q8: natural).
-    fn prepare_int8(&mut self, x: &[f32], bits: u8, group: usize) {
-        self.xscale.clear();
-        self.xq.clear();
-        // natural order first, then each 64-element block permuted for its weights' layout
-        let mut nat = std::mem::take(&mut self.nat);
-        nat.resize(x.len(), 0);
-        for (gx, gq) in x.chunks(group).zip(nat.chunks_mut(group)) {
-            self.xscale.push(quantize_group(gx, gq).0);
+/// Writers of disjoint parts of one [`QPrep`] (a decode step's items, each preparing the rows
+/// it computed as the next product's input).
+#[derive(Clone, Copy)]
+pub struct PrepParts {
+    xp: *mut f32,
+    xsum: *mut f32,
+    xq: *mut i8,
+    xscale: *mut f32,
+    bits: u8,
+    group: usize,
+    fast: bool,
+    int8: bool,
+}
+// SAFETY: writers fill disjoint parts (see `fill`).
+unsafe impl Send for PrepParts {}
+unsafe impl Sync for PrepParts {}
+
+impl PrepParts {
+    /// Prepares elements `c0..c0 + x.len()` of the vector.
+    ///
+    /// # Safety
+    /// The [`QPrep`] was laid out for a vector holding that range and is neither moved nor
+    /// read until every writer is done; `c0` is a multiple of the group (and of 64), the range
+    /// ends on a group boundary or at the vector's end, and no other writer's range overlaps.
+    pub unsafe fn fill(&self, x: &[f32], c0: usize) {
+        let g = self.group;
+        debug_assert!(c0.is_multiple_of(g));
+        let (g0, ng) = (c0 / g, x.len().div_ceil(g));
+        // SAFETY (all four): inside the buffers `layout` sized, a range only this writer touches
+        let xsum = unsafe { std::slice::from_raw_parts_mut(self.xsum.add(g0), ng) };
+        for (s, c) in xsum.iter_mut().zip(x.chunks(g)) {
+            *s = c.iter().sum::<f32>();
         }
-        match bits {
-            4 => nat.chunks(64).for_each(|b| self.xq.extend(Q4_ORDER.iter().map(|&k| b[k as usize]))),
-            2 => nat.chunks(64).for_each(|b| self.xq.extend(Q2_ORDER.iter().map(|&k| b[k as usize]))),
-            _ => self.xq.extend_from_slice(&nat),
+        let xp = unsafe { std::slice::from_raw_parts_mut(self.xp.add(c0), x.len()) };
+        if self.int8 {
+            let xq = unsafe { std::slice::from_raw_parts_mut(self.xq.add(c0), x.len()) };
+            let xscale = unsafe { std::slice::from_raw_parts_mut(self.xscale.add(g0), ng) };
+            // natural order first, then each 64-element block permuted for its weights' layout
+            let mut nat: SmallVec<[i8; 256]> = SmallVec::from_elem(0, g);
+            for ((gx, gq), s) in x.chunks(g).zip(xq.chunks_mut(g)).zip(xscale.iter_mut()) {
+                *s = quantize_group(gx, &mut nat[..gx.len()]).0;
+                let order: Option<&[u8; 64]> = match self.bits {
+                    4 => Some(&Q4_ORDER),
+                    2 => Some(&Q2_ORDER),
+                    _ => None,
+                };
+                match order {
+                    Some(o) => gq.chunks_mut(64).zip(nat.chunks(64)).for_each(|(q, b)| {
+                        q.iter_mut().zip(o).for_each(|(q, &k)| *q = b[k as usize]);
+                    }),
+                    None => gq.copy_from_slice(&nat[..gx.len()]),
+                }
+            }
         }
-        self.nat = nat;
+        // the int8 kernels read only xq (and the length of xp)
+        if !self.fast || self.bits == 8 || self.bits == 3 || self.int8 {
+            xp.copy_from_slice(x);
+            return;
+        }
+        // element j of a chunk sits in byte j / per at shift (j % per)·bits: lane order is
+        // phase-major, so phase p of the chunk's 16 bytes holds elements p, p+per, ...
+        let per = 8 / self.bits as usize;
+        let ch = chunk(self.bits);
+        for (c, out) in x.chunks(ch).zip(xp.chunks_mut(ch)) {
+            for p in 0..per {
+                for i in 0..16 {
+                    out[p * 16 + i] = c[i * per + p];
+                }
+            }
+        }
     }
 }
 

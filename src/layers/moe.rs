@@ -6,10 +6,11 @@ use super::sigmoid;
 use crate::flash::ExpertStore;
 use crate::profile::{PROFILE, add_since};
 use crate::scratch;
-use crate::tensor::{Mat, Precision, dot};
+use crate::tensor::{Mat, Precision, SwigluTerm, dot, swiglu_sum};
 use anyhow::Result;
 use rayon::prelude::*;
 use smallvec::SmallVec;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -114,6 +115,11 @@ thread_local! {
     static ROUTING: scratch::Pool<Routing> = const { scratch::Pool::new() };
 }
 
+/// A block as a term of decode's weighted sum of experts.
+fn term<'a>(m: MlpRef<'a>, x: &'a [f32], weight: f32) -> SwigluTerm<'a> {
+    SwigluTerm { gate: m.gate, up: m.up, down: m.down, x, weight }
+}
+
 /// Each expert task writes its own rows of one shared output buffer.
 #[derive(Clone, Copy)]
 struct Rows(*mut f32);
@@ -191,7 +197,45 @@ impl Moe {
             std::slice::from_raw_parts_mut(rows.at(a * h), (b - a) * h)
         };
         let tokens = |i: usize| start[i + 1] - start[i];
+        let shared_out = RefCell::new(scratch::zeros(0));
+        let shared_ns = Cell::new(0u64);
+        // the shared expert on its own (prefill, or decode with some experts still on their way)
+        let shared = || {
+            if let Some(sh) = &self.shared
+                && shared_ns.get() == 0
+            {
+                let t = Instant::now();
+                let mut so = shared_out.borrow_mut();
+                so.vec().resize(n * h, 0.0);
+                sh.mlp.forward(x, n, &mut so, p);
+                shared_ns.set((t.elapsed().as_nanos() as u64).max(1));
+            }
+        };
+        // decode with every expert at hand: two steps compute the whole sum into `out`, the
+        // shared expert as its last term, in the order the combine below would sum them
+        let out = RefCell::new(out);
+        let fused = Cell::new(false);
+        let all_at_once = |batch: &[(usize, MlpRef<'_>)]| {
+            if n != 1 || batch.len() != needed.len() || shared_ns.get() != 0 {
+                return false;
+            }
+            let mut order: SmallVec<[_; 16]> = batch.into();
+            order.sort_unstable_by_key(|b| b.0);
+            let mut terms: SmallVec<[_; 17]> = order.iter().map(|&(i, m)| term(m, x, assign[start[i]].2)).collect();
+            if let Some(sh) = &self.shared {
+                terms.push(term(sh.mlp.view(), x, sigmoid(dot(&sh.gate, x))));
+            }
+            swiglu_sum(&terms, &mut out.borrow_mut(), p);
+            fused.set(true);
+            true
+        };
         let run_batch = |batch: &[(usize, MlpRef<'_>)]| {
+            if all_at_once(batch) {
+                return;
+            }
+            if n == 1 {
+                shared();
+            }
             // experts with several tokens (prefill): one task each
             let several = |b: &&(usize, MlpRef<'_>)| tokens(b.0) > 1;
             let run = |&&(i, mlp): &&(usize, MlpRef<'_>)| {
@@ -220,20 +264,17 @@ impl Moe {
                 forward_each(&mut single, p);
             }
         };
-        let mut shared_out = scratch::zeros(0);
-        let shared_ns = std::cell::Cell::new(0u64);
-        let shared = |shared_out: &mut scratch::Buf| {
-            if let Some(sh) = &self.shared {
-                let t = Instant::now();
-                shared_out.vec().resize(n * h, 0.0);
-                sh.mlp.forward(x, n, shared_out, p);
-                shared_ns.set(t.elapsed().as_nanos() as u64);
+        // a prompt's shared expert runs while the first reads are in flight; decode's waits
+        // to join the routed experts' steps
+        let during = || {
+            if n > 1 {
+                shared()
             }
         };
         let t_experts = Instant::now();
         match &self.experts {
             Experts::Memory(v) => {
-                shared(&mut shared_out);
+                during();
                 let batch: SmallVec<[_; 16]> = needed.iter().enumerate().map(|(i, &e)| (i, v[e].view())).collect();
                 run_batch(&batch);
             }
@@ -242,12 +283,18 @@ impl Moe {
                     let b: SmallVec<[_; 16]> = batch.iter().map(|&(i, extent)| (i, store.layout.mlp(extent))).collect();
                     run_batch(&b)
                 };
-                store.with_experts(*layer, needed, || shared(&mut shared_out), views)?;
+                store.with_experts(*layer, needed, during, views)?;
             }
         }
         let spent = t_experts.elapsed().as_nanos() as u64;
         PROFILE.shared_expert.fetch_add(shared_ns.get(), std::sync::atomic::Ordering::Relaxed);
         PROFILE.experts.fetch_add(spent.saturating_sub(shared_ns.get()), std::sync::atomic::Ordering::Relaxed);
+        let out = out.into_inner();
+        if fused.get() {
+            return Ok(());
+        }
+        shared();
+        let shared_out = shared_out.into_inner();
         // out_t = Σ (in expert order) w · expert(x_t) [+ sigmoid(gate·x_t) · shared(x_t)]
         let combine = |t: usize, ot: &mut [f32], js: &mut dyn Iterator<Item = usize>| {
             ot.iter_mut().for_each(|v| *v = 0.0);
