@@ -71,14 +71,26 @@ pub fn chunks_mut<T: Send>(data: &mut [T], size: usize, f: impl Fn(usize, &mut [
     zip_chunks_mut(data, size, &mut [(); 0], 0, |i, c, _| f(i, c))
 }
 
-/// A pointer items use for disjoint parts of one slice.
-struct Shared<T>(*mut T);
-// SAFETY: only used by `zip_chunks_mut`, whose items touch disjoint elements.
+/// A pointer the items of a step use for disjoint parts of one buffer.
+pub struct Shared<T>(pub *mut T);
+// SAFETY: items touch disjoint elements (the users' SAFETY comments say why).
 unsafe impl<T: Send> Sync for Shared<T> {}
+unsafe impl<T: Send> Send for Shared<T> {}
 
 impl<T> Shared<T> {
     fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
+    }
+
+    /// Elements `i..i + len` of the buffer.
+    ///
+    /// # Safety
+    /// Inside the buffer, alive while the slice lives, and no one else writes them meanwhile
+    /// (nor reads them, for as long as the slice is written).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice<'a>(&self, i: usize, len: usize) -> &'a mut [T] {
+        // SAFETY: the caller's
+        unsafe { std::slice::from_raw_parts_mut(self.at(i), len) }
     }
 }
 

@@ -672,6 +672,7 @@ pub(crate) fn plan(sections: &[Section], threads: usize) -> SmallVec<[(usize, us
 }
 
 /// [`plan`] for whole products.
+#[cfg(test)]
 fn plan_items(ws: &[MatRef<'_>], threads: usize) -> SmallVec<[(usize, usize, usize); 256]> {
     let sections: SmallVec<[Section; 32]> = ws.iter().map(Section::of).collect();
     plan(&sections, threads)
@@ -693,34 +694,120 @@ pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
             }
         };
     }
+    products_then(jobs, &[], &|_, _, _| {}, p)
+}
+
+/// After an item computed rows `r0..` of product `j`: `then(j, r0, rows)`.
+pub type Then<'a> = dyn Fn(usize, usize, &mut [f32]) + Sync + 'a;
+
+/// [`products`] for one token, each item then finishing the rows it computed with `then`
+/// (a head's normalisation and rotation, say) while they are in its cache, instead of the
+/// leader reading them all back after the step. Items of product `j` start on multiples of
+/// `align[j]` rows (one where `align` is short).
+#[track_caller]
+pub fn products_then(jobs: &mut [Product<'_>], align: &[usize], then: &Then<'_>, p: Precision) {
     let site = std::panic::Location::caller();
-    let prof = &crate::profile::PROFILE;
-    let _timed = crate::profile::Timed(&prof.products, std::time::Instant::now());
-    let bytes: usize = jobs.iter().map(|j| j.w.kind.bytes(j.w.rows, j.w.cols)).sum();
-    prof.product_bytes.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    let _timed = account(jobs.iter().map(|j| j.w.kind.bytes(j.w.rows, j.w.cols)).sum());
     // (weights, input, output, output length)
     type Job<'a> = (MatRef<'a>, &'a [f32], OutPtr, usize);
     let jobs: SmallVec<[Job<'_>; 32]> =
         jobs.iter_mut().map(|j| (j.w, j.x, OutPtr(j.y.as_mut_ptr()), j.y.len())).collect();
     let prepared = Prepared::new(jobs.iter().map(|j| (j.0, j.1)), p);
-    let input = |ji: usize| prepared.input(ji, jobs[ji].1);
-    // SAFETY (both uses): each output is a distinct `&mut` of the caller, alive past this call;
-    // `rows` is its length, and each write covers rows that no other item writes
-    let rows =
-        |ji: usize, r0: usize, r1: usize| unsafe { std::slice::from_raw_parts_mut(jobs[ji].2.0.add(r0), r1 - r0) };
     let work: usize = jobs.iter().map(|j| j.0.rows * j.0.cols).sum();
-    if !parallel(work) {
-        for (ji, j) in jobs.iter().enumerate() {
-            j.0.rows_into(&input(ji), 0, rows(ji, 0, j.3));
-        }
-        return;
-    }
-    let ws: SmallVec<[MatRef<'_>; 32]> = jobs.iter().map(|j| j.0).collect();
-    let items = plan_items(&ws, rayon::current_num_threads());
-    crate::par::for_each_at(site, items.len(), |k| {
+    let threads = if parallel(work) { rayon::current_num_threads() } else { 1 };
+    let sections: SmallVec<[Section; 32]> = jobs
+        .iter()
+        .enumerate()
+        .map(|(ji, j)| Section { align: align.get(ji).copied().unwrap_or(1), ..Section::of(&j.0) })
+        .collect();
+    let items = plan(&sections, threads);
+    step(site, items.len(), threads, |k| {
         let (ji, r0, r1) = items[k];
-        jobs[ji].0.rows_into(&input(ji), r0, rows(ji, r0, r1));
+        debug_assert_eq!(jobs[ji].3, jobs[ji].0.rows);
+        // SAFETY: each output is a distinct `&mut` of the caller, alive past this call, of the
+        // product's rows; rows r0..r1 of it are this item's alone
+        let y = unsafe { jobs[ji].2.slice(r0, r1 - r0) };
+        jobs[ji].0.rows_into(&prepared.input(ji, jobs[ji].1), r0, y);
+        then(ji, r0, y);
     });
+}
+
+/// The input vector of a product, written in parts by the items of the step before it (each
+/// part prepared for the product's kernels as it is written, when the parts line up with the
+/// weights' groups), then multiplied in a step of its own.
+pub struct Staged<'a> {
+    w: MatRef<'a>,
+    x: scratch::Buf,
+    prep: Option<scratch::Pooled<QPrep>>,
+    /// Parts are prepared as they are written (else all at once before the product).
+    parts: Option<kernels::PrepParts>,
+    xp: OutPtr,
+    p: Precision,
+}
+
+// SAFETY: writers touch disjoint parts (see `write`); the rest is read only after they finish.
+unsafe impl Sync for Staged<'_> {}
+
+impl<'a> Staged<'a> {
+    /// An input for `w`, to be written in parts starting on multiples of `unit` elements.
+    pub fn new(w: MatRef<'a>, unit: usize, p: Precision) -> Staged<'a> {
+        let mut x = scratch::zeros(w.cols);
+        let xp = OutPtr(x.as_mut_ptr());
+        let (mut prep, mut parts) = (None, None);
+        if let WKind::Q { bits, group } = w.kind {
+            let mut q = scratch::take(&PREP);
+            q.layout(w.cols, bits, group as usize, p == Precision::Fast);
+            if unit.is_multiple_of(group as usize) {
+                parts = Some(q.parts());
+            }
+            prep = Some(q);
+        }
+        Staged { w, x, prep, parts, xp, p }
+    }
+
+    /// Writes elements `c0..c0 + v.len()` of the input.
+    ///
+    /// # Safety
+    /// `c0` is a multiple of the `unit` given to [`Staged::new`], the part ends on one or at the
+    /// vector's end, and no other writer's part overlaps it.
+    pub unsafe fn write(&self, c0: usize, v: &[f32]) {
+        // SAFETY: the caller's
+        unsafe { self.xp.slice(c0, v.len()) }.copy_from_slice(v);
+        if let Some(parts) = &self.parts {
+            // SAFETY: the caller's; the part starts on a multiple of the group (unit is one)
+            unsafe { parts.fill(v, c0) };
+        }
+    }
+
+    /// `y = W·x` once every part is written.
+    #[track_caller]
+    pub fn product(mut self, y: &mut [f32]) {
+        assert_eq!(y.len(), self.w.rows, "a staged product's output has the wrong length");
+        let site = std::panic::Location::caller();
+        let _timed = account(self.w.kind.bytes(self.w.rows, self.w.cols));
+        if let (Some(q), None, WKind::Q { bits, group }) = (&mut self.prep, self.parts, self.w.kind) {
+            q.prepare_with(&self.x, bits, group as usize, self.p == Precision::Fast);
+        }
+        let input = match &self.prep {
+            Some(q) => Input::Quant(q),
+            None => Input::Plain(&self.x),
+        };
+        let threads = if parallel(self.w.rows * self.w.cols) { rayon::current_num_threads() } else { 1 };
+        let items = plan(&[Section::of(&self.w)], threads);
+        let yp = OutPtr(y.as_mut_ptr());
+        step(site, items.len(), threads, |k| {
+            let (_, r0, r1) = items[k];
+            // SAFETY: rows r0..r1 of `y` are this item's alone; `y` outlives the step
+            self.w.rows_into(&input, r0, unsafe { yp.slice(r0, r1 - r0) });
+        });
+    }
+}
+
+/// Counts a decode step's weight bytes and times it (the single-token products' figures).
+fn account(bytes: usize) -> crate::profile::Timed<'static> {
+    let prof = &crate::profile::PROFILE;
+    prof.product_bytes.fetch_add(bytes as u64, Relaxed);
+    crate::profile::Timed(&prof.products, std::time::Instant::now())
 }
 
 /// The inputs of a set of products, each distinct (input, format) prepared once.
@@ -794,11 +881,9 @@ pub fn swiglu_sum(terms: &[SwigluTerm<'_>], out: &mut [f32], p: Precision) {
             "a SwiGLU term's shapes do not chain"
         );
     }
-    let prof = &crate::profile::PROFILE;
-    let _timed = crate::profile::Timed(&prof.products, std::time::Instant::now());
     let bytes: usize =
         terms.iter().map(|t| [t.gate, t.up, t.down].iter().map(|w| w.kind.bytes(w.rows, w.cols)).sum::<usize>()).sum();
-    prof.product_bytes.fetch_add(bytes as u64, Relaxed);
+    let _timed = account(bytes);
     // first step: the inputs of gate and up
     let prepared = Prepared::new(terms.iter().flat_map(|t| [(t.gate, t.x), (t.up, t.x)]), p);
     // each block's hidden activations, and their preparation for its down product

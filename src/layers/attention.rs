@@ -5,8 +5,10 @@ use super::norm::RmsNorm;
 use super::rope::Rope;
 use super::sigmoid;
 use crate::scratch;
-use crate::tensor::{Mat, Precision, Product, products};
+use crate::tensor::{Mat, Precision, Product, Staged, products, products_then};
 use rayon::prelude::*;
+use smallvec::SmallVec;
+use std::sync::atomic::{AtomicUsize, Ordering::AcqRel};
 
 #[derive(Clone, Debug)]
 pub struct Attention {
@@ -34,11 +36,28 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         (self.k.capacity() + self.v.capacity()) * 4
     }
+
+    /// Appends `len` elements each to keys and values (zeros, to be written) and returns them.
+    /// Grows by at least 256 positions of `row` at a time, so short runs never reallocate
+    /// mid-decode.
+    fn push(&mut self, len: usize, row: usize) -> (&mut [f32], &mut [f32]) {
+        if self.k.capacity() - self.k.len() < len {
+            self.k.reserve(len.max(256 * row));
+            self.v.reserve(len.max(256 * row));
+        }
+        let at = self.k.len();
+        self.k.resize(at + len, 0.0);
+        self.v.resize(at + len, 0.0);
+        (&mut self.k[at..], &mut self.v[at..])
+    }
 }
 
 impl Attention {
     /// Attends `n` new tokens at positions `pos0..pos0+n`, appending them to `cache`.
     pub fn forward(&self, x: &[f32], n: usize, pos0: usize, cache: &mut KvCache, out: &mut [f32], p: Precision) {
+        if n == 1 {
+            return self.decode(x, pos0, cache, out, p);
+        }
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qw = if self.gated { 2 * d } else { d };
         let mut q = scratch::zeros(n * nh * qw);
@@ -75,19 +94,48 @@ impl Attention {
             let mut tb = tables();
             q.chunks_mut(nh * qw).zip(k.chunks_mut(nkv * d)).enumerate().for_each(|c| rotate(&mut tb, c));
         }
-        // grow by at least 256 positions at a time, so short runs never reallocate mid-decode
-        let add = k.len().max(256 * nkv * d);
-        if cache.k.capacity() - cache.k.len() < k.len() {
-            cache.k.reserve(add);
-            cache.v.reserve(add);
-        }
-        cache.k.extend_from_slice(&k);
-        cache.v.extend_from_slice(&v);
+        let (ck, cv) = cache.push(k.len(), nkv * d);
+        ck.copy_from_slice(&k);
+        cv.copy_from_slice(&v);
 
         let mut o = scratch::zeros(n * nh * d);
         let heads = Heads { nh, nkv, d, gated: self.gated };
         attend(&q, n, pos0, cache, &mut o, heads, context_parts(n, nkv, pos0));
         self.o_proj.matmul(&o, n, out, p);
+    }
+
+    /// One token at `pos`, the same math in three steps and no serial pass over their outputs:
+    /// the q/k/v items normalise and rotate the heads they computed, k and v written straight
+    /// into the cache; the attention items of a KV head merge its parts when the last one is
+    /// done (gate included) and hand the heads to the output projection's input.
+    fn decode(&self, x: &[f32], pos: usize, cache: &mut KvCache, out: &mut [f32], p: Precision) {
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let qw = if self.gated { 2 * d } else { d };
+        let mut q = scratch::zeros(nh * qw);
+        let (mut cos, mut sin) = (scratch::zeros(0), scratch::zeros(0));
+        self.rope.table(pos, cos.vec(), sin.vec());
+        let (k, v) = cache.push(nkv * d, nkv * d);
+        let finish = |j: usize, _: usize, rows: &mut [f32]| match j {
+            0 => rows.chunks_exact_mut(qw).for_each(|head| {
+                self.q_norm.apply(&mut head[..d]);
+                Rope::apply(&mut head[..d], &cos, &sin);
+            }),
+            1 => rows.chunks_exact_mut(d).for_each(|head| {
+                self.k_norm.apply(head);
+                Rope::apply(head, &cos, &sin);
+            }),
+            _ => {}
+        };
+        let mut jobs = [
+            Product { w: self.q_proj.view(), x, y: &mut q },
+            Product { w: self.k_proj.view(), x, y: k },
+            Product { w: self.v_proj.view(), x, y: v },
+        ];
+        products_then(&mut jobs, &[qw, d], &finish, p);
+        let heads = Heads { nh, nkv, d, gated: self.gated };
+        let o = Staged::new(self.o_proj.view(), nh / nkv * d, p);
+        attend_one(&q, pos, cache, &o, heads, context_parts(1, nkv, pos));
+        o.product(out);
     }
 }
 
@@ -101,75 +149,138 @@ struct Heads {
 }
 
 /// Parts of the context per (token, KV head) work item: one when the tokens and KV heads give
-/// enough items, else one per 128 positions (up to 64), so that decode has work for every
-/// thread. It depends on the shape alone, never on the thread count, so results do not either.
+/// enough items, else one per 64 positions, up to 32 items in all, so that decode has work
+/// for every thread. It depends on the shape alone, never on the thread count, so results do
+/// not either.
 fn context_parts(n: usize, nkv: usize, pos0: usize) -> usize {
-    if n * nkv >= 32 { 1 } else { (pos0 + 1).div_ceil(128).clamp(1, 64) }
+    if n * nkv >= 32 { 1 } else { (pos0 + 1).div_ceil(64).clamp(1, (32 / (n * nkv)).max(1)) }
 }
 
-/// o = softmax(q·Kᵀ/√d)·V over the cache, causal, then the output gate. One work item per
-/// (token, KV head, part of the context): the query heads sharing a KV head run together, so
-/// that head's cached rows are read once per item, not once per query head; with several
-/// parts, each item's softmax is partial and the parts are merged by their weights.
-fn attend(q: &[f32], n: usize, pos0: usize, cache: &KvCache, o: &mut [f32], heads: Heads, parts: usize) {
+/// Floats of one (token, KV head, part) item's output: its g heads' finished outputs with one
+/// part, else each head's (max, sum, unnormalised output).
+fn part_len(heads: Heads, parts: usize) -> usize {
+    let g = heads.nh / heads.nkv;
+    if parts == 1 { g * heads.d } else { g * (heads.d + 2) }
+}
+
+/// Item (token t, KV head kvh, part c of `parts`) of attention over the cache: softmax(q·Kᵀ/√d)·V
+/// for the query heads sharing the KV head, causal. The heads run together so the KV head's
+/// cached rows are read once per item, not once per query head; with several parts each
+/// item's softmax is partial, for [`merge_parts`].
+#[allow(clippy::too_many_arguments)]
+fn attend_part(
+    q: &[f32],
+    t: usize,
+    kvh: usize,
+    c: usize,
+    parts: usize,
+    pos0: usize,
+    cache: &KvCache,
+    heads: Heads,
+    out: &mut [f32],
+) {
     let Heads { nh, nkv, d, gated } = heads;
     let (qw, g) = (if gated { 2 * d } else { d }, nh / nkv);
     let scale = 1.0 / (d as f32).sqrt();
-    // item i: token t, KV head kvh, part c; it writes g heads' (max, sum, output) as
-    // g·(d + 2) floats, or with one part the finished outputs straight into `o`
-    let item = |i: usize, out: &mut [f32]| {
-        let (t, kvh, c) = (i / (nkv * parts), i / parts % nkv, i % parts);
-        let len = pos0 + t + 1; // causal: this token sees every earlier position and itself
-        let (p0, p1) = (c * len / parts, (c + 1) * len / parts);
-        let stride = nkv * d;
-        let (ks, vs) = (&cache.k[p0 * stride + kvh * d..], &cache.v[p0 * stride + kvh * d..]);
-        let mut w = scratch::zeros(p1 - p0);
-        for j in 0..g {
-            let h = kvh * g + j;
-            let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
-            crate::kernels::dot_rows(qh, ks, stride, scale, &mut w);
-            let (m, l) = crate::kernels::softmax(&mut w);
-            let oj =
-                if parts == 1 { &mut out[j * d..(j + 1) * d] } else { &mut out[j * (d + 2) + 2..(j + 1) * (d + 2)] };
-            oj.iter_mut().for_each(|v| *v = 0.0);
-            crate::kernels::axpy_rows(&w, vs, stride, oj);
-            if parts == 1 {
-                gate(heads, q, t, h, oj);
-            } else {
-                out[j * (d + 2)] = m;
-                out[j * (d + 2) + 1] = l;
-            }
+    let len = pos0 + t + 1; // this token sees every earlier position and itself
+    let (p0, p1) = (c * len / parts, (c + 1) * len / parts);
+    let stride = nkv * d;
+    let (ks, vs) = (&cache.k[p0 * stride + kvh * d..], &cache.v[p0 * stride + kvh * d..]);
+    let mut w = scratch::zeros(p1 - p0);
+    for j in 0..g {
+        let h = kvh * g + j;
+        let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
+        crate::kernels::dot_rows(qh, ks, stride, scale, &mut w);
+        let (m, l) = crate::kernels::softmax(&mut w);
+        let oj = if parts == 1 { &mut out[j * d..(j + 1) * d] } else { &mut out[j * (d + 2) + 2..(j + 1) * (d + 2)] };
+        oj.iter_mut().for_each(|v| *v = 0.0);
+        crate::kernels::axpy_rows(&w, vs, stride, oj);
+        if parts == 1 {
+            gate(heads, q, t, h, oj);
+        } else {
+            out[j * (d + 2)] = m;
+            out[j * (d + 2) + 1] = l;
         }
+    }
+}
+
+/// The outputs of (token t, KV head kvh)'s g heads (into `o`, g·d) from its parts' partial
+/// softmaxes (`blocks`, part after part): each part weighs by its share Σ e^(x − m)·e^(m − max m)
+/// of the whole.
+fn merge_parts(blocks: &[f32], parts: usize, q: &[f32], t: usize, kvh: usize, heads: Heads, o: &mut [f32]) {
+    let (g, d) = (heads.nh / heads.nkv, heads.d);
+    let per = part_len(heads, parts);
+    for (j, oh) in o.chunks_exact_mut(d).enumerate().take(g) {
+        let part = |c: usize| &blocks[c * per + j * (d + 2)..c * per + (j + 1) * (d + 2)];
+        let top = (0..parts).map(|c| part(c)[0]).fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = (0..parts).map(|c| part(c)[1] * (part(c)[0] - top).exp()).sum();
+        oh.iter_mut().for_each(|v| *v = 0.0);
+        for c in 0..parts {
+            let wgt = part(c)[1] * (part(c)[0] - top).exp() / total;
+            crate::kernels::axpy(wgt, &part(c)[2..], oh);
+        }
+        gate(heads, q, t, kvh * g + j, oh);
+    }
+}
+
+/// o = softmax(q·Kᵀ/√d)·V over the cache for `n` tokens, causal, then the output gate: one work
+/// item per (token, KV head, part of the context), the parts merged after.
+fn attend(q: &[f32], n: usize, pos0: usize, cache: &KvCache, o: &mut [f32], heads: Heads, parts: usize) {
+    let Heads { nh, nkv, d, .. } = heads;
+    let per = part_len(heads, parts);
+    let item = |i: usize, out: &mut [f32]| {
+        attend_part(q, i / (nkv * parts), i / parts % nkv, i % parts, parts, pos0, cache, heads, out)
     };
-    let per = if parts == 1 { g * d } else { g * (d + 2) };
     let mut partial = scratch::zeros(if parts == 1 { 0 } else { n * nkv * parts * per });
     let buf: &mut [f32] = if parts == 1 { o } else { &mut partial };
     if !crate::tensor::parallel(n * nh * (pos0 + n) * d) {
         buf.chunks_mut(per).enumerate().for_each(|(i, c)| item(i, c));
-    } else if n == 1 {
-        crate::par::chunks_mut(buf, per, item);
     } else {
         buf.par_chunks_mut(per).enumerate().for_each(|(i, c)| item(i, c));
     }
-    if parts == 1 {
-        return;
-    }
-    // merge the parts: each weighs by its share Σ e^(x − m) · e^(m − max m) of the whole
-    for (tk, blocks) in partial.chunks(parts * per).enumerate() {
-        let (t, kvh) = (tk / nkv, tk % nkv);
-        for j in 0..g {
-            let h = kvh * g + j;
-            let part = |c: usize| &blocks[c * per + j * (d + 2)..c * per + (j + 1) * (d + 2)];
-            let top = (0..parts).map(|c| part(c)[0]).fold(f32::NEG_INFINITY, f32::max);
-            let total: f32 = (0..parts).map(|c| part(c)[1] * (part(c)[0] - top).exp()).sum();
-            let oh = &mut o[(t * nh + h) * d..(t * nh + h + 1) * d];
-            oh.iter_mut().for_each(|v| *v = 0.0);
-            for c in 0..parts {
-                let wgt = part(c)[1] * (part(c)[0] - top).exp() / total;
-                crate::kernels::axpy(wgt, &part(c)[2..], oh);
-            }
-            gate(heads, q, t, h, oh);
+    if parts > 1 {
+        let g = nh / nkv;
+        for (tk, blocks) in partial.chunks(parts * per).enumerate() {
+            let (t, kvh) = (tk / nkv, tk % nkv);
+            merge_parts(blocks, parts, q, t, kvh, heads, &mut o[(t * nh + kvh * g) * d..(t * nh + (kvh + 1) * g) * d]);
         }
+    }
+}
+
+/// [`attend`] for one token at `pos`, each KV head's outputs written to `o` by the item that
+/// finishes its last part (merging them), so the step ends with the output projection's input
+/// ready.
+fn attend_one(q: &[f32], pos: usize, cache: &KvCache, o: &Staged<'_>, heads: Heads, parts: usize) {
+    let Heads { nh, nkv, d, .. } = heads;
+    let g = nh / nkv;
+    let per = part_len(heads, parts);
+    let mut partial = scratch::zeros(nkv * parts * per);
+    let done: SmallVec<[AtomicUsize; 16]> = (0..nkv).map(|_| AtomicUsize::new(0)).collect();
+    let at = crate::par::Shared(partial.as_mut_ptr());
+    let work = if crate::tensor::parallel(nh * (pos + 1) * d) { nkv * parts } else { 0 };
+    let item = |i: usize| {
+        let (kvh, c) = (i / parts, i % parts);
+        // SAFETY: item i alone writes floats i·per.. of `partial`, which outlives the step
+        attend_part(q, 0, kvh, c, parts, pos, cache, heads, unsafe { at.slice(i * per, per) });
+        let mut oh = scratch::zeros(g * d);
+        if parts == 1 {
+            // SAFETY: as above; the item's own floats, finished
+            oh.copy_from_slice(unsafe { at.slice(i * per, per) });
+        } else if done[kvh].fetch_add(1, AcqRel) + 1 == parts {
+            // the KV head's last part: the others' writes happened before their increments
+            // SAFETY: every part of this KV head is written and no item writes them again
+            let blocks = unsafe { at.slice(kvh * parts * per, parts * per) };
+            merge_parts(blocks, parts, q, 0, kvh, heads, &mut oh);
+        } else {
+            return;
+        }
+        // SAFETY: KV head kvh's heads are written once, by this item; `o` was made with this unit
+        unsafe { o.write(kvh * g * d, &oh) };
+    };
+    if work > 0 {
+        crate::par::for_each(work, item);
+    } else {
+        (0..nkv * parts).for_each(item);
     }
 }
 
@@ -237,6 +348,34 @@ mod tests {
                 attend(&q, n, pos0, &cache, &mut o, heads, parts);
                 let err = o.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
                 assert!(err < 1e-5, "{heads:?} n {n} pos0 {pos0} parts {parts}: max error {err}");
+                if n == 1 {
+                    // decode's step: each KV head merged by its last part, straight into the
+                    // output projection's input — the same numbers as attend then the product
+                    let cols = heads.nh * heads.d;
+                    let w = uniform(cols * 24, 4);
+                    let group = if cols % 64 == 0 { 64 } else { cols };
+                    let blob = crate::quant::quantize(&w, 24, cols, 4, group);
+                    let kind = crate::tensor::WKind::Q { bits: 4, group: group as u16 };
+                    let bytes = crate::tensor::AlignedBytes::from_slice(&blob);
+                    for m in
+                        [Mat::from_f32(24, cols, w.clone()).unwrap(), Mat::from_bytes(24, cols, kind, bytes).unwrap()]
+                    {
+                        for p in [Precision::Exact, Precision::Fast] {
+                            let mut want = vec![0f32; 24];
+                            m.matvec(&o, &mut want, p);
+                            for threads in [1, 4] {
+                                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                                let mut got = vec![f32::NAN; 24];
+                                pool.install(|| {
+                                    let staged = Staged::new(m.view(), heads.nh / heads.nkv * heads.d, p);
+                                    attend_one(&q, pos0, &cache, &staged, heads, parts);
+                                    staged.product(&mut got);
+                                });
+                                assert_eq!(got, want, "{heads:?} pos0 {pos0} parts {parts} {p:?} {threads} threads");
+                            }
+                        }
+                    }
+                }
             }
         }
     }
