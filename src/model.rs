@@ -115,6 +115,7 @@ impl Layer {
         let mut h = scratch::zeros(x.len());
         let mut y = scratch::zeros(x.len());
         self.input_norm.forward(x, &mut h);
+        crate::par::mark();
         let t = Instant::now();
         match (&self.mixer, st) {
             (MixerWeights::Attention(a), LayerState::Kv(c)) => a.forward(&h, n, pos0, c, &mut y, p),
@@ -127,6 +128,7 @@ impl Layer {
         }
         add_assign(x, &y);
         self.post_norm.forward(x, &mut h);
+        crate::par::mark();
         match &self.ffn {
             FfnWeights::Moe(m) => m.forward(&h, n, opts.experts_per_token, &mut y, p)?,
             FfnWeights::Dense(m) => {
@@ -140,6 +142,7 @@ impl Layer {
             bail!("non-finite values (NaN or Inf) in the output of the {what} (corrupt weights?)");
         }
         add_assign(x, &y);
+        crate::par::mark();
         Ok(())
     }
 

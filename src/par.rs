@@ -366,6 +366,21 @@ impl Lead {
     }
 }
 
+/// Splits the leader's serial time between steps for the step profile: the time since the
+/// previous step or mark is booked to this call site (as a gap, with no step), and the next
+/// step's gap starts here. Nothing unless `FLASHMOE_STEP_PROFILE` is set; call it only from
+/// serial code of a decode pass.
+#[track_caller]
+pub fn mark() {
+    if let Some(sites) = sites() {
+        let now = Instant::now();
+        let mut g = sites.lock().unwrap_or_else(|p| p.into_inner());
+        let gap = g.last.map_or(0, |l| now.saturating_duration_since(l).as_nanos() as u64);
+        g.last = Some(now);
+        g.by_site.entry(Location::caller()).or_default()[3] += if gap < 1_000_000 { gap } else { 0 };
+    }
+}
+
 /// Per call site of a step: [steps, ns inside, ns of tails, ns since the previous step ended].
 #[derive(Default)]
 pub struct Sites {

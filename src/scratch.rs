@@ -39,6 +39,24 @@ pub fn zeros(n: usize) -> Buf {
     Buf(v)
 }
 
+/// `n` elements of unspecified value (whatever the pooled buffer held) from this thread's
+/// pool, for outputs written in full before they are read: zeroing decode's per-step buffers
+/// was serial time between steps.
+pub fn dirty(n: usize) -> Buf {
+    // a buffer already that long, if the pool has one: nothing to zero
+    let take = |p: &RefCell<Vec<Vec<f32>>>| {
+        let mut p = p.borrow_mut();
+        let fit = p.iter().rposition(|v| v.len() >= n);
+        fit.map(|i| p.swap_remove(i)).or_else(|| p.pop())
+    };
+    let mut v = POOL.try_with(take).ok().flatten().unwrap_or_default();
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    v.truncate(n);
+    Buf(v)
+}
+
 /// A copy of `x` from this thread's pool.
 pub fn copy(x: &[f32]) -> Buf {
     let mut b = zeros(0);

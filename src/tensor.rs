@@ -713,6 +713,7 @@ pub fn products_then(jobs: &mut [Product<'_>], align: &[usize], then: &Then<'_>,
     let jobs: SmallVec<[Job<'_>; 32]> =
         jobs.iter_mut().map(|j| (j.w, j.x, OutPtr(j.y.as_mut_ptr()), j.y.len())).collect();
     let prepared = Prepared::new(jobs.iter().map(|j| (j.0, j.1)), p);
+    crate::par::mark();
     let work: usize = jobs.iter().map(|j| j.0.rows * j.0.cols).sum();
     let threads = if parallel(work) { rayon::current_num_threads() } else { 1 };
     let sections: SmallVec<[Section; 32]> = jobs
@@ -751,7 +752,8 @@ unsafe impl Sync for Staged<'_> {}
 impl<'a> Staged<'a> {
     /// An input for `w`, to be written in parts starting on multiples of `unit` elements.
     pub fn new(w: MatRef<'a>, unit: usize, p: Precision) -> Staged<'a> {
-        let mut x = scratch::zeros(w.cols);
+        // every element is written (the parts tile the vector) before the product reads it
+        let mut x = scratch::dirty(w.cols);
         let xp = OutPtr(x.as_mut_ptr());
         let (mut prep, mut parts) = (None, None);
         if let WKind::Q { bits, group } = w.kind {
@@ -893,7 +895,8 @@ pub fn swiglu_sum(terms: &[SwigluTerm<'_>], out: &mut [f32], p: Precision) {
             Some(*o)
         }))
         .collect();
-    let mut h = scratch::zeros(offs[terms.len()]);
+    // every row is written by the first step's items
+    let mut h = scratch::dirty(offs[terms.len()]);
     let hp = OutPtr(h.as_mut_ptr());
     let mut down_in: SmallVec<[Option<scratch::Pooled<QPrep>>; 16]> = terms
         .iter()

@@ -111,10 +111,12 @@ impl Attention {
     fn decode(&self, x: &[f32], pos: usize, cache: &mut KvCache, out: &mut [f32], p: Precision) {
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qw = if self.gated { 2 * d } else { d };
-        let mut q = scratch::zeros(nh * qw);
+        // the q/k/v step writes every row
+        let mut q = scratch::dirty(nh * qw);
         let (mut cos, mut sin) = (scratch::zeros(0), scratch::zeros(0));
         self.rope.table(pos, cos.vec(), sin.vec());
         let (k, v) = cache.push(nkv * d, nkv * d);
+        crate::par::mark();
         let finish = |j: usize, _: usize, rows: &mut [f32]| match j {
             0 => rows.chunks_exact_mut(qw).for_each(|head| {
                 self.q_norm.apply(&mut head[..d]);
@@ -134,6 +136,7 @@ impl Attention {
         products_then(&mut jobs, &[qw, d], &finish, p);
         let heads = Heads { nh, nkv, d, gated: self.gated };
         let o = Staged::new(self.o_proj.view(), nh / nkv * d, p);
+        crate::par::mark();
         attend_one(&q, pos, cache, &o, heads, context_parts(1, nkv, pos));
         o.product(out);
     }
@@ -254,7 +257,8 @@ fn attend_one(q: &[f32], pos: usize, cache: &KvCache, o: &Staged<'_>, heads: Hea
     let Heads { nh, nkv, d, .. } = heads;
     let g = nh / nkv;
     let per = part_len(heads, parts);
-    let mut partial = scratch::zeros(nkv * parts * per);
+    // each item writes its part in full before anyone reads it
+    let mut partial = scratch::dirty(nkv * parts * per);
     let done: SmallVec<[AtomicUsize; 16]> = (0..nkv).map(|_| AtomicUsize::new(0)).collect();
     let at = crate::par::Shared(partial.as_mut_ptr());
     let work = if crate::tensor::parallel(nh * (pos + 1) * d) { nkv * parts } else { 0 };

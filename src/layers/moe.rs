@@ -226,6 +226,7 @@ impl Moe {
                 terms.push(term(sh.mlp.view(), x, sigmoid(dot(&sh.gate, x))));
             }
             swiglu_sum(&terms, &mut out.borrow_mut(), p);
+            crate::par::mark();
             fused.set(true);
             true
         };
@@ -289,6 +290,7 @@ impl Moe {
         let spent = t_experts.elapsed().as_nanos() as u64;
         PROFILE.shared_expert.fetch_add(shared_ns.get(), std::sync::atomic::Ordering::Relaxed);
         PROFILE.experts.fetch_add(spent.saturating_sub(shared_ns.get()), std::sync::atomic::Ordering::Relaxed);
+        crate::par::mark();
         let out = out.into_inner();
         if fused.get() {
             return Ok(());
