@@ -50,6 +50,8 @@ pub struct Output {
     pub prompt_tokens: usize,
     /// Prompt tokens that were already in the state (not prefilled again).
     pub reused_tokens: usize,
+    /// The stop string that ended the text, if one did.
+    pub stop_string: Option<String>,
     pub stats: GenStats,
 }
 
@@ -220,7 +222,7 @@ impl Session {
         let mut text = String::new();
         let mut emitted = 0;
         let mut failed = None;
-        let mut stop_string = false;
+        let mut stop_string: Option<String> = None;
         let max_tokens = max_tokens.min(ctx - prompt.len());
         let (tokens, reason) = crate::generate::decode(
             &self.model,
@@ -239,13 +241,15 @@ impl Session {
                     }
                 }
                 // a stop string ends the text just before it
-                if let Some(cut) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+                if let Some((cut, s)) =
+                    stop.iter().filter(|s| !s.is_empty()).filter_map(|s| Some((text.find(s.as_str())?, s))).min()
+                {
                     text.truncate(cut);
                     if cut > emitted {
                         on_text(&text[emitted..cut]);
                     }
                     emitted = cut;
-                    stop_string = true;
+                    stop_string = Some(s.clone());
                     return false;
                 }
                 // hold back a tail that could still become a stop string
@@ -275,7 +279,7 @@ impl Session {
             return Err(e);
         }
         let finish = match reason {
-            _ if stop_string => Finish::Stop,
+            _ if stop_string.is_some() => Finish::Stop,
             StopReason::Eos => Finish::Stop,
             StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
             StopReason::Cancelled => Finish::Cancelled,
@@ -294,6 +298,6 @@ impl Session {
                 Finish::Cancelled => StopReason::Cancelled,
             },
         };
-        Ok(Output { text, tokens, finish, prompt_tokens: prompt.len(), reused_tokens: reused, stats })
+        Ok(Output { text, tokens, finish, prompt_tokens: prompt.len(), reused_tokens: reused, stop_string, stats })
     }
 }

@@ -496,10 +496,11 @@ fn queued_clients_that_disconnect_give_their_place_back() {
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
 }
 
-/// The official `openai` Python client (installed from PyPI into target/openai-venv) against
-/// the server: a streamed chat, a non-streamed chat and a tool call round trip.
-#[test]
-fn official_openai_python_client() {
+/// A Python of a venv under target/ with `module` installed from PyPI (PyPI must be reachable).
+fn python_with(module: &str) -> std::path::PathBuf {
+    // the client tests run in parallel: one creates the venv and installs at a time
+    static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = VENV.lock().unwrap_or_else(|p| p.into_inner());
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openai-venv");
     let py = venv.join("bin/python");
     if !py.exists() {
@@ -508,23 +509,45 @@ fn official_openai_python_client() {
     }
     // a probe: its ModuleNotFoundError is expected on a fresh machine, not worth printing
     let has = std::process::Command::new(&py)
-        .args(["-c", "import openai"])
+        .args(["-c", &format!("import {module}")])
         .stderr(std::process::Stdio::null())
         .status()
         .unwrap()
         .success();
     if !has {
         let ok =
-            std::process::Command::new(&py).args(["-m", "pip", "install", "-q", "openai"]).status().unwrap().success();
-        assert!(ok, "pip install openai failed (PyPI must be reachable)");
+            std::process::Command::new(&py).args(["-m", "pip", "install", "-q", module]).status().unwrap().success();
+        assert!(ok, "pip install {module} failed (PyPI must be reachable)");
     }
-    let base = start(8);
-    let out = std::process::Command::new(&py)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
-        .arg(format!("{base}/v1"))
+    py
+}
+
+/// Runs `tests/<script>` with `py` against a fresh server and expects its success line.
+fn run_client(py: &Path, script: &str, base: &str, done: &str) {
+    let out = std::process::Command::new(py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script))
+        .arg(base)
         .output()
         .unwrap();
     let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "openai client script failed:\n{so}\n{se}");
-    assert!(so.contains("all openai client checks passed"), "{so}");
+    assert!(out.status.success(), "{script} failed:\n{so}\n{se}");
+    assert!(so.contains(done), "{so}");
+}
+
+/// The official `openai` Python client against the server: a streamed chat, a non-streamed
+/// chat and a tool call round trip.
+#[test]
+fn official_openai_python_client() {
+    let py = python_with("openai");
+    let base = start(8);
+    run_client(&py, "openai_client.py", &format!("{base}/v1"), "all openai client checks passed");
+}
+
+/// The official `anthropic` Python client against `/v1/messages`: streamed and whole messages,
+/// a stop sequence, a tool use round trip (whole and streamed) and a refused `tool_choice`.
+#[test]
+fn official_anthropic_python_client() {
+    let py = python_with("anthropic");
+    let base = start(8);
+    run_client(&py, "anthropic_client.py", &base, "all anthropic client checks passed");
 }

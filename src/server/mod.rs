@@ -1,5 +1,6 @@
 //! OpenAI-compatible HTTP server (axum): `/v1/chat/completions` (streamed as SSE or not, with
-//! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus).
+//! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), and the
+//! Anthropic Messages API (`anthropic.rs`).
 //!
 //! One generation runs at a time (the engine owns one sequence state, which is what lets a
 //! request that extends the previous conversation reuse its cached prefix); further requests
@@ -8,6 +9,8 @@
 
 // handlers return ready-made error responses; boxing them would only add noise
 #![allow(clippy::result_large_err)]
+
+mod anthropic;
 
 use crate::generate::SamplingParams;
 use crate::session::{ContextExceeded, Finish, Output, Session};
@@ -99,7 +102,9 @@ fn error(
     code: Option<&str>,
     param: Option<&str>,
 ) -> Response {
-    let body = json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}});
+    // the top-level "type" makes the same body an Anthropic error too
+    let body =
+        json!({"type": "error", "error": {"message": message.into(), "type": kind, "param": param, "code": code}});
     (status, Json(body)).into_response()
 }
 
@@ -140,6 +145,7 @@ fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error(StatusCode::NOT_FOUND, "unknown endpoint", "invalid_request_error", Some("not_found"), None)
@@ -172,7 +178,7 @@ async fn gate(State(app): State<Shared>, req: axum::extract::Request, next: axum
             app.metrics.errors.fetch_add(1, Relaxed);
             error(
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong API key (send `Authorization: Bearer KEY`)",
+                "missing or wrong API key (send `Authorization: Bearer KEY` or `x-api-key: KEY`)",
                 "invalid_request_error",
                 Some("invalid_api_key"),
                 None,
@@ -755,28 +761,10 @@ async fn respond_once(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
     let Reply { id, created, model, kind, turn } = r;
-    let cancel = Arc::new(AtomicBool::new(false));
-    let _guard = CancelOnDrop(cancel.clone());
-    let session = app.session.clone();
-    let a = app.clone();
-    let res = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = turn {
-            s.snapshot_at(t);
-        }
-        s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |_| !cancel.load(Relaxed) && !a.stopping.load(Relaxed))
-    })
-    .await;
-    let o = match res {
-        Ok(Ok(o)) if o.finish == Finish::Cancelled && app.stopping.load(Relaxed) => {
-            return gen_error(&app, anyhow::anyhow!("the server is shutting down"));
-        }
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => return gen_error(&app, e),
-        Err(e) => return gen_error(&app, anyhow::anyhow!("generation task failed: {e}")),
+    let o = match generate_whole(&app, prompt, turn, &p, permit).await {
+        Ok(o) => o,
+        Err(r) => return r,
     };
-    record(&app, &o);
     let tokens = Tokens(o.prompt_tokens, o.tokens.len());
     let finish = |f: Finish| if f == Finish::Length { "length" } else { "stop" };
     let body = match kind {
@@ -801,6 +789,41 @@ async fn respond_once(
     let mut resp = Json(body).into_response();
     resp.extensions_mut().insert(tokens);
     resp
+}
+
+/// One whole generation on the engine (resuming at the snapshot of `turn`), recorded in the
+/// metrics; a client that leaves cancels it.
+async fn generate_whole(
+    app: &Shared,
+    prompt: Vec<u32>,
+    turn: Option<usize>,
+    p: &GenParams,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Output, Response> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(cancel.clone());
+    let session = app.session.clone();
+    let a = app.clone();
+    let (max_tokens, sampling, stop) = (p.max_tokens, p.sampling.clone(), p.stop.clone());
+    let res = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = turn {
+            s.snapshot_at(t);
+        }
+        s.generate(&prompt, max_tokens, &sampling, &stop, |_| !cancel.load(Relaxed) && !a.stopping.load(Relaxed))
+    })
+    .await;
+    let o = match res {
+        Ok(Ok(o)) if o.finish == Finish::Cancelled && app.stopping.load(Relaxed) => {
+            return Err(gen_error(app, anyhow::anyhow!("the server is shutting down")));
+        }
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return Err(gen_error(app, e)),
+        Err(e) => return Err(gen_error(app, anyhow::anyhow!("generation task failed: {e}"))),
+    };
+    record(app, &o);
+    Ok(o)
 }
 
 /// The answer as server-sent events: chunks flow through a channel, and a closed channel

@@ -1,0 +1,536 @@
+//! The Anthropic Messages API (`POST /v1/messages`), whole or streamed, with tool use and
+//! thinking blocks, over the same engine, chat template and queue as the OpenAI endpoints.
+//!
+//! Requests are translated to the chat template's (OpenAI-shaped) messages: `system` becomes a
+//! system message, `tool_use` blocks an assistant's `tool_calls`, `tool_result` blocks tool
+//! messages. `thinking` sets the template's `enable_thinking` (absent, the template's default
+//! holds), and the reply's text before `</think>` is a `thinking` block. Any `model` name is
+//! served by the one loaded model (agents send their own names), and the reply says which.
+
+use super::*;
+
+/// What a Messages request asks for, translated.
+struct Request {
+    params: GenParams,
+    messages: Value,
+    tools: Option<Value>,
+    /// `thinking` as asked; absent, the template's default applies.
+    thinking: Option<bool>,
+}
+
+pub(super) async fn messages(State(app): State<Shared>, body: Result<Json<Value>, JsonRejection>) -> Response {
+    app.metrics.requests.fetch_add(1, Relaxed);
+    let resp = async {
+        let Json(b) = body.map_err(body_error)?;
+        let Request { params, messages, tools, thinking } = parse(&app, &b)?;
+        let mut extra = serde_json::Map::new();
+        if let Some(t) = thinking {
+            extra.insert("enable_thinking".into(), json!(t));
+        }
+        let thinking = thinking.unwrap_or(false);
+        let has_tools = tools.is_some();
+        let a = app.clone();
+        let (prompt, turn) = blocking(move || chat_prompt(&a, &messages, tools.as_ref(), &extra)).await?;
+        if prompt.len() >= app.context {
+            return Err(gen_error(&app, ContextExceeded { prompt_tokens: prompt.len(), context: app.context }.into()));
+        }
+        let permit = acquire(&app).await?;
+        let reply = Reply { id: new_id("msg"), model: app.opts.model_id.clone(), tools: has_tools, thinking };
+        if params.stream {
+            return Ok(respond_stream(app.clone(), prompt, turn, params, reply, permit));
+        }
+        let o = generate_whole(&app, prompt, turn, &params, permit).await?;
+        let (think, answer) = split_thinking(&o.text, thinking);
+        let (text, calls) = if has_tools { toolcall::parse(&answer) } else { (answer, vec![]) };
+        let mut content = vec![];
+        if !think.is_empty() {
+            content.push(json!({"type": "thinking", "thinking": think, "signature": ""}));
+        }
+        if !text.trim().is_empty() || calls.is_empty() {
+            content.push(json!({"type": "text", "text": text}));
+        }
+        for c in &calls {
+            content
+                .push(json!({"type": "tool_use", "id": new_id("toolu"), "name": c.name, "input": input(&c.arguments)}));
+        }
+        let (reason, seq) = stop_reason(&o, !calls.is_empty());
+        let body = json!({"id": reply.id, "type": "message", "role": "assistant", "model": reply.model,
+            "content": content, "stop_reason": reason, "stop_sequence": seq, "usage": usage(&o)});
+        let mut resp = Json(body).into_response();
+        resp.extensions_mut().insert(Tokens(o.prompt_tokens, o.tokens.len()));
+        Ok(resp)
+    }
+    .await;
+    counted(&app, resp)
+}
+
+/// Validates a Messages request and translates it.
+fn parse(app: &App, b: &Value) -> Result<Request, Response> {
+    if !b.is_object() {
+        return Err(bad_request("the body must be a JSON object", None));
+    }
+    if b.get("max_tokens").is_none_or(Value::is_null) {
+        return Err(bad_request("`max_tokens` is required", Some("max_tokens")));
+    }
+    if let Some(t) = b.get("temperature").and_then(Value::as_f64)
+        && !(0.0..=1.0).contains(&t)
+    {
+        return Err(bad_request("`temperature` must be between 0 and 1", Some("temperature")));
+    }
+    // the sampling fields share the OpenAI endpoints' names and checks
+    let mut o = serde_json::Map::new();
+    for k in ["max_tokens", "temperature", "top_p", "top_k", "stream"] {
+        if let Some(v) = b.get(k) {
+            o.insert(k.into(), v.clone());
+        }
+    }
+    let mut params = parse_params(app, &Value::Object(o))?;
+    params.stop = match b.get("stop_sequences") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) if a.iter().all(|s| s.as_str().is_some_and(|s| !s.is_empty())) => {
+            a.iter().filter_map(|s| s.as_str().map(String::from)).collect()
+        }
+        _ => return Err(bad_request("`stop_sequences` must be a list of non-empty strings", Some("stop_sequences"))),
+    };
+    let thinking = match b.pointer("/thinking/type").and_then(Value::as_str) {
+        None => None,
+        Some("enabled") => Some(true),
+        Some("disabled") => Some(false),
+        Some(t) => return Err(bad_request(format!("`thinking.type` `{t}` is not supported"), Some("thinking"))),
+    };
+    let mut tools = match b.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(t)) => Some(Value::Array(t.iter().enumerate().map(tool).collect::<Result<_, _>>()?)),
+        Some(_) => return Err(bad_request("`tools` must be a list", Some("tools"))),
+    };
+    match b.pointer("/tool_choice/type").and_then(Value::as_str) {
+        None | Some("auto") => {}
+        Some("none") => tools = None,
+        Some(t @ ("any" | "tool")) => {
+            return Err(bad_request(
+                format!(
+                    "`tool_choice` `{t}` needs constrained decoding, which this server does not have yet; use `auto`"
+                ),
+                Some("tool_choice"),
+            ));
+        }
+        Some(t) => return Err(bad_request(format!("`tool_choice` `{t}` is not supported"), Some("tool_choice"))),
+    }
+    Ok(Request { params, messages: translate(b)?, tools, thinking })
+}
+
+/// An Anthropic tool as the chat template's OpenAI function.
+fn tool((i, t): (usize, &Value)) -> Result<Value, Response> {
+    let name = t.get("name").and_then(Value::as_str);
+    let schema = t.get("input_schema").filter(|s| s.is_object());
+    match (name, schema) {
+        (Some(name), Some(schema)) => Ok(json!({"type": "function", "function": {"name": name,
+            "description": t.get("description").and_then(Value::as_str).unwrap_or(""), "parameters": schema}})),
+        _ => Err(bad_request(
+            format!("tools[{i}] needs a `name` and an `input_schema` object (server tools are not supported)"),
+            Some("tools"),
+        )),
+    }
+}
+
+/// `system` and `messages` as the chat template's messages.
+fn translate(b: &Value) -> Result<Value, Response> {
+    let mut out = vec![];
+    match b.get("system") {
+        None | Some(Value::Null) => {}
+        Some(s) => {
+            let text = blocks_text(s)
+                .ok_or_else(|| bad_request("`system` must be a string or text blocks", Some("system")))?;
+            out.push(json!({"role": "system", "content": text}));
+        }
+    }
+    let msgs = b
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| bad_request("`messages` must be a non-empty list", Some("messages")))?;
+    for (i, m) in msgs.iter().enumerate() {
+        let bad = |what: String| bad_request(format!("messages[{i}]: {what}"), Some("messages"));
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        if role != "user" && role != "assistant" {
+            return Err(bad(format!("role `{role}` is not supported (user or assistant)")));
+        }
+        let blocks = match m.get("content") {
+            Some(Value::String(s)) => vec![json!({"type": "text", "text": s})],
+            Some(Value::Array(a)) => a.clone(),
+            _ => return Err(bad("content must be a string or a list of blocks".into())),
+        };
+        let (mut text, mut calls) = (String::new(), vec![]);
+        for blk in &blocks {
+            match (blk.get("type").and_then(Value::as_str).unwrap_or(""), role) {
+                ("text", _) => text.push_str(blk.get("text").and_then(Value::as_str).unwrap_or("")),
+                // earlier reasoning is not replayed (the templates drop it from history)
+                ("thinking" | "redacted_thinking", "assistant") => {}
+                ("tool_use", "assistant") => {
+                    let name =
+                        blk.get("name").and_then(Value::as_str).ok_or_else(|| bad("tool_use without a name".into()))?;
+                    let id = blk.get("id").and_then(Value::as_str).unwrap_or("");
+                    let args = blk.get("input").cloned().unwrap_or_else(|| json!({})).to_string();
+                    calls.push(json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}}));
+                }
+                ("tool_result", "user") => {
+                    let id = blk.get("tool_use_id").and_then(Value::as_str).unwrap_or("");
+                    let content = blocks_text(blk.get("content").unwrap_or(&Value::Null))
+                        .ok_or_else(|| bad("tool_result content must be a string or text blocks".into()))?;
+                    out.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
+                }
+                (t, _) => return Err(bad(format!("content block `{t}` is not supported in a {role} message"))),
+            }
+        }
+        if role == "assistant" {
+            let mut n = json!({"role": "assistant", "content": text});
+            if !calls.is_empty() {
+                n["tool_calls"] = Value::Array(calls);
+            }
+            out.push(n);
+        } else if !text.is_empty()
+            || !blocks.iter().any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+        {
+            out.push(json!({"role": "user", "content": text}));
+        }
+    }
+    Ok(Value::Array(out))
+}
+
+/// A string, or the concatenated text of text blocks (other blocks refused).
+fn blocks_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => Some(String::new()),
+        Value::String(s) => Some(s.clone()),
+        Value::Array(a) => a
+            .iter()
+            .map(|b| (b.get("type").and_then(Value::as_str) == Some("text")).then(|| b.get("text")?.as_str()).flatten())
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat()),
+        _ => None,
+    }
+}
+
+/// A tool call's arguments as the `input` object.
+fn input(arguments: &str) -> Value {
+    serde_json::from_str::<Value>(arguments).ok().filter(Value::is_object).unwrap_or_else(|| json!({}))
+}
+
+/// (thinking, answer) of generated text: what precedes `</think>` is reasoning (a leading
+/// `<think>` dropped); with thinking on and no `</think>` yet, all of it is.
+fn split_thinking(text: &str, thinking: bool) -> (String, String) {
+    let t = text.trim_start();
+    let opened = t.starts_with("<think>");
+    let body = t.strip_prefix("<think>").unwrap_or(text);
+    match body.find("</think>") {
+        Some(i) if opened || thinking => (body[..i].trim().to_string(), body[i + 8..].trim_start().to_string()),
+        None if opened || thinking => (body.trim().to_string(), String::new()),
+        _ => (String::new(), text.to_string()),
+    }
+}
+
+fn stop_reason(o: &Output, tool_use: bool) -> (&'static str, Value) {
+    match (&o.stop_string, o.finish) {
+        _ if tool_use => ("tool_use", Value::Null),
+        (Some(s), _) => ("stop_sequence", json!(s)),
+        (None, Finish::Length) => ("max_tokens", Value::Null),
+        _ => ("end_turn", Value::Null),
+    }
+}
+
+/// Prompt tokens read from the cache are not input tokens in Anthropic's accounting.
+fn usage(o: &Output) -> Value {
+    json!({"input_tokens": o.prompt_tokens - o.reused_tokens, "output_tokens": o.tokens.len(),
+           "cache_read_input_tokens": o.reused_tokens, "cache_creation_input_tokens": 0})
+}
+
+struct Reply {
+    id: String,
+    model: String,
+    tools: bool,
+    thinking: bool,
+}
+
+/// Splits streamed text into reasoning and answer as it arrives (see [`split_thinking`]),
+/// holding back what could still be the start of a tag.
+struct ThinkSplit {
+    /// None before the first non-blank text, then whether inside the reasoning.
+    inside: Option<bool>,
+    thinking: bool,
+    buf: String,
+    /// Blanks right after `</think>` are dropped.
+    after_close: bool,
+}
+
+impl ThinkSplit {
+    fn push(&mut self, piece: &str, out: &mut Vec<(bool, String)>) {
+        self.buf.push_str(piece);
+        if self.inside.is_none() {
+            let t = self.buf.trim_start();
+            if let Some(rest) = t.strip_prefix("<think>") {
+                self.buf = rest.to_string();
+                self.inside = Some(true);
+            } else if "<think>".starts_with(t) {
+                return;
+            } else {
+                self.inside = Some(self.thinking);
+            }
+        }
+        if self.inside == Some(true) {
+            if let Some(i) = self.buf.find("</think>") {
+                out.push((true, self.buf[..i].to_string()));
+                self.buf.drain(..i + 8);
+                self.inside = Some(false);
+                self.after_close = true;
+            } else {
+                let hold = (1..8).rev().find(|&k| self.buf.ends_with(&"</think>"[..k])).unwrap_or(0);
+                let cut = self.buf.len() - hold;
+                out.push((true, self.buf[..cut].to_string()));
+                self.buf.drain(..cut);
+                return;
+            }
+        }
+        if self.after_close {
+            let t = self.buf.trim_start().to_string();
+            self.buf = t;
+            if self.buf.is_empty() {
+                return;
+            }
+            self.after_close = false;
+        }
+        out.push((false, std::mem::take(&mut self.buf)));
+    }
+
+    fn finish(&mut self, out: &mut Vec<(bool, String)>) {
+        let inside = self.inside == Some(true);
+        let rest = std::mem::take(&mut self.buf);
+        let blank_tail = self.after_close && rest.trim().is_empty();
+        if !rest.is_empty() && !blank_tail {
+            out.push((inside, rest));
+        }
+    }
+}
+
+/// The content blocks of a streamed reply, each started, filled by deltas and stopped.
+struct Blocks<F: FnMut(&str, Value) -> bool> {
+    send: F,
+    index: usize,
+    open: Option<&'static str>,
+    started: bool,
+}
+
+impl<F: FnMut(&str, Value) -> bool> Blocks<F> {
+    fn text(&mut self, kind: &'static str, s: &str) -> bool {
+        if s.is_empty() {
+            return true;
+        }
+        if self.open != Some(kind) {
+            if !self.close() {
+                return false;
+            }
+            let block = if kind == "thinking" {
+                json!({"type": "thinking", "thinking": "", "signature": ""})
+            } else {
+                json!({"type": "text", "text": ""})
+            };
+            if !self.start(block) {
+                return false;
+            }
+            self.open = Some(kind);
+        }
+        let delta = if kind == "thinking" {
+            json!({"type": "thinking_delta", "thinking": s})
+        } else {
+            json!({"type": "text_delta", "text": s})
+        };
+        (self.send)("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": delta}))
+    }
+
+    fn tool(&mut self, c: &toolcall::ToolCall) -> bool {
+        self.close()
+            && self.start(json!({"type": "tool_use", "id": new_id("toolu"), "name": c.name, "input": {}}))
+            && (self.send)(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": self.index,
+                    "delta": {"type": "input_json_delta", "partial_json": input(&c.arguments).to_string()}}),
+            )
+            && {
+                self.open = Some("tool_use");
+                self.close()
+            }
+    }
+
+    fn start(&mut self, block: Value) -> bool {
+        self.started = true;
+        (self.send)(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": self.index, "content_block": block}),
+        )
+    }
+
+    fn close(&mut self) -> bool {
+        if self.open.take().is_none() {
+            return true;
+        }
+        let ok = (self.send)("content_block_stop", json!({"type": "content_block_stop", "index": self.index}));
+        self.index += 1;
+        ok
+    }
+}
+
+/// The reply as Anthropic's server-sent events (message_start, content blocks, message_delta,
+/// message_stop); a client that leaves cancels the generation.
+fn respond_stream(
+    app: Shared,
+    prompt: Vec<u32>,
+    turn: Option<usize>,
+    p: GenParams,
+    r: Reply,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    let session = app.session.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let send =
+            |name: &str, data: Value| tx.blocking_send(Event::default().event(name).data(data.to_string())).is_ok();
+        let start = json!({"type": "message_start", "message": {"id": r.id, "type": "message", "role": "assistant",
+            "model": r.model, "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": prompt.len(), "output_tokens": 0}}});
+        if !send("message_start", start) || !send("ping", json!({"type": "ping"})) {
+            return;
+        }
+        let mut blocks = Blocks { send, index: 0, open: None, started: false };
+        let mut split = ThinkSplit { inside: None, thinking: r.thinking, buf: String::new(), after_close: false };
+        let mut calls = ToolStream::default();
+        let mut n_calls = 0;
+        let mut parts = vec![];
+        let mut emit = |parts: &mut Vec<(bool, String)>, blocks: &mut Blocks<_>, last: bool| -> bool {
+            let mut events = vec![];
+            for (thinking, s) in parts.drain(..) {
+                if thinking {
+                    events.push(Err(s));
+                } else if r.tools {
+                    events.extend(calls.push(&s).into_iter().map(Ok));
+                } else {
+                    events.push(Ok(StreamEvent::Content(s)));
+                }
+            }
+            if last && r.tools {
+                events.extend(calls.finish().into_iter().map(Ok));
+            }
+            events.iter().all(|e| match e {
+                Err(s) => blocks.text("thinking", s),
+                Ok(StreamEvent::Content(c)) => blocks.text("text", c),
+                Ok(StreamEvent::Call(c)) => {
+                    n_calls += 1;
+                    blocks.tool(c)
+                }
+            })
+        };
+        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = turn {
+            s.snapshot_at(t);
+        }
+        let res = s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |piece| {
+            if tx.is_closed() || app.stopping.load(Relaxed) {
+                return false;
+            }
+            split.push(piece, &mut parts);
+            emit(&mut parts, &mut blocks, false)
+        });
+        drop(s);
+        let error = |kind: &str, message: String| json!({"type": "error", "error": {"type": kind, "message": message}});
+        match res {
+            Ok(o) => {
+                record(&app, &o);
+                if o.finish == Finish::Cancelled {
+                    if app.stopping.load(Relaxed) {
+                        app.metrics.errors.fetch_add(1, Relaxed);
+                        (blocks.send)("error", error("overloaded_error", "the server is shutting down".into()));
+                    }
+                    return;
+                }
+                split.finish(&mut parts);
+                if !emit(&mut parts, &mut blocks, true) {
+                    return;
+                }
+                if !blocks.started {
+                    // an empty answer is still one (empty) text block
+                    let _ = blocks.start(json!({"type": "text", "text": ""}));
+                    blocks.open = Some("text");
+                }
+                if !blocks.close() {
+                    return;
+                }
+                let (reason, seq) = stop_reason(&o, n_calls > 0);
+                let delta = json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
+                    "usage": {"output_tokens": o.tokens.len()}});
+                let _ = (blocks.send)("message_delta", delta)
+                    && (blocks.send)("message_stop", json!({"type": "message_stop"}));
+            }
+            Err(e) => {
+                app.metrics.errors.fetch_add(1, Relaxed);
+                (blocks.send)("error", error("api_error", format!("{e:#}")));
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let stream = tokio_stream::StreamExt::map(stream, Ok::<Event, Infallible>);
+    Sse::new(stream).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_stream(pieces: &[&str], thinking: bool) -> (String, String) {
+        let mut s = ThinkSplit { inside: None, thinking, buf: String::new(), after_close: false };
+        let mut out = vec![];
+        pieces.iter().for_each(|p| s.push(p, &mut out));
+        s.finish(&mut out);
+        let pick = |t: bool| out.iter().filter(|o| o.0 == t).map(|o| o.1.as_str()).collect::<String>();
+        (pick(true), pick(false))
+    }
+
+    #[test]
+    fn thinking_splits_alike_whole_and_streamed_whatever_the_pieces() {
+        for (text, thinking, want) in [
+            ("<think>\nweigh it</think>\n\nHello", false, ("weigh it", "Hello")),
+            ("weigh it\n</think>\n\nHello", true, ("weigh it", "Hello")),
+            ("Hello </think> there", false, ("", "Hello </think> there")),
+            ("<think>still going", false, ("still going", "")),
+            ("Just text", false, ("", "Just text")),
+            ("", true, ("", "")),
+        ] {
+            let whole = split_thinking(text, thinking);
+            assert_eq!((whole.0.as_str(), whole.1.as_str()), want, "{text:?}");
+            for size in 1..5 {
+                let chars: Vec<char> = text.chars().collect();
+                let pieces: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
+                let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+                let (t, a) = split_stream(&refs, thinking);
+                assert_eq!((t.trim(), a.as_str()), want, "{text:?} in pieces of {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn tool_use_and_results_become_the_templates_messages() {
+        let b = json!({"system": [{"type": "text", "text": "Be brief."}], "messages": [
+            {"role": "user", "content": "Weather in Mantua?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Mantua"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "foggy"}]}]});
+        let m = translate(&b).unwrap();
+        assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
+        assert_eq!(
+            m[2]["tool_calls"][0]["function"],
+            json!({"name": "get_weather", "arguments": "{\"city\":\"Mantua\"}"})
+        );
+        assert_eq!(m[3], json!({"role": "tool", "tool_call_id": "toolu_1", "content": "foggy"}));
+        assert_eq!(m.as_array().unwrap().len(), 4);
+        let image = json!({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]});
+        assert!(translate(&image).is_err());
+    }
+}
