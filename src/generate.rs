@@ -23,6 +23,8 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Added to the logits of these tokens before anything else (OpenAI `logit_bias`).
     pub logit_bias: Vec<(u32, f32)>,
+    /// Only tokens this grammar allows are sampled (structured output).
+    pub constraint: Option<crate::grammar::Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -35,6 +37,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             seed: 0,
             logit_bias: vec![],
+            constraint: None,
         }
     }
 }
@@ -119,6 +122,16 @@ impl Sampler {
     /// Nothing here sorts the vocabulary: top-k keeps a heap of k, min-p is a filter, and top-p
     /// sorts only as long a prefix of the most likely tokens as it needs.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let Some(c) = self.params.constraint.clone() else {
+            return self.pick(logits, history);
+        };
+        c.mask(logits);
+        let t = self.pick(logits, history);
+        c.accept(t);
+        t
+    }
+
+    fn pick(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         if !self.candidates(logits, history) {
             return argmax(logits) as u32;
         }

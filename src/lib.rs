@@ -14,6 +14,7 @@ pub mod eval;
 pub mod families;
 pub mod flash;
 pub mod generate;
+pub mod grammar;
 pub mod import;
 pub mod kernels;
 pub mod layers;

@@ -26,6 +26,17 @@ fn token_string(v: Option<&Value>) -> Option<String> {
 }
 
 impl TextTokenizer {
+    /// The id of `text` when it is one special token of this tokenizer (grammars must name
+    /// such tokens, not spell them).
+    pub fn special_id(&self, text: &str) -> Option<u32> {
+        self.tok.get_added_tokens_decoder().iter().find(|(_, t)| t.special && t.content == text).map(|(&id, _)| id)
+    }
+
+    /// The tokenizer as `tokenizer.json` text (for the grammar engine).
+    pub fn to_json(&self) -> anyhow::Result<String> {
+        self.tok.to_string(false).map_err(|e| anyhow!("serializing the tokenizer: {e}"))
+    }
+
     pub fn load(dir: &Path) -> Result<TextTokenizer> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {

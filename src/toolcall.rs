@@ -41,6 +41,26 @@ pub fn parse(text: &str) -> (String, Vec<ToolCall>) {
     (content.trim().to_string(), calls)
 }
 
+/// [`parse`], keeping only calls of the `declared` tools: a call of any other stays in the
+/// content, as the text it was.
+pub fn parse_declared(text: &str, declared: &[String]) -> (String, Vec<ToolCall>) {
+    let (mut content, calls) = parse(text);
+    let (kept, other): (Vec<_>, Vec<_>) = calls.into_iter().partition(|c| declared.contains(&c.name));
+    for c in &other {
+        if !content.is_empty() {
+            content.push('\n');
+        }
+        content.push_str(&as_text(c));
+    }
+    (content, kept)
+}
+
+/// A call as the `<tool_call>` block it was parsed from.
+pub fn as_text(c: &ToolCall) -> String {
+    let name = serde_json::to_string(&c.name).unwrap_or_default();
+    format!("{OPEN}\n{{\"name\": {name}, \"arguments\": {}}}\n{CLOSE}", c.arguments)
+}
+
 /// What [`ToolStream`] releases.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StreamEvent {

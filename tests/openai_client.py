@@ -45,10 +45,53 @@ r = client.chat.completions.create(model=model, messages=msgs, tools=tools, temp
 answer = r.choices[0].message.content
 assert "Mantua" in answer and "foggy" in answer, answer
 
+# structured output: a pydantic model through `parse` (json_schema, strict), and json_object
+from typing import Literal
+from pydantic import BaseModel
+
+
+class Line(BaseModel):
+    speaker: Literal["ROMEO", "JULIET", "NURSE"]
+    mood: Literal["happy", "sad"]
+    aside: bool
+
+
+parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+r = parse(model=model, messages=[{"role": "user", "content": "Who speaks?"}], response_format=Line,
+          temperature=0, max_tokens=60)
+line = r.choices[0].message.parsed
+assert isinstance(line, Line) and r.choices[0].finish_reason == "stop", r
+for stream in (False, True):
+    kw = dict(model=model, messages=[{"role": "user", "content": "Speak as ROMEO."}],
+              response_format={"type": "json_object"}, temperature=0.8, seed=7, max_tokens=200)
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw) if c.choices)
+    else:
+        text = client.chat.completions.create(**kw).choices[0].message.content
+    assert isinstance(json.loads(text), dict), text
+
+# a required call, and a named one, even where the model would answer in words
+r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Speak as ROMEO."}],
+                                   tools=tools, tool_choice="required", temperature=0, max_tokens=80)
+assert r.choices[0].finish_reason == "tool_calls", r
+call = r.choices[0].message.tool_calls[0]
+assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments).get("city"), str), call
+two = tools + [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+        "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
+r = client.chat.completions.create(model=model, messages=msgs[:1], tools=two, temperature=0, max_tokens=80,
+                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
+call = r.choices[0].message.tool_calls[0]
+assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET"), call
+
 # errors come back as openai exceptions
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     raise SystemExit("unknown model accepted")
 except Exception as e:  # openai.NotFoundError
     assert getattr(e, "status_code", None) == 404, e
+try:
+    client.chat.completions.create(model=model, messages=msgs[:1], tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}})
+    raise SystemExit("undeclared tool_choice accepted")
+except Exception as e:  # openai.BadRequestError
+    assert getattr(e, "status_code", None) == 400, e
 print("all openai client checks passed")

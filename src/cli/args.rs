@@ -252,6 +252,7 @@ impl SamplingArgs {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
             logit_bias: vec![],
+            constraint: None,
         };
         p.validate()?;
         Ok(p)

@@ -28,20 +28,25 @@ pub(super) async fn messages(State(app): State<Shared>, body: Result<Json<Value>
             extra.insert("enable_thinking".into(), json!(t));
         }
         let thinking = thinking.unwrap_or(false);
-        let has_tools = tools.is_some();
+        let names: Vec<String> = tools
+            .iter()
+            .flat_map(|t| t.as_array().into_iter().flatten())
+            .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(String::from))
+            .collect();
+        let has_tools = !names.is_empty();
         let a = app.clone();
         let (prompt, turn) = blocking(move || chat_prompt(&a, &messages, tools.as_ref(), &extra)).await?;
         if prompt.len() >= app.context {
             return Err(gen_error(&app, ContextExceeded { prompt_tokens: prompt.len(), context: app.context }.into()));
         }
         let permit = acquire(&app).await?;
-        let reply = Reply { id: new_id("msg"), model: app.opts.model_id.clone(), tools: has_tools, thinking };
+        let reply = Reply { id: new_id("msg"), model: app.opts.model_id.clone(), tools: names, thinking };
         if params.stream {
             return Ok(respond_stream(app.clone(), prompt, turn, params, reply, permit));
         }
         let o = generate_whole(&app, prompt, turn, &params, permit).await?;
         let (think, answer) = split_thinking(&o.text, thinking);
-        let (text, calls) = if has_tools { toolcall::parse(&answer) } else { (answer, vec![]) };
+        let (text, calls) = if has_tools { toolcall::parse_declared(&answer, &reply.tools) } else { (answer, vec![]) };
         let mut content = vec![];
         if !think.is_empty() {
             content.push(json!({"type": "thinking", "thinking": think, "signature": ""}));
@@ -247,7 +252,8 @@ fn usage(o: &Output) -> Value {
 struct Reply {
     id: String,
     model: String,
-    tools: bool,
+    /// The declared tools (calls of others stay text).
+    tools: Vec<String>,
     thinking: bool,
 }
 
@@ -410,18 +416,19 @@ fn respond_stream(
             for (thinking, s) in parts.drain(..) {
                 if thinking {
                     events.push(Err(s));
-                } else if r.tools {
+                } else if !r.tools.is_empty() {
                     events.extend(calls.push(&s).into_iter().map(Ok));
                 } else {
                     events.push(Ok(StreamEvent::Content(s)));
                 }
             }
-            if last && r.tools {
+            if last && !r.tools.is_empty() {
                 events.extend(calls.finish().into_iter().map(Ok));
             }
             events.iter().all(|e| match e {
                 Err(s) => blocks.text("thinking", s),
                 Ok(StreamEvent::Content(c)) => blocks.text("text", c),
+                Ok(StreamEvent::Call(c)) if !r.tools.contains(&c.name) => blocks.text("text", &toolcall::as_text(c)),
                 Ok(StreamEvent::Call(c)) => {
                     n_calls += 1;
                     blocks.tool(c)

@@ -90,6 +90,10 @@ struct App {
     metrics: Metrics,
     /// The server is stopping: generations end (streams with an error event and `[DONE]`).
     stopping: AtomicBool,
+    /// The vocabulary for constrained decoding, built on the first request that needs it.
+    grammars: std::sync::OnceLock<Result<crate::grammar::Grammars, String>>,
+    vocab: usize,
+    stop_ids: Vec<u32>,
 }
 
 type Shared = Arc<App>;
@@ -128,6 +132,7 @@ pub fn router(session: Session, opts: ServerOptions) -> Router {
 }
 
 fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
+    let (vocab, stop_ids) = (session.model.vocab_size(), session.stop_ids.clone());
     let app = Arc::new(App {
         tok: session.tok.clone(),
         context: session.model.max_context(),
@@ -139,6 +144,9 @@ fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
         waiting: AtomicUsize::new(0),
         metrics: Metrics::default(),
         stopping: AtomicBool::new(false),
+        grammars: std::sync::OnceLock::new(),
+        vocab,
+        stop_ids,
     });
     let router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -485,6 +493,7 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
         repetition_penalty: rep as f32,
         seed,
         logit_bias,
+        constraint: None,
     };
     // values that pass the checks above as f64 but not as the f32 the sampler uses (top_p
     // 1e-46 rounds to 0, repetition_penalty 1e39 to infinity)
@@ -614,7 +623,10 @@ fn counted(app: &App, resp: Result<Response, Response>) -> Response {
 }
 
 enum Kind {
-    Chat { tools: bool },
+    /// The declared tools' names, when tool calls are parsed from the answer.
+    Chat {
+        tools: Option<Vec<String>>,
+    },
     Text,
 }
 
@@ -630,16 +642,44 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
         {
             return Err(bad_request("`tools` must be a list", Some("tools")));
         }
-        let tool_choice_none = b.get("tool_choice").and_then(Value::as_str) == Some("none");
-        let tools = if tool_choice_none { None } else { tools };
+        let choice = tool_choice(b.get("tool_choice"), tools.as_ref())?;
+        let tools = if matches!(choice, ToolChoice::None) { None } else { tools };
         let mut extra = serde_json::Map::new();
         if let Some(kw) = b.get("chat_template_kwargs").and_then(Value::as_object) {
             extra.extend(kw.clone());
         }
-        let has_tools = tools.is_some();
+        let names: Vec<String> = tools
+            .iter()
+            .flat_map(|t| t.as_array().into_iter().flatten())
+            .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(String::from))
+            .collect();
+        let mut p = p;
+        let format = b
+            .get("response_format")
+            .filter(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"))
+            .cloned();
+        if format.is_some() && matches!(choice, ToolChoice::Required | ToolChoice::Named(_)) {
+            return Err(bad_request(
+                "`response_format` and a required tool call exclude each other",
+                Some("tool_choice"),
+            ));
+        }
         let a = app.clone();
-        let (prompt, turn) = blocking(move || chat_prompt(&a, &messages, tools.as_ref(), &extra)).await?;
-        Ok(run(app.clone(), prompt, turn, p, Kind::Chat { tools: has_tools }).await)
+        let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
+        let (prompt, turn, constraint) = blocking(move || {
+            let (prompt, turn) = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
+            let constraint = match (&choice, format) {
+                (_, Some(f)) => response_format(&a, &f)?,
+                (ToolChoice::Required | ToolChoice::Named(_), _) => Some(forced_call(&a, tools.as_ref(), &choice)?),
+                _ => None,
+            };
+            Ok((prompt, turn, constraint))
+        })
+        .await?;
+        // text constrained to a response format is the answer itself: no tool calls in it
+        let tools = if constraint.is_none() || forced { Some(names) } else { None }.filter(|n| !n.is_empty());
+        p.sampling.constraint = constraint;
+        Ok(run(app.clone(), prompt, turn, p, Kind::Chat { tools }).await)
     }
     .await;
     counted(&app, resp)
@@ -664,6 +704,116 @@ async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRe
     }
     .await;
     counted(&app, resp)
+}
+
+/// OpenAI `tool_choice`.
+enum ToolChoice {
+    Auto,
+    None,
+    Required,
+    Named(String),
+}
+
+fn tool_choice(v: Option<&Value>, tools: Option<&Value>) -> Result<ToolChoice, Response> {
+    let bad = |m: String| bad_request(m, Some("tool_choice"));
+    let declared = |n: &str| {
+        tools
+            .and_then(Value::as_array)
+            .is_some_and(|t| t.iter().any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(n)))
+    };
+    let c = match v {
+        None | Some(Value::Null) => return Ok(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => return Ok(ToolChoice::None),
+            "required" => ToolChoice::Required,
+            s => {
+                return Err(bad(format!("`tool_choice` `{s}` is not supported (auto, none, required, or a function)")));
+            }
+        },
+        Some(o) => match o.pointer("/function/name").and_then(Value::as_str) {
+            Some(n) if declared(n) => ToolChoice::Named(n.to_string()),
+            Some(n) => return Err(bad(format!("`tool_choice` names `{n}`, which is not among the `tools`"))),
+            None => {
+                return Err(bad(
+                    "`tool_choice` must be a string or {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
+                ));
+            }
+        },
+    };
+    if tools.and_then(Value::as_array).is_none_or(|t| t.is_empty()) && !matches!(c, ToolChoice::Auto) {
+        return Err(bad("a required tool call needs `tools`".into()));
+    }
+    Ok(c)
+}
+
+/// The engine's grammars (built on first use).
+fn grammars(app: &App) -> Result<&crate::grammar::Grammars, Response> {
+    app.grammars
+        .get_or_init(|| crate::grammar::Grammars::new(&app.tok, app.vocab, &app.stop_ids).map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("constrained decoding is unavailable: {e}"),
+                "server_error",
+                None,
+                None,
+            )
+        })
+}
+
+/// A grammar that makes the answer one call of a declared tool (of the named one), in the
+/// template's `<tool_call>` JSON format, arguments matching the tool's parameter schema.
+fn forced_call(app: &App, tools: Option<&Value>, choice: &ToolChoice) -> Result<crate::grammar::Constraint, Response> {
+    let only = match choice {
+        ToolChoice::Named(n) => Some(n.as_str()),
+        _ => None,
+    };
+    let alts: Vec<Value> = tools
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let name = t.pointer("/function/name")?.as_str()?;
+            if only.is_some_and(|o| o != name) {
+                return None;
+            }
+            let params = t
+                .pointer("/function/parameters")
+                .filter(|p| p.is_object())
+                .cloned()
+                .unwrap_or(json!({"type": "object"}));
+            Some(json!({"type": "object", "properties": {"name": {"const": name}, "arguments": params},
+                "required": ["name", "arguments"], "additionalProperties": false}))
+        })
+        .collect();
+    let schema = if alts.len() == 1 { alts[0].clone() } else { json!({"anyOf": alts}) };
+    // the tags as the tokenizer has them: one special token each, or plain text
+    let tag = |t: &str| app.tok.special_id(t).map_or_else(|| format!("{t:?}"), |id| format!("<[{id}]>"));
+    let lark =
+        format!("start: {} \"\\n\" call \"\\n\" {}\ncall: %json {schema}", tag("<tool_call>"), tag("</tool_call>"));
+    grammars(app)?.lark(&lark).map_err(|e| bad_request(format!("{e:#}"), Some("tools")))
+}
+
+/// The grammar of a `response_format`: none for `text`, any JSON object for `json_object`, the
+/// schema of `json_schema`.
+fn response_format(app: &App, f: &Value) -> Result<Option<crate::grammar::Constraint>, Response> {
+    let bad = |m: String| bad_request(m, Some("response_format"));
+    let kind = f.get("type").and_then(Value::as_str).ok_or_else(|| bad("`response_format.type` is missing".into()))?;
+    let schema = match kind {
+        "text" => return Ok(None),
+        "json_object" => json!({"type": "object"}),
+        "json_schema" => f
+            .pointer("/json_schema/schema")
+            .filter(|s| s.is_object())
+            .cloned()
+            .ok_or_else(|| bad("`response_format.json_schema.schema` must be a JSON schema object".into()))?,
+        k => {
+            return Err(bad(format!("`response_format.type` `{k}` is not supported (text, json_object, json_schema)")));
+        }
+    };
+    grammars(app)?.json_schema(&schema).map(Some).map_err(|e| bad(format!("{e:#}")))
 }
 
 /// Runs CPU-heavy request preparation (templates, tokenization) off the async threads, so a
@@ -771,7 +921,10 @@ async fn respond_once(
         Kind::Text => json!({"id": id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": o.text, "finish_reason": finish(o.finish), "logprobs": null}], "usage": usage(&o)}),
         Kind::Chat { tools } => {
-            let (content, calls) = if tools { toolcall::parse(&o.text) } else { (o.text.clone(), vec![]) };
+            let (content, calls) = match &tools {
+                Some(names) => toolcall::parse_declared(&o.text, names),
+                None => (o.text.clone(), vec![]),
+            };
             let mut msg = json!({"role": "assistant", "content": content});
             let mut reason = finish(o.finish);
             if !calls.is_empty() {
@@ -853,7 +1006,11 @@ fn respond_stream(
             Event::default().data(body.to_string())
         };
         let send = |e: Event| tx.blocking_send(e).is_ok();
-        let tools = matches!(kind, Kind::Chat { tools: true });
+        let names = match &kind {
+            Kind::Chat { tools: Some(n) } => Some(n.clone()),
+            _ => None,
+        };
+        let tools = names.is_some();
         let is_chat = matches!(kind, Kind::Chat { .. });
         if is_chat && !send(chunk(json!({"role": "assistant", "content": ""}), None)) {
             return;
@@ -862,6 +1019,12 @@ fn respond_stream(
         let mut n_calls = 0usize;
         let mut emit = |events: Vec<StreamEvent>| -> bool {
             for ev in events {
+                let ev = match (ev, &names) {
+                    (StreamEvent::Call(c), Some(n)) if !n.contains(&c.name) => {
+                        StreamEvent::Content(toolcall::as_text(&c))
+                    }
+                    (ev, _) => ev,
+                };
                 let ok = match ev {
                     StreamEvent::Content(c) if c.is_empty() => true,
                     StreamEvent::Content(c) => {
