@@ -42,11 +42,17 @@ r = client.messages.create(model="any-model", max_tokens=40, extra_body={"temper
 answer = "".join(b.text for b in r.content if b.type == "text")
 assert "Mantua" in answer and "foggy" in answer, answer
 
+# a required call ("any") even where the model would answer in words, and a named one
+r = client.messages.create(model="any-model", max_tokens=80, extra_body={"temperature": 0}, tools=tools,
+                           messages=[{"role": "user", "content": "Speak as ROMEO."}], tool_choice={"type": "any"})
+use = [b for b in r.content if b.type == "tool_use"][0]
+assert r.stop_reason == "tool_use" and use.name == "get_weather" and isinstance(use.input.get("city"), str), r
+
 # refusals come back as anthropic exceptions
 try:
     client.messages.create(model="any-model", max_tokens=10, messages=msgs, tools=tools,
-                           tool_choice={"type": "any"})
-    raise SystemExit("tool_choice any accepted")
+                           tool_choice={"type": "tool", "name": "nope"})
+    raise SystemExit("undeclared tool_choice accepted")
 except anthropic.BadRequestError as e:
     assert "tool_choice" in str(e), e
 print("all anthropic client checks passed")

@@ -3,7 +3,8 @@
 //!
 //! Requests are translated to the chat template's (OpenAI-shaped) messages: `system` becomes a
 //! system message, `tool_use` blocks an assistant's `tool_calls`, `tool_result` blocks tool
-//! messages. `thinking` sets the template's `enable_thinking` (absent, the template's default
+//! messages. `tool_choice` any / tool force a call by constrained decoding, as on the OpenAI
+//! endpoint. `thinking` sets the template's `enable_thinking` (absent, the template's default
 //! holds), and the reply's text before `</think>` is a `thinking` block. Any `model` name is
 //! served by the one loaded model (agents send their own names), and the reply says which.
 
@@ -16,13 +17,14 @@ struct Request {
     tools: Option<Value>,
     /// `thinking` as asked; absent, the template's default applies.
     thinking: Option<bool>,
+    choice: ToolChoice,
 }
 
 pub(super) async fn messages(State(app): State<Shared>, body: Result<Json<Value>, JsonRejection>) -> Response {
     app.metrics.requests.fetch_add(1, Relaxed);
     let resp = async {
         let Json(b) = body.map_err(body_error)?;
-        let Request { params, messages, tools, thinking } = parse(&app, &b)?;
+        let Request { mut params, messages, tools, thinking, choice } = parse(&app, &b)?;
         let mut extra = serde_json::Map::new();
         if let Some(t) = thinking {
             extra.insert("enable_thinking".into(), json!(t));
@@ -35,7 +37,13 @@ pub(super) async fn messages(State(app): State<Shared>, body: Result<Json<Value>
             .collect();
         let has_tools = !names.is_empty();
         let a = app.clone();
-        let (prompt, turn) = blocking(move || chat_prompt(&a, &messages, tools.as_ref(), &extra)).await?;
+        let (prompt, turn, constraint) = blocking(move || {
+            let (prompt, turn) = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
+            let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
+            Ok((prompt, turn, if forced { Some(forced_call(&a, tools.as_ref(), &choice)?) } else { None }))
+        })
+        .await?;
+        params.sampling.constraint = constraint;
         if prompt.len() >= app.context {
             return Err(gen_error(&app, ContextExceeded { prompt_tokens: prompt.len(), context: app.context }.into()));
         }
@@ -108,20 +116,32 @@ fn parse(app: &App, b: &Value) -> Result<Request, Response> {
         Some(Value::Array(t)) => Some(Value::Array(t.iter().enumerate().map(tool).collect::<Result<_, _>>()?)),
         Some(_) => return Err(bad_request("`tools` must be a list", Some("tools"))),
     };
-    match b.pointer("/tool_choice/type").and_then(Value::as_str) {
-        None | Some("auto") => {}
-        Some("none") => tools = None,
-        Some(t @ ("any" | "tool")) => {
-            return Err(bad_request(
-                format!(
-                    "`tool_choice` `{t}` needs constrained decoding, which this server does not have yet; use `auto`"
-                ),
-                Some("tool_choice"),
-            ));
-        }
+    let choice = match b.pointer("/tool_choice/type").and_then(Value::as_str) {
+        None | Some("auto") => ToolChoice::Auto,
+        Some("none") => ToolChoice::None,
+        Some("any") => ToolChoice::Required,
+        Some("tool") => match b.pointer("/tool_choice/name").and_then(Value::as_str) {
+            Some(n)
+                if tools
+                    .iter()
+                    .flat_map(|t| t.as_array().into_iter().flatten())
+                    .any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(n)) =>
+            {
+                ToolChoice::Named(n.to_string())
+            }
+            _ => return Err(bad_request("`tool_choice.name` must name one of the `tools`", Some("tool_choice"))),
+        },
         Some(t) => return Err(bad_request(format!("`tool_choice` `{t}` is not supported"), Some("tool_choice"))),
+    };
+    if matches!(choice, ToolChoice::None) {
+        tools = None;
     }
-    Ok(Request { params, messages: translate(b)?, tools, thinking })
+    if !matches!(choice, ToolChoice::Auto | ToolChoice::None)
+        && tools.as_ref().and_then(Value::as_array).is_none_or(|t| t.is_empty())
+    {
+        return Err(bad_request("a required tool call needs `tools`", Some("tool_choice")));
+    }
+    Ok(Request { params, messages: translate(b)?, tools, thinking, choice })
 }
 
 /// An Anthropic tool as the chat template's OpenAI function.
