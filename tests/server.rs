@@ -496,8 +496,9 @@ fn queued_clients_that_disconnect_give_their_place_back() {
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
 }
 
-/// A Python of a venv under target/ with `module` installed from PyPI (PyPI must be reachable).
-fn python_with(module: &str) -> std::path::PathBuf {
+/// A Python of a venv under target/ where `module` imports (installing `package` from PyPI if
+/// not: PyPI must be reachable).
+fn python_with(module: &str, package: &str) -> std::path::PathBuf {
     // the client tests run in parallel: one creates the venv and installs at a time
     static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = VENV.lock().unwrap_or_else(|p| p.into_inner());
@@ -516,8 +517,8 @@ fn python_with(module: &str) -> std::path::PathBuf {
         .success();
     if !has {
         let ok =
-            std::process::Command::new(&py).args(["-m", "pip", "install", "-q", module]).status().unwrap().success();
-        assert!(ok, "pip install {module} failed (PyPI must be reachable)");
+            std::process::Command::new(&py).args(["-m", "pip", "install", "-q", package]).status().unwrap().success();
+        assert!(ok, "pip install {package} failed (PyPI must be reachable)");
     }
     py
 }
@@ -538,7 +539,7 @@ fn run_client(py: &Path, script: &str, base: &str, done: &str) {
 /// chat and a tool call round trip.
 #[test]
 fn official_openai_python_client() {
-    let py = python_with("openai");
+    let py = python_with("openai", "openai");
     let base = start(8);
     run_client(&py, "openai_client.py", &format!("{base}/v1"), "all openai client checks passed");
 }
@@ -547,7 +548,15 @@ fn official_openai_python_client() {
 /// a stop sequence, a tool use round trip (whole and streamed) and a refused `tool_choice`.
 #[test]
 fn official_anthropic_python_client() {
-    let py = python_with("anthropic");
+    let py = python_with("anthropic", "anthropic");
     let base = start(8);
     run_client(&py, "anthropic_client.py", &base, "all anthropic client checks passed");
+}
+
+/// LangChain's `with_structured_output` (json_schema and function calling) against the server.
+#[test]
+fn langchain_structured_output() {
+    let py = python_with("langchain_openai", "langchain-openai");
+    let base = start(8);
+    run_client(&py, "langchain_client.py", &format!("{base}/v1"), "all langchain checks passed");
 }
