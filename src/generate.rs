@@ -23,6 +23,10 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Added to the logits of these tokens before anything else (OpenAI `logit_bias`).
     pub logit_bias: Vec<(u32, f32)>,
+    /// OpenAI's penalties over the generated tokens: subtracted once from the logit of every
+    /// token generated so far (presence) and once per time it was (frequency); 0 disables.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     /// Only tokens this grammar allows are sampled (structured output).
     pub constraint: Option<crate::grammar::Constraint>,
 }
@@ -37,6 +41,8 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             seed: 0,
             logit_bias: vec![],
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             constraint: None,
         }
     }
@@ -56,6 +62,11 @@ impl SamplingParams {
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             bail!("repetition_penalty must be > 0, got {}", self.repetition_penalty);
         }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                bail!("{name} must be in [-2, 2], got {v}");
+            }
+        }
         Ok(())
     }
 }
@@ -72,6 +83,10 @@ pub struct Sampler {
     cand: Vec<(u32, f32)>,
     heap: Vec<std::cmp::Reverse<Ranked>>,
     seen: Vec<u64>,
+    /// Length of the history at the first call: the prompt (penalties count what follows).
+    prompt_len: Option<usize>,
+    /// Generated tokens, sorted, for the presence and frequency penalties.
+    counts: Vec<u32>,
 }
 
 /// A logit with its token, ordered by logit (higher first), then token id (lower first).
@@ -114,7 +129,15 @@ pub fn argmax(x: &[f32]) -> usize {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
         let rng = StdRng::seed_from_u64(params.seed);
-        Sampler { params, rng, cand: Vec::new(), heap: Vec::new(), seen: Vec::new() }
+        Sampler {
+            params,
+            rng,
+            cand: Vec::new(),
+            heap: Vec::new(),
+            seen: Vec::new(),
+            prompt_len: None,
+            counts: Vec::new(),
+        }
     }
 
     /// Samples one token id; `history` is every token so far (for the repetition penalty).
@@ -168,6 +191,17 @@ impl Sampler {
             for &t in history {
                 if let Some(w) = self.seen.get_mut(t as usize / 64) {
                     *w = 0;
+                }
+            }
+        }
+        let start = (*self.prompt_len.get_or_insert(history.len())).min(history.len());
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            self.counts.clear();
+            self.counts.extend_from_slice(&history[start..]);
+            self.counts.sort_unstable();
+            for run in self.counts.chunk_by(|a, b| a == b) {
+                if let Some(l) = logits.get_mut(run[0] as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * run.len() as f32;
                 }
             }
         }
@@ -402,6 +436,13 @@ mod tests {
     fn greedy_and_filters() {
         let mut s = Sampler::new(SamplingParams::default());
         assert_eq!(s.sample(&mut [0.1, 2.0, -1.0], &[]), 1);
+        // presence and frequency penalties count only what was generated after the prompt
+        let mut s =
+            Sampler::new(SamplingParams { presence_penalty: 1.0, frequency_penalty: 0.5, ..Default::default() });
+        let prompt = [0u32, 0, 0];
+        assert_eq!(s.sample(&mut [3.0, 2.9, 0.0], &prompt), 0, "the prompt's tokens carry no penalty");
+        assert_eq!(s.sample(&mut [3.0, 2.0, 0.0], &[0, 0, 0, 0]), 1, "one generated 0: 3 − 1.5 < 2");
+        assert_eq!(s.sample(&mut [3.0, 1.0, 0.0], &[0, 0, 0, 0, 1]), 0, "3 − 1.5 > 1 − 1.5");
         // repetition penalty pushes the seen best token below the next one
         let mut s = Sampler::new(SamplingParams { repetition_penalty: 4.0, ..Default::default() });
         assert_eq!(s.sample(&mut [1.0, 2.0, -1.0], &[1]), 0);

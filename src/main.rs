@@ -31,8 +31,9 @@ fn main() {
         Cmd::Chat { model, system, system_file, no_think, max_tokens, sampling, store } => {
             cmd_chat(model, system, system_file, no_think, max_tokens, &sampling, &store)
         }
-        Cmd::Serve { model, host, port, max_queue, model_id, api_key, store } => {
-            cmd_serve(model, &host, port, max_queue, model_id, api_key, &store)
+        Cmd::Serve { model, host, port, max_queue, model_id, api_key, cors, store } => {
+            let opts = flashmoe::server::ServerOptions { max_queue, api_key, cors, ..Default::default() };
+            cmd_serve(model, &host, port, model_id, opts, &store)
         }
         Cmd::Convert { from, to, experts, dense, group_size, force } => {
             cmd_convert(from, to, &experts, &dense, group_size, force)

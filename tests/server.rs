@@ -185,6 +185,78 @@ fn bad_requests_get_openai_errors_and_the_server_survives() {
     assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
 }
 
+/// `/v1/models/{id}`, `reasoning_effort`, the penalties, and fields the server does not
+/// implement: refused with 400 and the field named, never silently ignored.
+#[test]
+fn api_completeness_and_refused_fields() {
+    let base = start(8);
+    let get = |path: &str| client().get(format!("{base}{path}")).send().unwrap().status().as_u16();
+    assert_eq!(get("/v1/models/flashmoe-default"), 200);
+    assert_eq!(get("/v1/models/gpt-4o"), 404);
+    let chat = format!("{base}/v1/chat/completions");
+    let ask = |extra: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": "Speak as ROMEO."}], "max_tokens": 4});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        post(&chat, b)
+    };
+    for ok in [
+        json!({"reasoning_effort": "none"}),
+        json!({"reasoning_effort": "high"}),
+        json!({"presence_penalty": 1.5, "frequency_penalty": -0.5}),
+        json!({"logprobs": false, "n": 1}),
+        json!({"response_format": {"type": "text"}}),
+    ] {
+        let (status, body) = ask(ok.clone());
+        assert_eq!(status, 200, "{ok}: {body}");
+    }
+    for (bad, param) in [
+        (json!({"logprobs": true}), "logprobs"),
+        (json!({"top_logprobs": 3}), "top_logprobs"),
+        (json!({"n": 2}), "n"),
+        (json!({"presence_penalty": 3}), "presence_penalty"),
+        (json!({"reasoning_effort": "max"}), "reasoning_effort"),
+        (json!({"modalities": ["text", "audio"]}), "modalities"),
+        (json!({"response_format": {"type": "json_schema"}}), "response_format"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+    ] {
+        let (status, body) = ask(bad.clone());
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["param"], param, "{bad}: {body}");
+    }
+    let (status, body) = post(&format!("{base}/v1/completions"), json!({"prompt": "ROMEO:", "echo": true}));
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("echo")), "{body}");
+}
+
+/// `cors` answers a browser's preflight before the API key is asked for, and marks answers
+/// for the allowed origin only.
+#[test]
+fn cors_preflight_and_allowed_origin() {
+    let base = start_with(ServerOptions {
+        model_id: "flashmoe-default".into(),
+        api_key: Some("k".into()),
+        cors: vec!["http://localhost:3000".into()],
+        ..Default::default()
+    });
+    let url = format!("{base}/v1/chat/completions");
+    let pre = client()
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "http://localhost:3000")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization,content-type")
+        .send()
+        .unwrap();
+    assert!(pre.status().is_success(), "{}", pre.status());
+    assert_eq!(pre.headers()["access-control-allow-origin"], "http://localhost:3000");
+    let r = client()
+        .get(format!("{base}/v1/models"))
+        .header("origin", "http://evil.example")
+        .bearer_auth("k")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}
+
 #[test]
 fn tool_call_round_trip() {
     let base = start(8);

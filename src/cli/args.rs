@@ -193,6 +193,9 @@ pub(crate) enum Cmd {
         /// Require this key (`Authorization: Bearer KEY`) on every endpoint but /health.
         #[arg(long, env = "FLASHMOE_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// Let browser pages from this origin call the API (CORS); repeat it, or `*` for any.
+        #[arg(long, value_name = "ORIGIN")]
+        cors: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -252,6 +255,8 @@ impl SamplingArgs {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
             logit_bias: vec![],
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             constraint: None,
         };
         p.validate()?;

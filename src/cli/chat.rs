@@ -30,11 +30,11 @@ pub(crate) fn cmd_serve(
     model: Option<PathBuf>,
     host: &str,
     port: u16,
-    max_queue: usize,
     model_id: Option<String>,
-    api_key: Option<String>,
+    opts: flashmoe::server::ServerOptions,
     store: &StoreArgs,
 ) -> Result<()> {
+    let flashmoe::server::ServerOptions { max_queue, api_key, cors, .. } = opts;
     let api_key = api_key.filter(|k| !k.is_empty());
     let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
     if !loopback && api_key.is_none() {
@@ -50,7 +50,10 @@ pub(crate) fn cmd_serve(
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         if name.starts_with("default-") { "flashmoe-default".into() } else { name }
     });
-    let opts = flashmoe::server::ServerOptions { model_id, max_queue, api_key, ..Default::default() };
+    if let Some(bad) = cors.iter().find(|o| *o != "*" && !(o.starts_with("http://") || o.starts_with("https://"))) {
+        anyhow::bail!("--cors {bad}: an origin is `*` or scheme://host[:port], e.g. http://localhost:3000");
+    }
+    let opts = flashmoe::server::ServerOptions { model_id, max_queue, api_key, cors, ..Default::default() };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(flashmoe::server::serve(session, host, port, opts))
 }

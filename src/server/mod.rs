@@ -48,6 +48,8 @@ pub struct ServerOptions {
     /// A connection that has not sent a complete request header within this time (a new
     /// request on a kept-alive one included) is closed.
     pub header_timeout: std::time::Duration,
+    /// Browser origins allowed to call the API (CORS; `*` for any); none by default.
+    pub cors: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -60,6 +62,7 @@ impl Default for ServerOptions {
             max_body_bytes: 8 << 20,
             max_connections: 256,
             header_timeout: std::time::Duration::from_secs(15),
+            cors: vec![],
         }
     }
 }
@@ -151,6 +154,7 @@ fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
     let router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/messages", post(anthropic::messages))
@@ -170,7 +174,32 @@ fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
         .layer(axum::extract::DefaultBodyLimit::max(app.opts.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app.clone());
+    // outermost, so that a browser's preflight is answered before the API key is asked for
+    let router = match cors(&app.opts.cors) {
+        Some(c) => router.layer(c),
+        None => router,
+    };
     (router, app)
+}
+
+/// The CORS policy for `origins` (`*`: any origin), or none.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// Tokens of a finished request, for the log line (set by the handlers on their response).
@@ -323,10 +352,25 @@ pub async fn serve_on(
     Ok(())
 }
 
+fn model_object(app: &App) -> Value {
+    json!({"id": app.opts.model_id, "object": "model", "created": 0, "owned_by": "flashmoe"})
+}
+
 async fn models(State(app): State<Shared>) -> Json<Value> {
-    Json(
-        json!({"object": "list", "data": [{"id": app.opts.model_id, "object": "model", "created": 0, "owned_by": "flashmoe"}]}),
-    )
+    Json(json!({"object": "list", "data": [model_object(&app)]}))
+}
+
+async fn model(State(app): State<Shared>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    if id != app.opts.model_id {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("The model `{id}` does not exist (this server serves `{}`)", app.opts.model_id),
+            "invalid_request_error",
+            Some("model_not_found"),
+            None,
+        );
+    }
+    Json(model_object(&app)).into_response()
 }
 
 async fn metrics(State(app): State<Shared>) -> Response {
@@ -428,6 +472,41 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
     {
         return Err(bad_request("only n = 1 is supported", Some("n")));
     }
+    // fields this server does not implement are refused, not ignored
+    let on = |k: &str| {
+        b.get(k).is_some_and(|v| {
+            !(v.is_null() || v == &json!(false) || v == &json!(0) || (k == "best_of" && v == &json!(1)))
+        })
+    };
+    for (k, what) in [
+        ("logprobs", "log probabilities are not supported yet"),
+        ("top_logprobs", "log probabilities are not supported yet"),
+        ("echo", "`echo` is not supported"),
+        ("best_of", "`best_of` is not supported"),
+        ("suffix", "`suffix` (insertion) is not supported"),
+        ("audio", "audio output is not supported"),
+        ("prediction", "predicted outputs are not supported"),
+        ("web_search_options", "web search is not supported"),
+        ("functions", "the legacy `functions` are not supported; use `tools`"),
+        ("function_call", "the legacy `function_call` is not supported; use `tool_choice`"),
+    ] {
+        if on(k) {
+            return Err(bad_request(what, Some(k)));
+        }
+    }
+    if let Some(m) = b.get("modalities").and_then(Value::as_array)
+        && m.iter().any(|x| x != "text")
+    {
+        return Err(bad_request("only text output is supported", Some("modalities")));
+    }
+    let penalty = |k: &str| -> Result<f32, Response> {
+        let v = num(k)?.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(bad_request(format!("`{k}` must be between -2 and 2"), Some(k)));
+        }
+        Ok(v as f32)
+    };
+    let (presence_penalty, frequency_penalty) = (penalty("presence_penalty")?, penalty("frequency_penalty")?);
     let temperature = num("temperature")?.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(bad_request("`temperature` must be between 0 and 2", Some("temperature")));
@@ -493,6 +572,8 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
         repetition_penalty: rep as f32,
         seed,
         logit_bias,
+        presence_penalty,
+        frequency_penalty,
         constraint: None,
     };
     // values that pass the checks above as f64 but not as the f32 the sampler uses (top_p
@@ -645,6 +726,18 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
         let choice = tool_choice(b.get("tool_choice"), tools.as_ref())?;
         let tools = if matches!(choice, ToolChoice::None) { None } else { tools };
         let mut extra = serde_json::Map::new();
+        match b.get("reasoning_effort").and_then(Value::as_str) {
+            None => {}
+            Some("none" | "minimal") => _ = extra.insert("enable_thinking".into(), json!(false)),
+            Some("low" | "medium" | "high") => _ = extra.insert("enable_thinking".into(), json!(true)),
+            Some(e) => {
+                return Err(bad_request(
+                    format!("`reasoning_effort` `{e}` is not one of none, minimal, low, medium, high"),
+                    Some("reasoning_effort"),
+                ));
+            }
+        }
+        // explicit template arguments win
         if let Some(kw) = b.get("chat_template_kwargs").and_then(Value::as_object) {
             extra.extend(kw.clone());
         }
