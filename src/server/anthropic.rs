@@ -415,7 +415,6 @@ fn respond_stream(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(64);
-    let session = app.session.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let send =
@@ -455,18 +454,13 @@ fn respond_stream(
                 }
             })
         };
-        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = turn {
-            s.snapshot_at(t);
-        }
-        let res = s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |piece| {
-            if tx.is_closed() || app.stopping.load(Relaxed) {
+        let res = on_engine(&app, &prompt, turn, &p, |piece| {
+            if tx.is_closed() {
                 return false;
             }
             split.push(piece, &mut parts);
             emit(&mut parts, &mut blocks, false)
         });
-        drop(s);
         let error = |kind: &str, message: String| json!({"type": "error", "error": {"type": kind, "message": message}});
         match res {
             Ok(o) => {

@@ -441,6 +441,7 @@ async fn metrics(State(app): State<Shared>) -> Response {
 }
 
 /// Parsed generation settings shared by both completion endpoints.
+#[derive(Clone)]
 struct GenParams {
     sampling: SamplingParams,
     max_tokens: usize,
@@ -1037,6 +1038,23 @@ async fn respond_once(
     resp
 }
 
+/// One generation on the engine, on the calling (blocking) thread: resumes at the snapshot of
+/// `turn`, hands each new piece of text to `on_piece`, and stops when it returns false or the
+/// server is stopping (it is called every token, with "" when nothing new can be shown).
+fn on_engine(
+    app: &App,
+    prompt: &[u32],
+    turn: Option<usize>,
+    p: &GenParams,
+    mut on_piece: impl FnMut(&str) -> bool,
+) -> anyhow::Result<Output> {
+    let mut s = app.session.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = turn {
+        s.snapshot_at(t);
+    }
+    s.generate(prompt, p.max_tokens, &p.sampling, &p.stop, |piece| !app.stopping.load(Relaxed) && on_piece(piece))
+}
+
 /// One whole generation on the engine (resuming at the snapshot of `turn`), recorded in the
 /// metrics; a client that leaves cancels it.
 async fn generate_whole(
@@ -1048,16 +1066,10 @@ async fn generate_whole(
 ) -> Result<Output, Response> {
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(cancel.clone());
-    let session = app.session.clone();
-    let a = app.clone();
-    let (max_tokens, sampling, stop) = (p.max_tokens, p.sampling.clone(), p.stop.clone());
+    let (a, p) = (app.clone(), p.clone());
     let res = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = turn {
-            s.snapshot_at(t);
-        }
-        s.generate(&prompt, max_tokens, &sampling, &stop, |_| !cancel.load(Relaxed) && !a.stopping.load(Relaxed))
+        on_engine(&a, &prompt, turn, &p, |_| !cancel.load(Relaxed))
     })
     .await;
     let o = match res {
@@ -1083,7 +1095,6 @@ fn respond_stream(
 ) -> Response {
     let Reply { id, created, model, kind, turn } = r;
     let (tx, rx) = mpsc::channel::<Event>(64);
-    let session = app.session.clone();
     let app2 = app.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
@@ -1138,14 +1149,10 @@ fn respond_stream(
             }
             true
         };
-        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = turn {
-            s.snapshot_at(t);
-        }
-        // called every token: a client that left stops the generation even while nothing is
-        // sent (held-back characters, a tool call being assembled)
-        let res = s.generate(&prompt, p.max_tokens, &p.sampling, &p.stop, |piece| {
-            if tx.is_closed() || app2.stopping.load(Relaxed) {
+        // a client that left stops the generation even while nothing is sent (held-back
+        // characters, a tool call being assembled)
+        let res = on_engine(&app2, &prompt, turn, &p, |piece| {
+            if tx.is_closed() {
                 return false;
             }
             if piece.is_empty() {
@@ -1153,7 +1160,6 @@ fn respond_stream(
             }
             if tools { emit(splitter.push(piece)) } else { emit(vec![StreamEvent::Content(piece.to_string())]) }
         });
-        drop(s);
         match res {
             Ok(o) => {
                 record(&app2, &o);
