@@ -752,7 +752,8 @@ unsafe impl Sync for Staged<'_> {}
 impl<'a> Staged<'a> {
     /// An input for `w`, to be written in parts starting on multiples of `unit` elements.
     pub fn new(w: MatRef<'a>, unit: usize, p: Precision) -> Staged<'a> {
-        // every element is written (the parts tile the vector) before the product reads it
+        // every element is written (the parts tile the vector) before the product reads it;
+        // unused when the parts are prepared as they come
         let mut x = scratch::dirty(w.cols);
         let xp = OutPtr(x.as_mut_ptr());
         let (mut prep, mut parts) = (None, None);
@@ -773,11 +774,12 @@ impl<'a> Staged<'a> {
     /// `c0` is a multiple of the `unit` given to [`Staged::new`], the part ends on one or at the
     /// vector's end, and no other writer's part overlaps it.
     pub unsafe fn write(&self, c0: usize, v: &[f32]) {
-        // SAFETY: the caller's
-        unsafe { self.xp.slice(c0, v.len()) }.copy_from_slice(v);
-        if let Some(parts) = &self.parts {
+        match &self.parts {
             // SAFETY: the caller's; the part starts on a multiple of the group (unit is one)
-            unsafe { parts.fill(v, c0) };
+            Some(parts) => unsafe { parts.fill(v, c0) },
+            // the plain vector, read by the product (plain weights) or prepared whole before it
+            // SAFETY: the caller's
+            None => unsafe { self.xp.slice(c0, v.len()) }.copy_from_slice(v),
         }
     }
 
@@ -931,7 +933,8 @@ pub fn swiglu_sum(terms: &[SwigluTerm<'_>], out: &mut [f32], p: Precision) {
         // SAFETY: rows r0..r1 of block i's part of `h` are this item's alone; `h` outlives the step
         let g = unsafe { hp.slice(offs[i] + r0, r1 - r0) };
         t.gate.rows_into(&prepared.input(2 * i, t.x), r0, g);
-        let mut u = scratch::zeros(r1 - r0);
+        // written in full by the product
+        let mut u = scratch::dirty(r1 - r0);
         t.up.rows_into(&prepared.input(2 * i + 1, t.x), r0, &mut u);
         kernels::swiglu(g, &u);
         if let Some(parts) = &parts[i] {
@@ -960,7 +963,7 @@ pub fn swiglu_sum(terms: &[SwigluTerm<'_>], out: &mut [f32], p: Precision) {
         // SAFETY: rows r0..r1 of `out` are this item's alone; `out` outlives the step
         let o = unsafe { op.slice(r0, r1 - r0) };
         o.iter_mut().for_each(|v| *v = 0.0);
-        let mut y = scratch::zeros(r1 - r0);
+        let mut y = scratch::dirty(r1 - r0);
         for (t, input) in terms.iter().zip(&inputs) {
             t.down.rows_into(input, r0, &mut y);
             kernels::axpy(t.weight, &y, o);

@@ -266,20 +266,20 @@ fn attend_one(q: &[f32], pos: usize, cache: &KvCache, o: &Staged<'_>, heads: Hea
         let (kvh, c) = (i / parts, i % parts);
         // SAFETY: item i alone writes floats i·per.. of `partial`, which outlives the step
         attend_part(q, 0, kvh, c, parts, pos, cache, heads, unsafe { at.slice(i * per, per) });
-        let mut oh = scratch::zeros(g * d);
+        // SAFETY (both writes): KV head kvh's heads are written once, by this item; `o` was made
+        // with this unit
         if parts == 1 {
             // SAFETY: as above; the item's own floats, finished
-            oh.copy_from_slice(unsafe { at.slice(i * per, per) });
+            unsafe { o.write(kvh * g * d, at.slice(i * per, per)) };
         } else if done[kvh].fetch_add(1, AcqRel) + 1 == parts {
             // the KV head's last part: the others' writes happened before their increments
             // SAFETY: every part of this KV head is written and no item writes them again
             let blocks = unsafe { at.slice(kvh * parts * per, parts * per) };
+            // merge_parts writes every element
+            let mut oh = scratch::dirty(g * d);
             merge_parts(blocks, parts, q, 0, kvh, heads, &mut oh);
-        } else {
-            return;
+            unsafe { o.write(kvh * g * d, &oh) };
         }
-        // SAFETY: KV head kvh's heads are written once, by this item; `o` was made with this unit
-        unsafe { o.write(kvh * g * d, &oh) };
     };
     if work > 0 {
         crate::par::for_each(work, item);
