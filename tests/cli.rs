@@ -79,20 +79,14 @@ fn inspect_describes_the_model() {
 
 #[test]
 fn chat_keeps_state_between_turns_and_answers_commands() {
-    use std::io::Write;
     let cache = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
-        .args(["chat", "--model", flashmoe::builtin::SOURCE, "--max-tokens", "12", "--system", "Be brief."])
-        .env("HOME", cache.path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     let save = cache.path().join("conv.json");
     let script = format!("Speak as ROMEO.\nSpeak as JULIET.\n/stats\n/save {}\n/reset\n/exit\n", save.display());
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = chat_session(
+        &["chat", "--model", flashmoe::builtin::SOURCE, "--max-tokens", "12", "--system", "Be brief."],
+        cache.path(),
+        &script,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     // two answers with stats lines; the second reused the first turn's tokens
@@ -105,24 +99,29 @@ fn chat_keeps_state_between_turns_and_answers_commands() {
     assert_eq!(saved["system"], "Be brief.");
 }
 
-/// A conversation that outgrows the context drops its oldest turns and goes on (the built-in
-/// model has 1024 positions; each turn here is ~400 tokens).
-#[test]
-fn chat_past_the_context_drops_the_oldest_turns() {
+/// Runs `flashmoe chat ARGS` with HOME at `home`, typing `script`, and returns when it exits.
+fn chat_session(args: &[&str], home: &std::path::Path, script: &str) -> std::process::Output {
     use std::io::Write;
-    let cache = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
-        .args(["chat", "--model", flashmoe::builtin::SOURCE, "--max-tokens", "8"])
-        .env("HOME", cache.path())
+        .args(args)
+        .env("HOME", home)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A conversation that outgrows the context drops its oldest turns and goes on (the built-in
+/// model has 1024 positions; each turn here is ~400 tokens).
+#[test]
+fn chat_past_the_context_drops_the_oldest_turns() {
+    let cache = tempfile::tempdir().unwrap();
     let long = "O Romeo, Romeo, wherefore art thou Romeo? ".repeat(40);
     let script = format!("{long}\n{long}\n{long}\n{long}\n/exit\n");
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = chat_session(&["chat", "--model", flashmoe::builtin::SOURCE, "--max-tokens", "8"], cache.path(), &script);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let answers = err.lines().filter(|l| l.contains("prompt tokens (")).count();
@@ -134,7 +133,6 @@ fn chat_past_the_context_drops_the_oldest_turns() {
 /// A chat-template error drops that turn only; a bad `/load` leaves the conversation as it was.
 #[test]
 fn chat_survives_template_errors_and_bad_loads() {
-    use std::io::Write;
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     std::fs::create_dir_all(&model).unwrap();
@@ -151,17 +149,8 @@ fn chat_survives_template_errors_and_bad_loads() {
     std::fs::write(&tpl, format!("{guard}{text}")).unwrap();
     let bad = tmp.path().join("bad.json");
     std::fs::write(&bad, r#"{"system": "x"}"#).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
-        .args(["chat", "--model", model.to_str().unwrap(), "--max-tokens", "6"])
-        .env("HOME", tmp.path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     let script = format!("Speak as ROMEO.\nBOOM\n/load {}\n/load /dev/zero\nSpeak as JULIET.\n/exit\n", bad.display());
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = chat_session(&["chat", "--model", model.to_str().unwrap(), "--max-tokens", "6"], tmp.path(), &script);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("no BOOM here"), "{err}");
