@@ -121,8 +121,10 @@ impl<T> Default for Pool<T> {
     }
 }
 
-/// Values of one pool kept per thread: a few cover the nesting that work stealing produces.
-const KEEP_VALUES: usize = 8;
+/// Values of one pool kept per thread: enough for decode's fused expert step, which holds one
+/// prepared input per routed expert at once (top-10 plus a shared expert on the largest
+/// models), and for the nesting that work stealing produces.
+const KEEP_VALUES: usize = 32;
 
 /// A value taken from a [`Pool`]; it goes back to the pool of the thread that drops it.
 pub struct Pooled<T: 'static> {
