@@ -198,17 +198,18 @@ impl Moe {
         };
         let tokens = |i: usize| start[i + 1] - start[i];
         let shared_out = RefCell::new(scratch::zeros(0));
-        let shared_ns = Cell::new(0u64);
+        // (time spent on it, it was computed on its own)
+        let (shared_ns, shared_done) = (Cell::new(0u64), Cell::new(false));
         // the shared expert on its own (prefill, or decode with some experts still on their way)
         let shared = || {
             if let Some(sh) = &self.shared
-                && shared_ns.get() == 0
+                && !shared_done.replace(true)
             {
                 let t = Instant::now();
                 let mut so = shared_out.borrow_mut();
                 so.vec().resize(n * h, 0.0);
                 sh.mlp.forward(x, n, &mut so, p);
-                shared_ns.set((t.elapsed().as_nanos() as u64).max(1));
+                shared_ns.set(t.elapsed().as_nanos() as u64);
             }
         };
         // decode with every expert at hand: two steps compute the whole sum into `out`, the
@@ -216,7 +217,7 @@ impl Moe {
         let out = RefCell::new(out);
         let fused = Cell::new(false);
         let all_at_once = |batch: &[(usize, MlpRef<'_>)]| {
-            if n != 1 || batch.len() != needed.len() || shared_ns.get() != 0 {
+            if n != 1 || batch.len() != needed.len() || shared_done.get() {
                 return false;
             }
             let mut order: SmallVec<[_; 16]> = batch.into();
