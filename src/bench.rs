@@ -60,6 +60,8 @@ pub struct BenchResult {
     pub cache_mode: String,
     pub experts_per_token: usize,
     pub threads: usize,
+    /// Where the model ran (`cpu`, or the accelerator in words).
+    pub device: String,
 }
 
 /// Peak resident set size of this process (VmHWM).
@@ -207,5 +209,6 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         cache_mode: model.store.as_ref().map_or("memory".into(), |s| format!("{:?}", s.mode).to_lowercase()),
         experts_per_token: k,
         threads: rayon::current_num_threads(),
+        device: model.accel.as_ref().map_or("cpu".into(), |a| a.name()),
     })
 }

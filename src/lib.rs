@@ -4,6 +4,7 @@
 //! ([`checkpoint`], [`load`]), generation ([`generate`]) and the tokenizer with its chat
 //! template ([`tokenizer`]); the `flashmoe` binary is a thin CLI over it.
 
+pub mod backend;
 pub mod bench;
 pub mod builtin;
 pub mod chat;

@@ -115,6 +115,8 @@ pub struct LoadOptions {
     pub mlock: bool,
     /// How products treat activations ([`crate::model::RunOptions::precision`]).
     pub precision: crate::tensor::Precision,
+    /// Where the forward pass runs.
+    pub device: crate::backend::Device,
 }
 
 /// Loads config and weights from `dir` (a Hugging Face checkpoint or a converted model).
@@ -166,12 +168,14 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let mut m =
             build(cfg, &res, store, preload).with_context(|| format!("loading model from {}", dir.display()))?;
         m.opts.precision = opts.precision;
+        m.accel = crate::backend::attach(&m, opts.device)?;
         return Ok(m);
     }
     let cfg = ModelConfig::load(dir)?;
     let ck = Checkpoint::open(dir)?;
     let mut m = build(cfg, &ck, None, None).with_context(|| format!("loading model from {}", dir.display()))?;
     m.opts.precision = opts.precision;
+    m.accel = crate::backend::attach(&m, opts.device)?;
     Ok(m)
 }
 
@@ -338,5 +342,5 @@ pub fn build(
         });
     }
     let norm = ld.norm(&format!("{pre}{}.weight", n.final_norm), h, zc)?;
-    Ok(Model { cfg, embed, layers, norm, lm_head, opts: RunOptions::default(), store })
+    Ok(Model { cfg, embed, layers, norm, lm_head, opts: RunOptions::default(), store, accel: None })
 }

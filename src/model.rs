@@ -51,6 +51,8 @@ pub struct State {
     pub layers: Vec<LayerState>,
     /// An error interrupted a forward pass part-way through the layers.
     pub poisoned: bool,
+    /// The accelerator's own state (KV caches in GPU memory), when the model runs on one.
+    pub device: Option<Box<dyn crate::backend::DeviceState>>,
 }
 
 impl State {
@@ -61,7 +63,8 @@ impl State {
                 LayerState::Kv(c) => c.bytes(),
                 LayerState::Delta(d) => d.bytes(),
             })
-            .sum()
+            .sum::<usize>()
+            + self.device.as_ref().map_or(0, |d| d.bytes())
     }
 }
 
@@ -84,6 +87,8 @@ pub struct Model {
     pub opts: RunOptions,
     /// The expert store of a converted (flash) model.
     pub store: Option<Arc<ExpertStore>>,
+    /// Where the forward pass runs when not on the CPU ([`crate::backend::attach`]).
+    pub accel: Option<Arc<dyn crate::backend::Accelerator>>,
 }
 
 /// Whether every value is finite (NaN and ±Inf are not); a prompt's rows in parallel.
@@ -188,7 +193,7 @@ impl Model {
                 MixerWeights::DeltaNet(d) => LayerState::Delta(DeltaState::new(&d.cfg)),
             })
             .collect();
-        State { pos: 0, layers, poisoned: false }
+        State { pos: 0, layers, poisoned: false, device: None }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -219,6 +224,11 @@ impl Model {
             bail!("sequence of {} tokens exceeds the model's context of {} tokens", st.pos + n, self.max_context());
         }
         let t_total = Instant::now();
+        if let Some(acc) = &self.accel {
+            let logits = acc.forward(self, st, tokens, all_logits);
+            add_since(&PROFILE.total, t_total);
+            return logits;
+        }
         let mut x = scratch::zeros(n * h);
         for (t, &id) in tokens.iter().enumerate() {
             self.embed.row_f32(id as usize, &mut x[t * h..(t + 1) * h]);

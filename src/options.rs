@@ -32,6 +32,7 @@ pub struct StoreChoices {
     pub experts_in_memory: bool,
     pub mlock: bool,
     pub precision: Precision,
+    pub device: crate::backend::Device,
 }
 
 impl Default for StoreChoices {
@@ -44,6 +45,7 @@ impl Default for StoreChoices {
             experts_in_memory: false,
             mlock: false,
             precision: Precision::Fast,
+            device: crate::backend::Device::Cpu,
         }
     }
 }
@@ -87,6 +89,7 @@ impl StoreChoices {
             experts_in_memory: self.experts_in_memory,
             mlock: self.mlock,
             precision: self.precision,
+            device: self.device,
         })
     }
 }

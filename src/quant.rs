@@ -20,7 +20,7 @@ pub fn row_bytes(cols: usize, bits: u8) -> usize {
 }
 
 /// Bytes of the packed section (padded so the scales that follow stay aligned).
-fn packed_bytes(rows: usize, cols: usize, bits: u8) -> usize {
+pub fn packed_bytes(rows: usize, cols: usize, bits: u8) -> usize {
     (rows * row_bytes(cols, bits)).next_multiple_of(8)
 }
 

@@ -124,6 +124,7 @@ fn streamed_experts_equal_in_memory_experts_in_both_cache_modes() {
                 experts_in_memory: false,
                 mlock: mode == CacheMode::Os,
                 precision: flashmoe::tensor::Precision::Fast,
+                device: flashmoe::backend::Device::Cpu,
             };
             let m = load_model_with(&out, &lo).unwrap();
             let store = m.store.clone().unwrap();

@@ -297,6 +297,10 @@ pub(crate) struct StoreArgs {
     /// Routed experts per token (overrides the model's top-k; fewer read less per token).
     #[arg(long)]
     pub(crate) experts_per_token: Option<usize>,
+    /// Where the model runs: auto (CUDA when built with it and a GPU is present), cpu, cuda,
+    /// cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub(crate) device: flashmoe::backend::Device,
 }
 
 impl StoreArgs {
@@ -340,6 +344,7 @@ impl StoreArgs {
             experts_in_memory: self.experts_in_memory,
             mlock: self.mlock,
             precision: if self.exact { Precision::Exact } else { Precision::Fast },
+            device: self.device,
         }
         .resolve(dir)
     }

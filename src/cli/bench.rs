@@ -21,12 +21,13 @@ pub(crate) fn cmd_bench(
         return Ok(());
     }
     println!(
-        "model            {} ({}, top-{}, {} threads, cache {})",
+        "model            {} ({}, top-{}, {} threads, cache {}, on {})",
         dir.display(),
         model.cfg.model_type,
         r.experts_per_token,
         r.threads,
-        r.cache_mode
+        r.cache_mode,
+        r.device
     );
     println!("prefill          {} tokens in {:.2}s: {:.2} tok/s", r.prompt_tokens, r.prefill_s, r.prefill_tok_s);
     println!("decode           {} tokens in {:.2}s: {:.3} tok/s", r.gen_tokens, r.decode_s, r.decode_tok_s);

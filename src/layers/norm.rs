@@ -16,6 +16,15 @@ impl RmsNorm {
         RmsNorm { w, eps }
     }
 
+    /// The weight as applied (a zero-centred norm's offset folded in).
+    pub fn weight(&self) -> &[f32] {
+        &self.w
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
     pub fn dim(&self) -> usize {
         self.w.len()
     }

@@ -20,6 +20,11 @@ impl Rope {
         Rope { inv_freq, key: (rot_dim, theta.to_bits()) }
     }
 
+    /// (rotated dims, θ).
+    pub fn params(&self) -> (usize, f64) {
+        (self.key.0, f64::from_bits(self.key.1))
+    }
+
     /// cos and sin tables for position `pos`, each `rot/2` long.
     pub fn table(&self, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
         cos.clear();

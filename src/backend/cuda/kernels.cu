@@ -1,0 +1,600 @@
+// flashmoe CUDA kernels, compiled at run time by NVRTC (no toolkit needed to build the crate).
+// Activations are f32; weights stay in their stored format (f32, bf16, f16, or the MLX-style
+// group-affine q2/q3/q4/q8 of src/quant.rs) and are dequantized in registers.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF __uint_as_float(0xff800000u)
+
+// A matrix inside a device buffer: offsets from a base pointer (an expert's extent, or the
+// matrix's own allocation). kind: 0 f32, 1 bf16, 2 f16, 3 group-affine quantized.
+struct MatD {
+    u64 off;
+    u64 soff;  // scales (bf16), from `off`
+    u64 boff;  // biases (bf16), from `off`
+    int rows;
+    int cols;
+    int kind;
+    int bits;
+    int group;
+    int rb;    // packed bytes per row (quantized)
+};
+
+__device__ __forceinline__ float bf(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ __forceinline__ float h2f(u16 h) {
+    u32 s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
+    float v;
+    if (e == 0) v = ldexpf((float)m, -24);
+    else if (e == 31) v = m ? __int_as_float(0x7fc00000) : __int_as_float(0x7f800000);
+    else v = ldexpf((float)(m | 1024), (int)e - 25);
+    return s ? -v : v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+#define NT 8  // tokens a warp computes per weight row read (prefill); decode uses 1
+
+// Σ_k w_k · x[t][k] over a row of a group-affine matrix, 16-byte loads: w = s·q + b, so a load's
+// share is s·Σ q·x + b·Σ x (all its values sit in one group: checked by the caller).
+template <int BITS, int T>
+__device__ __forceinline__ void qdots(const u8* r, const u16* sc, const u16* bi, int cols, int group, const float* x,
+                                      long long xs, int nt, int lane, float* acc) {
+    constexpr int PER = 128 / BITS, VPW = 32 / BITS;
+    constexpr u32 MASK = (1u << BITS) - 1;
+    const uint4* r4 = (const uint4*)r;
+    for (int i = lane; i < cols / PER; i += 32) {
+        uint4 v = __ldg(r4 + i);
+        u32 ws[4] = {v.x, v.y, v.z, v.w};
+        int j0 = i * PER, g = j0 / group;
+        float s = bf(__ldg(sc + g)), b = bf(__ldg(bi + g));
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            if (t < nt) {
+                const float4* x4 = (const float4*)(x + t * xs + j0);
+                float qx = 0.f, sx = 0.f;
+#pragma unroll
+                for (int k4 = 0; k4 < PER / 4; k4++) {
+                    float4 xv = x4[k4];
+                    float xe[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int k = k4 * 4 + e;
+                        qx = fmaf((float)((ws[k / VPW] >> ((k % VPW) * BITS)) & MASK), xe[e], qx);
+                        sx += xe[e];
+                    }
+                }
+                acc[t] = fmaf(s, qx, fmaf(b, sx, acc[t]));
+            }
+        }
+    }
+}
+
+// bf16 / f16 rows, 16-byte loads (cols a multiple of 8).
+template <int KIND, int T>
+__device__ __forceinline__ void hdots(const u16* r, int cols, const float* x, long long xs, int nt, int lane, float* acc) {
+    const uint4* r4 = (const uint4*)r;
+    for (int i = lane; i < cols / 8; i += 32) {
+        uint4 v = __ldg(r4 + i);
+        u32 ws[4] = {v.x, v.y, v.z, v.w};
+        float w[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            u16 b = (u16)(ws[k >> 1] >> ((k & 1) * 16));
+            w[k] = KIND == 1 ? bf(b) : h2f(b);
+        }
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            if (t < nt) {
+                const float4* x4 = (const float4*)(x + t * xs + i * 8);
+                float4 a = x4[0], c = x4[1];
+                acc[t] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * c.x + w[5] * c.y + w[6] * c.z + w[7] * c.w;
+            }
+        }
+    }
+}
+
+// acc[t] += W[row] · x_t for t < nt (x_t = x + t · xs); the lanes of a warp split the row.
+template <int T>
+__device__ __forceinline__ void row_dots(const u8* base, const MatD& m, int row, const float* x, long long xs, int nt,
+                                         int lane, float* acc) {
+    const u8* w = base + m.off;
+    int cols = m.cols;
+    if (m.kind == 1 || m.kind == 2) {
+        const u16* r = (const u16*)w + (long long)row * cols;
+        if ((cols & 7) == 0 && (xs & 3) == 0) {
+            if (m.kind == 1) hdots<1, T>(r, cols, x, xs, nt, lane, acc);
+            else hdots<2, T>(r, cols, x, xs, nt, lane, acc);
+            return;
+        }
+        for (int j = lane; j < cols; j += 32) {
+            float wv = m.kind == 1 ? bf(r[j]) : h2f(r[j]);
+#pragma unroll
+            for (int t = 0; t < T; t++) if (t < nt) acc[t] += wv * x[t * xs + j];
+        }
+    } else if (m.kind == 0) {
+        const float* r = (const float*)w + (long long)row * cols;
+        for (int j = lane; j < cols; j += 32) {
+            float wv = r[j];
+#pragma unroll
+            for (int t = 0; t < T; t++) if (t < nt) acc[t] += wv * x[t * xs + j];
+        }
+    } else {
+        int bits = m.bits, group = m.group;
+        int groups = (cols + group - 1) / group;
+        const u8* r = w + (long long)row * m.rb;
+        const u16* sc = (const u16*)(w + m.soff) + (long long)row * groups;
+        const u16* bi = (const u16*)(w + m.boff) + (long long)row * groups;
+        int per = 128 / bits;
+        if (bits != 3 && (m.rb & 15) == 0 && cols % per == 0 && group % per == 0 && (xs & 3) == 0) {
+            if (bits == 4) qdots<4, T>(r, sc, bi, cols, group, x, xs, nt, lane, acc);
+            else if (bits == 8) qdots<8, T>(r, sc, bi, cols, group, x, xs, nt, lane, acc);
+            else qdots<2, T>(r, sc, bi, cols, group, x, xs, nt, lane, acc);
+            return;
+        }
+        for (int j = lane; j < cols; j += 32) {
+            long long bit = (long long)j * bits;
+            long long byte = bit >> 3;
+            u32 word = r[byte];
+            if (byte + 1 < m.rb) word |= ((u32)r[byte + 1]) << 8;
+            float q = (float)((word >> (bit & 7)) & ((1u << bits) - 1));
+            int g = j / group;
+            float wv = fmaf(bf(sc[g]), q, bf(bi[g]));
+#pragma unroll
+            for (int t = 0; t < T; t++) if (t < nt) acc[t] += wv * x[t * xs + j];
+        }
+    }
+}
+
+// y[t][r] = W[r] · x[t] for ntok tokens; grid (rows / warps per block, tokens / T).
+template <int T>
+__device__ __forceinline__ void matmul_t(const u8* base, MatD m, const float* x, float* y, int ntok) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int t0 = blockIdx.y * T;
+    if (row >= m.rows) return;
+    int nt = min(T, ntok - t0);
+    float acc[T];
+#pragma unroll
+    for (int t = 0; t < T; t++) acc[t] = 0.f;
+    row_dots<T>(base, m, row, x + (long long)t0 * m.cols, m.cols, nt, lane, acc);
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+        float v = warp_sum(acc[t]);
+        if (lane == 0 && t < nt) y[(long long)(t0 + t) * m.rows + row] = v;
+    }
+}
+
+// An input quantized for the integer kernels: int8 values, a scale per 32, the float sum of
+// every 16 (the affine bias multiplies the exact sum). Null `q`: use the f32 input.
+struct QX {
+    const signed char* q;
+    const float* d;
+    const float* s16;
+};
+
+__device__ __forceinline__ QX qx_row(QX x, long long r, int cols) {
+    if (!x.q) return x;
+    return QX{x.q + r * cols, x.d + r * (cols / 32), x.s16 + r * (cols / 16)};
+}
+
+// Σ w·x over a q4/q8 row with `dp4a` on the int8 input: each 16-byte load of weights meets 16
+// bytes (q8) or 32 (q4) of input, nibbles put in column order with byte permutes.
+template <int BITS>
+__device__ __forceinline__ float qdot_i8(const u8* r, const u16* sc, const u16* bi, int cols, int group, QX x, int lane) {
+    constexpr int PER = 128 / BITS;
+    const uint4* r4 = (const uint4*)r;
+    float acc = 0.f;
+#pragma unroll 2
+    for (int i = lane; i < cols / PER; i += 32) {
+        uint4 v = __ldg(r4 + i);
+        int j0 = i * PER, g = j0 / group;
+        float s = bf(__ldg(sc + g)), b = bf(__ldg(bi + g));
+        const int* xq = (const int*)(x.q + j0);
+        int isum = 0;
+        if (BITS == 4) {
+            u32 ws[4] = {v.x, v.y, v.z, v.w};
+            int4 xa = *(const int4*)xq, xb = *(const int4*)(xq + 4);
+            int xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                u32 lo = ws[w] & 0x0F0F0F0Fu, hi = (ws[w] >> 4) & 0x0F0F0F0Fu;
+                isum = __dp4a((int)__byte_perm(lo, hi, 0x5140), xs[2 * w], isum);
+                isum = __dp4a((int)__byte_perm(lo, hi, 0x7362), xs[2 * w + 1], isum);
+            }
+            float sx = x.s16[j0 / 16] + x.s16[j0 / 16 + 1];
+            acc += s * x.d[j0 / 32] * (float)isum + b * sx;
+        } else {
+            // q - 128 as signed bytes; the offset moves into the bias: s·q + b = s·(q-128) + (b + 128 s)
+            int4 xa = *(const int4*)xq;
+            isum = __dp4a((int)(v.x ^ 0x80808080u), xa.x, isum);
+            isum = __dp4a((int)(v.y ^ 0x80808080u), xa.y, isum);
+            isum = __dp4a((int)(v.z ^ 0x80808080u), xa.z, isum);
+            isum = __dp4a((int)(v.w ^ 0x80808080u), xa.w, isum);
+            acc += s * x.d[j0 / 32] * (float)isum + (b + 128.f * s) * x.s16[j0 / 16];
+        }
+    }
+    return acc;
+}
+
+// One token's W[row]·x, the lanes' partial sums: the integer kernel where the format allows it.
+__device__ __forceinline__ float vec_dot(const u8* base, const MatD& m, int row, const float* x, QX qx, int lane) {
+    if (qx.q && m.kind == 3 && (m.bits == 4 || m.bits == 8) && (m.cols & 31) == 0 && (m.group & 31) == 0 &&
+        (m.rb & 15) == 0) {
+        const u8* w = base + m.off;
+        int groups = (m.cols + m.group - 1) / m.group;
+        const u8* r = w + (long long)row * m.rb;
+        const u16* sc = (const u16*)(w + m.soff) + (long long)row * groups;
+        const u16* bi = (const u16*)(w + m.boff) + (long long)row * groups;
+        return m.bits == 4 ? qdot_i8<4>(r, sc, bi, m.cols, m.group, qx, lane) : qdot_i8<8>(r, sc, bi, m.cols, m.group, qx, lane);
+    }
+    float a[1] = {0.f};
+    row_dots<1>(base, m, row, x, 0, 1, lane, a);
+    return a[0];
+}
+
+// Quantizes `rows` rows of `cols` (a multiple of 32) for the integer kernels; a warp per 32.
+extern "C" __global__ void quant_x(const float* x, int rows, int cols, signed char* q, float* d, float* s16) {
+    int lane = threadIdx.x & 31;
+    long long c = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    long long chunks = (long long)rows * (cols / 32);
+    if (c >= chunks) return;
+    float v = x[c * 32 + lane];
+    float amax = warp_max(fabsf(v));
+    float dd = amax / 127.f;
+    q[c * 32 + lane] = (signed char)__float2int_rn(dd > 0.f ? v / dd : 0.f);
+    float h = v;
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) h += __shfl_xor_sync(0xffffffff, h, o);
+    if (lane == 0) d[c] = dd;
+    if (lane == 0 || lane == 16) s16[c * 2 + lane / 16] = h;
+}
+
+extern "C" __global__ void matvec_q(const u8* base, MatD m, const float* x, float* y, QX qx) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= m.rows) return;
+    float v = warp_sum(vec_dot(base, m, row, x, qx, lane));
+    if (lane == 0) y[row] = v;
+}
+
+extern "C" __global__ void matmul(const u8* base, MatD m, const float* x, float* y, int ntok) {
+    matmul_t<NT>(base, m, x, y, ntok);
+}
+
+extern "C" __global__ void matvec(const u8* base, MatD m, const float* x, float* y, int ntok) {
+    matmul_t<1>(base, m, x, y, ntok);
+}
+
+// Block reduction of one value (blockDim a multiple of 32, at most 1024).
+__device__ float block_sum(float v, float* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float s = 0.f;
+    for (int i = 0; i < nw; i++) s += sh[i];
+    return s;
+}
+
+// x[t] += y[t] (when y is given); h[t] = rmsnorm(x[t]) · w. One block per token.
+extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* w, float* h, int dim, float eps) {
+    __shared__ float sh[32];
+    long long o = (long long)blockIdx.x * dim;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = x[o + i];
+        if (y) { v += y[o + i]; x[o + i] = v; }
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss, sh) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) h[o + i] = x[o + i] * inv * w[i];
+}
+
+// meta = [pos0, k cache of layer 0, v cache of layer 0, k cache of layer 1, ...]: what changes
+// from call to call is read from device memory, so a captured decode graph replays for any
+// sequence and position.
+
+// q/k RMSNorm per head and RoPE on the first `rot` dims ("rotate half"); k and v of token t are
+// written into the caches at position pos0 + t. Grid (tokens, heads + kv heads), one warp each.
+extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v, const float* qn, const float* kn,
+                                        const long long* meta, int layer, int nh, int nkv, int d, int qw, int rot,
+                                        double theta, float eps) {
+    __shared__ float head[512];
+    int pos0 = (int)meta[0];
+    float* kc = (float*)meta[1 + 2 * layer];
+    float* vc = (float*)meta[2 + 2 * layer];
+    int t = blockIdx.x, hh = blockIdx.y, lane = threadIdx.x;
+    int pos = pos0 + t;
+    float* src;
+    float* dst;
+    const float* nw;
+    if (hh < nh) {
+        src = q + ((long long)t * nh + hh) * qw;
+        dst = src;
+        nw = qn;
+    } else {
+        int kh = hh - nh;
+        src = (float*)k + ((long long)t * nkv + kh) * d;
+        dst = kc + ((long long)pos * nkv + kh) * d;
+        nw = kn;
+        for (int i = lane; i < d; i += 32) vc[((long long)pos * nkv + kh) * d + i] = v[((long long)t * nkv + kh) * d + i];
+    }
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float a = src[i]; head[i] = a; ss += a * a; }
+    float inv = rsqrtf(warp_sum(ss) / d + eps);
+    __syncwarp();
+    for (int i = lane; i < d; i += 32) head[i] = head[i] * inv * nw[i];
+    __syncwarp();
+    int half = rot / 2;
+    for (int i = lane; i < d; i += 32) {
+        float out = head[i];
+        if (i < rot) {
+            int j = i < half ? i : i - half;
+            double a = (double)pos * pow(theta, -(double)(2 * j) / (double)rot);
+            float c = (float)cos(a), s = (float)sin(a);
+            out = i < half ? head[i] * c - head[i + half] * s : head[i] * c + head[i - half] * s;
+        }
+        dst[i] = out;
+    }
+}
+
+// Softmax attention of token t (position pos0 + t) over cache positions 0..=pos0 + t, split
+// across blocks (flash-decoding): block (t·heads + h, c) covers positions c·CHUNK.. of head h,
+// its 4 warps each an online softmax over every 4th position (four positions' loads in
+// flight at a time), merged into part[(t·heads + h)·parts + c] = (max, sum, acc[d]).
+#define CHUNK 128
+extern "C" __global__ void attn_part(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
+                                     int d, int qw, int parts) {
+    __shared__ float sm[4], sl[4];
+    __shared__ float sacc[4][256];
+    int th = blockIdx.x, c = blockIdx.y;
+    int t = th / nh, h = th % nh, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int pos0 = (int)meta[0];
+    const float* kc = (const float*)meta[1 + 2 * layer];
+    const float* vc = (const float*)meta[2 + 2 * layer];
+    int kvh = h / (nh / nkv);
+    int len = pos0 + t + 1;
+    int p0 = c * CHUNK, p1 = min(len, p0 + CHUNK);
+    float* out = part + ((long long)th * parts + c) * (d + 2);
+    if (p0 >= len) {
+        for (int i = threadIdx.x; i < d + 2; i += blockDim.x) out[i] = i == 0 ? NEG_INF : 0.f;
+        return;
+    }
+    const float* qh = q + ((long long)t * nh + h) * qw;
+    float scale = rsqrtf((float)d);
+    float qr[8], acc[8];
+    int per = (d + 31) / 32;
+#pragma unroll
+    for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; qr[i] = (i < per && cc < d) ? qh[cc] * scale : 0.f; acc[i] = 0.f; }
+    float m = NEG_INF, l = 0.f;
+    long long stride = (long long)nkv * d;
+    for (int pb = p0 + w; pb < p1; pb += 16) {
+        float sc[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int p = pb + 4 * u;
+            float sv = 0.f;
+            if (p < p1) {
+                const float* kp = kc + p * stride + kvh * d;
+#pragma unroll
+                for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; if (i < per && cc < d) sv += qr[i] * kp[cc]; }
+            }
+            sc[u] = sv;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int p = pb + 4 * u;
+            if (p >= p1) break;
+            float sv = warp_sum(sc[u]);
+            float mn = fmaxf(m, sv);
+            float corr = __expf(m - mn), e = __expf(sv - mn);
+            l = l * corr + e;
+            const float* vp = vc + p * stride + kvh * d;
+#pragma unroll
+            for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; if (i < per && cc < d) acc[i] = acc[i] * corr + e * vp[cc]; }
+            m = mn;
+        }
+    }
+    if (lane == 0) { sm[w] = m; sl[w] = l; }
+#pragma unroll
+    for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; if (i < per && cc < d) sacc[w][cc] = acc[i]; }
+    __syncthreads();
+    float top = fmaxf(fmaxf(sm[0], sm[1]), fmaxf(sm[2], sm[3]));
+    float wt[4], tot = 0.f;
+    for (int i = 0; i < 4; i++) { wt[i] = sm[i] == NEG_INF ? 0.f : __expf(sm[i] - top); tot += wt[i] * sl[i]; }
+    for (int cc = threadIdx.x; cc < d; cc += blockDim.x) {
+        float v = 0.f;
+        for (int i = 0; i < 4; i++) v += wt[i] * sacc[i][cc];
+        out[2 + cc] = v;
+    }
+    if (threadIdx.x == 0) { out[0] = top; out[1] = tot; }
+}
+
+// o[t][h] = the parts of (t, h) merged, times sigmoid of the gate when gated. One block each.
+extern "C" __global__ void attn_merge(const float* q, const float* part, float* o, int nh, int d, int qw, int gated,
+                                      int parts) {
+    int th = blockIdx.x;
+    const float* pp = part + (long long)th * parts * (d + 2);
+    float top = NEG_INF;
+    for (int c = 0; c < parts; c++) top = fmaxf(top, pp[c * (d + 2)]);
+    float tot = 0.f;
+    for (int c = 0; c < parts; c++) {
+        float mc = pp[c * (d + 2)];
+        if (mc != NEG_INF) tot += pp[c * (d + 2) + 1] * __expf(mc - top);
+    }
+    const float* qh = q + (long long)th * qw;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = 0.f;
+        for (int c = 0; c < parts; c++) {
+            float mc = pp[c * (d + 2)];
+            if (mc != NEG_INF) v += pp[c * (d + 2) + 2 + i] * __expf(mc - top);
+        }
+        v /= tot;
+        if (gated) v *= 1.f / (1.f + __expf(-qh[d + i]));
+        o[(long long)th * d + i] = v;
+    }
+}
+
+// Router: softmax over `e` logits of each token, the top k (ties to the lower index), weights
+// renormalized to sum 1 when asked. One warp per token.
+extern "C" __global__ void route_topk(const float* logits, int e, int k, int renorm, int* ids, float* wts) {
+    extern __shared__ float p[];
+    int t = blockIdx.x, lane = threadIdx.x;
+    const float* lg = logits + (long long)t * e;
+    float m = NEG_INF;
+    for (int i = lane; i < e; i += 32) m = fmaxf(m, lg[i]);
+    m = warp_max(m);
+    float s = 0.f;
+    for (int i = lane; i < e; i += 32) { float v = expf(lg[i] - m); p[i] = v; s += v; }
+    s = warp_sum(s);
+    __syncwarp();
+    for (int i = lane; i < e; i += 32) p[i] /= s;
+    __syncwarp();
+    float chosen = 0.f;
+    for (int j = 0; j < k; j++) {
+        float bv = -1.f;
+        int bi = 0x7fffffff;
+        for (int i = lane; i < e; i += 32) if (p[i] > bv) { bv = p[i]; bi = i; }
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffff, bv, o);
+            int oi = __shfl_xor_sync(0xffffffff, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+        if (lane == 0) { ids[t * k + j] = bi; wts[t * k + j] = bv; }
+        chosen += bv;
+        __syncwarp();
+        if (lane == (bi & 31)) p[bi] = -2.f;
+        __syncwarp();
+    }
+    if (renorm && lane == 0) for (int j = 0; j < k; j++) wts[t * k + j] /= chosen;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
+
+// act[p][r] = silu(gate_e · x_t)[r] · (up_e · x_t)[r] for pair p = t·k + j, e = ids[p] (or the one
+// matrix at `base` when ids is null). Grid (inter rows / warps, pairs).
+extern "C" __global__ void swiglu_gate_up(const u8* base, u64 stride, const int* ids, MatD g, MatD u, const float* x,
+                                          float* act, int k, QX qx) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= g.rows) return;
+    int pr = blockIdx.y, t = pr / k;
+    const u8* b = base + (ids ? (u64)ids[pr] * stride : 0);
+    const float* xt = x + (long long)t * g.cols;
+    QX qt = qx_row(qx, t, g.cols);
+    float gv = warp_sum(vec_dot(b, g, row, xt, qt, lane)), uv = warp_sum(vec_dot(b, u, row, xt, qt, lane));
+    if (lane == 0) act[(long long)pr * g.rows + row] = silu(gv) * uv;
+}
+
+// out[t][r] (+)= Σ_j wts[t·k + j] · (down_e · act[t·k + j])[r], the experts of token t in routing
+// order (weight 1 and the matrix at `base` when ids is null). Grid (hidden rows / warps, tokens).
+extern "C" __global__ void down_sum(const u8* base, u64 stride, const int* ids, const float* wts, MatD dn,
+                                    const float* act, float* out, int k, int accumulate, QX qx) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= dn.rows) return;
+    int t = blockIdx.y;
+    float total = 0.f;
+    for (int j = 0; j < k; j++) {
+        int pr = t * k + j;
+        const u8* b = base + (ids ? (u64)ids[pr] * stride : 0);
+        float a = vec_dot(b, dn, row, act + (long long)pr * dn.cols, qx_row(qx, pr, dn.cols), lane);
+        total += (wts ? wts[pr] : 1.f) * warp_sum(a);
+    }
+    if (lane == 0) {
+        long long i = (long long)t * dn.rows + row;
+        out[i] = accumulate ? out[i] + total : total;
+    }
+}
+
+// out[t] += sigmoid(gw · x[t]) · y[t]: the shared expert's gated contribution. One block per token.
+extern "C" __global__ void gated_add(float* out, const float* y, const float* gw, const float* x, int dim) {
+    __shared__ float sh[32];
+    long long o = (long long)blockIdx.x * dim;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += gw[i] * x[o + i];
+    float g = 1.f / (1.f + expf(-block_sum(s, sh)));
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[o + i] += g * y[o + i];
+}
+
+// Non-finite check: flag[0] = 1 when any value is NaN or ±Inf.
+extern "C" __global__ void nonfinite(const float* x, long long n, int* flag) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        if (!(fabsf(x[i]) <= 3.402823466e38f)) flag[0] = 1;
+}
+
+// Prefill's routed experts, grouped by expert: slot s of `order` is the pair (token · k + j)
+// computed s-th; a tile is up to NT consecutive slots of one expert (expert, first slot, count).
+
+// xg[s] = x[order[s] / k]: each slot's token row, so a tile's inputs are contiguous.
+extern "C" __global__ void gather_rows(const float* x, const int* order, float* xg, int dim, int k) {
+    int s = blockIdx.x;
+    const float* src = x + (long long)(order[s] / k) * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) xg[(long long)s * dim + i] = src[i];
+}
+
+// act[s][r] = silu(gate_e · xg[s])[r] · (up_e · xg[s])[r] for the slots of tile blockIdx.y.
+extern "C" __global__ void gate_up_tiles(const u8* base, u64 stride, const int* tiles, MatD g, MatD u, const float* xg,
+                                         float* act) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= g.rows) return;
+    const int* tl = tiles + 3 * blockIdx.y;
+    const u8* b = base + (u64)tl[0] * stride;
+    int s0 = tl[1], nt = tl[2];
+    float a[NT], c[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) { a[t] = 0.f; c[t] = 0.f; }
+    const float* x = xg + (long long)s0 * g.cols;
+    row_dots<NT>(b, g, row, x, g.cols, nt, lane, a);
+    row_dots<NT>(b, u, row, x, g.cols, nt, lane, c);
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        float gv = warp_sum(a[t]), uv = warp_sum(c[t]);
+        if (lane == 0 && t < nt) act[(long long)(s0 + t) * g.rows + row] = silu(gv) * uv;
+    }
+}
+
+// ys[s][r] = (down_e · act[s])[r] for the slots of tile blockIdx.y.
+extern "C" __global__ void down_tiles(const u8* base, u64 stride, const int* tiles, MatD dn, const float* act, float* ys) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= dn.rows) return;
+    const int* tl = tiles + 3 * blockIdx.y;
+    const u8* b = base + (u64)tl[0] * stride;
+    int s0 = tl[1], nt = tl[2];
+    float a[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) a[t] = 0.f;
+    row_dots<NT>(b, dn, row, act + (long long)s0 * dn.cols, dn.cols, nt, lane, a);
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        float v = warp_sum(a[t]);
+        if (lane == 0 && t < nt) ys[(long long)(s0 + t) * dn.rows + row] = v;
+    }
+}
+
+// out[t] = Σ_j wts[t·k + j] · ys[slot_of[t·k + j]], in routing order. One block per token.
+extern "C" __global__ void combine_slots(const float* ys, const int* slot_of, const float* wts, float* out, int dim, int k) {
+    int t = blockIdx.x;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = 0.f;
+        for (int j = 0; j < k; j++) v += wts[t * k + j] * ys[(long long)slot_of[t * k + j] * dim + i];
+        out[(long long)t * dim + i] = v;
+    }
+}

@@ -1,0 +1,949 @@
+//! The CUDA backend: every weight uploaded once, activations and KV caches in GPU memory, each
+//! block of a layer a few fused kernels (`kernels.cu`, compiled by NVRTC at load) on one stream.
+//! The routed experts of a layer are found on the GPU (router product and top-k) and read from
+//! there by the expert kernels, so a forward pass returns to the host only for its logits.
+//!
+//! Supported today: attention + MoE/dense layers (qwen3_moe), every weight format flashmoe
+//! stores. Not yet: Gated DeltaNet layers (qwen3_next, qwen3_5_moe), experts beyond GPU memory.
+
+use super::{Accelerator, DeviceState};
+use crate::layers::mlp::MlpRef;
+use crate::layers::moe::Experts;
+use crate::model::{FfnWeights, MixerWeights, Model, State};
+use crate::tensor::{MatRef, WKind};
+use anyhow::{Context, Result, anyhow, bail};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+};
+use cudarc::driver::{PushKernelArg, sys};
+use std::sync::{Arc, Mutex};
+
+const SOURCE: &str = include_str!("kernels.cu");
+
+/// Whether the CUDA driver library can be loaded and reports at least one device.
+pub fn available() -> bool {
+    // SAFETY: only probes for the shared library.
+    let present = unsafe { sys::is_culib_present() };
+    present && CudaContext::device_count().is_ok_and(|n| n > 0)
+}
+
+/// Why `model` cannot run on CUDA yet, if it cannot.
+pub fn supports(model: &Model) -> Result<()> {
+    for (i, l) in model.layers.iter().enumerate() {
+        match &l.mixer {
+            MixerWeights::DeltaNet(_) => bail!(
+                "layer {i} is a Gated DeltaNet layer ({}), which the CUDA backend does not run yet: use --device cpu",
+                model.cfg.model_type
+            ),
+            MixerWeights::Attention(a) if a.head_dim > 256 => {
+                bail!("layer {i}: head_dim {} is above the CUDA attention kernel's 256: use --device cpu", a.head_dim)
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A matrix's place and format as the kernels read it (`MatD` in kernels.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct MatD {
+    off: u64,
+    soff: u64,
+    boff: u64,
+    rows: i32,
+    cols: i32,
+    kind: i32,
+    bits: i32,
+    group: i32,
+    rb: i32,
+}
+
+// SAFETY: plain repr(C) data, laid out as the kernels' struct.
+unsafe impl DeviceRepr for MatD {}
+
+impl MatD {
+    fn of(m: &MatRef<'_>, off: u64) -> MatD {
+        let (rows, cols) = (m.rows as i32, m.cols as i32);
+        let mut d = MatD { off, rows, cols, ..Default::default() };
+        match m.kind {
+            WKind::F32 => d.kind = 0,
+            WKind::BF16 => d.kind = 1,
+            WKind::F16 => d.kind = 2,
+            WKind::Q { bits, group } => {
+                let packed = crate::quant::packed_bytes(m.rows, m.cols, bits) as u64;
+                let groups = m.cols.div_ceil(group as usize) as u64;
+                (d.kind, d.bits, d.group) = (3, bits as i32, group as i32);
+                d.rb = crate::quant::row_bytes(m.cols, bits) as i32;
+                d.soff = packed;
+                d.boff = packed + 2 * m.rows as u64 * groups;
+            }
+        }
+        d
+    }
+}
+
+/// An input quantized for the integer kernels (`QX` in kernels.cu); null `q`: the f32 input.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Qx {
+    q: u64,
+    d: u64,
+    s16: u64,
+}
+
+// SAFETY: plain repr(C) data, laid out as the kernels' struct.
+unsafe impl DeviceRepr for Qx {}
+
+/// A matrix in its own allocation.
+struct DMat {
+    _buf: CudaSlice<u8>,
+    ptr: u64,
+    d: MatD,
+}
+
+/// A layer's routed experts: one allocation, expert `e` at `ptr + e · stride`.
+struct DExperts {
+    _buf: CudaSlice<u8>,
+    ptr: u64,
+    stride: u64,
+    gate: MatD,
+    up: MatD,
+    down: MatD,
+}
+
+struct DMoe {
+    router: DMat,
+    experts: DExperts,
+    shared: Option<(DExperts, DVec)>,
+    top_k: usize,
+    renorm: bool,
+}
+
+enum DFfn {
+    Moe(Box<DMoe>),
+    Dense(Box<DExperts>),
+}
+
+struct DAttn {
+    q: DMat,
+    k: DMat,
+    v: DMat,
+    o: DMat,
+    q_norm: DVec,
+    k_norm: DVec,
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    gated: bool,
+    rot: usize,
+    theta: f64,
+}
+
+struct DLayer {
+    input_norm: DVec,
+    post_norm: DVec,
+    attn: DAttn,
+    ffn: DFfn,
+}
+
+/// An f32 vector on the device and its address.
+struct DVec {
+    _buf: CudaSlice<f32>,
+    ptr: u64,
+}
+
+struct Kernels {
+    _module: Arc<CudaModule>,
+    matmul: CudaFunction,
+    matvec: CudaFunction,
+    matvec_q: CudaFunction,
+    quant_x: CudaFunction,
+    add_rmsnorm: CudaFunction,
+    qk_norm_rope: CudaFunction,
+    attn_part: CudaFunction,
+    attn_merge: CudaFunction,
+    route_topk: CudaFunction,
+    swiglu_gate_up: CudaFunction,
+    down_sum: CudaFunction,
+    gated_add: CudaFunction,
+    gather_rows: CudaFunction,
+    gate_up_tiles: CudaFunction,
+    down_tiles: CudaFunction,
+    combine_slots: CudaFunction,
+}
+
+/// A model uploaded to one CUDA device.
+pub struct CudaModel {
+    name: String,
+    stream: Arc<CudaStream>,
+    k: Kernels,
+    layers: Vec<DLayer>,
+    norm: DVec,
+    head: DMat,
+    hidden: usize,
+    vocab: usize,
+    eps: f32,
+    bytes: usize,
+    /// One forward pass at a time (they share the stream), and its scratch buffers.
+    run: Mutex<Scratch>,
+}
+
+/// KV caches in GPU memory, `[pos][kv_head][head_dim]` f32 per attention layer.
+struct CudaState {
+    stream: Arc<CudaStream>,
+    kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+    /// Positions each cache holds room for.
+    cap: usize,
+    row: Vec<usize>,
+}
+
+impl std::fmt::Debug for CudaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaState({} layers, room for {} positions)", self.kv.len(), self.cap)
+    }
+}
+
+impl DeviceState for CudaState {
+    fn clone_box(&self) -> Box<dyn DeviceState> {
+        let kv = self
+            .kv
+            .iter()
+            .map(|(k, v)| {
+                (
+                    self.stream.clone_dtod(k).expect("copy a KV cache"),
+                    self.stream.clone_dtod(v).expect("copy a KV cache"),
+                )
+            })
+            .collect();
+        Box::new(CudaState { stream: self.stream.clone(), kv, cap: self.cap, row: self.row.clone() })
+    }
+    fn bytes(&self) -> usize {
+        self.kv.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum()
+    }
+    fn as_any(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+fn cfg(grid: (usize, usize), block: usize, shared: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        block_dim: (block as u32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    }
+}
+
+/// Warps (rows) per block of the row kernels.
+const WARPS: usize = 8;
+/// Tokens the matmul kernel computes per weight read (`NT` in kernels.cu).
+const NT: usize = 8;
+/// Positions per attention block (`CHUNK` in kernels.cu).
+const CHUNK: usize = 128;
+
+impl CudaModel {
+    /// Uploads every weight of `model` (streamed experts are read once, through the store).
+    pub fn upload(model: &Model, ordinal: usize) -> Result<CudaModel> {
+        supports(model)?;
+        let (ctx, stream, k, gpu) = open(ordinal)?;
+        let (free, _) = ctx.mem_get_info()?;
+        let need = model_bytes(model);
+        if need > free {
+            bail!(
+                "--device cuda:{ordinal}: the model needs {:.1} GB of GPU memory, {gpu} has {:.1} GB free: use --device cpu",
+                need as f64 / 1e9,
+                free as f64 / 1e9
+            );
+        }
+        let up = Uploader { stream: stream.clone(), bytes: 0.into() };
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (i, l) in model.layers.iter().enumerate() {
+            let MixerWeights::Attention(a) = &l.mixer else { unreachable!("checked by supports") };
+            let (rot, theta) = a.rope.params();
+            let attn = DAttn {
+                q: up.mat(&a.q_proj.view())?,
+                k: up.mat(&a.k_proj.view())?,
+                v: up.mat(&a.v_proj.view())?,
+                o: up.mat(&a.o_proj.view())?,
+                q_norm: up.vec(a.q_norm.weight())?,
+                k_norm: up.vec(a.k_norm.weight())?,
+                nh: a.num_heads,
+                nkv: a.num_kv_heads,
+                d: a.head_dim,
+                gated: a.gated,
+                rot,
+                theta,
+            };
+            let ffn = match &l.ffn {
+                FfnWeights::Dense(m) => DFfn::Dense(Box::new(up.mlp(&m.view())?)),
+                FfnWeights::Moe(m) => DFfn::Moe(Box::new(DMoe {
+                    router: up.mat(&m.router.view())?,
+                    experts: up
+                        .experts(&m.experts, model.cfg.num_experts)
+                        .with_context(|| format!("layer {i}: experts"))?,
+                    shared: match &m.shared {
+                        Some(s) => Some((up.mlp(&s.mlp.view())?, up.vec(&s.gate)?)),
+                        None => None,
+                    },
+                    top_k: m.top_k,
+                    renorm: m.norm_topk_prob,
+                })),
+            };
+            layers.push(DLayer {
+                input_norm: up.vec(l.input_norm.weight())?,
+                post_norm: up.vec(l.post_norm.weight())?,
+                attn,
+                ffn,
+            });
+        }
+        let head = up.mat(&model.lm_head.as_ref().unwrap_or(&model.embed).view())?;
+        let norm = up.vec(model.norm.weight())?;
+        stream.synchronize()?;
+        Ok(CudaModel {
+            name: format!("CUDA {ordinal}: {gpu}"),
+            stream,
+            k,
+            layers,
+            norm,
+            head,
+            hidden: model.cfg.hidden_size,
+            vocab: model.cfg.vocab_size,
+            eps: model.cfg.rms_norm_eps,
+            bytes: up.bytes.into_inner(),
+            run: Mutex::new(Scratch::default()),
+        })
+    }
+
+    fn matmul(&self, w: &DMat, x: u64, y: u64, n: usize, qx: Qx) -> Result<()> {
+        launch_matmul(&self.stream, &self.k, w.ptr, w.d, x, y, n, qx)
+    }
+
+    /// Quantizes `rows` rows of `cols` at `x` into `q` for the integer kernels, when `fast` and
+    /// the rows fit them; else a null `Qx` (the f32 kernels).
+    fn quant(&self, fast: bool, x: u64, rows: usize, cols: usize, q: Qx) -> Result<Qx> {
+        if !fast || !cols.is_multiple_of(32) {
+            return Ok(Qx::default());
+        }
+        let (r32, c32) = (rows as i32, cols as i32);
+        let mut b = self.stream.launch_builder(&self.k.quant_x);
+        b.arg(&x).arg(&r32).arg(&c32).arg(&q.q).arg(&q.d).arg(&q.s16);
+        unsafe { b.launch(cfg(((rows * cols / 32).div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
+        Ok(q)
+    }
+
+    fn add_rmsnorm(&self, x: u64, y: u64, w: &DVec, h: u64, n: usize) -> Result<()> {
+        let mut b = self.stream.launch_builder(&self.k.add_rmsnorm);
+        let dim = self.hidden as i32;
+        b.arg(&x).arg(&y).arg(&w.ptr).arg(&h).arg(&dim).arg(&self.eps);
+        unsafe { b.launch(cfg((n, 1), 256, 0)) }?;
+        Ok(())
+    }
+
+    /// out = SwiGLU MLP (or the routed experts `ids` weighted by `wts`, `k` per token) of h.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu(
+        &self,
+        base: u64,
+        stride: u64,
+        ids: u64,
+        wts: u64,
+        m: (MatD, MatD, MatD),
+        k: usize,
+        h: (u64, Qx),
+        act: (u64, Qx),
+        out: u64,
+        n: usize,
+    ) -> Result<()> {
+        let (g, u, dn) = m;
+        let k32 = k as i32;
+        let mut b = self.stream.launch_builder(&self.k.swiglu_gate_up);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&h.0).arg(&act.0).arg(&k32).arg(&h.1);
+        unsafe { b.launch(cfg(((g.rows as usize).div_ceil(WARPS), n * k), 32 * WARPS, 0)) }?;
+        let qa = self.quant(h.1.q != 0, act.0, n * k, dn.cols as usize, act.1)?;
+        let acc = 0i32;
+        let mut b = self.stream.launch_builder(&self.k.down_sum);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&wts).arg(&dn).arg(&act.0).arg(&out).arg(&k32).arg(&acc).arg(&qa);
+        unsafe { b.launch(cfg(((dn.rows as usize).div_ceil(WARPS), n), 32 * WARPS, 0)) }?;
+        Ok(())
+    }
+
+    /// out = the SwiGLU MLP of h (a dense layer, a shared expert).
+    fn mlp(&self, m: &DExperts, h: (u64, Qx), act: (u64, Qx), out: u64, n: usize) -> Result<()> {
+        self.swiglu(m.ptr, 0, 0, 0, (m.gate, m.up, m.down), 1, h, act, out, n)
+    }
+}
+
+/// The device, its stream, the compiled kernels and the GPU's name.
+fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, String)> {
+    // SAFETY: only probes for the shared libraries.
+    if !unsafe { sys::is_culib_present() } {
+        bail!(
+            "--device cuda: the CUDA driver library (libcuda.so) was not found: install the NVIDIA driver, or use --device cpu"
+        );
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        bail!(
+            "--device cuda: NVRTC (libnvrtc.so, part of the CUDA toolkit) was not found: add the toolkit's lib64 directory to LD_LIBRARY_PATH, or use --device cpu"
+        );
+    }
+    let count = CudaContext::device_count()
+        .map_err(|e| anyhow!("--device cuda: no usable CUDA device ({e}); use --device cpu"))?;
+    if ordinal >= count.max(0) as usize {
+        bail!("--device cuda:{ordinal}: this machine has {count} CUDA device(s); use --device cpu or a lower ordinal");
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("--device cuda:{ordinal}: cannot open the device: {e}"))?;
+    // one stream: no cross-stream events to track
+    unsafe { ctx.disable_event_tracking() };
+    // its own stream: the legacy default stream cannot be captured into a graph
+    let stream = ctx.new_stream()?;
+    let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+    let major = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+    let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+        .map_err(|e| anyhow!("--device cuda: compiling the kernels for {arch} failed: {e:?}"))?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| anyhow!("--device cuda: loading the kernels failed (driver older than NVRTC?): {e}"))?;
+    let f = |n: &str| module.load_function(n).with_context(|| format!("kernel {n}"));
+    let k = Kernels {
+        matmul: f("matmul")?,
+        matvec: f("matvec")?,
+        matvec_q: f("matvec_q")?,
+        quant_x: f("quant_x")?,
+        gather_rows: f("gather_rows")?,
+        gate_up_tiles: f("gate_up_tiles")?,
+        down_tiles: f("down_tiles")?,
+        combine_slots: f("combine_slots")?,
+        add_rmsnorm: f("add_rmsnorm")?,
+        qk_norm_rope: f("qk_norm_rope")?,
+        attn_part: f("attn_part")?,
+        attn_merge: f("attn_merge")?,
+        route_topk: f("route_topk")?,
+        swiglu_gate_up: f("swiglu_gate_up")?,
+        down_sum: f("down_sum")?,
+        gated_add: f("gated_add")?,
+        _module: module,
+    };
+    Ok((ctx, stream, k, gpu))
+}
+
+/// `y = W·x` for `n` tokens through the CUDA matmul kernel (kernel tests against the scalar
+/// reference; `W` uploaded for the call).
+/// `fast`: one token's product on the int8 input (q4/q8 rows), as decode computes it.
+pub fn matmul_once(ordinal: usize, w: &MatRef<'_>, x: &[f32], n: usize, fast: bool) -> Result<Vec<f32>> {
+    static OPEN: Mutex<Option<(Arc<CudaStream>, Kernels)>> = Mutex::new(None);
+    let mut g = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+    if g.is_none() {
+        let (_, s, k, _) = open(ordinal)?;
+        *g = Some((s, k));
+    }
+    let (s, k) = g.as_ref().expect("opened");
+    let wb = s.clone_htod(w.data)?;
+    let (xb, yb) = (s.clone_htod(x)?, s.alloc_zeros::<f32>(n * w.rows)?);
+    let (px, py) = (ptr(&xb, s), ptr(&yb, s));
+    let q = QBuf::new(s, w.cols)?;
+    let qx = if fast && n == 1 && w.cols.is_multiple_of(32) {
+        let (one, c32, qx) = (1i32, w.cols as i32, q.qx(s));
+        let mut b = s.launch_builder(&k.quant_x);
+        b.arg(&px).arg(&one).arg(&c32).arg(&qx.q).arg(&qx.d).arg(&qx.s16);
+        unsafe { b.launch(cfg(((w.cols / 32).div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
+        qx
+    } else {
+        Qx::default()
+    };
+    launch_matmul(s, k, ptr(&wb, s), MatD::of(w, 0), px, py, n, qx)?;
+    Ok(s.clone_dtoh(&yb)?)
+}
+
+/// Room for `len` quantized input values.
+struct QBuf {
+    q: CudaSlice<i8>,
+    d: CudaSlice<f32>,
+    s16: CudaSlice<f32>,
+}
+
+impl QBuf {
+    fn new(s: &Arc<CudaStream>, len: usize) -> Result<QBuf> {
+        let len = len.next_multiple_of(32).max(32);
+        Ok(QBuf {
+            q: s.alloc_zeros::<i8>(len)?,
+            d: s.alloc_zeros::<f32>(len / 32)?,
+            s16: s.alloc_zeros::<f32>(len / 16)?,
+        })
+    }
+    fn qx(&self, s: &CudaStream) -> Qx {
+        Qx { q: ptr(&self.q, s), d: ptr(&self.d, s), s16: ptr(&self.s16, s) }
+    }
+}
+
+/// y = W·x for `n` tokens: one token per warp and row (decode; on the int8 input where `qx`
+/// has one), or 8 per weight read.
+#[allow(clippy::too_many_arguments)]
+fn launch_matmul(s: &CudaStream, k: &Kernels, base: u64, d: MatD, x: u64, y: u64, n: usize, qx: Qx) -> Result<()> {
+    let grid = |per: usize| cfg(((d.rows as usize).div_ceil(WARPS), n.div_ceil(per)), 32 * WARPS, 0);
+    let n32 = n as i32;
+    if n == 1 && qx.q != 0 {
+        let mut b = s.launch_builder(&k.matvec_q);
+        b.arg(&base).arg(&d).arg(&x).arg(&y).arg(&qx);
+        unsafe { b.launch(grid(1)) }?;
+        return Ok(());
+    }
+    let (f, per) = if n == 1 { (&k.matvec, 1) } else { (&k.matmul, NT) };
+    let mut b = s.launch_builder(f);
+    b.arg(&base).arg(&d).arg(&x).arg(&y).arg(&n32);
+    unsafe { b.launch(grid(per)) }?;
+    Ok(())
+}
+
+/// Device memory the weights will take.
+fn model_bytes(model: &Model) -> usize {
+    let experts: usize = model
+        .layers
+        .iter()
+        .map(|l| match &l.ffn {
+            FfnWeights::Moe(m) => match &m.experts {
+                Experts::Memory(v) => v.iter().map(|e| e.bytes()).sum(),
+                Experts::Flash { store, .. } => store.layout.stride * model.cfg.num_experts,
+            },
+            FfnWeights::Dense(_) => 0,
+        })
+        .sum();
+    let lm = if model.lm_head.is_some() { 0 } else { model.embed.bytes() };
+    model.weight_bytes() - model.embed.bytes() + lm + experts
+}
+
+struct Uploader {
+    stream: Arc<CudaStream>,
+    bytes: std::cell::Cell<usize>,
+}
+
+impl Uploader {
+    fn raw(&self, b: &[u8]) -> Result<(CudaSlice<u8>, u64)> {
+        let s = self.stream.clone_htod(b).context("uploading weights to the GPU")?;
+        self.bytes.set(self.bytes.get() + b.len());
+        let p = ptr(&s, &self.stream);
+        Ok((s, p))
+    }
+    fn mat(&self, m: &MatRef<'_>) -> Result<DMat> {
+        let (buf, p) = self.raw(m.data)?;
+        Ok(DMat { _buf: buf, ptr: p, d: MatD::of(m, 0) })
+    }
+    fn vec(&self, v: &[f32]) -> Result<DVec> {
+        let s = self.stream.clone_htod(v).context("uploading weights to the GPU")?;
+        self.bytes.set(self.bytes.get() + v.len() * 4);
+        let p = ptr(&s, &self.stream);
+        Ok(DVec { _buf: s, ptr: p })
+    }
+    fn mlp(&self, m: &MlpRef<'_>) -> Result<DExperts> {
+        self.pack(1, |put| put(0, m))
+    }
+
+    /// `n` SwiGLU experts in one allocation, expert `e` at `e · stride`, its gate, up and down at
+    /// 256-byte-aligned offsets; `fill` hands each expert to `put`.
+    fn pack(
+        &self,
+        n: usize,
+        fill: impl FnOnce(&mut dyn FnMut(usize, &MlpRef<'_>) -> Result<()>) -> Result<()>,
+    ) -> Result<DExperts> {
+        let a = |x: usize| x.next_multiple_of(256);
+        let mut host: Vec<u8> = Vec::new();
+        let mut layout: Option<(MatD, MatD, MatD, usize)> = None;
+        let mut put = |e: usize, m: &MlpRef<'_>| -> Result<()> {
+            let (uo, dn) = (a(m.gate.data.len()), a(a(m.gate.data.len()) + m.up.data.len()));
+            let stride = a(dn + m.down.data.len());
+            let l = (MatD::of(&m.gate, 0), MatD::of(&m.up, uo as u64), MatD::of(&m.down, dn as u64), stride);
+            let first = *layout.get_or_insert(l);
+            let key = |l: &(MatD, MatD, MatD, usize)| (l.0.kind, l.0.bits, l.0.rows, l.0.cols, l.2.kind, l.2.bits, l.3);
+            if key(&first) != key(&l) || e >= n {
+                bail!("expert {e} differs in format or shape from expert 0");
+            }
+            if host.is_empty() {
+                host.resize(n * stride, 0);
+            }
+            let at = e * stride;
+            for (part, off) in [(m.gate.data, 0), (m.up.data, uo), (m.down.data, dn)] {
+                host[at + off..at + off + part.len()].copy_from_slice(part);
+            }
+            Ok(())
+        };
+        fill(&mut put)?;
+        let (gate, up, down, stride) = layout.ok_or_else(|| anyhow!("a MoE layer without experts"))?;
+        let (buf, p) = self.raw(&host)?;
+        Ok(DExperts { _buf: buf, ptr: p, stride: stride as u64, gate, up, down })
+    }
+
+    /// Every routed expert of a layer (read once through the store when streamed).
+    fn experts(&self, ex: &Experts, n: usize) -> Result<DExperts> {
+        self.pack(n, |put| match ex {
+            Experts::Memory(v) => v.iter().enumerate().try_for_each(|(e, m)| put(e, &m.view())),
+            Experts::Flash { store, layer } => {
+                let failed = std::cell::RefCell::new(None);
+                let put = std::cell::RefCell::new(put);
+                let ids: Vec<usize> = (0..n).collect();
+                for chunk in ids.chunks(8) {
+                    store.with_experts(
+                        *layer,
+                        chunk,
+                        || {},
+                        |batch| {
+                            for &(i, extent) in batch {
+                                if let Err(e) = (put.borrow_mut())(chunk[i], &store.layout.mlp(extent)) {
+                                    failed.borrow_mut().get_or_insert(e);
+                                }
+                            }
+                        },
+                    )?;
+                }
+                failed.into_inner().map_or(Ok(()), Err)
+            }
+        })
+    }
+}
+
+impl Accelerator for CudaModel {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn forward(&self, model: &Model, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let mut guard = self.run.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, h, s) = (tokens.len(), self.hidden, &self.stream);
+        self.reserve(st, st.pos + n)?;
+        let ds = st.device.as_mut().expect("reserved").as_any().downcast_mut::<CudaState>().expect("a CUDA state");
+        let mut xh = vec![0f32; n * h];
+        for (t, &id) in tokens.iter().enumerate() {
+            model.embed.row_f32(id as usize, &mut xh[t * h..(t + 1) * h]);
+        }
+        let k = model.opts.experts_per_token;
+        let fast = model.opts.precision == crate::tensor::Precision::Fast;
+        let widest = self.layers.iter().map(|l| scratch_floats(l, n, h, k)).max().unwrap_or(0);
+        let sc = &mut *guard;
+        // attention parts: a replayed decode graph covers the cache's capacity (blocks past the
+        // sequence's end return at once), other calls what they attend
+        let graph = n == 1 && graphs();
+        let parts = if graph { ds.cap } else { st.pos + n }.div_ceil(CHUNK);
+        let heads = self.layers.iter().map(|l| l.attn.nh * (l.attn.d + 2)).max().unwrap_or(0);
+        let sizes = [n * h, widest, n * 64, n * self.vocab, 1 + 2 * self.layers.len(), n * heads * parts];
+        let fresh = sc.fit(s, sizes)?;
+        let mut meta = vec![st.pos as i64];
+        for (kc, vc) in &ds.kv {
+            meta.extend([ptr(kc, s) as i64, ptr(vc, s) as i64]);
+        }
+        let b = sc.bufs.as_mut().expect("fitted");
+        s.memcpy_htod(&meta, &mut b.meta)?;
+        s.memcpy_htod(&xh, &mut b.x.slice_mut(..n * h))?;
+        let m = if all_logits { n } else { 1 };
+        if graph {
+            // decode: one graph per scratch allocation and expert count, replayed every token
+            let key = (k, fast, parts);
+            if fresh || sc.graph.as_ref().is_none_or(|g| g.0 != key) {
+                sc.graph = None;
+                s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                let pass = self.pass(b, 1, k, 1, fast, parts);
+                let graph = s.end_capture(sys::CUgraphInstantiate_flags(0));
+                pass?;
+                let graph = graph?.ok_or_else(|| anyhow!("CUDA graph capture produced no graph"))?;
+                sc.graph = Some((key, Graph(graph)));
+            }
+            sc.graph.as_ref().expect("captured").1.0.launch()?;
+        } else {
+            self.pass(b, n, k, m, fast, parts)?;
+        }
+        let b = sc.bufs.as_ref().expect("fitted");
+        let mut out = vec![0f32; m * self.vocab];
+        s.memcpy_dtoh(&b.logits.slice(..m * self.vocab), &mut out)
+            .map_err(|e| anyhow!("CUDA forward pass failed: {e}"))?;
+        if out.iter().any(|v| !v.is_finite()) {
+            bail!("non-finite logits (NaN or Inf) from the CUDA forward pass (corrupt weights?)");
+        }
+        st.pos += n;
+        Ok(out)
+    }
+}
+
+/// Whether decode replays a captured CUDA graph (FLASHMOE_CUDA_GRAPH=0 turns it off).
+fn graphs() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHMOE_CUDA_GRAPH").map_or(true, |v| v != "0"))
+}
+
+/// A captured decode pass. The graph is only touched under the model's run lock.
+struct Graph(cudarc::driver::CudaGraph);
+
+// SAFETY: used only while holding `CudaModel::run`, which serializes every access.
+unsafe impl Send for Graph {}
+
+impl CudaModel {
+    /// Every layer, the final norm and lm_head on `b.x` (`n` tokens, the last `m` rows' logits
+    /// into `b.logits`); positions and caches come from `b.meta`.
+    /// `fast`: one token's q4/q8 products on int8 inputs (`Precision::Fast`).
+    fn pass(&self, b: &mut Bufs, n: usize, k_over: Option<usize>, m: usize, fast: bool, parts: usize) -> Result<()> {
+        let (h, s) = (self.hidden, &self.stream);
+        let p = |b: &CudaSlice<f32>| ptr(b, s);
+        let (px, ph, py, pa, pb, pc, pd) = (p(&b.x), p(&b.h), p(&b.y), p(&b.a), p(&b.b), p(&b.c), p(&b.d));
+        let (pids, pw, pmeta) = (ptr(&b.ids, s), p(&b.wts), ptr(&b.meta, s));
+        let (qa, qb) = (b.qa.qx(s), b.qb.qx(s));
+        let fast = fast && n == 1;
+        let null = 0u64;
+        for (i, l) in self.layers.iter().enumerate() {
+            self.add_rmsnorm(px, if i == 0 { null } else { py }, &l.input_norm, ph, n)?;
+            let qh = self.quant(fast, ph, n, h, qa)?;
+            let a = &l.attn;
+            let qw = if a.gated { 2 * a.d } else { a.d };
+            // q → a, k → b, v → c
+            self.matmul(&a.q, ph, pa, n, qh)?;
+            self.matmul(&a.k, ph, pb, n, qh)?;
+            self.matmul(&a.v, ph, pc, n, qh)?;
+            let (nh, nkv, d, qw32, rot) = (a.nh as i32, a.nkv as i32, a.d as i32, qw as i32, a.rot as i32);
+            let (layer, gated) = (i as i32, a.gated as i32);
+            let mut lb = s.launch_builder(&self.k.qk_norm_rope);
+            lb.arg(&pa).arg(&pb).arg(&pc).arg(&a.q_norm.ptr).arg(&a.k_norm.ptr).arg(&pmeta).arg(&layer);
+            lb.arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&rot).arg(&a.theta).arg(&self.eps);
+            unsafe { lb.launch(cfg((n, a.nh + a.nkv), 32, 0)) }?;
+            // attention in parts of CHUNK positions, merged into b; then o_proj → y
+            let (parts32, ppart) = (parts as i32, ptr(&b.part, s));
+            let mut lb = s.launch_builder(&self.k.attn_part);
+            lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&parts32);
+            unsafe { lb.launch(cfg((n * a.nh, parts), 128, 0)) }?;
+            let mut lb = s.launch_builder(&self.k.attn_merge);
+            lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32);
+            unsafe { lb.launch(cfg((n * a.nh, 1), 128, 0)) }?;
+            let qo = self.quant(fast, pb, n, a.nh * a.d, qa)?;
+            self.matmul(&a.o, pb, py, n, qo)?;
+            self.add_rmsnorm(px, py, &l.post_norm, ph, n)?;
+            let qh = self.quant(fast, ph, n, h, qa)?;
+            match &l.ffn {
+                DFfn::Dense(m) => self.mlp(m, (ph, qh), (pa, qb), py, n)?,
+                DFfn::Moe(m) => {
+                    let k = k_over.unwrap_or(m.top_k).min(m.router.d.rows as usize).min(64);
+                    self.matmul(&m.router, ph, pa, n, qh)?;
+                    let (e32, k32, rn) = (m.router.d.rows, k as i32, m.renorm as i32);
+                    let mut lb = s.launch_builder(&self.k.route_topk);
+                    lb.arg(&pa).arg(&e32).arg(&k32).arg(&rn).arg(&pids).arg(&pw);
+                    unsafe { lb.launch(cfg((n, 1), 32, 4 * e32 as usize)) }?;
+                    let ex = &m.experts;
+                    if n == 1 {
+                        self.swiglu(
+                            ex.ptr,
+                            ex.stride,
+                            pids,
+                            pw,
+                            (ex.gate, ex.up, ex.down),
+                            k,
+                            (ph, qh),
+                            (pb, qb),
+                            py,
+                            n,
+                        )?;
+                    } else {
+                        self.experts_grouped(ex, &mut b.ids, &mut b.tiles, (pa, pb, pc), pw, k, ph, py, n)?;
+                    }
+                    if let Some((sh, gate)) = &m.shared {
+                        self.mlp(sh, (ph, qh), (pb, qb), pd, n)?;
+                        let dim = h as i32;
+                        let mut lb = s.launch_builder(&self.k.gated_add);
+                        lb.arg(&py).arg(&pd).arg(&gate.ptr).arg(&ph).arg(&dim);
+                        unsafe { lb.launch(cfg((n, 1), 256, 0)) }?;
+                    }
+                }
+            }
+        }
+        self.add_rmsnorm(px, py, &self.norm, ph, n)?;
+        let rows = ph + 4 * (h * (n - m)) as u64;
+        let qh = self.quant(fast && m == 1, rows, m, h, qa)?;
+        self.matmul(&self.head, rows, p(&b.logits), m, qh)
+    }
+}
+
+/// What a decode graph was captured for: expert count override, int8 inputs, attention parts.
+type GraphKey = (Option<usize>, bool, usize);
+
+/// A forward pass's buffers, kept between calls and grown when a call needs more.
+#[derive(Default)]
+struct Scratch {
+    bufs: Option<Bufs>,
+    /// The decode graph, captured for (expert count override, int8 inputs, attention parts) on
+    /// these buffers.
+    graph: Option<(GraphKey, Graph)>,
+}
+
+struct Bufs {
+    x: CudaSlice<f32>,
+    h: CudaSlice<f32>,
+    y: CudaSlice<f32>,
+    a: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+    c: CudaSlice<f32>,
+    d: CudaSlice<f32>,
+    ids: CudaSlice<i32>,
+    wts: CudaSlice<f32>,
+    tiles: CudaSlice<i32>,
+    logits: CudaSlice<f32>,
+    meta: CudaSlice<i64>,
+    /// Attention's per-part (max, sum, values).
+    part: CudaSlice<f32>,
+    /// Quantized inputs: the normed hidden state or attention output (a), expert activations (b).
+    qa: QBuf,
+    qb: QBuf,
+    /// What they hold, as [`Scratch::fit`] asks.
+    size: [usize; 6],
+}
+
+impl Scratch {
+    /// Buffers for a call of these sizes; true when they were (re)allocated, which invalidates
+    /// the captured graph.
+    /// `want`: floats of (hidden rows, widest intermediate, routed pairs, logits, meta, attention parts).
+    fn fit(&mut self, s: &Arc<CudaStream>, want: [usize; 6]) -> Result<bool> {
+        let fits = |b: &Bufs| b.size.iter().zip(&want).all(|(have, need)| have >= need);
+        let fresh = !self.bufs.as_ref().is_some_and(fits);
+        if fresh {
+            self.graph = None;
+            self.bufs = None; // free the old ones first
+            let [hd, w, pr, lg, meta, pt] = want;
+            let f = |n: usize| s.alloc_zeros::<f32>(n.max(1));
+            self.bufs = Some(Bufs {
+                x: f(hd)?,
+                h: f(hd)?,
+                y: f(hd)?,
+                a: f(w)?,
+                b: f(w)?,
+                c: f(w)?,
+                d: f(hd)?,
+                ids: s.alloc_zeros::<i32>(3 * pr.max(1))?,
+                wts: f(pr)?,
+                tiles: s.alloc_zeros::<i32>(3 * pr.max(1))?,
+                logits: f(lg)?,
+                meta: s.alloc_zeros::<i64>(meta)?,
+                part: f(pt)?,
+                qa: QBuf::new(s, w)?,
+                qb: QBuf::new(s, w)?,
+                size: want,
+            });
+        }
+        Ok(fresh)
+    }
+}
+
+impl CudaModel {
+    /// A prompt's routed experts, grouped by expert on the host (the one sync of a MoE layer):
+    /// each expert's weights are read once per 8 of its tokens instead of once per token.
+    /// `ids` holds the routing (`n · k` ids), then the slot order and each pair's slot.
+    #[allow(clippy::too_many_arguments)]
+    fn experts_grouped(
+        &self,
+        ex: &DExperts,
+        ids: &mut CudaSlice<i32>,
+        tiles: &mut CudaSlice<i32>,
+        (xg, act, ys): (u64, u64, u64),
+        wts: u64,
+        k: usize,
+        h: u64,
+        out: u64,
+        n: usize,
+    ) -> Result<()> {
+        let s = &self.stream;
+        let pairs = n * k;
+        let mut routed = vec![0i32; pairs];
+        s.memcpy_dtoh(&ids.slice(..pairs), &mut routed)?;
+        // counting sort of pairs by expert; tiles of up to NT slots of one expert
+        let experts = routed.iter().map(|&e| e as usize + 1).max().unwrap_or(0);
+        let mut start = vec![0usize; experts + 1];
+        routed.iter().for_each(|&e| start[e as usize + 1] += 1);
+        (0..experts).for_each(|e| start[e + 1] += start[e]);
+        let mut fill = start.clone();
+        let mut host = vec![0i32; 2 * pairs];
+        let (order, slot_of) = host.split_at_mut(pairs);
+        for (p, &e) in routed.iter().enumerate() {
+            let slot = fill[e as usize];
+            fill[e as usize] += 1;
+            order[slot] = p as i32;
+            slot_of[p] = slot as i32;
+        }
+        let mut tl = Vec::new();
+        for e in 0..experts {
+            for s0 in (start[e]..start[e + 1]).step_by(NT) {
+                tl.extend_from_slice(&[e as i32, s0 as i32, (start[e + 1] - s0).min(NT) as i32]);
+            }
+        }
+        s.memcpy_htod(&host, &mut ids.slice_mut(pairs..3 * pairs))?;
+        s.memcpy_htod(&tl, &mut tiles.slice_mut(..tl.len()))?;
+        let (pid, pt) = (ptr(ids, s), ptr(tiles, s));
+        let (porder, pslot) = (pid + 4 * pairs as u64, pid + 8 * pairs as u64);
+        let ntiles = tl.len() / 3;
+        let (dim, k32) = (self.hidden as i32, k as i32);
+        let mut b = s.launch_builder(&self.k.gather_rows);
+        b.arg(&h).arg(&porder).arg(&xg).arg(&dim).arg(&k32);
+        unsafe { b.launch(cfg((pairs, 1), 256, 0)) }?;
+        let mut b = s.launch_builder(&self.k.gate_up_tiles);
+        b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xg).arg(&act);
+        unsafe { b.launch(cfg(((ex.gate.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
+        let mut b = s.launch_builder(&self.k.down_tiles);
+        b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&act).arg(&ys);
+        unsafe { b.launch(cfg(((ex.down.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
+        let mut b = s.launch_builder(&self.k.combine_slots);
+        b.arg(&ys).arg(&pslot).arg(&wts).arg(&out).arg(&dim).arg(&k32);
+        unsafe { b.launch(cfg((n, 1), 256, 0)) }?;
+        Ok(())
+    }
+}
+
+/// Floats of the largest intermediate of layer `l` for `n` tokens (`k` routed experts each).
+fn scratch_floats(l: &DLayer, n: usize, hidden: usize, k: Option<usize>) -> usize {
+    let a = &l.attn;
+    let attn = n * (a.nh * if a.gated { 2 * a.d } else { a.d }).max(a.nkv * a.d);
+    let ffn = match &l.ffn {
+        DFfn::Dense(m) => n * m.gate.rows as usize,
+        DFfn::Moe(m) => {
+            let k = k.unwrap_or(m.top_k).min(64);
+            let shared = m.shared.as_ref().map_or(0, |s| s.0.gate.rows as usize);
+            let inter = (m.experts.gate.rows as usize).max(shared);
+            n * (m.router.d.rows as usize).max(k * inter.max(hidden))
+        }
+    };
+    attn.max(ffn).max(n * hidden)
+}
+
+impl CudaModel {
+    /// Makes `st` hold device caches with room for `positions`, keeping what they hold.
+    fn reserve(&self, st: &mut State, positions: usize) -> Result<()> {
+        let s = &self.stream;
+        if st.device.is_none() {
+            let row = self.layers.iter().map(|l| l.attn.nkv * l.attn.d).collect();
+            st.device = Some(Box::new(CudaState { stream: s.clone(), kv: Vec::new(), cap: 0, row }));
+        }
+        let ds = st
+            .device
+            .as_mut()
+            .expect("set")
+            .as_any()
+            .downcast_mut::<CudaState>()
+            .ok_or_else(|| anyhow!("state of another device"))?;
+        if positions <= ds.cap && ds.kv.len() == self.layers.len() {
+            return Ok(());
+        }
+        let cap = positions.max(2 * ds.cap).max(256);
+        let mut kv = Vec::with_capacity(self.layers.len());
+        for (i, &row) in ds.row.iter().enumerate() {
+            let (mut k, mut v) = (s.alloc_zeros::<f32>(cap * row)?, s.alloc_zeros::<f32>(cap * row)?);
+            if let Some((ok, ov)) = ds.kv.get(i) {
+                s.memcpy_dtod(ok, &mut k.slice_mut(..ok.len()))?;
+                s.memcpy_dtod(ov, &mut v.slice_mut(..ov.len()))?;
+            }
+            kv.push((k, v));
+        }
+        ds.kv = kv;
+        ds.cap = cap;
+        Ok(())
+    }
+}
