@@ -598,3 +598,89 @@ extern "C" __global__ void combine_slots(const float* ys, const int* slot_of, co
         out[(long long)t * dim + i] = v;
     }
 }
+
+// Gated DeltaNet. The layer's conv history (`hist` = kernel − 1 rows of conv_dim) and its state
+// (v heads × k dim × v dim) are read through meta like a KV cache: slots 1 + 2·layer and 2 + 2·layer.
+
+// cv[t][c] = silu(Σ_j w[j][c] · in(t + j)): in(i) is history row i below `hist`, else qkv row i − hist.
+extern "C" __global__ void delta_conv(const float* qkv, const long long* meta, int layer, const float* w, float* cv,
+                                      int cd, int kern) {
+    const float* hs = (const float*)meta[1 + 2 * layer];
+    int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cd) return;
+    int hist = kern - 1;
+    float acc = 0.f;
+    for (int j = 0; j < kern; j++) {
+        int i = t + j;
+        float v = i < hist ? hs[(long long)i * cd + c] : qkv[(long long)(i - hist) * cd + c];
+        acc += w[(long long)j * cd + c] * v;
+    }
+    cv[(long long)t * cd + c] = acc / (1.f + expf(-acc));
+}
+
+// The history keeps the last `hist` input rows: row i ← in(n + i), ascending, so each channel
+// reads a row before it is overwritten.
+extern "C" __global__ void delta_shift(const float* qkv, const long long* meta, int layer, int n, int cd, int kern) {
+    float* hs = (float*)meta[1 + 2 * layer];
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cd) return;
+    int hist = kern - 1;
+    for (int i = 0; i < hist; i++) {
+        int src = n + i;
+        hs[(long long)i * cd + c] = src < hist ? hs[(long long)src * cd + c] : qkv[(long long)(src - hist) * cd + c];
+    }
+}
+
+// L2-normalizes each q head (times 1/sqrt(dk)) and k head of cv in place. Grid (tokens, 2·nk), a warp each.
+extern "C" __global__ void delta_l2norm(float* cv, int cd, int kd, int dk, int nk, float qscale) {
+    int t = blockIdx.x, hh = blockIdx.y, lane = threadIdx.x;
+    float* x = cv + (long long)t * cd + (hh < nk ? hh * dk : kd + (hh - nk) * dk);
+    float scale = hh < nk ? qscale : 1.f;
+    float ss = 0.f;
+    for (int i = lane; i < dk; i += 32) ss += x[i] * x[i];
+    float inv = scale / sqrtf(warp_sum(ss) + 1e-6f);
+    for (int i = lane; i < dk; i += 32) x[i] *= inv;
+}
+
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+
+// The recurrence, token by token, one block per v head; thread m owns column m of the head's
+// state (k dim ≤ 128 values in registers). Then the gated RMSNorm: o · inv_rms · w · silu(z).
+extern "C" __global__ void delta_rec(const float* cv, const float* z, const float* bb, const float* aa,
+                                     const long long* meta, int layer, const float* neg_a, const float* dt_bias,
+                                     const float* norm_w, float* o, int n, int cd, int kd, int vd, int nk, int nv,
+                                     int dk, int dv, float eps) {
+    __shared__ float qs[128], ks[128], red[32];
+    float* S = (float*)meta[2 + 2 * layer];
+    int j = blockIdx.x, m = threadIdx.x;
+    int kh = j / (nv / nk);
+    float* Sj = S + (long long)j * dk * dv;
+    float s[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++) s[i] = (i < dk && m < dv) ? Sj[(long long)i * dv + m] : 0.f;
+    for (int t = 0; t < n; t++) {
+        const float* c = cv + (long long)t * cd;
+        __syncthreads();
+        for (int i = m; i < dk; i += blockDim.x) { qs[i] = c[kh * dk + i]; ks[i] = c[kd + kh * dk + i]; }
+        __syncthreads();
+        float beta = 1.f / (1.f + expf(-bb[t * nv + j]));
+        float decay = expf(neg_a[j] * softplus_f(aa[t * nv + j] + dt_bias[j]));
+        float u = 0.f;
+#pragma unroll
+        for (int i = 0; i < 128; i++) if (i < dk) { s[i] *= decay; u += s[i] * ks[i]; }
+        float vv = m < dv ? c[2 * kd + j * dv + m] : 0.f;
+        u = (vv - u) * beta;
+        float ov = 0.f;
+#pragma unroll
+        for (int i = 0; i < 128; i++) if (i < dk) { s[i] += ks[i] * u; ov += s[i] * qs[i]; }
+        float ss = block_sum(m < dv ? ov * ov : 0.f, red);
+        float inv = rsqrtf(ss / dv + eps);
+        if (m < dv) {
+            float g = z[(long long)t * vd + j * dv + m];
+            g = g / (1.f + expf(-g));
+            o[(long long)t * vd + j * dv + m] = ov * inv * norm_w[m] * g;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 128; i++) if (i < dk && m < dv) Sj[(long long)i * dv + m] = s[i];
+}

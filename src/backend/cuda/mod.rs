@@ -3,8 +3,9 @@
 //! The routed experts of a layer are found on the GPU (router product and top-k) and read from
 //! there by the expert kernels, so a forward pass returns to the host only for its logits.
 //!
-//! Supported today: attention + MoE/dense layers (qwen3_moe), every weight format flashmoe
-//! stores. Not yet: Gated DeltaNet layers (qwen3_next, qwen3_5_moe), experts beyond GPU memory.
+//! Supported: attention (gated, partial RoPE) and Gated DeltaNet mixers, MoE (shared experts
+//! included) and dense feed-forwards — every family flashmoe reads — in every weight format it
+//! stores. Not yet: experts beyond GPU memory (the whole model must fit).
 
 use super::{Accelerator, DeviceState};
 use crate::layers::mlp::MlpRef;
@@ -31,9 +32,10 @@ pub fn available() -> bool {
 pub fn supports(model: &Model) -> Result<()> {
     for (i, l) in model.layers.iter().enumerate() {
         match &l.mixer {
-            MixerWeights::DeltaNet(_) => bail!(
-                "layer {i} is a Gated DeltaNet layer ({}), which the CUDA backend does not run yet: use --device cpu",
-                model.cfg.model_type
+            MixerWeights::DeltaNet(d) if d.cfg.k_head_dim > 128 || d.cfg.v_head_dim > 1024 => bail!(
+                "layer {i}: Gated DeltaNet heads of {}x{} are above the CUDA kernel's 128x1024: use --device cpu",
+                d.cfg.k_head_dim,
+                d.cfg.v_head_dim
             ),
             MixerWeights::Attention(a) if a.head_dim > 256 => {
                 bail!("layer {i}: head_dim {} is above the CUDA attention kernel's 256: use --device cpu", a.head_dim)
@@ -140,10 +142,39 @@ struct DAttn {
     theta: f64,
 }
 
+struct DDelta {
+    qkv: DMat,
+    z: DMat,
+    b: DMat,
+    a: DMat,
+    out: DMat,
+    conv_w: DVec,
+    dt_bias: DVec,
+    neg_a: DVec,
+    norm_w: DVec,
+    nk: usize,
+    nv: usize,
+    dk: usize,
+    dv: usize,
+    kern: usize,
+    eps: f32,
+}
+
+impl DDelta {
+    fn conv_dim(&self) -> usize {
+        2 * self.nk * self.dk + self.nv * self.dv
+    }
+}
+
+enum DMixer {
+    Attn(Box<DAttn>),
+    Delta(Box<DDelta>),
+}
+
 struct DLayer {
     input_norm: DVec,
     post_norm: DVec,
-    attn: DAttn,
+    mixer: DMixer,
     ffn: DFfn,
 }
 
@@ -163,6 +194,10 @@ struct Kernels {
     qk_norm_rope: CudaFunction,
     attn_part: CudaFunction,
     attn_merge: CudaFunction,
+    delta_conv: CudaFunction,
+    delta_shift: CudaFunction,
+    delta_l2norm: CudaFunction,
+    delta_rec: CudaFunction,
     route_topk: CudaFunction,
     swiglu_gate_up: CudaFunction,
     down_sum: CudaFunction,
@@ -189,37 +224,39 @@ pub struct CudaModel {
     run: Mutex<Scratch>,
 }
 
-/// KV caches in GPU memory, `[pos][kv_head][head_dim]` f32 per attention layer.
+/// A sequence's layer states in GPU memory: per attention layer its KV cache
+/// (`[pos][kv_head][head_dim]` f32, grown by doubling), per DeltaNet layer its conv history and
+/// recurrent state.
 struct CudaState {
     stream: Arc<CudaStream>,
-    kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
-    /// Positions each cache holds room for.
+    bufs: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+    /// Positions each KV cache holds room for.
     cap: usize,
-    row: Vec<usize>,
+    kinds: Vec<StateKind>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum StateKind {
+    /// Floats per position of k (and of v).
+    Kv(usize),
+    /// Floats of the conv history and of the recurrent state.
+    Delta(usize, usize),
 }
 
 impl std::fmt::Debug for CudaState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaState({} layers, room for {} positions)", self.kv.len(), self.cap)
+        write!(f, "CudaState({} layers, room for {} positions)", self.bufs.len(), self.cap)
     }
 }
 
 impl DeviceState for CudaState {
     fn clone_box(&self) -> Box<dyn DeviceState> {
-        let kv = self
-            .kv
-            .iter()
-            .map(|(k, v)| {
-                (
-                    self.stream.clone_dtod(k).expect("copy a KV cache"),
-                    self.stream.clone_dtod(v).expect("copy a KV cache"),
-                )
-            })
-            .collect();
-        Box::new(CudaState { stream: self.stream.clone(), kv, cap: self.cap, row: self.row.clone() })
+        let copy = |b: &CudaSlice<f32>| self.stream.clone_dtod(b).expect("copying a sequence state on the GPU");
+        let bufs = self.bufs.iter().map(|(a, b)| (copy(a), copy(b))).collect();
+        Box::new(CudaState { stream: self.stream.clone(), bufs, cap: self.cap, kinds: self.kinds.clone() })
     }
     fn bytes(&self) -> usize {
-        self.kv.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum()
+        self.bufs.iter().map(|(a, b)| (a.len() + b.len()) * 4).sum()
     }
     fn as_any(&mut self) -> &mut dyn std::any::Any {
         self
@@ -263,21 +300,25 @@ impl CudaModel {
         let up = Uploader { stream: stream.clone(), bytes: 0.into() };
         let mut layers = Vec::with_capacity(model.layers.len());
         for (i, l) in model.layers.iter().enumerate() {
-            let MixerWeights::Attention(a) = &l.mixer else { unreachable!("checked by supports") };
-            let (rot, theta) = a.rope.params();
-            let attn = DAttn {
-                q: up.mat(&a.q_proj.view())?,
-                k: up.mat(&a.k_proj.view())?,
-                v: up.mat(&a.v_proj.view())?,
-                o: up.mat(&a.o_proj.view())?,
-                q_norm: up.vec(a.q_norm.weight())?,
-                k_norm: up.vec(a.k_norm.weight())?,
-                nh: a.num_heads,
-                nkv: a.num_kv_heads,
-                d: a.head_dim,
-                gated: a.gated,
-                rot,
-                theta,
+            let mixer = match &l.mixer {
+                MixerWeights::DeltaNet(d) => DMixer::Delta(Box::new(DDelta {
+                    qkv: up.mat(&d.in_proj_qkv.view())?,
+                    z: up.mat(&d.in_proj_z.view())?,
+                    b: up.mat(&d.in_proj_b.view())?,
+                    a: up.mat(&d.in_proj_a.view())?,
+                    out: up.mat(&d.out_proj.view())?,
+                    conv_w: up.vec(&d.conv_w)?,
+                    dt_bias: up.vec(&d.dt_bias)?,
+                    neg_a: up.vec(&d.neg_a)?,
+                    norm_w: up.vec(&d.norm_w)?,
+                    nk: d.cfg.num_k_heads,
+                    nv: d.cfg.num_v_heads,
+                    dk: d.cfg.k_head_dim,
+                    dv: d.cfg.v_head_dim,
+                    kern: d.cfg.conv_kernel,
+                    eps: d.eps,
+                })),
+                MixerWeights::Attention(a) => DMixer::Attn(Box::new(up.attention(a)?)),
             };
             let ffn = match &l.ffn {
                 FfnWeights::Dense(m) => DFfn::Dense(Box::new(up.mlp(&m.view())?)),
@@ -297,7 +338,7 @@ impl CudaModel {
             layers.push(DLayer {
                 input_norm: up.vec(l.input_norm.weight())?,
                 post_norm: up.vec(l.post_norm.weight())?,
-                attn,
+                mixer,
                 ffn,
             });
         }
@@ -425,6 +466,10 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         qk_norm_rope: f("qk_norm_rope")?,
         attn_part: f("attn_part")?,
         attn_merge: f("attn_merge")?,
+        delta_conv: f("delta_conv")?,
+        delta_shift: f("delta_shift")?,
+        delta_l2norm: f("delta_l2norm")?,
+        delta_rec: f("delta_rec")?,
         route_topk: f("route_topk")?,
         swiglu_gate_up: f("swiglu_gate_up")?,
         down_sum: f("down_sum")?,
@@ -541,6 +586,24 @@ impl Uploader {
         let p = ptr(&s, &self.stream);
         Ok(DVec { _buf: s, ptr: p })
     }
+    fn attention(&self, a: &crate::layers::attention::Attention) -> Result<DAttn> {
+        let (rot, theta) = a.rope.params();
+        Ok(DAttn {
+            q: self.mat(&a.q_proj.view())?,
+            k: self.mat(&a.k_proj.view())?,
+            v: self.mat(&a.v_proj.view())?,
+            o: self.mat(&a.o_proj.view())?,
+            q_norm: self.vec(a.q_norm.weight())?,
+            k_norm: self.vec(a.k_norm.weight())?,
+            nh: a.num_heads,
+            nkv: a.num_kv_heads,
+            d: a.head_dim,
+            gated: a.gated,
+            rot,
+            theta,
+        })
+    }
+
     fn mlp(&self, m: &MlpRef<'_>) -> Result<DExperts> {
         self.pack(1, |put| put(0, m))
     }
@@ -633,12 +696,20 @@ impl Accelerator for CudaModel {
         // sequence's end return at once), other calls what they attend
         let graph = n == 1 && graphs();
         let parts = if graph { ds.cap } else { st.pos + n }.div_ceil(CHUNK);
-        let heads = self.layers.iter().map(|l| l.attn.nh * (l.attn.d + 2)).max().unwrap_or(0);
+        let heads = self
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                DMixer::Attn(a) => a.nh * (a.d + 2),
+                DMixer::Delta(_) => 0,
+            })
+            .max()
+            .unwrap_or(0);
         let sizes = [n * h, widest, n * 64, n * self.vocab, 1 + 2 * self.layers.len(), n * heads * parts];
         let fresh = sc.fit(s, sizes)?;
         let mut meta = vec![st.pos as i64];
-        for (kc, vc) in &ds.kv {
-            meta.extend([ptr(kc, s) as i64, ptr(vc, s) as i64]);
+        for (a, b) in &ds.bufs {
+            meta.extend([ptr(a, s) as i64, ptr(b, s) as i64]);
         }
         let b = sc.bufs.as_mut().expect("fitted");
         s.memcpy_htod(&meta, &mut b.meta)?;
@@ -685,6 +756,78 @@ struct Graph(cudarc::driver::CudaGraph);
 unsafe impl Send for Graph {}
 
 impl CudaModel {
+    /// Attention of `n` tokens on the normed `h`: q/k/v, norms and RoPE (k, v into the cache),
+    /// attention in parts, merged; the output projection into `b.y`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        a: &DAttn,
+        b: &Bufs,
+        layer: i32,
+        (ph, qh): (u64, Qx),
+        n: usize,
+        parts: usize,
+        fast: bool,
+    ) -> Result<()> {
+        let s = &self.stream;
+        let p = |b: &CudaSlice<f32>| ptr(b, s);
+        let (py, pa, pb, pc, pmeta, ppart) = (p(&b.y), p(&b.a), p(&b.b), p(&b.c), ptr(&b.meta, s), p(&b.part));
+        let qw = if a.gated { 2 * a.d } else { a.d };
+        // q → a, k → b, v → c
+        self.matmul(&a.q, ph, pa, n, qh)?;
+        self.matmul(&a.k, ph, pb, n, qh)?;
+        self.matmul(&a.v, ph, pc, n, qh)?;
+        let (nh, nkv, d, qw32, rot) = (a.nh as i32, a.nkv as i32, a.d as i32, qw as i32, a.rot as i32);
+        let (gated, parts32) = (a.gated as i32, parts as i32);
+        let mut lb = s.launch_builder(&self.k.qk_norm_rope);
+        lb.arg(&pa).arg(&pb).arg(&pc).arg(&a.q_norm.ptr).arg(&a.k_norm.ptr).arg(&pmeta).arg(&layer);
+        lb.arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&rot).arg(&a.theta).arg(&self.eps);
+        unsafe { lb.launch(cfg((n, a.nh + a.nkv), 32, 0)) }?;
+        // attention in parts of CHUNK positions, merged into b; then o_proj → y
+        let mut lb = s.launch_builder(&self.k.attn_part);
+        lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&parts32);
+        unsafe { lb.launch(cfg((n * a.nh, parts), 128, 0)) }?;
+        let mut lb = s.launch_builder(&self.k.attn_merge);
+        lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32);
+        unsafe { lb.launch(cfg((n * a.nh, 1), 128, 0)) }?;
+        let qo = self.quant(fast, pb, n, a.nh * a.d, b.qa.qx(s))?;
+        self.matmul(&a.o, pb, py, n, qo)
+    }
+
+    /// Gated DeltaNet of `n` tokens on the normed `h`: the four input projections, the causal
+    /// conv (history from the state) with SiLU, q/k L2 norms, the recurrence with its gated
+    /// RMSNorm, the output projection into `b.y`.
+    fn deltanet(&self, d: &DDelta, b: &Bufs, layer: i32, (ph, qh): (u64, Qx), n: usize, fast: bool) -> Result<()> {
+        let s = &self.stream;
+        let p = |b: &CudaSlice<f32>| ptr(b, s);
+        let (py, pa, pb, pc, pd, pmeta) = (p(&b.y), p(&b.a), p(&b.b), p(&b.c), p(&b.d), ptr(&b.meta, s));
+        // qkv → a, z → c, b → d, a → y (free until the output projection)
+        self.matmul(&d.qkv, ph, pa, n, qh)?;
+        self.matmul(&d.z, ph, pc, n, qh)?;
+        self.matmul(&d.b, ph, pd, n, qh)?;
+        self.matmul(&d.a, ph, py, n, qh)?;
+        let (cd, kd, vd) = (d.conv_dim(), d.nk * d.dk, d.nv * d.dv);
+        let (cd32, kern32, n32) = (cd as i32, d.kern as i32, n as i32);
+        let mut lb = s.launch_builder(&self.k.delta_conv);
+        lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&d.conv_w.ptr).arg(&pb).arg(&cd32).arg(&kern32);
+        unsafe { lb.launch(cfg((cd.div_ceil(256), n), 256, 0)) }?;
+        let mut lb = s.launch_builder(&self.k.delta_shift);
+        lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&n32).arg(&cd32).arg(&kern32);
+        unsafe { lb.launch(cfg((cd.div_ceil(256), 1), 256, 0)) }?;
+        let (kd32, dk32, nk32, qscale) = (kd as i32, d.dk as i32, d.nk as i32, 1.0f32 / (d.dk as f32).sqrt());
+        let mut lb = s.launch_builder(&self.k.delta_l2norm);
+        lb.arg(&pb).arg(&cd32).arg(&kd32).arg(&dk32).arg(&nk32).arg(&qscale);
+        unsafe { lb.launch(cfg((n, 2 * d.nk), 32, 0)) }?;
+        let (vd32, nv32, dv32) = (vd as i32, d.nv as i32, d.dv as i32);
+        let mut lb = s.launch_builder(&self.k.delta_rec);
+        lb.arg(&pb).arg(&pc).arg(&pd).arg(&py).arg(&pmeta).arg(&layer).arg(&d.neg_a.ptr).arg(&d.dt_bias.ptr);
+        lb.arg(&d.norm_w.ptr).arg(&pa).arg(&n32).arg(&cd32).arg(&kd32).arg(&vd32).arg(&nk32).arg(&nv32);
+        lb.arg(&dk32).arg(&dv32).arg(&d.eps);
+        unsafe { lb.launch(cfg((d.nv, 1), d.dv.next_multiple_of(32), 0)) }?;
+        let qo = self.quant(fast, pa, n, vd, b.qa.qx(s))?;
+        self.matmul(&d.out, pa, py, n, qo)
+    }
+
     /// Every layer, the final norm and lm_head on `b.x` (`n` tokens, the last `m` rows' logits
     /// into `b.logits`); positions and caches come from `b.meta`.
     /// `fast`: one token's q4/q8 products on int8 inputs (`Precision::Fast`).
@@ -692,35 +835,18 @@ impl CudaModel {
         let (h, s) = (self.hidden, &self.stream);
         let p = |b: &CudaSlice<f32>| ptr(b, s);
         let (px, ph, py, pa, pb, pc, pd) = (p(&b.x), p(&b.h), p(&b.y), p(&b.a), p(&b.b), p(&b.c), p(&b.d));
-        let (pids, pw, pmeta) = (ptr(&b.ids, s), p(&b.wts), ptr(&b.meta, s));
+        let (pids, pw) = (ptr(&b.ids, s), p(&b.wts));
         let (qa, qb) = (b.qa.qx(s), b.qb.qx(s));
         let fast = fast && n == 1;
         let null = 0u64;
         for (i, l) in self.layers.iter().enumerate() {
             self.add_rmsnorm(px, if i == 0 { null } else { py }, &l.input_norm, ph, n)?;
             let qh = self.quant(fast, ph, n, h, qa)?;
-            let a = &l.attn;
-            let qw = if a.gated { 2 * a.d } else { a.d };
-            // q → a, k → b, v → c
-            self.matmul(&a.q, ph, pa, n, qh)?;
-            self.matmul(&a.k, ph, pb, n, qh)?;
-            self.matmul(&a.v, ph, pc, n, qh)?;
-            let (nh, nkv, d, qw32, rot) = (a.nh as i32, a.nkv as i32, a.d as i32, qw as i32, a.rot as i32);
-            let (layer, gated) = (i as i32, a.gated as i32);
-            let mut lb = s.launch_builder(&self.k.qk_norm_rope);
-            lb.arg(&pa).arg(&pb).arg(&pc).arg(&a.q_norm.ptr).arg(&a.k_norm.ptr).arg(&pmeta).arg(&layer);
-            lb.arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&rot).arg(&a.theta).arg(&self.eps);
-            unsafe { lb.launch(cfg((n, a.nh + a.nkv), 32, 0)) }?;
-            // attention in parts of CHUNK positions, merged into b; then o_proj → y
-            let (parts32, ppart) = (parts as i32, ptr(&b.part, s));
-            let mut lb = s.launch_builder(&self.k.attn_part);
-            lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&parts32);
-            unsafe { lb.launch(cfg((n * a.nh, parts), 128, 0)) }?;
-            let mut lb = s.launch_builder(&self.k.attn_merge);
-            lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32);
-            unsafe { lb.launch(cfg((n * a.nh, 1), 128, 0)) }?;
-            let qo = self.quant(fast, pb, n, a.nh * a.d, qa)?;
-            self.matmul(&a.o, pb, py, n, qo)?;
+            let layer = i as i32;
+            match &l.mixer {
+                DMixer::Attn(a) => self.attention(a, b, layer, (ph, qh), n, parts, fast)?,
+                DMixer::Delta(d) => self.deltanet(d, b, layer, (ph, qh), n, fast)?,
+            }
             self.add_rmsnorm(px, py, &l.post_norm, ph, n)?;
             let qh = self.quant(fast, ph, n, h, qa)?;
             match &l.ffn {
@@ -900,8 +1026,10 @@ impl CudaModel {
 
 /// Floats of the largest intermediate of layer `l` for `n` tokens (`k` routed experts each).
 fn scratch_floats(l: &DLayer, n: usize, hidden: usize, k: Option<usize>) -> usize {
-    let a = &l.attn;
-    let attn = n * (a.nh * if a.gated { 2 * a.d } else { a.d }).max(a.nkv * a.d);
+    let attn = match &l.mixer {
+        DMixer::Attn(a) => n * (a.nh * if a.gated { 2 * a.d } else { a.d }).max(a.nkv * a.d),
+        DMixer::Delta(d) => n * d.conv_dim().max(d.nv * d.dv),
+    };
     let ffn = match &l.ffn {
         DFfn::Dense(m) => n * m.gate.rows as usize,
         DFfn::Moe(m) => {
@@ -915,12 +1043,19 @@ fn scratch_floats(l: &DLayer, n: usize, hidden: usize, k: Option<usize>) -> usiz
 }
 
 impl CudaModel {
-    /// Makes `st` hold device caches with room for `positions`, keeping what they hold.
+    /// Makes `st` hold device state with KV room for `positions`, keeping what it holds.
     fn reserve(&self, st: &mut State, positions: usize) -> Result<()> {
         let s = &self.stream;
         if st.device.is_none() {
-            let row = self.layers.iter().map(|l| l.attn.nkv * l.attn.d).collect();
-            st.device = Some(Box::new(CudaState { stream: s.clone(), kv: Vec::new(), cap: 0, row }));
+            let kinds = self
+                .layers
+                .iter()
+                .map(|l| match &l.mixer {
+                    DMixer::Attn(a) => StateKind::Kv(a.nkv * a.d),
+                    DMixer::Delta(d) => StateKind::Delta((d.kern - 1) * d.conv_dim(), d.nv * d.dk * d.dv),
+                })
+                .collect();
+            st.device = Some(Box::new(CudaState { stream: s.clone(), bufs: Vec::new(), cap: 0, kinds }));
         }
         let ds = st
             .device
@@ -929,20 +1064,27 @@ impl CudaModel {
             .as_any()
             .downcast_mut::<CudaState>()
             .ok_or_else(|| anyhow!("state of another device"))?;
-        if positions <= ds.cap && ds.kv.len() == self.layers.len() {
+        if positions <= ds.cap && ds.bufs.len() == self.layers.len() {
             return Ok(());
         }
         let cap = positions.max(2 * ds.cap).max(256);
-        let mut kv = Vec::with_capacity(self.layers.len());
-        for (i, &row) in ds.row.iter().enumerate() {
-            let (mut k, mut v) = (s.alloc_zeros::<f32>(cap * row)?, s.alloc_zeros::<f32>(cap * row)?);
-            if let Some((ok, ov)) = ds.kv.get(i) {
-                s.memcpy_dtod(ok, &mut k.slice_mut(..ok.len()))?;
-                s.memcpy_dtod(ov, &mut v.slice_mut(..ov.len()))?;
-            }
-            kv.push((k, v));
+        let mut old = std::mem::take(&mut ds.bufs).into_iter();
+        for kind in ds.kinds.clone() {
+            let prev = old.next();
+            let pair = match (kind, prev) {
+                (StateKind::Delta(..), Some(p)) => p,
+                (StateKind::Delta(h, st), None) => (s.alloc_zeros::<f32>(h.max(1))?, s.alloc_zeros::<f32>(st.max(1))?),
+                (StateKind::Kv(row), prev) => {
+                    let (mut k, mut v) = (s.alloc_zeros::<f32>(cap * row)?, s.alloc_zeros::<f32>(cap * row)?);
+                    if let Some((ok, ov)) = prev {
+                        s.memcpy_dtod(&ok, &mut k.slice_mut(..ok.len()))?;
+                        s.memcpy_dtod(&ov, &mut v.slice_mut(..ov.len()))?;
+                    }
+                    (k, v)
+                }
+            };
+            ds.bufs.push(pair);
         }
-        ds.kv = kv;
         ds.cap = cap;
         Ok(())
     }
