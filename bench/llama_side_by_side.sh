@@ -2,7 +2,7 @@
 # flashmoe against llama.cpp on the CPU, same machine, same shape, same 4-bit bytes, interleaved:
 # the Qwen3-30B-A3B per-layer shape as a Q4_0 GGUF (shared/tools/make_synth_gguf.py) for
 # llama-bench, and `flashmoe synth --experts q4 --dense q4` for flashmoe. Builds llama-bench
-# from a llama.cpp source tree (CPU only) while the models are written.
+# from a llama.cpp source tree (CPU only, or with CUDA: DEVICE=cuda) while the models are written.
 #
 #   LLAMA_SRC=~/llama.cpp GGUF_SCRIPT=../shared/tools/make_synth_gguf.py bash bench/llama_side_by_side.sh
 #
@@ -23,11 +23,25 @@ THREADS=${THREADS:-16}
 PROMPT=${PROMPT:-512}
 GEN=${GEN:-64}
 ROUNDS=${ROUNDS:-2}
+# DEVICE=cuda: both engines on the GPU (llama.cpp built with CUDA for CUDA_ARCH, all layers
+# offloaded, flash attention on; flashmoe --device cuda)
+DEVICE=${DEVICE:-}
+CUDA_ARCH=${CUDA_ARCH:-90}
+if [ "$DEVICE" = cuda ]; then
+    LLAMA_CUDA="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH"
+    LLAMA_GPU=(-ngl 99 -fa 1)
+    FM_DEV=(--device cuda)
+else
+    LLAMA_CUDA="-DGGML_CUDA=OFF"
+    LLAMA_GPU=()
+    FM_DEV=()
+    [ -n "$DEVICE" ] && FM_DEV=(--device "$DEVICE")
+fi
 mkdir -p "$WORK" "$(dirname "$RES")"
 LB="$WORK/build/bin/llama-bench"
 if [ ! -x "$LB" ]; then
     (cmake -S "$LLAMA_SRC" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-        -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        $LLAMA_CUDA -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >"$WORK/cmake.log" 2>&1 &&
         cmake --build "$WORK/build" --target llama-bench -j "$(nproc)" >"$WORK/build.log" 2>&1) &
     build=$!
@@ -42,14 +56,14 @@ fi
 "$BIN" sysbench --memory | tee -a "$RES.sysbench"
 fm() { # label binary [threads]
     local j t=${3:-$THREADS}
-    j=$("$2" bench --model "$m" --threads "$t" --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --json)
+    j=$("$2" bench --model "$m" --threads "$t" --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --json "${FM_DEV[@]}")
     echo "{\"engine\":\"$1\",\"threads\":$t,\"run\":$j}" | tee -a "$RES"
 }
 fm warmup "$BIN" >/dev/null
-"$LB" -m "$gguf" -t "$THREADS" -p "$PROMPT" -n 0 -r 1 >/dev/null # warm the page cache
+"$LB" -m "$gguf" -t "$THREADS" -p "$PROMPT" -n 0 -r 1 "${LLAMA_GPU[@]}" >/dev/null # warm the page cache
 for _ in $(seq "$ROUNDS"); do
     fm flashmoe "$BIN"
-    "$LB" -m "$gguf" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 2 -o jsonl |
+    "$LB" -m "$gguf" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 2 -o jsonl "${LLAMA_GPU[@]}" |
         while read -r l; do echo "{\"engine\":\"llama.cpp\",\"threads\":$THREADS,\"run\":$l}"; done | tee -a "$RES"
     for o in $OTHERS; do fm "${o%%=*}" "${o#*=}"; done
 done

@@ -78,6 +78,25 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     want.iter().zip(got).fold(0.0f64, |m, (w, g)| m.max((w - *g as f64).abs())) / scale
 }
 
+/// (top-1 agreement, mean KL(reference ‖ got)) over rows of logits.
+fn agreement(got: &[f32], want: &[Vec<f64>]) -> (f64, f64) {
+    let v = want[0].len();
+    let lsm = |r: &[f64]| {
+        let m = r.iter().cloned().fold(f64::MIN, f64::max);
+        let z = r.iter().map(|x| (x - m).exp()).sum::<f64>().ln() + m;
+        r.iter().map(|x| x - z).collect::<Vec<_>>()
+    };
+    let argmax = |r: &[f64]| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+    let (mut top, mut kl) = (0.0, 0.0);
+    for (t, w) in want.iter().enumerate() {
+        let g: Vec<f64> = got[t * v..(t + 1) * v].iter().map(|x| *x as f64).collect();
+        top += (argmax(w) == argmax(&g)) as u8 as f64;
+        let (p, q) = (lsm(w), lsm(&g));
+        kl += p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+    }
+    (top / want.len() as f64, kl / want.len() as f64)
+}
+
 fn rng(seed: &mut u64) -> f32 {
     *seed ^= *seed << 13;
     *seed ^= *seed >> 7;
@@ -161,6 +180,48 @@ fn int8_input_matvec_stays_within_its_rounding() {
     }
 }
 
+/// A prompt's products on tensor cores (bf16 inputs, bf16/q4/q8 rows rounded to bf16): within
+/// the two roundings' bound of the exact product.
+#[test]
+fn tensor_core_matmul_stays_within_bf16_rounding() {
+    if !gpu() {
+        return;
+    }
+    let mut seed = 0x1234_5678_9abc_def1_u64;
+    let kinds = [
+        WKind::BF16,
+        WKind::Q { bits: 4, group: 32 },
+        WKind::Q { bits: 4, group: 64 },
+        WKind::Q { bits: 8, group: 64 },
+    ];
+    for kind in kinds {
+        for (rows, cols) in [(37, 96), (130, 256), (64, 2048), (20, 112), (1, 64)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng(&mut seed)).collect();
+            let m = Mat::from_f32(rows, cols, w).unwrap().to_kind(kind);
+            for n in [2, 9, 33, 70] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng(&mut seed)).collect();
+                let got = cuda::matmul_once(0, &m.view(), &x, n, true).unwrap();
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    m.row_f32(r, &mut row);
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let want: f64 = row.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let mag: f64 = row.iter().zip(xt).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                        let g = got[t * rows + r] as f64;
+                        // each factor within 2^-8 relative of its bf16 rounding
+                        assert!(
+                            (g - want).abs() <= mag * 2.0 / 256.0 + 1e-5,
+                            "{} {rows}x{cols}, {n} tokens, row {r} token {t}: {g} vs {want}",
+                            kind.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The default (fast) decode on the GPU against the float64 reference: q4 experts on int8
 /// inputs, the same loose bounds as the CPU's fast path.
 #[test]
@@ -194,6 +255,20 @@ fn fast_decode_on_cuda_stays_close_to_reference() {
         let (top, kl) = (top as f64 / seq.len() as f64, kl / seq.len() as f64);
         eprintln!("{name}: CUDA fast decode vs exact CPU: top-1 {top:.3}, mean KL {kl:.2e}");
         assert!(top >= 0.85 && kl <= 0.05, "{name}: top-1 {top}, KL {kl}");
+        // the prompt at once: products on tensor cores (bf16 inputs), held to what the CPU's own
+        // fast prefill (bf16 and int8 inputs) costs on the same model: these random fixtures'
+        // nearly tied logits make q4 experts on rounded inputs flip some top-1s on both
+        let g = m.forward(&mut m.new_state(), &r.prompt, true).unwrap();
+        let c = cpu.forward(&mut cpu.new_state(), &r.prompt, true).unwrap();
+        let want: Vec<Vec<f64>> = c.chunks(cpu.vocab_size()).map(|r| r.iter().map(|v| *v as f64).collect()).collect();
+        cpu.opts.precision = Precision::Fast;
+        let cf = cpu.forward(&mut cpu.new_state(), &r.prompt, true).unwrap();
+        let (ctop, ckl) = agreement(&cf, &want);
+        let (top, kl) = agreement(&g, &want);
+        eprintln!(
+            "{name}: fast prefill vs exact CPU: CUDA top-1 {top:.3}, KL {kl:.2e}; CPU top-1 {ctop:.3}, KL {ckl:.2e}"
+        );
+        assert!(top >= ctop.min(0.95) - 0.1 && kl <= 2.0 * ckl + 0.01, "{name}: prefill top-1 {top}, KL {kl}");
     }
 }
 

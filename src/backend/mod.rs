@@ -61,15 +61,20 @@ impl Clone for Box<dyn DeviceState> {
     }
 }
 
-/// The accelerator for `device`, or `None` for the CPU. `Auto` picks CUDA only when this build
-/// has it and a device answers; an explicit `Cuda` that cannot be had is an error saying why.
+/// The accelerator for `device`, or `None` for the CPU. `Auto` picks CUDA when this build has it,
+/// a device answers and the model fits (else the CPU, with a note on stderr); an explicit `Cuda`
+/// that cannot be had is an error saying why.
 pub fn attach(model: &Model, device: Device) -> Result<Option<Arc<dyn Accelerator>>> {
     match device {
         Device::Cpu => Ok(None),
         Device::Auto => {
+            // the GPU when it can take the model; else the CPU, saying why
             #[cfg(feature = "cuda")]
-            if cuda::available() && cuda::supports(model).is_ok() {
-                return Ok(Some(Arc::new(cuda::CudaModel::upload(model, 0)?)));
+            if cuda::available() {
+                match cuda::supports(model).and_then(|_| cuda::CudaModel::upload(model, 0)) {
+                    Ok(m) => return Ok(Some(Arc::new(m))),
+                    Err(e) => eprintln!("note: running on the CPU: {e:#}"),
+                }
             }
             let _ = model;
             Ok(None)

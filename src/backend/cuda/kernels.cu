@@ -684,3 +684,141 @@ extern "C" __global__ void delta_rec(const float* cv, const float* z, const floa
 #pragma unroll
     for (int i = 0; i < 128; i++) if (i < dk && m < dv) Sj[(long long)i * dv + m] = s[i];
 }
+
+// Prefill products on tensor cores: `mma.sync` m16n8k16, bf16 inputs, f32 accumulation. A warp
+// computes 16 rows × 32 tokens; weights (bf16 or q4/q8 group-affine) are dequantized to bf16 in
+// registers straight into the A fragments, inputs come pre-rounded to bf16 (`to_bf16`).
+#define MT 32  // tokens per warp tile
+
+__device__ __forceinline__ u32 bf16_bits(float f) {
+    u32 a = __float_as_uint(f);
+    return (a + 0x7fffu + ((a >> 16) & 1u)) >> 16;
+}
+
+__device__ __forceinline__ u32 pack2(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
+
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Whether the tensor-core path takes this matrix (columns and groups in steps of 16).
+__device__ __forceinline__ bool mma_ok(const MatD& m) {
+    if ((m.cols & 15) != 0) return false;
+    if (m.kind == 1) return true;
+    return m.kind == 3 && (m.bits == 4 || m.bits == 8) && (m.group & 15) == 0;
+}
+
+// Two bf16-packed weight pairs of row r at columns (k, k+1) and (k+8, k+9); zeros past the rows.
+__device__ __forceinline__ void wpairs(const u8* w, const MatD& m, int r, int k, u32& p0, u32& p1) {
+    if (r >= m.rows) { p0 = 0; p1 = 0; return; }
+    if (m.kind == 1) {
+        const u16* row = (const u16*)w + (long long)r * m.cols;
+        p0 = *(const u32*)(row + k);
+        p1 = *(const u32*)(row + k + 8);
+        return;
+    }
+    int groups = (m.cols + m.group - 1) / m.group, g = k / m.group;
+    const u16* sc = (const u16*)(w + m.soff) + (long long)r * groups;
+    const u16* bi = (const u16*)(w + m.boff) + (long long)r * groups;
+    float s = bf(sc[g]), b = bf(bi[g]);
+    const u8* row = w + (long long)r * m.rb;
+    float q0, q1, q2, q3;
+    if (m.bits == 4) {
+        u32 v0 = row[k >> 1], v1 = row[(k + 8) >> 1];
+        q0 = (float)(v0 & 15); q1 = (float)(v0 >> 4); q2 = (float)(v1 & 15); q3 = (float)(v1 >> 4);
+    } else {
+        q0 = (float)row[k]; q1 = (float)row[k + 1]; q2 = (float)row[k + 8]; q3 = (float)row[k + 9];
+    }
+    p0 = pack2(fmaf(s, q0, b), fmaf(s, q1, b));
+    p1 = pack2(fmaf(s, q2, b), fmaf(s, q3, b));
+}
+
+// acc[j][0..4] += W[r0..r0+16] · xb[tok] for the 32 tokens of the tile (nt of them real; xb rows
+// of `cols` bf16 values). C fragment: acc[j][0,1] row r0+g, tokens 8j+2t, +1; acc[j][2,3] row r0+g+8.
+__device__ __forceinline__ void mma_tile(const u8* w, const MatD& m, int r0, const u16* xb, int nt, int lane,
+                                         float acc[4][4]) {
+    int g = lane >> 2, t = lane & 3;
+    for (int k0 = 0; k0 < m.cols; k0 += 16) {
+        u32 a0, a1, a2, a3;
+        wpairs(w, m, r0 + g, k0 + 2 * t, a0, a2);
+        wpairs(w, m, r0 + g + 8, k0 + 2 * t, a1, a3);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int tok = 8 * j + g;
+            u32 b0 = 0, b1 = 0;
+            if (tok < nt) {
+                const u16* xr = xb + (long long)tok * m.cols + k0 + 2 * t;
+                b0 = *(const u32*)xr;
+                b1 = *(const u32*)(xr + 8);
+            }
+            mma16816(acc[j], a0, a1, a2, a3, b0, b1);
+        }
+    }
+}
+
+__device__ __forceinline__ void mma_store(float acc[4][4], float* y, int rows, int r0, int nt, int lane) {
+    int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int tok = 8 * j + 2 * t + (e & 1), r = r0 + g + (e >> 1) * 8;
+            if (tok < nt && r < rows) y[(long long)tok * rows + r] = acc[j][e];
+        }
+    }
+}
+
+// f32 → bf16 (round to nearest even), n values.
+extern "C" __global__ void to_bf16(const float* x, u16* xb, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        xb[i] = (u16)bf16_bits(x[i]);
+}
+
+// y = W·x for ntok tokens on tensor cores; grid (rows / 64, tokens / 32), 4 warps.
+extern "C" __global__ void mma_matmul(const u8* base, MatD m, const u16* xb, float* y, int ntok) {
+    int lane = threadIdx.x & 31, r0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 16, t0 = blockIdx.y * MT;
+    if (r0 >= m.rows) return;
+    float acc[4][4] = {};
+    int nt = min(MT, ntok - t0);
+    mma_tile(base + m.off, m, r0, xb + (long long)t0 * m.cols, nt, lane, acc);
+    mma_store(acc, y + (long long)t0 * m.rows, m.rows, r0, nt, lane);
+}
+
+// The grouped experts on tensor cores: tiles of up to 32 slots of one expert (see gate_up_tiles).
+extern "C" __global__ void mma_gate_up_tiles(const u8* base, u64 stride, const int* tiles, MatD g, MatD u, const u16* xb,
+                                             float* act) {
+    int lane = threadIdx.x & 31, r0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 16;
+    if (r0 >= g.rows) return;
+    const int* tl = tiles + 3 * blockIdx.y;
+    const u8* b = base + (u64)tl[0] * stride;
+    int s0 = tl[1], nt = tl[2];
+    float ga[4][4] = {}, ua[4][4] = {};
+    const u16* x = xb + (long long)s0 * g.cols;
+    mma_tile(b + g.off, g, r0, x, nt, lane, ga);
+    mma_tile(b + u.off, u, r0, x, nt, lane, ua);
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) ga[j][e] = silu(ga[j][e]) * ua[j][e];
+    mma_store(ga, act + (long long)s0 * g.rows, g.rows, r0, nt, lane);
+}
+
+extern "C" __global__ void mma_down_tiles(const u8* base, u64 stride, const int* tiles, MatD dn, const u16* actb, float* ys) {
+    int lane = threadIdx.x & 31, r0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 16;
+    if (r0 >= dn.rows) return;
+    const int* tl = tiles + 3 * blockIdx.y;
+    const u8* b = base + (u64)tl[0] * stride;
+    int s0 = tl[1], nt = tl[2];
+    float acc[4][4] = {};
+    mma_tile(b + dn.off, dn, r0, actb + (long long)s0 * dn.cols, nt, lane, acc);
+    mma_store(acc, ys + (long long)s0 * dn.rows, dn.rows, r0, nt, lane);
+}
+
+// g = silu(g) · u, n values (a prompt's dense MLP between its gate/up and down products).
+extern "C" __global__ void swiglu_mul(float* g, const float* u, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        g[i] = silu(g[i]) * u[i];
+}

@@ -97,6 +97,19 @@ struct Qx {
 // SAFETY: plain repr(C) data, laid out as the kernels' struct.
 unsafe impl DeviceRepr for Qx {}
 
+/// A product's input in the forms its kernels take: int8 for a decode product (`qx`), bf16 for
+/// a prompt's products on tensor cores (`xb`); neither: the f32 rows.
+#[derive(Clone, Copy, Debug, Default)]
+struct Prep {
+    qx: Qx,
+    xb: u64,
+}
+
+/// Whether a prompt's product on `d` runs on tensor cores (`mma_ok` in kernels.cu).
+fn mma_ok(d: &MatD) -> bool {
+    d.cols % 16 == 0 && (d.kind == 1 || (d.kind == 3 && (d.bits == 4 || d.bits == 8) && d.group % 16 == 0))
+}
+
 /// A matrix in its own allocation.
 struct DMat {
     _buf: CudaSlice<u8>,
@@ -198,6 +211,11 @@ struct Kernels {
     delta_shift: CudaFunction,
     delta_l2norm: CudaFunction,
     delta_rec: CudaFunction,
+    to_bf16: CudaFunction,
+    mma_matmul: CudaFunction,
+    mma_gate_up_tiles: CudaFunction,
+    mma_down_tiles: CudaFunction,
+    swiglu_mul: CudaFunction,
     route_topk: CudaFunction,
     swiglu_gate_up: CudaFunction,
     down_sum: CudaFunction,
@@ -280,6 +298,8 @@ fn cfg(grid: (usize, usize), block: usize, shared: usize) -> LaunchConfig {
 const WARPS: usize = 8;
 /// Tokens the matmul kernel computes per weight read (`NT` in kernels.cu).
 const NT: usize = 8;
+/// Tokens per tensor-core warp tile (`MT` in kernels.cu).
+const MT: usize = 32;
 /// Positions per attention block (`CHUNK` in kernels.cu).
 const CHUNK: usize = 128;
 
@@ -360,8 +380,8 @@ impl CudaModel {
         })
     }
 
-    fn matmul(&self, w: &DMat, x: u64, y: u64, n: usize, qx: Qx) -> Result<()> {
-        launch_matmul(&self.stream, &self.k, w.ptr, w.d, x, y, n, qx)
+    fn matmul(&self, w: &DMat, x: u64, y: u64, n: usize, p: Prep) -> Result<()> {
+        launch_matmul(&self.stream, &self.k, w.ptr, w.d, x, y, n, p)
     }
 
     /// Quantizes `rows` rows of `cols` at `x` into `q` for the integer kernels, when `fast` and
@@ -375,6 +395,31 @@ impl CudaModel {
         b.arg(&x).arg(&r32).arg(&c32).arg(&q.q).arg(&q.d).arg(&q.s16);
         unsafe { b.launch(cfg(((rows * cols / 32).div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
         Ok(q)
+    }
+
+    /// `values` f32 at `x` rounded to bf16 into `xb`.
+    fn to_bf16(&self, x: u64, values: usize, xb: u64) -> Result<()> {
+        let n = values as i64;
+        let mut b = self.stream.launch_builder(&self.k.to_bf16);
+        b.arg(&x).arg(&xb).arg(&n);
+        unsafe { b.launch(cfg((values.div_ceil(256).min(4096), 1), 256, 0)) }?;
+        Ok(())
+    }
+
+    /// The fast forms of `n` input rows of `cols` at `x`: int8 for one token (into `q`), bf16 for
+    /// several (into `xb`); nothing when not `fast`.
+    fn prep(&self, fast: bool, x: u64, n: usize, cols: usize, q: Qx, xb: u64) -> Result<Prep> {
+        if !fast {
+            return Ok(Prep::default());
+        }
+        if n == 1 {
+            return Ok(Prep { qx: self.quant(true, x, 1, cols, q)?, xb: 0 });
+        }
+        if !cols.is_multiple_of(16) {
+            return Ok(Prep::default());
+        }
+        self.to_bf16(x, n * cols, xb)?;
+        Ok(Prep { qx: Qx::default(), xb })
     }
 
     fn add_rmsnorm(&self, x: u64, y: u64, w: &DVec, h: u64, n: usize) -> Result<()> {
@@ -395,7 +440,7 @@ impl CudaModel {
         wts: u64,
         m: (MatD, MatD, MatD),
         k: usize,
-        h: (u64, Qx),
+        h: (u64, Prep),
         act: (u64, Qx),
         out: u64,
         n: usize,
@@ -403,9 +448,9 @@ impl CudaModel {
         let (g, u, dn) = m;
         let k32 = k as i32;
         let mut b = self.stream.launch_builder(&self.k.swiglu_gate_up);
-        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&h.0).arg(&act.0).arg(&k32).arg(&h.1);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&h.0).arg(&act.0).arg(&k32).arg(&h.1.qx);
         unsafe { b.launch(cfg(((g.rows as usize).div_ceil(WARPS), n * k), 32 * WARPS, 0)) }?;
-        let qa = self.quant(h.1.q != 0, act.0, n * k, dn.cols as usize, act.1)?;
+        let qa = self.quant(h.1.qx.q != 0, act.0, n * k, dn.cols as usize, act.1)?;
         let acc = 0i32;
         let mut b = self.stream.launch_builder(&self.k.down_sum);
         b.arg(&base).arg(&stride).arg(&ids).arg(&wts).arg(&dn).arg(&act.0).arg(&out).arg(&k32).arg(&acc).arg(&qa);
@@ -413,9 +458,24 @@ impl CudaModel {
         Ok(())
     }
 
-    /// out = the SwiGLU MLP of h (a dense layer, a shared expert).
-    fn mlp(&self, m: &DExperts, h: (u64, Qx), act: (u64, Qx), out: u64, n: usize) -> Result<()> {
-        self.swiglu(m.ptr, 0, 0, 0, (m.gate, m.up, m.down), 1, h, act, out, n)
+    /// out = the SwiGLU MLP of h (a dense layer, a shared expert): one token through the fused
+    /// kernels; a prompt as three products (on tensor cores where `h` has its bf16 form), `tmp`
+    /// holding up's rows and `xb` the activations' bf16 form.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp(&self, m: &DExperts, h: (u64, Prep), act: (u64, Qx), tmp: u64, xb: u64, out: u64, n: usize) -> Result<()> {
+        if n == 1 {
+            return self.swiglu(m.ptr, 0, 0, 0, (m.gate, m.up, m.down), 1, h, act, out, n);
+        }
+        let s = &self.stream;
+        launch_matmul(s, &self.k, m.ptr, m.gate, h.0, act.0, n, h.1)?;
+        launch_matmul(s, &self.k, m.ptr, m.up, h.0, tmp, n, h.1)?;
+        let len = n * m.gate.rows as usize;
+        let l64 = len as i64;
+        let mut b = s.launch_builder(&self.k.swiglu_mul);
+        b.arg(&act.0).arg(&tmp).arg(&l64);
+        unsafe { b.launch(cfg((len.div_ceil(256).min(4096), 1), 256, 0)) }?;
+        let pa = self.prep(h.1.xb != 0, act.0, n, m.down.cols as usize, Qx::default(), xb)?;
+        launch_matmul(s, &self.k, m.ptr, m.down, act.0, out, n, pa)
     }
 }
 
@@ -470,6 +530,11 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         delta_shift: f("delta_shift")?,
         delta_l2norm: f("delta_l2norm")?,
         delta_rec: f("delta_rec")?,
+        to_bf16: f("to_bf16")?,
+        mma_matmul: f("mma_matmul")?,
+        mma_gate_up_tiles: f("mma_gate_up_tiles")?,
+        mma_down_tiles: f("mma_down_tiles")?,
+        swiglu_mul: f("swiglu_mul")?,
         route_topk: f("route_topk")?,
         swiglu_gate_up: f("swiglu_gate_up")?,
         down_sum: f("down_sum")?,
@@ -481,7 +546,8 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
 
 /// `y = W·x` for `n` tokens through the CUDA matmul kernel (kernel tests against the scalar
 /// reference; `W` uploaded for the call).
-/// `fast`: one token's product on the int8 input (q4/q8 rows), as decode computes it.
+/// `fast`: the products the default precision runs: one token's on the int8 input (q4/q8 rows),
+/// several tokens' on tensor cores (bf16 inputs; bf16, q4 and q8 rows).
 pub fn matmul_once(ordinal: usize, w: &MatRef<'_>, x: &[f32], n: usize, fast: bool) -> Result<Vec<f32>> {
     static OPEN: Mutex<Option<(Arc<CudaStream>, Kernels)>> = Mutex::new(None);
     let mut g = OPEN.lock().unwrap_or_else(|p| p.into_inner());
@@ -503,7 +569,17 @@ pub fn matmul_once(ordinal: usize, w: &MatRef<'_>, x: &[f32], n: usize, fast: bo
     } else {
         Qx::default()
     };
-    launch_matmul(s, k, ptr(&wb, s), MatD::of(w, 0), px, py, n, qx)?;
+    let xbf = s.alloc_zeros::<u16>(n * w.cols)?;
+    let xb = if fast && n > 1 {
+        let (len, pxb) = ((n * w.cols) as i64, ptr(&xbf, s));
+        let mut b = s.launch_builder(&k.to_bf16);
+        b.arg(&px).arg(&pxb).arg(&len);
+        unsafe { b.launch(cfg(((n * w.cols).div_ceil(256).min(4096), 1), 256, 0)) }?;
+        pxb
+    } else {
+        0
+    };
+    launch_matmul(s, k, ptr(&wb, s), MatD::of(w, 0), px, py, n, Prep { qx, xb })?;
     Ok(s.clone_dtoh(&yb)?)
 }
 
@@ -531,13 +607,19 @@ impl QBuf {
 /// y = W·x for `n` tokens: one token per warp and row (decode; on the int8 input where `qx`
 /// has one), or 8 per weight read.
 #[allow(clippy::too_many_arguments)]
-fn launch_matmul(s: &CudaStream, k: &Kernels, base: u64, d: MatD, x: u64, y: u64, n: usize, qx: Qx) -> Result<()> {
+fn launch_matmul(s: &CudaStream, k: &Kernels, base: u64, d: MatD, x: u64, y: u64, n: usize, p: Prep) -> Result<()> {
     let grid = |per: usize| cfg(((d.rows as usize).div_ceil(WARPS), n.div_ceil(per)), 32 * WARPS, 0);
     let n32 = n as i32;
-    if n == 1 && qx.q != 0 {
+    if n == 1 && p.qx.q != 0 {
         let mut b = s.launch_builder(&k.matvec_q);
-        b.arg(&base).arg(&d).arg(&x).arg(&y).arg(&qx);
+        b.arg(&base).arg(&d).arg(&x).arg(&y).arg(&p.qx);
         unsafe { b.launch(grid(1)) }?;
+        return Ok(());
+    }
+    if n > 1 && p.xb != 0 && mma_ok(&d) {
+        let mut b = s.launch_builder(&k.mma_matmul);
+        b.arg(&base).arg(&d).arg(&p.xb).arg(&y).arg(&n32);
+        unsafe { b.launch(cfg(((d.rows as usize).div_ceil(64), n.div_ceil(MT)), 128, 0)) }?;
         return Ok(());
     }
     let (f, per) = if n == 1 { (&k.matvec, 1) } else { (&k.matmul, NT) };
@@ -764,7 +846,7 @@ impl CudaModel {
         a: &DAttn,
         b: &Bufs,
         layer: i32,
-        (ph, qh): (u64, Qx),
+        (ph, qh): (u64, Prep),
         n: usize,
         parts: usize,
         fast: bool,
@@ -790,14 +872,14 @@ impl CudaModel {
         let mut lb = s.launch_builder(&self.k.attn_merge);
         lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32);
         unsafe { lb.launch(cfg((n * a.nh, 1), 128, 0)) }?;
-        let qo = self.quant(fast, pb, n, a.nh * a.d, b.qa.qx(s))?;
+        let qo = self.prep(fast, pb, n, a.nh * a.d, b.qa.qx(s), ptr(&b.xbh, s))?;
         self.matmul(&a.o, pb, py, n, qo)
     }
 
     /// Gated DeltaNet of `n` tokens on the normed `h`: the four input projections, the causal
     /// conv (history from the state) with SiLU, q/k L2 norms, the recurrence with its gated
     /// RMSNorm, the output projection into `b.y`.
-    fn deltanet(&self, d: &DDelta, b: &Bufs, layer: i32, (ph, qh): (u64, Qx), n: usize, fast: bool) -> Result<()> {
+    fn deltanet(&self, d: &DDelta, b: &Bufs, layer: i32, (ph, qh): (u64, Prep), n: usize, fast: bool) -> Result<()> {
         let s = &self.stream;
         let p = |b: &CudaSlice<f32>| ptr(b, s);
         let (py, pa, pb, pc, pd, pmeta) = (p(&b.y), p(&b.a), p(&b.b), p(&b.c), p(&b.d), ptr(&b.meta, s));
@@ -824,7 +906,7 @@ impl CudaModel {
         lb.arg(&d.norm_w.ptr).arg(&pa).arg(&n32).arg(&cd32).arg(&kd32).arg(&vd32).arg(&nk32).arg(&nv32);
         lb.arg(&dk32).arg(&dv32).arg(&d.eps);
         unsafe { lb.launch(cfg((d.nv, 1), d.dv.next_multiple_of(32), 0)) }?;
-        let qo = self.quant(fast, pa, n, vd, b.qa.qx(s))?;
+        let qo = self.prep(fast, pa, n, vd, b.qa.qx(s), ptr(&b.xbh, s))?;
         self.matmul(&d.out, pa, py, n, qo)
     }
 
@@ -837,20 +919,20 @@ impl CudaModel {
         let (px, ph, py, pa, pb, pc, pd) = (p(&b.x), p(&b.h), p(&b.y), p(&b.a), p(&b.b), p(&b.c), p(&b.d));
         let (pids, pw) = (ptr(&b.ids, s), p(&b.wts));
         let (qa, qb) = (b.qa.qx(s), b.qb.qx(s));
-        let fast = fast && n == 1;
+        let (xbh, xbe) = (ptr(&b.xbh, s), ptr(&b.xbe, s));
         let null = 0u64;
         for (i, l) in self.layers.iter().enumerate() {
             self.add_rmsnorm(px, if i == 0 { null } else { py }, &l.input_norm, ph, n)?;
-            let qh = self.quant(fast, ph, n, h, qa)?;
+            let qh = self.prep(fast, ph, n, h, qa, xbh)?;
             let layer = i as i32;
             match &l.mixer {
                 DMixer::Attn(a) => self.attention(a, b, layer, (ph, qh), n, parts, fast)?,
                 DMixer::Delta(d) => self.deltanet(d, b, layer, (ph, qh), n, fast)?,
             }
             self.add_rmsnorm(px, py, &l.post_norm, ph, n)?;
-            let qh = self.quant(fast, ph, n, h, qa)?;
+            let qh = self.prep(fast, ph, n, h, qa, xbh)?;
             match &l.ffn {
-                DFfn::Dense(m) => self.mlp(m, (ph, qh), (pa, qb), py, n)?,
+                DFfn::Dense(m) => self.mlp(m, (ph, qh), (pa, qb), pc, xbe, py, n)?,
                 DFfn::Moe(m) => {
                     let k = k_over.unwrap_or(m.top_k).min(m.router.d.rows as usize).min(64);
                     self.matmul(&m.router, ph, pa, n, qh)?;
@@ -873,10 +955,11 @@ impl CudaModel {
                             n,
                         )?;
                     } else {
-                        self.experts_grouped(ex, &mut b.ids, &mut b.tiles, (pa, pb, pc), pw, k, ph, py, n)?;
+                        let xb = if fast { xbe } else { 0 };
+                        self.experts_grouped(ex, &mut b.ids, &mut b.tiles, (pa, pb, pc), pw, k, ph, py, n, xb)?;
                     }
                     if let Some((sh, gate)) = &m.shared {
-                        self.mlp(sh, (ph, qh), (pb, qb), pd, n)?;
+                        self.mlp(sh, (ph, qh), (pb, qb), pc, xbe, pd, n)?;
                         let dim = h as i32;
                         let mut lb = s.launch_builder(&self.k.gated_add);
                         lb.arg(&py).arg(&pd).arg(&gate.ptr).arg(&ph).arg(&dim);
@@ -887,7 +970,7 @@ impl CudaModel {
         }
         self.add_rmsnorm(px, py, &self.norm, ph, n)?;
         let rows = ph + 4 * (h * (n - m)) as u64;
-        let qh = self.quant(fast && m == 1, rows, m, h, qa)?;
+        let qh = self.prep(fast, rows, m, h, qa, xbh)?;
         self.matmul(&self.head, rows, p(&b.logits), m, qh)
     }
 }
@@ -922,6 +1005,10 @@ struct Bufs {
     /// Quantized inputs: the normed hidden state or attention output (a), expert activations (b).
     qa: QBuf,
     qb: QBuf,
+    /// bf16 forms of a prompt's inputs: the normed hidden state or mixer output (h), the experts'
+    /// gathered inputs and activations (e).
+    xbh: CudaSlice<u16>,
+    xbe: CudaSlice<u16>,
     /// What they hold, as [`Scratch::fit`] asks.
     size: [usize; 6],
 }
@@ -954,6 +1041,8 @@ impl Scratch {
                 part: f(pt)?,
                 qa: QBuf::new(s, w)?,
                 qb: QBuf::new(s, w)?,
+                xbh: s.alloc_zeros::<u16>(w.max(1))?,
+                xbe: s.alloc_zeros::<u16>(w.max(1))?,
                 size: want,
             });
         }
@@ -977,12 +1066,16 @@ impl CudaModel {
         h: u64,
         out: u64,
         n: usize,
+        xb: u64,
     ) -> Result<()> {
         let s = &self.stream;
         let pairs = n * k;
+        // tensor cores (32 slots a tile) when the inputs get a bf16 form and the formats allow
+        let mma = xb != 0 && mma_ok(&ex.gate) && mma_ok(&ex.up) && mma_ok(&ex.down);
+        let tile = if mma { MT } else { NT };
         let mut routed = vec![0i32; pairs];
         s.memcpy_dtoh(&ids.slice(..pairs), &mut routed)?;
-        // counting sort of pairs by expert; tiles of up to NT slots of one expert
+        // counting sort of pairs by expert; tiles of up to `tile` slots of one expert
         let experts = routed.iter().map(|&e| e as usize + 1).max().unwrap_or(0);
         let mut start = vec![0usize; experts + 1];
         routed.iter().for_each(|&e| start[e as usize + 1] += 1);
@@ -998,8 +1091,8 @@ impl CudaModel {
         }
         let mut tl = Vec::new();
         for e in 0..experts {
-            for s0 in (start[e]..start[e + 1]).step_by(NT) {
-                tl.extend_from_slice(&[e as i32, s0 as i32, (start[e + 1] - s0).min(NT) as i32]);
+            for s0 in (start[e]..start[e + 1]).step_by(tile) {
+                tl.extend_from_slice(&[e as i32, s0 as i32, (start[e + 1] - s0).min(tile) as i32]);
             }
         }
         s.memcpy_htod(&host, &mut ids.slice_mut(pairs..3 * pairs))?;
@@ -1011,12 +1104,24 @@ impl CudaModel {
         let mut b = s.launch_builder(&self.k.gather_rows);
         b.arg(&h).arg(&porder).arg(&xg).arg(&dim).arg(&k32);
         unsafe { b.launch(cfg((pairs, 1), 256, 0)) }?;
-        let mut b = s.launch_builder(&self.k.gate_up_tiles);
-        b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xg).arg(&act);
-        unsafe { b.launch(cfg(((ex.gate.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
-        let mut b = s.launch_builder(&self.k.down_tiles);
-        b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&act).arg(&ys);
-        unsafe { b.launch(cfg(((ex.down.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
+        if mma {
+            let (inter, hidden) = (ex.gate.rows as usize, ex.down.rows as usize);
+            self.to_bf16(xg, pairs * self.hidden, xb)?;
+            let mut b = s.launch_builder(&self.k.mma_gate_up_tiles);
+            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xb).arg(&act);
+            unsafe { b.launch(cfg((inter.div_ceil(64), ntiles), 128, 0)) }?;
+            self.to_bf16(act, pairs * inter, xb)?;
+            let mut b = s.launch_builder(&self.k.mma_down_tiles);
+            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&xb).arg(&ys);
+            unsafe { b.launch(cfg((hidden.div_ceil(64), ntiles), 128, 0)) }?;
+        } else {
+            let mut b = s.launch_builder(&self.k.gate_up_tiles);
+            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xg).arg(&act);
+            unsafe { b.launch(cfg(((ex.gate.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
+            let mut b = s.launch_builder(&self.k.down_tiles);
+            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&act).arg(&ys);
+            unsafe { b.launch(cfg(((ex.down.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
+        }
         let mut b = s.launch_builder(&self.k.combine_slots);
         b.arg(&ys).arg(&pslot).arg(&wts).arg(&out).arg(&dim).arg(&k32);
         unsafe { b.launch(cfg((n, 1), 256, 0)) }?;
