@@ -4,12 +4,14 @@
 //! each test says it was not run.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{Reference, agreement, rel_err};
 use flashmoe::backend::{Device, cuda};
 use flashmoe::generate::{Sampler, SamplingParams, generate};
 use flashmoe::load::{LoadOptions, load_model, load_model_with};
 use flashmoe::model::Model;
 use flashmoe::tensor::{Mat, Precision, WKind};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 const FIXTURES: &[&str] = &["qwen3_moe", "qwen3_moe_norm", "qwen35_text", "qwen35_fused", "qwen35_vl", "qwen3_next"];
@@ -46,55 +48,8 @@ fn on_cpu(name: &str) -> Model {
     m
 }
 
-struct Reference {
-    prompt: Vec<u32>,
-    prefill: Vec<Vec<f64>>,
-    greedy: Vec<u32>,
-    decode: Vec<Vec<f64>>,
-}
-
 fn reference(name: &str) -> Reference {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir(name).join("reference.json")).unwrap()).unwrap();
-    let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
-    let rows = |k: &str| {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
-            .collect::<Vec<Vec<f64>>>()
-    };
-    Reference {
-        prompt: ids("prompt"),
-        prefill: rows("prefill_logits"),
-        greedy: ids("greedy"),
-        decode: rows("decode_logits"),
-    }
-}
-
-/// max |a − b| / max |b|.
-fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length");
-    let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    want.iter().zip(got).fold(0.0f64, |m, (w, g)| m.max((w - *g as f64).abs())) / scale
-}
-
-/// (top-1 agreement, mean KL(reference ‖ got)) over rows of logits.
-fn agreement(got: &[f32], want: &[Vec<f64>]) -> (f64, f64) {
-    let v = want[0].len();
-    let lsm = |r: &[f64]| {
-        let m = r.iter().cloned().fold(f64::MIN, f64::max);
-        let z = r.iter().map(|x| (x - m).exp()).sum::<f64>().ln() + m;
-        r.iter().map(|x| x - z).collect::<Vec<_>>()
-    };
-    let argmax = |r: &[f64]| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
-    let (mut top, mut kl) = (0.0, 0.0);
-    for (t, w) in want.iter().enumerate() {
-        let g: Vec<f64> = got[t * v..(t + 1) * v].iter().map(|x| *x as f64).collect();
-        top += (argmax(w) == argmax(&g)) as u8 as f64;
-        let (p, q) = (lsm(w), lsm(&g));
-        kl += p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
-    }
-    (top / want.len() as f64, kl / want.len() as f64)
+    common::reference(&dir(name))
 }
 
 fn rng(seed: &mut u64) -> f32 {
@@ -102,6 +57,45 @@ fn rng(seed: &mut u64) -> f32 {
     *seed ^= *seed >> 7;
     *seed ^= *seed << 17;
     (*seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+}
+
+/// Random `kind` matrices of each shape times `ns` tokens of random inputs through the CUDA
+/// product (`fast`: the default precision's kernels) against the scalar reference (rows
+/// dequantized by `Mat::row_f32`, f64 dots). `bound(Σ|w·x|, Σ|w|)` is the error allowed.
+fn check_products(
+    kinds: &[WKind],
+    shapes: &[(usize, usize)],
+    ns: &[usize],
+    fast: bool,
+    bound: impl Fn(f64, f64) -> f64,
+) {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for &kind in kinds {
+        for &(rows, cols) in shapes {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng(&mut seed)).collect();
+            let m = Mat::from_f32(rows, cols, w).unwrap().to_kind(kind);
+            for &n in ns {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng(&mut seed)).collect();
+                let got = cuda::matmul_once(0, &m.view(), &x, n, fast).unwrap();
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    m.row_f32(r, &mut row);
+                    let wabs: f64 = row.iter().map(|a| a.abs() as f64).sum();
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let want: f64 = row.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let mag: f64 = row.iter().zip(xt).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                        let g = got[t * rows + r] as f64;
+                        assert!(
+                            (g - want).abs() <= bound(mag, wabs),
+                            "{} {rows}x{cols}, {n} tokens, row {r} token {t}: {g} vs {want}",
+                            kind.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -124,32 +118,7 @@ fn matmul_kernel_matches_scalar_reference() {
     // odd sizes and tails: rows not a multiple of a block's 8 warps, columns off the 16-byte
     // loads and off the group size, token counts around the 8-token tile
     let shapes = [(1, 64), (37, 96), (5, 100), (130, 256), (64, 2048), (3, 1000)];
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    for kind in kinds {
-        for (rows, cols) in shapes {
-            let w: Vec<f32> = (0..rows * cols).map(|_| rng(&mut seed)).collect();
-            let m = Mat::from_f32(rows, cols, w).unwrap().to_kind(kind);
-            for n in [1, 3, 8, 11] {
-                let x: Vec<f32> = (0..n * cols).map(|_| rng(&mut seed)).collect();
-                let got = cuda::matmul_once(0, &m.view(), &x, n, false).unwrap();
-                let mut row = vec![0f32; cols];
-                for r in 0..rows {
-                    m.row_f32(r, &mut row);
-                    for t in 0..n {
-                        let xt = &x[t * cols..(t + 1) * cols];
-                        let want: f64 = row.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        let mag: f64 = row.iter().zip(xt).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
-                        let g = got[t * rows + r] as f64;
-                        assert!(
-                            (g - want).abs() <= 1e-5 * mag.max(1e-3),
-                            "{} {rows}x{cols}, {n} tokens, row {r} token {t}: {g} vs {want}",
-                            kind.name()
-                        );
-                    }
-                }
-            }
-        }
-    }
+    check_products(&kinds, &shapes, &[1, 3, 8, 11], false, |mag, _| 1e-5 * mag.max(1e-3));
 }
 
 /// Decode's integer kernel (int8 inputs, a scale per 32) on q4/q8 rows: within the input
@@ -159,25 +128,10 @@ fn int8_input_matvec_stays_within_its_rounding() {
     if !gpu() {
         return;
     }
-    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-    for kind in [WKind::Q { bits: 4, group: 32 }, WKind::Q { bits: 4, group: 64 }, WKind::Q { bits: 8, group: 64 }] {
-        for (rows, cols) in [(1, 32), (37, 96), (130, 2048), (9, 768)] {
-            let w: Vec<f32> = (0..rows * cols).map(|_| rng(&mut seed)).collect();
-            let m = Mat::from_f32(rows, cols, w).unwrap().to_kind(kind);
-            let x: Vec<f32> = (0..cols).map(|_| rng(&mut seed)).collect();
-            let got = cuda::matmul_once(0, &m.view(), &x, 1, true).unwrap();
-            let mut row = vec![0f32; cols];
-            for (r, &g) in got.iter().enumerate() {
-                m.row_f32(r, &mut row);
-                let want: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
-                let mag: f64 = row.iter().map(|a| a.abs() as f64).sum();
-                // each input is off by at most half a step of max|x|/127 ≤ 1/127
-                let bound = mag * 0.5 / 127.0 + 1e-5;
-                let g = g as f64;
-                assert!((g - want).abs() <= bound, "{} {rows}x{cols} row {r}: {g} vs {want}", kind.name());
-            }
-        }
-    }
+    let kinds = [WKind::Q { bits: 4, group: 32 }, WKind::Q { bits: 4, group: 64 }, WKind::Q { bits: 8, group: 64 }];
+    let shapes = [(1, 32), (37, 96), (130, 2048), (9, 768)];
+    // each input is off by at most half a step of max|x|/127 ≤ 1/127
+    check_products(&kinds, &shapes, &[1], true, |_, wabs| wabs * 0.5 / 127.0 + 1e-5);
 }
 
 /// A prompt's products on tensor cores (bf16 inputs, bf16/q4/q8 rows rounded to bf16): within
@@ -187,39 +141,15 @@ fn tensor_core_matmul_stays_within_bf16_rounding() {
     if !gpu() {
         return;
     }
-    let mut seed = 0x1234_5678_9abc_def1_u64;
     let kinds = [
         WKind::BF16,
         WKind::Q { bits: 4, group: 32 },
         WKind::Q { bits: 4, group: 64 },
         WKind::Q { bits: 8, group: 64 },
     ];
-    for kind in kinds {
-        for (rows, cols) in [(37, 96), (130, 256), (64, 2048), (20, 112), (1, 64)] {
-            let w: Vec<f32> = (0..rows * cols).map(|_| rng(&mut seed)).collect();
-            let m = Mat::from_f32(rows, cols, w).unwrap().to_kind(kind);
-            for n in [2, 9, 33, 70] {
-                let x: Vec<f32> = (0..n * cols).map(|_| rng(&mut seed)).collect();
-                let got = cuda::matmul_once(0, &m.view(), &x, n, true).unwrap();
-                let mut row = vec![0f32; cols];
-                for r in 0..rows {
-                    m.row_f32(r, &mut row);
-                    for t in 0..n {
-                        let xt = &x[t * cols..(t + 1) * cols];
-                        let want: f64 = row.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        let mag: f64 = row.iter().zip(xt).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
-                        let g = got[t * rows + r] as f64;
-                        // each factor within 2^-8 relative of its bf16 rounding
-                        assert!(
-                            (g - want).abs() <= mag * 2.0 / 256.0 + 1e-5,
-                            "{} {rows}x{cols}, {n} tokens, row {r} token {t}: {g} vs {want}",
-                            kind.name()
-                        );
-                    }
-                }
-            }
-        }
-    }
+    let shapes = [(37, 96), (130, 256), (64, 2048), (20, 112), (1, 64)];
+    // each factor within 2^-8 relative of its bf16 rounding
+    check_products(&kinds, &shapes, &[2, 9, 33, 70], true, |mag, _| mag * 2.0 / 256.0 + 1e-5);
 }
 
 /// The default (fast) decode on the GPU against the float64 reference: q4 experts on int8
@@ -279,10 +209,9 @@ fn fixtures_match_reference_on_cuda() {
     }
     for name in FIXTURES {
         let (m, r) = (on_cuda(name), reference(name));
-        let flat = |rows: &[Vec<f64>]| rows.iter().flatten().copied().collect::<Vec<_>>();
         // prefill, all logits
         let got = m.forward(&mut m.new_state(), &r.prompt, true).unwrap();
-        let e = rel_err(&got, &flat(&r.prefill));
+        let e = rel_err(&got, &r.prefill);
         eprintln!("{name}: CUDA prefill relative max error {e:.2e}");
         assert!(e <= TOL, "{name}: CUDA prefill error {e:.2e}");
         // token by token
@@ -293,7 +222,7 @@ fn fixtures_match_reference_on_cuda() {
         for &t in &seq {
             got.extend(m.forward(&mut st, &[t], false).unwrap());
         }
-        let e = rel_err(&got, &flat(&r.decode));
+        let e = rel_err(&got, &r.decode);
         eprintln!("{name}: CUDA decode relative max error {e:.2e}");
         assert!(e <= TOL, "{name}: CUDA decode error {e:.2e}");
         // prefill in two chunks, then decode; a snapshot of the state decodes alike
@@ -305,12 +234,12 @@ fn fixtures_match_reference_on_cuda() {
         for &t in &r.greedy[..r.greedy.len() - 1] {
             got.extend(m.forward(&mut st, &[t], false).unwrap());
         }
-        let e = rel_err(&got, &flat(&r.decode));
+        let e = rel_err(&got, &r.decode);
         assert!(e <= TOL, "{name}: CUDA chunked prefill + decode error {e:.2e}");
         let mut again = snap;
         let first = m.forward(&mut again, &[r.greedy[0]], false).unwrap();
         let row = r.decode.len() - r.greedy.len() + 1;
-        assert!(rel_err(&first, &r.decode[row]) <= TOL, "{name}: a cloned CUDA state decodes differently");
+        assert!(rel_err(&first, &r.decode[row..row + 1]) <= TOL, "{name}: a cloned CUDA state decodes differently");
     }
 }
 
@@ -329,7 +258,7 @@ fn quantized_experts_on_cuda_match_the_cpu() {
             gpu.accel = flashmoe::backend::attach(&gpu, Device::Cuda(0)).unwrap();
             let want = cpu.forward(&mut cpu.new_state(), &r.prompt, true).unwrap();
             let got = gpu.forward(&mut gpu.new_state(), &r.prompt, true).unwrap();
-            let want: Vec<f64> = want.iter().map(|v| *v as f64).collect();
+            let want = vec![want.iter().map(|v| *v as f64).collect::<Vec<f64>>()];
             let e = rel_err(&got, &want);
             eprintln!("{name}, {} experts: CUDA vs CPU prefill {e:.2e}", kind.name());
             assert!(e <= TOL, "{name}, {} experts: CUDA vs CPU {e:.2e}", kind.name());

@@ -44,8 +44,6 @@ pub trait Accelerator: Send + Sync {
     fn name(&self) -> String;
     /// [`Model::forward`] on the device; `st.device` carries the device-side state.
     fn forward(&self, model: &Model, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>>;
-    /// Device memory the weights take.
-    fn weight_bytes(&self) -> usize;
 }
 
 /// Sequence state that lives on a device (KV caches in GPU memory).

@@ -159,23 +159,28 @@ __device__ __forceinline__ void row_dots(const u8* base, const MatD& m, int row,
     }
 }
 
-// y[t][r] = W[r] · x[t] for ntok tokens; grid (rows / warps per block, tokens / T).
+// y[t][r] = W[r] · x[t] for nt ≤ T consecutive tokens, a warp per row (grid.x: rows / warps).
 template <int T>
-__device__ __forceinline__ void matmul_t(const u8* base, MatD m, const float* x, float* y, int ntok) {
+__device__ __forceinline__ void rows_times_tokens(const u8* base, const MatD& m, const float* x, float* y, int nt) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int t0 = blockIdx.y * T;
     if (row >= m.rows) return;
-    int nt = min(T, ntok - t0);
     float acc[T];
 #pragma unroll
     for (int t = 0; t < T; t++) acc[t] = 0.f;
-    row_dots<T>(base, m, row, x + (long long)t0 * m.cols, m.cols, nt, lane, acc);
+    row_dots<T>(base, m, row, x, m.cols, nt, lane, acc);
 #pragma unroll
     for (int t = 0; t < T; t++) {
         float v = warp_sum(acc[t]);
-        if (lane == 0 && t < nt) y[(long long)(t0 + t) * m.rows + row] = v;
+        if (lane == 0 && t < nt) y[(long long)t * m.rows + row] = v;
     }
+}
+
+// y = W·x for ntok tokens; grid (rows / warps per block, tokens / T).
+template <int T>
+__device__ __forceinline__ void matmul_t(const u8* base, MatD m, const float* x, float* y, int ntok) {
+    int t0 = blockIdx.y * T;
+    rows_times_tokens<T>(base, m, x + (long long)t0 * m.cols, y + (long long)t0 * m.rows, min(T, ntok - t0));
 }
 
 // An input quantized for the integer kernels: int8 values, a scale per 32, the float sum of
@@ -532,12 +537,6 @@ extern "C" __global__ void gated_add(float* out, const float* y, const float* gw
     for (int i = threadIdx.x; i < dim; i += blockDim.x) out[o + i] += g * y[o + i];
 }
 
-// Non-finite check: flag[0] = 1 when any value is NaN or ±Inf.
-extern "C" __global__ void nonfinite(const float* x, long long n, int* flag) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        if (!(fabsf(x[i]) <= 3.402823466e38f)) flag[0] = 1;
-}
-
 // Prefill's routed experts, grouped by expert: slot s of `order` is the pair (token · k + j)
 // computed s-th; a tile is up to NT consecutive slots of one expert (expert, first slot, count).
 
@@ -572,21 +571,9 @@ extern "C" __global__ void gate_up_tiles(const u8* base, u64 stride, const int* 
 
 // ys[s][r] = (down_e · act[s])[r] for the slots of tile blockIdx.y.
 extern "C" __global__ void down_tiles(const u8* base, u64 stride, const int* tiles, MatD dn, const float* act, float* ys) {
-    int lane = threadIdx.x & 31;
-    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= dn.rows) return;
     const int* tl = tiles + 3 * blockIdx.y;
-    const u8* b = base + (u64)tl[0] * stride;
-    int s0 = tl[1], nt = tl[2];
-    float a[NT];
-#pragma unroll
-    for (int t = 0; t < NT; t++) a[t] = 0.f;
-    row_dots<NT>(b, dn, row, act + (long long)s0 * dn.cols, dn.cols, nt, lane, a);
-#pragma unroll
-    for (int t = 0; t < NT; t++) {
-        float v = warp_sum(a[t]);
-        if (lane == 0 && t < nt) ys[(long long)(s0 + t) * dn.rows + row] = v;
-    }
+    int s0 = tl[1];
+    rows_times_tokens<NT>(base + (u64)tl[0] * stride, dn, act + (long long)s0 * dn.cols, ys + (long long)s0 * dn.rows, tl[2]);
 }
 
 // out[t] = Σ_j wts[t·k + j] · ys[slot_of[t·k + j]], in routing order. One block per token.

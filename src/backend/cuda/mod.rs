@@ -237,7 +237,8 @@ pub struct CudaModel {
     hidden: usize,
     vocab: usize,
     eps: f32,
-    bytes: usize,
+    /// Floats of one (token, head) attention part: the widest attention layer's heads × (d + 2).
+    part_floats: usize,
     /// One forward pass at a time (they share the stream), and its scratch buffers.
     run: Mutex<Scratch>,
 }
@@ -317,7 +318,7 @@ impl CudaModel {
                 free as f64 / 1e9
             );
         }
-        let up = Uploader { stream: stream.clone(), bytes: 0.into() };
+        let up = Uploader { stream: stream.clone() };
         let mut layers = Vec::with_capacity(model.layers.len());
         for (i, l) in model.layers.iter().enumerate() {
             let mixer = match &l.mixer {
@@ -365,6 +366,7 @@ impl CudaModel {
         let head = up.mat(&model.lm_head.as_ref().unwrap_or(&model.embed).view())?;
         let norm = up.vec(model.norm.weight())?;
         stream.synchronize()?;
+        let part_floats = part_floats(&layers);
         Ok(CudaModel {
             name: format!("CUDA {ordinal}: {gpu}"),
             stream,
@@ -375,7 +377,7 @@ impl CudaModel {
             hidden: model.cfg.hidden_size,
             vocab: model.cfg.vocab_size,
             eps: model.cfg.rms_norm_eps,
-            bytes: up.bytes.into_inner(),
+            part_floats,
             run: Mutex::new(Scratch::default()),
         })
     }
@@ -648,13 +650,11 @@ fn model_bytes(model: &Model) -> usize {
 
 struct Uploader {
     stream: Arc<CudaStream>,
-    bytes: std::cell::Cell<usize>,
 }
 
 impl Uploader {
     fn raw(&self, b: &[u8]) -> Result<(CudaSlice<u8>, u64)> {
         let s = self.stream.clone_htod(b).context("uploading weights to the GPU")?;
-        self.bytes.set(self.bytes.get() + b.len());
         let p = ptr(&s, &self.stream);
         Ok((s, p))
     }
@@ -664,7 +664,6 @@ impl Uploader {
     }
     fn vec(&self, v: &[f32]) -> Result<DVec> {
         let s = self.stream.clone_htod(v).context("uploading weights to the GPU")?;
-        self.bytes.set(self.bytes.get() + v.len() * 4);
         let p = ptr(&s, &self.stream);
         Ok(DVec { _buf: s, ptr: p })
     }
@@ -757,45 +756,35 @@ impl Accelerator for CudaModel {
         self.name.clone()
     }
 
-    fn weight_bytes(&self) -> usize {
-        self.bytes
-    }
-
     fn forward(&self, model: &Model, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let mut guard = self.run.lock().unwrap_or_else(|p| p.into_inner());
+        let sc = &mut *guard;
         let (n, h, s) = (tokens.len(), self.hidden, &self.stream);
         self.reserve(st, st.pos + n)?;
         let ds = st.device.as_mut().expect("reserved").as_any().downcast_mut::<CudaState>().expect("a CUDA state");
-        let mut xh = vec![0f32; n * h];
-        for (t, &id) in tokens.iter().enumerate() {
-            model.embed.row_f32(id as usize, &mut xh[t * h..(t + 1) * h]);
-        }
         let k = model.opts.experts_per_token;
         let fast = model.opts.precision == crate::tensor::Precision::Fast;
         let widest = self.layers.iter().map(|l| scratch_floats(l, n, h, k)).max().unwrap_or(0);
-        let sc = &mut *guard;
         // attention parts: a replayed decode graph covers the cache's capacity (blocks past the
         // sequence's end return at once), other calls what they attend
         let graph = n == 1 && graphs();
         let parts = if graph { ds.cap } else { st.pos + n }.div_ceil(CHUNK);
-        let heads = self
-            .layers
-            .iter()
-            .map(|l| match &l.mixer {
-                DMixer::Attn(a) => a.nh * (a.d + 2),
-                DMixer::Delta(_) => 0,
-            })
-            .max()
-            .unwrap_or(0);
-        let sizes = [n * h, widest, n * 64, n * self.vocab, 1 + 2 * self.layers.len(), n * heads * parts];
+        let sizes = [n * h, widest, n * 64, n * self.vocab, 1 + 2 * self.layers.len(), n * self.part_floats * parts];
         let fresh = sc.fit(s, sizes)?;
-        let mut meta = vec![st.pos as i64];
+        // the embeddings and the positions and caches, through host buffers kept between calls
+        sc.host_x.clear();
+        sc.host_x.resize(n * h, 0.0);
+        for (t, &id) in tokens.iter().enumerate() {
+            model.embed.row_f32(id as usize, &mut sc.host_x[t * h..(t + 1) * h]);
+        }
+        sc.host_meta.clear();
+        sc.host_meta.push(st.pos as i64);
         for (a, b) in &ds.bufs {
-            meta.extend([ptr(a, s) as i64, ptr(b, s) as i64]);
+            sc.host_meta.extend([ptr(a, s) as i64, ptr(b, s) as i64]);
         }
         let b = sc.bufs.as_mut().expect("fitted");
-        s.memcpy_htod(&meta, &mut b.meta)?;
-        s.memcpy_htod(&xh, &mut b.x.slice_mut(..n * h))?;
+        s.memcpy_htod(&sc.host_meta, &mut b.meta)?;
+        s.memcpy_htod(&sc.host_x, &mut b.x.slice_mut(..n * h))?;
         let m = if all_logits { n } else { 1 };
         if graph {
             // decode: one graph per scratch allocation and expert count, replayed every token
@@ -982,6 +971,8 @@ type GraphKey = (Option<usize>, bool, usize);
 #[derive(Default)]
 struct Scratch {
     bufs: Option<Bufs>,
+    host_x: Vec<f32>,
+    host_meta: Vec<i64>,
     /// The decode graph, captured for (expert count override, int8 inputs, attention parts) on
     /// these buffers.
     graph: Option<(GraphKey, Graph)>,
@@ -1127,6 +1118,14 @@ impl CudaModel {
         unsafe { b.launch(cfg((n, 1), 256, 0)) }?;
         Ok(())
     }
+}
+
+fn part_floats(layers: &[DLayer]) -> usize {
+    let per = |l: &DLayer| match &l.mixer {
+        DMixer::Attn(a) => a.nh * (a.d + 2),
+        DMixer::Delta(_) => 0,
+    };
+    layers.iter().map(per).max().unwrap_or(0)
 }
 
 /// Floats of the largest intermediate of layer `l` for `n` tokens (`k` routed experts each).

@@ -1,0 +1,59 @@
+//! What the reference-logit tests share: a fixture's recorded float64 `transformers` outputs
+//! and the ways logits are compared with them.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::Path;
+
+pub struct Reference {
+    pub prompt: Vec<u32>,
+    pub prefill: Vec<Vec<f64>>,
+    pub greedy: Vec<u32>,
+    pub decode: Vec<Vec<f64>>,
+}
+
+/// The `reference.json` of the fixture in `dir` (written by scripts/make_fixtures.py).
+pub fn reference(dir: &Path) -> Reference {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let rows = |k: &str| {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+            .collect::<Vec<Vec<f64>>>()
+    };
+    Reference {
+        prompt: ids("prompt"),
+        prefill: rows("prefill_logits"),
+        greedy: ids("greedy"),
+        decode: rows("decode_logits"),
+    }
+}
+
+/// max |a − b| / max |b| over all rows.
+pub fn rel_err(got: &[f32], want: &[Vec<f64>]) -> f64 {
+    assert_eq!(got.len(), want.len() * want[0].len(), "row count");
+    let scale = want.iter().flatten().fold(0.0f64, |m, x| m.max(x.abs()));
+    let err = want.iter().flatten().zip(got).fold(0.0f64, |m, (w, g)| m.max((w - *g as f64).abs()));
+    err / scale
+}
+
+/// (top-1 agreement, mean KL(reference ‖ got)) over rows of logits.
+pub fn agreement(got: &[f32], want: &[Vec<f64>]) -> (f64, f64) {
+    let v = want[0].len();
+    let lsm = |r: &[f64]| {
+        let m = r.iter().cloned().fold(f64::MIN, f64::max);
+        let z = r.iter().map(|x| (x - m).exp()).sum::<f64>().ln() + m;
+        r.iter().map(|x| x - z).collect::<Vec<_>>()
+    };
+    let argmax = |r: &[f64]| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+    let (mut top, mut kl) = (0.0, 0.0);
+    for (t, w) in want.iter().enumerate() {
+        let g: Vec<f64> = got[t * v..(t + 1) * v].iter().map(|x| *x as f64).collect();
+        top += (argmax(w) == argmax(&g)) as u8 as f64;
+        let (p, q) = (lsm(w), lsm(&g));
+        kl += p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+    }
+    (top / want.len() as f64, kl / want.len() as f64)
+}
