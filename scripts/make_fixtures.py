@@ -4,7 +4,7 @@
 Run in a throwaway venv with torch and transformers (>= 5.17) from PyPI:
 
     python3 -m venv /tmp/fx && /tmp/fx/bin/pip install torch transformers
-    /tmp/fx/bin/python scripts/make_fixtures.py
+    /tmp/fx/bin/python scripts/make_fixtures.py [NAME ...]   # all fixtures, or only these
 
 Every parameter is random (norm weights included) and rounded to bf16, then stored in the
 fixture's dtype. The reference runs in float64 with eager attention and eager experts.
@@ -117,6 +117,9 @@ def randomize(model, seed):
                 if name.endswith("mlp.gate.weight"):
                     v = v * 3.0  # decisive routing keeps top-k away from ties
             p.copy_(v.to(torch.bfloat16).to(p.dtype))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # large enough to change the choice
+                b.copy_(rnd(b.shape, 0.15).to(torch.bfloat16).to(b.dtype))
 
 
 class GapMonitor:
@@ -130,7 +133,21 @@ class GapMonitor:
 
     def hook(self, mod, inp, out):
         logits = out[0] if isinstance(out, tuple) else out
-        top = torch.topk(logits.double(), min(mod.top_k + 1, logits.shape[-1]), dim=-1).values
+        logits = logits.double()
+        bias = getattr(mod, "e_score_correction_bias", None)
+        if bias is None and len(inp) > 1:  # MiniMax passes the bias to its router
+            bias = inp[1]
+        if bias is not None:  # sigmoid routers choose by score + bias, maybe within groups
+            logits = torch.sigmoid(logits) + bias.double()
+            groups = getattr(mod, "num_group", 1)
+            if groups > 1:
+                g = logits.view(-1, groups, logits.shape[-1] // groups).topk(2, dim=-1)[0].sum(-1)
+                gt = torch.topk(g, groups, dim=-1).values
+                self.min_gap = min(self.min_gap, (gt[..., mod.topk_group - 1] - gt[..., mod.topk_group]).min().item())
+                keep = torch.topk(g, mod.topk_group, dim=-1)[1]
+                mask = torch.zeros_like(g).scatter_(1, keep, 1).repeat_interleave(logits.shape[-1] // groups, -1)
+                logits = logits.masked_fill(mask == 0, -1e9)
+        top = torch.topk(logits, min(mod.top_k + 1, logits.shape[-1]), dim=-1).values
         if top.shape[-1] > mod.top_k:
             gap = (top[..., mod.top_k - 1] - top[..., mod.top_k]).min().item()
             self.min_gap = min(self.min_gap, gap)
@@ -176,7 +193,10 @@ def rows(t):
     return [[float(f"{x:.8g}") for x in r] for r in t.tolist()]
 
 
-def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, fused=False, wrap_dtype=None):
+def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, fused=False, wrap_dtype=None,
+         mtp=False):
+    if ONLY and name not in ONLY:
+        return
     path = os.path.join(OUT, name)
     for attempt in range(50):
         torch.manual_seed(seed + attempt)
@@ -200,6 +220,8 @@ def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, 
     model.to(dtype).save_pretrained(path, max_shard_size=shard or "50GB")
     if fused:
         fuse_experts(path, cfg_kwargs)
+    if mtp:
+        add_mtp_layer(path, cfg_kwargs["num_hidden_layers"])
     build_tokenizer().save_pretrained(path)
     with open(os.path.join(path, "reference.json"), "w") as f:
         json.dump(
@@ -233,6 +255,25 @@ def fuse_experts(path, kw):
         out[f"{pre}.down_proj"] = torch.stack(dn).contiguous()
     t.update(out)
     save_file(t, f, metadata={"format": "pt"})
+
+
+def add_mtp_layer(path, layers):
+    """Append a multi-token-prediction layer after the text model's, as GLM and DeepSeek
+    releases ship it (`model.layers.{num_hidden_layers}`: a copy of the last layer plus its
+    own projections): engines must skip it."""
+    f = os.path.join(path, "model.safetensors")
+    t = load_file(f)
+    last = f"model.layers.{layers - 1}."
+    extra = {k.replace(last, f"model.layers.{layers}."): v.clone() for k, v in t.items() if k.startswith(last)}
+    h = t["model.embed_tokens.weight"].shape[1]
+    extra[f"model.layers.{layers}.eh_proj.weight"] = torch.zeros(h, 2 * h, dtype=t["model.embed_tokens.weight"].dtype)
+    extra[f"model.layers.{layers}.enorm.weight"] = torch.ones(h, dtype=t["model.embed_tokens.weight"].dtype)
+    t.update(extra)
+    save_file(t, f, metadata={"format": "pt"})
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["num_nextn_predict_layers"] = 1
+    json.dump(cfg, open(cfg_path, "w"), indent=2)
 
 
 def tokenizer_reference():
@@ -423,8 +464,81 @@ def main():
                 num_key_value_heads=1, num_experts_per_tok=3)
     make("qwen3_moe_norm", Qwen3MoeConfig, Qwen3MoeForCausalLM, moe2, torch.bfloat16, short, 500)
 
-    tokenizer_reference()
+    from transformers import Glm4MoeConfig, MiniMaxM2Config, MixtralConfig
 
+    MixtralForCausalLM = float64_module("transformers.models.mixtral.modeling_mixtral").MixtralForCausalLM
+    mixtral = dict(
+        common,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=20,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        sliding_window=6,  # shorter than prompt + greedy: the window is exercised
+        tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        max_position_embeddings=64,
+    )
+    make("mixtral", MixtralConfig, MixtralForCausalLM, mixtral, torch.float32, prompt, 600)
+
+    MiniMaxM2ForCausalLM = float64_module("transformers.models.minimax_m2.modeling_minimax_m2").MiniMaxM2ForCausalLM
+    minimax = dict(
+        common,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=16,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        rotary_dim=4,  # as the released config states it; the same as the factor below
+        rope_parameters=dict(rope_type="default", rope_theta=5000000.0, partial_rotary_factor=0.5),
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
+    make("minimax_m2", MiniMaxM2Config, MiniMaxM2ForCausalLM, minimax, torch.bfloat16, prompt, 700)
+
+    Glm4MoeForCausalLM = float64_module("transformers.models.glm4_moe.modeling_glm4_moe").Glm4MoeForCausalLM
+    glm = dict(
+        common,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=40,
+        moe_intermediate_size=12,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.7,
+        norm_topk_prob=True,
+        use_qk_norm=True,
+        attention_bias=True,
+        partial_rotary_factor=0.5,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0, partial_rotary_factor=0.5),
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
+    make("glm4_moe", Glm4MoeConfig, Glm4MoeForCausalLM, glm, torch.bfloat16, prompt, 800, mtp=True)
+    # the Air shape: no q/k norm, no group limit, plain weights
+    air = dict(glm, use_qk_norm=False, n_group=1, topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=2,
+               n_shared_experts=2, norm_topk_prob=False)
+    make("glm4_moe_air", Glm4MoeConfig, Glm4MoeForCausalLM, air, torch.float32, short, 900)
+
+    if not ONLY:
+        tokenizer_reference()
+
+
+# fixture names given on the command line: make only those
+ONLY = set(sys.argv[1:])
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,49 @@ pub enum Ffn {
     Dense,
 }
 
+/// How the query and key heads are normalised before RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// One RMSNorm of `head_dim` applied to every head (Qwen, GLM-4.5 with `use_qk_norm`).
+    PerHead,
+    /// One RMSNorm over all heads of the projection at once (MiniMax-M2).
+    Whole,
+}
+
+/// How a router turns logits into the chosen experts and their weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterSpec {
+    /// Softmax over all experts (Qwen, Mixtral) or a sigmoid per expert (GLM, MiniMax, DeepSeek).
+    pub sigmoid: bool,
+    /// A per-expert bias added to the scores for choosing only (`e_score_correction_bias`).
+    pub correction_bias: bool,
+    /// Renormalise the chosen weights to sum to one.
+    pub renormalize: bool,
+    /// Multiplies the final weights (`routed_scaling_factor`).
+    pub scale: f32,
+    /// Group-limited choice: experts in `n_group` groups, only the best `topk_group` groups
+    /// (by the sum of their two best scores) are eligible (1, 1: no limit).
+    pub n_group: usize,
+    pub topk_group: usize,
+}
+
+impl RouterSpec {
+    pub fn softmax(renormalize: bool) -> RouterSpec {
+        RouterSpec { sigmoid: false, correction_bias: false, renormalize, scale: 1.0, n_group: 1, topk_group: 1 }
+    }
+}
+
+/// Attention options beyond the Qwen default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnSpec {
+    pub qk_norm: QkNorm,
+    /// Biases on the q, k and v projections.
+    pub qkv_bias: bool,
+    /// Each position attends to at most this many positions (itself included).
+    pub sliding_window: Option<usize>,
+}
+
 /// Gated DeltaNet sizes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinearAttnConfig {
@@ -72,38 +115,42 @@ pub struct ModelConfig {
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
     pub norm_topk_prob: bool,
+    pub router: RouterSpec,
+    pub attn: AttnSpec,
+    /// The shared expert is scaled by sigmoid(`shared_expert_gate`·x) (Qwen), else added as is.
+    pub shared_expert_gated: bool,
     pub linear: Option<LinearAttnConfig>,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub eos_token_ids: Vec<u32>,
 }
 
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+pub(crate) fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
     v.get(name).filter(|x| !x.is_null())
 }
 
-fn req_usize(v: &Value, name: &str) -> Result<usize> {
+pub(crate) fn req_usize(v: &Value, name: &str) -> Result<usize> {
     field(v, name)
         .and_then(Value::as_u64)
         .map(|x| x as usize)
         .ok_or_else(|| anyhow!("config.json: field `{name}` is missing or not a non-negative integer"))
 }
 
-fn opt_usize(v: &Value, name: &str, default: usize) -> Result<usize> {
+pub(crate) fn opt_usize(v: &Value, name: &str, default: usize) -> Result<usize> {
     match field(v, name) {
         None => Ok(default),
         Some(_) => req_usize(v, name),
     }
 }
 
-fn opt_f64(v: &Value, name: &str, default: f64) -> Result<f64> {
+pub(crate) fn opt_f64(v: &Value, name: &str, default: f64) -> Result<f64> {
     match field(v, name) {
         None => Ok(default),
         Some(x) => x.as_f64().ok_or_else(|| anyhow!("config.json: field `{name}` is not a number")),
     }
 }
 
-fn opt_bool(v: &Value, name: &str, default: bool) -> Result<bool> {
+pub(crate) fn opt_bool(v: &Value, name: &str, default: bool) -> Result<bool> {
     match field(v, name) {
         None => Ok(default),
         Some(x) => x.as_bool().ok_or_else(|| anyhow!("config.json: field `{name}` is not a boolean")),
@@ -170,12 +217,6 @@ impl ModelConfig {
             );
         }
         let head_dim = opt_usize(t, "head_dim", hidden_size / num_heads)?;
-        if opt_bool(t, "attention_bias", false)? {
-            bail!("config.json: attention_bias = true is not supported");
-        }
-        if opt_bool(t, "use_sliding_window", false)? {
-            bail!("config.json: use_sliding_window = true is not supported");
-        }
         let rope = field(t, "rope_parameters").or_else(|| field(t, "rope_scaling"));
         let rope_type = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str);
         if let Some(rt) = rope_type
@@ -191,6 +232,11 @@ impl ModelConfig {
         };
         let partial_default = traits.partial_rotary_default;
         let rope_theta = from_rope("rope_theta", 10000.0)?;
+        // MiniMax-M2 states its rotary width as `rotary_dim`
+        let partial_default = match field(t, "rotary_dim") {
+            Some(_) if head_dim > 0 => req_usize(t, "rotary_dim")? as f64 / head_dim as f64,
+            _ => partial_default,
+        };
         let partial_rotary_factor = from_rope("partial_rotary_factor", partial_default)?;
         let rot = (head_dim as f64 * partial_rotary_factor) as usize;
         if !rot.is_multiple_of(2) || rot > head_dim {
@@ -219,11 +265,13 @@ impl ModelConfig {
             (0..num_layers).map(|i| if (i + 1) % every == 0 { Mixer::Attention } else { Mixer::DeltaNet }).collect()
         };
 
-        // transformers 5 writes Qwen3-MoE's expert count as `num_local_experts`
-        let num_experts = match field(t, "num_experts") {
-            Some(_) => req_usize(t, "num_experts")?,
-            None => opt_usize(t, "num_local_experts", 0)?,
-        };
+        // transformers 5 writes Qwen3-MoE's expert count as `num_local_experts` (as Mixtral and
+        // MiniMax do); the DeepSeek lineage and GLM say `n_routed_experts`
+        let num_experts =
+            match ["num_experts", "num_local_experts", "n_routed_experts"].iter().find(|k| field(t, k).is_some()) {
+                Some(k) => req_usize(t, k)?,
+                None => 0,
+            };
         let ffns: Vec<Ffn> =
             if !traits.dense_layers {
                 vec![Ffn::Moe; num_layers]
@@ -248,14 +296,6 @@ impl ModelConfig {
                     })
                     .collect()
             };
-        let any_moe = ffns.contains(&Ffn::Moe);
-        let any_dense = ffns.contains(&Ffn::Dense);
-        let num_experts_per_tok = if any_moe { req_usize(t, "num_experts_per_tok")? } else { 0 };
-        if any_moe && (num_experts_per_tok == 0 || num_experts_per_tok > num_experts) {
-            bail!(
-                "config.json: num_experts_per_tok ({num_experts_per_tok}) must be in 1..=num_experts ({num_experts})"
-            );
-        }
         let linear = if mixers.contains(&Mixer::DeltaNet) {
             let l = LinearAttnConfig {
                 num_k_heads: req_usize(t, "linear_num_key_heads")?,
@@ -287,7 +327,8 @@ impl ModelConfig {
         } else {
             opt_bool(t, "tie_word_embeddings", false)?
         };
-        let cfg = ModelConfig {
+        let norm_topk_prob = traits.always_renormalize || opt_bool(t, "norm_topk_prob", false)?;
+        let mut cfg = ModelConfig {
             model_type,
             family: family.name(),
             traits,
@@ -302,21 +343,71 @@ impl ModelConfig {
             rms_norm_eps: opt_f64(t, "rms_norm_eps", 1e-6)? as f32,
             mixers,
             ffns,
-            intermediate_size: if any_dense { req_usize(t, "intermediate_size")? } else { 0 },
-            moe_intermediate_size: if any_moe { req_usize(t, "moe_intermediate_size")? } else { 0 },
+            intermediate_size: opt_usize(t, "intermediate_size", 0)?,
+            moe_intermediate_size: opt_usize(t, "moe_intermediate_size", 0)?,
             shared_expert_intermediate_size: if traits.shared_expert {
                 opt_usize(t, "shared_expert_intermediate_size", 0)?
             } else {
                 0
             },
             num_experts,
-            num_experts_per_tok,
-            norm_topk_prob: traits.always_renormalize || opt_bool(t, "norm_topk_prob", false)?,
+            num_experts_per_tok: opt_usize(t, "num_experts_per_tok", 0)?,
+            norm_topk_prob,
+            router: RouterSpec::softmax(norm_topk_prob),
+            attn: AttnSpec { qk_norm: QkNorm::PerHead, qkv_bias: false, sliding_window: None },
+            shared_expert_gated: true,
             linear,
             tie_word_embeddings,
             max_position_embeddings: opt_usize(t, "max_position_embeddings", 32768)?,
             eos_token_ids,
         };
+        family.configure(t, &mut cfg)?;
+        cfg.norm_topk_prob = cfg.router.renormalize;
+        // what the family did not take up is refused rather than ignored
+        if opt_bool(t, "attention_bias", false)? && !cfg.attn.qkv_bias {
+            bail!("config.json: attention_bias = true is not supported for {}", cfg.family);
+        }
+        if opt_bool(t, "use_sliding_window", false)? && cfg.attn.sliding_window.is_none() {
+            bail!("config.json: use_sliding_window = true is not supported for {}", cfg.family);
+        }
+        let any_moe = cfg.ffns.contains(&Ffn::Moe);
+        if any_moe {
+            if field(t, "num_experts_per_tok").is_none() {
+                bail!("config.json: field `num_experts_per_tok` is missing or not a non-negative integer");
+            }
+            if cfg.moe_intermediate_size == 0 {
+                bail!("config.json: field `moe_intermediate_size` is missing or not a non-negative integer");
+            }
+            let (k, e) = (cfg.num_experts_per_tok, cfg.num_experts);
+            if k == 0 || k > e {
+                bail!("config.json: num_experts_per_tok ({k}) must be in 1..=num_experts ({e})");
+            }
+            let r = &cfg.router;
+            if r.n_group == 0 || e % r.n_group != 0 || r.topk_group == 0 || r.topk_group > r.n_group {
+                bail!(
+                    "config.json: n_group ({}) must divide the {e} experts and topk_group ({}) be in 1..=n_group",
+                    r.n_group,
+                    r.topk_group
+                );
+            }
+            if r.n_group > 1 && (e / r.n_group < 2 || r.topk_group * (e / r.n_group) < k) {
+                bail!(
+                    "config.json: {} groups of {} experts, {} kept, cannot give top-{k}",
+                    r.n_group,
+                    e / r.n_group,
+                    r.topk_group
+                );
+            }
+        } else {
+            cfg.num_experts_per_tok = 0;
+            cfg.moe_intermediate_size = 0;
+        }
+        if cfg.ffns.contains(&Ffn::Dense) && cfg.intermediate_size == 0 {
+            bail!("config.json: field `intermediate_size` is missing or not a non-negative integer");
+        }
+        if !cfg.ffns.contains(&Ffn::Dense) {
+            cfg.intermediate_size = 0;
+        }
         Ok(cfg)
     }
 
@@ -364,7 +455,13 @@ impl ModelConfig {
             Mixer::Attention => {
                 let q = self.num_heads * self.head_dim * if self.gated_attention() { 2 } else { 1 };
                 let kv = 2 * self.num_kv_heads * self.head_dim;
-                h * (q + kv) + self.num_heads * self.head_dim * h + 2 * self.head_dim
+                let norms = match self.attn.qk_norm {
+                    QkNorm::None => 0,
+                    QkNorm::PerHead => 2 * self.head_dim,
+                    QkNorm::Whole => (self.num_heads + self.num_kv_heads) * self.head_dim,
+                };
+                let bias = if self.attn.qkv_bias { q + kv } else { 0 };
+                h * (q + kv) + self.num_heads * self.head_dim * h + norms + bias
             }
             Mixer::DeltaNet => {
                 let l = self.linear.as_ref().expect("DeltaNet layer without linear config");
@@ -405,8 +502,10 @@ impl ModelConfig {
                     let ep = self.expert_params() as u64;
                     total += e * h + e * ep;
                     if self.shared_expert_intermediate_size > 0 {
-                        total += 3 * h * self.shared_expert_intermediate_size as u64 + h;
+                        total += 3 * h * self.shared_expert_intermediate_size as u64;
+                        total += if self.shared_expert_gated { h } else { 0 };
                     }
+                    total += if self.router.correction_bias { e } else { 0 };
                     inactive += (e - self.num_experts_per_tok as u64) * ep;
                 }
             }

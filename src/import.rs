@@ -62,8 +62,12 @@ pub fn expert(
             ck.mat_rows(&dn, &[ne, h, inter], e * h..(e + 1) * h)?,
         ]);
     }
-    let m = |&(proj, rows, cols): &(&str, usize, usize)| ck.mat(&weight(&format!("{p}.{e}"), proj), &[rows, cols]);
-    Ok([m(&projs[0])?, m(&projs[1])?, m(&projs[2])?])
+    // one tensor per expert and projection, under the checkpoint's own projection names
+    let m = |i: usize| {
+        let (_, rows, cols) = projs[i];
+        ck.mat(&weight(&format!("{p}.{e}"), n.expert_projs[i]), &[rows, cols])
+    };
+    Ok([m(0)?, m(1)?, m(2)?])
 }
 
 /// An MLX-quantized tensor (`X.weight` packed as uint32 beside `X.scales` and `X.biases`),

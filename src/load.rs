@@ -3,15 +3,15 @@
 //! tensors, shape checks.
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Ffn, LinearAttnConfig, Mixer, ModelConfig};
+use crate::config::{Ffn, LinearAttnConfig, Mixer, ModelConfig, QkNorm};
 use crate::families::{Names, weight};
 use crate::flash::{ExpertStore, Manifest, StoreOptions};
 use crate::import::{self, text_prefix};
-use crate::layers::attention::Attention;
+use crate::layers::attention::{Attention, QkNorms};
 use crate::layers::deltanet::DeltaNet;
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::Experts;
-use crate::layers::moe::{Moe, SharedExpert};
+use crate::layers::moe::{Moe, Scoring, SharedExpert};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::model::{FfnWeights, Layer, MixerWeights, Model, RunOptions};
@@ -212,18 +212,34 @@ impl Loader<'_> {
         let gated = c.gated_attention();
         let zc = c.zero_centered_norm();
         let n = self.names;
+        let qw = nh * d * if gated { 2 } else { 1 };
+        let norms = |q: usize, k: usize| -> Result<(RmsNorm, RmsNorm)> {
+            Ok((self.norm(&weight(p, n.q_norm), q, zc)?, self.norm(&weight(p, n.k_norm), k, zc)?))
+        };
+        let qk_norm = match c.attn.qk_norm {
+            QkNorm::None => QkNorms::None,
+            QkNorm::PerHead => norms(d, d).map(|(q, k)| QkNorms::PerHead { q, k })?,
+            QkNorm::Whole => norms(nh * d, nkv * d).map(|(q, k)| QkNorms::Whole { q, k })?,
+        };
+        let bias = if c.attn.qkv_bias {
+            let b = |proj: &str, len: usize| self.ck.vector(&format!("{p}.{proj}.bias"), &[len]);
+            Some([b(n.q_proj, qw)?, b(n.k_proj, nkv * d)?, b(n.v_proj, nkv * d)?])
+        } else {
+            None
+        };
         Ok(Attention {
-            q_proj: self.ck.mat(&weight(p, n.q_proj), &[nh * d * if gated { 2 } else { 1 }, h])?,
+            q_proj: self.ck.mat(&weight(p, n.q_proj), &[qw, h])?,
             k_proj: self.ck.mat(&weight(p, n.k_proj), &[nkv * d, h])?,
             v_proj: self.ck.mat(&weight(p, n.v_proj), &[nkv * d, h])?,
             o_proj: self.ck.mat(&weight(p, n.o_proj), &[h, nh * d])?,
-            q_norm: self.norm(&weight(p, n.q_norm), d, zc)?,
-            k_norm: self.norm(&weight(p, n.k_norm), d, zc)?,
+            qk_norm,
+            bias,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
             gated,
             rope: Rope::new(c.rotary_dim(), c.rope_theta),
+            window: c.attn.sliding_window,
         })
     }
 
@@ -281,7 +297,11 @@ impl Loader<'_> {
         let shared = if c.shared_expert_intermediate_size > 0 {
             Some(SharedExpert {
                 mlp: self.mlp(&format!("{p}.{}", n.shared_expert), c.shared_expert_intermediate_size)?,
-                gate: self.ck.vector(&weight(p, n.shared_expert_gate), &[1, c.hidden_size])?,
+                gate: if c.shared_expert_gated {
+                    Some(self.ck.vector(&weight(p, n.shared_expert_gate), &[1, c.hidden_size])?)
+                } else {
+                    None
+                },
             })
         } else {
             None
@@ -295,7 +315,14 @@ impl Loader<'_> {
             },
             shared,
             top_k: c.num_experts_per_tok,
-            norm_topk_prob: c.norm_topk_prob,
+            scoring: Scoring {
+                spec: c.router.clone(),
+                bias: if c.router.correction_bias {
+                    Some(self.ck.vector(&format!("{p}.{}", n.correction_bias), &[c.num_experts])?)
+                } else {
+                    None
+                },
+            },
             layer,
         })
     }

@@ -180,7 +180,7 @@ impl Model {
         let mut logits = scratch::zeros(m.router.rows);
         m.router.matvec(&h, &mut logits, self.opts.precision);
         let k = self.opts.experts_per_token.unwrap_or(m.top_k);
-        crate::layers::moe::with_top_experts(&logits, k, |experts| store.prefetch(i + 1, experts));
+        crate::layers::moe::with_top_experts(&logits, k, &m.scoring, |experts| store.prefetch(i + 1, experts));
     }
 
     /// A fresh, empty sequence state.

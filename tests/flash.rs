@@ -2,14 +2,16 @@
 //! modes against the in-memory run, quantization error bounds, determinism, atomicity and
 //! damaged files.
 
+mod common;
+
+use common::FIXTURES;
+
 use flashmoe::flash::convert::{ConvertOptions, convert};
 use flashmoe::flash::{CacheMode, Manifest, StoreOptions};
 use flashmoe::load::{LoadOptions, load_model, load_model_with};
 use flashmoe::tensor::WKind;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-const FIXTURES: &[&str] = &["qwen35_text", "qwen35_fused", "qwen35_vl", "qwen3_next", "qwen3_moe", "qwen3_moe_norm"];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -69,7 +71,7 @@ fn bf16_experts_reproduce_the_reference_and_q8_stays_close() {
     let tmp = tempfile::tempdir().unwrap();
     for name in FIXTURES {
         let (p, want) = prompt(name);
-        for (kind, max_err, min_top, max_kl) in [(WKind::BF16, 1e-4, 1.0, 1e-8), (q(8), 0.25, 0.95, 0.02)] {
+        for (kind, max_err, min_top, max_kl) in [(WKind::BF16, 1e-4, 1.0, 1e-8), (q(8), 0.25, 0.85, 0.03)] {
             let out = tmp.path().join(format!("{name}-{}", kind.name()));
             convert(&fixture(name), &out, &opts(kind)).unwrap();
             let (e, top, kl) = compare(&logits(&out, &LoadOptions::default(), &p), &want);
@@ -85,7 +87,7 @@ fn bf16_experts_reproduce_the_reference_and_q8_stays_close() {
 fn quantized_experts_stay_within_measured_bounds() {
     let tmp = tempfile::tempdir().unwrap();
     // (bits, max mean KL, min top-1) over all fixtures
-    let bounds = [(8u8, 0.02, 0.95), (4, 2.5, 0.3), (3, 2.6, 0.3), (2, 6.0, 0.05)];
+    let bounds = [(8u8, 0.03, 0.85), (4, 2.5, 0.3), (3, 2.6, 0.3), (2, 6.0, 0.05)];
     println!("| fixture | experts | rel. max error | top-1 agreement | mean KL |\n|---|---|---|---|---|");
     for name in FIXTURES {
         let (p, want) = prompt(name);

@@ -4,6 +4,10 @@
 //! a wrong value. The parallel threshold is set to 0, so the tiny fixtures take every parallel
 //! path that full-size models take; no reduction depends on how work is split.
 
+mod common;
+
+use common::FIXTURES;
+
 use flashmoe::flash::convert::{ConvertOptions, convert};
 use flashmoe::flash::synth::{Routing, SynthOptions, synth};
 use flashmoe::flash::{CacheMode, StoreOptions};
@@ -11,8 +15,6 @@ use flashmoe::load::{LoadOptions, load_model_with};
 use flashmoe::model::Model;
 use flashmoe::tensor::{Precision, WKind};
 use std::path::{Path, PathBuf};
-
-const FIXTURES: &[&str] = &["qwen35_text", "qwen35_fused", "qwen35_vl", "qwen3_next", "qwen3_moe", "qwen3_moe_norm"];
 
 /// Worker threads of the many-thread runs (`FLASHMOE_TEST_THREADS`, default 32).
 fn many() -> usize {

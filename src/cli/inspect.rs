@@ -46,6 +46,17 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
         c.rope_theta,
         c.gated_attention()
     );
+    let a = &c.attn;
+    println!(
+        "attn options   q/k norm {}, q/k/v biases {}, sliding window {}",
+        match a.qk_norm {
+            flashmoe::config::QkNorm::None => "none",
+            flashmoe::config::QkNorm::PerHead => "per head",
+            flashmoe::config::QkNorm::Whole => "over all heads",
+        },
+        if a.qkv_bias { "yes" } else { "no" },
+        a.sliding_window.map_or("none".to_string(), |w| w.to_string())
+    );
     if let Some(l) = &c.linear {
         println!(
             "deltanet       {} k heads x {}, {} v heads x {}, conv kernel {}",
@@ -80,6 +91,19 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
             if c.norm_topk_prob { " (renormalised)" } else { "" },
             c.moe_intermediate_size,
             c.shared_expert_intermediate_size
+        );
+        let r = &c.router;
+        println!(
+            "router         {}{}{}{}{}",
+            if r.sigmoid { "sigmoid per expert" } else { "softmax over experts" },
+            if r.correction_bias { ", choice by score + correction bias" } else { "" },
+            if r.n_group > 1 { format!(", best {} of {} groups", r.topk_group, r.n_group) } else { String::new() },
+            if r.scale != 1.0 { format!(", weights x {}", r.scale) } else { String::new() },
+            if c.shared_expert_intermediate_size > 0 {
+                if c.shared_expert_gated { "; shared expert gated by sigmoid" } else { "; shared expert ungated" }
+            } else {
+                ""
+            }
         );
         println!("bytes/expert   {expert_bytes} ({expert_fmt})");
         let per_tok = expert_bytes * (c.num_experts_per_tok * n_moe) as u64;

@@ -7,7 +7,7 @@
 //! Adding a family: a file with a unit struct implementing [`Family`], one line in [`FAMILIES`],
 //! and a fixture from `transformers` (docs/ARCHITECTURE.md walks through it).
 
-use crate::config::LinearAttnConfig;
+use crate::config::{LinearAttnConfig, ModelConfig};
 use crate::load::TensorSource;
 use crate::tensor::Mat;
 use anyhow::{Result, bail};
@@ -18,7 +18,11 @@ mod qwen3_5_moe;
 mod qwen3_moe;
 mod qwen3_next;
 
-pub use names::{HF, Names, weight};
+mod glm4_moe;
+mod minimax_m2;
+mod mixtral;
+
+pub use names::{BLOCK_SPARSE, HF, Names, SHARED_EXPERTS, weight};
 
 /// The math and config switches a family sets; generic code reads these.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -53,6 +57,11 @@ pub trait Family: Sync {
     fn names(&self) -> &'static Names {
         &HF
     }
+    /// Reads what only this family's `config.json` says into `cfg`, after the common fields
+    /// (`t`: the text model's config). Router, attention options, dense-first layers, etc.
+    fn configure(&self, _t: &Value, _cfg: &mut ModelConfig) -> Result<()> {
+        Ok(())
+    }
     /// Synth presets: names and their text model's `config.json`.
     fn presets(&self) -> &'static [&'static str] {
         &[]
@@ -84,7 +93,14 @@ pub trait Family: Sync {
 }
 
 /// Every supported family, in the order `inspect` and error messages list them.
-static FAMILIES: &[&dyn Family] = &[&qwen3_5_moe::Qwen35Moe, &qwen3_next::Qwen3Next, &qwen3_moe::Qwen3Moe];
+static FAMILIES: &[&dyn Family] = &[
+    &qwen3_5_moe::Qwen35Moe,
+    &qwen3_next::Qwen3Next,
+    &qwen3_moe::Qwen3Moe,
+    &glm4_moe::Glm4Moe,
+    &minimax_m2::MiniMaxM2,
+    &mixtral::Mixtral,
+];
 
 /// The tensor names of a `model_type`'s checkpoints (the common ones for an unknown type:
 /// config parsing has refused it already).

@@ -42,6 +42,11 @@ pub struct Names {
     /// Routed experts: `{experts}.{e}.{gate_proj}` each, or fused 3-D `{experts}.{fused_gate_up}`
     /// and `{experts}.{down_proj}`, or MLX stacks `{mlx_experts}.{gate_proj}` etc.
     pub experts: &'static str,
+    /// A routed expert's gate, up and down projections under `{experts}.{e}` (Mixtral and
+    /// MiniMax checkpoints say `w1`, `w3`, `w2`; MLX stacks keep `gate_proj` etc.).
+    pub expert_projs: [&'static str; 3],
+    /// The router's score correction bias (`e_score_correction_bias`), under the block.
+    pub correction_bias: &'static str,
     pub fused_gate_up: &'static str,
     pub mlx_experts: &'static str,
     pub shared_expert: &'static str,
@@ -77,11 +82,24 @@ pub const HF: Names = Names {
     up_proj: "up_proj",
     down_proj: "down_proj",
     experts: "experts",
+    expert_projs: ["gate_proj", "up_proj", "down_proj"],
+    correction_bias: "gate.e_score_correction_bias",
     fused_gate_up: "gate_up_proj",
     mlx_experts: "switch_mlp",
     shared_expert: "shared_expert",
     shared_expert_gate: "shared_expert_gate",
 };
+
+/// Mixtral and MiniMax-M2: the block is `block_sparse_moe`, experts `w1`/`w3`/`w2`.
+pub const BLOCK_SPARSE: Names = Names {
+    ffn: "block_sparse_moe",
+    expert_projs: ["w1", "w3", "w2"],
+    correction_bias: "e_score_correction_bias",
+    ..HF
+};
+
+/// GLM-4.5 and the DeepSeek lineage: `shared_experts`, ungated.
+pub const SHARED_EXPERTS: Names = Names { shared_expert: "shared_experts", ..HF };
 
 /// `{module}.{name}.weight`.
 pub fn weight(module: &str, name: &str) -> String {
@@ -92,6 +110,12 @@ impl Names {
     /// Layer `i`'s module under the text prefix `pre`.
     pub fn layer(&self, pre: &str, i: usize) -> String {
         format!("{pre}{}.{i}", self.layers)
+    }
+
+    /// Layer index of a tensor named under the text prefix `pre` (`{pre}{layers}.{i}.…`).
+    pub fn layer_of(&self, pre: &str, name: &str) -> Option<usize> {
+        let rest = name.strip_prefix(pre)?.strip_prefix(self.layers)?.strip_prefix('.')?;
+        rest.split('.').next()?.parse().ok()
     }
 
     /// Whether `name` is a routed expert's tensor (converted into the expert files).

@@ -13,7 +13,7 @@
 use super::convert::{Out, resident_kind};
 use super::format::{ExpertLayer, Experts, MANIFEST, Manifest, Part, TENSOR_ALIGN, TensorEntry, expert_layout};
 use super::staging::Staging;
-use crate::config::{Ffn, Mixer, ModelConfig};
+use crate::config::{Ffn, Mixer, ModelConfig, QkNorm};
 use crate::families::preset_config;
 use crate::families::weight;
 use crate::tensor::{AlignedBytes, Mat, WKind};
@@ -111,8 +111,20 @@ fn specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
                 s.push((w(&a, n.k_proj), vec![nkv * d, h], std(h)));
                 s.push((w(&a, n.v_proj), vec![nkv * d, h], std(h)));
                 s.push((w(&a, n.o_proj), vec![h, nh * d], out_std(nh * d)));
-                s.push((w(&a, n.q_norm), vec![d], norm));
-                s.push((w(&a, n.k_norm), vec![d], norm));
+                let (qn, kn) = match c.attn.qk_norm {
+                    QkNorm::None => (0, 0),
+                    QkNorm::PerHead => (d, d),
+                    QkNorm::Whole => (nh * d, nkv * d),
+                };
+                if qn > 0 {
+                    s.push((w(&a, n.q_norm), vec![qn], norm));
+                    s.push((w(&a, n.k_norm), vec![kn], norm));
+                }
+                if c.attn.qkv_bias {
+                    for (proj, len) in [(n.q_proj, q), (n.k_proj, nkv * d), (n.v_proj, nkv * d)] {
+                        s.push((format!("{a}.{proj}.bias"), vec![len], Init::Std(0.1)));
+                    }
+                }
             }
             Mixer::DeltaNet => {
                 let l = c.linear.as_ref().expect("DeltaNet layer without linear config");
@@ -132,13 +144,19 @@ fn specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
         match c.ffns[i] {
             Ffn::Moe => {
                 s.push((w(&f, n.router), vec![c.num_experts, h], Init::Router));
+                if c.router.correction_bias {
+                    // zero: the choice stays as the skewed router set it
+                    s.push((format!("{f}.{}", n.correction_bias), vec![c.num_experts], Init::Const(0.0)));
+                }
                 let si = c.shared_expert_intermediate_size;
                 if si > 0 {
                     let sh = format!("{f}.{}", n.shared_expert);
                     s.push((w(&sh, n.gate_proj), vec![si, h], std(h)));
                     s.push((w(&sh, n.up_proj), vec![si, h], std(h)));
                     s.push((w(&sh, n.down_proj), vec![h, si], out_std(si)));
-                    s.push((w(&f, n.shared_expert_gate), vec![1, h], std(h)));
+                    if c.shared_expert_gated {
+                        s.push((w(&f, n.shared_expert_gate), vec![1, h], std(h)));
+                    }
                 }
             }
             Ffn::Dense => {

@@ -1,4 +1,5 @@
-//! Softmax attention with GQA, q/k RMSNorm, partial RoPE and (Qwen3.5 / Qwen3-Next) a
+//! Softmax attention with GQA, q/k RMSNorm (per head, over the whole projection, or none),
+//! optional q/k/v biases, partial RoPE, an optional sliding window and (Qwen3.5 / Qwen3-Next) a
 //! per-element sigmoid output gate carried in the second half of each head's q_proj rows.
 
 use super::norm::RmsNorm;
@@ -16,13 +17,32 @@ pub struct Attention {
     pub k_proj: Mat,
     pub v_proj: Mat,
     pub o_proj: Mat,
-    pub q_norm: RmsNorm,
-    pub k_norm: RmsNorm,
+    pub qk_norm: QkNorms,
+    /// Biases of q, k and v (GLM-4.5), added before the norms.
+    pub bias: Option<[Vec<f32>; 3]>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub gated: bool,
     pub rope: Rope,
+    /// Each position attends to at most this many positions, itself included (Mixtral).
+    pub window: Option<usize>,
+}
+
+/// The q and k norms of an attention layer.
+#[derive(Clone, Debug)]
+pub enum QkNorms {
+    None,
+    /// A norm of `head_dim`, applied to each head.
+    PerHead {
+        q: RmsNorm,
+        k: RmsNorm,
+    },
+    /// A norm over all heads of q (and of k) at once, before RoPE (MiniMax-M2).
+    Whole {
+        q: RmsNorm,
+        k: RmsNorm,
+    },
 }
 
 /// Keys and values of past positions, `[pos][kv_head][head_dim]`.
@@ -73,17 +93,23 @@ impl Attention {
             p,
         );
 
+        if let Some([bq, bk, bv]) = &self.bias {
+            for (y, b) in [(&mut *q, bq), (&mut *k, bk), (&mut *v, bv)] {
+                y.chunks_exact_mut(b.len()).for_each(|r| crate::kernels::axpy(1.0, b, r));
+            }
+        }
         // q/k norm and RoPE, token by token (in parallel for a prompt)
         let rotate = |(cos, sin): &mut (scratch::Buf, scratch::Buf),
                       (t, (qt, kt)): (usize, (&mut [f32], &mut [f32]))| {
             self.rope.table(pos0 + t, cos.vec(), sin.vec());
+            self.whole_norms(qt, kt);
             for head in qt.chunks_exact_mut(qw) {
                 let head = &mut head[..d];
-                self.q_norm.apply(head);
+                self.head_norm(0, head);
                 Rope::apply(head, cos, sin);
             }
             for head in kt.chunks_exact_mut(d) {
-                self.k_norm.apply(head);
+                self.head_norm(1, head);
                 Rope::apply(head, cos, sin);
             }
         };
@@ -99,8 +125,8 @@ impl Attention {
         cv.copy_from_slice(&v);
 
         let mut o = scratch::zeros(n * nh * d);
-        let heads = Heads { nh, nkv, d, gated: self.gated };
-        attend(&q, n, pos0, cache, &mut o, heads, context_parts(n, nkv, pos0));
+        let heads = self.heads();
+        attend(&q, n, pos0, cache, &mut o, heads, context_parts(n, nkv, pos0, heads.window));
         self.o_proj.matmul(&o, n, out, p);
     }
 
@@ -117,16 +143,26 @@ impl Attention {
         self.rope.table(pos, cos.vec(), sin.vec());
         let (k, v) = cache.push(nkv * d, nkv * d);
         crate::par::mark();
-        let finish = |j: usize, _: usize, rows: &mut [f32]| match j {
-            0 => rows.chunks_exact_mut(qw).for_each(|head| {
-                self.q_norm.apply(&mut head[..d]);
-                Rope::apply(&mut head[..d], &cos, &sin);
-            }),
-            1 => rows.chunks_exact_mut(d).for_each(|head| {
-                self.k_norm.apply(head);
-                Rope::apply(head, &cos, &sin);
-            }),
-            _ => {}
+        // a norm over the whole projection needs all of its rows: RoPE waits for it
+        let whole = matches!(self.qk_norm, QkNorms::Whole { .. });
+        let finish = |j: usize, row0: usize, rows: &mut [f32]| {
+            if let Some(b) = &self.bias {
+                crate::kernels::axpy(1.0, &b[j][row0..row0 + rows.len()], rows);
+            }
+            if whole {
+                return;
+            }
+            match j {
+                0 => rows.chunks_exact_mut(qw).for_each(|head| {
+                    self.head_norm(0, &mut head[..d]);
+                    Rope::apply(&mut head[..d], &cos, &sin);
+                }),
+                1 => rows.chunks_exact_mut(d).for_each(|head| {
+                    self.head_norm(1, head);
+                    Rope::apply(head, &cos, &sin);
+                }),
+                _ => {}
+            }
         };
         let mut jobs = [
             Product { w: self.q_proj.view(), x, y: &mut q },
@@ -134,29 +170,59 @@ impl Attention {
             Product { w: self.v_proj.view(), x, y: v },
         ];
         products_then(&mut jobs, &[qw, d], &finish, p);
-        let heads = Heads { nh, nkv, d, gated: self.gated };
+        if whole {
+            let k = &mut cache.k[pos * nkv * d..];
+            self.whole_norms(&mut q[..], k);
+            q.chunks_exact_mut(qw).for_each(|head| Rope::apply(&mut head[..d], &cos, &sin));
+            k.chunks_exact_mut(d).for_each(|head| Rope::apply(head, &cos, &sin));
+        }
+        let heads = self.heads();
         let o = Staged::new(self.o_proj.view(), nh / nkv * d, p);
         crate::par::mark();
-        attend_one(&q, pos, cache, &o, heads, context_parts(1, nkv, pos));
+        attend_one(&q, pos, cache, &o, heads, context_parts(1, nkv, pos, heads.window));
         o.product(out);
     }
 }
 
-/// Head counts of an attention layer.
+impl Attention {
+    fn heads(&self) -> Heads {
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        Heads { nh, nkv, d, gated: self.gated, window: self.window.unwrap_or(usize::MAX) }
+    }
+
+    /// The per-head norm of q (`which` 0) or k (1), if the layer has one.
+    fn head_norm(&self, which: usize, head: &mut [f32]) {
+        if let QkNorms::PerHead { q, k } = &self.qk_norm {
+            [q, k][which].apply(head);
+        }
+    }
+
+    /// The norms over one token's whole q and k projections, if the layer has them.
+    fn whole_norms(&self, qt: &mut [f32], kt: &mut [f32]) {
+        if let QkNorms::Whole { q, k } = &self.qk_norm {
+            q.apply(qt);
+            k.apply(kt);
+        }
+    }
+}
+
+/// Head counts of an attention layer, and how far back a position sees.
 #[derive(Clone, Copy, Debug)]
 struct Heads {
     nh: usize,
     nkv: usize,
     d: usize,
     gated: bool,
+    /// Positions attended, the own one included (`usize::MAX`: all).
+    window: usize,
 }
 
 /// Parts of the context per (token, KV head) work item: one when the tokens and KV heads give
 /// enough items, else one per 64 positions, up to 32 items in all, so that decode has work
 /// for every thread. It depends on the shape alone, never on the thread count, so results do
 /// not either.
-fn context_parts(n: usize, nkv: usize, pos0: usize) -> usize {
-    if n * nkv >= 32 { 1 } else { (pos0 + 1).div_ceil(64).clamp(1, (32 / (n * nkv)).max(1)) }
+fn context_parts(n: usize, nkv: usize, pos0: usize, window: usize) -> usize {
+    if n * nkv >= 32 { 1 } else { (pos0 + 1).min(window).div_ceil(64).clamp(1, (32 / (n * nkv)).max(1)) }
 }
 
 /// Floats of one (token, KV head, part) item's output: its g heads' finished outputs with one
@@ -182,11 +248,14 @@ fn attend_part(
     heads: Heads,
     out: &mut [f32],
 ) {
-    let Heads { nh, nkv, d, gated } = heads;
+    let Heads { nh, nkv, d, gated, window } = heads;
     let (qw, g) = (if gated { 2 * d } else { d }, nh / nkv);
     let scale = 1.0 / (d as f32).sqrt();
-    let len = pos0 + t + 1; // this token sees every earlier position and itself
-    let (p0, p1) = (c * len / parts, (c + 1) * len / parts);
+    // this token sees every earlier position in its window and itself
+    let end = pos0 + t + 1;
+    let start = end.saturating_sub(window);
+    let len = end - start;
+    let (p0, p1) = (start + c * len / parts, start + (c + 1) * len / parts);
     let stride = nkv * d;
     let (ks, vs) = (&cache.k[p0 * stride + kvh * d..], &cache.v[p0 * stride + kvh * d..]);
     let mut w = scratch::zeros(p1 - p0);
@@ -311,7 +380,8 @@ mod tests {
         for t in 0..n {
             for head in 0..h.nh {
                 let (kvh, qh) = (head / g, &q[(t * h.nh + head) * qw..]);
-                let s: Vec<f64> = (0..pos0 + t + 1)
+                let from = (pos0 + t + 1).saturating_sub(h.window);
+                let s: Vec<f64> = (from..pos0 + t + 1)
                     .map(|p| {
                         let k = &c.k[(p * h.nkv + kvh) * h.d..];
                         (0..h.d).map(|j| qh[j] as f64 * k[j] as f64).sum::<f64>() / (h.d as f64).sqrt()
@@ -319,7 +389,7 @@ mod tests {
                     .collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                for (p, x) in s.iter().enumerate() {
+                for (p, x) in (from..).zip(&s) {
                     let v = &c.v[(p * h.nkv + kvh) * h.d..];
                     for j in 0..h.d {
                         o[(t * h.nh + head) * h.d + j] += (x - m).exp() / z * v[j] as f64;
@@ -338,9 +408,12 @@ mod tests {
     #[test]
     fn context_parts_merge_to_the_whole_softmax() {
         for (heads, n, pos0) in [
-            (Heads { nh: 8, nkv: 2, d: 64, gated: true }, 1, 300),
-            (Heads { nh: 4, nkv: 4, d: 16, gated: false }, 3, 40),
-            (Heads { nh: 6, nkv: 2, d: 128, gated: false }, 1, 0),
+            (Heads { nh: 8, nkv: 2, d: 64, gated: true, window: usize::MAX }, 1, 300),
+            (Heads { nh: 4, nkv: 4, d: 16, gated: false, window: usize::MAX }, 3, 40),
+            (Heads { nh: 6, nkv: 2, d: 128, gated: false, window: usize::MAX }, 1, 0),
+            // a sliding window shorter than the context, and one shorter than a part
+            (Heads { nh: 8, nkv: 2, d: 32, gated: false, window: 100 }, 1, 300),
+            (Heads { nh: 4, nkv: 2, d: 16, gated: true, window: 3 }, 5, 70),
         ] {
             let qw = if heads.gated { 2 * heads.d } else { heads.d };
             let q: Vec<f32> = uniform(n * heads.nh * qw, 1).iter().map(|v| v * 4.0).collect();

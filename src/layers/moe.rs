@@ -1,8 +1,10 @@
-//! Sparse MoE block: softmax router → top-k → optional renormalisation → routed SwiGLU
-//! experts, plus (Qwen3.5 / Qwen3-Next) a shared expert scaled by sigmoid(gate·x).
+//! Sparse MoE block: a router (softmax, or sigmoid with a score correction bias and group
+//! limits) → top-k → optional renormalisation and scaling → routed SwiGLU experts, plus a
+//! shared expert: scaled by sigmoid(gate·x) (Qwen3.5 / Qwen3-Next) or added as is (GLM-4.5).
 
 use super::mlp::{Mlp, MlpRef, forward_each};
 use super::sigmoid;
+use crate::config::RouterSpec;
 use crate::flash::ExpertStore;
 use crate::profile::{PROFILE, add_since};
 use crate::scratch;
@@ -14,12 +16,33 @@ use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The always-on expert of Qwen3.5 / Qwen3-Next.
+/// The always-on expert of Qwen3.5 / Qwen3-Next / GLM-4.5.
 #[derive(Clone, Debug)]
 pub struct SharedExpert {
     pub mlp: Mlp,
-    /// `shared_expert_gate.weight`, one row of `hidden`.
-    pub gate: Vec<f32>,
+    /// `shared_expert_gate.weight`, one row of `hidden` (Qwen); `None`: weight 1 (GLM).
+    pub gate: Option<Vec<f32>>,
+}
+
+impl SharedExpert {
+    /// Its weight for the token `x`.
+    pub fn weight(&self, x: &[f32]) -> f32 {
+        self.gate.as_ref().map_or(1.0, |g| sigmoid(dot(g, x)))
+    }
+}
+
+/// How a block turns router logits into experts and weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scoring {
+    pub spec: RouterSpec,
+    /// `e_score_correction_bias`, one per expert, when the spec has one.
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Scoring {
+    pub fn softmax(renormalize: bool) -> Scoring {
+        Scoring { spec: RouterSpec::softmax(renormalize), bias: None }
+    }
 }
 
 /// Where a layer's routed experts live.
@@ -46,23 +69,23 @@ pub struct Moe {
     pub experts: Experts,
     pub shared: Option<SharedExpert>,
     pub top_k: usize,
-    pub norm_topk_prob: bool,
+    pub scoring: Scoring,
     /// Index of the layer (for routing statistics).
     pub layer: usize,
 }
 
 /// Top-k experts of one token from its router logits: (expert, weight), best first.
-pub fn route(logits: &[f32], k: usize, renormalize: bool) -> Vec<(usize, f32)> {
+pub fn route(logits: &[f32], k: usize, scoring: &Scoring) -> Vec<(usize, f32)> {
     let mut top = vec![];
-    route_into(logits, k, renormalize, &mut Select::default(), &mut top);
+    route_into(logits, k, scoring, &mut Select::default(), &mut top);
     top
 }
 
 /// Calls `f` with the `k` experts the router logits pick (best first), without allocating.
-pub fn with_top_experts<R>(logits: &[f32], k: usize, f: impl FnOnce(&[usize]) -> R) -> R {
+pub fn with_top_experts<R>(logits: &[f32], k: usize, scoring: &Scoring, f: impl FnOnce(&[usize]) -> R) -> R {
     let mut r = scratch::take(&ROUTING);
     let r = &mut *r;
-    route_into(logits, k, false, &mut r.select, &mut r.top);
+    route_into(logits, k, scoring, &mut r.select, &mut r.top);
     r.chosen.clear();
     r.chosen.extend(r.top.iter().map(|t| t.0));
     f(&r.chosen)
@@ -71,29 +94,69 @@ pub fn with_top_experts<R>(logits: &[f32], k: usize, f: impl FnOnce(&[usize]) ->
 /// Scratch of [`route_into`].
 #[derive(Default, Debug)]
 pub struct Select {
+    /// Each expert's weight (softmax or sigmoid of its logit).
     p: Vec<f32>,
+    /// What the choice ranks by: the weight, plus the correction bias, masked to the kept groups.
+    choice: Vec<f32>,
     idx: Vec<usize>,
+    groups: Vec<(f32, usize)>,
 }
 
-/// [`route`] into `top`, with reused scratch.
-fn route_into(logits: &[f32], k: usize, renormalize: bool, s: &mut Select, top: &mut Vec<(usize, f32)>) {
-    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+/// [`route`] into `top`, with reused scratch. Ties go to the lower expert index.
+fn route_into(logits: &[f32], k: usize, scoring: &Scoring, s: &mut Select, top: &mut Vec<(usize, f32)>) {
+    let spec = &scoring.spec;
     s.p.clear();
-    s.p.extend(logits.iter().map(|&l| (l - m).exp()));
-    let sum: f32 = s.p.iter().sum();
-    s.p.iter_mut().for_each(|v| *v /= sum);
-    let p = &s.p;
+    if spec.sigmoid {
+        s.p.extend(logits.iter().map(|&l| sigmoid(l)));
+    } else {
+        let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        s.p.extend(logits.iter().map(|&l| (l - m).exp()));
+        let sum: f32 = s.p.iter().sum();
+        s.p.iter_mut().for_each(|v| *v /= sum);
+    }
+    s.choice.clear();
+    match &scoring.bias {
+        Some(b) => s.choice.extend(s.p.iter().zip(b).map(|(p, b)| p + b)),
+        None => s.choice.extend_from_slice(&s.p),
+    }
+    let ne = s.p.len();
+    if spec.n_group > 1 {
+        // only the best `topk_group` groups, by the sum of each group's two best scores
+        let per = ne / spec.n_group;
+        s.groups.clear();
+        for (g, c) in s.choice.chunks(per).enumerate() {
+            let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+            for &v in c {
+                if v > a {
+                    (a, b) = (v, a);
+                } else if v > b {
+                    b = v;
+                }
+            }
+            s.groups.push((a + b, g));
+        }
+        s.groups.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        for &(_, g) in &s.groups[spec.topk_group.min(spec.n_group)..] {
+            s.choice[g * per..(g + 1) * per].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+        }
+    }
+    let c = &s.choice;
     s.idx.clear();
-    s.idx.extend(0..p.len());
-    let k = k.min(p.len());
-    s.idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    s.idx.extend(0..ne);
+    let k = k.min(ne);
+    s.idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| c[b].total_cmp(&c[a]).then(a.cmp(&b)));
     s.idx.truncate(k);
-    s.idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    s.idx.sort_by(|&a, &b| c[b].total_cmp(&c[a]).then(a.cmp(&b)));
     top.clear();
-    top.extend(s.idx.iter().map(|&e| (e, p[e])));
-    if renormalize {
-        let s: f32 = top.iter().map(|t| t.1).sum();
-        top.iter_mut().for_each(|t| t.1 /= s);
+    top.extend(s.idx.iter().map(|&e| (e, s.p[e])));
+    if spec.renormalize {
+        let sum: f32 = top.iter().map(|t| t.1).sum();
+        // sigmoid weights can all be tiny; softmax ones never sum to zero
+        let sum = if spec.sigmoid { sum + 1e-20 } else { sum };
+        top.iter_mut().for_each(|t| t.1 /= sum);
+    }
+    if spec.scale != 1.0 {
+        top.iter_mut().for_each(|t| t.1 *= spec.scale);
     }
 }
 
@@ -155,7 +218,7 @@ impl Moe {
             r.assign.par_chunks_mut(k).enumerate().for_each_init(
                 || (Select::default(), Vec::new()),
                 |(sel, top), (t, a)| {
-                    route_into(&logits[t * e..(t + 1) * e], k, self.norm_topk_prob, sel, top);
+                    route_into(&logits[t * e..(t + 1) * e], k, &self.scoring, sel, top);
                     a.iter_mut().zip(top.iter()).for_each(|(a, &(ex, w))| *a = (ex, t, w));
                 },
             );
@@ -166,7 +229,7 @@ impl Moe {
             }
         } else {
             for t in 0..n {
-                route_into(&logits[t * e..(t + 1) * e], k, self.norm_topk_prob, &mut r.select, &mut r.top);
+                route_into(&logits[t * e..(t + 1) * e], k, &self.scoring, &mut r.select, &mut r.top);
                 r.chosen.clear();
                 r.chosen.extend(r.top.iter().map(|x| x.0));
                 crate::profile::record_routing(self.layer, e, &r.chosen);
@@ -224,7 +287,7 @@ impl Moe {
             order.sort_unstable_by_key(|b| b.0);
             let mut terms: SmallVec<[_; 17]> = order.iter().map(|&(i, m)| term(m, x, assign[start[i]].2)).collect();
             if let Some(sh) = &self.shared {
-                terms.push(term(sh.mlp.view(), x, sigmoid(dot(&sh.gate, x))));
+                terms.push(term(sh.mlp.view(), x, sh.weight(x)));
             }
             swiglu_sum(&terms, &mut out.borrow_mut(), p);
             crate::par::mark();
@@ -305,7 +368,7 @@ impl Moe {
                 crate::kernels::axpy(assign[j].2, &ys[j * h..(j + 1) * h], ot);
             }
             if let Some(sh) = &self.shared {
-                let g = sigmoid(dot(&sh.gate, &x[t * h..(t + 1) * h]));
+                let g = sh.weight(&x[t * h..(t + 1) * h]);
                 crate::kernels::axpy(g, &shared_out[t * h..(t + 1) * h], ot);
             }
         };
@@ -335,15 +398,66 @@ impl Moe {
 
 #[cfg(test)]
 mod tests {
-    use super::route;
+    use super::{Scoring, route};
+    use crate::config::RouterSpec;
 
     #[test]
     fn route_picks_largest_and_renormalizes() {
-        let r = route(&[0.0, 3.0, 1.0, 2.0], 2, false);
+        let r = route(&[0.0, 3.0, 1.0, 2.0], 2, &Scoring::softmax(false));
         assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3]);
         let total: f32 = [0.0f32, 3.0, 1.0, 2.0].iter().map(|v| v.exp()).sum();
         assert!((r[0].1 - 3f32.exp() / total).abs() < 1e-6);
-        let r = route(&[0.0, 3.0, 1.0, 2.0], 2, true);
+        let r = route(&[0.0, 3.0, 1.0, 2.0], 2, &Scoring::softmax(true));
         assert!((r[0].1 + r[1].1 - 1.0).abs() < 1e-6);
+    }
+
+    /// The float64 definition of a sigmoid router (GLM-4.5 / DeepSeek-V3's `TopkRouter`).
+    fn naive_sigmoid(l: &[f32], bias: &[f32], k: usize, groups: usize, keep: usize, scale: f64) -> Vec<(usize, f64)> {
+        let p: Vec<f64> = l.iter().map(|&x| 1.0 / (1.0 + (-x as f64).exp())).collect();
+        let mut c: Vec<f64> = p.iter().zip(bias).map(|(p, &b)| p + b as f64).collect();
+        let per = l.len() / groups;
+        let mut gs: Vec<(f64, usize)> = (0..groups)
+            .map(|g| {
+                let mut v = c[g * per..(g + 1) * per].to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                (v[0] + v[1], g)
+            })
+            .collect();
+        gs.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for &(_, g) in &gs[keep..] {
+            c[g * per..(g + 1) * per].iter_mut().for_each(|v| *v = f64::NEG_INFINITY);
+        }
+        let mut idx: Vec<usize> = (0..l.len()).collect();
+        idx.sort_by(|&a, &b| c[b].total_cmp(&c[a]));
+        idx.truncate(k);
+        let sum: f64 = idx.iter().map(|&e| p[e]).sum();
+        idx.iter().map(|&e| (e, p[e] / sum * scale)).collect()
+    }
+
+    #[test]
+    fn sigmoid_routing_chooses_by_the_biased_score_and_weighs_by_the_plain_one() {
+        let l = crate::testutil::uniform(32, 7).iter().map(|v| v * 3.0).collect::<Vec<_>>();
+        let bias = crate::testutil::uniform(32, 8).iter().map(|v| v * 0.5).collect::<Vec<_>>();
+        for (groups, keep, k) in [(1, 1, 4), (4, 2, 3), (8, 3, 6)] {
+            let spec = RouterSpec {
+                sigmoid: true,
+                correction_bias: true,
+                renormalize: true,
+                scale: 2.5,
+                n_group: groups,
+                topk_group: keep,
+            };
+            let got = route(&l, k, &Scoring { spec, bias: Some(bias.clone()) });
+            let want = naive_sigmoid(&l, &bias, k, groups, keep, 2.5);
+            assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), want.iter().map(|x| x.0).collect::<Vec<_>>());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g.1 as f64 - w.1).abs() < 1e-6, "{groups} groups: {got:?} vs {want:?}");
+            }
+        }
+        // the bias changes the choice, never the weights of what is chosen
+        let spec = RouterSpec { sigmoid: true, correction_bias: true, ..RouterSpec::softmax(false) };
+        let r = route(&[2.0, 1.0, 0.0], 1, &Scoring { spec, bias: Some(vec![0.0, 0.0, 5.0]) });
+        assert_eq!(r[0].0, 2);
+        assert!((r[0].1 - 0.5).abs() < 1e-6);
     }
 }

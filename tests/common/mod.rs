@@ -5,6 +5,20 @@
 use serde_json::Value;
 use std::path::Path;
 
+/// Every fixture of scripts/make_fixtures.py: each family, and each of its checkpoint layouts.
+pub const FIXTURES: &[&str] = &[
+    "qwen35_text",
+    "qwen35_fused",
+    "qwen35_vl",
+    "qwen3_next",
+    "qwen3_moe",
+    "qwen3_moe_norm",
+    "mixtral",
+    "minimax_m2",
+    "glm4_moe",
+    "glm4_moe_air",
+];
+
 pub struct Reference {
     pub prompt: Vec<u32>,
     pub prefill: Vec<Vec<f64>>,

@@ -8,6 +8,7 @@
 //! stores. Not yet: experts beyond GPU memory (the whole model must fit).
 
 use super::{Accelerator, DeviceState};
+use crate::layers::attention::QkNorms;
 use crate::layers::mlp::MlpRef;
 use crate::layers::moe::Experts;
 use crate::model::{FfnWeights, MixerWeights, Model, State};
@@ -40,7 +41,34 @@ pub fn supports(model: &Model) -> Result<()> {
             MixerWeights::Attention(a) if a.head_dim > 256 => {
                 bail!("layer {i}: head_dim {} is above the CUDA attention kernel's 256: use --device cpu", a.head_dim)
             }
+            MixerWeights::Attention(a) => {
+                let missing = if !matches!(a.qk_norm, QkNorms::PerHead { .. }) {
+                    Some("attention without per-head q/k norms")
+                } else if a.bias.is_some() {
+                    Some("q/k/v biases")
+                } else if a.window.is_some() {
+                    Some("sliding-window attention")
+                } else {
+                    None
+                };
+                if let Some(what) = missing {
+                    bail!("layer {i}: {what} ({}) is not on the CUDA backend yet: use --device cpu", model.cfg.family);
+                }
+            }
             _ => {}
+        }
+        if let FfnWeights::Moe(m) = &l.ffn {
+            let s = &m.scoring.spec;
+            let missing = if s.sigmoid || m.scoring.bias.is_some() || s.n_group > 1 || s.scale != 1.0 {
+                Some("sigmoid routing with a correction bias")
+            } else if m.shared.as_ref().is_some_and(|sh| sh.gate.is_none()) {
+                Some("an ungated shared expert")
+            } else {
+                None
+            };
+            if let Some(what) = missing {
+                bail!("layer {i}: {what} ({}) is not on the CUDA backend yet: use --device cpu", model.cfg.family);
+            }
         }
     }
     Ok(())
@@ -349,11 +377,12 @@ impl CudaModel {
                         .experts(&m.experts, model.cfg.num_experts)
                         .with_context(|| format!("layer {i}: experts"))?,
                     shared: match &m.shared {
-                        Some(s) => Some((up.mlp(&s.mlp.view())?, up.vec(&s.gate)?)),
+                        // `supports` refused ungated shared experts
+                        Some(s) => Some((up.mlp(&s.mlp.view())?, up.vec(s.gate.as_deref().unwrap_or(&[]))?)),
                         None => None,
                     },
                     top_k: m.top_k,
-                    renorm: m.norm_topk_prob,
+                    renorm: m.scoring.spec.renormalize,
                 })),
             };
             layers.push(DLayer {
@@ -669,13 +698,16 @@ impl Uploader {
     }
     fn attention(&self, a: &crate::layers::attention::Attention) -> Result<DAttn> {
         let (rot, theta) = a.rope.params();
+        let QkNorms::PerHead { q: q_norm, k: k_norm } = &a.qk_norm else {
+            bail!("the CUDA attention kernel needs per-head q/k norms");
+        };
         Ok(DAttn {
             q: self.mat(&a.q_proj.view())?,
             k: self.mat(&a.k_proj.view())?,
             v: self.mat(&a.v_proj.view())?,
             o: self.mat(&a.o_proj.view())?,
-            q_norm: self.vec(a.q_norm.weight())?,
-            k_norm: self.vec(a.k_norm.weight())?,
+            q_norm: self.vec(q_norm.weight())?,
+            k_norm: self.vec(k_norm.weight())?,
             nh: a.num_heads,
             nkv: a.num_kv_heads,
             d: a.head_dim,
