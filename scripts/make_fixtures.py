@@ -194,7 +194,7 @@ def rows(t):
 
 
 def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, fused=False, wrap_dtype=None,
-         mtp=False):
+         mtp=False, fp8=None):
     if ONLY and name not in ONLY:
         return
     path = os.path.join(OUT, name)
@@ -222,6 +222,10 @@ def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, 
         fuse_experts(path, cfg_kwargs)
     if mtp:
         add_mtp_layer(path, cfg_kwargs["num_hidden_layers"])
+    if fp8:
+        # the reference is the model whose weights are the FP8 values, dequantized
+        model = fp8_checkpoint(path, fp8, model_cls)
+        prefill, greedy, decode, _ = reference(model, prompt)
     build_tokenizer().save_pretrained(path)
     with open(os.path.join(path, "reference.json"), "w") as f:
         json.dump(
@@ -255,6 +259,49 @@ def fuse_experts(path, kw):
         out[f"{pre}.down_proj"] = torch.stack(dn).contiguous()
     t.update(out)
     save_file(t, f, metadata={"format": "pt"})
+
+
+def fp8_checkpoint(path, block, model_cls):
+    """Store the checkpoint's projection weights as FP8 e4m3 with one f32 scale per
+    block[0] x block[1] tile (`weight_scale_inv`), as the DeepSeek, GLM and MiniMax releases do;
+    returns the model holding the dequantized weights."""
+    f = os.path.join(path, "model.safetensors")
+    t = load_file(f)
+    deq = dict(t)
+    br, bc = block
+    for k in list(t):
+        w = t[k]
+        if not (k.endswith("_proj.weight") or ".experts." in k) or w.dim() != 2:
+            continue
+        r, c = w.shape
+        x = w.double()
+        scale = torch.zeros((r + br - 1) // br, (c + bc - 1) // bc, dtype=torch.float64)
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                scale[i, j] = x[i * br:(i + 1) * br, j * bc:(j + 1) * bc].abs().max().clamp(min=1e-12) / 448.0
+        full = scale.repeat_interleave(br, 0)[:r].repeat_interleave(bc, 1)[:, :c]
+        q = (x / full).to(torch.float8_e4m3fn)
+        scale32 = scale.float()
+        t[k] = q
+        t[k + "_scale_inv"] = scale32
+        full32 = scale32.double().repeat_interleave(br, 0)[:r].repeat_interleave(bc, 1)[:, :c]
+        deq[k] = q.double() * full32  # exact: 4 significant bits times an f32
+    save_file(t, f, metadata={"format": "pt"})
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+                                  "weight_block_size": [br, bc]}
+    json.dump(cfg, open(cfg_path, "w"), indent=2)
+    tmp = path + ".dequantized"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(deq, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    cfg.pop("quantization_config")
+    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+    model = model_cls.from_pretrained(tmp, dtype=torch.float64, attn_implementation="eager",
+                                      experts_implementation="eager")
+    shutil.rmtree(tmp)
+    return model
 
 
 def add_mtp_layer(path, layers):
@@ -501,6 +548,8 @@ def main():
         max_position_embeddings=64,
     )
     make("minimax_m2", MiniMaxM2Config, MiniMaxM2ForCausalLM, minimax, torch.bfloat16, prompt, 700)
+    # as released: FP8 projections and experts in scale blocks (12x20 here: ragged edges)
+    make("minimax_m2_fp8", MiniMaxM2Config, MiniMaxM2ForCausalLM, minimax, torch.bfloat16, short, 750, fp8=(12, 20))
 
     Glm4MoeForCausalLM = float64_module("transformers.models.glm4_moe.modeling_glm4_moe").Glm4MoeForCausalLM
     glm = dict(

@@ -23,6 +23,18 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, TensorEntry>,
+    /// Rows and columns of one scale block of FP8 weights (`quantization_config.weight_block_size`).
+    fp8_block: [usize; 2],
+}
+
+/// An FP8 e4m3 (`float8_e4m3fn`: no infinities, S.1111.111 is NaN) value.
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = ((b >> 3) & 0xf, (b & 7) as f32);
+    if e == 0xf && b & 7 == 7 {
+        return f32::NAN;
+    }
+    sign * if e == 0 { m / 8.0 * (-6f32).exp2() } else { (1.0 + m / 8.0) * (e as f32 - 7.0).exp2() }
 }
 
 impl Checkpoint {
@@ -53,7 +65,8 @@ impl Checkpoint {
         if names.is_empty() {
             bail!("{}: no *.safetensors files found", dir.display());
         }
-        let mut ck = Checkpoint { dir: dir.to_path_buf(), files: vec![], tensors: HashMap::new() };
+        let fp8_block = fp8_block_size(dir)?;
+        let mut ck = Checkpoint { dir: dir.to_path_buf(), files: vec![], tensors: HashMap::new(), fp8_block };
         for name in names {
             let path = dir.join(&name);
             let file = File::open(&path).with_context(|| format!("cannot open weights file {}", path.display()))?;
@@ -130,7 +143,10 @@ impl Checkpoint {
             StDtype::F32 => WKind::F32,
             StDtype::BF16 => WKind::BF16,
             StDtype::F16 => WKind::F16,
-            other => bail!("{file}: tensor `{name}` has unsupported dtype {other:?} (supported: F32, BF16, F16)"),
+            StDtype::F8_E4M3 => return self.fp8_rows(name, e, range),
+            other => {
+                bail!("{file}: tensor `{name}` has unsupported dtype {other:?} (supported: F32, BF16, F16, F8_E4M3)")
+            }
         };
         let need = rows * cols * dt.size();
         if e.end - e.start != need {
@@ -141,6 +157,44 @@ impl Checkpoint {
         let bytes = &self.files[e.file].1[e.start + range.start * rb..e.start + range.end * rb];
         Mat::from_bytes(range.len(), cols, dt, AlignedBytes::from_slice(bytes))
             .with_context(|| format!("tensor `{name}`"))
+    }
+
+    /// Rows `range` of an FP8 e4m3 weight with block scales (`{name}_scale_inv`, one f32 per
+    /// block of `fp8_block`, as the DeepSeek, GLM and MiniMax releases ship them), as f32.
+    fn fp8_rows(&self, name: &str, e: &TensorEntry, range: std::ops::Range<usize>) -> Result<Mat> {
+        let file = self.file_of(e).display();
+        let sname = format!("{name}_scale_inv");
+        if e.shape.len() < 2 {
+            bail!("{file}: FP8 tensor `{name}` must have at least 2 dimensions, has shape {:?}", e.shape);
+        }
+        let (r, c) = (e.shape[e.shape.len() - 2], e.shape[e.shape.len() - 1]);
+        let mats: usize = e.shape[..e.shape.len() - 2].iter().product();
+        if e.end - e.start != mats * r * c {
+            bail!("{file}: tensor `{name}` holds {} bytes, its shape needs {}", e.end - e.start, mats * r * c);
+        }
+        let [br, bc] = self.fp8_block;
+        let (sr, sc) = (r.div_ceil(br), c.div_ceil(bc));
+        let mut want = e.shape[..e.shape.len() - 2].to_vec();
+        want.extend([sr, sc]);
+        let scales = match self.tensors.get(&sname) {
+            Some(s) if s.shape == want || (mats == 1 && s.shape == [sr, sc]) => {
+                self.vector(&sname, &s.shape.clone())?
+            }
+            Some(s) => bail!(
+                "{file}: `{sname}` has shape {:?}; FP8 `{name}` {:?} in blocks of {br}x{bc} needs {want:?}",
+                s.shape,
+                e.shape
+            ),
+            None => bail!("{file}: FP8 tensor `{name}` has no `{sname}` beside it"),
+        };
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let mut v = Vec::with_capacity(range.len() * c);
+        for row in range.clone() {
+            let (m, rr) = (row / r, row % r);
+            let srow = &scales[(m * sr + rr / br) * sc..(m * sr + rr / br + 1) * sc];
+            v.extend(bytes[row * c..(row + 1) * c].iter().enumerate().map(|(j, &b)| e4m3_to_f32(b) * srow[j / bc]));
+        }
+        Mat::from_f32(range.len(), c, v).with_context(|| format!("tensor `{name}`"))
     }
 
     /// Raw bytes, dtype and shape of tensor `name` (no conversion).
@@ -159,9 +213,53 @@ impl Checkpoint {
         })
     }
 
+    /// Whether `name` is the block scales of an FP8 weight (read with the weight, never alone).
+    pub fn is_fp8_scale(&self, name: &str) -> bool {
+        name.strip_suffix("_scale_inv").and_then(|w| self.tensors.get(w)).is_some_and(|w| w.dtype == StDtype::F8_E4M3)
+    }
+
     /// Loads a tensor of `len` elements as f32 (norm weights, biases, per-head scalars). The
     /// shape may carry extra unit dimensions only where `shape` says so.
     pub fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         Ok(self.mat(name, shape)?.to_f32())
+    }
+}
+
+/// The FP8 scale block of the checkpoint in `dir` (128×128 unless its config.json says otherwise).
+fn fp8_block_size(dir: &Path) -> Result<[usize; 2]> {
+    let path = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok([128, 128]) };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return Ok([128, 128]) };
+    let q = v.get("quantization_config").or_else(|| v.get("text_config").and_then(|t| t.get("quantization_config")));
+    match q.and_then(|q| q.get("weight_block_size")) {
+        None | Some(serde_json::Value::Null) => Ok([128, 128]),
+        Some(b) => match b.as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>()).as_deref() {
+            Some(&[r, c]) if r > 0 && c > 0 => Ok([r as usize, c as usize]),
+            _ => bail!(
+                "{}: quantization_config.weight_block_size must be two positive integers, got {b}",
+                path.display()
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::e4m3_to_f32;
+
+    #[test]
+    fn e4m3_decodes_every_byte_as_the_format_defines() {
+        // float8_e4m3fn: bias 7, subnormals below 2^-6, max 448, NaN only at S.1111.111
+        assert_eq!(e4m3_to_f32(0x00), 0.0);
+        assert_eq!(e4m3_to_f32(0x38), 1.0);
+        assert_eq!(e4m3_to_f32(0xb8), -1.0);
+        assert_eq!(e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6));
+        assert!(e4m3_to_f32(0x7f).is_nan() && e4m3_to_f32(0xff).is_nan());
+        assert_eq!(e4m3_to_f32(0x78), 256.0);
+        // every non-NaN byte: monotone in its magnitude bits
+        let pos: Vec<f32> = (0u8..0x7f).map(e4m3_to_f32).collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -201,3 +201,31 @@ fn non_finite_weights_are_errors() {
     assert!(e.contains("non-finite") && e.contains("layer 1 expert 0 down_proj"), "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn fp8_weights_without_their_block_scales_or_with_the_wrong_ones() {
+    const W: &str = "model.layers.0.self_attn.q_proj.weight";
+    let d = copy("minimax_m2_fp8");
+    rewrite(d.path(), |l| l.retain(|t| t.0 != format!("{W}_scale_inv")));
+    let e = load_err(d.path());
+    assert!(e.contains(W) && e.contains("_scale_inv"), "{e}");
+    let d = copy("minimax_m2_fp8");
+    rewrite(d.path(), |l| {
+        let s = l.iter_mut().find(|t| t.0 == format!("{W}_scale_inv")).unwrap();
+        s.2 = vec![1, 1];
+        s.3.truncate(4);
+    });
+    let e = load_err(d.path());
+    assert!(e.contains("blocks of 12x20") && e.contains("[1, 1]"), "{e}");
+    // a block size that is not two positive integers
+    let d = copy("minimax_m2_fp8");
+    let cfg = d.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"weight_block_size\": [\n      12,\n      20\n    ]", "\"weight_block_size\": [0]"),
+    )
+    .unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("weight_block_size"), "{e}");
+}

@@ -151,6 +151,8 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
         .names()
         .into_iter()
         .filter(|n| (n.starts_with(pre.as_str()) || head(n)) && !is_expert(n) && !is_mlx_aux(n))
+        // FP8 block scales are read with their weights
+        .filter(|n| !ck.is_fp8_scale(n))
         // layers past the text model's (GLM's and DeepSeek's MTP layers) are not converted
         .filter(|n| names.layer_of(&pre, n).is_none_or(|i| i < cfg.num_layers))
         .collect();

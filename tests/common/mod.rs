@@ -17,6 +17,7 @@ pub const FIXTURES: &[&str] = &[
     "minimax_m2",
     "glm4_moe",
     "glm4_moe_air",
+    "minimax_m2_fp8",
 ];
 
 pub struct Reference {
