@@ -107,6 +107,8 @@ def randomize(model, seed):
                 v = rnd(p.shape, 0.5)
             elif "conv1d" in name:
                 v = rnd(p.shape, 0.4)
+            elif name.endswith("sinks"):
+                v = rnd(p.shape, 1.0)
             elif p.dim() == 1:  # norms: plain ones keep 1 + noise, zero-centred keep noise
                 base = 1.0 if float(p.double().mean()) > 0.5 else 0.0
                 v = base + rnd(p.shape, 0.1)
@@ -114,8 +116,10 @@ def randomize(model, seed):
                 v = rnd(p.shape, 0.5)
             else:  # [.., out, in]
                 v = rnd(p.shape, 1.0 / p.shape[-1] ** 0.5)
-                if name.endswith("mlp.gate.weight"):
+                if name.endswith("mlp.gate.weight") or name.endswith("mlp.router.weight"):
                     v = v * 3.0  # decisive routing keeps top-k away from ties
+                if name.endswith("experts.gate_up_proj"):
+                    v = v * 10.0  # gpt-oss: past its SwiGLU clamp at 7 now and then
             p.copy_(v.to(torch.bfloat16).to(p.dtype))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # large enough to change the choice
@@ -128,7 +132,7 @@ class GapMonitor:
     def __init__(self, model):
         self.min_gap = float("inf")
         for name, mod in model.named_modules():
-            if name.endswith("mlp.gate") and hasattr(mod, "top_k"):
+            if (name.endswith("mlp.gate") or name.endswith("mlp.router")) and hasattr(mod, "top_k"):
                 mod.register_forward_hook(self.hook)
 
     def hook(self, mod, inp, out):
@@ -194,7 +198,7 @@ def rows(t):
 
 
 def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, fused=False, wrap_dtype=None,
-         mtp=False, fp8=None):
+         mtp=False, fp8=None, mxfp4=False):
     if ONLY and name not in ONLY:
         return
     path = os.path.join(OUT, name)
@@ -225,6 +229,9 @@ def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, 
     if fp8:
         # the reference is the model whose weights are the FP8 values, dequantized
         model = fp8_checkpoint(path, fp8, model_cls)
+        prefill, greedy, decode, _ = reference(model, prompt)
+    if mxfp4:
+        model = mxfp4_checkpoint(path, model_cls)
         prefill, greedy, decode, _ = reference(model, prompt)
     build_tokenizer().save_pretrained(path)
     with open(os.path.join(path, "reference.json"), "w") as f:
@@ -291,6 +298,58 @@ def fp8_checkpoint(path, block, model_cls):
     cfg = json.load(open(cfg_path))
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
                                   "weight_block_size": [br, bc]}
+    json.dump(cfg, open(cfg_path, "w"), indent=2)
+    tmp = path + ".dequantized"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(deq, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    cfg.pop("quantization_config")
+    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+    model = model_cls.from_pretrained(tmp, dtype=torch.float64, attn_implementation="eager",
+                                      experts_implementation="eager")
+    shutil.rmtree(tmp)
+    return model
+
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def mxfp4_encode(w):
+    """[..., rows, cols] -> (blocks [..., rows, cols/32, 16] u8, scales [..., rows, cols/32] u8, dequantized):
+    e2m1 values (low nibble first) and an e8m0 scale per 32, as gpt-oss releases its experts."""
+    *lead, r, c = w.shape
+    g = w.double().reshape(*lead, r, c // 32, 32)
+    amax = g.abs().amax(-1, keepdim=True).clamp(min=1e-30)
+    e = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    x = g / torch.exp2(e)
+    lut = torch.tensor(E2M1, dtype=torch.float64)
+    idx = (x.abs().unsqueeze(-1) - lut).abs().argmin(-1)
+    idx = idx + 8 * ((x < 0) & (idx > 0))
+    signed = torch.tensor(E2M1 + [-v for v in E2M1], dtype=torch.float64)
+    deq = (signed[idx] * torch.exp2(e)).reshape(*lead, r, c)
+    nib = idx.to(torch.uint8)
+    blocks = (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous()
+    scales = (e.squeeze(-1) + 127).to(torch.uint8).contiguous()
+    return blocks, scales, deq
+
+
+def mxfp4_checkpoint(path, model_cls):
+    """Store the experts of a gpt-oss checkpoint as released (MXFP4 `*_blocks`/`*_scales`, out x in);
+    returns the model holding the dequantized weights."""
+    f = os.path.join(path, "model.safetensors")
+    t = load_file(f)
+    deq = dict(t)
+    for k in list(t):
+        if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
+            w = t.pop(k).transpose(1, 2)  # transformers keeps [E, in, out]; releases [E, out, in]
+            blocks, scales, d = mxfp4_encode(w)
+            t[k + "_blocks"], t[k + "_scales"] = blocks, scales
+            deq[k] = d.transpose(1, 2).contiguous()
+    save_file(t, f, metadata={"format": "pt"})
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                  "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     json.dump(cfg, open(cfg_path, "w"), indent=2)
     tmp = path + ".dequantized"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -581,6 +640,31 @@ def main():
     air = dict(glm, use_qk_norm=False, n_group=1, topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=2,
                n_shared_experts=2, norm_topk_prob=False)
     make("glm4_moe_air", Glm4MoeConfig, Glm4MoeForCausalLM, air, torch.float32, short, 900)
+
+    from transformers import GptOssConfig
+
+    GptOssForCausalLM = float64_module("transformers.models.gpt_oss.modeling_gpt_oss").GptOssForCausalLM
+    oss = dict(
+        common,
+        hidden_size=32,
+        num_hidden_layers=4,  # sliding, full, sliding, full
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=16,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        sliding_window=5,  # shorter than the test sequence
+        attention_bias=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                             truncate=False, original_max_position_embeddings=16),
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
+    make("gpt_oss", GptOssConfig, GptOssForCausalLM, oss, torch.float32, prompt, 1000)
+    # as released: MXFP4 experts (the reference runs on their dequantized values)
+    oss_q = dict(oss, intermediate_size=32)  # MXFP4 blocks of 32 along both expert inputs
+    make("gpt_oss_mxfp4", GptOssConfig, GptOssForCausalLM, oss_q, torch.bfloat16, short, 1100, mxfp4=True)
 
     if not ONLY:
         tokenizer_reference()

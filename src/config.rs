@@ -47,22 +47,61 @@ pub struct RouterSpec {
     /// (by the sum of their two best scores) are eligible (1, 1: no limit).
     pub n_group: usize,
     pub topk_group: usize,
+    /// The router has a bias of its own, added to the logits (gpt-oss).
+    pub logit_bias: bool,
+    /// Choose the top-k by logit, then softmax over the chosen only (gpt-oss).
+    pub softmax_chosen: bool,
 }
 
 impl RouterSpec {
     pub fn softmax(renormalize: bool) -> RouterSpec {
-        RouterSpec { sigmoid: false, correction_bias: false, renormalize, scale: 1.0, n_group: 1, topk_group: 1 }
+        RouterSpec {
+            sigmoid: false,
+            correction_bias: false,
+            renormalize,
+            scale: 1.0,
+            n_group: 1,
+            topk_group: 1,
+            logit_bias: false,
+            softmax_chosen: false,
+        }
     }
 }
 
+/// An expert's activation between its gate/up and down products.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Act {
+    /// silu(g) · u.
+    Swiglu,
+    /// gpt-oss: g ← min(g, limit), u ← clamp(u, ±limit), g·σ(alpha·g)·(u + 1).
+    ClampedSwiglu { alpha: f32, limit: f32 },
+}
+
+/// YaRN's frequency blend and attention factor (`rope_type: yarn`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: f64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// Round the blend's corrected range to whole dimensions (false for gpt-oss).
+    pub truncate: bool,
+    /// Multiplies cos and sin.
+    pub attention_factor: f64,
+}
+
 /// Attention options beyond the Qwen default.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AttnSpec {
     pub qk_norm: QkNorm,
-    /// Biases on the q, k and v projections.
+    /// Biases on the q, k and v projections, and on the output projection.
     pub qkv_bias: bool,
-    /// Each position attends to at most this many positions (itself included).
-    pub sliding_window: Option<usize>,
+    pub o_bias: bool,
+    /// A learned logit per head that takes part in the softmax and is then dropped (gpt-oss).
+    pub sinks: bool,
+    /// Per layer: each position attends to at most this many positions, itself included.
+    pub window: Vec<Option<usize>>,
+    pub yarn: Option<Yarn>,
 }
 
 /// Gated DeltaNet sizes.
@@ -119,6 +158,9 @@ pub struct ModelConfig {
     pub attn: AttnSpec,
     /// The shared expert is scaled by sigmoid(`shared_expert_gate`·x) (Qwen), else added as is.
     pub shared_expert_gated: bool,
+    /// The routed experts' activation; with `expert_bias`, their gate, up and down have biases.
+    pub expert_act: Act,
+    pub expert_bias: bool,
     pub linear: Option<LinearAttnConfig>,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
@@ -221,14 +263,41 @@ impl ModelConfig {
         let rope_type = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str);
         if let Some(rt) = rope_type
             && rt != "default"
+            && rt != "yarn"
         {
-            bail!("config.json: rope_type `{rt}` is not supported (only default)");
+            bail!("config.json: rope_type `{rt}` is not supported (default, yarn)");
         }
         let from_rope = |name: &str, default: f64| -> Result<f64> {
             match rope.and_then(|r| field(r, name)) {
                 Some(x) => x.as_f64().ok_or_else(|| anyhow!("config.json: rope_parameters.{name} is not a number")),
                 None => opt_f64(t, name, default),
             }
+        };
+        let yarn = if rope_type == Some("yarn") {
+            let r = rope.expect("a rope_type comes with its parameters");
+            let factor = from_rope("factor", 1.0)?;
+            let mscale = |s: f64, m: f64| if s <= 1.0 { 1.0 } else { 0.1 * m * s.ln() + 1.0 };
+            let attention_factor = match field(r, "attention_factor") {
+                Some(_) => from_rope("attention_factor", 1.0)?,
+                None => match (from_rope("mscale", 0.0)?, from_rope("mscale_all_dim", 0.0)?) {
+                    (m, a) if m != 0.0 && a != 0.0 => mscale(factor, m) / mscale(factor, a),
+                    _ => mscale(factor, 1.0),
+                },
+            };
+            let orig = match field(r, "original_max_position_embeddings") {
+                Some(_) => from_rope("original_max_position_embeddings", 0.0)?,
+                None => bail!("config.json: rope_parameters.original_max_position_embeddings is missing (yarn)"),
+            };
+            Some(Yarn {
+                factor,
+                original_max_position_embeddings: orig,
+                beta_fast: from_rope("beta_fast", 32.0)?,
+                beta_slow: from_rope("beta_slow", 1.0)?,
+                truncate: opt_bool(r, "truncate", true)?,
+                attention_factor,
+            })
+        } else {
+            None
         };
         let partial_default = traits.partial_rotary_default;
         let rope_theta = from_rope("rope_theta", 10000.0)?;
@@ -354,8 +423,17 @@ impl ModelConfig {
             num_experts_per_tok: opt_usize(t, "num_experts_per_tok", 0)?,
             norm_topk_prob,
             router: RouterSpec::softmax(norm_topk_prob),
-            attn: AttnSpec { qk_norm: QkNorm::PerHead, qkv_bias: false, sliding_window: None },
+            attn: AttnSpec {
+                qk_norm: QkNorm::PerHead,
+                qkv_bias: false,
+                o_bias: false,
+                sinks: false,
+                window: vec![None; num_layers],
+                yarn,
+            },
             shared_expert_gated: true,
+            expert_act: Act::Swiglu,
+            expert_bias: false,
             linear,
             tie_word_embeddings,
             max_position_embeddings: opt_usize(t, "max_position_embeddings", 32768)?,
@@ -367,7 +445,7 @@ impl ModelConfig {
         if opt_bool(t, "attention_bias", false)? && !cfg.attn.qkv_bias {
             bail!("config.json: attention_bias = true is not supported for {}", cfg.family);
         }
-        if opt_bool(t, "use_sliding_window", false)? && cfg.attn.sliding_window.is_none() {
+        if opt_bool(t, "use_sliding_window", false)? && cfg.attn.window.iter().all(Option::is_none) {
             bail!("config.json: use_sliding_window = true is not supported for {}", cfg.family);
         }
         let any_moe = cfg.ffns.contains(&Ffn::Moe);
@@ -443,9 +521,10 @@ impl ModelConfig {
             .collect()
     }
 
-    /// Parameters of one routed expert (gate, up and down).
+    /// Parameters of one routed expert (gate, up and down, and their biases).
     pub fn expert_params(&self) -> usize {
-        3 * self.hidden_size * self.moe_intermediate_size
+        let (h, i) = (self.hidden_size, self.moe_intermediate_size);
+        3 * h * i + if self.expert_bias { 2 * i + h } else { 0 }
     }
 
     /// Parameters of the token mixer of layer `i`.
@@ -460,8 +539,9 @@ impl ModelConfig {
                     QkNorm::PerHead => 2 * self.head_dim,
                     QkNorm::Whole => (self.num_heads + self.num_kv_heads) * self.head_dim,
                 };
-                let bias = if self.attn.qkv_bias { q + kv } else { 0 };
-                h * (q + kv) + self.num_heads * self.head_dim * h + norms + bias
+                let bias = if self.attn.qkv_bias { q + kv } else { 0 } + if self.attn.o_bias { h } else { 0 };
+                let sinks = if self.attn.sinks { self.num_heads } else { 0 };
+                h * (q + kv) + self.num_heads * self.head_dim * h + norms + bias + sinks
             }
             Mixer::DeltaNet => {
                 let l = self.linear.as_ref().expect("DeltaNet layer without linear config");
@@ -505,7 +585,7 @@ impl ModelConfig {
                         total += 3 * h * self.shared_expert_intermediate_size as u64;
                         total += if self.shared_expert_gated { h } else { 0 };
                     }
-                    total += if self.router.correction_bias { e } else { 0 };
+                    total += if self.router.correction_bias || self.router.logit_bias { e } else { 0 };
                     inactive += (e - self.num_experts_per_tok as u64) * ep;
                 }
             }

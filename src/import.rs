@@ -23,10 +23,41 @@ pub fn text_prefix(cfg: &ModelConfig, ck: &dyn TensorSource) -> Result<String> {
     bail!("{}: tensor `{}{}.weight` is missing from the checkpoint", ck.dir().display(), candidates[0], n.embed)
 }
 
-/// Expert `e` of MoE layer `layer` as (gate, up, down), `[inter, hidden]`, `[inter, hidden]`
-/// and `[hidden, inter]`; MLX-quantized experts keep their source bytes and format.
-/// `raw_cfg` is the checkpoint's config.json (MLX group sizes).
+/// One routed expert as read from a checkpoint: gate and up `[inter, hidden]`, down
+/// `[hidden, inter]`, and their biases where the family has them.
+pub struct Expert {
+    pub mats: [Mat; 3],
+    pub bias: Option<[Vec<f32>; 3]>,
+}
+
+impl Expert {
+    /// The block it computes, with `act`.
+    pub fn mlp(self, act: crate::config::Act) -> crate::layers::mlp::Mlp {
+        let [gate, up, down] = self.mats;
+        crate::layers::mlp::Mlp { gate, up, down, bias: self.bias.map(std::sync::Arc::new), act }
+    }
+}
+
+/// Expert `e` of MoE layer `layer`; MLX-quantized experts keep their source bytes and format.
+/// `raw_cfg` is the checkpoint's config.json (MLX group sizes). A family whose checkpoints
+/// store experts their own way reads them itself ([`crate::families::Family::expert`]).
 pub fn expert(
+    ck: &Checkpoint,
+    cfg: &ModelConfig,
+    raw_cfg: &serde_json::Value,
+    pre: &str,
+    layer: usize,
+    e: usize,
+) -> Result<Expert> {
+    let family = crate::families::by_model_type(&cfg.model_type)?;
+    if let Some(x) = family.expert(ck, cfg, pre, layer, e) {
+        return x;
+    }
+    Ok(Expert { mats: common_expert(ck, cfg, raw_cfg, pre, layer, e)?, bias: None })
+}
+
+/// [`expert`] in the layouts the Qwen families, Mixtral, MiniMax and GLM share.
+fn common_expert(
     ck: &Checkpoint,
     cfg: &ModelConfig,
     raw_cfg: &serde_json::Value,

@@ -133,6 +133,14 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         if let Some(ex) = &m.experts {
             let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
             let dims = [ex.gate, ex.up, ex.down].map(|p| (p.rows, p.cols));
+            if ex.biases.is_some() != cfg.expert_bias {
+                bail!(
+                    "{}: the manifest's experts {} biases, the config's {}",
+                    dir.display(),
+                    if ex.biases.is_some() { "have" } else { "have no" },
+                    if cfg.expert_bias { "do" } else { "do not" }
+                );
+            }
             if ex.num_experts != cfg.num_experts || dims != [(i, h), (i, h), (h, i)] {
                 bail!(
                     "{}: the manifest's experts ({} of {dims:?}) do not match the config ({} experts, hidden {h}, \
@@ -199,14 +207,14 @@ impl Loader<'_> {
 
     fn mlp(&self, p: &str, inter: usize) -> Result<Mlp> {
         let (h, n) = (self.cfg.hidden_size, self.names);
-        Ok(Mlp {
-            gate: self.ck.mat(&weight(p, n.gate_proj), &[inter, h])?,
-            up: self.ck.mat(&weight(p, n.up_proj), &[inter, h])?,
-            down: self.ck.mat(&weight(p, n.down_proj), &[h, inter])?,
-        })
+        Ok(Mlp::new(
+            self.ck.mat(&weight(p, n.gate_proj), &[inter, h])?,
+            self.ck.mat(&weight(p, n.up_proj), &[inter, h])?,
+            self.ck.mat(&weight(p, n.down_proj), &[h, inter])?,
+        ))
     }
 
-    fn attention(&self, p: &str) -> Result<Attention> {
+    fn attention(&self, p: &str, layer: usize) -> Result<Attention> {
         let c = self.cfg;
         let (h, nh, nkv, d) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
         let gated = c.gated_attention();
@@ -238,8 +246,13 @@ impl Loader<'_> {
             num_kv_heads: nkv,
             head_dim: d,
             gated,
-            rope: Rope::new(c.rotary_dim(), c.rope_theta),
-            window: c.attn.sliding_window,
+            o_bias: if c.attn.o_bias { Some(self.ck.vector(&format!("{p}.{}.bias", n.o_proj), &[h])?) } else { None },
+            sinks: if c.attn.sinks { Some(self.ck.vector(&format!("{p}.{}", n.sinks), &[nh])?) } else { None },
+            rope: match &c.attn.yarn {
+                Some(y) => Rope::yarn(c.rotary_dim(), c.rope_theta, y),
+                None => Rope::new(c.rotary_dim(), c.rope_theta),
+            },
+            window: c.attn.window[layer],
         })
     }
 
@@ -285,10 +298,7 @@ impl Loader<'_> {
             }
         };
         (0..self.cfg.num_experts)
-            .map(|e| {
-                let [gate, up, down] = import::expert(ck, self.cfg, raw, &self.pre, layer, e)?;
-                Ok(Mlp { gate, up, down })
-            })
+            .map(|e| Ok(import::expert(ck, self.cfg, raw, &self.pre, layer, e)?.mlp(self.cfg.expert_act)))
             .collect()
     }
 
@@ -310,15 +320,21 @@ impl Loader<'_> {
             router: self.ck.mat(&weight(p, n.router), &[c.num_experts, c.hidden_size])?,
             experts: match (&self.store, &self.preload) {
                 (Some(store), _) => Experts::Flash { store: store.clone(), layer },
-                (None, Some(pre)) => Experts::Memory(pre.load_layer(layer)?),
+                (None, Some(pre)) => Experts::Memory(pre.load_layer(layer, c.expert_act)?),
                 (None, None) => Experts::Memory(self.experts(layer)?),
             },
             shared,
             top_k: c.num_experts_per_tok,
+            act: c.expert_act,
             scoring: Scoring {
                 spec: c.router.clone(),
                 bias: if c.router.correction_bias {
                     Some(self.ck.vector(&format!("{p}.{}", n.correction_bias), &[c.num_experts])?)
+                } else {
+                    None
+                },
+                logit_bias: if c.router.logit_bias {
+                    Some(self.ck.vector(&format!("{p}.{}.bias", n.router), &[c.num_experts])?)
                 } else {
                     None
                 },
@@ -350,7 +366,7 @@ pub fn build(
     for i in 0..cfg.num_layers {
         let p = n.layer(&pre, i);
         let mixer = match cfg.mixers[i] {
-            Mixer::Attention => MixerWeights::Attention(ld.attention(&format!("{p}.{}", n.attention))?),
+            Mixer::Attention => MixerWeights::Attention(ld.attention(&format!("{p}.{}", n.attention), i)?),
             Mixer::DeltaNet => {
                 let l = cfg.linear.as_ref().expect("checked in config");
                 MixerWeights::DeltaNet(ld.deltanet(&format!("{p}.{}", n.deltanet), l)?)

@@ -24,6 +24,8 @@ pub enum MixerWeights {
 
 /// Feed-forward weights of one layer.
 #[derive(Clone, Debug)]
+// one per layer, never in a hot array: boxing would only add an indirection
+#[allow(clippy::large_enum_variant)]
 pub enum FfnWeights {
     Moe(Moe),
     Dense(Mlp),
@@ -271,7 +273,12 @@ impl Model {
                 match &mut m.experts {
                     Experts::Memory(v) => {
                         for e in v.iter_mut() {
-                            *e = Mlp { gate: e.gate.to_kind(kind), up: e.up.to_kind(kind), down: e.down.to_kind(kind) };
+                            *e = Mlp {
+                                gate: e.gate.to_kind(kind),
+                                up: e.up.to_kind(kind),
+                                down: e.down.to_kind(kind),
+                                ..e.clone()
+                            };
                         }
                     }
                     Experts::Flash { .. } => {

@@ -862,6 +862,9 @@ pub struct SwigluTerm<'a> {
     pub down: MatRef<'a>,
     pub x: &'a [f32],
     pub weight: f32,
+    /// Biases of gate, up and down, and the activation ([`crate::layers::mlp::activate`]).
+    pub bias: Option<[&'a [f32]; 3]>,
+    pub act: crate::config::Act,
 }
 
 /// `out = Σ_i weight_i · down_i(silu(gate_i·x_i) ⊙ up_i·x_i)`, summed in the order given, in two
@@ -936,7 +939,7 @@ pub fn swiglu_sum(terms: &[SwigluTerm<'_>], out: &mut [f32], p: Precision) {
         // written in full by the product
         let mut u = scratch::dirty(r1 - r0);
         t.up.rows_into(&prepared.input(2 * i + 1, t.x), r0, &mut u);
-        kernels::swiglu(g, &u);
+        crate::layers::mlp::activate(g, &mut u, r0, t.bias, t.act);
         if let Some(parts) = &parts[i] {
             // SAFETY: laid out for block i's down input above and read only in the next step;
             // r0 is a multiple of the group, r1 one too or the end, and no other item has them
@@ -966,6 +969,9 @@ pub fn swiglu_sum(terms: &[SwigluTerm<'_>], out: &mut [f32], p: Precision) {
         let mut y = scratch::dirty(r1 - r0);
         for (t, input) in terms.iter().zip(&inputs) {
             t.down.rows_into(input, r0, &mut y);
+            if let Some([_, _, bd]) = t.bias {
+                kernels::axpy(1.0, &bd[r0..r1], &mut y);
+            }
             kernels::axpy(t.weight, &y, o);
         }
     };
@@ -1137,6 +1143,8 @@ mod tests {
                         down: d.view(),
                         x: &xs[e % 2],
                         weight: weights[e],
+                        bias: None,
+                        act: crate::config::Act::Swiglu,
                     })
                     .collect();
                 for threads in [1, 3, 8] {

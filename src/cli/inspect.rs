@@ -48,14 +48,27 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
     );
     let a = &c.attn;
     println!(
-        "attn options   q/k norm {}, q/k/v biases {}, sliding window {}",
+        "attn options   q/k norm {}, biases {}, sinks {}, sliding window {}{}",
         match a.qk_norm {
             flashmoe::config::QkNorm::None => "none",
             flashmoe::config::QkNorm::PerHead => "per head",
             flashmoe::config::QkNorm::Whole => "over all heads",
         },
-        if a.qkv_bias { "yes" } else { "no" },
-        a.sliding_window.map_or("none".to_string(), |w| w.to_string())
+        match (a.qkv_bias, a.o_bias) {
+            (true, true) => "q/k/v/o",
+            (true, false) => "q/k/v",
+            _ => "none",
+        },
+        if a.sinks { "yes" } else { "no" },
+        {
+            let w: Vec<usize> = a.window.iter().flatten().copied().collect();
+            match w.first() {
+                None => "none".to_string(),
+                Some(x) if w.len() == a.window.len() => format!("{x} in every layer"),
+                Some(x) => format!("{x} in {} of {} layers", w.len(), a.window.len()),
+            }
+        },
+        a.yarn.map_or(String::new(), |y| format!(", YaRN x{} from {}", y.factor, y.original_max_position_embeddings))
     );
     if let Some(l) = &c.linear {
         println!(

@@ -41,7 +41,8 @@ impl Family for Mixtral {
         // the experts' width is `intermediate_size`; there are no dense layers
         cfg.moe_intermediate_size = std::mem::take(&mut cfg.intermediate_size);
         if field(t, "sliding_window").is_some() {
-            cfg.attn.sliding_window = Some(req_usize(t, "sliding_window")?.max(1));
+            let w = req_usize(t, "sliding_window")?.max(1);
+            cfg.attn.window.iter_mut().for_each(|x| *x = Some(w));
         }
         Ok(())
     }

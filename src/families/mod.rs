@@ -19,6 +19,7 @@ mod qwen3_moe;
 mod qwen3_next;
 
 mod glm4_moe;
+mod gpt_oss;
 mod minimax_m2;
 mod mixtral;
 
@@ -62,6 +63,18 @@ pub trait Family: Sync {
     fn configure(&self, _t: &Value, _cfg: &mut ModelConfig) -> Result<()> {
         Ok(())
     }
+    /// Routed expert `e` of layer `layer` when this family's checkpoints store experts in a
+    /// layout of their own (`None`: the common layouts of [`crate::import::expert`]).
+    fn expert(
+        &self,
+        _ck: &crate::checkpoint::Checkpoint,
+        _cfg: &ModelConfig,
+        _pre: &str,
+        _layer: usize,
+        _e: usize,
+    ) -> Option<Result<crate::import::Expert>> {
+        None
+    }
     /// Synth presets: names and their text model's `config.json`.
     fn presets(&self) -> &'static [&'static str] {
         &[]
@@ -100,6 +113,7 @@ static FAMILIES: &[&dyn Family] = &[
     &glm4_moe::Glm4Moe,
     &minimax_m2::MiniMaxM2,
     &mixtral::Mixtral,
+    &gpt_oss::GptOss,
 ];
 
 /// The tensor names of a `model_type`'s checkpoints (the common ones for an unknown type:

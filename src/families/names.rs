@@ -25,6 +25,8 @@ pub struct Names {
     pub o_proj: &'static str,
     pub q_norm: &'static str,
     pub k_norm: &'static str,
+    /// Per-head attention sinks (gpt-oss).
+    pub sinks: &'static str,
     /// Gated DeltaNet and its parameters (its input projections are the family's own:
     /// `Family::deltanet_inputs`).
     pub deltanet: &'static str,
@@ -70,6 +72,7 @@ pub const HF: Names = Names {
     o_proj: "o_proj",
     q_norm: "q_norm",
     k_norm: "k_norm",
+    sinks: "sinks",
     deltanet: "linear_attn",
     conv1d: "conv1d",
     dt_bias: "dt_bias",

@@ -159,7 +159,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&i| cfg.ffns[i] == Ffn::Moe).collect();
     let (h, inter, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
     let ek = opts.experts;
-    let ([gate, up, down], stride) = expert_layout(ek, h, inter);
+    let ([gate, up, down], biases, stride) = expert_layout(ek, h, inter, cfg.expert_bias);
 
     // the output's size, for the free-space check
     let mut expected = stride * (moe_layers.len() * ne) as u64;
@@ -237,14 +237,24 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
         let fname = format!("experts/layer_{l:03}.bin");
         let mut out = Out::create(&tmp, &fname)?;
         for e in 0..ne {
-            let [g, u, d] = import::expert(&ck, &cfg, &raw_cfg, &pre, l, e)?;
-            for (m, which) in [(&g, "gate"), (&u, "up"), (&d, "down")] {
+            let x = import::expert(&ck, &cfg, &raw_cfg, &pre, l, e)?;
+            let [g, u, d] = &x.mats;
+            for (m, which) in [(g, "gate"), (u, "up"), (d, "down")] {
                 finite(m, &format!("layer {l} expert {e} {which}_proj"), from)?;
             }
             extent.iter_mut().for_each(|b| *b = 0);
-            for (m, part) in [(&g, &gate), (&u, &up), (&d, &down)] {
+            for (m, part) in [(g, &gate), (u, &up), (d, &down)] {
                 let b = m.encode(ek);
                 extent[part.offset as usize..part.offset as usize + b.len()].copy_from_slice(&b);
+            }
+            if let (Some(bias), Some(parts)) = (&x.bias, &biases) {
+                for (v, part) in bias.iter().zip(parts) {
+                    if v.iter().any(|x| !x.is_finite()) {
+                        bail!("{}: layer {l} expert {e}: a bias holds a non-finite value", from.display());
+                    }
+                    let b: &[u8] = bytemuck::cast_slice(v);
+                    extent[part.offset as usize..part.offset as usize + b.len()].copy_from_slice(b);
+                }
             }
             out.write(&extent)?;
             pb.inc(1);
@@ -265,8 +275,16 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
         }
     }
 
-    let experts =
-        (!moe_layers.is_empty()).then(|| Experts { kind: ek.name(), num_experts: ne, stride, gate, up, down, layers });
+    let experts = (!moe_layers.is_empty()).then(|| Experts {
+        kind: ek.name(),
+        num_experts: ne,
+        stride,
+        gate,
+        up,
+        down,
+        biases,
+        layers,
+    });
     let manifest = Manifest::new(raw_cfg, opts.dense, tensors, experts, files);
 
     // 4. verify what reached the disk, then publish: manifest last, rename into place

@@ -64,6 +64,9 @@ pub struct Experts {
     pub gate: Part,
     pub up: Part,
     pub down: Part,
+    /// f32 biases of gate, up and down (gpt-oss), one row each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub biases: Option<[Part; 3]>,
     pub layers: Vec<ExpertLayer>,
 }
 
@@ -95,7 +98,14 @@ impl ExpertLayout {
     /// The layout a manifest describes, checked against its stride.
     pub fn of(ex: &Experts) -> Result<ExpertLayout> {
         let kind = ex.wkind()?;
-        let parts = vec![("gate", ex.gate, kind), ("up", ex.up, kind), ("down", ex.down, kind)];
+        let mut parts = vec![("gate", ex.gate, kind), ("up", ex.up, kind), ("down", ex.down, kind)];
+        if let Some([g, u, d]) = ex.biases {
+            let want = [ex.gate.rows, ex.up.rows, ex.down.rows];
+            if [g, u, d].iter().zip(want).any(|(p, n)| p.rows != 1 || p.cols != n || p.offset % 4 != 0) {
+                bail!("manifest: expert biases {:?} do not match the parts' rows {want:?}", [g, u, d]);
+            }
+            parts.extend([("gate_bias", g, WKind::F32), ("up_bias", u, WKind::F32), ("down_bias", d, WKind::F32)]);
+        }
         for (name, p, k) in &parts {
             let end = k.checked_bytes(p.rows, p.cols).and_then(|b| (p.offset as usize).checked_add(b));
             if end.is_none_or(|e| e as u64 > ex.stride) {
@@ -118,22 +128,40 @@ impl ExpertLayout {
         Some(MatRef { rows: p.rows, cols: p.cols, kind: *kind, data: &extent[at..at + kind.bytes(p.rows, p.cols)] })
     }
 
-    /// A SwiGLU expert's view of `extent` (`of` guarantees the three parts).
-    pub fn mlp<'a>(&self, extent: &'a [u8]) -> MlpRef<'a> {
+    /// A SwiGLU expert's view of `extent` (`of` guarantees the three parts), with the
+    /// activation `act`.
+    pub fn mlp<'a>(&self, extent: &'a [u8], act: crate::config::Act) -> MlpRef<'a> {
         let m = |n| self.part(extent, n).expect("a SwiGLU layout has gate, up and down");
-        MlpRef { gate: m("gate"), up: m("up"), down: m("down") }
+        let f32s = |n| {
+            self.part(extent, n).map(|p| {
+                // 4-byte aligned inside an aligned extent (checked in `of`)
+                bytemuck::cast_slice::<u8, f32>(p.data)
+            })
+        };
+        let bias = match (f32s("gate_bias"), f32s("up_bias"), f32s("down_bias")) {
+            (Some(g), Some(u), Some(d)) => Some([g, u, d]),
+            _ => None,
+        };
+        MlpRef { gate: m("gate"), up: m("up"), down: m("down"), bias, act }
     }
 }
 
-/// Where gate, up and down sit in an extent of `kind` experts, and the extent stride: matrices
-/// aligned to [`TENSOR_ALIGN`], extents to [`EXTENT_ALIGN`].
-pub fn expert_layout(kind: WKind, hidden: usize, inter: usize) -> ([Part; 3], u64) {
+/// Where gate, up and down (and, with `biases`, their f32 biases) sit in an extent of `kind`
+/// experts, and the extent stride: parts aligned to [`TENSOR_ALIGN`], extents to [`EXTENT_ALIGN`].
+pub fn expert_layout(kind: WKind, hidden: usize, inter: usize, biases: bool) -> ([Part; 3], Option<[Part; 3]>, u64) {
     let a = |x: u64| x.next_multiple_of(TENSOR_ALIGN);
     let gate = Part { offset: 0, rows: inter, cols: hidden };
     let up = Part { offset: a(kind.bytes(inter, hidden) as u64), rows: inter, cols: hidden };
     let down = Part { offset: a(up.offset + kind.bytes(inter, hidden) as u64), rows: hidden, cols: inter };
-    let stride = (down.offset + kind.bytes(hidden, inter) as u64).next_multiple_of(EXTENT_ALIGN);
-    ([gate, up, down], stride)
+    let mut end = down.offset + kind.bytes(hidden, inter) as u64;
+    let bias = biases.then(|| {
+        [inter, inter, hidden].map(|n| {
+            let p = Part { offset: a(end), rows: 1, cols: n };
+            end = p.offset + 4 * n as u64;
+            p
+        })
+    });
+    ([gate, up, down], bias, end.next_multiple_of(EXTENT_ALIGN))
 }
 
 impl Manifest {
@@ -310,8 +338,8 @@ mod tests {
     use super::*;
 
     fn experts(kind: WKind, h: usize, i: usize) -> Experts {
-        let ([gate, up, down], stride) = expert_layout(kind, h, i);
-        Experts { kind: kind.name(), num_experts: 2, stride, gate, up, down, layers: vec![] }
+        let ([gate, up, down], biases, stride) = expert_layout(kind, h, i, false);
+        Experts { kind: kind.name(), num_experts: 2, stride, gate, up, down, biases, layers: vec![] }
     }
 
     #[test]
@@ -320,7 +348,7 @@ mod tests {
         let ex = experts(kind, 128, 64);
         let l = ExpertLayout::of(&ex).unwrap();
         let extent = vec![0u8; l.stride];
-        let m = l.mlp(&extent);
+        let m = l.mlp(&extent, crate::config::Act::Swiglu);
         assert_eq!((m.gate.rows, m.gate.cols, m.down.rows, m.down.cols), (64, 128, 128, 64));
         assert_eq!(m.up.data.len(), kind.bytes(64, 128));
         assert!(l.part(&extent, "bias").is_none());

@@ -712,7 +712,7 @@ impl ExpertStore {
     }
 
     /// Reads every expert of `layer` into owned memory (for runs that keep experts resident).
-    pub fn load_layer(&self, layer: usize) -> Result<Vec<crate::layers::mlp::Mlp>> {
+    pub fn load_layer(&self, layer: usize, act: crate::config::Act) -> Result<Vec<crate::layers::mlp::Mlp>> {
         let lf = self.files.get(&layer).ok_or_else(|| anyhow!("layer {layer} has no expert file"))?;
         let f = File::open(&lf.path).with_context(|| format!("cannot open {}", lf.path.display()))?;
         let mut buf = crate::tensor::AlignedBytes::zeroed(self.stride);
@@ -720,7 +720,7 @@ impl ExpertStore {
             .map(|e| {
                 pread_full(f.as_raw_fd(), buf.bytes_mut().as_mut_ptr(), self.stride, (e * self.stride) as u64)
                     .with_context(|| format!("{}: reading expert {e}", lf.path.display()))?;
-                let v = self.layout.mlp(buf.bytes());
+                let v = self.layout.mlp(buf.bytes(), act);
                 let own = |m: MatRef<'_>| {
                     crate::tensor::Mat::from_bytes(
                         m.rows,
@@ -729,7 +729,8 @@ impl ExpertStore {
                         crate::tensor::AlignedBytes::from_slice(m.data),
                     )
                 };
-                Ok(crate::layers::mlp::Mlp { gate: own(v.gate)?, up: own(v.up)?, down: own(v.down)? })
+                let bias = v.bias.map(|b| std::sync::Arc::new(b.map(|x| x.to_vec())));
+                Ok(crate::layers::mlp::Mlp { gate: own(v.gate)?, up: own(v.up)?, down: own(v.down)?, bias, act })
             })
             .collect()
     }

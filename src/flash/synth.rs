@@ -266,7 +266,7 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
     let cfg = ModelConfig::from_json(&raw)?;
     let ek = opts.experts;
     let (h, inter, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
-    let ([gate, up, down], stride) = expert_layout(ek, h, inter);
+    let ([gate, up, down], biases, stride) = expert_layout(ek, h, inter, cfg.expert_bias);
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&i| cfg.ffns[i] == Ffn::Moe).collect();
     let specs = specs(&cfg);
     let names = crate::families::names_of(&cfg.model_type);
@@ -327,8 +327,16 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
         files.push(out.finish()?);
         layers.push(ExpertLayer { layer: l, file: fname });
     }
-    let experts =
-        (!moe_layers.is_empty()).then(|| Experts { kind: ek.name(), num_experts: ne, stride, gate, up, down, layers });
+    let experts = (!moe_layers.is_empty()).then(|| Experts {
+        kind: ek.name(),
+        num_experts: ne,
+        stride,
+        gate,
+        up,
+        down,
+        biases,
+        layers,
+    });
     let manifest = Manifest::new(raw, opts.dense, tensors, experts, files);
     let mpath = tmp.join(MANIFEST);
     std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)

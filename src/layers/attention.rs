@@ -18,8 +18,12 @@ pub struct Attention {
     pub v_proj: Mat,
     pub o_proj: Mat,
     pub qk_norm: QkNorms,
-    /// Biases of q, k and v (GLM-4.5), added before the norms.
+    /// Biases of q, k and v (GLM-4.5, gpt-oss), added before the norms.
     pub bias: Option<[Vec<f32>; 3]>,
+    /// Bias of the output projection (gpt-oss).
+    pub o_bias: Option<Vec<f32>>,
+    /// A learned logit per head that joins each softmax and is dropped after (gpt-oss).
+    pub sinks: Option<Vec<f32>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -128,6 +132,9 @@ impl Attention {
         let heads = self.heads();
         attend(&q, n, pos0, cache, &mut o, heads, context_parts(n, nkv, pos0, heads.window));
         self.o_proj.matmul(&o, n, out, p);
+        if let Some(b) = &self.o_bias {
+            out.chunks_exact_mut(b.len()).for_each(|r| crate::kernels::axpy(1.0, b, r));
+        }
     }
 
     /// One token at `pos`, the same math in three steps and no serial pass over their outputs:
@@ -181,13 +188,17 @@ impl Attention {
         crate::par::mark();
         attend_one(&q, pos, cache, &o, heads, context_parts(1, nkv, pos, heads.window));
         o.product(out);
+        if let Some(b) = &self.o_bias {
+            crate::kernels::axpy(1.0, b, out);
+        }
     }
 }
 
 impl Attention {
-    fn heads(&self) -> Heads {
+    fn heads(&self) -> Heads<'_> {
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        Heads { nh, nkv, d, gated: self.gated, window: self.window.unwrap_or(usize::MAX) }
+        let window = self.window.unwrap_or(usize::MAX);
+        Heads { nh, nkv, d, gated: self.gated, window, sinks: self.sinks.as_deref() }
     }
 
     /// The per-head norm of q (`which` 0) or k (1), if the layer has one.
@@ -208,13 +219,15 @@ impl Attention {
 
 /// Head counts of an attention layer, and how far back a position sees.
 #[derive(Clone, Copy, Debug)]
-struct Heads {
+struct Heads<'a> {
     nh: usize,
     nkv: usize,
     d: usize,
     gated: bool,
     /// Positions attended, the own one included (`usize::MAX`: all).
     window: usize,
+    /// Each head's sink logit.
+    sinks: Option<&'a [f32]>,
 }
 
 /// Parts of the context per (token, KV head) work item: one when the tokens and KV heads give
@@ -227,7 +240,7 @@ fn context_parts(n: usize, nkv: usize, pos0: usize, window: usize) -> usize {
 
 /// Floats of one (token, KV head, part) item's output: its g heads' finished outputs with one
 /// part, else each head's (max, sum, unnormalised output).
-fn part_len(heads: Heads, parts: usize) -> usize {
+fn part_len(heads: Heads<'_>, parts: usize) -> usize {
     let g = heads.nh / heads.nkv;
     if parts == 1 { g * heads.d } else { g * (heads.d + 2) }
 }
@@ -245,10 +258,10 @@ fn attend_part(
     parts: usize,
     pos0: usize,
     cache: &KvCache,
-    heads: Heads,
+    heads: Heads<'_>,
     out: &mut [f32],
 ) {
-    let Heads { nh, nkv, d, gated, window } = heads;
+    let Heads { nh, nkv, d, gated, window, sinks } = heads;
     let (qw, g) = (if gated { 2 * d } else { d }, nh / nkv);
     let scale = 1.0 / (d as f32).sqrt();
     // this token sees every earlier position in its window and itself
@@ -268,6 +281,11 @@ fn attend_part(
         oj.iter_mut().for_each(|v| *v = 0.0);
         crate::kernels::axpy_rows(&w, vs, stride, oj);
         if parts == 1 {
+            if let Some(s) = sinks {
+                // the sink's share of the softmax: e^(s − m) against the positions' Σ e^(x − m) = l
+                let keep = l / (l + (s[h] - m).exp());
+                oj.iter_mut().for_each(|v| *v *= keep);
+            }
             gate(heads, q, t, h, oj);
         } else {
             out[j * (d + 2)] = m;
@@ -279,13 +297,15 @@ fn attend_part(
 /// The outputs of (token t, KV head kvh)'s g heads (into `o`, g·d) from its parts' partial
 /// softmaxes (`blocks`, part after part): each part weighs by its share Σ e^(x − m)·e^(m − max m)
 /// of the whole.
-fn merge_parts(blocks: &[f32], parts: usize, q: &[f32], t: usize, kvh: usize, heads: Heads, o: &mut [f32]) {
+fn merge_parts(blocks: &[f32], parts: usize, q: &[f32], t: usize, kvh: usize, heads: Heads<'_>, o: &mut [f32]) {
     let (g, d) = (heads.nh / heads.nkv, heads.d);
     let per = part_len(heads, parts);
     for (j, oh) in o.chunks_exact_mut(d).enumerate().take(g) {
         let part = |c: usize| &blocks[c * per + j * (d + 2)..c * per + (j + 1) * (d + 2)];
-        let top = (0..parts).map(|c| part(c)[0]).fold(f32::NEG_INFINITY, f32::max);
-        let total: f32 = (0..parts).map(|c| part(c)[1] * (part(c)[0] - top).exp()).sum();
+        let sink = heads.sinks.map(|s| s[kvh * g + j]);
+        let top = (0..parts).map(|c| part(c)[0]).chain(sink).fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = (0..parts).map(|c| part(c)[1] * (part(c)[0] - top).exp()).sum::<f32>()
+            + sink.map_or(0.0, |s| (s - top).exp());
         oh.iter_mut().for_each(|v| *v = 0.0);
         for c in 0..parts {
             let wgt = part(c)[1] * (part(c)[0] - top).exp() / total;
@@ -297,7 +317,7 @@ fn merge_parts(blocks: &[f32], parts: usize, q: &[f32], t: usize, kvh: usize, he
 
 /// o = softmax(q·Kᵀ/√d)·V over the cache for `n` tokens, causal, then the output gate: one work
 /// item per (token, KV head, part of the context), the parts merged after.
-fn attend(q: &[f32], n: usize, pos0: usize, cache: &KvCache, o: &mut [f32], heads: Heads, parts: usize) {
+fn attend(q: &[f32], n: usize, pos0: usize, cache: &KvCache, o: &mut [f32], heads: Heads<'_>, parts: usize) {
     let Heads { nh, nkv, d, .. } = heads;
     let per = part_len(heads, parts);
     let item = |i: usize, out: &mut [f32]| {
@@ -322,7 +342,7 @@ fn attend(q: &[f32], n: usize, pos0: usize, cache: &KvCache, o: &mut [f32], head
 /// [`attend`] for one token at `pos`, each KV head's outputs written to `o` by the item that
 /// finishes its last part (merging them), so the step ends with the output projection's input
 /// ready.
-fn attend_one(q: &[f32], pos: usize, cache: &KvCache, o: &Staged<'_>, heads: Heads, parts: usize) {
+fn attend_one(q: &[f32], pos: usize, cache: &KvCache, o: &Staged<'_>, heads: Heads<'_>, parts: usize) {
     let Heads { nh, nkv, d, .. } = heads;
     let g = nh / nkv;
     let per = part_len(heads, parts);
@@ -358,7 +378,7 @@ fn attend_one(q: &[f32], pos: usize, cache: &KvCache, o: &Staged<'_>, heads: Hea
 }
 
 /// Gated attention: o_h ⊙= sigmoid(the gate half of token t's q_proj for head h).
-fn gate(heads: Heads, q: &[f32], t: usize, h: usize, oh: &mut [f32]) {
+fn gate(heads: Heads<'_>, q: &[f32], t: usize, h: usize, oh: &mut [f32]) {
     if heads.gated {
         let (nh, d) = (heads.nh, heads.d);
         let qg = &q[(t * nh + h) * 2 * d + d..(t * nh + h + 1) * 2 * d];
@@ -374,7 +394,7 @@ mod tests {
     use crate::testutil::uniform;
 
     /// The float64 definition: per token and head, softmax over the causal prefix, gated.
-    fn naive(q: &[f32], n: usize, pos0: usize, c: &KvCache, h: Heads) -> Vec<f64> {
+    fn naive(q: &[f32], n: usize, pos0: usize, c: &KvCache, h: Heads<'_>) -> Vec<f64> {
         let (qw, g) = (if h.gated { 2 * h.d } else { h.d }, h.nh / h.nkv);
         let mut o = vec![0f64; n * h.nh * h.d];
         for t in 0..n {
@@ -387,8 +407,9 @@ mod tests {
                         (0..h.d).map(|j| qh[j] as f64 * k[j] as f64).sum::<f64>() / (h.d as f64).sqrt()
                     })
                     .collect();
-                let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let sink = h.sinks.map(|sk| sk[head] as f64);
+                let m = s.iter().cloned().chain(sink).fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().chain(&sink).map(|x| (x - m).exp()).sum();
                 for (p, x) in (from..).zip(&s) {
                     let v = &c.v[(p * h.nkv + kvh) * h.d..];
                     for j in 0..h.d {
@@ -408,12 +429,19 @@ mod tests {
     #[test]
     fn context_parts_merge_to_the_whole_softmax() {
         for (heads, n, pos0) in [
-            (Heads { nh: 8, nkv: 2, d: 64, gated: true, window: usize::MAX }, 1, 300),
-            (Heads { nh: 4, nkv: 4, d: 16, gated: false, window: usize::MAX }, 3, 40),
-            (Heads { nh: 6, nkv: 2, d: 128, gated: false, window: usize::MAX }, 1, 0),
+            (Heads { nh: 8, nkv: 2, d: 64, gated: true, window: usize::MAX, sinks: None }, 1, 300),
+            (Heads { nh: 4, nkv: 4, d: 16, gated: false, window: usize::MAX, sinks: None }, 3, 40),
+            (Heads { nh: 6, nkv: 2, d: 128, gated: false, window: usize::MAX, sinks: None }, 1, 0),
             // a sliding window shorter than the context, and one shorter than a part
-            (Heads { nh: 8, nkv: 2, d: 32, gated: false, window: 100 }, 1, 300),
-            (Heads { nh: 4, nkv: 2, d: 16, gated: true, window: 3 }, 5, 70),
+            (Heads { nh: 8, nkv: 2, d: 32, gated: false, window: 100, sinks: None }, 1, 300),
+            (Heads { nh: 4, nkv: 2, d: 16, gated: true, window: 3, sinks: None }, 5, 70),
+            // sinks (gpt-oss), with and without a window, one part and many
+            (
+                Heads { nh: 4, nkv: 2, d: 16, gated: false, window: usize::MAX, sinks: Some(&[0.5, -1.0, 3.0, 0.0]) },
+                1,
+                200,
+            ),
+            (Heads { nh: 4, nkv: 2, d: 16, gated: false, window: 7, sinks: Some(&[2.0, 1.0, -3.0, 9.0]) }, 4, 20),
         ] {
             let qw = if heads.gated { 2 * heads.d } else { heads.d };
             let q: Vec<f32> = uniform(n * heads.nh * qw, 1).iter().map(|v| v * 4.0).collect();

@@ -1,14 +1,20 @@
 //! SwiGLU feed-forward: down(silu(gate·x) ⊙ up·x). Used for routed experts, the shared
-//! expert and dense layers.
+//! expert and dense layers. gpt-oss's experts add biases to all three products and clamp
+//! their activation ([`Act`]).
 
+pub use crate::config::Act;
 use crate::tensor::{Mat, MatRef, Precision, Product, products};
 use smallvec::SmallVec;
+use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 pub struct Mlp {
     pub gate: Mat,
     pub up: Mat,
     pub down: Mat,
+    /// Biases of gate, up and down.
+    pub bias: Option<Arc<[Vec<f32>; 3]>>,
+    pub act: Act,
 }
 
 /// A borrowed SwiGLU block (an expert read into a buffer, or a view of an [`Mlp`]).
@@ -17,11 +23,19 @@ pub struct MlpRef<'a> {
     pub gate: MatRef<'a>,
     pub up: MatRef<'a>,
     pub down: MatRef<'a>,
+    pub bias: Option<[&'a [f32]; 3]>,
+    pub act: Act,
 }
 
 impl Mlp {
+    /// A plain SwiGLU block.
+    pub fn new(gate: Mat, up: Mat, down: Mat) -> Mlp {
+        Mlp { gate, up, down, bias: None, act: Act::Swiglu }
+    }
+
     pub fn view(&self) -> MlpRef<'_> {
-        MlpRef { gate: self.gate.view(), up: self.up.view(), down: self.down.view() }
+        let bias = self.bias.as_deref().map(|[g, u, d]| [&g[..], &u[..], &d[..]]);
+        MlpRef { gate: self.gate.view(), up: self.up.view(), down: self.down.view(), bias, act: self.act }
     }
 
     pub fn bytes(&self) -> usize {
@@ -31,6 +45,24 @@ impl Mlp {
     /// `out = mlp(x)` for `n` tokens.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32], p: Precision) {
         self.view().forward(x, n, out, p)
+    }
+}
+
+/// The hidden activation of rows `r0..` of a block, in place on `g` (`u`: the same rows of
+/// the up product): biases first, then the block's activation.
+pub fn activate(g: &mut [f32], u: &mut [f32], r0: usize, bias: Option<[&[f32]; 3]>, act: Act) {
+    if let Some([bg, bu, _]) = bias {
+        crate::kernels::axpy(1.0, &bg[r0..r0 + g.len()], g);
+        crate::kernels::axpy(1.0, &bu[r0..r0 + u.len()], u);
+    }
+    match act {
+        Act::Swiglu => crate::kernels::swiglu(g, u),
+        Act::ClampedSwiglu { alpha, limit } => {
+            for (g, &u) in g.iter_mut().zip(u.iter()) {
+                let x = g.min(limit);
+                *g = x / (1.0 + (-alpha * x).exp()) * (u.clamp(-limit, limit) + 1.0);
+            }
+        }
     }
 }
 
@@ -44,8 +76,15 @@ impl MlpRef<'_> {
         let mut g = crate::scratch::zeros(n * i);
         let mut u = crate::scratch::zeros(n * i);
         products(&mut [Product { w: self.gate, x, y: &mut g }, Product { w: self.up, x, y: &mut u }], n, p);
-        crate::kernels::swiglu(&mut g, &u);
+        if self.bias.is_none() && self.act == Act::Swiglu {
+            crate::kernels::swiglu(&mut g, &u);
+        } else {
+            g.chunks_mut(i).zip(u.chunks_mut(i)).for_each(|(g, u)| activate(g, u, 0, self.bias, self.act));
+        }
         self.down.matmul(&g, n, out, p);
+        if let Some([_, _, bd]) = self.bias {
+            out.chunks_exact_mut(bd.len()).for_each(|o| crate::kernels::axpy(1.0, bd, o));
+        }
     }
 }
 
@@ -68,7 +107,18 @@ pub fn forward_each(items: &mut [(MlpRef<'_>, &[f32], &mut [f32])], p: Precision
     }
     products(&mut jobs, 1, p);
     drop(jobs);
-    crate::kernels::swiglu(&mut g, &u);
+    if items.iter().all(|it| it.0.bias.is_none() && it.0.act == Act::Swiglu) {
+        crate::kernels::swiglu(&mut g, &u);
+    } else {
+        let (mut gs, mut us) = (&mut g[..], &mut u[..]);
+        for (m, _, _) in items.iter() {
+            let (ga, rest) = std::mem::take(&mut gs).split_at_mut(m.gate.rows);
+            gs = rest;
+            let (ua, rest) = std::mem::take(&mut us).split_at_mut(m.up.rows);
+            us = rest;
+            activate(ga, ua, 0, m.bias, m.act);
+        }
+    }
     let mut jobs: SmallVec<[Product<'_>; 16]> = SmallVec::new();
     let mut gs = &g[..];
     for (m, _, out) in items.iter_mut() {
@@ -77,4 +127,10 @@ pub fn forward_each(items: &mut [(MlpRef<'_>, &[f32], &mut [f32])], p: Precision
         jobs.push(Product { w: m.down, x: ga, y: out });
     }
     products(&mut jobs, 1, p);
+    drop(jobs);
+    for (m, _, out) in items.iter_mut() {
+        if let Some([_, _, bd]) = m.bias {
+            crate::kernels::axpy(1.0, bd, out);
+        }
+    }
 }

@@ -37,11 +37,13 @@ pub struct Scoring {
     pub spec: RouterSpec,
     /// `e_score_correction_bias`, one per expert, when the spec has one.
     pub bias: Option<Vec<f32>>,
+    /// The router's own bias, added to its logits (gpt-oss), when the spec has one.
+    pub logit_bias: Option<Vec<f32>>,
 }
 
 impl Scoring {
     pub fn softmax(renormalize: bool) -> Scoring {
-        Scoring { spec: RouterSpec::softmax(renormalize), bias: None }
+        Scoring { spec: RouterSpec::softmax(renormalize), bias: None, logit_bias: None }
     }
 }
 
@@ -69,6 +71,8 @@ pub struct Moe {
     pub experts: Experts,
     pub shared: Option<SharedExpert>,
     pub top_k: usize,
+    /// The routed experts' activation (an extent's view does not know it).
+    pub act: crate::config::Act,
     pub scoring: Scoring,
     /// Index of the layer (for routing statistics).
     pub layer: usize,
@@ -100,12 +104,38 @@ pub struct Select {
     choice: Vec<f32>,
     idx: Vec<usize>,
     groups: Vec<(f32, usize)>,
+    /// Logits plus the router's own bias.
+    biased: Vec<f32>,
 }
 
 /// [`route`] into `top`, with reused scratch. Ties go to the lower expert index.
 fn route_into(logits: &[f32], k: usize, scoring: &Scoring, s: &mut Select, top: &mut Vec<(usize, f32)>) {
     let spec = &scoring.spec;
     s.p.clear();
+    let logits: &[f32] = match &scoring.logit_bias {
+        Some(b) => {
+            s.biased.clear();
+            s.biased.extend(logits.iter().zip(b).map(|(l, b)| l + b));
+            &s.biased
+        }
+        None => logits,
+    };
+    if spec.softmax_chosen {
+        // gpt-oss: the top-k logits, then a softmax over them alone
+        s.idx.clear();
+        s.idx.extend(0..logits.len());
+        let k = k.min(logits.len());
+        let c = logits;
+        s.idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| c[b].total_cmp(&c[a]).then(a.cmp(&b)));
+        s.idx.truncate(k);
+        s.idx.sort_by(|&a, &b| c[b].total_cmp(&c[a]).then(a.cmp(&b)));
+        let m = s.idx.first().map_or(0.0, |&e| c[e]);
+        top.clear();
+        top.extend(s.idx.iter().map(|&e| (e, (c[e] - m).exp())));
+        let sum: f32 = top.iter().map(|t| t.1).sum();
+        top.iter_mut().for_each(|t| t.1 = t.1 / sum * spec.scale);
+        return;
+    }
     if spec.sigmoid {
         s.p.extend(logits.iter().map(|&l| sigmoid(l)));
     } else {
@@ -180,7 +210,7 @@ thread_local! {
 
 /// A block as a term of decode's weighted sum of experts.
 fn term<'a>(m: MlpRef<'a>, x: &'a [f32], weight: f32) -> SwigluTerm<'a> {
-    SwigluTerm { gate: m.gate, up: m.up, down: m.down, x, weight }
+    SwigluTerm { gate: m.gate, up: m.up, down: m.down, x, weight, bias: m.bias, act: m.act }
 }
 
 /// Each expert task writes its own rows of one shared output buffer.
@@ -345,7 +375,8 @@ impl Moe {
             }
             Experts::Flash { store, layer } => {
                 let views = |batch: &[(usize, &[u8])]| {
-                    let b: SmallVec<[_; 16]> = batch.iter().map(|&(i, extent)| (i, store.layout.mlp(extent))).collect();
+                    let b: SmallVec<[_; 16]> =
+                        batch.iter().map(|&(i, extent)| (i, store.layout.mlp(extent, self.act))).collect();
                     run_batch(&b)
                 };
                 store.with_experts(*layer, needed, during, views)?;
@@ -446,8 +477,9 @@ mod tests {
                 scale: 2.5,
                 n_group: groups,
                 topk_group: keep,
+                ..RouterSpec::softmax(true)
             };
-            let got = route(&l, k, &Scoring { spec, bias: Some(bias.clone()) });
+            let got = route(&l, k, &Scoring { spec, bias: Some(bias.clone()), logit_bias: None });
             let want = naive_sigmoid(&l, &bias, k, groups, keep, 2.5);
             assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), want.iter().map(|x| x.0).collect::<Vec<_>>());
             for (g, w) in got.iter().zip(&want) {
@@ -456,7 +488,7 @@ mod tests {
         }
         // the bias changes the choice, never the weights of what is chosen
         let spec = RouterSpec { sigmoid: true, correction_bias: true, ..RouterSpec::softmax(false) };
-        let r = route(&[2.0, 1.0, 0.0], 1, &Scoring { spec, bias: Some(vec![0.0, 0.0, 5.0]) });
+        let r = route(&[2.0, 1.0, 0.0], 1, &Scoring { spec, bias: Some(vec![0.0, 0.0, 5.0]), logit_bias: None });
         assert_eq!(r[0].0, 2);
         assert!((r[0].1 - 0.5).abs() < 1e-6);
     }

@@ -4,25 +4,69 @@
 #[derive(Clone, Debug)]
 pub struct Rope {
     inv_freq: Vec<f64>,
-    /// (rotated dims, θ bits): tables of equal keys are equal.
-    key: (usize, u64),
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    scale: f64,
+    /// (rotated dims, θ bits, a digest of the frequencies and scale): tables of equal keys are equal.
+    key: (usize, u64, u64),
+    plain: bool,
 }
 
 /// Recent tables, shared by every layer with the same parameters: decode asks each attention
 /// layer for the same position's table, and `sin`/`cos` of large angles cost ~100 ns each
 /// (~10 µs of serial time per layer and token).
-type Memo = Vec<((usize, u64), usize, Vec<f32>, Vec<f32>)>;
+type Memo = Vec<((usize, u64, u64), usize, Vec<f32>, Vec<f32>)>;
 static MEMO: std::sync::Mutex<Memo> = std::sync::Mutex::new(Vec::new());
 
 impl Rope {
     pub fn new(rot_dim: usize, theta: f64) -> Rope {
         let inv_freq = (0..rot_dim / 2).map(|j| theta.powf(-((2 * j) as f64) / rot_dim as f64)).collect();
-        Rope { inv_freq, key: (rot_dim, theta.to_bits()) }
+        Rope::of(rot_dim, theta, inv_freq, 1.0, true)
+    }
+
+    /// YaRN (`modeling_rope_utils._compute_yarn_parameters`): each frequency blends its
+    /// interpolated (÷ factor) and original value by a linear ramp over the dimensions between
+    /// the corrections for `beta_fast` and `beta_slow` rotations; cos and sin are scaled by the
+    /// attention factor.
+    pub fn yarn(rot_dim: usize, theta: f64, y: &crate::config::Yarn) -> Rope {
+        let d = rot_dim as f64;
+        let correction = |rot: f64| {
+            d * (y.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let (mut lo, mut hi) = (correction(y.beta_fast), correction(y.beta_slow));
+        if y.truncate {
+            (lo, hi) = (lo.floor(), hi.ceil());
+        }
+        let (lo, mut hi) = (lo.max(0.0), hi.min(d - 1.0));
+        if lo == hi {
+            hi += 0.001;
+        }
+        let inv_freq = (0..rot_dim / 2)
+            .map(|j| {
+                let base = theta.powf((2 * j) as f64 / d);
+                let ramp = ((j as f64 - lo) / (hi - lo)).clamp(0.0, 1.0);
+                let extrapolate = 1.0 - ramp;
+                1.0 / (y.factor * base) * (1.0 - extrapolate) + 1.0 / base * extrapolate
+            })
+            .collect();
+        Rope::of(rot_dim, theta, inv_freq, y.attention_factor, false)
+    }
+
+    fn of(rot_dim: usize, theta: f64, inv_freq: Vec<f64>, scale: f64, plain: bool) -> Rope {
+        let digest = inv_freq
+            .iter()
+            .chain([&scale])
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, f| (h ^ f.to_bits()).wrapping_mul(0x0100_0000_01b3));
+        Rope { inv_freq, scale, key: (rot_dim, theta.to_bits(), digest), plain }
     }
 
     /// (rotated dims, θ).
     pub fn params(&self) -> (usize, f64) {
         (self.key.0, f64::from_bits(self.key.1))
+    }
+
+    /// Whether the frequencies are θ^(−2j/d), unscaled (what [`Rope::params`] describes).
+    pub fn is_plain(&self) -> bool {
+        self.plain
     }
 
     /// cos and sin tables for position `pos`, each `rot/2` long.
@@ -38,8 +82,8 @@ impl Rope {
         drop(memo);
         for &f in &self.inv_freq {
             let a = pos as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
+            cos.push((a.cos() * self.scale) as f32);
+            sin.push((a.sin() * self.scale) as f32);
         }
         let mut memo = MEMO.lock().unwrap_or_else(|p| p.into_inner());
         // the oldest entry's buffers are reused: a warm decode step allocates nothing here

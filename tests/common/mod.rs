@@ -18,6 +18,8 @@ pub const FIXTURES: &[&str] = &[
     "glm4_moe",
     "glm4_moe_air",
     "minimax_m2_fp8",
+    "gpt_oss",
+    "gpt_oss_mxfp4",
 ];
 
 pub struct Reference {

@@ -48,6 +48,10 @@ pub fn supports(model: &Model) -> Result<()> {
                     Some("q/k/v biases")
                 } else if a.window.is_some() {
                     Some("sliding-window attention")
+                } else if a.sinks.is_some() || a.o_bias.is_some() {
+                    Some("attention sinks and output biases")
+                } else if !a.rope.is_plain() {
+                    Some("YaRN RoPE")
                 } else {
                     None
                 };
@@ -61,6 +65,10 @@ pub fn supports(model: &Model) -> Result<()> {
             let s = &m.scoring.spec;
             let missing = if s.sigmoid || m.scoring.bias.is_some() || s.n_group > 1 || s.scale != 1.0 {
                 Some("sigmoid routing with a correction bias")
+            } else if s.logit_bias || s.softmax_chosen {
+                Some("a router with a bias, softmax over the chosen experts")
+            } else if m.act != crate::config::Act::Swiglu || model.cfg.expert_bias {
+                Some("experts with biases and a clamped SwiGLU")
             } else if m.shared.as_ref().is_some_and(|sh| sh.gate.is_none()) {
                 Some("an ungated shared expert")
             } else {
@@ -770,7 +778,9 @@ impl Uploader {
                         || {},
                         |batch| {
                             for &(i, extent) in batch {
-                                if let Err(e) = (put.borrow_mut())(chunk[i], &store.layout.mlp(extent)) {
+                                if let Err(e) =
+                                    (put.borrow_mut())(chunk[i], &store.layout.mlp(extent, crate::config::Act::Swiglu))
+                                {
                                     failed.borrow_mut().get_or_insert(e);
                                 }
                             }

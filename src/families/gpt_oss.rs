@@ -1,0 +1,176 @@
+//! gpt-oss (`gpt_oss`; gpt-oss-120b 117B-A5.1B, gpt-oss-20b): GQA attention with biases on q, k,
+//! v and o, a learned sink logit per head, sliding-window layers alternating with full ones
+//! (`layer_types`, `sliding_window`), YaRN RoPE; a router with a bias whose top-k logits are
+//! softmaxed among themselves; experts with biases, gate and up interleaved in one
+//! `gate_up_proj` (even rows gate, odd rows up), and a clamped SwiGLU
+//! (g ≤ 7, |u| ≤ 7, g·σ(1.702·g)·(u + 1)). Experts come as released (MXFP4: `*_blocks` and
+//! `*_scales`, an e8m0 scale per 32 e2m1 values) or as the bf16 twin transformers writes
+//! (`gate_up_proj` `[E, hidden, 2·inter]`, applied as x·W).
+//! transformers: `models/gpt_oss/modeling_gpt_oss.py`, `integrations/mxfp4.py`.
+
+use super::{Family, HF, Names, Traits};
+use crate::checkpoint::Checkpoint;
+use crate::config::{Act, ModelConfig, QkNorm, field, opt_f64, opt_usize};
+use crate::import::Expert;
+use crate::tensor::Mat;
+use anyhow::{Result, anyhow, bail};
+use serde_json::{Value, json};
+
+pub struct GptOss;
+
+/// gpt-oss's names: the router is `mlp.router`.
+pub const NAMES: Names = Names { router: "router", ..HF };
+
+/// The e2m1 (FP4) values of a nibble.
+pub const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
+impl Family for GptOss {
+    fn name(&self) -> &'static str {
+        "gpt-oss"
+    }
+
+    fn model_types(&self) -> &'static [&'static str] {
+        &["gpt_oss"]
+    }
+
+    fn traits(&self, _: &str) -> Traits {
+        Traits {
+            multimodal: false,
+            deltanet_layers: false,
+            dense_layers: false,
+            shared_expert: false,
+            zero_centered_norm: false,
+            gated_attention: false,
+            partial_rotary_default: 1.0,
+            always_renormalize: true,
+        }
+    }
+
+    fn names(&self) -> &'static Names {
+        &NAMES
+    }
+
+    fn configure(&self, t: &Value, cfg: &mut ModelConfig) -> Result<()> {
+        let bias = crate::config::opt_bool(t, "attention_bias", true)?;
+        let a = &mut cfg.attn;
+        (a.qk_norm, a.qkv_bias, a.o_bias, a.sinks) = (QkNorm::None, bias, bias, true);
+        let window = opt_usize(t, "sliding_window", 128)?.max(1);
+        let n = cfg.num_layers;
+        let sliding: Vec<bool> = match field(t, "layer_types") {
+            // transformers' default: even layers slide
+            None => (0..n).map(|i| i % 2 == 0).collect(),
+            Some(v) => {
+                let arr = v.as_array().ok_or_else(|| anyhow!("config.json: field `layer_types` is not a list"))?;
+                if arr.len() != n {
+                    bail!("config.json: layer_types has {} entries, num_hidden_layers is {n}", arr.len());
+                }
+                arr.iter()
+                    .enumerate()
+                    .map(|(i, x)| match x.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        other => Err(anyhow!("config.json: layer_types[{i}] = {other:?} is not supported")),
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        a.window = sliding.iter().map(|&s| s.then_some(window)).collect();
+        cfg.moe_intermediate_size = std::mem::take(&mut cfg.intermediate_size);
+        cfg.router.logit_bias = true;
+        cfg.router.softmax_chosen = true;
+        cfg.expert_bias = true;
+        cfg.expert_act = Act::ClampedSwiglu { alpha: 1.702, limit: opt_f64(t, "swiglu_limit", 7.0)? as f32 };
+        Ok(())
+    }
+
+    fn expert(&self, ck: &Checkpoint, cfg: &ModelConfig, pre: &str, layer: usize, e: usize) -> Option<Result<Expert>> {
+        let p = format!("{}.{}.{}", NAMES.layer(pre, layer), NAMES.ffn, NAMES.experts);
+        Some(expert(ck, cfg, &p, e))
+    }
+
+    fn presets(&self) -> &'static [&'static str] {
+        &["gpt-oss-120b", "gpt-oss-20b"]
+    }
+
+    /// openai/gpt-oss-120b and gpt-oss-20b `config.json`.
+    fn preset(&self, name: &str) -> Option<Value> {
+        let (layers, experts) = match name {
+            "gpt-oss-120b" => (36, 128),
+            "gpt-oss-20b" => (24, 32),
+            _ => return None,
+        };
+        Some(json!({
+            "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+            "num_hidden_layers": layers, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+            "num_local_experts": experts, "num_experts_per_tok": 4, "sliding_window": 128,
+            "layer_types": (0..layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect::<Vec<_>>(),
+            "attention_bias": true, "swiglu_limit": 7.0, "rms_norm_eps": 1e-5, "rope_theta": 150000.0,
+            "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "truncate": false, "original_max_position_embeddings": 4096},
+            "max_position_embeddings": 131072, "tie_word_embeddings": false,
+        }))
+    }
+}
+
+/// Expert `e` under `p` (`….mlp.experts`): MXFP4 blocks as released, or the bf16 twin.
+fn expert(ck: &Checkpoint, cfg: &ModelConfig, p: &str, e: usize) -> Result<Expert> {
+    let (h, i, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
+    let bias = |name: &str, len: usize| -> Result<Vec<f32>> {
+        Ok(ck.mat_rows(&format!("{p}.{name}"), &[ne, len], e..e + 1)?.to_f32())
+    };
+    let gate_up_bias = bias("gate_up_proj_bias", 2 * i)?;
+    let down_bias = bias("down_proj_bias", h)?;
+    let (gate_up, down) = if ck.has(&format!("{p}.gate_up_proj_blocks")) {
+        (
+            mxfp4_rows(ck, &format!("{p}.gate_up_proj"), ne, 2 * i, h, e)?,
+            mxfp4_rows(ck, &format!("{p}.down_proj"), ne, h, i, e)?,
+        )
+    } else {
+        // transformers' parameters, applied as x·W: [hidden, 2·inter] and [inter, hidden]
+        let t = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
+            let w = ck.mat_rows(&format!("{p}.{name}"), &[ne, rows, cols], e * rows..(e + 1) * rows)?.to_f32();
+            Ok((0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| w[r * cols + c]).collect())
+        };
+        (t("gate_up_proj", h, 2 * i)?, t("down_proj", i, h)?)
+    };
+    // even rows gate, odd rows up
+    let rows = |parity: usize| -> Vec<f32> {
+        (0..i).flat_map(|j| gate_up[(2 * j + parity) * h..(2 * j + parity + 1) * h].iter().copied()).collect()
+    };
+    let deint = |v: &[f32], parity: usize| (0..i).map(|j| v[2 * j + parity]).collect::<Vec<f32>>();
+    Ok(Expert {
+        mats: [Mat::from_f32(i, h, rows(0))?, Mat::from_f32(i, h, rows(1))?, Mat::from_f32(h, i, down)?],
+        bias: Some([deint(&gate_up_bias, 0), deint(&gate_up_bias, 1), down_bias]),
+    })
+}
+
+/// Rows of matrix `e` of an MXFP4 tensor `{base}_blocks` `[E, rows, cols/32, 16]` (two e2m1
+/// values a byte, the low nibble first) with `{base}_scales` `[E, rows, cols/32]` (e8m0:
+/// 2^(s − 127)), as f32.
+fn mxfp4_rows(ck: &Checkpoint, base: &str, ne: usize, rows: usize, cols: usize, e: usize) -> Result<Vec<f32>> {
+    use safetensors::tensor::Dtype;
+    let (bn, sn) = (format!("{base}_blocks"), format!("{base}_scales"));
+    let (blocks, bd, bshape) = ck.raw(&bn)?;
+    let (scales, sd, sshape) = ck.raw(&sn)?;
+    let g = cols.div_ceil(32);
+    let dir = ck.dir.display();
+    if bd != Dtype::U8 || bshape != [ne, rows, g, 16] {
+        bail!("{dir}: `{bn}` is {bd:?} {bshape:?}, MXFP4 blocks of these experts are U8 [{ne}, {rows}, {g}, 16]");
+    }
+    if !matches!(sd, Dtype::U8 | Dtype::F8_E8M0) || sshape != [ne, rows, g] {
+        bail!("{dir}: `{sn}` is {sd:?} {sshape:?}, MXFP4 scales of these experts are U8 [{ne}, {rows}, {g}]");
+    }
+    let (blocks, scales) =
+        (&blocks[e * rows * g * 16..(e + 1) * rows * g * 16], &scales[e * rows * g..(e + 1) * rows * g]);
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for (k, &s) in scales[r * g..(r + 1) * g].iter().enumerate() {
+            let scale = (s as f32 - 127.0).exp2();
+            for &b in &blocks[(r * g + k) * 16..(r * g + k + 1) * 16] {
+                out.extend([E2M1[(b & 15) as usize] * scale, E2M1[(b >> 4) as usize] * scale]);
+            }
+        }
+        out.truncate((r + 1) * cols);
+    }
+    Ok(out)
+}
