@@ -22,6 +22,9 @@ pub enum WKind {
         bits: u8,
         group: u16,
     },
+    /// OCP MXFP4 (gpt-oss's experts as released): per row, `cols/2` bytes of e2m1 values (the
+    /// low nibble first) for every row, then `cols/32` e8m0 scales (2^(s − 127)) per row.
+    Mxfp4,
 }
 
 impl WKind {
@@ -31,6 +34,7 @@ impl WKind {
             WKind::F32 => rows * cols * 4,
             WKind::BF16 | WKind::F16 => rows * cols * 2,
             WKind::Q { bits, group } => quant::blob_bytes(rows, cols, bits, group as usize),
+            WKind::Mxfp4 => rows * (cols.div_ceil(32) * 17),
         }
     }
 
@@ -55,6 +59,7 @@ impl WKind {
             WKind::BF16 => "bf16".into(),
             WKind::F16 => "f16".into(),
             WKind::Q { bits, group } => format!("q{bits}g{group}"),
+            WKind::Mxfp4 => "mxfp4".into(),
         }
     }
 
@@ -64,6 +69,7 @@ impl WKind {
             "f32" => Some(WKind::F32),
             "bf16" => Some(WKind::BF16),
             "f16" => Some(WKind::F16),
+            "mxfp4" => Some(WKind::Mxfp4),
             _ => {
                 let rest = s.strip_prefix('q')?;
                 let (b, g) = rest.split_once('g')?;
@@ -128,6 +134,11 @@ use crate::kernels::bf16_to_f32;
 #[inline]
 fn f16_to_f32(b: u16) -> f32 {
     half::f16::from_bits(b).to_f32()
+}
+
+/// Bytes of one MXFP4 row's packed values and of its scales (a partial last block is padded).
+fn mxfp4_split(_rows: usize, cols: usize) -> (usize, usize) {
+    (cols.div_ceil(32) * 16, cols.div_ceil(32))
 }
 
 /// How products treat the activations.
@@ -259,6 +270,14 @@ impl Mat {
                 }
                 out
             }
+            WKind::Mxfp4 => {
+                let (vb, sb) = mxfp4_split(self.rows, self.cols);
+                let (vals, scales) = d.split_at(self.rows * vb);
+                let mut out: Vec<u8> =
+                    ranges.iter().flat_map(|r| vals[r.start * vb..r.end * vb].iter().copied()).collect();
+                out.extend(ranges.iter().flat_map(|r| scales[r.start * sb..r.end * sb].iter().copied()));
+                out
+            }
             _ => {
                 let rb = self.kind.bytes(1, self.cols);
                 ranges.iter().flat_map(|r| d[r.start * rb..r.end * rb].iter().copied()).collect()
@@ -318,6 +337,18 @@ impl Mat {
                     let (cb, fb) = (chunk_aux + n * sc, full_aux + rows * sc);
                     out[fb + r0 * sc..fb + r1 * sc].copy_from_slice(&blob[cb..cb + n * sc]);
                 }
+                WKind::Mxfp4 => {
+                    let (vb, sb) = mxfp4_split(rows, cols);
+                    let (vals, scales) = out.split_at_mut(rows * vb);
+                    for (i, row) in rows_f.chunks_exact(cols).enumerate() {
+                        let r = r0 + i;
+                        kernels::mxfp4_encode_row(
+                            row,
+                            &mut vals[r * vb..(r + 1) * vb],
+                            &mut scales[r * sb..(r + 1) * sb],
+                        );
+                    }
+                }
             }
             r0 = r1;
         }
@@ -337,6 +368,8 @@ impl Mat {
                 let q = QMat::new(d, self.rows, self.cols, bits, group as usize);
                 half(q.scales, 0x7f80).or_else(|| half(q.biases, 0x7f80))
             }
+            // e8m0's NaN
+            WKind::Mxfp4 => d[self.rows * mxfp4_split(self.rows, self.cols).0..].iter().position(|&s| s == 0xff),
         }
     }
 
@@ -365,7 +398,18 @@ impl<'a> MatRef<'a> {
                 }
             }
             WKind::Q { bits, group } => QMat::new(self.data, self.rows, c, bits, group as usize).row_f32(r, out),
+            WKind::Mxfp4 => {
+                let (vals, scales) = self.mxfp4_row(r);
+                kernels::mxfp4_decode_row(vals, scales, out);
+            }
         }
+    }
+
+    /// Row `r` of an MXFP4 matrix: (packed values, scales).
+    fn mxfp4_row(&self, r: usize) -> (&'a [u8], &'a [u8]) {
+        let (vb, sb) = mxfp4_split(self.rows, self.cols);
+        let (vals, scales) = self.data.split_at(self.rows * vb);
+        (&vals[r * vb..(r + 1) * vb], &scales[r * sb..(r + 1) * sb])
     }
 
     /// The whole matrix as f32.
@@ -411,6 +455,12 @@ impl<'a> MatRef<'a> {
                 let d: &[u16] = bytemuck::cast_slice(self.data);
                 for (o, r) in y.iter_mut().zip(r0..) {
                     *o = kernels::dot_bf16(&d[r * c..(r + 1) * c], x);
+                }
+            }
+            (WKind::Mxfp4, Input::Plain(x)) => {
+                for (o, r) in y.iter_mut().zip(r0..) {
+                    let (vals, scales) = self.mxfp4_row(r);
+                    *o = kernels::dot_mxfp4(vals, scales, x);
                 }
             }
             (_, Input::Plain(x)) => {

@@ -375,6 +375,10 @@ pub(crate) fn parse_kind(s: &str, group: u16, what: &str) -> Result<WKind> {
         "bf16" => Ok(WKind::BF16),
         "f16" => Ok(WKind::F16),
         "f32" => Ok(WKind::F32),
-        _ => bail!("--{what}: unsupported format `{s}` (q2, q3, q4, q8, bf16)"),
+        "mxfp4" if what == "experts" => Ok(WKind::Mxfp4),
+        _ => bail!(
+            "--{what}: unsupported format `{s}` (q2, q3, q4, q8, bf16{})",
+            if what == "experts" { ", mxfp4" } else { "" }
+        ),
     }
 }

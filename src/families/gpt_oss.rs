@@ -12,7 +12,7 @@ use super::{Family, HF, Names, Traits};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Act, ModelConfig, QkNorm, field, opt_f64, opt_usize};
 use crate::import::Expert;
-use crate::tensor::Mat;
+use crate::tensor::{AlignedBytes, Mat, WKind};
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 
@@ -20,9 +20,6 @@ pub struct GptOss;
 
 /// gpt-oss's names: the router is `mlp.router`.
 pub const NAMES: Names = Names { router: "router", ..HF };
-
-/// The e2m1 (FP4) values of a nibble.
-pub const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
 
 impl Family for GptOss {
     fn name(&self) -> &'static str {
@@ -112,42 +109,42 @@ impl Family for GptOss {
     }
 }
 
-/// Expert `e` under `p` (`….mlp.experts`): MXFP4 blocks as released, or the bf16 twin.
+/// Expert `e` under `p` (`….mlp.experts`): MXFP4 blocks as released (kept bit for bit), or the
+/// bf16 twin.
 fn expert(ck: &Checkpoint, cfg: &ModelConfig, p: &str, e: usize) -> Result<Expert> {
     let (h, i, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
     let bias = |name: &str, len: usize| -> Result<Vec<f32>> {
         Ok(ck.mat_rows(&format!("{p}.{name}"), &[ne, len], e..e + 1)?.to_f32())
     };
     let gate_up_bias = bias("gate_up_proj_bias", 2 * i)?;
-    let down_bias = bias("down_proj_bias", h)?;
-    let (gate_up, down) = if ck.has(&format!("{p}.gate_up_proj_blocks")) {
-        (
-            mxfp4_rows(ck, &format!("{p}.gate_up_proj"), ne, 2 * i, h, e)?,
-            mxfp4_rows(ck, &format!("{p}.down_proj"), ne, h, i, e)?,
-        )
-    } else {
-        // transformers' parameters, applied as x·W: [hidden, 2·inter] and [inter, hidden]
-        let t = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
-            let w = ck.mat_rows(&format!("{p}.{name}"), &[ne, rows, cols], e * rows..(e + 1) * rows)?.to_f32();
-            Ok((0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| w[r * cols + c]).collect())
-        };
-        (t("gate_up_proj", h, 2 * i)?, t("down_proj", i, h)?)
+    let deint = |v: &[f32], parity: usize| (0..i).map(|j| v[2 * j + parity]).collect::<Vec<f32>>();
+    let bias = Some([deint(&gate_up_bias, 0), deint(&gate_up_bias, 1), bias("down_proj_bias", h)?]);
+    if ck.has(&format!("{p}.gate_up_proj_blocks")) {
+        // gate the even rows, up the odd ones
+        let gu = mxfp4(ck, &format!("{p}.gate_up_proj"), ne, 2 * i, h, e)?;
+        let d = mxfp4(ck, &format!("{p}.down_proj"), ne, h, i, e)?;
+        let even: Vec<_> = (0..i).map(|j| 2 * j..2 * j + 1).collect();
+        let odd: Vec<_> = (0..i).map(|j| 2 * j + 1..2 * j + 2).collect();
+        return Ok(Expert { mats: [gu.gather_rows(&even), gu.gather_rows(&odd), d], bias });
+    }
+    // transformers' parameters, applied as x·W: [hidden, 2·inter] and [inter, hidden]
+    let t = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
+        let w = ck.mat_rows(&format!("{p}.{name}"), &[ne, rows, cols], e * rows..(e + 1) * rows)?.to_f32();
+        Ok((0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| w[r * cols + c]).collect())
     };
-    // even rows gate, odd rows up
+    let (gate_up, down) = (t("gate_up_proj", h, 2 * i)?, t("down_proj", i, h)?);
     let rows = |parity: usize| -> Vec<f32> {
         (0..i).flat_map(|j| gate_up[(2 * j + parity) * h..(2 * j + parity + 1) * h].iter().copied()).collect()
     };
-    let deint = |v: &[f32], parity: usize| (0..i).map(|j| v[2 * j + parity]).collect::<Vec<f32>>();
     Ok(Expert {
         mats: [Mat::from_f32(i, h, rows(0))?, Mat::from_f32(i, h, rows(1))?, Mat::from_f32(h, i, down)?],
-        bias: Some([deint(&gate_up_bias, 0), deint(&gate_up_bias, 1), down_bias]),
+        bias,
     })
 }
 
-/// Rows of matrix `e` of an MXFP4 tensor `{base}_blocks` `[E, rows, cols/32, 16]` (two e2m1
-/// values a byte, the low nibble first) with `{base}_scales` `[E, rows, cols/32]` (e8m0:
-/// 2^(s − 127)), as f32.
-fn mxfp4_rows(ck: &Checkpoint, base: &str, ne: usize, rows: usize, cols: usize, e: usize) -> Result<Vec<f32>> {
+/// Matrix `e` of an MXFP4 tensor `{base}_blocks` `[E, rows, cols/32, 16]` (two e2m1 values a
+/// byte, the low nibble first) with `{base}_scales` `[E, rows, cols/32]` (e8m0), its bytes kept.
+fn mxfp4(ck: &Checkpoint, base: &str, ne: usize, rows: usize, cols: usize, e: usize) -> Result<Mat> {
     use safetensors::tensor::Dtype;
     let (bn, sn) = (format!("{base}_blocks"), format!("{base}_scales"));
     let (blocks, bd, bshape) = ck.raw(&bn)?;
@@ -160,17 +157,8 @@ fn mxfp4_rows(ck: &Checkpoint, base: &str, ne: usize, rows: usize, cols: usize, 
     if !matches!(sd, Dtype::U8 | Dtype::F8_E8M0) || sshape != [ne, rows, g] {
         bail!("{dir}: `{sn}` is {sd:?} {sshape:?}, MXFP4 scales of these experts are U8 [{ne}, {rows}, {g}]");
     }
-    let (blocks, scales) =
-        (&blocks[e * rows * g * 16..(e + 1) * rows * g * 16], &scales[e * rows * g..(e + 1) * rows * g]);
-    let mut out = Vec::with_capacity(rows * cols);
-    for r in 0..rows {
-        for (k, &s) in scales[r * g..(r + 1) * g].iter().enumerate() {
-            let scale = (s as f32 - 127.0).exp2();
-            for &b in &blocks[(r * g + k) * 16..(r * g + k + 1) * 16] {
-                out.extend([E2M1[(b & 15) as usize] * scale, E2M1[(b >> 4) as usize] * scale]);
-            }
-        }
-        out.truncate((r + 1) * cols);
-    }
-    Ok(out)
+    let (vb, sb) = (rows * g * 16, rows * g);
+    let mut bytes = blocks[e * vb..(e + 1) * vb].to_vec();
+    bytes.extend_from_slice(&scales[e * sb..(e + 1) * sb]);
+    Mat::from_bytes(rows, cols, WKind::Mxfp4, AlignedBytes::from_slice(&bytes))
 }

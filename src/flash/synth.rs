@@ -125,6 +125,12 @@ fn specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
                         s.push((format!("{a}.{proj}.bias"), vec![len], Init::Std(0.1)));
                     }
                 }
+                if c.attn.o_bias {
+                    s.push((format!("{a}.{}.bias", n.o_proj), vec![h], Init::Std(0.01)));
+                }
+                if c.attn.sinks {
+                    s.push((format!("{a}.{}", n.sinks), vec![nh], Init::Std(1.0)));
+                }
             }
             Mixer::DeltaNet => {
                 let l = c.linear.as_ref().expect("DeltaNet layer without linear config");
@@ -144,6 +150,9 @@ fn specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
         match c.ffns[i] {
             Ffn::Moe => {
                 s.push((w(&f, n.router), vec![c.num_experts, h], Init::Router));
+                if c.router.logit_bias {
+                    s.push((format!("{f}.{}.bias", n.router), vec![c.num_experts], Init::Const(0.0)));
+                }
                 if c.router.correction_bias {
                     // zero: the choice stays as the skewed router set it
                     s.push((format!("{f}.{}", n.correction_bias), vec![c.num_experts], Init::Const(0.0)));
@@ -260,6 +269,10 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
             bail!("--layers must be in 1..={full} for {preset}");
         }
         raw["num_hidden_layers"] = json!(n);
+        // a per-layer schedule keeps its first n entries
+        if let Some(lt) = raw.get_mut("layer_types").and_then(|v| v.as_array_mut()) {
+            lt.truncate(n);
+        }
     }
     raw["flashmoe_synthetic"] = json!({"preset": preset, "routing": format!("{:?}", opts.routing).to_lowercase(),
         "seed": opts.seed, "full_layers": preset_config(preset)?["num_hidden_layers"]});

@@ -286,6 +286,70 @@ pub fn dot4x4(rows: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
     }
 }
 
+/// The e2m1 (FP4) values of a nibble.
+pub const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
+/// 2^(s − 127), an e8m0 scale (255, its NaN, decodes as NaN).
+#[inline]
+pub fn e8m0(s: u8) -> f32 {
+    if s == 0xff { f32::NAN } else { f32::from_bits(if s == 0 { 0x0040_0000 } else { (s as u32) << 23 }) }
+}
+
+/// One MXFP4 row (`vals`: two values a byte, low nibble first; `scales`: one per 32) as f32.
+pub fn mxfp4_decode_row(vals: &[u8], scales: &[u8], out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let b = vals[j / 2];
+        *o = E2M1[if j % 2 == 0 { b & 15 } else { b >> 4 } as usize] * e8m0(scales[j / 32]);
+    }
+}
+
+/// Encodes one row as MXFP4: per 32 values the smallest power of two that puts the largest
+/// magnitude within e2m1's ±6, then each value to its nearest e2m1 (ties to the smaller).
+pub fn mxfp4_encode_row(row: &[f32], vals: &mut [u8], scales: &mut [u8]) {
+    vals.iter_mut().for_each(|v| *v = 0);
+    for (k, blk) in row.chunks(32).enumerate() {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let e = if amax > 0.0 { (amax / 6.0).log2().ceil().clamp(-127.0, 127.0) as i32 } else { -127 };
+        scales[k] = (e + 127) as u8;
+        let inv = e8m0(scales[k]).recip();
+        for (i, &v) in blk.iter().enumerate() {
+            let a = (v * inv).abs();
+            // of equally near codes the first, the smaller magnitude (codes ascend in value)
+            let best = (1..8).fold(0usize, |b, c| if (E2M1[c] - a).abs() < (E2M1[b] - a).abs() { c } else { b });
+            let code = (best as u8) | if v < 0.0 && best > 0 { 8 } else { 0 };
+            let j = k * 32 + i;
+            vals[j / 2] |= if j % 2 == 0 { code } else { code << 4 };
+        }
+    }
+}
+
+/// Σ mxfp4(w)·x over one row.
+#[inline]
+pub fn dot_mxfp4(vals: &[u8], scales: &[u8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) && x.len().is_multiple_of(32) {
+        // SAFETY: the ISA was detected at run time; whole blocks.
+        return unsafe { x86::dot_mxfp4_avx512(vals, scales, x) };
+    }
+    dot_mxfp4_scalar(vals, scales, x)
+}
+
+pub fn dot_mxfp4_scalar(vals: &[u8], scales: &[u8], x: &[f32]) -> f32 {
+    let mut total = 0f32;
+    for (k, xb) in x.chunks(32).enumerate() {
+        let mut acc = [0f32; 2];
+        for (i, pair) in xb.chunks(2).enumerate() {
+            let b = vals[k * 16 + i];
+            acc[0] += E2M1[(b & 15) as usize] * pair[0];
+            if let Some(&x1) = pair.get(1) {
+                acc[1] += E2M1[(b >> 4) as usize] * x1;
+            }
+        }
+        total += (acc[0] + acc[1]) * e8m0(scales[k]);
+    }
+    total
+}
+
 /// Σ bf16(w)·x.
 #[inline]
 pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
@@ -611,6 +675,47 @@ mod tests {
                     a[i]
                 );
                 assert!((b[i] as f64 - want).abs() <= 2e-6 * want.max(1e-30) + 1e-12, "scalar n {n} i {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn mxfp4_rows_decode_encode_and_dot_as_the_format_defines() {
+        for cols in [32usize, 64, 96, 2880, 40, 7] {
+            let g = cols.div_ceil(32);
+            // random codes and scales (no NaN scale), decoded by the definition in f64
+            let vals: Vec<u8> = (0..g * 16).map(|i| (i as u32).wrapping_mul(2654435761).rotate_left(7) as u8).collect();
+            let scales: Vec<u8> = (0..g).map(|k| 110 + (k * 7 % 30) as u8).collect();
+            let want: Vec<f64> = (0..cols)
+                .map(|j| {
+                    let b = vals[j / 2];
+                    let code = if j % 2 == 0 { b & 15 } else { b >> 4 };
+                    E2M1[code as usize] as f64 * 2f64.powi(scales[j / 32] as i32 - 127)
+                })
+                .collect();
+            let mut dec = vec![0f32; cols];
+            mxfp4_decode_row(&vals, &scales, &mut dec);
+            assert!(dec.iter().zip(&want).all(|(a, b)| *a as f64 == *b), "decode {cols}");
+            let x = rnd(cols, 3);
+            let exact: f64 = want.iter().zip(&x).map(|(w, x)| w * *x as f64).sum();
+            let mag: f64 = want.iter().zip(&x).map(|(w, x)| (w * *x as f64).abs()).sum();
+            for (name, got) in
+                [("dispatch", dot_mxfp4(&vals, &scales, &x)), ("scalar", dot_mxfp4_scalar(&vals, &scales, &x))]
+            {
+                assert!((got as f64 - exact).abs() <= 1e-6 * mag, "{name} dot {cols}: {got} vs {exact}");
+            }
+            // encoding the decoded row gives it back, value for value (codes of ±0 may differ)
+            let (mut v2, mut s2) = (vec![0u8; g * 16], vec![0u8; g]);
+            mxfp4_encode_row(&dec, &mut v2, &mut s2);
+            let mut again = vec![0f32; cols];
+            mxfp4_decode_row(&v2, &s2, &mut again);
+            assert!(again.iter().zip(&dec).all(|(a, b)| a == b), "round trip {cols}");
+            // any row: every value within half an e2m1 step of its block's scale
+            let y: Vec<f32> = rnd(cols, 5).iter().map(|v| v * 10.0).collect();
+            mxfp4_encode_row(&y, &mut v2, &mut s2);
+            mxfp4_decode_row(&v2, &s2, &mut again);
+            for (j, (a, b)) in again.iter().zip(&y).enumerate() {
+                assert!((a - b).abs() <= e8m0(s2[j / 32]), "encode {cols} at {j}: {a} for {b}");
             }
         }
     }

@@ -1224,3 +1224,36 @@ pub unsafe fn softmax_avx512(x: &mut [f32]) -> (f32, f32) {
     }
     (max, sum)
 }
+
+/// [`super::dot_mxfp4`] on AVX-512: per block of 32, the 16 bytes widened to lanes, their
+/// nibbles looked up in the e2m1 table held in one register, multiplied with the even and odd
+/// inputs, and the block's sum scaled.
+///
+/// # Safety
+/// AVX-512F must be present; `x.len()` a multiple of 32, `vals` and `scales` the row's.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_mxfp4_avx512(vals: &[u8], scales: &[u8], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let lut = _mm512_loadu_ps(super::E2M1.as_ptr());
+    // even and odd positions of two 16-lane registers of x
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let fifteen = _mm512_set1_epi32(15);
+    let mut total = _mm512_setzero_ps();
+    for (k, &scale) in scales.iter().enumerate().take(x.len() / 32) {
+        // SAFETY: 16 bytes of block k and 32 floats of x are in bounds
+        let (b, x0, x1) = unsafe {
+            (
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(vals.as_ptr().add(k * 16) as *const __m128i)),
+                _mm512_loadu_ps(x.as_ptr().add(k * 32)),
+                _mm512_loadu_ps(x.as_ptr().add(k * 32 + 16)),
+            )
+        };
+        let lo = _mm512_permutexvar_ps(_mm512_and_si512(b, fifteen), lut);
+        let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
+        let acc = _mm512_mul_ps(lo, _mm512_permutex2var_ps(x0, even, x1));
+        let acc = _mm512_fmadd_ps(hi, _mm512_permutex2var_ps(x0, odd, x1), acc);
+        total = _mm512_fmadd_ps(acc, _mm512_set1_ps(super::e8m0(scale)), total);
+    }
+    _mm512_reduce_add_ps(total)
+}

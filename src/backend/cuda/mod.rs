@@ -69,6 +69,11 @@ pub fn supports(model: &Model) -> Result<()> {
                 Some("a router with a bias, softmax over the chosen experts")
             } else if m.act != crate::config::Act::Swiglu || model.cfg.expert_bias {
                 Some("experts with biases and a clamped SwiGLU")
+            } else if match &m.experts {
+                Experts::Memory(v) => v.iter().any(|e| e.gate.kind == WKind::Mxfp4 || e.down.kind == WKind::Mxfp4),
+                Experts::Flash { store, .. } => store.layout.parts.iter().any(|p| p.2 == WKind::Mxfp4),
+            } {
+                Some("MXFP4 experts")
             } else if m.shared.as_ref().is_some_and(|sh| sh.gate.is_none()) {
                 Some("an ungated shared expert")
             } else {
@@ -116,6 +121,7 @@ impl MatD {
                 d.soff = packed;
                 d.boff = packed + 2 * m.rows as u64 * groups;
             }
+            WKind::Mxfp4 => unreachable!("`supports` refuses MXFP4 matrices"),
         }
         d
     }
