@@ -12,8 +12,10 @@
 # Needs root for the cgroup (v1 memory controller, or cgroup v2 memory.max) and ~55 GB free
 # disk under $WORK. The synthetic models are deleted at the end (KEEP=1 keeps them).
 #
-#   bash bench/beyond_ram.sh                 # everything
+#   bash bench/beyond_ram.sh                 # the Qwen models
 #   ONLY=next80b bash bench/beyond_ram.sh    # one model
+#   ONLY=families bash bench/beyond_ram.sh   # GLM-4.5, MiniMax-M2, gpt-oss-120b, Mixtral-8x22B,
+#                                            # each cut to a few layers, in a $LIMIT_FAM cgroup
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/flashmoe}
@@ -22,6 +24,7 @@ RESULTS=${RESULTS:-bench/results}
 LIMIT_80B=${LIMIT_80B:-10G}
 LIMIT_397B=${LIMIT_397B:-8G}
 L397=${L397:-6}
+LIMIT_FAM=${LIMIT_FAM:-6G}
 GEN=${GEN:-24}
 PROMPT=${PROMPT:-16}
 ONLY=${ONLY:-all}
@@ -68,7 +71,7 @@ run_model() {
     du -sh "$dir"
     for t in 1 4 8 16; do
         drop_all
-        $BIN sysbench --file "$dir/experts/layer_000.bin" --block "$stride" --io-threads $t --direct --seconds 4 \
+        $BIN sysbench --file "$(ls "$dir"/experts/*.bin | head -1)" --block "$stride" --io-threads $t --direct --seconds 4 \
             | tee "$RESULTS/${name}_disk_t$t.json"
     done
     for k in "${KS[@]}"; do
@@ -90,5 +93,12 @@ fi
 if [ "$ONLY" = all ] || [ "$ONLY" = q397b ]; then
     KS=(10 4)
     run_model q397b qwen3.5-397b-a17b "$LIMIT_397B" --layers "$L397"
+fi
+if [ "$ONLY" = families ]; then
+    # every per-layer shape exact; the layer cuts keep each model 2-4x the cgroup's limit
+    KS=(8); run_model glm45 glm-4.5 "$LIMIT_FAM" --layers 8
+    KS=(8); run_model minimax_m2 minimax-m2 "$LIMIT_FAM" --layers 8
+    KS=(4); run_model gpt_oss_120b gpt-oss-120b "$LIMIT_FAM" --layers 12
+    KS=(2); run_model mixtral_8x22b mixtral-8x22b "$LIMIT_FAM" --layers 6
 fi
 python3 bench/perf_table.py "$RESULTS"

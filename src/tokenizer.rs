@@ -146,6 +146,8 @@ pub fn render_template(
     env.add_function("raise_exception", |msg: String| -> Result<JValue, JError> {
         Err(JError::new(ErrorKind::InvalidOperation, msg))
     });
+    // transformers offers the local time to templates (gpt-oss's states "Current date")
+    env.add_function("strftime_now", |fmt: String| -> Result<JValue, JError> { Ok(JValue::from(strftime_now(&fmt))) });
     env.add_template("chat", src).map_err(|e| anyhow!("chat template does not parse: {e:#}"))?;
     let mut ctx = extra.clone();
     ctx.insert("messages".into(), messages.clone());
@@ -157,12 +159,30 @@ pub fn render_template(
     tmpl.render(JValue::from(minijinja::value::Serde(&ctx))).map_err(|e| anyhow!("chat template failed: {e:#}"))
 }
 
+/// The local time formatted by C `strftime`, as Python's `datetime.now().strftime`.
+fn strftime_now(fmt: &str) -> String {
+    let Ok(cfmt) = std::ffi::CString::new(fmt) else { return String::new() };
+    let mut buf = vec![0u8; 256];
+    // SAFETY: `tm` is filled by localtime_r from the current time; strftime writes at most
+    // `buf.len()` bytes and returns how many.
+    let n = unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return String::new();
+        }
+        libc::strftime(buf.as_mut_ptr() as *mut libc::c_char, buf.len(), cfmt.as_ptr(), &tm)
+    };
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=…,
 /// separators=…, sort_keys=…)`, keys in insertion order, no HTML escaping.
 fn tojson(v: JValue, kwargs: minijinja::value::Kwargs) -> Result<JValue, JError> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
     let json: Value = serde_json::to_value(&v).map_err(|e| JError::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let (item, key) = match &separators {
@@ -171,6 +191,19 @@ fn tojson(v: JValue, kwargs: minijinja::value::Kwargs) -> Result<JValue, JError>
     };
     let mut out = String::new();
     py_dump(&json, indent, 0, &item, &key, sort_keys.unwrap_or(false), &mut out);
+    if ensure_ascii == Some(true) {
+        // outside strings JSON is ASCII already: escape every other character as Python does
+        out = out
+            .chars()
+            .flat_map(|c| {
+                if c.is_ascii() {
+                    vec![c.to_string()]
+                } else {
+                    c.encode_utf16(&mut [0; 2]).iter().map(|u| format!("\\u{u:04x}")).collect()
+                }
+            })
+            .collect();
+    }
     Ok(JValue::from_safe_string(out))
 }
 

@@ -108,8 +108,16 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
         let r = &c.router;
         println!(
             "router         {}{}{}{}{}",
-            if r.sigmoid { "sigmoid per expert" } else { "softmax over experts" },
-            if r.correction_bias { ", choice by score + correction bias" } else { "" },
+            match (r.sigmoid, r.softmax_chosen) {
+                (true, _) => "sigmoid per expert",
+                (false, true) => "top-k by logit, softmax over the chosen",
+                (false, false) => "softmax over experts",
+            },
+            match (r.correction_bias, r.logit_bias) {
+                (true, _) => ", choice by score + correction bias",
+                (false, true) => ", the router has a bias",
+                _ => "",
+            },
             if r.n_group > 1 { format!(", best {} of {} groups", r.topk_group, r.n_group) } else { String::new() },
             if r.scale != 1.0 { format!(", weights x {}", r.scale) } else { String::new() },
             if c.shared_expert_intermediate_size > 0 {

@@ -56,6 +56,10 @@ impl Family for Glm4Moe {
         Ok(())
     }
 
+    fn tool_format(&self) -> crate::toolcall::ToolFormat {
+        crate::toolcall::ToolFormat::Glm
+    }
+
     fn presets(&self) -> &'static [&'static str] {
         &["glm-4.5", "glm-4.5-air"]
     }

@@ -46,6 +46,10 @@ impl Family for MiniMaxM2 {
         Ok(())
     }
 
+    fn tool_format(&self) -> crate::toolcall::ToolFormat {
+        crate::toolcall::ToolFormat::MiniMax
+    }
+
     fn presets(&self) -> &'static [&'static str] {
         &["minimax-m2"]
     }

@@ -75,6 +75,10 @@ pub trait Family: Sync {
     ) -> Option<Result<crate::import::Expert>> {
         None
     }
+    /// How its chat template writes tool calls (what the server parses).
+    fn tool_format(&self) -> crate::toolcall::ToolFormat {
+        crate::toolcall::ToolFormat::Qwen
+    }
     /// Synth presets: names and their text model's `config.json`.
     fn presets(&self) -> &'static [&'static str] {
         &[]

@@ -54,7 +54,8 @@ pub(super) async fn messages(State(app): State<Shared>, body: Result<Json<Value>
         }
         let o = generate_whole(&app, prompt, turn, &params, permit).await?;
         let (think, answer) = split_thinking(&o.text, thinking);
-        let (text, calls) = if has_tools { toolcall::parse_declared(&answer, &reply.tools) } else { (answer, vec![]) };
+        let (text, calls) =
+            if has_tools { toolcall::parse_declared(&answer, &reply.tools, app.tools) } else { (answer, vec![]) };
         let mut content = vec![];
         if !think.is_empty() {
             content.push(json!({"type": "thinking", "thinking": think, "signature": ""}));
@@ -427,7 +428,8 @@ fn respond_stream(
         }
         let mut blocks = Blocks { send, index: 0, open: None, started: false };
         let mut split = ThinkSplit { inside: None, thinking: r.thinking, buf: String::new(), after_close: false };
-        let mut calls = ToolStream::default();
+        let format = app.tools;
+        let mut calls = ToolStream::new(format);
         let mut n_calls = 0;
         let mut parts = vec![];
         let mut emit = |parts: &mut Vec<(bool, String)>, blocks: &mut Blocks<_>, last: bool| -> bool {
@@ -447,7 +449,7 @@ fn respond_stream(
             events.iter().all(|e| match e {
                 Err(s) => blocks.text("thinking", s),
                 Ok(StreamEvent::Content(c)) => blocks.text("text", c),
-                Ok(StreamEvent::Call(c)) if !r.tools.contains(&c.name) => blocks.text("text", &toolcall::as_text(c)),
+                Ok(StreamEvent::Call(c)) if !r.tools.contains(&c.name) => blocks.text("text", &format.as_text(c)),
                 Ok(StreamEvent::Call(c)) => {
                     n_calls += 1;
                     blocks.tool(c)

@@ -97,6 +97,8 @@ struct App {
     grammars: std::sync::OnceLock<Result<crate::grammar::Grammars, String>>,
     vocab: usize,
     stop_ids: Vec<u32>,
+    /// How the model's family writes tool calls.
+    tools: toolcall::ToolFormat,
 }
 
 type Shared = Arc<App>;
@@ -136,7 +138,10 @@ pub fn router(session: Session, opts: ServerOptions) -> Router {
 
 fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
     let (vocab, stop_ids) = (session.model.vocab_size(), session.stop_ids.clone());
+    let tools = crate::families::by_model_type(&session.model.cfg.model_type)
+        .map_or_else(|_| Default::default(), |f| f.tool_format());
     let app = Arc::new(App {
+        tools,
         tok: session.tok.clone(),
         context: session.model.max_context(),
         max_token_bytes: session.tok.max_token_bytes(),
@@ -860,6 +865,15 @@ fn grammars(app: &App) -> Result<&crate::grammar::Grammars, Response> {
 /// A grammar that makes the answer one call of a declared tool (of the named one), in the
 /// template's `<tool_call>` JSON format, arguments matching the tool's parameter schema.
 fn forced_call(app: &App, tools: Option<&Value>, choice: &ToolChoice) -> Result<crate::grammar::Constraint, Response> {
+    if app.tools != toolcall::ToolFormat::Qwen {
+        return Err(bad_request(
+            format!(
+                "tool_choice `required` or a named function is not supported yet for {:?}-format tool calls",
+                app.tools
+            ),
+            Some("tool_choice"),
+        ));
+    }
     let only = match choice {
         ToolChoice::Named(n) => Some(n.as_str()),
         _ => None,
@@ -1016,7 +1030,7 @@ async fn respond_once(
             "choices": [{"index": 0, "text": o.text, "finish_reason": finish(o.finish), "logprobs": null}], "usage": usage(&o)}),
         Kind::Chat { tools } => {
             let (content, calls) = match &tools {
-                Some(names) => toolcall::parse_declared(&o.text, names),
+                Some(names) => toolcall::parse_declared(&o.text, names, app.tools),
                 None => (o.text.clone(), vec![]),
             };
             let mut msg = json!({"role": "assistant", "content": content});
@@ -1119,13 +1133,13 @@ fn respond_stream(
         if is_chat && !send(chunk(json!({"role": "assistant", "content": ""}), None)) {
             return;
         }
-        let mut splitter = ToolStream::default();
+        let mut splitter = ToolStream::new(app.tools);
         let mut n_calls = 0usize;
         let mut emit = |events: Vec<StreamEvent>| -> bool {
             for ev in events {
                 let ev = match (ev, &names) {
                     (StreamEvent::Call(c), Some(n)) if !n.contains(&c.name) => {
-                        StreamEvent::Content(toolcall::as_text(&c))
+                        StreamEvent::Content(app.tools.as_text(&c))
                     }
                     (ev, _) => ev,
                 };

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Renders the released chat templates of the non-Qwen families the way transformers does.
+
+The templates are llama.cpp's copies (`models/templates/`), taken at test time from the PyPI
+sdist of llama-cpp-python (nothing of them is committed). Usage:
+
+    chat_templates.py CACHE_DIR OUT.json
+
+OUT.json: {"templates": {name: source}, "cases": [{"template", "conv", "rendered" | "error"}]},
+the conversations being CONVERSATIONS below (tests/templates.rs renders the same ones).
+"""
+import io
+import json
+import os
+import sys
+import tarfile
+import urllib.parse
+import urllib.request
+
+from transformers.utils.chat_template_utils import render_jinja_template
+
+VERSION = "0.3.36"
+TEMPLATES = ["openai-gpt-oss-120b", "GLM-4.6", "MiniMax-M2"]
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                         "required": ["city"]}}}]
+CONVERSATIONS = [
+    dict(messages=[{"role": "user", "content": "Hi there"}], add_generation_prompt=True),
+    dict(messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour, «vite» — café 東京."},
+                   {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another."}],
+         add_generation_prompt=True),
+    dict(messages=[{"role": "user", "content": "Weather in Paris?"},
+                   {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                       "name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+                   {"role": "tool", "content": "{\"temp\": 21}"}],
+         tools=TOOLS, add_generation_prompt=True),
+    dict(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], add_generation_prompt=False),
+]
+
+
+def sdist(cache):
+    path = os.path.join(cache, f"llama_cpp_python-{VERSION}.tar.gz")
+    if not os.path.exists(path):
+        index = "https://pypi.org/pypi/llama-cpp-python/json"
+        meta = json.load(urllib.request.urlopen(index))
+        url = next(u["url"] for u in meta["releases"][VERSION] if u["packagetype"] == "sdist")
+        # a mirror may answer with addresses relative to the index
+        data = urllib.request.urlopen(urllib.parse.urljoin(index, url)).read()
+        os.makedirs(cache, exist_ok=True)
+        with open(path + ".part", "wb") as f:
+            f.write(data)
+        os.replace(path + ".part", path)
+    return path
+
+
+def main():
+    cache, out = sys.argv[1], sys.argv[2]
+    srcs = {}
+    with tarfile.open(sdist(cache)) as tar:
+        for m in tar.getmembers():
+            base = os.path.basename(m.name)
+            if "/models/templates/" in m.name and base.endswith(".jinja") and base[:-6] in TEMPLATES:
+                srcs[base[:-6]] = tar.extractfile(m).read().decode()
+    cases = []
+    for name in TEMPLATES:
+        for i, c in enumerate(CONVERSATIONS):
+            kw = {k: v for k, v in c.items() if k not in ("messages", "tools")}
+            case = {"template": name, "conv": i}
+            try:
+                case["rendered"] = render_jinja_template([c["messages"]], tools=c.get("tools"), chat_template=srcs[name],
+                                                         bos_token="<s>", eos_token="</s>", **kw)[0][0]
+            except Exception as e:  # the template refuses the conversation: flashmoe must too
+                case["error"] = str(e)
+            cases.append(case)
+    json.dump({"templates": srcs, "conversations": CONVERSATIONS, "cases": cases}, open(out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

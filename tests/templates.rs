@@ -1,0 +1,89 @@
+//! The released chat templates of GLM-4.5/4.6, MiniMax-M2 and gpt-oss render exactly as
+//! transformers renders them (tests/chat_templates.py, in a venv of its own with transformers
+//! from PyPI; the templates come from the llama-cpp-python sdist at test time), and the tool
+//! calls they write parse back into the calls they were given.
+
+use flashmoe::tokenizer::render_template;
+use flashmoe::toolcall::{ToolCall, ToolFormat, parse};
+use serde_json::Value;
+use std::path::Path;
+
+/// The Python of a venv under target/ holding transformers (created on first use).
+fn python() -> std::path::PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/templates-venv");
+    let py = venv.join("bin/python");
+    if !py.exists() {
+        let ok = std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv).status().unwrap().success();
+        assert!(ok, "python3 -m venv failed");
+    }
+    let has = std::process::Command::new(&py)
+        .args(["-c", "import transformers.utils.chat_template_utils"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    if !has {
+        let ok = std::process::Command::new(&py)
+            .args(["-m", "pip", "install", "-q", "transformers==5.17.0", "jinja2"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pip install transformers failed (PyPI must be reachable)");
+    }
+    py
+}
+
+#[test]
+fn released_templates_render_as_transformers_renders_them() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/templates");
+    let out = dir.join("cases.json");
+    let ok = std::process::Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chat_templates.py"))
+        .arg(&dir)
+        .arg(&out)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "tests/chat_templates.py failed");
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let cases = d["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 12);
+    for c in cases {
+        let name = c["template"].as_str().unwrap();
+        let conv = &d["conversations"][c["conv"].as_u64().unwrap() as usize];
+        let src = d["templates"][name].as_str().unwrap();
+        let mut extra = serde_json::Map::new();
+        for (k, v) in conv.as_object().unwrap() {
+            if !["messages", "tools", "add_generation_prompt"].contains(&k.as_str()) {
+                extra.insert(k.clone(), v.clone());
+            }
+        }
+        let generation = conv["add_generation_prompt"].as_bool().unwrap_or(false);
+        let got =
+            render_template(src, &conv["messages"], conv.get("tools"), generation, Some("<s>"), Some("</s>"), &extra);
+        match (&c["rendered"], got) {
+            (Value::String(want), Ok(got)) => assert_eq!(&got, want, "{name}, conversation {}", c["conv"]),
+            (Value::Null, Err(_)) => {}
+            (want, got) => panic!("{name}, conversation {}: transformers {want:?}, flashmoe {got:?}", c["conv"]),
+        }
+    }
+    // the assistant's call in conversation 2, as each template wrote it, parses back
+    let call = ToolCall { name: "get_weather".into(), arguments: r#"{"city":"Paris","days":2}"#.into() };
+    for (name, f) in [("GLM-4.6", ToolFormat::Glm), ("MiniMax-M2", ToolFormat::MiniMax)] {
+        let c = cases.iter().find(|c| c["template"] == name && c["conv"] == 2).unwrap();
+        let (_, calls) = parse(c["rendered"].as_str().unwrap(), f);
+        assert_eq!(calls, vec![call.clone()], "{name}");
+    }
+}
+
+#[test]
+fn tojson_escapes_non_ascii_only_when_asked() {
+    let msgs = serde_json::json!([{"role": "user", "content": "café 東京 🙂"}]);
+    let render = |t: &str| render_template(t, &msgs, None, false, None, None, &serde_json::Map::new()).unwrap();
+    assert_eq!(render("{{ messages[0].content|tojson }}"), "\"café 東京 🙂\"");
+    // Python's json.dumps(ensure_ascii=True): UTF-16 escapes, a surrogate pair for the emoji
+    assert_eq!(
+        render("{{ messages[0].content|tojson(ensure_ascii=True) }}"),
+        "\"caf\\u00e9 \\u6771\\u4eac \\ud83d\\ude42\""
+    );
+}
