@@ -118,8 +118,8 @@ def randomize(model, seed):
                 v = rnd(p.shape, 1.0 / p.shape[-1] ** 0.5)
                 if name.endswith("mlp.gate.weight") or name.endswith("mlp.router.weight"):
                     v = v * 3.0  # decisive routing keeps top-k away from ties
-                if name.endswith("experts.gate_up_proj"):
-                    v = v * 10.0  # gpt-oss: past its SwiGLU clamp at 7 now and then
+                if name.endswith("experts.gate_up_proj") and model.config.model_type == "gpt_oss":
+                    v = v * 10.0  # past its SwiGLU clamp at 7 now and then
             p.copy_(v.to(torch.bfloat16).to(p.dtype))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # large enough to change the choice
@@ -293,22 +293,9 @@ def fp8_checkpoint(path, block, model_cls):
         t[k + "_scale_inv"] = scale32
         full32 = scale32.double().repeat_interleave(br, 0)[:r].repeat_interleave(bc, 1)[:, :c]
         deq[k] = q.double() * full32  # exact: 4 significant bits times an f32
-    save_file(t, f, metadata={"format": "pt"})
-    cfg_path = os.path.join(path, "config.json")
-    cfg = json.load(open(cfg_path))
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
-                                  "weight_block_size": [br, bc]}
-    json.dump(cfg, open(cfg_path, "w"), indent=2)
-    tmp = path + ".dequantized"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(deq, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    cfg.pop("quantization_config")
-    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
-    model = model_cls.from_pretrained(tmp, dtype=torch.float64, attn_implementation="eager",
-                                      experts_implementation="eager")
-    shutil.rmtree(tmp)
-    return model
+    quant = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+             "weight_block_size": [br, bc]}
+    return quantized_and_twin(path, t, deq, quant, model_cls)
 
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -345,17 +332,22 @@ def mxfp4_checkpoint(path, model_cls):
             blocks, scales, d = mxfp4_encode(w)
             t[k + "_blocks"], t[k + "_scales"] = blocks, scales
             deq[k] = d.transpose(1, 2).contiguous()
-    save_file(t, f, metadata={"format": "pt"})
+    quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+             "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    return quantized_and_twin(path, t, deq, quant, model_cls)
+
+
+def quantized_and_twin(path, tensors, dequantized, quant, model_cls):
+    """Writes the quantized tensors and their `quantization_config` into the fixture, and returns
+    the model loaded from their dequantized values (the reference runs on it)."""
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     cfg_path = os.path.join(path, "config.json")
     cfg = json.load(open(cfg_path))
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
-                                  "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    json.dump(cfg, open(cfg_path, "w"), indent=2)
+    json.dump(dict(cfg, quantization_config=quant), open(cfg_path, "w"), indent=2)
     tmp = path + ".dequantized"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file(deq, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    cfg.pop("quantization_config")
+    save_file(dequantized, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
     model = model_cls.from_pretrained(tmp, dtype=torch.float64, attn_implementation="eager",
                                       experts_implementation="eager")

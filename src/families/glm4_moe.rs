@@ -23,16 +23,7 @@ impl Family for Glm4Moe {
     }
 
     fn traits(&self, _: &str) -> Traits {
-        Traits {
-            multimodal: false,
-            deltanet_layers: false,
-            dense_layers: false,
-            shared_expert: false,
-            zero_centered_norm: false,
-            gated_attention: false,
-            partial_rotary_default: 0.5,
-            always_renormalize: false,
-        }
+        Traits { partial_rotary_default: 0.5, ..Traits::PLAIN }
     }
 
     fn names(&self) -> &'static Names {

@@ -21,16 +21,7 @@ impl Family for MiniMaxM2 {
     }
 
     fn traits(&self, _: &str) -> Traits {
-        Traits {
-            multimodal: false,
-            deltanet_layers: false,
-            dense_layers: false,
-            shared_expert: false,
-            zero_centered_norm: false,
-            gated_attention: false,
-            partial_rotary_default: 1.0,
-            always_renormalize: true,
-        }
+        Traits { always_renormalize: true, ..Traits::PLAIN }
     }
 
     fn names(&self) -> &'static Names {

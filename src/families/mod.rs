@@ -46,6 +46,21 @@ pub struct Traits {
     pub always_renormalize: bool,
 }
 
+impl Traits {
+    /// A decoder of plain attention layers, every layer MoE, nothing Qwen-specific; families
+    /// start from it and set what differs.
+    pub const PLAIN: Traits = Traits {
+        multimodal: false,
+        deltanet_layers: false,
+        dense_layers: false,
+        shared_expert: false,
+        zero_centered_norm: false,
+        gated_attention: false,
+        partial_rotary_default: 1.0,
+        always_renormalize: false,
+    };
+}
+
 /// One model family.
 pub trait Family: Sync {
     /// A short name (`inspect` prints it).
