@@ -153,7 +153,6 @@ pub struct ModelConfig {
     pub shared_expert_intermediate_size: usize,
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
-    pub norm_topk_prob: bool,
     pub router: RouterSpec,
     pub attn: AttnSpec,
     /// The shared expert is scaled by sigmoid(`shared_expert_gate`·x) (Qwen), else added as is.
@@ -421,7 +420,6 @@ impl ModelConfig {
             },
             num_experts,
             num_experts_per_tok: opt_usize(t, "num_experts_per_tok", 0)?,
-            norm_topk_prob,
             router: RouterSpec::softmax(norm_topk_prob),
             attn: AttnSpec {
                 qk_norm: QkNorm::PerHead,
@@ -440,7 +438,6 @@ impl ModelConfig {
             eos_token_ids,
         };
         family.configure(t, &mut cfg)?;
-        cfg.norm_topk_prob = cfg.router.renormalize;
         // what the family did not take up is refused rather than ignored
         if opt_bool(t, "attention_bias", false)? && !cfg.attn.qkv_bias {
             bail!("config.json: attention_bias = true is not supported for {}", cfg.family);

@@ -101,7 +101,7 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
             "experts        {} per layer, {} routed per token{}, intermediate {}, shared {}",
             c.num_experts,
             c.num_experts_per_tok,
-            if c.norm_topk_prob { " (renormalised)" } else { "" },
+            if c.router.renormalize { " (renormalised)" } else { "" },
             c.moe_intermediate_size,
             c.shared_expert_intermediate_size
         );

@@ -144,12 +144,16 @@ fn route_into(logits: &[f32], k: usize, scoring: &Scoring, s: &mut Select, top: 
         let sum: f32 = s.p.iter().sum();
         s.p.iter_mut().for_each(|v| *v /= sum);
     }
-    s.choice.clear();
-    match &scoring.bias {
-        Some(b) => s.choice.extend(s.p.iter().zip(b).map(|(p, b)| p + b)),
-        None => s.choice.extend_from_slice(&s.p),
-    }
     let ne = s.p.len();
+    // the choice ranks by the weights themselves unless a bias or a group limit changes them
+    let own_choice = scoring.bias.is_some() || spec.n_group > 1;
+    if own_choice {
+        s.choice.clear();
+        match &scoring.bias {
+            Some(b) => s.choice.extend(s.p.iter().zip(b).map(|(p, b)| p + b)),
+            None => s.choice.extend_from_slice(&s.p),
+        }
+    }
     if spec.n_group > 1 {
         // only the best `topk_group` groups, by the sum of each group's two best scores
         let per = ne / spec.n_group;
@@ -170,7 +174,7 @@ fn route_into(logits: &[f32], k: usize, scoring: &Scoring, s: &mut Select, top: 
             s.choice[g * per..(g + 1) * per].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
         }
     }
-    let c = &s.choice;
+    let c = if own_choice { &s.choice } else { &s.p };
     s.idx.clear();
     s.idx.extend(0..ne);
     let k = k.min(ne);
