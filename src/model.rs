@@ -94,7 +94,7 @@ pub struct Model {
 }
 
 /// Whether every value is finite (NaN and ±Inf are not); a prompt's rows in parallel.
-fn all_finite(x: &[f32]) -> bool {
+pub(crate) fn all_finite(x: &[f32]) -> bool {
     if x.len() >= 1 << 18 && crate::tensor::parallel(x.len()) {
         use rayon::prelude::*;
         return x.par_chunks(1 << 16).all(finite_chunk);

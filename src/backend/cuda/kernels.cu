@@ -276,6 +276,25 @@ extern "C" __global__ void matvec_q(const u8* base, MatD m, const float* x, floa
     if (lane == 0) y[row] = v;
 }
 
+// Up to four products of one token on the same int8 input in one launch (q/k/v, DeltaNet's
+// input projections): the grid's rows run through the matrices in order.
+struct Multi {
+    u64 base[4];
+    MatD m[4];
+    u64 y[4];
+    int n;
+};
+
+extern "C" __global__ void matvec_multi(Multi p, const float* x, QX qx) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int i = 0;
+    while (i < p.n && row >= p.m[i].rows) row -= p.m[i++].rows;
+    if (i >= p.n) return;
+    float v = warp_sum(vec_dot((const u8*)p.base[i], p.m[i], row, x, qx, lane));
+    if (lane == 0) ((float*)p.y[i])[row] = v;
+}
+
 extern "C" __global__ void matmul(const u8* base, MatD m, const float* x, float* y, int ntok) {
     matmul_t<NT>(base, m, x, y, ntok);
 }
@@ -296,18 +315,70 @@ __device__ float block_sum(float v, float* sh) {
     return s;
 }
 
-// x[t] += y[t] (when y is given); h[t] = rmsnorm(x[t]) · w. One block per token.
-extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* w, float* h, int dim, float eps) {
+// The int8 form of value v at index c·32 + lane of an input (the warp's 32 lanes hold one
+// chunk of 32 consecutive values): as quant_x computes it.
+__device__ __forceinline__ void quant_chunk(float v, long long c, int lane, QX q) {
+    float amax = warp_max(fabsf(v));
+    float dd = amax / 127.f;
+    ((signed char*)q.q)[c * 32 + lane] = (signed char)__float2int_rn(dd > 0.f ? v / dd : 0.f);
+    float h = v;
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) h += __shfl_xor_sync(0xffffffff, h, o);
+    if (lane == 0) ((float*)q.d)[c] = dd;
+    if (lane == 0 || lane == 16) ((float*)q.s16)[c * 2 + lane / 16] = h;
+}
+
+// x[t] += y[t] (when y is given); h[t] = rmsnorm(x[t]) · w, and its int8 form into `q` when
+// q.q is set (one token, dim a multiple of 32: the next products' input). One block per token.
+// Each thread's values are loaded into registers at once (a warp issues loads in order and
+// stalls at the first use: a loop over the row would wait once per iteration).
+#define NORM_PER 8
+extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* w, float* h, int dim, float eps, QX q) {
     __shared__ float sh[32];
     long long o = (long long)blockIdx.x * dim;
+    int nb = blockDim.x;
+    if (dim > NORM_PER * nb) {
+        // wider than the registers hold: the plain loops
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < dim; i += nb) {
+            float v = x[o + i];
+            if (y) { v += y[o + i]; x[o + i] = v; }
+            ss += v * v;
+        }
+        float inv = rsqrtf(block_sum(ss, sh) / dim + eps);
+        for (int i = threadIdx.x; i < dim; i += nb) {
+            float v = x[o + i] * inv * w[i];
+            h[o + i] = v;
+            if (q.q) quant_chunk(v, (o + i) / 32, threadIdx.x & 31, q);
+        }
+        return;
+    }
+    float v[NORM_PER], ww[NORM_PER];
     float ss = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        float v = x[o + i];
-        if (y) { v += y[o + i]; x[o + i] = v; }
-        ss += v * v;
+#pragma unroll
+    for (int r = 0; r < NORM_PER; r++) {
+        int i = threadIdx.x + r * nb;
+        v[r] = i < dim ? x[o + i] : 0.f;
+        ww[r] = i < dim ? w[i] : 0.f;
+        if (y && i < dim) v[r] += y[o + i];
+    }
+#pragma unroll
+    for (int r = 0; r < NORM_PER; r++) {
+        int i = threadIdx.x + r * nb;
+        if (y && i < dim) x[o + i] = v[r];
+        ss += v[r] * v[r];
     }
     float inv = rsqrtf(block_sum(ss, sh) / dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) h[o + i] = x[o + i] * inv * w[i];
+#pragma unroll
+    for (int r = 0; r < NORM_PER; r++) {
+        int i = threadIdx.x + r * nb;
+        // blockDim and dim are multiples of 32 when q is set: a warp's lanes hold one chunk
+        if (i < dim) {
+            float hv = v[r] * inv * ww[r];
+            h[o + i] = hv;
+            if (q.q) quant_chunk(hv, (o + i) / 32, threadIdx.x & 31, q);
+        }
+    }
 }
 
 // meta = [pos0, k cache of layer 0, v cache of layer 0, k cache of layer 1, ...]: what changes
@@ -337,21 +408,40 @@ extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v
         src = (float*)k + ((long long)t * nkv + kh) * d;
         dst = kc + ((long long)pos * nkv + kh) * d;
         nw = kn;
-        for (int i = lane; i < d; i += 32) vc[((long long)pos * nkv + kh) * d + i] = v[((long long)t * nkv + kh) * d + i];
+        float vv[8];
+#pragma unroll
+        for (int r = 0; r < 8; r++) vv[r] = lane + 32 * r < d ? v[((long long)t * nkv + kh) * d + lane + 32 * r] : 0.f;
+#pragma unroll
+        for (int r = 0; r < 8; r++) if (lane + 32 * r < d) vc[((long long)pos * nkv + kh) * d + lane + 32 * r] = vv[r];
     }
+    // every load first (see add_rmsnorm), d ≤ 256
+    float hv[8], nv[8];
     float ss = 0.f;
-    for (int i = lane; i < d; i += 32) { float a = src[i]; head[i] = a; ss += a * a; }
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        int i = lane + 32 * r;
+        hv[r] = i < d ? src[i] : 0.f;
+        nv[r] = i < d ? nw[i] : 0.f;
+        ss += hv[r] * hv[r];
+    }
     float inv = rsqrtf(warp_sum(ss) / d + eps);
-    __syncwarp();
-    for (int i = lane; i < d; i += 32) head[i] = head[i] * inv * nw[i];
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        int i = lane + 32 * r;
+        if (i < d) head[i] = hv[r] * inv * nv[r];
+    }
     __syncwarp();
     int half = rot / 2;
     for (int i = lane; i < d; i += 32) {
         float out = head[i];
         if (i < rot) {
             int j = i < half ? i : i - half;
-            double a = (double)pos * pow(theta, -(double)(2 * j) / (double)rot);
-            float c = (float)cos(a), s = (float)sin(a);
+            // the angle in double (positions reach 1e5+), reduced to [-π, π] before float sin/cos:
+            // double-precision sin and cos took most of this kernel's time
+            double a = (double)pos * exp2(-(double)(2 * j) / (double)rot * log2(theta));
+            const double two_pi = 6.283185307179586;
+            float r = (float)(a - rint(a / two_pi) * two_pi), c, s;
+            sincosf(r, &s, &c);
             out = i < half ? head[i] * c - head[i + half] * s : head[i] * c + head[i - half] * s;
         }
         dst[i] = out;
@@ -432,7 +522,7 @@ extern "C" __global__ void attn_part(const float* q, const long long* meta, int 
 
 // o[t][h] = the parts of (t, h) merged, times sigmoid of the gate when gated. One block each.
 extern "C" __global__ void attn_merge(const float* q, const float* part, float* o, int nh, int d, int qw, int gated,
-                                      int parts) {
+                                      int parts, QX oq) {
     int th = blockIdx.x;
     const float* pp = part + (long long)th * parts * (d + 2);
     float top = NEG_INF;
@@ -452,6 +542,8 @@ extern "C" __global__ void attn_merge(const float* q, const float* part, float* 
         v /= tot;
         if (gated) v *= 1.f / (1.f + __expf(-qh[d + i]));
         o[(long long)th * d + i] = v;
+        // one token, d a multiple of 32 and blockDim == d: a warp holds one chunk of 32
+        if (oq.q) quant_chunk(v, ((long long)th * d + i) / 32, threadIdx.x & 31, oq);
     }
 }
 
@@ -459,13 +551,16 @@ extern "C" __global__ void attn_merge(const float* q, const float* part, float* 
 // renormalized to sum 1 when asked. One warp per token.
 extern "C" __global__ void route_topk(const float* logits, int e, int k, int renorm, int* ids, float* wts) {
     extern __shared__ float p[];
+    __shared__ float chosen_w[64];
     int t = blockIdx.x, lane = threadIdx.x;
     const float* lg = logits + (long long)t * e;
     float m = NEG_INF;
-    for (int i = lane; i < e; i += 32) m = fmaxf(m, lg[i]);
+    // unrolled, so that a lane's loads are issued together (a warp stalls at a load's first use)
+#pragma unroll 4
+    for (int i = lane; i < e; i += 32) { float v = lg[i]; p[i] = v; m = fmaxf(m, v); }
     m = warp_max(m);
     float s = 0.f;
-    for (int i = lane; i < e; i += 32) { float v = expf(lg[i] - m); p[i] = v; s += v; }
+    for (int i = lane; i < e; i += 32) { float v = expf(p[i] - m); p[i] = v; s += v; }
     s = warp_sum(s);
     __syncwarp();
     for (int i = lane; i < e; i += 32) p[i] /= s;
@@ -480,13 +575,14 @@ extern "C" __global__ void route_topk(const float* logits, int e, int k, int ren
             int oi = __shfl_xor_sync(0xffffffff, bi, o);
             if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
         }
-        if (lane == 0) { ids[t * k + j] = bi; wts[t * k + j] = bv; }
+        if (lane == 0) { ids[t * k + j] = bi; chosen_w[j] = bv; }
         chosen += bv;
         __syncwarp();
         if (lane == (bi & 31)) p[bi] = -2.f;
         __syncwarp();
     }
-    if (renorm && lane == 0) for (int j = 0; j < k; j++) wts[t * k + j] /= chosen;
+    // from shared memory: dividing the stored weights in place cost a global round trip each
+    for (int j = lane; j < k; j += 32) wts[t * k + j] = renorm ? chosen_w[j] / chosen : chosen_w[j];
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }

@@ -127,6 +127,19 @@ impl MatD {
     }
 }
 
+/// Up to four one-token products in one launch (`Multi` in kernels.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Multi {
+    base: [u64; 4],
+    m: [MatD; 4],
+    y: [u64; 4],
+    n: i32,
+}
+
+// SAFETY: plain repr(C) data, laid out as the kernels' struct.
+unsafe impl DeviceRepr for Multi {}
+
 /// An input quantized for the integer kernels (`QX` in kernels.cu); null `q`: the f32 input.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -244,6 +257,7 @@ struct Kernels {
     matmul: CudaFunction,
     matvec: CudaFunction,
     matvec_q: CudaFunction,
+    matvec_multi: CudaFunction,
     quant_x: CudaFunction,
     add_rmsnorm: CudaFunction,
     qk_norm_rope: CudaFunction,
@@ -429,6 +443,23 @@ impl CudaModel {
         launch_matmul(&self.stream, &self.k, w.ptr, w.d, x, y, n, p)
     }
 
+    /// Products of the same input `x` into their outputs: one launch for one token on the
+    /// int8 input, else one product after another.
+    fn matmuls(&self, jobs: &[(&DMat, u64)], x: u64, n: usize, p: Prep) -> Result<()> {
+        if n != 1 || p.qx.q == 0 || jobs.len() > 4 {
+            return jobs.iter().try_for_each(|(w, y)| self.matmul(w, x, *y, n, p));
+        }
+        let mut m = Multi { base: [0; 4], m: [jobs[0].0.d; 4], y: [0; 4], n: jobs.len() as i32 };
+        for (i, (w, y)) in jobs.iter().enumerate() {
+            (m.base[i], m.m[i], m.y[i]) = (w.ptr, w.d, *y);
+        }
+        let rows: usize = jobs.iter().map(|(w, _)| w.d.rows as usize).sum();
+        let mut b = self.stream.launch_builder(&self.k.matvec_multi);
+        b.arg(&m).arg(&x).arg(&p.qx);
+        unsafe { b.launch(cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
+        Ok(())
+    }
+
     /// Quantizes `rows` rows of `cols` at `x` into `q` for the integer kernels, when `fast` and
     /// the rows fit them; else a null `Qx` (the f32 kernels).
     fn quant(&self, fast: bool, x: u64, rows: usize, cols: usize, q: Qx) -> Result<Qx> {
@@ -467,12 +498,19 @@ impl CudaModel {
         Ok(Prep { qx: Qx::default(), xb })
     }
 
-    fn add_rmsnorm(&self, x: u64, y: u64, w: &DVec, h: u64, n: usize) -> Result<()> {
+    /// x += y (when y is not null); h = rmsnorm(x)·w; and h's fast form for the next products
+    /// (one token's int8 form written by the norm kernel itself, into `q`).
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm(&self, x: u64, y: u64, w: &DVec, h: u64, n: usize, fast: bool, q: Qx, xb: u64) -> Result<Prep> {
+        let one = fast && n == 1 && self.hidden.is_multiple_of(32);
         let mut b = self.stream.launch_builder(&self.k.add_rmsnorm);
         let dim = self.hidden as i32;
-        b.arg(&x).arg(&y).arg(&w.ptr).arg(&h).arg(&dim).arg(&self.eps);
-        unsafe { b.launch(cfg((n, 1), 256, 0)) }?;
-        Ok(())
+        let fused = if one { q } else { Qx::default() };
+        b.arg(&x).arg(&y).arg(&w.ptr).arg(&h).arg(&dim).arg(&self.eps).arg(&fused);
+        // NORM_PER (8) values per thread in registers
+        let threads = self.hidden.div_ceil(8).next_multiple_of(32).clamp(32, 1024);
+        unsafe { b.launch(cfg((n, 1), threads, 0)) }?;
+        if one { Ok(Prep { qx: q, xb: 0 }) } else { self.prep(fast, h, n, self.hidden, q, xb) }
     }
 
     /// out = SwiGLU MLP (or the routed experts `ids` weighted by `wts`, `k` per token) of h.
@@ -552,7 +590,14 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
     let minor = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
     let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+    // FLASHMOE_CUDA_SOURCE: a kernels.cu to compile instead of the built-in one (kernel work
+    // on a machine without Rust)
+    let src = match std::env::var_os("FLASHMOE_CUDA_SOURCE") {
+        Some(p) => std::fs::read_to_string(&p)
+            .with_context(|| format!("FLASHMOE_CUDA_SOURCE: cannot read {}", p.to_string_lossy()))?,
+        None => SOURCE.to_string(),
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts)
         .map_err(|e| anyhow!("--device cuda: compiling the kernels for {arch} failed: {e:?}"))?;
     let module = ctx
         .load_module(ptx)
@@ -562,6 +607,7 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         matmul: f("matmul")?,
         matvec: f("matvec")?,
         matvec_q: f("matvec_q")?,
+        matvec_multi: f("matvec_multi")?,
         quant_x: f("quant_x")?,
         gather_rows: f("gather_rows")?,
         gate_up_tiles: f("gate_up_tiles")?,
@@ -805,6 +851,7 @@ impl Accelerator for CudaModel {
     }
 
     fn forward(&self, model: &Model, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let t0 = std::time::Instant::now();
         let mut guard = self.run.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
         let (n, h, s) = (tokens.len(), self.hidden, &self.stream);
@@ -850,12 +897,29 @@ impl Accelerator for CudaModel {
         } else {
             self.pass(b, n, k, m, fast, parts)?;
         }
+        let t1 = std::time::Instant::now();
         let b = sc.bufs.as_ref().expect("fitted");
         let mut out = vec![0f32; m * self.vocab];
+        s.synchronize()?;
+        let t2 = std::time::Instant::now();
         s.memcpy_dtoh(&b.logits.slice(..m * self.vocab), &mut out)
             .map_err(|e| anyhow!("CUDA forward pass failed: {e}"))?;
-        if out.iter().any(|v| !v.is_finite()) {
+        let t3 = std::time::Instant::now();
+        if !crate::model::all_finite(&out) {
             bail!("non-finite logits (NaN or Inf) from the CUDA forward pass (corrupt weights?)");
+        }
+        if std::env::var_os("FLASHMOE_CUDA_TIMING").is_some() && n == 1 {
+            let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e6;
+            static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            let z = *START.get_or_init(|| t0);
+            eprintln!(
+                "cuda-timing at {:.1} host {:.1} gpu {:.1} dtoh {:.1} check {:.1}",
+                us(z, t0),
+                us(t0, t1),
+                us(t1, t2),
+                us(t2, t3),
+                us(t3, std::time::Instant::now())
+            );
         }
         st.pos += n;
         Ok(out)
@@ -893,9 +957,7 @@ impl CudaModel {
         let (py, pa, pb, pc, pmeta, ppart) = (p(&b.y), p(&b.a), p(&b.b), p(&b.c), ptr(&b.meta, s), p(&b.part));
         let qw = if a.gated { 2 * a.d } else { a.d };
         // q → a, k → b, v → c
-        self.matmul(&a.q, ph, pa, n, qh)?;
-        self.matmul(&a.k, ph, pb, n, qh)?;
-        self.matmul(&a.v, ph, pc, n, qh)?;
+        self.matmuls(&[(&a.q, pa), (&a.k, pb), (&a.v, pc)], ph, n, qh)?;
         let (nh, nkv, d, qw32, rot) = (a.nh as i32, a.nkv as i32, a.d as i32, qw as i32, a.rot as i32);
         let (gated, parts32) = (a.gated as i32, parts as i32);
         let mut lb = s.launch_builder(&self.k.qk_norm_rope);
@@ -906,10 +968,17 @@ impl CudaModel {
         let mut lb = s.launch_builder(&self.k.attn_part);
         lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&parts32);
         unsafe { lb.launch(cfg((n * a.nh, parts), 128, 0)) }?;
+        // one token: the merge writes o_proj's int8 input too (a block per head, a warp per 32)
+        let fused = fast && n == 1 && a.d.is_multiple_of(32) && a.d <= 1024;
+        let oq = if fused { b.qa.qx(s) } else { Qx::default() };
         let mut lb = s.launch_builder(&self.k.attn_merge);
-        lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32);
-        unsafe { lb.launch(cfg((n * a.nh, 1), 128, 0)) }?;
-        let qo = self.prep(fast, pb, n, a.nh * a.d, b.qa.qx(s), ptr(&b.xbh, s))?;
+        lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32).arg(&oq);
+        unsafe { lb.launch(cfg((n * a.nh, 1), if fused { a.d } else { 128 }, 0)) }?;
+        let qo = if fused {
+            Prep { qx: oq, xb: 0 }
+        } else {
+            self.prep(fast, pb, n, a.nh * a.d, b.qa.qx(s), ptr(&b.xbh, s))?
+        };
         self.matmul(&a.o, pb, py, n, qo)
     }
 
@@ -921,10 +990,7 @@ impl CudaModel {
         let p = |b: &CudaSlice<f32>| ptr(b, s);
         let (py, pa, pb, pc, pd, pmeta) = (p(&b.y), p(&b.a), p(&b.b), p(&b.c), p(&b.d), ptr(&b.meta, s));
         // qkv → a, z → c, b → d, a → y (free until the output projection)
-        self.matmul(&d.qkv, ph, pa, n, qh)?;
-        self.matmul(&d.z, ph, pc, n, qh)?;
-        self.matmul(&d.b, ph, pd, n, qh)?;
-        self.matmul(&d.a, ph, py, n, qh)?;
+        self.matmuls(&[(&d.qkv, pa), (&d.z, pc), (&d.b, pd), (&d.a, py)], ph, n, qh)?;
         let (cd, kd, vd) = (d.conv_dim(), d.nk * d.dk, d.nv * d.dv);
         let (cd32, kern32, n32) = (cd as i32, d.kern as i32, n as i32);
         let mut lb = s.launch_builder(&self.k.delta_conv);
@@ -959,15 +1025,13 @@ impl CudaModel {
         let (xbh, xbe) = (ptr(&b.xbh, s), ptr(&b.xbe, s));
         let null = 0u64;
         for (i, l) in self.layers.iter().enumerate() {
-            self.add_rmsnorm(px, if i == 0 { null } else { py }, &l.input_norm, ph, n)?;
-            let qh = self.prep(fast, ph, n, h, qa, xbh)?;
+            let qh = self.add_rmsnorm(px, if i == 0 { null } else { py }, &l.input_norm, ph, n, fast, qa, xbh)?;
             let layer = i as i32;
             match &l.mixer {
                 DMixer::Attn(a) => self.attention(a, b, layer, (ph, qh), n, parts, fast)?,
                 DMixer::Delta(d) => self.deltanet(d, b, layer, (ph, qh), n, fast)?,
             }
-            self.add_rmsnorm(px, py, &l.post_norm, ph, n)?;
-            let qh = self.prep(fast, ph, n, h, qa, xbh)?;
+            let qh = self.add_rmsnorm(px, py, &l.post_norm, ph, n, fast, qa, xbh)?;
             match &l.ffn {
                 DFfn::Dense(m) => self.mlp(m, (ph, qh), (pa, qb), pc, xbe, py, n)?,
                 DFfn::Moe(m) => {
@@ -1005,9 +1069,13 @@ impl CudaModel {
                 }
             }
         }
-        self.add_rmsnorm(px, py, &self.norm, ph, n)?;
         let rows = ph + 4 * (h * (n - m)) as u64;
-        let qh = self.prep(fast, rows, m, h, qa, xbh)?;
+        let qh = if n == 1 {
+            self.add_rmsnorm(px, py, &self.norm, ph, n, fast, qa, xbh)?
+        } else {
+            self.add_rmsnorm(px, py, &self.norm, ph, n, false, qa, xbh)?;
+            self.prep(fast, rows, m, h, qa, xbh)?
+        };
         self.matmul(&self.head, rows, p(&b.logits), m, qh)
     }
 }
