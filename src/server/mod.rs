@@ -581,6 +581,7 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
         presence_penalty,
         frequency_penalty,
         constraint: None,
+        logprobs: None,
     };
     // values that pass the checks above as f64 but not as the f32 the sampler uses (top_p
     // 1e-46 rounds to 0, repetition_penalty 1e39 to infinity)
