@@ -164,7 +164,9 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     // token more than it feeds back)
     let pos0 = st.pos;
     let mut greedy = crate::generate::Sampler::new(Default::default());
-    crate::generate::decode(model, &mut st, logits, prompt.clone(), opts.gen_tokens + 1, &mut greedy, &[], |_| true)?;
+    crate::generate::decode(model, &mut st, logits, prompt.clone(), opts.gen_tokens + 1, &mut greedy, &[], |_, _| {
+        true
+    })?;
     let made = st.pos - pos0;
     let decode_s = t.elapsed().as_secs_f64();
     let routing = routing_take();

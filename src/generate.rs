@@ -29,6 +29,9 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Only tokens this grammar allows are sampled (structured output).
     pub constraint: Option<crate::grammar::Constraint>,
+    /// Report each sampled token's log-probability and this many most likely alternatives
+    /// ([`Sampler::logprobs`]); none: nothing is computed.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -44,6 +47,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             constraint: None,
+            logprobs: None,
         }
     }
 }
@@ -175,9 +179,49 @@ impl Sampler {
         self.cand.last().map_or(argmax(logits) as u32, |c| c.0)
     }
 
-    /// Applies the bias and the penalty to `logits`, then leaves in `self.cand` the tokens
+    /// The log-probabilities of `token`, just sampled from `logits` (which [`Sampler::sample`]
+    /// left processed: bias, penalties and grammar mask applied), when they were asked for.
+    ///
+    /// They are those of the distribution the token was drawn from: the processed logits at
+    /// the temperature (1 when greedy), before the top-k, top-p and min-p truncation (which
+    /// would leave every other token at −∞). OpenAI reports the distribution after its
+    /// processing too; vLLM's default is the raw model's.
+    pub fn logprobs(&self, logits: &[f32], token: u32) -> Option<TokenLogprob> {
+        let k = self.params.logprobs?;
+        Some(log_probs(logits, self.inv_temperature(), token, k))
+    }
+
+    /// The log-probabilities of a token that was not sampled (a prompt token), as if it were
+    /// drawn after `history` under these settings: bias and repetition penalty apply, the
+    /// presence and frequency penalties count nothing (no token was generated yet).
+    pub fn score(&mut self, logits: &mut [f32], history: &[u32], token: u32) -> TokenLogprob {
+        let start = self.prompt_len.replace(history.len());
+        self.adjust(logits, history);
+        self.prompt_len = start;
+        log_probs(logits, self.inv_temperature(), token, self.params.logprobs.unwrap_or(0))
+    }
+
+    /// 1/T, or 1 when greedy (the logits as they are).
+    fn inv_temperature(&self) -> f32 {
+        if self.params.temperature < MIN_TEMPERATURE { 1.0 } else { 1.0 / self.params.temperature }
+    }
+
+    /// Applies the bias and the penalties to `logits`, then leaves in `self.cand` the tokens
     /// the filters keep, with unnormalized weights. False when decoding is greedy.
     fn candidates(&mut self, logits: &mut [f32], history: &[u32]) -> bool {
+        self.adjust(logits, history);
+        let p = &self.params;
+        // temperatures this small are greedy (1/T would overflow f32 and turn every weight
+        // into NaN)
+        if p.temperature < MIN_TEMPERATURE {
+            return false;
+        }
+        self.filter(logits);
+        true
+    }
+
+    /// Adds the logit bias and applies the penalties to `logits`, in place.
+    fn adjust(&mut self, logits: &mut [f32], history: &[u32]) {
         let p = &self.params;
         for &(t, b) in &p.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
@@ -211,11 +255,11 @@ impl Sampler {
                 }
             }
         }
-        // temperatures this small are greedy (1/T would overflow f32 and turn every weight
-        // into NaN)
-        if p.temperature < MIN_TEMPERATURE {
-            return false;
-        }
+    }
+
+    /// Leaves in `self.cand` the tokens top-k, min-p and top-p keep, weighted exp((l − max)/T).
+    fn filter(&mut self, logits: &[f32]) {
+        let p = &self.params;
         let cand = &mut self.cand;
         cand.clear();
         let sorted = p.top_k > 0 && p.top_k < logits.len();
@@ -255,8 +299,57 @@ impl Sampler {
             let keep = sort_prefix_reaching(cand, p.top_p * z);
             cand.truncate(keep);
         }
-        true
     }
+}
+
+/// A token's log-probability, and the most likely tokens with theirs (best first).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax of `logits × scale` at `token`, and at the `k` largest logits (ties: lower
+/// id first; tokens at −∞, such as those a grammar forbids, are never among them). Summed in
+/// f64, so a large vocabulary loses no precision.
+pub fn log_probs(logits: &[f32], scale: f32, token: u32, k: usize) -> TokenLogprob {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    let lse = logits.iter().map(|&l| ((l - m) as f64 * scale as f64).exp()).sum::<f64>().ln();
+    let lp = |l: f32| if m.is_finite() { ((l - m) as f64 * scale as f64 - lse) as f32 } else { f32::NEG_INFINITY };
+    let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
+    let top = top_k(logits, k).into_iter().map(|(t, l)| (t, lp(l))).collect();
+    TokenLogprob { token, logprob, top }
+}
+
+/// The `k` largest finite logits with their tokens, best first (ties: lower id first).
+fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    use std::cmp::Reverse;
+    let mut heap = std::collections::BinaryHeap::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &l) in logits.iter().enumerate().filter(|(_, l)| l.is_finite()) {
+            heap.push(Reverse(Ranked(l, i as u32)));
+            if heap.len() > k {
+                heap.pop();
+            }
+        }
+    }
+    let mut top: Vec<(u32, f32)> = heap.into_iter().map(|Reverse(r)| (r.1, r.0)).collect();
+    top.sort_unstable_by(best_first);
+    top
+}
+
+/// The seed of choice `i` of a request seeded `seed`: choice 0 draws what a single answer
+/// would, the others distinct streams (mixed, so that seed s + 1 is not choice 1 of seed s).
+pub fn choice_seed(seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        return seed;
+    }
+    // splitmix64 of the pair
+    let mut z = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Length of the shortest run of the best candidates whose weights reach `target`, left sorted
@@ -362,7 +455,7 @@ pub fn generate(
     max_tokens: usize,
     sampler: &mut Sampler,
     stop_ids: &[u32],
-    on_token: impl FnMut(u32) -> bool,
+    mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, GenStats)> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
@@ -380,7 +473,7 @@ pub fn generate(
     let logits = model.forward(state, prompt, false)?;
     let prompt_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let (out, stop) = decode(model, state, logits, prompt.to_vec(), max_tokens, sampler, stop_ids, on_token)?;
+    let (out, stop) = decode(model, state, logits, prompt.to_vec(), max_tokens, sampler, stop_ids, |t, _| on_token(t))?;
     let stats = GenStats {
         prompt_tokens: prompt.len(),
         prompt_secs,
@@ -395,7 +488,8 @@ pub fn generate(
 /// from the logits of the last token `state` holds, samples up to `max_tokens` tokens, each
 /// fed back, until a stop token (not returned), the callback's false (the token it saw is
 /// returned), or a full context. `history` is every token so far (repetition penalty). The
-/// last returned token is fed to `state` only when the stop was a stop token.
+/// last returned token is fed to `state` only when the stop was a stop token. The callback also
+/// gets the token's log-probabilities when the sampler's parameters ask for them.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     model: &Model,
@@ -405,7 +499,7 @@ pub fn decode(
     max_tokens: usize,
     sampler: &mut Sampler,
     stop_ids: &[u32],
-    mut on_token: impl FnMut(u32) -> bool,
+    mut on_token: impl FnMut(u32, Option<TokenLogprob>) -> bool,
 ) -> Result<(Vec<u32>, StopReason)> {
     let ctx = model.max_context();
     let mut out = Vec::new();
@@ -417,9 +511,10 @@ pub fn decode(
         if stop_ids.contains(&tok) {
             break StopReason::Eos;
         }
+        let lp = sampler.logprobs(&logits, tok);
         out.push(tok);
         history.push(tok);
-        if !on_token(tok) {
+        if !on_token(tok, lp) {
             break StopReason::Cancelled;
         }
         if out.len() >= max_tokens {
@@ -497,6 +592,90 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    /// log_softmax(x × scale) in f64, directly.
+    fn reference_log_softmax(x: &[f32], scale: f64) -> Vec<f64> {
+        let z: f64 = x.iter().map(|&l| (l as f64 * scale).exp()).sum();
+        x.iter().map(|&l| l as f64 * scale - z.ln()).collect()
+    }
+
+    #[test]
+    fn log_probs_are_the_log_softmax_and_the_top_is_sorted() {
+        let logits: Vec<f32> = (0..300).map(|i| ((i * 37 % 101) as f32 / 9.0).sin() * 6.0).collect();
+        for scale in [1.0f32, 1.0 / 0.7, 1.0 / 1.8] {
+            let want = reference_log_softmax(&logits, scale as f64);
+            let lp = log_probs(&logits, scale, 17, 20);
+            assert!((lp.logprob as f64 - want[17]).abs() < 1e-5, "{} vs {}", lp.logprob, want[17]);
+            assert_eq!(lp.top.len(), 20);
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]).then(a.cmp(&b)));
+            for (&(t, l), &w) in lp.top.iter().zip(&order) {
+                assert_eq!(t as usize, w);
+                assert!((l as f64 - want[w]).abs() < 1e-5);
+            }
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            assert!(lp.top.iter().map(|t| (t.1 as f64).exp()).sum::<f64>() <= 1.0 + 1e-6);
+        }
+        // tokens a grammar forbids are never among the top; the ties go to the lower id
+        let lp = log_probs(&[f32::NEG_INFINITY, 1.0, 1.0, f32::NEG_INFINITY], 1.0, 2, 5);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert!((lp.logprob - 0.5f32.ln()).abs() < 1e-6);
+        assert_eq!(log_probs(&[f32::NEG_INFINITY; 3], 1.0, 0, 2).logprob, f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn sampled_logprobs_are_those_of_the_processed_distribution() {
+        let raw = [0.5f32, 2.0, 1.0, -1.0];
+        // greedy: the chosen token is the top one, at the logits' own scale (bias applied)
+        let p = SamplingParams { logprobs: Some(3), logit_bias: vec![(2, 3.0)], ..Default::default() };
+        let mut s = Sampler::new(p);
+        let mut l = raw;
+        let t = s.sample(&mut l, &[]);
+        let lp = s.logprobs(&l, t).unwrap();
+        let biased = [0.5f32, 2.0, 4.0, -1.0];
+        assert_eq!((t, lp.top[0].0), (2, 2));
+        assert!((lp.logprob as f64 - reference_log_softmax(&biased, 1.0)[2]).abs() < 1e-6);
+        assert_eq!(lp.logprob, lp.top[0].1);
+        // sampled: the temperature divides, the truncation does not cut the reported distribution
+        let p = SamplingParams { logprobs: Some(4), temperature: 0.5, top_k: 1, seed: 9, ..Default::default() };
+        let mut s = Sampler::new(p);
+        let mut l = raw;
+        let t = s.sample(&mut l, &[]);
+        let lp = s.logprobs(&l, t).unwrap();
+        let want = reference_log_softmax(&raw, 2.0);
+        assert_eq!(t, 1);
+        assert!(lp.top.iter().all(|&(t, l)| (l as f64 - want[t as usize]).abs() < 1e-6), "{lp:?}");
+        assert_eq!(lp.top.len(), 4);
+        // nothing asked, nothing computed
+        assert!(Sampler::new(SamplingParams::default()).logprobs(&raw, 1).is_none());
+    }
+
+    #[test]
+    fn prompt_tokens_are_scored_without_generation_penalties() {
+        let p = SamplingParams {
+            logprobs: Some(1),
+            presence_penalty: 2.0,
+            repetition_penalty: 2.0,
+            logit_bias: vec![(0, 1.0)],
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p);
+        // token 1 is in the history: the repetition penalty halves its logit; the presence
+        // penalty counts no generated token
+        let lp = s.score(&mut [0.0, 2.0, 1.0], &[1], 2);
+        let want = reference_log_softmax(&[1.0, 1.0, 1.0], 1.0);
+        assert!((lp.logprob as f64 - want[2]).abs() < 1e-6, "{lp:?}");
+        assert_eq!(lp.top, [(0, lp.logprob)]);
+    }
+
+    #[test]
+    fn choice_seeds_are_distinct_and_the_first_is_the_seed() {
+        assert_eq!(choice_seed(7, 0), 7);
+        let seeds: std::collections::HashSet<u64> =
+            (0..2).flat_map(|s| (0..16).map(move |i| choice_seed(s, i))).collect();
+        assert_eq!(seeds.len(), 32, "choice 1 of seed 0 is not choice 0 of seed 1");
+        assert_eq!(choice_seed(7, 3), choice_seed(7, 3));
     }
 
     /// The filters by a full sort of the vocabulary: the tokens kept and their probabilities.

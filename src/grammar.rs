@@ -86,6 +86,13 @@ impl Constraint {
         }
     }
 
+    /// An independent copy of this state (another answer to the same request goes its own way
+    /// from here).
+    pub fn fork(&self) -> Constraint {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Constraint(Arc::new(std::sync::Mutex::new(m.deep_clone())), self.1.clone())
+    }
+
     /// Advances past the token that was chosen.
     pub fn accept(&self, token: u32) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());

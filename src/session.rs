@@ -10,7 +10,7 @@
 //! re-renders everything after it (the generation prompt's empty `<think></think>` with
 //! thinking off is gone from history), so a snapshot there is what the next turn resumes from.
 
-use crate::generate::{GenStats, Sampler, SamplingParams, StopReason};
+use crate::generate::{GenStats, Sampler, SamplingParams, StopReason, TokenLogprob};
 use crate::model::{Model, State};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use anyhow::{Result, bail};
@@ -53,6 +53,18 @@ pub struct Output {
     /// The stop string that ended the text, if one did.
     pub stop_string: Option<String>,
     pub stats: GenStats,
+    /// With `logprobs` asked for: those of the generated tokens whose text begins in `text`
+    /// (a stop string's own tokens are not among them).
+    pub logprobs: Vec<Scored>,
+}
+
+/// A generated token's log-probabilities, and the byte offset in the output text where its
+/// text begins (always a character boundary: a token that completes a character begins where
+/// that character does).
+#[derive(Clone, Debug)]
+pub struct Scored {
+    pub logprob: TokenLogprob,
+    pub offset: usize,
 }
 
 /// A prompt that does not fit the model's context.
@@ -181,6 +193,20 @@ impl Session {
         stop: &[String],
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Output> {
+        self.generate_with(prompt, max_tokens, params, stop, |piece, _| on_text(piece))
+    }
+
+    /// [`Session::generate`], whose callback also gets the log-probabilities (when
+    /// `params.logprobs` asks for them) of the tokens whose text begins in the piece it gets;
+    /// the last call may bring some with an empty piece (tokens of no visible text).
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        params: &SamplingParams,
+        stop: &[String],
+        on_text: impl FnMut(&str, &[Scored]) -> bool,
+    ) -> Result<Output> {
         let ctx = self.model.max_context();
         if prompt.is_empty() {
             bail!("the prompt is empty");
@@ -190,10 +216,68 @@ impl Session {
         }
         params.validate()?;
         let t0 = Instant::now();
+        let (reused, logits) = self.prefill(prompt)?;
+        let prompt_secs = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut sampler = Sampler::new(params.clone());
+        let mut text = TextOut::new(&self.tok, stop, on_text);
+        let max_tokens = max_tokens.min(ctx - prompt.len());
+        let (tokens, reason) = crate::generate::decode(
+            &self.model,
+            &mut self.state,
+            logits,
+            prompt.to_vec(),
+            max_tokens,
+            &mut sampler,
+            &self.stop_ids,
+            |tok, lp| text.token(tok, lp),
+        )?;
+        // the tokens whose effect the state now holds (the last one made is fed only when
+        // a stop token followed it)
+        self.cached.extend_from_slice(&tokens);
+        self.cached.truncate(self.state.pos);
+        if let Some(e) = text.failed.take() {
+            return Err(e);
+        }
+        text.flush();
+        let finish = match reason {
+            _ if text.stop_string.is_some() => Finish::Stop,
+            StopReason::Eos => Finish::Stop,
+            StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
+            StopReason::Cancelled => Finish::Cancelled,
+        };
+        let stats = GenStats {
+            prompt_tokens: prompt.len() - reused,
+            prompt_secs,
+            generated_tokens: tokens.len(),
+            generate_secs: t1.elapsed().as_secs_f64(),
+            stop: match finish {
+                Finish::Stop => StopReason::Eos,
+                Finish::Length => StopReason::MaxTokens,
+                Finish::Cancelled => StopReason::Cancelled,
+            },
+        };
+        let TextOut { text, stop_string, sent: logprobs, .. } = text;
+        Ok(Output {
+            text,
+            tokens,
+            finish,
+            prompt_tokens: prompt.len(),
+            reused_tokens: reused,
+            stop_string,
+            stats,
+            logprobs,
+        })
+    }
+
+    /// Brings the state to the whole `prompt`, reusing what it can: prefills all but the last
+    /// token, snapshots there (so the same prompt, or one that extends it, can resume; the
+    /// choices of one request each resume there), then the last token gives the first logits.
+    /// Returns the tokens reused and those logits.
+    fn prefill(&mut self, prompt: &[u32]) -> Result<(usize, Vec<f32>)> {
         let reused = self.rewind(prompt);
         self.cached.truncate(reused);
-        // prefill all but the last token, snapshot there (so the same prompt, or one that
-        // extends it, can resume), then the last token gives the first logits
         let n = prompt.len();
         let mut stops: SmallVec<[usize; 2]> =
             self.mark.take().into_iter().filter(|&m| m > reused && m < n - 1).collect();
@@ -214,90 +298,133 @@ impl Session {
         }
         let logits = self.model.forward(&mut self.state, &prompt[n - 1..], false)?;
         self.cached.push(prompt[n - 1]);
-        let prompt_secs = t0.elapsed().as_secs_f64();
+        Ok((reused, logits))
+    }
 
-        let t1 = Instant::now();
+    /// The log-probabilities of `prompt[1..]`, each token scored as if sampled under `params`
+    /// after the tokens before it ([`Sampler::score`]); the first token has none.
+    ///
+    /// Every position's logits are needed, so the prompt runs from the start on a new state
+    /// (in chunks, so a huge vocabulary never needs the whole prompt's logits at once); that
+    /// state, holding all but the last token, then becomes the session's, so the generation
+    /// that follows prefills only the last token.
+    pub fn score_prompt(&mut self, prompt: &[u32], params: &SamplingParams) -> Result<Vec<TokenLogprob>> {
+        const CHUNK: usize = 64;
+        let ctx = self.model.max_context();
+        if prompt.len() >= ctx {
+            return Err(ContextExceeded { prompt_tokens: prompt.len(), context: ctx }.into());
+        }
+        params.validate()?;
+        let Some(body) = prompt.len().checked_sub(1).map(|n| &prompt[..n]).filter(|b| !b.is_empty()) else {
+            return Ok(vec![]);
+        };
+        let (v, mut st) = (self.model.vocab_size(), self.model.new_state());
         let mut sampler = Sampler::new(params.clone());
-        let mut dec = StreamDecoder::new();
-        let mut text = String::new();
-        let mut emitted = 0;
-        let mut failed = None;
-        let mut stop_string: Option<String> = None;
-        let max_tokens = max_tokens.min(ctx - prompt.len());
-        let (tokens, reason) = crate::generate::decode(
-            &self.model,
-            &mut self.state,
-            logits,
-            prompt.to_vec(),
-            max_tokens,
-            &mut sampler,
-            &self.stop_ids,
-            |tok| {
-                match dec.push(&self.tok, tok) {
-                    Ok(piece) => text.push_str(&piece),
-                    Err(e) => {
-                        failed = Some(e);
-                        return false;
-                    }
-                }
-                // a stop string ends the text just before it
-                if let Some((cut, s)) =
-                    stop.iter().filter(|s| !s.is_empty()).filter_map(|s| Some((text.find(s.as_str())?, s))).min()
-                {
-                    text.truncate(cut);
-                    if cut > emitted {
-                        on_text(&text[emitted..cut]);
-                    }
-                    emitted = cut;
-                    stop_string = Some(s.clone());
-                    return false;
-                }
-                // hold back a tail that could still become a stop string
-                let hold = stop
-                    .iter()
-                    .flat_map(|s| (1..s.len()).filter(move |&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
-                    .filter(|pre| text.ends_with(pre))
-                    .map(|pre| pre.len())
-                    .max()
-                    .unwrap_or(0);
-                let safe = text.len() - hold;
-                // once per token, with "" when nothing new can be shown: the caller may cancel
-                if safe > emitted {
-                    let ok = on_text(&text[emitted..safe]);
-                    emitted = safe;
-                    ok
-                } else {
-                    on_text("")
-                }
-            },
-        )?;
-        // the tokens whose effect the state now holds (the last one made is fed only when
-        // a stop token followed it)
-        self.cached.extend_from_slice(&tokens);
-        self.cached.truncate(self.state.pos);
-        if let Some(e) = failed {
-            return Err(e);
+        let mut out = Vec::with_capacity(body.len());
+        for (c, chunk) in body.chunks(CHUNK).enumerate() {
+            let mut rows = self.model.forward(&mut st, chunk, true)?;
+            for (j, row) in rows.chunks_mut(v).enumerate() {
+                // the row of position i predicts token i + 1
+                let i = c * CHUNK + j;
+                out.push(sampler.score(row, &prompt[..=i], prompt[i + 1]));
+            }
         }
-        let finish = match reason {
-            _ if stop_string.is_some() => Finish::Stop,
-            StopReason::Eos => Finish::Stop,
-            StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
-            StopReason::Cancelled => Finish::Cancelled,
-        };
-        if finish != Finish::Stop && emitted < text.len() {
-            on_text(&text[emitted..]);
+        // snapshots past where the old history and this one part describe another history
+        let keep = common_prefix(&self.cached, body);
+        self.snapshots.retain(|(q, _)| *q <= keep);
+        self.state = st;
+        self.cached = body.to_vec();
+        Ok(out)
+    }
+}
+
+/// The text of one generation as its tokens come: a stop string ends it, a tail that could
+/// still become one is held back, and each token's log-probabilities go out with the piece of
+/// text in which the token's text begins.
+struct TextOut<'a, F> {
+    tok: &'a TextTokenizer,
+    stop: &'a [String],
+    on_text: F,
+    dec: StreamDecoder,
+    text: String,
+    /// Bytes of `text` handed out.
+    emitted: usize,
+    stop_string: Option<String>,
+    failed: Option<anyhow::Error>,
+    /// Log-probabilities of tokens whose text is not handed out yet, and of those that are.
+    held: Vec<Scored>,
+    sent: Vec<Scored>,
+}
+
+impl<'a, F: FnMut(&str, &[Scored]) -> bool> TextOut<'a, F> {
+    fn new(tok: &'a TextTokenizer, stop: &'a [String], on_text: F) -> Self {
+        TextOut {
+            tok,
+            stop,
+            on_text,
+            dec: StreamDecoder::new(),
+            text: String::new(),
+            emitted: 0,
+            stop_string: None,
+            failed: None,
+            held: vec![],
+            sent: vec![],
         }
-        let stats = GenStats {
-            prompt_tokens: prompt.len() - reused,
-            prompt_secs,
-            generated_tokens: tokens.len(),
-            generate_secs: t1.elapsed().as_secs_f64(),
-            stop: match finish {
-                Finish::Stop => StopReason::Eos,
-                Finish::Length => StopReason::MaxTokens,
-                Finish::Cancelled => StopReason::Cancelled,
-            },
-        };
-        Ok(Output { text, tokens, finish, prompt_tokens: prompt.len(), reused_tokens: reused, stop_string, stats })
+    }
+
+    /// One generated token; false to stop (a stop string, a decoding error, the callback).
+    fn token(&mut self, tok: u32, lp: Option<TokenLogprob>) -> bool {
+        let offset = self.text.len();
+        match self.dec.push(self.tok, tok) {
+            Ok(piece) => self.text.push_str(&piece),
+            Err(e) => {
+                self.failed = Some(e);
+                return false;
+            }
+        }
+        self.held.extend(lp.map(|logprob| Scored { logprob, offset }));
+        // a stop string ends the text just before it
+        if let Some((cut, s)) =
+            self.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| Some((self.text.find(s.as_str())?, s))).min()
+        {
+            self.text.truncate(cut);
+            self.stop_string = Some(s.clone());
+            self.held.retain(|s| s.offset < cut);
+            self.emit(cut);
+            return false;
+        }
+        // hold back a tail that could still become a stop string
+        let hold = self
+            .stop
+            .iter()
+            .flat_map(|s| (1..s.len()).filter(move |&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
+            .filter(|pre| self.text.ends_with(pre))
+            .map(|pre| pre.len())
+            .max()
+            .unwrap_or(0);
+        self.emit(self.text.len() - hold)
+    }
+
+    /// Hands out the text up to `end` with the log-probabilities of the tokens that begin
+    /// before it; once per token, with "" when there is nothing new (the caller may cancel).
+    fn emit(&mut self, end: usize) -> bool {
+        let n = self.held.iter().take_while(|s| s.offset < end).count();
+        self.send(end, n)
+    }
+
+    fn send(&mut self, end: usize, n: usize) -> bool {
+        let released: Vec<Scored> = self.held.drain(..n).collect();
+        let piece = self.text.get(self.emitted..end).unwrap_or("");
+        let ok = (self.on_text)(piece, &released);
+        self.emitted = self.emitted.max(end);
+        self.sent.extend(released);
+        ok
+    }
+
+    /// After the last token: what was held back goes out, unless a stop string ended the text.
+    fn flush(&mut self) {
+        if self.stop_string.is_none() && (self.emitted < self.text.len() || !self.held.is_empty()) {
+            self.send(self.text.len(), self.held.len());
+        }
     }
 }

@@ -15,6 +15,9 @@ pub struct TextTokenizer {
     template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The decoder is byte-level (GPT-2's byte-to-character map): a token's bytes are its
+    /// characters mapped back.
+    byte_level: bool,
 }
 
 fn token_string(v: Option<&Value>) -> Option<String> {
@@ -64,7 +67,9 @@ impl TextTokenizer {
                 _ => None,
             }
         };
+        let byte_level = is_byte_level(tok.get_decoder());
         Ok(TextTokenizer {
+            byte_level,
             tok,
             template,
             bos_token: token_string(cfg.get("bos_token")),
@@ -86,6 +91,35 @@ impl TextTokenizer {
     /// least `b / max_token_bytes()` tokens.
     pub fn max_token_bytes(&self) -> usize {
         self.tok.get_vocab(true).keys().map(|k| k.len()).max().unwrap_or(1).max(1)
+    }
+
+    /// The bytes one token stands for, which may be part of a character (the text of a lone
+    /// token would not show them): an added token's content, a byte-level token's characters
+    /// mapped back to bytes, a byte-fallback `<0xNN>` its byte, else the token decoded alone.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let added = self.tok.get_added_vocabulary().simple_id_to_token(id);
+        if let Some(a) = added {
+            return a.into_bytes();
+        }
+        let Some(piece) = self.tok.id_to_token(id) else { return vec![] };
+        if let Some(b) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'))
+            && let Ok(b) = u8::from_str_radix(b, 16)
+            && piece.len() == 6
+        {
+            return vec![b];
+        }
+        if self.byte_level
+            && let Some(bytes) = piece.chars().map(byte_of_char).collect::<Option<Vec<u8>>>()
+        {
+            return bytes;
+        }
+        self.decode(&[id], false).map(String::into_bytes).unwrap_or_default()
+    }
+
+    /// A token as text: its bytes when they are UTF-8, else `bytes:` and each byte as `\xNN`
+    /// (OpenAI's spelling of a token that splits a character).
+    pub fn token_text(&self, id: u32) -> String {
+        bytes_text(&self.token_bytes(id))
     }
 
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
@@ -274,6 +308,37 @@ fn py_dump(v: &Value, indent: Option<usize>, level: usize, item: &str, key: &str
             out.push('}');
         }
     }
+}
+
+/// A token's bytes as text ([`TextTokenizer::token_text`]).
+pub fn bytes_text(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_string(),
+        Err(_) => b.iter().fold(String::from("bytes:"), |mut s, b| {
+            s.push_str(&format!("\\x{b:02x}"));
+            s
+        }),
+    }
+}
+
+fn is_byte_level(d: Option<&tokenizers::decoders::DecoderWrapper>) -> bool {
+    use tokenizers::decoders::DecoderWrapper as D;
+    match d {
+        Some(D::ByteLevel(_)) => true,
+        Some(D::Sequence(s)) => s.get_decoders().iter().any(|d| is_byte_level(Some(d))),
+        _ => false,
+    }
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c`: printable Latin-1 bytes stand for
+/// themselves, the other 68 bytes for U+0100 onwards, in order.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let c = c as u32;
+    if c < 0x100 {
+        return printable(c).then_some(c as u8);
+    }
+    (0..=255u32).filter(|&b| !printable(b)).nth((c - 0x100) as usize).map(|b| b as u8)
 }
 
 /// Turns a growing token sequence into text pieces without splitting multi-byte characters.

@@ -83,6 +83,36 @@ r = client.chat.completions.create(model=model, messages=msgs[:1], tools=two, te
 call = r.choices[0].message.tool_calls[0]
 assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET"), call
 
+# log probabilities through the typed objects: greedy, the chosen token tops its list
+kw = dict(model=model, messages=[{"role": "user", "content": "Speak as ROMEO."}], max_tokens=8, temperature=0,
+          logprobs=True, top_logprobs=3)
+r = client.chat.completions.create(**kw)
+lp = r.choices[0].logprobs.content
+assert lp and len(lp) == r.usage.completion_tokens, lp
+for t in lp:
+    assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
+    assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True), t
+    assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob, t
+assert bytes(b for t in lp for b in t.bytes).decode() == r.choices[0].message.content
+streamed = [t for c in client.chat.completions.create(stream=True, **kw)
+            if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content for t in c.choices[0].logprobs.content]
+assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in lp], (streamed, lp)
+r = client.completions.create(model=model, prompt="ROMEO:", max_tokens=4, temperature=0, logprobs=2, echo=True)
+clp = r.choices[0].logprobs
+assert r.choices[0].text.startswith("ROMEO:") and clp.token_logprobs[0] is None and clp.text_offset[0] == 0, clp
+assert "".join(clp.tokens) == r.choices[0].text and all(len(d) <= 3 for d in clp.top_logprobs[1:]), clp
+
+# n choices, indexed, whole and streamed
+r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Speak as ROMEO."}], n=2,
+                                   max_tokens=8, temperature=1, seed=3)
+assert [c.index for c in r.choices] == [0, 1], r
+texts = ["", ""]
+for c in client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Speak as ROMEO."}], n=2,
+                                        max_tokens=8, temperature=1, seed=3, stream=True):
+    for ch in c.choices:
+        texts[ch.index] += ch.delta.content or ""
+assert texts == [c.message.content for c in r.choices], (texts, r)
+
 # errors come back as openai exceptions
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])

@@ -152,7 +152,7 @@ fn bad_requests_get_openai_errors_and_the_server_survives() {
         (json!({"messages": [{"role": "wizard", "content": "x"}]}), 400, None),
         (json!({"messages": user, "temperature": -1}), 400, None),
         (json!({"messages": user, "max_tokens": 0}), 400, None),
-        (json!({"messages": user, "n": 2}), 400, None),
+        (json!({"messages": user, "n": 17}), 400, None),
         (json!({"messages": user, "stop": 7}), 400, None),
         // in range as f64, out of range as the sampler's f32
         (json!({"messages": user, "repetition_penalty": 1e39}), 400, None),
@@ -210,9 +210,15 @@ fn api_completeness_and_refused_fields() {
         assert_eq!(status, 200, "{ok}: {body}");
     }
     for (bad, param) in [
-        (json!({"logprobs": true}), "logprobs"),
+        (json!({"logprobs": 3}), "logprobs"),
         (json!({"top_logprobs": 3}), "top_logprobs"),
-        (json!({"n": 2}), "n"),
+        (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+        (json!({"logprobs": true, "top_logprobs": -1}), "top_logprobs"),
+        (json!({"echo": true}), "echo"),
+        (json!({"n": 17}), "n"),
+        (json!({"n": 0}), "n"),
+        (json!({"n": 1.5}), "n"),
+        (json!({"best_of": 2}), "best_of"),
         (json!({"presence_penalty": 3}), "presence_penalty"),
         (json!({"reasoning_effort": "max"}), "reasoning_effort"),
         (json!({"modalities": ["text", "audio"]}), "modalities"),
@@ -223,8 +229,269 @@ fn api_completeness_and_refused_fields() {
         assert_eq!(status, 400, "{bad}: {body}");
         assert_eq!(body["error"]["param"], param, "{bad}: {body}");
     }
-    let (status, body) = post(&format!("{base}/v1/completions"), json!({"prompt": "ROMEO:", "echo": true}));
-    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("echo")), "{body}");
+    let text = format!("{base}/v1/completions");
+    for (bad, param) in [
+        (json!({"logprobs": 6}), "logprobs"),
+        (json!({"logprobs": true}), "logprobs"),
+        (json!({"top_logprobs": 2}), "top_logprobs"),
+        (json!({"echo": "yes"}), "echo"),
+        (json!({"n": 17}), "n"),
+        (json!({"max_tokens": 0}), "max_tokens"),
+        (json!({"suffix": "!"}), "suffix"),
+    ] {
+        let mut b = json!({"prompt": "ROMEO:", "max_tokens": 2});
+        b.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        let (status, body) = post(&text, b);
+        assert_eq!((status, body["error"]["param"].as_str()), (400, Some(param)), "{bad}: {body}");
+    }
+}
+
+/// log_softmax of one row of logits, in f64.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+    row.iter().map(|&x| x as f64 - m - z.ln()).collect()
+}
+
+/// The model's next-token log-probabilities after `prompt`, computed here in the parts the
+/// session prefills it in (batched prefill rounds differently from one token at a time): up
+/// to the chat's last turn, up to the last token, the last token.
+fn next_logprobs(model: &flashmoe::model::Model, prompt: &[u32], turn: Option<usize>) -> Vec<f64> {
+    let mut st = model.new_state();
+    let n = prompt.len();
+    for part in [&prompt[..turn.unwrap_or(0)], &prompt[turn.unwrap_or(0)..n - 1]] {
+        if !part.is_empty() {
+            model.forward(&mut st, part, false).unwrap();
+        }
+    }
+    log_softmax(&model.forward(&mut st, &prompt[n - 1..], false).unwrap())
+}
+
+/// Checks one chat `logprobs` entry list: finite and ≤ 0, the top lists sorted and of `k`
+/// entries whose probabilities sum to at most 1, bytes that spell the token.
+fn check_chat_entries(content: &[Value], k: usize) {
+    assert!(!content.is_empty());
+    for e in content {
+        let lp = e["logprob"].as_f64().unwrap();
+        assert!(lp.is_finite() && lp <= 0.0, "{e}");
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), k, "{e}");
+        let tl: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(tl.iter().all(|l| l.is_finite() && *l <= 0.0), "{e}");
+        assert!(tl.windows(2).all(|w| w[0] >= w[1]), "unsorted: {e}");
+        assert!(tl.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-4, "{e}");
+        let bytes: Vec<u8> = e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        if let Ok(t) = std::str::from_utf8(&bytes) {
+            assert_eq!(e["token"], t);
+        }
+        // the chosen token is at least as likely as the top list says, or among it
+        if let Some(same) = top.iter().find(|t| t["token"] == e["token"]) {
+            assert!((same["logprob"].as_f64().unwrap() - lp).abs() < 1e-6, "{e}");
+        } else if k > 0 {
+            assert!(lp <= tl[k - 1] + 1e-6, "{e}");
+        }
+    }
+}
+
+/// Chat `logprobs`/`top_logprobs`, whole and streamed: the log-softmax of the distribution
+/// sampled from; greedy, the chosen token is the argmax, and the first token's numbers are
+/// the model's own log-softmax computed here.
+#[test]
+fn chat_logprobs_whole_and_streamed() {
+    let base = start(8);
+    let url = format!("{base}/v1/chat/completions");
+    let msgs = json!([{"role": "user", "content": "Speak as ROMEO."}]);
+    let body = json!({"messages": msgs, "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 5});
+    let (st, a) = post(&url, body.clone());
+    assert_eq!(st, 200, "{a}");
+    let content = a["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    check_chat_entries(&content, 5);
+    for e in &content {
+        assert_eq!(e["token"], e["top_logprobs"][0]["token"], "greedy picks the most likely: {e}");
+        assert_eq!(e["logprob"], e["top_logprobs"][0]["logprob"]);
+    }
+    assert_eq!(content.len() as u64, a["usage"]["completion_tokens"].as_u64().unwrap());
+    let bytes: Vec<u8> = content
+        .iter()
+        .flat_map(|e| e["bytes"].as_array().unwrap().clone())
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), a["choices"][0]["message"]["content"].as_str().unwrap());
+    // independently: the model's distribution after the chat prompt
+    let tok = TextTokenizer::load(model_dir()).unwrap();
+    let (prompt, turn) = flashmoe::session::chat_prompt(&tok, &msgs, None, &serde_json::Map::new()).unwrap();
+    let want = next_logprobs(&load_model(model_dir()).unwrap(), &prompt, turn);
+    let best = (0..want.len()).max_by(|&x, &y| want[x].total_cmp(&want[y]).then(y.cmp(&x))).unwrap();
+    assert_eq!(content[0]["token"], tok.token_text(best as u32));
+    for t in content[0]["top_logprobs"].as_array().unwrap() {
+        let id = (0..want.len() as u32).find(|&i| tok.token_text(i) == t["token"].as_str().unwrap()).unwrap();
+        assert!((t["logprob"].as_f64().unwrap() - want[id as usize]).abs() < 1e-5, "{t} vs {}", want[id as usize]);
+    }
+
+    // streamed: the chunks carry the same entries, each with the text it begins
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let events = sse(&url, sb);
+    let chunks: Vec<Value> = events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    let mut streamed = vec![];
+    for c in &chunks {
+        let ch = &c["choices"][0];
+        if ch["delta"]["content"].as_str().is_some_and(|t| !t.is_empty()) {
+            assert!(ch["logprobs"]["content"].as_array().is_some_and(|l| !l.is_empty()), "{c}");
+        }
+        streamed.extend(ch["logprobs"]["content"].as_array().cloned().unwrap_or_default());
+    }
+    assert_eq!(streamed, content);
+
+    // sampled, with a bias: the distribution after bias and temperature, top-k not cutting it
+    let biased = tok.token_to_id("ROMEO").map(|t| json!({t.to_string(): 5}));
+    let (st, b) = post(
+        &url,
+        json!({"messages": msgs, "max_tokens": 12, "temperature": 0.7, "top_k": 3, "seed": 4, "logprobs": true,
+            "top_logprobs": 20, "logit_bias": biased}),
+    );
+    assert_eq!(st, 200, "{b}");
+    check_chat_entries(b["choices"][0]["logprobs"]["content"].as_array().unwrap(), 20);
+    // without top_logprobs: empty top lists; without logprobs: none
+    let (_, c) = post(&url, json!({"messages": msgs, "max_tokens": 3, "logprobs": true}));
+    check_chat_entries(c["choices"][0]["logprobs"]["content"].as_array().unwrap(), 0);
+    let (_, d) = post(&url, json!({"messages": msgs, "max_tokens": 3}));
+    assert!(d["choices"][0]["logprobs"].is_null());
+}
+
+/// `/v1/completions` `logprobs: K` and `echo`, whole and streamed: parallel lists, top dicts of
+/// at most K + 1 holding the token, `text_offset` in characters, the echoed prompt scored
+/// (its first token has none) as the model's log-softmax computed here.
+#[test]
+fn completion_logprobs_and_echo() {
+    let base = start(8);
+    let url = format!("{base}/v1/completions");
+    let (st, a) = post(&url, json!({"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0, "logprobs": 3}));
+    assert_eq!(st, 200, "{a}");
+    let text = a["choices"][0]["text"].as_str().unwrap().to_string();
+    let lp = &a["choices"][0]["logprobs"];
+    let tokens: Vec<String> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect();
+    assert_eq!(tokens.concat(), text);
+    let mut at = 0;
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(lp["text_offset"][i].as_u64().unwrap() as usize, at);
+        at += t.chars().count();
+        let l = lp["token_logprobs"][i].as_f64().unwrap();
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!(top.len() <= 4 && top.contains_key(t), "{top:?}");
+        let max = top.values().map(|v| v.as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
+        assert!(l.is_finite() && l <= 0.0 && l == max, "greedy: {l} is the best of {top:?}");
+    }
+
+    // echo: the prompt first, its first token unscored; max_tokens 0 scores the prompt alone
+    let tok = TextTokenizer::load(model_dir()).unwrap();
+    let prompt = tok.encode("ROMEO: But soft").unwrap();
+    let (st, e) = post(&url, json!({"prompt": "ROMEO: But soft", "max_tokens": 0, "echo": true, "logprobs": 2}));
+    assert_eq!(st, 200, "{e}");
+    let c = &e["choices"][0];
+    assert_eq!((c["text"].as_str(), c["finish_reason"].as_str()), (Some("ROMEO: But soft"), Some("length")));
+    assert_eq!(e["usage"]["completion_tokens"], 0);
+    let lp = &c["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), prompt.len());
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+    assert_eq!(lp["text_offset"][0], 0);
+    // the prompt's logits, every row, as `flashmoe logits --fast` computes them (the server
+    // scores all but the last token in one batch)
+    let model = load_model(model_dir()).unwrap();
+    let v = model.vocab_size();
+    let rows = model.forward(&mut model.new_state(), &prompt[..prompt.len() - 1], true).unwrap();
+    for i in 1..prompt.len() {
+        let want = log_softmax(&rows[(i - 1) * v..i * v])[prompt[i] as usize];
+        let got = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-5, "prompt token {i}: {got} vs {want}");
+        assert!(lp["top_logprobs"][i].as_object().unwrap().len() <= 3);
+    }
+
+    // streamed, echo and generation: the same lists, chunk by chunk
+    let body = json!({"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0, "logprobs": 1, "echo": true});
+    let (_, whole) = post(&url, body.clone());
+    let mut sb = body;
+    sb["stream"] = json!(true);
+    let chunks: Vec<Value> = sse(&url, sb).iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    let field = |k: &str| -> Vec<Value> {
+        chunks.iter().flat_map(|c| c["choices"][0]["logprobs"][k].as_array().cloned().unwrap_or_default()).collect()
+    };
+    let wl = &whole["choices"][0]["logprobs"];
+    for k in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(field(k), *wl[k].as_array().unwrap(), "{k}");
+    }
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(streamed, whole["choices"][0]["text"].as_str().unwrap());
+    assert!(streamed.starts_with("ROMEO:"));
+}
+
+/// `n` > 1: n choices of the one prompt, indexed 0..n, usage summing their tokens; greedy ones
+/// agree, seeded ones differ from each other and repeat; choice 0 is the n = 1 answer; streamed,
+/// each chunk names its choice.
+#[test]
+fn n_choices_whole_and_streamed() {
+    let base = start(8);
+    let url = format!("{base}/v1/chat/completions");
+    let msgs = json!([{"role": "user", "content": "Speak as JULIET."}]);
+    let ask = |n: usize, t: f64| {
+        let (st, a) = post(
+            &url,
+            json!({"messages": msgs, "max_tokens": 10, "temperature": t, "seed": 11, "n": n, "logprobs": true}),
+        );
+        assert_eq!(st, 200, "{a}");
+        a
+    };
+    let texts = |a: &Value| -> Vec<String> {
+        let cs = a["choices"].as_array().unwrap();
+        assert!(cs.iter().enumerate().all(|(i, c)| c["index"] == i), "{a}");
+        cs.iter().map(|c| c["message"]["content"].as_str().unwrap().to_string()).collect()
+    };
+    let a = ask(3, 1.0);
+    let sampled = texts(&a);
+    assert_eq!(sampled.len(), 3);
+    assert!(sampled[0] != sampled[1] || sampled[1] != sampled[2], "{sampled:?}");
+    let tokens: usize =
+        a["choices"].as_array().unwrap().iter().map(|c| c["logprobs"]["content"].as_array().unwrap().len()).sum();
+    assert_eq!(a["usage"]["completion_tokens"].as_u64().unwrap() as usize, tokens);
+    assert_eq!(texts(&ask(3, 1.0)), sampled, "a seed repeats every choice");
+    assert_eq!(texts(&ask(1, 1.0)), sampled[..1]);
+    let greedy = texts(&ask(2, 0.0));
+    assert_eq!(greedy[0], greedy[1]);
+
+    // each choice follows its own copy of a grammar
+    let (st, j) = post(
+        &url,
+        json!({"messages": msgs, "max_tokens": 200, "temperature": 0.8, "seed": 7, "n": 2,
+            "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(st, 200, "{j}");
+    for c in j["choices"].as_array().unwrap() {
+        let text = c["message"]["content"].as_str().unwrap();
+        assert!(serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()), "{text:?}");
+    }
+
+    let (st, c) =
+        post(&format!("{base}/v1/completions"), json!({"prompt": "ROMEO:", "max_tokens": 6, "n": 2, "seed": 1}));
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["choices"].as_array().unwrap().len(), 2);
+
+    let events = sse(
+        &url,
+        json!({"messages": msgs, "max_tokens": 10, "temperature": 1.0, "seed": 11, "n": 3, "stream": true,
+            "stream_options": {"include_usage": true}}),
+    );
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let mut by_index = vec![String::new(); 3];
+    let mut finished = [0; 3];
+    for ch in chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()) {
+        let i = ch["index"].as_u64().unwrap() as usize;
+        by_index[i].push_str(ch["delta"]["content"].as_str().unwrap_or(""));
+        finished[i] += ch["finish_reason"].is_string() as usize;
+    }
+    assert_eq!(by_index, sampled);
+    assert_eq!(finished, [1, 1, 1]);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], a["usage"]["completion_tokens"]);
 }
 
 /// `cors` answers a browser's preflight before the API key is asked for, and marks answers

@@ -129,3 +129,53 @@ fn the_next_turn_reuses_the_conversation_with_thinking_off() {
     let fresh = open().generate(&p2, 6, &SamplingParams::default(), &[], |_| true).unwrap();
     assert_eq!(o2.tokens, fresh.tokens);
 }
+
+/// The choices of one request (`n` > 1 in the server) generate the same prompt again: each
+/// resumes from the snapshot the first prefill left, so the prompt is prefilled once, and a
+/// seed gives the answer a fresh session gives.
+#[test]
+fn the_same_prompt_again_resumes_from_its_snapshot() {
+    let mut s = session();
+    let prompt = s.tok.encode("ROMEO: What light through yonder window breaks?").unwrap();
+    let sampled = |seed| SamplingParams { temperature: 1.0, seed, ..greedy() };
+    let first = s.generate(&prompt, 10, &sampled(1), &[], |_| true).unwrap();
+    assert_eq!(first.reused_tokens, 0);
+    for seed in [2, 1] {
+        let o = s.generate(&prompt, 10, &sampled(seed), &[], |_| true).unwrap();
+        assert_eq!(o.reused_tokens, prompt.len() - 1, "only the last prompt token is fed again");
+        assert_eq!(o.tokens, session().generate(&prompt, 10, &sampled(seed), &[], |_| true).unwrap().tokens);
+    }
+}
+
+/// Log-probabilities come with the text their tokens begin, the stop string's own tokens
+/// left out; scoring the prompt leaves the state ready to generate after it.
+#[test]
+fn logprobs_follow_the_text_and_the_prompt_can_be_scored() {
+    let mut s = session();
+    let prompt = s.tok.encode("ROMEO:").unwrap();
+    let p = SamplingParams { logprobs: Some(2), ..greedy() };
+    let full = s.generate(&prompt, 20, &p, &[], |_| true).unwrap();
+    assert_eq!(full.logprobs.len(), full.tokens.len());
+    let ids: Vec<u32> = full.logprobs.iter().map(|l| l.logprob.token).collect();
+    assert_eq!(ids, full.tokens);
+    assert!(full.logprobs.windows(2).all(|w| w[0].offset <= w[1].offset));
+    // a stop string inside the text: the tokens that begin before it, streamed with their text
+    let word = full.text.split_whitespace().nth(2).unwrap().to_string();
+    let (mut streamed, mut pieces) = (vec![], String::new());
+    let o = s
+        .generate_with(&prompt, 20, &p, std::slice::from_ref(&word), |piece, lps| {
+            pieces.push_str(piece);
+            streamed.extend(lps.iter().map(|l| l.offset));
+            true
+        })
+        .unwrap();
+    assert_eq!(pieces, o.text);
+    assert_eq!(streamed, o.logprobs.iter().map(|l| l.offset).collect::<Vec<_>>());
+    assert!(o.logprobs.iter().all(|l| l.offset < o.text.len()) && o.logprobs.len() < full.logprobs.len());
+    // scoring: one entry per prompt token after the first, then generation prefills one token
+    let scored = s.score_prompt(&prompt, &p).unwrap();
+    assert_eq!(scored.iter().map(|l| l.token).collect::<Vec<_>>(), prompt[1..]);
+    assert!(scored.iter().all(|l| l.logprob.is_finite() && l.logprob <= 0.0 && l.top.len() == 2));
+    let again = s.generate(&prompt, 20, &p, &[], |_| true).unwrap();
+    assert_eq!((again.reused_tokens, &again.tokens), (prompt.len() - 1, &full.tokens));
+}

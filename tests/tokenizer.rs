@@ -73,3 +73,22 @@ fn stream_decoder_never_splits_characters() {
     }
     assert_eq!(out, text);
 }
+
+/// A token's bytes, even those that split a character: together they are the text's bytes.
+#[test]
+fn token_bytes_make_up_the_text() {
+    let tok = TextTokenizer::load(&fixtures().join("qwen35_text")).unwrap();
+    for text in ["ROMEO: wherefore art thou?", "naïve café", "日本語のテキスト", "emoji 🦀🎭!", "<|im_end|> tail"]
+    {
+        let ids = tok.encode(text).unwrap();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&t| tok.token_bytes(t)).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), text);
+        for &t in &ids {
+            let (b, s) = (tok.token_bytes(t), tok.token_text(t));
+            match std::str::from_utf8(&b) {
+                Ok(whole) => assert_eq!(s, whole),
+                Err(_) => assert!(s.starts_with("bytes:\\x"), "{s}"),
+            }
+        }
+    }
+}

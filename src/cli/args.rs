@@ -258,6 +258,7 @@ impl SamplingArgs {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             constraint: None,
+            logprobs: None,
         };
         p.validate()?;
         Ok(p)

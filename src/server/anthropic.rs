@@ -466,7 +466,7 @@ fn respond_stream(
         let error = |kind: &str, message: String| json!({"type": "error", "error": {"type": kind, "message": message}});
         match res {
             Ok(o) => {
-                record(&app, &o);
+                record(&app, std::slice::from_ref(&o));
                 if o.finish == Finish::Cancelled {
                     if app.stopping.load(Relaxed) {
                         app.metrics.errors.fetch_add(1, Relaxed);

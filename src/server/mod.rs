@@ -5,15 +5,17 @@
 //! One generation runs at a time (the engine owns one sequence state, which is what lets a
 //! request that extends the previous conversation reuse its cached prefix); further requests
 //! wait in a bounded FIFO queue and get 503 when it is full. Generation stops when the client
-//! goes away.
+//! goes away. A request's `n` choices are made one after another, each resuming from the
+//! snapshot its prompt's prefill left; log-probabilities are those of the distribution each
+//! token was drawn from (see [`crate::generate::Sampler::logprobs`]).
 
 // handlers return ready-made error responses; boxing them would only add noise
 #![allow(clippy::result_large_err)]
 
 mod anthropic;
 
-use crate::generate::SamplingParams;
-use crate::session::{ContextExceeded, Finish, Output, Session};
+use crate::generate::{SamplingParams, TokenLogprob};
+use crate::session::{ContextExceeded, Finish, Output, Scored, Session};
 use crate::toolcall::{self, StreamEvent, ToolStream};
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
@@ -453,7 +455,14 @@ struct GenParams {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Choices to make of the one prompt.
+    n: usize,
+    /// `/v1/completions`: the prompt comes back before each choice's text.
+    echo: bool,
 }
+
+/// The most choices one request may ask for (each is a whole generation).
+const MAX_N: usize = 16;
 
 fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
     if let Some(m) = b.get("model").and_then(Value::as_str)
@@ -473,11 +482,11 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
             Some(v) => v.as_f64().map(Some).ok_or_else(|| bad_request(format!("`{k}` must be a number"), Some(k))),
         }
     };
-    if let Some(n) = num("n")?
-        && n != 1.0
-    {
-        return Err(bad_request("only n = 1 is supported", Some("n")));
-    }
+    let n = match num("n")? {
+        None => 1,
+        Some(n) if n.fract() == 0.0 && (1.0..=MAX_N as f64).contains(&n) => n as usize,
+        Some(_) => return Err(bad_request(format!("`n` must be an integer from 1 to {MAX_N}"), Some("n"))),
+    };
     // fields this server does not implement are refused, not ignored
     let on = |k: &str| {
         b.get(k).is_some_and(|v| {
@@ -485,9 +494,6 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
         })
     };
     for (k, what) in [
-        ("logprobs", "log probabilities are not supported yet"),
-        ("top_logprobs", "log probabilities are not supported yet"),
-        ("echo", "`echo` is not supported"),
         ("best_of", "`best_of` is not supported"),
         ("suffix", "`suffix` (insertion) is not supported"),
         ("audio", "audio output is not supported"),
@@ -533,8 +539,13 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
     if rep <= 0.0 {
         return Err(bad_request("`repetition_penalty` must be > 0", Some("repetition_penalty")));
     }
+    // 0 new tokens is asking for the echoed prompt's log-probabilities alone
+    let echo = b.get("echo") == Some(&json!(true));
     let max_tokens = match num("max_completion_tokens")?.or(num("max_tokens")?) {
-        Some(v) if v < 1.0 => return Err(bad_request("`max_tokens` must be at least 1", Some("max_tokens"))),
+        Some(v) if v == 0.0 && echo => 0,
+        Some(v) if v < 1.0 => {
+            return Err(bad_request("`max_tokens` must be at least 1 (0 only with `echo`)", Some("max_tokens")));
+        }
         Some(v) => v as usize,
         None => app.opts.default_max_tokens,
     };
@@ -581,11 +592,59 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
         presence_penalty,
         frequency_penalty,
         constraint: None,
+        logprobs: None,
     };
     // values that pass the checks above as f64 but not as the f32 the sampler uses (top_p
     // 1e-46 rounds to 0, repetition_penalty 1e39 to infinity)
     sampling.validate().map_err(|e| bad_request(format!("{e:#} (as a 32-bit float)"), None))?;
-    Ok(GenParams { sampling, max_tokens, stop, stream, include_usage })
+    Ok(GenParams { sampling, max_tokens, stop, stream, include_usage, n, echo: false })
+}
+
+/// Chat completions' `logprobs` (a boolean) and `top_logprobs` (0 to 20): the number of
+/// alternatives to report per token, or none.
+fn chat_logprobs_param(b: &Value) -> Result<Option<usize>, Response> {
+    let on = match b.get("logprobs") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(x)) => *x,
+        Some(_) => return Err(bad_request("`logprobs` must be a boolean", Some("logprobs"))),
+    };
+    let top = match b.get("top_logprobs") {
+        None | Some(Value::Null) => 0,
+        Some(v) => match v.as_u64() {
+            Some(k) if k <= 20 => k as usize,
+            _ => return Err(bad_request("`top_logprobs` must be an integer from 0 to 20", Some("top_logprobs"))),
+        },
+    };
+    if top > 0 && !on {
+        return Err(bad_request("`top_logprobs` needs `logprobs` set to true", Some("top_logprobs")));
+    }
+    if b.get("echo").is_some_and(|e| e != &json!(false) && !e.is_null()) {
+        return Err(bad_request("`echo` is a /v1/completions field", Some("echo")));
+    }
+    Ok(on.then_some(top))
+}
+
+/// `/v1/completions`' `logprobs` (the alternatives to report per token, 0 to 5) and `echo`.
+fn text_logprobs_param(b: &Value) -> Result<(Option<usize>, bool), Response> {
+    let logprobs = match b.get("logprobs") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+        Some(v) => match v.as_u64() {
+            Some(k) if k <= 5 => Some(k as usize),
+            _ => return Err(bad_request("`logprobs` must be an integer from 0 to 5", Some("logprobs"))),
+        },
+    };
+    if b.get("top_logprobs").is_some_and(|v| !v.is_null()) {
+        return Err(bad_request(
+            "`top_logprobs` is a chat completions field; here `logprobs` is the count",
+            Some("top_logprobs"),
+        ));
+    }
+    let echo = match b.get("echo") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(x)) => *x,
+        Some(_) => return Err(bad_request("`echo` must be a boolean", Some("echo"))),
+    };
+    Ok((logprobs, echo))
 }
 
 /// Message content as text: a string, or the text parts of a list of parts.
@@ -672,19 +731,31 @@ async fn acquire(app: &Shared) -> Result<tokio::sync::OwnedSemaphorePermit, Resp
         .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down", "server_error", None, None))
 }
 
-fn record(app: &App, o: &Output) {
+/// The metrics of a request's choices; its prompt counts once (the choices after the first
+/// resume from the snapshot its prefill left).
+fn record(app: &App, choices: &[Output]) {
     let m = &app.metrics;
-    m.prompt_tokens.fetch_add(o.prompt_tokens as u64, Relaxed);
-    m.reused_tokens.fetch_add(o.reused_tokens as u64, Relaxed);
-    m.completion_tokens.fetch_add(o.tokens.len() as u64, Relaxed);
-    m.prefill_ns.fetch_add((o.stats.prompt_secs * 1e9) as u64, Relaxed);
-    m.decode_ns.fetch_add((o.stats.generate_secs * 1e9) as u64, Relaxed);
-    m.last_decode_tok_s_milli.store((o.stats.gen_tok_s() * 1000.0) as u64, Relaxed);
+    if let Some(o) = choices.first() {
+        m.prompt_tokens.fetch_add(o.prompt_tokens as u64, Relaxed);
+        m.reused_tokens.fetch_add(o.reused_tokens as u64, Relaxed);
+    }
+    let (mut made, mut secs) = (0, 0.0);
+    for o in choices {
+        m.completion_tokens.fetch_add(o.tokens.len() as u64, Relaxed);
+        m.prefill_ns.fetch_add((o.stats.prompt_secs * 1e9) as u64, Relaxed);
+        m.decode_ns.fetch_add((o.stats.generate_secs * 1e9) as u64, Relaxed);
+        (made, secs) = (made + o.tokens.len(), secs + o.stats.generate_secs);
+    }
+    if !choices.is_empty() {
+        m.last_decode_tok_s_milli.store((made as f64 / secs.max(1e-9) * 1000.0) as u64, Relaxed);
+    }
 }
 
-fn usage(o: &Output) -> Value {
-    json!({"prompt_tokens": o.prompt_tokens, "completion_tokens": o.tokens.len(), "total_tokens": o.prompt_tokens + o.tokens.len(),
-           "prompt_tokens_details": {"cached_tokens": o.reused_tokens}})
+fn usage(g: &Generation) -> Value {
+    let (prompt, completion) = (g.prompt_tokens(), g.completion_tokens());
+    let cached = g.choices.first().map_or(0, |o| o.reused_tokens);
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 fn gen_error(app: &App, e: anyhow::Error) -> Response {
@@ -711,17 +782,17 @@ fn counted(app: &App, resp: Result<Response, Response>) -> Response {
 
 enum Kind {
     /// The declared tools' names, when tool calls are parsed from the answer.
-    Chat {
-        tools: Option<Vec<String>>,
-    },
-    Text,
+    Chat { tools: Option<Vec<String>> },
+    /// The prompt's text, when it is echoed.
+    Text { echo: Option<String> },
 }
 
 async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRejection>) -> Response {
     app.metrics.requests.fetch_add(1, Relaxed);
     let resp = async {
         let Json(b) = body.map_err(body_error)?;
-        let p = parse_params(&app, &b)?;
+        let mut p = parse_params(&app, &b)?;
+        p.sampling.logprobs = chat_logprobs_param(&b)?;
         let messages = normalise_messages(b.get("messages").unwrap_or(&Value::Null))?;
         let tools = b.get("tools").filter(|t| !t.is_null()).cloned();
         if let Some(t) = &tools
@@ -752,7 +823,6 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
             .flat_map(|t| t.as_array().into_iter().flatten())
             .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(String::from))
             .collect();
-        let mut p = p;
         let format = b
             .get("response_format")
             .filter(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"))
@@ -788,7 +858,8 @@ async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRe
     app.metrics.requests.fetch_add(1, Relaxed);
     let resp = async {
         let Json(b) = body.map_err(body_error)?;
-        let p = parse_params(&app, &b)?;
+        let mut p = parse_params(&app, &b)?;
+        (p.sampling.logprobs, p.echo) = text_logprobs_param(&b)?;
         let text = match b.get("prompt") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
@@ -797,9 +868,10 @@ async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRe
         if text.is_empty() {
             return Err(bad_request("`prompt` is empty", Some("prompt")));
         }
-        let a = app.clone();
-        let prompt = blocking(move || tokenize(&a, &text, "prompt")).await?;
-        Ok(run(app.clone(), prompt, None, p, Kind::Text).await)
+        let (a, t) = (app.clone(), text.clone());
+        let prompt = blocking(move || tokenize(&a, &t, "prompt")).await?;
+        let echo = p.echo.then_some(text);
+        Ok(run(app.clone(), prompt, None, p, Kind::Text { echo }).await)
     }
     .await;
     counted(&app, resp)
@@ -971,7 +1043,6 @@ fn chat_prompt(
     Ok((prompt, turn))
 }
 
-/// Runs one generation on the engine thread, streamed or not.
 /// A generation request: checks the context, waits for a generation slot, and answers whole
 /// or streamed.
 async fn run(app: Shared, prompt: Vec<u32>, turn: Option<usize>, p: GenParams, kind: Kind) -> Response {
@@ -987,7 +1058,7 @@ async fn run(app: Shared, prompt: Vec<u32>, turn: Option<usize>, p: GenParams, k
         }
     };
     let reply = Reply {
-        id: new_id(if matches!(kind, Kind::Text) { "cmpl" } else { "chatcmpl" }),
+        id: new_id(if matches!(kind, Kind::Text { .. }) { "cmpl" } else { "chatcmpl" }),
         created: now(),
         model: app.opts.model_id.clone(),
         kind,
@@ -1010,6 +1081,16 @@ struct Reply {
     turn: Option<usize>,
 }
 
+impl Reply {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (&self.kind, chunk) {
+            (Kind::Text { .. }, _) => "text_completion",
+            (Kind::Chat { .. }, false) => "chat.completion",
+            (Kind::Chat { .. }, true) => "chat.completion.chunk",
+        }
+    }
+}
+
 /// The whole answer as one JSON body.
 async fn respond_once(
     app: Shared,
@@ -1018,43 +1099,258 @@ async fn respond_once(
     r: Reply,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
-    let Reply { id, created, model, kind, turn } = r;
-    let o = match generate_whole(&app, prompt, turn, &p, permit).await {
-        Ok(o) => o,
+    let g = match generate_all(&app, prompt.clone(), r.turn, &p, permit).await {
+        Ok(g) => g,
         Err(r) => return r,
     };
-    let tokens = Tokens(o.prompt_tokens, o.tokens.len());
-    let finish = |f: Finish| if f == Finish::Length { "length" } else { "stop" };
-    let body = match kind {
-        Kind::Text => json!({"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": o.text, "finish_reason": finish(o.finish), "logprobs": null}], "usage": usage(&o)}),
-        Kind::Chat { tools } => {
-            let (content, calls) = match &tools {
-                Some(names) => toolcall::parse_declared(&o.text, names, app.tools),
-                None => (o.text.clone(), vec![]),
-            };
-            let mut msg = json!({"role": "assistant", "content": content});
-            let mut reason = finish(o.finish);
-            if !calls.is_empty() {
-                msg["content"] = if content.is_empty() { Value::Null } else { json!(content) };
-                msg["tool_calls"] = calls
-                    .iter()
-                    .map(|c| json!({"id": new_id("call"), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-                    .collect();
-                reason = "tool_calls";
+    let logprobs = p.sampling.logprobs.is_some();
+    let choices: Vec<Value> = g
+        .choices
+        .iter()
+        .enumerate()
+        .map(|(i, o)| match &r.kind {
+            Kind::Text { echo } => {
+                let echo = echo.as_deref().map(|text| Echo { text, tokens: &prompt, logprobs: g.prompt.as_deref() });
+                text_choice(&app, i, o, echo.as_ref(), logprobs)
             }
-            json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": msg, "finish_reason": reason, "logprobs": null}], "usage": usage(&o)})
-        }
-    };
+            Kind::Chat { tools } => chat_choice(&app, i, o, tools.as_deref(), logprobs),
+        })
+        .collect();
+    let body = json!({"id": r.id, "object": r.object(false), "created": r.created, "model": r.model,
+        "choices": choices, "usage": usage(&g)});
     let mut resp = Json(body).into_response();
-    resp.extensions_mut().insert(tokens);
+    resp.extensions_mut().insert(Tokens(g.prompt_tokens(), g.completion_tokens()));
     resp
 }
 
-/// One generation on the engine, on the calling (blocking) thread: resumes at the snapshot of
-/// `turn`, hands each new piece of text to `on_piece`, and stops when it returns false or the
-/// server is stopping (it is called every token, with "" when nothing new can be shown).
+fn finish_reason(f: Finish) -> &'static str {
+    if f == Finish::Length { "length" } else { "stop" }
+}
+
+/// The echoed prompt of a `/v1/completions` request: its text, its tokens, and their
+/// log-probabilities (of all but the first) when asked for.
+struct Echo<'a> {
+    text: &'a str,
+    tokens: &'a [u32],
+    logprobs: Option<&'a [TokenLogprob]>,
+}
+
+/// A `/v1/completions` choice, the echoed prompt first.
+fn text_choice(app: &App, i: usize, o: &Output, echo: Option<&Echo>, logprobs: bool) -> Value {
+    let prefix = echo.map_or("", |e| e.text);
+    let lp = logprobs.then(|| {
+        let mut t = TextLogprobs::default();
+        if let Some(e) = echo {
+            t.prompt(app, e);
+        }
+        let base = prefix.chars().count();
+        let mut chars = Chars::default();
+        for s in &o.logprobs {
+            t.push(app, s.logprob.token, Some(&s.logprob), base + chars.at(&o.text, s.offset));
+        }
+        t.json()
+    });
+    json!({"index": i, "text": format!("{prefix}{}", o.text), "finish_reason": finish_reason(o.finish), "logprobs": lp})
+}
+
+/// A chat choice: the message (tool calls parsed out of it when `tools` are declared).
+fn chat_choice(app: &App, i: usize, o: &Output, tools: Option<&[String]>, logprobs: bool) -> Value {
+    let (content, calls) = match tools {
+        Some(names) => toolcall::parse_declared(&o.text, names, app.tools),
+        None => (o.text.clone(), vec![]),
+    };
+    let mut msg = json!({"role": "assistant", "content": content});
+    let mut reason = finish_reason(o.finish);
+    if !calls.is_empty() {
+        msg["content"] = if content.is_empty() { Value::Null } else { json!(content) };
+        msg["tool_calls"] = calls
+            .iter()
+            .map(|c| json!({"id": new_id("call"), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect();
+        reason = "tool_calls";
+    }
+    let lp = logprobs.then(|| chat_logprobs(app, &o.logprobs));
+    json!({"index": i, "message": msg, "finish_reason": reason, "logprobs": lp})
+}
+
+/// A log-probability as reported: JSON has no −∞ (a token a grammar forbids), so OpenAI's
+/// floor of −9999 stands for it.
+fn reported(l: f32) -> f32 {
+    if l.is_finite() { l } else { -9999.0 }
+}
+
+/// A token as chat completions report it: its text, log-probability and bytes.
+fn token_entry(app: &App, t: u32, logprob: f32) -> Value {
+    let bytes = app.tok.token_bytes(t);
+    json!({"token": crate::tokenizer::bytes_text(&bytes), "logprob": reported(logprob), "bytes": bytes})
+}
+
+/// Chat completions' `logprobs` of some generated tokens: every token generated, the text of
+/// tool calls included (so a streamed answer's chunks carry them all).
+fn chat_logprobs(app: &App, scored: &[Scored]) -> Value {
+    let content: Vec<Value> = scored
+        .iter()
+        .map(|s| {
+            let mut e = token_entry(app, s.logprob.token, s.logprob.logprob);
+            e["top_logprobs"] = s.logprob.top.iter().map(|&(t, l)| token_entry(app, t, l)).collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// `/v1/completions`' `logprobs`: parallel lists, `text_offset` in characters of the choice's
+/// text (echoed prompt included).
+#[derive(Default)]
+struct TextLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<Option<f32>>,
+    top_logprobs: Vec<Option<serde_json::Map<String, Value>>>,
+    text_offset: Vec<usize>,
+}
+
+impl TextLogprobs {
+    /// `token` at `offset`; its `top_logprobs` holds the most likely tokens and the token
+    /// itself (OpenAI: "up to logprobs + 1 elements"). None: the first prompt token (nothing
+    /// predicts it).
+    fn push(&mut self, app: &App, token: u32, lp: Option<&TokenLogprob>, offset: usize) {
+        let text = app.tok.token_text(token);
+        self.top_logprobs.push(lp.map(|lp| {
+            let mut top: serde_json::Map<String, Value> =
+                lp.top.iter().map(|&(t, l)| (app.tok.token_text(t), json!(reported(l)))).collect();
+            top.entry(text.clone()).or_insert(json!(reported(lp.logprob)));
+            top
+        }));
+        self.token_logprobs.push(lp.map(|lp| reported(lp.logprob)));
+        self.tokens.push(text);
+        self.text_offset.push(offset);
+    }
+
+    /// The echoed prompt's tokens, at the characters where their bytes begin.
+    fn prompt(&mut self, app: &App, e: &Echo) {
+        let (mut chars, mut bytes) = (Chars::default(), 0);
+        for (i, &t) in e.tokens.iter().enumerate() {
+            let lp = i.checked_sub(1).and_then(|i| e.logprobs.and_then(|l| l.get(i)));
+            self.push(app, t, lp, chars.at(e.text, bytes));
+            bytes += app.tok.token_bytes(t).len();
+        }
+    }
+
+    fn json(self) -> Value {
+        json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+            "text_offset": self.text_offset})
+    }
+}
+
+/// Character offsets of non-decreasing byte offsets into a (growing) text, counted as they
+/// come; a byte offset inside a character counts from that character's start.
+#[derive(Default)]
+struct Chars {
+    byte: usize,
+    char: usize,
+}
+
+impl Chars {
+    fn at(&mut self, text: &str, byte: usize) -> usize {
+        let mut b = byte.min(text.len());
+        while !text.is_char_boundary(b) {
+            b -= 1;
+        }
+        if b < self.byte {
+            *self = Chars::default();
+        }
+        self.char += text[self.byte..b].chars().count();
+        self.byte = b;
+        self.char
+    }
+}
+
+/// What the engine reports while it answers a request, choice after choice.
+enum Step<'a> {
+    /// Choice i begins; the prompt's log-probabilities come along when echoed ones were asked
+    /// for.
+    Begin(usize, Option<&'a [TokenLogprob]>),
+    /// A new piece of choice i's text, with the log-probabilities of the tokens it begins.
+    Text(usize, &'a str, &'a [Scored]),
+    /// Choice i is done.
+    End(usize, &'a Output),
+}
+
+/// The answer to one request: the prompt's log-probabilities (echo) and an output per choice
+/// (fewer when cancelled).
+struct Generation {
+    prompt: Option<Vec<TokenLogprob>>,
+    choices: Vec<Output>,
+}
+
+impl Generation {
+    fn cancelled(&self, n: usize) -> bool {
+        self.choices.len() < n || self.choices.iter().any(|o| o.finish == Finish::Cancelled)
+    }
+
+    /// The prompt counts once: it is prefilled once for all the choices.
+    fn prompt_tokens(&self) -> usize {
+        self.choices.first().map_or(0, |o| o.prompt_tokens)
+    }
+
+    fn completion_tokens(&self) -> usize {
+        self.choices.iter().map(|o| o.tokens.len()).sum()
+    }
+}
+
+/// The sampling of choice `i`: its own seed, and its own copy of the grammar (a grammar's
+/// state follows the tokens of one answer).
+fn choice_params(p: &SamplingParams, i: usize) -> SamplingParams {
+    let mut s = p.clone();
+    s.seed = crate::generate::choice_seed(p.seed, i);
+    s.constraint = p.constraint.as_ref().map(crate::grammar::Constraint::fork);
+    s
+}
+
+/// The request's generations on the engine, on the calling (blocking) thread: resumes at the
+/// snapshot of `turn`, scores the prompt when echoed log-probabilities are asked for, then
+/// makes the `n` choices one after the other, each resuming from the snapshot the first one's
+/// prefill left (the prompt is prefilled once). Stops when `on_step` returns false or the
+/// server is stopping (it gets every token, with "" when nothing new can be shown).
+fn on_engine_n(
+    app: &App,
+    prompt: &[u32],
+    turn: Option<usize>,
+    p: &GenParams,
+    mut on_step: impl FnMut(Step) -> bool,
+) -> anyhow::Result<Generation> {
+    let mut s = app.session.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = turn {
+        s.snapshot_at(t);
+    }
+    let scored = match p.echo && p.sampling.logprobs.is_some() {
+        true => Some(s.score_prompt(prompt, &p.sampling)?),
+        false => None,
+    };
+    let live = || !app.stopping.load(Relaxed);
+    let mut choices: Vec<Output> = vec![];
+    for i in 0..p.n {
+        if !on_step(Step::Begin(i, scored.as_deref())) {
+            break;
+        }
+        let sampling = choice_params(&p.sampling, i);
+        let mut o = s.generate_with(prompt, p.max_tokens, &sampling, &p.stop, |piece, lps| {
+            live() && on_step(Step::Text(i, piece, lps))
+        })?;
+        if scored.is_some() && i == 0 {
+            // scoring prefilled the whole prompt for this request: none of it came from the cache
+            o.reused_tokens = 0;
+        }
+        let go_on = o.finish != Finish::Cancelled && on_step(Step::End(i, &o));
+        choices.push(o);
+        if !go_on {
+            break;
+        }
+    }
+    Ok(Generation { prompt: scored, choices })
+}
+
+/// One generation ([`on_engine_n`] with a single choice), text pieces to `on_piece`.
 fn on_engine(
     app: &App,
     prompt: &[u32],
@@ -1062,15 +1358,46 @@ fn on_engine(
     p: &GenParams,
     mut on_piece: impl FnMut(&str) -> bool,
 ) -> anyhow::Result<Output> {
-    let mut s = app.session.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(t) = turn {
-        s.snapshot_at(t);
-    }
-    s.generate(prompt, p.max_tokens, &p.sampling, &p.stop, |piece| !app.stopping.load(Relaxed) && on_piece(piece))
+    let p = GenParams { n: 1, ..p.clone() };
+    let g = on_engine_n(app, prompt, turn, &p, |step| match step {
+        Step::Text(_, piece, _) => on_piece(piece),
+        _ => true,
+    })?;
+    g.choices.into_iter().next().ok_or_else(|| anyhow::anyhow!("the generation made no answer"))
 }
 
-/// One whole generation on the engine (resuming at the snapshot of `turn`), recorded in the
-/// metrics; a client that leaves cancels it.
+/// Every choice of a request, generated whole on the engine (resuming at the snapshot of
+/// `turn`), recorded in the metrics; a client that leaves cancels it.
+async fn generate_all(
+    app: &Shared,
+    prompt: Vec<u32>,
+    turn: Option<usize>,
+    p: &GenParams,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Generation, Response> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(cancel.clone());
+    let (a, p2) = (app.clone(), p.clone());
+    let res = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        on_engine_n(&a, &prompt, turn, &p2, |_| !cancel.load(Relaxed))
+    })
+    .await;
+    let g = match res {
+        Ok(Ok(g)) if g.cancelled(p.n) && app.stopping.load(Relaxed) => {
+            return Err(gen_error(app, anyhow::anyhow!("the server is shutting down")));
+        }
+        // the client left before the first choice began: no one reads this
+        Ok(Ok(g)) if g.choices.is_empty() => return Err(gen_error(app, anyhow::anyhow!("cancelled"))),
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => return Err(gen_error(app, e)),
+        Err(e) => return Err(gen_error(app, anyhow::anyhow!("generation task failed: {e}"))),
+    };
+    record(app, &g.choices);
+    Ok(g)
+}
+
+/// One whole generation (a single choice).
 async fn generate_whole(
     app: &Shared,
     prompt: Vec<u32>,
@@ -1078,24 +1405,9 @@ async fn generate_whole(
     p: &GenParams,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Output, Response> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let _guard = CancelOnDrop(cancel.clone());
-    let (a, p) = (app.clone(), p.clone());
-    let res = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        on_engine(&a, &prompt, turn, &p, |_| !cancel.load(Relaxed))
-    })
-    .await;
-    let o = match res {
-        Ok(Ok(o)) if o.finish == Finish::Cancelled && app.stopping.load(Relaxed) => {
-            return Err(gen_error(app, anyhow::anyhow!("the server is shutting down")));
-        }
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => return Err(gen_error(app, e)),
-        Err(e) => return Err(gen_error(app, anyhow::anyhow!("generation task failed: {e}"))),
-    };
-    record(app, &o);
-    Ok(o)
+    let p = GenParams { n: 1, ..p.clone() };
+    let g = generate_all(app, prompt, turn, &p, permit).await?;
+    g.choices.into_iter().next().ok_or_else(|| gen_error(app, anyhow::anyhow!("the generation made no answer")))
 }
 
 /// The answer as server-sent events: chunks flow through a channel, and a closed channel
@@ -1107,116 +1419,203 @@ fn respond_stream(
     r: Reply,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
-    let Reply { id, created, model, kind, turn } = r;
     let (tx, rx) = mpsc::channel::<Event>(64);
-    let app2 = app.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let chunk = |delta: Value, finish: Option<&str>| -> Event {
-            let body = match kind {
-                Kind::Text => json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": delta.as_str().unwrap_or(""), "finish_reason": finish, "logprobs": null}]}),
-                Kind::Chat { .. } => {
-                    json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
-                }
-            };
-            Event::default().data(body.to_string())
-        };
-        let send = |e: Event| tx.blocking_send(e).is_ok();
-        let names = match &kind {
-            Kind::Chat { tools: Some(n) } => Some(n.clone()),
-            _ => None,
-        };
-        let tools = names.is_some();
-        let is_chat = matches!(kind, Kind::Chat { .. });
-        if is_chat && !send(chunk(json!({"role": "assistant", "content": ""}), None)) {
-            return;
-        }
-        let mut splitter = ToolStream::new(app.tools);
-        let mut n_calls = 0usize;
-        let mut emit = |events: Vec<StreamEvent>| -> bool {
-            for ev in events {
-                let ev = match (ev, &names) {
-                    (StreamEvent::Call(c), Some(n)) if !n.contains(&c.name) => {
-                        StreamEvent::Content(app.tools.as_text(&c))
-                    }
-                    (ev, _) => ev,
-                };
-                let ok = match ev {
-                    StreamEvent::Content(c) if c.is_empty() => true,
-                    StreamEvent::Content(c) => {
-                        send(chunk(if is_chat { json!({"content": c}) } else { json!(c) }, None))
-                    }
-                    StreamEvent::Call(c) => {
-                        n_calls += 1;
-                        send(chunk(
-                            json!({"tool_calls": [{"index": n_calls - 1, "id": new_id("call"), "type": "function",
-                                "function": {"name": c.name, "arguments": c.arguments}}]}),
-                            None,
-                        ))
-                    }
-                };
-                if !ok {
-                    return false;
-                }
-            }
-            true
-        };
+        let turn = r.turn;
+        let mut s = Streamer::new(app.clone(), tx, r, p.sampling.logprobs.is_some());
         // a client that left stops the generation even while nothing is sent (held-back
         // characters, a tool call being assembled)
-        let res = on_engine(&app2, &prompt, turn, &p, |piece| {
-            if tx.is_closed() {
-                return false;
-            }
-            if piece.is_empty() {
-                return true;
-            }
-            if tools { emit(splitter.push(piece)) } else { emit(vec![StreamEvent::Content(piece.to_string())]) }
+        let res = on_engine_n(&app, &prompt, turn, &p, |step| {
+            !s.tx.is_closed()
+                && match step {
+                    Step::Begin(i, lp) => s.begin(i, &prompt, lp),
+                    Step::Text(i, piece, lps) => s.text(i, piece, lps),
+                    Step::End(i, o) => s.end(i, o),
+                }
         });
-        match res {
-            Ok(o) => {
-                record(&app2, &o);
-                if o.finish == Finish::Cancelled {
-                    if app2.stopping.load(Relaxed) {
-                        app2.metrics.errors.fetch_add(1, Relaxed);
-                        let body = json!({"error": {"message": "the server is shutting down", "type": "server_error",
-                            "param": null, "code": "shutting_down"}});
-                        send(Event::default().data(body.to_string()));
-                        send(Event::default().data("[DONE]"));
-                    }
-                    return;
-                }
-                let rest = splitter.finish();
-                if !emit(rest) {
-                    return;
-                }
-                let reason = if n_calls > 0 {
-                    "tool_calls"
-                } else if o.finish == Finish::Length {
-                    "length"
-                } else {
-                    "stop"
-                };
-                if !send(chunk(if is_chat { json!({}) } else { json!("") }, Some(reason))) {
-                    return;
-                }
-                if p.include_usage {
-                    let body = json!({"id": id, "object": if is_chat { "chat.completion.chunk" } else { "text_completion" },
-                        "created": created, "model": model, "choices": [], "usage": usage(&o)});
-                    send(Event::default().data(body.to_string()));
-                }
-                send(Event::default().data("[DONE]"));
-            }
-            Err(e) => {
-                app2.metrics.errors.fetch_add(1, Relaxed);
-                let body = json!({"error": {"message": format!("{e:#}"), "type": "server_error", "param": null, "code": null}});
-                send(Event::default().data(body.to_string()));
-                send(Event::default().data("[DONE]"));
-            }
-        }
+        s.close(res, &p);
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let stream = tokio_stream::StreamExt::map(stream, Ok::<Event, Infallible>);
     Sse::new(stream).into_response()
+}
+
+/// One streamed answer: each choice's chunks in turn (marked with its index), then usage and
+/// `[DONE]`.
+struct Streamer {
+    app: Shared,
+    tx: mpsc::Sender<Event>,
+    r: Reply,
+    logprobs: bool,
+    /// Of the choice being streamed: its tool calls as they are assembled...
+    splitter: ToolStream,
+    calls: usize,
+    /// ...the log-probabilities of tokens whose text the splitter holds...
+    held: Vec<Scored>,
+    /// ...its text (echo left out) and the characters of the echo before it (`text_offset`).
+    text: String,
+    chars: Chars,
+    base: usize,
+}
+
+impl Streamer {
+    fn new(app: Shared, tx: mpsc::Sender<Event>, r: Reply, logprobs: bool) -> Self {
+        let splitter = ToolStream::new(app.tools);
+        Streamer {
+            app,
+            tx,
+            r,
+            logprobs,
+            splitter,
+            calls: 0,
+            held: vec![],
+            text: String::new(),
+            chars: Chars::default(),
+            base: 0,
+        }
+    }
+
+    fn send(&self, body: Value) -> bool {
+        self.tx.blocking_send(Event::default().data(body.to_string())).is_ok()
+    }
+
+    /// A chunk of choice i: a chat `delta` or a completion's text.
+    fn chunk(&self, i: usize, delta: Value, logprobs: Option<Value>, finish: Option<&str>) -> bool {
+        let choice = match self.r.kind {
+            Kind::Text { .. } => json!({"index": i, "text": delta, "finish_reason": finish, "logprobs": logprobs}),
+            Kind::Chat { .. } => json!({"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}),
+        };
+        self.send(json!({"id": self.r.id, "object": self.r.object(true), "created": self.r.created,
+            "model": self.r.model, "choices": [choice]}))
+    }
+
+    /// A choice begins: the assistant's role (chat), or the echoed prompt (completions).
+    fn begin(&mut self, i: usize, prompt: &[u32], lp: Option<&[TokenLogprob]>) -> bool {
+        self.splitter = ToolStream::new(self.app.tools);
+        (self.calls, self.text, self.chars, self.base) = (0, String::new(), Chars::default(), 0);
+        self.held.clear();
+        match &self.r.kind {
+            Kind::Chat { .. } => self.chunk(i, json!({"role": "assistant", "content": ""}), None, None),
+            Kind::Text { echo: Some(text) } => {
+                let e = Echo { text, tokens: prompt, logprobs: lp };
+                let lps = self.logprobs.then(|| {
+                    let mut t = TextLogprobs::default();
+                    t.prompt(&self.app, &e);
+                    t.json()
+                });
+                self.base = text.chars().count();
+                self.chunk(i, json!(text), lps, None)
+            }
+            Kind::Text { echo: None } => true,
+        }
+    }
+
+    /// A new piece of choice i's text.
+    fn text(&mut self, i: usize, piece: &str, lps: &[Scored]) -> bool {
+        self.held.extend_from_slice(lps);
+        let events = match &self.r.kind {
+            Kind::Text { .. } => return self.text_piece(i, piece),
+            Kind::Chat { tools: Some(_) } => self.splitter.push(piece),
+            Kind::Chat { tools: None } => vec![StreamEvent::Content(piece.to_string())],
+        };
+        self.emit(i, events)
+    }
+
+    /// A completion's piece, with the log-probabilities of its tokens at their offsets.
+    fn text_piece(&mut self, i: usize, piece: &str) -> bool {
+        if piece.is_empty() && self.held.is_empty() {
+            return true;
+        }
+        self.text.push_str(piece);
+        let held = std::mem::take(&mut self.held);
+        let lps = self.logprobs.then(|| {
+            let mut t = TextLogprobs::default();
+            for s in &held {
+                t.push(&self.app, s.logprob.token, Some(&s.logprob), self.base + self.chars.at(&self.text, s.offset));
+            }
+            t.json()
+        });
+        self.chunk(i, json!(piece), lps, None)
+    }
+
+    /// Chat deltas of what the tool-call splitter let through; the held log-probabilities go
+    /// with the first.
+    fn emit(&mut self, i: usize, events: Vec<StreamEvent>) -> bool {
+        let names = match &self.r.kind {
+            Kind::Chat { tools: Some(n) } => n.clone(),
+            _ => vec![],
+        };
+        for ev in events {
+            let delta = match ev {
+                StreamEvent::Content(c) if c.is_empty() => continue,
+                StreamEvent::Content(c) => json!({"content": c}),
+                StreamEvent::Call(c) if !names.contains(&c.name) => json!({"content": self.app.tools.as_text(&c)}),
+                StreamEvent::Call(c) => {
+                    self.calls += 1;
+                    json!({"tool_calls": [{"index": self.calls - 1, "id": new_id("call"), "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments}}]})
+                }
+            };
+            let lps = self.take_held();
+            if !self.chunk(i, delta, lps, None) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The held log-probabilities as chat `logprobs` (none when none are held).
+    fn take_held(&mut self) -> Option<Value> {
+        if !self.logprobs || self.held.is_empty() {
+            return None;
+        }
+        let held = std::mem::take(&mut self.held);
+        Some(chat_logprobs(&self.app, &held))
+    }
+
+    /// Choice i is done: what the splitter held, then the finish reason.
+    fn end(&mut self, i: usize, o: &Output) -> bool {
+        if let Kind::Text { .. } = self.r.kind {
+            return self.chunk(i, json!(""), None, Some(finish_reason(o.finish)));
+        }
+        let rest = self.splitter.finish();
+        if !self.emit(i, rest) {
+            return false;
+        }
+        let reason = if self.calls > 0 { "tool_calls" } else { finish_reason(o.finish) };
+        let lps = self.take_held();
+        self.chunk(i, json!({}), lps, Some(reason))
+    }
+
+    /// After the last choice: usage when asked for and `[DONE]`; an error event when the
+    /// generation failed or the server is stopping; nothing more for a client that left.
+    fn close(&self, res: anyhow::Result<Generation>, p: &GenParams) {
+        let (error, code) = match res {
+            Ok(g) => {
+                record(&self.app, &g.choices);
+                if !g.cancelled(p.n) {
+                    if p.include_usage {
+                        self.send(json!({"id": self.r.id, "object": self.r.object(true), "created": self.r.created,
+                            "model": self.r.model, "choices": [], "usage": usage(&g)}));
+                    }
+                    self.done();
+                    return;
+                }
+                if !self.app.stopping.load(Relaxed) {
+                    return;
+                }
+                ("the server is shutting down".to_string(), json!("shutting_down"))
+            }
+            Err(e) => (format!("{e:#}"), Value::Null),
+        };
+        self.app.metrics.errors.fetch_add(1, Relaxed);
+        let body = json!({"error": {"message": error, "type": "server_error", "param": null, "code": code}});
+        self.send(body);
+        self.done();
+    }
+
+    fn done(&self) {
+        let _ = self.tx.blocking_send(Event::default().data("[DONE]"));
+    }
 }
