@@ -899,3 +899,36 @@ fn langchain_structured_output() {
     let base = start(8);
     run_client(&py, "langchain_client.py", &format!("{base}/v1"), "all langchain checks passed");
 }
+
+#[test]
+fn reasoning_goes_to_reasoning_content_whole_and_streamed() {
+    let base = start(8);
+    let url = format!("{base}/v1/chat/completions");
+    // the built-in model made to open a `<think>` block (id 4092) and stay in it
+    let body = |stream: bool| {
+        json!({"messages": [{"role": "user", "content": "Speak as ROMEO."}], "max_tokens": 6, "temperature": 0,
+               "logit_bias": {"4092": 100}, "stream": stream})
+    };
+    let (st, a) = post(&url, body(false));
+    assert_eq!(st, 200, "{a}");
+    let msg = &a["choices"][0]["message"];
+    let reasoning = msg["reasoning_content"].as_str().expect("reasoning_content");
+    assert_eq!(reasoning, "<think>".repeat(5), "{a}");
+    assert_eq!(msg["content"], "", "the answer holds no reasoning: {a}");
+    let (mut think, mut content) = (String::new(), String::new());
+    for d in sse(&url, body(true)).iter().filter(|d| *d != "[DONE]") {
+        let v: Value = serde_json::from_str(d).unwrap();
+        let delta = &v["choices"][0]["delta"];
+        think += delta["reasoning_content"].as_str().unwrap_or("");
+        content += delta["content"].as_str().unwrap_or("");
+    }
+    assert_eq!((think.trim(), content.as_str()), (reasoning, ""));
+    // thinking off: the template closes the block, and the answer is all content
+    let mut off = body(false);
+    off["logit_bias"] = json!({});
+    off["reasoning_effort"] = json!("none");
+    let (st, b) = post(&url, off);
+    assert_eq!(st, 200, "{b}");
+    assert!(b["choices"][0]["message"].get("reasoning_content").is_none(), "{b}");
+    assert!(!b["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{b}");
+}

@@ -8,6 +8,7 @@
 //! holds), and the reply's text before `</think>` is a `thinking` block. Any `model` name is
 //! served by the one loaded model (agents send their own names), and the reply says which.
 
+use super::reasoning::{ThinkSplit, split_thinking};
 use super::*;
 
 /// What a Messages request asks for, translated.
@@ -37,12 +38,14 @@ pub(super) async fn messages(State(app): State<Shared>, body: Result<Json<Value>
             .collect();
         let has_tools = !names.is_empty();
         let a = app.clone();
-        let (prompt, turn, constraint) = blocking(move || {
-            let (prompt, turn) = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
+        let (prompt, turn, constraint, opens) = blocking(move || {
+            let ChatPrompt { prompt, turn, thinking: opens } = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
             let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
-            Ok((prompt, turn, if forced { Some(forced_call(&a, tools.as_ref(), &choice)?) } else { None }))
+            Ok((prompt, turn, if forced { Some(forced_call(&a, tools.as_ref(), &choice)?) } else { None }, opens))
         })
         .await?;
+        // a template that opens `<think>` for the answer starts it inside the reasoning
+        let thinking = thinking || opens;
         params.sampling.constraint = constraint;
         if prompt.len() >= app.context {
             return Err(gen_error(&app, ContextExceeded { prompt_tokens: prompt.len(), context: app.context }.into()));
@@ -242,19 +245,6 @@ fn input(arguments: &str) -> Value {
     serde_json::from_str::<Value>(arguments).ok().filter(Value::is_object).unwrap_or_else(|| json!({}))
 }
 
-/// (thinking, answer) of generated text: what precedes `</think>` is reasoning (a leading
-/// `<think>` dropped); with thinking on and no `</think>` yet, all of it is.
-fn split_thinking(text: &str, thinking: bool) -> (String, String) {
-    let t = text.trim_start();
-    let opened = t.starts_with("<think>");
-    let body = t.strip_prefix("<think>").unwrap_or(text);
-    match body.find("</think>") {
-        Some(i) if opened || thinking => (body[..i].trim().to_string(), body[i + 8..].trim_start().to_string()),
-        None if opened || thinking => (body.trim().to_string(), String::new()),
-        _ => (String::new(), text.to_string()),
-    }
-}
-
 fn stop_reason(o: &Output, tool_use: bool) -> (&'static str, Value) {
     match (&o.stop_string, o.finish) {
         _ if tool_use => ("tool_use", Value::Null),
@@ -276,66 +266,6 @@ struct Reply {
     /// The declared tools (calls of others stay text).
     tools: Vec<String>,
     thinking: bool,
-}
-
-/// Splits streamed text into reasoning and answer as it arrives (see [`split_thinking`]),
-/// holding back what could still be the start of a tag.
-struct ThinkSplit {
-    /// None before the first non-blank text, then whether inside the reasoning.
-    inside: Option<bool>,
-    thinking: bool,
-    buf: String,
-    /// Blanks right after `</think>` are dropped.
-    after_close: bool,
-}
-
-impl ThinkSplit {
-    fn push(&mut self, piece: &str, out: &mut Vec<(bool, String)>) {
-        self.buf.push_str(piece);
-        if self.inside.is_none() {
-            let t = self.buf.trim_start();
-            if let Some(rest) = t.strip_prefix("<think>") {
-                self.buf = rest.to_string();
-                self.inside = Some(true);
-            } else if "<think>".starts_with(t) {
-                return;
-            } else {
-                self.inside = Some(self.thinking);
-            }
-        }
-        if self.inside == Some(true) {
-            if let Some(i) = self.buf.find("</think>") {
-                out.push((true, self.buf[..i].to_string()));
-                self.buf.drain(..i + 8);
-                self.inside = Some(false);
-                self.after_close = true;
-            } else {
-                let hold = (1..8).rev().find(|&k| self.buf.ends_with(&"</think>"[..k])).unwrap_or(0);
-                let cut = self.buf.len() - hold;
-                out.push((true, self.buf[..cut].to_string()));
-                self.buf.drain(..cut);
-                return;
-            }
-        }
-        if self.after_close {
-            let t = self.buf.trim_start().to_string();
-            self.buf = t;
-            if self.buf.is_empty() {
-                return;
-            }
-            self.after_close = false;
-        }
-        out.push((false, std::mem::take(&mut self.buf)));
-    }
-
-    fn finish(&mut self, out: &mut Vec<(bool, String)>) {
-        let inside = self.inside == Some(true);
-        let rest = std::mem::take(&mut self.buf);
-        let blank_tail = self.after_close && rest.trim().is_empty();
-        if !rest.is_empty() && !blank_tail {
-            out.push((inside, rest));
-        }
-    }
 }
 
 /// The content blocks of a streamed reply, each started, filled by deltas and stopped.
@@ -427,7 +357,7 @@ fn respond_stream(
             return;
         }
         let mut blocks = Blocks { send, index: 0, open: None, started: false };
-        let mut split = ThinkSplit { inside: None, thinking: r.thinking, buf: String::new(), after_close: false };
+        let mut split = ThinkSplit::new(r.thinking);
         let format = app.tools;
         let mut calls = ToolStream::new(format);
         let mut n_calls = 0;
@@ -506,37 +436,6 @@ fn respond_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn split_stream(pieces: &[&str], thinking: bool) -> (String, String) {
-        let mut s = ThinkSplit { inside: None, thinking, buf: String::new(), after_close: false };
-        let mut out = vec![];
-        pieces.iter().for_each(|p| s.push(p, &mut out));
-        s.finish(&mut out);
-        let pick = |t: bool| out.iter().filter(|o| o.0 == t).map(|o| o.1.as_str()).collect::<String>();
-        (pick(true), pick(false))
-    }
-
-    #[test]
-    fn thinking_splits_alike_whole_and_streamed_whatever_the_pieces() {
-        for (text, thinking, want) in [
-            ("<think>\nweigh it</think>\n\nHello", false, ("weigh it", "Hello")),
-            ("weigh it\n</think>\n\nHello", true, ("weigh it", "Hello")),
-            ("Hello </think> there", false, ("", "Hello </think> there")),
-            ("<think>still going", false, ("still going", "")),
-            ("Just text", false, ("", "Just text")),
-            ("", true, ("", "")),
-        ] {
-            let whole = split_thinking(text, thinking);
-            assert_eq!((whole.0.as_str(), whole.1.as_str()), want, "{text:?}");
-            for size in 1..5 {
-                let chars: Vec<char> = text.chars().collect();
-                let pieces: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
-                let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
-                let (t, a) = split_stream(&refs, thinking);
-                assert_eq!((t.trim(), a.as_str()), want, "{text:?} in pieces of {size}");
-            }
-        }
-    }
 
     #[test]
     fn tool_use_and_results_become_the_templates_messages() {

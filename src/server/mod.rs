@@ -13,6 +13,7 @@
 #![allow(clippy::result_large_err)]
 
 mod anthropic;
+mod reasoning;
 
 use crate::generate::{SamplingParams, TokenLogprob};
 use crate::session::{ContextExceeded, Finish, Output, Scored, Session};
@@ -781,8 +782,9 @@ fn counted(app: &App, resp: Result<Response, Response>) -> Response {
 }
 
 enum Kind {
-    /// The declared tools' names, when tool calls are parsed from the answer.
-    Chat { tools: Option<Vec<String>> },
+    /// The declared tools' names, when tool calls are parsed from the answer; whether the
+    /// answer begins inside the reasoning, when reasoning is split out (`reasoning_content`).
+    Chat { tools: Option<Vec<String>>, thinking: Option<bool> },
     /// The prompt's text, when it is echoed.
     Text { echo: Option<String> },
 }
@@ -835,20 +837,22 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
         }
         let a = app.clone();
         let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
-        let (prompt, turn, constraint) = blocking(move || {
-            let (prompt, turn) = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
+        let (prompt, turn, constraint, thinking) = blocking(move || {
+            let ChatPrompt { prompt, turn, thinking } = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
             let constraint = match (&choice, format) {
                 (_, Some(f)) => response_format(&a, &f)?,
                 (ToolChoice::Required | ToolChoice::Named(_), _) => Some(forced_call(&a, tools.as_ref(), &choice)?),
                 _ => None,
             };
-            Ok((prompt, turn, constraint))
+            Ok((prompt, turn, constraint, thinking))
         })
         .await?;
         // text constrained to a response format is the answer itself: no tool calls in it
         let tools = if constraint.is_none() || forced { Some(names) } else { None }.filter(|n| !n.is_empty());
+        // nor reasoning: a grammar makes every token part of the format
+        let thinking = if constraint.is_some() && !forced { None } else { Some(thinking) };
         p.sampling.constraint = constraint;
-        Ok(run(app.clone(), prompt, turn, p, Kind::Chat { tools }).await)
+        Ok(run(app.clone(), prompt, turn, p, Kind::Chat { tools, thinking }).await)
     }
     .await;
     counted(&app, resp)
@@ -1031,16 +1035,25 @@ fn chat_prompt(
     messages: &Value,
     tools: Option<&Value>,
     extra: &serde_json::Map<String, Value>,
-) -> Result<(Vec<u32>, Option<usize>), Response> {
+) -> Result<ChatPrompt, Response> {
     let render = |add_generation_prompt: bool| {
         app.tok
             .apply_chat_template(messages, tools, add_generation_prompt, extra)
             .map_err(|e| bad_request(format!("{e:#}"), Some("messages")))
     };
-    let prompt = tokenize(app, &render(true)?, "messages")?;
+    let text = render(true)?;
+    let prompt = tokenize(app, &text, "messages")?;
     let turns = render(false).ok().and_then(|t| app.tok.encode(&t).ok());
     let turn = turns.filter(|t| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t)).map(|t| t.len());
-    Ok((prompt, turn))
+    Ok(ChatPrompt { prompt, turn, thinking: reasoning::opens_thinking(&text) })
+}
+
+/// A rendered conversation: its tokens, where its last turn begins (prefix reuse), and
+/// whether it leaves a `<think>` block open for the answer.
+struct ChatPrompt {
+    prompt: Vec<u32>,
+    turn: Option<usize>,
+    thinking: bool,
 }
 
 /// A generation request: checks the context, waits for a generation slot, and answers whole
@@ -1113,7 +1126,7 @@ async fn respond_once(
                 let echo = echo.as_deref().map(|text| Echo { text, tokens: &prompt, logprobs: g.prompt.as_deref() });
                 text_choice(&app, i, o, echo.as_ref(), logprobs)
             }
-            Kind::Chat { tools } => chat_choice(&app, i, o, tools.as_deref(), logprobs),
+            Kind::Chat { tools, thinking } => chat_choice(&app, i, o, tools.as_deref(), *thinking, logprobs),
         })
         .collect();
     let body = json!({"id": r.id, "object": r.object(false), "created": r.created, "model": r.model,
@@ -1154,12 +1167,28 @@ fn text_choice(app: &App, i: usize, o: &Output, echo: Option<&Echo>, logprobs: b
 }
 
 /// A chat choice: the message (tool calls parsed out of it when `tools` are declared).
-fn chat_choice(app: &App, i: usize, o: &Output, tools: Option<&[String]>, logprobs: bool) -> Value {
+/// The reasoning before `</think>` goes to `reasoning_content` (as vLLM's and llama.cpp's
+/// servers report it), the rest to `content`.
+fn chat_choice(
+    app: &App,
+    i: usize,
+    o: &Output,
+    tools: Option<&[String]>,
+    thinking: Option<bool>,
+    logprobs: bool,
+) -> Value {
+    let (reasoning, answer) = match thinking {
+        Some(t) => reasoning::split_thinking(&o.text, t),
+        None => (String::new(), o.text.clone()),
+    };
     let (content, calls) = match tools {
-        Some(names) => toolcall::parse_declared(&o.text, names, app.tools),
-        None => (o.text.clone(), vec![]),
+        Some(names) => toolcall::parse_declared(&answer, names, app.tools),
+        None => (answer, vec![]),
     };
     let mut msg = json!({"role": "assistant", "content": content});
+    if !reasoning.is_empty() {
+        msg["reasoning_content"] = json!(reasoning);
+    }
     let mut reason = finish_reason(o.finish);
     if !calls.is_empty() {
         msg["content"] = if content.is_empty() { Value::Null } else { json!(content) };
@@ -1448,7 +1477,9 @@ struct Streamer {
     tx: mpsc::Sender<Event>,
     r: Reply,
     logprobs: bool,
-    /// Of the choice being streamed: its tool calls as they are assembled...
+    /// Of the choice being streamed: its reasoning split from its answer...
+    think: reasoning::ThinkSplit,
+    /// ...its tool calls as they are assembled...
     splitter: ToolStream,
     calls: usize,
     /// ...the log-probabilities of tokens whose text the splitter holds...
@@ -1462,11 +1493,13 @@ struct Streamer {
 impl Streamer {
     fn new(app: Shared, tx: mpsc::Sender<Event>, r: Reply, logprobs: bool) -> Self {
         let splitter = ToolStream::new(app.tools);
+        let think = reasoning::ThinkSplit::new(false);
         Streamer {
             app,
             tx,
             r,
             logprobs,
+            think,
             splitter,
             calls: 0,
             held: vec![],
@@ -1493,6 +1526,9 @@ impl Streamer {
     /// A choice begins: the assistant's role (chat), or the echoed prompt (completions).
     fn begin(&mut self, i: usize, prompt: &[u32], lp: Option<&[TokenLogprob]>) -> bool {
         self.splitter = ToolStream::new(self.app.tools);
+        if let Kind::Chat { thinking: Some(t), .. } = self.r.kind {
+            self.think = reasoning::ThinkSplit::new(t);
+        }
         (self.calls, self.text, self.chars, self.base) = (0, String::new(), Chars::default(), 0);
         self.held.clear();
         match &self.r.kind {
@@ -1514,10 +1550,33 @@ impl Streamer {
     /// A new piece of choice i's text.
     fn text(&mut self, i: usize, piece: &str, lps: &[Scored]) -> bool {
         self.held.extend_from_slice(lps);
+        match &self.r.kind {
+            Kind::Text { .. } => self.text_piece(i, piece),
+            Kind::Chat { thinking: Some(_), .. } => {
+                let mut parts = vec![];
+                self.think.push(piece, &mut parts);
+                self.answer_parts(i, parts)
+            }
+            Kind::Chat { thinking: None, .. } => self.answer(i, piece),
+        }
+    }
+
+    /// Reasoning parts as `reasoning_content` deltas, the others through [`Self::answer`].
+    fn answer_parts(&mut self, i: usize, parts: Vec<(bool, String)>) -> bool {
+        parts.into_iter().all(|(reasoning, s)| {
+            if !reasoning {
+                return self.answer(i, &s);
+            }
+            let lps = self.take_held();
+            s.is_empty() || self.chunk(i, json!({"reasoning_content": s}), lps, None)
+        })
+    }
+
+    /// A piece of the answer: content, or tool calls where tools are declared.
+    fn answer(&mut self, i: usize, piece: &str) -> bool {
         let events = match &self.r.kind {
-            Kind::Text { .. } => return self.text_piece(i, piece),
-            Kind::Chat { tools: Some(_) } => self.splitter.push(piece),
-            Kind::Chat { tools: None } => vec![StreamEvent::Content(piece.to_string())],
+            Kind::Chat { tools: Some(_), .. } => self.splitter.push(piece),
+            _ => vec![StreamEvent::Content(piece.to_string())],
         };
         self.emit(i, events)
     }
@@ -1543,7 +1602,7 @@ impl Streamer {
     /// with the first.
     fn emit(&mut self, i: usize, events: Vec<StreamEvent>) -> bool {
         let names = match &self.r.kind {
-            Kind::Chat { tools: Some(n) } => n.clone(),
+            Kind::Chat { tools: Some(n), .. } => n.clone(),
             _ => vec![],
         };
         for ev in events {
@@ -1578,6 +1637,11 @@ impl Streamer {
     fn end(&mut self, i: usize, o: &Output) -> bool {
         if let Kind::Text { .. } = self.r.kind {
             return self.chunk(i, json!(""), None, Some(finish_reason(o.finish)));
+        }
+        let mut parts = vec![];
+        self.think.finish(&mut parts);
+        if !self.answer_parts(i, parts) {
+            return false;
         }
         let rest = self.splitter.finish();
         if !self.emit(i, rest) {

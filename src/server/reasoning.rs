@@ -1,0 +1,134 @@
+//! Reasoning and answer in generated text: what a model writes before `</think>` (after a
+//! leading `<think>`, or from the start when the prompt opened the block) is its reasoning.
+//! Shared by the OpenAI (`reasoning_content`) and Anthropic (`thinking` blocks) endpoints.
+
+/// Whether a rendered prompt leaves a `<think>` block open, so that the answer begins inside
+/// the reasoning (templates that start the generation with `<think>\n`).
+pub(super) fn opens_thinking(prompt: &str) -> bool {
+    match (prompt.rfind("<think>"), prompt.rfind("</think>")) {
+        (Some(open), Some(close)) => open > close,
+        (open, _) => open.is_some(),
+    }
+}
+
+/// (thinking, answer) of generated text: what precedes `</think>` is reasoning (a leading
+/// `<think>` dropped); with thinking on and no `</think>` yet, all of it is.
+pub(super) fn split_thinking(text: &str, thinking: bool) -> (String, String) {
+    let t = text.trim_start();
+    let opened = t.starts_with("<think>");
+    let body = t.strip_prefix("<think>").unwrap_or(text);
+    match body.find("</think>") {
+        Some(i) if opened || thinking => (body[..i].trim().to_string(), body[i + 8..].trim_start().to_string()),
+        None if opened || thinking => (body.trim().to_string(), String::new()),
+        _ => (String::new(), text.to_string()),
+    }
+}
+
+/// Splits streamed text into reasoning and answer as it arrives (see [`split_thinking`]),
+/// holding back what could still be the start of a tag.
+pub(super) struct ThinkSplit {
+    /// None before the first non-blank text, then whether inside the reasoning.
+    inside: Option<bool>,
+    thinking: bool,
+    buf: String,
+    /// Blanks right after `</think>` are dropped.
+    after_close: bool,
+}
+
+impl ThinkSplit {
+    /// `thinking`: the answer begins inside the reasoning (the prompt opened it).
+    pub(super) fn new(thinking: bool) -> ThinkSplit {
+        ThinkSplit { inside: None, thinking, buf: String::new(), after_close: false }
+    }
+
+    pub(super) fn push(&mut self, piece: &str, out: &mut Vec<(bool, String)>) {
+        self.buf.push_str(piece);
+        if self.inside.is_none() {
+            let t = self.buf.trim_start();
+            if let Some(rest) = t.strip_prefix("<think>") {
+                self.buf = rest.to_string();
+                self.inside = Some(true);
+            } else if "<think>".starts_with(t) {
+                return;
+            } else {
+                self.inside = Some(self.thinking);
+            }
+        }
+        if self.inside == Some(true) {
+            if let Some(i) = self.buf.find("</think>") {
+                out.push((true, self.buf[..i].to_string()));
+                self.buf.drain(..i + 8);
+                self.inside = Some(false);
+                self.after_close = true;
+            } else {
+                let hold = (1..8).rev().find(|&k| self.buf.ends_with(&"</think>"[..k])).unwrap_or(0);
+                let cut = self.buf.len() - hold;
+                out.push((true, self.buf[..cut].to_string()));
+                self.buf.drain(..cut);
+                return;
+            }
+        }
+        if self.after_close {
+            let t = self.buf.trim_start().to_string();
+            self.buf = t;
+            if self.buf.is_empty() {
+                return;
+            }
+            self.after_close = false;
+        }
+        out.push((false, std::mem::take(&mut self.buf)));
+    }
+
+    pub(super) fn finish(&mut self, out: &mut Vec<(bool, String)>) {
+        let inside = self.inside == Some(true);
+        let rest = std::mem::take(&mut self.buf);
+        let blank_tail = self.after_close && rest.trim().is_empty();
+        if !rest.is_empty() && !blank_tail {
+            out.push((inside, rest));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_stream(pieces: &[&str], thinking: bool) -> (String, String) {
+        let mut s = ThinkSplit::new(thinking);
+        let mut out = vec![];
+        pieces.iter().for_each(|p| s.push(p, &mut out));
+        s.finish(&mut out);
+        let pick = |t: bool| out.iter().filter(|o| o.0 == t).map(|o| o.1.as_str()).collect::<String>();
+        (pick(true), pick(false))
+    }
+
+    #[test]
+    fn thinking_splits_alike_whole_and_streamed_whatever_the_pieces() {
+        for (text, thinking, want) in [
+            ("<think>\nweigh it</think>\n\nHello", false, ("weigh it", "Hello")),
+            ("weigh it\n</think>\n\nHello", true, ("weigh it", "Hello")),
+            ("Hello </think> there", false, ("", "Hello </think> there")),
+            ("<think>still going", false, ("still going", "")),
+            ("Just text", false, ("", "Just text")),
+            ("", true, ("", "")),
+        ] {
+            let whole = split_thinking(text, thinking);
+            assert_eq!((whole.0.as_str(), whole.1.as_str()), want, "{text:?}");
+            for size in 1..5 {
+                let chars: Vec<char> = text.chars().collect();
+                let pieces: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
+                let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+                let (t, a) = split_stream(&refs, thinking);
+                assert_eq!((t.trim(), a.as_str()), want, "{text:?} in pieces of {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_prompt_opens_thinking_when_its_last_think_is_unclosed() {
+        assert!(opens_thinking("<|im_start|>assistant\n<think>\n"));
+        assert!(!opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
+        assert!(!opens_thinking("<|im_start|>assistant\n"));
+        assert!(opens_thinking("<think>a</think>b<|im_start|>assistant\n<think>"));
+    }
+}
