@@ -87,13 +87,27 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
             }
         }
         None => {
+            // the bytes as stored, tensor by tensor (bf16, FP8 with its scales, MXFP4 blocks and
+            // scales, MLX groups): routed experts of the model's layers apart from the rest
             let ck = flashmoe::checkpoint::Checkpoint::open(&dir)?;
-            let embed = flashmoe::import::text_prefix(&c, &ck)
-                .map(|p| format!("{p}{}.weight", flashmoe::families::names_of(&c.model_type).embed));
-            let size = embed.ok().and_then(|n| ck.dtype(&n).ok().flatten()).map_or(2, |d| d.size());
-            let eb = (c.expert_params() * size) as u64;
-            let all_experts = eb * (c.num_experts * n_moe) as u64;
-            (eb, format!("{}-byte weights", size), total * size as u64 - all_experts)
+            let names = flashmoe::families::names_of(&c.model_type);
+            let pre = flashmoe::import::text_prefix(&c, &ck).unwrap_or_default();
+            let (mut experts, mut rest, mut kinds) = (0u64, 0u64, std::collections::BTreeSet::new());
+            for n in ck.names() {
+                let (bytes, dtype, _) = ck.raw(n)?;
+                match names.layer_of(&pre, n) {
+                    // MTP layers past the model's own: skipped by load and convert
+                    Some(l) if l >= c.num_layers => {}
+                    _ if names.is_expert(n) => {
+                        experts += bytes.len() as u64;
+                        kinds.insert(format!("{dtype:?}"));
+                    }
+                    _ => rest += bytes.len() as u64,
+                }
+            }
+            let eb = experts / (c.num_experts * n_moe).max(1) as u64;
+            let fmt = format!("{} as stored", kinds.into_iter().collect::<Vec<_>>().join(" + "));
+            (eb, fmt, rest)
         }
     };
     if n_moe > 0 {
