@@ -21,6 +21,9 @@ pub struct BenchOptions {
 /// Everything `bench --json` prints. Key names are relied on by outside checks.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchResult {
+    /// With `--cold`: the share of the expert files still in the page cache after dropping
+    /// them (mapped or locked by another process); above a few percent the run is not cold.
+    pub cold_resident_fraction: Option<f64>,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     pub prefill_tok_s: f64,
@@ -130,10 +133,14 @@ pub fn weight_bytes_per_token(model: &Model, k: usize) -> f64 {
 
 /// Runs the benchmark: a random prompt prefilled at once, then `gen_tokens` greedy decode steps.
 pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
+    // a cold run that is not cold says so: the share of the expert files still in memory
+    let mut cold_resident = None;
     if opts.cold
         && let Some(s) = &model.store
     {
         s.drop_page_cache();
+        let (res, total) = s.page_cache_residency()?;
+        cold_resident = Some(res as f64 / total.max(1) as f64);
     }
     let v = model.vocab_size() as u64;
     let mut x = opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -183,6 +190,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     let fetched = s2.bytes_read - s1.bytes_read;
     let k = model.opts.experts_per_token.unwrap_or(model.cfg.num_experts_per_tok);
     Ok(BenchResult {
+        cold_resident_fraction: cold_resident,
         prompt_tokens: prompt.len(),
         gen_tokens: made,
         prefill_tok_s: prompt.len() as f64 / prefill_s,

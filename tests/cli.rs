@@ -160,3 +160,28 @@ fn chat_survives_template_errors_and_bad_loads() {
     assert_eq!(stats.len(), 2, "{err}");
     assert!(!stats[1].contains("(0 reused)"), "{err}");
 }
+
+#[test]
+fn bench_cold_says_whether_the_expert_files_left_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    let (src, dst) = (fixture("qwen3_moe"), out.to_str().unwrap().to_string());
+    run(&["convert", "--from", src.to_str().unwrap(), "--to", &dst, "--experts", "q4"]);
+    let bench = || run(&["bench", "--model", &dst, "--cold", "--prompt-tokens", "4", "--gen-tokens", "2"]).0;
+    let o = bench();
+    assert!(o.contains("cold start       expert files dropped"), "{o}");
+    // mapped and touched by this process, the files cannot leave the page cache
+    let maps: Vec<memmap2::Mmap> = std::fs::read_dir(out.join("experts"))
+        .unwrap()
+        .map(|e| unsafe { memmap2::Mmap::map(&std::fs::File::open(e.unwrap().path()).unwrap()).unwrap() })
+        .collect();
+    let touched: u64 = maps.iter().map(|m| m.iter().step_by(4096).map(|&b| b as u64).sum::<u64>()).sum();
+    std::hint::black_box(touched);
+    let o = bench();
+    assert!(o.contains("NOT cold"), "{o}");
+    let j: Value = serde_json::from_str(
+        &run(&["bench", "--model", &dst, "--cold", "--prompt-tokens", "4", "--gen-tokens", "2", "--json"]).0,
+    )
+    .unwrap();
+    assert!(j["cold_resident_fraction"].as_f64().unwrap() > 0.5, "{j}");
+}

@@ -43,7 +43,7 @@ pub(crate) enum Cmd {
         from: PathBuf,
         #[arg(long)]
         to: PathBuf,
-        /// Routed expert format: q2, q3, q4, q8 or bf16.
+        /// Routed expert format: q2, q3, q4, q8, bf16, or mxfp4 (gpt-oss releases: kept bit for bit).
         #[arg(long, default_value = "q4")]
         experts: String,
         /// Format of the large dense matrices: bf16 or q8.

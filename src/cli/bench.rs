@@ -29,6 +29,15 @@ pub(crate) fn cmd_bench(
         r.cache_mode,
         r.device
     );
+    match r.cold_resident_fraction {
+        Some(f) if f > 0.02 => println!(
+            "cold start       NOT cold: {:.1}% of the expert files stayed in the page cache after dropping it \
+             (another process maps or locks them?)",
+            100.0 * f
+        ),
+        Some(f) => println!("cold start       expert files dropped from the page cache ({:.1}% left)", 100.0 * f),
+        None => {}
+    }
     println!("prefill          {} tokens in {:.2}s: {:.2} tok/s", r.prompt_tokens, r.prefill_s, r.prefill_tok_s);
     println!("decode           {} tokens in {:.2}s: {:.3} tok/s", r.gen_tokens, r.decode_s, r.decode_tok_s);
     println!(

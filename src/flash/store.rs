@@ -792,11 +792,17 @@ impl ExpertStore {
         Ok((res, total))
     }
 
-    /// Asks the kernel to drop the expert files from the page cache (cold-start runs).
+    /// Asks the kernel to drop the expert files from the page cache (cold-start runs), after
+    /// writing back what is still dirty (a model just written by `synth` or `convert`: dirty
+    /// pages are not dropped). Pages another process maps or locks stay: see
+    /// [`Self::page_cache_residency`].
     pub fn drop_page_cache(&self) {
         for lf in self.files.values() {
-            // SAFETY: plain syscall on an open descriptor.
-            unsafe { libc::posix_fadvise(lf.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            // SAFETY: plain syscalls on an open descriptor.
+            unsafe {
+                libc::fdatasync(lf.file.as_raw_fd());
+                libc::posix_fadvise(lf.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
         }
     }
 }
