@@ -8,6 +8,7 @@
 //! holds), and the reply's text before `</think>` is a `thinking` block. Any `model` name is
 //! served by the one loaded model (agents send their own names), and the reply says which.
 
+use super::answer::{AnswerStream, Sink, split_thinking};
 use super::*;
 
 /// What a Messages request asks for, translated.
@@ -30,29 +31,19 @@ pub(super) async fn messages(State(app): State<Shared>, body: Result<Json<Value>
             extra.insert("enable_thinking".into(), json!(t));
         }
         let thinking = thinking.unwrap_or(false);
-        let names: Vec<String> = tools
-            .iter()
-            .flat_map(|t| t.as_array().into_iter().flatten())
-            .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(String::from))
-            .collect();
+        let names = tool_names(tools.as_ref());
         let has_tools = !names.is_empty();
-        let a = app.clone();
-        let (prompt, turn, constraint) = blocking(move || {
-            let (prompt, turn) = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
-            let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
-            Ok((prompt, turn, if forced { Some(forced_call(&a, tools.as_ref(), &choice)?) } else { None }))
-        })
-        .await?;
+        let Prepared { prompt, turn, constraint } = prepare(&app, messages, tools, extra, &choice, None).await?;
         params.sampling.constraint = constraint;
-        if prompt.len() >= app.context {
-            return Err(gen_error(&app, ContextExceeded { prompt_tokens: prompt.len(), context: app.context }.into()));
-        }
         let permit = acquire(&app).await?;
         let reply = Reply { id: new_id("msg"), model: app.opts.model_id.clone(), tools: names, thinking };
         if params.stream {
             return Ok(respond_stream(app.clone(), prompt, turn, params, reply, permit));
         }
-        let o = generate_whole(&app, prompt, turn, &params, permit).await?;
+        let o = match generate_whole(&app, prompt, turn, &params, permit).await {
+            Ok(o) => o,
+            Err(r) => return Ok(r), // counted already
+        };
         let (think, answer) = split_thinking(&o.text, thinking);
         let (text, calls) =
             if has_tools { toolcall::parse_declared(&answer, &reply.tools, app.tools) } else { (answer, vec![]) };
@@ -165,7 +156,7 @@ fn translate(b: &Value) -> Result<Value, Response> {
     match b.get("system") {
         None | Some(Value::Null) => {}
         Some(s) => {
-            let text = blocks_text(s)
+            let text = parts_text(s, &["text"])
                 .ok_or_else(|| bad_request("`system` must be a string or text blocks", Some("system")))?;
             out.push(json!({"role": "system", "content": text}));
         }
@@ -201,7 +192,7 @@ fn translate(b: &Value) -> Result<Value, Response> {
                 }
                 ("tool_result", "user") => {
                     let id = blk.get("tool_use_id").and_then(Value::as_str).unwrap_or("");
-                    let content = blocks_text(blk.get("content").unwrap_or(&Value::Null))
+                    let content = parts_text(blk.get("content").unwrap_or(&Value::Null), &["text"])
                         .ok_or_else(|| bad("tool_result content must be a string or text blocks".into()))?;
                     out.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
                 }
@@ -223,36 +214,9 @@ fn translate(b: &Value) -> Result<Value, Response> {
     Ok(Value::Array(out))
 }
 
-/// A string, or the concatenated text of text blocks (other blocks refused).
-fn blocks_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Null => Some(String::new()),
-        Value::String(s) => Some(s.clone()),
-        Value::Array(a) => a
-            .iter()
-            .map(|b| (b.get("type").and_then(Value::as_str) == Some("text")).then(|| b.get("text")?.as_str()).flatten())
-            .collect::<Option<Vec<_>>>()
-            .map(|v| v.concat()),
-        _ => None,
-    }
-}
-
 /// A tool call's arguments as the `input` object.
 fn input(arguments: &str) -> Value {
     serde_json::from_str::<Value>(arguments).ok().filter(Value::is_object).unwrap_or_else(|| json!({}))
-}
-
-/// (thinking, answer) of generated text: what precedes `</think>` is reasoning (a leading
-/// `<think>` dropped); with thinking on and no `</think>` yet, all of it is.
-fn split_thinking(text: &str, thinking: bool) -> (String, String) {
-    let t = text.trim_start();
-    let opened = t.starts_with("<think>");
-    let body = t.strip_prefix("<think>").unwrap_or(text);
-    match body.find("</think>") {
-        Some(i) if opened || thinking => (body[..i].trim().to_string(), body[i + 8..].trim_start().to_string()),
-        None if opened || thinking => (body.trim().to_string(), String::new()),
-        _ => (String::new(), text.to_string()),
-    }
 }
 
 fn stop_reason(o: &Output, tool_use: bool) -> (&'static str, Value) {
@@ -278,76 +242,29 @@ struct Reply {
     thinking: bool,
 }
 
-/// Splits streamed text into reasoning and answer as it arrives (see [`split_thinking`]),
-/// holding back what could still be the start of a tag.
-struct ThinkSplit {
-    /// None before the first non-blank text, then whether inside the reasoning.
-    inside: Option<bool>,
-    thinking: bool,
-    buf: String,
-    /// Blanks right after `</think>` are dropped.
-    after_close: bool,
-}
-
-impl ThinkSplit {
-    fn push(&mut self, piece: &str, out: &mut Vec<(bool, String)>) {
-        self.buf.push_str(piece);
-        if self.inside.is_none() {
-            let t = self.buf.trim_start();
-            if let Some(rest) = t.strip_prefix("<think>") {
-                self.buf = rest.to_string();
-                self.inside = Some(true);
-            } else if "<think>".starts_with(t) {
-                return;
-            } else {
-                self.inside = Some(self.thinking);
-            }
-        }
-        if self.inside == Some(true) {
-            if let Some(i) = self.buf.find("</think>") {
-                out.push((true, self.buf[..i].to_string()));
-                self.buf.drain(..i + 8);
-                self.inside = Some(false);
-                self.after_close = true;
-            } else {
-                let hold = (1..8).rev().find(|&k| self.buf.ends_with(&"</think>"[..k])).unwrap_or(0);
-                let cut = self.buf.len() - hold;
-                out.push((true, self.buf[..cut].to_string()));
-                self.buf.drain(..cut);
-                return;
-            }
-        }
-        if self.after_close {
-            let t = self.buf.trim_start().to_string();
-            self.buf = t;
-            if self.buf.is_empty() {
-                return;
-            }
-            self.after_close = false;
-        }
-        out.push((false, std::mem::take(&mut self.buf)));
-    }
-
-    fn finish(&mut self, out: &mut Vec<(bool, String)>) {
-        let inside = self.inside == Some(true);
-        let rest = std::mem::take(&mut self.buf);
-        let blank_tail = self.after_close && rest.trim().is_empty();
-        if !rest.is_empty() && !blank_tail {
-            out.push((inside, rest));
-        }
-    }
-}
-
 /// The content blocks of a streamed reply, each started, filled by deltas and stopped.
 struct Blocks<F: FnMut(&str, Value) -> bool> {
     send: F,
     index: usize,
     open: Option<&'static str>,
     started: bool,
+    /// Tool use blocks sent.
+    calls: usize,
+}
+
+impl<F: FnMut(&str, Value) -> bool> Sink for Blocks<F> {
+    fn text(&mut self, reasoning: bool, s: &str) -> bool {
+        self.block_text(if reasoning { "thinking" } else { "text" }, s)
+    }
+
+    fn call(&mut self, c: &toolcall::ToolCall) -> bool {
+        self.calls += 1;
+        self.tool(c)
+    }
 }
 
 impl<F: FnMut(&str, Value) -> bool> Blocks<F> {
-    fn text(&mut self, kind: &'static str, s: &str) -> bool {
+    fn block_text(&mut self, kind: &'static str, s: &str) -> bool {
         if s.is_empty() {
             return true;
         }
@@ -426,43 +343,9 @@ fn respond_stream(
         if !send("message_start", start) || !send("ping", json!({"type": "ping"})) {
             return;
         }
-        let mut blocks = Blocks { send, index: 0, open: None, started: false };
-        let mut split = ThinkSplit { inside: None, thinking: r.thinking, buf: String::new(), after_close: false };
-        let format = app.tools;
-        let mut calls = ToolStream::new(format);
-        let mut n_calls = 0;
-        let mut parts = vec![];
-        let mut emit = |parts: &mut Vec<(bool, String)>, blocks: &mut Blocks<_>, last: bool| -> bool {
-            let mut events = vec![];
-            for (thinking, s) in parts.drain(..) {
-                if thinking {
-                    events.push(Err(s));
-                } else if !r.tools.is_empty() {
-                    events.extend(calls.push(&s).into_iter().map(Ok));
-                } else {
-                    events.push(Ok(StreamEvent::Content(s)));
-                }
-            }
-            if last && !r.tools.is_empty() {
-                events.extend(calls.finish().into_iter().map(Ok));
-            }
-            events.iter().all(|e| match e {
-                Err(s) => blocks.text("thinking", s),
-                Ok(StreamEvent::Content(c)) => blocks.text("text", c),
-                Ok(StreamEvent::Call(c)) if !r.tools.contains(&c.name) => blocks.text("text", &format.as_text(c)),
-                Ok(StreamEvent::Call(c)) => {
-                    n_calls += 1;
-                    blocks.tool(c)
-                }
-            })
-        };
-        let res = on_engine(&app, &prompt, turn, &p, |piece| {
-            if tx.is_closed() {
-                return false;
-            }
-            split.push(piece, &mut parts);
-            emit(&mut parts, &mut blocks, false)
-        });
+        let mut blocks = Blocks { send, index: 0, open: None, started: false, calls: 0 };
+        let mut answer = AnswerStream::new(app.tools, r.tools.clone(), r.thinking);
+        let res = on_engine(&app, &prompt, turn, &p, |piece| !tx.is_closed() && answer.push(piece, &mut blocks));
         let error = |kind: &str, message: String| json!({"type": "error", "error": {"type": kind, "message": message}});
         match res {
             Ok(o) => {
@@ -474,8 +357,7 @@ fn respond_stream(
                     }
                     return;
                 }
-                split.finish(&mut parts);
-                if !emit(&mut parts, &mut blocks, true) {
+                if !answer.finish(&mut blocks) {
                     return;
                 }
                 if !blocks.started {
@@ -486,7 +368,7 @@ fn respond_stream(
                 if !blocks.close() {
                     return;
                 }
-                let (reason, seq) = stop_reason(&o, n_calls > 0);
+                let (reason, seq) = stop_reason(&o, blocks.calls > 0);
                 let delta = json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
                     "usage": {"output_tokens": o.tokens.len()}});
                 let _ = (blocks.send)("message_delta", delta)
@@ -498,45 +380,12 @@ fn respond_stream(
             }
         }
     });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let stream = tokio_stream::StreamExt::map(stream, Ok::<Event, Infallible>);
-    Sse::new(stream).into_response()
+    sse_response(rx)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn split_stream(pieces: &[&str], thinking: bool) -> (String, String) {
-        let mut s = ThinkSplit { inside: None, thinking, buf: String::new(), after_close: false };
-        let mut out = vec![];
-        pieces.iter().for_each(|p| s.push(p, &mut out));
-        s.finish(&mut out);
-        let pick = |t: bool| out.iter().filter(|o| o.0 == t).map(|o| o.1.as_str()).collect::<String>();
-        (pick(true), pick(false))
-    }
-
-    #[test]
-    fn thinking_splits_alike_whole_and_streamed_whatever_the_pieces() {
-        for (text, thinking, want) in [
-            ("<think>\nweigh it</think>\n\nHello", false, ("weigh it", "Hello")),
-            ("weigh it\n</think>\n\nHello", true, ("weigh it", "Hello")),
-            ("Hello </think> there", false, ("", "Hello </think> there")),
-            ("<think>still going", false, ("still going", "")),
-            ("Just text", false, ("", "Just text")),
-            ("", true, ("", "")),
-        ] {
-            let whole = split_thinking(text, thinking);
-            assert_eq!((whole.0.as_str(), whole.1.as_str()), want, "{text:?}");
-            for size in 1..5 {
-                let chars: Vec<char> = text.chars().collect();
-                let pieces: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
-                let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
-                let (t, a) = split_stream(&refs, thinking);
-                assert_eq!((t.trim(), a.as_str()), want, "{text:?} in pieces of {size}");
-            }
-        }
-    }
 
     #[test]
     fn tool_use_and_results_become_the_templates_messages() {

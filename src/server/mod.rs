@@ -12,6 +12,7 @@
 // handlers return ready-made error responses; boxing them would only add noise
 #![allow(clippy::result_large_err)]
 
+mod answer;
 mod anthropic;
 
 use crate::generate::{SamplingParams, TokenLogprob};
@@ -758,8 +759,14 @@ fn usage(g: &Generation) -> Value {
            "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
+/// A generation error, counted (for callers that answer with it directly).
 fn gen_error(app: &App, e: anyhow::Error) -> Response {
     app.metrics.errors.fetch_add(1, Relaxed);
+    error_response(e)
+}
+
+/// The response for a generation error: 400 for a prompt over the context, else 500.
+fn error_response(e: anyhow::Error) -> Response {
     if let Some(c) = e.downcast_ref::<ContextExceeded>() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -805,46 +812,27 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
         let mut extra = serde_json::Map::new();
         match b.get("reasoning_effort").and_then(Value::as_str) {
             None => {}
-            Some("none" | "minimal") => _ = extra.insert("enable_thinking".into(), json!(false)),
-            Some("low" | "medium" | "high") => _ = extra.insert("enable_thinking".into(), json!(true)),
-            Some(e) => {
-                return Err(bad_request(
-                    format!("`reasoning_effort` `{e}` is not one of none, minimal, low, medium, high"),
-                    Some("reasoning_effort"),
-                ));
-            }
+            Some(e) => match effort_thinking(e) {
+                Some(on) => _ = extra.insert("enable_thinking".into(), json!(on)),
+                None => {
+                    return Err(bad_request(
+                        format!("`reasoning_effort` `{e}` is not one of none, minimal, low, medium, high"),
+                        Some("reasoning_effort"),
+                    ));
+                }
+            },
         }
         // explicit template arguments win
         if let Some(kw) = b.get("chat_template_kwargs").and_then(Value::as_object) {
             extra.extend(kw.clone());
         }
-        let names: Vec<String> = tools
-            .iter()
-            .flat_map(|t| t.as_array().into_iter().flatten())
-            .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(String::from))
-            .collect();
-        let format = b
-            .get("response_format")
-            .filter(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"))
-            .cloned();
-        if format.is_some() && matches!(choice, ToolChoice::Required | ToolChoice::Named(_)) {
-            return Err(bad_request(
-                "`response_format` and a required tool call exclude each other",
-                Some("tool_choice"),
-            ));
-        }
-        let a = app.clone();
+        let names = tool_names(tools.as_ref());
+        let schema = match b.get("response_format") {
+            None | Some(Value::Null) => None,
+            Some(f) => format_schema(f)?.map(|s| (s, "response_format")),
+        };
         let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
-        let (prompt, turn, constraint) = blocking(move || {
-            let (prompt, turn) = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
-            let constraint = match (&choice, format) {
-                (_, Some(f)) => response_format(&a, &f)?,
-                (ToolChoice::Required | ToolChoice::Named(_), _) => Some(forced_call(&a, tools.as_ref(), &choice)?),
-                _ => None,
-            };
-            Ok((prompt, turn, constraint))
-        })
-        .await?;
+        let Prepared { prompt, turn, constraint } = prepare(&app, messages, tools, extra, &choice, schema).await?;
         // text constrained to a response format is the answer itself: no tool calls in it
         let tools = if constraint.is_none() || forced { Some(names) } else { None }.filter(|n| !n.is_empty());
         p.sampling.constraint = constraint;
@@ -878,6 +866,7 @@ async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRe
 }
 
 /// OpenAI `tool_choice`.
+#[derive(Clone)]
 enum ToolChoice {
     Auto,
     None,
@@ -976,24 +965,111 @@ fn forced_call(app: &App, tools: Option<&Value>, choice: &ToolChoice) -> Result<
     grammars(app)?.lark(&lark).map_err(|e| bad_request(format!("{e:#}"), Some("tools")))
 }
 
-/// The grammar of a `response_format`: none for `text`, any JSON object for `json_object`, the
-/// schema of `json_schema`.
-fn response_format(app: &App, f: &Value) -> Result<Option<crate::grammar::Constraint>, Response> {
+/// The JSON schema of a `response_format`: none for `text`, any JSON object for `json_object`,
+/// the schema of `json_schema`.
+fn format_schema(f: &Value) -> Result<Option<Value>, Response> {
     let bad = |m: String| bad_request(m, Some("response_format"));
     let kind = f.get("type").and_then(Value::as_str).ok_or_else(|| bad("`response_format.type` is missing".into()))?;
-    let schema = match kind {
-        "text" => return Ok(None),
-        "json_object" => json!({"type": "object"}),
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(json!({"type": "object"}))),
         "json_schema" => f
             .pointer("/json_schema/schema")
             .filter(|s| s.is_object())
             .cloned()
-            .ok_or_else(|| bad("`response_format.json_schema.schema` must be a JSON schema object".into()))?,
-        k => {
-            return Err(bad(format!("`response_format.type` `{k}` is not supported (text, json_object, json_schema)")));
-        }
-    };
-    grammars(app)?.json_schema(&schema).map(Some).map_err(|e| bad(format!("{e:#}")))
+            .map(Some)
+            .ok_or_else(|| bad("`response_format.json_schema.schema` must be a JSON schema object".into())),
+        k => Err(bad(format!("`response_format.type` `{k}` is not supported (text, json_object, json_schema)"))),
+    }
+}
+
+/// Whether a reasoning effort turns the template's thinking on (none and minimal: off); None
+/// for an unknown effort.
+fn effort_thinking(effort: &str) -> Option<bool> {
+    match effort {
+        "none" | "minimal" => Some(false),
+        "low" | "medium" | "high" => Some(true),
+        _ => None,
+    }
+}
+
+/// The names of the functions among chat-shaped `tools`.
+fn tool_names(tools: Option<&Value>) -> Vec<String> {
+    tools
+        .iter()
+        .flat_map(|t| t.as_array().into_iter().flatten())
+        .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(String::from))
+        .collect()
+}
+
+/// A string, or the concatenated text of parts whose `type` is one of `kinds` (null: empty;
+/// a part of any other type: None).
+fn parts_text(v: &Value, kinds: &[&str]) -> Option<String> {
+    match v {
+        Value::Null => Some(String::new()),
+        Value::String(s) => Some(s.clone()),
+        Value::Array(a) => a
+            .iter()
+            .map(|b| {
+                let kind = b.get("type").and_then(Value::as_str)?;
+                kinds.contains(&kind).then(|| b.get("text")?.as_str()).flatten()
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat()),
+        _ => None,
+    }
+}
+
+/// A chat request made ready to run.
+struct Prepared {
+    prompt: Vec<u32>,
+    /// Where the prompt's last turn begins (see [`chat_prompt`]).
+    turn: Option<usize>,
+    /// The grammar the answer is held to.
+    constraint: Option<crate::grammar::Constraint>,
+}
+
+/// Renders and tokenizes a chat request off the async threads and builds the grammar of its
+/// answer: the JSON `schema` of a response format (its errors name `param`), or one call of a
+/// declared tool when `choice` requires one (the two exclude each other). Errors are not
+/// counted (see [`counted`]).
+async fn prepare(
+    app: &Shared,
+    messages: Value,
+    tools: Option<Value>,
+    extra: serde_json::Map<String, Value>,
+    choice: &ToolChoice,
+    schema: Option<(Value, &'static str)>,
+) -> Result<Prepared, Response> {
+    let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
+    if let (true, Some((_, param))) = (forced, &schema) {
+        return Err(bad_request(format!("`{param}` and a required tool call exclude each other"), Some("tool_choice")));
+    }
+    let (a, choice) = (app.clone(), choice.clone());
+    let p = blocking(move || {
+        let (prompt, turn) = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
+        let constraint = match schema {
+            Some((s, param)) => {
+                Some(grammars(&a)?.json_schema(&s).map_err(|e| bad_request(format!("{e:#}"), Some(param)))?)
+            }
+            None if forced => Some(forced_call(&a, tools.as_ref(), &choice)?),
+            None => None,
+        };
+        Ok(Prepared { prompt, turn, constraint })
+    })
+    .await?;
+    if p.prompt.len() >= app.context {
+        return Err(error_response(ContextExceeded { prompt_tokens: p.prompt.len(), context: app.context }.into()));
+    }
+    Ok(p)
+}
+
+/// Server-sent events from a channel; the channel closes (and so tells the generation to
+/// stop) when the client leaves.
+fn sse_response(rx: mpsc::Receiver<Event>) -> Response {
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let stream = tokio_stream::StreamExt::map(stream, Ok::<Event, Infallible>);
+    Sse::new(stream).into_response()
 }
 
 /// Runs CPU-heavy request preparation (templates, tokenization) off the async threads, so a
@@ -1436,9 +1512,7 @@ fn respond_stream(
         });
         s.close(res, &p);
     });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let stream = tokio_stream::StreamExt::map(stream, Ok::<Event, Infallible>);
-    Sse::new(stream).into_response()
+    sse_response(rx)
 }
 
 /// One streamed answer: each choice's chunks in turn (marked with its index), then usage and

@@ -1,0 +1,183 @@
+//! An answer's parts as the Messages API reports them: reasoning (the text before
+//! `</think>`), answer text, and calls of the declared tools, whole or as they stream.
+
+use super::*;
+
+/// (thinking, answer) of generated text: what precedes `</think>` is reasoning (a leading
+/// `<think>` dropped); with thinking on and no `</think>` yet, all of it is.
+pub(super) fn split_thinking(text: &str, thinking: bool) -> (String, String) {
+    let t = text.trim_start();
+    let opened = t.starts_with("<think>");
+    let body = t.strip_prefix("<think>").unwrap_or(text);
+    match body.find("</think>") {
+        Some(i) if opened || thinking => (body[..i].trim().to_string(), body[i + 8..].trim_start().to_string()),
+        None if opened || thinking => (body.trim().to_string(), String::new()),
+        _ => (String::new(), text.to_string()),
+    }
+}
+
+/// Splits streamed text into reasoning and answer as it arrives (see [`split_thinking`]),
+/// holding back what could still be the start of a tag.
+pub(super) struct ThinkSplit {
+    /// None before the first non-blank text, then whether inside the reasoning.
+    inside: Option<bool>,
+    thinking: bool,
+    buf: String,
+    /// Blanks right after `</think>` are dropped.
+    after_close: bool,
+}
+
+impl ThinkSplit {
+    pub(super) fn new(thinking: bool) -> Self {
+        ThinkSplit { inside: None, thinking, buf: String::new(), after_close: false }
+    }
+
+    pub(super) fn push(&mut self, piece: &str, out: &mut Vec<(bool, String)>) {
+        self.buf.push_str(piece);
+        if self.inside.is_none() {
+            let t = self.buf.trim_start();
+            if let Some(rest) = t.strip_prefix("<think>") {
+                self.buf = rest.to_string();
+                self.inside = Some(true);
+            } else if "<think>".starts_with(t) {
+                return;
+            } else {
+                self.inside = Some(self.thinking);
+            }
+        }
+        if self.inside == Some(true) {
+            if let Some(i) = self.buf.find("</think>") {
+                out.push((true, self.buf[..i].to_string()));
+                self.buf.drain(..i + 8);
+                self.inside = Some(false);
+                self.after_close = true;
+            } else {
+                let hold = (1..8).rev().find(|&k| self.buf.ends_with(&"</think>"[..k])).unwrap_or(0);
+                let cut = self.buf.len() - hold;
+                out.push((true, self.buf[..cut].to_string()));
+                self.buf.drain(..cut);
+                return;
+            }
+        }
+        if self.after_close {
+            let t = self.buf.trim_start().to_string();
+            self.buf = t;
+            if self.buf.is_empty() {
+                return;
+            }
+            self.after_close = false;
+        }
+        out.push((false, std::mem::take(&mut self.buf)));
+    }
+
+    pub(super) fn finish(&mut self, out: &mut Vec<(bool, String)>) {
+        let inside = self.inside == Some(true);
+        let rest = std::mem::take(&mut self.buf);
+        let blank_tail = self.after_close && rest.trim().is_empty();
+        if !rest.is_empty() && !blank_tail {
+            out.push((inside, rest));
+        }
+    }
+}
+
+/// Where a streamed answer's parts go, in order; false: the client left.
+pub(super) trait Sink {
+    /// Reasoning (`reasoning`) or answer text.
+    fn text(&mut self, reasoning: bool, s: &str) -> bool;
+    /// A call of a declared tool.
+    fn call(&mut self, c: &toolcall::ToolCall) -> bool;
+}
+
+/// Routes a streamed answer to a [`Sink`]: reasoning, then answer text with the declared
+/// tools' calls taken out of it (calls of other tools stay text, as the model wrote them).
+pub(super) struct AnswerStream {
+    split: ThinkSplit,
+    calls: ToolStream,
+    format: toolcall::ToolFormat,
+    /// The declared tools; none: the text is not searched for calls.
+    tools: Vec<String>,
+    parts: Vec<(bool, String)>,
+}
+
+impl AnswerStream {
+    pub(super) fn new(format: toolcall::ToolFormat, tools: Vec<String>, thinking: bool) -> Self {
+        AnswerStream { split: ThinkSplit::new(thinking), calls: ToolStream::new(format), format, tools, parts: vec![] }
+    }
+
+    pub(super) fn push(&mut self, piece: &str, sink: &mut impl Sink) -> bool {
+        self.split.push(piece, &mut self.parts);
+        self.emit(sink, false)
+    }
+
+    /// The end of the answer: what was held back.
+    pub(super) fn finish(&mut self, sink: &mut impl Sink) -> bool {
+        self.split.finish(&mut self.parts);
+        self.emit(sink, true)
+    }
+
+    fn emit(&mut self, sink: &mut impl Sink, last: bool) -> bool {
+        for (reasoning, s) in std::mem::take(&mut self.parts) {
+            let events = match (reasoning, self.tools.is_empty()) {
+                (true, _) if sink.text(true, &s) => continue,
+                (true, _) => return false,
+                (false, true) => vec![StreamEvent::Content(s)],
+                (false, false) => self.calls.push(&s),
+            };
+            if !self.route(sink, events) {
+                return false;
+            }
+        }
+        let rest = if last && !self.tools.is_empty() { self.calls.finish() } else { vec![] };
+        self.route(sink, rest)
+    }
+
+    fn route(&self, sink: &mut impl Sink, events: Vec<StreamEvent>) -> bool {
+        for e in events {
+            let ok = match e {
+                StreamEvent::Content(c) => sink.text(false, &c),
+                StreamEvent::Call(c) if !self.tools.contains(&c.name) => sink.text(false, &self.format.as_text(&c)),
+                StreamEvent::Call(c) => sink.call(&c),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_stream(pieces: &[&str], thinking: bool) -> (String, String) {
+        let mut s = ThinkSplit::new(thinking);
+        let mut out = vec![];
+        pieces.iter().for_each(|p| s.push(p, &mut out));
+        s.finish(&mut out);
+        let pick = |t: bool| out.iter().filter(|o| o.0 == t).map(|o| o.1.as_str()).collect::<String>();
+        (pick(true), pick(false))
+    }
+
+    #[test]
+    fn thinking_splits_alike_whole_and_streamed_whatever_the_pieces() {
+        for (text, thinking, want) in [
+            ("<think>\nweigh it</think>\n\nHello", false, ("weigh it", "Hello")),
+            ("weigh it\n</think>\n\nHello", true, ("weigh it", "Hello")),
+            ("Hello </think> there", false, ("", "Hello </think> there")),
+            ("<think>still going", false, ("still going", "")),
+            ("Just text", false, ("", "Just text")),
+            ("", true, ("", "")),
+        ] {
+            let whole = split_thinking(text, thinking);
+            assert_eq!((whole.0.as_str(), whole.1.as_str()), want, "{text:?}");
+            for size in 1..5 {
+                let chars: Vec<char> = text.chars().collect();
+                let pieces: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
+                let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+                let (t, a) = split_stream(&refs, thinking);
+                assert_eq!((t.trim(), a.as_str()), want, "{text:?} in pieces of {size}");
+            }
+        }
+    }
+}
