@@ -1,4 +1,4 @@
-//! An answer's parts as the Messages API reports them: reasoning (the text before
+//! An answer's parts as the Messages and Responses APIs report them: reasoning (the text before
 //! `</think>`), answer text, and calls of the declared tools, whole or as they stream.
 
 use super::*;
@@ -14,6 +14,13 @@ pub(super) fn split_thinking(text: &str, thinking: bool) -> (String, String) {
         None if opened || thinking => (body.trim().to_string(), String::new()),
         _ => (String::new(), text.to_string()),
     }
+}
+
+/// Whether a prompt leaves the model inside a reasoning block (the template opened `<think>`
+/// for it), so that its answer begins with reasoning.
+pub(super) fn opens_thinking(app: &App, prompt: &[u32]) -> bool {
+    let tail = &prompt[prompt.len().saturating_sub(4)..];
+    app.tok.decode(tail, false).is_ok_and(|t| t.trim_end().ends_with("<think>"))
 }
 
 /// Splits streamed text into reasoning and answer as it arrives (see [`split_thinking`]),

@@ -332,11 +332,8 @@ fn respond_stream(
     r: Reply,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Event>(64);
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let send =
-            |name: &str, data: Value| tx.blocking_send(Event::default().event(name).data(data.to_string())).is_ok();
+    named_stream(permit, move |events| {
+        let send = |name: &str, data: Value| events.send(name, data);
         let start = json!({"type": "message_start", "message": {"id": r.id, "type": "message", "role": "assistant",
             "model": r.model, "content": [], "stop_reason": null, "stop_sequence": null,
             "usage": {"input_tokens": prompt.len(), "output_tokens": 0}}});
@@ -345,7 +342,7 @@ fn respond_stream(
         }
         let mut blocks = Blocks { send, index: 0, open: None, started: false, calls: 0 };
         let mut answer = AnswerStream::new(app.tools, r.tools.clone(), r.thinking);
-        let res = on_engine(&app, &prompt, turn, &p, |piece| !tx.is_closed() && answer.push(piece, &mut blocks));
+        let res = on_engine(&app, &prompt, turn, &p, |piece| !events.left() && answer.push(piece, &mut blocks));
         let error = |kind: &str, message: String| json!({"type": "error", "error": {"type": kind, "message": message}});
         match res {
             Ok(o) => {
@@ -379,8 +376,7 @@ fn respond_stream(
                 (blocks.send)("error", error("api_error", format!("{e:#}")));
             }
         }
-    });
-    sse_response(rx)
+    })
 }
 
 #[cfg(test)]

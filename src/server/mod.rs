@@ -1,6 +1,6 @@
 //! OpenAI-compatible HTTP server (axum): `/v1/chat/completions` (streamed as SSE or not, with
-//! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), and the
-//! Anthropic Messages API (`anthropic.rs`).
+//! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), the
+//! Anthropic Messages API (`anthropic.rs`) and the OpenAI Responses API (`responses.rs`).
 //!
 //! One generation runs at a time (the engine owns one sequence state, which is what lets a
 //! request that extends the previous conversation reuse its cached prefix); further requests
@@ -14,6 +14,7 @@
 
 mod answer;
 mod anthropic;
+mod responses;
 
 use crate::generate::{SamplingParams, TokenLogprob};
 use crate::session::{ContextExceeded, Finish, Output, Scored, Session};
@@ -166,6 +167,7 @@ fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/responses", post(responses::responses))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error(StatusCode::NOT_FOUND, "unknown endpoint", "invalid_request_error", Some("not_found"), None)
@@ -1511,6 +1513,35 @@ fn respond_stream(
                 }
         });
         s.close(res, &p);
+    });
+    sse_response(rx)
+}
+
+/// Named server-sent events (`event:` and JSON `data:`), sent by the blocking thread that
+/// generates them.
+struct NamedEvents(mpsc::Sender<Event>);
+
+impl NamedEvents {
+    /// False once the client has left.
+    fn send(&self, name: &str, data: Value) -> bool {
+        self.0.blocking_send(Event::default().event(name).data(data.to_string())).is_ok()
+    }
+
+    fn left(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// A stream of named events: `generate` runs on a blocking thread that holds the engine's
+/// `permit` and sends them; a client that leaves closes the channel ([`NamedEvents::left`]).
+fn named_stream(
+    permit: tokio::sync::OwnedSemaphorePermit,
+    generate: impl FnOnce(&NamedEvents) + Send + 'static,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        generate(&NamedEvents(tx));
     });
     sse_response(rx)
 }
