@@ -594,9 +594,7 @@ fn disconnect_stops_generation_and_the_queue_is_bounded() {
         assert!(t.elapsed() < Duration::from_secs(30), "engine still busy after the client left");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let m = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
-    let done: f64 =
-        m.lines().find_map(|l| l.strip_prefix("flashmoe_completion_tokens_total ")).unwrap().parse().unwrap();
+    let done = metric(&base, "flashmoe_completion_tokens_total");
     assert!(done < 900.0, "generation went on after the disconnect: {done} tokens");
 }
 
@@ -785,8 +783,13 @@ fn hold_engine(base: &str) -> std::io::Lines<BufReader<reqwest::blocking::Respon
 }
 
 fn queue_depth(base: &str) -> f64 {
+    metric(base, "flashmoe_queue_depth")
+}
+
+/// A metric's value from `/metrics`.
+fn metric(base: &str, name: &str) -> f64 {
     let m = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
-    m.lines().find_map(|l| l.strip_prefix("flashmoe_queue_depth ")).unwrap().parse().unwrap()
+    m.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')).unwrap().parse().unwrap()
 }
 
 /// Clients that disconnect while queued give their place back: after 3 × max-queue of them,
@@ -931,4 +934,314 @@ fn reasoning_goes_to_reasoning_content_whole_and_streamed() {
     assert_eq!(st, 200, "{b}");
     assert!(b["choices"][0]["message"].get("reasoning_content").is_none(), "{b}");
     assert!(!b["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{b}");
+}
+
+/// The named server-sent events of a response: (event name, data).
+fn sse_named(url: &str, body: Value) -> Vec<(String, Value)> {
+    let r = client().post(url).json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut out = vec![];
+    let mut name = String::new();
+    for line in BufReader::new(r).lines().map_while(Result::ok) {
+        if let Some(n) = line.strip_prefix("event: ") {
+            name = n.to_string();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            out.push((std::mem::take(&mut name), serde_json::from_str(d).unwrap()));
+        }
+    }
+    out
+}
+
+/// A streamed response's events: each named as its `type`, numbered from 0 in order, and the
+/// final response (completed or incomplete) last.
+fn check_events(events: &[(String, Value)]) -> &Value {
+    for (i, (name, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], name.as_str(), "{data}");
+        assert_eq!(data["sequence_number"], i, "{data}");
+    }
+    let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(kinds[..2], ["response.created", "response.in_progress"]);
+    assert_eq!(events[0].1["response"]["status"], "in_progress");
+    let last = &events.last().unwrap().1["response"];
+    assert!(["response.completed", "response.incomplete"].contains(kinds.last().unwrap()), "{kinds:?}");
+    assert_eq!(format!("response.{}", last["status"].as_str().unwrap()), *kinds.last().unwrap());
+    last
+}
+
+/// The kinds of events of one output item, in order (deltas once).
+fn item_events(events: &[(String, Value)], index: usize) -> Vec<&str> {
+    let mut kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| e.1["output_index"] == index)
+        .map(|e| e.0.strip_prefix("response.").unwrap())
+        .collect();
+    kinds.dedup();
+    kinds
+}
+
+#[test]
+fn responses_whole_and_streamed_agree_in_openai_order() {
+    let base = start(8);
+    let url = format!("{base}/v1/responses");
+    let body = json!({"model": "flashmoe-default", "input": "Speak as ROMEO.", "max_output_tokens": 24,
+        "temperature": 0, "metadata": {"run": "1"}});
+    let (st, a) = post(&url, body.clone());
+    assert_eq!(st, 200, "{a}");
+    assert!(a["id"].as_str().unwrap().starts_with("resp_") && a["object"] == "response", "{a}");
+    let msg = a["output"].as_array().unwrap().last().unwrap();
+    assert_eq!((msg["type"].as_str(), msg["role"].as_str()), (Some("message"), Some("assistant")), "{a}");
+    assert!(msg["id"].as_str().unwrap().starts_with("msg_"));
+    let text = msg["content"][0]["text"].as_str().unwrap();
+    assert!(!text.is_empty() && msg["content"][0]["type"] == "output_text");
+    let u = &a["usage"];
+    assert_eq!(u["total_tokens"], u["input_tokens"].as_u64().unwrap() + u["output_tokens"].as_u64().unwrap());
+    assert_eq!(u["output_tokens_details"]["reasoning_tokens"], 0);
+    for (k, v) in [
+        ("temperature", json!(0)),
+        ("max_output_tokens", json!(24)),
+        ("metadata", json!({"run": "1"})),
+        ("tool_choice", json!("auto")),
+        ("tools", json!([])),
+        ("text", json!({"format": {"type": "text"}})),
+        ("error", Value::Null),
+    ] {
+        assert_eq!(a[k], v, "{k}: {a}");
+    }
+    if a["status"] == "incomplete" {
+        assert_eq!(a["incomplete_details"]["reason"], "max_output_tokens");
+    }
+
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let events = sse_named(&url, sb);
+    let last = check_events(&events);
+    assert_eq!(
+        item_events(&events, 0),
+        [
+            "output_item.added",
+            "content_part.added",
+            "output_text.delta",
+            "output_text.done",
+            "content_part.done",
+            "output_item.done"
+        ]
+    );
+    let deltas: String =
+        events.iter().filter(|e| e.0 == "response.output_text.delta").map(|e| e.1["delta"].as_str().unwrap()).collect();
+    assert_eq!(deltas, text);
+    let done = events.iter().find(|e| e.0 == "response.output_text.done").unwrap();
+    assert_eq!(done.1["text"], text);
+    assert_eq!(done.1["item_id"], last["output"][0]["id"]);
+    assert_eq!(last["output"][0]["content"], msg["content"]);
+    assert_eq!((&last["status"], &last["usage"]["output_tokens"]), (&a["status"], &u["output_tokens"]));
+    // identical prompt: all but its last token come from the cache
+    assert_eq!(last["usage"]["input_tokens_details"]["cached_tokens"], u["input_tokens"].as_u64().unwrap() - 1);
+
+    // instructions and a multi-turn input, cut short by max_output_tokens
+    let turns = json!([{"role": "user", "content": "Speak as ROMEO."},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "Speak as JULIET."}]}]);
+    let (st, b) = post(
+        &url,
+        json!({"input": turns, "instructions": "You are a player in Shakespeare's company.",
+            "max_output_tokens": 2, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        (b["status"].as_str(), b["incomplete_details"]["reason"].as_str()),
+        (Some("incomplete"), Some("max_output_tokens"))
+    );
+    assert_eq!(
+        (b["output"][0]["status"].as_str(), b["usage"]["output_tokens"].as_u64()),
+        (Some("incomplete"), Some(2))
+    );
+    let mut sb = json!({"input": turns, "max_output_tokens": 2, "temperature": 0, "stream": true});
+    sb["instructions"] = b["instructions"].clone();
+    let events = sse_named(&url, sb);
+    let s = check_events(&events);
+    assert_eq!((&s["status"], &s["output"][0]["content"]), (&b["status"], &b["output"][0]["content"]));
+}
+
+#[test]
+fn responses_tool_round_trip_and_structured_output() {
+    let base = start(8);
+    let url = format!("{base}/v1/responses");
+    let tools = json!([{"type": "function", "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]);
+    let q = json!({"role": "user", "content": "What is the weather in Verona?"});
+    let (st, a) = post(&url, json!({"input": [q], "tools": tools, "temperature": 0, "max_output_tokens": 60}));
+    assert_eq!(st, 200, "{a}");
+    let call = a["output"].as_array().unwrap().iter().find(|o| o["type"] == "function_call").expect("a call").clone();
+    assert_eq!((call["name"].as_str(), call["status"].as_str()), (Some("get_weather"), Some("completed")), "{a}");
+    assert!(call["id"].as_str().unwrap().starts_with("fc_") && call["call_id"].as_str().unwrap().starts_with("call_"));
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args["city"], "Verona");
+    assert_eq!(a["tools"], tools);
+
+    // forced and streamed: the call's own events, in OpenAI's order
+    let events = sse_named(
+        &url,
+        json!({"input": [q], "tools": tools, "temperature": 0, "max_output_tokens": 60, "stream": true,
+            "tool_choice": {"type": "function", "name": "get_weather"}}),
+    );
+    let last = check_events(&events);
+    assert_eq!(last["output"].as_array().unwrap().len(), 1, "{last}");
+    assert_eq!(
+        item_events(&events, 0),
+        ["output_item.added", "function_call_arguments.delta", "function_call_arguments.done", "output_item.done"]
+    );
+    assert_eq!(events[2].1["item"]["type"], "function_call");
+    let delta = events.iter().find(|e| e.0 == "response.function_call_arguments.delta").unwrap();
+    assert_eq!(delta.1["delta"], last["output"][0]["arguments"]);
+    assert_eq!(delta.1["item_id"], last["output"][0]["id"]);
+
+    // the call and its output go back as input items; the model answers from them
+    let input = json!([q, call, {"type": "function_call_output", "call_id": call["call_id"],
+        "output": "{\"city\": \"Verona\", \"weather\": \"sunny\", \"temperature\": 21}"}]);
+    let (st, b) = post(&url, json!({"input": input, "tools": tools, "temperature": 0, "max_output_tokens": 40}));
+    assert_eq!(st, 200, "{b}");
+    let answer = b["output"][0]["content"][0]["text"].as_str().unwrap();
+    assert!(answer.contains("Verona") && answer.contains("sunny"), "{answer}");
+    assert!(b["usage"]["input_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+
+    // text.format json_schema: the answer is JSON of the schema
+    let schema = json!({"type": "object", "properties": {"speaker": {"type": "string", "enum": ["ROMEO", "JULIET", "NURSE"]},
+        "mood": {"type": "string", "enum": ["happy", "sad"]}, "aside": {"type": "boolean"}},
+        "required": ["speaker", "mood", "aside"], "additionalProperties": false});
+    let format = json!({"format": {"type": "json_schema", "name": "line", "schema": schema, "strict": true}});
+    let (st, c) =
+        post(&url, json!({"input": "Who speaks?", "text": format, "temperature": 0, "max_output_tokens": 60}));
+    assert_eq!(st, 200, "{c}");
+    let text = c["output"][0]["content"][0]["text"].as_str().unwrap();
+    let line: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {c}"));
+    assert!(["ROMEO", "JULIET", "NURSE"].contains(&line["speaker"].as_str().unwrap()), "{line}");
+    assert!(["happy", "sad"].contains(&line["mood"].as_str().unwrap()) && line["aside"].is_boolean(), "{line}");
+    assert_eq!(c["text"], format);
+}
+
+#[test]
+fn responses_bad_input_is_refused_naming_the_field() {
+    let base = start(8);
+    let url = format!("{base}/v1/responses");
+    let tools = json!([{"type": "function", "name": "f", "parameters": {"type": "object"}}]);
+    for (bad, param) in [
+        (json!({}), "input"),
+        (json!({"input": []}), "input"),
+        (json!({"input": 5}), "input"),
+        (json!({"input": [{"role": "wizard", "content": "x"}]}), "input"),
+        (json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}), "input"),
+        (json!({"input": [{"type": "item_reference", "id": "msg_1"}]}), "input"),
+        (json!({"input": [{"type": "function_call_output", "call_id": "c"}]}), "input"),
+        (json!({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}), "input"),
+        (json!({"seed": 1}), "seed"),
+        (json!({"messages": []}), "messages"),
+        (json!({"store": true}), "store"),
+        (json!({"previous_response_id": "resp_1"}), "previous_response_id"),
+        (json!({"include": ["reasoning.encrypted_content"]}), "include"),
+        (json!({"background": true}), "background"),
+        (json!({"truncation": "auto"}), "truncation"),
+        (json!({"instructions": 3}), "instructions"),
+        (json!({"max_output_tokens": 0}), "max_output_tokens"),
+        (json!({"max_output_tokens": 1.5}), "max_output_tokens"),
+        (json!({"temperature": 3}), "temperature"),
+        (json!({"top_p": 0}), "top_p"),
+        (json!({"stream": "yes"}), "stream"),
+        (json!({"metadata": {"k": 1}}), "metadata"),
+        (json!({"parallel_tool_calls": "no"}), "parallel_tool_calls"),
+        (json!({"tools": [{"type": "web_search"}]}), "tools"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": tools, "tool_choice": {"type": "function", "name": "g"}}), "tool_choice"),
+        (json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}}), "tool_choice"),
+        (
+            json!({"tools": tools, "tool_choice": "required", "text": {"format": {"type": "json_object"}}}),
+            "tool_choice",
+        ),
+        (json!({"text": {"format": {"type": "json_schema", "name": "x"}}}), "text"),
+        (json!({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}), "text"),
+        (json!({"text": {"format": {"type": "xml"}}}), "text"),
+        (json!({"text": {"verbosity": "high"}}), "text"),
+        (json!({"reasoning": {"effort": "max"}}), "reasoning"),
+        (json!({"reasoning": {"budget": 10}}), "reasoning"),
+    ] {
+        let mut b = json!({"input": "Speak as ROMEO.", "max_output_tokens": 2});
+        b.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        if bad.get("input").is_none() && param == "input" {
+            b.as_object_mut().unwrap().remove("input");
+        }
+        let (st, e) = post(&url, b);
+        assert_eq!((st, e["error"]["param"].as_str()), (400, Some(param)), "{bad}: {e}");
+        assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    }
+    let (st, e) = post(&url, json!({"model": "gpt-5", "input": "x"}));
+    assert_eq!((st, e["error"]["code"].as_str()), (404, Some("model_not_found")));
+    let r = client().post(&url).header("content-type", "application/json").body("[1]").send().unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    for ok in [
+        json!({"store": false, "parallel_tool_calls": false, "user": "u", "prompt_cache_key": "k", "include": []}),
+        json!({"reasoning": {"effort": "none", "summary": "auto"}, "text": {"format": {"type": "text"}}}),
+        json!({"reasoning": {"effort": "high"}, "truncation": "disabled", "tool_choice": "none", "tools": tools}),
+    ] {
+        let mut b = json!({"input": "Speak as ROMEO.", "max_output_tokens": 2});
+        b.as_object_mut().unwrap().extend(ok.as_object().unwrap().clone());
+        let (st, r) = post(&url, b);
+        assert_eq!(st, 200, "{ok}: {r}");
+    }
+    assert_eq!(client().get(format!("{base}/health")).send().unwrap().status().as_u16(), 200);
+}
+
+#[test]
+fn responses_disconnect_stops_generation() {
+    let base = start(8);
+    let url = format!("{base}/v1/responses");
+    let body = json!({"input": "Speak as ROMEO.", "max_output_tokens": 900, "stream": true, "temperature": 1,
+        "text": long_format(4000)});
+    let mut whole = body.clone();
+    (whole["stream"], whole["max_output_tokens"]) = (json!(false), json!(50));
+    let (st, a) = post(&url, whole);
+    assert_eq!((st, a["status"].as_str()), (200, Some("incomplete")), "{a}");
+    let r = client().post(&url).json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut lines = BufReader::new(r).lines();
+    assert!(lines.by_ref().map_while(Result::ok).any(|l| l.contains("response.output_text.delta")));
+    drop(lines); // the client goes away
+    // queued behind it, this one runs once the engine is free
+    let (st, a) = post(&url, json!({"input": "Speak as JULIET.", "max_output_tokens": 2}));
+    assert_eq!(st, 200, "{a}");
+    let done = metric(&base, "flashmoe_completion_tokens_total");
+    assert!(done < 900.0 + 50.0, "generation went on after the disconnect: {done} tokens");
+}
+
+/// A JSON schema of one string of `n` characters at least: only `max_output_tokens`, a
+/// disconnect or a stop can end its answer early.
+fn long_format(n: usize) -> Value {
+    let schema = json!({"type": "object", "properties": {"s": {"type": "string", "minLength": n}}, "required": ["s"]});
+    json!({"format": {"type": "json_schema", "name": "long", "schema": schema}})
+}
+
+#[test]
+fn stopping_fails_a_streamed_response() {
+    let (base, stop, server) = start_stoppable(ServerOptions { model_id: "m".into(), ..Default::default() });
+    let body =
+        json!({"input": "Speak as ROMEO.", "max_output_tokens": 1000, "stream": true, "text": long_format(4000)});
+    let r = client().post(format!("{base}/v1/responses")).json(&body).send().unwrap();
+    let mut lines = BufReader::new(r).lines().map_while(Result::ok);
+    assert!(lines.by_ref().any(|l| l.contains("response.output_text.delta")));
+    stop.send(()).unwrap();
+    let last = lines.filter_map(|l| l.strip_prefix("data: ").map(String::from)).last().unwrap_or_default();
+    let last: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["type"], "response.failed", "{last}");
+    assert_eq!(last["response"]["status"], "failed");
+    assert_eq!(last["response"]["error"]["message"], "the server is shutting down");
+    server.join().unwrap();
+}
+
+/// The official `openai` Python client against `/v1/responses`: text whole and streamed (raw
+/// events and the stream helper), instructions with a multi-turn input, a forced function call
+/// and its output, `responses.parse` with a pydantic model, json_object, and refusals.
+#[test]
+fn official_openai_python_client_responses() {
+    let py = python_with("openai", "openai");
+    let base = start(8);
+    run_client(&py, "responses_client.py", &format!("{base}/v1"), "all responses client checks passed");
 }

@@ -8,7 +8,7 @@
 //! holds), and the reply's text before `</think>` is a `thinking` block. Any `model` name is
 //! served by the one loaded model (agents send their own names), and the reply says which.
 
-use super::reasoning::{ThinkSplit, split_thinking};
+use super::answer::{AnswerStream, Sink, split_thinking};
 use super::*;
 
 /// What a Messages request asks for, translated.
@@ -31,31 +31,22 @@ pub(super) async fn messages(State(app): State<Shared>, body: Result<Json<Value>
             extra.insert("enable_thinking".into(), json!(t));
         }
         let thinking = thinking.unwrap_or(false);
-        let names: Vec<String> = tools
-            .iter()
-            .flat_map(|t| t.as_array().into_iter().flatten())
-            .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(String::from))
-            .collect();
+        let names = tool_names(tools.as_ref());
         let has_tools = !names.is_empty();
-        let a = app.clone();
-        let (prompt, turn, constraint, opens) = blocking(move || {
-            let ChatPrompt { prompt, turn, thinking: opens } = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
-            let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
-            Ok((prompt, turn, if forced { Some(forced_call(&a, tools.as_ref(), &choice)?) } else { None }, opens))
-        })
-        .await?;
+        let Prepared { prompt, turn, constraint, thinking: opens } =
+            prepare(&app, messages, tools, extra, &choice, None).await?;
         // a template that opens `<think>` for the answer starts it inside the reasoning
         let thinking = thinking || opens;
         params.sampling.constraint = constraint;
-        if prompt.len() >= app.context {
-            return Err(gen_error(&app, ContextExceeded { prompt_tokens: prompt.len(), context: app.context }.into()));
-        }
         let permit = acquire(&app).await?;
         let reply = Reply { id: new_id("msg"), model: app.opts.model_id.clone(), tools: names, thinking };
         if params.stream {
             return Ok(respond_stream(app.clone(), prompt, turn, params, reply, permit));
         }
-        let o = generate_whole(&app, prompt, turn, &params, permit).await?;
+        let o = match generate_whole(&app, prompt, turn, &params, permit).await {
+            Ok(o) => o,
+            Err(r) => return Ok(r), // counted already
+        };
         let (think, answer) = split_thinking(&o.text, thinking);
         let (text, calls) =
             if has_tools { toolcall::parse_declared(&answer, &reply.tools, app.tools) } else { (answer, vec![]) };
@@ -168,7 +159,7 @@ fn translate(b: &Value) -> Result<Value, Response> {
     match b.get("system") {
         None | Some(Value::Null) => {}
         Some(s) => {
-            let text = blocks_text(s)
+            let text = parts_text(s, &["text"])
                 .ok_or_else(|| bad_request("`system` must be a string or text blocks", Some("system")))?;
             out.push(json!({"role": "system", "content": text}));
         }
@@ -204,7 +195,7 @@ fn translate(b: &Value) -> Result<Value, Response> {
                 }
                 ("tool_result", "user") => {
                     let id = blk.get("tool_use_id").and_then(Value::as_str).unwrap_or("");
-                    let content = blocks_text(blk.get("content").unwrap_or(&Value::Null))
+                    let content = parts_text(blk.get("content").unwrap_or(&Value::Null), &["text"])
                         .ok_or_else(|| bad("tool_result content must be a string or text blocks".into()))?;
                     out.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
                 }
@@ -224,20 +215,6 @@ fn translate(b: &Value) -> Result<Value, Response> {
         }
     }
     Ok(Value::Array(out))
-}
-
-/// A string, or the concatenated text of text blocks (other blocks refused).
-fn blocks_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Null => Some(String::new()),
-        Value::String(s) => Some(s.clone()),
-        Value::Array(a) => a
-            .iter()
-            .map(|b| (b.get("type").and_then(Value::as_str) == Some("text")).then(|| b.get("text")?.as_str()).flatten())
-            .collect::<Option<Vec<_>>>()
-            .map(|v| v.concat()),
-        _ => None,
-    }
 }
 
 /// A tool call's arguments as the `input` object.
@@ -274,10 +251,23 @@ struct Blocks<F: FnMut(&str, Value) -> bool> {
     index: usize,
     open: Option<&'static str>,
     started: bool,
+    /// Tool use blocks sent.
+    calls: usize,
+}
+
+impl<F: FnMut(&str, Value) -> bool> Sink for Blocks<F> {
+    fn text(&mut self, reasoning: bool, s: &str) -> bool {
+        self.block_text(if reasoning { "thinking" } else { "text" }, s)
+    }
+
+    fn call(&mut self, c: &toolcall::ToolCall) -> bool {
+        self.calls += 1;
+        self.tool(c)
+    }
 }
 
 impl<F: FnMut(&str, Value) -> bool> Blocks<F> {
-    fn text(&mut self, kind: &'static str, s: &str) -> bool {
+    fn block_text(&mut self, kind: &'static str, s: &str) -> bool {
         if s.is_empty() {
             return true;
         }
@@ -345,54 +335,17 @@ fn respond_stream(
     r: Reply,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Event>(64);
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let send =
-            |name: &str, data: Value| tx.blocking_send(Event::default().event(name).data(data.to_string())).is_ok();
+    named_stream(permit, move |events| {
+        let send = |name: &str, data: Value| events.send(name, data);
         let start = json!({"type": "message_start", "message": {"id": r.id, "type": "message", "role": "assistant",
             "model": r.model, "content": [], "stop_reason": null, "stop_sequence": null,
             "usage": {"input_tokens": prompt.len(), "output_tokens": 0}}});
         if !send("message_start", start) || !send("ping", json!({"type": "ping"})) {
             return;
         }
-        let mut blocks = Blocks { send, index: 0, open: None, started: false };
-        let mut split = ThinkSplit::new(r.thinking);
-        let format = app.tools;
-        let mut calls = ToolStream::new(format);
-        let mut n_calls = 0;
-        let mut parts = vec![];
-        let mut emit = |parts: &mut Vec<(bool, String)>, blocks: &mut Blocks<_>, last: bool| -> bool {
-            let mut events = vec![];
-            for (thinking, s) in parts.drain(..) {
-                if thinking {
-                    events.push(Err(s));
-                } else if !r.tools.is_empty() {
-                    events.extend(calls.push(&s).into_iter().map(Ok));
-                } else {
-                    events.push(Ok(StreamEvent::Content(s)));
-                }
-            }
-            if last && !r.tools.is_empty() {
-                events.extend(calls.finish().into_iter().map(Ok));
-            }
-            events.iter().all(|e| match e {
-                Err(s) => blocks.text("thinking", s),
-                Ok(StreamEvent::Content(c)) => blocks.text("text", c),
-                Ok(StreamEvent::Call(c)) if !r.tools.contains(&c.name) => blocks.text("text", &format.as_text(c)),
-                Ok(StreamEvent::Call(c)) => {
-                    n_calls += 1;
-                    blocks.tool(c)
-                }
-            })
-        };
-        let res = on_engine(&app, &prompt, turn, &p, |piece| {
-            if tx.is_closed() {
-                return false;
-            }
-            split.push(piece, &mut parts);
-            emit(&mut parts, &mut blocks, false)
-        });
+        let mut blocks = Blocks { send, index: 0, open: None, started: false, calls: 0 };
+        let mut answer = AnswerStream::new(app.tools, r.tools.clone(), r.thinking);
+        let res = on_engine(&app, &prompt, turn, &p, |piece| !events.left() && answer.push(piece, &mut blocks));
         let error = |kind: &str, message: String| json!({"type": "error", "error": {"type": kind, "message": message}});
         match res {
             Ok(o) => {
@@ -404,8 +357,7 @@ fn respond_stream(
                     }
                     return;
                 }
-                split.finish(&mut parts);
-                if !emit(&mut parts, &mut blocks, true) {
+                if !answer.finish(&mut blocks) {
                     return;
                 }
                 if !blocks.started {
@@ -416,7 +368,7 @@ fn respond_stream(
                 if !blocks.close() {
                     return;
                 }
-                let (reason, seq) = stop_reason(&o, n_calls > 0);
+                let (reason, seq) = stop_reason(&o, blocks.calls > 0);
                 let delta = json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
                     "usage": {"output_tokens": o.tokens.len()}});
                 let _ = (blocks.send)("message_delta", delta)
@@ -427,10 +379,7 @@ fn respond_stream(
                 (blocks.send)("error", error("api_error", format!("{e:#}")));
             }
         }
-    });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let stream = tokio_stream::StreamExt::map(stream, Ok::<Event, Infallible>);
-    Sse::new(stream).into_response()
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! OpenAI-compatible HTTP server (axum): `/v1/chat/completions` (streamed as SSE or not, with
-//! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), and the
-//! Anthropic Messages API (`anthropic.rs`).
+//! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), the
+//! Anthropic Messages API (`anthropic.rs`) and the OpenAI Responses API (`responses.rs`).
 //!
 //! One generation runs at a time (the engine owns one sequence state, which is what lets a
 //! request that extends the previous conversation reuse its cached prefix); further requests
@@ -12,8 +12,9 @@
 // handlers return ready-made error responses; boxing them would only add noise
 #![allow(clippy::result_large_err)]
 
+mod answer;
 mod anthropic;
-mod reasoning;
+mod responses;
 
 use crate::generate::{SamplingParams, TokenLogprob};
 use crate::session::{ContextExceeded, Finish, Output, Scored, Session};
@@ -166,6 +167,7 @@ fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/responses", post(responses::responses))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error(StatusCode::NOT_FOUND, "unknown endpoint", "invalid_request_error", Some("not_found"), None)
@@ -759,8 +761,14 @@ fn usage(g: &Generation) -> Value {
            "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
+/// A generation error, counted (for callers that answer with it directly).
 fn gen_error(app: &App, e: anyhow::Error) -> Response {
     app.metrics.errors.fetch_add(1, Relaxed);
+    error_response(e)
+}
+
+/// The response for a generation error: 400 for a prompt over the context, else 500.
+fn error_response(e: anyhow::Error) -> Response {
     if let Some(c) = e.downcast_ref::<ContextExceeded>() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -807,46 +815,28 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Json<Value>, J
         let mut extra = serde_json::Map::new();
         match b.get("reasoning_effort").and_then(Value::as_str) {
             None => {}
-            Some("none" | "minimal") => _ = extra.insert("enable_thinking".into(), json!(false)),
-            Some("low" | "medium" | "high") => _ = extra.insert("enable_thinking".into(), json!(true)),
-            Some(e) => {
-                return Err(bad_request(
-                    format!("`reasoning_effort` `{e}` is not one of none, minimal, low, medium, high"),
-                    Some("reasoning_effort"),
-                ));
-            }
+            Some(e) => match effort_thinking(e) {
+                Some(on) => _ = extra.insert("enable_thinking".into(), json!(on)),
+                None => {
+                    return Err(bad_request(
+                        format!("`reasoning_effort` `{e}` is not one of none, minimal, low, medium, high"),
+                        Some("reasoning_effort"),
+                    ));
+                }
+            },
         }
         // explicit template arguments win
         if let Some(kw) = b.get("chat_template_kwargs").and_then(Value::as_object) {
             extra.extend(kw.clone());
         }
-        let names: Vec<String> = tools
-            .iter()
-            .flat_map(|t| t.as_array().into_iter().flatten())
-            .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(String::from))
-            .collect();
-        let format = b
-            .get("response_format")
-            .filter(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"))
-            .cloned();
-        if format.is_some() && matches!(choice, ToolChoice::Required | ToolChoice::Named(_)) {
-            return Err(bad_request(
-                "`response_format` and a required tool call exclude each other",
-                Some("tool_choice"),
-            ));
-        }
-        let a = app.clone();
+        let names = tool_names(tools.as_ref());
+        let schema = match b.get("response_format") {
+            None | Some(Value::Null) => None,
+            Some(f) => format_schema(f)?.map(|s| (s, "response_format")),
+        };
         let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
-        let (prompt, turn, constraint, thinking) = blocking(move || {
-            let ChatPrompt { prompt, turn, thinking } = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
-            let constraint = match (&choice, format) {
-                (_, Some(f)) => response_format(&a, &f)?,
-                (ToolChoice::Required | ToolChoice::Named(_), _) => Some(forced_call(&a, tools.as_ref(), &choice)?),
-                _ => None,
-            };
-            Ok((prompt, turn, constraint, thinking))
-        })
-        .await?;
+        let Prepared { prompt, turn, constraint, thinking } =
+            prepare(&app, messages, tools, extra, &choice, schema).await?;
         // text constrained to a response format is the answer itself: no tool calls in it
         let tools = if constraint.is_none() || forced { Some(names) } else { None }.filter(|n| !n.is_empty());
         // nor reasoning: a grammar makes every token part of the format
@@ -882,6 +872,7 @@ async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRe
 }
 
 /// OpenAI `tool_choice`.
+#[derive(Clone)]
 enum ToolChoice {
     Auto,
     None,
@@ -980,24 +971,113 @@ fn forced_call(app: &App, tools: Option<&Value>, choice: &ToolChoice) -> Result<
     grammars(app)?.lark(&lark).map_err(|e| bad_request(format!("{e:#}"), Some("tools")))
 }
 
-/// The grammar of a `response_format`: none for `text`, any JSON object for `json_object`, the
-/// schema of `json_schema`.
-fn response_format(app: &App, f: &Value) -> Result<Option<crate::grammar::Constraint>, Response> {
+/// The JSON schema of a `response_format`: none for `text`, any JSON object for `json_object`,
+/// the schema of `json_schema`.
+fn format_schema(f: &Value) -> Result<Option<Value>, Response> {
     let bad = |m: String| bad_request(m, Some("response_format"));
     let kind = f.get("type").and_then(Value::as_str).ok_or_else(|| bad("`response_format.type` is missing".into()))?;
-    let schema = match kind {
-        "text" => return Ok(None),
-        "json_object" => json!({"type": "object"}),
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(json!({"type": "object"}))),
         "json_schema" => f
             .pointer("/json_schema/schema")
             .filter(|s| s.is_object())
             .cloned()
-            .ok_or_else(|| bad("`response_format.json_schema.schema` must be a JSON schema object".into()))?,
-        k => {
-            return Err(bad(format!("`response_format.type` `{k}` is not supported (text, json_object, json_schema)")));
-        }
-    };
-    grammars(app)?.json_schema(&schema).map(Some).map_err(|e| bad(format!("{e:#}")))
+            .map(Some)
+            .ok_or_else(|| bad("`response_format.json_schema.schema` must be a JSON schema object".into())),
+        k => Err(bad(format!("`response_format.type` `{k}` is not supported (text, json_object, json_schema)"))),
+    }
+}
+
+/// Whether a reasoning effort turns the template's thinking on (none and minimal: off); None
+/// for an unknown effort.
+fn effort_thinking(effort: &str) -> Option<bool> {
+    match effort {
+        "none" | "minimal" => Some(false),
+        "low" | "medium" | "high" => Some(true),
+        _ => None,
+    }
+}
+
+/// The names of the functions among chat-shaped `tools`.
+fn tool_names(tools: Option<&Value>) -> Vec<String> {
+    tools
+        .iter()
+        .flat_map(|t| t.as_array().into_iter().flatten())
+        .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(String::from))
+        .collect()
+}
+
+/// A string, or the concatenated text of parts whose `type` is one of `kinds` (null: empty;
+/// a part of any other type: None).
+fn parts_text(v: &Value, kinds: &[&str]) -> Option<String> {
+    match v {
+        Value::Null => Some(String::new()),
+        Value::String(s) => Some(s.clone()),
+        Value::Array(a) => a
+            .iter()
+            .map(|b| {
+                let kind = b.get("type").and_then(Value::as_str)?;
+                kinds.contains(&kind).then(|| b.get("text")?.as_str()).flatten()
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat()),
+        _ => None,
+    }
+}
+
+/// A chat request made ready to run.
+struct Prepared {
+    prompt: Vec<u32>,
+    /// Where the prompt's last turn begins (see [`chat_prompt`]).
+    turn: Option<usize>,
+    /// The grammar the answer is held to.
+    constraint: Option<crate::grammar::Constraint>,
+    /// The template leaves a `<think>` block open: the answer begins inside the reasoning.
+    thinking: bool,
+}
+
+/// Renders and tokenizes a chat request off the async threads and builds the grammar of its
+/// answer: the JSON `schema` of a response format (its errors name `param`), or one call of a
+/// declared tool when `choice` requires one (the two exclude each other). Errors are not
+/// counted (see [`counted`]).
+async fn prepare(
+    app: &Shared,
+    messages: Value,
+    tools: Option<Value>,
+    extra: serde_json::Map<String, Value>,
+    choice: &ToolChoice,
+    schema: Option<(Value, &'static str)>,
+) -> Result<Prepared, Response> {
+    let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
+    if let (true, Some((_, param))) = (forced, &schema) {
+        return Err(bad_request(format!("`{param}` and a required tool call exclude each other"), Some("tool_choice")));
+    }
+    let (a, choice) = (app.clone(), choice.clone());
+    let p = blocking(move || {
+        let ChatPrompt { prompt, turn, thinking } = chat_prompt(&a, &messages, tools.as_ref(), &extra)?;
+        let constraint = match schema {
+            Some((s, param)) => {
+                Some(grammars(&a)?.json_schema(&s).map_err(|e| bad_request(format!("{e:#}"), Some(param)))?)
+            }
+            None if forced => Some(forced_call(&a, tools.as_ref(), &choice)?),
+            None => None,
+        };
+        Ok(Prepared { prompt, turn, constraint, thinking })
+    })
+    .await?;
+    if p.prompt.len() >= app.context {
+        return Err(error_response(ContextExceeded { prompt_tokens: p.prompt.len(), context: app.context }.into()));
+    }
+    Ok(p)
+}
+
+/// Server-sent events from a channel; the channel closes (and so tells the generation to
+/// stop) when the client leaves.
+fn sse_response(rx: mpsc::Receiver<Event>) -> Response {
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let stream = tokio_stream::StreamExt::map(stream, Ok::<Event, Infallible>);
+    Sse::new(stream).into_response()
 }
 
 /// Runs CPU-heavy request preparation (templates, tokenization) off the async threads, so a
@@ -1045,7 +1125,7 @@ fn chat_prompt(
     let prompt = tokenize(app, &text, "messages")?;
     let turns = render(false).ok().and_then(|t| app.tok.encode(&t).ok());
     let turn = turns.filter(|t| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t)).map(|t| t.len());
-    Ok(ChatPrompt { prompt, turn, thinking: reasoning::opens_thinking(&text) })
+    Ok(ChatPrompt { prompt, turn, thinking: answer::opens_thinking(&text) })
 }
 
 /// A rendered conversation: its tokens, where its last turn begins (prefix reuse), and
@@ -1178,7 +1258,7 @@ fn chat_choice(
     logprobs: bool,
 ) -> Value {
     let (reasoning, answer) = match thinking {
-        Some(t) => reasoning::split_thinking(&o.text, t),
+        Some(t) => answer::split_thinking(&o.text, t),
         None => (String::new(), o.text.clone()),
     };
     let (content, calls) = match tools {
@@ -1465,9 +1545,36 @@ fn respond_stream(
         });
         s.close(res, &p);
     });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let stream = tokio_stream::StreamExt::map(stream, Ok::<Event, Infallible>);
-    Sse::new(stream).into_response()
+    sse_response(rx)
+}
+
+/// Named server-sent events (`event:` and JSON `data:`), sent by the blocking thread that
+/// generates them.
+struct NamedEvents(mpsc::Sender<Event>);
+
+impl NamedEvents {
+    /// False once the client has left.
+    fn send(&self, name: &str, data: Value) -> bool {
+        self.0.blocking_send(Event::default().event(name).data(data.to_string())).is_ok()
+    }
+
+    fn left(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// A stream of named events: `generate` runs on a blocking thread that holds the engine's
+/// `permit` and sends them; a client that leaves closes the channel ([`NamedEvents::left`]).
+fn named_stream(
+    permit: tokio::sync::OwnedSemaphorePermit,
+    generate: impl FnOnce(&NamedEvents) + Send + 'static,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        generate(&NamedEvents(tx));
+    });
+    sse_response(rx)
 }
 
 /// One streamed answer: each choice's chunks in turn (marked with its index), then usage and
@@ -1478,7 +1585,7 @@ struct Streamer {
     r: Reply,
     logprobs: bool,
     /// Of the choice being streamed: its reasoning split from its answer...
-    think: reasoning::ThinkSplit,
+    think: answer::ThinkSplit,
     /// ...its tool calls as they are assembled...
     splitter: ToolStream,
     calls: usize,
@@ -1493,7 +1600,7 @@ struct Streamer {
 impl Streamer {
     fn new(app: Shared, tx: mpsc::Sender<Event>, r: Reply, logprobs: bool) -> Self {
         let splitter = ToolStream::new(app.tools);
-        let think = reasoning::ThinkSplit::new(false);
+        let think = answer::ThinkSplit::new(false);
         Streamer {
             app,
             tx,
@@ -1527,7 +1634,7 @@ impl Streamer {
     fn begin(&mut self, i: usize, prompt: &[u32], lp: Option<&[TokenLogprob]>) -> bool {
         self.splitter = ToolStream::new(self.app.tools);
         if let Kind::Chat { thinking: Some(t), .. } = self.r.kind {
-            self.think = reasoning::ThinkSplit::new(t);
+            self.think = answer::ThinkSplit::new(t);
         }
         (self.calls, self.text, self.chars, self.base) = (0, String::new(), Chars::default(), 0);
         self.held.clear();

@@ -1,15 +1,7 @@
-//! Reasoning and answer in generated text: what a model writes before `</think>` (after a
-//! leading `<think>`, or from the start when the prompt opened the block) is its reasoning.
-//! Shared by the OpenAI (`reasoning_content`) and Anthropic (`thinking` blocks) endpoints.
+//! An answer's parts as the Messages and Responses APIs report them: reasoning (the text before
+//! `</think>`), answer text, and calls of the declared tools, whole or as they stream.
 
-/// Whether a rendered prompt leaves a `<think>` block open, so that the answer begins inside
-/// the reasoning (templates that start the generation with `<think>\n`).
-pub(super) fn opens_thinking(prompt: &str) -> bool {
-    match (prompt.rfind("<think>"), prompt.rfind("</think>")) {
-        (Some(open), Some(close)) => open > close,
-        (open, _) => open.is_some(),
-    }
-}
+use super::*;
 
 /// (thinking, answer) of generated text: what precedes `</think>` is reasoning (a leading
 /// `<think>` dropped); with thinking on and no `</think>` yet, all of it is.
@@ -21,6 +13,15 @@ pub(super) fn split_thinking(text: &str, thinking: bool) -> (String, String) {
         Some(i) if opened || thinking => (body[..i].trim().to_string(), body[i + 8..].trim_start().to_string()),
         None if opened || thinking => (body.trim().to_string(), String::new()),
         _ => (String::new(), text.to_string()),
+    }
+}
+
+/// Whether a rendered prompt leaves the model inside a reasoning block (its last `<think>` is
+/// not closed: the template opened it for the answer).
+pub(super) fn opens_thinking(prompt: &str) -> bool {
+    match (prompt.rfind("<think>"), prompt.rfind("</think>")) {
+        (Some(open), Some(close)) => open > close,
+        (open, _) => open.is_some(),
     }
 }
 
@@ -36,8 +37,7 @@ pub(super) struct ThinkSplit {
 }
 
 impl ThinkSplit {
-    /// `thinking`: the answer begins inside the reasoning (the prompt opened it).
-    pub(super) fn new(thinking: bool) -> ThinkSplit {
+    pub(super) fn new(thinking: bool) -> Self {
         ThinkSplit { inside: None, thinking, buf: String::new(), after_close: false }
     }
 
@@ -86,6 +86,72 @@ impl ThinkSplit {
         if !rest.is_empty() && !blank_tail {
             out.push((inside, rest));
         }
+    }
+}
+
+/// Where a streamed answer's parts go, in order; false: the client left.
+pub(super) trait Sink {
+    /// Reasoning (`reasoning`) or answer text.
+    fn text(&mut self, reasoning: bool, s: &str) -> bool;
+    /// A call of a declared tool.
+    fn call(&mut self, c: &toolcall::ToolCall) -> bool;
+}
+
+/// Routes a streamed answer to a [`Sink`]: reasoning, then answer text with the declared
+/// tools' calls taken out of it (calls of other tools stay text, as the model wrote them).
+pub(super) struct AnswerStream {
+    split: ThinkSplit,
+    calls: ToolStream,
+    format: toolcall::ToolFormat,
+    /// The declared tools; none: the text is not searched for calls.
+    tools: Vec<String>,
+    parts: Vec<(bool, String)>,
+}
+
+impl AnswerStream {
+    pub(super) fn new(format: toolcall::ToolFormat, tools: Vec<String>, thinking: bool) -> Self {
+        AnswerStream { split: ThinkSplit::new(thinking), calls: ToolStream::new(format), format, tools, parts: vec![] }
+    }
+
+    pub(super) fn push(&mut self, piece: &str, sink: &mut impl Sink) -> bool {
+        self.split.push(piece, &mut self.parts);
+        self.emit(sink, false)
+    }
+
+    /// The end of the answer: what was held back.
+    pub(super) fn finish(&mut self, sink: &mut impl Sink) -> bool {
+        self.split.finish(&mut self.parts);
+        self.emit(sink, true)
+    }
+
+    fn emit(&mut self, sink: &mut impl Sink, last: bool) -> bool {
+        for (reasoning, s) in std::mem::take(&mut self.parts) {
+            let events = match (reasoning, self.tools.is_empty()) {
+                (true, _) if sink.text(true, &s) => continue,
+                (true, _) => return false,
+                (false, true) => vec![StreamEvent::Content(s)],
+                (false, false) => self.calls.push(&s),
+            };
+            if !self.route(sink, events) {
+                return false;
+            }
+        }
+        let rest = if last && !self.tools.is_empty() { self.calls.finish() } else { vec![] };
+        self.route(sink, rest)
+    }
+
+    fn route(&self, sink: &mut impl Sink, events: Vec<StreamEvent>) -> bool {
+        for e in events {
+            let ok = match e {
+                StreamEvent::Content(c) => sink.text(false, &c),
+                StreamEvent::Call(c) if !self.tools.contains(&c.name) => sink.text(false, &self.format.as_text(&c)),
+                StreamEvent::Call(c) => sink.call(&c),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
     }
 }
 
