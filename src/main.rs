@@ -28,6 +28,8 @@ fn main() {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Logits { model, tokens, fast, store } => cmd_logits(model, &tokens, fast, &store),
         Cmd::Inspect { model } => resolve(model).and_then(cmd_inspect),
+        Cmd::Template { model, template, messages, tools, set, no_generation_prompt } => resolve(model)
+            .and_then(|model| cmd_template(&model, template, &messages, tools, &set, !no_generation_prompt)),
         Cmd::Chat { model, system, system_file, no_think, max_tokens, sampling, store } => {
             cmd_chat(model, system, system_file, no_think, max_tokens, &sampling, &store)
         }

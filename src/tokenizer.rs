@@ -135,6 +135,11 @@ impl TextTokenizer {
         self.template.is_some()
     }
 
+    /// Renders with this Jinja chat template instead of the model's own.
+    pub fn set_chat_template(&mut self, template: String) {
+        self.template = Some(template);
+    }
+
     /// Renders the chat template. `extra` holds further template variables (e.g.
     /// `enable_thinking`).
     pub fn apply_chat_template(

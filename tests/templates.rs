@@ -61,6 +61,19 @@ fn released_templates_render_as_transformers_renders_them() {
         let generation = conv["add_generation_prompt"].as_bool().unwrap_or(false);
         let got =
             render_template(src, &conv["messages"], conv.get("tools"), generation, Some("<s>"), Some("</s>"), &extra);
+        if let Value::String(want) = &c["rendered"]
+            && !src.contains("bos_token")
+            && !src.contains("eos_token")
+        {
+            // the `template` command prints the same, byte for byte (its special tokens come
+            // from the model's tokenizer, so only templates that use none)
+            assert_eq!(
+                &cli_render(&dir, src, conv, &extra, generation),
+                want,
+                "flashmoe template: {name}, {}",
+                c["conv"]
+            );
+        }
         match (&c["rendered"], got) {
             (Value::String(want), Ok(got)) => assert_eq!(&got, want, "{name}, conversation {}", c["conv"]),
             (Value::Null, Err(_)) => {}
@@ -74,6 +87,28 @@ fn released_templates_render_as_transformers_renders_them() {
         let (_, calls) = parse(c["rendered"].as_str().unwrap(), f);
         assert_eq!(calls, vec![call.clone()], "{name}");
     }
+}
+
+/// `flashmoe template` on the built-in model with `src` as its template.
+fn cli_render(dir: &Path, src: &str, conv: &Value, extra: &serde_json::Map<String, Value>, generation: bool) -> String {
+    let (t, m) = (dir.join("cli-template.jinja"), dir.join("cli-messages.json"));
+    std::fs::write(&t, src).unwrap();
+    std::fs::write(
+        &m,
+        serde_json::to_string(&serde_json::json!({"messages": conv["messages"], "tools": conv.get("tools")})).unwrap(),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flashmoe"));
+    cmd.arg("template").arg("--template").arg(&t).arg("--messages").arg(&m);
+    for (k, v) in extra {
+        cmd.arg("--set").arg(format!("{k}={v}"));
+    }
+    if !generation {
+        cmd.arg("--no-generation-prompt");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "flashmoe template: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]

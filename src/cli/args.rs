@@ -154,6 +154,28 @@ pub(crate) enum Cmd {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Print exactly the prompt a conversation renders to (the chat template, as transformers'
+    /// apply_chat_template renders it), with the generation prompt.
+    Template {
+        /// Model directory (default: the built-in model); its tokenizer gives the special tokens.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A Jinja chat template to render instead of the model's own.
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// The conversation: a JSON list of messages (or an object with `messages` and `tools`).
+        #[arg(long)]
+        messages: PathBuf,
+        /// The tools: a JSON list of OpenAI-style tool definitions.
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// A template variable, NAME=JSON (e.g. enable_thinking=false); repeatable.
+        #[arg(long = "set", value_name = "NAME=JSON")]
+        set: Vec<String>,
+        /// Leave the generation prompt out.
+        #[arg(long)]
+        no_generation_prompt: bool,
+    },
     /// Interactive chat in the terminal (history, /reset /stats /save /load, Ctrl-C stops an answer).
     Chat {
         /// Model directory (default: the built-in model).

@@ -1,9 +1,9 @@
-//! `inspect`: what a model is, from its config and files.
+//! `inspect`: what a model is, from its config and files; `template`: the prompt it renders.
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use flashmoe::config::{Ffn, Mixer, ModelConfig};
 use flashmoe::flash::{Manifest, StoreOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
     let flash = Manifest::is_flash(&dir);
@@ -168,4 +168,54 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
 
 pub(crate) fn gib(b: f64) -> String {
     if b >= 1e9 { format!("{:.2} GB", b / 1e9) } else { format!("{:.2} MB", b / 1e6) }
+}
+
+/// `flashmoe template`: the rendered prompt, exactly (no newline added).
+pub(crate) fn cmd_template(
+    model: &Path,
+    template: Option<PathBuf>,
+    messages: &Path,
+    tools: Option<PathBuf>,
+    set: &[String],
+    generation_prompt: bool,
+) -> Result<()> {
+    let read_json = |p: &Path, flag: &str| -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("--{flag}: cannot read {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("--{flag}: {} is not JSON", p.display()))
+    };
+    let conv = read_json(messages, "messages")?;
+    // a bare list, or an object holding `messages` (and perhaps `tools`)
+    let (msgs, mut tool_defs) = match &conv {
+        serde_json::Value::Array(_) => (conv.clone(), None),
+        serde_json::Value::Object(o) => match o.get("messages") {
+            Some(m @ serde_json::Value::Array(_)) => (m.clone(), o.get("tools").filter(|t| !t.is_null()).cloned()),
+            _ => bail!("--messages: {} holds no `messages` list", messages.display()),
+        },
+        _ => bail!("--messages: {} must hold a list of messages", messages.display()),
+    };
+    if let Some(p) = &tools {
+        let t = read_json(p, "tools")?;
+        if !t.is_array() {
+            bail!("--tools: {} must hold a list of tools", p.display());
+        }
+        tool_defs = Some(t);
+    }
+    let mut extra = serde_json::Map::new();
+    for kv in set {
+        let (name, value) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--set {kv}: expected NAME=JSON, e.g. enable_thinking=false"))?;
+        let v = serde_json::from_str(value)
+            .with_context(|| format!("--set {kv}: `{value}` is not JSON (a string needs quotes: NAME='\"text\"')"))?;
+        extra.insert(name.to_string(), v);
+    }
+    let mut tok = flashmoe::tokenizer::TextTokenizer::load(model)?;
+    if let Some(p) = &template {
+        let t = std::fs::read_to_string(p).with_context(|| format!("--template: cannot read {}", p.display()))?;
+        tok.set_chat_template(t);
+    }
+    let out = tok.apply_chat_template(&msgs, tool_defs.as_ref(), generation_prompt, &extra)?;
+    use std::io::Write;
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(())
 }
