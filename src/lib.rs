@@ -16,6 +16,7 @@ pub mod families;
 pub mod flash;
 pub mod generate;
 pub mod grammar;
+pub mod harmony;
 pub mod import;
 pub mod kernels;
 pub mod layers;

@@ -2,7 +2,8 @@
 //! (after generation) or as they complete (streaming):
 //! - Qwen: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`;
 //! - GLM-4.5: `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>…</tool_call>`;
-//! - MiniMax-M2: `<minimax:tool_call><invoke name="NAME"><parameter name="K">V</parameter>…</invoke></minimax:tool_call>`.
+//! - MiniMax-M2: `<minimax:tool_call><invoke name="NAME"><parameter name="K">V</parameter>…</invoke></minimax:tool_call>`;
+//! - gpt-oss (harmony): read after [`crate::harmony`] has turned its messages into Qwen's form.
 //!
 //! GLM's and MiniMax's values are text; one that parses as JSON (a number, an object, …) is
 //! taken as that value, as their templates write non-string arguments as JSON.
@@ -16,13 +17,15 @@ pub enum ToolFormat {
     Qwen,
     Glm,
     MiniMax,
+    /// gpt-oss: harmony messages, in Qwen's form once [`crate::harmony::Harmony`] has read them.
+    Harmony,
 }
 
 impl ToolFormat {
     /// The tags around one call (MiniMax's block may hold several `<invoke>`s).
     pub fn tags(self) -> (&'static str, &'static str) {
         match self {
-            ToolFormat::Qwen | ToolFormat::Glm => ("<tool_call>", "</tool_call>"),
+            ToolFormat::Qwen | ToolFormat::Glm | ToolFormat::Harmony => ("<tool_call>", "</tool_call>"),
             ToolFormat::MiniMax => ("<minimax:tool_call>", "</minimax:tool_call>"),
         }
     }
@@ -30,7 +33,7 @@ impl ToolFormat {
     /// The calls inside one block; `None` if it is not a well-formed one.
     pub fn parse_block(self, inner: &str) -> Option<Vec<ToolCall>> {
         match self {
-            ToolFormat::Qwen => parse_block(inner).map(|c| vec![c]),
+            ToolFormat::Qwen | ToolFormat::Harmony => parse_block(inner).map(|c| vec![c]),
             ToolFormat::Glm => {
                 let inner = inner.trim();
                 let (name, mut rest) = match inner.find("<arg_key>") {
@@ -83,7 +86,7 @@ impl ToolFormat {
             v => v.to_string(),
         };
         match self {
-            ToolFormat::Qwen => {
+            ToolFormat::Qwen | ToolFormat::Harmony => {
                 let name = serde_json::to_string(&c.name).unwrap_or_default();
                 format!("{open}\n{{\"name\": {name}, \"arguments\": {}}}\n{close}", c.arguments)
             }

@@ -38,6 +38,11 @@ impl Family for GptOss {
         &NAMES
     }
 
+    /// Harmony: channels and recipients in message headers ([`crate::harmony`]).
+    fn tool_format(&self) -> crate::toolcall::ToolFormat {
+        crate::toolcall::ToolFormat::Harmony
+    }
+
     fn configure(&self, t: &Value, cfg: &mut ModelConfig) -> Result<()> {
         let bias = crate::config::opt_bool(t, "attention_bias", true)?;
         let a = &mut cfg.attn;

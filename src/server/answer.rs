@@ -25,6 +25,14 @@ pub(super) fn opens_thinking(prompt: &str) -> bool {
     }
 }
 
+/// [`split_thinking`] of an answer in `format` (harmony read into its canonical form first).
+pub(super) fn split_answer(text: &str, thinking: bool, format: toolcall::ToolFormat) -> (String, String) {
+    match format {
+        toolcall::ToolFormat::Harmony => split_thinking(&crate::harmony::canonical(text), thinking),
+        _ => split_thinking(text, thinking),
+    }
+}
+
 /// Splits streamed text into reasoning and answer as it arrives (see [`split_thinking`]),
 /// holding back what could still be the start of a tag.
 pub(super) struct ThinkSplit {
@@ -34,14 +42,29 @@ pub(super) struct ThinkSplit {
     buf: String,
     /// Blanks right after `</think>` are dropped.
     after_close: bool,
+    /// gpt-oss's messages, read into the canonical form before the split.
+    harmony: Option<crate::harmony::Harmony>,
 }
 
 impl ThinkSplit {
     pub(super) fn new(thinking: bool) -> Self {
-        ThinkSplit { inside: None, thinking, buf: String::new(), after_close: false }
+        ThinkSplit { inside: None, thinking, buf: String::new(), after_close: false, harmony: None }
+    }
+
+    /// [`ThinkSplit::new`] for answers in `format`.
+    pub(super) fn for_format(thinking: bool, format: toolcall::ToolFormat) -> Self {
+        let harmony = (format == toolcall::ToolFormat::Harmony).then(crate::harmony::Harmony::default);
+        ThinkSplit { harmony, ..ThinkSplit::new(thinking) }
     }
 
     pub(super) fn push(&mut self, piece: &str, out: &mut Vec<(bool, String)>) {
+        match self.harmony.as_mut().map(|h| h.push(piece)) {
+            Some(canonical) => self.split(&canonical, out),
+            None => self.split(piece, out),
+        }
+    }
+
+    fn split(&mut self, piece: &str, out: &mut Vec<(bool, String)>) {
         self.buf.push_str(piece);
         if self.inside.is_none() {
             let t = self.buf.trim_start();
@@ -80,6 +103,9 @@ impl ThinkSplit {
     }
 
     pub(super) fn finish(&mut self, out: &mut Vec<(bool, String)>) {
+        if let Some(rest) = self.harmony.as_mut().map(|h| h.finish()) {
+            self.split(&rest, out);
+        }
         let inside = self.inside == Some(true);
         let rest = std::mem::take(&mut self.buf);
         let blank_tail = self.after_close && rest.trim().is_empty();
@@ -110,7 +136,13 @@ pub(super) struct AnswerStream {
 
 impl AnswerStream {
     pub(super) fn new(format: toolcall::ToolFormat, tools: Vec<String>, thinking: bool) -> Self {
-        AnswerStream { split: ThinkSplit::new(thinking), calls: ToolStream::new(format), format, tools, parts: vec![] }
+        AnswerStream {
+            split: ThinkSplit::for_format(thinking, format),
+            calls: ToolStream::new(format),
+            format,
+            tools,
+            parts: vec![],
+        }
     }
 
     pub(super) fn push(&mut self, piece: &str, sink: &mut impl Sink) -> bool {
@@ -196,5 +228,54 @@ mod tests {
         assert!(!opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
         assert!(!opens_thinking("<|im_start|>assistant\n"));
         assert!(opens_thinking("<think>a</think>b<|im_start|>assistant\n<think>"));
+    }
+
+    /// A sink that records what it is given.
+    #[derive(Default)]
+    struct Record(Vec<(String, String)>);
+
+    impl Sink for Record {
+        fn text(&mut self, reasoning: bool, s: &str) -> bool {
+            self.0.push((if reasoning { "reasoning" } else { "text" }.into(), s.into()));
+            true
+        }
+        fn call(&mut self, c: &toolcall::ToolCall) -> bool {
+            self.0.push((c.name.clone(), c.arguments.clone()));
+            true
+        }
+    }
+
+    #[test]
+    fn harmony_answers_route_as_reasoning_text_and_calls_whole_and_streamed() {
+        let text = "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary \
+                    to=functions.get_weather <|constrain|>json<|message|>{\"city\":\"Paris\"}";
+        let joined = |r: Record| {
+            let mut out: Vec<(String, String)> = vec![];
+            for (k, v) in r.0 {
+                match out.last_mut() {
+                    Some((lk, lv)) if *lk == k && (k == "reasoning" || k == "text") => lv.push_str(&v),
+                    _ => out.push((k, v)),
+                }
+            }
+            out.into_iter().filter(|(_, v)| !v.trim().is_empty()).collect::<Vec<_>>()
+        };
+        let want = vec![
+            ("reasoning".to_string(), "Need the weather.".to_string()),
+            ("get_weather".to_string(), "{\"city\":\"Paris\"}".to_string()),
+        ];
+        for size in [1, 4, text.len()] {
+            let mut a = AnswerStream::new(toolcall::ToolFormat::Harmony, vec!["get_weather".into()], false);
+            let mut r = Record::default();
+            let chars: Vec<char> = text.chars().collect();
+            for p in chars.chunks(size) {
+                assert!(a.push(&p.iter().collect::<String>(), &mut r));
+            }
+            assert!(a.finish(&mut r));
+            assert_eq!(joined(r), want, "pieces of {size}");
+        }
+        let final_answer = "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Hi!";
+        assert_eq!(split_answer(final_answer, false, toolcall::ToolFormat::Harmony), ("Easy.".into(), "Hi!".into()));
+        // other formats leave harmony markers alone
+        assert_eq!(split_answer("plain", false, toolcall::ToolFormat::Qwen), (String::new(), "plain".into()));
     }
 }

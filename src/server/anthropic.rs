@@ -8,7 +8,7 @@
 //! holds), and the reply's text before `</think>` is a `thinking` block. Any `model` name is
 //! served by the one loaded model (agents send their own names), and the reply says which.
 
-use super::answer::{AnswerStream, Sink, split_thinking};
+use super::answer::{AnswerStream, Sink, split_answer};
 use super::*;
 
 /// What a Messages request asks for, translated.
@@ -47,7 +47,7 @@ pub(super) async fn messages(State(app): State<Shared>, body: Result<Json<Value>
             Ok(o) => o,
             Err(r) => return Ok(r), // counted already
         };
-        let (think, answer) = split_thinking(&o.text, thinking);
+        let (think, answer) = split_answer(&o.text, thinking, app.tools);
         let (text, calls) =
             if has_tools { toolcall::parse_declared(&answer, &reply.tools, app.tools) } else { (answer, vec![]) };
         let mut content = vec![];

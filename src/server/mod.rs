@@ -1258,7 +1258,7 @@ fn chat_choice(
     logprobs: bool,
 ) -> Value {
     let (reasoning, answer) = match thinking {
-        Some(t) => answer::split_thinking(&o.text, t),
+        Some(t) => answer::split_answer(&o.text, t, app.tools),
         None => (String::new(), o.text.clone()),
     };
     let (content, calls) = match tools {
@@ -1634,7 +1634,7 @@ impl Streamer {
     fn begin(&mut self, i: usize, prompt: &[u32], lp: Option<&[TokenLogprob]>) -> bool {
         self.splitter = ToolStream::new(self.app.tools);
         if let Kind::Chat { thinking: Some(t), .. } = self.r.kind {
-            self.think = answer::ThinkSplit::new(t);
+            self.think = answer::ThinkSplit::for_format(t, self.app.tools);
         }
         (self.calls, self.text, self.chars, self.base) = (0, String::new(), Chars::default(), 0);
         self.held.clear();
