@@ -908,22 +908,29 @@ impl Accelerator for CudaModel {
         if !crate::model::all_finite(&out) {
             bail!("non-finite logits (NaN or Inf) from the CUDA forward pass (corrupt weights?)");
         }
-        if std::env::var_os("FLASHMOE_CUDA_TIMING").is_some() && n == 1 {
-            let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e6;
-            static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-            let z = *START.get_or_init(|| t0);
-            eprintln!(
-                "cuda-timing at {:.1} host {:.1} gpu {:.1} dtoh {:.1} check {:.1}",
-                us(z, t0),
-                us(t0, t1),
-                us(t1, t2),
-                us(t2, t3),
-                us(t3, std::time::Instant::now())
-            );
+        if n == 1 {
+            report_timing([t0, t1, t2, t3, std::time::Instant::now()]);
         }
         st.pos += n;
         Ok(out)
     }
+}
+
+/// `FLASHMOE_CUDA_TIMING=1`: a decode call's phases on stderr, in µs — when it began (from the
+/// first call), the host's work up to the launch, the GPU's to the stream's end, the logits
+/// copy, the finite check.
+fn report_timing(t: [std::time::Instant; 5]) {
+    static ON: std::sync::OnceLock<Option<std::time::Instant>> = std::sync::OnceLock::new();
+    let Some(start) = *ON.get_or_init(|| std::env::var_os("FLASHMOE_CUDA_TIMING").map(|_| t[0])) else { return };
+    let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e6;
+    eprintln!(
+        "cuda-timing at {:.1} host {:.1} gpu {:.1} dtoh {:.1} check {:.1}",
+        us(start, t[0]),
+        us(t[0], t[1]),
+        us(t[1], t[2]),
+        us(t[2], t[3]),
+        us(t[3], t[4])
+    );
 }
 
 /// Whether decode replays a captured CUDA graph (FLASHMOE_CUDA_GRAPH=0 turns it off).
