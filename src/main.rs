@@ -26,7 +26,9 @@ fn main() {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
-        Cmd::Logits { model, tokens, fast, store } => cmd_logits(model, &tokens, fast, &store),
+        Cmd::Logits { model, tokens, fast, incremental, store } => {
+            cmd_logits(model, &tokens, fast, incremental, &store)
+        }
         Cmd::Inspect { model } => resolve(model).and_then(cmd_inspect),
         Cmd::Template { model, template, messages, tools, set, no_generation_prompt } => resolve(model)
             .and_then(|model| cmd_template(&model, template, &messages, tools, &set, !no_generation_prompt)),

@@ -1,5 +1,7 @@
 //! The `flashmoe` binary end to end on a fixture: `logits` JSON, `generate`, `inspect`.
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,19 +18,30 @@ fn run(args: &[&str]) -> (String, String) {
 }
 
 #[test]
-fn logits_prints_one_row_per_token() {
-    let dir = fixture("qwen3_next");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let prompt: Vec<String> = r["prompt"].as_array().unwrap().iter().map(|x| x.to_string()).collect();
-    let (out, _) = run(&["logits", "--model", dir.to_str().unwrap(), "--tokens", &prompt.join(",")]);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["tokens"], r["prompt"]);
-    let got = v["logits"].as_array().unwrap();
-    let want = r["prefill_logits"].as_array().unwrap();
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(want) {
-        for (a, b) in g.as_array().unwrap().iter().zip(w.as_array().unwrap()) {
-            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-3);
+fn logits_prints_one_row_per_token_as_a_prompt_and_incrementally() {
+    // every family: the prompt at once (prefill) and one token at a time through the cache
+    // (decode), both against the float64 reference's logits of the prompt
+    for name in common::FIXTURES {
+        let dir = fixture(name);
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let prompt: Vec<String> = r["prompt"].as_array().unwrap().iter().map(|x| x.to_string()).collect();
+        for extra in [None, Some("--incremental")] {
+            let mut args = vec!["logits", "--model", dir.to_str().unwrap(), "--tokens"];
+            let tokens = prompt.join(",");
+            args.push(&tokens);
+            args.extend(extra);
+            let (out, _) = run(&args);
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["tokens"], r["prompt"]);
+            let got = v["logits"].as_array().unwrap();
+            let want = r["prefill_logits"].as_array().unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                for (a, b) in g.as_array().unwrap().iter().zip(w.as_array().unwrap()) {
+                    let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+                    assert!((a - b).abs() < 1e-3 * b.abs().max(1.0), "{name} {extra:?}: {a} vs {b}");
+                }
+            }
         }
     }
 }

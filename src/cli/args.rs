@@ -34,6 +34,10 @@ pub(crate) enum Cmd {
         /// activations, the default here: this command checks models against a reference).
         #[arg(long)]
         fast: bool,
+        /// Feed the tokens one at a time through the cache (the decode path) instead of as one
+        /// prompt; the same JSON.
+        #[arg(long)]
+        incremental: bool,
         #[command(flatten)]
         store: StoreArgs,
     },

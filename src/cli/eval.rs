@@ -47,7 +47,7 @@ pub(crate) fn cmd_eval(a: EvalArgs, store: &StoreArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn cmd_logits(model: PathBuf, tokens: &str, fast: bool, store: &StoreArgs) -> Result<()> {
+pub(crate) fn cmd_logits(model: PathBuf, tokens: &str, fast: bool, incremental: bool, store: &StoreArgs) -> Result<()> {
     if fast && store.exact {
         bail!("logits: --fast and --exact contradict each other (logits is exact by default)");
     }
@@ -59,8 +59,20 @@ pub(crate) fn cmd_logits(model: PathBuf, tokens: &str, fast: bool, store: &Store
     opts.precision = if fast { Precision::Fast } else { Precision::Exact };
     let mut m = load_model_with(&model, &opts)?;
     store.apply_experts(&mut m)?;
+    if ids.is_empty() {
+        bail!("--tokens: no token ids");
+    }
     let mut st = m.new_state();
-    let logits = m.forward(&mut st, &ids, true)?;
+    let logits = if incremental {
+        // the decode path: each token through the cache after the ones before it
+        let mut all = Vec::with_capacity(ids.len() * m.vocab_size());
+        for &t in &ids {
+            all.extend(m.forward(&mut st, &[t], false)?);
+        }
+        all
+    } else {
+        m.forward(&mut st, &ids, true)?
+    };
     let rows: Vec<&[f32]> = logits.chunks(m.vocab_size()).collect();
     println!("{}", json!({"tokens": ids, "logits": rows}));
     Ok(())
