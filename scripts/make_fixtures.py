@@ -56,6 +56,10 @@ def float64_module(name):
                  ("dtype=torch.float)", "dtype=torch.float64)"), ("dtype=torch.float,", "dtype=torch.float64,"),
                  ("dtype=torch.float ", "dtype=torch.float64 ")]:
         src = src.replace(a, b)
+    # the lightning indexers report how close their top-k came to a tie (GapMonitor.index_gap)
+    src = src.replace("        topk = min(self.index_topk, index_scores.shape[-1])\n",
+                      "        topk = min(self.index_topk, index_scores.shape[-1])\n"
+                      "        __import__('builtins')._fx_index_gap(index_scores, topk)\n")
     # redefine the classes in place, so that auto classes building sub-models find them too
     mod = importlib.import_module(name)
     exec(compile(src, spec.origin, "exec"), mod.__dict__)
@@ -127,13 +131,25 @@ def randomize(model, seed):
 
 
 class GapMonitor:
-    """Records the smallest gap between the k-th and (k+1)-th router logit."""
+    """Records the smallest gap between the k-th and (k+1)-th router logit, and between the
+    k-th and (k+1)-th score of a lightning indexer's choice."""
 
     def __init__(self, model):
         self.min_gap = float("inf")
+        self.min_index_gap = float("inf")
+        import builtins
+        builtins._fx_index_gap = self.index_gap
         for name, mod in model.named_modules():
             if (name.endswith("mlp.gate") or name.endswith("mlp.router")) and hasattr(mod, "top_k"):
                 mod.register_forward_hook(self.hook)
+
+    def index_gap(self, scores, k):
+        s = scores.double().reshape(-1, scores.shape[-1])
+        for row in s:
+            # masked positions hold -inf or the dtype's minimum (plus a score it absorbs)
+            v = row[row > torch.finfo(row.dtype).min / 2].sort(descending=True).values
+            if len(v) > k:
+                self.min_index_gap = min(self.min_index_gap, (v[k - 1] - v[k]).item())
 
     def hook(self, mod, inp, out):
         logits = out[0] if isinstance(out, tuple) else out
@@ -198,7 +214,7 @@ def rows(t):
 
 
 def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, fused=False, wrap_dtype=None,
-         mtp=False, fp8=None, mxfp4=False):
+         mtp=False, fp8=None, mxfp4=False, kimi=False):
     if ONLY and name not in ONLY:
         return
     path = os.path.join(OUT, name)
@@ -214,9 +230,11 @@ def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, 
                 p.copy_(p.to(dtype).to(torch.float64))
         mon = GapMonitor(model)
         prefill, greedy, decode, tgap = reference(model, prompt)
-        if mon.min_gap > 2e-3 and tgap > 1e-3:
+        # index scores are small (ReLU'd dot products over a few dims): a gap 100x f32's error
+        if mon.min_gap > 2e-3 and tgap > 1e-3 and mon.min_index_gap > 1e-5:
             break
-        print(f"{name}: seed {seed + attempt} too close to a tie ({mon.min_gap:.2e}, {tgap:.2e}); retrying")
+        print(f"{name}: seed {seed + attempt} too close to a tie ({mon.min_gap:.2e}, {tgap:.2e}, "
+              f"index {mon.min_index_gap:.2e}); retrying")
     else:
         sys.exit(f"{name}: no seed without near-ties")
     if os.path.exists(path):
@@ -233,6 +251,8 @@ def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, 
     if mxfp4:
         model = mxfp4_checkpoint(path, model_cls)
         prefill, greedy, decode, _ = reference(model, prompt)
+    if kimi:
+        kimi_release(path)
     build_tokenizer().save_pretrained(path)
     with open(os.path.join(path, "reference.json"), "w") as f:
         json.dump(
@@ -372,6 +392,33 @@ def add_mtp_layer(path, layers):
     cfg = json.load(open(cfg_path))
     cfg["num_nextn_predict_layers"] = 1
     json.dump(cfg, open(cfg_path, "w"), indent=2)
+
+
+def kimi_release(path):
+    """Kimi-K2.5's release layout: a `kimi_k25` wrapper config whose `text_config` is the
+    DeepSeek-V3 text model (`model_type: kimi_k2`), its tensors under `language_model.model.`
+    and `language_model.lm_head`, beside a vision tower and projector flashmoe must skip."""
+    f = os.path.join(path, "model.safetensors")
+    t = load_file(f)
+    out = {}
+    for k, v in t.items():
+        if k.startswith("model."):
+            out["language_model.model." + k[len("model."):]] = v
+        elif k.startswith("lm_head."):
+            out["language_model." + k] = v
+        else:
+            out[k] = v
+    out["vision_tower.patch_embed.proj.weight"] = torch.zeros(8, 3, 2, 2, dtype=torch.bfloat16)
+    out["mm_projector.proj.0.weight"] = torch.zeros(32, 8, dtype=torch.bfloat16)
+    save_file(out, f, metadata={"format": "pt"})
+    cfg_path = os.path.join(path, "config.json")
+    text = json.load(open(cfg_path))
+    text["model_type"] = "kimi_k2"
+    text.pop("architectures", None)
+    wrapper = {"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+               "text_config": text, "vision_config": {"model_type": "kimi_k25_vision", "patch_size": 2},
+               "tie_word_embeddings": False, "eos_token_id": text.get("eos_token_id")}
+    json.dump(wrapper, open(cfg_path, "w"), indent=2)
 
 
 def tokenizer_reference():
@@ -658,8 +705,69 @@ def main():
     oss_q = dict(oss, intermediate_size=32)  # MXFP4 blocks of 32 along both expert inputs
     make("gpt_oss_mxfp4", GptOssConfig, GptOssForCausalLM, oss_q, torch.bfloat16, short, 1100, mxfp4=True)
 
+    mla_fixtures(common, prompt, short)
+
     if not ONLY:
         tokenizer_reference()
+
+
+def mla_fixtures(common, prompt, short):
+    """The MLA lineage: DeepSeek-V3 (q-LoRA, YaRN with mscale_all_dim, groups; and without
+    q-LoRA), V3.2 and GLM-5 with lightning indexers whose budget the prompt outgrows, Kimi-K2.5's
+    wrapper, an FP8 release."""
+    from transformers import DeepseekV3Config, DeepseekV32Config, GlmMoeDsaConfig
+
+    V3 = float64_module("transformers.models.deepseek_v3.modeling_deepseek_v3").DeepseekV3ForCausalLM
+    V32 = float64_module("transformers.models.deepseek_v32.modeling_deepseek_v32").DeepseekV32ForCausalLM
+    Glm5 = float64_module("transformers.models.glm_moe_dsa.modeling_glm_moe_dsa").GlmMoeDsaForCausalLM
+    v3 = dict(
+        common,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=12,
+        qk_nope_head_dim=6,
+        qk_rope_head_dim=4,
+        v_head_dim=10,
+        intermediate_size=40,
+        moe_intermediate_size=12,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        rope_interleave=True,
+        # mscale ≠ mscale_all_dim: cos/sin get their ratio, the softmax mscale_all_dim²
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=8,
+                             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.7),
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
+    make("deepseek_v3", DeepseekV3Config, V3, v3, torch.bfloat16, prompt, 1200, mtp=True)
+    nolora = dict(v3, q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1, first_k_dense_replace=2,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0), routed_scaling_factor=1.0)
+    make("deepseek_v3_nolora", DeepseekV3Config, V3, nolora, torch.float32, prompt, 1300)
+    # as released: FP8 e4m3 weights in 128x128 scale blocks (here 8x8: several per matrix)
+    make("deepseek_v3_fp8", DeepseekV3Config, V3, v3, torch.bfloat16, short, 1350, fp8=(8, 8))
+    # a budget of 8 positions: the prompt's later tokens attend to a selection
+    v32 = dict(v3, index_n_heads=8, index_head_dim=8, index_topk=8,
+               rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    v32.pop("rope_interleave")
+    make("deepseek_v32", DeepseekV32Config, V32, v32, torch.float32, prompt, 1400)
+    glm5 = dict(v32, n_group=1, topk_group=1, qk_nope_head_dim=8, v_head_dim=6, rms_norm_eps=1e-5,
+                indexer_types=["full", "shared", "full", "shared"],
+                rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+    make("glm_moe_dsa", GlmMoeDsaConfig, Glm5, glm5, torch.float32, prompt, 1500, mtp=True)
+    kimi = dict(v3, n_group=1, topk_group=1, routed_scaling_factor=2.827,
+                rope_parameters=dict(rope_type="yarn", rope_theta=50000.0, factor=4.0,
+                                     original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+                                     mscale=1.0, mscale_all_dim=1.0))
+    make("kimi_k25", DeepseekV3Config, V3, kimi, torch.bfloat16, short, 1600, kimi=True)
 
 
 # fixture names given on the command line: make only those

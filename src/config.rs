@@ -13,6 +13,8 @@ pub enum Mixer {
     DeltaNet,
     /// Softmax attention over a KV cache (`full_attention`).
     Attention,
+    /// Multi-head latent attention over a cache of compressed latents (the DeepSeek lineage).
+    Mla,
 }
 
 /// Feed-forward block of a layer.
@@ -104,6 +106,44 @@ pub struct AttnSpec {
     pub yarn: Option<Yarn>,
 }
 
+/// Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, GLM-5): queries from a low-rank
+/// (`q_lora_rank`) or full projection, keys and values from one latent of `kv_lora_rank` per
+/// token plus a `qk_rope_head_dim` rotary key shared by every head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlaSpec {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// RoPE rotates the pairs (2i, 2i+1) rather than (i, i + d/2).
+    pub interleaved: bool,
+    /// The softmax scale: (nope + rope)^-½, times YaRN's mscale² where `mscale_all_dim` says so.
+    pub softmax_scale: f32,
+    pub indexer: Option<IndexerSpec>,
+}
+
+impl MlaSpec {
+    /// Floats cached per token: the normalised latent and the rotated shared key.
+    pub fn latent_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// DeepSeek sparse attention's lightning indexer (V3.2, GLM-5): each query attends only to the
+/// `topk` earlier positions its indexer scores highest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexerSpec {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub topk: usize,
+    /// Its RoPE (on the first `qk_rope_head_dim` dims) rotates interleaved pairs (GLM-5).
+    pub interleaved: bool,
+    /// Per layer: it has an indexer of its own (`full`), else it reuses the selection of the
+    /// last layer that has (`shared`, GLM-5.2+).
+    pub own: Vec<bool>,
+}
+
 /// Gated DeltaNet sizes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinearAttnConfig {
@@ -161,6 +201,8 @@ pub struct ModelConfig {
     pub expert_act: Act,
     pub expert_bias: bool,
     pub linear: Option<LinearAttnConfig>,
+    /// Latent attention sizes (the layers whose mixer is [`Mixer::Mla`]).
+    pub mla: Option<MlaSpec>,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub eos_token_ids: Vec<u32>,
@@ -433,6 +475,7 @@ impl ModelConfig {
             expert_act: Act::Swiglu,
             expert_bias: false,
             linear,
+            mla: None,
             tie_word_embeddings,
             max_position_embeddings: opt_usize(t, "max_position_embeddings", 32768)?,
             eos_token_ids,
@@ -505,14 +548,18 @@ impl ModelConfig {
         (self.head_dim as f64 * self.partial_rotary_factor) as usize
     }
 
-    /// Layer pattern as one letter a layer: `L` DeltaNet, `F` full attention; lower case when
-    /// the layer's feed-forward block is dense.
+    /// Layer pattern as one letter a layer: `L` DeltaNet, `F` full attention, `M` latent
+    /// attention; lower case when the layer's feed-forward block is dense.
     pub fn layer_pattern(&self) -> String {
         self.mixers
             .iter()
             .zip(&self.ffns)
             .map(|(m, f)| {
-                let c = if *m == Mixer::DeltaNet { 'L' } else { 'F' };
+                let c = match m {
+                    Mixer::DeltaNet => 'L',
+                    Mixer::Attention => 'F',
+                    Mixer::Mla => 'M',
+                };
                 if *f == Ffn::Dense { c.to_ascii_lowercase() } else { c }
             })
             .collect()
@@ -545,15 +592,41 @@ impl ModelConfig {
                 let (c, vd, nv) = (l.conv_dim(), l.value_dim(), l.num_v_heads);
                 h * (c + vd + 2 * nv) + c * l.conv_kernel + 2 * nv + l.v_head_dim + vd * h
             }
+            Mixer::Mla => {
+                let m = self.mla.as_ref().expect("latent attention layer without its sizes");
+                let (nh, kvl) = (self.num_heads, m.kv_lora_rank);
+                let qd = nh * (m.qk_nope_head_dim + m.qk_rope_head_dim);
+                let q = match m.q_lora_rank {
+                    None => h * qd,
+                    Some(r) => h * r + r + r * qd,
+                };
+                let kv = h * m.latent_width() + kvl + kvl * nh * (m.qk_nope_head_dim + m.v_head_dim);
+                let ix = match &m.indexer {
+                    Some(x) if x.own[i] => {
+                        m.q_lora_rank.unwrap_or(0) * x.heads * x.head_dim
+                            + h * x.head_dim
+                            + 2 * x.head_dim
+                            + h * x.heads
+                    }
+                    _ => 0,
+                };
+                q + kv + nh * m.v_head_dim * h + ix
+            }
         }
     }
 
     /// Bytes of one sequence's state (f32) after `tokens` positions: the KV caches of the
-    /// attention layers plus the fixed conv and recurrent states of the DeltaNet layers.
+    /// attention layers (latents for MLA) plus the fixed conv and recurrent states of the
+    /// DeltaNet layers.
     pub fn state_bytes(&self, tokens: usize) -> u64 {
         let mut b = 0u64;
-        for m in &self.mixers {
+        for (i, m) in self.mixers.iter().enumerate() {
             b += match m {
+                Mixer::Mla => {
+                    let m = self.mla.as_ref().expect("latent attention layer without its sizes");
+                    let ix = m.indexer.as_ref().filter(|x| x.own[i]).map_or(0, |x| x.head_dim);
+                    ((m.latent_width() + ix) * tokens * 4) as u64
+                }
                 Mixer::Attention => (2 * self.num_kv_heads * self.head_dim * tokens * 4) as u64,
                 Mixer::DeltaNet => {
                     let l = self.linear.as_ref().expect("DeltaNet layer without linear config");

@@ -9,6 +9,7 @@ use crate::flash::{ExpertStore, Manifest, StoreOptions};
 use crate::import::{self, text_prefix};
 use crate::layers::attention::{Attention, QkNorms};
 use crate::layers::deltanet::DeltaNet;
+use crate::layers::mla::{Indexer, Mla, QProj, split_kv_b};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::Experts;
 use crate::layers::moe::{Moe, Scoring, SharedExpert};
@@ -187,6 +188,10 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     Ok(m)
 }
 
+/// The q and kv latents' RMSNorm epsilon: fixed, not `rms_norm_eps` (transformers and
+/// DeepSeek's reference build those norms with their default).
+const MLA_NORM_EPS: f32 = 1e-6;
+
 struct Loader<'a> {
     ck: &'a dyn TensorSource,
     cfg: &'a ModelConfig,
@@ -253,6 +258,65 @@ impl Loader<'_> {
                 None => Rope::new(c.rotary_dim(), c.rope_theta),
             },
             window: c.attn.window[layer],
+        })
+    }
+
+    fn mla(&self, p: &str, layer: usize) -> Result<Mla> {
+        let c = self.cfg;
+        let m = c.mla.as_ref().expect("checked in config");
+        let (h, nh, n) = (c.hidden_size, c.num_heads, &self.names.mla);
+        let (nope, rd, kvl, vd) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank, m.v_head_dim);
+        let qd = nh * (nope + rd);
+        let q = match m.q_lora_rank {
+            None => QProj::Full(self.ck.mat(&weight(p, n.q_proj), &[qd, h])?),
+            Some(r) => QProj::LoRA {
+                a: self.ck.mat(&weight(p, n.q_a), &[r, h])?,
+                norm: RmsNorm::new(self.ck.vector(&weight(p, n.q_a_norm), &[r])?, MLA_NORM_EPS, false),
+                b: self.ck.mat(&weight(p, n.q_b), &[qd, r])?,
+            },
+        };
+        let kv_b = self.ck.mat(&weight(p, n.kv_b), &[nh * (nope + vd), kvl])?;
+        let (uk_t, uv) = split_kv_b(&kv_b, nh, nope, vd);
+        let spec = m.indexer.as_ref();
+        let indexer = match spec {
+            Some(s) if s.own[layer] => {
+                let (Some(r), i) = (m.q_lora_rank, format!("{p}.{}", n.indexer)) else {
+                    bail!("config.json: the lightning indexer needs q_lora_rank");
+                };
+                let kn = format!("{i}.{}", n.index_k_norm);
+                Some(Indexer {
+                    wq_b: self.ck.mat(&weight(&i, n.index_q), &[s.heads * s.head_dim, r])?,
+                    wk: self.ck.mat(&weight(&i, n.index_k), &[s.head_dim, h])?,
+                    k_norm: (
+                        self.ck.vector(&format!("{kn}.weight"), &[s.head_dim])?,
+                        self.ck.vector(&format!("{kn}.bias"), &[s.head_dim])?,
+                    ),
+                    weights: self.ck.mat(&weight(&i, n.index_weights), &[s.heads, h])?,
+                    spec: s.clone(),
+                })
+            }
+            _ => None,
+        };
+        Ok(Mla {
+            q,
+            kv_a: self.ck.mat(&weight(p, n.kv_a), &[kvl + rd, h])?,
+            kv_norm: RmsNorm::new(self.ck.vector(&weight(p, n.kv_a_norm), &[kvl])?, MLA_NORM_EPS, false),
+            uk_t,
+            uv,
+            o_proj: self.ck.mat(&weight(p, self.names.o_proj), &[h, nh * vd])?,
+            num_heads: nh,
+            nope,
+            rope_dim: rd,
+            kv_lora: kvl,
+            v_dim: vd,
+            interleaved: m.interleaved,
+            scale: m.softmax_scale,
+            rope: match &c.attn.yarn {
+                Some(y) => Rope::yarn(rd, c.rope_theta, y),
+                None => Rope::new(rd, c.rope_theta),
+            },
+            shares_selection: spec.is_some() && indexer.is_none(),
+            indexer,
         })
     }
 
@@ -367,6 +431,7 @@ pub fn build(
         let p = n.layer(&pre, i);
         let mixer = match cfg.mixers[i] {
             Mixer::Attention => MixerWeights::Attention(ld.attention(&format!("{p}.{}", n.attention), i)?),
+            Mixer::Mla => MixerWeights::Mla(ld.mla(&format!("{p}.{}", n.attention), i)?),
             Mixer::DeltaNet => {
                 let l = cfg.linear.as_ref().expect("checked in config");
                 MixerWeights::DeltaNet(ld.deltanet(&format!("{p}.{}", n.deltanet), l)?)

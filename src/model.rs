@@ -5,6 +5,7 @@ use crate::config::ModelConfig;
 use crate::flash::ExpertStore;
 use crate::layers::attention::{Attention, KvCache};
 use crate::layers::deltanet::{DeltaNet, DeltaState};
+use crate::layers::mla::{LatentCache, Mla, Selection};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{Experts, Moe};
 use crate::layers::norm::RmsNorm;
@@ -17,9 +18,12 @@ use std::time::Instant;
 
 /// Token mixer weights of one layer.
 #[derive(Clone, Debug)]
+// one per layer, never in a hot array: boxing would only add an indirection
+#[allow(clippy::large_enum_variant)]
 pub enum MixerWeights {
     Attention(Attention),
     DeltaNet(DeltaNet),
+    Mla(Mla),
 }
 
 /// Feed-forward weights of one layer.
@@ -44,6 +48,7 @@ pub struct Layer {
 pub enum LayerState {
     Kv(KvCache),
     Delta(DeltaState),
+    Latent(LatentCache),
 }
 
 /// Everything a sequence carries between calls: positions so far and each layer's state.
@@ -64,6 +69,7 @@ impl State {
             .map(|l| match l {
                 LayerState::Kv(c) => c.bytes(),
                 LayerState::Delta(d) => d.bytes(),
+                LayerState::Latent(c) => c.bytes(),
             })
             .sum::<usize>()
             + self.device.as_ref().map_or(0, |d| d.bytes())
@@ -116,8 +122,17 @@ fn finite_chunk(x: &[f32]) -> bool {
 
 impl Layer {
     /// h = x + mixer(norm1(x)); x' = h + ffn(norm2(h)), in place on `x` (`n` tokens). A
-    /// non-finite value (corrupt weights, an overflow) is an error naming the sublayer.
-    fn forward(&self, x: &mut [f32], n: usize, pos0: usize, st: &mut LayerState, opts: &RunOptions) -> Result<()> {
+    /// non-finite value (corrupt weights, an overflow) is an error naming the sublayer. `sel`
+    /// carries a sparse-attention selection from layer to layer.
+    fn forward(
+        &self,
+        x: &mut [f32],
+        n: usize,
+        pos0: usize,
+        st: &mut LayerState,
+        sel: &mut Selection,
+        opts: &RunOptions,
+    ) -> Result<()> {
         let p = opts.precision;
         let mut h = scratch::zeros(x.len());
         let mut y = scratch::zeros(x.len());
@@ -127,6 +142,7 @@ impl Layer {
         match (&self.mixer, st) {
             (MixerWeights::Attention(a), LayerState::Kv(c)) => a.forward(&h, n, pos0, c, &mut y, p),
             (MixerWeights::DeltaNet(d), LayerState::Delta(s)) => d.forward(&h, n, s, &mut y, p),
+            (MixerWeights::Mla(a), LayerState::Latent(c)) => a.forward(&h, n, pos0, c, sel, &mut y, p),
             _ => unreachable!("layer state does not match its mixer"),
         }
         add_since(&PROFILE.mixer, t);
@@ -157,6 +173,7 @@ impl Layer {
         match self.mixer {
             MixerWeights::Attention(_) => "attention",
             MixerWeights::DeltaNet(_) => "DeltaNet mixer",
+            MixerWeights::Mla(_) => "latent attention",
         }
     }
 }
@@ -193,6 +210,7 @@ impl Model {
             .map(|l| match &l.mixer {
                 MixerWeights::Attention(_) => LayerState::Kv(KvCache::default()),
                 MixerWeights::DeltaNet(d) => LayerState::Delta(DeltaState::new(&d.cfg)),
+                MixerWeights::Mla(_) => LayerState::Latent(LatentCache::default()),
             })
             .collect();
         State { pos: 0, layers, poisoned: false, device: None }
@@ -238,11 +256,12 @@ impl Model {
         let prefetch = n == 1 && self.store.as_ref().is_some_and(|s| s.prefetch);
         // decode runs on the team (crate::par) from step to step
         let _hold = (n == 1).then(crate::par::hold);
+        let mut sel = Selection::default();
         for (i, (layer, ls)) in self.layers.iter().zip(st.layers.iter_mut()).enumerate() {
             if prefetch {
                 self.prefetch_next(i, &x);
             }
-            if let Err(e) = layer.forward(&mut x, n, st.pos, ls, &self.opts) {
+            if let Err(e) = layer.forward(&mut x, n, st.pos, ls, &mut sel, &self.opts) {
                 // the state saw part of this call: the sequence cannot continue
                 st.poisoned = true;
                 return Err(e.context(format!("layer {i}")));
@@ -303,6 +322,7 @@ impl Model {
                         + d.in_proj_a.bytes()
                         + d.out_proj.bytes()
                 }
+                MixerWeights::Mla(a) => a.bytes(),
             };
             b += match &l.ffn {
                 FfnWeights::Moe(m) => {

@@ -72,8 +72,9 @@ fn bf16_experts_reproduce_the_reference_and_q8_stays_close() {
     for name in FIXTURES {
         let (p, want) = prompt(name);
         // FP8 sources round once more on the way to bf16 (an e4m3 value times an f32 scale has
-        // more significant bits than bf16 holds): measured 3.1e-3, KL 3.5e-5
-        let (e16, kl16) = if name.ends_with("_fp8") { (1e-2, 1e-4) } else { (1e-4, 1e-8) };
+        // more significant bits than bf16 holds): measured 3.1e-3, KL 3.5e-5 (MiniMax), 9.4e-3,
+        // KL 2.0e-4 (DeepSeek-V3, whose latent projections all round)
+        let (e16, kl16) = if name.ends_with("_fp8") { (1.5e-2, 5e-4) } else { (1e-4, 1e-8) };
         let mut kinds = vec![(WKind::BF16, e16, 1.0, kl16), (q(8), 0.25, 0.85, 0.03)];
         if name.ends_with("_mxfp4") {
             // MXFP4 experts as released are kept bit for bit: the reference exactly

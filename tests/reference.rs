@@ -131,7 +131,9 @@ fn parameter_count_matches_checkpoint() {
         let stored: u64 = ck
             .names()
             .iter()
-            .filter(|n| !n.starts_with("model.visual.") && !ck.is_fp8_scale(n))
+            // vision towers (Qwen3.5's, Kimi-K2.5's and its projector) are not part of the text model
+            .filter(|n| !["model.visual.", "vision_tower.", "mm_projector."].iter().any(|p| n.starts_with(p)))
+            .filter(|n| !ck.is_fp8_scale(n))
             // GLM's MTP layer is not part of the text model
             .filter(|n| {
                 flashmoe::families::names_of(&cfg.model_type).layer_of("model.", n).is_none_or(|i| i < cfg.num_layers)

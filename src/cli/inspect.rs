@@ -35,7 +35,10 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
         n_moe,
         c.num_layers - n_moe
     );
-    println!("pattern        {}  (L DeltaNet, F attention; lower case = dense MLP)", c.layer_pattern());
+    println!(
+        "pattern        {}  (L DeltaNet, F attention, M latent attention; lower case = dense MLP)",
+        c.layer_pattern()
+    );
     println!("hidden         {}, vocab {}, context {}", c.hidden_size, c.vocab_size, c.max_position_embeddings);
     println!(
         "attention      {} heads, {} kv heads, head dim {}, rotary dim {} (theta {}), gated {}",

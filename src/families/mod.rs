@@ -18,7 +18,9 @@ mod qwen3_5_moe;
 mod qwen3_moe;
 mod qwen3_next;
 
+mod deepseek_v3;
 mod glm4_moe;
+mod glm_moe_dsa;
 mod gpt_oss;
 mod minimax_m2;
 mod mixtral;
@@ -133,6 +135,8 @@ static FAMILIES: &[&dyn Family] = &[
     &minimax_m2::MiniMaxM2,
     &mixtral::Mixtral,
     &gpt_oss::GptOss,
+    &deepseek_v3::DeepseekV3,
+    &glm_moe_dsa::GlmMoeDsa,
 ];
 
 /// The tensor names of a `model_type`'s checkpoints (the common ones for an unknown type:

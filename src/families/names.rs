@@ -53,6 +53,26 @@ pub struct Names {
     pub mlx_experts: &'static str,
     pub shared_expert: &'static str,
     pub shared_expert_gate: &'static str,
+    /// Latent attention's projections, under [`Names::attention`].
+    pub mla: MlaNames,
+}
+
+/// The tensors of a latent-attention layer (DeepSeek's names, which every MLA family keeps).
+#[derive(Debug)]
+pub struct MlaNames {
+    pub q_proj: &'static str,
+    pub q_a: &'static str,
+    pub q_a_norm: &'static str,
+    pub q_b: &'static str,
+    pub kv_a: &'static str,
+    pub kv_a_norm: &'static str,
+    pub kv_b: &'static str,
+    /// The lightning indexer and its parts.
+    pub indexer: &'static str,
+    pub index_q: &'static str,
+    pub index_k: &'static str,
+    pub index_k_norm: &'static str,
+    pub index_weights: &'static str,
 }
 
 /// The common `transformers` names (Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE).
@@ -91,6 +111,20 @@ pub const HF: Names = Names {
     mlx_experts: "switch_mlp",
     shared_expert: "shared_expert",
     shared_expert_gate: "shared_expert_gate",
+    mla: MlaNames {
+        q_proj: "q_proj",
+        q_a: "q_a_proj",
+        q_a_norm: "q_a_layernorm",
+        q_b: "q_b_proj",
+        kv_a: "kv_a_proj_with_mqa",
+        kv_a_norm: "kv_a_layernorm",
+        kv_b: "kv_b_proj",
+        indexer: "indexer",
+        index_q: "wq_b",
+        index_k: "wk",
+        index_k_norm: "k_norm",
+        index_weights: "weights_proj",
+    },
 };
 
 /// Mixtral and MiniMax-M2: the block is `block_sparse_moe`, experts `w1`/`w3`/`w2`.

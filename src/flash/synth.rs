@@ -132,6 +132,33 @@ fn specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
                     s.push((format!("{a}.{}", n.sinks), vec![nh], Init::Std(1.0)));
                 }
             }
+            Mixer::Mla => {
+                let m = c.mla.as_ref().expect("latent attention layer without its sizes");
+                let (nh, mn, a) = (c.num_heads, &n.mla, format!("{p}.{}", n.attention));
+                let qd = nh * (m.qk_nope_head_dim + m.qk_rope_head_dim);
+                match m.q_lora_rank {
+                    None => s.push((w(&a, mn.q_proj), vec![qd, h], std(h))),
+                    Some(r) => {
+                        s.push((w(&a, mn.q_a), vec![r, h], std(h)));
+                        s.push((w(&a, mn.q_a_norm), vec![r], norm));
+                        s.push((w(&a, mn.q_b), vec![qd, r], std(r)));
+                    }
+                }
+                let kvl = m.kv_lora_rank;
+                s.push((w(&a, mn.kv_a), vec![m.latent_width(), h], std(h)));
+                s.push((w(&a, mn.kv_a_norm), vec![kvl], norm));
+                s.push((w(&a, mn.kv_b), vec![nh * (m.qk_nope_head_dim + m.v_head_dim), kvl], std(kvl)));
+                s.push((w(&a, n.o_proj), vec![h, nh * m.v_head_dim], out_std(nh * m.v_head_dim)));
+                if let Some(x) = m.indexer.as_ref().filter(|x| x.own[i]) {
+                    let ix = format!("{a}.{}", mn.indexer);
+                    let r = m.q_lora_rank.expect("the indexer reads the q-LoRA latent");
+                    s.push((w(&ix, mn.index_q), vec![x.heads * x.head_dim, r], std(r)));
+                    s.push((w(&ix, mn.index_k), vec![x.head_dim, h], std(h)));
+                    s.push((w(&ix, mn.index_k_norm), vec![x.head_dim], Init::Const(1.0)));
+                    s.push((format!("{ix}.{}.bias", mn.index_k_norm), vec![x.head_dim], Init::Const(0.0)));
+                    s.push((w(&ix, mn.index_weights), vec![x.heads, h], std(h)));
+                }
+            }
             Mixer::DeltaNet => {
                 let l = c.linear.as_ref().expect("DeltaNet layer without linear config");
                 let (cd, vd, nv) = (l.conv_dim(), l.value_dim(), l.num_v_heads);

@@ -20,6 +20,12 @@ pub const FIXTURES: &[&str] = &[
     "minimax_m2_fp8",
     "gpt_oss",
     "gpt_oss_mxfp4",
+    "deepseek_v3",
+    "deepseek_v3_nolora",
+    "deepseek_v3_fp8",
+    "deepseek_v32",
+    "glm_moe_dsa",
+    "kimi_k25",
 ];
 
 pub struct Reference {

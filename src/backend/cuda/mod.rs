@@ -59,6 +59,12 @@ pub fn supports(model: &Model) -> Result<()> {
                     bail!("layer {i}: {what} ({}) is not on the CUDA backend yet: use --device cpu", model.cfg.family);
                 }
             }
+            MixerWeights::Mla(_) => {
+                bail!(
+                    "layer {i}: latent attention ({}) is not on the CUDA backend yet: use --device cpu",
+                    model.cfg.family
+                )
+            }
             _ => {}
         }
         if let FfnWeights::Moe(m) = &l.ffn {
@@ -396,6 +402,7 @@ impl CudaModel {
                     eps: d.eps,
                 })),
                 MixerWeights::Attention(a) => DMixer::Attn(Box::new(up.attention(a)?)),
+                MixerWeights::Mla(_) => unreachable!("refused by supports()"),
             };
             let ffn = match &l.ffn {
                 FfnWeights::Dense(m) => DFfn::Dense(Box::new(up.mlp(&m.view())?)),
