@@ -131,11 +131,10 @@ pub fn tool_call_lark(
 ) -> Option<String> {
     let lit = |s: &str| format!("{s:?}");
     let mut rules = vec![];
-    let call_alts =
-        |rules: &mut Vec<String>, prefix: &str, call: &dyn Fn(&mut Vec<String>, usize, &str, &Value) -> String| {
-            let alts: Vec<String> = tools.iter().enumerate().map(|(i, (n, p))| call(rules, i, n, p)).collect();
-            rules.push(format!("{prefix}: {}", alts.join(" | ")));
-        };
+    let call_alts = |rules: &mut Vec<String>, prefix: &str, call: CallRule| {
+        let alts: Vec<String> = tools.iter().enumerate().map(|(i, (n, p))| call(rules, i, n, p)).collect();
+        rules.push(format!("{prefix}: {}", alts.join(" | ")));
+    };
     let body = match format {
         ToolFormat::Harmony => return None,
         ToolFormat::Qwen => {
@@ -217,6 +216,10 @@ pub fn tool_call_lark(
     let think = if close_think { format!("{} ", tag("</think>")) } else { String::new() };
     Some(format!("start: {think}({body})\n{}\n", rules.join("\n")))
 }
+
+/// The grammar of one tool's call (rules it needs added to the list), given the tool's index,
+/// name and parameters' schema.
+type CallRule<'a> = &'a dyn Fn(&mut Vec<String>, usize, &str, &Value) -> String;
 
 /// A tag in a grammar: the tokenizer's special token for it, else the literal text.
 pub fn tag(tok: &TextTokenizer, t: &str) -> String {
