@@ -2,6 +2,7 @@
 //! grammar) becomes, at every step, the set of tokens that keep the output valid.
 
 use crate::tokenizer::TextTokenizer;
+use crate::toolcall::ToolFormat;
 use anyhow::{Result, anyhow};
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
@@ -109,5 +110,228 @@ impl Constraint {
     /// Why the grammar engine gave up, if it did.
     pub fn error(&self) -> Option<String> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).get_error()
+    }
+}
+
+/// The Lark grammar of an answer that is exactly one call of one of `tools` (name, parameters'
+/// JSON schema) in `format`'s own syntax, the arguments held to the schema; None for harmony
+/// (its calls are messages of their own). `tag` spells a tag as the tokenizer has it (a
+/// special token, else a literal); `close_think`: the prompt left a `<think>` block open, which
+/// the answer closes first (the call would otherwise be read as reasoning).
+///
+/// The tag formats (GLM, MiniMax, DeepSeek V3.2) write each argument on its own: the
+/// schema's properties in order, the required ones always; strings as text (one of an `enum`,
+/// or up to `maxLength` characters), other values as JSON. DeepSeek's three forms are
+/// alternatives: a model takes the one it was trained on.
+pub fn tool_call_lark(
+    format: ToolFormat,
+    tools: &[(String, Value)],
+    close_think: bool,
+    tag: &dyn Fn(&str) -> String,
+) -> Option<String> {
+    let lit = |s: &str| format!("{s:?}");
+    let mut rules = vec![];
+    let call_alts = |rules: &mut Vec<String>, prefix: &str, call: CallRule| {
+        let alts: Vec<String> = tools.iter().enumerate().map(|(i, (n, p))| call(rules, i, n, p)).collect();
+        rules.push(format!("{prefix}: {}", alts.join(" | ")));
+    };
+    let body = match format {
+        ToolFormat::Harmony => return None,
+        ToolFormat::Qwen => {
+            call_alts(&mut rules, "call", &|_, _, name, params| {
+                let schema = serde_json::json!({"type": "object", "properties": {"name": {"const": name}, "arguments": params},
+                    "required": ["name", "arguments"], "additionalProperties": false});
+                format!("%json {schema}")
+            });
+            format!("{} \"\\n\" call \"\\n\" {}", tag("<tool_call>"), tag("</tool_call>"))
+        }
+        ToolFormat::Glm => {
+            let kv = Keyed {
+                key: &|k| {
+                    format!("\"\\n\"? {} {k} {} \"\\n\"? {}", tag("<arg_key>"), tag("</arg_key>"), tag("<arg_value>"))
+                },
+                string: &|v| format!("{v} {}", tag("</arg_value>")),
+                json: &|v| format!("{v} {}", tag("</arg_value>")),
+            };
+            call_alts(&mut rules, "call", &|rules, i, name, params| {
+                format!("{} {}", lit(name), kv.args(rules, i, params))
+            });
+            format!("{} call \"\\n\"? {}", tag("<tool_call>"), tag("</tool_call>"))
+        }
+        ToolFormat::MiniMax => {
+            let kv = Keyed {
+                key: &|k| format!("\"<parameter name=\\\"\" {k} \"\\\">\""),
+                string: &|v| format!("{v} \"</parameter>\\n\""),
+                json: &|v| format!("{v} \"</parameter>\\n\""),
+            };
+            call_alts(&mut rules, "call", &|rules, i, name, params| {
+                format!(
+                    "{} {} \"</invoke>\\n\"",
+                    lit(&format!("<invoke name=\"{name}\">\n")),
+                    kv.args(rules, i, params)
+                )
+            });
+            format!("{} \"\\n\" call {}", tag("<minimax:tool_call>"), tag("</minimax:tool_call>"))
+        }
+        ToolFormat::DeepSeek => {
+            let (calls, call, sep) =
+                (tag("<｜tool▁calls▁begin｜>"), tag("<｜tool▁call▁begin｜>"), tag("<｜tool▁sep｜>"));
+            let (end, calls_end) = (tag("<｜tool▁call▁end｜>"), tag("<｜tool▁calls▁end｜>"));
+            call_alts(&mut rules, "v31", &|_, _, name, params| format!("{} {sep} %json {params}", lit(name)));
+            call_alts(&mut rules, "r1", &|_, _, name, params| {
+                format!("{} \"\\n```json\\n\" %json {params} \"\\n```\"", lit(name))
+            });
+            let kv = Keyed {
+                key: &|k| format!("\"<｜DSML｜parameter name=\\\"\" {k} \"\\\"\""),
+                string: &|v| format!("\" string=\\\"true\\\">\" {v} \"</｜DSML｜parameter>\\n\""),
+                json: &|v| format!("\" string=\\\"false\\\">\" {v} \"</｜DSML｜parameter>\\n\""),
+            };
+            call_alts(&mut rules, "dsml", &|rules, i, name, params| {
+                let invoke = lit(&format!("<｜DSML｜invoke name=\"{name}\">\n"));
+                format!("{invoke} {} \"</｜DSML｜invoke>\\n\"", kv.args(rules, i, params))
+            });
+            format!(
+                "{calls} {call} (v31 | \"function\" {sep} r1) {end} {calls_end} | \"\\n\\n\"? {} \"\\n\" dsml {}",
+                tag("<｜DSML｜function_calls>"),
+                tag("</｜DSML｜function_calls>")
+            )
+        }
+        ToolFormat::Kimi => {
+            call_alts(&mut rules, "call", &|_, _, name, params| {
+                format!(
+                    "{} /[0-9]+/ {} %json {params}",
+                    lit(&format!("functions.{name}:")),
+                    tag("<|tool_call_argument_begin|>")
+                )
+            });
+            format!(
+                "{} {} call {} {}",
+                tag("<|tool_calls_section_begin|>"),
+                tag("<|tool_call_begin|>"),
+                tag("<|tool_call_end|>"),
+                tag("<|tool_calls_section_end|>")
+            )
+        }
+    };
+    let think = if close_think { format!("{} ", tag("</think>")) } else { String::new() };
+    Some(format!("start: {think}({body})\n{}\n", rules.join("\n")))
+}
+
+/// The grammar of one tool's call (rules it needs added to the list), given the tool's index,
+/// name and parameters' schema.
+type CallRule<'a> = &'a dyn Fn(&mut Vec<String>, usize, &str, &Value) -> String;
+
+/// A tag in a grammar: the tokenizer's special token for it, else the literal text.
+pub fn tag(tok: &TextTokenizer, t: &str) -> String {
+    tok.special_id(t).map_or_else(|| format!("{t:?}"), |id| format!("<[{id}]>"))
+}
+
+/// How a tag format writes one argument: what comes before its value (given the key's
+/// grammar), and the value with what follows it (given the value's grammar), for a string and
+/// for JSON.
+struct Keyed<'a> {
+    key: &'a dyn Fn(&str) -> String,
+    string: &'a dyn Fn(&str) -> String,
+    json: &'a dyn Fn(&str) -> String,
+}
+
+impl Keyed<'_> {
+    /// The arguments of tool `i` (rules of their own added to `rules`): each property of the
+    /// schema in order, optional unless required; without properties, any keys with text values.
+    fn args(&self, rules: &mut Vec<String>, i: usize, params: &Value) -> String {
+        let props = params.get("properties").and_then(Value::as_object).filter(|p| !p.is_empty());
+        let Some(props) = props else {
+            rules.push(format!("KEY{i}: /[A-Za-z0-9_.-]+/"));
+            rules.push(format!("arg{i}: {} {}", (self.key)(&format!("KEY{i}")), (self.string)("/[^<]*/")));
+            return format!("arg{i}*");
+        };
+        let required: Vec<&str> =
+            params.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+        let mut out = vec![];
+        for (j, (k, schema)) in props.iter().enumerate() {
+            let value = match schema.get("type").and_then(Value::as_str) {
+                Some("string") => (self.string)(&string_value(schema)),
+                _ => (self.json)(&format!("%json {schema}")),
+            };
+            rules.push(format!("arg{i}_{j}: {} {value}", (self.key)(&format!("{k:?}"))));
+            out.push(if required.contains(&k.as_str()) { format!("arg{i}_{j}") } else { format!("arg{i}_{j}?") });
+        }
+        out.join(" ")
+    }
+}
+
+/// The grammar of a string argument written as text: one of its `enum`, else text without
+/// markup, at most `maxLength` characters.
+fn string_value(schema: &Value) -> String {
+    if let Some(e) = schema.get("enum").and_then(Value::as_array)
+        && !e.is_empty()
+        && e.iter().all(Value::is_string)
+    {
+        return format!(
+            "({})",
+            e.iter().map(|v| format!("{:?}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(" | ")
+        );
+    }
+    match schema.get("maxLength").and_then(Value::as_u64) {
+        Some(n) => format!("/[^<]{{0,{n}}}/"),
+        None => "/[^<]*/".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::toolcall::{ToolCall, parse};
+    use serde_json::json;
+
+    /// Whether the grammar takes `text` (as the tokenizer splits it) as a complete answer.
+    fn accepts(g: &Grammars, lark: &str, tok: &TextTokenizer, text: &str) -> bool {
+        let c = g.lark(lark).unwrap_or_else(|e| panic!("{e:#}\n{lark}"));
+        for t in tok.encode(text).unwrap() {
+            c.accept(t);
+        }
+        c.error().is_none() && c.is_accepting()
+    }
+
+    #[test]
+    fn forced_calls_take_each_formats_own_syntax_and_the_schema() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/glm4_moe");
+        let tok = TextTokenizer::load(&dir).unwrap();
+        let g = Grammars::new(&tok, 320, &[315]).unwrap();
+        let params = json!({"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"]});
+        let tools = vec![("get_weather".to_string(), params), ("now".to_string(), json!({"type": "object"}))];
+        let call = ToolCall { name: "get_weather".into(), arguments: r#"{"city":"Paris","days":2}"#.into() };
+        let city_only = ToolCall { name: "get_weather".into(), arguments: r#"{"city":"Paris"}"#.into() };
+        use ToolFormat::*;
+        let r1 = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\", \"days\": 2}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let dsml = "\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"get_weather\">\n<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n<｜DSML｜parameter name=\"days\" string=\"false\">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜function_calls>";
+        let glm47 = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>2</arg_value></tool_call>";
+        for f in [Qwen, Glm, MiniMax, DeepSeek, Kimi] {
+            let lark = tool_call_lark(f, &tools, false, &|t| tag(&tok, t)).unwrap();
+            let mut texts = vec![f.as_text(&call), f.as_text(&city_only)];
+            match f {
+                DeepSeek => texts.extend([r1.to_string(), dsml.to_string()]),
+                Glm => texts.push(glm47.to_string()),
+                _ => {}
+            }
+            for t in &texts {
+                assert!(accepts(&g, &lark, &tok, t), "{f:?} refuses {t:?}\n{lark}");
+                assert!(!parse(t, f).1.is_empty(), "{f:?}: {t}");
+            }
+            // the schema holds: a required argument missing, a wrong type, an undeclared tool
+            let missing = ToolCall { name: "get_weather".into(), arguments: r#"{"days":2}"#.into() };
+            let wrong = ToolCall { name: "get_weather".into(), arguments: r#"{"city":"Paris","days":"two"}"#.into() };
+            let other = ToolCall { name: "get_time".into(), arguments: "{}".into() };
+            for c in [missing, wrong, other] {
+                let t = f.as_text(&c);
+                assert!(!accepts(&g, &lark, &tok, &t), "{f:?} takes {t:?}");
+            }
+            // with the prompt's reasoning block open, the answer closes it first
+            let lark = tool_call_lark(f, &tools, true, &|t| tag(&tok, t)).unwrap();
+            assert!(accepts(&g, &lark, &tok, &format!("</think>{}", texts[0])), "{f:?}");
+            assert!(!accepts(&g, &lark, &tok, &texts[0]), "{f:?}");
+        }
+        assert!(tool_call_lark(Harmony, &tools, false, &|t| tag(&tok, t)).is_none());
     }
 }

@@ -20,7 +20,9 @@ import urllib.request
 from transformers.utils.chat_template_utils import render_jinja_template
 
 VERSION = "0.3.36"
-TEMPLATES = ["openai-gpt-oss-120b", "GLM-4.6", "MiniMax-M2"]
+TEMPLATES = ["openai-gpt-oss-120b", "GLM-4.6", "GLM-4.7-Flash", "MiniMax-M2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+             "deepseek-ai-DeepSeek-V3.1", "deepseek-ai-DeepSeek-V3.2", "moonshotai-Kimi-K2", "Kimi-K2-Instruct",
+             "Kimi-K2-Thinking"]
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -36,6 +38,20 @@ CONVERSATIONS = [
                    {"role": "tool", "content": "{\"temp\": 21}"}],
          tools=TOOLS, add_generation_prompt=True),
     dict(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], add_generation_prompt=False),
+    # reasoning in the history (as a field), thinking on
+    dict(messages=[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4.", "reasoning_content": "Add them."},
+                   {"role": "user", "content": "3+3?"}], add_generation_prompt=True, enable_thinking=True),
+    # thinking off where the template has a switch
+    dict(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], add_generation_prompt=True,
+         enable_thinking=False),
+    # two calls in one turn after reasoning written into the content, their results, thinking on
+    dict(messages=[{"role": "user", "content": "Paris or Rome?"},
+                   {"role": "assistant", "content": "<think>Compare both.</think>Checking.", "tool_calls": [
+                       {"type": "function", "id": "call_1", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}},
+                       {"type": "function", "id": "call_2", "function": {"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"},
+                   {"role": "tool", "tool_call_id": "call_2", "content": "{\"temp\": 25}"}],
+         tools=TOOLS, add_generation_prompt=True, enable_thinking=True),
 ]
 
 

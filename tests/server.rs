@@ -33,7 +33,14 @@ fn start_with(opts: ServerOptions) -> String {
 
 /// A server, a sender that stops it, and its thread (which ends when the server has stopped).
 fn start_stoppable(opts: ServerOptions) -> (String, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
-    let dir = model_dir();
+    start_model(model_dir(), opts)
+}
+
+/// [`start_stoppable`] with the model in `dir`.
+fn start_model(
+    dir: &Path,
+    opts: ServerOptions,
+) -> (String, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
     let session = Session::new(load_model(dir).unwrap(), TextTokenizer::load(dir).unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -559,6 +566,58 @@ fn tool_call_round_trip() {
     let answer = b["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(answer.contains("Verona") && answer.contains("sunny"), "{answer}");
     assert!(b["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+}
+
+/// `tool_choice` required or named with a GLM-family model: the GLM fixture's random model,
+/// held to GLM's own `<tool_call>NAME<arg_key>…` syntax, answers with a call the server parses
+/// into `tool_calls`, whole and streamed, its arguments within the schema.
+#[test]
+fn forced_tool_calls_in_the_glm_format() {
+    // the fixture with room for a call (its context is 64) and a template that leaves the tools out
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/glm4_moe");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("glm4_moe_forced");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = json!(1024);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("chat_template.jinja"), "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+    let opts = ServerOptions { model_id: "glm".into(), max_queue: 2, default_max_tokens: 64, ..Default::default() };
+    let (base, stop, _) = start_model(&dir, opts);
+    let url = format!("{base}/v1/chat/completions");
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["city", "days"]}}}, {"type": "function", "function": {"name": "now"}}]);
+    let q = json!([{"role": "user", "content": "Weather?"}]);
+    let check = |call: &Value| {
+        assert_eq!(call["function"]["name"], "get_weather", "{call}");
+        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(["Paris", "Rome"].contains(&args["city"].as_str().unwrap()), "{args}");
+        assert!((1..=9).contains(&args["days"].as_i64().unwrap()), "{args}");
+    };
+    for choice in [json!("required"), json!({"type": "function", "function": {"name": "get_weather"}})] {
+        let body = json!({"messages": q, "tools": tools, "tool_choice": choice, "max_tokens": 300, "seed": 3});
+        let (st, a) = post(&url, body.clone());
+        assert_eq!(st, 200, "{a}");
+        if choice == "required" && a["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "now" {
+            continue;
+        }
+        assert_eq!(a["choices"][0]["finish_reason"], "tool_calls", "{a}");
+        check(&a["choices"][0]["message"]["tool_calls"][0]);
+        let mut streamed = body;
+        streamed["stream"] = json!(true);
+        let ev = sse(&url, streamed);
+        let call = ev
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .find_map(|c| c["choices"][0]["delta"]["tool_calls"][0].as_object().cloned())
+            .expect("a tool_calls delta");
+        check(&Value::Object(call));
+    }
+    let _ = stop.send(());
 }
 
 #[test]

@@ -245,6 +245,83 @@ mod tests {
         }
     }
 
+    /// What an [`AnswerStream`] gives a sink for `text` in pieces of `size`, runs of text joined.
+    fn routed(format: toolcall::ToolFormat, thinking: bool, text: &str, size: usize) -> Vec<(String, String)> {
+        let mut a = AnswerStream::new(format, vec!["get_weather".into()], thinking);
+        let mut r = Record::default();
+        let chars: Vec<char> = text.chars().collect();
+        for p in chars.chunks(size) {
+            assert!(a.push(&p.iter().collect::<String>(), &mut r));
+        }
+        assert!(a.finish(&mut r));
+        let mut out: Vec<(String, String)> = vec![];
+        for (k, v) in r.0 {
+            match out.last_mut() {
+                Some((lk, lv)) if *lk == k && (k == "reasoning" || k == "text") => lv.push_str(&v),
+                _ => out.push((k, v)),
+            }
+        }
+        out.into_iter().filter(|(_, v)| !v.trim().is_empty()).map(|(k, v)| (k, v.trim().to_string())).collect()
+    }
+
+    #[test]
+    fn deepseek_kimi_and_glm_answers_route_reasoning_text_and_calls() {
+        use toolcall::ToolFormat::{DeepSeek, Glm, Kimi};
+        // (the generation prompt's end, as the templates write it, the answer, its format)
+        for (prompt, answer, f) in [
+            // DeepSeek-R1 opens the reasoning for the answer
+            (
+                "<｜Assistant｜><think>\n",
+                "Need the weather.\n</think>\n\nChecking.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+                DeepSeek,
+            ),
+            // V3.1 thinking
+            (
+                "<｜Assistant｜><think>",
+                "Need the weather.</think>Checking.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Paris\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+                DeepSeek,
+            ),
+            // V3.2 after a tool result
+            (
+                "</function_results>\n\n<think>",
+                "Need the weather.</think>Checking.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"get_weather\">\n<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜function_calls>",
+                DeepSeek,
+            ),
+            // Kimi-K2-Thinking opens its own reasoning
+            (
+                "<|im_assistant|>assistant<|im_middle|>",
+                "<think>Need the weather.</think>Checking.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"city\": \"Paris\"}<|tool_call_end|><|tool_calls_section_end|>",
+                Kimi,
+            ),
+            // GLM-4.7
+            (
+                "<|assistant|><think>",
+                "Need the weather.</think>Checking.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>",
+                Glm,
+            ),
+        ] {
+            let want = vec![
+                ("reasoning".to_string(), "Need the weather.".to_string()),
+                ("text".to_string(), "Checking.".to_string()),
+                ("get_weather".to_string(), "{\"city\":\"Paris\"}".to_string()),
+            ];
+            let thinking = opens_thinking(prompt);
+            for size in [1, 2, 3, 7, answer.len()] {
+                assert_eq!(routed(f, thinking, answer, size), want, "{answer} in pieces of {size}");
+            }
+            let (reasoning, rest) = split_answer(answer, thinking, f);
+            assert_eq!(reasoning, "Need the weather.");
+            let (text, calls) = toolcall::parse_declared(&rest, &["get_weather".into()], f);
+            assert_eq!((text.as_str(), calls.len()), ("Checking.", 1), "{answer}");
+        }
+        // thinking off: the templates close the block in the prompt, the answer is all text
+        for prompt in ["<｜Assistant｜><think></think>", "<｜Assistant｜><think>\n</think>", "<|assistant|></think>"]
+        {
+            assert!(!opens_thinking(prompt), "{prompt}");
+            assert_eq!(routed(DeepSeek, false, "Hello.", 1), vec![("text".to_string(), "Hello.".to_string())]);
+        }
+    }
+
     #[test]
     fn harmony_answers_route_as_reasoning_text_and_calls_whole_and_streamed() {
         let text = "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary \

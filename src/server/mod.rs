@@ -930,22 +930,19 @@ fn grammars(app: &App) -> Result<&crate::grammar::Grammars, Response> {
 }
 
 /// A grammar that makes the answer one call of a declared tool (of the named one), in the
-/// template's `<tool_call>` JSON format, arguments matching the tool's parameter schema.
-fn forced_call(app: &App, tools: Option<&Value>, choice: &ToolChoice) -> Result<crate::grammar::Constraint, Response> {
-    if app.tools != toolcall::ToolFormat::Qwen {
-        return Err(bad_request(
-            format!(
-                "tool_choice `required` or a named function is not supported yet for {:?}-format tool calls",
-                app.tools
-            ),
-            Some("tool_choice"),
-        ));
-    }
+/// family's own call syntax, arguments matching the tool's parameter schema; `thinking`: the
+/// prompt left a reasoning block open, which the answer closes first.
+fn forced_call(
+    app: &App,
+    tools: Option<&Value>,
+    choice: &ToolChoice,
+    thinking: bool,
+) -> Result<crate::grammar::Constraint, Response> {
     let only = match choice {
         ToolChoice::Named(n) => Some(n.as_str()),
         _ => None,
     };
-    let alts: Vec<Value> = tools
+    let declared: Vec<(String, Value)> = tools
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
@@ -959,15 +956,19 @@ fn forced_call(app: &App, tools: Option<&Value>, choice: &ToolChoice) -> Result<
                 .filter(|p| p.is_object())
                 .cloned()
                 .unwrap_or(json!({"type": "object"}));
-            Some(json!({"type": "object", "properties": {"name": {"const": name}, "arguments": params},
-                "required": ["name", "arguments"], "additionalProperties": false}))
+            Some((name.to_string(), params))
         })
         .collect();
-    let schema = if alts.len() == 1 { alts[0].clone() } else { json!({"anyOf": alts}) };
-    // the tags as the tokenizer has them: one special token each, or plain text
-    let tag = |t: &str| app.tok.special_id(t).map_or_else(|| format!("{t:?}"), |id| format!("<[{id}]>"));
-    let lark =
-        format!("start: {} \"\\n\" call \"\\n\" {}\ncall: %json {schema}", tag("<tool_call>"), tag("</tool_call>"));
+    let tag = |t: &str| crate::grammar::tag(&app.tok, t);
+    let Some(lark) = crate::grammar::tool_call_lark(app.tools, &declared, thinking, &tag) else {
+        return Err(bad_request(
+            format!(
+                "tool_choice `required` or a named function is not supported for {:?}-format tool calls",
+                app.tools
+            ),
+            Some("tool_choice"),
+        ));
+    };
     grammars(app)?.lark(&lark).map_err(|e| bad_request(format!("{e:#}"), Some("tools")))
 }
 
@@ -1060,7 +1061,7 @@ async fn prepare(
             Some((s, param)) => {
                 Some(grammars(&a)?.json_schema(&s).map_err(|e| bad_request(format!("{e:#}"), Some(param)))?)
             }
-            None if forced => Some(forced_call(&a, tools.as_ref(), &choice)?),
+            None if forced => Some(forced_call(&a, tools.as_ref(), &choice, thinking)?),
             None => None,
         };
         Ok(Prepared { prompt, turn, constraint, thinking })
