@@ -39,6 +39,12 @@ impl Family for DeepseekV3 {
         configure_mla(t, cfg, interleaved, v32.then_some((false, own)), 3)
     }
 
+    /// DeepSeek's tool-call tokens (V3/R1, V3.1 and V3.2's DSML forms); Kimi's sections.
+    fn tool_format(&self, model_type: &str) -> crate::toolcall::ToolFormat {
+        use crate::toolcall::ToolFormat;
+        if model_type.starts_with("kimi") { ToolFormat::Kimi } else { ToolFormat::DeepSeek }
+    }
+
     fn presets(&self) -> &'static [&'static str] {
         &["deepseek-v3", "deepseek-v3.2", "kimi-k2.5"]
     }

@@ -47,7 +47,7 @@ impl Family for Glm4Moe {
         Ok(())
     }
 
-    fn tool_format(&self) -> crate::toolcall::ToolFormat {
+    fn tool_format(&self, _model_type: &str) -> crate::toolcall::ToolFormat {
         crate::toolcall::ToolFormat::Glm
     }
 

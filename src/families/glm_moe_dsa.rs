@@ -71,7 +71,7 @@ impl Family for GlmMoeDsa {
         configure_mla(t, cfg, true, Some((true, own)), 3)
     }
 
-    fn tool_format(&self) -> crate::toolcall::ToolFormat {
+    fn tool_format(&self, _model_type: &str) -> crate::toolcall::ToolFormat {
         crate::toolcall::ToolFormat::Glm
     }
 

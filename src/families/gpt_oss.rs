@@ -39,7 +39,7 @@ impl Family for GptOss {
     }
 
     /// Harmony: channels and recipients in message headers ([`crate::harmony`]).
-    fn tool_format(&self) -> crate::toolcall::ToolFormat {
+    fn tool_format(&self, _model_type: &str) -> crate::toolcall::ToolFormat {
         crate::toolcall::ToolFormat::Harmony
     }
 

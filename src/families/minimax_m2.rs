@@ -37,7 +37,7 @@ impl Family for MiniMaxM2 {
         Ok(())
     }
 
-    fn tool_format(&self) -> crate::toolcall::ToolFormat {
+    fn tool_format(&self, _model_type: &str) -> crate::toolcall::ToolFormat {
         crate::toolcall::ToolFormat::MiniMax
     }
 

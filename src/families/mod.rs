@@ -93,7 +93,7 @@ pub trait Family: Sync {
         None
     }
     /// How its chat template writes tool calls (what the server parses).
-    fn tool_format(&self) -> crate::toolcall::ToolFormat {
+    fn tool_format(&self, _model_type: &str) -> crate::toolcall::ToolFormat {
         crate::toolcall::ToolFormat::Qwen
     }
     /// Synth presets: names and their text model's `config.json`.

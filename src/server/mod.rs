@@ -142,8 +142,8 @@ pub fn router(session: Session, opts: ServerOptions) -> Router {
 
 fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
     let (vocab, stop_ids) = (session.model.vocab_size(), session.stop_ids.clone());
-    let tools = crate::families::by_model_type(&session.model.cfg.model_type)
-        .map_or_else(|_| Default::default(), |f| f.tool_format());
+    let mt = &session.model.cfg.model_type;
+    let tools = crate::families::by_model_type(mt).map_or_else(|_| Default::default(), |f| f.tool_format(mt));
     let app = Arc::new(App {
         tools,
         tok: session.tok.clone(),
