@@ -21,6 +21,12 @@ fn tune_malloc() {
 fn main() {
     let cli = Cli::parse();
     tune_malloc();
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        // a closed pipe (`flashmoe inspect | head`) ends the process quietly, as for any
+        // command-line tool, instead of panicking in println!; the server keeps Rust's default
+        // SAFETY: sets a signal disposition before any other thread exists
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
     let threads = cli.threads.or(env).filter(|&t| t > 0).unwrap_or_else(flashmoe::cpu::default_threads);
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();

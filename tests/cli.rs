@@ -198,3 +198,31 @@ fn bench_cold_says_whether_the_expert_files_left_memory() {
     .unwrap();
     assert!(j["cold_resident_fraction"].as_f64().unwrap() > 0.5, "{j}");
 }
+
+#[test]
+fn synth_help_names_every_preset_and_inspect_explains_latent_attention() {
+    let (help, _) = run(&["synth", "--help"]);
+    for p in flashmoe::families::presets() {
+        assert!(help.contains(p), "synth --help does not name preset {p}");
+    }
+    let (out, _) = run(&["inspect", "--model", fixture("glm_moe_dsa").to_str().unwrap()]);
+    assert!(out.contains("latent (MLA): 4 heads, q LoRA rank 16"), "{out}");
+    assert!(out.contains("latent cache   64 B per token"), "{out}");
+    assert!(out.contains("own in 2 of 4 layers"), "{out}");
+}
+
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["inspect", "--model", fixture("qwen3_next").to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+}

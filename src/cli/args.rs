@@ -88,8 +88,9 @@ pub(crate) enum Cmd {
     },
     /// Write a full-size model of a published shape with random weights (flash layout).
     Synth {
-        /// qwen3.5-397b-a17b, qwen3.5-122b-a10b, qwen3.5-35b-a3b, qwen3-next-80b-a3b,
-        /// qwen3-235b-a22b or qwen3-30b-a3b.
+        /// A published shape: qwen3.5-397b-a17b, qwen3.5-122b-a10b, qwen3.5-35b-a3b,
+        /// qwen3-next-80b-a3b, qwen3-235b-a22b, qwen3-30b-a3b, glm-4.5, glm-4.5-air, minimax-m2,
+        /// mixtral-8x22b, gpt-oss-120b, gpt-oss-20b, deepseek-v3, deepseek-v3.2, kimi-k2.5, glm-5.
         #[arg(long)]
         preset: String,
         /// Keep every per-layer shape but only the first N layers.

@@ -15,6 +15,7 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
     };
     let (total, active) = c.param_counts();
     let n_attn = c.mixers.iter().filter(|m| **m == Mixer::Attention).count();
+    let n_mla = c.mixers.iter().filter(|m| **m == Mixer::Mla).count();
     let n_moe = c.ffns.iter().filter(|f| **f == Ffn::Moe).count();
     println!(
         "model          {}{}",
@@ -28,10 +29,11 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
         if c.multimodal() { ", multimodal wrapper" } else { "" }
     );
     println!(
-        "layers         {} ({} DeltaNet, {} full attention; {} MoE, {} dense)",
+        "layers         {} ({} DeltaNet, {} full attention, {} latent attention; {} MoE, {} dense)",
         c.num_layers,
-        c.num_layers - n_attn,
+        c.num_layers - n_attn - n_mla,
         n_attn,
+        n_mla,
         n_moe,
         c.num_layers - n_moe
     );
@@ -40,39 +42,78 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
         c.layer_pattern()
     );
     println!("hidden         {}, vocab {}, context {}", c.hidden_size, c.vocab_size, c.max_position_embeddings);
-    println!(
-        "attention      {} heads, {} kv heads, head dim {}, rotary dim {} (theta {}), gated {}",
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        c.rotary_dim(),
-        c.rope_theta,
-        c.gated_attention()
-    );
-    let a = &c.attn;
-    println!(
-        "attn options   q/k norm {}, biases {}, sinks {}, sliding window {}{}",
-        match a.qk_norm {
-            flashmoe::config::QkNorm::None => "none",
-            flashmoe::config::QkNorm::PerHead => "per head",
-            flashmoe::config::QkNorm::Whole => "over all heads",
-        },
-        match (a.qkv_bias, a.o_bias) {
-            (true, true) => "q/k/v/o",
-            (true, false) => "q/k/v",
-            _ => "none",
-        },
-        if a.sinks { "yes" } else { "no" },
-        {
-            let w: Vec<usize> = a.window.iter().flatten().copied().collect();
-            match w.first() {
-                None => "none".to_string(),
-                Some(x) if w.len() == a.window.len() => format!("{x} in every layer"),
-                Some(x) => format!("{x} in {} of {} layers", w.len(), a.window.len()),
-            }
-        },
-        a.yarn.map_or(String::new(), |y| format!(", YaRN x{} from {}", y.factor, y.original_max_position_embeddings))
-    );
+    if let Some(m) = &c.mla {
+        let per_token = 4 * m.latent_width();
+        println!(
+            "attention      latent (MLA): {} heads, q {}, kv latent {} + rope key {}, head dims nope {} / rope {} / v {} \
+             (theta {}{}), {} RoPE",
+            c.num_heads,
+            m.q_lora_rank.map_or("full projection".to_string(), |r| format!("LoRA rank {r}")),
+            m.kv_lora_rank,
+            m.qk_rope_head_dim,
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            c.rope_theta,
+            c.attn
+                .yarn
+                .map_or(String::new(), |y| format!(", YaRN x{} from {}", y.factor, y.original_max_position_embeddings)),
+            if m.interleaved { "interleaved" } else { "half-split" }
+        );
+        // what expanded K and V would take, for comparison (GQA with one KV head per query head)
+        let expanded = 4 * c.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim);
+        println!(
+            "latent cache   {per_token} B per token and layer (f32), {:.0}x less than expanded K and V ({expanded} B)",
+            expanded as f64 / per_token as f64
+        );
+        if let Some(x) = &m.indexer {
+            let own = x.own.iter().filter(|&&o| o).count();
+            println!(
+                "indexer        DSA: {} heads x {}, top {} positions, {} RoPE, own in {own} of {} layers (+{} B per token)",
+                x.heads,
+                x.head_dim,
+                x.topk,
+                if x.interleaved { "interleaved" } else { "half-split" },
+                x.own.len(),
+                4 * x.head_dim
+            );
+        }
+    } else {
+        println!(
+            "attention      {} heads, {} kv heads, head dim {}, rotary dim {} (theta {}), gated {}",
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.rotary_dim(),
+            c.rope_theta,
+            c.gated_attention()
+        );
+        let a = &c.attn;
+        println!(
+            "attn options   q/k norm {}, biases {}, sinks {}, sliding window {}{}",
+            match a.qk_norm {
+                flashmoe::config::QkNorm::None => "none",
+                flashmoe::config::QkNorm::PerHead => "per head",
+                flashmoe::config::QkNorm::Whole => "over all heads",
+            },
+            match (a.qkv_bias, a.o_bias) {
+                (true, true) => "q/k/v/o",
+                (true, false) => "q/k/v",
+                _ => "none",
+            },
+            if a.sinks { "yes" } else { "no" },
+            {
+                let w: Vec<usize> = a.window.iter().flatten().copied().collect();
+                match w.first() {
+                    None => "none".to_string(),
+                    Some(x) if w.len() == a.window.len() => format!("{x} in every layer"),
+                    Some(x) => format!("{x} in {} of {} layers", w.len(), a.window.len()),
+                }
+            },
+            a.yarn
+                .map_or(String::new(), |y| format!(", YaRN x{} from {}", y.factor, y.original_max_position_embeddings))
+        );
+    }
     if let Some(l) = &c.linear {
         println!(
             "deltanet       {} k heads x {}, {} v heads x {}, conv kernel {}",
