@@ -16,6 +16,8 @@
 #   ONLY=next80b bash bench/beyond_ram.sh    # one model
 #   ONLY=families bash bench/beyond_ram.sh   # GLM-4.5, MiniMax-M2, gpt-oss-120b, Mixtral-8x22B,
 #                                            # each cut to a few layers, in a $LIMIT_FAM cgroup
+#   ONLY=mla bash bench/beyond_ram.sh        # DeepSeek-V3, Kimi-K2.5, GLM-5 cut to a few layers,
+#                                            # in a $LIMIT_MLA cgroup
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/flashmoe}
@@ -25,6 +27,7 @@ LIMIT_80B=${LIMIT_80B:-10G}
 LIMIT_397B=${LIMIT_397B:-8G}
 L397=${L397:-6}
 LIMIT_FAM=${LIMIT_FAM:-6G}
+LIMIT_MLA=${LIMIT_MLA:-12G}
 GEN=${GEN:-24}
 PROMPT=${PROMPT:-16}
 ONLY=${ONLY:-all}
@@ -100,5 +103,12 @@ if [ "$ONLY" = families ]; then
     KS=(8); run_model minimax_m2 minimax-m2 "$LIMIT_FAM" --layers 8
     KS=(4); run_model gpt_oss_120b gpt-oss-120b "$LIMIT_FAM" --layers 12
     KS=(2); run_model mixtral_8x22b mixtral-8x22b "$LIMIT_FAM" --layers 6
+fi
+if [ "$ONLY" = mla ]; then
+    # the dense-first layers and 129k-164k vocabularies make 6-9 GB of resident weights: a
+    # 12 GiB cgroup holds them and leaves a few GB for experts; each cut is 1.5-3x the limit
+    KS=(8); run_model deepseek_v3 deepseek-v3 "$LIMIT_MLA" --layers 6
+    KS=(8); run_model kimi_k25 kimi-k2.5 "$LIMIT_MLA" --layers 4
+    KS=(8); run_model glm5 glm-5 "$LIMIT_MLA" --layers 5
 fi
 python3 bench/perf_table.py "$RESULTS"

@@ -287,22 +287,36 @@ pub struct SynthReport {
     pub layers: usize,
 }
 
-/// Writes a synthetic model of `preset` to `to` in the flash layout.
-pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport> {
-    let mut raw = preset_config(preset)?;
-    if let Some(n) = opts.layers {
-        let full = raw["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+/// A preset's config cut to its first `layers` layers (a multimodal wrapper's under
+/// `text_config`), and its full layer count.
+fn cut_layers(mut raw: serde_json::Value, layers: Option<usize>, preset: &str) -> Result<(serde_json::Value, usize)> {
+    // a multimodal wrapper keeps the text model's sizes under `text_config`
+    let text_key = raw.get("text_config").is_some().then_some("text_config");
+    let full = text_key.map_or(&raw, |k| &raw[k])["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    if let Some(n) = layers {
         if n == 0 || n > full {
             bail!("--layers must be in 1..={full} for {preset}");
         }
-        raw["num_hidden_layers"] = json!(n);
+        let t = match text_key {
+            Some(k) => &mut raw[k],
+            None => &mut raw,
+        };
+        t["num_hidden_layers"] = json!(n);
         // a per-layer schedule keeps its first n entries
-        if let Some(lt) = raw.get_mut("layer_types").and_then(|v| v.as_array_mut()) {
-            lt.truncate(n);
+        for key in ["layer_types", "mlp_layer_types", "indexer_types"] {
+            if let Some(lt) = t.get_mut(key).and_then(|v| v.as_array_mut()) {
+                lt.truncate(n);
+            }
         }
     }
+    Ok((raw, full))
+}
+
+/// Writes a synthetic model of `preset` to `to` in the flash layout.
+pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport> {
+    let (mut raw, full) = cut_layers(preset_config(preset)?, opts.layers, preset)?;
     raw["flashmoe_synthetic"] = json!({"preset": preset, "routing": format!("{:?}", opts.routing).to_lowercase(),
-        "seed": opts.seed, "full_layers": preset_config(preset)?["num_hidden_layers"]});
+        "seed": opts.seed, "full_layers": full});
     let cfg = ModelConfig::from_json(&raw)?;
     let ek = opts.experts;
     let (h, inter, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
@@ -386,4 +400,19 @@ pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport
     staging.publish()?;
     pb.finish_and_clear();
     Ok(SynthReport { resident_bytes, expert_bytes: expert_total, expert_stride: stride, layers: cfg.num_layers })
+}
+
+#[cfg(test)]
+mod cut_tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_cuts_to_one_layer_and_parses() {
+        for p in crate::families::presets() {
+            let (raw, full) = cut_layers(preset_config(p).unwrap(), Some(1), p).unwrap();
+            assert!(full > 1, "{p}");
+            assert_eq!(ModelConfig::from_json(&raw).unwrap().num_layers, 1, "{p}");
+            assert!(cut_layers(preset_config(p).unwrap(), Some(full + 1), p).is_err());
+        }
+    }
 }
