@@ -15,7 +15,8 @@ pub const SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
 /// Expert format of the converted built-in model (see docs/QUALITY.md for what it costs).
 pub const EXPERTS: WKind = WKind::Q { bits: 4, group: 64 };
 
-fn cache_root() -> PathBuf {
+/// The user's cache directory for flashmoe: `$XDG_CACHE_HOME/flashmoe`, else `~/.cache/flashmoe`.
+pub fn cache_root() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))

@@ -202,9 +202,13 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
         match res {
             Ok(o) => {
                 let stats = format!(
-                    "[{} prompt tokens ({} reused), {:.1} tok/s prefill | {} tokens, {:.2} tok/s | {}]",
+                    "[{} prompt tokens ({} reused{}), {:.1} tok/s prefill | {} tokens, {:.2} tok/s | {}]",
                     o.prompt_tokens,
                     o.reused_tokens,
+                    match o.loaded_tokens {
+                        0 => String::new(),
+                        n => format!(", {n} from the prompt cache"),
+                    },
                     o.stats.prompt_tok_s(),
                     o.tokens.len(),
                     o.stats.gen_tok_s(),

@@ -25,6 +25,7 @@ pub mod model;
 pub mod options;
 pub mod par;
 pub mod profile;
+pub mod prompt_cache;
 pub mod quant;
 pub mod scratch;
 pub mod server;

@@ -38,12 +38,12 @@ fn main() {
         Cmd::Inspect { model } => resolve(model).and_then(cmd_inspect),
         Cmd::Template { model, template, messages, tools, set, no_generation_prompt } => resolve(model)
             .and_then(|model| cmd_template(&model, template, &messages, tools, &set, !no_generation_prompt)),
-        Cmd::Chat { model, system, system_file, no_think, max_tokens, sampling, store } => {
-            cmd_chat(model, system, system_file, no_think, max_tokens, &sampling, &store)
+        Cmd::Chat { model, system, system_file, no_think, max_tokens, sampling, store, prompt_cache } => {
+            cmd_chat(model, system, system_file, no_think, max_tokens, &sampling, &store, &prompt_cache)
         }
-        Cmd::Serve { model, host, port, max_queue, model_id, api_key, cors, store } => {
+        Cmd::Serve { model, host, port, max_queue, model_id, api_key, cors, store, prompt_cache } => {
             let opts = flashmoe::server::ServerOptions { max_queue, api_key, cors, ..Default::default() };
-            cmd_serve(model, &host, port, model_id, opts, &store)
+            cmd_serve(model, &host, port, model_id, opts, &store, &prompt_cache)
         }
         Cmd::Convert { from, to, experts, dense, group_size, force } => {
             cmd_convert(from, to, &experts, &dense, group_size, force)

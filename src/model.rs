@@ -13,6 +13,7 @@ use crate::profile::{PROFILE, add_since};
 use crate::scratch;
 use crate::tensor::{Mat, Precision};
 use anyhow::{Result, bail};
+use smallvec::{SmallVec, smallvec};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,6 +50,77 @@ pub enum LayerState {
     Kv(KvCache),
     Delta(DeltaState),
     Latent(LatentCache),
+}
+
+impl LayerState {
+    /// The variant's name in prompt-cache files ([`crate::prompt_cache`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LayerState::Kv(_) => "kv",
+            LayerState::Delta(_) => "delta",
+            LayerState::Latent(_) => "latent",
+        }
+    }
+
+    /// The state's buffers, in the order cache files hold them.
+    pub fn buffers(&self) -> SmallVec<[&Vec<f32>; 4]> {
+        match self {
+            LayerState::Kv(c) => smallvec![&c.k, &c.v],
+            LayerState::Delta(d) => smallvec![&d.conv, &d.s],
+            LayerState::Latent(c) => smallvec![&c.lat, &c.index_k],
+        }
+    }
+
+    /// The same buffers, to fill when loading.
+    pub fn buffers_mut(&mut self) -> SmallVec<[&mut Vec<f32>; 4]> {
+        match self {
+            LayerState::Kv(c) => smallvec![&mut c.k, &mut c.v],
+            LayerState::Delta(d) => smallvec![&mut d.conv, &mut d.s],
+            LayerState::Latent(c) => smallvec![&mut c.lat, &mut c.index_k],
+        }
+    }
+
+    /// Whether the state after `n` tokens holds the state after any `m < n` of them (a KV
+    /// cache: its first `m` rows); a recurrent state does not.
+    pub fn truncatable(&self) -> bool {
+        match self {
+            LayerState::Kv(_) | LayerState::Latent(_) => true,
+            LayerState::Delta(_) => false,
+        }
+    }
+
+    /// Cuts a truncatable state of `from` tokens to its first `to`; false when it cannot be.
+    pub fn truncate(&mut self, from: usize, to: usize) -> bool {
+        if to == from {
+            return true;
+        }
+        if !self.truncatable() || to > from || from == 0 {
+            return false;
+        }
+        for b in self.buffers_mut() {
+            let row = b.len() / from;
+            b.truncate(row * to);
+        }
+        true
+    }
+}
+
+impl Layer {
+    /// The kind of state this layer keeps and the length of each of its buffers after `pos`
+    /// tokens ([`LayerState::kind`], [`LayerState::buffers`]).
+    pub fn state_shape(&self, pos: usize) -> (&'static str, SmallVec<[usize; 4]>) {
+        match &self.mixer {
+            MixerWeights::Attention(a) => ("kv", smallvec![pos * a.num_kv_heads * a.head_dim; 2]),
+            MixerWeights::DeltaNet(d) => {
+                let s = DeltaState::new(&d.cfg);
+                ("delta", smallvec![s.conv.len(), s.s.len()])
+            }
+            MixerWeights::Mla(a) => {
+                let ix = a.indexer.as_ref().map_or(0, |i| i.spec.head_dim);
+                ("latent", smallvec![pos * (a.kv_lora + a.rope_dim), pos * ix])
+            }
+        }
+    }
 }
 
 /// Everything a sequence carries between calls: positions so far and each layer's state.

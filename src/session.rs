@@ -9,9 +9,14 @@
 //! name where the prompt's last turn begins ([`Session::snapshot_at`]): the next turn's prompt
 //! re-renders everything after it (the generation prompt's empty `<think></think>` with
 //! thinking off is gone from history), so a snapshot there is what the next turn resumes from.
+//!
+//! With a prompt cache ([`Session::set_prompt_cache`], [`crate::prompt_cache`]) the snapshots
+//! are also saved to disk, and a prompt that begins with a saved prefix longer than what memory
+//! holds loads it: across conversations, sessions and processes.
 
 use crate::generate::{GenStats, Sampler, SamplingParams, StopReason, TokenLogprob};
 use crate::model::{Model, State};
+use crate::prompt_cache::PromptCache;
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use anyhow::{Result, bail};
 use smallvec::SmallVec;
@@ -50,6 +55,8 @@ pub struct Output {
     pub prompt_tokens: usize,
     /// Prompt tokens that were already in the state (not prefilled again).
     pub reused_tokens: usize,
+    /// Of those, the tokens loaded from the prompt cache on disk.
+    pub loaded_tokens: usize,
     /// The stop string that ended the text, if one did.
     pub stop_string: Option<String>,
     pub stats: GenStats,
@@ -90,9 +97,18 @@ pub struct Session {
     /// Tokens whose effect `state` holds.
     cached: Vec<u32>,
     snapshots: Vec<(usize, State)>,
-    /// A position of the next prompt to keep a snapshot at ([`Session::snapshot_at`]).
-    mark: Option<usize>,
+    /// Positions of the next prompt to keep snapshots at ([`Session::snapshot_at`]).
+    marks: SmallVec<[usize; 2]>,
+    prompt_cache: Option<PromptCache>,
+    /// Every layer's state can be cut to a prefix (attention only: no recurrent state).
+    truncatable: bool,
+    /// Tokens the last prefill loaded from the prompt cache.
+    loaded: usize,
 }
+
+/// Positions of a prompt to keep snapshots at ([`Session::snapshot_at`]): where its last turn
+/// begins, where its system prompt and tools end.
+pub type Marks = [Option<usize>; 2];
 
 /// The chat prompt of `messages` (generation prompt added) and where its last turn begins:
 /// the length of the same messages rendered without the generation prompt, when their tokens
@@ -110,6 +126,28 @@ pub fn chat_prompt(
     Ok((prompt, turn))
 }
 
+/// Where the part of `prompt` that the system messages and the tools render to ends, when it is
+/// a proper prefix in tokens: the boundary that other conversations with the same system prompt
+/// and tools share (a prompt-cache entry there serves them all).
+pub fn system_prefix(
+    tok: &TextTokenizer,
+    prompt: &[u32],
+    messages: &serde_json::Value,
+    tools: Option<&serde_json::Value>,
+    extra: &serde_json::Map<String, serde_json::Value>,
+) -> Option<usize> {
+    let all = messages.as_array()?;
+    let n = all.iter().take_while(|m| m.get("role").and_then(|r| r.as_str()) == Some("system")).count();
+    if n == 0 && tools.is_none() || n == all.len() {
+        return None;
+    }
+    let head = serde_json::Value::Array(all[..n].to_vec());
+    let t = tok.encode(&tok.apply_chat_template(&head, tools, false, extra).ok()?).ok()?;
+    // a template may end the system part with tokens a following message changes
+    let l = common_prefix(&t, prompt);
+    (l >= 16 && l < prompt.len()).then_some(l)
+}
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -118,13 +156,41 @@ impl Session {
     pub fn new(model: Model, tok: TextTokenizer) -> Session {
         let stop_ids = crate::generate::stop_ids(&model.cfg, &tok);
         let state = model.new_state();
-        Session { model, tok, stop_ids, state, cached: vec![], snapshots: vec![], mark: None }
+        let truncatable = state.layers.iter().all(|l| l.truncatable());
+        Session {
+            model,
+            tok,
+            stop_ids,
+            state,
+            cached: vec![],
+            snapshots: vec![],
+            marks: SmallVec::new(),
+            prompt_cache: None,
+            truncatable,
+            loaded: 0,
+        }
+    }
+
+    /// Saves prompt states to `cache` and resumes from its entries (see the module doc).
+    pub fn set_prompt_cache(&mut self, cache: Option<PromptCache>) {
+        self.prompt_cache = cache;
+    }
+
+    pub fn has_prompt_cache(&self) -> bool {
+        self.prompt_cache.is_some()
+    }
+
+    pub fn prompt_cache(&mut self) -> Option<&mut PromptCache> {
+        self.prompt_cache.as_mut()
     }
 
     /// Asks the next [`Session::generate`] to keep a snapshot after the first `pos` tokens of
-    /// its prompt (where its last turn begins; see the module doc).
+    /// its prompt (where its last turn begins, where the system prompt ends; see the module
+    /// doc). Repeatable.
     pub fn snapshot_at(&mut self, pos: usize) {
-        self.mark = Some(pos);
+        if !self.marks.contains(&pos) {
+            self.marks.push(pos);
+        }
     }
 
     /// The chat prompt of `messages` ([`chat_prompt`]), with a snapshot asked for where its
@@ -136,7 +202,13 @@ impl Session {
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Vec<u32>> {
         let (prompt, turn) = chat_prompt(&self.tok, messages, tools, extra)?;
+        self.marks.clear();
         if let Some(t) = turn {
+            self.snapshot_at(t);
+        }
+        if self.prompt_cache.is_some()
+            && let Some(t) = system_prefix(&self.tok, &prompt, messages, tools, extra)
+        {
             self.snapshot_at(t);
         }
         Ok(prompt)
@@ -154,18 +226,37 @@ impl Session {
         self.cached.len()
     }
 
-    /// Brings the state to `prompt[..n]` for the largest reusable n < prompt.len().
+    /// Brings the state to `prompt[..n]` for the largest reusable n < prompt.len(): the live
+    /// state, a snapshot, or an entry of the prompt cache, whichever holds the most.
     fn rewind(&mut self, prompt: &[u32]) -> usize {
+        self.loaded = 0;
         let l = common_prefix(&self.cached, prompt);
-        if l == self.cached.len() && l < prompt.len() && !self.state.poisoned {
-            return l;
-        }
+        let live = l == self.cached.len() && l < prompt.len() && !self.state.poisoned;
         let best = self
             .snapshots
             .iter()
             .enumerate()
             .filter(|(_, (p, _))| *p <= l && *p < prompt.len())
             .max_by_key(|(_, (p, _))| *p);
+        let in_memory = if live { l } else { best.map_or(0, |(_, (p, _))| *p) };
+        if let Some(pc) = &mut self.prompt_cache
+            && let Some((name, n)) = pc.lookup(prompt, self.truncatable, in_memory)
+        {
+            match pc.load(&self.model, &name, n) {
+                Ok(st) => {
+                    self.state = st;
+                    self.cached = prompt[..n].to_vec();
+                    // snapshots of a prefix both histories share stay valid
+                    self.snapshots.retain(|(q, _)| *q <= l.min(n));
+                    self.loaded = n;
+                    return n;
+                }
+                Err(e) => eprintln!("note: {e:#} (removed; prefilling instead)"),
+            }
+        }
+        if live {
+            return l;
+        }
         match best {
             Some((_, (p, st))) => {
                 let p = *p;
@@ -265,6 +356,7 @@ impl Session {
             finish,
             prompt_tokens: prompt.len(),
             reused_tokens: reused,
+            loaded_tokens: self.loaded,
             stop_string,
             stats,
             logprobs,
@@ -279,8 +371,9 @@ impl Session {
         let reused = self.rewind(prompt);
         self.cached.truncate(reused);
         let n = prompt.len();
-        let mut stops: SmallVec<[usize; 2]> =
-            self.mark.take().into_iter().filter(|&m| m > reused && m < n - 1).collect();
+        let mut stops: SmallVec<[usize; 3]> =
+            std::mem::take(&mut self.marks).into_iter().filter(|&m| m > reused && m < n - 1).collect();
+        stops.sort_unstable();
         stops.push(n - 1);
         let mut at = reused;
         for stop in stops {
@@ -294,6 +387,15 @@ impl Session {
                 if self.snapshots.len() > MAX_SNAPSHOTS {
                     self.snapshots.remove(0);
                 }
+            }
+            // on disk: every boundary of a recurrent state; for KV caches only the longest,
+            // which serves every shorter prefix
+            if let Some(pc) = &mut self.prompt_cache
+                && (stop == n - 1 || !self.truncatable)
+                && stop > 0
+                && let Err(e) = pc.save(&prompt[..stop], &self.state, self.truncatable)
+            {
+                eprintln!("note: prompt cache: {e:#}");
             }
         }
         let logits = self.model.forward(&mut self.state, &prompt[n - 1..], false)?;

@@ -41,7 +41,14 @@ fn start_model(
     dir: &Path,
     opts: ServerOptions,
 ) -> (String, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
-    let session = Session::new(load_model(dir).unwrap(), TextTokenizer::load(dir).unwrap());
+    start_session(Session::new(load_model(dir).unwrap(), TextTokenizer::load(dir).unwrap()), opts)
+}
+
+/// [`start_stoppable`] with a session of one's own.
+fn start_session(
+    session: Session,
+    opts: ServerOptions,
+) -> (String, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let h = std::thread::spawn(move || {
@@ -1303,4 +1310,54 @@ fn official_openai_python_client_responses() {
     let py = python_with("openai", "openai");
     let base = start(8);
     run_client(&py, "responses_client.py", &format!("{base}/v1"), "all responses client checks passed");
+}
+
+/// The prompt cache across a restart: a new server on the same cache directory answers the
+/// same request from the saved state (and says so in `usage`), and another conversation with
+/// the same system prompt from its shared prefix; the answers are the ones computed cold.
+#[test]
+fn a_restarted_server_resumes_prompts_from_the_prompt_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let server = || {
+        let dir = model_dir();
+        let model = load_model(dir).unwrap();
+        let pc = flashmoe::prompt_cache::PromptCache::for_model(dir, &model, Some(cache.path().into()), None).unwrap();
+        let mut s = Session::new(model, TextTokenizer::load(dir).unwrap());
+        s.set_prompt_cache(Some(pc));
+        start_session(s, ServerOptions { default_max_tokens: 16, ..Default::default() })
+    };
+    let system =
+        json!({"role": "system", "content": "You are a player in Shakespeare's company, and you answer in verse."});
+    let ask = |base: &str, user: &str| {
+        let body =
+            json!({"model": "flashmoe", "messages": [system, {"role": "user", "content": user}], "temperature": 0});
+        let (st, b) = post(&format!("{base}/v1/chat/completions"), body);
+        assert_eq!(st, 200, "{b}");
+        let u = &b["usage"];
+        let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        (
+            b["choices"][0]["message"]["content"].as_str().unwrap().to_string(),
+            u["prompt_tokens"].as_u64().unwrap(),
+            cached,
+        )
+    };
+    let (base, stop, h) = server();
+    let (a, prompt, cached) = ask(&base, "Speak as ROMEO.");
+    assert_eq!(cached, 0);
+    let (other_cold, _, _) = ask(&base, "Now speak as JULIET, briefly.");
+    stop.send(()).unwrap();
+    h.join().unwrap();
+
+    let (base, stop, h) = server();
+    let (again, _, cached) = ask(&base, "Speak as ROMEO.");
+    assert_eq!((again, cached), (a, prompt - 1));
+    // a new server again: this one has only the disk, and the first answer's prompt in it
+    stop.send(()).unwrap();
+    h.join().unwrap();
+    let (base, _stop, _h) = server();
+    let (other, other_prompt, cached) = ask(&base, "Now speak as JULIET, briefly.");
+    assert_eq!(other, other_cold);
+    assert_eq!(cached, other_prompt - 1, "the second conversation's own entry");
+    let (_, p, cached) = ask(&base, "And now as MERCUTIO.");
+    assert!(cached > 10 && cached < p - 5, "the shared system prompt: {cached} of {p}");
 }

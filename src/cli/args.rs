@@ -201,6 +201,8 @@ pub(crate) enum Cmd {
         sampling: SamplingArgs,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        prompt_cache: PromptCacheArgs,
     },
     /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
     Serve {
@@ -225,6 +227,8 @@ pub(crate) enum Cmd {
         cors: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        prompt_cache: PromptCacheArgs,
     },
 }
 
@@ -250,6 +254,8 @@ pub(crate) struct GenerateArgs {
     pub(crate) sampling: SamplingArgs,
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+    #[command(flatten)]
+    pub(crate) prompt_cache: PromptCacheArgs,
 }
 
 /// Sampling settings, the same defaults for every command (a server request's own values
@@ -289,6 +295,52 @@ impl SamplingArgs {
         };
         p.validate()?;
         Ok(p)
+    }
+}
+
+/// The persistent prompt cache (`flashmoe::prompt_cache`).
+#[derive(Args, Clone)]
+pub(crate) struct PromptCacheArgs {
+    /// Save prompt states (KV caches, DeltaNet states) to disk, keyed by their tokens, and
+    /// resume later prompts that begin the same way from them, across runs; in DIR if given
+    /// (default: <cache dir>/prompt-cache/<model>-<hash>/). On by default for `serve`.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
+    pub(crate) prompt_cache: Option<PathBuf>,
+    /// Do not use the prompt cache (serve).
+    #[arg(long, conflicts_with = "prompt_cache")]
+    pub(crate) no_prompt_cache: bool,
+    /// Most bytes the prompt cache keeps, e.g. 4G; the least recently used entries go first
+    /// (default: 8G, at most a quarter of the free disk space).
+    #[arg(long, value_name = "SIZE")]
+    pub(crate) prompt_cache_size: Option<String>,
+}
+
+impl PromptCacheArgs {
+    /// The prompt cache of `model` (loaded from `dir`) when asked for, or `on_by_default` and
+    /// not turned off. On by default, a model it cannot serve (on a GPU) goes without, saying so.
+    pub(crate) fn open(
+        &self,
+        on_by_default: bool,
+        dir: &Path,
+        model: &flashmoe::model::Model,
+    ) -> Result<Option<flashmoe::prompt_cache::PromptCache>> {
+        let asked = self.prompt_cache.is_some();
+        if self.no_prompt_cache || !(asked || on_by_default) {
+            return Ok(None);
+        }
+        let limit = match &self.prompt_cache_size {
+            Some(s) => Some(flashmoe::options::parse_size(s).context("--prompt-cache-size")?),
+            None => None,
+        };
+        let at = self.prompt_cache.clone().filter(|p| !p.as_os_str().is_empty());
+        match flashmoe::prompt_cache::PromptCache::for_model(dir, model, at, limit) {
+            Ok(pc) => Ok(Some(pc)),
+            Err(e) if !asked => {
+                eprintln!("note: no prompt cache: {e:#}");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

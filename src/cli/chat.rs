@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use flashmoe::tokenizer::TextTokenizer;
 use std::path::PathBuf;
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn cmd_chat(
     model: Option<PathBuf>,
     system: Option<String>,
@@ -13,6 +14,7 @@ pub(crate) fn cmd_chat(
     max_tokens: usize,
     sampling: &SamplingArgs,
     store: &StoreArgs,
+    prompt_cache: &PromptCacheArgs,
 ) -> Result<()> {
     let dir = resolve(model)?;
     let system = match system_file {
@@ -21,7 +23,10 @@ pub(crate) fn cmd_chat(
         ),
         None => system,
     };
-    let session = flashmoe::session::Session::new(store.load(&dir)?, TextTokenizer::load(&dir)?);
+    let model = store.load(&dir)?;
+    let pc = prompt_cache.open(false, &dir, &model)?;
+    let mut session = flashmoe::session::Session::new(model, TextTokenizer::load(&dir)?);
+    session.set_prompt_cache(pc);
     let opts = flashmoe::chat::ChatOptions { system, thinking: !no_think, max_tokens, sampling: sampling.params()? };
     flashmoe::chat::run(session, opts)
 }
@@ -33,6 +38,7 @@ pub(crate) fn cmd_serve(
     model_id: Option<String>,
     opts: flashmoe::server::ServerOptions,
     store: &StoreArgs,
+    prompt_cache: &PromptCacheArgs,
 ) -> Result<()> {
     let flashmoe::server::ServerOptions { max_queue, api_key, cors, .. } = opts;
     let api_key = api_key.filter(|k| !k.is_empty());
@@ -45,7 +51,14 @@ pub(crate) fn cmd_serve(
     if !tok.has_chat_template() {
         eprintln!("warning: {} has no chat template; /v1/chat/completions will fail", dir.display());
     }
-    let session = flashmoe::session::Session::new(store.load(&dir)?, tok);
+    let model = store.load(&dir)?;
+    // on by default: agents resend long, mostly identical prompts, and a restart keeps them
+    let pc = prompt_cache.open(true, &dir, &model)?;
+    if let Some(pc) = &pc {
+        eprintln!("prompt cache: {} (up to {:.1} GB)", pc.dir().display(), pc.limit() as f64 / 1e9);
+    }
+    let mut session = flashmoe::session::Session::new(model, tok);
+    session.set_prompt_cache(pc);
     let model_id = model_id.unwrap_or_else(|| {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         if name.starts_with("default-") { "flashmoe-default".into() } else { name }

@@ -35,6 +35,9 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
         a.prompt.clone()
     };
     let ids = tok.encode(&text)?;
+    if let Some(pc) = a.prompt_cache.open(false, &dir, &model)? {
+        return generate_cached(a, model, tok, pc, &ids, params);
+    }
     let stops = flashmoe::generate::stop_ids(&model.cfg, &tok);
     let mut state = model.new_state();
     let mut sampler = Sampler::new(params);
@@ -97,4 +100,47 @@ pub(crate) fn print_store_stats(m: &Model, tokens: usize) {
             }
         }
     }
+}
+
+/// `generate --prompt-cache`: the prompt through a session with the prompt cache, so it
+/// resumes from the longest saved prefix and saves its own state for the next run.
+fn generate_cached(
+    a: GenerateArgs,
+    model: Model,
+    tok: TextTokenizer,
+    pc: flashmoe::prompt_cache::PromptCache,
+    ids: &[u32],
+    params: flashmoe::generate::SamplingParams,
+) -> Result<()> {
+    let mut s = flashmoe::session::Session::new(model, tok);
+    s.set_prompt_cache(Some(pc));
+    if a.chat && a.system.is_some() {
+        let msgs = json!([{"role": "system", "content": a.system}, {"role": "user", "content": a.prompt}]);
+        let mut extra = serde_json::Map::new();
+        if a.no_think {
+            extra.insert("enable_thinking".into(), json!(false));
+        }
+        if let Some(t) = flashmoe::session::system_prefix(&s.tok, ids, &msgs, None, &extra) {
+            s.snapshot_at(t);
+        }
+    }
+    if !a.chat {
+        print!("{}", a.prompt);
+    }
+    let mut stdout = std::io::stdout();
+    let o = s.generate(ids, a.max_tokens, &params, &[], |piece| {
+        print!("{piece}");
+        stdout.flush().is_ok()
+    })?;
+    println!();
+    eprintln!("{}", o.stats.line());
+    eprintln!(
+        "prompt cache: {} of {} prompt tokens loaded, {} prefilled, first token after {:.3} s",
+        o.loaded_tokens,
+        o.prompt_tokens,
+        o.prompt_tokens - o.reused_tokens,
+        o.stats.prompt_secs
+    );
+    print_store_stats(&s.model, o.prompt_tokens + o.tokens.len());
+    Ok(())
 }

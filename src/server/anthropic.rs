@@ -330,7 +330,7 @@ impl<F: FnMut(&str, Value) -> bool> Blocks<F> {
 fn respond_stream(
     app: Shared,
     prompt: Vec<u32>,
-    turn: Option<usize>,
+    turn: Marks,
     p: GenParams,
     r: Reply,
     permit: tokio::sync::OwnedSemaphorePermit,

@@ -17,7 +17,7 @@ mod anthropic;
 mod responses;
 
 use crate::generate::{SamplingParams, TokenLogprob};
-use crate::session::{ContextExceeded, Finish, Output, Scored, Session};
+use crate::session::{ContextExceeded, Finish, Marks, Output, Scored, Session};
 use crate::toolcall::{self, StreamEvent, ToolStream};
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
@@ -103,6 +103,8 @@ struct App {
     stop_ids: Vec<u32>,
     /// How the model's family writes tool calls.
     tools: toolcall::ToolFormat,
+    /// The session saves prompt states to disk (then where the system prompt ends matters).
+    prompt_cache: bool,
 }
 
 type Shared = Arc<App>;
@@ -146,6 +148,7 @@ fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
     let tools = crate::families::by_model_type(mt).map_or_else(|_| Default::default(), |f| f.tool_format(mt));
     let app = Arc::new(App {
         tools,
+        prompt_cache: session.has_prompt_cache(),
         tok: session.tok.clone(),
         context: session.model.max_context(),
         max_token_bytes: session.tok.max_token_bytes(),
@@ -865,7 +868,7 @@ async fn completions(State(app): State<Shared>, body: Result<Json<Value>, JsonRe
         let (a, t) = (app.clone(), text.clone());
         let prompt = blocking(move || tokenize(&a, &t, "prompt")).await?;
         let echo = p.echo.then_some(text);
-        Ok(run(app.clone(), prompt, None, p, Kind::Text { echo }).await)
+        Ok(run(app.clone(), prompt, [None; 2], p, Kind::Text { echo }).await)
     }
     .await;
     counted(&app, resp)
@@ -1031,7 +1034,7 @@ fn parts_text(v: &Value, kinds: &[&str]) -> Option<String> {
 struct Prepared {
     prompt: Vec<u32>,
     /// Where the prompt's last turn begins (see [`chat_prompt`]).
-    turn: Option<usize>,
+    turn: Marks,
     /// The grammar the answer is held to.
     constraint: Option<crate::grammar::Constraint>,
     /// The template leaves a `<think>` block open: the answer begins inside the reasoning.
@@ -1125,21 +1128,24 @@ fn chat_prompt(
     let text = render(true)?;
     let prompt = tokenize(app, &text, "messages")?;
     let turns = render(false).ok().and_then(|t| app.tok.encode(&t).ok());
-    let turn = turns.filter(|t| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t)).map(|t| t.len());
-    Ok(ChatPrompt { prompt, turn, thinking: answer::opens_thinking(&text) })
+    let last = turns.filter(|t| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t)).map(|t| t.len());
+    // where the system prompt and tools end: what other conversations share (prompt cache)
+    let system =
+        app.prompt_cache.then(|| crate::session::system_prefix(&app.tok, &prompt, messages, tools, extra)).flatten();
+    Ok(ChatPrompt { prompt, turn: [last, system], thinking: answer::opens_thinking(&text) })
 }
 
 /// A rendered conversation: its tokens, where its last turn begins (prefix reuse), and
 /// whether it leaves a `<think>` block open for the answer.
 struct ChatPrompt {
     prompt: Vec<u32>,
-    turn: Option<usize>,
+    turn: Marks,
     thinking: bool,
 }
 
 /// A generation request: checks the context, waits for a generation slot, and answers whole
 /// or streamed.
-async fn run(app: Shared, prompt: Vec<u32>, turn: Option<usize>, p: GenParams, kind: Kind) -> Response {
+async fn run(app: Shared, prompt: Vec<u32>, turn: Marks, p: GenParams, kind: Kind) -> Response {
     let ctx = app.context;
     if prompt.len() >= ctx {
         return gen_error(&app, ContextExceeded { prompt_tokens: prompt.len(), context: ctx }.into());
@@ -1172,7 +1178,7 @@ struct Reply {
     model: String,
     kind: Kind,
     /// Where the prompt's last turn begins (a snapshot there serves the next turn).
-    turn: Option<usize>,
+    turn: Marks,
 }
 
 impl Reply {
@@ -1425,12 +1431,12 @@ fn choice_params(p: &SamplingParams, i: usize) -> SamplingParams {
 fn on_engine_n(
     app: &App,
     prompt: &[u32],
-    turn: Option<usize>,
+    turn: Marks,
     p: &GenParams,
     mut on_step: impl FnMut(Step) -> bool,
 ) -> anyhow::Result<Generation> {
     let mut s = app.session.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(t) = turn {
+    for t in turn.into_iter().flatten() {
         s.snapshot_at(t);
     }
     let scored = match p.echo && p.sampling.logprobs.is_some() {
@@ -1464,7 +1470,7 @@ fn on_engine_n(
 fn on_engine(
     app: &App,
     prompt: &[u32],
-    turn: Option<usize>,
+    turn: Marks,
     p: &GenParams,
     mut on_piece: impl FnMut(&str) -> bool,
 ) -> anyhow::Result<Output> {
@@ -1481,7 +1487,7 @@ fn on_engine(
 async fn generate_all(
     app: &Shared,
     prompt: Vec<u32>,
-    turn: Option<usize>,
+    turn: Marks,
     p: &GenParams,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Generation, Response> {
@@ -1511,7 +1517,7 @@ async fn generate_all(
 async fn generate_whole(
     app: &Shared,
     prompt: Vec<u32>,
-    turn: Option<usize>,
+    turn: Marks,
     p: &GenParams,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Output, Response> {

@@ -456,7 +456,7 @@ fn respond_whole(app: &App, r: &Reply, o: &Output) -> Response {
 fn respond_stream(
     app: Shared,
     prompt: Vec<u32>,
-    turn: Option<usize>,
+    turn: Marks,
     p: GenParams,
     r: Reply,
     permit: tokio::sync::OwnedSemaphorePermit,
