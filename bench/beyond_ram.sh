@@ -107,7 +107,7 @@ fi
 if [ "$ONLY" = mla ]; then
     # the dense-first layers and 129k-164k vocabularies make 6-9 GB of resident weights: a
     # 12 GiB cgroup holds them and leaves a few GB for experts; each cut is 1.5-3x the limit
-    KS=(8); run_model deepseek_v3 deepseek-v3 "$LIMIT_MLA" --layers 6
+    [ -n "${SKIP_DSV3:-}" ] || { KS=(8); run_model deepseek_v3 deepseek-v3 "$LIMIT_MLA" --layers 6; }
     KS=(8); run_model kimi_k25 kimi-k2.5 "$LIMIT_MLA" --layers 4
     KS=(8); run_model glm5 glm-5 "$LIMIT_MLA" --layers 5
 fi

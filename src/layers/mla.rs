@@ -261,29 +261,59 @@ impl Mla {
             }
         });
 
-        // 5. softmax over the cached rows, and the weighted sum of latents, per (token, head)
-        let mut ol = scratch::zeros(n * nh * kvl);
+        // 5. softmax over the cached rows and the weighted sum of latents: one item per (token,
+        //    group of heads, part of the positions), so a part's rows are read once for the
+        //    group, from cache; the parts' partial softmaxes merge after
+        let (hg, parts) = work_split(n, nh, pos0 + n);
+        let groups = nh.div_ceil(hg);
+        let per = hg * (kvl + 2);
         let rows = &cache.lat;
-        each_chunk(decode, &mut ol, kvl, |i, o| {
-            let t = i / nh;
-            let qh = &qc[i * lw..(i + 1) * lw];
-            let end = pos0 + t + 1;
-            match chosen(t) {
-                None => {
-                    let mut w = scratch::dirty(end);
-                    crate::kernels::dot_rows(qh, rows, lw, 1.0, &mut w);
-                    crate::kernels::softmax(&mut w);
-                    crate::kernels::axpy_rows(&w, rows, lw, o);
+        let mut partial = scratch::zeros(n * groups * parts * per);
+        each_chunk(decode, &mut partial, per, |i, out| {
+            let (t, g, c) = (i / (groups * parts), i / parts % groups, i % parts);
+            let sel = chosen(t);
+            let len = sel.map_or(pos0 + t + 1, <[u32]>::len);
+            let (j0, j1) = (c * len / parts, (c + 1) * len / parts);
+            let mut w = scratch::dirty(j1 - j0);
+            for (k, h) in (g * hg..((g + 1) * hg).min(nh)).enumerate() {
+                let qh = &qc[(t * nh + h) * lw..(t * nh + h + 1) * lw];
+                let o = &mut out[k * (kvl + 2)..(k + 1) * (kvl + 2)];
+                match sel {
+                    None => crate::kernels::dot_rows(qh, &rows[j0 * lw..], lw, 1.0, &mut w),
+                    Some(pos) => {
+                        for (wi, &s) in w.iter_mut().zip(&pos[j0..j1]) {
+                            *wi = crate::kernels::dot(qh, &rows[s as usize * lw..(s as usize + 1) * lw]);
+                        }
+                    }
                 }
-                Some(pos) => {
-                    let mut w = scratch::dirty(pos.len());
-                    for (wi, &s) in w.iter_mut().zip(pos) {
-                        *wi = crate::kernels::dot(qh, &rows[s as usize * lw..(s as usize + 1) * lw]);
+                (o[0], o[1]) = crate::kernels::softmax(&mut w);
+                match sel {
+                    None => crate::kernels::axpy_rows(&w, &rows[j0 * lw..], lw, &mut o[2..]),
+                    Some(pos) => {
+                        for (&wi, &s) in w.iter().zip(&pos[j0..j1]) {
+                            crate::kernels::axpy(wi, &rows[s as usize * lw..s as usize * lw + kvl], &mut o[2..]);
+                        }
                     }
-                    crate::kernels::softmax(&mut w);
-                    for (&wi, &s) in w.iter().zip(pos) {
-                        crate::kernels::axpy(wi, &rows[s as usize * lw..s as usize * lw + kvl], o);
-                    }
+                }
+            }
+        });
+        let mut ol = scratch::zeros(n * nh * kvl);
+        each_chunk(decode, &mut ol, kvl, |i, o| {
+            let (t, h) = (i / nh, i % nh);
+            let part = |c: usize| {
+                let at = ((t * groups + h / hg) * parts + c) * per + (h % hg) * (kvl + 2);
+                &partial[at..at + kvl + 2]
+            };
+            if parts == 1 {
+                return o.copy_from_slice(&part(0)[2..]);
+            }
+            // each part weighs by its share Σ e^(x − m)·e^(m − max m) of the whole
+            let top = (0..parts).map(|c| part(c)[0]).fold(f32::NEG_INFINITY, f32::max);
+            let total: f32 = (0..parts).map(|c| part(c)[1] * (part(c)[0] - top).exp()).sum();
+            for c in 0..parts {
+                let p = part(c);
+                if p[1] > 0.0 {
+                    crate::kernels::axpy(p[1] * (p[0] - top).exp() / total, &p[2..], o);
                 }
             }
         });
@@ -301,6 +331,17 @@ impl Mla {
         });
         self.o_proj.matmul(&o, n, out, p);
     }
+}
+
+/// (heads per work item, parts of the positions) for `n` tokens of `heads` heads seeing up to
+/// `seen` positions: groups of up to 16 heads share each part's rows; the positions split
+/// (in parts of at least 256) only when tokens and groups give fewer than 32 items. It depends
+/// on the shape alone, never on the thread count, so results do not either.
+fn work_split(n: usize, heads: usize, seen: usize) -> (usize, usize) {
+    let hg = heads.min(16);
+    let items = n * heads.div_ceil(hg);
+    let parts = if items >= 32 { 1 } else { seen.div_ceil(256).clamp(1, (64 / items).max(1)) };
+    (hg, parts)
 }
 
 impl Indexer {
@@ -349,7 +390,11 @@ mod tests {
 
     /// A small layer of odd sizes (no q-LoRA: the q path is a plain product either way).
     fn layer(interleaved: bool, seed: u64) -> Mla {
-        let (h, nh, nope, rd, kvl, vd) = (24, 3, 5, 6, 7, 9);
+        layer_of(3, interleaved, seed)
+    }
+
+    fn layer_of(nh: usize, interleaved: bool, seed: u64) -> Mla {
+        let (h, nope, rd, kvl, vd) = (24, 5, 6, 7, 9);
         let m = |r: usize, c: usize, s: u64| Mat::from_f32(r, c, uniform(r * c, s)).unwrap();
         let kv_b = m(nh * (nope + vd), kvl, seed + 3);
         let (uk_t, uv) = split_kv_b(&kv_b, nh, nope, vd);
@@ -466,6 +511,28 @@ mod tests {
                     &mut step,
                     Precision::Exact,
                 );
+                close(&step, &want[t * 24..(t + 1) * 24], 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn head_groups_and_parts_of_a_long_context_merge_to_the_whole_softmax() {
+        // 20 heads: a group of 16 and one of 4; past 256 positions decode splits the context
+        let l = layer_of(20, true, 11);
+        let kv_b = uniform(20 * (l.nope + l.v_dim) * l.kv_lora, 11 + 3);
+        let n = 300;
+        assert_eq!(work_split(1, 20, n), (16, 2));
+        let x = uniform(n * 24, 8);
+        let want = naive(&l, &kv_b, &x, n, |_, _| true);
+        let mut out = vec![0f32; n * 24];
+        l.forward(&x, n, 0, &mut LatentCache::default(), &mut Selection::default(), &mut out, Precision::Exact);
+        close(&out, &want, 1e-5);
+        let mut c = LatentCache::default();
+        let mut step = vec![0f32; 24];
+        for t in 0..n {
+            l.forward(&x[t * 24..(t + 1) * 24], 1, t, &mut c, &mut Selection::default(), &mut step, Precision::Exact);
+            if t % 37 == 0 || t == n - 1 {
                 close(&step, &want[t * 24..(t + 1) * 24], 1e-5);
             }
         }
