@@ -16,6 +16,8 @@ mem_bw = mem["mem_gb_s_all"] * 1e9
 rows = []
 for f in sorted(glob.glob(os.path.join(d, "*_k*_*.json"))):
     name = os.path.basename(f)[:-5]
+    if "_disk_t" in name:  # a model name with `_k` in it (kimi_k25) matches the pattern too
+        continue
     model, k, cache = name.rsplit("_", 2)
     try:
         r = json.loads(open(f).read().strip().splitlines()[-1])
