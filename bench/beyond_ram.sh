@@ -31,6 +31,8 @@ LIMIT_MLA=${LIMIT_MLA:-12G}
 GEN=${GEN:-24}
 PROMPT=${PROMPT:-16}
 ONLY=${ONLY:-all}
+# resident weights' format (bf16 in the tables so far; q4 as MLX 4-bit releases: DENSE=q4)
+DENSE=${DENSE:-bf16}
 
 cargo build --release --quiet
 mkdir -p "$WORK" "$RESULTS"
@@ -68,7 +70,7 @@ $BIN sysbench --memory | tee "$RESULTS/memory.json"
 run_model() {
     local name=$1 preset=$2 limit=$3; shift 3
     local dir=$WORK/$name
-    [ -f "$dir/flashmoe.json" ] || $BIN synth --preset "$preset" --experts q4 --routing skewed "$@" --to "$dir" --force
+    [ -f "$dir/flashmoe.json" ] || $BIN synth --preset "$preset" --experts q4 --dense "${DENSE:-bf16}" --routing skewed "$@" --to "$dir" --force
     local stride
     stride=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['experts']['stride'])" "$dir/flashmoe.json")
     du -sh "$dir"

@@ -50,7 +50,9 @@ pub(crate) enum Cmd {
         /// Routed expert format: q2, q3, q4, q8, bf16, or mxfp4 (gpt-oss releases: kept bit for bit).
         #[arg(long, default_value = "q4")]
         experts: String,
-        /// Format of the large dense matrices: bf16 or q8.
+        /// Format of the resident matrices (attention, dense and shared-expert MLPs, embeddings,
+        /// lm_head): bf16, q8 or q4 (MLX 4-bit releases keep them at 4 bits; norms stay f32 and
+        /// routers bf16).
         #[arg(long, default_value = "bf16")]
         dense: String,
         #[arg(long, default_value_t = 64)]
@@ -96,9 +98,12 @@ pub(crate) enum Cmd {
         /// Keep every per-layer shape but only the first N layers.
         #[arg(long)]
         layers: Option<usize>,
+        /// Routed expert format (as `convert --experts`).
         #[arg(long, default_value = "q4")]
         experts: String,
-        #[arg(long, default_value = "bf16")]
+        /// Resident matrices' format (as `convert --dense`); q4 by default, as MLX 4-bit
+        /// releases ship them.
+        #[arg(long, default_value = "q4")]
         dense: String,
         /// uniform (worst case for caches) or skewed (trained-model-like popularity).
         #[arg(long, default_value = "skewed")]

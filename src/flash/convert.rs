@@ -125,8 +125,8 @@ fn finite(m: &Mat, name: &str, from: &Path) -> Result<()> {
 
 /// Converts the checkpoint at `from` into the flash layout at `to`.
 pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
-    if matches!(opts.dense, WKind::Q { bits, .. } if bits != 8) {
-        bail!("--dense must be bf16 or q8 (lower precision for attention weights is not supported)");
+    if matches!(opts.dense, WKind::Q { bits, .. } if bits != 8 && bits != 4) || matches!(opts.dense, WKind::Mxfp4) {
+        bail!("--dense must be bf16, q8 or q4 (below 4 bits the attention and embedding weights lose too much)");
     }
     let cfg = ModelConfig::load(from)?;
     let raw_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(from.join("config.json"))?)?;

@@ -585,6 +585,29 @@ mod tests {
     }
 
     #[test]
+    fn the_latent_space_copies_hold_kv_b_proj_exactly_in_any_format() {
+        let (nh, nope, vd, kvl) = (3, 5, 4, 32);
+        let f = Mat::from_f32(nh * (nope + vd), kvl, uniform(nh * (nope + vd) * kvl, 4)).unwrap();
+        for kind in [WKind::F32, WKind::BF16, WKind::Q { bits: 8, group: 16 }, WKind::Q { bits: 4, group: 32 }] {
+            let kv_b = f.to_kind(kind);
+            let w = kv_b.to_f32();
+            let (uk_t, uv) = split_kv_b(&kv_b, nh, nope, vd);
+            let (uk_t, uv) = (uk_t.to_f32(), uv.to_f32());
+            for h in 0..nh {
+                for i in 0..nope {
+                    for j in 0..kvl {
+                        assert_eq!(uk_t[(h * kvl + j) * nope + i], w[(h * (nope + vd) + i) * kvl + j], "{kind:?}");
+                    }
+                }
+                for i in 0..vd {
+                    let r = h * (nope + vd) + nope + i;
+                    assert_eq!(&uv[(h * vd + i) * kvl..(h * vd + i + 1) * kvl], &w[r * kvl..(r + 1) * kvl]);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn layer_norm_matches_its_definition() {
         let mut x = vec![1.0, 2.0, 4.0, -3.0];
         layer_norm(&mut x, &[1.0, 2.0, 1.0, 1.0], &[0.0, 0.0, 1.0, 0.0], 0.0);
