@@ -77,7 +77,18 @@ fn parse_conversation(text: &str) -> Result<(Option<String>, Vec<Value>)> {
 }
 
 /// Runs the chat loop until end of input or /exit.
+/// (reasoning, answer) of text in the canonical `<think>…</think>answer` form.
+fn split_canonical(text: &str) -> (String, String) {
+    match text.trim_start().strip_prefix("<think>").and_then(|b| b.split_once("</think>")) {
+        Some((r, a)) => (r.trim().to_string(), a.trim_start().to_string()),
+        None => (String::new(), text.to_string()),
+    }
+}
+
 pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
+    let mt = session.model.cfg.model_type.clone();
+    let harmony = crate::families::by_model_type(&mt)
+        .is_ok_and(|f| f.tool_format(&mt) == crate::toolcall::ToolFormat::Harmony);
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -193,11 +204,20 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
         };
         interrupted.store(false, Relaxed);
         let mut out = std::io::stdout();
+        // gpt-oss writes harmony messages: shown as reasoning in <think> and the answer, as the
+        // other families' output reads
+        let mut harmony = harmony.then(crate::harmony::Harmony::default);
         let res = session.generate(&prompt, opts.max_tokens, &opts.sampling, &[], |piece| {
-            print!("{piece}");
+            match &mut harmony {
+                Some(h) => print!("{}", h.push(piece)),
+                None => print!("{piece}"),
+            }
             let _ = out.flush();
             !interrupted.load(Relaxed)
         });
+        if let Some(h) = &mut harmony {
+            print!("{}", h.finish());
+        }
         println!();
         match res {
             Ok(o) => {
@@ -216,7 +236,14 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
                 );
                 eprintln!("{stats}");
                 last_stats = Some(stats);
-                messages.push(json!({"role": "assistant", "content": o.text}));
+                messages.push(if harmony.is_some() {
+                    // the template writes the analysis channel from `thinking`, the final one from
+                    // `content`
+                    let (thinking, answer) = split_canonical(&crate::harmony::canonical(&o.text));
+                    json!({"role": "assistant", "content": answer, "thinking": thinking})
+                } else {
+                    json!({"role": "assistant", "content": o.text})
+                });
             }
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -233,6 +260,14 @@ pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn harmony_replies_split_into_thinking_and_content() {
+        let raw = "<|channel|>analysis<|message|>Think first.<|end|><|start|>assistant<|channel|>final<|message|>Hi!";
+        let (t, a) = split_canonical(&crate::harmony::canonical(raw));
+        assert_eq!((t.as_str(), a.as_str()), ("Think first.", "Hi!"));
+        assert_eq!(split_canonical("plain"), (String::new(), "plain".to_string()));
+    }
 
     #[test]
     fn load_checks_what_it_reads() {
