@@ -502,7 +502,71 @@ fn fp8_block_size(dir: &Path, q: Option<&serde_json::Value>) -> Result<[usize; 2
 
 #[cfg(test)]
 mod tests {
-    use super::e4m3_to_f32;
+    use super::{Checkpoint, e4m3_to_f32};
+    use safetensors::tensor::{Dtype, TensorView};
+
+    /// compressed-tensors' packing as its `pack_to_int32` defines it: value i of a row at bit
+    /// i·bits of the row's int32 words, from the lowest bit, words little-endian.
+    fn pack(u: &[u32], rows: usize, cols: usize, bits: usize) -> Vec<u8> {
+        let words = (cols * bits).div_ceil(32);
+        let mut w = vec![0u32; rows * words];
+        for r in 0..rows {
+            for j in 0..cols {
+                let (bit, v) = (j * bits, u[r * cols + j] as u64);
+                let (k, at) = (r * words + bit / 32, bit % 32);
+                w[k] |= (v << at) as u32;
+                if at + bits > 32 {
+                    w[k + 1] |= (v >> (32 - at)) as u32; // a field straddling two words
+                }
+            }
+        }
+        w.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn packed_int_weights_decode_to_their_dequantized_values_at_every_width() {
+        let (rows, cols, group) = (3, 64, 32);
+        for bits in [2usize, 3, 4, 8] {
+            for scale_dtype in [Dtype::BF16, Dtype::F32] {
+                let dir = tempfile::tempdir().unwrap();
+                let cfg = serde_json::json!({"quantization_config": {"quant_method": "compressed-tensors",
+                    "format": "pack-quantized", "config_groups": {"group_0": {"targets": ["Linear"],
+                    "weights": {"num_bits": bits, "type": "int", "symmetric": true, "group_size": group,
+                                "strategy": "group"}}}}});
+                std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+                let u: Vec<u32> = (0..rows * cols).map(|i| (i as u32 * 7 + 3) % (1 << bits)).collect();
+                let packed = pack(&u, rows, cols, bits);
+                let sv: Vec<f32> = (0..rows * 2).map(|i| 0.01 * (i as f32 + 1.0) + 0.00123).collect();
+                let sv: Vec<f32> = sv.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+                let sbytes: Vec<u8> = match scale_dtype {
+                    Dtype::BF16 => sv.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+                    _ => sv.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                };
+                let shape: Vec<u8> = [rows as i64, cols as i64].iter().flat_map(|x| x.to_le_bytes()).collect();
+                let words = (cols * bits).div_ceil(32);
+                let t = [
+                    ("w.weight_packed", TensorView::new(Dtype::I32, vec![rows, words], &packed).unwrap()),
+                    ("w.weight_scale", TensorView::new(scale_dtype, vec![rows, 2], &sbytes).unwrap()),
+                    ("w.weight_shape", TensorView::new(Dtype::I64, vec![2], &shape).unwrap()),
+                ];
+                let st = safetensors::serialize(t, None).unwrap();
+                std::fs::write(dir.path().join("model.safetensors"), st).unwrap();
+                let ck = Checkpoint::open(dir.path()).unwrap();
+                assert!(ck.has("w.weight") && ck.is_packed_part("w.weight_scale"));
+                assert_eq!(ck.shape("w.weight").unwrap(), [rows, cols]);
+                let m = ck.mat("w.weight", &[rows, cols]).unwrap();
+                if scale_dtype == Dtype::BF16 {
+                    assert_eq!(m.kind, crate::tensor::WKind::Q { bits: bits as u8, group: group as u16 });
+                }
+                let off = (1u32 << (bits - 1)) as f32;
+                let want: Vec<f32> =
+                    (0..rows * cols).map(|i| (u[i] as f32 - off) * sv[(i / cols) * 2 + (i % cols) / group]).collect();
+                assert_eq!(m.to_f32(), want, "{bits} bits, {scale_dtype:?} scales");
+                // one row alone
+                assert_eq!(ck.mat_rows("w.weight", &[rows, cols], 1..2).unwrap().to_f32(), want[cols..2 * cols]);
+            }
+        }
+    }
 
     #[test]
     fn e4m3_decodes_every_byte_as_the_format_defines() {
