@@ -214,7 +214,7 @@ def rows(t):
 
 
 def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, fused=False, wrap_dtype=None,
-         mtp=False, fp8=None, mxfp4=False, kimi=False):
+         mtp=False, fp8=None, mxfp4=False, int4=None, kimi=False):
     if ONLY and name not in ONLY:
         return
     path = os.path.join(OUT, name)
@@ -250,6 +250,9 @@ def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, 
         prefill, greedy, decode, _ = reference(model, prompt)
     if mxfp4:
         model = mxfp4_checkpoint(path, model_cls)
+        prefill, greedy, decode, _ = reference(model, prompt)
+    if int4:
+        model = int4_checkpoint(path, int4, model_cls)
         prefill, greedy, decode, _ = reference(model, prompt)
     if kimi:
         kimi_release(path)
@@ -354,6 +357,52 @@ def mxfp4_checkpoint(path, model_cls):
             deq[k] = d.transpose(1, 2).contiguous()
     quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
              "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    return quantized_and_twin(path, t, deq, quant, model_cls)
+
+
+def int4_pack(w, group):
+    """[out, in] -> (weight_packed int32 [out, in/8], weight_scale bf16 [out, in/group], dequantized):
+    compressed-tensors' symmetric int4 `pack-quantized` encoding, as Kimi-K2.5 releases its experts.
+    scale = max|w| / 7.5 per group (compressed-tensors' symmetric range), rounded to bf16; values
+    q = round(w / scale) in [-8, 7], stored as q + 8, eight a word from the lowest bits up."""
+    import numpy as np
+    r, c = w.shape
+    g = w.double().reshape(r, c // group, group)
+    scale = (g.abs().amax(-1) / 7.5).clamp(min=1e-8).to(torch.bfloat16)
+    s = scale.double().unsqueeze(-1)
+    q = torch.round(g / s).clamp(-8, 7)
+    deq = (q * s).reshape(r, c)  # exact in float64: a 4-bit integer times a bf16
+    u = (q.reshape(r, c) + 8).to(torch.int64).numpy().astype(np.uint32).reshape(r, c // 8, 8)
+    words = np.zeros((r, c // 8), dtype=np.uint32)
+    for i in range(8):
+        words |= u[:, :, i] << np.uint32(4 * i)
+    return torch.from_numpy(words.view(np.int32).copy()), scale.contiguous(), deq
+
+
+def int4_checkpoint(path, group, model_cls):
+    """Store the routed experts as compressed-tensors int4 (`weight_packed`, `weight_scale`,
+    `weight_shape`, the `quantization_config` Kimi-K2.5 ships); returns the model holding the
+    dequantized weights."""
+    f = os.path.join(path, "model.safetensors")
+    t = load_file(f)
+    deq = dict(t)
+    for k in list(t):
+        if ".mlp.experts." in k and k.endswith("_proj.weight"):
+            w = t.pop(k)
+            base = k[: -len(".weight")]
+            packed, scale, d = int4_pack(w, group)
+            t[base + ".weight_packed"], t[base + ".weight_scale"] = packed, scale
+            t[base + ".weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+            deq[k] = d
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "group_size": group, "strategy": "group",
+               "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
+               "block_structure": None}
+    quant = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                           "output_activations": None}},
+             "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                        "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+             "kv_cache_scheme": None}
     return quantized_and_twin(path, t, deq, quant, model_cls)
 
 
@@ -768,6 +817,10 @@ def mla_fixtures(common, prompt, short):
                                      original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
                                      mscale=1.0, mscale_all_dim=1.0))
     make("kimi_k25", DeepseekV3Config, V3, kimi, torch.bfloat16, short, 1600, kimi=True)
+    # as released: the routed experts compressed-tensors int4 in groups of 32 (their inputs
+    # multiples of 32), the reference on their dequantized values
+    kimi_q = dict(kimi, moe_intermediate_size=32)
+    make("kimi_k25_int4", DeepseekV3Config, V3, kimi_q, torch.bfloat16, short, 1700, int4=32, kimi=True)
 
 
 # fixture names given on the command line: make only those

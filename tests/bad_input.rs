@@ -229,3 +229,71 @@ fn fp8_weights_without_their_block_scales_or_with_the_wrong_ones() {
     let e = load_err(d.path());
     assert!(e.contains("weight_block_size"), "{e}");
 }
+
+#[test]
+fn compressed_tensors_int4_experts_with_missing_or_wrong_parts_or_an_unsupported_scheme() {
+    const B: &str = "language_model.model.layers.1.mlp.experts.2.up_proj";
+    let load_err = |d: &Path| {
+        let e = load_err(d);
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    };
+    for part in ["weight_scale", "weight_shape"] {
+        let d = copy("kimi_k25_int4");
+        rewrite(d.path(), |l| l.retain(|t| t.0 != format!("{B}.{part}")));
+        let e = load_err(d.path());
+        assert!(e.contains(&format!("{B}.weight_packed")) && e.contains(&format!("{B}.{part}")), "{e}");
+    }
+    // scales for groups of 16, a packed tensor one word short, a stated shape that disagrees
+    let d = copy("kimi_k25_int4");
+    rewrite(d.path(), |l| {
+        let s = l.iter_mut().find(|t| t.0 == format!("{B}.weight_scale")).unwrap();
+        s.2 = vec![32, 2];
+        s.3 = vec![0x3f; 128];
+    });
+    let e = load_err(d.path());
+    assert!(e.contains(&format!("{B}.weight_scale")) && e.contains("[32, 2]") && e.contains("[32, 1]"), "{e}");
+    let d = copy("kimi_k25_int4");
+    rewrite(d.path(), |l| {
+        let s = l.iter_mut().find(|t| t.0 == format!("{B}.weight_packed")).unwrap();
+        s.2 = vec![32, 3];
+        s.3.truncate(32 * 3 * 4);
+    });
+    let e = load_err(d.path());
+    assert!(e.contains(&format!("{B}.weight")) && e.contains("[32, 3]"), "{e}");
+    let d = copy("kimi_k25_int4");
+    rewrite(d.path(), |l| {
+        let s = l.iter_mut().find(|t| t.0 == format!("{B}.weight_shape")).unwrap();
+        s.3[..8].copy_from_slice(&16i64.to_le_bytes());
+    });
+    let e = load_err(d.path());
+    assert!(e.contains(&format!("{B}.weight_shape")) && e.contains("[16, 32]"), "{e}");
+    // packed words that are not int32
+    let d = copy("kimi_k25_int4");
+    rewrite(d.path(), |l| l.iter_mut().find(|t| t.0 == format!("{B}.weight_packed")).unwrap().1 = Dtype::U32);
+    let e = load_err(d.path());
+    assert!(e.contains(&format!("{B}.weight_packed")) && e.contains("I32"), "{e}");
+    // schemes flashmoe does not import: each named
+    for (from, to, says) in [
+        ("\"num_bits\": 4", "\"num_bits\": 5", "num_bits 5"),
+        ("\"symmetric\": true", "\"symmetric\": false", "symmetric"),
+        ("\"strategy\": \"group\"", "\"strategy\": \"tensor\"", "strategy `tensor`"),
+        ("\"format\": \"pack-quantized\"", "\"format\": \"float-quantized\"", "float-quantized"),
+        ("\"input_activations\": null", "\"input_activations\": {\"num_bits\": 8}", "input_activations"),
+    ] {
+        let d = copy("kimi_k25_int4");
+        let cfg = d.path().join("config.json");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        assert!(text.contains(from), "{from}");
+        std::fs::write(&cfg, text.replace(from, to)).unwrap();
+        let e = load_err(d.path());
+        assert!(e.contains("config.json") && e.contains("config_groups.group_0") && e.contains(says), "{e}");
+    }
+    // a group the inputs are no multiple of
+    let d = copy("kimi_k25_int4");
+    let cfg = d.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("\"group_size\": 32", "\"group_size\": 64")).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("weight_packed") && e.contains("group size 64"), "{e}");
+}

@@ -91,6 +91,33 @@ fn inspect_describes_the_model() {
 }
 
 #[test]
+fn int4_experts_are_inspected_as_stored_and_kept_by_the_default_conversion() {
+    let src = fixture("kimi_k25_int4");
+    let (out, _) = run(&["inspect", "--model", src.to_str().unwrap()]);
+    // per expert: three [32, 32] projections of 32·32/2 bytes of nibbles, 32 bf16 scales and a
+    // 2-element int64 shape each
+    let per_expert = 3 * (512 + 64 + 16);
+    assert!(out.contains("int4 g32 (compressed-tensors) as stored"), "{out}");
+    assert!(out.contains(&format!("bytes/expert   {per_expert} (")), "{out}");
+    let tmp = tempfile::tempdir().unwrap();
+    let kind = |dir: &std::path::Path| {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("flashmoe.json")).unwrap()).unwrap();
+        m["experts"]["kind"].as_str().unwrap().to_string()
+    };
+    // `--experts q4` (the default) keeps the source's group of 32; another group re-quantizes
+    let a = tmp.path().join("a");
+    run(&["convert", "--from", src.to_str().unwrap(), "--to", a.to_str().unwrap()]);
+    assert_eq!(kind(&a), "q4g32");
+    let b = tmp.path().join("b");
+    run(&["convert", "--from", src.to_str().unwrap(), "--to", b.to_str().unwrap(), "--group-size", "64"]);
+    assert_eq!(kind(&b), "q4g64");
+    let c = tmp.path().join("c");
+    run(&["convert", "--from", src.to_str().unwrap(), "--to", c.to_str().unwrap(), "--experts", "q8"]);
+    assert_eq!(kind(&c), "q8g64");
+}
+
+#[test]
 fn chat_keeps_state_between_turns_and_answers_commands() {
     let cache = tempfile::tempdir().unwrap();
     let save = cache.path().join("conv.json");

@@ -73,12 +73,18 @@ fn bf16_experts_reproduce_the_reference_and_q8_stays_close() {
         let (p, want) = prompt(name);
         // FP8 sources round once more on the way to bf16 (an e4m3 value times an f32 scale has
         // more significant bits than bf16 holds): measured 3.1e-3, KL 3.5e-5 (MiniMax), 9.4e-3,
-        // KL 2.0e-4 (DeepSeek-V3, whose latent projections all round)
-        let (e16, kl16) = if name.ends_with("_fp8") { (1.5e-2, 5e-4) } else { (1e-4, 1e-8) };
+        // KL 2.0e-4 (DeepSeek-V3, whose latent projections all round); so do int4 values
+        // ((u − 8)·scale: up to 11 significant bits): 3.3e-3, KL 2.3e-5 (Kimi-K2.5)
+        let quantized_source = name.ends_with("_fp8") || name.ends_with("_int4");
+        let (e16, kl16) = if quantized_source { (1.5e-2, 5e-4) } else { (1e-4, 1e-8) };
         let mut kinds = vec![(WKind::BF16, e16, 1.0, kl16), (q(8), 0.25, 0.85, 0.03)];
         if name.ends_with("_mxfp4") {
             // MXFP4 experts as released are kept bit for bit: the reference exactly
             kinds.push((WKind::Mxfp4, 1e-4, 1.0, 1e-8));
+        }
+        if name.ends_with("_int4") {
+            // so are compressed-tensors int4 experts as q4 groups of 32
+            kinds.push((WKind::Q { bits: 4, group: 32 }, 1e-4, 1.0, 1e-8));
         }
         for (kind, max_err, min_top, max_kl) in kinds {
             let out = tmp.path().join(format!("{name}-{}", kind.name()));
@@ -92,6 +98,66 @@ fn bf16_experts_reproduce_the_reference_and_q8_stays_close() {
 
 /// The quantization error table of docs/QUALITY.md (run with --nocapture to print it).
 /// Conversion is deterministic, so these bounds are tight ceilings over the measured values.
+/// Kimi-K2.5's compressed-tensors int4 experts become q4 groups of 32 without re-quantizing: the
+/// expert file holds the checkpoint's nibbles, its bf16 scales and −8·scale as the bias, so they
+/// dequantize to exactly (u − 8)·scale, the twin the reference ran on.
+#[test]
+fn compressed_tensors_int4_experts_convert_to_q4_bit_for_bit() {
+    use safetensors::SafeTensors;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("int4");
+    let kind = WKind::Q { bits: 4, group: 32 };
+    convert(&fixture("kimi_k25_int4"), &out, &opts(kind)).unwrap();
+    let m = Manifest::load(&out).unwrap();
+    let ex = m.experts.as_ref().unwrap();
+    assert_eq!(ex.kind, "q4g32");
+    let bytes = std::fs::read(fixture("kimi_k25_int4").join("model.safetensors")).unwrap();
+    let src = SafeTensors::deserialize(&bytes).unwrap();
+    let bf = |b: &[u8]| half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+    let mut checked = 0;
+    for layer in &ex.layers {
+        let file = std::fs::read(out.join(&layer.file)).unwrap();
+        for e in 0..ex.num_experts {
+            let extent = &file[e * ex.stride as usize..(e + 1) * ex.stride as usize];
+            for (proj, part) in [("gate_proj", &ex.gate), ("up_proj", &ex.up), ("down_proj", &ex.down)] {
+                let base = format!("language_model.model.layers.{}.mlp.experts.{e}.{proj}", layer.layer);
+                let packed = src.tensor(&format!("{base}.weight_packed")).unwrap();
+                let scales = src.tensor(&format!("{base}.weight_scale")).unwrap();
+                let (rows, cols) = (part.rows, part.cols);
+                assert_eq!(packed.shape(), [rows, cols / 8]);
+                let blob = &extent[part.offset as usize..part.offset as usize + kind.bytes(rows, cols)];
+                let ng = cols / 32;
+                let (p, aux) = blob.split_at(blob.len() - 4 * rows * ng);
+                assert_eq!(&p[..packed.data().len()], packed.data(), "{base}: nibbles");
+                assert_eq!(&aux[..2 * rows * ng], scales.data(), "{base}: scales");
+                for (b, s) in aux[2 * rows * ng..].chunks(2).zip(scales.data().chunks(2)) {
+                    assert_eq!(bf(b), -8.0 * bf(s), "{base}: bias");
+                }
+                // and the values, read back through flashmoe's q4 kernels
+                let mat = flashmoe::tensor::Mat::from_bytes(
+                    rows,
+                    cols,
+                    kind,
+                    flashmoe::tensor::AlignedBytes::from_slice(blob),
+                )
+                .unwrap();
+                let got = mat.to_f32();
+                let words: Vec<u32> =
+                    packed.data().chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+                for r in 0..rows {
+                    for j in 0..cols {
+                        let u = (words[r * cols / 8 + j / 8] >> (4 * (j % 8))) & 15;
+                        let s = bf(&scales.data()[2 * (r * ng + j / 32)..]);
+                        assert_eq!(got[r * cols + j], (u as f32 - 8.0) * s, "{base}[{r}][{j}]");
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 8 * 3);
+}
+
 #[test]
 fn quantized_experts_stay_within_measured_bounds() {
     let tmp = tempfile::tempdir().unwrap();

@@ -138,9 +138,19 @@ fn parameter_count_matches_checkpoint() {
             .filter(|n| {
                 flashmoe::families::names_of(&cfg.model_type).layer_of("model.", n).is_none_or(|i| i < cfg.num_layers)
             })
-            // MXFP4 blocks hold two values a byte; their scales are not parameters
-            .filter(|n| !n.ends_with("_proj_scales"))
-            .map(|n| ck.shape(n).unwrap().iter().product::<usize>() as u64 * if n.ends_with("_blocks") { 2 } else { 1 })
+            // MXFP4 blocks hold two values a byte, compressed-tensors int4 words eight; their
+            // scales (and stated shapes) are not parameters
+            .filter(|n| !n.ends_with("_proj_scales") && !n.ends_with(".weight_scale") && !n.ends_with(".weight_shape"))
+            .map(|n| {
+                let per = if n.ends_with("_blocks") {
+                    2
+                } else if n.ends_with(".weight_packed") {
+                    8
+                } else {
+                    1
+                };
+                ck.shape(n).unwrap().iter().product::<usize>() as u64 * per
+            })
             .sum();
         assert_eq!(cfg.param_counts().0, stored, "{name}");
     }

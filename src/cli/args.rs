@@ -55,8 +55,10 @@ pub(crate) enum Cmd {
         /// routers bf16).
         #[arg(long, default_value = "bf16")]
         dense: String,
-        #[arg(long, default_value_t = 64)]
-        group_size: u16,
+        /// Quantization group size (default 64; for experts already quantized at the bit width
+        /// asked for, such as Kimi-K2.5's int4 or MLX releases, their own group, kept exactly).
+        #[arg(long)]
+        group_size: Option<u16>,
         /// Replace an existing output directory.
         #[arg(long)]
         force: bool,

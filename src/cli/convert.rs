@@ -12,15 +12,21 @@ pub(crate) fn cmd_convert(
     to: PathBuf,
     experts: &str,
     dense: &str,
-    group: u16,
+    group: Option<u16>,
     force: bool,
 ) -> Result<()> {
-    if group == 0 {
+    if group == Some(0) {
         bail!("--group-size must be positive");
     }
+    // experts already quantized at the asked bit width keep their own group (and so their bytes)
+    let expert_group = match (group, flashmoe::flash::convert::source_expert_kind(&from).ok().flatten()) {
+        (Some(g), _) => g,
+        (None, Some(flashmoe::tensor::WKind::Q { bits, group })) if experts == format!("q{bits}") => group,
+        (None, _) => 64,
+    };
     let opts = ConvertOptions {
-        experts: parse_kind(experts, group, "experts")?,
-        dense: parse_kind(dense, group, "dense")?,
+        experts: parse_kind(experts, expert_group, "experts")?,
+        dense: parse_kind(dense, group.unwrap_or(64), "dense")?,
         force,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };

@@ -132,7 +132,8 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
         }
         None => {
             // the bytes as stored, tensor by tensor (bf16, FP8 with its scales, MXFP4 blocks and
-            // scales, MLX groups): routed experts of the model's layers apart from the rest
+            // scales, compressed-tensors int words with their scales, MLX groups): routed experts
+            // of the model's layers apart from the rest
             let ck = flashmoe::checkpoint::Checkpoint::open(&dir)?;
             let names = flashmoe::families::names_of(&c.model_type);
             let pre = flashmoe::import::text_prefix(&c, &ck).unwrap_or_default();
@@ -144,7 +145,16 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
                     Some(l) if l >= c.num_layers => {}
                     _ if names.is_expert(n) => {
                         experts += bytes.len() as u64;
-                        kinds.insert(format!("{dtype:?}"));
+                        // compressed-tensors int weights: their words, scales and stated shape
+                        match ck.packed_int().filter(|_| ck.is_packed_part(n)) {
+                            Some(p) if n.ends_with("_packed") => {
+                                kinds.insert(format!("int{} g{} (compressed-tensors)", p.bits, p.group));
+                            }
+                            Some(_) => {}
+                            None => {
+                                kinds.insert(format!("{dtype:?}"));
+                            }
+                        }
                     }
                     _ => rest += bytes.len() as u64,
                 }

@@ -123,6 +123,22 @@ fn finite(m: &Mat, name: &str, from: &Path) -> Result<()> {
     }
 }
 
+/// The format of the routed experts of the checkpoint at `from` as [`import::expert`] reads
+/// them (the first MoE layer's first expert): a group-quantized kind for MLX and
+/// compressed-tensors int releases, MXFP4 for gpt-oss's, the stored float kind otherwise (f32
+/// for FP8, dequantized). `None` for a model without MoE layers.
+pub fn source_expert_kind(from: &Path) -> Result<Option<WKind>> {
+    let cfg = ModelConfig::load(from)?;
+    let Some(l) = (0..cfg.num_layers).find(|&i| cfg.ffns[i] == Ffn::Moe) else { return Ok(None) };
+    let path = from.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let raw_cfg: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let ck = Checkpoint::open(from)?;
+    let pre = text_prefix(&cfg, &ck)?;
+    Ok(Some(import::expert(&ck, &cfg, &raw_cfg, &pre, l, 0)?.mats[0].kind))
+}
+
 /// Converts the checkpoint at `from` into the flash layout at `to`.
 pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     if matches!(opts.dense, WKind::Q { bits, .. } if bits != 8 && bits != 4) || matches!(opts.dense, WKind::Mxfp4) {
@@ -147,15 +163,19 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let conv = format!(".{}.weight", names.conv1d);
     let mlx_layout = ck.names().iter().any(|n| n.ends_with(&conv) && ck.shape(n).is_ok_and(|s| s.last() == Some(&1)));
     let head = |n: &str| names.lm_head.iter().any(|h| n.strip_suffix(".weight") == Some(h));
-    let resident_names: Vec<&str> = ck
+    let mut resident_names: Vec<&str> = ck
         .names()
         .into_iter()
+        // packed int weights are read as one tensor under their logical name
+        .filter(|n| !ck.is_packed_part(n))
+        .chain(ck.packed_names())
         .filter(|n| (n.starts_with(pre.as_str()) || head(n)) && !is_expert(n) && !is_mlx_aux(n))
         // FP8 block scales are read with their weights
         .filter(|n| !ck.is_fp8_scale(n))
         // layers past the text model's (GLM's and DeepSeek's MTP layers) are not converted
         .filter(|n| names.layer_of(&pre, n).is_none_or(|i| i < cfg.num_layers))
         .collect();
+    resident_names.sort();
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&i| cfg.ffns[i] == Ffn::Moe).collect();
     let (h, inter, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
     let ek = opts.experts;

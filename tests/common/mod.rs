@@ -26,6 +26,7 @@ pub const FIXTURES: &[&str] = &[
     "deepseek_v32",
     "glm_moe_dsa",
     "kimi_k25",
+    "kimi_k25_int4",
 ];
 
 pub struct Reference {
