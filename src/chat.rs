@@ -87,8 +87,8 @@ fn split_canonical(text: &str) -> (String, String) {
 
 pub fn run(mut session: Session, mut opts: ChatOptions) -> Result<()> {
     let mt = session.model.cfg.model_type.clone();
-    let harmony = crate::families::by_model_type(&mt)
-        .is_ok_and(|f| f.tool_format(&mt) == crate::toolcall::ToolFormat::Harmony);
+    let harmony =
+        crate::families::by_model_type(&mt).is_ok_and(|f| f.tool_format(&mt) == crate::toolcall::ToolFormat::Harmony);
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();

@@ -616,8 +616,8 @@ impl ModelConfig {
     }
 
     /// Bytes of one sequence's state (f32) after `tokens` positions: the KV caches of the
-    /// attention layers (latents for MLA) plus the fixed conv and recurrent states of the
-    /// DeltaNet layers.
+    /// attention layers (latents for MLA; a sliding layer's only its window's) plus the fixed
+    /// conv and recurrent states of the DeltaNet layers.
     pub fn state_bytes(&self, tokens: usize) -> u64 {
         let mut b = 0u64;
         for (i, m) in self.mixers.iter().enumerate() {
@@ -627,7 +627,10 @@ impl ModelConfig {
                     let ix = m.indexer.as_ref().filter(|x| x.own[i]).map_or(0, |x| x.head_dim);
                     ((m.latent_width() + ix) * tokens * 4) as u64
                 }
-                Mixer::Attention => (2 * self.num_kv_heads * self.head_dim * tokens * 4) as u64,
+                Mixer::Attention => {
+                    let rows = self.attn.window[i].map_or(tokens, |w| crate::layers::attention::window_rows(tokens, w));
+                    (2 * self.num_kv_heads * self.head_dim * rows * 4) as u64
+                }
                 Mixer::DeltaNet => {
                     let l = self.linear.as_ref().expect("DeltaNet layer without linear config");
                     (((l.conv_kernel - 1) * l.conv_dim() + l.num_v_heads * l.k_head_dim * l.v_head_dim) * 4) as u64

@@ -84,7 +84,9 @@ impl LayerState {
     /// cache: its first `m` rows); a recurrent state does not.
     pub fn truncatable(&self) -> bool {
         match self {
-            LayerState::Kv(_) | LayerState::Latent(_) => true,
+            // a sliding window's cache keeps only its window's rows: not a prefix's state
+            LayerState::Kv(c) => c.window.is_none(),
+            LayerState::Latent(_) => true,
             LayerState::Delta(_) => false,
         }
     }
@@ -110,7 +112,10 @@ impl Layer {
     /// tokens ([`LayerState::kind`], [`LayerState::buffers`]).
     pub fn state_shape(&self, pos: usize) -> (&'static str, SmallVec<[usize; 4]>) {
         match &self.mixer {
-            MixerWeights::Attention(a) => ("kv", smallvec![pos * a.num_kv_heads * a.head_dim; 2]),
+            MixerWeights::Attention(a) => {
+                let rows = a.window.map_or(pos, |w| crate::layers::attention::window_rows(pos, w));
+                ("kv", smallvec![rows * a.num_kv_heads * a.head_dim; 2])
+            }
             MixerWeights::DeltaNet(d) => {
                 let s = DeltaState::new(&d.cfg);
                 ("delta", smallvec![s.conv.len(), s.s.len()])
@@ -280,7 +285,7 @@ impl Model {
             .layers
             .iter()
             .map(|l| match &l.mixer {
-                MixerWeights::Attention(_) => LayerState::Kv(KvCache::default()),
+                MixerWeights::Attention(a) => LayerState::Kv(KvCache { window: a.window, ..Default::default() }),
                 MixerWeights::DeltaNet(d) => LayerState::Delta(DeltaState::new(&d.cfg)),
                 MixerWeights::Mla(_) => LayerState::Latent(LatentCache::default()),
             })

@@ -87,6 +87,14 @@ fn prefill_then_decode_matches_reference() {
         }
         let e = rel_err(&got, &r.decode);
         assert!(e <= TOL, "{name}: chunked prefill + decode error {e:.2e}");
+        // sliding-window layers (gpt-oss) hold only what a later token can see
+        for (l, s) in m.layers.iter().zip(&st.layers) {
+            if let (flashmoe::model::MixerWeights::Attention(a), flashmoe::model::LayerState::Kv(c)) = (&l.mixer, s) {
+                let rows = c.k.len() / (a.num_kv_heads * a.head_dim);
+                let want = a.window.map_or(st.pos, |w| flashmoe::layers::attention::window_rows(st.pos, w));
+                assert_eq!(rows, want, "{name}");
+            }
+        }
     }
 }
 

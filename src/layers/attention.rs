@@ -49,14 +49,45 @@ pub enum QkNorms {
     },
 }
 
-/// Keys and values of past positions, `[pos][kv_head][head_dim]`.
+/// Keys and values of past positions, `[pos][kv_head][head_dim]`. A sliding-window layer's
+/// cache holds only the positions a later token can still see ([`window_rows`]): the first
+/// row is position `start`.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    /// The layer's window, if it slides.
+    pub window: Option<usize>,
+    /// The position of the first row (set by each forward pass from the positions it ends at).
+    pub start: usize,
+}
+
+/// Rows a sliding-window cache holds after `pos` positions: all of them until it may drop a
+/// window's worth, then the `w − 1` the next token needs plus what arrived since. A function
+/// of `pos` alone, whatever the chunking, so saved states have one shape; the rows move once
+/// per `w` tokens.
+pub fn window_rows(pos: usize, w: usize) -> usize {
+    let (need, period) = (w.saturating_sub(1), w.max(1));
+    if pos < need + period { pos } else { need + (pos - need) % period }
 }
 
 impl KvCache {
+    /// Drops what no later token of a sliding layer can see, once positions up to `end` are in.
+    fn slide(&mut self, end: usize, row: usize) {
+        let Some(w) = self.window else { return };
+        let (held, keep) = (self.k.len() / row, window_rows(end, w));
+        if held > keep {
+            self.k.drain(..(held - keep) * row);
+            self.v.drain(..(held - keep) * row);
+            // a long prompt's rows are not kept around as capacity
+            if self.k.capacity() > 4 * (keep + 256) * row {
+                self.k.shrink_to((keep + 256) * row);
+                self.v.shrink_to((keep + 256) * row);
+            }
+        }
+        self.start = end - self.k.len() / row;
+    }
+
     pub fn bytes(&self) -> usize {
         (self.k.capacity() + self.v.capacity()) * 4
     }
@@ -127,6 +158,7 @@ impl Attention {
         let (ck, cv) = cache.push(k.len(), nkv * d);
         ck.copy_from_slice(&k);
         cv.copy_from_slice(&v);
+        cache.start = pos0 + n - cache.k.len() / (nkv * d);
 
         let mut o = scratch::zeros(n * nh * d);
         let heads = self.heads();
@@ -135,6 +167,7 @@ impl Attention {
         if let Some(b) = &self.o_bias {
             out.chunks_exact_mut(b.len()).for_each(|r| crate::kernels::axpy(1.0, b, r));
         }
+        cache.slide(pos0 + n, nkv * d);
     }
 
     /// One token at `pos`, the same math in three steps and no serial pass over their outputs:
@@ -148,6 +181,7 @@ impl Attention {
         let mut q = scratch::dirty(nh * qw);
         let (mut cos, mut sin) = (scratch::zeros(0), scratch::zeros(0));
         self.rope.table(pos, cos.vec(), sin.vec());
+        cache.start = pos + 1 - (cache.k.len() / (nkv * d) + 1);
         let (k, v) = cache.push(nkv * d, nkv * d);
         crate::par::mark();
         // a norm over the whole projection needs all of its rows: RoPE waits for it
@@ -178,7 +212,7 @@ impl Attention {
         ];
         products_then(&mut jobs, &[qw, d], &finish, p);
         if whole {
-            let k = &mut cache.k[pos * nkv * d..];
+            let k = &mut cache.k[(pos - cache.start) * nkv * d..];
             self.whole_norms(&mut q[..], k);
             q.chunks_exact_mut(qw).for_each(|head| Rope::apply(&mut head[..d], &cos, &sin));
             k.chunks_exact_mut(d).for_each(|head| Rope::apply(head, &cos, &sin));
@@ -191,6 +225,7 @@ impl Attention {
         if let Some(b) = &self.o_bias {
             crate::kernels::axpy(1.0, b, out);
         }
+        cache.slide(pos + 1, nkv * d);
     }
 }
 
@@ -270,7 +305,9 @@ fn attend_part(
     let len = end - start;
     let (p0, p1) = (start + c * len / parts, start + (c + 1) * len / parts);
     let stride = nkv * d;
-    let (ks, vs) = (&cache.k[p0 * stride + kvh * d..], &cache.v[p0 * stride + kvh * d..]);
+    // a sliding cache starts at `cache.start`; the window never reaches before it
+    let r0 = p0 - cache.start;
+    let (ks, vs) = (&cache.k[r0 * stride + kvh * d..], &cache.v[r0 * stride + kvh * d..]);
     let mut w = scratch::zeros(p1 - p0);
     for j in 0..g {
         let h = kvh * g + j;
@@ -427,6 +464,19 @@ mod tests {
     }
 
     #[test]
+    fn a_sliding_cache_holds_what_the_next_token_sees_and_at_most_two_windows() {
+        for w in [1, 2, 5, 128] {
+            for pos in 0..1000 {
+                let r = window_rows(pos, w);
+                assert!(r >= pos.min(w - 1) && r <= pos && r < 2 * w.max(1), "w {w} pos {pos}: {r}");
+                // one more token: at most one more row, or the drop to w - 1
+                let next = window_rows(pos + 1, w);
+                assert!(next == r + 1 || next == w - 1, "w {w} pos {pos}: {r} -> {next}");
+            }
+        }
+    }
+
+    #[test]
     fn context_parts_merge_to_the_whole_softmax() {
         for (heads, n, pos0) in [
             (Heads { nh: 8, nkv: 2, d: 64, gated: true, window: usize::MAX, sinks: None }, 1, 300),
@@ -446,7 +496,7 @@ mod tests {
             let qw = if heads.gated { 2 * heads.d } else { heads.d };
             let q: Vec<f32> = uniform(n * heads.nh * qw, 1).iter().map(|v| v * 4.0).collect();
             let len = (pos0 + n) * heads.nkv * heads.d;
-            let cache = KvCache { k: uniform(len, 2), v: uniform(len, 3) };
+            let cache = KvCache { k: uniform(len, 2), v: uniform(len, 3), ..Default::default() };
             let want = naive(&q, n, pos0, &cache, heads);
             for parts in [1, 2, 5, 64] {
                 let mut o = vec![0f32; n * heads.nh * heads.d];
