@@ -33,6 +33,10 @@ pub struct BenchResult {
     /// Bytes of the routed experts that were not in memory when a token asked for them (its
     /// misses × the expert size): what the routing waited for.
     pub bytes_read_per_token: f64,
+    /// Prefill: expert bytes the I/O threads read per prompt token (the chunks' expert unions
+    /// over the prompt length), and the disk throughput that made.
+    pub prefill_bytes_read_per_token: f64,
+    pub prefill_disk_gb_s: f64,
     /// Bytes the store's I/O threads read per decode token, counted as each read completes:
     /// demand reads and prefetches, mispredicted prefetches included. This is the disk traffic
     /// (an expert that was prefetched in time counts as a hit, but its read counts here).
@@ -161,6 +165,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     let logits = model.forward(&mut st, &prompt, false)?;
     let prefill_s = t.elapsed().as_secs_f64();
     let prefill_phases = phases(model, prompt.len(), &s0);
+    let prefill_read = stats().bytes_read - s0.bytes_read;
 
     PROFILE.reset();
     crate::par::take_step_profile();
@@ -198,6 +203,8 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         prefill_s,
         decode_s,
         bytes_read_per_token: per(bytes),
+        prefill_bytes_read_per_token: prefill_read as f64 / prompt.len().max(1) as f64,
+        prefill_disk_gb_s: prefill_read as f64 / 1e9 / prefill_s.max(1e-12),
         bytes_fetched_per_token: per(fetched),
         reads_per_token: per(s2.reads - s1.reads),
         disk_gb_s: fetched as f64 / 1e9 / decode_s.max(1e-12),

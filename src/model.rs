@@ -160,7 +160,14 @@ pub struct RunOptions {
     pub experts_per_token: Option<usize>,
     /// How products treat activations: exact (f32, as the reference) or fast (int8/bf16).
     pub precision: Precision,
+    /// A longer prompt runs in chunks of this many tokens (0: [`PREFILL_CHUNK`]): activation
+    /// buffers stay bounded, and each chunk still reads a routed expert once for all its tokens.
+    pub prefill_chunk: usize,
 }
+
+/// The default prefill chunk: 2048 tokens keep a 397B-shaped model's activations near 1 GB,
+/// and read each expert once per 2048 tokens of a long agent prompt.
+pub const PREFILL_CHUNK: usize = 2048;
 
 pub struct Model {
     pub cfg: ModelConfig,
@@ -319,6 +326,18 @@ impl Model {
         }
         if st.pos + n > self.max_context() {
             bail!("sequence of {} tokens exceeds the model's context of {} tokens", st.pos + n, self.max_context());
+        }
+        let chunk = if self.opts.prefill_chunk == 0 { PREFILL_CHUNK } else { self.opts.prefill_chunk };
+        if n > chunk && self.accel.is_none() {
+            let mut logits = Vec::with_capacity(if all_logits { n * v } else { v });
+            for (i, c) in tokens.chunks(chunk).enumerate() {
+                let last = (i + 1) * chunk >= n;
+                let l = self.forward(st, c, all_logits)?;
+                if all_logits || last {
+                    logits.extend(l);
+                }
+            }
+            return Ok(logits);
         }
         let t_total = Instant::now();
         if let Some(acc) = &self.accel {

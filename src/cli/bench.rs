@@ -38,7 +38,21 @@ pub(crate) fn cmd_bench(
         Some(f) => println!("cold start       expert files dropped from the page cache ({:.1}% left)", 100.0 * f),
         None => {}
     }
-    println!("prefill          {} tokens in {:.2}s: {:.2} tok/s", r.prompt_tokens, r.prefill_s, r.prefill_tok_s);
+    println!(
+        "prefill          {} tokens in {:.2}s: {:.2} tok/s{}",
+        r.prompt_tokens,
+        r.prefill_s,
+        r.prefill_tok_s,
+        if r.prefill_bytes_read_per_token > 0.0 {
+            format!(
+                "; experts {:.2} MB/token read, {:.3} GB/s",
+                r.prefill_bytes_read_per_token / 1e6,
+                r.prefill_disk_gb_s
+            )
+        } else {
+            String::new()
+        }
+    );
     println!("decode           {} tokens in {:.2}s: {:.3} tok/s", r.gen_tokens, r.decode_s, r.decode_tok_s);
     println!(
         "expert I/O       {:.2} MB/token read in {:.1} reads (prefetches included), {:.3} GB/s; \
