@@ -9,6 +9,7 @@ mod common;
 use common::{Reference, agreement, rel_err};
 use flashmoe::backend::{Device, cuda};
 use flashmoe::generate::{Sampler, SamplingParams, generate};
+use flashmoe::layers::mlp::Mlp;
 use flashmoe::load::{LoadOptions, load_model, load_model_with};
 use flashmoe::model::Model;
 use flashmoe::tensor::{Mat, Precision, WKind};
@@ -132,6 +133,80 @@ fn int8_input_matvec_stays_within_its_rounding() {
     let shapes = [(1, 32), (37, 96), (130, 2048), (9, 768)];
     // each input is off by at most half a step of max|x|/127 ≤ 1/127
     check_products(&kinds, &shapes, &[1], true, |_, wabs| wabs * 0.5 / 127.0 + 1e-5);
+}
+
+/// A decode token's routed experts (gate/up, SwiGLU, down, the weighted sum over k experts): the
+/// `_i8` kernels (every load of a warp issued at once; the k experts' down rows dealt to the
+/// lanes together) equal the generic kernels on the same int8 inputs up to summation order, and
+/// both stay within the int8 roundings of the float64 result; the f32 path within f32 rounding.
+/// Shapes: the 30B model's (2048 × 768, 8 of 16 experts), odd ones (rows off the 8-warp block,
+/// columns off a row of 32 lanes' loads), and some the `_i8` kernels refuse (columns off 32).
+#[test]
+fn decode_experts_match_the_float64_product() {
+    if !gpu() {
+        return;
+    }
+    let kinds = [WKind::Q { bits: 4, group: 32 }, WKind::Q { bits: 4, group: 64 }, WKind::Q { bits: 8, group: 64 }];
+    // (hidden, inter, experts, k)
+    let shapes: [(usize, usize, usize, usize); 6] =
+        [(2048, 768, 16, 8), (96, 160, 5, 3), (64, 32, 4, 4), (256, 1056, 3, 1), (48, 40, 3, 2), (4096, 96, 9, 9)];
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    for kind in kinds {
+        for (hidden, inter, n, k) in shapes {
+            let mat = |rows: usize, cols: usize, seed: &mut u64| {
+                Mat::from_f32(rows, cols, (0..rows * cols).map(|_| rng(seed)).collect()).unwrap().to_kind(kind)
+            };
+            let experts: Vec<Mlp> = (0..n)
+                .map(|_| {
+                    Mlp::new(
+                        mat(inter, hidden, &mut seed),
+                        mat(inter, hidden, &mut seed),
+                        mat(hidden, inter, &mut seed),
+                    )
+                })
+                .collect();
+            let x: Vec<f32> = (0..hidden).map(|_| rng(&mut seed)).collect();
+            let ids: Vec<i32> = (0..k).map(|j| ((j * 7 + 3) % n) as i32).collect();
+            let wts: Vec<f32> = (0..k).map(|_| 0.5 + 0.5 * rng(&mut seed)).collect();
+            // the float64 result on the dequantized rows
+            let mut want = vec![0f64; hidden];
+            let (mut row, mut drow) = (vec![0f32; hidden], vec![0f32; inter]);
+            for (j, &e) in ids.iter().enumerate() {
+                let m = &experts[e as usize];
+                let act: Vec<f64> = (0..inter)
+                    .map(|r| {
+                        m.gate.row_f32(r, &mut row);
+                        let g: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        m.up.row_f32(r, &mut row);
+                        let u: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        g / (1.0 + (-g).exp()) * u
+                    })
+                    .collect();
+                for (r, w) in want.iter_mut().enumerate() {
+                    m.down.row_f32(r, &mut drow);
+                    *w += wts[j] as f64 * drow.iter().zip(&act).map(|(a, b)| *a as f64 * b).sum::<f64>();
+                }
+            }
+            let views: Vec<_> = experts.iter().map(|m| m.view()).collect();
+            let run = |fast, i8| cuda::experts_once(0, &views, &x, &ids, &wts, fast, i8).unwrap();
+            let top = want.iter().fold(0f64, |a, b| a.max(b.abs()));
+            let err = |got: &[f32], want: &[f64]| {
+                got.iter().zip(want).fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs())) / top
+            };
+            let (fast, generic, exact) = (run(true, true), run(true, false), run(false, true));
+            let generic64: Vec<f64> = generic.iter().map(|v| *v as f64).collect();
+            let (e_fast, e_gen, e_exact, e_pair) =
+                (err(&fast, &want), err(&generic, &want), err(&exact, &want), err(&fast, &generic64));
+            eprintln!(
+                "{} {hidden}x{inter}, {k} of {n} experts: int8 kernels {e_fast:.1e}, generic {e_gen:.1e}, apart {e_pair:.1e}; f32 {e_exact:.1e}",
+                kind.name()
+            );
+            let what = format!("{} {hidden}x{inter}, {k} of {n}", kind.name());
+            assert!(e_pair <= 2e-3, "{what}: the int8 kernels and the generic ones differ by {e_pair:.2e}");
+            assert!(e_fast <= 3e-2 && e_gen <= 3e-2, "{what}: int8 errors {e_fast:.2e} / {e_gen:.2e}");
+            assert!(e_exact <= 1e-4, "{what}: f32 error {e_exact:.2e}");
+        }
+    }
 }
 
 /// A prompt's products on tensor cores (bf16 inputs, bf16/q4/q8 rows rounded to bf16): within

@@ -196,40 +196,67 @@ __device__ __forceinline__ QX qx_row(QX x, long long r, int cols) {
     return QX{x.q + r * cols, x.d + r * (cols / 32), x.s16 + r * (cols / 16)};
 }
 
-// Σ w·x over a q4/q8 row with `dp4a` on the int8 input: each 16-byte load of weights meets 16
-// bytes (q8) or 32 (q4) of input, nibbles put in column order with byte permutes.
+// One 16-byte load of a q4/q8 row (columns j0.., all in one group of scale s, bias b) times the
+// int8 input with `dp4a`: it meets 16 bytes (q8) or 32 (q4) of input, nibbles put in column
+// order with byte permutes.
+template <int BITS>
+__device__ __forceinline__ float chunk_i8(uint4 v, float s, float b, QX x, int j0) {
+    const int* xq = (const int*)(x.q + j0);
+    int isum = 0;
+    if (BITS == 4) {
+        u32 ws[4] = {v.x, v.y, v.z, v.w};
+        int4 xa = *(const int4*)xq, xb = *(const int4*)(xq + 4);
+        int xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            u32 lo = ws[w] & 0x0F0F0F0Fu, hi = (ws[w] >> 4) & 0x0F0F0F0Fu;
+            isum = __dp4a((int)__byte_perm(lo, hi, 0x5140), xs[2 * w], isum);
+            isum = __dp4a((int)__byte_perm(lo, hi, 0x7362), xs[2 * w + 1], isum);
+        }
+        float sx = x.s16[j0 / 16] + x.s16[j0 / 16 + 1];
+        return s * x.d[j0 / 32] * (float)isum + b * sx;
+    }
+    // q - 128 as signed bytes; the offset moves into the bias: s·q + b = s·(q-128) + (b + 128 s)
+    int4 xa = *(const int4*)xq;
+    isum = __dp4a((int)(v.x ^ 0x80808080u), xa.x, isum);
+    isum = __dp4a((int)(v.y ^ 0x80808080u), xa.y, isum);
+    isum = __dp4a((int)(v.z ^ 0x80808080u), xa.z, isum);
+    isum = __dp4a((int)(v.w ^ 0x80808080u), xa.w, isum);
+    return s * x.d[j0 / 32] * (float)isum + (b + 128.f * s) * x.s16[j0 / 16];
+}
+
+// Whether the int8-input kernels take matrix m: q4/q8 rows of whole 16-byte loads, groups of 32s.
+__device__ __forceinline__ bool i8_ok(const MatD& m) {
+    return m.kind == 3 && (m.bits == 4 || m.bits == 8) && (m.cols & 31) == 0 && (m.group & 31) == 0 && (m.rb & 15) == 0;
+}
+
+#ifndef QD_U
+#define QD_U 2  // 16-byte loads a lane issues before the first use (a warp stalls at a load's first use)
+#endif
+
+// Σ w·x over a q4/q8 row on the int8 input: each lane's loads (up to QD_U of them) issued at once.
 template <int BITS>
 __device__ __forceinline__ float qdot_i8(const u8* r, const u16* sc, const u16* bi, int cols, int group, QX x, int lane) {
     constexpr int PER = 128 / BITS;
     const uint4* r4 = (const uint4*)r;
+    const int n = cols / PER;
     float acc = 0.f;
-#pragma unroll 2
-    for (int i = lane; i < cols / PER; i += 32) {
-        uint4 v = __ldg(r4 + i);
-        int j0 = i * PER, g = j0 / group;
-        float s = bf(__ldg(sc + g)), b = bf(__ldg(bi + g));
-        const int* xq = (const int*)(x.q + j0);
-        int isum = 0;
-        if (BITS == 4) {
-            u32 ws[4] = {v.x, v.y, v.z, v.w};
-            int4 xa = *(const int4*)xq, xb = *(const int4*)(xq + 4);
-            int xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    for (int i0 = lane; i0 < n; i0 += 32 * QD_U) {
+        uint4 v[QD_U];
+        float s[QD_U], b[QD_U];
 #pragma unroll
-            for (int w = 0; w < 4; w++) {
-                u32 lo = ws[w] & 0x0F0F0F0Fu, hi = (ws[w] >> 4) & 0x0F0F0F0Fu;
-                isum = __dp4a((int)__byte_perm(lo, hi, 0x5140), xs[2 * w], isum);
-                isum = __dp4a((int)__byte_perm(lo, hi, 0x7362), xs[2 * w + 1], isum);
+        for (int e = 0; e < QD_U; e++) {
+            int i = i0 + 32 * e, g = i * PER / group;
+            if (i < n) {
+                v[e] = __ldg(r4 + i);
+                s[e] = bf(__ldg(sc + g));
+                b[e] = bf(__ldg(bi + g));
             }
-            float sx = x.s16[j0 / 16] + x.s16[j0 / 16 + 1];
-            acc += s * x.d[j0 / 32] * (float)isum + b * sx;
-        } else {
-            // q - 128 as signed bytes; the offset moves into the bias: s·q + b = s·(q-128) + (b + 128 s)
-            int4 xa = *(const int4*)xq;
-            isum = __dp4a((int)(v.x ^ 0x80808080u), xa.x, isum);
-            isum = __dp4a((int)(v.y ^ 0x80808080u), xa.y, isum);
-            isum = __dp4a((int)(v.z ^ 0x80808080u), xa.z, isum);
-            isum = __dp4a((int)(v.w ^ 0x80808080u), xa.w, isum);
-            acc += s * x.d[j0 / 32] * (float)isum + (b + 128.f * s) * x.s16[j0 / 16];
+        }
+#pragma unroll
+        for (int e = 0; e < QD_U; e++) {
+            int i = i0 + 32 * e;
+            if (i < n) acc += chunk_i8<BITS>(v[e], s[e], b[e], x, i * PER);
         }
     }
     return acc;
@@ -237,8 +264,7 @@ __device__ __forceinline__ float qdot_i8(const u8* r, const u16* sc, const u16* 
 
 // One token's W[row]·x, the lanes' partial sums: the integer kernel where the format allows it.
 __device__ __forceinline__ float vec_dot(const u8* base, const MatD& m, int row, const float* x, QX qx, int lane) {
-    if (qx.q && m.kind == 3 && (m.bits == 4 || m.bits == 8) && (m.cols & 31) == 0 && (m.group & 31) == 0 &&
-        (m.rb & 15) == 0) {
+    if (qx.q && i8_ok(m)) {
         const u8* w = base + m.off;
         int groups = (m.cols + m.group - 1) / m.group;
         const u8* r = w + (long long)row * m.rb;
@@ -333,16 +359,17 @@ __device__ __forceinline__ void quant_chunk(float v, long long c, int lane, QX q
 // Each thread's values are loaded into registers at once (a warp issues loads in order and
 // stalls at the first use: a loop over the row would wait once per iteration).
 #define NORM_PER 8
-extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* w, float* h, int dim, float eps, QX q) {
+// The block's row at offset o (y read past L1: another block of the same launch may have written it).
+__device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const float* w, float* h, int dim, float eps, QX q,
+                                            long long o) {
     __shared__ float sh[32];
-    long long o = (long long)blockIdx.x * dim;
     int nb = blockDim.x;
     if (dim > NORM_PER * nb) {
         // wider than the registers hold: the plain loops
         float ss = 0.f;
         for (int i = threadIdx.x; i < dim; i += nb) {
             float v = x[o + i];
-            if (y) { v += y[o + i]; x[o + i] = v; }
+            if (y) { v += __ldcg(y + o + i); x[o + i] = v; }
             ss += v * v;
         }
         float inv = rsqrtf(block_sum(ss, sh) / dim + eps);
@@ -360,7 +387,7 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* w,
         int i = threadIdx.x + r * nb;
         v[r] = i < dim ? x[o + i] : 0.f;
         ww[r] = i < dim ? w[i] : 0.f;
-        if (y && i < dim) v[r] += y[o + i];
+        if (y && i < dim) v[r] += __ldcg(y + o + i);
     }
 #pragma unroll
     for (int r = 0; r < NORM_PER; r++) {
@@ -379,6 +406,33 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* w,
             if (q.q) quant_chunk(hv, (o + i) / 32, threadIdx.x & 31, q);
         }
     }
+}
+
+extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* w, float* h, int dim, float eps, QX q) {
+    rmsnorm_row(x, y, w, h, dim, eps, q, (long long)blockIdx.x * dim);
+}
+
+// One token's y = W·xin (a warp per row, as matvec_q) and then, in the block that finishes last
+// (counted in `*done`, set back to 0 for the next launch), x += y and h = rmsnorm(x) · w with
+// h's int8 form into `hq` when hq.q is set, as add_rmsnorm: a mixer's output projection and
+// the norm after it in one launch. W's rows are x's dim.
+extern "C" __global__ void matvec_norm(const u8* base, MatD m, const float* xin, QX qx, float* y, unsigned* done,
+                                       float* x, const float* w, float* h, float eps, QX hq) {
+    __shared__ bool last;
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row < m.rows) {
+        float v = warp_sum(vec_dot(base, m, row, xin, qx, lane));
+        if (lane == 0) y[row] = v;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    rmsnorm_row(x, y, w, h, m.rows, eps, hq, 0);
+    if (threadIdx.x == 0) *done = 0;
 }
 
 // meta = [pos0, k cache of layer 0, v cache of layer 0, k cache of layer 1, ...]: what changes
@@ -450,11 +504,12 @@ extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v
 
 // Softmax attention of token t (position pos0 + t) over cache positions 0..=pos0 + t, split
 // across blocks (flash-decoding): block (t·heads + h, c) covers positions c·CHUNK.. of head h,
-// its 4 warps each an online softmax over every 4th position (four positions' loads in
-// flight at a time), merged into part[(t·heads + h)·parts + c] = (max, sum, acc[d]).
+// its 4 warps each an online softmax over every 4th position (U positions' loads in flight
+// at a time), merged into part[(t·heads + h)·parts + c] = (max, sum, acc[d]).
 #define CHUNK 128
-extern "C" __global__ void attn_part(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
-                                     int d, int qw, int parts) {
+template <int U>
+__device__ __forceinline__ void attn_part_t(const float* q, const long long* meta, int layer, float* part, int nh,
+                                            int nkv, int d, int qw, int parts) {
     __shared__ float sm[4], sl[4];
     __shared__ float sacc[4][256];
     int th = blockIdx.x, c = blockIdx.y;
@@ -478,31 +533,72 @@ extern "C" __global__ void attn_part(const float* q, const long long* meta, int 
     for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; qr[i] = (i < per && cc < d) ? qh[cc] * scale : 0.f; acc[i] = 0.f; }
     float m = NEG_INF, l = 0.f;
     long long stride = (long long)nkv * d;
-    for (int pb = p0 + w; pb < p1; pb += 16) {
-        float sc[4];
+    if (U == 4) {
+        // a prompt's blocks (many, each a short walk): few registers, many blocks per SM
+        for (int pb = p0 + w; pb < p1; pb += 16) {
+            float sc[4];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int p = pb + 4 * u;
-            float sv = 0.f;
-            if (p < p1) {
-                const float* kp = kc + p * stride + kvh * d;
+            for (int u = 0; u < 4; u++) {
+                int p = pb + 4 * u;
+                float sv = 0.f;
+                if (p < p1) {
+                    const float* kp = kc + p * stride + kvh * d;
 #pragma unroll
-                for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; if (i < per && cc < d) sv += qr[i] * kp[cc]; }
+                    for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; if (i < per && cc < d) sv += qr[i] * kp[cc]; }
+                }
+                sc[u] = sv;
             }
-            sc[u] = sv;
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int p = pb + 4 * u;
+                if (p >= p1) break;
+                float sv = warp_sum(sc[u]);
+                float mn = fmaxf(m, sv);
+                float corr = __expf(m - mn), e = __expf(sv - mn);
+                l = l * corr + e;
+                const float* vp = vc + p * stride + kvh * d;
+#pragma unroll
+                for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; if (i < per && cc < d) acc[i] = acc[i] * corr + e * vp[cc]; }
+                m = mn;
+            }
         }
+    } else {
+        // one token's (few blocks, each a long walk): every load of U positions in flight
+        // U positions a warp's loads cover at a time (every 4th position of the chunk): their
+        // k rows, then their v rows, are all loaded before the first use
+        for (int pb = p0 + w; pb < p1; pb += 4 * U) {
+            float sc[U];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int p = pb + 4 * u;
-            if (p >= p1) break;
-            float sv = warp_sum(sc[u]);
-            float mn = fmaxf(m, sv);
-            float corr = __expf(m - mn), e = __expf(sv - mn);
-            l = l * corr + e;
-            const float* vp = vc + p * stride + kvh * d;
+            for (int u = 0; u < U; u++) {
+                int p = pb + 4 * u;
+                float sv = 0.f;
+                if (p < p1) {
+                    const float* kp = kc + p * stride + kvh * d;
 #pragma unroll
-            for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; if (i < per && cc < d) acc[i] = acc[i] * corr + e * vp[cc]; }
-            m = mn;
+                    for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; if (i < per && cc < d) sv += qr[i] * kp[cc]; }
+                }
+                sc[u] = sv;
+            }
+            float vv[U][8];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int p = pb + 4 * u;
+                const float* vp = vc + p * stride + kvh * d;
+#pragma unroll
+                for (int i = 0; i < 8; i++) { int cc = lane + 32 * i; vv[u][i] = (p < p1 && i < per && cc < d) ? vp[cc] : 0.f; }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (pb + 4 * u < p1) {
+                    float sv = warp_sum(sc[u]);
+                    float mn = fmaxf(m, sv);
+                    float corr = __expf(m - mn), e = __expf(sv - mn);
+                    l = l * corr + e;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[i] = acc[i] * corr + e * vv[u][i];
+                    m = mn;
+                }
+            }
         }
     }
     if (lane == 0) { sm[w] = m; sl[w] = l; }
@@ -518,6 +614,18 @@ extern "C" __global__ void attn_part(const float* q, const long long* meta, int 
         out[2 + cc] = v;
     }
     if (threadIdx.x == 0) { out[0] = top; out[1] = tot; }
+}
+
+// (the kernels: a prompt's, 4 positions' k loads a warp in flight; one token's, 16 positions'
+// k and then v loads: 25 µs against 44 µs a layer at 512 positions on the H200)
+extern "C" __global__ void attn_part(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
+                                     int d, int qw, int parts) {
+    attn_part_t<4>(q, meta, layer, part, nh, nkv, d, qw, parts);
+}
+
+extern "C" __global__ void attn_part1(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
+                                      int d, int qw, int parts) {
+    attn_part_t<16>(q, meta, layer, part, nh, nkv, d, qw, parts);
 }
 
 // o[t][h] = the parts of (t, h) merged, times sigmoid of the gate when gated. One block each.
@@ -547,17 +655,14 @@ extern "C" __global__ void attn_merge(const float* q, const float* part, float* 
     }
 }
 
-// Router: softmax over `e` logits of each token, the top k (ties to the lower index), weights
-// renormalized to sum 1 when asked. One warp per token.
-extern "C" __global__ void route_topk(const float* logits, int e, int k, int renorm, int* ids, float* wts) {
-    extern __shared__ float p[];
-    __shared__ float chosen_w[64];
-    int t = blockIdx.x, lane = threadIdx.x;
-    const float* lg = logits + (long long)t * e;
+// Router: softmax over `e` logits of token t, the top k (ties to the lower index), weights
+// renormalized to sum 1 when asked; one warp, `p` room for e floats in shared memory.
+__device__ __forceinline__ void topk_warp(const float* lg, int e, int k, int renorm, int* ids, float* wts, float* p,
+                                          float* chosen_w, int t, int lane) {
     float m = NEG_INF;
     // unrolled, so that a lane's loads are issued together (a warp stalls at a load's first use)
 #pragma unroll 4
-    for (int i = lane; i < e; i += 32) { float v = lg[i]; p[i] = v; m = fmaxf(m, v); }
+    for (int i = lane; i < e; i += 32) { float v = __ldcg(lg + i); p[i] = v; m = fmaxf(m, v); }
     m = warp_max(m);
     float s = 0.f;
     for (int i = lane; i < e; i += 32) { float v = expf(p[i] - m); p[i] = v; s += v; }
@@ -583,6 +688,39 @@ extern "C" __global__ void route_topk(const float* logits, int e, int k, int ren
     }
     // from shared memory: dividing the stored weights in place cost a global round trip each
     for (int j = lane; j < k; j += 32) wts[t * k + j] = renorm ? chosen_w[j] / chosen : chosen_w[j];
+}
+
+// One warp per token.
+extern "C" __global__ void route_topk(const float* logits, int e, int k, int renorm, int* ids, float* wts) {
+    extern __shared__ float p[];
+    __shared__ float chosen_w[64];
+    int t = blockIdx.x;
+    topk_warp(logits + (long long)t * e, e, k, renorm, ids, wts, p, chosen_w, t, threadIdx.x & 31);
+}
+
+// One token's router product and top-k in one launch: a warp per row writes the logits, and
+// the block that finishes last (counted in `*done`, which it sets back to 0 for the next
+// launch) runs the top-k on them. Grid rows / warps; shared memory e floats.
+extern "C" __global__ void router_topk(const u8* base, MatD m, const float* x, QX qx, float* logits, int k, int renorm,
+                                       int* ids, float* wts, unsigned* done) {
+    extern __shared__ float p[];
+    __shared__ float chosen_w[64];
+    __shared__ bool last;
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row < m.rows) {
+        float v = warp_sum(vec_dot(base, m, row, x, qx, lane));
+        if (lane == 0) logits[row] = v;
+    }
+    // the classic last-block pattern: every block's logits visible before its count
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (threadIdx.x < 32) topk_warp(logits, m.rows, k, renorm, ids, wts, p, chosen_w, 0, lane);
+    if (threadIdx.x == 0) *done = 0;
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
@@ -620,6 +758,131 @@ extern "C" __global__ void down_sum(const u8* base, u64 stride, const int* ids, 
     if (lane == 0) {
         long long i = (long long)t * dn.rows + row;
         out[i] = accumulate ? out[i] + total : total;
+    }
+}
+
+#ifndef GU_R
+#define GU_R 1  // rows a warp computes of gate and up (`GU_ROWS` in mod.rs); 2 and 4 measured no faster
+#endif
+
+// The lanes' partial sums of rows row0.. (GU_R of them, clamped to the last row) of gate and
+// up on the int8 input; every load of an iteration (2 per lane per row and matrix) issued first.
+template <int BITS>
+__device__ __forceinline__ void gate_up_i8(const u8* b, const MatD& g, const MatD& u, int row0, QX x, int lane,
+                                           float* ga, float* ua) {
+    constexpr int PER = 128 / BITS;
+    const int n = g.cols / PER, groups = (g.cols + g.group - 1) / g.group;
+    const u8* wg = b + g.off;
+    const u8* wu = b + u.off;
+    for (int i0 = lane; i0 < n; i0 += 64) {
+        uint4 vg[2][GU_R], vu[2][GU_R];
+        float sg[2][GU_R], bg[2][GU_R], su[2][GU_R], bu[2][GU_R];
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            int i = i0 + 32 * c, gi = i * PER / g.group;
+            if (i < n) {
+#pragma unroll
+                for (int r = 0; r < GU_R; r++) {
+                    long long rr = min(row0 + r, g.rows - 1);
+                    vg[c][r] = __ldg((const uint4*)(wg + rr * g.rb) + i);
+                    vu[c][r] = __ldg((const uint4*)(wu + rr * g.rb) + i);
+                    sg[c][r] = bf(__ldg((const u16*)(wg + g.soff) + rr * groups + gi));
+                    bg[c][r] = bf(__ldg((const u16*)(wg + g.boff) + rr * groups + gi));
+                    su[c][r] = bf(__ldg((const u16*)(wu + u.soff) + rr * groups + gi));
+                    bu[c][r] = bf(__ldg((const u16*)(wu + u.boff) + rr * groups + gi));
+                }
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            int i = i0 + 32 * c;
+            if (i < n) {
+#pragma unroll
+                for (int r = 0; r < GU_R; r++) {
+                    ga[r] += chunk_i8<BITS>(vg[c][r], sg[c][r], bg[c][r], x, i * PER);
+                    ua[r] += chunk_i8<BITS>(vu[c][r], su[c][r], bu[c][r], x, i * PER);
+                }
+            }
+        }
+    }
+}
+
+// swiglu_gate_up on the int8 input, for q4/q8 gate and up of one layout (`i8_ok`): a warp
+// computes GU_R rows of one pair, every load of both matrices issued before the first use;
+// grid (inter rows / (warps · GU_R), pairs).
+extern "C" __global__ void swiglu_gate_up_i8(const u8* base, u64 stride, const int* ids, MatD g, MatD u, float* act,
+                                             int k, QX qx) {
+    int lane = threadIdx.x & 31;
+    int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GU_R;
+    if (row0 >= g.rows) return;
+    int pr = blockIdx.y;
+    const u8* b = base + (ids ? (u64)ids[pr] * stride : 0);
+    QX qt = qx_row(qx, pr / k, g.cols);
+    float ga[GU_R], ua[GU_R];
+#pragma unroll
+    for (int r = 0; r < GU_R; r++) { ga[r] = 0.f; ua[r] = 0.f; }
+    if (g.bits == 4) gate_up_i8<4>(b, g, u, row0, qt, lane, ga, ua);
+    else gate_up_i8<8>(b, g, u, row0, qt, lane, ga, ua);
+#pragma unroll
+    for (int r = 0; r < GU_R; r++) {
+        float gv = warp_sum(ga[r]), uv = warp_sum(ua[r]);
+        if (lane == 0 && row0 + r < g.rows) act[(long long)pr * g.rows + row0 + r] = silu(gv) * uv;
+    }
+}
+
+#ifndef DN_I
+#define DN_I 8  // 16-byte loads a lane of the down kernel issues at once
+#endif
+
+// Σ_j wts[t·k + j] · (down_e · act[t·k + j])[row] on the int8 activations, the lanes' partial
+// sums: the k experts' rows cut into 16-byte loads dealt to the lanes together, so that every
+// expert's loads are in flight at once (rows of 768 q4 values are only 24 loads each).
+template <int BITS>
+__device__ __forceinline__ float down_i8(const u8* base, u64 stride, const int* ids, const float* wts, const MatD& dn,
+                                         int row, int t, int k, QX qx, int lane) {
+    constexpr int PER = 128 / BITS;
+    const int nch = dn.cols / PER, items = k * nch, groups = (dn.cols + dn.group - 1) / dn.group;
+    float total = 0.f;
+    for (int i0 = lane; i0 < items; i0 += 32 * DN_I) {
+        uint4 v[DN_I];
+        float s[DN_I], bb[DN_I], wj[DN_I];
+        int pj[DN_I], cj[DN_I];
+#pragma unroll
+        for (int e = 0; e < DN_I; e++) {
+            int it = i0 + 32 * e;
+            if (it < items) {
+                int j = it / nch, c = it - j * nch, pr = t * k + j;
+                const u8* w = base + (ids ? (u64)ids[pr] * stride : 0) + dn.off;
+                int gi = c * PER / dn.group;
+                v[e] = __ldg((const uint4*)(w + (long long)row * dn.rb) + c);
+                s[e] = bf(__ldg((const u16*)(w + dn.soff) + (long long)row * groups + gi));
+                bb[e] = bf(__ldg((const u16*)(w + dn.boff) + (long long)row * groups + gi));
+                wj[e] = wts ? wts[pr] : 1.f;
+                pj[e] = pr;
+                cj[e] = c;
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < DN_I; e++) {
+            if (i0 + 32 * e < items)
+                total += wj[e] * chunk_i8<BITS>(v[e], s[e], bb[e], qx_row(qx, pj[e], dn.cols), cj[e] * PER);
+        }
+    }
+    return total;
+}
+
+// down_sum on the int8 activations `qx`, for a q4/q8 down matrix (`i8_ok`); the same grid.
+extern "C" __global__ void down_sum_i8(const u8* base, u64 stride, const int* ids, const float* wts, MatD dn, float* out,
+                                       int k, int accumulate, QX qx) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= dn.rows) return;
+    int t = blockIdx.y;
+    float total = warp_sum(dn.bits == 4 ? down_i8<4>(base, stride, ids, wts, dn, row, t, k, qx, lane)
+                                        : down_i8<8>(base, stride, ids, wts, dn, row, t, k, qx, lane));
+    if (lane == 0) {
+        long long o = (long long)t * dn.rows + row;
+        out[o] = accumulate ? out[o] + total : total;
     }
 }
 

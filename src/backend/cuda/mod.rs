@@ -166,6 +166,12 @@ struct Prep {
     xb: u64,
 }
 
+/// Whether the int8-input expert kernels take `d` (`i8_ok` in kernels.cu): q4/q8 rows of whole
+/// 16-byte loads, groups of whole 32s.
+fn i8_ok(d: &MatD) -> bool {
+    d.kind == 3 && (d.bits == 4 || d.bits == 8) && d.cols % 32 == 0 && d.group % 32 == 0 && d.rb % 16 == 0
+}
+
 /// Whether a prompt's product on `d` runs on tensor cores (`mma_ok` in kernels.cu).
 fn mma_ok(d: &MatD) -> bool {
     d.cols % 16 == 0 && (d.kind == 1 || (d.kind == 3 && (d.bits == 4 || d.bits == 8) && d.group % 16 == 0))
@@ -264,10 +270,12 @@ struct Kernels {
     matvec: CudaFunction,
     matvec_q: CudaFunction,
     matvec_multi: CudaFunction,
+    matvec_norm: CudaFunction,
     quant_x: CudaFunction,
     add_rmsnorm: CudaFunction,
     qk_norm_rope: CudaFunction,
     attn_part: CudaFunction,
+    attn_part1: CudaFunction,
     attn_merge: CudaFunction,
     delta_conv: CudaFunction,
     delta_shift: CudaFunction,
@@ -279,8 +287,11 @@ struct Kernels {
     mma_down_tiles: CudaFunction,
     swiglu_mul: CudaFunction,
     route_topk: CudaFunction,
+    router_topk: CudaFunction,
     swiglu_gate_up: CudaFunction,
+    swiglu_gate_up_i8: CudaFunction,
     down_sum: CudaFunction,
+    down_sum_i8: CudaFunction,
     gated_add: CudaFunction,
     gather_rows: CudaFunction,
     gate_up_tiles: CudaFunction,
@@ -359,6 +370,8 @@ fn cfg(grid: (usize, usize), block: usize, shared: usize) -> LaunchConfig {
 
 /// Warps (rows) per block of the row kernels.
 const WARPS: usize = 8;
+/// Rows a warp of `swiglu_gate_up_i8` computes (`GU_R` in kernels.cu).
+const GU_ROWS: usize = 1;
 /// Tokens the matmul kernel computes per weight read (`NT` in kernels.cu).
 const NT: usize = 8;
 /// Tokens per tensor-core warp tile (`MT` in kernels.cu).
@@ -467,17 +480,8 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Quantizes `rows` rows of `cols` at `x` into `q` for the integer kernels, when `fast` and
-    /// the rows fit them; else a null `Qx` (the f32 kernels).
     fn quant(&self, fast: bool, x: u64, rows: usize, cols: usize, q: Qx) -> Result<Qx> {
-        if !fast || !cols.is_multiple_of(32) {
-            return Ok(Qx::default());
-        }
-        let (r32, c32) = (rows as i32, cols as i32);
-        let mut b = self.stream.launch_builder(&self.k.quant_x);
-        b.arg(&x).arg(&r32).arg(&c32).arg(&q.q).arg(&q.d).arg(&q.s16);
-        unsafe { b.launch(cfg(((rows * cols / 32).div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
-        Ok(q)
+        quant(&self.stream, &self.k, fast, x, rows, cols, q)
     }
 
     /// `values` f32 at `x` rounded to bf16 into `xb`.
@@ -520,7 +524,6 @@ impl CudaModel {
         if one { Ok(Prep { qx: q, xb: 0 }) } else { self.prep(fast, h, n, self.hidden, q, xb) }
     }
 
-    /// out = SwiGLU MLP (or the routed experts `ids` weighted by `wts`, `k` per token) of h.
     #[allow(clippy::too_many_arguments)]
     fn swiglu(
         &self,
@@ -535,17 +538,7 @@ impl CudaModel {
         out: u64,
         n: usize,
     ) -> Result<()> {
-        let (g, u, dn) = m;
-        let k32 = k as i32;
-        let mut b = self.stream.launch_builder(&self.k.swiglu_gate_up);
-        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&h.0).arg(&act.0).arg(&k32).arg(&h.1.qx);
-        unsafe { b.launch(cfg(((g.rows as usize).div_ceil(WARPS), n * k), 32 * WARPS, 0)) }?;
-        let qa = self.quant(h.1.qx.q != 0, act.0, n * k, dn.cols as usize, act.1)?;
-        let acc = 0i32;
-        let mut b = self.stream.launch_builder(&self.k.down_sum);
-        b.arg(&base).arg(&stride).arg(&ids).arg(&wts).arg(&dn).arg(&act.0).arg(&out).arg(&k32).arg(&acc).arg(&qa);
-        unsafe { b.launch(cfg(((dn.rows as usize).div_ceil(WARPS), n), 32 * WARPS, 0)) }?;
-        Ok(())
+        swiglu(&self.stream, &self.k, (base, stride, ids, wts), m, k, h, act, out, n, true)
     }
 
     /// out = the SwiGLU MLP of h (a dense layer, a shared expert): one token through the fused
@@ -567,6 +560,64 @@ impl CudaModel {
         let pa = self.prep(h.1.xb != 0, act.0, n, m.down.cols as usize, Qx::default(), xb)?;
         launch_matmul(s, &self.k, m.ptr, m.down, act.0, out, n, pa)
     }
+}
+
+/// Quantizes `rows` rows of `cols` at `x` into `q` for the integer kernels, when `fast` and
+/// the rows fit them; else a null `Qx` (the f32 kernels).
+fn quant(s: &CudaStream, k: &Kernels, fast: bool, x: u64, rows: usize, cols: usize, q: Qx) -> Result<Qx> {
+    if !fast || !cols.is_multiple_of(32) {
+        return Ok(Qx::default());
+    }
+    let (r32, c32) = (rows as i32, cols as i32);
+    let mut b = s.launch_builder(&k.quant_x);
+    b.arg(&x).arg(&r32).arg(&c32).arg(&q.q).arg(&q.d).arg(&q.s16);
+    unsafe { b.launch(cfg(((rows * cols / 32).div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
+    Ok(q)
+}
+
+/// out = SwiGLU MLP (or the routed experts `ids` at `base + id · stride` weighted by `wts`, `k`
+/// per token) of h, `n` tokens. On int8 inputs (`h.1.qx`) and q4/q8 matrices the `_i8` kernels
+/// where `i8` (every load of a warp in flight at once; the down product's loads of all k
+/// experts together), else the generic ones.
+#[allow(clippy::too_many_arguments)]
+fn swiglu(
+    s: &CudaStream,
+    kn: &Kernels,
+    (base, stride, ids, wts): (u64, u64, u64, u64),
+    m: (MatD, MatD, MatD),
+    k: usize,
+    h: (u64, Prep),
+    act: (u64, Qx),
+    out: u64,
+    n: usize,
+    i8: bool,
+) -> Result<()> {
+    let (g, u, dn) = m;
+    let k32 = k as i32;
+    let qx = h.1.qx;
+    let same = (u.kind, u.bits, u.group, u.rb, u.rows, u.cols) == (g.kind, g.bits, g.group, g.rb, g.rows, g.cols);
+    if i8 && qx.q != 0 && i8_ok(&g) && same {
+        let mut b = s.launch_builder(&kn.swiglu_gate_up_i8);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&act.0).arg(&k32).arg(&qx);
+        unsafe { b.launch(cfg(((g.rows as usize).div_ceil(WARPS * GU_ROWS), n * k), 32 * WARPS, 0)) }?;
+    } else {
+        let mut b = s.launch_builder(&kn.swiglu_gate_up);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&h.0).arg(&act.0).arg(&k32).arg(&qx);
+        unsafe { b.launch(cfg(((g.rows as usize).div_ceil(WARPS), n * k), 32 * WARPS, 0)) }?;
+    }
+    let qa = quant(s, kn, qx.q != 0, act.0, n * k, dn.cols as usize, act.1)?;
+    let acc = 0i32;
+    let grid = cfg(((dn.rows as usize).div_ceil(WARPS), n), 32 * WARPS, 0);
+    if i8 && qa.q != 0 && i8_ok(&dn) {
+        let mut b = s.launch_builder(&kn.down_sum_i8);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&wts).arg(&dn).arg(&out).arg(&k32).arg(&acc).arg(&qa);
+        unsafe { b.launch(grid) }?;
+    } else {
+        let mut b = s.launch_builder(&kn.down_sum);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&wts).arg(&dn).arg(&act.0).arg(&out).arg(&k32).arg(&acc).arg(&qa);
+        unsafe { b.launch(grid) }?;
+    }
+    Ok(())
 }
 
 /// The device, its stream, the compiled kernels and the GPU's name.
@@ -615,6 +666,7 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         matvec: f("matvec")?,
         matvec_q: f("matvec_q")?,
         matvec_multi: f("matvec_multi")?,
+        matvec_norm: f("matvec_norm")?,
         quant_x: f("quant_x")?,
         gather_rows: f("gather_rows")?,
         gate_up_tiles: f("gate_up_tiles")?,
@@ -623,6 +675,7 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         add_rmsnorm: f("add_rmsnorm")?,
         qk_norm_rope: f("qk_norm_rope")?,
         attn_part: f("attn_part")?,
+        attn_part1: f("attn_part1")?,
         attn_merge: f("attn_merge")?,
         delta_conv: f("delta_conv")?,
         delta_shift: f("delta_shift")?,
@@ -634,12 +687,57 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         mma_down_tiles: f("mma_down_tiles")?,
         swiglu_mul: f("swiglu_mul")?,
         route_topk: f("route_topk")?,
+        router_topk: f("router_topk")?,
         swiglu_gate_up: f("swiglu_gate_up")?,
+        swiglu_gate_up_i8: f("swiglu_gate_up_i8")?,
         down_sum: f("down_sum")?,
+        down_sum_i8: f("down_sum_i8")?,
         gated_add: f("gated_add")?,
         _module: module,
     };
     Ok((ctx, stream, k, gpu))
+}
+
+/// The stream and kernels the kernel tests share.
+type TestDevice = Option<(Arc<CudaStream>, Kernels)>;
+
+/// The device, stream and kernels the kernel tests share (opened at the first call).
+fn test_device(ordinal: usize) -> Result<std::sync::MutexGuard<'static, TestDevice>> {
+    static OPEN: Mutex<TestDevice> = Mutex::new(None);
+    let mut g = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+    if g.is_none() {
+        let (_, s, k, _) = open(ordinal)?;
+        *g = Some((s, k));
+    }
+    Ok(g)
+}
+
+/// One decode token's routed experts through the CUDA kernels (kernel tests): `experts`
+/// uploaded as a layer's, `x` (hidden) routed to `ids` weighted by `wts`; returns
+/// Σ_j wts[j] · SwiGLU_{ids[j]}(x). `fast`: on int8 inputs, as decode's default precision;
+/// `i8`: through the `_i8` kernels where the formats allow, else the generic ones.
+pub fn experts_once(
+    ordinal: usize,
+    experts: &[MlpRef<'_>],
+    x: &[f32],
+    ids: &[i32],
+    wts: &[f32],
+    fast: bool,
+    i8: bool,
+) -> Result<Vec<f32>> {
+    let g = test_device(ordinal)?;
+    let (s, kn) = g.as_ref().expect("opened");
+    let up = Uploader { stream: s.clone() };
+    let ex = up.pack(experts.len(), |put| experts.iter().enumerate().try_for_each(|(e, m)| put(e, m)))?;
+    let (hidden, inter, k) = (ex.gate.cols as usize, ex.gate.rows as usize, ids.len());
+    let (xb, ib, wb) = (s.clone_htod(x)?, s.clone_htod(ids)?, s.clone_htod(wts)?);
+    let (act, out) = (s.alloc_zeros::<f32>(k * inter)?, s.alloc_zeros::<f32>(hidden)?);
+    let (qx, qa) = (QBuf::new(s, hidden)?, QBuf::new(s, k * inter)?);
+    let px = ptr(&xb, s);
+    let prep = Prep { qx: quant(s, kn, fast, px, 1, hidden, qx.qx(s))?, xb: 0 };
+    let io = (ex.ptr, ex.stride, ptr(&ib, s), ptr(&wb, s));
+    swiglu(s, kn, io, (ex.gate, ex.up, ex.down), k, (px, prep), (ptr(&act, s), qa.qx(s)), ptr(&out, s), 1, i8)?;
+    Ok(s.clone_dtoh(&out)?)
 }
 
 /// `y = W·x` for `n` tokens through the CUDA matmul kernel (kernel tests against the scalar
@@ -647,12 +745,7 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
 /// `fast`: the products the default precision runs: one token's on the int8 input (q4/q8 rows),
 /// several tokens' on tensor cores (bf16 inputs; bf16, q4 and q8 rows).
 pub fn matmul_once(ordinal: usize, w: &MatRef<'_>, x: &[f32], n: usize, fast: bool) -> Result<Vec<f32>> {
-    static OPEN: Mutex<Option<(Arc<CudaStream>, Kernels)>> = Mutex::new(None);
-    let mut g = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-    if g.is_none() {
-        let (_, s, k, _) = open(ordinal)?;
-        *g = Some((s, k));
-    }
+    let g = test_device(ordinal)?;
     let (s, k) = g.as_ref().expect("opened");
     let wb = s.clone_htod(w.data)?;
     let (xb, yb) = (s.clone_htod(x)?, s.alloc_zeros::<f32>(n * w.rows)?);
@@ -905,14 +998,37 @@ impl Accelerator for CudaModel {
             self.pass(b, n, k, m, fast, parts)?;
         }
         let t1 = std::time::Instant::now();
+        let (t2, t3, finite);
         let b = sc.bufs.as_ref().expect("fitted");
-        let mut out = vec![0f32; m * self.vocab];
-        s.synchronize()?;
-        let t2 = std::time::Instant::now();
-        s.memcpy_dtoh(&b.logits.slice(..m * self.vocab), &mut out)
-            .map_err(|e| anyhow!("CUDA forward pass failed: {e}"))?;
-        let t3 = std::time::Instant::now();
-        if !crate::model::all_finite(&out) {
+        let len = m * self.vocab;
+        let out = if m == 1 {
+            // one row (decode): through the pinned buffer, exactly a row long (the copy takes
+            // the host side's length)
+            if sc.host_logits.is_none() {
+                // SAFETY: written by the copy below before it is read; no flags: cached host
+                // memory, which the host reads fast (write-combined memory is not)
+                sc.host_logits = Some(unsafe { s.context().alloc_pinned_with_flags::<f32>(len, 0) }?);
+            }
+            let pinned = sc.host_logits.as_mut().expect("allocated");
+            s.memcpy_dtoh(&b.logits.slice(..len), pinned).map_err(|e| anyhow!("CUDA forward pass failed: {e}"))?;
+            s.synchronize().map_err(|e| anyhow!("CUDA forward pass failed: {e}"))?;
+            t2 = std::time::Instant::now();
+            // the check first, from memory the copy left in no cache; the copy out then reads
+            // the host's caches
+            let src = pinned.as_slice()?;
+            finite = crate::model::all_finite(src);
+            t3 = std::time::Instant::now();
+            src.to_vec()
+        } else {
+            let mut out = vec![0f32; len];
+            s.synchronize()?;
+            t2 = std::time::Instant::now();
+            s.memcpy_dtoh(&b.logits.slice(..len), &mut out).map_err(|e| anyhow!("CUDA forward pass failed: {e}"))?;
+            t3 = std::time::Instant::now();
+            finite = crate::model::all_finite(&out);
+            out
+        };
+        if !finite {
             bail!("non-finite logits (NaN or Inf) from the CUDA forward pass (corrupt weights?)");
         }
         if n == 1 {
@@ -924,14 +1040,15 @@ impl Accelerator for CudaModel {
 }
 
 /// `FLASHMOE_CUDA_TIMING=1`: a decode call's phases on stderr, in µs — when it began (from the
-/// first call), the host's work up to the launch, the GPU's to the stream's end, the logits
-/// copy, the finite check.
+/// first call), the host's work up to the launch, the GPU's to the stream's end (the logits'
+/// copy into pinned memory included), then two host steps: the finite check on the pinned
+/// logits and their copy out.
 fn report_timing(t: [std::time::Instant; 5]) {
     static ON: std::sync::OnceLock<Option<std::time::Instant>> = std::sync::OnceLock::new();
     let Some(start) = *ON.get_or_init(|| std::env::var_os("FLASHMOE_CUDA_TIMING").map(|_| t[0])) else { return };
     let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e6;
     eprintln!(
-        "cuda-timing at {:.1} host {:.1} gpu {:.1} dtoh {:.1} check {:.1}",
+        "cuda-timing at {:.1} host {:.1} gpu {:.1} check {:.1} copy {:.1}",
         us(start, t[0]),
         us(t[0], t[1]),
         us(t[1], t[2]),
@@ -954,21 +1071,22 @@ unsafe impl Send for Graph {}
 
 impl CudaModel {
     /// Attention of `n` tokens on the normed `h`: q/k/v, norms and RoPE (k, v into the cache),
-    /// attention in parts, merged; the output projection into `b.y`.
+    /// attention in parts, merged; returns the output projection to run (matrix, input, its
+    /// fast form).
     #[allow(clippy::too_many_arguments)]
-    fn attention(
+    fn attention<'a>(
         &self,
-        a: &DAttn,
+        a: &'a DAttn,
         b: &Bufs,
         layer: i32,
         (ph, qh): (u64, Prep),
         n: usize,
         parts: usize,
         fast: bool,
-    ) -> Result<()> {
+    ) -> Result<(&'a DMat, u64, Prep)> {
         let s = &self.stream;
         let p = |b: &CudaSlice<f32>| ptr(b, s);
-        let (py, pa, pb, pc, pmeta, ppart) = (p(&b.y), p(&b.a), p(&b.b), p(&b.c), ptr(&b.meta, s), p(&b.part));
+        let (pa, pb, pc, pmeta, ppart) = (p(&b.a), p(&b.b), p(&b.c), ptr(&b.meta, s), p(&b.part));
         let qw = if a.gated { 2 * a.d } else { a.d };
         // q → a, k → b, v → c
         self.matmuls(&[(&a.q, pa), (&a.k, pb), (&a.v, pc)], ph, n, qh)?;
@@ -979,7 +1097,8 @@ impl CudaModel {
         lb.arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&rot).arg(&a.theta).arg(&self.eps);
         unsafe { lb.launch(cfg((n, a.nh + a.nkv), 32, 0)) }?;
         // attention in parts of CHUNK positions, merged into b; then o_proj → y
-        let mut lb = s.launch_builder(&self.k.attn_part);
+        // one token: its own kernel (few blocks, each a long walk: more loads in flight)
+        let mut lb = s.launch_builder(if n == 1 { &self.k.attn_part1 } else { &self.k.attn_part });
         lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&parts32);
         unsafe { lb.launch(cfg((n * a.nh, parts), 128, 0)) }?;
         // one token: the merge writes o_proj's int8 input too (a block per head, a warp per 32)
@@ -993,13 +1112,21 @@ impl CudaModel {
         } else {
             self.prep(fast, pb, n, a.nh * a.d, b.qa.qx(s), ptr(&b.xbh, s))?
         };
-        self.matmul(&a.o, pb, py, n, qo)
+        Ok((&a.o, pb, qo))
     }
 
     /// Gated DeltaNet of `n` tokens on the normed `h`: the four input projections, the causal
     /// conv (history from the state) with SiLU, q/k L2 norms, the recurrence with its gated
-    /// RMSNorm, the output projection into `b.y`.
-    fn deltanet(&self, d: &DDelta, b: &Bufs, layer: i32, (ph, qh): (u64, Prep), n: usize, fast: bool) -> Result<()> {
+    /// RMSNorm; returns the output projection to run (matrix, input, its fast form).
+    fn deltanet<'a>(
+        &self,
+        d: &'a DDelta,
+        b: &Bufs,
+        layer: i32,
+        (ph, qh): (u64, Prep),
+        n: usize,
+        fast: bool,
+    ) -> Result<(&'a DMat, u64, Prep)> {
         let s = &self.stream;
         let p = |b: &CudaSlice<f32>| ptr(b, s);
         let (py, pa, pb, pc, pd, pmeta) = (p(&b.y), p(&b.a), p(&b.b), p(&b.c), p(&b.d), ptr(&b.meta, s));
@@ -1024,7 +1151,7 @@ impl CudaModel {
         lb.arg(&dk32).arg(&dv32).arg(&d.eps);
         unsafe { lb.launch(cfg((d.nv, 1), d.dv.next_multiple_of(32), 0)) }?;
         let qo = self.prep(fast, pa, n, vd, b.qa.qx(s), ptr(&b.xbh, s))?;
-        self.matmul(&d.out, pa, py, n, qo)
+        Ok((&d.out, pa, qo))
     }
 
     /// Every layer, the final norm and lm_head on `b.x` (`n` tokens, the last `m` rows' logits
@@ -1041,20 +1168,44 @@ impl CudaModel {
         for (i, l) in self.layers.iter().enumerate() {
             let qh = self.add_rmsnorm(px, if i == 0 { null } else { py }, &l.input_norm, ph, n, fast, qa, xbh)?;
             let layer = i as i32;
-            match &l.mixer {
+            let (o, oin, qo) = match &l.mixer {
                 DMixer::Attn(a) => self.attention(a, b, layer, (ph, qh), n, parts, fast)?,
                 DMixer::Delta(d) => self.deltanet(d, b, layer, (ph, qh), n, fast)?,
-            }
-            let qh = self.add_rmsnorm(px, py, &l.post_norm, ph, n, fast, qa, xbh)?;
+            };
+            // the output projection into y, then x += y and the post-mixer norm
+            let qh = if n == 1 && o.d.rows as usize == h {
+                // one launch: its last block runs the norm
+                let one = fast && h.is_multiple_of(32);
+                let hq = if one { qa } else { Qx::default() };
+                let done = ptr(&b.done, s);
+                let mut lb = s.launch_builder(&self.k.matvec_norm);
+                lb.arg(&o.ptr).arg(&o.d).arg(&oin).arg(&qo.qx).arg(&py).arg(&done).arg(&px).arg(&l.post_norm.ptr);
+                lb.arg(&ph).arg(&self.eps).arg(&hq);
+                unsafe { lb.launch(cfg((h.div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
+                if one { Prep { qx: qa, xb: 0 } } else { self.prep(fast, ph, n, h, qa, xbh)? }
+            } else {
+                self.matmul(o, oin, py, n, qo)?;
+                self.add_rmsnorm(px, py, &l.post_norm, ph, n, fast, qa, xbh)?
+            };
             match &l.ffn {
                 DFfn::Dense(m) => self.mlp(m, (ph, qh), (pa, qb), pc, xbe, py, n)?,
                 DFfn::Moe(m) => {
                     let k = k_over.unwrap_or(m.top_k).min(m.router.d.rows as usize).min(64);
-                    self.matmul(&m.router, ph, pa, n, qh)?;
                     let (e32, k32, rn) = (m.router.d.rows, k as i32, m.renorm as i32);
-                    let mut lb = s.launch_builder(&self.k.route_topk);
-                    lb.arg(&pa).arg(&e32).arg(&k32).arg(&rn).arg(&pids).arg(&pw);
-                    unsafe { lb.launch(cfg((n, 1), 32, 4 * e32 as usize)) }?;
+                    if n == 1 {
+                        // the product and the top-k in one launch (its last block routes)
+                        let (r, done) = (&m.router, ptr(&b.done, s));
+                        let mut lb = s.launch_builder(&self.k.router_topk);
+                        lb.arg(&r.ptr).arg(&r.d).arg(&ph).arg(&qh.qx).arg(&pa).arg(&k32).arg(&rn).arg(&pids);
+                        lb.arg(&pw).arg(&done);
+                        let blocks = (e32 as usize).div_ceil(WARPS);
+                        unsafe { lb.launch(cfg((blocks, 1), 32 * WARPS, 4 * e32 as usize)) }?;
+                    } else {
+                        self.matmul(&m.router, ph, pa, n, qh)?;
+                        let mut lb = s.launch_builder(&self.k.route_topk);
+                        lb.arg(&pa).arg(&e32).arg(&k32).arg(&rn).arg(&pids).arg(&pw);
+                        unsafe { lb.launch(cfg((n, 1), 32, 4 * e32 as usize)) }?;
+                    }
                     let ex = &m.experts;
                     if n == 1 {
                         self.swiglu(
@@ -1103,6 +1254,10 @@ struct Scratch {
     bufs: Option<Bufs>,
     host_x: Vec<f32>,
     host_meta: Vec<i64>,
+    /// Page-locked room for one row of logits (decode's): the copy back runs at the link's
+    /// speed, queued on the stream behind the pass (a pageable copy goes through the driver's
+    /// staging buffers).
+    host_logits: Option<cudarc::driver::PinnedHostSlice<f32>>,
     /// The decode graph, captured for (expert count override, int8 inputs, attention parts) on
     /// these buffers.
     graph: Option<(GraphKey, Graph)>,
@@ -1119,6 +1274,8 @@ struct Bufs {
     ids: CudaSlice<i32>,
     wts: CudaSlice<f32>,
     tiles: CudaSlice<i32>,
+    /// `router_topk`'s count of finished blocks (0 between launches).
+    done: CudaSlice<u32>,
     logits: CudaSlice<f32>,
     meta: CudaSlice<i64>,
     /// Attention's per-part (max, sum, values).
@@ -1157,6 +1314,7 @@ impl Scratch {
                 ids: s.alloc_zeros::<i32>(3 * pr.max(1))?,
                 wts: f(pr)?,
                 tiles: s.alloc_zeros::<i32>(3 * pr.max(1))?,
+                done: s.alloc_zeros::<u32>(1)?,
                 logits: f(lg)?,
                 meta: s.alloc_zeros::<i64>(meta)?,
                 part: f(pt)?,
