@@ -39,7 +39,7 @@ def one(i, res):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             c = json.loads(line[6:])
-            if c.get("choices") and c["choices"][0].get("text"):
+            if c.get("choices"):
                 n += 1
                 if first is None:
                     first = time.time() - t0
