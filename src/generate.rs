@@ -494,14 +494,41 @@ pub fn generate(
 pub fn decode(
     model: &Model,
     state: &mut State,
+    logits: Vec<f32>,
+    history: Vec<u32>,
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    stop_ids: &[u32],
+    on_token: impl FnMut(u32, Option<TokenLogprob>) -> bool,
+) -> Result<(Vec<u32>, StopReason)> {
+    let ctx = model.max_context();
+    decode_with(
+        ctx,
+        state,
+        logits,
+        history,
+        max_tokens,
+        sampler,
+        stop_ids,
+        |st, t| model.forward(st, &[t], false),
+        on_token,
+    )
+}
+
+/// [`decode`] with each step's forward pass made by `step` (the server's shared batch step,
+/// [`crate::batch`]); `ctx` is the model's context.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_with(
+    ctx: usize,
+    state: &mut State,
     mut logits: Vec<f32>,
     mut history: Vec<u32>,
     max_tokens: usize,
     sampler: &mut Sampler,
     stop_ids: &[u32],
+    mut step: impl FnMut(&mut State, u32) -> Result<Vec<f32>>,
     mut on_token: impl FnMut(u32, Option<TokenLogprob>) -> bool,
 ) -> Result<(Vec<u32>, StopReason)> {
-    let ctx = model.max_context();
     let mut out = Vec::new();
     let stop = loop {
         if out.len() >= max_tokens {
@@ -524,7 +551,7 @@ pub fn decode(
             // the sequence (cached positions + this token) fills the context
             break StopReason::ContextFull;
         }
-        logits = model.forward(state, &[tok], false)?;
+        logits = step(state, tok)?;
     };
     Ok((out, stop))
 }

@@ -5,6 +5,7 @@
 //! template ([`tokenizer`]); the `flashmoe` binary is a thin CLI over it.
 
 pub mod backend;
+pub mod batch;
 pub mod bench;
 pub mod builtin;
 pub mod chat;

@@ -41,8 +41,8 @@ fn main() {
         Cmd::Chat { model, system, system_file, no_think, max_tokens, sampling, store, prompt_cache } => {
             cmd_chat(model, system, system_file, no_think, max_tokens, &sampling, &store, &prompt_cache)
         }
-        Cmd::Serve { model, host, port, max_queue, model_id, api_key, cors, store, prompt_cache } => {
-            let opts = flashmoe::server::ServerOptions { max_queue, api_key, cors, ..Default::default() };
+        Cmd::Serve { model, host, port, max_queue, max_batch, model_id, api_key, cors, store, prompt_cache } => {
+            let opts = flashmoe::server::ServerOptions { max_queue, max_batch, api_key, cors, ..Default::default() };
             cmd_serve(model, &host, port, model_id, opts, &store, &prompt_cache)
         }
         Cmd::Convert { from, to, experts, dense, group_size, force } => {

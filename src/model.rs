@@ -217,6 +217,20 @@ impl Layer {
         sel: &mut Selection,
         opts: &RunOptions,
     ) -> Result<()> {
+        self.mix(x, n, pos0, st, sel, opts)?;
+        self.feed(x, n, opts, false)
+    }
+
+    /// The token mixer's half: x += mixer(norm1(x)).
+    fn mix(
+        &self,
+        x: &mut [f32],
+        n: usize,
+        pos0: usize,
+        st: &mut LayerState,
+        sel: &mut Selection,
+        opts: &RunOptions,
+    ) -> Result<()> {
         let p = opts.precision;
         let mut h = scratch::zeros(x.len());
         let mut y = scratch::zeros(x.len());
@@ -234,13 +248,31 @@ impl Layer {
             bail!("non-finite values (NaN or Inf) in the output of the {} (corrupt weights?)", self.mixer_name());
         }
         add_assign(x, &y);
+        Ok(())
+    }
+
+    /// The feed-forward half: x += ffn(norm2(x)). `rows`: the `n` rows are one decode step of
+    /// `n` sequences each, computed as one-token products (see [`Moe::forward_rows`]).
+    fn feed(&self, x: &mut [f32], n: usize, opts: &RunOptions, rows: bool) -> Result<()> {
+        let p = opts.precision;
+        let mut h = scratch::zeros(x.len());
+        let mut y = scratch::zeros(x.len());
         self.post_norm.forward(x, &mut h);
         crate::par::mark();
         match &self.ffn {
+            FfnWeights::Moe(m) if rows => m.forward_rows(&h, n, opts.experts_per_token, &mut y, p)?,
             FfnWeights::Moe(m) => m.forward(&h, n, opts.experts_per_token, &mut y, p)?,
             FfnWeights::Dense(m) => {
                 let t = Instant::now();
-                m.forward(&h, n, &mut y, p);
+                if rows && n > 1 {
+                    let d = self.cols();
+                    let v = m.view();
+                    let mut items: SmallVec<[_; 16]> =
+                        h.chunks(d).zip(y.chunks_mut(d)).map(|(x, o)| (v, x, o)).collect();
+                    crate::layers::mlp::forward_each(&mut items, p);
+                } else {
+                    m.forward(&h, n, &mut y, p);
+                }
                 add_since(&PROFILE.dense, t);
             }
         }
@@ -251,6 +283,11 @@ impl Layer {
         add_assign(x, &y);
         crate::par::mark();
         Ok(())
+    }
+
+    /// The hidden size (the norms' width).
+    fn cols(&self) -> usize {
+        self.input_norm.dim()
     }
 
     fn mixer_name(&self) -> &'static str {
@@ -378,6 +415,131 @@ impl Model {
         }
         add_since(&PROFILE.total, t_total);
         Ok(logits)
+    }
+
+    /// One decode step of several sequences: `tokens[j]` follows what `states[j]` holds, each
+    /// sequence at its own position. Returns one logits row per sequence, `[B, vocab]`, each
+    /// exactly what [`Model::forward`] gives that sequence alone (see [`Model::forward_batch_each`]);
+    /// the first error when any sequence fails.
+    pub fn forward_batch(&self, states: &mut [&mut State], tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(tokens.len() * self.cfg.vocab_size);
+        for r in self.forward_batch_each(states, tokens) {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
+
+    /// [`Model::forward_batch`] with a result per sequence. Per layer the token mixer runs on
+    /// each sequence's own state (one token), then the feed-forward runs over every row at
+    /// once: a routed expert chosen by several sequences is read from the store once for all
+    /// of them, and every row is computed with decode's one-token products, so each sequence's
+    /// logits are bit for bit those it gets alone (in either precision). A sequence that fails
+    /// (a bad token, a full context, a non-finite mixer output) leaves the batch and only its
+    /// state is poisoned; an error of the shared feed-forward poisons every sequence still in
+    /// it. On an accelerator the sequences run one after another.
+    pub fn forward_batch_each(&self, states: &mut [&mut State], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {
+        assert_eq!(states.len(), tokens.len(), "one token per sequence");
+        let b = tokens.len();
+        if self.accel.is_some() || b <= 1 {
+            return states.iter_mut().zip(tokens).map(|(st, &t)| self.forward(st, &[t], false)).collect();
+        }
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let t_total = Instant::now();
+        let mut res: Vec<Option<Result<Vec<f32>>>> = (0..b).map(|_| None).collect();
+        for (j, (st, &t)) in states.iter().zip(tokens).enumerate() {
+            if st.poisoned {
+                res[j] = Some(Err(anyhow::anyhow!(
+                    "this sequence state was left incomplete by an earlier error; start a new one"
+                )));
+            } else if t as usize >= v {
+                res[j] = Some(Err(anyhow::anyhow!("token id {t} is out of range: the vocabulary has {v} ids")));
+            } else if st.pos + 1 > self.max_context() {
+                res[j] = Some(Err(anyhow::anyhow!(
+                    "sequence of {} tokens exceeds the model's context of {} tokens",
+                    st.pos + 1,
+                    self.max_context()
+                )));
+            }
+        }
+        let mut live: Vec<usize> = (0..b).filter(|&j| res[j].is_none()).collect();
+        let mut x = scratch::zeros(b * h);
+        for &j in &live {
+            self.embed.row_f32(tokens[j] as usize, &mut x[j * h..(j + 1) * h]);
+        }
+        let prefetch = self.store.as_ref().is_some_and(|s| s.prefetch);
+        let _hold = crate::par::hold();
+        let mut sels: Vec<Selection> = (0..b).map(|_| Selection::default()).collect();
+        let mut rows = scratch::zeros(0);
+        for (i, layer) in self.layers.iter().enumerate() {
+            if live.is_empty() {
+                break;
+            }
+            if prefetch {
+                for &j in &live {
+                    self.prefetch_next(i, &x[j * h..(j + 1) * h]);
+                }
+            }
+            live.retain(|&j| {
+                let st = &mut *states[j];
+                match layer.mix(&mut x[j * h..(j + 1) * h], 1, st.pos, &mut st.layers[i], &mut sels[j], &self.opts) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        st.poisoned = true;
+                        res[j] = Some(Err(e.context(format!("layer {i}"))));
+                        false
+                    }
+                }
+            });
+            // the live rows side by side, through the feed-forward together
+            let m = live.len();
+            rows.vec().clear();
+            for &j in &live {
+                rows.vec().extend_from_slice(&x[j * h..(j + 1) * h]);
+            }
+            if m == 0 {
+                break;
+            }
+            if let Err(e) = layer.feed(&mut rows, m, &self.opts, true) {
+                for &j in &live {
+                    states[j].poisoned = true;
+                    res[j] = Some(Err(anyhow::anyhow!("layer {i}: {e:#}")));
+                }
+                live.clear();
+                break;
+            }
+            for (r, &j) in live.iter().enumerate() {
+                x[j * h..(j + 1) * h].copy_from_slice(&rows[r * h..(r + 1) * h]);
+            }
+        }
+        for &j in &live {
+            states[j].pos += 1;
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).view();
+        let mut logits = vec![0.0; live.len() * v];
+        for &j in &live {
+            self.norm.apply(&mut x[j * h..(j + 1) * h]);
+        }
+        let t = Instant::now();
+        {
+            let mut jobs: Vec<crate::tensor::Product<'_>> = live
+                .iter()
+                .zip(logits.chunks_mut(v))
+                .map(|(&j, y)| crate::tensor::Product { w: head, x: &x[j * h..(j + 1) * h], y })
+                .collect();
+            crate::tensor::products(&mut jobs, 1, self.opts.precision);
+        }
+        add_since(&PROFILE.lm_head, t);
+        for (r, &j) in live.iter().enumerate() {
+            let row = logits[r * v..(r + 1) * v].to_vec();
+            res[j] = Some(if all_finite(&row) {
+                Ok(row)
+            } else {
+                let what = if all_finite(&x[j * h..(j + 1) * h]) { "lm_head" } else { "final norm" };
+                Err(anyhow::anyhow!("non-finite logits (NaN or Inf) from the {what} (corrupt weights?)"))
+            });
+        }
+        add_since(&PROFILE.total, t_total);
+        res.into_iter().map(|r| r.expect("every sequence has a result")).collect()
     }
 
     /// Re-encodes every in-memory routed expert in `kind` (quality experiments: what would q2

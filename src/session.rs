@@ -20,6 +20,7 @@ use crate::prompt_cache::PromptCache;
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use anyhow::{Result, bail};
 use smallvec::SmallVec;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Snapshots kept (each is a full copy of the sequence state).
@@ -90,13 +91,16 @@ impl std::fmt::Display for ContextExceeded {
 impl std::error::Error for ContextExceeded {}
 
 pub struct Session {
-    pub model: Model,
+    /// Shared with decodes that run outside the session ([`crate::batch`]).
+    pub model: Arc<Model>,
     pub tok: TextTokenizer,
     pub stop_ids: Vec<u32>,
     state: State,
     /// Tokens whose effect `state` holds.
     cached: Vec<u32>,
-    snapshots: Vec<(usize, State)>,
+    /// States after the given tokens (prefixes of earlier prompts), least recently used first.
+    snapshots: Vec<(Vec<u32>, State)>,
+    max_snapshots: usize,
     /// Positions of the next prompt to keep snapshots at ([`Session::snapshot_at`]).
     marks: SmallVec<[usize; 2]>,
     prompt_cache: Option<PromptCache>,
@@ -154,6 +158,11 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 impl Session {
     pub fn new(model: Model, tok: TextTokenizer) -> Session {
+        Session::shared(Arc::new(model), tok)
+    }
+
+    /// A session over a model others share.
+    pub fn shared(model: Arc<Model>, tok: TextTokenizer) -> Session {
         let stop_ids = crate::generate::stop_ids(&model.cfg, &tok);
         let state = model.new_state();
         let truncatable = state.layers.iter().all(|l| l.truncatable());
@@ -164,6 +173,7 @@ impl Session {
             state,
             cached: vec![],
             snapshots: vec![],
+            max_snapshots: MAX_SNAPSHOTS,
             marks: SmallVec::new(),
             prompt_cache: None,
             truncatable,
@@ -214,6 +224,12 @@ impl Session {
         Ok(prompt)
     }
 
+    /// Keeps up to `n` snapshots (at least one; 4 by default): a server decoding several
+    /// conversations at once keeps one or two per conversation.
+    pub fn set_max_snapshots(&mut self, n: usize) {
+        self.max_snapshots = n.max(1);
+    }
+
     /// Forgets the conversation state.
     pub fn reset(&mut self) {
         self.state = self.model.new_state();
@@ -232,13 +248,16 @@ impl Session {
         self.loaded = 0;
         let l = common_prefix(&self.cached, prompt);
         let live = l == self.cached.len() && l < prompt.len() && !self.state.poisoned;
+        let live_len = if live { l } else { 0 };
         let best = self
             .snapshots
             .iter()
             .enumerate()
-            .filter(|(_, (p, _))| *p <= l && *p < prompt.len())
-            .max_by_key(|(_, (p, _))| *p);
-        let in_memory = if live { l } else { best.map_or(0, |(_, (p, _))| *p) };
+            .filter(|(_, (t, _))| t.len() < prompt.len() && prompt.starts_with(t))
+            .max_by_key(|(_, (t, _))| t.len())
+            .map(|(i, (t, _))| (i, t.len()))
+            .filter(|&(_, n)| n > live_len);
+        let in_memory = best.map_or(live_len, |b| b.1);
         if let Some(pc) = &mut self.prompt_cache
             && let Some((name, n)) = pc.lookup(prompt, self.truncatable, in_memory)
         {
@@ -246,28 +265,25 @@ impl Session {
                 Ok(st) => {
                     self.state = st;
                     self.cached = prompt[..n].to_vec();
-                    // snapshots of a prefix both histories share stay valid
-                    self.snapshots.retain(|(q, _)| *q <= l.min(n));
                     self.loaded = n;
                     return n;
                 }
                 Err(e) => eprintln!("note: {e:#} (removed; prefilling instead)"),
             }
         }
-        if live {
-            return l;
-        }
         match best {
-            Some((_, (p, st))) => {
-                let p = *p;
-                self.state = st.clone();
-                self.cached = prompt[..p].to_vec();
-                // snapshots past the divergence describe another history
-                self.snapshots.retain(|(q, _)| *q <= p);
-                p
+            Some((i, n)) => {
+                // the most recently used last
+                let snap = self.snapshots.remove(i);
+                self.state = snap.1.clone();
+                self.cached = snap.0.clone();
+                self.snapshots.push(snap);
+                n
             }
+            None if live => l,
             None => {
-                self.reset();
+                self.state = self.model.new_state();
+                self.cached.clear();
                 0
             }
         }
@@ -298,6 +314,20 @@ impl Session {
         stop: &[String],
         on_text: impl FnMut(&str, &[Scored]) -> bool,
     ) -> Result<Output> {
+        let pre = self.prefill_alone(prompt, params)?;
+        let model = self.model.clone();
+        let step = |st: &mut State, t: u32| model.forward(st, &[t], false);
+        let (res, state, held) =
+            decode_prefilled(&model, &self.tok, &self.stop_ids, prompt, pre, max_tokens, params, stop, step, on_text);
+        self.give_back(state, &held);
+        res
+    }
+
+    /// Brings a state of its own to `prompt` (reusing what the session holds, as
+    /// [`Session::generate_with`] does), for a decode outside the session
+    /// ([`decode_prefilled`]): the session keeps its snapshots, and its live state is left
+    /// empty until [`Session::give_back`].
+    pub fn prefill_alone(&mut self, prompt: &[u32], params: &SamplingParams) -> Result<Prefilled> {
         let ctx = self.model.max_context();
         if prompt.is_empty() {
             bail!("the prompt is empty");
@@ -308,59 +338,26 @@ impl Session {
         params.validate()?;
         let t0 = Instant::now();
         let (reused, logits) = self.prefill(prompt)?;
-        let prompt_secs = t0.elapsed().as_secs_f64();
+        let state = std::mem::replace(&mut self.state, self.model.new_state());
+        self.cached.clear();
+        Ok(Prefilled { state, logits, reused, loaded: self.loaded, prompt_secs: t0.elapsed().as_secs_f64() })
+    }
 
-        let t1 = Instant::now();
-        let mut sampler = Sampler::new(params.clone());
-        let mut text = TextOut::new(&self.tok, stop, on_text);
-        let max_tokens = max_tokens.min(ctx - prompt.len());
-        let (tokens, reason) = crate::generate::decode(
-            &self.model,
-            &mut self.state,
-            logits,
-            prompt.to_vec(),
-            max_tokens,
-            &mut sampler,
-            &self.stop_ids,
-            |tok, lp| text.token(tok, lp),
-        )?;
-        // the tokens whose effect the state now holds (the last one made is fed only when
-        // a stop token followed it)
-        self.cached.extend_from_slice(&tokens);
-        self.cached.truncate(self.state.pos);
-        if let Some(e) = text.failed.take() {
-            return Err(e);
+    /// Makes `state`, which holds `tokens` (as many as its position), the live state again:
+    /// the next turn of its conversation resumes there. A live state it replaces becomes a
+    /// snapshot. A poisoned state is dropped.
+    pub fn give_back(&mut self, state: State, tokens: &[u32]) {
+        if state.poisoned || state.pos > tokens.len() || state.pos == 0 {
+            return;
         }
-        text.flush();
-        let finish = match reason {
-            _ if text.stop_string.is_some() => Finish::Stop,
-            StopReason::Eos => Finish::Stop,
-            StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
-            StopReason::Cancelled => Finish::Cancelled,
-        };
-        let stats = GenStats {
-            prompt_tokens: prompt.len() - reused,
-            prompt_secs,
-            generated_tokens: tokens.len(),
-            generate_secs: t1.elapsed().as_secs_f64(),
-            stop: match finish {
-                Finish::Stop => StopReason::Eos,
-                Finish::Length => StopReason::MaxTokens,
-                Finish::Cancelled => StopReason::Cancelled,
-            },
-        };
-        let TextOut { text, stop_string, sent: logprobs, .. } = text;
-        Ok(Output {
-            text,
-            tokens,
-            finish,
-            prompt_tokens: prompt.len(),
-            reused_tokens: reused,
-            loaded_tokens: self.loaded,
-            stop_string,
-            stats,
-            logprobs,
-        })
+        let old = std::mem::replace(&mut self.state, state);
+        let old_tokens = std::mem::replace(&mut self.cached, tokens[..self.state.pos].to_vec());
+        if !old.poisoned && !old_tokens.is_empty() && !self.snapshots.iter().any(|(t, _)| *t == old_tokens) {
+            self.snapshots.push((old_tokens, old));
+            if self.snapshots.len() > self.max_snapshots {
+                self.snapshots.remove(0);
+            }
+        }
     }
 
     /// Brings the state to the whole `prompt`, reusing what it can: prefills all but the last
@@ -382,9 +379,9 @@ impl Session {
                 self.cached.extend_from_slice(&prompt[at..stop]);
                 at = stop;
             }
-            if !self.snapshots.iter().any(|(p, _)| *p == stop) {
-                self.snapshots.push((stop, self.state.clone()));
-                if self.snapshots.len() > MAX_SNAPSHOTS {
+            if !self.snapshots.iter().any(|(t, _)| t[..] == prompt[..stop]) {
+                self.snapshots.push((prompt[..stop].to_vec(), self.state.clone()));
+                if self.snapshots.len() > self.max_snapshots {
                     self.snapshots.remove(0);
                 }
             }
@@ -431,13 +428,98 @@ impl Session {
                 out.push(sampler.score(row, &prompt[..=i], prompt[i + 1]));
             }
         }
-        // snapshots past where the old history and this one part describe another history
-        let keep = common_prefix(&self.cached, body);
-        self.snapshots.retain(|(q, _)| *q <= keep);
         self.state = st;
         self.cached = body.to_vec();
         Ok(out)
     }
+}
+
+/// A prompt prefilled into a state of its own ([`Session::prefill_alone`]).
+pub struct Prefilled {
+    pub state: State,
+    /// The logits after the prompt's last token.
+    logits: Vec<f32>,
+    reused: usize,
+    loaded: usize,
+    prompt_secs: f64,
+}
+
+/// Generates the continuation of a prefilled `prompt` (see [`Session::generate_with`]), each
+/// forward pass made by `step` (one token after what the state holds). Returns the output, the
+/// state, and the tokens whose effect the state holds (for [`Session::give_back`]).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_prefilled(
+    model: &Model,
+    tok: &TextTokenizer,
+    stop_ids: &[u32],
+    prompt: &[u32],
+    pre: Prefilled,
+    max_tokens: usize,
+    params: &SamplingParams,
+    stop: &[String],
+    step: impl FnMut(&mut State, u32) -> Result<Vec<f32>>,
+    on_text: impl FnMut(&str, &[Scored]) -> bool,
+) -> (Result<Output>, State, Vec<u32>) {
+    let Prefilled { mut state, logits, reused, loaded, prompt_secs } = pre;
+    let ctx = model.max_context();
+    let t1 = Instant::now();
+    let mut sampler = Sampler::new(params.clone());
+    let mut text = TextOut::new(tok, stop, on_text);
+    let max_tokens = max_tokens.min(ctx - prompt.len());
+    let res = crate::generate::decode_with(
+        ctx,
+        &mut state,
+        logits,
+        prompt.to_vec(),
+        max_tokens,
+        &mut sampler,
+        stop_ids,
+        step,
+        |tok, lp| text.token(tok, lp),
+    );
+    let (tokens, reason) = match res {
+        Ok(r) => r,
+        Err(e) => return (Err(e), state, vec![]),
+    };
+    // the tokens whose effect the state now holds (the last one made is fed only when a stop
+    // token followed it)
+    let mut held = prompt.to_vec();
+    held.extend_from_slice(&tokens);
+    held.truncate(state.pos);
+    if let Some(e) = text.failed.take() {
+        return (Err(e), state, held);
+    }
+    text.flush();
+    let finish = match reason {
+        _ if text.stop_string.is_some() => Finish::Stop,
+        StopReason::Eos => Finish::Stop,
+        StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
+        StopReason::Cancelled => Finish::Cancelled,
+    };
+    let stats = GenStats {
+        prompt_tokens: prompt.len() - reused,
+        prompt_secs,
+        generated_tokens: tokens.len(),
+        generate_secs: t1.elapsed().as_secs_f64(),
+        stop: match finish {
+            Finish::Stop => StopReason::Eos,
+            Finish::Length => StopReason::MaxTokens,
+            Finish::Cancelled => StopReason::Cancelled,
+        },
+    };
+    let TextOut { text, stop_string, sent: logprobs, .. } = text;
+    let out = Output {
+        text,
+        tokens,
+        finish,
+        prompt_tokens: prompt.len(),
+        reused_tokens: reused,
+        loaded_tokens: loaded,
+        stop_string,
+        stats,
+        logprobs,
+    };
+    (Ok(out), state, held)
 }
 
 /// The text of one generation as its tokens come: a stop string ends it, a tail that could

@@ -629,7 +629,14 @@ fn forced_tool_calls_in_the_glm_format() {
 
 #[test]
 fn disconnect_stops_generation_and_the_queue_is_bounded() {
-    let base = start(0);
+    // two generate at once, none may wait
+    let base = start_with(ServerOptions {
+        model_id: "flashmoe-default".into(),
+        max_queue: 0,
+        max_batch: 2,
+        default_max_tokens: 64,
+        ..Default::default()
+    });
     let url = format!("{base}/v1/completions");
     // end-of-text banned, so only the disconnect can end this one early
     let tok = TextTokenizer::load(model_dir()).unwrap();
@@ -643,13 +650,17 @@ fn disconnect_stops_generation_and_the_queue_is_bounded() {
     let mut lines = BufReader::new(r).lines();
     let first = lines.next().unwrap().unwrap();
     assert!(first.starts_with("data: "), "{first}");
-    // while that one holds the engine, a queue of size 0 refuses the next
+    let r = c.post(&url).json(&body).send().unwrap();
+    let mut other = BufReader::new(r).lines();
+    assert!(other.next().unwrap().unwrap().starts_with("data: "));
+    // while those two hold the engine, a queue of size 0 refuses the next
     let t0 = std::time::Instant::now();
     let r2 = c.post(&url).json(&json!({"prompt": "JULIET:", "max_tokens": 4})).send().unwrap();
     let (st, e): (u16, Value) = (r2.status().as_u16(), r2.json().unwrap());
     assert_eq!(st, 503, "{e} after {:?}", t0.elapsed());
     assert_eq!(e["error"]["code"], "queue_full");
-    drop(lines); // the client goes away
+    drop(lines); // the clients go away
+    drop(other);
     // the engine frees up well before 900 tokens would have been made
     let t = std::time::Instant::now();
     loop {
@@ -805,7 +816,8 @@ fn slow_and_idle_clients_are_cut_off() {
 /// queued request gets 503, and the server returns.
 #[test]
 fn stopping_ends_streams_cleanly_and_answers_the_queue() {
-    let (base, stop, server) = start_stoppable(ServerOptions { model_id: "m".into(), ..Default::default() });
+    let (base, stop, server) =
+        start_stoppable(ServerOptions { model_id: "m".into(), max_batch: 1, ..Default::default() });
     let tok = TextTokenizer::load(model_dir()).unwrap();
     let mut bias = serde_json::Map::new();
     for s in ["<|endoftext|>", "<|im_end|>"] {
@@ -864,7 +876,13 @@ fn metric(base: &str, name: &str) -> f64 {
 fn queued_clients_that_disconnect_give_their_place_back() {
     use std::io::Write;
     let max_queue = 2;
-    let base = start(max_queue);
+    let base = start_with(ServerOptions {
+        model_id: "flashmoe-default".into(),
+        max_queue,
+        max_batch: 1,
+        default_max_tokens: 64,
+        ..Default::default()
+    });
     let addr = base.trim_start_matches("http://").to_string();
     let held = hold_engine(&base);
     let body = json!({"prompt": "JULIET:", "max_tokens": 4}).to_string();
@@ -1287,7 +1305,8 @@ fn long_format(n: usize) -> Value {
 
 #[test]
 fn stopping_fails_a_streamed_response() {
-    let (base, stop, server) = start_stoppable(ServerOptions { model_id: "m".into(), ..Default::default() });
+    let (base, stop, server) =
+        start_stoppable(ServerOptions { model_id: "m".into(), max_batch: 1, ..Default::default() });
     let body =
         json!({"input": "Speak as ROMEO.", "max_output_tokens": 1000, "stream": true, "text": long_format(4000)});
     let r = client().post(format!("{base}/v1/responses")).json(&body).send().unwrap();
@@ -1360,4 +1379,77 @@ fn a_restarted_server_resumes_prompts_from_the_prompt_cache() {
     assert_eq!(cached, other_prompt - 1, "the second conversation's own entry");
     let (_, p, cached) = ask(&base, "And now as MERCUTIO.");
     assert!(cached > 10 && cached < p - 5, "the shared system prompt: {cached} of {p}");
+}
+
+/// Streamed text and the time of each content chunk, of one `/v1/completions` request.
+fn timed_stream(url: &str, body: Value) -> (String, Vec<std::time::Instant>) {
+    timed_stream_then(url, body, || {})
+}
+
+/// [`timed_stream`], calling `first` once the first content chunk has come.
+fn timed_stream_then(url: &str, body: Value, first: impl FnOnce()) -> (String, Vec<std::time::Instant>) {
+    let mut first = Some(first);
+    let r = client().post(url).json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (mut text, mut at) = (String::new(), vec![]);
+    for l in BufReader::new(r).lines().map_while(Result::ok) {
+        let Some(d) = l.strip_prefix("data: ") else { continue };
+        if d == "[DONE]" {
+            break;
+        }
+        let c: Value = serde_json::from_str(d).unwrap();
+        if let Some(t) = c["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
+            text.push_str(t);
+            at.push(std::time::Instant::now());
+            if let Some(f) = first.take() {
+                f();
+            }
+        }
+    }
+    (text, at)
+}
+
+/// Concurrent streamed requests decode together (continuous batching): each client gets the
+/// greedy text it gets alone, the decode steps hold several sequences, and a request that
+/// arrives while another generates streams its whole answer before that one has finished.
+#[test]
+fn concurrent_streams_decode_together_and_each_gets_its_text_alone() {
+    let base = start_with(ServerOptions { model_id: "m".into(), max_batch: 4, max_queue: 4, ..Default::default() });
+    let url = format!("{base}/v1/completions");
+    let tok = TextTokenizer::load(model_dir()).unwrap();
+    let mut bias = serde_json::Map::new();
+    for s in ["<|endoftext|>", "<|im_end|>"] {
+        bias.insert(tok.token_to_id(s).unwrap().to_string(), json!(-100));
+    }
+    let body = |prompt: &str, n: usize| json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": true, "logit_bias": bias});
+    let prompts = ["ROMEO:", "JULIET:\nO Romeo", "First Citizen:\nBefore we proceed", "HAMLET:"];
+    let alone: Vec<String> = prompts.iter().map(|p| timed_stream(&url, body(p, 40)).0).collect();
+    assert!(alone.iter().all(|t| !t.is_empty()));
+    let (steps0, rows0) =
+        (metric(&base, "flashmoe_decode_steps_total"), metric(&base, "flashmoe_decode_step_sequences_total"));
+    for round in 0..2 {
+        let together: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = prompts.iter().map(|p| s.spawn(|| timed_stream(&url, body(p, 40)).0)).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(together, alone, "round {round}: a client's text differs from its text alone");
+    }
+    let (steps, rows) = (
+        metric(&base, "flashmoe_decode_steps_total") - steps0,
+        metric(&base, "flashmoe_decode_step_sequences_total") - rows0,
+    );
+    assert!(rows > 1.5 * steps, "decode steps were not shared: {rows} sequences in {steps} steps");
+
+    // a long answer, and a short one asked for once the long one streams
+    let (long, short) = std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let long = s.spawn(|| timed_stream_then(&url, body("ROMEO:", 400), move || tx.send(()).unwrap()));
+        rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        let short = timed_stream(&url, body("JULIET:", 8));
+        (long.join().unwrap(), short)
+    });
+    let (long_end, short_begin, short_end) =
+        (*long.1.last().unwrap(), *short.1.first().unwrap(), *short.1.last().unwrap());
+    assert!(long.1[0] < short_begin, "the long answer began first");
+    assert!(short_end < long_end, "the second request waited for the first to finish");
 }

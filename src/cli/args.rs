@@ -220,9 +220,14 @@ pub(crate) enum Cmd {
         host: String,
         #[arg(long, default_value_t = 8080)]
         port: u16,
-        /// Requests that may wait while one generates; more get 503.
+        /// Requests that may wait while others generate; more get 503.
         #[arg(long, default_value_t = 16)]
         max_queue: usize,
+        /// Requests generating at once: their decode steps run together, one forward pass over
+        /// the next token of each (a routed expert several need is read once); 1 serves one
+        /// request at a time. CPU only (1 on an accelerator).
+        #[arg(long, default_value_t = 8, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=256), usize::from))]
+        max_batch: usize,
         /// Name clients use for the model (default: the directory name).
         #[arg(long)]
         model_id: Option<String>,

@@ -40,7 +40,7 @@ pub(crate) fn cmd_serve(
     store: &StoreArgs,
     prompt_cache: &PromptCacheArgs,
 ) -> Result<()> {
-    let flashmoe::server::ServerOptions { max_queue, api_key, cors, .. } = opts;
+    let flashmoe::server::ServerOptions { max_queue, max_batch, api_key, cors, .. } = opts;
     let api_key = api_key.filter(|k| !k.is_empty());
     let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
     if !loopback && api_key.is_none() {
@@ -66,7 +66,7 @@ pub(crate) fn cmd_serve(
     if let Some(bad) = cors.iter().find(|o| *o != "*" && !(o.starts_with("http://") || o.starts_with("https://"))) {
         anyhow::bail!("--cors {bad}: an origin is `*` or scheme://host[:port], e.g. http://localhost:3000");
     }
-    let opts = flashmoe::server::ServerOptions { model_id, max_queue, api_key, cors, ..Default::default() };
+    let opts = flashmoe::server::ServerOptions { model_id, max_queue, max_batch, api_key, cors, ..Default::default() };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(flashmoe::server::serve(session, host, port, opts))
 }

@@ -8,7 +8,7 @@ use crate::config::RouterSpec;
 use crate::flash::ExpertStore;
 use crate::profile::{PROFILE, add_since};
 use crate::scratch;
-use crate::tensor::{Mat, Precision, SwigluTerm, dot, swiglu_sum};
+use crate::tensor::{Mat, Precision, Product, SwigluTerm, dot, products, swiglu_sum};
 use anyhow::Result;
 use rayon::prelude::*;
 use smallvec::SmallVec;
@@ -236,13 +236,41 @@ impl Moe {
     /// Tokens are grouped by expert so each expert is read and decoded once per call; expert
     /// outputs are summed in expert order, so the result does not depend on I/O timing.
     pub fn forward(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32], p: Precision) -> Result<()> {
+        self.forward_impl(x, n, top_k, out, p, false)
+    }
+
+    /// [`Moe::forward`] for `n` rows that are each one decode step of its own sequence (a
+    /// batch of sequences, [`crate::model::Model::forward_batch`]): routed experts are still
+    /// read once for every row that chose them, but each row's products run as decode's
+    /// one-token products, so every row gets exactly the value one-token `forward` gives it.
+    pub fn forward_rows(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32], p: Precision) -> Result<()> {
+        self.forward_impl(x, n, top_k, out, p, n > 1)
+    }
+
+    /// `alone`: every row is computed as a one-token product of its own.
+    fn forward_impl(
+        &self,
+        x: &[f32],
+        n: usize,
+        top_k: Option<usize>,
+        out: &mut [f32],
+        p: Precision,
+        alone: bool,
+    ) -> Result<()> {
         let mut r = scratch::take(&ROUTING);
         let r = &mut *r;
         let t_route = Instant::now();
         let h = self.router.cols;
         let e = self.router.rows;
         let mut logits = scratch::zeros(n * e);
-        self.router.matmul(x, n, &mut logits, p);
+        if alone {
+            let w = self.router.view();
+            let mut jobs: SmallVec<[Product<'_>; 16]> =
+                x.chunks(h).zip(logits.chunks_mut(e)).map(|(x, y)| Product { w, x, y }).collect();
+            products(&mut jobs, 1, p);
+        } else {
+            self.router.matmul(x, n, &mut logits, p);
+        }
         let k = top_k.unwrap_or(self.top_k).min(e);
         r.assign.clear();
         if n > 1 && crate::tensor::parallel(n * e) {
@@ -305,7 +333,14 @@ impl Moe {
                 let t = Instant::now();
                 let mut so = shared_out.borrow_mut();
                 so.vec().resize(n * h, 0.0);
-                sh.mlp.forward(x, n, &mut so, p);
+                if alone {
+                    let v = sh.mlp.view();
+                    let mut items: SmallVec<[_; 16]> =
+                        x.chunks(h).zip(so.chunks_mut(h)).map(|(x, o)| (v, x, o)).collect();
+                    forward_each(&mut items, p);
+                } else {
+                    sh.mlp.forward(x, n, &mut so, p);
+                }
                 shared_ns.set(t.elapsed().as_nanos() as u64);
             }
         };
@@ -336,7 +371,7 @@ impl Moe {
                 shared();
             }
             // experts with several tokens (prefill): one task each
-            let several = |b: &&(usize, MlpRef<'_>)| tokens(b.0) > 1;
+            let several = |b: &&(usize, MlpRef<'_>)| !alone && tokens(b.0) > 1;
             let run = |&&(i, mlp): &&(usize, MlpRef<'_>)| {
                 let mut xs = scratch::zeros(0);
                 for &(_, t, _) in &assign[start[i]..start[i + 1]] {
@@ -350,15 +385,14 @@ impl Moe {
             } else {
                 multi.iter().for_each(run);
             }
-            // experts with one token (all of decode): their products together
-            let mut single: SmallVec<[_; 16]> = batch
-                .iter()
-                .filter(|b| tokens(b.0) == 1)
-                .map(|&(i, mlp)| {
-                    let t = assign[start[i]].1;
-                    (mlp, &x[t * h..(t + 1) * h], out_of(i))
-                })
-                .collect();
+            // experts with one token (all of decode), or every (expert, row) of a batch of
+            // sequences: their products together
+            let mut single: SmallVec<[_; 16]> = SmallVec::new();
+            for &(i, mlp) in batch.iter().filter(|b| alone || tokens(b.0) == 1) {
+                for (a, o) in assign[start[i]..start[i + 1]].iter().zip(out_of(i).chunks_mut(h)) {
+                    single.push((mlp, &x[a.1 * h..(a.1 + 1) * h], o));
+                }
+            }
             if !single.is_empty() {
                 forward_each(&mut single, p);
             }

@@ -40,6 +40,10 @@ pub struct ServerOptions {
     pub model_id: String,
     /// Requests that may wait for the engine; more get 503.
     pub max_queue: usize,
+    /// Requests generating at once: their decode steps run as one batch (continuous
+    /// batching, [`crate::batch`]); 1 serves one request at a time. Forced to 1 on an
+    /// accelerator.
+    pub max_batch: usize,
     /// Default `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
     /// Required as `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every endpoint but
@@ -61,6 +65,7 @@ impl Default for ServerOptions {
         ServerOptions {
             model_id: "flashmoe".into(),
             max_queue: 16,
+            max_batch: 8,
             default_max_tokens: 256,
             api_key: None,
             max_body_bytes: 8 << 20,
@@ -84,7 +89,10 @@ struct Metrics {
 }
 
 struct App {
+    /// Prefix reuse and prefill: one request at a time.
     session: Arc<Mutex<Session>>,
+    /// The shared decode steps of the requests generating.
+    batch: crate::batch::Batcher,
     /// A copy of the session's tokenizer, so requests can be prepared while one generates.
     tok: crate::tokenizer::TextTokenizer,
     context: usize,
@@ -142,7 +150,15 @@ pub fn router(session: Session, opts: ServerOptions) -> Router {
     build(session, opts).0
 }
 
-fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
+fn build(mut session: Session, mut opts: ServerOptions) -> (Router, Shared) {
+    opts.max_batch = opts.max_batch.max(1);
+    if session.model.accel.is_some() && opts.max_batch > 1 {
+        eprintln!("note: batched decoding runs on the CPU only: requests are served one at a time on the accelerator");
+        opts.max_batch = 1;
+    }
+    // a snapshot or two per conversation generating at once
+    session.set_max_snapshots(opts.max_batch.max(4));
+    let batch = crate::batch::Batcher::new(session.model.clone(), opts.max_batch);
     let (vocab, stop_ids) = (session.model.vocab_size(), session.stop_ids.clone());
     let mt = &session.model.cfg.model_type;
     let tools = crate::families::by_model_type(mt).map_or_else(|_| Default::default(), |f| f.tool_format(mt));
@@ -154,8 +170,9 @@ fn build(session: Session, opts: ServerOptions) -> (Router, Shared) {
         max_token_bytes: session.tok.max_token_bytes(),
         store: session.model.store.clone(),
         session: Arc::new(Mutex::new(session)),
+        batch,
+        engine: Arc::new(Semaphore::new(opts.max_batch)),
         opts,
-        engine: Arc::new(Semaphore::new(1)),
         waiting: AtomicUsize::new(0),
         metrics: Metrics::default(),
         stopping: AtomicBool::new(false),
@@ -438,7 +455,25 @@ async fn metrics(State(app): State<Shared>) -> Response {
         "flashmoe_busy",
         "gauge",
         "1 while a generation runs.",
-        if app.engine.available_permits() == 0 { 1.0 } else { 0.0 },
+        if app.engine.available_permits() < app.opts.max_batch { 1.0 } else { 0.0 },
+    );
+    metric(
+        "flashmoe_generating",
+        "gauge",
+        "Requests generating now (prefilling or in the decode batch).",
+        (app.opts.max_batch - app.engine.available_permits()) as f64,
+    );
+    metric(
+        "flashmoe_decode_steps_total",
+        "counter",
+        "Decode steps run (each one forward pass over every sequence in the batch).",
+        app.batch.steps.load(Relaxed) as f64,
+    );
+    metric(
+        "flashmoe_decode_step_sequences_total",
+        "counter",
+        "Sequences in all decode steps (divided by the steps: the mean batch).",
+        app.batch.rows.load(Relaxed) as f64,
     );
     if let Some(s) = store {
         metric(
@@ -1435,7 +1470,10 @@ fn on_engine_n(
     p: &GenParams,
     mut on_step: impl FnMut(Step) -> bool,
 ) -> anyhow::Result<Generation> {
-    let mut s = app.session.lock().unwrap_or_else(|e| e.into_inner());
+    let lock = || app.session.lock().unwrap_or_else(|e| e.into_inner());
+    // the marks, the scoring and the first choice's prefill under one lock: another request's
+    // prefill would take the marks
+    let mut s = lock();
     for t in turn.into_iter().flatten() {
         s.snapshot_at(t);
     }
@@ -1443,6 +1481,7 @@ fn on_engine_n(
         true => Some(s.score_prompt(prompt, &p.sampling)?),
         false => None,
     };
+    let mut session = Some(s);
     let live = || !app.stopping.load(Relaxed);
     let mut choices: Vec<Output> = vec![];
     for i in 0..p.n {
@@ -1450,9 +1489,25 @@ fn on_engine_n(
             break;
         }
         let sampling = choice_params(&p.sampling, i);
-        let mut o = s.generate_with(prompt, p.max_tokens, &sampling, &p.stop, |piece, lps| {
-            live() && on_step(Step::Text(i, piece, lps))
-        })?;
+        // prefilled alone, then decoded in the shared batch steps
+        let pre = session.take().unwrap_or_else(lock).prefill_alone(prompt, &sampling)?;
+        let member = app.batch.join();
+        let step = |st: &mut crate::model::State, t: u32| member.step(st, t);
+        let (res, state, held) = crate::session::decode_prefilled(
+            app.batch.model(),
+            &app.tok,
+            &app.stop_ids,
+            prompt,
+            pre,
+            p.max_tokens,
+            &sampling,
+            &p.stop,
+            step,
+            |piece, lps| live() && on_step(Step::Text(i, piece, lps)),
+        );
+        drop(member);
+        lock().give_back(state, &held);
+        let mut o = res?;
         if scored.is_some() && i == 0 {
             // scoring prefilled the whole prompt for this request: none of it came from the cache
             o.reused_tokens = 0;
