@@ -8,7 +8,7 @@
 //! `models/deepseek_v32/`, `models/kimi_k25/`.
 
 use super::{Family, Names, SHARED_EXPERTS, Traits};
-use crate::config::{Ffn, IndexerSpec, Mixer, MlaSpec, ModelConfig, field, opt_bool, opt_f64, opt_usize, req_usize};
+use crate::config::{Ffn, IndexerSpec, Mixer, MlaSpec, ModelConfig, field, opt_bool, opt_usize, req_usize};
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 
@@ -187,14 +187,5 @@ pub(super) fn configure_mla(
             (0..n).map(|i| if i < dense { Ffn::Dense } else { Ffn::Moe }).collect()
         }
     };
-    cfg.shared_expert_intermediate_size = opt_usize(t, "n_shared_experts", 1)? * cfg.moe_intermediate_size;
-    cfg.shared_expert_gated = false;
-    let r = &mut cfg.router;
-    r.sigmoid = true;
-    r.correction_bias = true;
-    r.renormalize = opt_bool(t, "norm_topk_prob", true)?;
-    r.scale = opt_f64(t, "routed_scaling_factor", 1.0)? as f32;
-    r.n_group = opt_usize(t, "n_group", 1)?;
-    r.topk_group = opt_usize(t, "topk_group", 1)?;
-    Ok(())
+    super::deepseek_moe(t, cfg)
 }

@@ -7,7 +7,7 @@
 //! transformers: `models/glm4_moe/modeling_glm4_moe.py`.
 
 use super::{Family, Names, SHARED_EXPERTS, Traits};
-use crate::config::{Ffn, ModelConfig, QkNorm, opt_bool, opt_f64, opt_usize};
+use crate::config::{Ffn, ModelConfig, QkNorm, opt_bool, opt_usize};
 use anyhow::Result;
 use serde_json::{Value, json};
 
@@ -35,16 +35,7 @@ impl Family for Glm4Moe {
         cfg.attn.qkv_bias = opt_bool(t, "attention_bias", false)?;
         let dense = opt_usize(t, "first_k_dense_replace", 1)?.min(cfg.num_layers);
         cfg.ffns.iter_mut().take(dense).for_each(|f| *f = Ffn::Dense);
-        cfg.shared_expert_intermediate_size = opt_usize(t, "n_shared_experts", 1)? * cfg.moe_intermediate_size;
-        cfg.shared_expert_gated = false;
-        let r = &mut cfg.router;
-        r.sigmoid = true;
-        r.correction_bias = true;
-        r.renormalize = opt_bool(t, "norm_topk_prob", true)?;
-        r.scale = opt_f64(t, "routed_scaling_factor", 1.0)? as f32;
-        r.n_group = opt_usize(t, "n_group", 1)?;
-        r.topk_group = opt_usize(t, "topk_group", 1)?;
-        Ok(())
+        super::deepseek_moe(t, cfg)
     }
 
     fn tool_format(&self, _model_type: &str) -> crate::toolcall::ToolFormat {

@@ -126,6 +126,23 @@ pub trait Family: Sync {
     }
 }
 
+/// DeepSeek's MoE recipe, which GLM-4.5 and the MLA lineage share: sigmoid scores, a
+/// correction bias for the choice only, groups, `routed_scaling_factor`, and
+/// `n_shared_experts` × the expert width as one ungated shared expert.
+pub(crate) fn deepseek_moe(t: &Value, cfg: &mut ModelConfig) -> Result<()> {
+    use crate::config::{opt_bool, opt_f64, opt_usize};
+    cfg.shared_expert_intermediate_size = opt_usize(t, "n_shared_experts", 1)? * cfg.moe_intermediate_size;
+    cfg.shared_expert_gated = false;
+    let r = &mut cfg.router;
+    r.sigmoid = true;
+    r.correction_bias = true;
+    r.renormalize = opt_bool(t, "norm_topk_prob", true)?;
+    r.scale = opt_f64(t, "routed_scaling_factor", 1.0)? as f32;
+    r.n_group = opt_usize(t, "n_group", 1)?;
+    r.topk_group = opt_usize(t, "topk_group", 1)?;
+    Ok(())
+}
+
 /// Every supported family, in the order `inspect` and error messages list them.
 static FAMILIES: &[&dyn Family] = &[
     &qwen3_5_moe::Qwen35Moe,
