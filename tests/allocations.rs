@@ -55,7 +55,8 @@ fn per_token(m: &Model) -> f64 {
 fn decode_steps_allocate_only_their_logits() {
     let fixture = |name: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["qwen35_text", "qwen3_moe", "qwen3_next"] {
+    // latent attention (deepseek_v3) and sliding-window layers (gpt_oss) too: 1.00 each
+    for name in ["qwen35_text", "qwen3_moe", "qwen3_next", "deepseek_v3", "gpt_oss"] {
         let m = load_model(&fixture(name)).unwrap();
         let a = per_token(&m);
         eprintln!("{name}, in memory: {a:.2} allocations / token");

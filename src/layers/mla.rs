@@ -22,6 +22,10 @@ use crate::config::IndexerSpec;
 use crate::scratch;
 use crate::tensor::{Mat, MatRef, Precision, Product, WKind, products};
 use rayon::prelude::*;
+use smallvec::{SmallVec, smallvec};
+
+/// A layer's products computed together (at most four).
+type Jobs<'a> = SmallVec<[Product<'a>; 4]>;
 
 #[derive(Clone, Debug)]
 pub enum QProj {
@@ -189,8 +193,9 @@ impl Mla {
         let mut iq = scratch::zeros(n * ihn * ihd);
         match &self.q {
             QProj::Full(w) => {
-                let mut jobs =
-                    vec![Product { w: w.view(), x, y: &mut q }, Product { w: self.kv_a.view(), x, y: &mut lat }];
+                // no allocation on the decode path
+                let mut jobs: Jobs<'_> =
+                    smallvec![Product { w: w.view(), x, y: &mut q }, Product { w: self.kv_a.view(), x, y: &mut lat }];
                 if let Some(i) = ix {
                     jobs.push(Product { w: i.wk.view(), x, y: &mut ik });
                     jobs.push(Product { w: i.weights.view(), x, y: &mut iw });
@@ -199,15 +204,19 @@ impl Mla {
             }
             QProj::LoRA { a, norm, b } => {
                 let mut qa = scratch::zeros(n * a.rows);
-                let mut jobs =
-                    vec![Product { w: a.view(), x, y: &mut qa }, Product { w: self.kv_a.view(), x, y: &mut lat }];
-                if let Some(i) = ix {
-                    jobs.push(Product { w: i.wk.view(), x, y: &mut ik });
-                    jobs.push(Product { w: i.weights.view(), x, y: &mut iw });
+                {
+                    let mut jobs: Jobs<'_> = smallvec![
+                        Product { w: a.view(), x, y: &mut qa },
+                        Product { w: self.kv_a.view(), x, y: &mut lat }
+                    ];
+                    if let Some(i) = ix {
+                        jobs.push(Product { w: i.wk.view(), x, y: &mut ik });
+                        jobs.push(Product { w: i.weights.view(), x, y: &mut iw });
+                    }
+                    products(&mut jobs, n, p);
                 }
-                products(&mut jobs, n, p);
                 norm.apply(&mut qa);
-                let mut jobs = vec![Product { w: b.view(), x: &qa, y: &mut q }];
+                let mut jobs: Jobs<'_> = smallvec![Product { w: b.view(), x: &qa, y: &mut q }];
                 if let Some(i) = ix {
                     jobs.push(Product { w: i.wq_b.view(), x: &qa, y: &mut iq });
                 }
@@ -235,8 +244,13 @@ impl Mla {
                 }
             }
         }
-        cache.lat.extend_from_slice(&lat);
-        cache.index_k.extend_from_slice(&ik);
+        // grown 256 positions at a time, so short runs never reallocate mid-decode
+        for (c, new, row) in [(&mut cache.lat, &lat[..], lw), (&mut cache.index_k, &ik[..], ihd)] {
+            if c.capacity() - c.len() < new.len() {
+                c.reserve(new.len().max(256 * row));
+            }
+            c.extend_from_slice(new);
+        }
 
         // 3. the indexer's choice of positions per token, or the shared one
         if let Some(i) = ix {
