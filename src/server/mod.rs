@@ -1,6 +1,7 @@
 //! OpenAI-compatible HTTP server (axum): `/v1/chat/completions` (streamed as SSE or not, with
 //! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), the
-//! Anthropic Messages API (`anthropic.rs`) and the OpenAI Responses API (`responses.rs`).
+//! Anthropic Messages API (`anthropic.rs`), the OpenAI Responses API (`responses.rs`), and a
+//! chat page at `/` with a live metrics stream (`web.rs`).
 //!
 //! One generation runs at a time (the engine owns one sequence state, which is what lets a
 //! request that extends the previous conversation reuse its cached prefix); further requests
@@ -15,6 +16,7 @@
 mod answer;
 mod anthropic;
 mod responses;
+mod web;
 
 use crate::generate::{SamplingParams, TokenLogprob};
 use crate::session::{ContextExceeded, Finish, Marks, Output, Scored, Session};
@@ -189,6 +191,7 @@ fn build(mut session: Session, mut opts: ServerOptions) -> (Router, Shared) {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/responses", post(responses::responses))
         .route("/metrics", get(metrics))
+        .merge(web::router())
         .fallback(|| async {
             error(StatusCode::NOT_FOUND, "unknown endpoint", "invalid_request_error", Some("not_found"), None)
         })
@@ -236,12 +239,13 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 #[derive(Clone, Copy)]
 struct Tokens(usize, usize);
 
-/// Every request: the API key (all but `/health`), then one log line on stderr.
+/// Every request: the API key (all but `/health` and the web page's files), then one log line
+/// on stderr.
 async fn gate(State(app): State<Shared>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let t = std::time::Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let resp = match &app.opts.api_key {
-        Some(key) if path != "/health" && !authorized(req.headers(), key) => {
+        Some(key) if path != "/health" && !web::is_public(&path) && !authorized(req.headers(), key) => {
             app.metrics.errors.fetch_add(1, Relaxed);
             error(
                 StatusCode::UNAUTHORIZED,
