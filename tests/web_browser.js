@@ -178,6 +178,7 @@ async function main() {
       Object.fromEntries(['tps', 'ttft', 'bytes', 'hits', 'wait'].map((n) => [n, document.getElementById(`${n}-value`).textContent])),
     );
     check(parseFloat(live.tps) > 0 && parseFloat(live.ttft) > 0 && parseFloat(live.bytes) > 0, `live numbers: ${JSON.stringify(live)}`);
+    check(['now', 'last reply'].includes(await text(page, '#tps-note')), 'tokens/s says what it measures');
     check(
       (await page.$eval('#tps-chart path', (p) => p.getAttribute('d'))).length > 0 &&
         (await page.$eval('#bytes-chart path', (p) => p.getAttribute('d'))).length > 0,
@@ -186,7 +187,7 @@ async function main() {
     check((await text(page, '#totals')).includes('% hits'), 'the totals line shows the hit rate');
 
     // a long answer (end of text banned): text streams in, Esc stops it, the server stops too
-    await setField(page, '#max_tokens', '600');
+    await setField(page, '#max_tokens', '900');
     await setField(page, '#extra', JSON.stringify({ logit_bias: JSON.parse(noEos) }));
     const before = await snapshot();
     await page.evaluate(() => {
@@ -217,7 +218,7 @@ async function main() {
     await sleep(700);
     const after = await snapshot();
     check(
-      after.decoded_tokens === s.decoded_tokens && s.decoded_tokens - before.decoded_tokens < 600,
+      after.decoded_tokens === s.decoded_tokens && s.decoded_tokens - before.decoded_tokens < 900,
       `no tokens after the stop (${s.decoded_tokens - before.decoded_tokens} decoded)`,
     );
 
@@ -316,6 +317,14 @@ async function main() {
     await page.screenshot({ path: phone, fullPage: true });
     const p = colours(phone);
     check(p.n >= 16 && p.width === 780, `the phone screenshot is not blank (${p.n} colours)`);
+
+    // dark and light follow the system's preference
+    const bg = () => page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+    const light = await bg();
+    await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
+    const dark = await bg();
+    check(light === 'rgb(247, 247, 245)' && dark === 'rgb(23, 24, 27)', `light ${light}, dark ${dark}`);
+    await page.screenshot({ path: path.join(outDir, 'web-phone-dark.png') });
 
     check(errors.length === 0, `no script errors (${errors.join('; ')})`);
     check(foreign.length === 0, `nothing fetched from elsewhere (${foreign.join(', ')})`);

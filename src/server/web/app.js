@@ -216,7 +216,8 @@ function viewOf(m) {
 }
 
 function fmtMs(ms) {
-  return ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${Math.round(ms)} ms`;
+  if (ms >= 1000) return `${(ms / 1000).toFixed(2)} s`;
+  return ms >= 10 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
 }
 
 function prettyArgs(a) {
@@ -436,10 +437,16 @@ async function send() {
       const tokens = msg.usage ? msg.usage.completion_tokens : null;
       msg.stats.tokens = tokens ?? (pieces || null);
       const n = msg.stats.tokens;
-      if (tFirst !== null && n > 1 && tEnd > tFirst) msg.stats.tok_s = ((n - 1) * 1000) / (tEnd - tFirst);
+      if (tFirst !== null && n > 1 && tEnd > tFirst) {
+        msg.stats.tok_s = ((n - 1) * 1000) / (tEnd - tFirst);
+        lastReplyTps = msg.stats.tok_s;
+      }
       if (!msg.finish && !msg.stopped && !msg.error) msg.error = 'the reply ended without finishing';
       current = null;
+      const lost = document.activeElement === ui.stop || document.activeElement === document.body;
       setBusy(false);
+      // the Stop button is disabled now: the focus goes back to the message box
+      if (lost) ui.prompt.focus();
       setStatus(msg.stopped ? 'Stopped.' : msg.error ? `Error: ${msg.error}` : '');
       if (msg.usage) setContextUsed(msg.usage.total_tokens);
       render(msg);
@@ -508,7 +515,7 @@ const FORMAT = {
   ttft: fmtMs,
   bytes: fmtBytes,
   hits: (v) => `${(v * 100).toFixed(1)} %`,
-  wait: (v) => (v >= 1 ? `${v.toFixed(2)} ms` : `${(v * 1000).toFixed(0)} µs`),
+  wait: (v) => (v >= 1 ? `${v.toFixed(2)} ms` : `${(v * 1000).toFixed(1)} µs`),
 };
 
 const SVG = 'http://www.w3.org/2000/svg';
@@ -553,6 +560,19 @@ function addTtft(ms) {
 }
 
 let prev = null;
+/** The decode speed of this page's last reply (tokens after the first over their time). */
+let lastReplyTps = null;
+
+/** The tokens/s number: the server's rate now while it generates, else the page's last
+ * reply (a half second's count at a reply's end covers only part of it). */
+function showTps(s, rate) {
+  let [v, note] = [null, ''];
+  if (s.generating > 0 && rate > 0) [v, note] = [rate, 'now'];
+  else if (lastReplyTps !== null) [v, note] = [lastReplyTps, 'last reply'];
+  else if (latest.tps != null) [v, note] = [latest.tps, 'latest'];
+  $('tps-value').textContent = v === null ? '–' : FORMAT.tps(v);
+  $('tps-note').textContent = note;
+}
 
 function onSnapshot(s) {
   if (s.model !== modelId || s.context !== contextLen) {
@@ -567,7 +587,8 @@ function onSnapshot(s) {
   if (prev && s.t_ms > prev.t_ms) {
     const dt = (s.t_ms - prev.t_ms) / 1000;
     const tokens = s.decoded_tokens - prev.decoded_tokens;
-    push('tps', tokens / dt);
+    const rate = tokens / dt;
+    push('tps', rate);
     if (s.experts && prev.experts) {
       const [a, b] = [prev.experts, s.experts];
       const fetched = b.hits - a.hits + (b.misses - a.misses);
@@ -576,6 +597,7 @@ function onSnapshot(s) {
       push('wait', tokens > 0 ? (b.io_wait_ns - a.io_wait_ns) / 1e6 / tokens : null);
     }
     ['tps', 'bytes', 'hits', 'wait'].forEach(draw);
+    showTps(s, rate);
   }
   prev = s;
   const parts = [`since the server started: ${s.decoded_tokens} tokens decoded`];
