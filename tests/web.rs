@@ -167,6 +167,8 @@ fn metrics_stream_counts_the_work_and_agrees_with_metrics() {
     ] {
         assert_eq!(n(&last, p) as f64, metric(&base, name), "{p}");
     }
+    let speed = last["last_decode_tok_s"].as_f64().unwrap();
+    assert!(speed > 0.0 && speed == metric(&base, "flashmoe_decode_tokens_per_second"), "{last}");
     // an open stream does not hold a graceful stop, and it ends
     let t = Instant::now();
     let _ = stop.send(());

@@ -102,10 +102,11 @@ async fn metrics_stream(
     sse_response(rx)
 }
 
-/// The counters as they are now (all cumulative since the server started; `t_ms` is the
-/// stream's own clock): what the page differences into rates. `decoded_tokens` grows with
-/// every decode step (the sum of the batch sizes), while the per-request totals grow only when
-/// a request ends. `experts` is null for a model whose experts are all in memory.
+/// The counters as they are now (cumulative since the server started; `t_ms` is the stream's
+/// own clock): what the page differences into rates. `decoded_tokens` grows with every decode
+/// step (the sum of the batch sizes), while the per-request totals grow only when a request
+/// ends; `last_decode_tok_s` is the last finished request's decode speed, as `/metrics`
+/// reports it. `experts` is null for a model whose experts are all in memory.
 fn snapshot(app: &App, t_ms: u64) -> Value {
     let m = &app.metrics;
     let experts = app.store.as_ref().map(|s| {
@@ -121,6 +122,7 @@ fn snapshot(app: &App, t_ms: u64) -> Value {
         "requests": m.requests.load(Relaxed),
         "prompt_tokens": m.prompt_tokens.load(Relaxed),
         "completion_tokens": m.completion_tokens.load(Relaxed),
+        "last_decode_tok_s": m.last_decode_tok_s_milli.load(Relaxed) as f64 / 1000.0,
         "decode_steps": app.batch.steps.load(Relaxed),
         "decoded_tokens": app.batch.rows.load(Relaxed),
         "generating": app.opts.max_batch - app.engine.available_permits(),

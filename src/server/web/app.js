@@ -252,9 +252,9 @@ function render(m) {
     const parts = [];
     const s = m.stats || {};
     if (s.tokens != null) parts.push(`${s.tokens} tokens`);
-    if (s.tok_s != null) parts.push(`${s.tok_s.toFixed(1)} tok/s`);
     if (s.ttft_ms != null) parts.push(`first token ${fmtMs(s.ttft_ms)}`);
     if (s.call_ms != null) parts.push(`call after ${fmtMs(s.call_ms)}`);
+    if (s.total_ms != null) parts.push(`${fmtMs(s.total_ms)} in all`);
     if (m.finish === 'length') parts.push('cut at max tokens');
     if (m.finish === 'tool_calls') parts.push('tool call');
     if (m.stopped) parts.push('stopped');
@@ -437,10 +437,7 @@ async function send() {
       const tokens = msg.usage ? msg.usage.completion_tokens : null;
       msg.stats.tokens = tokens ?? (pieces || null);
       const n = msg.stats.tokens;
-      if (tFirst !== null && n > 1 && tEnd > tFirst) {
-        msg.stats.tok_s = ((n - 1) * 1000) / (tEnd - tFirst);
-        lastReplyTps = msg.stats.tok_s;
-      }
+      msg.stats.total_ms = tEnd - t0;
       if (!msg.finish && !msg.stopped && !msg.error) msg.error = 'the reply ended without finishing';
       current = null;
       const lost = document.activeElement === ui.stop || document.activeElement === document.body;
@@ -560,16 +557,14 @@ function addTtft(ms) {
 }
 
 let prev = null;
-/** The decode speed of this page's last reply (tokens after the first over their time). */
-let lastReplyTps = null;
-
-/** The tokens/s number: the server's rate now while it generates, else the page's last
- * reply (a half second's count at a reply's end covers only part of it). */
+/** The tokens/s number: the server's rate now while it generates, else the decode speed of
+ * the last request it finished (a half second's count at a reply's end covers only part of
+ * it; and the page cannot time tokens itself: the server holds back text that may be the
+ * start of a tag). */
 function showTps(s, rate) {
   let [v, note] = [null, ''];
   if (s.generating > 0 && rate > 0) [v, note] = [rate, 'now'];
-  else if (lastReplyTps !== null) [v, note] = [lastReplyTps, 'last reply'];
-  else if (latest.tps != null) [v, note] = [latest.tps, 'latest'];
+  else if (s.last_decode_tok_s > 0) [v, note] = [s.last_decode_tok_s, 'last request'];
   $('tps-value').textContent = v === null ? '–' : FORMAT.tps(v);
   $('tps-note').textContent = note;
 }
