@@ -3,10 +3,12 @@
 //! does not hold a graceful stop; and (tests/web_browser.js) the page driven in a real headless
 //! Chromium against `flashmoe serve`.
 
+use flashmoe::flash::convert::{ConvertOptions, convert};
 use flashmoe::flash::{CacheMode, StoreOptions};
 use flashmoe::load::{LoadOptions, load_model_with};
 use flashmoe::server::ServerOptions;
 use flashmoe::session::Session;
+use flashmoe::tensor::WKind;
 use flashmoe::tokenizer::TextTokenizer;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
@@ -16,10 +18,18 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The built-in model converted to the flash layout (its experts streamed from disk).
+/// The built-in model converted to the flash layout as `flashmoe` converts it on first use
+/// (its experts streamed from disk), in a directory of this test's own.
 fn flash_model() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| flashmoe::builtin::default_model().unwrap()).clone()
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let t = tempfile::tempdir().unwrap();
+        let opts =
+            ConvertOptions { experts: flashmoe::builtin::EXPERTS, dense: WKind::BF16, force: false, progress: false };
+        convert(Path::new(flashmoe::builtin::SOURCE), &t.path().join("default"), &opts).unwrap();
+        t
+    });
+    dir.path().join("default")
 }
 
 /// A server on a loopback port with the converted built-in model, its experts read with
@@ -177,11 +187,13 @@ fn metrics_stream_counts_the_work_and_agrees_with_metrics() {
     while rx.recv_timeout(Duration::from_secs(5)).is_ok() {}
 }
 
-/// Chromium's binary: $FLASHMOE_CHROMIUM, or Debian's package.
+/// Chromium's binary: $FLASHMOE_CHROMIUM when set, else Debian's package.
 fn chromium() -> Option<PathBuf> {
-    let env = std::env::var_os("FLASHMOE_CHROMIUM").map(PathBuf::from);
+    if let Some(p) = std::env::var_os("FLASHMOE_CHROMIUM").map(PathBuf::from) {
+        return p.exists().then_some(p);
+    }
     let known = ["/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser"].map(PathBuf::from);
-    env.into_iter().chain(known).find(|p| p.exists())
+    known.into_iter().find(|p| p.exists())
 }
 
 /// `node_modules` under target/ with puppeteer-core (no browser download) and pngjs, installed
@@ -259,7 +271,7 @@ fn real_browser_drives_the_chat_page() {
         return;
     }
     let modules = node_modules();
-    flash_model(); // converted before the server starts, so its start is quick
+    // the built-in model, as a user runs it (converted under ~/.cache/flashmoe on first use)
     let (server, base) =
         serve(&["--api-key", "sesame", "--cache", "direct", "--cache-size", "1M", "--no-prompt-cache"]);
     let tok = TextTokenizer::load(Path::new(flashmoe::builtin::SOURCE)).unwrap();

@@ -313,6 +313,26 @@ async function main() {
     const made = parseInt(small.meta, 10);
     check(small.content.length > 0 && made > 0 && made <= 12, `a reply at phone width, max tokens 12: ${small.meta}`);
     await liveNumbers(page);
+    // the Stop button (a tap) stops a long answer; the focus goes back to the message box
+    await setField(page, '#max_tokens', '900');
+    await setField(page, '#extra', JSON.stringify({ logit_bias: JSON.parse(noEos) }));
+    await send(page, 'Speak on.');
+    await page.waitForFunction(
+      () => {
+        const all = document.querySelectorAll('.msg.assistant .content');
+        return all.length === 2 && all[1].textContent.length > 10;
+      },
+      { timeout: 30000 },
+    );
+    await page.tap('#stop');
+    await idle(page);
+    const tapped = await lastReply(page);
+    const focus = await page.evaluate(() => document.activeElement.id);
+    check(
+      tapped.meta.includes('stopped') && focus === 'prompt',
+      `the Stop button stops the reply and the focus returns to the message box (${tapped.meta}; focus: ${focus})`,
+    );
+    await setField(page, '#extra', '');
     const phone = path.join(outDir, 'web-phone.png');
     await page.screenshot({ path: phone, fullPage: true });
     const p = colours(phone);

@@ -272,11 +272,19 @@ function renderAll() {
   scrollDown(true);
 }
 
+/** Keeps the end of the conversation in view while it grows, unless the reader scrolled away
+ * from it (`force`: a new message). */
 function scrollDown(force) {
   const box = ui.messages;
-  const scroller = box.scrollHeight > box.clientHeight + 1 ? box : document.scrollingElement;
-  const near = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 120;
-  if (force || near) scroller.scrollTop = scroller.scrollHeight;
+  if (box.scrollHeight > box.clientHeight + 1) {
+    // wide layout: the conversation scrolls in its own column
+    const near = box.scrollHeight - box.scrollTop - box.clientHeight < 120;
+    if (force || near) box.scrollTop = box.scrollHeight;
+    return;
+  }
+  // narrow layout: the page scrolls; the end goes just above the (sticky) message box
+  const below = box.getBoundingClientRect().bottom - (window.innerHeight - ui.composer.offsetHeight);
+  if (below > 0 && (force || below < 200)) window.scrollBy(0, below + 8);
 }
 
 function setStatus(text) {
