@@ -9,11 +9,11 @@
 //! transformers: `models/gpt_oss/modeling_gpt_oss.py`, `integrations/mxfp4.py`.
 
 use super::{Family, HF, Names, Traits};
-use crate::config::{Act, ModelConfig, QkNorm, field, opt_f64, opt_usize};
+use crate::config::{Act, ModelConfig, QkNorm, opt_f64, opt_usize, per_layer};
 use crate::import::Expert;
 use crate::source::{Format, Source};
 use crate::tensor::{Mat, WKind};
-use anyhow::{Result, anyhow, bail};
+use anyhow::Result;
 use serde_json::{Value, json};
 
 pub struct GptOss;
@@ -49,24 +49,9 @@ impl Family for GptOss {
         (a.qk_norm, a.qkv_bias, a.o_bias, a.sinks) = (QkNorm::None, bias, bias, true);
         let window = opt_usize(t, "sliding_window", 128)?.max(1);
         let n = cfg.num_layers;
-        let sliding: Vec<bool> = match field(t, "layer_types") {
-            // transformers' default: even layers slide
-            None => (0..n).map(|i| i % 2 == 0).collect(),
-            Some(v) => {
-                let arr = v.as_array().ok_or_else(|| anyhow!("config.json: field `layer_types` is not a list"))?;
-                if arr.len() != n {
-                    bail!("config.json: layer_types has {} entries, num_hidden_layers is {n}", arr.len());
-                }
-                arr.iter()
-                    .enumerate()
-                    .map(|(i, x)| match x.as_str() {
-                        Some("sliding_attention") => Ok(true),
-                        Some("full_attention") => Ok(false),
-                        other => Err(anyhow!("config.json: layer_types[{i}] = {other:?} is not supported")),
-                    })
-                    .collect::<Result<_>>()?
-            }
-        };
+        let kinds = [("sliding_attention", true), ("full_attention", false)];
+        // transformers' default: even layers slide
+        let sliding = per_layer(t, "layer_types", n, &kinds)?.unwrap_or_else(|| (0..n).map(|i| i % 2 == 0).collect());
         a.window = sliding.iter().map(|&s| s.then_some(window)).collect();
         cfg.moe_intermediate_size = std::mem::take(&mut cfg.intermediate_size);
         cfg.router.logit_bias = true;
