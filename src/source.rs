@@ -79,7 +79,7 @@ pub fn sections(kind: WKind, rows: usize, cols: usize) -> SmallVec<[Range<usize>
             let b = rows * cols.div_ceil(32) * 16;
             SmallVec::from_iter([0..b, b..total])
         }
-        _ => SmallVec::from_iter([0..total]),
+        _ => std::iter::once(0..total).collect(),
     }
 }
 
