@@ -251,7 +251,7 @@ function render(m) {
     );
     const parts = [];
     const s = m.stats || {};
-    if (s.tokens != null) parts.push(`${s.tokens} tokens`);
+    if (s.tokens != null) parts.push(`${s.estimated ? '≈' : ''}${s.tokens} tokens`);
     if (s.ttft_ms != null) parts.push(`first token ${fmtMs(s.ttft_ms)}`);
     if (s.call_ms != null) parts.push(`call after ${fmtMs(s.call_ms)}`);
     if (s.total_ms != null) parts.push(`${fmtMs(s.total_ms)} in all`);
@@ -443,7 +443,9 @@ async function send() {
     if (current && current.msg === msg) {
       const tEnd = performance.now();
       const tokens = msg.usage ? msg.usage.completion_tokens : null;
+      // without usage (a stopped reply) the streamed pieces stand in for the tokens
       msg.stats.tokens = tokens ?? (pieces || null);
+      msg.stats.estimated = tokens == null;
       const n = msg.stats.tokens;
       msg.stats.total_ms = tEnd - t0;
       if (!msg.finish && !msg.stopped && !msg.error) msg.error = 'the reply ended without finishing';
