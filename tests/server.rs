@@ -552,6 +552,12 @@ fn n_choices_decode_as_one_batch_each_as_alone() {
         }
     }
     assert_eq!(by_index, texts);
+    // one sequence at a time (--max-batch 1, as on an accelerator): the choices take turns
+    let one = start_with(ServerOptions { model_id: "m".into(), max_batch: 1, max_queue: 4, ..Default::default() });
+    let (st, b) = post(&format!("{one}/v1/completions"), body(4, 5));
+    assert_eq!(st, 200, "{b}");
+    let turns: Vec<&str> = b["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(turns, texts);
     // chat: the choices of a seeded request, each as it is alone
     let chat = format!("{base}/v1/chat/completions");
     let msgs = json!([{"role": "user", "content": "Speak as JULIET."}]);

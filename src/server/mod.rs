@@ -1465,6 +1465,19 @@ enum ChoiceEvent {
     Done(Option<Output>),
 }
 
+/// Passes the turn to the next choice when dropped (when choices decode one at a time; a
+/// choice that fails still passes it).
+struct NextTurn<'a>(Option<&'a (Mutex<usize>, std::sync::Condvar)>);
+
+impl Drop for NextTurn<'_> {
+    fn drop(&mut self) {
+        if let Some((turn, cv)) = self.0 {
+            *turn.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            cv.notify_all();
+        }
+    }
+}
+
 /// The request's generations on the engine, driven from the calling (blocking) thread:
 /// resumes at the snapshot of `turn`, scores the prompt when echoed log-probabilities are
 /// asked for, prefills the prompt once for all `n` choices (the first prefills it, the others
@@ -1472,7 +1485,8 @@ enum ChoiceEvent {
 /// its own in the batch's shared steps ([`crate::batch`]), so a step is one forward pass over
 /// the next token of every choice (and of the other requests decoding). `on_step` sees the
 /// choices one after another, as if they had been made in turn (a later choice's pieces wait
-/// until the ones before it end); each choice's tokens are what it would draw alone. Stops
+/// until the ones before it end); each choice's tokens are what it would draw alone. With
+/// `--max-batch 1` the choices decode one after another. Stops
 /// when `on_step` returns false or the server is stopping (it gets every token, with "" when
 /// nothing new can be shown).
 fn on_engine_n(
@@ -1504,6 +1518,9 @@ fn on_engine_n(
     drop(s);
     let live = || !app.stopping.load(Relaxed);
     let stop = AtomicBool::new(false);
+    // with --max-batch 1 (always on an accelerator) one sequence decodes at a time: the
+    // choices take turns, in order
+    let turns = (app.batch.max_batch() == 1).then(|| (Mutex::new(0usize), std::sync::Condvar::new()));
     let (tx, rx) = std::sync::mpsc::channel::<(usize, ChoiceEvent)>();
     // the last choice whose Begin the caller took
     let mut begun = 0;
@@ -1513,9 +1530,16 @@ fn on_engine_n(
             .zip(&sampling)
             .enumerate()
             .map(|(i, (pre, sp))| {
-                let (tx, stop, live) = (tx.clone(), &stop, &live);
+                let (tx, stop, live, turns) = (tx.clone(), &stop, &live, &turns);
                 let unscored = scored.is_some() && i == 0;
                 scope.spawn(move || {
+                    if let Some((turn, cv)) = turns {
+                        let mut t = turn.lock().unwrap_or_else(|e| e.into_inner());
+                        while *t != i {
+                            t = cv.wait(t).unwrap_or_else(|e| e.into_inner());
+                        }
+                    }
+                    let _next = NextTurn(turns.as_ref());
                     let member = app.batch.join();
                     let step = |st: &mut crate::model::State, t: u32| member.step(st, t);
                     let (mut res, state, held) = crate::session::decode_prefilled(
