@@ -26,6 +26,11 @@ from transformers.utils import chat_template_utils
 from transformers.utils.chat_template_utils import render_jinja_template
 
 VERSION = "0.3.36"
+# The families flashmoe runs, by their released templates in the 0.3.36 sdist: Qwen3.5 (Qwen3.5-4B),
+# Qwen3-Coder, Qwen3 (Qwen3-0.6B: Qwen3-MoE and Qwen3-Next write its format), gpt-oss, GLM-4.6,
+# GLM-4.7 (GLM-4.7-Flash), MiniMax-M2, DeepSeek R1 / V3.1 / V3.2, Kimi-K2 (three). Also in the
+# sdist, for models flashmoe does not run: DeepSeek-V4 (and V4-Flash-0731), Kimi-K3, MiniMax-M1
+# and M3, StepFun3.5-Flash, Gemma 4. Not in it: GLM-5's, Kimi-K2.5's and Mixtral's own templates.
 TEMPLATES = ["Qwen3.5-4B", "Qwen3-Coder", "Qwen-Qwen3-0.6B", "openai-gpt-oss-120b", "GLM-4.6", "GLM-4.7-Flash", "MiniMax-M2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
              "deepseek-ai-DeepSeek-V3.1", "deepseek-ai-DeepSeek-V3.2", "moonshotai-Kimi-K2", "Kimi-K2-Instruct",
              "Kimi-K2-Thinking"]
