@@ -2,12 +2,13 @@
 //! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), the
 //! Anthropic Messages API (`anthropic.rs`) and the OpenAI Responses API (`responses.rs`).
 //!
-//! One generation runs at a time (the engine owns one sequence state, which is what lets a
-//! request that extends the previous conversation reuse its cached prefix); further requests
-//! wait in a bounded FIFO queue and get 503 when it is full. Generation stops when the client
-//! goes away. A request's `n` choices share one prefill (each resumes from the snapshot it
-//! left) and decode together in the batch's steps; log-probabilities are those of the distribution each
-//! token was drawn from (see [`crate::generate::Sampler::logprobs`]).
+//! Prefills run one at a time on the session (its live state and snapshots are what let a
+//! request that extends an earlier conversation reuse its cached prefix); up to `max_batch`
+//! requests then decode together ([`crate::batch`]); further requests wait in a bounded FIFO
+//! queue and get 503 when it is full. Generation stops when the client goes away. A request's
+//! `n` choices share one prefill (each resumes from the snapshot it left) and decode together
+//! in the batch's steps; log-probabilities are those of the distribution each token was drawn
+//! from (see [`crate::generate::Sampler::logprobs`]).
 
 // handlers return ready-made error responses; boxing them would only add noise
 #![allow(clippy::result_large_err)]
