@@ -26,6 +26,7 @@ pub mod model;
 pub mod options;
 pub mod par;
 pub mod profile;
+pub mod progress;
 pub mod prompt_cache;
 pub mod quant;
 pub mod scratch;

@@ -184,7 +184,12 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn norm(&self, name: &str, dim: usize, zero_centered: bool) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(self.ck.vector(name, &[dim])?, self.cfg.rms_norm_eps, zero_centered))
+        let mut w = self.ck.vector(name, &[dim])?;
+        if zero_centered && self.ck.mlx_layout() {
+            // MLX releases store zero-centred norms already shifted by +1 (as `convert` undoes)
+            w.iter_mut().for_each(|x| *x -= 1.0);
+        }
+        Ok(RmsNorm::new(w, self.cfg.rms_norm_eps, zero_centered))
     }
 
     fn mlp(&self, p: &str, inter: usize) -> Result<Mlp> {
@@ -312,7 +317,9 @@ impl Loader<'_> {
             in_proj_a,
             conv_w: {
                 // stored [channel][tap]; kept [tap][channel] so each tap is one vector pass
-                let w = self.ck.vector(&weight(p, n.conv1d), &[cd, 1, l.conv_kernel])?;
+                // (MLX stores it [C, K, 1]: the same memory order)
+                let shape = if self.ck.mlx_layout() { [cd, l.conv_kernel, 1] } else { [cd, 1, l.conv_kernel] };
+                let w = self.ck.vector(&weight(p, n.conv1d), &shape)?;
                 let kern = l.conv_kernel;
                 (0..kern).flat_map(|j| (0..cd).map(move |ch| (ch, j))).map(|(ch, j)| w[ch * kern + j]).collect()
             },
