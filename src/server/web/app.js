@@ -661,6 +661,13 @@ document.addEventListener('keydown', (e) => {
   }
 });
 ui.stop.addEventListener('click', stop);
+// a touch stops at once (the click after it is lost when the growing reply scrolls the page),
+// and leaves the focus where it was (the button is disabled right after)
+ui.stop.addEventListener('pointerdown', (e) => {
+  if (!current) return;
+  e.preventDefault();
+  stop();
+});
 $('new-chat').addEventListener('click', newChat);
 for (const id of SETTINGS) $(id).addEventListener('change', saveSettings);
 $('extra').addEventListener('input', () => {
