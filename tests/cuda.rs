@@ -356,8 +356,8 @@ fn tensor_core_matmul_stays_within_bf16_rounding() {
     check_products(&kinds, &shapes, &[2, 9, 33, 70], true, |mag, _| mag * 2.0 / 256.0 + 1e-5);
 }
 
-/// The default (fast) decode on the GPU against the float64 reference: q4 experts on int8
-/// inputs, the same loose bounds as the CPU's fast path.
+/// The default (fast) decode on the GPU against the exact CPU: q4 experts (gpt-oss: MXFP4) on
+/// int8 inputs, the same loose bounds as the CPU's fast path.
 #[test]
 fn fast_decode_on_cuda_stays_close_to_reference() {
     if !gpu() {
@@ -365,11 +365,16 @@ fn fast_decode_on_cuda_stays_close_to_reference() {
     }
     for name in FIXTURES {
         let r = reference(name);
+        // gpt-oss's experts in the format it ships, MXFP4: its fixtures' clamped experts are
+        // far more sensitive to int8 input rounding than the Qwen fixtures' (`logits --fast
+        // --incremental` on CUDA against the exact CPU: q8 experts KL 7e-3 against qwen3_moe's
+        // 4e-5; q4 9e-2, past the bound; MXFP4 1e-2 and 5e-3)
+        let kind = if name.starts_with("gpt_oss") { WKind::Mxfp4 } else { WKind::Q { bits: 4, group: 32 } };
         let mut m = load_model(&dir(name)).unwrap();
-        m.requantize_experts(WKind::Q { bits: 4, group: 32 }).unwrap();
+        m.requantize_experts(kind).unwrap();
         m.accel = flashmoe::backend::attach(&m, Device::Cuda(0)).unwrap();
         let mut cpu = on_cpu(name);
-        cpu.requantize_experts(WKind::Q { bits: 4, group: 32 }).unwrap();
+        cpu.requantize_experts(kind).unwrap();
         let mut seq = r.prompt.clone();
         seq.extend(&r.greedy[..r.greedy.len() - 1]);
         // token by token, the exact CPU's logits against those of `fast` (a fast-precision model)
@@ -391,16 +396,8 @@ fn fast_decode_on_cuda_stays_close_to_reference() {
             (top as f64 / seq.len() as f64, kl / seq.len() as f64)
         };
         let (top, kl) = against(&m);
-        let mut cpu_fast = on_cpu(name);
-        cpu_fast.requantize_experts(WKind::Q { bits: 4, group: 32 }).unwrap();
-        cpu_fast.opts.precision = Precision::Fast;
-        let (ctop, ckl) = against(&cpu_fast);
-        eprintln!(
-            "{name}: fast decode vs exact CPU: CUDA top-1 {top:.3}, mean KL {kl:.2e}; CPU top-1 {ctop:.3}, KL {ckl:.2e}"
-        );
-        // the bounds, or (gpt-oss's clamped experts on this random fixture) what the
-        // CPU's own fast decode costs
-        assert!(top >= 0.85f64.min(ctop - 0.1) && kl <= 0.05f64.max(2.0 * ckl + 0.01), "{name}: top-1 {top}, KL {kl}");
+        eprintln!("{name}: CUDA fast decode ({} experts) vs exact CPU: top-1 {top:.3}, mean KL {kl:.2e}", kind.name());
+        assert!(top >= 0.85 && kl <= 0.05, "{name}: top-1 {top}, KL {kl}");
         // the prompt at once: products on tensor cores (bf16 inputs), held to what the CPU's own
         // fast prefill (bf16 and int8 inputs) costs on the same model: these random fixtures'
         // nearly tied logits make q4 experts on rounded inputs flip some top-1s on both

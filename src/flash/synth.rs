@@ -269,6 +269,17 @@ fn random_extent(kind: WKind, parts: &[Part; 3], stride: usize, rng: &mut Rng, o
                 sc.chunks_mut(2).for_each(|c| c.copy_from_slice(&scale));
                 bi.chunks_mut(2).for_each(|c| c.copy_from_slice(&bias));
             }
+            WKind::Mxfp4 => {
+                // random e2m1 nibbles, every block's e8m0 scale putting e2m1's ±6 at ±a (no
+                // f32 encode: that took minutes per gpt-oss-120b layer)
+                let vals = p.rows * p.cols.div_ceil(32) * 16;
+                for ch in blob[..vals].chunks_mut(8) {
+                    let r = rng.next().to_le_bytes();
+                    ch.copy_from_slice(&r[..ch.len()]);
+                }
+                let e = ((a / 6.0).log2().round() as i32 + 127).clamp(0, 254) as u8;
+                blob[vals..].iter_mut().for_each(|b| *b = e);
+            }
             _ => {
                 let v: Vec<f32> = (0..p.rows * p.cols).map(|_| rng.sym(a)).collect();
                 let m = Mat::from_f32(p.rows, p.cols, v).expect("sizes match");
