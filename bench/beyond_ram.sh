@@ -18,6 +18,10 @@
 #                                            # each cut to a few layers, in a $LIMIT_FAM cgroup
 #   ONLY=mla bash bench/beyond_ram.sh        # DeepSeek-V3, Kimi-K2.5, GLM-5 cut to a few layers,
 #                                            # in a $LIMIT_MLA cgroup
+#   ONLY=sweep bash bench/beyond_ram.sh      # one model (Qwen3-30B-A3B's shape cut to $LSWEEP
+#                                            # layers, q4) cold under each limit of $SWEEP and
+#                                            # none, default store flags: the data of
+#                                            # bench/plot_memory.py's plot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/flashmoe}
@@ -34,7 +38,7 @@ ONLY=${ONLY:-all}
 # resident weights' format (bf16 in the tables so far; q4 as MLX 4-bit releases: DENSE=q4)
 DENSE=${DENSE:-bf16}
 
-cargo build --release --quiet
+[ "${BUILD:-1}" = 0 ] || cargo build --release --quiet  # BUILD=0: $BIN as it is
 mkdir -p "$WORK" "$RESULTS"
 echo "disk: $(df -h "$WORK" | tail -1)"
 
@@ -112,5 +116,23 @@ if [ "$ONLY" = mla ]; then
     [ -n "${SKIP_DSV3:-}" ] || { KS=(8); run_model deepseek_v3 deepseek-v3 "$LIMIT_MLA" --layers 6; }
     KS=(8); run_model kimi_k25 kimi-k2.5 "$LIMIT_MLA" --layers 4
     KS=(8); run_model glm5 glm-5 "$LIMIT_MLA" --layers 5
+fi
+if [ "$ONLY" = sweep ]; then
+    # what a user gets by default (--cache auto, --cache-size auto) as the memory shrinks
+    dir=$WORK/sweep30b
+    [ -f "$dir/flashmoe.json" ] || $BIN synth --preset qwen3-30b-a3b --layers "${LSWEEP:-12}" --experts q4 --dense q4 \
+        --routing skewed --to "$dir" --force
+    du -sh "$dir" | tee "$RESULTS/sweep_model_size.txt"
+    for limit in ${SWEEP:-1G 1536M 2G 3G 4G 6G} none; do
+        drop_all
+        echo "== sweep: memory limit $limit"
+        run=($BIN bench --model "$dir" --cold --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --json)
+        if [ "$limit" = none ]; then "${run[@]}"; else limited "$limit" "${run[@]}"; fi \
+            2> >(tee "$RESULTS/sweep_$limit.log" >&2) | tee "$RESULTS/sweep_$limit.json"
+    done
+    [ "${KEEP:-0}" = 1 ] || rm -rf "$dir"
+    python3 bench/plot_memory.py "$RESULTS" docs/memory_sweep.svg \
+        "Qwen3-30B-A3B shape, ${LSWEEP:-12} of 48 layers, q4 ($(cut -f1 "$RESULTS/sweep_model_size.txt"))"
+    exit 0
 fi
 python3 bench/perf_table.py "$RESULTS"

@@ -16,6 +16,8 @@ pub struct BenchOptions {
     /// Evict the model's files from the page cache first.
     pub cold: bool,
     pub seed: u64,
+    /// Draw the phases on stderr when it is a terminal (`crate::progress`).
+    pub progress: bool,
 }
 
 /// Everything `bench --json` prints. Key names are relied on by outside checks.
@@ -139,10 +141,14 @@ pub fn weight_bytes_per_token(model: &Model, k: usize) -> f64 {
 pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     // a cold run that is not cold says so: the share of the expert files still in memory
     let mut cold_resident = None;
+    let spinner =
+        |msg: String| if opts.progress { crate::progress::spinner(msg) } else { indicatif::ProgressBar::hidden() };
     if opts.cold
         && let Some(s) = &model.store
     {
+        let pb = spinner("dropping the expert files from the page cache".into());
         s.drop_page_cache();
+        pb.finish_and_clear();
         let (res, total) = s.page_cache_residency()?;
         cold_resident = Some(res as f64 / total.max(1) as f64);
     }
@@ -161,9 +167,11 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
 
     PROFILE.reset();
     let s0 = stats();
+    let pb = spinner(format!("prefill of {} tokens", prompt.len()));
     let t = Instant::now();
     let logits = model.forward(&mut st, &prompt, false)?;
     let prefill_s = t.elapsed().as_secs_f64();
+    pb.finish_and_clear();
     let prefill_phases = phases(model, prompt.len(), &s0);
     let prefill_read = stats().bytes_read - s0.bytes_read;
 
@@ -175,12 +183,21 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     // greedy, no stop token: `gen_tokens` forward passes (the shared decode loop samples one
     // token more than it feeds back)
     let pos0 = st.pos;
+    let pb = if opts.progress {
+        crate::progress::bar(opts.gen_tokens as u64, "decode", "tokens")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let mut greedy = crate::generate::Sampler::new(Default::default());
     crate::generate::decode(model, &mut st, logits, prompt.clone(), opts.gen_tokens + 1, &mut greedy, &[], |_, _| {
+        if pb.position() < opts.gen_tokens as u64 {
+            pb.inc(1); // the last sampled token is not fed back: gen_tokens forward passes
+        }
         true
     })?;
     let made = st.pos - pos0;
     let decode_s = t.elapsed().as_secs_f64();
+    pb.finish_and_clear();
     let routing = routing_take();
     let s2 = stats();
     let decode_phases = phases(model, made, &s1);

@@ -45,7 +45,12 @@ pub fn default_model() -> Result<PathBuf> {
     if !Manifest::is_flash(&dst) {
         std::fs::create_dir_all(cache_root())?;
         eprintln!("preparing the built-in model (first run): converting to {}", dst.display());
-        let opts = ConvertOptions { experts: EXPERTS, dense: WKind::BF16, force: false, progress: false };
+        let opts = ConvertOptions {
+            experts: EXPERTS,
+            dense: WKind::BF16,
+            force: false,
+            progress: crate::progress::on_terminal(),
+        };
         if let Err(e) = convert(src, &dst, &opts) {
             if !format!("{e:#}").contains("another flashmoe") {
                 return Err(e);

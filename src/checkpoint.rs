@@ -1,15 +1,17 @@
-//! Reading Hugging Face checkpoints: one or many `*.safetensors` files, memory-mapped, with
-//! shape and dtype checks that name the tensor and file on failure. Quantized releases are read
-//! here too: FP8 block-scaled weights (dequantized with their `weight_scale_inv`) and
-//! compressed-tensors `pack-quantized` integer weights (Kimi-K2.5's int4 experts), which are
-//! presented under their logical name `X.weight` as group-quantized matrices holding exactly
-//! the checkpoint's values.
+//! Hugging Face checkpoints as a [`Source`]: one or many `*.safetensors` files, memory-mapped,
+//! with shape and dtype checks that name the tensor and file on failure. Quantized releases
+//! are presented as one tensor under their logical name, their parts checked against each
+//! other here and decoded by [`Tensor::rows`]: FP8 block-scaled weights (with their
+//! `weight_scale_inv`), compressed-tensors `pack-quantized` integer weights (Kimi-K2.5's int4
+//! experts, as `X.weight`) and gpt-oss's MXFP4 `X_blocks`/`X_scales` (as `X`).
 
-use crate::tensor::{AlignedBytes, Mat, WKind};
+use crate::source::{self, Format, Source, Tensor};
+use crate::tensor::{Mat, WKind};
 use anyhow::{Context, Result, anyhow, bail};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
-use std::collections::{BTreeSet, HashMap};
+use smallvec::SmallVec;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -31,8 +33,8 @@ pub struct Checkpoint {
     fp8_block: [usize; 2],
     /// The compressed-tensors `pack-quantized` scheme of `quantization_config`, if any.
     packed: Option<PackedInt>,
-    /// Logical shapes of the packed weights, by logical name (`X.weight` for `X.weight_packed`).
-    packed_shapes: HashMap<String, Vec<usize>>,
+    /// The tensors it yields as a [`Source`], by logical name.
+    logical: BTreeMap<String, Stored>,
 }
 
 /// compressed-tensors' `pack-quantized` integer weights: `X.weight_packed` (int32 words, the
@@ -44,16 +46,6 @@ pub struct Checkpoint {
 pub struct PackedInt {
     pub bits: u8,
     pub group: usize,
-}
-
-/// An FP8 e4m3 (`float8_e4m3fn`: no infinities, S.1111.111 is NaN) value.
-pub fn e4m3_to_f32(b: u8) -> f32 {
-    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
-    let (e, m) = ((b >> 3) & 0xf, (b & 7) as f32);
-    if e == 0xf && b & 7 == 7 {
-        return f32::NAN;
-    }
-    sign * if e == 0 { m / 8.0 * (-6f32).exp2() } else { (1.0 + m / 8.0) * (e as f32 - 7.0).exp2() }
 }
 
 impl Checkpoint {
@@ -96,7 +88,7 @@ impl Checkpoint {
             tensors: HashMap::new(),
             fp8_block,
             packed,
-            packed_shapes: HashMap::new(),
+            logical: BTreeMap::new(),
         };
         for name in names {
             let path = dir.join(&name);
@@ -125,29 +117,38 @@ impl Checkpoint {
             }
             ck.files.push((path, map));
         }
-        // packed weights under their logical names: [.., out, in], `in` from the packed words
-        // (the exact value is checked against `weight_shape` when the weight is read)
-        let bits = ck.packed.map_or(4, |p| p.bits as usize);
-        for (name, e) in &ck.tensors {
-            if let Some(base) = name.strip_suffix(".weight_packed")
-                && let Some((&words, lead)) = e.shape.split_last()
-            {
-                let mut shape = lead.to_vec();
-                shape.push(words * 32 / bits);
-                ck.packed_shapes.insert(format!("{base}.weight"), shape);
-            }
-        }
+        // the tensors by logical name: a packed weight's parts as `X.weight`, MXFP4 blocks and
+        // scales as `X`, an FP8 weight's scales with it
+        let logical: Vec<(String, Stored)> = ck
+            .tensors
+            .keys()
+            .filter_map(|name| {
+                if let Some(base) = name.strip_suffix(".weight_packed") {
+                    Some((format!("{base}.weight"), Stored::Packed))
+                } else if let Some(base) =
+                    name.strip_suffix("_blocks").filter(|b| ck.tensors.contains_key(&format!("{b}_scales")))
+                {
+                    Some((base.to_string(), Stored::Mxfp4))
+                } else {
+                    (!ck.is_part(name)).then(|| (name.clone(), Stored::Plain))
+                }
+            })
+            .collect();
+        ck.logical.extend(logical);
         Ok(ck)
     }
 
-    /// Whether tensor `name` is in the checkpoint (a packed weight under its logical name too).
-    pub fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name) || self.packed_shapes.contains_key(name)
+    /// Whether stored tensor `name` is read as part of another: an FP8 weight's scales, a
+    /// packed weight's scales and shape, MXFP4 scales.
+    fn is_part(&self, name: &str) -> bool {
+        self.is_fp8_scale(name)
+            || self.is_packed_part(name)
+            || name.strip_suffix("_scales").is_some_and(|b| self.tensors.contains_key(&format!("{b}_blocks")))
     }
 
-    /// The checkpoint's compressed-tensors `pack-quantized` scheme, if it has one.
-    pub fn packed_int(&self) -> Option<PackedInt> {
-        self.packed
+    /// Whether tensor `name` is in the checkpoint, stored or by its logical name.
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) || self.logical.contains_key(name)
     }
 
     /// Whether `name` is stored part of a packed weight (`X.weight_packed`, `X.weight_scale`,
@@ -156,14 +157,7 @@ impl Checkpoint {
         ["_packed", "_scale", "_shape"]
             .iter()
             .filter_map(|s| name.strip_suffix(s))
-            .any(|w| self.packed_shapes.contains_key(w))
-    }
-
-    /// Logical names (`X.weight`) of the packed weights (sorted).
-    pub fn packed_names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.packed_shapes.keys().map(String::as_str).collect();
-        v.sort();
-        v
+            .any(|w| self.tensors.contains_key(&format!("{w}_packed")))
     }
 
     /// Names of all tensors as stored (sorted).
@@ -174,233 +168,32 @@ impl Checkpoint {
     }
 
     fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing from the checkpoint", self.dir.display()))
+        self.tensors.get(name).ok_or_else(|| source::missing(&self.dir, name))
     }
 
-    /// Shape of tensor `name` (of a packed weight: its logical shape).
-    pub fn shape(&self, name: &str) -> Result<&[usize]> {
-        if let Some(s) = self.packed_shapes.get(name)
-            && !self.tensors.contains_key(name)
-        {
-            return Ok(s);
+    /// Shape of tensor `name` as stored, or of a logical tensor (a packed weight: as its
+    /// `weight_shape` states).
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        match self.tensors.get(name) {
+            Some(e) => Ok(e.shape.clone()),
+            None => Source::shape(self, name),
         }
-        Ok(&self.entry(name)?.shape)
     }
 
-    fn file_of(&self, e: &TensorEntry) -> &Path {
-        &self.files[e.file].0
-    }
-
-    /// Loads tensor `name`, checking its shape, as a `[rows, cols]` matrix where `rows` is the
-    /// product of all leading dimensions (a 1-D tensor is one row).
+    /// Tensor `name` with exactly `shape` ([`Source::mat`]).
     pub fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat> {
-        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
-        self.mat_rows(name, shape, 0..rows)
+        Source::mat(self, name, shape)
     }
 
-    /// Rows `range` of tensor `name` (viewed as above), reading only those bytes: one expert
-    /// out of a fused `[experts, rows, cols]` tensor.
-    pub fn mat_rows(&self, name: &str, shape: &[usize], range: std::ops::Range<usize>) -> Result<Mat> {
-        if !self.tensors.contains_key(name)
-            && let Some(base) = name.strip_suffix(".weight").filter(|_| self.packed_shapes.contains_key(name))
-        {
-            return self.packed_rows(base, shape, range);
-        }
-        let e = self.entry(name)?;
-        let file = self.file_of(e).display();
-        if e.shape != shape {
-            bail!("{file}: tensor `{name}` has shape {:?}, expected {:?}", e.shape, shape);
-        }
-        let cols = *shape.last().unwrap_or(&1);
-        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
-        let dt = match e.dtype {
-            StDtype::F32 => WKind::F32,
-            StDtype::BF16 => WKind::BF16,
-            StDtype::F16 => WKind::F16,
-            StDtype::F8_E4M3 => return self.fp8_rows(name, e, range),
-            other => {
-                bail!("{file}: tensor `{name}` has unsupported dtype {other:?} (supported: F32, BF16, F16, F8_E4M3)")
-            }
-        };
-        let need = rows * cols * dt.size();
-        if e.end - e.start != need {
-            bail!("{file}: tensor `{name}` holds {} bytes, its shape needs {need}", e.end - e.start);
-        }
-        assert!(range.end <= rows, "row range out of bounds");
-        let rb = cols * dt.size();
-        let bytes = &self.files[e.file].1[e.start + range.start * rb..e.start + range.end * rb];
-        Mat::from_bytes(range.len(), cols, dt, AlignedBytes::from_slice(bytes))
-            .with_context(|| format!("tensor `{name}`"))
+    /// The file holding stored tensor `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.tensors.get(name).map(|e| self.files[e.file].0.as_path())
     }
 
-    /// Rows `range` of an FP8 e4m3 weight with block scales (`{name}_scale_inv`, one f32 per
-    /// block of `fp8_block`, as the DeepSeek, GLM and MiniMax releases ship them), as f32.
-    fn fp8_rows(&self, name: &str, e: &TensorEntry, range: std::ops::Range<usize>) -> Result<Mat> {
-        let file = self.file_of(e).display();
-        let sname = format!("{name}_scale_inv");
-        if e.shape.len() < 2 {
-            bail!("{file}: FP8 tensor `{name}` must have at least 2 dimensions, has shape {:?}", e.shape);
-        }
-        let (r, c) = (e.shape[e.shape.len() - 2], e.shape[e.shape.len() - 1]);
-        let mats: usize = e.shape[..e.shape.len() - 2].iter().product();
-        if e.end - e.start != mats * r * c {
-            bail!("{file}: tensor `{name}` holds {} bytes, its shape needs {}", e.end - e.start, mats * r * c);
-        }
-        let [br, bc] = self.fp8_block;
-        let (sr, sc) = (r.div_ceil(br), c.div_ceil(bc));
-        let mut want = e.shape[..e.shape.len() - 2].to_vec();
-        want.extend([sr, sc]);
-        let scales = match self.tensors.get(&sname) {
-            Some(s) if s.shape == want || (mats == 1 && s.shape == [sr, sc]) => {
-                self.vector(&sname, &s.shape.clone())?
-            }
-            Some(s) => bail!(
-                "{file}: `{sname}` has shape {:?}; FP8 `{name}` {:?} in blocks of {br}x{bc} needs {want:?}",
-                s.shape,
-                e.shape
-            ),
-            None => bail!("{file}: FP8 tensor `{name}` has no `{sname}` beside it"),
-        };
-        let bytes = &self.files[e.file].1[e.start..e.end];
-        let mut v = Vec::with_capacity(range.len() * c);
-        for row in range.clone() {
-            let (m, rr) = (row / r, row % r);
-            let srow = &scales[(m * sr + rr / br) * sc..(m * sr + rr / br + 1) * sc];
-            v.extend(bytes[row * c..(row + 1) * c].iter().enumerate().map(|(j, &b)| e4m3_to_f32(b) * srow[j / bc]));
-        }
-        Mat::from_f32(range.len(), c, v).with_context(|| format!("tensor `{name}`"))
-    }
-
-    /// Rows `range` of the compressed-tensors packed weight `{base}.weight` of logical `shape`
-    /// (`[.., out, in]`, leading dimensions flattened into rows). With bf16 scales, a
-    /// group-quantized matrix holding the checkpoint's own values bit for bit: its nibbles (or
-    /// `bits`-bit fields) as q, its scales, and −2^(bits−1)·scale as bias (exact: a power of
-    /// two times a bf16). With f16/f32 scales, the dequantized values in f32.
-    fn packed_rows(&self, base: &str, shape: &[usize], range: std::ops::Range<usize>) -> Result<Mat> {
-        use half::bf16;
-        let (pn, sn, hn) =
-            (format!("{base}.weight_packed"), format!("{base}.weight_scale"), format!("{base}.weight_shape"));
-        let p = self.entry(&pn)?;
-        let file = self.file_of(p).display();
-        let Some(PackedInt { bits, group }) = self.packed else {
-            bail!(
-                "{file}: tensor `{pn}` is packed, but config.json has no compressed-tensors `pack-quantized` \
-                 quantization_config"
-            );
-        };
-        for extra in ["weight_zero_point", "weight_g_idx"] {
-            if self.tensors.contains_key(&format!("{base}.{extra}")) {
-                bail!(
-                    "{file}: `{base}.{extra}` is not supported (only symmetric int weights without activation \
-                     reordering import exactly)"
-                );
-            }
-        }
-        if p.dtype != StDtype::I32 {
-            bail!("{file}: tensor `{pn}` has dtype {:?}, packed weights are I32", p.dtype);
-        }
-        // the logical shape the checkpoint states
-        let Some(h) = self.tensors.get(&hn) else { bail!("{file}: packed tensor `{pn}` has no `{hn}` beside it") };
-        let hb = &self.files[h.file].1[h.start..h.end];
-        let stated: Vec<i64> = match h.dtype {
-            StDtype::I32 => hb.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
-            StDtype::I64 => hb.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
-            d => bail!("{file}: `{hn}` has dtype {d:?}, expected I32 or I64"),
-        };
-        if shape.len() < 2 || stated.len() != shape.len() || stated.iter().zip(shape).any(|(&a, &b)| a != b as i64) {
-            bail!("{file}: `{hn}` says the weight is {stated:?}, expected {shape:?}");
-        }
-        let cols = shape[shape.len() - 1];
-        let rows: usize = shape[..shape.len() - 1].iter().product();
-        if !cols.is_multiple_of(group) {
-            bail!("{file}: packed weight `{pn}` has {cols} inputs, not a multiple of its group size {group}");
-        }
-        let words = (cols * bits as usize).div_ceil(32);
-        let mut want = shape[..shape.len() - 1].to_vec();
-        want.push(words);
-        if p.shape != want || p.end - p.start != rows * words * 4 {
-            bail!("{file}: tensor `{pn}` has shape {:?}; {bits}-bit packing of {shape:?} needs {want:?}", p.shape);
-        }
-        let Some(s) = self.tensors.get(&sn) else { bail!("{file}: packed tensor `{pn}` has no `{sn}` beside it") };
-        let ng = cols / group;
-        let mut swant = shape[..shape.len() - 1].to_vec();
-        swant.push(ng);
-        let ssize = match s.dtype {
-            StDtype::BF16 | StDtype::F16 => 2,
-            StDtype::F32 => 4,
-            d => bail!("{file}: `{sn}` has dtype {d:?}; scales of packed weights are BF16, F16 or F32"),
-        };
-        if s.shape != swant || s.end - s.start != rows * ng * ssize {
-            bail!("{file}: `{sn}` has shape {:?}; `{pn}` {shape:?} in groups of {group} needs {swant:?}", s.shape);
-        }
-        assert!(range.end <= rows, "row range out of bounds");
-        let packed = &self.files[p.file].1[p.start..p.end];
-        let scales = &self.files[s.file].1[s.start..s.end];
-        let (prow, qrow) = (words * 4, crate::quant::row_bytes(cols, bits));
-        let offset = (1u32 << (bits - 1)) as f32;
-        if s.dtype == StDtype::BF16 {
-            let kind = WKind::Q { bits, group: group as u16 };
-            let mut blob = AlignedBytes::zeroed(kind.bytes(range.len(), cols));
-            let b = blob.bytes_mut();
-            for (i, r) in range.clone().enumerate() {
-                b[i * qrow..(i + 1) * qrow].copy_from_slice(&packed[r * prow..r * prow + qrow]);
-            }
-            let aux = b.len() - 4 * range.len() * ng;
-            let (sc, bi) = b[aux..].split_at_mut(2 * range.len() * ng);
-            sc.copy_from_slice(&scales[range.start * ng * 2..range.end * ng * 2]);
-            for (k, (o, s)) in bi.chunks_exact_mut(2).zip(sc.chunks_exact(2)).enumerate() {
-                let bias = bf16::from_f32(-offset * bf16::from_le_bytes([s[0], s[1]]).to_f32());
-                if bias.is_infinite() {
-                    let (r, g) = (range.start + k / ng, k % ng);
-                    bail!("{file}: `{sn}` row {r} group {g}: the scale is too large to hold as a group bias");
-                }
-                o.copy_from_slice(&bias.to_le_bytes());
-            }
-            return Mat::from_bytes(range.len(), cols, kind, blob).with_context(|| format!("tensor `{pn}`"));
-        }
-        let scale = |k: usize| match s.dtype {
-            StDtype::F16 => half::f16::from_le_bytes([scales[2 * k], scales[2 * k + 1]]).to_f32(),
-            _ => f32::from_le_bytes(scales[4 * k..4 * k + 4].try_into().unwrap()),
-        };
-        let mask = (1u64 << bits) - 1;
-        let mut v = Vec::with_capacity(range.len() * cols);
-        for r in range.clone() {
-            let row = &packed[r * prow..(r + 1) * prow];
-            for j in 0..cols {
-                let bit = j * bits as usize;
-                let mut w = 0u64;
-                for (i, &byte) in row[bit / 8..(bit / 8 + 2).min(row.len())].iter().enumerate() {
-                    w |= (byte as u64) << (8 * i);
-                }
-                let u = ((w >> (bit % 8)) & mask) as f32;
-                v.push((u - offset) * scale(r * ng + j / group));
-            }
-        }
-        Mat::from_f32(range.len(), cols, v).with_context(|| format!("tensor `{pn}`"))
-    }
-
-    /// Raw bytes, dtype and shape of tensor `name` (no conversion).
+    /// Raw bytes, dtype and shape of stored tensor `name` (no conversion).
     pub fn raw(&self, name: &str) -> Result<(&[u8], StDtype, &[usize])> {
         let e = self.entry(name)?;
         Ok((&self.files[e.file].1[e.start..e.end], e.dtype, &e.shape))
-    }
-
-    /// Storage dtype of tensor `name` (`None` for types the engine does not read; a packed
-    /// weight's logical name: its group-quantized kind).
-    pub fn dtype(&self, name: &str) -> Result<Option<WKind>> {
-        if let (Some(p), false) = (self.packed, self.tensors.contains_key(name))
-            && self.packed_shapes.contains_key(name)
-        {
-            return Ok(Some(WKind::Q { bits: p.bits, group: p.group as u16 }));
-        }
-        Ok(match self.entry(name)?.dtype {
-            StDtype::F32 => Some(WKind::F32),
-            StDtype::BF16 => Some(WKind::BF16),
-            StDtype::F16 => Some(WKind::F16),
-            _ => None,
-        })
     }
 
     /// Whether `name` is the block scales of an FP8 weight (read with the weight, never alone).
@@ -408,10 +201,185 @@ impl Checkpoint {
         name.strip_suffix("_scale_inv").and_then(|w| self.tensors.get(w)).is_some_and(|w| w.dtype == StDtype::F8_E4M3)
     }
 
-    /// Loads a tensor of `len` elements as f32 (norm weights, biases, per-head scalars). The
-    /// shape may carry extra unit dimensions only where `shape` says so.
-    pub fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        Ok(self.mat(name, shape)?.to_f32())
+    /// A stored tensor: floats as they are, FP8 with its block scales.
+    fn plain(&self, name: &str) -> Result<Tensor<'_>> {
+        let (key, e) = self.tensors.get_key_value(name).ok_or_else(|| source::missing(&self.dir, name))?;
+        let file = self.files[e.file].0.as_path();
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let t = |format, parts| Tensor { name: key, file, shape: e.shape.clone(), format, parts, aux_bytes: 0 };
+        Ok(match float_kind(e.dtype) {
+            Some(kind) => t(Format::Native(kind), SmallVec::from_iter([bytes])),
+            None if e.dtype == StDtype::F8_E4M3 => {
+                let f = file.display();
+                let sname = format!("{name}_scale_inv");
+                if e.shape.len() < 2 {
+                    bail!("{f}: FP8 tensor `{name}` must have at least 2 dimensions, has shape {:?}", e.shape);
+                }
+                let (r, c) = (e.shape[e.shape.len() - 2], e.shape[e.shape.len() - 1]);
+                let mats: usize = e.shape[..e.shape.len() - 2].iter().product();
+                if bytes.len() != mats * r * c {
+                    bail!("{f}: tensor `{name}` holds {} bytes, its shape needs {}", bytes.len(), mats * r * c);
+                }
+                let [br, bc] = self.fp8_block;
+                let (sr, sc) = (r.div_ceil(br), c.div_ceil(bc));
+                let mut want = e.shape[..e.shape.len() - 2].to_vec();
+                want.extend([sr, sc]);
+                let s = match self.tensors.get(&sname) {
+                    Some(s) if s.shape == want || (mats == 1 && s.shape == [sr, sc]) => s,
+                    Some(s) => bail!(
+                        "{f}: `{sname}` has shape {:?}; FP8 `{name}` {:?} in blocks of {br}x{bc} needs {want:?}",
+                        s.shape,
+                        e.shape
+                    ),
+                    None => bail!("{f}: FP8 tensor `{name}` has no `{sname}` beside it"),
+                };
+                let Some(scale) = float_kind(s.dtype) else {
+                    bail!("{f}: `{sname}` has dtype {:?}, expected F32 or BF16", s.dtype)
+                };
+                let sb = &self.files[s.file].1[s.start..s.end];
+                if sb.len() != mats * sr * sc * scale.size() {
+                    bail!("{f}: `{sname}` holds {} bytes, its shape needs {}", sb.len(), mats * sr * sc * scale.size());
+                }
+                t(Format::Fp8 { block: [br, bc], scale }, SmallVec::from_iter([bytes, sb]))
+            }
+            None => t(Format::Unsupported(format!("{:?}", e.dtype)), SmallVec::from_iter([bytes])),
+        })
+    }
+
+    /// The compressed-tensors packed weight `{base}.weight`, of the logical shape its
+    /// `weight_shape` states, its parts checked against each other.
+    fn packed_tensor<'a>(&'a self, key: &'a str, base: &str) -> Result<Tensor<'a>> {
+        let (pn, sn, hn) =
+            (format!("{base}.weight_packed"), format!("{base}.weight_scale"), format!("{base}.weight_shape"));
+        let p = self.entry(&pn)?;
+        let file = self.files[p.file].0.as_path();
+        let f = file.display();
+        let Some(PackedInt { bits, group }) = self.packed else {
+            bail!(
+                "{f}: tensor `{pn}` is packed, but config.json has no compressed-tensors `pack-quantized` \
+                 quantization_config"
+            );
+        };
+        for extra in ["weight_zero_point", "weight_g_idx"] {
+            if self.tensors.contains_key(&format!("{base}.{extra}")) {
+                bail!(
+                    "{f}: `{base}.{extra}` is not supported (only symmetric int weights without activation \
+                     reordering import exactly)"
+                );
+            }
+        }
+        if p.dtype != StDtype::I32 {
+            bail!("{f}: tensor `{pn}` has dtype {:?}, packed weights are I32", p.dtype);
+        }
+        // the logical shape the checkpoint states
+        let Some(h) = self.tensors.get(&hn) else { bail!("{f}: packed tensor `{pn}` has no `{hn}` beside it") };
+        let hb = &self.files[h.file].1[h.start..h.end];
+        let stated: Vec<i64> = match h.dtype {
+            StDtype::I32 => hb.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+            StDtype::I64 => hb.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+            d => bail!("{f}: `{hn}` has dtype {d:?}, expected I32 or I64"),
+        };
+        if stated.len() < 2 || stated.iter().any(|&x| x <= 0 || x > u32::MAX as i64) {
+            bail!("{f}: `{hn}` says the weight is {stated:?}, not a matrix shape");
+        }
+        let shape: Vec<usize> = stated.iter().map(|&x| x as usize).collect();
+        let cols = shape[shape.len() - 1];
+        let rows: usize = shape[..shape.len() - 1].iter().product();
+        if !cols.is_multiple_of(group) {
+            bail!("{f}: packed weight `{pn}` has {cols} inputs, not a multiple of its group size {group}");
+        }
+        let words = (cols * bits as usize).div_ceil(32);
+        let mut want = shape[..shape.len() - 1].to_vec();
+        want.push(words);
+        if p.shape != want || p.end - p.start != rows * words * 4 {
+            bail!(
+                "{f}: tensor `{pn}` has shape {:?}; {bits}-bit packing of {shape:?} (as `{hn}` states) needs {want:?}",
+                p.shape
+            );
+        }
+        let Some(s) = self.tensors.get(&sn) else { bail!("{f}: packed tensor `{pn}` has no `{sn}` beside it") };
+        let ng = cols / group;
+        let mut swant = shape[..shape.len() - 1].to_vec();
+        swant.push(ng);
+        let Some(scale) = float_kind(s.dtype) else {
+            bail!("{f}: `{sn}` has dtype {:?}; scales of packed weights are BF16, F16 or F32", s.dtype)
+        };
+        if s.shape != swant || s.end - s.start != rows * ng * scale.size() {
+            bail!("{f}: `{sn}` has shape {:?}; `{pn}` {shape:?} in groups of {group} needs {swant:?}", s.shape);
+        }
+        let parts = SmallVec::from_iter([&self.files[p.file].1[p.start..p.end], &self.files[s.file].1[s.start..s.end]]);
+        Ok(Tensor {
+            name: key,
+            file,
+            shape,
+            format: Format::PackedInt { bits, group, scale },
+            parts,
+            aux_bytes: h.end - h.start,
+        })
+    }
+
+    /// gpt-oss's MXFP4 tensor `{base}`: `{base}_blocks` `[.., rows, cols/32, 16]` (two e2m1
+    /// values a byte, the low nibble first) and `{base}_scales` `[.., rows, cols/32]` (e8m0).
+    fn mxfp4_tensor<'a>(&'a self, key: &'a str) -> Result<Tensor<'a>> {
+        let (bn, sn) = (format!("{key}_blocks"), format!("{key}_scales"));
+        let (b, s) = (self.entry(&bn)?, self.entry(&sn)?);
+        let file = self.files[b.file].0.as_path();
+        let f = file.display();
+        let lead = &b.shape[..b.shape.len().saturating_sub(2)];
+        if b.dtype != StDtype::U8 || b.shape.len() < 3 || b.shape[b.shape.len() - 1] != 16 {
+            bail!("{f}: `{bn}` is {:?} {:?}; MXFP4 blocks are U8 [.., rows, cols/32, 16]", b.dtype, b.shape);
+        }
+        if !matches!(s.dtype, StDtype::U8 | StDtype::F8_E8M0) || s.shape != b.shape[..b.shape.len() - 1] {
+            bail!(
+                "{f}: `{sn}` is {:?} {:?}; the MXFP4 scales of `{bn}` are U8 {:?}",
+                s.dtype,
+                s.shape,
+                &b.shape[..b.shape.len() - 1]
+            );
+        }
+        let mut shape = lead.to_vec();
+        shape.push(b.shape[b.shape.len() - 2] * 32);
+        let parts = SmallVec::from_iter([&self.files[b.file].1[b.start..b.end], &self.files[s.file].1[s.start..s.end]]);
+        Ok(Tensor { name: key, file, shape, format: Format::Native(WKind::Mxfp4), parts, aux_bytes: 0 })
+    }
+}
+
+/// How a logical tensor of a checkpoint is stored.
+#[derive(Clone, Copy, Debug)]
+enum Stored {
+    Plain,
+    /// compressed-tensors: `X.weight_packed`, `X.weight_scale`, `X.weight_shape`.
+    Packed,
+    /// gpt-oss: `X_blocks`, `X_scales`.
+    Mxfp4,
+}
+
+fn float_kind(d: StDtype) -> Option<WKind> {
+    match d {
+        StDtype::F32 => Some(WKind::F32),
+        StDtype::BF16 => Some(WKind::BF16),
+        StDtype::F16 => Some(WKind::F16),
+        _ => None,
+    }
+}
+
+impl Source for Checkpoint {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+    fn tensors(&self) -> Vec<&str> {
+        self.logical.keys().map(String::as_str).collect()
+    }
+    fn has(&self, name: &str) -> bool {
+        self.logical.contains_key(name)
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor<'_>> {
+        let (key, how) = self.logical.get_key_value(name).ok_or_else(|| source::missing(&self.dir, name))?;
+        match how {
+            Stored::Plain => self.plain(key),
+            Stored::Packed => self.packed_tensor(key, &key[..key.len() - ".weight".len()]),
+            Stored::Mxfp4 => self.mxfp4_tensor(key),
+        }
     }
 }
 
@@ -502,7 +470,8 @@ fn fp8_block_size(dir: &Path, q: Option<&serde_json::Value>) -> Result<[usize; 2
 
 #[cfg(test)]
 mod tests {
-    use super::{Checkpoint, e4m3_to_f32};
+    use super::Checkpoint;
+    use crate::source::Source;
     use safetensors::tensor::{Dtype, TensorView};
 
     /// compressed-tensors' packing as its `pack_to_int32` defines it: value i of a row at bit
@@ -566,21 +535,5 @@ mod tests {
                 assert_eq!(ck.mat_rows("w.weight", &[rows, cols], 1..2).unwrap().to_f32(), want[cols..2 * cols]);
             }
         }
-    }
-
-    #[test]
-    fn e4m3_decodes_every_byte_as_the_format_defines() {
-        // float8_e4m3fn: bias 7, subnormals below 2^-6, max 448, NaN only at S.1111.111
-        assert_eq!(e4m3_to_f32(0x00), 0.0);
-        assert_eq!(e4m3_to_f32(0x38), 1.0);
-        assert_eq!(e4m3_to_f32(0xb8), -1.0);
-        assert_eq!(e4m3_to_f32(0x7e), 448.0);
-        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
-        assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6));
-        assert!(e4m3_to_f32(0x7f).is_nan() && e4m3_to_f32(0xff).is_nan());
-        assert_eq!(e4m3_to_f32(0x78), 256.0);
-        // every non-NaN byte: monotone in its magnitude bits
-        let pos: Vec<f32> = (0u8..0x7f).map(e4m3_to_f32).collect();
-        assert!(pos.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -219,6 +219,27 @@ pub(crate) fn req_usize(v: &Value, name: &str) -> Result<usize> {
         .ok_or_else(|| anyhow!("config.json: field `{name}` is missing or not a non-negative integer"))
 }
 
+/// The per-layer list `name` of `v` (one string per layer: `layer_types`, `mlp_layer_types`,
+/// `indexer_types`), each string mapped through `values`; `None` when the field is absent.
+/// Errors name the field, and the index and value of a bad entry or the length of a list
+/// that does not have one entry per layer.
+pub(crate) fn per_layer<T: Copy>(v: &Value, name: &str, layers: usize, values: &[(&str, T)]) -> Result<Option<Vec<T>>> {
+    let Some(list) = field(v, name) else { return Ok(None) };
+    let list = list.as_array().ok_or_else(|| anyhow!("config.json: field `{name}` is not a list"))?;
+    if list.len() != layers {
+        bail!("config.json: `{name}` has {} entries, num_hidden_layers is {layers}", list.len());
+    }
+    let allowed = || values.iter().map(|(s, _)| format!("`{s}`")).collect::<Vec<_>>().join(", ");
+    list.iter()
+        .enumerate()
+        .map(|(i, x)| match values.iter().find(|(s, _)| x.as_str() == Some(s)) {
+            Some(&(_, t)) => Ok(t),
+            None => Err(anyhow!("config.json: `{name}`[{i}] is {x}, not one of {}", allowed())),
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
 pub(crate) fn opt_usize(v: &Value, name: &str, default: usize) -> Result<usize> {
     match field(v, name) {
         None => Ok(default),
@@ -357,19 +378,13 @@ impl ModelConfig {
 
         let mixers = if !traits.deltanet_layers {
             vec![Mixer::Attention; num_layers]
-        } else if let Some(lt) = field(t, "layer_types") {
-            let arr = lt.as_array().ok_or_else(|| anyhow!("config.json: field `layer_types` is not a list"))?;
-            if arr.len() != num_layers {
-                bail!("config.json: layer_types has {} entries, num_hidden_layers is {num_layers}", arr.len());
-            }
-            arr.iter()
-                .enumerate()
-                .map(|(i, x)| match x.as_str() {
-                    Some("linear_attention") => Ok(Mixer::DeltaNet),
-                    Some("full_attention") => Ok(Mixer::Attention),
-                    other => Err(anyhow!("config.json: layer_types[{i}] = {other:?} is not supported")),
-                })
-                .collect::<Result<_>>()?
+        } else if let Some(l) = per_layer(
+            t,
+            "layer_types",
+            num_layers,
+            &[("linear_attention", Mixer::DeltaNet), ("full_attention", Mixer::Attention)],
+        )? {
+            l
         } else {
             let every = opt_usize(t, "full_attention_interval", 4)?.max(1);
             (0..num_layers).map(|i| if (i + 1) % every == 0 { Mixer::Attention } else { Mixer::DeltaNet }).collect()
@@ -690,5 +705,28 @@ mod tests {
         bad.as_object_mut().unwrap().remove("hidden_size");
         let e = ModelConfig::from_json(&bad).unwrap_err().to_string();
         assert!(e.contains("`hidden_size`"), "{e}");
+    }
+
+    #[test]
+    fn per_layer_lists_name_the_field_index_and_value_that_are_wrong() {
+        let vals = [("a", 1), ("b", 2)];
+        let v = json!({"xs": ["a", "b", "a"], "short": ["a"], "odd": ["a", "c", "b"], "num": ["a", 3, "b"],
+                       "flat": "ab"});
+        assert_eq!(per_layer(&v, "xs", 3, &vals).unwrap(), Some(vec![1, 2, 1]));
+        assert_eq!(per_layer(&v, "absent", 3, &vals).unwrap(), None);
+        let e = per_layer(&v, "short", 3, &vals).unwrap_err().to_string();
+        assert!(e.contains("`short` has 1 entries, num_hidden_layers is 3"), "{e}");
+        let e = per_layer(&v, "odd", 3, &vals).unwrap_err().to_string();
+        assert!(e.contains("`odd`[1] is \"c\", not one of `a`, `b`"), "{e}");
+        let e = per_layer(&v, "num", 3, &vals).unwrap_err().to_string();
+        assert!(e.contains("`num`[1] is 3"), "{e}");
+        let e = per_layer(&v, "flat", 2, &vals).unwrap_err().to_string();
+        assert!(e.contains("field `flat` is not a list"), "{e}");
+        // a family's list through the config parser: gpt-oss's windows
+        let mut g = crate::families::preset_config("gpt-oss-20b").unwrap();
+        g["num_hidden_layers"] = json!(2);
+        g["layer_types"] = json!(["sliding_attention", "dense"]);
+        let e = ModelConfig::from_json(&g).unwrap_err().to_string();
+        assert!(e.contains("`layer_types`[1] is \"dense\""), "{e}");
     }
 }

@@ -37,6 +37,23 @@ fn argmax(x: &[f64]) -> usize {
 /// window every token is predicted from all before it. Positions are fed in chunks so the
 /// logits of a huge vocabulary never need a whole window at once.
 pub fn evaluate(model: &Model, reference: Option<&Model>, ids: &[u32], window: usize) -> Result<EvalResult> {
+    evaluate_with(model, reference, ids, window, |_| {})
+}
+
+/// The tokens [`evaluate`] will predict: every token of a window but its first.
+pub fn predicted_tokens(ids: &[u32], window: usize) -> usize {
+    ids.chunks(window.max(2)).filter(|w| w.len() >= 2).map(|w| w.len() - 1).sum()
+}
+
+/// [`evaluate`], calling `progress(n)` after each chunk of `n` predicted tokens (a progress bar
+/// of [`predicted_tokens`] steps).
+pub fn evaluate_with(
+    model: &Model,
+    reference: Option<&Model>,
+    ids: &[u32],
+    window: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalResult> {
     if window < 2 {
         bail!("the evaluation window must hold at least 2 tokens");
     }
@@ -85,6 +102,7 @@ pub fn evaluate(model: &Model, reference: Option<&Model>, ids: &[u32], window: u
                     agree += (argmax(&lp) == argmax(&lq)) as usize;
                 }
             }
+            progress(chunk.len());
         }
     }
     let mean = nll / n as f64;

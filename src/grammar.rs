@@ -114,12 +114,20 @@ impl Constraint {
 }
 
 /// The Lark grammar of an answer that is exactly one call of one of `tools` (name, parameters'
-/// JSON schema) in `format`'s own syntax, the arguments held to the schema; None for harmony
-/// (its calls are messages of their own). `tag` spells a tag as the tokenizer has it (a
-/// special token, else a literal); `close_think`: the prompt left a `<think>` block open, which
-/// the answer closes first (the call would otherwise be read as reasoning).
+/// JSON schema) in `format`'s own syntax, the arguments held to the schema. `tag` spells a tag
+/// as the tokenizer has it (a special token, else a literal); `close_think`: the prompt left a
+/// `<think>` block open, which the answer closes first (the call would otherwise be read as
+/// reasoning).
 ///
-/// The tag formats (GLM, MiniMax, DeepSeek V3.2) write each argument on its own: the
+/// Harmony (gpt-oss): the answer follows the generation prompt's `<|start|>assistant` with a
+/// commentary-channel message to the function, as openai-harmony renders it
+/// (`<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`) or as the released
+/// template writes calls in history (` to=functions.NAME<|channel|>commentary json<|message|>`),
+/// then the JSON arguments; `<|call|>` is a stop token, so the call ends where the model stops.
+/// Reasoning has its own channel there, so `close_think` does not apply.
+///
+/// Qwen's format is the JSON object or Qwen3.5's XML form. The tag formats (Qwen3.5's XML,
+/// GLM, MiniMax, DeepSeek V3.2) write each argument on its own: the
 /// schema's properties in order, the required ones always; strings as text (one of an `enum`,
 /// or up to `maxLength` characters), other values as JSON. DeepSeek's three forms are
 /// alternatives: a model takes the one it was trained on.
@@ -128,7 +136,7 @@ pub fn tool_call_lark(
     tools: &[(String, Value)],
     close_think: bool,
     tag: &dyn Fn(&str) -> String,
-) -> Option<String> {
+) -> String {
     let lit = |s: &str| format!("{s:?}");
     let mut rules = vec![];
     let call_alts = |rules: &mut Vec<String>, prefix: &str, call: CallRule| {
@@ -136,14 +144,33 @@ pub fn tool_call_lark(
         rules.push(format!("{prefix}: {}", alts.join(" | ")));
     };
     let body = match format {
-        ToolFormat::Harmony => return None,
+        ToolFormat::Harmony => {
+            let (channel, message, constrain) = (tag("<|channel|>"), tag("<|message|>"), tag("<|constrain|>"));
+            call_alts(&mut rules, "call", &|_, _, name, params| {
+                format!(
+                    "({channel} {} {constrain} \"json\" | {} {channel} \"commentary json\") {message} %json {params}",
+                    lit(&format!("commentary to=functions.{name} ")),
+                    lit(&format!(" to=functions.{name}"))
+                )
+            });
+            "call".to_string()
+        }
         ToolFormat::Qwen => {
             call_alts(&mut rules, "call", &|_, _, name, params| {
                 let schema = serde_json::json!({"type": "object", "properties": {"name": {"const": name}, "arguments": params},
                     "required": ["name", "arguments"], "additionalProperties": false});
                 format!("%json {schema}")
             });
-            format!("{} \"\\n\" call \"\\n\" {}", tag("<tool_call>"), tag("</tool_call>"))
+            // Qwen3.5 and Qwen3-Coder write the XML form
+            let kv = Keyed {
+                key: &|k| format!("\"<parameter=\" {k} \">\\n\""),
+                string: &|v| format!("{v} \"</parameter>\\n\""),
+                json: &|v| format!("{v} \"\\n\"? \"</parameter>\\n\""),
+            };
+            call_alts(&mut rules, "xml", &|rules, i, name, params| {
+                format!("{} {} \"</function>\\n\"", lit(&format!("<function={name}>\n")), kv.args(rules, i, params))
+            });
+            format!("{} \"\\n\" (call \"\\n\" | xml) {}", tag("<tool_call>"), tag("</tool_call>"))
         }
         ToolFormat::Glm => {
             let kv = Keyed {
@@ -213,8 +240,9 @@ pub fn tool_call_lark(
             )
         }
     };
-    let think = if close_think { format!("{} ", tag("</think>")) } else { String::new() };
-    Some(format!("start: {think}({body})\n{}\n", rules.join("\n")))
+    let think =
+        if close_think && format != ToolFormat::Harmony { format!("{} ", tag("</think>")) } else { String::new() };
+    format!("start: {think}({body})\n{}\n", rules.join("\n"))
 }
 
 /// The grammar of one tool's call (rules it needs added to the list), given the tool's index,
@@ -306,13 +334,15 @@ mod tests {
         use ToolFormat::*;
         let r1 = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\", \"days\": 2}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
         let dsml = "\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"get_weather\">\n<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n<｜DSML｜parameter name=\"days\" string=\"false\">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜function_calls>";
+        let qwen35 = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>";
         let glm47 = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>2</arg_value></tool_call>";
         for f in [Qwen, Glm, MiniMax, DeepSeek, Kimi] {
-            let lark = tool_call_lark(f, &tools, false, &|t| tag(&tok, t)).unwrap();
+            let lark = tool_call_lark(f, &tools, false, &|t| tag(&tok, t));
             let mut texts = vec![f.as_text(&call), f.as_text(&city_only)];
             match f {
                 DeepSeek => texts.extend([r1.to_string(), dsml.to_string()]),
                 Glm => texts.push(glm47.to_string()),
+                Qwen => texts.push(qwen35.to_string()),
                 _ => {}
             }
             for t in &texts {
@@ -328,10 +358,47 @@ mod tests {
                 assert!(!accepts(&g, &lark, &tok, &t), "{f:?} takes {t:?}");
             }
             // with the prompt's reasoning block open, the answer closes it first
-            let lark = tool_call_lark(f, &tools, true, &|t| tag(&tok, t)).unwrap();
+            let lark = tool_call_lark(f, &tools, true, &|t| tag(&tok, t));
             assert!(accepts(&g, &lark, &tok, &format!("</think>{}", texts[0])), "{f:?}");
             assert!(!accepts(&g, &lark, &tok, &texts[0]), "{f:?}");
         }
-        assert!(tool_call_lark(Harmony, &tools, false, &|t| tag(&tok, t)).is_none());
+    }
+
+    #[test]
+    fn forced_harmony_calls_are_commentary_messages_to_the_function() {
+        // gpt-oss's fixture tokenizer lacks harmony's special tokens: they are spelled as text
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_oss");
+        let tok = TextTokenizer::load(&dir).unwrap();
+        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
+        let g = Grammars::new(&tok, vocab, &tok.eos_id().into_iter().collect::<Vec<_>>()).unwrap();
+        let params = json!({"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"]});
+        let tools = vec![("get_weather".to_string(), params), ("now".to_string(), json!({"type": "object"}))];
+        for close_think in [false, true] {
+            let lark = tool_call_lark(ToolFormat::Harmony, &tools, close_think, &|t| tag(&tok, t));
+            let args = r#"{"city": "Paris", "days": 2}"#;
+            for text in [
+                format!("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{args}"),
+                format!(" to=functions.get_weather<|channel|>commentary json<|message|>{args}"),
+                "<|channel|>commentary to=functions.now <|constrain|>json<|message|>{}".to_string(),
+            ] {
+                assert!(accepts(&g, &lark, &tok, &text), "refuses {text:?}\n{lark}");
+                let (content, calls) = parse(&crate::harmony::canonical(&text), ToolFormat::Harmony);
+                assert_eq!((content.as_str(), calls.len()), ("", 1), "{text}");
+            }
+            for text in [
+                // reasoning first, the answer channel, a schema broken, an undeclared tool
+                "<|channel|>analysis<|message|>Hmm.<|end|>".to_string(),
+                "<|channel|>final<|message|>Paris.".to_string(),
+                format!(
+                    "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{}",
+                    r#"{"days": 2}"#
+                ),
+                "<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{}".to_string(),
+            ] {
+                assert!(!accepts(&g, &lark, &tok, &text), "takes {text:?}");
+            }
+        }
     }
 }

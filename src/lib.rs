@@ -1,7 +1,7 @@
 //! flashmoe: Mixture-of-Experts inference for models larger than memory.
 //!
 //! The library holds the model math ([`layers`], [`model`]), checkpoint reading
-//! ([`checkpoint`], [`load`]), generation ([`generate`]) and the tokenizer with its chat
+//! ([`source`], [`checkpoint`], [`load`]), generation ([`generate`]) and the tokenizer with its chat
 //! template ([`tokenizer`]); the `flashmoe` binary is a thin CLI over it.
 
 pub mod backend;
@@ -26,11 +26,13 @@ pub mod model;
 pub mod options;
 pub mod par;
 pub mod profile;
+pub mod progress;
 pub mod prompt_cache;
 pub mod quant;
 pub mod scratch;
 pub mod server;
 pub mod session;
+pub mod source;
 pub mod sysbench;
 pub mod tensor;
 #[cfg(test)]

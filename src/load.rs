@@ -2,7 +2,6 @@
 //! tensor names per family, un-fusing Qwen3-Next's DeltaNet projections and fused expert
 //! tensors, shape checks.
 
-use crate::checkpoint::Checkpoint;
 use crate::config::{Ffn, LinearAttnConfig, Mixer, ModelConfig, QkNorm};
 use crate::families::{Names, weight};
 use crate::flash::{ExpertStore, Manifest, StoreOptions};
@@ -16,6 +15,7 @@ use crate::layers::moe::{Moe, Scoring, SharedExpert};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::model::{FfnWeights, Layer, MixerWeights, Model, RunOptions};
+use crate::source::{Format, Source, Tensor};
 use crate::tensor::{Mat, WKind};
 use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
@@ -24,39 +24,11 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Where weights come from: a Hugging Face checkpoint or a flash layout's resident file.
-pub trait TensorSource {
-    fn dir(&self) -> &Path;
-    fn has(&self, name: &str) -> bool;
-    /// Tensor `name` with exactly `shape`, as a matrix of `[prod(leading dims), last dim]`.
-    fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat>;
-    /// The source checkpoint itself, when this is one (routed experts in any of its layouts).
-    fn checkpoint(&self) -> Option<&Checkpoint> {
-        None
-    }
-    fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        Ok(self.mat(name, shape)?.to_f32())
-    }
-}
-
-impl TensorSource for Checkpoint {
-    fn dir(&self) -> &Path {
-        &self.dir
-    }
-    fn has(&self, name: &str) -> bool {
-        Checkpoint::has(self, name)
-    }
-    fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat> {
-        Checkpoint::mat(self, name, shape)
-    }
-    fn checkpoint(&self) -> Option<&Checkpoint> {
-        Some(self)
-    }
-}
-
-/// The resident file of a converted model, memory-mapped.
+/// The resident file of a converted model, memory-mapped: a [`Source`] whose matrices are
+/// views of the mapping (no copy).
 pub struct FlashResident {
     dir: PathBuf,
+    path: PathBuf,
     map: Arc<Mmap>,
     entries: HashMap<String, crate::flash::format::TensorEntry>,
 }
@@ -68,39 +40,45 @@ impl FlashResident {
         // SAFETY: read-only mapping of a file this process does not modify.
         let map = Arc::new(unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?);
         let entries = m.resident.tensors.iter().map(|t| (t.name.clone(), t.clone())).collect();
-        Ok(FlashResident { dir: dir.to_path_buf(), map, entries })
+        Ok(FlashResident { dir: dir.to_path_buf(), path, map, entries })
     }
 }
 
-impl TensorSource for FlashResident {
+impl Source for FlashResident {
     fn dir(&self) -> &Path {
         &self.dir
+    }
+    fn tensors(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        v.sort();
+        v
     }
     fn has(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
-    fn mat(&self, name: &str, shape: &[usize]) -> Result<Mat> {
-        let e = self
+    fn tensor(&self, name: &str) -> Result<Tensor<'_>> {
+        let d = self.dir.display();
+        let (key, e) = self
             .entries
-            .get(name)
-            .ok_or_else(|| anyhow::anyhow!("{}: tensor `{name}` is missing from the manifest", self.dir.display()))?;
-        if e.shape != shape {
-            bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", self.dir.display(), e.shape, shape);
-        }
-        let kind = WKind::parse(&e.kind).ok_or_else(|| {
-            anyhow::anyhow!("{}: tensor `{name}` has unsupported format `{}`", self.dir.display(), e.kind)
-        })?;
-        let cols = *shape.last().unwrap_or(&1);
-        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
-        if kind.bytes(rows, cols) as u64 != e.bytes {
-            bail!(
-                "{}: tensor `{name}` is recorded with {} bytes, its shape needs {}",
-                self.dir.display(),
-                e.bytes,
-                kind.bytes(rows, cols)
-            );
-        }
-        Mat::mapped(rows, cols, kind, self.map.clone(), e.offset as usize)
+            .get_key_value(name)
+            .ok_or_else(|| anyhow::anyhow!("{d}: tensor `{name}` is missing from the manifest"))?;
+        let kind = WKind::parse(&e.kind)
+            .ok_or_else(|| anyhow::anyhow!("{d}: tensor `{name}` has unsupported format `{}`", e.kind))?;
+        let blob = usize::try_from(e.offset)
+            .ok()
+            .zip(usize::try_from(e.bytes).ok())
+            .and_then(|(o, b)| self.map.get(o..o.checked_add(b)?))
+            .ok_or_else(|| anyhow::anyhow!("{d}: tensor `{name}` lies outside {}", self.path.display()))?;
+        Tensor::native(key, &self.path, e.shape.clone(), kind, blob)
+            .map_err(|err| anyhow::anyhow!("{d}: tensor `{name}` is recorded with {} bytes: {err}", e.bytes))
+    }
+    /// The whole tensor as a view of the mapping; a part of it decoded as any source's.
+    fn mat_rows(&self, name: &str, shape: &[usize], range: std::ops::Range<usize>) -> Result<Mat> {
+        let t = self.tensor(name)?.expect(shape)?;
+        let (rows, cols) = t.rows_cols();
+        let (Format::Native(kind), true) = (&t.format, range == (0..rows)) else { return t.rows(range) };
+        let kind = *kind;
+        Mat::mapped(rows, cols, kind, self.map.clone(), self.entries[name].offset as usize)
             .with_context(|| format!("{}: tensor `{name}`", self.dir.display()))
     }
 }
@@ -181,8 +159,9 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         return Ok(m);
     }
     let cfg = ModelConfig::load(dir)?;
-    let ck = Checkpoint::open(dir)?;
-    let mut m = build(cfg, &ck, None, None).with_context(|| format!("loading model from {}", dir.display()))?;
+    let src = crate::source::open(dir)?;
+    let mut m =
+        build(cfg, src.as_ref(), None, None).with_context(|| format!("loading model from {}", dir.display()))?;
     m.opts.precision = opts.precision;
     m.accel = crate::backend::attach(&m, opts.device)?;
     Ok(m)
@@ -193,13 +172,11 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
 const MLA_NORM_EPS: f32 = 1e-6;
 
 struct Loader<'a> {
-    ck: &'a dyn TensorSource,
+    ck: &'a dyn Source,
     cfg: &'a ModelConfig,
     names: &'static Names,
     /// The text model's tensor prefix.
     pre: String,
-    /// The source's config.json (MLX group sizes), read when experts are.
-    raw: std::cell::OnceCell<serde_json::Value>,
     store: Option<Arc<ExpertStore>>,
     /// Converted experts to read into memory instead of streaming.
     preload: Option<Arc<ExpertStore>>,
@@ -207,7 +184,12 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn norm(&self, name: &str, dim: usize, zero_centered: bool) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(self.ck.vector(name, &[dim])?, self.cfg.rms_norm_eps, zero_centered))
+        let mut w = self.ck.vector(name, &[dim])?;
+        if zero_centered && self.ck.mlx_layout() {
+            // MLX releases store zero-centred norms already shifted by +1 (as `convert` undoes)
+            w.iter_mut().for_each(|x| *x -= 1.0);
+        }
+        Ok(RmsNorm::new(w, self.cfg.rms_norm_eps, zero_centered))
     }
 
     fn mlp(&self, p: &str, inter: usize) -> Result<Mlp> {
@@ -335,7 +317,9 @@ impl Loader<'_> {
             in_proj_a,
             conv_w: {
                 // stored [channel][tap]; kept [tap][channel] so each tap is one vector pass
-                let w = self.ck.vector(&weight(p, n.conv1d), &[cd, 1, l.conv_kernel])?;
+                // (MLX stores it [C, K, 1]: the same memory order)
+                let shape = if self.ck.mlx_layout() { [cd, l.conv_kernel, 1] } else { [cd, 1, l.conv_kernel] };
+                let w = self.ck.vector(&weight(p, n.conv1d), &shape)?;
                 let kern = l.conv_kernel;
                 (0..kern).flat_map(|j| (0..cd).map(move |ch| (ch, j))).map(|(ch, j)| w[ch * kern + j]).collect()
             },
@@ -349,20 +333,8 @@ impl Loader<'_> {
 
     /// Routed experts of `layer` read into memory, in any layout [`import::expert`] reads.
     fn experts(&self, layer: usize) -> Result<Vec<Mlp>> {
-        let Some(ck) = self.ck.checkpoint() else {
-            bail!("{}: layer {layer}'s experts are not in this tensor source", self.ck.dir().display());
-        };
-        let raw = match self.raw.get() {
-            Some(r) => r,
-            None => {
-                let path = ck.dir.join("config.json");
-                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                let v = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-                self.raw.get_or_init(|| v)
-            }
-        };
         (0..self.cfg.num_experts)
-            .map(|e| Ok(import::expert(ck, self.cfg, raw, &self.pre, layer, e)?.mlp(self.cfg.expert_act)))
+            .map(|e| Ok(import::expert(self.ck, self.cfg, &self.pre, layer, e)?.mlp(self.cfg.expert_act)))
             .collect()
     }
 
@@ -411,14 +383,13 @@ impl Loader<'_> {
 /// Assembles the model from a tensor source and, for converted models, an expert store.
 pub fn build(
     cfg: ModelConfig,
-    ck: &dyn TensorSource,
+    ck: &dyn Source,
     store: Option<Arc<ExpertStore>>,
     preload: Option<Arc<ExpertStore>>,
 ) -> Result<Model> {
     let pre = text_prefix(&cfg, ck)?;
     let n = crate::families::names_of(&cfg.model_type);
-    let ld =
-        Loader { ck, cfg: &cfg, names: n, pre: pre.clone(), raw: Default::default(), store: store.clone(), preload };
+    let ld = Loader { ck, cfg: &cfg, names: n, pre: pre.clone(), store: store.clone(), preload };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let zc = cfg.zero_centered_norm();
     let embed = ck.mat(&format!("{pre}{}.weight", n.embed), &[v, h])?;

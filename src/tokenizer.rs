@@ -182,6 +182,10 @@ pub fn render_template(
     );
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_filter("tojson", tojson);
+    env.add_filter("from_json", from_json);
+    // Jinja2's `iterable` is Python's iter(): None is not (minijinja iterates none as empty);
+    // Qwen3-Coder's `tools is iterable and tools | length > 0` relies on it
+    env.add_test("iterable", |v: JValue| !v.is_none() && v.try_iter().is_ok());
     env.add_function("raise_exception", |msg: String| -> Result<JValue, JError> {
         Err(JError::new(ErrorKind::InvalidOperation, msg))
     });
@@ -213,6 +217,15 @@ fn strftime_now(fmt: &str) -> String {
         libc::strftime(buf.as_mut_ptr() as *mut libc::c_char, buf.len(), cfmt.as_ptr(), &tm)
     };
     String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// `from_json`: a JSON text as the value it spells (Python's `json.loads`, keys in order).
+/// DeepSeek V3.2's and V4's templates parse a call's string arguments with it; transformers'
+/// environment lacks it, llama.cpp's has it.
+fn from_json(s: &str) -> Result<JValue, JError> {
+    let v: Value = serde_json::from_str(s)
+        .map_err(|e| JError::new(ErrorKind::InvalidOperation, format!("from_json: not JSON ({e}): {s}")))?;
+    Ok(JValue::from(minijinja::value::Serde(&v)))
 }
 
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=…,

@@ -1,6 +1,8 @@
 //! Tool calls in generated text, in each family's format, become OpenAI `tool_calls`, whole
 //! (after generation) or as they complete (streaming):
-//! - Qwen: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`;
+//! - Qwen3: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; Qwen3.5 and
+//!   Qwen3-Coder: `<tool_call><function=NAME><parameter=K>V</parameter>…</function></tool_call>`
+//!   (the XML form their released templates ask for; one format reads both);
 //! - GLM-4.5 to 4.7: `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>…</tool_call>`;
 //! - MiniMax-M2: `<minimax:tool_call><invoke name="NAME"><parameter name="K">V</parameter>…</invoke></minimax:tool_call>`;
 //! - gpt-oss (harmony): read after [`crate::harmony`] has turned its messages into Qwen's form;
@@ -66,7 +68,7 @@ impl ToolFormat {
     /// The calls inside one block; `None` if it is not a well-formed one.
     pub fn parse_block(self, inner: &str) -> Option<Vec<ToolCall>> {
         match self {
-            ToolFormat::Qwen | ToolFormat::Harmony => parse_block(inner).map(|c| vec![c]),
+            ToolFormat::Qwen | ToolFormat::Harmony => parse_block(inner).or_else(|| qwen_xml(inner)).map(|c| vec![c]),
             ToolFormat::Glm => {
                 let inner = inner.trim();
                 let (name, mut rest) = match inner.find("<arg_key>") {
@@ -238,6 +240,26 @@ fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<(&'a str, &'a str)
     s.strip_prefix(open)?.split_once(close)
 }
 
+/// Qwen3.5's and Qwen3-Coder's call: `<function=NAME>`, then `<parameter=K>\nV\n</parameter>`
+/// items, then `</function>`; a value's newlines at either end are the template's, and a value
+/// that parses as JSON is that value (the templates write non-strings as JSON).
+fn qwen_xml(inner: &str) -> Option<ToolCall> {
+    let (name, r) = inner.trim().strip_prefix("<function=")?.split_once('>')?;
+    if !plain_name(name) {
+        return None;
+    }
+    let mut b = r.trim_end().strip_suffix("</function>")?.trim_start();
+    let mut args = Map::new();
+    while !b.is_empty() {
+        let (key, r) = b.strip_prefix("<parameter=")?.split_once('>')?;
+        let (v, after) = r.split_once("</parameter>")?;
+        let v = v.strip_prefix('\n').unwrap_or(v);
+        args.insert(key.trim().to_string(), text_value(v.strip_suffix('\n').unwrap_or(v)));
+        b = after.trim_start();
+    }
+    Some(ToolCall { name: name.trim().to_string(), arguments: Value::Object(args).to_string() })
+}
+
 /// An argument written as text: the JSON value it spells, else the string itself.
 fn text_value(v: &str) -> Value {
     match serde_json::from_str::<Value>(v.trim()) {
@@ -394,6 +416,11 @@ mod tests {
                 "a <tool_ca b <tool_call>{\"name\": \"f\", \"arguments\": {\"x\": 1}}</tool_call> c <tool_call>{\"name\": \"g\"}</tool_call>",
             ),
             (
+                // Qwen3.5's and Qwen3-Coder's XML form, a string kept as text
+                ToolFormat::Qwen,
+                "a <tool_ca b <tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n</tool_call> c <tool_call>\n<function=g>\n<parameter=s>\nline one\nline two\n</parameter>\n</function>\n</tool_call>",
+            ),
+            (
                 ToolFormat::Glm,
                 "a <tool_ca b <tool_call>f\n<arg_key>x</arg_key>\n<arg_value>1</arg_value>\n</tool_call> c <tool_call>g</tool_call>",
             ),
@@ -420,6 +447,14 @@ mod tests {
         ] {
             stream_matches_whole(f, t);
         }
+        let (_, calls) = parse(
+            "<tool_call>\n<function=g>\n<parameter=s>\nline one\nline two\n</parameter>\n</function>\n</tool_call>",
+            ToolFormat::Qwen,
+        );
+        assert_eq!(calls[0].arguments, r#"{"s":"line one\nline two"}"#);
+        // not a well-formed call: stays text
+        let bad = "<tool_call>\n<function=g>\n<parameter=s>\nx\n</function>\n</tool_call>";
+        assert_eq!(parse(bad, ToolFormat::Qwen), (bad.to_string(), vec![]));
     }
 
     fn stream_matches_whole(f: ToolFormat, t: &str) {

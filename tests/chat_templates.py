@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Renders the released chat templates of the non-Qwen families the way transformers does.
+"""Renders the released chat templates of flashmoe's families the way transformers does.
 
 The templates are llama.cpp's copies (`models/templates/`), taken at test time from the PyPI
 sdist of llama-cpp-python (nothing of them is committed). Usage:
@@ -8,6 +8,11 @@ sdist of llama-cpp-python (nothing of them is committed). Usage:
 
 OUT.json: {"templates": {name: source}, "cases": [{"template", "conv", "rendered" | "error"}]},
 the conversations being CONVERSATIONS below (tests/templates.rs renders the same ones).
+
+DeepSeek V3.2's and V4's templates parse string arguments with a `from_json` filter, which
+llama.cpp's template engine has and transformers' environment lacks; it is added here as
+Python's `json.loads` (the meaning of the name), so that calls given as OpenAI sends them (the
+arguments a JSON string) render too.
 """
 import io
 import json
@@ -17,10 +22,16 @@ import tarfile
 import urllib.parse
 import urllib.request
 
+from transformers.utils import chat_template_utils
 from transformers.utils.chat_template_utils import render_jinja_template
 
 VERSION = "0.3.36"
-TEMPLATES = ["openai-gpt-oss-120b", "GLM-4.6", "GLM-4.7-Flash", "MiniMax-M2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+# The families flashmoe runs, by their released templates in the 0.3.36 sdist: Qwen3.5 (Qwen3.5-4B),
+# Qwen3-Coder, Qwen3 (Qwen3-0.6B: Qwen3-MoE and Qwen3-Next write its format), gpt-oss, GLM-4.6,
+# GLM-4.7 (GLM-4.7-Flash), MiniMax-M2, DeepSeek R1 / V3.1 / V3.2, Kimi-K2 (three). Also in the
+# sdist, for models flashmoe does not run: DeepSeek-V4 (and V4-Flash-0731), Kimi-K3, MiniMax-M1
+# and M3, StepFun3.5-Flash, Gemma 4. Not in it: GLM-5's, Kimi-K2.5's and Mixtral's own templates.
+TEMPLATES = ["Qwen3.5-4B", "Qwen3-Coder", "Qwen-Qwen3-0.6B", "openai-gpt-oss-120b", "GLM-4.6", "GLM-4.7-Flash", "MiniMax-M2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
              "deepseek-ai-DeepSeek-V3.1", "deepseek-ai-DeepSeek-V3.2", "moonshotai-Kimi-K2", "Kimi-K2-Instruct",
              "Kimi-K2-Thinking"]
 
@@ -52,7 +63,24 @@ CONVERSATIONS = [
                    {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"},
                    {"role": "tool", "tool_call_id": "call_2", "content": "{\"temp\": 25}"}],
          tools=TOOLS, add_generation_prompt=True, enable_thinking=True),
+    # a call as OpenAI clients send it back: the arguments a JSON string
+    dict(messages=[{"role": "user", "content": "Weather in Rome?"},
+                   {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "id": "call_1", "function": {
+                       "name": "get_weather", "arguments": "{\"city\": \"Rome\", \"days\": 3}"}}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 25}"}],
+         tools=TOOLS, add_generation_prompt=True),
 ]
+
+
+def compile_with_from_json(src):
+    """transformers' compiled template, its environment given `from_json` (see the module doc)."""
+    t = compile_template(src)
+    t.environment.filters["from_json"] = json.loads
+    return t
+
+
+compile_template = chat_template_utils._compile_jinja_template
+chat_template_utils._compile_jinja_template = compile_with_from_json
 
 
 def sdist(cache):

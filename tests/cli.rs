@@ -253,3 +253,69 @@ fn a_closed_pipe_ends_a_command_quietly() {
     child.wait().unwrap();
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Runs flashmoe with its stderr on a pseudo-terminal (100 columns) and stdout piped, with
+/// `$XDG_CACHE_HOME` at `cache`; returns stdout and everything the terminal received.
+fn run_on_terminal(args: &[&str], cache: &Path) -> (String, String) {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+    assert!(master >= 0, "posix_openpt failed");
+    let mut name = [0 as libc::c_char; 128];
+    unsafe {
+        assert_eq!(libc::grantpt(master), 0);
+        assert_eq!(libc::unlockpt(master), 0);
+        assert_eq!(libc::ptsname_r(master, name.as_mut_ptr(), name.len()), 0);
+        let size = libc::winsize { ws_row: 40, ws_col: 100, ws_xpixel: 0, ws_ypixel: 0 };
+        assert_eq!(libc::ioctl(master, libc::TIOCSWINSZ, &size), 0);
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_str().unwrap().to_owned();
+    let mut master = unsafe { std::fs::File::from_raw_fd(master) };
+    // the terminal must be drained while the command runs, or a full buffer would block it
+    let reader = std::thread::spawn(move || {
+        let (mut all, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            all.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let out = {
+        let tty = std::fs::OpenOptions::new().read(true).write(true).open(&name).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_flashmoe"));
+        c.args(args).env("TERM", "xterm").env("XDG_CACHE_HOME", cache).env_remove("FLASHMOE_MODEL").stderr(tty);
+        c.output().unwrap()
+    }; // every handle on the terminal's far end is closed here, so the reader sees its end
+    let shown = reader.join().unwrap();
+    assert!(out.status.success(), "flashmoe {args:?} failed: {shown}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), shown)
+}
+
+#[test]
+fn progress_is_drawn_on_a_terminal_and_nowhere_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, m) = (tmp.path().join("cache"), tmp.path().join("m"));
+    let (src, dst) = (fixture("qwen3_moe"), m.to_str().unwrap().to_string());
+    // a bar ends with its template's tail; the terminal keeps what a command printed besides
+    let (_, shown) = run_on_terminal(&["convert", "--from", src.to_str().unwrap(), "--to", &dst], &cache);
+    assert!(shown.contains("tensors+experts") && shown.contains("converted"), "{shown}");
+    let bench = ["bench", "--model", &dst, "--cold", "--prompt-tokens", "4", "--gen-tokens", "3"];
+    let (out, shown) = run_on_terminal(&bench, &cache);
+    assert!(out.contains("decode           3 tokens"), "{out}");
+    for part in ["loading ", "prefill of 4 tokens", "    decode [", "/3 tokens"] {
+        assert!(shown.contains(part), "bench on a terminal lacks `{part}`: {shown:?}");
+    }
+    let text = tmp.path().join("t.txt");
+    std::fs::write(&text, "ROMEO: But soft, what light through yonder window breaks?\n".repeat(4)).unwrap();
+    let eval = ["eval", "--model", &dst, "--text", text.to_str().unwrap(), "--window", "16"];
+    let (out, shown) = run_on_terminal(&eval, &cache);
+    assert!(out.starts_with("perplexity"), "{out}");
+    assert!(shown.contains("      eval [") && shown.contains(" tokens, "), "{shown:?}");
+    // the built-in model's first-run conversion, into an empty cache directory
+    let (_, shown) = run_on_terminal(&["generate", "--prompt", "ROMEO:", "--max-tokens", "2"], &cache);
+    assert!(shown.contains("first run") && shown.contains("tensors+experts"), "{shown:?}");
+    // piped, the same commands print what they always did, without a bar's escapes or returns
+    for args in [&bench[..], &eval[..]] {
+        let (_, err) = run(args);
+        assert!(!err.contains('\r') && !err.contains('\x1b') && !err.contains("loading "), "{args:?}: {err:?}");
+    }
+}

@@ -178,4 +178,11 @@ fn mlx_checkpoint_imports_bit_exact() {
     let scale = lb.iter().fold(0f32, |m, x| m.max(x.abs()));
     let err = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
     assert!(err < 1e-4, "imported MLX model differs from its dequantized twin: {err:e}");
+
+    // the MLX checkpoint also runs as it is, unconverted, and computes the same
+    let mut c = load_model(&mlx_dir).unwrap();
+    c.opts.precision = Precision::Exact;
+    let lc = c.forward(&mut c.new_state(), &prompt, true).unwrap();
+    let err = lc.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+    assert!(err < 1e-4, "the MLX checkpoint loaded directly differs from its dequantized twin: {err:e}");
 }

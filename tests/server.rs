@@ -508,6 +508,76 @@ fn n_choices_whole_and_streamed() {
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], a["usage"]["completion_tokens"]);
 }
 
+/// `n` > 1 choices decode together in the batch's steps (one forward pass over the next token
+/// of each), and each choice's text is what a request for it alone (n = 1, the choice's own
+/// seed) gets, whole and streamed, chat and completions.
+#[test]
+fn n_choices_decode_as_one_batch_each_as_alone() {
+    let base = start_with(ServerOptions { model_id: "m".into(), max_batch: 8, max_queue: 4, ..Default::default() });
+    let tok = TextTokenizer::load(model_dir()).unwrap();
+    let mut bias = serde_json::Map::new();
+    for s in ["<|endoftext|>", "<|im_end|>"] {
+        bias.insert(tok.token_to_id(s).unwrap().to_string(), json!(-100));
+    }
+    let url = format!("{base}/v1/completions");
+    let body = |n: usize, seed: u64| json!({"prompt": "ROMEO:", "max_tokens": 24, "temperature": 1.0, "seed": seed, "n": n, "logit_bias": bias});
+    let (steps0, rows0) =
+        (metric(&base, "flashmoe_decode_steps_total"), metric(&base, "flashmoe_decode_step_sequences_total"));
+    let (st, a) = post(&url, body(4, 5));
+    assert_eq!(st, 200, "{a}");
+    let (steps, rows) = (
+        metric(&base, "flashmoe_decode_steps_total") - steps0,
+        metric(&base, "flashmoe_decode_step_sequences_total") - rows0,
+    );
+    // 4 × 24 tokens: each choice feeds 23 (the last one drawn is not fed back)
+    assert_eq!(rows, 4.0 * 23.0, "{a}");
+    assert!(steps < 2.0 * 23.0, "the choices' steps were not shared: {rows} sequences in {steps} steps");
+    let texts: Vec<String> =
+        a["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().into()).collect();
+    assert_eq!(texts.len(), 4);
+    assert!(texts.iter().collect::<std::collections::HashSet<_>>().len() > 1, "{texts:?}");
+    for (i, t) in texts.iter().enumerate() {
+        let (st, one) = post(&url, body(1, flashmoe::generate::choice_seed(5, i)));
+        assert_eq!(st, 200, "{one}");
+        assert_eq!(one["choices"][0]["text"].as_str().unwrap(), t, "choice {i} differs from its answer alone");
+    }
+    // streamed: each choice's pieces in order, the same texts
+    let mut streamed = body(4, 5);
+    streamed["stream"] = json!(true);
+    let mut by_index = vec![String::new(); 4];
+    for e in sse(&url, streamed).iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        for ch in c["choices"].as_array().unwrap() {
+            by_index[ch["index"].as_u64().unwrap() as usize].push_str(ch["text"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(by_index, texts);
+    // one sequence at a time (--max-batch 1, as on an accelerator): the choices take turns
+    let one = start_with(ServerOptions { model_id: "m".into(), max_batch: 1, max_queue: 4, ..Default::default() });
+    let (st, b) = post(&format!("{one}/v1/completions"), body(4, 5));
+    assert_eq!(st, 200, "{b}");
+    let turns: Vec<&str> = b["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(turns, texts);
+    // chat: the choices of a seeded request, each as it is alone
+    let chat = format!("{base}/v1/chat/completions");
+    let msgs = json!([{"role": "user", "content": "Speak as JULIET."}]);
+    let ask = |n: usize, seed: u64| {
+        let (st, a) =
+            post(&chat, json!({"messages": msgs, "max_tokens": 16, "temperature": 1.0, "seed": seed, "n": n}));
+        assert_eq!(st, 200, "{a}");
+        a["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["message"]["content"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let all = ask(3, 9);
+    for (i, t) in all.iter().enumerate() {
+        assert_eq!(&ask(1, flashmoe::generate::choice_seed(9, i))[0], t, "chat choice {i}");
+    }
+}
+
 /// `cors` answers a browser's preflight before the API key is asked for, and marks answers
 /// for the allowed origin only.
 #[test]
@@ -624,6 +694,85 @@ fn forced_tool_calls_in_the_glm_format() {
             .expect("a tool_calls delta");
         check(&Value::Object(call));
     }
+    let _ = stop.send(());
+}
+
+/// `tool_choice` required or named with gpt-oss: the fixture's random model, under a harmony
+/// template (the generation prompt ends `<|start|>assistant`), answers with a commentary-channel
+/// message to `functions.NAME` whose JSON arguments keep to the schema, which the server reads
+/// into `tool_calls`, whole and streamed, on the chat and Responses endpoints.
+#[test]
+fn forced_tool_calls_in_the_harmony_format() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_oss");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gpt_oss_forced");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = json!(1024);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}\
+         {% if add_generation_prompt %}<|start|>assistant{% endif %}",
+    )
+    .unwrap();
+    let opts = ServerOptions { model_id: "oss".into(), max_queue: 2, default_max_tokens: 64, ..Default::default() };
+    let (base, stop, _) = start_model(&dir, opts);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["city", "days"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {},
+        "additionalProperties": false}}}]);
+    let check = |name: &Value, args: &Value, only_weather: bool| {
+        let args: Value = serde_json::from_str(args.as_str().unwrap()).unwrap();
+        if name == "now" && !only_weather {
+            assert_eq!(args, json!({}));
+            return;
+        }
+        assert_eq!(name, "get_weather", "{args}");
+        assert!(["Paris", "Rome"].contains(&args["city"].as_str().unwrap()), "{args}");
+        assert!((1..=9).contains(&args["days"].as_i64().unwrap()), "{args}");
+    };
+    let url = format!("{base}/v1/chat/completions");
+    let q = json!([{"role": "user", "content": "Weather?"}]);
+    for (choice, only) in
+        [(json!("required"), false), (json!({"type": "function", "function": {"name": "get_weather"}}), true)]
+    {
+        let body = json!({"messages": q, "tools": tools, "tool_choice": choice, "max_tokens": 300, "seed": 3});
+        let (st, a) = post(&url, body.clone());
+        assert_eq!(st, 200, "{a}");
+        assert_eq!(a["choices"][0]["finish_reason"], "tool_calls", "{a}");
+        let call = &a["choices"][0]["message"]["tool_calls"][0]["function"];
+        check(&call["name"], &call["arguments"], only);
+        let mut streamed = body;
+        streamed["stream"] = json!(true);
+        let ev = sse(&url, streamed);
+        let call = ev
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .find_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"].as_object().cloned())
+            .expect("a tool_calls delta");
+        check(&call["name"], &call["arguments"], only);
+    }
+    // the Responses API's named function, through the same grammar
+    let rtools: Vec<Value> = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let f = &t["function"];
+            json!({"type": "function", "name": f["name"], "parameters": f["parameters"]})
+        })
+        .collect();
+    let body = json!({"input": "Weather?", "tools": rtools, "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": 300});
+    let (st, r) = post(&format!("{base}/v1/responses"), body);
+    assert_eq!(st, 200, "{r}");
+    let call = r["output"].as_array().unwrap().iter().find(|o| o["type"] == "function_call").expect("a function_call");
+    check(&call["name"], &call["arguments"], true);
     let _ = stop.send(());
 }
 

@@ -1,5 +1,5 @@
-//! The released chat templates of GLM-4.6/4.7, MiniMax-M2, gpt-oss, DeepSeek R1/V3.1/V3.2 and
-//! Kimi-K2 render exactly as transformers renders them (tests/chat_templates.py, in a venv of its own with transformers
+//! The released chat templates of Qwen3.5, Qwen3-Coder, Qwen3, GLM-4.6/4.7, MiniMax-M2, gpt-oss,
+//! DeepSeek R1/V3.1/V3.2 and Kimi-K2 render exactly as transformers renders them (tests/chat_templates.py, in a venv of its own with transformers
 //! from PyPI; the templates come from the llama-cpp-python sdist at test time), and the tool
 //! calls they write parse back into the calls they were given.
 
@@ -47,7 +47,7 @@ fn released_templates_render_as_transformers_renders_them() {
     assert!(ok, "tests/chat_templates.py failed");
     let d: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let cases = d["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 70);
+    assert_eq!(cases.len(), 13 * 8);
     let mut wrong = vec![];
     for c in cases {
         let name = c["template"].as_str().unwrap();
@@ -87,7 +87,14 @@ fn released_templates_render_as_transformers_renders_them() {
         name: "get_weather".into(),
         arguments: format!(r#"{{"city":"{city}","days":{days}}}"#),
     };
+    // (conversation 7 gives the arguments as a JSON string: DeepSeek V3.2 reads it with `from_json`)
+    let rome = ToolCall { name: "get_weather".into(), arguments: r#"{"city":"Rome","days":3}"#.into() };
+    let v32 = cases.iter().find(|c| c["template"] == "deepseek-ai-DeepSeek-V3.2" && c["conv"] == 7).unwrap();
+    assert_eq!(parse(v32["rendered"].as_str().unwrap(), ToolFormat::DeepSeek).1, vec![rome.clone()]);
     for (name, f) in [
+        ("Qwen3.5-4B", ToolFormat::Qwen),
+        ("Qwen3-Coder", ToolFormat::Qwen),
+        ("Qwen-Qwen3-0.6B", ToolFormat::Qwen),
         ("GLM-4.6", ToolFormat::Glm),
         ("GLM-4.7-Flash", ToolFormat::Glm),
         ("MiniMax-M2", ToolFormat::MiniMax),
@@ -98,7 +105,10 @@ fn released_templates_render_as_transformers_renders_them() {
     ] {
         for (conv, want) in [(2, vec![call("Paris", 2)]), (6, vec![call("Paris", 2), call("Rome", 1)])] {
             let c = cases.iter().find(|c| c["template"] == name && c["conv"] == conv).unwrap();
-            let (_, calls) = parse(c["rendered"].as_str().unwrap(), f);
+            // from the user's question on: Qwen3.5's tool instructions show an example call
+            let (rendered, question) =
+                (c["rendered"].as_str().unwrap(), d["conversations"][conv]["messages"][0]["content"].as_str().unwrap());
+            let (_, calls) = parse(&rendered[rendered.find(question).unwrap()..], f);
             assert_eq!(calls, want, "{name}, conversation {conv}");
         }
     }
@@ -124,6 +134,19 @@ fn cli_render(dir: &Path, src: &str, conv: &Value, extra: &serde_json::Map<Strin
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "flashmoe template: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn from_json_reads_a_json_text_in_order_and_names_bad_input() {
+    let msgs = serde_json::json!([{"role": "user", "content": "{\"b\": 1, \"a\": [2, \"x\"]}"}]);
+    let render = |t: &str| render_template(t, &msgs, None, false, None, None, &serde_json::Map::new());
+    let t = "{% for k, v in (messages[0].content | from_json).items() %}{{ k }}={{ v | tojson }};{% endfor %}";
+    assert_eq!(render(t).unwrap(), "b=1;a=[2, \"x\"];");
+    let bad = serde_json::json!([{"role": "user", "content": "{not json"}]);
+    let e =
+        render_template("{{ messages[0].content | from_json }}", &bad, None, false, None, None, &Default::default())
+            .unwrap_err();
+    assert!(format!("{e:#}").contains("from_json: not JSON"), "{e:#}");
 }
 
 #[test]

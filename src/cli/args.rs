@@ -398,7 +398,7 @@ pub(crate) struct StoreArgs {
 impl StoreArgs {
     /// Loads the model in `dir` with these settings (`--experts-per-token` applied).
     pub(crate) fn load(&self, dir: &Path) -> Result<flashmoe::model::Model> {
-        let mut model = flashmoe::load::load_model_with(dir, &self.load_options(dir)?)?;
+        let mut model = loading(dir, || flashmoe::load::load_model_with(dir, &self.load_options(dir)?))?;
         self.apply_experts(&mut model)?;
         Ok(model)
     }
@@ -451,6 +451,15 @@ pub(crate) struct EvalArgs {
     pub(crate) window: usize,
     pub(crate) max_tokens: Option<usize>,
     pub(crate) json: bool,
+}
+
+/// Runs `load` (a model's loading: mapping, checks, experts read into memory, the weights'
+/// upload to a GPU) under a spinner naming `dir`, drawn only on a terminal.
+pub(crate) fn loading<T>(dir: &Path, load: impl FnOnce() -> Result<T>) -> Result<T> {
+    let pb = flashmoe::progress::spinner(format!("loading {}", dir.display()));
+    let r = load();
+    pb.finish_and_clear();
+    r
 }
 
 pub(crate) fn resolve(model: Option<PathBuf>) -> Result<PathBuf> {

@@ -15,7 +15,16 @@ pub(crate) fn cmd_bench(
     store: &StoreArgs,
 ) -> Result<()> {
     let model = store.load(dir)?;
-    let r = flashmoe::bench::run(&model, &flashmoe::bench::BenchOptions { prompt_tokens, gen_tokens, cold, seed })?;
+    let r = flashmoe::bench::run(
+        &model,
+        &flashmoe::bench::BenchOptions {
+            prompt_tokens,
+            gen_tokens,
+            cold,
+            seed,
+            progress: flashmoe::progress::on_terminal(),
+        },
+    )?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());

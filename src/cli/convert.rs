@@ -57,7 +57,8 @@ pub(crate) fn cmd_verify(dir: PathBuf) -> Result<()> {
     let n = m.verify(&dir, |b| pb.inc(b))?;
     pb.finish_and_clear();
     // intact files can still describe a model that does not load (config, shapes)
-    load_model_with(&dir, &LoadOptions::default()).context("the checksums match, but the model does not load")?;
+    super::args::loading(&dir, || load_model_with(&dir, &LoadOptions::default()))
+        .context("the checksums match, but the model does not load")?;
     println!("ok: {} files, {:.2} MB, every checksum matches", m.files.len(), n as f64 / 1e6);
     Ok(())
 }

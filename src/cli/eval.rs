@@ -19,15 +19,18 @@ pub(crate) fn cmd_eval(a: EvalArgs, store: &StoreArgs) -> Result<()> {
     if a.experts.is_some() {
         lo.experts_in_memory = true;
     }
-    let mut model = load_model_with(&a.model, &lo)?;
+    let mut model = loading(&a.model, || load_model_with(&a.model, &lo))?;
     // the model only, not the reference
     store.apply_experts(&mut model)?;
     if let Some(e) = &a.experts {
         model.requantize_experts(parse_kind(e, a.group_size, "experts")?)?;
     }
-    let reference = a.reference.as_ref().map(|r| load_model_with(r, &store.load_options(r)?)).transpose()?;
+    let reference =
+        a.reference.as_ref().map(|r| loading(r, || load_model_with(r, &store.load_options(r)?))).transpose()?;
     let window = a.window.min(model.max_context());
-    let r = flashmoe::eval::evaluate(&model, reference.as_ref(), &ids, window)?;
+    let pb = flashmoe::progress::bar(flashmoe::eval::predicted_tokens(&ids, window) as u64, "eval", "tokens");
+    let r = flashmoe::eval::evaluate_with(&model, reference.as_ref(), &ids, window, |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -57,7 +60,7 @@ pub(crate) fn cmd_logits(model: PathBuf, tokens: &str, fast: bool, incremental: 
         .collect::<Result<_>>()?;
     let mut opts = store.load_options(&model)?;
     opts.precision = if fast { Precision::Fast } else { Precision::Exact };
-    let mut m = load_model_with(&model, &opts)?;
+    let mut m = loading(&model, || load_model_with(&model, &opts))?;
     store.apply_experts(&mut m)?;
     if ids.is_empty() {
         bail!("--tokens: no token ids");

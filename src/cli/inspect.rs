@@ -134,29 +134,20 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
             // the bytes as stored, tensor by tensor (bf16, FP8 with its scales, MXFP4 blocks and
             // scales, compressed-tensors int words with their scales, MLX groups): routed experts
             // of the model's layers apart from the rest
-            let ck = flashmoe::checkpoint::Checkpoint::open(&dir)?;
+            let src = flashmoe::source::open(&dir)?;
             let names = flashmoe::families::names_of(&c.model_type);
-            let pre = flashmoe::import::text_prefix(&c, &ck).unwrap_or_default();
+            let pre = flashmoe::import::text_prefix(&c, src.as_ref()).unwrap_or_default();
             let (mut experts, mut rest, mut kinds) = (0u64, 0u64, std::collections::BTreeSet::new());
-            for n in ck.names() {
-                let (bytes, dtype, _) = ck.raw(n)?;
+            for n in src.tensors() {
+                let t = src.tensor(n)?;
                 match names.layer_of(&pre, n) {
                     // MTP layers past the model's own: skipped by load and convert
                     Some(l) if l >= c.num_layers => {}
                     _ if names.is_expert(n) => {
-                        experts += bytes.len() as u64;
-                        // compressed-tensors int weights: their words, scales and stated shape
-                        match ck.packed_int().filter(|_| ck.is_packed_part(n)) {
-                            Some(p) if n.ends_with("_packed") => {
-                                kinds.insert(format!("int{} g{} (compressed-tensors)", p.bits, p.group));
-                            }
-                            Some(_) => {}
-                            None => {
-                                kinds.insert(format!("{dtype:?}"));
-                            }
-                        }
+                        experts += t.stored_bytes();
+                        kinds.insert(t.format.describe());
                     }
-                    _ => rest += bytes.len() as u64,
+                    _ => rest += t.stored_bytes(),
                 }
             }
             let eb = experts / (c.num_experts * n_moe).max(1) as u64;

@@ -8,8 +8,8 @@
 //! `models/deepseek_v32/`, `models/kimi_k25/`.
 
 use super::{Family, Names, SHARED_EXPERTS, Traits};
-use crate::config::{Ffn, IndexerSpec, Mixer, MlaSpec, ModelConfig, field, opt_bool, opt_usize, req_usize};
-use anyhow::{Result, anyhow, bail};
+use crate::config::{Ffn, IndexerSpec, Mixer, MlaSpec, ModelConfig, field, opt_bool, opt_usize, per_layer, req_usize};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 pub struct DeepseekV3;
@@ -167,21 +167,8 @@ pub(super) fn configure_mla(
     cfg.partial_rotary_factor = rope as f64 / (nope + rope) as f64;
     cfg.num_kv_heads = cfg.num_heads;
     cfg.attn.qk_norm = crate::config::QkNorm::None;
-    cfg.ffns = match field(t, "mlp_layer_types") {
-        Some(v) => {
-            let a = v.as_array().ok_or_else(|| anyhow!("config.json: field `mlp_layer_types` is not a list"))?;
-            if a.len() != n {
-                bail!("config.json: mlp_layer_types has {} entries, num_hidden_layers is {n}", a.len());
-            }
-            a.iter()
-                .enumerate()
-                .map(|(i, x)| match x.as_str() {
-                    Some("dense") => Ok(Ffn::Dense),
-                    Some("sparse") => Ok(Ffn::Moe),
-                    other => Err(anyhow!("config.json: mlp_layer_types[{i}] = {other:?} is not supported")),
-                })
-                .collect::<Result<_>>()?
-        }
+    cfg.ffns = match per_layer(t, "mlp_layer_types", n, &[("dense", Ffn::Dense), ("sparse", Ffn::Moe)])? {
+        Some(f) => f,
         None => {
             let dense = opt_usize(t, "first_k_dense_replace", dense_first)?.min(n);
             (0..n).map(|i| if i < dense { Ffn::Dense } else { Ffn::Moe }).collect()

@@ -7,7 +7,7 @@
 
 use super::deepseek_v3::configure_mla;
 use super::{Family, Names, SHARED_EXPERTS, Traits};
-use crate::config::{ModelConfig, field, opt_usize};
+use crate::config::{ModelConfig, field, opt_usize, per_layer};
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 
@@ -33,21 +33,16 @@ impl Family for GlmMoeDsa {
     fn configure(&self, t: &Value, cfg: &mut ModelConfig) -> Result<()> {
         let n = cfg.num_layers;
         // transformers' schedule: a list, a pattern of F/S, or every `freq`-th layer from `offset`
-        let own: Vec<bool> = match (field(t, "indexer_types"), field(t, "index_topk_pattern")) {
-            (Some(v), _) | (None, Some(v)) if v.is_array() => {
-                let a = v.as_array().expect("checked");
-                if a.len() != n {
-                    bail!("config.json: indexer_types has {} entries, num_hidden_layers is {n}", a.len());
-                }
-                a.iter()
-                    .enumerate()
-                    .map(|(i, x)| match x.as_str() {
-                        Some("full") => Ok(true),
-                        Some("shared") => Ok(false),
-                        other => Err(anyhow!("config.json: indexer_types[{i}] = {other:?} is not supported")),
-                    })
-                    .collect::<Result<_>>()?
+        let roles = [("full", true), ("shared", false)];
+        let listed = match per_layer(t, "indexer_types", n, &roles)? {
+            Some(l) => Some(l),
+            None if field(t, "index_topk_pattern").is_some_and(Value::is_array) => {
+                per_layer(t, "index_topk_pattern", n, &roles)?
             }
+            None => None,
+        };
+        let own: Vec<bool> = match (listed, field(t, "index_topk_pattern")) {
+            (Some(l), _) => l,
             (None, Some(Value::String(p))) => {
                 if p.chars().count() != n {
                     bail!("config.json: index_topk_pattern has {} letters, num_hidden_layers is {n}", p.len());
@@ -60,7 +55,6 @@ impl Family for GlmMoeDsa {
                     })
                     .collect::<Result<_>>()?
             }
-            (Some(_), _) => bail!("config.json: field `indexer_types` is not a list"),
             (None, Some(_)) => bail!("config.json: field `index_topk_pattern` is not a string or list"),
             (None, None) => {
                 let freq = opt_usize(t, "index_topk_freq", 1)?.max(1);

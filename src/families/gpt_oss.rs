@@ -9,11 +9,11 @@
 //! transformers: `models/gpt_oss/modeling_gpt_oss.py`, `integrations/mxfp4.py`.
 
 use super::{Family, HF, Names, Traits};
-use crate::checkpoint::Checkpoint;
-use crate::config::{Act, ModelConfig, QkNorm, field, opt_f64, opt_usize};
+use crate::config::{Act, ModelConfig, QkNorm, opt_f64, opt_usize, per_layer};
 use crate::import::Expert;
-use crate::tensor::{AlignedBytes, Mat, WKind};
-use anyhow::{Result, anyhow, bail};
+use crate::source::{Format, Source};
+use crate::tensor::{Mat, WKind};
+use anyhow::Result;
 use serde_json::{Value, json};
 
 pub struct GptOss;
@@ -49,24 +49,9 @@ impl Family for GptOss {
         (a.qk_norm, a.qkv_bias, a.o_bias, a.sinks) = (QkNorm::None, bias, bias, true);
         let window = opt_usize(t, "sliding_window", 128)?.max(1);
         let n = cfg.num_layers;
-        let sliding: Vec<bool> = match field(t, "layer_types") {
-            // transformers' default: even layers slide
-            None => (0..n).map(|i| i % 2 == 0).collect(),
-            Some(v) => {
-                let arr = v.as_array().ok_or_else(|| anyhow!("config.json: field `layer_types` is not a list"))?;
-                if arr.len() != n {
-                    bail!("config.json: layer_types has {} entries, num_hidden_layers is {n}", arr.len());
-                }
-                arr.iter()
-                    .enumerate()
-                    .map(|(i, x)| match x.as_str() {
-                        Some("sliding_attention") => Ok(true),
-                        Some("full_attention") => Ok(false),
-                        other => Err(anyhow!("config.json: layer_types[{i}] = {other:?} is not supported")),
-                    })
-                    .collect::<Result<_>>()?
-            }
-        };
+        let kinds = [("sliding_attention", true), ("full_attention", false)];
+        // transformers' default: even layers slide
+        let sliding = per_layer(t, "layer_types", n, &kinds)?.unwrap_or_else(|| (0..n).map(|i| i % 2 == 0).collect());
         a.window = sliding.iter().map(|&s| s.then_some(window)).collect();
         cfg.moe_intermediate_size = std::mem::take(&mut cfg.intermediate_size);
         cfg.router.logit_bias = true;
@@ -76,7 +61,7 @@ impl Family for GptOss {
         Ok(())
     }
 
-    fn expert(&self, ck: &Checkpoint, cfg: &ModelConfig, pre: &str, layer: usize, e: usize) -> Option<Result<Expert>> {
+    fn expert(&self, ck: &dyn Source, cfg: &ModelConfig, pre: &str, layer: usize, e: usize) -> Option<Result<Expert>> {
         let p = format!("{}.{}.{}", NAMES.layer(pre, layer), NAMES.ffn, NAMES.experts);
         Some(expert(ck, cfg, &p, e))
     }
@@ -107,7 +92,7 @@ impl Family for GptOss {
 
 /// Expert `e` under `p` (`….mlp.experts`): MXFP4 blocks as released (kept bit for bit), or the
 /// bf16 twin.
-fn expert(ck: &Checkpoint, cfg: &ModelConfig, p: &str, e: usize) -> Result<Expert> {
+fn expert(ck: &dyn Source, cfg: &ModelConfig, p: &str, e: usize) -> Result<Expert> {
     let (h, i, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
     let bias = |name: &str, len: usize| -> Result<Vec<f32>> {
         Ok(ck.mat_rows(&format!("{p}.{name}"), &[ne, len], e..e + 1)?.to_f32())
@@ -115,20 +100,21 @@ fn expert(ck: &Checkpoint, cfg: &ModelConfig, p: &str, e: usize) -> Result<Exper
     let gate_up_bias = bias("gate_up_proj_bias", 2 * i)?;
     let deint = |v: &[f32], parity: usize| (0..i).map(|j| v[2 * j + parity]).collect::<Vec<f32>>();
     let bias = Some([deint(&gate_up_bias, 0), deint(&gate_up_bias, 1), bias("down_proj_bias", h)?]);
-    if ck.has(&format!("{p}.gate_up_proj_blocks")) {
+    let (gu, dn) = (format!("{p}.gate_up_proj"), format!("{p}.down_proj"));
+    if ck.tensor(&gu)?.format == Format::Native(WKind::Mxfp4) {
         // gate the even rows, up the odd ones
-        let gu = mxfp4(ck, &format!("{p}.gate_up_proj"), ne, 2 * i, h, e)?;
-        let d = mxfp4(ck, &format!("{p}.down_proj"), ne, h, i, e)?;
+        let gu = ck.mat_rows(&gu, &[ne, 2 * i, h], 2 * i * e..2 * i * (e + 1))?;
+        let d = ck.mat_rows(&dn, &[ne, h, i], h * e..h * (e + 1))?;
         let even: Vec<_> = (0..i).map(|j| 2 * j..2 * j + 1).collect();
         let odd: Vec<_> = (0..i).map(|j| 2 * j + 1..2 * j + 2).collect();
         return Ok(Expert { mats: [gu.gather_rows(&even), gu.gather_rows(&odd), d], bias });
     }
     // transformers' parameters, applied as x·W: [hidden, 2·inter] and [inter, hidden]
     let t = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
-        let w = ck.mat_rows(&format!("{p}.{name}"), &[ne, rows, cols], e * rows..(e + 1) * rows)?.to_f32();
+        let w = ck.mat_rows(name, &[ne, rows, cols], e * rows..(e + 1) * rows)?.to_f32();
         Ok((0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| w[r * cols + c]).collect())
     };
-    let (gate_up, down) = (t("gate_up_proj", h, 2 * i)?, t("down_proj", i, h)?);
+    let (gate_up, down) = (t(&gu, h, 2 * i)?, t(&dn, i, h)?);
     let rows = |parity: usize| -> Vec<f32> {
         (0..i).flat_map(|j| gate_up[(2 * j + parity) * h..(2 * j + parity + 1) * h].iter().copied()).collect()
     };
@@ -136,25 +122,4 @@ fn expert(ck: &Checkpoint, cfg: &ModelConfig, p: &str, e: usize) -> Result<Exper
         mats: [Mat::from_f32(i, h, rows(0))?, Mat::from_f32(i, h, rows(1))?, Mat::from_f32(h, i, down)?],
         bias,
     })
-}
-
-/// Matrix `e` of an MXFP4 tensor `{base}_blocks` `[E, rows, cols/32, 16]` (two e2m1 values a
-/// byte, the low nibble first) with `{base}_scales` `[E, rows, cols/32]` (e8m0), its bytes kept.
-fn mxfp4(ck: &Checkpoint, base: &str, ne: usize, rows: usize, cols: usize, e: usize) -> Result<Mat> {
-    use safetensors::tensor::Dtype;
-    let (bn, sn) = (format!("{base}_blocks"), format!("{base}_scales"));
-    let (blocks, bd, bshape) = ck.raw(&bn)?;
-    let (scales, sd, sshape) = ck.raw(&sn)?;
-    let g = cols.div_ceil(32);
-    let dir = ck.dir.display();
-    if bd != Dtype::U8 || bshape != [ne, rows, g, 16] {
-        bail!("{dir}: `{bn}` is {bd:?} {bshape:?}, MXFP4 blocks of these experts are U8 [{ne}, {rows}, {g}, 16]");
-    }
-    if !matches!(sd, Dtype::U8 | Dtype::F8_E8M0) || sshape != [ne, rows, g] {
-        bail!("{dir}: `{sn}` is {sd:?} {sshape:?}, MXFP4 scales of these experts are U8 [{ne}, {rows}, {g}]");
-    }
-    let (vb, sb) = (rows * g * 16, rows * g);
-    let mut bytes = blocks[e * vb..(e + 1) * vb].to_vec();
-    bytes.extend_from_slice(&scales[e * sb..(e + 1) * sb]);
-    Mat::from_bytes(rows, cols, WKind::Mxfp4, AlignedBytes::from_slice(&bytes))
 }

@@ -8,7 +8,7 @@
 //! and a fixture from `transformers` (docs/ARCHITECTURE.md walks through it).
 
 use crate::config::{LinearAttnConfig, ModelConfig};
-use crate::load::TensorSource;
+use crate::source::Source;
 use crate::tensor::Mat;
 use anyhow::{Result, bail};
 use serde_json::Value;
@@ -84,7 +84,7 @@ pub trait Family: Sync {
     /// layout of their own (`None`: the common layouts of [`crate::import::expert`]).
     fn expert(
         &self,
-        _ck: &crate::checkpoint::Checkpoint,
+        _ck: &dyn Source,
         _cfg: &ModelConfig,
         _pre: &str,
         _layer: usize,
@@ -105,7 +105,7 @@ pub trait Family: Sync {
     }
     /// The DeltaNet input projections of the layer at tensor prefix `p` as (qkv, z, b, a), read
     /// from the checkpoint's own layout (default: four separate tensors).
-    fn deltanet_inputs(&self, ck: &dyn TensorSource, p: &str, l: &LinearAttnConfig, h: usize) -> Result<[Mat; 4]> {
+    fn deltanet_inputs(&self, ck: &dyn Source, p: &str, l: &LinearAttnConfig, h: usize) -> Result<[Mat; 4]> {
         let (cd, vd, nv) = (l.conv_dim(), l.value_dim(), l.num_v_heads);
         Ok([
             ck.mat(&format!("{p}.in_proj_qkv.weight"), &[cd, h])?,

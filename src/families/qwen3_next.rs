@@ -5,7 +5,7 @@
 
 use super::{Family, Traits};
 use crate::config::LinearAttnConfig;
-use crate::load::TensorSource;
+use crate::source::Source;
 use crate::tensor::Mat;
 use anyhow::Result;
 use serde_json::{Value, json};
@@ -57,7 +57,7 @@ impl Family for Qwen3Next {
     /// Un-fuses the checkpoint's projections. Rows of `in_proj_qkvz` come grouped per key head
     /// g: [q_g, k_g, v of g's value heads, z of the same]; `in_proj_ba` per key head: [b of g's
     /// value heads, a of the same].
-    fn deltanet_inputs(&self, ck: &dyn TensorSource, p: &str, l: &LinearAttnConfig, h: usize) -> Result<[Mat; 4]> {
+    fn deltanet_inputs(&self, ck: &dyn Source, p: &str, l: &LinearAttnConfig, h: usize) -> Result<[Mat; 4]> {
         let (kd, vd, nv, nk) = (l.key_dim(), l.value_dim(), l.num_v_heads, l.num_k_heads);
         let fused = ck.mat(&format!("{p}.in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?;
         let (dk, vg) = (l.k_head_dim, (nv / nk) * l.v_head_dim);

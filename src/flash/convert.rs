@@ -6,10 +6,10 @@ use super::format::{
     ExpertLayer, Experts, FileEntry, MANIFEST, Manifest, TENSOR_ALIGN, TensorEntry, expert_layout, file_crc32,
 };
 use super::staging::Staging;
-use crate::checkpoint::Checkpoint;
 use crate::config::{Ffn, ModelConfig};
 use crate::families::Names;
-use crate::import::{self, mlx_group, mlx_mat, text_prefix};
+use crate::import::{self, text_prefix};
+use crate::source::Format;
 use crate::tensor::{Mat, WKind};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -110,6 +110,12 @@ pub(crate) fn resident_kind(names: &Names, name: &str, shape: &[usize], dense: W
     }
 }
 
+/// Whether a resident tensor is copied as stored: source q-groups (MLX) are already in a
+/// format the engine computes.
+fn keeps_bytes(f: &Format) -> bool {
+    matches!(f, Format::Native(WKind::Q { .. }))
+}
+
 /// Refuses weights holding NaN or Inf: a model converted from them would only ever produce
 /// non-finite logits.
 fn finite(m: &Mat, name: &str, from: &Path) -> Result<()> {
@@ -130,13 +136,9 @@ fn finite(m: &Mat, name: &str, from: &Path) -> Result<()> {
 pub fn source_expert_kind(from: &Path) -> Result<Option<WKind>> {
     let cfg = ModelConfig::load(from)?;
     let Some(l) = (0..cfg.num_layers).find(|&i| cfg.ffns[i] == Ffn::Moe) else { return Ok(None) };
-    let path = from.join("config.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let raw_cfg: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-    let ck = Checkpoint::open(from)?;
-    let pre = text_prefix(&cfg, &ck)?;
-    Ok(Some(import::expert(&ck, &cfg, &raw_cfg, &pre, l, 0)?.mats[0].kind))
+    let src = crate::source::open(from)?;
+    let pre = text_prefix(&cfg, src.as_ref())?;
+    Ok(Some(import::expert(src.as_ref(), &cfg, &pre, l, 0)?.mats[0].kind))
 }
 
 /// Converts the checkpoint at `from` into the flash layout at `to`.
@@ -146,32 +148,20 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     }
     let cfg = ModelConfig::load(from)?;
     let raw_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(from.join("config.json"))?)?;
-    let ck = Checkpoint::open(from)?;
-    let pre = text_prefix(&cfg, &ck)?;
+    let src = crate::source::open(from)?;
+    let ck = src.as_ref();
+    let pre = text_prefix(&cfg, ck)?;
 
     let names = crate::families::names_of(&cfg.model_type);
     let is_expert = |n: &str| names.is_expert(n);
-    let is_mlx_q = |n: &str| {
-        n.ends_with(".weight")
-            && ck.has(&format!("{}.scales", &n[..n.len() - 7]))
-            && ck.dtype(n).ok().flatten().is_none()
-    };
-    let is_mlx_aux = |n: &str| {
-        n.strip_suffix(".scales").or(n.strip_suffix(".biases")).is_some_and(|b| ck.has(&format!("{b}.weight")))
-    };
     // MLX conversions store conv1d as [C, K, 1] and zero-centred norms already shifted by +1
     let conv = format!(".{}.weight", names.conv1d);
-    let mlx_layout = ck.names().iter().any(|n| n.ends_with(&conv) && ck.shape(n).is_ok_and(|s| s.last() == Some(&1)));
+    let mlx_layout = ck.mlx_layout();
     let head = |n: &str| names.lm_head.iter().any(|h| n.strip_suffix(".weight") == Some(h));
     let mut resident_names: Vec<&str> = ck
-        .names()
+        .tensors()
         .into_iter()
-        // packed int weights are read as one tensor under their logical name
-        .filter(|n| !ck.is_packed_part(n))
-        .chain(ck.packed_names())
-        .filter(|n| (n.starts_with(pre.as_str()) || head(n)) && !is_expert(n) && !is_mlx_aux(n))
-        // FP8 block scales are read with their weights
-        .filter(|n| !ck.is_fp8_scale(n))
+        .filter(|n| (n.starts_with(pre.as_str()) || head(n)) && !is_expert(n))
         // layers past the text model's (GLM's and DeepSeek's MTP layers) are not converted
         .filter(|n| names.layer_of(&pre, n).is_none_or(|i| i < cfg.num_layers))
         .collect();
@@ -184,18 +174,13 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     // the output's size, for the free-space check
     let mut expected = stride * (moe_layers.len() * ne) as u64;
     for n in &resident_names {
+        let t = ck.tensor(n)?;
+        let (rows, cols) = t.rows_cols();
         expected += TENSOR_ALIGN
-            + if is_mlx_q(n) {
-                let base = &n[..n.len() - 7];
-                ["weight", "scales", "biases"]
-                    .iter()
-                    .map(|s| ck.raw(&format!("{base}.{s}")).map_or(0, |r| r.0.len() as u64))
-                    .sum()
+            + if keeps_bytes(&t.format) {
+                t.stored_bytes()
             } else {
-                let shape = ck.shape(n)?;
-                let cols = *shape.last().unwrap_or(&1);
-                let rows = shape.iter().product::<usize>() / cols.max(1);
-                resident_kind(names, n, shape, opts.dense).bytes(rows, cols) as u64
+                resident_kind(names, n, &t.shape, opts.dense).bytes(rows, cols) as u64
             };
     }
     expected += SIDE_FILES.iter().filter_map(|f| std::fs::metadata(from.join(f)).ok()).map(|m| m.len()).sum::<u64>();
@@ -215,15 +200,16 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let mut out = Out::create(&tmp, "resident.bin")?;
     let mut tensors = vec![];
     for n in &resident_names {
-        let (shape, bytes, kind) = if is_mlx_q(n) {
+        let t = ck.tensor(n)?;
+        let (shape, bytes, kind) = if keeps_bytes(&t.format) {
             // already quantized: keep the source bytes
-            let m = mlx_mat(&ck, n, mlx_group(&raw_cfg, &n[..n.len() - 7]), None)?;
+            let m = t.mat()?;
             finite(&m, n, from)?;
             (vec![m.rows, m.cols], m.data().to_vec(), m.kind)
         } else {
-            let mut shape = ck.shape(n)?.to_vec();
+            let mut shape = t.shape.clone();
             let kind = resident_kind(names, n, &shape, opts.dense);
-            let mut m = ck.mat(n, &shape)?;
+            let mut m = t.mat()?;
             if mlx_layout && n.ends_with(&conv) && shape.len() == 3 {
                 shape = vec![shape[0], 1, shape[1]]; // [C, K, 1] and [C, 1, K] share one memory order
             }
@@ -257,7 +243,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
         let fname = format!("experts/layer_{l:03}.bin");
         let mut out = Out::create(&tmp, &fname)?;
         for e in 0..ne {
-            let x = import::expert(&ck, &cfg, &raw_cfg, &pre, l, e)?;
+            let x = import::expert(ck, &cfg, &pre, l, e)?;
             let [g, u, d] = &x.mats;
             for (m, which) in [(g, "gate"), (u, "up"), (d, "down")] {
                 finite(m, &format!("layer {l} expert {e} {which}_proj"), from)?;

@@ -9,4 +9,4 @@ pub mod store;
 pub mod synth;
 
 pub use format::{MANIFEST, Manifest};
-pub use store::{CacheMode, ExpertStore, StoreOptions, StoreStats};
+pub use store::{CacheMode, ExpertStore, HeapSlots, SlotAlloc, SlotMemory, StoreOptions, StoreStats};

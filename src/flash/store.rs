@@ -98,7 +98,37 @@ struct Counters {
     prefetch_used: AtomicU64,
 }
 
-/// 4 KiB-aligned memory for the slots.
+/// Where the store's slot memory comes from: the backend that computes from the slots
+/// supplies it. The default, [`HeapSlots`], is 4 KiB-aligned heap pages; a GPU backend would
+/// supply pinned (page-locked) host memory, so that a slot's bytes go to the device by DMA
+/// without a staging copy — a second implementation, not a change to the store.
+pub trait SlotAlloc: Send + Sync {
+    /// `bytes` of zeroed memory, 4 KiB-aligned (O_DIRECT reads land in it). An error, not an
+    /// abort, when it cannot be had: the size is user input (`--cache-size`).
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn SlotMemory>>;
+}
+
+/// Memory from a [`SlotAlloc`], given back when dropped.
+///
+/// # Safety
+/// `ptr()` points to `bytes()` writable bytes, 4 KiB-aligned, that stay valid and in place
+/// until the value is dropped and may be written and read from any thread.
+pub unsafe trait SlotMemory: Send + Sync {
+    fn ptr(&self) -> *mut u8;
+    fn bytes(&self) -> usize;
+}
+
+/// The default slot memory: the heap, zeroed (pages are committed by the OS when touched).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HeapSlots;
+
+impl SlotAlloc for HeapSlots {
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn SlotMemory>> {
+        Ok(Box::new(Arena::new(bytes)?))
+    }
+}
+
+/// 4 KiB-aligned heap memory.
 struct Arena {
     ptr: *mut u8,
     layout: std::alloc::Layout,
@@ -110,8 +140,17 @@ struct Arena {
 unsafe impl Send for Arena {}
 unsafe impl Sync for Arena {}
 
+// SAFETY: `ptr` is `layout.size()` bytes aligned to 4 KiB, freed only in `drop`.
+unsafe impl SlotMemory for Arena {
+    fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    fn bytes(&self) -> usize {
+        self.layout.size()
+    }
+}
+
 impl Arena {
-    /// Fails (rather than aborting) when the memory cannot be had: `--cache-size` is user input.
     fn new(bytes: usize) -> Result<Arena> {
         let layout = std::alloc::Layout::from_size_align(bytes.max(4096), 4096)
             .map_err(|_| anyhow!("{bytes} bytes of expert slots is more than this machine can address"))?;
@@ -292,6 +331,42 @@ enum Ready {
     Mapped { addr: usize },
 }
 
+/// One [`ExpertStore::with_experts`] call in progress: what it needs and what it holds.
+struct Call<'a> {
+    layer: usize,
+    needed: &'a [usize],
+    /// Index in `needed` of the next expert to place.
+    next: usize,
+    /// (index, where) of experts whose bytes are in, pinned until computed.
+    ready: scratch::Pooled<Vec<(usize, Ready)>>,
+    /// (index, slot) of those whose reads are in flight, pinned.
+    waiting: scratch::Pooled<Vec<(usize, usize)>>,
+    /// Per needed expert: where it sits in the mapping if all its pages are cached (os
+    /// mode), else 0.
+    resident: scratch::Pooled<Vec<usize>>,
+    /// How many of the ready experts are computed in place from the page cache (no slot).
+    mapped: usize,
+    /// An expert read into a buffer of the call's own (every slot held by others).
+    private: Option<usize>,
+    failed: Option<String>,
+}
+
+impl Call<'_> {
+    /// Unpins the ready experts' slots and empties the ready list; whether a slot was released.
+    fn release(&mut self, g: &mut Slots) -> bool {
+        let mut released = false;
+        for &(_, at) in self.ready.iter() {
+            if let Ready::Slot(s) = at {
+                g.unpin(s);
+                released = true;
+            }
+        }
+        self.ready.clear();
+        self.mapped = 0;
+        released
+    }
+}
+
 thread_local! {
     /// Per-call lists of `with_experts` (no allocation per call once warm): (index, where)
     /// of experts whose bytes are in, (index, slot) of those whose reads are in flight.
@@ -314,7 +389,11 @@ pub struct ExpertStore {
     pub direct_fallback: bool,
     nslots: usize,
     max_batch: usize,
-    arena: Arena,
+    /// Owns the slots' memory, `nslots` extents one after the other at `base`.
+    _memory: Box<dyn SlotMemory>,
+    /// Where `arena` starts (an address: the store is shared between threads).
+    base: usize,
+    alloc: Arc<dyn SlotAlloc>,
     shared: Arc<Shared>,
     jobs: Option<Sender<Job>>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -346,8 +425,13 @@ fn pread_full(fd: i32, dst: *mut u8, len: usize, off: u64) -> std::io::Result<()
 }
 
 impl ExpertStore {
-    /// Opens the expert files of a converted model.
+    /// Opens the expert files of a converted model, its slots on the heap.
     pub fn open(dir: &Path, ex: &Experts, opts: &StoreOptions) -> Result<ExpertStore> {
+        Self::open_in(dir, ex, opts, Arc::new(HeapSlots))
+    }
+
+    /// [`Self::open`] with slot memory from `alloc` (the backend's).
+    pub fn open_in(dir: &Path, ex: &Experts, opts: &StoreOptions, alloc: Arc<dyn SlotAlloc>) -> Result<ExpertStore> {
         let layout = ExpertLayout::of(ex)?;
         let stride = ex.stride as usize;
         let max_batch = opts.max_batch.max(1);
@@ -429,6 +513,14 @@ impl ExpertStore {
                     .context("cannot start an I/O thread")
             })
             .collect::<Result<_>>()?;
+        let arena = alloc.alloc(nslots.saturating_mul(stride))?;
+        if arena.bytes() < nslots * stride || !(arena.ptr() as usize).is_multiple_of(4096) {
+            bail!(
+                "the slot allocator returned {} bytes, {} aligned to 4 KiB were asked for",
+                arena.bytes(),
+                nslots * stride
+            );
+        }
         Ok(ExpertStore {
             layout,
             stride,
@@ -438,7 +530,9 @@ impl ExpertStore {
             direct_fallback,
             nslots,
             max_batch: max_batch.min(nslots),
-            arena: Arena::new(nslots.saturating_mul(stride))?,
+            base: arena.ptr() as usize,
+            _memory: arena,
+            alloc,
             shared,
             jobs: Some(jtx),
             workers,
@@ -473,18 +567,18 @@ impl ExpertStore {
 
     fn slot(&self, s: usize) -> &[u8] {
         // SAFETY: in bounds; only called for pinned slots whose read has completed.
-        unsafe { std::slice::from_raw_parts(self.arena.ptr.add(s * self.stride), self.stride) }
+        unsafe { std::slice::from_raw_parts((self.base as *const u8).add(s * self.stride), self.stride) }
     }
 
     /// Claims slot `s` for `key` and queues its read (false, the slot left empty, when the I/O
     /// threads are gone). Never blocks: at most one job per slot is ever queued.
-    fn issue(&self, g: &mut Slots, jobs: &Sender<Job>, lf: &LayerFile, s: usize, key: Key, tick: u64) -> bool {
+    fn start_read(&self, g: &mut Slots, jobs: &Sender<Job>, lf: &LayerFile, s: usize, key: Key, tick: u64) -> bool {
         g.claim(s, key, tick);
         let job = Job {
             fd: lf.file.as_raw_fd(),
             off: (key.1 * self.stride) as u64,
             len: self.stride,
-            dst: self.arena.ptr as usize + s * self.stride,
+            dst: self.base + s * self.stride,
             slot: s,
             key,
         };
@@ -509,9 +603,15 @@ impl ExpertStore {
 
     /// Reads experts `needed` of `layer` and calls `compute` with batches of `(i, expert)`,
     /// each `needed[i]` in exactly one batch, as soon as its bytes are in memory (cache hits
-    /// first; the caller computes a batch's experts in parallel). `during` runs once the first reads are in flight (the shared
-    /// expert's compute hides I/O there). A failed read is an error. Several callers may use
-    /// one store at once: no lock is held while computing or waiting.
+    /// first; the caller computes a batch's experts in parallel). `during` runs once the first
+    /// reads are in flight (the shared expert's compute hides I/O there). A failed read is an
+    /// error. Several callers may use one store at once: no lock is held while computing or
+    /// waiting.
+    ///
+    /// Three steps: [`Self::plan`] once (what is needed and where it already is), then until
+    /// every expert is computed [`Self::issue`] (place the next experts: hits, reads already in
+    /// flight, reads to start; at most a batch of slots held), [`Self::drain`] (which reads
+    /// have arrived), and the ready batch computed outside the lock.
     pub fn with_experts(
         &self,
         layer: usize,
@@ -520,115 +620,22 @@ impl ExpertStore {
         compute: impl Fn(&[(usize, &[u8])]),
     ) -> Result<()> {
         let lf = self.files.get(&layer).ok_or_else(|| anyhow!("layer {layer} has no expert file"))?;
-        if let Some(&e) = needed.iter().find(|&&e| e >= self.num_experts) {
-            bail!("expert {e} of layer {layer} is out of range ({} experts)", self.num_experts);
-        }
-        let c = &self.shared.counters;
-        if self.prefetch
-            && let Some(p) = self.predicted.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&layer)
-        {
-            let used = needed.iter().filter(|e| p.contains(e)).count();
-            c.prefetch_used.fetch_add(used as u64, Relaxed);
-            p.clear();
-        }
+        let mut call = self.plan(layer, lf, needed)?;
         let jobs = self.jobs.as_ref().expect("store is open");
-        let (mut ready, mut waiting) = (scratch::take(&READY), scratch::take(&WAITING));
-        ready.clear();
-        waiting.clear();
+        let c = &self.shared.counters;
         let mut during = Some(during);
-        let mut next = 0;
-        let mut failed: Option<String> = None;
-        // an expert read into a buffer of this call's own (see below)
-        let mut private: Option<usize> = None;
-        let mut mapped = 0;
-        // page-cache residency of every needed expert, asked up front and in parallel: `mincore`
-        // visits each 4 KiB page of an extent, microseconds per expert, which one thread would
-        // spend serially in every layer of a decode step while the others wait
-        let mut resident = scratch::take(&RESIDENT);
-        resident.clear();
-        resident.resize(needed.len(), 0);
-        if self.mode == CacheMode::Os && lf.map.is_some() {
-            crate::par::chunks_mut(&mut resident, 1, |i, r| r[0] = self.page_cached(lf, needed[i]).unwrap_or(0));
-        }
         let mut g = self.shared.lock();
         let res = loop {
-            // place the next experts, at most a batch outstanding
-            g.tick += 1;
-            let tick = g.tick;
-            // at most a batch of slots pinned by this call; experts computed in place from the
-            // page cache (`mapped` of the ready ones) hold none, so a prompt's cached experts
-            // form one batch (one parallel loop over all of them, not a barrier every `max_batch`)
-            while failed.is_none() && next < needed.len() && ready.len() - mapped + waiting.len() < self.max_batch {
-                let key = (layer, needed[next]);
-                if let Some(s) = g.map.get(&key).or_else(|| g.inflight.get(&key)).copied() {
-                    // cached (direct mode), or being read already (a prefetch, another caller)
-                    g.pins[s] += 1;
-                    g.last_use[s] = tick;
-                    if g.state[s] == SlotState::Ready {
-                        c.hits.fetch_add(1, Relaxed);
-                        ready.push((next, Ready::Slot(s)));
-                    } else {
-                        c.misses.fetch_add(1, Relaxed);
-                        waiting.push((next, s));
-                    }
-                } else if resident[next] != 0 {
-                    let addr = resident[next];
-                    // computed in place from the page cache: no read, no copy
-                    c.hits.fetch_add(1, Relaxed);
-                    ready.push((next, Ready::Mapped { addr }));
-                    mapped += 1;
-                } else if let Some(s) = g.victim() {
-                    if !self.issue(&mut g, jobs, lf, s, key, tick) {
-                        failed = Some("the expert store's I/O threads are gone".into());
-                        break;
-                    }
-                    g.pins[s] += 1;
-                    c.misses.fetch_add(1, Relaxed);
-                    waiting.push((next, s));
-                } else {
-                    // Every slot is pinned by other callers. Waiting for one to be released could
-                    // deadlock: rayon may be running this call on a thread whose stack holds,
-                    // further down, the very caller that pinned it. With nothing of its own in
-                    // flight, this call reads the expert into a buffer of its own instead.
-                    if ready.is_empty() && waiting.is_empty() && private.is_none() {
-                        c.misses.fetch_add(1, Relaxed);
-                        private = Some(next);
-                        next += 1;
-                    }
-                    break;
-                }
-                next += 1;
+            self.issue(&mut g, &mut call, jobs, lf);
+            self.drain(&mut g, &mut call);
+            if let Some(msg) = call.failed.take() {
+                call.release(&mut g);
+                call.waiting.iter().for_each(|&(_, s)| g.unpin(s));
+                call.waiting.clear();
+                break Err(anyhow!(msg));
             }
-            // reads that have completed join the ready list
-            let mut k = 0;
-            while k < waiting.len() {
-                let (i, s) = waiting[k];
-                match &g.state[s] {
-                    SlotState::Ready => ready.push((i, Ready::Slot(s))),
-                    SlotState::Failed(msg) => {
-                        failed.get_or_insert_with(|| msg.clone());
-                        g.unpin(s);
-                    }
-                    SlotState::Reading | SlotState::Empty => {
-                        k += 1;
-                        continue;
-                    }
-                }
-                waiting.swap_remove(k);
-            }
-            if failed.is_some() {
-                ready.iter().for_each(|r| {
-                    if let (_, Ready::Slot(s)) = r {
-                        g.unpin(*s)
-                    }
-                });
-                waiting.iter().for_each(|&(_, s)| g.unpin(s));
-                ready.clear();
-                waiting.clear();
-                break Err(anyhow!(failed.take().unwrap_or_default()));
-            }
-            if ready.is_empty() && during.is_none() && private.is_none() {
-                if waiting.is_empty() && next == needed.len() {
+            if call.ready.is_empty() && during.is_none() && call.private.is_none() {
+                if call.waiting.is_empty() && call.next == needed.len() {
                     break Ok(());
                 }
                 // nothing to compute: wait for a read in flight (the I/O threads complete it
@@ -642,63 +649,9 @@ impl ExpertStore {
             if let Some(f) = during.take() {
                 f();
             }
-            let t = Instant::now();
-            let batch: SmallVec<[(usize, &[u8]); 16]> = ready
-                .iter()
-                .map(|&(i, at)| {
-                    let bytes = match at {
-                        Ready::Slot(s) => self.slot(s),
-                        // SAFETY: a read-only mapping of a file this process never writes, alive
-                        // as long as the store; the extent lies inside it (length checked at
-                        // open). Were the file truncated by someone else in between, this would
-                        // fault: the same contract as any mmap of model weights.
-                        Ready::Mapped { addr } => unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) },
-                    };
-                    (i, bytes)
-                })
-                .collect();
-            if !batch.is_empty() {
-                compute(&batch);
-            }
-            c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-            if let Some(i) = private.take() {
-                let e = needed[i];
-                let t = Instant::now();
-                let res = Arena::new(self.stride).and_then(|buf| {
-                    // SAFETY: the buffer is this call's, `stride` bytes, 4 KiB-aligned for O_DIRECT.
-                    pread_full(lf.file.as_raw_fd(), buf.ptr, self.stride, (e * self.stride) as u64)?;
-                    Ok(buf)
-                });
-                c.io_wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-                match res {
-                    Ok(buf) => {
-                        c.bytes_read.fetch_add(self.stride as u64, Relaxed);
-                        c.reads.fetch_add(1, Relaxed);
-                        let t = Instant::now();
-                        // SAFETY: the buffer was filled above and lives to the end of this block.
-                        compute(&[(i, unsafe { std::slice::from_raw_parts(buf.ptr, self.stride) })]);
-                        c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-                    }
-                    Err(err) => {
-                        failed = Some(format!(
-                            "{}: reading expert {e} of layer {layer} ({} bytes at offset {}) failed: {err}",
-                            lf.path.display(),
-                            self.stride,
-                            e * self.stride
-                        ))
-                    }
-                }
-            }
+            self.compute_ready(&mut call, lf, &compute);
             g = self.shared.lock();
-            let released = ready.iter().any(|r| matches!(r.1, Ready::Slot(_)));
-            for &(_, at) in ready.iter() {
-                if let Ready::Slot(s) = at {
-                    g.unpin(s);
-                }
-            }
-            ready.clear();
-            mapped = 0;
-            if released {
+            if call.release(&mut g) {
                 self.shared.changed.notify_all();
             }
         };
@@ -709,6 +662,175 @@ impl ExpertStore {
             f();
         }
         res
+    }
+
+    /// The first step of [`Self::with_experts`]: checks what is asked for, counts what the
+    /// prefetcher predicted right, and asks the page cache which of the experts it holds whole.
+    fn plan<'a>(&self, layer: usize, lf: &LayerFile, needed: &'a [usize]) -> Result<Call<'a>> {
+        if let Some(&e) = needed.iter().find(|&&e| e >= self.num_experts) {
+            bail!("expert {e} of layer {layer} is out of range ({} experts)", self.num_experts);
+        }
+        if self.prefetch
+            && let Some(p) = self.predicted.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&layer)
+        {
+            let used = needed.iter().filter(|e| p.contains(e)).count();
+            self.shared.counters.prefetch_used.fetch_add(used as u64, Relaxed);
+            p.clear();
+        }
+        let mut call = Call {
+            layer,
+            needed,
+            next: 0,
+            ready: scratch::take(&READY),
+            waiting: scratch::take(&WAITING),
+            resident: scratch::take(&RESIDENT),
+            mapped: 0,
+            private: None,
+            failed: None,
+        };
+        call.ready.clear();
+        call.waiting.clear();
+        // page-cache residency of every needed expert, asked up front and in parallel: `mincore`
+        // visits each 4 KiB page of an extent, microseconds per expert, which one thread would
+        // spend serially in every layer of a decode step while the others wait
+        call.resident.clear();
+        call.resident.resize(needed.len(), 0);
+        if self.mode == CacheMode::Os && lf.map.is_some() {
+            crate::par::chunks_mut(&mut call.resident, 1, |i, r| r[0] = self.page_cached(lf, needed[i]).unwrap_or(0));
+        }
+        Ok(call)
+    }
+
+    /// Places the call's next experts, at most a batch of slots held by it: a cached or
+    /// in-flight expert is pinned, one whole in the page cache is computed in place, a miss
+    /// claims the least recently used free slot and queues its read. With every slot held by
+    /// others, the call reads one expert into a buffer of its own (`private`).
+    fn issue(&self, g: &mut Slots, call: &mut Call<'_>, jobs: &Sender<Job>, lf: &LayerFile) {
+        let c = &self.shared.counters;
+        g.tick += 1;
+        let tick = g.tick;
+        // experts computed in place from the page cache (`mapped` of the ready ones) hold no
+        // slot, so a prompt's cached experts form one batch (one parallel loop over all of
+        // them, not a barrier every `max_batch`)
+        while call.failed.is_none()
+            && call.next < call.needed.len()
+            && call.ready.len() - call.mapped + call.waiting.len() < self.max_batch
+        {
+            let next = call.next;
+            let key = (call.layer, call.needed[next]);
+            if let Some(s) = g.map.get(&key).or_else(|| g.inflight.get(&key)).copied() {
+                // cached (direct mode), or being read already (a prefetch, another caller)
+                g.pins[s] += 1;
+                g.last_use[s] = tick;
+                if g.state[s] == SlotState::Ready {
+                    c.hits.fetch_add(1, Relaxed);
+                    call.ready.push((next, Ready::Slot(s)));
+                } else {
+                    c.misses.fetch_add(1, Relaxed);
+                    call.waiting.push((next, s));
+                }
+            } else if call.resident[next] != 0 {
+                let addr = call.resident[next];
+                // computed in place from the page cache: no read, no copy
+                c.hits.fetch_add(1, Relaxed);
+                call.ready.push((next, Ready::Mapped { addr }));
+                call.mapped += 1;
+            } else if let Some(s) = g.victim() {
+                if !self.start_read(g, jobs, lf, s, key, tick) {
+                    call.failed = Some("the expert store's I/O threads are gone".into());
+                    return;
+                }
+                g.pins[s] += 1;
+                c.misses.fetch_add(1, Relaxed);
+                call.waiting.push((next, s));
+            } else {
+                // Every slot is pinned by other callers. Waiting for one to be released could
+                // deadlock: rayon may be running this call on a thread whose stack holds,
+                // further down, the very caller that pinned it. With nothing of its own in
+                // flight, this call reads the expert into a buffer of its own instead.
+                if call.ready.is_empty() && call.waiting.is_empty() && call.private.is_none() {
+                    c.misses.fetch_add(1, Relaxed);
+                    call.private = Some(next);
+                    call.next += 1;
+                }
+                return;
+            }
+            call.next += 1;
+        }
+    }
+
+    /// Moves the call's reads that have completed to its ready list; a failed read becomes
+    /// the call's error.
+    fn drain(&self, g: &mut Slots, call: &mut Call<'_>) {
+        let mut k = 0;
+        while k < call.waiting.len() {
+            let (i, s) = call.waiting[k];
+            match &g.state[s] {
+                SlotState::Ready => call.ready.push((i, Ready::Slot(s))),
+                SlotState::Failed(msg) => {
+                    call.failed.get_or_insert_with(|| msg.clone());
+                    g.unpin(s);
+                }
+                SlotState::Reading | SlotState::Empty => {
+                    k += 1;
+                    continue;
+                }
+            }
+            call.waiting.swap_remove(k);
+        }
+    }
+
+    /// Computes the call's ready experts (no lock held), then its private read if it has one.
+    fn compute_ready(&self, call: &mut Call<'_>, lf: &LayerFile, compute: &impl Fn(&[(usize, &[u8])])) {
+        let c = &self.shared.counters;
+        let t = Instant::now();
+        let batch: SmallVec<[(usize, &[u8]); 16]> = call
+            .ready
+            .iter()
+            .map(|&(i, at)| {
+                let bytes = match at {
+                    Ready::Slot(s) => self.slot(s),
+                    // SAFETY: a read-only mapping of a file this process never writes, alive
+                    // as long as the store; the extent lies inside it (length checked at
+                    // open). Were the file truncated by someone else in between, this would
+                    // fault: the same contract as any mmap of model weights.
+                    Ready::Mapped { addr } => unsafe { std::slice::from_raw_parts(addr as *const u8, self.stride) },
+                };
+                (i, bytes)
+            })
+            .collect();
+        if !batch.is_empty() {
+            compute(&batch);
+        }
+        c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        let Some(i) = call.private.take() else { return };
+        let e = call.needed[i];
+        let t = Instant::now();
+        let res = self.alloc.alloc(self.stride).and_then(|buf| {
+            // SAFETY: the buffer is this call's, `stride` bytes, 4 KiB-aligned for O_DIRECT.
+            pread_full(lf.file.as_raw_fd(), buf.ptr(), self.stride, (e * self.stride) as u64)?;
+            Ok(buf)
+        });
+        c.io_wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        match res {
+            Ok(buf) => {
+                c.bytes_read.fetch_add(self.stride as u64, Relaxed);
+                c.reads.fetch_add(1, Relaxed);
+                let t = Instant::now();
+                // SAFETY: the buffer was filled above and lives to the end of this block.
+                compute(&[(i, unsafe { std::slice::from_raw_parts(buf.ptr(), self.stride) })]);
+                c.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+            }
+            Err(err) => {
+                call.failed = Some(format!(
+                    "{}: reading expert {e} of layer {} ({} bytes at offset {}) failed: {err}",
+                    lf.path.display(),
+                    call.layer,
+                    self.stride,
+                    e * self.stride
+                ))
+            }
+        }
     }
 
     /// Reads every expert of `layer` into owned memory (for runs that keep experts resident).
@@ -755,7 +877,7 @@ impl ExpertStore {
                     break;
                 }
                 let Some(s) = g.victim() else { break };
-                if !self.issue(&mut g, jobs, lf, s, key, tick) {
+                if !self.start_read(&mut g, jobs, lf, s, key, tick) {
                     break;
                 }
             }
@@ -904,5 +1026,72 @@ mod slot_policy {
         assert_eq!(g.state[0], SlotState::Empty);
         assert_eq!(g.key[0], None);
         assert_eq!(g.victim(), Some(0));
+    }
+}
+
+#[cfg(test)]
+mod slot_memory {
+    use super::*;
+    use crate::flash::format::{ExpertLayer, expert_layout};
+    use crate::tensor::WKind;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Heap slots, counting what the store asks for; or too little memory.
+    struct Counting {
+        bytes: AtomicUsize,
+        short: bool,
+    }
+
+    impl SlotAlloc for Counting {
+        fn alloc(&self, bytes: usize) -> Result<Box<dyn SlotMemory>> {
+            self.bytes.fetch_add(bytes, Relaxed);
+            HeapSlots.alloc(if self.short { bytes / 2 } else { bytes })
+        }
+    }
+
+    #[test]
+    fn slots_come_from_the_allocator_the_backend_supplies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (parts, _, stride) = expert_layout(WKind::BF16, 64, 32, false);
+        let ex = Experts {
+            kind: "bf16".into(),
+            num_experts: 6,
+            stride,
+            gate: parts[0],
+            up: parts[1],
+            down: parts[2],
+            biases: None,
+            layers: vec![ExpertLayer { layer: 3, file: "l3.bin".into() }],
+        };
+        let data: Vec<u8> = (0..6 * stride as usize).map(|i| (i / stride as usize * 31 + i % 251) as u8).collect();
+        std::fs::write(dir.path().join("l3.bin"), &data).unwrap();
+        for mode in [CacheMode::Os, CacheMode::Direct] {
+            let opts = StoreOptions { mode, cache_bytes: 4 * stride, io_threads: 2, max_batch: 2, prefetch: false };
+            let alloc = Arc::new(Counting { bytes: AtomicUsize::new(0), short: false });
+            let store = ExpertStore::open_in(dir.path(), &ex, &opts, alloc.clone()).unwrap();
+            assert_eq!(alloc.bytes.load(Relaxed), store.slot_bytes(), "{mode:?}");
+            let seen = Mutex::new(vec![]);
+            let needed = [5, 0, 2, 5, 1];
+            store
+                .with_experts(
+                    3,
+                    &needed,
+                    || {},
+                    |batch| {
+                        for &(i, b) in batch {
+                            let e = needed[i];
+                            assert_eq!(b, &data[e * stride as usize..(e + 1) * stride as usize], "{mode:?} expert {e}");
+                            seen.lock().unwrap().push(i);
+                        }
+                    },
+                )
+                .unwrap();
+            let mut seen = seen.into_inner().unwrap();
+            seen.sort();
+            assert_eq!(seen, [0, 1, 2, 3, 4], "each needed expert in exactly one batch");
+            let short = Arc::new(Counting { bytes: AtomicUsize::new(0), short: true });
+            let e = ExpertStore::open_in(dir.path(), &ex, &opts, short).err().unwrap().to_string();
+            assert!(e.contains("slot allocator"), "{e}");
+        }
     }
 }

@@ -2,12 +2,13 @@
 //! tool calling), `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), the
 //! Anthropic Messages API (`anthropic.rs`) and the OpenAI Responses API (`responses.rs`).
 //!
-//! One generation runs at a time (the engine owns one sequence state, which is what lets a
-//! request that extends the previous conversation reuse its cached prefix); further requests
-//! wait in a bounded FIFO queue and get 503 when it is full. Generation stops when the client
-//! goes away. A request's `n` choices are made one after another, each resuming from the
-//! snapshot its prompt's prefill left; log-probabilities are those of the distribution each
-//! token was drawn from (see [`crate::generate::Sampler::logprobs`]).
+//! Prefills run one at a time on the session (its live state and snapshots are what let a
+//! request that extends an earlier conversation reuse its cached prefix); up to `max_batch`
+//! requests then decode together ([`crate::batch`]); further requests wait in a bounded FIFO
+//! queue and get 503 when it is full. Generation stops when the client goes away. A request's
+//! `n` choices share one prefill (each resumes from the snapshot it left) and decode together
+//! in the batch's steps; log-probabilities are those of the distribution each token was drawn
+//! from (see [`crate::generate::Sampler::logprobs`]).
 
 // handlers return ready-made error responses; boxing them would only add noise
 #![allow(clippy::result_large_err)]
@@ -598,8 +599,15 @@ fn parse_params(app: &App, b: &Value) -> Result<GenParams, Response> {
         }
         _ => return Err(bad_request("`stop` must be a string or a list of at most 4 strings", Some("stop"))),
     };
-    let seed = num("seed")?
-        .map_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64), |s| s as u64);
+    // exact: a seed above 2^53 read as a float would lose its low bits (and a choice's seed,
+    // `generate::choice_seed`, is any u64)
+    let seed = match b.get("seed").and_then(|v| v.as_u64().or_else(|| v.as_i64().map(|i| i as u64))) {
+        Some(s) => s,
+        None => num("seed")?.map_or_else(
+            || SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+            |s| s as u64,
+        ),
+    };
     let stream = match b.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(x)) => *x,
@@ -998,15 +1006,7 @@ fn forced_call(
         })
         .collect();
     let tag = |t: &str| crate::grammar::tag(&app.tok, t);
-    let Some(lark) = crate::grammar::tool_call_lark(app.tools, &declared, thinking, &tag) else {
-        return Err(bad_request(
-            format!(
-                "tool_choice `required` or a named function is not supported for {:?}-format tool calls",
-                app.tools
-            ),
-            Some("tool_choice"),
-        ));
-    };
+    let lark = crate::grammar::tool_call_lark(app.tools, &declared, thinking, &tag);
     grammars(app)?.lark(&lark).map_err(|e| bad_request(format!("{e:#}"), Some("tools")))
 }
 
@@ -1458,11 +1458,38 @@ fn choice_params(p: &SamplingParams, i: usize) -> SamplingParams {
     s
 }
 
-/// The request's generations on the engine, on the calling (blocking) thread: resumes at the
-/// snapshot of `turn`, scores the prompt when echoed log-probabilities are asked for, then
-/// makes the `n` choices one after the other, each resuming from the snapshot the first one's
-/// prefill left (the prompt is prefilled once). Stops when `on_step` returns false or the
-/// server is stopping (it gets every token, with "" when nothing new can be shown).
+/// What a choice's decoding thread reports to the thread that answers the request.
+enum ChoiceEvent {
+    /// A new piece of text with the log-probabilities of the tokens it begins.
+    Text(String, Vec<Scored>),
+    /// The choice is done: its output, or None when it failed (its error comes with the join).
+    Done(Option<Output>),
+}
+
+/// Passes the turn to the next choice when dropped (when choices decode one at a time; a
+/// choice that fails still passes it).
+struct NextTurn<'a>(Option<&'a (Mutex<usize>, std::sync::Condvar)>);
+
+impl Drop for NextTurn<'_> {
+    fn drop(&mut self) {
+        if let Some((turn, cv)) = self.0 {
+            *turn.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            cv.notify_all();
+        }
+    }
+}
+
+/// The request's generations on the engine, driven from the calling (blocking) thread:
+/// resumes at the snapshot of `turn`, scores the prompt when echoed log-probabilities are
+/// asked for, prefills the prompt once for all `n` choices (the first prefills it, the others
+/// resume from the snapshot it left), then decodes the choices together, each on a thread of
+/// its own in the batch's shared steps ([`crate::batch`]), so a step is one forward pass over
+/// the next token of every choice (and of the other requests decoding). `on_step` sees the
+/// choices one after another, as if they had been made in turn (a later choice's pieces wait
+/// until the ones before it end); each choice's tokens are what it would draw alone. With
+/// `--max-batch 1` the choices decode one after another. Stops
+/// when `on_step` returns false or the server is stopping (it gets every token, with "" when
+/// nothing new can be shown).
 fn on_engine_n(
     app: &App,
     prompt: &[u32],
@@ -1471,8 +1498,8 @@ fn on_engine_n(
     mut on_step: impl FnMut(Step) -> bool,
 ) -> anyhow::Result<Generation> {
     let lock = || app.session.lock().unwrap_or_else(|e| e.into_inner());
-    // the marks, the scoring and the first choice's prefill under one lock: another request's
-    // prefill would take the marks
+    // the marks, the scoring and the prefills under one lock: another request's prefill would
+    // take the marks and the snapshot the choices resume from
     let mut s = lock();
     for t in turn.into_iter().flatten() {
         s.snapshot_at(t);
@@ -1481,44 +1508,116 @@ fn on_engine_n(
         true => Some(s.score_prompt(prompt, &p.sampling)?),
         false => None,
     };
-    let mut session = Some(s);
+    if !on_step(Step::Begin(0, scored.as_deref())) {
+        return Ok(Generation { prompt: scored, choices: vec![] });
+    }
+    let sampling: Vec<SamplingParams> = (0..p.n).map(|i| choice_params(&p.sampling, i)).collect();
+    let mut prefilled = Vec::with_capacity(p.n);
+    for sp in &sampling {
+        prefilled.push(s.prefill_alone(prompt, sp)?);
+    }
+    drop(s);
     let live = || !app.stopping.load(Relaxed);
+    let stop = AtomicBool::new(false);
+    // with --max-batch 1 (always on an accelerator) one sequence decodes at a time: the
+    // choices take turns, in order
+    let turns = (app.batch.max_batch() == 1).then(|| (Mutex::new(0usize), std::sync::Condvar::new()));
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, ChoiceEvent)>();
+    // the last choice whose Begin the caller took
+    let mut begun = 0;
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let threads: Vec<_> = prefilled
+            .into_iter()
+            .zip(&sampling)
+            .enumerate()
+            .map(|(i, (pre, sp))| {
+                let (tx, stop, live, turns) = (tx.clone(), &stop, &live, &turns);
+                let unscored = scored.is_some() && i == 0;
+                scope.spawn(move || {
+                    if let Some((turn, cv)) = turns {
+                        let mut t = turn.lock().unwrap_or_else(|e| e.into_inner());
+                        while *t != i {
+                            t = cv.wait(t).unwrap_or_else(|e| e.into_inner());
+                        }
+                    }
+                    let _next = NextTurn(turns.as_ref());
+                    let member = app.batch.join();
+                    let step = |st: &mut crate::model::State, t: u32| member.step(st, t);
+                    let (mut res, state, held) = crate::session::decode_prefilled(
+                        app.batch.model(),
+                        &app.tok,
+                        &app.stop_ids,
+                        prompt,
+                        pre,
+                        p.max_tokens,
+                        sp,
+                        &p.stop,
+                        step,
+                        |piece, lps| {
+                            live()
+                                && !stop.load(Relaxed)
+                                && tx.send((i, ChoiceEvent::Text(piece.to_string(), lps.to_vec()))).is_ok()
+                        },
+                    );
+                    drop(member);
+                    if let (Ok(o), true) = (&mut res, unscored) {
+                        // scoring prefilled the whole prompt for this request: none of it came from the cache
+                        o.reused_tokens = 0;
+                    }
+                    let _ = tx.send((i, ChoiceEvent::Done(res.as_ref().ok().cloned())));
+                    (res, state, held)
+                })
+            })
+            .collect();
+        drop(tx);
+        // hand the events on in choice order, holding back those of the choices after the current one
+        let mut waiting: Vec<std::collections::VecDeque<ChoiceEvent>> = (0..p.n).map(|_| Default::default()).collect();
+        let (mut current, mut open) = (0, true);
+        for (i, ev) in rx {
+            waiting[i].push_back(ev);
+            while open && current < p.n {
+                let Some(ev) = waiting[current].pop_front() else { break };
+                open = match ev {
+                    ChoiceEvent::Text(piece, lps) => on_step(Step::Text(current, &piece, &lps)),
+                    ChoiceEvent::Done(o) => {
+                        let ended = o.is_some_and(|o| o.finish != Finish::Cancelled && on_step(Step::End(current, &o)));
+                        current += 1;
+                        let next = current < p.n && ended && on_step(Step::Begin(current, scored.as_deref()));
+                        begun += next as usize;
+                        ended && (next || current == p.n)
+                    }
+                };
+                if !open {
+                    stop.store(true, Relaxed);
+                }
+            }
+        }
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    let dropped = crate::model::State { pos: 0, layers: vec![], poisoned: true, device: None };
+                    (Err(anyhow::anyhow!("a choice's decoding panicked")), dropped, vec![])
+                })
+            })
+            .collect()
+    });
     let mut choices: Vec<Output> = vec![];
-    for i in 0..p.n {
-        if !on_step(Step::Begin(i, scored.as_deref())) {
-            break;
-        }
-        let sampling = choice_params(&p.sampling, i);
-        // prefilled alone, then decoded in the shared batch steps
-        let pre = session.take().unwrap_or_else(lock).prefill_alone(prompt, &sampling)?;
-        let member = app.batch.join();
-        let step = |st: &mut crate::model::State, t: u32| member.step(st, t);
-        let (res, state, held) = crate::session::decode_prefilled(
-            app.batch.model(),
-            &app.tok,
-            &app.stop_ids,
-            prompt,
-            pre,
-            p.max_tokens,
-            &sampling,
-            &p.stop,
-            step,
-            |piece, lps| live() && on_step(Step::Text(i, piece, lps)),
-        );
-        drop(member);
-        lock().give_back(state, &held);
-        let mut o = res?;
-        if scored.is_some() && i == 0 {
-            // scoring prefilled the whole prompt for this request: none of it came from the cache
-            o.reused_tokens = 0;
-        }
-        let go_on = o.finish != Finish::Cancelled && on_step(Step::End(i, &o));
-        choices.push(o);
-        if !go_on {
-            break;
+    let mut first_error = None;
+    let mut s = lock();
+    for (i, (res, state, held)) in results.into_iter().enumerate() {
+        s.give_back(state, &held);
+        match res {
+            Ok(o) if i <= begun && first_error.is_none() => choices.push(o),
+            Err(e) if i <= begun && first_error.is_none() => first_error = Some(e),
+            _ => {}
         }
     }
-    Ok(Generation { prompt: scored, choices })
+    drop(s);
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(Generation { prompt: scored, choices }),
+    }
 }
 
 /// One generation ([`on_engine_n`] with a single choice), text pieces to `on_piece`.
