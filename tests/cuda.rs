@@ -8,14 +8,33 @@ mod common;
 
 use common::{Reference, agreement, rel_err};
 use flashmoe::backend::{Device, cuda};
+use flashmoe::config::{Act, RouterSpec};
 use flashmoe::generate::{Sampler, SamplingParams, generate};
 use flashmoe::layers::mlp::Mlp;
+use flashmoe::layers::moe::{Scoring, route};
 use flashmoe::load::{LoadOptions, load_model, load_model_with};
 use flashmoe::model::Model;
 use flashmoe::tensor::{Mat, Precision, WKind};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-const FIXTURES: &[&str] = &["qwen3_moe", "qwen3_moe_norm", "qwen35_text", "qwen35_fused", "qwen35_vl", "qwen3_next"];
+/// Every fixture of the families the backend runs (the MLA lineage is refused, see
+/// `mla_is_refused_by_name`).
+const FIXTURES: &[&str] = &[
+    "qwen3_moe",
+    "qwen3_moe_norm",
+    "qwen35_text",
+    "qwen35_fused",
+    "qwen35_vl",
+    "qwen3_next",
+    "gpt_oss",
+    "gpt_oss_mxfp4",
+    "glm4_moe",
+    "glm4_moe_air",
+    "minimax_m2",
+    "minimax_m2_fp8",
+    "mixtral",
+];
 /// f32 accumulation in another order than the CPU's: the bound.
 const TOL: f64 = 1e-3;
 
@@ -115,6 +134,7 @@ fn matmul_kernel_matches_scalar_reference() {
         WKind::Q { bits: 4, group: 64 },
         WKind::Q { bits: 4, group: 128 },
         WKind::Q { bits: 8, group: 64 },
+        WKind::Mxfp4,
     ];
     // odd sizes and tails: rows not a multiple of a block's 8 warps, columns off the 16-byte
     // loads and off the group size, token counts around the 8-token tile
@@ -129,8 +149,13 @@ fn int8_input_matvec_stays_within_its_rounding() {
     if !gpu() {
         return;
     }
-    let kinds = [WKind::Q { bits: 4, group: 32 }, WKind::Q { bits: 4, group: 64 }, WKind::Q { bits: 8, group: 64 }];
-    let shapes = [(1, 32), (37, 96), (130, 2048), (9, 768)];
+    let kinds = [
+        WKind::Q { bits: 4, group: 32 },
+        WKind::Q { bits: 4, group: 64 },
+        WKind::Q { bits: 8, group: 64 },
+        WKind::Mxfp4,
+    ];
+    let shapes = [(1, 32), (37, 96), (130, 2048), (9, 768), (11, 2880)];
     // each input is off by at most half a step of max|x|/127 ≤ 1/127
     check_products(&kinds, &shapes, &[1], true, |_, wabs| wabs * 0.5 / 127.0 + 1e-5);
 }
@@ -146,23 +171,60 @@ fn decode_experts_match_the_float64_product() {
     if !gpu() {
         return;
     }
-    let kinds = [WKind::Q { bits: 4, group: 32 }, WKind::Q { bits: 4, group: 64 }, WKind::Q { bits: 8, group: 64 }];
+    let kinds = [
+        WKind::Q { bits: 4, group: 32 },
+        WKind::Q { bits: 4, group: 64 },
+        WKind::Q { bits: 8, group: 64 },
+        WKind::Mxfp4,
+    ];
     // (hidden, inter, experts, k)
-    let shapes: [(usize, usize, usize, usize); 6] =
+    let shapes =
         [(2048, 768, 16, 8), (96, 160, 5, 3), (64, 32, 4, 4), (256, 1056, 3, 1), (48, 40, 3, 2), (4096, 96, 9, 9)];
+    check_decode_experts(&kinds, &shapes, None, 3e-2);
+}
+
+/// gpt-oss's experts: biases on gate, up and down, the clamped SwiGLU (a limit low enough that
+/// random rows reach it), MXFP4 as released and the formats `convert` may give them. The int8
+/// bound is wider than the plain test's: the clamp's knee amplifies the input rounding, most for
+/// q4, whose int8 product rounds against the unsigned levels s·q (the bias term uses the exact
+/// sums) — measured 1.6e-2 (MXFP4) and 6.1e-2 (q4) at 2880 × 2880.
+#[test]
+fn biased_clamped_experts_match_the_float64_product() {
+    if !gpu() {
+        return;
+    }
+    let kinds = [WKind::Mxfp4, WKind::Q { bits: 4, group: 32 }, WKind::BF16];
+    let shapes = [(2880, 2880, 6, 4), (96, 160, 5, 3), (48, 40, 3, 2), (64, 100, 4, 4)];
+    check_decode_experts(&kinds, &shapes, Some(Act::ClampedSwiglu { alpha: 1.702, limit: 2.0 }), 1e-1);
+}
+
+/// [`decode_experts_match_the_float64_product`] for these formats and shapes; `biased`: the
+/// experts get random biases and this activation; `int8_bound`: the int8 paths' relative error.
+fn check_decode_experts(
+    kinds: &[WKind],
+    shapes: &[(usize, usize, usize, usize)],
+    biased: Option<Act>,
+    int8_bound: f64,
+) {
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-    for kind in kinds {
-        for (hidden, inter, n, k) in shapes {
+    for &kind in kinds {
+        for &(hidden, inter, n, k) in shapes {
             let mat = |rows: usize, cols: usize, seed: &mut u64| {
                 Mat::from_f32(rows, cols, (0..rows * cols).map(|_| rng(seed)).collect()).unwrap().to_kind(kind)
             };
             let experts: Vec<Mlp> = (0..n)
                 .map(|_| {
-                    Mlp::new(
+                    let mut m = Mlp::new(
                         mat(inter, hidden, &mut seed),
                         mat(inter, hidden, &mut seed),
                         mat(hidden, inter, &mut seed),
-                    )
+                    );
+                    if let Some(act) = biased {
+                        let mut v = |len: usize| (0..len).map(|_| 2.0 * rng(&mut seed)).collect::<Vec<f32>>();
+                        m.bias = Some(Arc::new([v(inter), v(inter), v(hidden)]));
+                        m.act = act;
+                    }
+                    m
                 })
                 .collect();
             let x: Vec<f32> = (0..hidden).map(|_| rng(&mut seed)).collect();
@@ -173,18 +235,27 @@ fn decode_experts_match_the_float64_product() {
             let (mut row, mut drow) = (vec![0f32; hidden], vec![0f32; inter]);
             for (j, &e) in ids.iter().enumerate() {
                 let m = &experts[e as usize];
+                let bias = |which: usize, r: usize| m.bias.as_ref().map_or(0.0, |b| b[which][r] as f64);
                 let act: Vec<f64> = (0..inter)
                     .map(|r| {
                         m.gate.row_f32(r, &mut row);
-                        let g: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let g: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + bias(0, r);
                         m.up.row_f32(r, &mut row);
-                        let u: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        g / (1.0 + (-g).exp()) * u
+                        let u: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + bias(1, r);
+                        match m.act {
+                            Act::Swiglu => g / (1.0 + (-g).exp()) * u,
+                            Act::ClampedSwiglu { alpha, limit } => {
+                                let (a, l) = (alpha as f64, limit as f64);
+                                let g = g.min(l);
+                                g / (1.0 + (-a * g).exp()) * (u.clamp(-l, l) + 1.0)
+                            }
+                        }
                     })
                     .collect();
                 for (r, w) in want.iter_mut().enumerate() {
                     m.down.row_f32(r, &mut drow);
-                    *w += wts[j] as f64 * drow.iter().zip(&act).map(|(a, b)| *a as f64 * b).sum::<f64>();
+                    let y = drow.iter().zip(&act).map(|(a, b)| *a as f64 * b).sum::<f64>() + bias(2, r);
+                    *w += wts[j] as f64 * y;
                 }
             }
             let views: Vec<_> = experts.iter().map(|m| m.view()).collect();
@@ -197,14 +268,71 @@ fn decode_experts_match_the_float64_product() {
             let generic64: Vec<f64> = generic.iter().map(|v| *v as f64).collect();
             let (e_fast, e_gen, e_exact, e_pair) =
                 (err(&fast, &want), err(&generic, &want), err(&exact, &want), err(&fast, &generic64));
-            eprintln!(
-                "{} {hidden}x{inter}, {k} of {n} experts: int8 kernels {e_fast:.1e}, generic {e_gen:.1e}, apart {e_pair:.1e}; f32 {e_exact:.1e}",
-                kind.name()
+            let what = format!(
+                "{} {hidden}x{inter}, {k} of {n}{}",
+                kind.name(),
+                if biased.is_some() { ", biased" } else { "" }
             );
-            let what = format!("{} {hidden}x{inter}, {k} of {n}", kind.name());
+            eprintln!("{what}: int8 kernels {e_fast:.1e}, generic {e_gen:.1e}, apart {e_pair:.1e}; f32 {e_exact:.1e}");
             assert!(e_pair <= 2e-3, "{what}: the int8 kernels and the generic ones differ by {e_pair:.2e}");
-            assert!(e_fast <= 3e-2 && e_gen <= 3e-2, "{what}: int8 errors {e_fast:.2e} / {e_gen:.2e}");
+            assert!(e_fast <= int8_bound && e_gen <= int8_bound, "{what}: int8 errors {e_fast:.2e} / {e_gen:.2e}");
             assert!(e_exact <= 1e-4, "{what}: f32 error {e_exact:.2e}");
+        }
+    }
+}
+
+/// The router kernel against `moe::route` on random logits: softmax (renormalised or not),
+/// sigmoid with a correction bias, groups and a scaling factor (GLM, DeepSeek), sigmoid with
+/// the bias alone (MiniMax), gpt-oss's logit bias and softmax over the chosen; expert counts
+/// off a warp's 32, k up to 8.
+#[test]
+fn router_kernel_matches_moe_route() {
+    if !gpu() {
+        return;
+    }
+    let mut seed = 0x1234_5678_9abc_def1_u64;
+    let base = RouterSpec::softmax(false);
+    let specs = [
+        RouterSpec { renormalize: true, ..base.clone() },
+        base.clone(),
+        RouterSpec {
+            sigmoid: true,
+            correction_bias: true,
+            renormalize: true,
+            scale: 2.5,
+            n_group: 4,
+            topk_group: 2,
+            ..base.clone()
+        },
+        RouterSpec { sigmoid: true, correction_bias: true, renormalize: true, ..base.clone() },
+        RouterSpec { sigmoid: true, renormalize: false, scale: 1.7, n_group: 8, topk_group: 3, ..base.clone() },
+        RouterSpec { logit_bias: true, softmax_chosen: true, renormalize: true, ..base.clone() },
+    ];
+    for spec in specs {
+        for (e, k) in [(8, 3), (64, 8), (100, 4), (256, 8), (40, 1)] {
+            if e % spec.n_group != 0 {
+                continue;
+            }
+            let n = 5;
+            let mut v = |len: usize, amp: f32| (0..len).map(|_| amp * rng(&mut seed)).collect::<Vec<f32>>();
+            let logits = v(n * e, 4.0);
+            let scoring = Scoring {
+                spec: spec.clone(),
+                bias: spec.correction_bias.then(|| v(e, 0.5)),
+                logit_bias: spec.logit_bias.then(|| v(e, 1.0)),
+            };
+            let got = cuda::route_once(0, &logits, n, k, &scoring).unwrap();
+            for (t, g) in got.iter().enumerate() {
+                let want = route(&logits[t * e..(t + 1) * e], k, &scoring);
+                let ids = |r: &[(usize, f32)]| r.iter().map(|x| x.0).collect::<Vec<_>>();
+                assert_eq!(ids(g), ids(&want), "{spec:?} {e} experts, k {k}, token {t}");
+                for (a, b) in g.iter().zip(&want) {
+                    assert!(
+                        (a.1 - b.1).abs() <= 1e-5 * b.1.abs().max(1e-3),
+                        "{spec:?} {e}/{k} token {t}: {a:?} vs {b:?}"
+                    );
+                }
+            }
         }
     }
 }
@@ -221,14 +349,15 @@ fn tensor_core_matmul_stays_within_bf16_rounding() {
         WKind::Q { bits: 4, group: 32 },
         WKind::Q { bits: 4, group: 64 },
         WKind::Q { bits: 8, group: 64 },
+        WKind::Mxfp4,
     ];
-    let shapes = [(37, 96), (130, 256), (64, 2048), (20, 112), (1, 64)];
+    let shapes = [(37, 96), (130, 256), (64, 2048), (20, 112), (1, 64), (9, 2880)];
     // each factor within 2^-8 relative of its bf16 rounding
     check_products(&kinds, &shapes, &[2, 9, 33, 70], true, |mag, _| mag * 2.0 / 256.0 + 1e-5);
 }
 
-/// The default (fast) decode on the GPU against the float64 reference: q4 experts on int8
-/// inputs, the same loose bounds as the CPU's fast path.
+/// The default (fast) decode on the GPU against the exact CPU: q4 experts (gpt-oss: MXFP4) on
+/// int8 inputs, the same loose bounds as the CPU's fast path.
 #[test]
 fn fast_decode_on_cuda_stays_close_to_reference() {
     if !gpu() {
@@ -236,29 +365,38 @@ fn fast_decode_on_cuda_stays_close_to_reference() {
     }
     for name in FIXTURES {
         let r = reference(name);
+        // gpt-oss's experts in the format it ships, MXFP4: its fixtures' clamped experts are
+        // far more sensitive to int8 input rounding than the Qwen fixtures' (`logits --fast
+        // --incremental` on CUDA against the exact CPU: q8 experts KL 7e-3 against qwen3_moe's
+        // 4e-5; q4 9e-2, past the bound; MXFP4 1e-2 and 5e-3)
+        let kind = if name.starts_with("gpt_oss") { WKind::Mxfp4 } else { WKind::Q { bits: 4, group: 32 } };
         let mut m = load_model(&dir(name)).unwrap();
-        m.requantize_experts(WKind::Q { bits: 4, group: 32 }).unwrap();
+        m.requantize_experts(kind).unwrap();
         m.accel = flashmoe::backend::attach(&m, Device::Cuda(0)).unwrap();
         let mut cpu = on_cpu(name);
-        cpu.requantize_experts(WKind::Q { bits: 4, group: 32 }).unwrap();
+        cpu.requantize_experts(kind).unwrap();
         let mut seq = r.prompt.clone();
         seq.extend(&r.greedy[..r.greedy.len() - 1]);
-        let (mut sg, mut sc) = (m.new_state(), cpu.new_state());
-        let (mut top, mut kl) = (0usize, 0f64);
-        for &t in &seq {
-            let (g, c) = (m.forward(&mut sg, &[t], false).unwrap(), cpu.forward(&mut sc, &[t], false).unwrap());
-            let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
-            top += (argmax(&g) == argmax(&c)) as usize;
-            let lsm = |v: &[f32]| {
-                let mx = v.iter().cloned().fold(f32::MIN, f32::max) as f64;
-                let z = v.iter().map(|x| (*x as f64 - mx).exp()).sum::<f64>().ln() + mx;
-                v.iter().map(|x| *x as f64 - z).collect::<Vec<_>>()
-            };
-            let (p, q) = (lsm(&c), lsm(&g));
-            kl += p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
-        }
-        let (top, kl) = (top as f64 / seq.len() as f64, kl / seq.len() as f64);
-        eprintln!("{name}: CUDA fast decode vs exact CPU: top-1 {top:.3}, mean KL {kl:.2e}");
+        // token by token, the exact CPU's logits against those of `fast` (a fast-precision model)
+        let against = |fast: &Model| {
+            let (mut sg, mut sc) = (fast.new_state(), cpu.new_state());
+            let (mut top, mut kl) = (0usize, 0f64);
+            for &t in &seq {
+                let (g, c) = (fast.forward(&mut sg, &[t], false).unwrap(), cpu.forward(&mut sc, &[t], false).unwrap());
+                let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+                top += (argmax(&g) == argmax(&c)) as usize;
+                let lsm = |v: &[f32]| {
+                    let mx = v.iter().cloned().fold(f32::MIN, f32::max) as f64;
+                    let z = v.iter().map(|x| (*x as f64 - mx).exp()).sum::<f64>().ln() + mx;
+                    v.iter().map(|x| *x as f64 - z).collect::<Vec<_>>()
+                };
+                let (p, q) = (lsm(&c), lsm(&g));
+                kl += p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+            }
+            (top as f64 / seq.len() as f64, kl / seq.len() as f64)
+        };
+        let (top, kl) = against(&m);
+        eprintln!("{name}: CUDA fast decode ({} experts) vs exact CPU: top-1 {top:.3}, mean KL {kl:.2e}", kind.name());
         assert!(top >= 0.85 && kl <= 0.05, "{name}: top-1 {top}, KL {kl}");
         // the prompt at once: products on tensor cores (bf16 inputs), held to what the CPU's own
         // fast prefill (bf16 and int8 inputs) costs on the same model: these random fixtures'
@@ -368,4 +506,59 @@ fn a_missing_device_is_a_clear_error() {
         Err(e) => format!("{e:#}"),
     };
     assert!(e.contains("--device"), "{e}");
+}
+
+/// Prompts longer than the fixtures' (300 tokens: several 128-position attention parts, the
+/// sliding windows far behind, sinks merged across parts) and decode after them, CUDA against
+/// the CPU (itself checked against the reference), in one prompt and in two chunks.
+#[test]
+fn long_prompts_on_cuda_match_the_cpu() {
+    if !gpu() {
+        return;
+    }
+    for name in ["gpt_oss", "gpt_oss_mxfp4", "mixtral", "minimax_m2", "glm4_moe", "qwen3_moe", "qwen3_next"] {
+        let (mut gpu, mut cpu) = (on_cuda(name), on_cpu(name));
+        // the fixtures' configs say 64 positions; the math has no such limit
+        gpu.cfg.max_position_embeddings = 4096;
+        cpu.cfg.max_position_embeddings = 4096;
+        let mut seed = 0x5eed_u64 + name.len() as u64;
+        let v = cpu.vocab_size() as u64;
+        let tokens: Vec<u32> =
+            (0..303).map(|_| ((rng(&mut seed) as f64 + 1.0) / 2.0 * (v - 1) as f64) as u32).collect();
+        let (prompt, rest) = tokens.split_at(300);
+        let run = |m: &Model, chunks: &[&[u32]]| {
+            let mut st = m.new_state();
+            let mut out = vec![];
+            for c in chunks {
+                out.extend(m.forward(&mut st, c, true).unwrap());
+            }
+            for &t in rest {
+                out.extend(m.forward(&mut st, &[t], false).unwrap());
+            }
+            out
+        };
+        let want = run(&cpu, &[prompt]);
+        let want: Vec<Vec<f64>> = want.chunks(v as usize).map(|r| r.iter().map(|x| *x as f64).collect()).collect();
+        for chunks in [&[prompt][..], &[&prompt[..170], &prompt[170..]][..]] {
+            let e = rel_err(&run(&gpu, chunks), &want);
+            eprintln!("{name}: 300-token prompt in {} part(s) + 3 decode steps, CUDA vs CPU {e:.2e}", chunks.len());
+            assert!(e <= TOL, "{name}: long prompt, CUDA vs CPU {e:.2e}");
+        }
+    }
+}
+
+/// Latent attention is not on the GPU yet: `--device cuda` names it, `auto` runs on the CPU.
+#[test]
+fn mla_is_refused_by_name() {
+    if !gpu() {
+        return;
+    }
+    let o = LoadOptions { device: Device::Cuda(0), ..Default::default() };
+    let e = match load_model_with(&dir("deepseek_v3"), &o) {
+        Ok(_) => panic!("deepseek_v3 loaded on CUDA"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("latent attention") && e.contains("--device cpu"), "{e}");
+    let o = LoadOptions { device: Device::Auto, ..Default::default() };
+    assert!(load_model_with(&dir("deepseek_v3"), &o).unwrap().accel.is_none());
 }

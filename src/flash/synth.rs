@@ -269,6 +269,17 @@ fn random_extent(kind: WKind, parts: &[Part; 3], stride: usize, rng: &mut Rng, o
                 sc.chunks_mut(2).for_each(|c| c.copy_from_slice(&scale));
                 bi.chunks_mut(2).for_each(|c| c.copy_from_slice(&bias));
             }
+            WKind::Mxfp4 => {
+                // random e2m1 nibbles, every block's e8m0 scale putting e2m1's ±6 at ±a (no
+                // f32 encode: that took minutes per gpt-oss-120b layer)
+                let vals = p.rows * p.cols.div_ceil(32) * 16;
+                for ch in blob[..vals].chunks_mut(8) {
+                    let r = rng.next().to_le_bytes();
+                    ch.copy_from_slice(&r[..ch.len()]);
+                }
+                let e = ((a / 6.0).log2().round() as i32 + 127).clamp(0, 254) as u8;
+                blob[vals..].iter_mut().for_each(|b| *b = e);
+            }
             _ => {
                 let v: Vec<f32> = (0..p.rows * p.cols).map(|_| rng.sym(a)).collect();
                 let m = Mat::from_f32(p.rows, p.cols, v).expect("sizes match");
@@ -413,6 +424,25 @@ mod cut_tests {
             assert!(full > 1, "{p}");
             assert_eq!(ModelConfig::from_json(&raw).unwrap().num_layers, 1, "{p}");
             assert!(cut_layers(preset_config(p).unwrap(), Some(full + 1), p).is_err());
+        }
+    }
+    /// MXFP4 extents are written as nibbles and scales directly: every part decodes to finite
+    /// values within e2m1's ±6 at the part's amplitude (the scale its nearest power of two), and
+    /// not all zero.
+    #[test]
+    fn mxfp4_extents_hold_values_at_the_parts_amplitude() {
+        let (h, i) = (96, 64);
+        let (parts, _, stride) = expert_layout(WKind::Mxfp4, h, i, false);
+        let mut out = vec![0u8; stride as usize];
+        random_extent(WKind::Mxfp4, &parts, stride as usize, &mut Rng(7), &mut out);
+        for (pi, p) in parts.iter().enumerate() {
+            let a = 3f32.sqrt() / (p.cols as f32).sqrt() * if pi == 2 { 0.1 } else { 1.0 };
+            let len = WKind::Mxfp4.bytes(p.rows, p.cols);
+            let data = &out[p.offset as usize..p.offset as usize + len];
+            let m = crate::tensor::MatRef { data, rows: p.rows, cols: p.cols, kind: WKind::Mxfp4 };
+            let v = m.to_f32();
+            let top = v.iter().fold(0f32, |t, x| t.max(x.abs()));
+            assert!(v.iter().all(|x| x.is_finite()) && top > 0.0 && top <= 2.0 * a, "part {pi}: max {top}, a {a}");
         }
     }
 }

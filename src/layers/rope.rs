@@ -64,6 +64,12 @@ impl Rope {
         (self.key.0, f64::from_bits(self.key.1))
     }
 
+    /// The frequency of each rotated pair and the factor on cos and sin (YaRN's attention
+    /// factor): what a backend that builds its own tables needs.
+    pub fn freqs(&self) -> (&[f64], f64) {
+        (&self.inv_freq, self.scale)
+    }
+
     /// Whether the frequencies are θ^(−2j/d), unscaled (what [`Rope::params`] describes).
     pub fn is_plain(&self) -> bool {
         self.plain

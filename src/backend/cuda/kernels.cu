@@ -10,18 +10,21 @@ typedef unsigned long long u64;
 #define NEG_INF __uint_as_float(0xff800000u)
 
 // A matrix inside a device buffer: offsets from a base pointer (an expert's extent, or the
-// matrix's own allocation). kind: 0 f32, 1 bf16, 2 f16, 3 group-affine quantized.
+// matrix's own allocation). kind: 0 f32, 1 bf16, 2 f16, 3 group-affine quantized, 4 MXFP4
+// (per row `rb` bytes of e2m1 nibbles, low nibble first, then per row an e8m0 scale per 32).
 struct MatD {
     u64 off;
-    u64 soff;  // scales (bf16), from `off`
+    u64 soff;  // scales (bf16; MXFP4: e8m0 bytes), from `off`
     u64 boff;  // biases (bf16), from `off`
     int rows;
     int cols;
     int kind;
     int bits;
     int group;
-    int rb;    // packed bytes per row (quantized)
+    int rb;    // packed bytes per row (quantized, MXFP4)
 };
+
+#define MXFP4 0  // the `F` of the integer kernels' templates for MXFP4 rows (else the q bits)
 
 __device__ __forceinline__ float bf(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
@@ -32,6 +35,21 @@ __device__ __forceinline__ float h2f(u16 h) {
     else if (e == 31) v = m ? __int_as_float(0x7fc00000) : __int_as_float(0x7f800000);
     else v = ldexpf((float)(m | 1024), (int)e - 25);
     return s ? -v : v;
+}
+
+// e8m0 scale s: 2^(s − 127) (exact, subnormal for s = 0).
+__device__ __forceinline__ float e8m0(u32 s) { return s ? __uint_as_float(s << 23) : __uint_as_float(0x00400000u); }
+
+// 2^(s − 128): the scale of the doubled e2m1 integers the int8 kernels multiply.
+__device__ __forceinline__ float e8m0_half(u32 s) {
+    return s >= 2 ? __uint_as_float((s - 1) << 23) : __uint_as_float(0x00200000u << s);
+}
+
+// The e2m1 value of a nibble: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, built from its bits.
+__device__ __forceinline__ float e2m1(u32 c) {
+    u32 m = c & 7, e = m >> 1;
+    float v = e ? __uint_as_float(((e + 126) << 23) | ((m & 1) << 22)) : 0.5f * (float)(m & 1);
+    return (c & 8) ? -v : v;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -107,6 +125,34 @@ __device__ __forceinline__ void hdots(const u16* r, int cols, const float* x, lo
     }
 }
 
+// MXFP4 rows of whole 32-value blocks: a 16-byte load is one block of one scale.
+template <int T>
+__device__ __forceinline__ void fp4dots(const u8* r, const u8* sc, int cols, const float* x, long long xs, int nt,
+                                        int lane, float* acc) {
+    const uint4* r4 = (const uint4*)r;
+    for (int i = lane; i < cols / 32; i += 32) {
+        uint4 v = __ldg(r4 + i);
+        u32 ws[4] = {v.x, v.y, v.z, v.w};
+        float s = e8m0(__ldg(sc + i));
+        float w[32];
+#pragma unroll
+        for (int k = 0; k < 32; k++) w[k] = e2m1((ws[k >> 3] >> ((k & 7) * 4)) & 15);
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            if (t < nt) {
+                const float4* x4 = (const float4*)(x + t * xs + i * 32);
+                float a = 0.f;
+#pragma unroll
+                for (int k4 = 0; k4 < 8; k4++) {
+                    float4 xv = x4[k4];
+                    a += w[4 * k4] * xv.x + w[4 * k4 + 1] * xv.y + w[4 * k4 + 2] * xv.z + w[4 * k4 + 3] * xv.w;
+                }
+                acc[t] = fmaf(s, a, acc[t]);
+            }
+        }
+    }
+}
+
 // acc[t] += W[row] · x_t for t < nt (x_t = x + t · xs); the lanes of a warp split the row.
 template <int T>
 __device__ __forceinline__ void row_dots(const u8* base, const MatD& m, int row, const float* x, long long xs, int nt,
@@ -122,6 +168,18 @@ __device__ __forceinline__ void row_dots(const u8* base, const MatD& m, int row,
         }
         for (int j = lane; j < cols; j += 32) {
             float wv = m.kind == 1 ? bf(r[j]) : h2f(r[j]);
+#pragma unroll
+            for (int t = 0; t < T; t++) if (t < nt) acc[t] += wv * x[t * xs + j];
+        }
+    } else if (m.kind == 4) {
+        const u8* r = w + (long long)row * m.rb;
+        const u8* sc = w + m.soff + (long long)row * ((cols + 31) / 32);
+        if ((cols & 31) == 0 && (xs & 3) == 0) {
+            fp4dots<T>(r, sc, cols, x, xs, nt, lane, acc);
+            return;
+        }
+        for (int j = lane; j < cols; j += 32) {
+            float wv = e2m1((r[j >> 1] >> ((j & 1) * 4)) & 15) * e8m0(sc[j >> 5]);
 #pragma unroll
             for (int t = 0; t < T; t++) if (t < nt) acc[t] += wv * x[t * xs + j];
         }
@@ -161,7 +219,8 @@ __device__ __forceinline__ void row_dots(const u8* base, const MatD& m, int row,
 
 // y[t][r] = W[r] · x[t] for nt ≤ T consecutive tokens, a warp per row (grid.x: rows / warps).
 template <int T>
-__device__ __forceinline__ void rows_times_tokens(const u8* base, const MatD& m, const float* x, float* y, int nt) {
+__device__ __forceinline__ void rows_times_tokens(const u8* base, const MatD& m, const float* x, float* y, int nt,
+                                                  const float* bias = nullptr) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= m.rows) return;
@@ -171,7 +230,7 @@ __device__ __forceinline__ void rows_times_tokens(const u8* base, const MatD& m,
     row_dots<T>(base, m, row, x, m.cols, nt, lane, acc);
 #pragma unroll
     for (int t = 0; t < T; t++) {
-        float v = warp_sum(acc[t]);
+        float v = warp_sum(acc[t]) + (bias ? bias[row] : 0.f);
         if (lane == 0 && t < nt) y[(long long)t * m.rows + row] = v;
     }
 }
@@ -199,10 +258,48 @@ __device__ __forceinline__ QX qx_row(QX x, long long r, int cols) {
 // One 16-byte load of a q4/q8 row (columns j0.., all in one group of scale s, bias b) times the
 // int8 input with `dp4a`: it meets 16 bytes (q8) or 32 (q4) of input, nibbles put in column
 // order with byte permutes.
+// Four MXFP4 nibbles (a selector's low 16 bits, column order) as the signed bytes 2·e2m1:
+// magnitudes and their negatives looked up with byte permutes, then picked by the sign bits.
+__device__ __forceinline__ int fp4x4(u32 sel) {
+    u32 mag = sel & 0x7777u;
+    u32 pos = __byte_perm(0x03020100u, 0x0C080604u, mag);
+    u32 neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, mag);
+    return (int)__byte_perm(pos, neg, 0x3210u | ((sel >> 1) & 0x4444u));
+}
+
+// Values per 16-byte load of an integer-kernel row (F: q bits, or MXFP4).
+#define PER_LOAD(F) ((F) == MXFP4 ? 32 : 128 / (F))
+
+// Load i (16 bytes) of row `row` of a q4/q8/MXFP4 matrix at w, with its scale and bias (MXFP4:
+// the scale of the doubled e2m1 integers, no bias).
+template <int F>
+__device__ __forceinline__ void load16(const u8* w, const MatD& m, long long row, int i, uint4& v, float& s, float& b) {
+    v = __ldg((const uint4*)(w + row * m.rb) + i);
+    if (F == MXFP4) {
+        s = e8m0_half(__ldg(w + m.soff + row * (m.cols / 32) + i));
+        b = 0.f;
+    } else {
+        int groups = (m.cols + m.group - 1) / m.group, g = i * PER_LOAD(F) / m.group;
+        s = bf(__ldg((const u16*)(w + m.soff) + row * groups + g));
+        b = bf(__ldg((const u16*)(w + m.boff) + row * groups + g));
+    }
+}
+
 template <int BITS>
 __device__ __forceinline__ float chunk_i8(uint4 v, float s, float b, QX x, int j0) {
     const int* xq = (const int*)(x.q + j0);
     int isum = 0;
+    if (BITS == MXFP4) {
+        u32 ws[4] = {v.x, v.y, v.z, v.w};
+        int4 xa = *(const int4*)xq, xb = *(const int4*)(xq + 4);
+        int xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            isum = __dp4a(fp4x4(ws[w] & 0xFFFFu), xs[2 * w], isum);
+            isum = __dp4a(fp4x4(ws[w] >> 16), xs[2 * w + 1], isum);
+        }
+        return s * x.d[j0 / 32] * (float)isum;
+    }
     if (BITS == 4) {
         u32 ws[4] = {v.x, v.y, v.z, v.w};
         int4 xa = *(const int4*)xq, xb = *(const int4*)(xq + 4);
@@ -225,10 +322,15 @@ __device__ __forceinline__ float chunk_i8(uint4 v, float s, float b, QX x, int j
     return s * x.d[j0 / 32] * (float)isum + (b + 128.f * s) * x.s16[j0 / 16];
 }
 
-// Whether the int8-input kernels take matrix m: q4/q8 rows of whole 16-byte loads, groups of 32s.
+// Whether the int8-input kernels take matrix m: q4/q8 rows of whole 16-byte loads, groups of
+// 32s, or MXFP4 rows of whole 32-value blocks.
 __device__ __forceinline__ bool i8_ok(const MatD& m) {
+    if (m.kind == 4) return (m.cols & 31) == 0;
     return m.kind == 3 && (m.bits == 4 || m.bits == 8) && (m.cols & 31) == 0 && (m.group & 31) == 0 && (m.rb & 15) == 0;
 }
+
+// The integer-kernel format of an `i8_ok` matrix: MXFP4 or its q bits.
+__device__ __forceinline__ int i8_format(const MatD& m) { return m.kind == 4 ? MXFP4 : m.bits; }
 
 #ifndef QD_U
 #define QD_U 2  // 16-byte loads a lane issues before the first use (a warp stalls at a load's first use)
@@ -236,22 +338,17 @@ __device__ __forceinline__ bool i8_ok(const MatD& m) {
 
 // Σ w·x over a q4/q8 row on the int8 input: each lane's loads (up to QD_U of them) issued at once.
 template <int BITS>
-__device__ __forceinline__ float qdot_i8(const u8* r, const u16* sc, const u16* bi, int cols, int group, QX x, int lane) {
-    constexpr int PER = 128 / BITS;
-    const uint4* r4 = (const uint4*)r;
-    const int n = cols / PER;
+__device__ __forceinline__ float qdot_i8(const u8* w, const MatD& m, int row, QX x, int lane) {
+    constexpr int PER = PER_LOAD(BITS);
+    const int n = m.cols / PER;
     float acc = 0.f;
     for (int i0 = lane; i0 < n; i0 += 32 * QD_U) {
         uint4 v[QD_U];
         float s[QD_U], b[QD_U];
 #pragma unroll
         for (int e = 0; e < QD_U; e++) {
-            int i = i0 + 32 * e, g = i * PER / group;
-            if (i < n) {
-                v[e] = __ldg(r4 + i);
-                s[e] = bf(__ldg(sc + g));
-                b[e] = bf(__ldg(bi + g));
-            }
+            int i = i0 + 32 * e;
+            if (i < n) load16<BITS>(w, m, row, i, v[e], s[e], b[e]);
         }
 #pragma unroll
         for (int e = 0; e < QD_U; e++) {
@@ -266,11 +363,9 @@ __device__ __forceinline__ float qdot_i8(const u8* r, const u16* sc, const u16* 
 __device__ __forceinline__ float vec_dot(const u8* base, const MatD& m, int row, const float* x, QX qx, int lane) {
     if (qx.q && i8_ok(m)) {
         const u8* w = base + m.off;
-        int groups = (m.cols + m.group - 1) / m.group;
-        const u8* r = w + (long long)row * m.rb;
-        const u16* sc = (const u16*)(w + m.soff) + (long long)row * groups;
-        const u16* bi = (const u16*)(w + m.boff) + (long long)row * groups;
-        return m.bits == 4 ? qdot_i8<4>(r, sc, bi, m.cols, m.group, qx, lane) : qdot_i8<8>(r, sc, bi, m.cols, m.group, qx, lane);
+        int f = i8_format(m);
+        return f == 4 ? qdot_i8<4>(w, m, row, qx, lane)
+                      : f == 8 ? qdot_i8<8>(w, m, row, qx, lane) : qdot_i8<MXFP4>(w, m, row, qx, lane);
     }
     float a[1] = {0.f};
     row_dots<1>(base, m, row, x, 0, 1, lane, a);
@@ -360,8 +455,9 @@ __device__ __forceinline__ void quant_chunk(float v, long long c, int lane, QX q
 // stalls at the first use: a loop over the row would wait once per iteration).
 #define NORM_PER 8
 // The block's row at offset o (y read past L1: another block of the same launch may have written it).
-__device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const float* w, float* h, int dim, float eps, QX q,
-                                            long long o) {
+// yb: a bias added with y (an output projection's, gpt-oss), or null.
+__device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const float* yb, const float* w, float* h, int dim,
+                                            float eps, QX q, long long o) {
     __shared__ float sh[32];
     int nb = blockDim.x;
     if (dim > NORM_PER * nb) {
@@ -369,7 +465,7 @@ __device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const floa
         float ss = 0.f;
         for (int i = threadIdx.x; i < dim; i += nb) {
             float v = x[o + i];
-            if (y) { v += __ldcg(y + o + i); x[o + i] = v; }
+            if (y) { v += __ldcg(y + o + i) + (yb ? yb[i] : 0.f); x[o + i] = v; }
             ss += v * v;
         }
         float inv = rsqrtf(block_sum(ss, sh) / dim + eps);
@@ -387,7 +483,7 @@ __device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const floa
         int i = threadIdx.x + r * nb;
         v[r] = i < dim ? x[o + i] : 0.f;
         ww[r] = i < dim ? w[i] : 0.f;
-        if (y && i < dim) v[r] += __ldcg(y + o + i);
+        if (y && i < dim) v[r] += __ldcg(y + o + i) + (yb ? yb[i] : 0.f);
     }
 #pragma unroll
     for (int r = 0; r < NORM_PER; r++) {
@@ -408,16 +504,17 @@ __device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const floa
     }
 }
 
-extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* w, float* h, int dim, float eps, QX q) {
-    rmsnorm_row(x, y, w, h, dim, eps, q, (long long)blockIdx.x * dim);
+extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* yb, const float* w, float* h, int dim,
+                                       float eps, QX q) {
+    rmsnorm_row(x, y, yb, w, h, dim, eps, q, (long long)blockIdx.x * dim);
 }
 
 // One token's y = W·xin (a warp per row, as matvec_q) and then, in the block that finishes last
 // (counted in `*done`, set back to 0 for the next launch), x += y and h = rmsnorm(x) · w with
 // h's int8 form into `hq` when hq.q is set, as add_rmsnorm: a mixer's output projection and
 // the norm after it in one launch. W's rows are x's dim.
-extern "C" __global__ void matvec_norm(const u8* base, MatD m, const float* xin, QX qx, float* y, unsigned* done,
-                                       float* x, const float* w, float* h, float eps, QX hq) {
+extern "C" __global__ void matvec_norm(const u8* base, MatD m, const float* xin, QX qx, float* y, const float* yb,
+                                       unsigned* done, float* x, const float* w, float* h, float eps, QX hq) {
     __shared__ bool last;
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -431,7 +528,7 @@ extern "C" __global__ void matvec_norm(const u8* base, MatD m, const float* xin,
     __syncthreads();
     if (!last) return;
     __threadfence();
-    rmsnorm_row(x, y, w, h, m.rows, eps, hq, 0);
+    rmsnorm_row(x, y, yb, w, h, m.rows, eps, hq, 0);
     if (threadIdx.x == 0) *done = 0;
 }
 
@@ -439,11 +536,14 @@ extern "C" __global__ void matvec_norm(const u8* base, MatD m, const float* xin,
 // from call to call is read from device memory, so a captured decode graph replays for any
 // sequence and position.
 
-// q/k RMSNorm per head and RoPE on the first `rot` dims ("rotate half"); k and v of token t are
+// q/k biases (when given) and RMSNorm per head (when `norm`), then RoPE on the first `rot` dims
+// ("rotate half") at the frequencies `freqs` (rot/2, from the layer's RoPE: plain or YaRN),
+// cos and sin times `fscale` (YaRN's attention factor); k and v (plus its bias) of token t are
 // written into the caches at position pos0 + t. Grid (tokens, heads + kv heads), one warp each.
 extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v, const float* qn, const float* kn,
                                         const long long* meta, int layer, int nh, int nkv, int d, int qw, int rot,
-                                        double theta, float eps) {
+                                        const double* freqs, float fscale, float eps, const float* bq, const float* bk,
+                                        const float* bv, int norm) {
     __shared__ float head[512];
     int pos0 = (int)meta[0];
     float* kc = (float*)meta[1 + 2 * layer];
@@ -453,18 +553,24 @@ extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v
     float* src;
     float* dst;
     const float* nw;
+    const float* bias;
     if (hh < nh) {
         src = q + ((long long)t * nh + hh) * qw;
         dst = src;
         nw = qn;
+        bias = bq ? bq + (long long)hh * qw : nullptr;
     } else {
         int kh = hh - nh;
         src = (float*)k + ((long long)t * nkv + kh) * d;
         dst = kc + ((long long)pos * nkv + kh) * d;
         nw = kn;
+        bias = bk ? bk + (long long)kh * d : nullptr;
         float vv[8];
 #pragma unroll
-        for (int r = 0; r < 8; r++) vv[r] = lane + 32 * r < d ? v[((long long)t * nkv + kh) * d + lane + 32 * r] : 0.f;
+        for (int r = 0; r < 8; r++) {
+            int i = lane + 32 * r;
+            vv[r] = i < d ? v[((long long)t * nkv + kh) * d + i] + (bv ? bv[kh * d + i] : 0.f) : 0.f;
+        }
 #pragma unroll
         for (int r = 0; r < 8; r++) if (lane + 32 * r < d) vc[((long long)pos * nkv + kh) * d + lane + 32 * r] = vv[r];
     }
@@ -474,11 +580,11 @@ extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v
 #pragma unroll
     for (int r = 0; r < 8; r++) {
         int i = lane + 32 * r;
-        hv[r] = i < d ? src[i] : 0.f;
-        nv[r] = i < d ? nw[i] : 0.f;
+        hv[r] = i < d ? src[i] + (bias ? bias[i] : 0.f) : 0.f;
+        nv[r] = i < d && norm ? nw[i] : 1.f;
         ss += hv[r] * hv[r];
     }
-    float inv = rsqrtf(warp_sum(ss) / d + eps);
+    float inv = norm ? rsqrtf(warp_sum(ss) / d + eps) : 1.f;
 #pragma unroll
     for (int r = 0; r < 8; r++) {
         int i = lane + 32 * r;
@@ -492,14 +598,36 @@ extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v
             int j = i < half ? i : i - half;
             // the angle in double (positions reach 1e5+), reduced to [-π, π] before float sin/cos:
             // double-precision sin and cos took most of this kernel's time
-            double a = (double)pos * exp2(-(double)(2 * j) / (double)rot * log2(theta));
+            double a = (double)pos * freqs[j];
             const double two_pi = 6.283185307179586;
             float r = (float)(a - rint(a / two_pi) * two_pi), c, s;
             sincosf(r, &s, &c);
+            c *= fscale;
+            s *= fscale;
             out = i < half ? head[i] * c - head[i + half] * s : head[i] * c + head[i - half] * s;
         }
         dst[i] = out;
     }
+}
+
+// MiniMax-M2's q/k RMSNorm over each token's whole projection (before the head split and RoPE),
+// in place, biases added first when given: block (t, 0) normalises q's row (qd wide), (t, 1) k's.
+extern "C" __global__ void whole_norm(float* q, float* k, const float* qn, const float* kn, const float* bq,
+                                      const float* bk, int qd, int kd, float eps) {
+    __shared__ float sh[32];
+    int t = blockIdx.x, which = blockIdx.y;
+    int dim = which ? kd : qd;
+    float* row = (which ? k : q) + (long long)t * dim;
+    const float* w = which ? kn : qn;
+    const float* b = which ? bk : bq;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = row[i] + (b ? b[i] : 0.f);
+        row[i] = v;
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss, sh) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) row[i] = row[i] * inv * w[i];
 }
 
 // Softmax attention of token t (position pos0 + t) over cache positions 0..=pos0 + t, split
@@ -509,7 +637,7 @@ extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v
 #define CHUNK 128
 template <int U>
 __device__ __forceinline__ void attn_part_t(const float* q, const long long* meta, int layer, float* part, int nh,
-                                            int nkv, int d, int qw, int parts) {
+                                            int nkv, int d, int qw, int parts, int window) {
     __shared__ float sm[4], sl[4];
     __shared__ float sacc[4][256];
     int th = blockIdx.x, c = blockIdx.y;
@@ -518,8 +646,10 @@ __device__ __forceinline__ void attn_part_t(const float* q, const long long* met
     const float* kc = (const float*)meta[1 + 2 * layer];
     const float* vc = (const float*)meta[2 + 2 * layer];
     int kvh = h / (nh / nkv);
-    int len = pos0 + t + 1;
-    int p0 = c * CHUNK, p1 = min(len, p0 + CHUNK);
+    // a sliding layer's token sees the last `window` positions, itself included: the chunks
+    // start at the window's first position
+    int len = pos0 + t + 1, start = max(0, len - window);
+    int p0 = start + c * CHUNK, p1 = min(len, p0 + CHUNK);
     float* out = part + ((long long)th * parts + c) * (d + 2);
     if (p0 >= len) {
         for (int i = threadIdx.x; i < d + 2; i += blockDim.x) out[i] = i == 0 ? NEG_INF : 0.f;
@@ -619,23 +749,24 @@ __device__ __forceinline__ void attn_part_t(const float* q, const long long* met
 // (the kernels: a prompt's, 4 positions' k loads a warp in flight; one token's, 16 positions'
 // k and then v loads: 25 µs against 44 µs a layer at 512 positions on the H200)
 extern "C" __global__ void attn_part(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
-                                     int d, int qw, int parts) {
-    attn_part_t<4>(q, meta, layer, part, nh, nkv, d, qw, parts);
+                                     int d, int qw, int parts, int window) {
+    attn_part_t<4>(q, meta, layer, part, nh, nkv, d, qw, parts, window);
 }
 
 extern "C" __global__ void attn_part1(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
-                                      int d, int qw, int parts) {
-    attn_part_t<16>(q, meta, layer, part, nh, nkv, d, qw, parts);
+                                      int d, int qw, int parts, int window) {
+    attn_part_t<16>(q, meta, layer, part, nh, nkv, d, qw, parts, window);
 }
 
 // o[t][h] = the parts of (t, h) merged, times sigmoid of the gate when gated. One block each.
+// sinks (gpt-oss): a logit per head that joins the softmax's sum and adds no value.
 extern "C" __global__ void attn_merge(const float* q, const float* part, float* o, int nh, int d, int qw, int gated,
-                                      int parts, QX oq) {
+                                      int parts, QX oq, const float* sinks) {
     int th = blockIdx.x;
     const float* pp = part + (long long)th * parts * (d + 2);
-    float top = NEG_INF;
+    float top = sinks ? sinks[th % nh] : NEG_INF;
     for (int c = 0; c < parts; c++) top = fmaxf(top, pp[c * (d + 2)]);
-    float tot = 0.f;
+    float tot = sinks ? __expf(sinks[th % nh] - top) : 0.f;
     for (int c = 0; c < parts; c++) {
         float mc = pp[c * (d + 2)];
         if (mc != NEG_INF) tot += pp[c * (d + 2) + 1] * __expf(mc - top);
@@ -655,53 +786,128 @@ extern "C" __global__ void attn_merge(const float* q, const float* part, float* 
     }
 }
 
-// Router: softmax over `e` logits of token t, the top k (ties to the lower index), weights
-// renormalized to sum 1 when asked; one warp, `p` room for e floats in shared memory.
-__device__ __forceinline__ void topk_warp(const float* lg, int e, int k, int renorm, int* ids, float* wts, float* p,
-                                          float* chosen_w, int t, int lane) {
+// How a router turns logits into experts and weights (`RouterSpec` in src/config.rs): the
+// router's own bias on the logits (`lbias`), then softmax or sigmoid weights, the choice by
+// weight + correction bias (`cbias`) within the best `topk_group` of `n_group` groups, or
+// (gpt-oss, `chosen`) the top-k logits softmaxed among themselves; renormalised, scaled.
+struct RouteD {
+    const float* lbias;
+    const float* cbias;
+    int sigmoid;
+    int renorm;
+    int chosen;
+    int n_group;
+    int topk_group;
+    float scale;
+};
+
+// Whether (v, i) ranks before (bv, bi): higher, ties to the lower index; NaN (taken) never; any
+// value before the empty pick (bi = INT_MAX), −∞ included.
+__device__ __forceinline__ bool ranks_before(float v, int i, float bv, int bi) {
+    if (v != v) return false;
+    return bi == 0x7fffffff || v > bv || (v == bv && i < bi);
+}
+
+// The warp's best (v, i) by `ranks_before`; every lane gets it.
+__device__ __forceinline__ void warp_best(float& bv, int& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffff, bv, o);
+        int oi = __shfl_xor_sync(0xffffffff, bi, o);
+        if (oi != 0x7fffffff && ranks_before(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+    }
+}
+
+// Routes token t's `e` logits to k experts (ids, wts), as `moe::route_into`; one warp, `p` and
+// `c` room for e floats each in shared memory (the weights, and what the choice ranks by).
+__device__ __forceinline__ void topk_warp(const float* lg, int e, int k, const RouteD& rd, int* ids, float* wts,
+                                          float* p, float* c, float* chosen_w, int t, int lane) {
+    __shared__ float gsum[64];
     float m = NEG_INF;
     // unrolled, so that a lane's loads are issued together (a warp stalls at a load's first use)
 #pragma unroll 4
-    for (int i = lane; i < e; i += 32) { float v = __ldcg(lg + i); p[i] = v; m = fmaxf(m, v); }
-    m = warp_max(m);
-    float s = 0.f;
-    for (int i = lane; i < e; i += 32) { float v = expf(p[i] - m); p[i] = v; s += v; }
-    s = warp_sum(s);
+    for (int i = lane; i < e; i += 32) {
+        float v = __ldcg(lg + i) + (rd.lbias ? rd.lbias[i] : 0.f);
+        p[i] = v;
+        m = fmaxf(m, v);
+    }
     __syncwarp();
-    for (int i = lane; i < e; i += 32) p[i] /= s;
-    __syncwarp();
-    float chosen = 0.f;
-    for (int j = 0; j < k; j++) {
-        float bv = -1.f;
-        int bi = 0x7fffffff;
-        for (int i = lane; i < e; i += 32) if (p[i] > bv) { bv = p[i]; bi = i; }
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffff, bv, o);
-            int oi = __shfl_xor_sync(0xffffffff, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-        if (lane == 0) { ids[t * k + j] = bi; chosen_w[j] = bv; }
-        chosen += bv;
+    if (rd.chosen) {
+        for (int i = lane; i < e; i += 32) c[i] = p[i];
+    } else if (rd.sigmoid) {
+        for (int i = lane; i < e; i += 32) p[i] = 1.f / (1.f + expf(-p[i]));
+    } else {
+        m = warp_max(m);
+        float s = 0.f;
+        for (int i = lane; i < e; i += 32) { float v = expf(p[i] - m); p[i] = v; s += v; }
+        s = warp_sum(s);
         __syncwarp();
-        if (lane == (bi & 31)) p[bi] = -2.f;
+        for (int i = lane; i < e; i += 32) p[i] /= s;
+    }
+    if (!rd.chosen) for (int i = lane; i < e; i += 32) c[i] = p[i] + (rd.cbias ? rd.cbias[i] : 0.f);
+    __syncwarp();
+    if (rd.n_group > 1) {
+        // only the best topk_group groups, by the sum of each group's two best scores
+        int per = e / rd.n_group;
+        for (int g = lane; g < rd.n_group; g += 32) {
+            float a = NEG_INF, b = NEG_INF;
+            for (int i = g * per; i < (g + 1) * per; i++) {
+                float v = c[i];
+                if (v > a) { b = a; a = v; } else if (v > b) b = v;
+            }
+            gsum[g] = a + b;
+        }
+        __syncwarp();
+        for (int j = 0; j < rd.topk_group && j < rd.n_group; j++) {
+            float bv = 0.f;
+            int bi = 0x7fffffff;
+            for (int g = lane; g < rd.n_group; g += 32) if (ranks_before(gsum[g], g, bv, bi)) { bv = gsum[g]; bi = g; }
+            warp_best(bv, bi);
+            __syncwarp();
+            if (lane == 0) gsum[bi] = __int_as_float(0x7fc00000);  // kept: NaN marks it
+            __syncwarp();
+        }
+        for (int i = lane; i < e; i += 32) if (gsum[i / per] == gsum[i / per]) c[i] = NEG_INF;
         __syncwarp();
     }
+    float chosen = 0.f, top = 0.f;
+    for (int j = 0; j < k; j++) {
+        float bv = 0.f;
+        int bi = 0x7fffffff;
+        for (int i = lane; i < e; i += 32) if (ranks_before(c[i], i, bv, bi)) { bv = c[i]; bi = i; }
+        warp_best(bv, bi);
+        float w = p[bi];
+        if (rd.chosen) {
+            // the softmax over the chosen logits, from the first (the largest)
+            if (j == 0) top = w;
+            w = expf(w - top);
+        }
+        if (lane == 0) { ids[t * k + j] = bi; chosen_w[j] = w; }
+        chosen += w;
+        __syncwarp();
+        if (lane == 0) c[bi] = __int_as_float(0x7fc00000);
+        __syncwarp();
+    }
+    // sigmoid weights can all be tiny; softmax ones never sum to zero
+    float div = rd.chosen ? chosen : rd.renorm ? (rd.sigmoid ? chosen + 1e-20f : chosen) : 1.f;
     // from shared memory: dividing the stored weights in place cost a global round trip each
-    for (int j = lane; j < k; j += 32) wts[t * k + j] = renorm ? chosen_w[j] / chosen : chosen_w[j];
+    for (int j = lane; j < k; j += 32) {
+        float w = rd.chosen ? chosen_w[j] / div * rd.scale : chosen_w[j] / div;
+        wts[t * k + j] = (!rd.chosen && rd.scale != 1.f) ? w * rd.scale : w;
+    }
 }
 
-// One warp per token.
-extern "C" __global__ void route_topk(const float* logits, int e, int k, int renorm, int* ids, float* wts) {
+// One warp per token; shared memory 2·e floats.
+extern "C" __global__ void route_topk(const float* logits, int e, int k, RouteD rd, int* ids, float* wts) {
     extern __shared__ float p[];
     __shared__ float chosen_w[64];
     int t = blockIdx.x;
-    topk_warp(logits + (long long)t * e, e, k, renorm, ids, wts, p, chosen_w, t, threadIdx.x & 31);
+    topk_warp(logits + (long long)t * e, e, k, rd, ids, wts, p, p + e, chosen_w, t, threadIdx.x & 31);
 }
 
 // One token's router product and top-k in one launch: a warp per row writes the logits, and
 // the block that finishes last (counted in `*done`, which it sets back to 0 for the next
-// launch) runs the top-k on them. Grid rows / warps; shared memory e floats.
-extern "C" __global__ void router_topk(const u8* base, MatD m, const float* x, QX qx, float* logits, int k, int renorm,
+// launch) runs the top-k on them. Grid rows / warps; shared memory 2·e floats.
+extern "C" __global__ void router_topk(const u8* base, MatD m, const float* x, QX qx, float* logits, int k, RouteD rd,
                                        int* ids, float* wts, unsigned* done) {
     extern __shared__ float p[];
     __shared__ float chosen_w[64];
@@ -719,16 +925,44 @@ extern "C" __global__ void router_topk(const u8* base, MatD m, const float* x, Q
     __syncthreads();
     if (!last) return;
     __threadfence();
-    if (threadIdx.x < 32) topk_warp(logits, m.rows, k, renorm, ids, wts, p, chosen_w, 0, lane);
+    if (threadIdx.x < 32) topk_warp(logits, m.rows, k, rd, ids, wts, p, p + m.rows, chosen_w, 0, lane);
     if (threadIdx.x == 0) *done = 0;
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
 
-// act[p][r] = silu(gate_e · x_t)[r] · (up_e · x_t)[r] for pair p = t·k + j, e = ids[p] (or the one
+// An expert block's activation: biases of gate, up and down (f32 rows at these offsets from
+// the expert's base, when `bias`), and SwiGLU or gpt-oss's clamped form.
+struct ActD {
+    u64 bg, bu, bd;
+    int bias;
+    int clamped;
+    float alpha;
+    float limit;
+};
+
+// The hidden activation of row r from its gate and up products (`b`: the expert's base).
+__device__ __forceinline__ float act_row(const ActD& a, const u8* b, int r, float g, float u) {
+    if (a.bias) {
+        g += ((const float*)(b + a.bg))[r];
+        u += ((const float*)(b + a.bu))[r];
+    }
+    if (a.clamped) {
+        float x = fminf(g, a.limit);
+        return x / (1.f + __expf(-a.alpha * x)) * (fminf(fmaxf(u, -a.limit), a.limit) + 1.f);
+    }
+    return silu(g) * u;
+}
+
+// The down product's bias of row r (0 without biases).
+__device__ __forceinline__ float down_bias(const ActD& a, const u8* b, int r) {
+    return a.bias ? ((const float*)(b + a.bd))[r] : 0.f;
+}
+
+// act[p][r] = act(gate_e · x_t, up_e · x_t)[r] for pair p = t·k + j, e = ids[p] (or the one
 // matrix at `base` when ids is null). Grid (inter rows / warps, pairs).
 extern "C" __global__ void swiglu_gate_up(const u8* base, u64 stride, const int* ids, MatD g, MatD u, const float* x,
-                                          float* act, int k, QX qx) {
+                                          float* act, int k, QX qx, ActD ad) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= g.rows) return;
@@ -737,13 +971,14 @@ extern "C" __global__ void swiglu_gate_up(const u8* base, u64 stride, const int*
     const float* xt = x + (long long)t * g.cols;
     QX qt = qx_row(qx, t, g.cols);
     float gv = warp_sum(vec_dot(b, g, row, xt, qt, lane)), uv = warp_sum(vec_dot(b, u, row, xt, qt, lane));
-    if (lane == 0) act[(long long)pr * g.rows + row] = silu(gv) * uv;
+    if (lane == 0) act[(long long)pr * g.rows + row] = act_row(ad, b, row, gv, uv);
 }
 
-// out[t][r] (+)= Σ_j wts[t·k + j] · (down_e · act[t·k + j])[r], the experts of token t in routing
-// order (weight 1 and the matrix at `base` when ids is null). Grid (hidden rows / warps, tokens).
+// out[t][r] (+)= Σ_j wts[t·k + j] · (down_e · act[t·k + j] + bias_e)[r], the experts of token t
+// in routing order (weight 1 and the matrix at `base` when ids is null). Grid (hidden rows /
+// warps, tokens).
 extern "C" __global__ void down_sum(const u8* base, u64 stride, const int* ids, const float* wts, MatD dn,
-                                    const float* act, float* out, int k, int accumulate, QX qx) {
+                                    const float* act, float* out, int k, int accumulate, QX qx, ActD ad) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= dn.rows) return;
@@ -753,7 +988,7 @@ extern "C" __global__ void down_sum(const u8* base, u64 stride, const int* ids, 
         int pr = t * k + j;
         const u8* b = base + (ids ? (u64)ids[pr] * stride : 0);
         float a = vec_dot(b, dn, row, act + (long long)pr * dn.cols, qx_row(qx, pr, dn.cols), lane);
-        total += (wts ? wts[pr] : 1.f) * warp_sum(a);
+        total += (wts ? wts[pr] : 1.f) * (warp_sum(a) + down_bias(ad, b, row));
     }
     if (lane == 0) {
         long long i = (long long)t * dn.rows + row;
@@ -770,8 +1005,8 @@ extern "C" __global__ void down_sum(const u8* base, u64 stride, const int* ids, 
 template <int BITS>
 __device__ __forceinline__ void gate_up_i8(const u8* b, const MatD& g, const MatD& u, int row0, QX x, int lane,
                                            float* ga, float* ua) {
-    constexpr int PER = 128 / BITS;
-    const int n = g.cols / PER, groups = (g.cols + g.group - 1) / g.group;
+    constexpr int PER = PER_LOAD(BITS);
+    const int n = g.cols / PER;
     const u8* wg = b + g.off;
     const u8* wu = b + u.off;
     for (int i0 = lane; i0 < n; i0 += 64) {
@@ -779,17 +1014,13 @@ __device__ __forceinline__ void gate_up_i8(const u8* b, const MatD& g, const Mat
         float sg[2][GU_R], bg[2][GU_R], su[2][GU_R], bu[2][GU_R];
 #pragma unroll
         for (int c = 0; c < 2; c++) {
-            int i = i0 + 32 * c, gi = i * PER / g.group;
+            int i = i0 + 32 * c;
             if (i < n) {
 #pragma unroll
                 for (int r = 0; r < GU_R; r++) {
                     long long rr = min(row0 + r, g.rows - 1);
-                    vg[c][r] = __ldg((const uint4*)(wg + rr * g.rb) + i);
-                    vu[c][r] = __ldg((const uint4*)(wu + rr * g.rb) + i);
-                    sg[c][r] = bf(__ldg((const u16*)(wg + g.soff) + rr * groups + gi));
-                    bg[c][r] = bf(__ldg((const u16*)(wg + g.boff) + rr * groups + gi));
-                    su[c][r] = bf(__ldg((const u16*)(wu + u.soff) + rr * groups + gi));
-                    bu[c][r] = bf(__ldg((const u16*)(wu + u.boff) + rr * groups + gi));
+                    load16<BITS>(wg, g, rr, i, vg[c][r], sg[c][r], bg[c][r]);
+                    load16<BITS>(wu, u, rr, i, vu[c][r], su[c][r], bu[c][r]);
                 }
             }
         }
@@ -807,11 +1038,11 @@ __device__ __forceinline__ void gate_up_i8(const u8* b, const MatD& g, const Mat
     }
 }
 
-// swiglu_gate_up on the int8 input, for q4/q8 gate and up of one layout (`i8_ok`): a warp
-// computes GU_R rows of one pair, every load of both matrices issued before the first use;
-// grid (inter rows / (warps · GU_R), pairs).
+// swiglu_gate_up on the int8 input, for q4/q8/MXFP4 gate and up of one layout (`i8_ok`): a
+// warp computes GU_R rows of one pair, every load of both matrices issued before the first
+// use; grid (inter rows / (warps · GU_R), pairs).
 extern "C" __global__ void swiglu_gate_up_i8(const u8* base, u64 stride, const int* ids, MatD g, MatD u, float* act,
-                                             int k, QX qx) {
+                                             int k, QX qx, ActD ad) {
     int lane = threadIdx.x & 31;
     int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GU_R;
     if (row0 >= g.rows) return;
@@ -821,12 +1052,14 @@ extern "C" __global__ void swiglu_gate_up_i8(const u8* base, u64 stride, const i
     float ga[GU_R], ua[GU_R];
 #pragma unroll
     for (int r = 0; r < GU_R; r++) { ga[r] = 0.f; ua[r] = 0.f; }
-    if (g.bits == 4) gate_up_i8<4>(b, g, u, row0, qt, lane, ga, ua);
-    else gate_up_i8<8>(b, g, u, row0, qt, lane, ga, ua);
+    int f = i8_format(g);
+    if (f == 4) gate_up_i8<4>(b, g, u, row0, qt, lane, ga, ua);
+    else if (f == 8) gate_up_i8<8>(b, g, u, row0, qt, lane, ga, ua);
+    else gate_up_i8<MXFP4>(b, g, u, row0, qt, lane, ga, ua);
 #pragma unroll
     for (int r = 0; r < GU_R; r++) {
         float gv = warp_sum(ga[r]), uv = warp_sum(ua[r]);
-        if (lane == 0 && row0 + r < g.rows) act[(long long)pr * g.rows + row0 + r] = silu(gv) * uv;
+        if (lane == 0 && row0 + r < g.rows) act[(long long)pr * g.rows + row0 + r] = act_row(ad, b, row0 + r, gv, uv);
     }
 }
 
@@ -840,8 +1073,8 @@ extern "C" __global__ void swiglu_gate_up_i8(const u8* base, u64 stride, const i
 template <int BITS>
 __device__ __forceinline__ float down_i8(const u8* base, u64 stride, const int* ids, const float* wts, const MatD& dn,
                                          int row, int t, int k, QX qx, int lane) {
-    constexpr int PER = 128 / BITS;
-    const int nch = dn.cols / PER, items = k * nch, groups = (dn.cols + dn.group - 1) / dn.group;
+    constexpr int PER = PER_LOAD(BITS);
+    const int nch = dn.cols / PER, items = k * nch;
     float total = 0.f;
     for (int i0 = lane; i0 < items; i0 += 32 * DN_I) {
         uint4 v[DN_I];
@@ -853,10 +1086,7 @@ __device__ __forceinline__ float down_i8(const u8* base, u64 stride, const int* 
             if (it < items) {
                 int j = it / nch, c = it - j * nch, pr = t * k + j;
                 const u8* w = base + (ids ? (u64)ids[pr] * stride : 0) + dn.off;
-                int gi = c * PER / dn.group;
-                v[e] = __ldg((const uint4*)(w + (long long)row * dn.rb) + c);
-                s[e] = bf(__ldg((const u16*)(w + dn.soff) + (long long)row * groups + gi));
-                bb[e] = bf(__ldg((const u16*)(w + dn.boff) + (long long)row * groups + gi));
+                load16<BITS>(w, dn, row, c, v[e], s[e], bb[e]);
                 wj[e] = wts ? wts[pr] : 1.f;
                 pj[e] = pr;
                 cj[e] = c;
@@ -871,28 +1101,37 @@ __device__ __forceinline__ float down_i8(const u8* base, u64 stride, const int* 
     return total;
 }
 
-// down_sum on the int8 activations `qx`, for a q4/q8 down matrix (`i8_ok`); the same grid.
+// down_sum on the int8 activations `qx`, for a q4/q8/MXFP4 down matrix (`i8_ok`); the same grid.
 extern "C" __global__ void down_sum_i8(const u8* base, u64 stride, const int* ids, const float* wts, MatD dn, float* out,
-                                       int k, int accumulate, QX qx) {
+                                       int k, int accumulate, QX qx, ActD ad) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= dn.rows) return;
     int t = blockIdx.y;
-    float total = warp_sum(dn.bits == 4 ? down_i8<4>(base, stride, ids, wts, dn, row, t, k, qx, lane)
-                                        : down_i8<8>(base, stride, ids, wts, dn, row, t, k, qx, lane));
+    int f = i8_format(dn);
+    float total = warp_sum(f == 4   ? down_i8<4>(base, stride, ids, wts, dn, row, t, k, qx, lane)
+                           : f == 8 ? down_i8<8>(base, stride, ids, wts, dn, row, t, k, qx, lane)
+                                    : down_i8<MXFP4>(base, stride, ids, wts, dn, row, t, k, qx, lane));
+    if (ad.bias) {
+        for (int j = 0; j < k; j++) {
+            int pr = t * k + j;
+            total += (wts ? wts[pr] : 1.f) * down_bias(ad, base + (ids ? (u64)ids[pr] * stride : 0), row);
+        }
+    }
     if (lane == 0) {
         long long o = (long long)t * dn.rows + row;
         out[o] = accumulate ? out[o] + total : total;
     }
 }
 
-// out[t] += sigmoid(gw · x[t]) · y[t]: the shared expert's gated contribution. One block per token.
+// out[t] += sigmoid(gw · x[t]) · y[t]: the shared expert's gated contribution (weight 1 when gw
+// is null: GLM's ungated one). One block per token.
 extern "C" __global__ void gated_add(float* out, const float* y, const float* gw, const float* x, int dim) {
     __shared__ float sh[32];
     long long o = (long long)blockIdx.x * dim;
     float s = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += gw[i] * x[o + i];
-    float g = 1.f / (1.f + expf(-block_sum(s, sh)));
+    if (gw) for (int i = threadIdx.x; i < dim; i += blockDim.x) s += gw[i] * x[o + i];
+    float g = gw ? 1.f / (1.f + expf(-block_sum(s, sh))) : 1.f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) out[o + i] += g * y[o + i];
 }
 
@@ -908,7 +1147,7 @@ extern "C" __global__ void gather_rows(const float* x, const int* order, float* 
 
 // act[s][r] = silu(gate_e · xg[s])[r] · (up_e · xg[s])[r] for the slots of tile blockIdx.y.
 extern "C" __global__ void gate_up_tiles(const u8* base, u64 stride, const int* tiles, MatD g, MatD u, const float* xg,
-                                         float* act) {
+                                         float* act, ActD ad) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= g.rows) return;
@@ -924,15 +1163,18 @@ extern "C" __global__ void gate_up_tiles(const u8* base, u64 stride, const int* 
 #pragma unroll
     for (int t = 0; t < NT; t++) {
         float gv = warp_sum(a[t]), uv = warp_sum(c[t]);
-        if (lane == 0 && t < nt) act[(long long)(s0 + t) * g.rows + row] = silu(gv) * uv;
+        if (lane == 0 && t < nt) act[(long long)(s0 + t) * g.rows + row] = act_row(ad, b, row, gv, uv);
     }
 }
 
-// ys[s][r] = (down_e · act[s])[r] for the slots of tile blockIdx.y.
-extern "C" __global__ void down_tiles(const u8* base, u64 stride, const int* tiles, MatD dn, const float* act, float* ys) {
+// ys[s][r] = (down_e · act[s] + bias_e)[r] for the slots of tile blockIdx.y.
+extern "C" __global__ void down_tiles(const u8* base, u64 stride, const int* tiles, MatD dn, const float* act, float* ys,
+                                      ActD ad) {
     const int* tl = tiles + 3 * blockIdx.y;
     int s0 = tl[1];
-    rows_times_tokens<NT>(base + (u64)tl[0] * stride, dn, act + (long long)s0 * dn.cols, ys + (long long)s0 * dn.rows, tl[2]);
+    const u8* b = base + (u64)tl[0] * stride;
+    const float* bias = ad.bias ? (const float*)(b + ad.bd) : nullptr;
+    rows_times_tokens<NT>(b, dn, act + (long long)s0 * dn.cols, ys + (long long)s0 * dn.rows, tl[2], bias);
 }
 
 // out[t] = Σ_j wts[t·k + j] · ys[slot_of[t·k + j]], in routing order. One block per token.
@@ -1053,7 +1295,7 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 // Whether the tensor-core path takes this matrix (columns and groups in steps of 16).
 __device__ __forceinline__ bool mma_ok(const MatD& m) {
     if ((m.cols & 15) != 0) return false;
-    if (m.kind == 1) return true;
+    if (m.kind == 1 || m.kind == 4) return true;
     return m.kind == 3 && (m.bits == 4 || m.bits == 8) && (m.group & 15) == 0;
 }
 
@@ -1064,6 +1306,15 @@ __device__ __forceinline__ void wpairs(const u8* w, const MatD& m, int r, int k,
         const u16* row = (const u16*)w + (long long)r * m.cols;
         p0 = *(const u32*)(row + k);
         p1 = *(const u32*)(row + k + 8);
+        return;
+    }
+    if (m.kind == 4) {
+        // k..k+9 lie in one block of 32 (k = 16·i + 2t, t < 4): one scale; e2m1 · 2^e is exact in bf16
+        const u8* row = w + (long long)r * m.rb;
+        float s = e8m0(w[m.soff + (long long)r * ((m.cols + 31) / 32) + (k >> 5)]);
+        u32 v0 = row[k >> 1], v1 = row[(k + 8) >> 1];
+        p0 = pack2(s * e2m1(v0 & 15), s * e2m1(v0 >> 4));
+        p1 = pack2(s * e2m1(v1 & 15), s * e2m1(v1 >> 4));
         return;
     }
     int groups = (m.cols + m.group - 1) / m.group, g = k / m.group;
@@ -1105,14 +1356,15 @@ __device__ __forceinline__ void mma_tile(const u8* w, const MatD& m, int r0, con
     }
 }
 
-__device__ __forceinline__ void mma_store(float acc[4][4], float* y, int rows, int r0, int nt, int lane) {
+__device__ __forceinline__ void mma_store(float acc[4][4], float* y, int rows, int r0, int nt, int lane,
+                                          const float* bias = nullptr) {
     int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int j = 0; j < 4; j++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             int tok = 8 * j + 2 * t + (e & 1), r = r0 + g + (e >> 1) * 8;
-            if (tok < nt && r < rows) y[(long long)tok * rows + r] = acc[j][e];
+            if (tok < nt && r < rows) y[(long long)tok * rows + r] = acc[j][e] + (bias ? bias[r] : 0.f);
         }
     }
 }
@@ -1135,7 +1387,7 @@ extern "C" __global__ void mma_matmul(const u8* base, MatD m, const u16* xb, flo
 
 // The grouped experts on tensor cores: tiles of up to 32 slots of one expert (see gate_up_tiles).
 extern "C" __global__ void mma_gate_up_tiles(const u8* base, u64 stride, const int* tiles, MatD g, MatD u, const u16* xb,
-                                             float* act) {
+                                             float* act, ActD ad) {
     int lane = threadIdx.x & 31, r0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 16;
     if (r0 >= g.rows) return;
     const int* tl = tiles + 3 * blockIdx.y;
@@ -1145,14 +1397,19 @@ extern "C" __global__ void mma_gate_up_tiles(const u8* base, u64 stride, const i
     const u16* x = xb + (long long)s0 * g.cols;
     mma_tile(b + g.off, g, r0, x, nt, lane, ga);
     mma_tile(b + u.off, u, r0, x, nt, lane, ua);
+    int gq = lane >> 2;
 #pragma unroll
     for (int j = 0; j < 4; j++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) ga[j][e] = silu(ga[j][e]) * ua[j][e];
+        for (int e = 0; e < 4; e++) {
+            int r = min(r0 + gq + (e >> 1) * 8, g.rows - 1);
+            ga[j][e] = act_row(ad, b, r, ga[j][e], ua[j][e]);
+        }
     mma_store(ga, act + (long long)s0 * g.rows, g.rows, r0, nt, lane);
 }
 
-extern "C" __global__ void mma_down_tiles(const u8* base, u64 stride, const int* tiles, MatD dn, const u16* actb, float* ys) {
+extern "C" __global__ void mma_down_tiles(const u8* base, u64 stride, const int* tiles, MatD dn, const u16* actb, float* ys,
+                                          ActD ad) {
     int lane = threadIdx.x & 31, r0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 16;
     if (r0 >= dn.rows) return;
     const int* tl = tiles + 3 * blockIdx.y;
@@ -1160,7 +1417,7 @@ extern "C" __global__ void mma_down_tiles(const u8* base, u64 stride, const int*
     int s0 = tl[1], nt = tl[2];
     float acc[4][4] = {};
     mma_tile(b + dn.off, dn, r0, actb + (long long)s0 * dn.cols, nt, lane, acc);
-    mma_store(acc, ys + (long long)s0 * dn.rows, dn.rows, r0, nt, lane);
+    mma_store(acc, ys + (long long)s0 * dn.rows, dn.rows, r0, nt, lane, ad.bias ? (const float*)(b + ad.bd) : nullptr);
 }
 
 // g = silu(g) · u, n values (a prompt's dense MLP between its gate/up and down products).

@@ -3,9 +3,13 @@
 //! The routed experts of a layer are found on the GPU (router product and top-k) and read from
 //! there by the expert kernels, so a forward pass returns to the host only for its logits.
 //!
-//! Supported: attention (gated, partial RoPE) and Gated DeltaNet mixers, MoE (shared experts
-//! included) and dense feed-forwards — every family flashmoe reads — in every weight format it
-//! stores. Not yet: experts beyond GPU memory (the whole model must fit).
+//! Supported: attention (GQA; gated; q/k norms per head, over the whole projection or none;
+//! q/k/v/o biases; partial, YaRN RoPE; sliding windows; sinks) and Gated DeltaNet mixers; MoE
+//! routers (softmax or sigmoid, correction bias, groups, scaling; gpt-oss's logit bias and
+//! softmax over the chosen), routed experts with biases and the clamped SwiGLU, shared experts
+//! gated or not, dense feed-forwards; in every weight format flashmoe stores, MXFP4 included
+//! (its own kernels: e2m1 nibbles and e8m0 scales read as stored). Not yet: latent attention
+//! (the MLA lineage), experts beyond GPU memory (the whole model must fit).
 
 use super::{Accelerator, DeviceState};
 use crate::layers::attention::QkNorms;
@@ -29,8 +33,9 @@ pub fn available() -> bool {
     present && CudaContext::device_count().is_ok_and(|n| n > 0)
 }
 
-/// Why `model` cannot run on CUDA yet, if it cannot.
+/// Why `model` cannot run on CUDA, if it cannot.
 pub fn supports(model: &Model) -> Result<()> {
+    let family = &model.cfg.family;
     for (i, l) in model.layers.iter().enumerate() {
         match &l.mixer {
             MixerWeights::DeltaNet(d) if d.cfg.k_head_dim > 128 || d.cfg.v_head_dim > 1024 => bail!(
@@ -41,53 +46,38 @@ pub fn supports(model: &Model) -> Result<()> {
             MixerWeights::Attention(a) if a.head_dim > 256 => {
                 bail!("layer {i}: head_dim {} is above the CUDA attention kernel's 256: use --device cpu", a.head_dim)
             }
-            MixerWeights::Attention(a) => {
-                let missing = if !matches!(a.qk_norm, QkNorms::PerHead { .. }) {
-                    Some("attention without per-head q/k norms")
-                } else if a.bias.is_some() {
-                    Some("q/k/v biases")
-                } else if a.window.is_some() {
-                    Some("sliding-window attention")
-                } else if a.sinks.is_some() || a.o_bias.is_some() {
-                    Some("attention sinks and output biases")
-                } else if !a.rope.is_plain() {
-                    Some("YaRN RoPE")
-                } else {
-                    None
-                };
-                if let Some(what) = missing {
-                    bail!("layer {i}: {what} ({}) is not on the CUDA backend yet: use --device cpu", model.cfg.family);
-                }
+            MixerWeights::Attention(a) if a.gated && matches!(a.qk_norm, QkNorms::Whole { .. }) => {
+                bail!(
+                    "layer {i}: gated attention with a whole-width q/k norm ({family}) is not on the CUDA backend: use --device cpu"
+                )
             }
             MixerWeights::Mla(_) => {
-                bail!(
-                    "layer {i}: latent attention ({}) is not on the CUDA backend yet: use --device cpu",
-                    model.cfg.family
-                )
+                bail!("layer {i}: latent attention ({family}) is not on the CUDA backend yet: use --device cpu")
             }
             _ => {}
         }
-        if let FfnWeights::Moe(m) = &l.ffn {
-            let s = &m.scoring.spec;
-            let missing = if s.sigmoid || m.scoring.bias.is_some() || s.n_group > 1 || s.scale != 1.0 {
-                Some("sigmoid routing with a correction bias")
-            } else if s.logit_bias || s.softmax_chosen {
-                Some("a router with a bias, softmax over the chosen experts")
-            } else if m.act != crate::config::Act::Swiglu || model.cfg.expert_bias {
-                Some("experts with biases and a clamped SwiGLU")
-            } else if match &m.experts {
-                Experts::Memory(v) => v.iter().any(|e| e.gate.kind == WKind::Mxfp4 || e.down.kind == WKind::Mxfp4),
-                Experts::Flash { store, .. } => store.layout.parts.iter().any(|p| p.2 == WKind::Mxfp4),
-            } {
-                Some("MXFP4 experts")
-            } else if m.shared.as_ref().is_some_and(|sh| sh.gate.is_none()) {
-                Some("an ungated shared expert")
-            } else {
-                None
-            };
-            if let Some(what) = missing {
-                bail!("layer {i}: {what} ({}) is not on the CUDA backend yet: use --device cpu", model.cfg.family);
+        let plain = |m: &crate::layers::mlp::Mlp| m.bias.is_none() && m.act == crate::config::Act::Swiglu;
+        match &l.ffn {
+            FfnWeights::Moe(m) => {
+                let (s, e) = (&m.scoring.spec, m.router.rows);
+                if s.n_group > 64 {
+                    bail!("layer {i}: {} expert groups are above the CUDA router's 64: use --device cpu", s.n_group);
+                }
+                if e > 4096 {
+                    bail!("layer {i}: {e} experts are above the CUDA router's 4096: use --device cpu");
+                }
+                if m.shared.as_ref().is_some_and(|sh| !plain(&sh.mlp)) {
+                    bail!(
+                        "layer {i}: a shared expert with biases or another activation ({family}) is not on the CUDA backend: use --device cpu"
+                    );
+                }
             }
+            FfnWeights::Dense(m) if !plain(m) => {
+                bail!(
+                    "layer {i}: a dense MLP with biases or another activation ({family}) is not on the CUDA backend: use --device cpu"
+                )
+            }
+            FfnWeights::Dense(_) => {}
         }
     }
     Ok(())
@@ -127,7 +117,11 @@ impl MatD {
                 d.soff = packed;
                 d.boff = packed + 2 * m.rows as u64 * groups;
             }
-            WKind::Mxfp4 => unreachable!("`supports` refuses MXFP4 matrices"),
+            WKind::Mxfp4 => {
+                // every row's e2m1 nibbles (16 bytes per 32 values), then every row's scales
+                let vb = m.cols.div_ceil(32) * 16;
+                (d.kind, d.rb, d.soff) = (4, vb as i32, (m.rows * vb) as u64);
+            }
         }
         d
     }
@@ -167,14 +161,66 @@ struct Prep {
 }
 
 /// Whether the int8-input expert kernels take `d` (`i8_ok` in kernels.cu): q4/q8 rows of whole
-/// 16-byte loads, groups of whole 32s.
+/// 16-byte loads, groups of whole 32s; MXFP4 rows of whole 32-value blocks.
 fn i8_ok(d: &MatD) -> bool {
+    if d.kind == 4 {
+        return d.cols % 32 == 0;
+    }
     d.kind == 3 && (d.bits == 4 || d.bits == 8) && d.cols % 32 == 0 && d.group % 32 == 0 && d.rb % 16 == 0
 }
 
 /// Whether a prompt's product on `d` runs on tensor cores (`mma_ok` in kernels.cu).
 fn mma_ok(d: &MatD) -> bool {
-    d.cols % 16 == 0 && (d.kind == 1 || (d.kind == 3 && (d.bits == 4 || d.bits == 8) && d.group % 16 == 0))
+    d.cols % 16 == 0
+        && (d.kind == 1 || d.kind == 4 || (d.kind == 3 && (d.bits == 4 || d.bits == 8) && d.group % 16 == 0))
+}
+
+/// An expert block's biases (offsets from its base) and activation (`ActD` in kernels.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ActD {
+    bg: u64,
+    bu: u64,
+    bd: u64,
+    bias: i32,
+    clamped: i32,
+    alpha: f32,
+    limit: f32,
+}
+
+// SAFETY: plain repr(C) data, laid out as the kernels' struct.
+unsafe impl DeviceRepr for ActD {}
+
+/// How a router picks experts (`RouteD` in kernels.cu; device addresses of its bias vectors).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RouteD {
+    lbias: u64,
+    cbias: u64,
+    sigmoid: i32,
+    renorm: i32,
+    chosen: i32,
+    n_group: i32,
+    topk_group: i32,
+    scale: f32,
+}
+
+// SAFETY: plain repr(C) data, laid out as the kernels' struct.
+unsafe impl DeviceRepr for RouteD {}
+
+impl RouteD {
+    fn of(s: &crate::config::RouterSpec, lbias: u64, cbias: u64) -> RouteD {
+        RouteD {
+            lbias,
+            cbias,
+            sigmoid: s.sigmoid as i32,
+            renorm: s.renormalize as i32,
+            chosen: s.softmax_chosen as i32,
+            n_group: s.n_group as i32,
+            topk_group: s.topk_group as i32,
+            scale: s.scale,
+        }
+    }
 }
 
 /// A matrix in its own allocation.
@@ -192,14 +238,18 @@ struct DExperts {
     gate: MatD,
     up: MatD,
     down: MatD,
+    act: ActD,
 }
 
 struct DMoe {
     router: DMat,
+    /// The router's logit bias and correction bias, which `route` points at.
+    _route_bias: (Option<DVec>, Option<DVec>),
+    route: RouteD,
     experts: DExperts,
-    shared: Option<(DExperts, DVec)>,
+    /// The shared expert and its gate (none: weight 1).
+    shared: Option<(DExperts, Option<DVec>)>,
     top_k: usize,
-    renorm: bool,
 }
 
 enum DFfn {
@@ -207,19 +257,37 @@ enum DFfn {
     Dense(Box<DExperts>),
 }
 
+/// Where an attention layer's q/k norms apply.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum NormAt {
+    None,
+    PerHead,
+    /// Over each token's whole q (and k) projection, before the head split (MiniMax-M2).
+    Whole,
+}
+
 struct DAttn {
     q: DMat,
     k: DMat,
     v: DMat,
     o: DMat,
-    q_norm: DVec,
-    k_norm: DVec,
+    norm: NormAt,
+    /// The q and k norms' weights and eps (`norm` not None).
+    qk_norm: Option<(DVec, DVec, f32)>,
+    /// Biases of q, k, v and of the output projection.
+    bias: Option<[DVec; 3]>,
+    o_bias: Option<DVec>,
+    sinks: Option<DVec>,
+    /// Positions a token attends, itself included (i32::MAX: all).
+    window: i32,
     nh: usize,
     nkv: usize,
     d: usize,
     gated: bool,
     rot: usize,
-    theta: f64,
+    /// RoPE's frequency per rotated pair (f64) and the factor on cos and sin.
+    freqs: CudaSlice<f64>,
+    fscale: f32,
 }
 
 struct DDelta {
@@ -274,6 +342,7 @@ struct Kernels {
     quant_x: CudaFunction,
     add_rmsnorm: CudaFunction,
     qk_norm_rope: CudaFunction,
+    whole_norm: CudaFunction,
     attn_part: CudaFunction,
     attn_part1: CudaFunction,
     attn_merge: CudaFunction,
@@ -419,19 +488,25 @@ impl CudaModel {
             };
             let ffn = match &l.ffn {
                 FfnWeights::Dense(m) => DFfn::Dense(Box::new(up.mlp(&m.view())?)),
-                FfnWeights::Moe(m) => DFfn::Moe(Box::new(DMoe {
-                    router: up.mat(&m.router.view())?,
-                    experts: up
-                        .experts(&m.experts, model.cfg.num_experts)
-                        .with_context(|| format!("layer {i}: experts"))?,
-                    shared: match &m.shared {
-                        // `supports` refused ungated shared experts
-                        Some(s) => Some((up.mlp(&s.mlp.view())?, up.vec(s.gate.as_deref().unwrap_or(&[]))?)),
-                        None => None,
-                    },
-                    top_k: m.top_k,
-                    renorm: m.scoring.spec.renormalize,
-                })),
+                FfnWeights::Moe(m) => {
+                    let opt = |v: &Option<Vec<f32>>| v.as_deref().map(|v| up.vec(v)).transpose();
+                    let (lb, cb) = (opt(&m.scoring.logit_bias)?, opt(&m.scoring.bias)?);
+                    let at = |v: &Option<DVec>| v.as_ref().map_or(0, |v| v.ptr);
+                    let route = RouteD::of(&m.scoring.spec, at(&lb), at(&cb));
+                    DFfn::Moe(Box::new(DMoe {
+                        router: up.mat(&m.router.view())?,
+                        _route_bias: (lb, cb),
+                        route,
+                        experts: up
+                            .experts(&m.experts, model.cfg.num_experts, m.act)
+                            .with_context(|| format!("layer {i}: experts"))?,
+                        shared: match &m.shared {
+                            Some(s) => Some((up.mlp(&s.mlp.view())?, opt(&s.gate)?)),
+                            None => None,
+                        },
+                        top_k: m.top_k,
+                    }))
+                }
             };
             layers.push(DLayer {
                 input_norm: up.vec(l.input_norm.weight())?,
@@ -509,36 +584,48 @@ impl CudaModel {
         Ok(Prep { qx: Qx::default(), xb })
     }
 
-    /// x += y (when y is not null); h = rmsnorm(x)·w; and h's fast form for the next products
-    /// (one token's int8 form written by the norm kernel itself, into `q`).
+    /// x += y + yb (when y is not null; yb a bias row, or null); h = rmsnorm(x)·w; and h's fast
+    /// form for the next products (one token's int8 form written by the norm kernel itself,
+    /// into `q`).
     #[allow(clippy::too_many_arguments)]
-    fn add_rmsnorm(&self, x: u64, y: u64, w: &DVec, h: u64, n: usize, fast: bool, q: Qx, xb: u64) -> Result<Prep> {
+    fn add_rmsnorm(
+        &self,
+        x: u64,
+        (y, yb): (u64, u64),
+        w: &DVec,
+        h: u64,
+        n: usize,
+        fast: bool,
+        q: Qx,
+        xb: u64,
+    ) -> Result<Prep> {
         let one = fast && n == 1 && self.hidden.is_multiple_of(32);
         let mut b = self.stream.launch_builder(&self.k.add_rmsnorm);
         let dim = self.hidden as i32;
         let fused = if one { q } else { Qx::default() };
-        b.arg(&x).arg(&y).arg(&w.ptr).arg(&h).arg(&dim).arg(&self.eps).arg(&fused);
+        b.arg(&x).arg(&y).arg(&yb).arg(&w.ptr).arg(&h).arg(&dim).arg(&self.eps).arg(&fused);
         // NORM_PER (8) values per thread in registers
         let threads = self.hidden.div_ceil(8).next_multiple_of(32).clamp(32, 1024);
         unsafe { b.launch(cfg((n, 1), threads, 0)) }?;
         if one { Ok(Prep { qx: q, xb: 0 }) } else { self.prep(fast, h, n, self.hidden, q, xb) }
     }
 
+    /// [`swiglu`] of experts `ex` (routed by `ids`, `wts` when not null).
     #[allow(clippy::too_many_arguments)]
     fn swiglu(
         &self,
-        base: u64,
-        stride: u64,
+        ex: &DExperts,
         ids: u64,
         wts: u64,
-        m: (MatD, MatD, MatD),
         k: usize,
         h: (u64, Prep),
         act: (u64, Qx),
         out: u64,
         n: usize,
     ) -> Result<()> {
-        swiglu(&self.stream, &self.k, (base, stride, ids, wts), m, k, h, act, out, n, true)
+        let stride = if ids == 0 { 0 } else { ex.stride };
+        let m = (ex.gate, ex.up, ex.down);
+        swiglu(&self.stream, &self.k, (ex.ptr, stride, ids, wts), m, ex.act, k, h, act, out, n, true)
     }
 
     /// out = the SwiGLU MLP of h (a dense layer, a shared expert): one token through the fused
@@ -547,7 +634,7 @@ impl CudaModel {
     #[allow(clippy::too_many_arguments)]
     fn mlp(&self, m: &DExperts, h: (u64, Prep), act: (u64, Qx), tmp: u64, xb: u64, out: u64, n: usize) -> Result<()> {
         if n == 1 {
-            return self.swiglu(m.ptr, 0, 0, 0, (m.gate, m.up, m.down), 1, h, act, out, n);
+            return self.swiglu(m, 0, 0, 1, h, act, out, n);
         }
         let s = &self.stream;
         launch_matmul(s, &self.k, m.ptr, m.gate, h.0, act.0, n, h.1)?;
@@ -585,6 +672,7 @@ fn swiglu(
     kn: &Kernels,
     (base, stride, ids, wts): (u64, u64, u64, u64),
     m: (MatD, MatD, MatD),
+    ad: ActD,
     k: usize,
     h: (u64, Prep),
     act: (u64, Qx),
@@ -598,11 +686,11 @@ fn swiglu(
     let same = (u.kind, u.bits, u.group, u.rb, u.rows, u.cols) == (g.kind, g.bits, g.group, g.rb, g.rows, g.cols);
     if i8 && qx.q != 0 && i8_ok(&g) && same {
         let mut b = s.launch_builder(&kn.swiglu_gate_up_i8);
-        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&act.0).arg(&k32).arg(&qx);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&act.0).arg(&k32).arg(&qx).arg(&ad);
         unsafe { b.launch(cfg(((g.rows as usize).div_ceil(WARPS * GU_ROWS), n * k), 32 * WARPS, 0)) }?;
     } else {
         let mut b = s.launch_builder(&kn.swiglu_gate_up);
-        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&h.0).arg(&act.0).arg(&k32).arg(&qx);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&h.0).arg(&act.0).arg(&k32).arg(&qx).arg(&ad);
         unsafe { b.launch(cfg(((g.rows as usize).div_ceil(WARPS), n * k), 32 * WARPS, 0)) }?;
     }
     let qa = quant(s, kn, qx.q != 0, act.0, n * k, dn.cols as usize, act.1)?;
@@ -610,11 +698,21 @@ fn swiglu(
     let grid = cfg(((dn.rows as usize).div_ceil(WARPS), n), 32 * WARPS, 0);
     if i8 && qa.q != 0 && i8_ok(&dn) {
         let mut b = s.launch_builder(&kn.down_sum_i8);
-        b.arg(&base).arg(&stride).arg(&ids).arg(&wts).arg(&dn).arg(&out).arg(&k32).arg(&acc).arg(&qa);
+        b.arg(&base).arg(&stride).arg(&ids).arg(&wts).arg(&dn).arg(&out).arg(&k32).arg(&acc).arg(&qa).arg(&ad);
         unsafe { b.launch(grid) }?;
     } else {
         let mut b = s.launch_builder(&kn.down_sum);
-        b.arg(&base).arg(&stride).arg(&ids).arg(&wts).arg(&dn).arg(&act.0).arg(&out).arg(&k32).arg(&acc).arg(&qa);
+        b.arg(&base)
+            .arg(&stride)
+            .arg(&ids)
+            .arg(&wts)
+            .arg(&dn)
+            .arg(&act.0)
+            .arg(&out)
+            .arg(&k32)
+            .arg(&acc)
+            .arg(&qa)
+            .arg(&ad);
         unsafe { b.launch(grid) }?;
     }
     Ok(())
@@ -674,6 +772,7 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         combine_slots: f("combine_slots")?,
         add_rmsnorm: f("add_rmsnorm")?,
         qk_norm_rope: f("qk_norm_rope")?,
+        whole_norm: f("whole_norm")?,
         attn_part: f("attn_part")?,
         attn_part1: f("attn_part1")?,
         attn_merge: f("attn_merge")?,
@@ -736,7 +835,8 @@ pub fn experts_once(
     let px = ptr(&xb, s);
     let prep = Prep { qx: quant(s, kn, fast, px, 1, hidden, qx.qx(s))?, xb: 0 };
     let io = (ex.ptr, ex.stride, ptr(&ib, s), ptr(&wb, s));
-    swiglu(s, kn, io, (ex.gate, ex.up, ex.down), k, (px, prep), (ptr(&act, s), qa.qx(s)), ptr(&out, s), 1, i8)?;
+    let m = (ex.gate, ex.up, ex.down);
+    swiglu(s, kn, io, m, ex.act, k, (px, prep), (ptr(&act, s), qa.qx(s)), ptr(&out, s), 1, i8)?;
     Ok(s.clone_dtoh(&out)?)
 }
 
@@ -793,6 +893,49 @@ impl QBuf {
     fn qx(&self, s: &CudaStream) -> Qx {
         Qx { q: ptr(&self.q, s), d: ptr(&self.d, s), s16: ptr(&self.s16, s) }
     }
+}
+
+/// Routes `n` tokens' router logits at `logits` (`e` each) to `k` experts each: ids and
+/// weights into `ids`, `wts`.
+#[allow(clippy::too_many_arguments)]
+fn route(
+    s: &CudaStream,
+    kn: &Kernels,
+    logits: u64,
+    e: i32,
+    k: i32,
+    rd: RouteD,
+    ids: u64,
+    wts: u64,
+    n: usize,
+) -> Result<()> {
+    let mut lb = s.launch_builder(&kn.route_topk);
+    lb.arg(&logits).arg(&e).arg(&k).arg(&rd).arg(&ids).arg(&wts);
+    unsafe { lb.launch(cfg((n, 1), 32, 8 * e as usize)) }?;
+    Ok(())
+}
+
+/// `n` tokens' router logits (`logits`, n × experts) through the CUDA router (kernel tests
+/// against `moe::route`): each token's `k` (expert, weight), best first.
+pub fn route_once(
+    ordinal: usize,
+    logits: &[f32],
+    n: usize,
+    k: usize,
+    scoring: &crate::layers::moe::Scoring,
+) -> Result<Vec<Vec<(usize, f32)>>> {
+    let g = test_device(ordinal)?;
+    let (s, kn) = g.as_ref().expect("opened");
+    let e = logits.len() / n;
+    let lb = scoring.logit_bias.as_deref().map(|v| s.clone_htod(v)).transpose()?;
+    let cb = scoring.bias.as_deref().map(|v| s.clone_htod(v)).transpose()?;
+    let at = |v: &Option<CudaSlice<f32>>| v.as_ref().map_or(0, |v| ptr(v, s));
+    let rd = RouteD::of(&scoring.spec, at(&lb), at(&cb));
+    let lg = s.clone_htod(logits)?;
+    let (ids, wts) = (s.alloc_zeros::<i32>(n * k)?, s.alloc_zeros::<f32>(n * k)?);
+    route(s, kn, ptr(&lg, s), e as i32, k as i32, rd, ptr(&ids, s), ptr(&wts, s), n)?;
+    let (ids, wts) = (s.clone_dtoh(&ids)?, s.clone_dtoh(&wts)?);
+    Ok((0..n).map(|t| (0..k).map(|j| (ids[t * k + j] as usize, wts[t * k + j])).collect()).collect())
 }
 
 /// y = W·x for `n` tokens: one token per warp and row (decode; on the int8 input where `qx`
@@ -857,23 +1000,42 @@ impl Uploader {
         Ok(DVec { _buf: s, ptr: p })
     }
     fn attention(&self, a: &crate::layers::attention::Attention) -> Result<DAttn> {
-        let (rot, theta) = a.rope.params();
-        let QkNorms::PerHead { q: q_norm, k: k_norm } = &a.qk_norm else {
-            bail!("the CUDA attention kernel needs per-head q/k norms");
+        let (rot, _) = a.rope.params();
+        let (freqs, fscale) = a.rope.freqs();
+        let mut f = freqs.to_vec();
+        f.resize(f.len().max(1), 0.0);
+        let (norm, qk_norm) = match &a.qk_norm {
+            QkNorms::None => (NormAt::None, None),
+            QkNorms::PerHead { q, k } => (NormAt::PerHead, Some((q, k))),
+            QkNorms::Whole { q, k } => (NormAt::Whole, Some((q, k))),
         };
+        let qk_norm = match qk_norm {
+            Some((q, k)) => Some((self.vec(q.weight())?, self.vec(k.weight())?, q.eps())),
+            None => None,
+        };
+        let bias = match &a.bias {
+            Some([q, k, v]) => Some([self.vec(q)?, self.vec(k)?, self.vec(v)?]),
+            None => None,
+        };
+        let opt = |v: &Option<Vec<f32>>| v.as_deref().map(|v| self.vec(v)).transpose();
         Ok(DAttn {
             q: self.mat(&a.q_proj.view())?,
             k: self.mat(&a.k_proj.view())?,
             v: self.mat(&a.v_proj.view())?,
             o: self.mat(&a.o_proj.view())?,
-            q_norm: self.vec(q_norm.weight())?,
-            k_norm: self.vec(k_norm.weight())?,
+            norm,
+            qk_norm,
+            bias,
+            o_bias: opt(&a.o_bias)?,
+            sinks: opt(&a.sinks)?,
+            window: a.window.map_or(i32::MAX, |w| w.min(i32::MAX as usize) as i32),
             nh: a.num_heads,
             nkv: a.num_kv_heads,
             d: a.head_dim,
             gated: a.gated,
             rot,
-            theta,
+            freqs: self.stream.clone_htod(&f).context("uploading weights to the GPU")?,
+            fscale: fscale as f32,
         })
     }
 
@@ -891,14 +1053,27 @@ impl Uploader {
         let a = |x: usize| x.next_multiple_of(256);
         let mut host: Vec<u8> = Vec::new();
         let mut layout: Option<(MatD, MatD, MatD, usize)> = None;
+        // expert 0's bias offsets (if it has biases) and activation
+        let mut first_bias: Option<Option<(u64, u64, u64)>> = None;
+        let mut act_kind = crate::config::Act::Swiglu;
         let mut put = |e: usize, m: &MlpRef<'_>| -> Result<()> {
             let (uo, dn) = (a(m.gate.data.len()), a(a(m.gate.data.len()) + m.up.data.len()));
-            let stride = a(dn + m.down.data.len());
+            let end = a(dn + m.down.data.len());
+            // the biases (f32) after the matrices
+            let (inter, hidden) = (m.gate.rows, m.down.rows);
+            let (bg, bu) = (end, a(end + 4 * inter));
+            let bd = a(bu + 4 * inter);
+            let stride = if m.bias.is_some() { a(bd + 4 * hidden) } else { end };
             let l = (MatD::of(&m.gate, 0), MatD::of(&m.up, uo as u64), MatD::of(&m.down, dn as u64), stride);
             let first = *layout.get_or_insert(l);
+            let mine = m.bias.map(|_| (bg as u64, bu as u64, bd as u64));
+            if first_bias.is_none() {
+                act_kind = m.act;
+            }
+            let fb = *first_bias.get_or_insert(mine);
             let key = |l: &(MatD, MatD, MatD, usize)| (l.0.kind, l.0.bits, l.0.rows, l.0.cols, l.2.kind, l.2.bits, l.3);
-            if key(&first) != key(&l) || e >= n {
-                bail!("expert {e} differs in format or shape from expert 0");
+            if key(&first) != key(&l) || e >= n || fb != mine || m.act != act_kind {
+                bail!("expert {e} differs in format, shape or biases from expert 0");
             }
             if host.is_empty() {
                 host.resize(n * stride, 0);
@@ -907,16 +1082,30 @@ impl Uploader {
             for (part, off) in [(m.gate.data, 0), (m.up.data, uo), (m.down.data, dn)] {
                 host[at + off..at + off + part.len()].copy_from_slice(part);
             }
+            if let Some(b) = m.bias {
+                for (part, off) in b.iter().zip([bg, bu, bd]) {
+                    let bytes: &[u8] = bytemuck::cast_slice(part);
+                    host[at + off..at + off + bytes.len()].copy_from_slice(bytes);
+                }
+            }
             Ok(())
         };
         fill(&mut put)?;
         let (gate, up, down, stride) = layout.ok_or_else(|| anyhow!("a MoE layer without experts"))?;
         let (buf, p) = self.raw(&host)?;
-        Ok(DExperts { _buf: buf, ptr: p, stride: stride as u64, gate, up, down })
+        let mut act = ActD::default();
+        if let Some((bg, bu, bd)) = first_bias.flatten() {
+            (act.bg, act.bu, act.bd, act.bias) = (bg, bu, bd, 1);
+        }
+        if let crate::config::Act::ClampedSwiglu { alpha, limit } = act_kind {
+            (act.clamped, act.alpha, act.limit) = (1, alpha, limit);
+        }
+        Ok(DExperts { _buf: buf, ptr: p, stride: stride as u64, gate, up, down, act })
     }
 
-    /// Every routed expert of a layer (read once through the store when streamed).
-    fn experts(&self, ex: &Experts, n: usize) -> Result<DExperts> {
+    /// Every routed expert of a layer (read once through the store when streamed), `act` their
+    /// activation.
+    fn experts(&self, ex: &Experts, n: usize, act: crate::config::Act) -> Result<DExperts> {
         self.pack(n, |put| match ex {
             Experts::Memory(v) => v.iter().enumerate().try_for_each(|(e, m)| put(e, &m.view())),
             Experts::Flash { store, layer } => {
@@ -930,9 +1119,7 @@ impl Uploader {
                         || {},
                         |batch| {
                             for &(i, extent) in batch {
-                                if let Err(e) =
-                                    (put.borrow_mut())(chunk[i], &store.layout.mlp(extent, crate::config::Act::Swiglu))
-                                {
+                                if let Err(e) = (put.borrow_mut())(chunk[i], &store.layout.mlp(extent, act)) {
                                     failed.borrow_mut().get_or_insert(e);
                                 }
                             }
@@ -1070,9 +1257,9 @@ struct Graph(cudarc::driver::CudaGraph);
 unsafe impl Send for Graph {}
 
 impl CudaModel {
-    /// Attention of `n` tokens on the normed `h`: q/k/v, norms and RoPE (k, v into the cache),
-    /// attention in parts, merged; returns the output projection to run (matrix, input, its
-    /// fast form).
+    /// Attention of `n` tokens on the normed `h`: q/k/v, biases, norms and RoPE (k, v into the
+    /// cache), attention in parts (within the window), merged with the sinks; returns the output
+    /// projection to run (matrix, input, its fast form) and its bias (or null).
     #[allow(clippy::too_many_arguments)]
     fn attention<'a>(
         &self,
@@ -1083,36 +1270,54 @@ impl CudaModel {
         n: usize,
         parts: usize,
         fast: bool,
-    ) -> Result<(&'a DMat, u64, Prep)> {
+    ) -> Result<(&'a DMat, u64, Prep, u64)> {
         let s = &self.stream;
         let p = |b: &CudaSlice<f32>| ptr(b, s);
         let (pa, pb, pc, pmeta, ppart) = (p(&b.a), p(&b.b), p(&b.c), ptr(&b.meta, s), p(&b.part));
         let qw = if a.gated { 2 * a.d } else { a.d };
         // q → a, k → b, v → c
         self.matmuls(&[(&a.q, pa), (&a.k, pb), (&a.v, pc)], ph, n, qh)?;
+        let opt = |v: Option<&DVec>| v.map_or(0u64, |v| v.ptr);
+        let (mut bq, mut bk, bv) = match &a.bias {
+            Some([q, k, v]) => (q.ptr, k.ptr, v.ptr),
+            None => (0, 0, 0),
+        };
+        let (qn, kn, eps) = a.qk_norm.as_ref().map_or((0, 0, self.eps), |(q, k, e)| (q.ptr, k.ptr, *e));
+        if a.norm == NormAt::Whole {
+            // the norms over the whole projections first (q and k biases with them)
+            let (qd, kd) = ((a.nh * a.d) as i32, (a.nkv * a.d) as i32);
+            let mut lb = s.launch_builder(&self.k.whole_norm);
+            lb.arg(&pa).arg(&pb).arg(&qn).arg(&kn).arg(&bq).arg(&bk).arg(&qd).arg(&kd).arg(&eps);
+            unsafe { lb.launch(cfg((n, 2), 256, 0)) }?;
+            (bq, bk) = (0, 0);
+        }
         let (nh, nkv, d, qw32, rot) = (a.nh as i32, a.nkv as i32, a.d as i32, qw as i32, a.rot as i32);
-        let (gated, parts32) = (a.gated as i32, parts as i32);
+        let (gated, parts32, per_head) = (a.gated as i32, parts as i32, (a.norm == NormAt::PerHead) as i32);
+        let freqs = ptr(&a.freqs, s);
         let mut lb = s.launch_builder(&self.k.qk_norm_rope);
-        lb.arg(&pa).arg(&pb).arg(&pc).arg(&a.q_norm.ptr).arg(&a.k_norm.ptr).arg(&pmeta).arg(&layer);
-        lb.arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&rot).arg(&a.theta).arg(&self.eps);
+        lb.arg(&pa).arg(&pb).arg(&pc).arg(&qn).arg(&kn).arg(&pmeta).arg(&layer);
+        lb.arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&rot).arg(&freqs).arg(&a.fscale).arg(&eps);
+        lb.arg(&bq).arg(&bk).arg(&bv).arg(&per_head);
         unsafe { lb.launch(cfg((n, a.nh + a.nkv), 32, 0)) }?;
         // attention in parts of CHUNK positions, merged into b; then o_proj → y
         // one token: its own kernel (few blocks, each a long walk: more loads in flight)
         let mut lb = s.launch_builder(if n == 1 { &self.k.attn_part1 } else { &self.k.attn_part });
         lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&parts32);
+        lb.arg(&a.window);
         unsafe { lb.launch(cfg((n * a.nh, parts), 128, 0)) }?;
         // one token: the merge writes o_proj's int8 input too (a block per head, a warp per 32)
         let fused = fast && n == 1 && a.d.is_multiple_of(32) && a.d <= 1024;
         let oq = if fused { b.qa.qx(s) } else { Qx::default() };
+        let sinks = opt(a.sinks.as_ref());
         let mut lb = s.launch_builder(&self.k.attn_merge);
-        lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32).arg(&oq);
+        lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32).arg(&oq).arg(&sinks);
         unsafe { lb.launch(cfg((n * a.nh, 1), if fused { a.d } else { 128 }, 0)) }?;
         let qo = if fused {
             Prep { qx: oq, xb: 0 }
         } else {
             self.prep(fast, pb, n, a.nh * a.d, b.qa.qx(s), ptr(&b.xbh, s))?
         };
-        Ok((&a.o, pb, qo))
+        Ok((&a.o, pb, qo, opt(a.o_bias.as_ref())))
     }
 
     /// Gated DeltaNet of `n` tokens on the normed `h`: the four input projections, the causal
@@ -1126,7 +1331,7 @@ impl CudaModel {
         (ph, qh): (u64, Prep),
         n: usize,
         fast: bool,
-    ) -> Result<(&'a DMat, u64, Prep)> {
+    ) -> Result<(&'a DMat, u64, Prep, u64)> {
         let s = &self.stream;
         let p = |b: &CudaSlice<f32>| ptr(b, s);
         let (py, pa, pb, pc, pd, pmeta) = (p(&b.y), p(&b.a), p(&b.b), p(&b.c), p(&b.d), ptr(&b.meta, s));
@@ -1151,7 +1356,7 @@ impl CudaModel {
         lb.arg(&dk32).arg(&dv32).arg(&d.eps);
         unsafe { lb.launch(cfg((d.nv, 1), d.dv.next_multiple_of(32), 0)) }?;
         let qo = self.prep(fast, pa, n, vd, b.qa.qx(s), ptr(&b.xbh, s))?;
-        Ok((&d.out, pa, qo))
+        Ok((&d.out, pa, qo, 0))
     }
 
     /// Every layer, the final norm and lm_head on `b.x` (`n` tokens, the last `m` rows' logits
@@ -1166,9 +1371,10 @@ impl CudaModel {
         let (xbh, xbe) = (ptr(&b.xbh, s), ptr(&b.xbe, s));
         let null = 0u64;
         for (i, l) in self.layers.iter().enumerate() {
-            let qh = self.add_rmsnorm(px, if i == 0 { null } else { py }, &l.input_norm, ph, n, fast, qa, xbh)?;
+            let qh =
+                self.add_rmsnorm(px, (if i == 0 { null } else { py }, null), &l.input_norm, ph, n, fast, qa, xbh)?;
             let layer = i as i32;
-            let (o, oin, qo) = match &l.mixer {
+            let (o, oin, qo, ob) = match &l.mixer {
                 DMixer::Attn(a) => self.attention(a, b, layer, (ph, qh), n, parts, fast)?,
                 DMixer::Delta(d) => self.deltanet(d, b, layer, (ph, qh), n, fast)?,
             };
@@ -1179,56 +1385,53 @@ impl CudaModel {
                 let hq = if one { qa } else { Qx::default() };
                 let done = ptr(&b.done, s);
                 let mut lb = s.launch_builder(&self.k.matvec_norm);
-                lb.arg(&o.ptr).arg(&o.d).arg(&oin).arg(&qo.qx).arg(&py).arg(&done).arg(&px).arg(&l.post_norm.ptr);
+                lb.arg(&o.ptr)
+                    .arg(&o.d)
+                    .arg(&oin)
+                    .arg(&qo.qx)
+                    .arg(&py)
+                    .arg(&ob)
+                    .arg(&done)
+                    .arg(&px)
+                    .arg(&l.post_norm.ptr);
                 lb.arg(&ph).arg(&self.eps).arg(&hq);
                 unsafe { lb.launch(cfg((h.div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
                 if one { Prep { qx: qa, xb: 0 } } else { self.prep(fast, ph, n, h, qa, xbh)? }
             } else {
                 self.matmul(o, oin, py, n, qo)?;
-                self.add_rmsnorm(px, py, &l.post_norm, ph, n, fast, qa, xbh)?
+                self.add_rmsnorm(px, (py, ob), &l.post_norm, ph, n, fast, qa, xbh)?
             };
             match &l.ffn {
                 DFfn::Dense(m) => self.mlp(m, (ph, qh), (pa, qb), pc, xbe, py, n)?,
                 DFfn::Moe(m) => {
                     let k = k_over.unwrap_or(m.top_k).min(m.router.d.rows as usize).min(64);
-                    let (e32, k32, rn) = (m.router.d.rows, k as i32, m.renorm as i32);
+                    let (e32, k32) = (m.router.d.rows, k as i32);
+                    // weights and choice scores in shared memory
+                    let shared = 8 * e32 as usize;
                     if n == 1 {
                         // the product and the top-k in one launch (its last block routes)
                         let (r, done) = (&m.router, ptr(&b.done, s));
                         let mut lb = s.launch_builder(&self.k.router_topk);
-                        lb.arg(&r.ptr).arg(&r.d).arg(&ph).arg(&qh.qx).arg(&pa).arg(&k32).arg(&rn).arg(&pids);
+                        lb.arg(&r.ptr).arg(&r.d).arg(&ph).arg(&qh.qx).arg(&pa).arg(&k32).arg(&m.route).arg(&pids);
                         lb.arg(&pw).arg(&done);
                         let blocks = (e32 as usize).div_ceil(WARPS);
-                        unsafe { lb.launch(cfg((blocks, 1), 32 * WARPS, 4 * e32 as usize)) }?;
+                        unsafe { lb.launch(cfg((blocks, 1), 32 * WARPS, shared)) }?;
                     } else {
                         self.matmul(&m.router, ph, pa, n, qh)?;
-                        let mut lb = s.launch_builder(&self.k.route_topk);
-                        lb.arg(&pa).arg(&e32).arg(&k32).arg(&rn).arg(&pids).arg(&pw);
-                        unsafe { lb.launch(cfg((n, 1), 32, 4 * e32 as usize)) }?;
+                        route(s, &self.k, pa, e32, k32, m.route, pids, pw, n)?;
                     }
                     let ex = &m.experts;
                     if n == 1 {
-                        self.swiglu(
-                            ex.ptr,
-                            ex.stride,
-                            pids,
-                            pw,
-                            (ex.gate, ex.up, ex.down),
-                            k,
-                            (ph, qh),
-                            (pb, qb),
-                            py,
-                            n,
-                        )?;
+                        self.swiglu(ex, pids, pw, k, (ph, qh), (pb, qb), py, n)?;
                     } else {
                         let xb = if fast { xbe } else { 0 };
                         self.experts_grouped(ex, &mut b.ids, &mut b.tiles, (pa, pb, pc), pw, k, ph, py, n, xb)?;
                     }
                     if let Some((sh, gate)) = &m.shared {
                         self.mlp(sh, (ph, qh), (pb, qb), pc, xbe, pd, n)?;
-                        let dim = h as i32;
+                        let (dim, gw) = (h as i32, gate.as_ref().map_or(0u64, |g| g.ptr));
                         let mut lb = s.launch_builder(&self.k.gated_add);
-                        lb.arg(&py).arg(&pd).arg(&gate.ptr).arg(&ph).arg(&dim);
+                        lb.arg(&py).arg(&pd).arg(&gw).arg(&ph).arg(&dim);
                         unsafe { lb.launch(cfg((n, 1), 256, 0)) }?;
                     }
                 }
@@ -1236,9 +1439,9 @@ impl CudaModel {
         }
         let rows = ph + 4 * (h * (n - m)) as u64;
         let qh = if n == 1 {
-            self.add_rmsnorm(px, py, &self.norm, ph, n, fast, qa, xbh)?
+            self.add_rmsnorm(px, (py, null), &self.norm, ph, n, fast, qa, xbh)?
         } else {
-            self.add_rmsnorm(px, py, &self.norm, ph, n, false, qa, xbh)?;
+            self.add_rmsnorm(px, (py, null), &self.norm, ph, n, false, qa, xbh)?;
             self.prep(fast, rows, m, h, qa, xbh)?
         };
         self.matmul(&self.head, rows, p(&b.logits), m, qh)
@@ -1387,18 +1590,18 @@ impl CudaModel {
             let (inter, hidden) = (ex.gate.rows as usize, ex.down.rows as usize);
             self.to_bf16(xg, pairs * self.hidden, xb)?;
             let mut b = s.launch_builder(&self.k.mma_gate_up_tiles);
-            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xb).arg(&act);
+            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xb).arg(&act).arg(&ex.act);
             unsafe { b.launch(cfg((inter.div_ceil(64), ntiles), 128, 0)) }?;
             self.to_bf16(act, pairs * inter, xb)?;
             let mut b = s.launch_builder(&self.k.mma_down_tiles);
-            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&xb).arg(&ys);
+            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&xb).arg(&ys).arg(&ex.act);
             unsafe { b.launch(cfg((hidden.div_ceil(64), ntiles), 128, 0)) }?;
         } else {
             let mut b = s.launch_builder(&self.k.gate_up_tiles);
-            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xg).arg(&act);
+            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xg).arg(&act).arg(&ex.act);
             unsafe { b.launch(cfg(((ex.gate.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
             let mut b = s.launch_builder(&self.k.down_tiles);
-            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&act).arg(&ys);
+            b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&act).arg(&ys).arg(&ex.act);
             unsafe { b.launch(cfg(((ex.down.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
         }
         let mut b = s.launch_builder(&self.k.combine_slots);
