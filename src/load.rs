@@ -258,7 +258,7 @@ impl Loader<'_> {
             },
         };
         let kv_b = self.ck.mat(&weight(p, n.kv_b), &[nh * (nope + vd), kvl])?;
-        let (uk_t, uv) = split_kv_b(&kv_b, nh, nope, vd);
+        let (uk, uv) = split_kv_b(&kv_b, nh, nope, vd);
         let spec = m.indexer.as_ref();
         let indexer = match spec {
             Some(s) if s.own[layer] => {
@@ -283,7 +283,7 @@ impl Loader<'_> {
             q,
             kv_a: self.ck.mat(&weight(p, n.kv_a), &[kvl + rd, h])?,
             kv_norm: RmsNorm::new(self.ck.vector(&weight(p, n.kv_a_norm), &[kvl])?, MLA_NORM_EPS, false),
-            uk_t,
+            uk,
             uv,
             o_proj: self.ck.mat(&weight(p, self.names.o_proj), &[h, nh * vd])?,
             num_heads: nh,

@@ -258,6 +258,48 @@ pub fn axpy_rows(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     }
 }
 
+/// `y += a·x` for a bf16 `x`: a head's query taken into MLA's latent space in decode, one
+/// row of `W_UK` at a time.
+pub fn axpy_bf16(a: f32, x: &[u16], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: the ISA was detected at run time; equal lengths.
+        return unsafe { x86::axpy_bf16_avx512(a, x, y) };
+    }
+    axpy_bf16_scalar(a, x, y)
+}
+
+/// Scalar reference of [`axpy_bf16`].
+pub fn axpy_bf16_scalar(a: f32, x: &[u16], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * bf16_to_f32(x));
+}
+
+/// `out[i·d ..][..d] += Σ_k p[i][k] · rows[k·stride ..][..d]` for four rows i (`d` =
+/// `out.len() / 4`): attention's weighted value sums for a tile of four queries, so each value
+/// row is loaded once for the four and the sums stay in registers across the rows.
+pub fn axpy4_rows(p: [&[f32]; 4], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let (k, d) = (p[0].len(), out.len() / 4);
+    assert!(out.len() == 4 * d && p.iter().all(|r| r.len() == k), "axpy4_rows: ragged tile");
+    assert!(k == 0 || rows.len() >= (k - 1) * stride + d, "rows too short");
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: the ISA was detected at run time; lengths checked above.
+        return unsafe { x86::axpy4_rows_avx512(p, rows, stride, out) };
+    }
+    axpy4_rows_scalar(p, rows, stride, out)
+}
+
+/// Scalar reference of [`axpy4_rows`].
+pub fn axpy4_rows_scalar(p: [&[f32]; 4], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let d = out.len() / 4;
+    for (i, o) in out.chunks_exact_mut(d).enumerate() {
+        for (s, &w) in p[i].iter().enumerate() {
+            o.iter_mut().zip(&rows[s * stride..s * stride + d]).for_each(|(o, &v)| *o += w * v);
+        }
+    }
+}
+
 /// Four dot products of one row against four vectors (register blocking for prefill).
 #[inline]
 pub fn dot4(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
@@ -774,6 +816,40 @@ mod tests {
                     let want = o0[j] as f64 + (0..len).map(|p| w[p] as f64 * rows[p * stride + j] as f64).sum::<f64>();
                     assert!((o[j] as f64 - want).abs() < 1e-4, "axpy_rows d {d} len {len} j {j}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn tile_and_bf16_axpys_match_scalar_on_odd_sizes() {
+        // widths with and without whole 64- and 16-column blocks, rows interleaved with others
+        for d in [1, 7, 16, 17, 64, 100, 128, 200] {
+            for k in [0, 1, 3, 33] {
+                let stride = d + 5;
+                let rows = rnd(k.max(1) * stride + d, 1);
+                let p: Vec<Vec<f32>> = (0..4).map(|i| rnd(k, 10 + i)).collect();
+                let pr = [&p[0][..], &p[1][..], &p[2][..], &p[3][..]];
+                let o0 = rnd(4 * d, 2);
+                let (mut a, mut b) = (o0.clone(), o0.clone());
+                axpy4_rows(pr, &rows, stride, &mut a);
+                axpy4_rows_scalar(pr, &rows, stride, &mut b);
+                for i in 0..4 {
+                    for j in 0..d {
+                        let want = o0[i * d + j] as f64
+                            + (0..k).map(|s| p[i][s] as f64 * rows[s * stride + j] as f64).sum::<f64>();
+                        assert!((a[i * d + j] as f64 - want).abs() < 1e-5, "axpy4_rows d {d} k {k}");
+                        assert!((b[i * d + j] as f64 - want).abs() < 1e-5, "axpy4_rows_scalar d {d} k {k}");
+                    }
+                }
+            }
+            let x: Vec<u16> = rnd(d, 3).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let y0 = rnd(d, 4);
+            let (mut a, mut b) = (y0.clone(), y0.clone());
+            axpy_bf16(-0.7, &x, &mut a);
+            axpy_bf16_scalar(-0.7, &x, &mut b);
+            for j in 0..d {
+                let want = y0[j] as f64 - 0.7 * bf16_to_f32(x[j]) as f64;
+                assert!((a[j] as f64 - want).abs() < 1e-6 && (b[j] as f64 - want).abs() < 1e-6, "axpy_bf16 d {d}");
             }
         }
     }

@@ -498,6 +498,85 @@ pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// y += a·x for a bf16 x.
+///
+/// # Safety
+/// AVX-512F and BW must be available; `x` and `y` have the same length.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn axpy_bf16_avx512(a: f32, x: &[u16], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let va = _mm512_set1_ps(a);
+    let mut i = 0;
+    while i + 16 <= n {
+        _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(va, widen_bf16_512(px.add(i)), _mm512_loadu_ps(py.add(i))));
+        i += 16;
+    }
+    for j in i..n {
+        *py.add(j) += a * bf16_to_f32(*px.add(j));
+    }
+}
+
+/// Four rows of `out` (`d` = `out.len() / 4` each) += `p[i]` · the rows of `rows`: 64 columns
+/// at a time in 16 accumulators, then 16 at a time (the last one masked).
+///
+/// # Safety
+/// AVX-512F must be available; every `p[i]` has k elements and `rows` holds
+/// `(k − 1)·stride + d` floats.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn axpy4_rows_avx512(p: [&[f32]; 4], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let (k, d) = (p[0].len(), out.len() / 4);
+    let (po, pr) = (out.as_mut_ptr(), rows.as_ptr());
+    let pp = [p[0].as_ptr(), p[1].as_ptr(), p[2].as_ptr(), p[3].as_ptr()];
+    let mut c = 0;
+    while c + 64 <= d {
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        for (i, a) in acc.iter_mut().enumerate() {
+            for (j, v) in a.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(po.add(i * d + c + 16 * j));
+            }
+        }
+        for s in 0..k {
+            let r = pr.add(s * stride + c);
+            let v = [
+                _mm512_loadu_ps(r),
+                _mm512_loadu_ps(r.add(16)),
+                _mm512_loadu_ps(r.add(32)),
+                _mm512_loadu_ps(r.add(48)),
+            ];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*pp[i].add(s));
+                for j in 0..4 {
+                    a[j] = _mm512_fmadd_ps(w, v[j], a[j]);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            for (j, v) in a.iter().enumerate() {
+                _mm512_storeu_ps(po.add(i * d + c + 16 * j), *v);
+            }
+        }
+        c += 64;
+    }
+    while c < d {
+        let m: __mmask16 = if d - c >= 16 { 0xffff } else { ((1u32 << (d - c)) - 1) as u16 };
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_maskz_loadu_ps(m, po.add(i * d + c));
+        }
+        for s in 0..k {
+            let v = _mm512_maskz_loadu_ps(m, pr.add(s * stride + c));
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*pp[i].add(s)), v, *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(po.add(i * d + c), m, *a);
+        }
+        c += 16;
+    }
+}
+
 /// Byte-gather and shift tables turning 24 bytes of 3-bit values into 64 16-bit lanes (two
 /// registers of 32): lane j takes bytes 3j/8 and 3j/8+1 and shifts right by 3j mod 8.
 type Q3Tables = ([u8; 64], [u8; 64], [u16; 32], [u16; 32]);

@@ -6,10 +6,16 @@
 //!
 //!   q_nope·k_nope = q_nope·(W_UK c) = (W_UKᵀ q_nope)·c   and   Σ p·v = W_UV (Σ p·c),
 //!
-//! so a head's query is taken into the latent space once per token ([`Mla::uk_t`]), scores
+//! so a head's query is taken into the latent space once per token ([`Mla::uk`]), scores
 //! are dot products with the cached rows [c ‖ k_pe], and the weighted sum of latents leaves
 //! through W_UV ([`Mla::uv`]): nothing is expanded per position (DeepSeek's reference code
-//! calls this the "absorb" form; transformers expands K and V instead).
+//! calls this the "absorb" form; transformers expands K and V instead). Decode uses it.
+//!
+//! A prompt's chunk of many tokens costs less the other way (DeepSeek's reference and
+//! llama.cpp switch likewise): K_nope = W_UK c and V = W_UV c for every position, as two
+//! products over the latents (a group of heads at a time, nothing kept after the chunk), then
+//! causal attention over tiles of 16 queries × 4 keys per head, 192 + 128 multiply-adds per
+//! (query, head, position) instead of 576 + 512. [`Mla::expands`] picks the cheaper form.
 //!
 //! With a lightning indexer (DSA), each query attends only to the `topk` positions the
 //! indexer scores highest: Σ_h w_h·ReLU(q_h·k_s)/√d over its own small heads, w from
@@ -41,8 +47,9 @@ pub struct Mla {
     /// `kv_a_proj_with_mqa`: x → [latent ‖ k_pe].
     pub kv_a: Mat,
     pub kv_norm: RmsNorm,
-    /// W_UKᵀ of every head, `[heads · kv_lora, nope]`: a head's query into the latent space.
-    pub uk_t: Mat,
+    /// W_UK of every head, `[heads · nope, kv_lora]` (the key rows of `kv_b_proj`): a head's
+    /// query into the latent space, or the latents out to K_nope.
+    pub uk: Mat,
     /// W_UV of every head, `[heads · v, kv_lora]`.
     pub uv: Mat,
     pub o_proj: Mat,
@@ -93,20 +100,17 @@ pub struct Selection {
     pub rows: Vec<Option<Vec<u32>>>,
 }
 
-/// Builds [`Mla::uk_t`] and [`Mla::uv`] from `kv_b_proj` (`[heads · (nope + v), kv_lora]`), in
-/// bf16 when it is stored so (the same values) and f32 otherwise.
+/// Builds [`Mla::uk`] and [`Mla::uv`] from `kv_b_proj` (`[heads · (nope + v), kv_lora]`, each
+/// head's key rows then its value rows), in bf16 when it is stored so (the same values) and
+/// f32 otherwise.
 pub fn split_kv_b(kv_b: &Mat, heads: usize, nope: usize, v: usize) -> (Mat, Mat) {
     let kvl = kv_b.cols;
     let w = kv_b.view();
-    let mut row = vec![0f32; kvl];
-    let (mut uk_t, mut uv) = (vec![0f32; heads * kvl * nope], vec![0f32; heads * v * kvl]);
+    let (mut uk, mut uv) = (vec![0f32; heads * nope * kvl], vec![0f32; heads * v * kvl]);
     for h in 0..heads {
         let base = h * (nope + v);
         for i in 0..nope {
-            w.row_f32(base + i, &mut row);
-            for (j, &x) in row.iter().enumerate() {
-                uk_t[(h * kvl + j) * nope + i] = x;
-            }
+            w.row_f32(base + i, &mut uk[(h * nope + i) * kvl..(h * nope + i + 1) * kvl]);
         }
         for i in 0..v {
             w.row_f32(base + nope + i, &mut uv[(h * v + i) * kvl..(h * v + i + 1) * kvl]);
@@ -116,7 +120,24 @@ pub fn split_kv_b(kv_b: &Mat, heads: usize, nope: usize, v: usize) -> (Mat, Mat)
         let m = Mat::from_f32(rows, cols, d).expect("sizes match");
         if kv_b.kind == WKind::BF16 { m.to_kind(WKind::BF16) } else { m }
     };
-    (to(heads * kvl, nope, uk_t), to(heads * v, kvl, uv))
+    (to(heads * nope, kvl, uk), to(heads * v, kvl, uv))
+}
+
+/// Rows `r0..r0 + n` of an f32 or bf16 matrix (a group of heads' rows of W_UK or W_UV).
+fn rows_of<'a>(w: &MatRef<'a>, r0: usize, n: usize) -> MatRef<'a> {
+    let b = w.cols * w.kind.size();
+    MatRef { rows: n, cols: w.cols, kind: w.kind, data: &w.data[r0 * b..(r0 + n) * b] }
+}
+
+/// `out += a · row r` of an f32 or bf16 matrix.
+#[inline]
+fn row_axpy(w: &MatRef<'_>, r: usize, a: f32, out: &mut [f32]) {
+    let c = w.cols;
+    match w.kind {
+        WKind::F32 => crate::kernels::axpy(a, &bytemuck::cast_slice::<u8, f32>(w.data)[r * c..(r + 1) * c], out),
+        WKind::BF16 => crate::kernels::axpy_bf16(a, &bytemuck::cast_slice::<u8, u16>(w.data)[r * c..(r + 1) * c], out),
+        _ => unreachable!("split_kv_b makes f32 or bf16"),
+    }
 }
 
 /// Row `r` of an f32 or bf16 matrix · x.
@@ -164,7 +185,7 @@ impl Mla {
             QProj::LoRA { a, b, .. } => a.bytes() + b.bytes(),
         };
         let ix = self.indexer.as_ref().map_or(0, |i| i.wq_b.bytes() + i.wk.bytes() + i.weights.bytes());
-        q + self.kv_a.bytes() + self.uk_t.bytes() + self.uv.bytes() + self.o_proj.bytes() + ix
+        q + self.kv_a.bytes() + self.uk.bytes() + self.uv.bytes() + self.o_proj.bytes() + ix
     }
 
     /// Attends `n` new tokens at positions `pos0..pos0+n`, appending them to `cache`. `sel`
@@ -179,6 +200,22 @@ impl Mla {
         sel: &mut Selection,
         out: &mut [f32],
         p: Precision,
+    ) {
+        self.forward_as(x, n, pos0, cache, sel, out, p, Form::Cheaper)
+    }
+
+    /// [`Mla::forward`] in the given form.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_as(
+        &self,
+        x: &[f32],
+        n: usize,
+        pos0: usize,
+        cache: &mut LatentCache,
+        sel: &mut Selection,
+        out: &mut [f32],
+        p: Precision,
+        form: Form,
     ) {
         let (nh, nope, rd, kvl) = (self.num_heads, self.nope, self.rope_dim, self.kv_lora);
         let (qd, lw) = (nope + rd, kvl + rd);
@@ -254,21 +291,32 @@ impl Mla {
 
         // 3. the indexer's choice of positions per token, or the shared one
         if let Some(i) = ix {
-            sel.rows =
-                (0..n).map(|t| i.select(&iq[t * ihn * ihd..], &iw[t * ihn..(t + 1) * ihn], pos0 + t, cache)).collect();
+            let one = |t: usize| i.select(&iq[t * ihn * ihd..], &iw[t * ihn..(t + 1) * ihn], pos0 + t, cache, decode);
+            sel.rows = if n > 1 { (0..n).into_par_iter().map(one).collect() } else { vec![one(0)] };
         } else if !self.shares_selection {
             sel.rows.clear();
         }
         let chosen = |t: usize| sel.rows.get(t).and_then(Option::as_deref);
+        let seen: usize = (0..n).map(|t| chosen(t).map_or(pos0 + t + 1, <[u32]>::len)).sum();
+        let group_bytes = match form {
+            Form::Cheaper if self.expands(n, pos0, seen) => Some(EXPAND_BYTES),
+            Form::Expanded { group_bytes } => Some(group_bytes),
+            _ => None,
+        };
+        if let Some(group_bytes) = group_bytes {
+            let mut o = scratch::zeros(n * nh * self.v_dim);
+            self.attend_expanded(&q, n, pos0, cache, &chosen, &mut o, group_bytes, p);
+            return self.o_proj.matmul(&o, n, out, p);
+        }
 
         // 4. each head's query in the latent space: [W_UKᵀ q_nope ‖ q_pe]·scale
         let mut qc = scratch::zeros(n * nh * lw);
-        let uk = self.uk_t.view();
+        let uk = self.uk.view();
         each_chunk(decode, &mut qc, lw, |i, out| {
             let (t, h) = (i / nh, i % nh);
             let qh = &q[(t * nh + h) * qd..(t * nh + h + 1) * qd];
-            for (j, o) in out[..kvl].iter_mut().enumerate() {
-                *o = row_dot(&uk, h * kvl + j, &qh[..nope]) * self.scale;
+            for (r, &a) in qh[..nope].iter().enumerate() {
+                row_axpy(&uk, h * nope + r, a * self.scale, &mut out[..kvl]);
             }
             for (o, &v) in out[kvl..].iter_mut().zip(&qh[nope..]) {
                 *o = v * self.scale;
@@ -347,6 +395,192 @@ impl Mla {
     }
 }
 
+/// How a forward pass attends.
+#[derive(Clone, Copy, Debug)]
+enum Form {
+    /// The one [`Mla::expands`] picks.
+    Cheaper,
+    /// In the latent space.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Absorbed,
+    /// Expanded, a group of heads' keys and values taking about `group_bytes`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Expanded { group_bytes: usize },
+}
+
+/// Queries per tile of the expanded form.
+const QT: usize = 16;
+/// Keys per block of a tile's weighted value sums (their rows stay in L2 for the tile).
+const KB: usize = 256;
+/// About the most bytes of one head group's expanded keys and values.
+const EXPAND_BYTES: usize = 64 << 20;
+
+impl Mla {
+    /// Whether the expanded form costs fewer multiply-adds for `n` tokens after `pos0` whose
+    /// queries attend to `seen` positions in all: it takes every one of the `pos0 + n`
+    /// latents out to K_nope and V (kv_lora × (nope + v) per head) and then pays
+    /// nope + rope + v per (query, head, position); the latent space takes each query in and
+    /// out instead (the same per head), then pays 2·kv_lora + rope. Decode stays absorbed.
+    pub fn expands(&self, n: usize, pos0: usize, seen: usize) -> bool {
+        let (kvl, nope, rd, vd) = (self.kv_lora, self.nope, self.rope_dim, self.v_dim);
+        let per_pos = kvl * (nope + vd);
+        let expanded = (pos0 + n) * per_pos + seen * (nope + rd + vd);
+        let absorbed = n * per_pos + seen * (2 * kvl + rd);
+        n > 1 && expanded < absorbed
+    }
+
+    /// `o` (`[n][heads][v]`) = attention of the rotated queries `q` over the `pos0 + n`
+    /// positions in `cache`, with K and V expanded from the latents for a group of heads at a
+    /// time (as many as fit `group_bytes`: the shape alone decides). Each (head, tile of [`QT`]
+    /// queries) is one work item; queries with a selection attend to its positions alone.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_expanded<'s>(
+        &self,
+        q: &[f32],
+        n: usize,
+        pos0: usize,
+        cache: &LatentCache,
+        chosen: &(dyn Fn(usize) -> Option<&'s [u32]> + Sync),
+        o: &mut [f32],
+        group_bytes: usize,
+        p: Precision,
+    ) {
+        let (nh, nope, rd, kvl, vd) = (self.num_heads, self.nope, self.rope_dim, self.kv_lora, self.v_dim);
+        let (qd, lw, len) = (nope + rd, kvl + rd, pos0 + n);
+        // the latents alone, the products' input
+        let mut c = scratch::dirty(len * kvl);
+        for (s, row) in c.chunks_exact_mut(kvl).enumerate() {
+            row.copy_from_slice(&cache.lat[s * lw..s * lw + kvl]);
+        }
+        let most = (group_bytes / (len * (nope + qd + 2 * vd) * 4).max(1)).clamp(1, nh);
+        // groups of about equal size
+        let hg = nh.div_ceil(nh.div_ceil(most));
+        let tiles = n.div_ceil(QT);
+        let (uk, uv) = (self.uk.view(), self.uv.view());
+        for h0 in (0..nh).step_by(hg) {
+            let g = hg.min(nh - h0);
+            let (mut kn, mut vn) = (scratch::dirty(len * g * nope), scratch::dirty(len * g * vd));
+            rows_of(&uk, h0 * nope, g * nope).matmul(&c, len, &mut kn, p);
+            rows_of(&uv, h0 * vd, g * vd).matmul(&c, len, &mut vn, p);
+            // head-major, a head's key rows [k_nope ‖ the shared rope key] and value rows
+            let (mut ke, mut ve) = (scratch::dirty(g * len * qd), scratch::dirty(g * len * vd));
+            each_chunk(false, &mut ke, len * qd, |j, kh| {
+                for (s, k) in kh.chunks_exact_mut(qd).enumerate() {
+                    k[..nope].copy_from_slice(&kn[(s * g + j) * nope..(s * g + j + 1) * nope]);
+                    k[nope..].copy_from_slice(&cache.lat[s * lw + kvl..(s + 1) * lw]);
+                }
+            });
+            each_chunk(false, &mut ve, len * vd, |j, vh| {
+                for (s, v) in vh.chunks_exact_mut(vd).enumerate() {
+                    v.copy_from_slice(&vn[(s * g + j) * vd..(s * g + j + 1) * vd]);
+                }
+            });
+            drop((kn, vn));
+            // [head][tile][QT][v]: one item's rows contiguous
+            let mut og = scratch::dirty(g * tiles * QT * vd);
+            each_chunk(false, &mut og, QT * vd, |i, out| {
+                let (j, b) = (i / tiles, i % tiles);
+                let (t0, t1) = (b * QT, ((b + 1) * QT).min(n));
+                let qh = |t: usize| &q[(t * nh + h0 + j) * qd..(t * nh + h0 + j + 1) * qd];
+                let (kh, vh) = (&ke[j * len * qd..(j + 1) * len * qd], &ve[j * len * vd..(j + 1) * len * vd]);
+                self.tile(&qh, kh, vh, t0, t1, pos0, chosen, out);
+            });
+            each_chunk(false, o, nh * vd, |t, ot| {
+                let (b, r) = (t / QT, t % QT);
+                for j in 0..g {
+                    let at = ((j * tiles + b) * QT + r) * vd;
+                    ot[(h0 + j) * vd..(h0 + j + 1) * vd].copy_from_slice(&og[at..at + vd]);
+                }
+            });
+        }
+    }
+
+    /// One head's outputs for queries `t0..t1` (rows of `out`, `QT × v`) over its expanded
+    /// keys `kh` (`[pos][nope + rope]`) and values `vh` (`[pos][v]`). The queries without a
+    /// selection (a prefix: a selection starts once a query sees more than the budget) go by
+    /// tiles: scores 4 queries × 4 keys at a time, each row's softmax, then the value sums 4
+    /// queries at a time over blocks of [`KB`] keys. A short tile repeats its last query or
+    /// key and drops the repeats, so a score never depends on the tile it is in.
+    #[allow(clippy::too_many_arguments)]
+    fn tile<'q, 's>(
+        &self,
+        qh: &(dyn Fn(usize) -> &'q [f32] + Sync),
+        kh: &[f32],
+        vh: &[f32],
+        t0: usize,
+        t1: usize,
+        pos0: usize,
+        chosen: &(dyn Fn(usize) -> Option<&'s [u32]> + Sync),
+        out: &mut [f32],
+    ) {
+        let (qd, vd) = (self.nope + self.rope_dim, self.v_dim);
+        out.iter_mut().for_each(|v| *v = 0.0);
+        let dense = (t0..t1).find(|&t| chosen(t).is_some()).unwrap_or(t1) - t0;
+        if dense > 0 {
+            // query i sees positions 0..ends(i)
+            let ends = |i: usize| pos0 + t0 + i.min(dense - 1) + 1;
+            let width = ends(dense - 1);
+            let mut w = scratch::zeros(dense.next_multiple_of(4) * width);
+            let key = |s: usize| &kh[s.min(width - 1) * qd..(s.min(width - 1) + 1) * qd];
+            for k0 in (0..width).step_by(4) {
+                let ks = [key(k0), key(k0 + 1), key(k0 + 2), key(k0 + 3)];
+                for i0 in (0..dense).step_by(4) {
+                    if k0 >= ends(i0 + 3) {
+                        continue;
+                    }
+                    let qs = [
+                        qh(t0 + i0),
+                        qh(t0 + (i0 + 1).min(dense - 1)),
+                        qh(t0 + (i0 + 2).min(dense - 1)),
+                        qh(t0 + (i0 + 3).min(dense - 1)),
+                    ];
+                    let d = crate::kernels::dot4x4(ks, qs);
+                    for (r, dr) in d.iter().enumerate() {
+                        for (i, &v) in dr.iter().enumerate() {
+                            if i0 + i < dense && k0 + r < ends(i0 + i) {
+                                w[(i0 + i) * width + k0 + r] = v * self.scale;
+                            }
+                        }
+                    }
+                }
+            }
+            for i in 0..dense {
+                crate::kernels::softmax(&mut w[i * width..i * width + ends(i)]);
+            }
+            for i0 in (0..dense).step_by(4) {
+                let row = |i: usize| &w[(i0 + i).min(dense - 1) * width..];
+                for k0 in (0..ends(i0 + 3)).step_by(KB) {
+                    let k1 = (k0 + KB).min(ends(i0 + 3));
+                    let ps = [&row(0)[k0..k1], &row(1)[k0..k1], &row(2)[k0..k1], &row(3)[k0..k1]];
+                    crate::kernels::axpy4_rows(ps, &vh[k0 * vd..], vd, &mut out[i0 * vd..(i0 + 4) * vd]);
+                }
+            }
+        }
+        // the rows a repeated query wrote belong to the queries that follow: clear them
+        out[dense * vd..].iter_mut().for_each(|v| *v = 0.0);
+        for t in t0 + dense..t1 {
+            // (a selection starts once a query sees more than the budget: later ones have one)
+            let all: Vec<u32>;
+            let pos = match chosen(t) {
+                Some(pos) => pos,
+                None => {
+                    all = (0..=(pos0 + t) as u32).collect();
+                    &all
+                }
+            };
+            let mut w = scratch::dirty(pos.len());
+            for (wi, &s) in w.iter_mut().zip(pos) {
+                *wi = crate::kernels::dot(qh(t), &kh[s as usize * qd..(s as usize + 1) * qd]) * self.scale;
+            }
+            crate::kernels::softmax(&mut w);
+            let o = &mut out[(t - t0) * vd..(t - t0 + 1) * vd];
+            for (&wi, &s) in w.iter().zip(pos) {
+                crate::kernels::axpy(wi, &vh[s as usize * vd..(s as usize + 1) * vd], o);
+            }
+        }
+    }
+}
+
 /// (heads per work item, parts of the positions) for `n` tokens of `heads` heads seeing up to
 /// `seen` positions: groups of up to 16 heads share each part's rows; the positions split
 /// (in parts of at least 256) only when tokens and groups give fewer than 32 items. It depends
@@ -361,28 +595,54 @@ fn work_split(n: usize, heads: usize, seen: usize) -> (usize, usize) {
 impl Indexer {
     /// The positions token at `pos` attends to: all (`None`) while it sees at most `topk`,
     /// else the `topk` its score ranks highest, in order.
-    fn select(&self, q: &[f32], w: &[f32], pos: usize, cache: &LatentCache) -> Option<Vec<u32>> {
-        let (hn, hd, k) = (self.spec.heads, self.spec.head_dim, self.spec.topk);
+    /// Scores are computed in blocks of 256 positions (on the decode team for one token).
+    fn select(&self, q: &[f32], w: &[f32], pos: usize, cache: &LatentCache, decode: bool) -> Option<Vec<u32>> {
+        let k = self.spec.topk;
         let seen = pos + 1;
         if seen <= k {
             return None;
         }
-        let scale = 1.0 / (hd as f32).sqrt();
-        let wscale = 1.0 / (hn as f32).sqrt();
-        let mut score = vec![0f32; seen];
-        let mut dots = vec![0f32; seen];
-        for h in 0..hn {
-            crate::kernels::dot_rows(&q[h * hd..(h + 1) * hd], &cache.index_k, hd, scale, &mut dots);
-            let wh = w[h] * wscale;
-            for (s, &d) in score.iter_mut().zip(&dots) {
-                *s += wh * d.max(0.0);
-            }
-        }
+        // whole blocks (the decode team's chunks tile the buffer), the last one cut to `seen`
+        let mut score = vec![0f32; seen.next_multiple_of(256)];
+        each_chunk(decode, &mut score, 256, |b, out| {
+            let len = (seen - b * 256).min(256);
+            self.scores(q, w, &cache.index_k, b * 256, &mut out[..len]);
+        });
+        score.truncate(seen);
         let mut idx: Vec<u32> = (0..seen as u32).collect();
         idx.select_nth_unstable_by(k - 1, |&a, &b| score[b as usize].total_cmp(&score[a as usize]));
         idx.truncate(k);
         idx.sort_unstable();
         Some(idx)
+    }
+}
+
+impl Indexer {
+    /// `out[j]` = the score of position `s0 + j` (`s0` a multiple of 4) for one query (`q`:
+    /// heads × head_dim, `w`: a weight per head): Σ_h w_h/√heads · ReLU(q_h·k/√head_dim), the
+    /// heads in order. Dots go 4 heads × 4 positions at a time; a short tile repeats its last
+    /// head or position and drops the repeats, so a score never depends on the block it is in.
+    fn scores(&self, q: &[f32], w: &[f32], keys: &[f32], s0: usize, out: &mut [f32]) {
+        let (hn, hd) = (self.spec.heads, self.spec.head_dim);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let wscale = 1.0 / (hn as f32).sqrt();
+        let last = s0 + out.len() - 1;
+        let key = |s: usize| &keys[s.min(last) * hd..(s.min(last) + 1) * hd];
+        let head = |h: usize| &q[h.min(hn - 1) * hd..(h.min(hn - 1) + 1) * hd];
+        out.iter_mut().for_each(|v| *v = 0.0);
+        for (j0, o) in (0..out.len()).step_by(4).zip(out.chunks_mut(4)) {
+            let s = s0 + j0;
+            let ks = [key(s), key(s + 1), key(s + 2), key(s + 3)];
+            for h0 in (0..hn).step_by(4) {
+                let d = crate::kernels::dot4x4([head(h0), head(h0 + 1), head(h0 + 2), head(h0 + 3)], ks);
+                for (hi, dh) in d.iter().enumerate().take(hn - h0) {
+                    let wh = w[h0 + hi] * wscale;
+                    for (oj, &v) in o.iter_mut().zip(dh) {
+                        *oj += wh * (v * scale).max(0.0);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -411,12 +671,12 @@ mod tests {
         let (h, nope, rd, kvl, vd) = (24, 5, 6, 7, 9);
         let m = |r: usize, c: usize, s: u64| Mat::from_f32(r, c, uniform(r * c, s)).unwrap();
         let kv_b = m(nh * (nope + vd), kvl, seed + 3);
-        let (uk_t, uv) = split_kv_b(&kv_b, nh, nope, vd);
+        let (uk, uv) = split_kv_b(&kv_b, nh, nope, vd);
         Mla {
             q: QProj::Full(m(nh * (nope + rd), h, seed)),
             kv_a: m(kvl + rd, h, seed + 1),
             kv_norm: RmsNorm::new(uniform(kvl, seed + 2), 1e-6, false),
-            uk_t,
+            uk,
             uv,
             o_proj: m(h, nh * vd, seed + 4),
             num_heads: nh,
@@ -580,8 +840,8 @@ mod tests {
         };
         let cache = LatentCache { lat: vec![], index_k: uniform(7 * hd, 1) };
         let (q, w) = (uniform(hn * hd, 2), vec![0.7, -1.3]);
-        assert_eq!(ix.select(&q, &w, 2, &cache), None);
-        let got = ix.select(&q, &w, 6, &cache).unwrap();
+        assert_eq!(ix.select(&q, &w, 2, &cache, false), None);
+        let got = ix.select(&q, &w, 6, &cache, false).unwrap();
         // the scalar reference
         let score = |s: usize| -> f64 {
             (0..hn)
@@ -598,6 +858,107 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// Prefill in `chunks` (token counts) through one cache, in `form`, against [`naive`].
+    fn chunked(l: &Mla, kv_b: &[f32], x: &[f32], chunks: &[usize], form: Form, keep: &dyn Fn(usize, usize) -> bool) {
+        let h = x.len() / chunks.iter().sum::<usize>();
+        let n: usize = chunks.iter().sum();
+        let want = naive(l, kv_b, x, n, keep);
+        let mut c = LatentCache::default();
+        let mut pos0 = 0;
+        for &m in chunks {
+            let rows = (pos0..pos0 + m)
+                .map(|t| {
+                    let all = (0..=t).all(|s| keep(t, s));
+                    (!all).then(|| (0..=t as u32).filter(|&s| keep(t, s as usize)).collect())
+                })
+                .collect();
+            let mut sel = Selection { rows };
+            let mut out = vec![0f32; m * h];
+            l.forward_as(&x[pos0 * h..(pos0 + m) * h], m, pos0, &mut c, &mut sel, &mut out, Precision::Exact, form);
+            close(&out, &want[pos0 * h..(pos0 + m) * h], 1e-5);
+            pos0 += m;
+        }
+    }
+
+    #[test]
+    fn expanded_prefill_matches_the_naive_form_on_odd_shapes() {
+        // tiles of 16 queries and 4 keys with tails, a cache before the chunk, one token
+        let all = |_: usize, _: usize| true;
+        for interleaved in [false, true] {
+            let l = layer_of(5, interleaved, 21);
+            let kv_b = uniform(5 * (l.nope + l.v_dim) * l.kv_lora, 21 + 3);
+            let x = uniform(70 * 24, 31);
+            for chunks in [&[1][..], &[2], &[5], &[17], &[37], &[13, 24], &[3, 1, 1, 30], &[70]] {
+                let n: usize = chunks.iter().sum();
+                for form in [Form::Expanded { group_bytes: EXPAND_BYTES }, Form::Absorbed, Form::Cheaper] {
+                    chunked(&l, &kv_b, &x[..n * 24], chunks, form, &all);
+                }
+                // groups of 2 heads (and a last one of 1)
+                let g2 = 2 * (n * (l.nope + l.nope + l.rope_dim + 2 * l.v_dim) * 4);
+                chunked(&l, &kv_b, &x[..n * 24], chunks, Form::Expanded { group_bytes: g2 }, &all);
+            }
+        }
+    }
+
+    #[test]
+    fn expanded_prefill_attends_to_a_selection_exactly() {
+        // the first 6 positions see everything (within the budget), later ones a selection
+        let keep = |t: usize, s: usize| t < 6 || s % 3 == 1 || s == t || s + 2 == t;
+        let l = Mla { shares_selection: true, ..layer_of(3, true, 41) };
+        let kv_b = uniform(3 * (l.nope + l.v_dim) * l.kv_lora, 41 + 3);
+        let x = uniform(40 * 24, 43);
+        for chunks in [&[40][..], &[4, 19, 17], &[7, 1, 32]] {
+            for form in [Form::Expanded { group_bytes: 1 }, Form::Absorbed] {
+                chunked(&l, &kv_b, &x, chunks, form, &keep);
+            }
+        }
+    }
+
+    #[test]
+    fn the_cost_model_expands_prompts_and_keeps_decode_absorbed() {
+        // DeepSeek-V3's sizes
+        let l = Mla { kv_lora: 512, nope: 128, rope_dim: 64, v_dim: 128, ..layer(true, 1) };
+        let causal = |n: usize, pos0: usize| n * pos0 + n * (n + 1) / 2;
+        assert!(l.expands(512, 0, causal(512, 0)));
+        assert!(l.expands(2048, 6144, causal(2048, 6144)));
+        assert!(!l.expands(1, 0, 1) && !l.expands(1, 5000, 5001));
+        // a few tokens after a long context: expanding every position costs more
+        assert!(!l.expands(4, 8000, causal(4, 8000)));
+    }
+
+    #[test]
+    fn indexer_scores_do_not_depend_on_their_block_and_match_the_reference() {
+        // 5 heads (a short head tile), 301 positions (short position tiles, two blocks)
+        let (hn, hd, seen) = (5, 12, 301);
+        let ix = Indexer {
+            wq_b: Mat::from_f32(1, 1, vec![0.0]).unwrap(),
+            wk: Mat::from_f32(1, 1, vec![0.0]).unwrap(),
+            k_norm: (vec![], vec![]),
+            weights: Mat::from_f32(1, 1, vec![0.0]).unwrap(),
+            spec: IndexerSpec { heads: hn, head_dim: hd, topk: 40, interleaved: false, own: vec![true] },
+        };
+        let keys = uniform(seen * hd, 5);
+        let (q, w) = (uniform(hn * hd, 6), uniform(hn, 7));
+        let mut whole = vec![0f32; seen];
+        ix.scores(&q, &w, &keys, 0, &mut whole);
+        for (s0, len) in [(4, 9), (256, 45), (300, 1), (296, 5)] {
+            let mut part = vec![0f32; len];
+            ix.scores(&q, &w, &keys, s0, &mut part);
+            assert_eq!(part, whole[s0..s0 + len], "block at {s0}");
+        }
+        for (s, &got) in whole.iter().enumerate() {
+            let want: f64 = (0..hn)
+                .map(|h| {
+                    let d: f64 = (0..hd).map(|i| q[h * hd + i] as f64 * keys[s * hd + i] as f64).sum();
+                    w[h] as f64 / (hn as f64).sqrt() * (d / (hd as f64).sqrt()).max(0.0)
+                })
+                .sum();
+            assert!((got as f64 - want).abs() < 1e-5, "position {s}: {got} vs {want}");
+        }
+        let cache = LatentCache { lat: vec![], index_k: keys };
+        assert_eq!(ix.select(&q, &w, seen - 1, &cache, true), ix.select(&q, &w, seen - 1, &cache, false));
+    }
+
     #[test]
     fn the_latent_space_copies_hold_kv_b_proj_exactly_in_any_format() {
         let (nh, nope, vd, kvl) = (3, 5, 4, 32);
@@ -605,13 +966,16 @@ mod tests {
         for kind in [WKind::F32, WKind::BF16, WKind::Q { bits: 8, group: 16 }, WKind::Q { bits: 4, group: 32 }] {
             let kv_b = f.to_kind(kind);
             let w = kv_b.to_f32();
-            let (uk_t, uv) = split_kv_b(&kv_b, nh, nope, vd);
-            let (uk_t, uv) = (uk_t.to_f32(), uv.to_f32());
+            let (uk, uv) = split_kv_b(&kv_b, nh, nope, vd);
+            let (uk, uv) = (uk.to_f32(), uv.to_f32());
             for h in 0..nh {
                 for i in 0..nope {
-                    for j in 0..kvl {
-                        assert_eq!(uk_t[(h * kvl + j) * nope + i], w[(h * (nope + vd) + i) * kvl + j], "{kind:?}");
-                    }
+                    let r = h * (nope + vd) + i;
+                    assert_eq!(
+                        &uk[(h * nope + i) * kvl..(h * nope + i + 1) * kvl],
+                        &w[r * kvl..(r + 1) * kvl],
+                        "{kind:?}"
+                    );
                 }
                 for i in 0..vd {
                     let r = h * (nope + vd) + nope + i;
