@@ -1,6 +1,8 @@
 //! The OpenAI-compatible server on a loopback port with the built-in model, driven by reqwest;
 //! and (tests/openai_client.py) by the official `openai` Python package.
 
+mod common;
+
 use flashmoe::load::load_model;
 use flashmoe::server::ServerOptions;
 use flashmoe::session::Session;
@@ -49,20 +51,24 @@ fn start_session(
     session: Session,
     opts: ServerOptions,
 ) -> (String, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let h = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            let stop = async {
-                let _ = stop_rx.await;
-            };
-            flashmoe::server::serve_on(l, session, opts, stop).await.unwrap();
-        });
-    });
-    (format!("http://{}", rx.recv().unwrap()), stop_tx, h)
+    common::serve(session, opts)
+}
+
+/// Fixture `name` copied into `dir_name` under the test's target folder with room for a call (a
+/// 1024-token context; the fixtures have 64) and `template` as its chat template.
+fn fixture_with_template(name: &str, dir_name: &str, template: &str) -> std::path::PathBuf {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir_name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = json!(1024);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("chat_template.jinja"), template).unwrap();
+    dir
 }
 
 fn client() -> Client {
@@ -651,17 +657,8 @@ fn tool_call_round_trip() {
 #[test]
 fn forced_tool_calls_in_the_glm_format() {
     // the fixture with room for a call (its context is 64) and a template that leaves the tools out
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/glm4_moe");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("glm4_moe_forced");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
-        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
-    }
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
-    config["max_position_embeddings"] = json!(1024);
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    std::fs::write(dir.join("chat_template.jinja"), "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+    let dir =
+        fixture_with_template("glm4_moe", "glm4_moe_forced", "{% for m in messages %}{{ m.content }}{% endfor %}");
     let opts = ServerOptions { model_id: "glm".into(), max_queue: 2, default_max_tokens: 64, ..Default::default() };
     let (base, stop, _) = start_model(&dir, opts);
     let url = format!("{base}/v1/chat/completions");
@@ -703,22 +700,12 @@ fn forced_tool_calls_in_the_glm_format() {
 /// into `tool_calls`, whole and streamed, on the chat and Responses endpoints.
 #[test]
 fn forced_tool_calls_in_the_harmony_format() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_oss");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gpt_oss_forced");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
-        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
-    }
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
-    config["max_position_embeddings"] = json!(1024);
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    std::fs::write(
-        dir.join("chat_template.jinja"),
+    let dir = fixture_with_template(
+        "gpt_oss",
+        "gpt_oss_forced",
         "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}\
          {% if add_generation_prompt %}<|start|>assistant{% endif %}",
-    )
-    .unwrap();
+    );
     let opts = ServerOptions { model_id: "oss".into(), max_queue: 2, default_max_tokens: 64, ..Default::default() };
     let (base, stop, _) = start_model(&dir, opts);
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",

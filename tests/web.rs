@@ -3,6 +3,8 @@
 //! does not hold a graceful stop; and (tests/web_browser.js) the page driven in a real headless
 //! Chromium against `flashmoe serve`.
 
+mod common;
+
 use flashmoe::flash::convert::{ConvertOptions, convert};
 use flashmoe::flash::{CacheMode, StoreOptions};
 use flashmoe::load::{LoadOptions, load_model_with};
@@ -42,20 +44,7 @@ fn start(opts: ServerOptions) -> (String, tokio::sync::oneshot::Sender<()>, std:
         ..Default::default()
     };
     let session = Session::new(load_model_with(&dir, &lo).unwrap(), TextTokenizer::load(&dir).unwrap());
-    let (tx, rx) = mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let h = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            let stop = async {
-                let _ = stop_rx.await;
-            };
-            flashmoe::server::serve_on(l, session, opts, stop).await.unwrap();
-        });
-    });
-    (format!("http://{}", rx.recv().unwrap()), stop_tx, h)
+    common::serve(session, opts)
 }
 
 fn options(api_key: Option<&str>) -> ServerOptions {

@@ -1,5 +1,5 @@
-//! What the reference-logit tests share: a fixture's recorded float64 `transformers` outputs
-//! and the ways logits are compared with them.
+//! What the integration tests share: a fixture's recorded float64 `transformers` outputs, the
+//! ways logits are compared with them, and a server on a loopback port.
 #![allow(dead_code)]
 
 use serde_json::Value;
@@ -80,4 +80,26 @@ pub fn agreement(got: &[f32], want: &[Vec<f64>]) -> (f64, f64) {
         kl += p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
     }
     (top / want.len() as f64, kl / want.len() as f64)
+}
+
+/// `session` served on a loopback port on a thread of its own: its URL, a sender that stops it
+/// gracefully, and the thread.
+pub fn serve(
+    session: flashmoe::session::Session,
+    opts: flashmoe::server::ServerOptions,
+) -> (String, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let h = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            flashmoe::server::serve_on(l, session, opts, stop).await.unwrap();
+        });
+    });
+    (format!("http://{}", rx.recv().unwrap()), stop_tx, h)
 }
