@@ -142,6 +142,10 @@ fn matmul_kernel_matches_scalar_reference() {
     check_products(&kinds, &shapes, &[1, 3, 8, 11], false, |mag, _| 1e-5 * mag.max(1e-3));
 }
 
+/// The formats decode's integer kernels take (int8 inputs).
+const INT8_KINDS: [WKind; 4] =
+    [WKind::Q { bits: 4, group: 32 }, WKind::Q { bits: 4, group: 64 }, WKind::Q { bits: 8, group: 64 }, WKind::Mxfp4];
+
 /// Decode's integer kernel (int8 inputs, a scale per 32) on q4/q8 rows: within the input
 /// rounding's bound of the exact product.
 #[test]
@@ -149,12 +153,7 @@ fn int8_input_matvec_stays_within_its_rounding() {
     if !gpu() {
         return;
     }
-    let kinds = [
-        WKind::Q { bits: 4, group: 32 },
-        WKind::Q { bits: 4, group: 64 },
-        WKind::Q { bits: 8, group: 64 },
-        WKind::Mxfp4,
-    ];
+    let kinds = INT8_KINDS;
     let shapes = [(1, 32), (37, 96), (130, 2048), (9, 768), (11, 2880)];
     // each input is off by at most half a step of max|x|/127 ≤ 1/127
     check_products(&kinds, &shapes, &[1], true, |_, wabs| wabs * 0.5 / 127.0 + 1e-5);
@@ -171,12 +170,7 @@ fn decode_experts_match_the_float64_product() {
     if !gpu() {
         return;
     }
-    let kinds = [
-        WKind::Q { bits: 4, group: 32 },
-        WKind::Q { bits: 4, group: 64 },
-        WKind::Q { bits: 8, group: 64 },
-        WKind::Mxfp4,
-    ];
+    let kinds = INT8_KINDS;
     // (hidden, inter, experts, k)
     let shapes =
         [(2048, 768, 16, 8), (96, 160, 5, 3), (64, 32, 4, 4), (256, 1056, 3, 1), (48, 40, 3, 2), (4096, 96, 9, 9)];

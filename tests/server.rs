@@ -71,6 +71,16 @@ fn fixture_with_template(name: &str, dir_name: &str, template: &str) -> std::pat
     dir
 }
 
+/// The first `tool_calls` delta of `body` sent streamed.
+fn streamed_tool_call(url: &str, mut body: Value) -> Value {
+    body["stream"] = json!(true);
+    let ev = sse(url, body);
+    ev.iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0).cloned())
+        .expect("a tool_calls delta")
+}
+
 fn client() -> Client {
     Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
 }
@@ -681,15 +691,7 @@ fn forced_tool_calls_in_the_glm_format() {
         }
         assert_eq!(a["choices"][0]["finish_reason"], "tool_calls", "{a}");
         check(&a["choices"][0]["message"]["tool_calls"][0]);
-        let mut streamed = body;
-        streamed["stream"] = json!(true);
-        let ev = sse(&url, streamed);
-        let call = ev
-            .iter()
-            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-            .find_map(|c| c["choices"][0]["delta"]["tool_calls"][0].as_object().cloned())
-            .expect("a tool_calls delta");
-        check(&Value::Object(call));
+        check(&streamed_tool_call(&url, body));
     }
     let _ = stop.send(());
 }
@@ -734,14 +736,7 @@ fn forced_tool_calls_in_the_harmony_format() {
         assert_eq!(a["choices"][0]["finish_reason"], "tool_calls", "{a}");
         let call = &a["choices"][0]["message"]["tool_calls"][0]["function"];
         check(&call["name"], &call["arguments"], only);
-        let mut streamed = body;
-        streamed["stream"] = json!(true);
-        let ev = sse(&url, streamed);
-        let call = ev
-            .iter()
-            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-            .find_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"].as_object().cloned())
-            .expect("a tool_calls delta");
+        let call = streamed_tool_call(&url, body)["function"].clone();
         check(&call["name"], &call["arguments"], only);
     }
     // the Responses API's named function, through the same grammar
