@@ -49,8 +49,8 @@ fn main() {
             cmd_convert(from, to, &experts, &dense, group_size, force)
         }
         Cmd::Verify { model } => cmd_verify(model),
-        Cmd::Sysbench { file, block, io_threads, direct, seconds, memory } => {
-            cmd_sysbench(file, block, io_threads, direct, seconds, memory)
+        Cmd::Sysbench { file, block, io_threads, direct, seconds, memory, products } => {
+            cmd_sysbench(file, block, io_threads, direct, seconds, memory, products)
         }
         Cmd::Synth { preset, layers, experts, dense, routing, seed, to, force } => {
             cmd_synth(&preset, layers, &experts, &dense, routing, seed, &to, force)

@@ -1028,6 +1028,60 @@ pub fn swiglu_sum(terms: &[SwigluTerm<'_>], out: &mut [f32], p: Precision) {
     step(site, items.len(), threads, down);
 }
 
+/// [`swiglu_sum`]'s two steps with the same items, each only reading the weight bytes of its
+/// rows (`sysbench --products`: what the products' access pattern allows, with no arithmetic).
+#[doc(hidden)]
+pub fn swiglu_sum_read_only(terms: &[SwigluTerm<'_>]) -> u64 {
+    let site = std::panic::Location::caller();
+    let touch = |w: &MatRef<'_>, r0: usize, r1: usize| -> u64 {
+        let WKind::Q { bits, group } = w.kind else { return 0 };
+        let ng = w.cols.div_ceil(group as usize);
+        let (rb, pb) = (quant::row_bytes(w.cols, bits), quant::packed_bytes(w.rows, w.cols, bits));
+        let parts = [
+            &w.data[r0 * rb..r1 * rb],
+            &w.data[pb + 2 * r0 * ng..pb + 2 * r1 * ng],
+            &w.data[pb + 2 * w.rows * ng + 2 * r0 * ng..pb + 2 * w.rows * ng + 2 * r1 * ng],
+        ];
+        parts.iter().map(|p| read_words(p)).fold(0, u64::wrapping_add)
+    };
+    let threads = rayon::current_num_threads();
+    let sections: SmallVec<[Section; 16]> = terms
+        .iter()
+        .map(|t| Section {
+            align: 64,
+            row_bytes: Section::of(&t.gate).row_bytes + Section::of(&t.up).row_bytes,
+            ..Section::of(&t.gate)
+        })
+        .collect();
+    let sum = std::sync::atomic::AtomicU64::new(0);
+    let items = plan(&sections, threads);
+    step(site, items.len(), threads, |k| {
+        let (i, r0, r1) = items[k];
+        let v = touch(&terms[i].gate, r0, r1).wrapping_add(touch(&terms[i].up, r0, r1));
+        sum.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
+    });
+    let hidden = terms.first().map_or(0, |t| t.down.rows);
+    let row_bytes = terms.iter().map(|t| Section::of(&t.down).row_bytes).sum();
+    let items = plan(&[Section { rows: hidden, row_bytes, align: 16 }], threads);
+    step(site, items.len(), threads, |k| {
+        let (_, r0, r1) = items[k];
+        let v = terms.iter().map(|t| touch(&t.down, r0, r1)).fold(0, u64::wrapping_add);
+        sum.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
+    });
+    sum.into_inner()
+}
+
+/// A wrapping sum of `b`'s 8-byte words (a read the compiler vectorizes; tail bytes ignored).
+fn read_words(b: &[u8]) -> u64 {
+    let mut acc = [0u64; 8];
+    for c in b.chunks_exact(64) {
+        for (a, w) in acc.iter_mut().zip(c.chunks_exact(8)) {
+            *a = a.wrapping_add(u64::from_le_bytes(w.try_into().unwrap()));
+        }
+    }
+    acc.iter().fold(0, |s, &a| s.wrapping_add(a))
+}
+
 /// Runs a decode step's items on the team, or in order on this thread when it is one.
 fn step(site: &'static std::panic::Location<'static>, n: usize, threads: usize, f: impl Fn(usize) + Sync) {
     if threads > 1 { crate::par::for_each_at(site, n, f) } else { (0..n).for_each(f) }

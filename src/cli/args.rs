@@ -154,6 +154,10 @@ pub(crate) enum Cmd {
         /// `sysbench` does.
         #[arg(long)]
         memory: bool,
+        /// Also measure decode's expert products on this machine's threads (q4 experts of the
+        /// 30B-A3B shape, 2 GB of them): as computed, as only read, and from the caches.
+        #[arg(long)]
+        products: bool,
     },
     /// Re-check every checksum of a converted model.
     Verify {

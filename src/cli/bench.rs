@@ -95,6 +95,7 @@ pub(crate) fn cmd_sysbench(
     direct: bool,
     secs: f64,
     memory: bool,
+    products: bool,
 ) -> Result<()> {
     let file_given = file.as_ref().map(|_| ());
     if let Some(f) = file {
@@ -105,7 +106,19 @@ pub(crate) fn cmd_sysbench(
         );
     }
     // memory is what a bare `sysbench` measures (no file named)
-    if memory || file_given.is_none() {
+    if products {
+        let r = flashmoe::sysbench::products(2 << 30, secs.min(3.0));
+        println!(
+            "{{\"products_gb_s\": {:.2}, \"read_only_gb_s\": {:.2}, \"in_cache_gb_s\": {:.2}, \"kernel_l2_gb_s\": [{:.2}, {:.2}], \"threads\": {}}}",
+            r.experts_gb_s,
+            r.read_only_gb_s,
+            r.in_cache_gb_s,
+            r.kernel_l2_gb_s[0],
+            r.kernel_l2_gb_s[1],
+            rayon::current_num_threads()
+        );
+    }
+    if memory || (file_given.is_none() && !products) {
         let one = flashmoe::sysbench::memory_read(1 << 30, 1);
         let all = flashmoe::sysbench::memory_read(1 << 30, rayon::current_num_threads());
         println!("{{\"mem_gb_s_1thread\": {:.2}, \"mem_gb_s_all\": {:.2}}}", one / 1e9, all / 1e9);
