@@ -376,14 +376,23 @@ fn fast_decode_on_cuda_stays_close_to_reference() {
         cpu.requantize_experts(kind).unwrap();
         let mut seq = r.prompt.clone();
         seq.extend(&r.greedy[..r.greedy.len() - 1]);
-        // token by token, the exact CPU's logits against those of `fast` (a fast-precision model)
+        // token by token, the exact CPU's logits against those of `fast` (a fast-precision model);
+        // top-1 over the positions whose best two logits are at least MARGIN apart (these random
+        // fixtures have near ties — deepseek_v3_fp8's include gaps of 0.006 and 0.008 — that the
+        // int8 inputs' rounding flips without being wrong), the KL over all
+        const MARGIN: f32 = 0.05;
         let against = |fast: &Model| {
             let (mut sg, mut sc) = (fast.new_state(), cpu.new_state());
-            let (mut top, mut kl) = (0usize, 0f64);
+            let (mut top, mut clear, mut kl) = (0usize, 0usize, 0f64);
             for &t in &seq {
                 let (g, c) = (fast.forward(&mut sg, &[t], false).unwrap(), cpu.forward(&mut sc, &[t], false).unwrap());
                 let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
-                top += (argmax(&g) == argmax(&c)) as usize;
+                let best = argmax(&c);
+                let second = (0..c.len()).filter(|&i| i != best).map(|i| c[i]).fold(f32::NEG_INFINITY, f32::max);
+                if c[best] - second >= MARGIN {
+                    clear += 1;
+                    top += (argmax(&g) == best) as usize;
+                }
                 let lsm = |v: &[f32]| {
                     let mx = v.iter().cloned().fold(f32::MIN, f32::max) as f64;
                     let z = v.iter().map(|x| (*x as f64 - mx).exp()).sum::<f64>().ln() + mx;
@@ -392,7 +401,7 @@ fn fast_decode_on_cuda_stays_close_to_reference() {
                 let (p, q) = (lsm(&c), lsm(&g));
                 kl += p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
             }
-            (top as f64 / seq.len() as f64, kl / seq.len() as f64)
+            (top as f64 / clear.max(1) as f64, kl / seq.len() as f64)
         };
         let (top, kl) = against(&m);
         eprintln!("{name}: CUDA fast decode ({} experts) vs exact CPU: top-1 {top:.3}, mean KL {kl:.2e}", kind.name());

@@ -504,7 +504,9 @@ __device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const floa
     }
 }
 
-extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* yb, const float* w, float* h, int dim,
+// (at most 64 registers: a block of 1024 threads must fit the register file; DeepSeek-V3's 7168
+// values take 896)
+extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(float* x, const float* y, const float* yb, const float* w, float* h, int dim,
                                        float eps, QX q) {
     rmsnorm_row(x, y, yb, w, h, dim, eps, q, (long long)blockIdx.x * dim);
 }
