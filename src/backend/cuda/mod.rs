@@ -53,10 +53,10 @@ pub fn supports(model: &Model) -> Result<()> {
                 )
             }
             MixerWeights::Mla(m) if m.indexer.is_some() || m.shares_selection => bail!(
-                "layer {i}: the DSA lightning indexer ({family}: DeepSeek-V3.2, GLM-5) is not on the CUDA backend yet: use --device cpu"
+                "layer {i}: DSA's lightning indexer (DeepSeek-V3.2, GLM-5) is not on the CUDA backend yet: use --device cpu"
             ),
             MixerWeights::Mla(m) if m.kv_lora + m.rope_dim > MLA_ROW || !m.rope_dim.is_multiple_of(2) => bail!(
-                "layer {i}: latent rows of {} + {} are above the CUDA latent attention kernel's {MLA_ROW}: use --device cpu",
+                "layer {i}: latent rows of {} + {} do not fit the CUDA latent attention kernel (at most {MLA_ROW}, an even rope part): use --device cpu",
                 m.kv_lora,
                 m.rope_dim
             ),
