@@ -18,8 +18,8 @@ use flashmoe::tensor::{Mat, Precision, WKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Every fixture of the families the backend runs (the MLA lineage is refused, see
-/// `mla_is_refused_by_name`).
+/// Every fixture of the families the backend runs (DSA's lightning indexer is refused, see
+/// `the_lightning_indexer_is_refused_by_name`).
 const FIXTURES: &[&str] = &[
     "qwen3_moe",
     "qwen3_moe_norm",
@@ -34,6 +34,11 @@ const FIXTURES: &[&str] = &[
     "minimax_m2",
     "minimax_m2_fp8",
     "mixtral",
+    "deepseek_v3",
+    "deepseek_v3_nolora",
+    "deepseek_v3_fp8",
+    "kimi_k25",
+    "kimi_k25_int4",
 ];
 /// f32 accumulation in another order than the CPU's: the bound.
 const TOL: f64 = 1e-3;
@@ -371,14 +376,23 @@ fn fast_decode_on_cuda_stays_close_to_reference() {
         cpu.requantize_experts(kind).unwrap();
         let mut seq = r.prompt.clone();
         seq.extend(&r.greedy[..r.greedy.len() - 1]);
-        // token by token, the exact CPU's logits against those of `fast` (a fast-precision model)
+        // token by token, the exact CPU's logits against those of `fast` (a fast-precision model);
+        // top-1 over the positions whose best two logits are at least MARGIN apart (these random
+        // fixtures have near ties — deepseek_v3_fp8's include gaps of 0.006 and 0.008 — that the
+        // int8 inputs' rounding flips without being wrong), the KL over all
+        const MARGIN: f32 = 0.05;
         let against = |fast: &Model| {
             let (mut sg, mut sc) = (fast.new_state(), cpu.new_state());
-            let (mut top, mut kl) = (0usize, 0f64);
+            let (mut top, mut clear, mut kl) = (0usize, 0usize, 0f64);
             for &t in &seq {
                 let (g, c) = (fast.forward(&mut sg, &[t], false).unwrap(), cpu.forward(&mut sc, &[t], false).unwrap());
                 let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
-                top += (argmax(&g) == argmax(&c)) as usize;
+                let best = argmax(&c);
+                let second = (0..c.len()).filter(|&i| i != best).map(|i| c[i]).fold(f32::NEG_INFINITY, f32::max);
+                if c[best] - second >= MARGIN {
+                    clear += 1;
+                    top += (argmax(&g) == best) as usize;
+                }
                 let lsm = |v: &[f32]| {
                     let mx = v.iter().cloned().fold(f32::MIN, f32::max) as f64;
                     let z = v.iter().map(|x| (*x as f64 - mx).exp()).sum::<f64>().ln() + mx;
@@ -387,7 +401,7 @@ fn fast_decode_on_cuda_stays_close_to_reference() {
                 let (p, q) = (lsm(&c), lsm(&g));
                 kl += p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
             }
-            (top as f64 / seq.len() as f64, kl / seq.len() as f64)
+            (top as f64 / clear.max(1) as f64, kl / seq.len() as f64)
         };
         let (top, kl) = against(&m);
         eprintln!("{name}: CUDA fast decode ({} experts) vs exact CPU: top-1 {top:.3}, mean KL {kl:.2e}", kind.name());
@@ -510,7 +524,9 @@ fn long_prompts_on_cuda_match_the_cpu() {
     if !gpu() {
         return;
     }
-    for name in ["gpt_oss", "gpt_oss_mxfp4", "mixtral", "minimax_m2", "glm4_moe", "qwen3_moe", "qwen3_next"] {
+    let names = ["gpt_oss", "gpt_oss_mxfp4", "mixtral", "minimax_m2", "glm4_moe", "qwen3_moe", "qwen3_next"];
+    // latent attention: a decode token's context in five parts, a prompt's attended whole
+    for name in names.into_iter().chain(["deepseek_v3", "deepseek_v3_nolora", "kimi_k25"]) {
         let (mut gpu, mut cpu) = (on_cuda(name), on_cpu(name));
         // the fixtures' configs say 64 positions; the math has no such limit
         gpu.cfg.max_position_embeddings = 4096;
@@ -541,18 +557,60 @@ fn long_prompts_on_cuda_match_the_cpu() {
     }
 }
 
-/// Latent attention is not on the GPU yet: `--device cuda` names it, `auto` runs on the CPU.
+/// DSA's lightning indexer (DeepSeek-V3.2, GLM-5) is not on the GPU yet: `--device cuda` names
+/// it, `auto` runs on the CPU.
 #[test]
-fn mla_is_refused_by_name() {
+fn the_lightning_indexer_is_refused_by_name() {
     if !gpu() {
         return;
     }
-    let o = LoadOptions { device: Device::Cuda(0), ..Default::default() };
-    let e = match load_model_with(&dir("deepseek_v3"), &o) {
-        Ok(_) => panic!("deepseek_v3 loaded on CUDA"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(e.contains("latent attention") && e.contains("--device cpu"), "{e}");
-    let o = LoadOptions { device: Device::Auto, ..Default::default() };
-    assert!(load_model_with(&dir("deepseek_v3"), &o).unwrap().accel.is_none());
+    for name in ["deepseek_v32", "glm_moe_dsa"] {
+        let o = LoadOptions { device: Device::Cuda(0), ..Default::default() };
+        let e = match load_model_with(&dir(name), &o) {
+            Ok(_) => panic!("{name} loaded on CUDA"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains("lightning indexer") && e.contains("--device cpu"), "{e}");
+        let o = LoadOptions { device: Device::Auto, ..Default::default() };
+        assert!(load_model_with(&dir(name), &o).unwrap().accel.is_none(), "{name}");
+    }
+}
+
+/// A decode token's latent attention (`mla_part` and `mla_merge`) against the float64 softmax
+/// of the scalar reference: random queries already in the latent space and cached rows, odd
+/// sizes (a last head group of 3, rows off the lanes' 32, tiles of 16 positions with tails), one
+/// position, DeepSeek-V3's 128 heads × 576, and contexts split across many blocks (empty parts
+/// past the end, as a decode graph's grid covers), the split and the whole context alike.
+#[test]
+fn latent_attention_kernel_matches_the_scalar_reference() {
+    if !gpu() {
+        return;
+    }
+    let mut seed = 0x51ed_2701_u64;
+    // (heads, kv_lora, rope, positions, spare parts)
+    let shapes =
+        [(11, 45, 7, 300, 3), (3, 12, 4, 1, 0), (128, 512, 64, 1000, 0), (16, 500, 76, 129, 2), (8, 31, 2, 64, 1)];
+    for (nh, kvl, rd, len, spare) in shapes {
+        let lw = kvl + rd;
+        let mut v = |n: usize| (0..n).map(|_| rng(&mut seed)).collect::<Vec<f32>>();
+        let (qc, rows) = (v(nh * lw), v(len * lw));
+        let (split, whole) = cuda::mla_attend_once(0, &qc, &rows, (nh, kvl, rd), spare).unwrap();
+        let mut worst = 0f64;
+        for h in 0..nh {
+            let q = &qc[h * lw..(h + 1) * lw];
+            let sc: Vec<f64> = (0..len)
+                .map(|p| q.iter().zip(&rows[p * lw..(p + 1) * lw]).map(|(a, b)| *a as f64 * *b as f64).sum())
+                .collect();
+            let top = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|s| (s - top).exp()).sum();
+            for i in 0..kvl {
+                let want: f64 = (0..len).map(|p| (sc[p] - top).exp() / z * rows[p * lw + i] as f64).sum();
+                for got in [split[h * kvl + i], whole[h * kvl + i]] {
+                    worst = worst.max((got as f64 - want).abs());
+                }
+            }
+        }
+        eprintln!("latent attention {nh} heads, {kvl} + {rd}, {len} positions: max abs error {worst:.1e}");
+        assert!(worst <= 5e-5, "{nh} heads, {kvl} + {rd}, {len} positions: error {worst:.2e}");
+    }
 }

@@ -504,7 +504,9 @@ __device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const floa
     }
 }
 
-extern "C" __global__ void add_rmsnorm(float* x, const float* y, const float* yb, const float* w, float* h, int dim,
+// (at most 64 registers: a block of 1024 threads must fit the register file; DeepSeek-V3's 7168
+// values take 896)
+extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(float* x, const float* y, const float* yb, const float* w, float* h, int dim,
                                        float eps, QX q) {
     rmsnorm_row(x, y, yb, w, h, dim, eps, q, (long long)blockIdx.x * dim);
 }
@@ -1424,4 +1426,226 @@ extern "C" __global__ void mma_down_tiles(const u8* base, u64 stride, const int*
 extern "C" __global__ void swiglu_mul(float* g, const float* u, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         g[i] = silu(g[i]) * u[i];
+}
+
+// Multi-head latent attention (DeepSeek-V3, Kimi-K2), in the latent space (src/layers/mla.rs).
+// A layer's cache holds per position the row [c ‖ k_pe]: the RMS-normalised latent (kvl floats)
+// and the rotated shared rope key (rd), lw = kvl + rd floats, at meta[1 + 2·layer]. Head h's
+// query enters the latent space once per token (qc = [W_UK,hᵀ q_nope ‖ q_pe]·scale), its scores
+// are qc·row, its output Σ p·c leaves through W_UV: the heads share every cached row (MQA of one
+// 576-wide key whose first 512 values are also the value).
+
+// Rotates the pair (a, b) for position pos at frequency f, cos and sin times fscale (as the
+// CPU's tables: the angle in double, reduced to [-π, π] before float sincos).
+__device__ __forceinline__ void rope_pair(float& a, float& b, int pos, double f, float fscale) {
+    double ang = (double)pos * f;
+    const double two_pi = 6.283185307179586;
+    float r = (float)(ang - rint(ang / two_pi) * two_pi), c, s;
+    sincosf(r, &s, &c);
+    c *= fscale;
+    s *= fscale;
+    float x = a, y = b;
+    a = x * c - y * s;
+    b = y * c + x * s;
+}
+
+// Block (t, 0): token t's latent (lat rows of lw: [latent ‖ k_pe] as kv_a_proj wrote them)
+// RMS-normalised (w, eps) and its k_pe rotated, written into the cache at position pos0 + t;
+// block (t, 1 + h): the rope part of q head h (q rows of heads × (nope + rd)) rotated in place.
+// Pairs (2i, 2i+1) when interleaved (DeepSeek's layout), else (i, i + rd/2).
+extern "C" __global__ void mla_rope_cache(float* q, const float* lat, const long long* meta, int layer, const float* w,
+                                          float eps, int nh, int nope, int rd, int kvl, const double* freqs,
+                                          float fscale, int interleaved) {
+    __shared__ float sh[32];
+    int t = blockIdx.x, y = blockIdx.y;
+    int pos = (int)meta[0] + t, half = rd / 2, lw = kvl + rd;
+    const float* src;
+    float* dst;
+    if (y == 0) {
+        const float* l = lat + (long long)t * lw;
+        float* row = (float*)meta[1 + 2 * layer] + (long long)pos * lw;
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < kvl; i += blockDim.x) ss += l[i] * l[i];
+        float inv = rsqrtf(block_sum(ss, sh) / kvl + eps);
+        for (int i = threadIdx.x; i < kvl; i += blockDim.x) row[i] = l[i] * inv * w[i];
+        src = l + kvl;
+        dst = row + kvl;
+    } else {
+        dst = q + ((long long)t * nh + (y - 1)) * (nope + rd) + nope;
+        src = dst;
+    }
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        int a = interleaved ? 2 * j : j, b = interleaved ? 2 * j + 1 : j + half;
+        float va = src[a], vb = src[b];
+        rope_pair(va, vb, pos, freqs[j], fscale);
+        dst[a] = va;
+        dst[b] = vb;
+    }
+}
+
+// qc[t][h] = [W_UK,hᵀ · q_nope ‖ q_pe] · scale, head h's query in the latent space (uk: the
+// heads' nope rows of kvl, f32 or bf16). Block t·heads + h, a thread per latent column (the
+// rows read across the block's threads: coalesced); shared memory: nope floats.
+extern "C" __global__ void mla_absorb(const float* q, const u8* base, MatD uk, float* qc, int nh, int nope, int rd,
+                                      float scale) {
+    extern __shared__ float qn[];
+    long long th = blockIdx.x;
+    int h = (int)(th % nh), kvl = uk.cols, lw = kvl + rd;
+    const float* qh = q + th * (nope + rd);
+    for (int i = threadIdx.x; i < nope; i += blockDim.x) qn[i] = qh[i];
+    __syncthreads();
+    float* out = qc + th * lw;
+    const u8* w = base + uk.off;
+    long long r0 = (long long)h * nope;
+    for (int j = threadIdx.x; j < kvl; j += blockDim.x) {
+        float acc = 0.f;
+        if (uk.kind == 1) {
+            const u16* r = (const u16*)w + r0 * kvl + j;
+#pragma unroll 8
+            for (int i = 0; i < nope; i++) acc = fmaf(qn[i], bf(__ldg(r + (long long)i * kvl)), acc);
+        } else {
+            const float* r = (const float*)w + r0 * kvl + j;
+#pragma unroll 8
+            for (int i = 0; i < nope; i++) acc = fmaf(qn[i], __ldg(r + (long long)i * kvl), acc);
+        }
+        out[j] = acc * scale;
+    }
+    for (int i = threadIdx.x; i < rd; i += blockDim.x) out[kvl + i] = qh[nope + i] * scale;
+}
+
+#define MLA_PL 18  // row floats per lane: cache rows up to 576 wide (DeepSeek-V3, Kimi-K2, GLM-5)
+#define MLA_TP 16  // positions per shared-memory tile
+#define MLA_HW 8   // heads per block, a warp each
+
+// Token t's attention over its cached rows in the latent space: scores qc·row, their softmax and
+// Σ p·c. Block (t·groups + g, c): heads g·MLA_HW.. (a warp each) over positions c·chunk.. of
+// 0..=pos0 + t, the rows staged MLA_TP at a time in shared memory (MLA_TP × lw floats), so the
+// group's heads read each row from global memory once. One part: ol[t][h] = the normalised sum;
+// else part[(t·heads + h)·parts + c] = (max, sum, acc[kvl]), merged by mla_merge.
+extern "C" __global__ void mla_part(const float* qc, const long long* meta, int layer, float* part, float* ol, int nh,
+                                    int kvl, int rd, int parts, int chunk) {
+    extern __shared__ float rows[];
+    int lw = kvl + rd, groups = (nh + MLA_HW - 1) / MLA_HW;
+    int t = blockIdx.x / groups, g = blockIdx.x % groups, c = blockIdx.y;
+    int lane = threadIdx.x & 31, h = g * MLA_HW + (threadIdx.x >> 5);
+    bool live = h < nh;
+    int len = (int)meta[0] + t + 1;
+    long long p0l = (long long)c * chunk;
+    int p0 = (int)min(p0l, (long long)len), p1 = (int)min((long long)len, p0l + chunk);
+    const float* cache = (const float*)meta[1 + 2 * layer];
+    float qr[MLA_PL], acc[MLA_PL];
+    const float* qh = qc + ((long long)t * nh + (live ? h : 0)) * lw;
+#pragma unroll
+    for (int i = 0; i < MLA_PL; i++) {
+        int cc = lane + 32 * i;
+        qr[i] = cc < lw ? qh[cc] : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    for (int pb = p0; pb < p1; pb += MLA_TP) {
+        int np = min(MLA_TP, p1 - pb);
+        __syncthreads();
+        const float* src = cache + (long long)pb * lw;
+        for (int i = threadIdx.x; i < np * lw; i += blockDim.x) rows[i] = src[i];
+        __syncthreads();
+        if (!live) continue;
+        float sc[MLA_TP];
+        float mt = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < MLA_TP; j++) {
+            float s = 0.f;
+            if (j < np) {
+#pragma unroll
+                for (int i = 0; i < MLA_PL; i++) {
+                    int cc = lane + 32 * i;
+                    if (cc < lw) s = fmaf(qr[i], rows[j * lw + cc], s);
+                }
+                s = warp_sum(s);
+                mt = fmaxf(mt, s);
+            }
+            sc[j] = s;
+        }
+        float mn = fmaxf(m, mt);
+        float corr = expf(m - mn);
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < MLA_PL; i++) acc[i] *= corr;
+#pragma unroll
+        for (int j = 0; j < MLA_TP; j++) {
+            if (j < np) {
+                float e = expf(sc[j] - mn);
+                l += e;
+#pragma unroll
+                for (int i = 0; i < MLA_PL; i++) {
+                    int cc = lane + 32 * i;
+                    if (cc < kvl) acc[i] = fmaf(e, rows[j * lw + cc], acc[i]);
+                }
+            }
+        }
+        m = mn;
+    }
+    if (!live) return;
+    long long th = (long long)t * nh + h;
+    if (parts == 1) {
+        float inv = 1.f / l;
+#pragma unroll
+        for (int i = 0; i < MLA_PL; i++) {
+            int cc = lane + 32 * i;
+            if (cc < kvl) ol[th * kvl + cc] = acc[i] * inv;
+        }
+        return;
+    }
+    float* o = part + (th * parts + c) * (kvl + 2);
+    if (lane == 0) {
+        o[0] = m;
+        o[1] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < MLA_PL; i++) {
+        int cc = lane + 32 * i;
+        if (cc < kvl) o[2 + cc] = acc[i];
+    }
+}
+
+// ol[t][h] = the parts of (t, h) merged: each part weighs by its share Σ e^(x − m)·e^(m − max m)
+// of the whole. Only the parts that hold positions of token t are read (a decode graph's grid
+// covers the cache's capacity). Block t·heads + h; shared memory: a weight per part.
+extern "C" __global__ void mla_merge(const float* part, const long long* meta, float* ol, int nh, int kvl, int parts,
+                                     int chunk) {
+    extern __shared__ float wt[];
+    __shared__ float tot;
+    long long th = blockIdx.x;
+    int len = (int)meta[0] + (int)(th / nh) + 1;
+    int live = min(parts, (len + chunk - 1) / chunk);
+    const float* pp = part + th * parts * (kvl + 2);
+    if (threadIdx.x == 0) {
+        float top = NEG_INF;
+        for (int c = 0; c < live; c++) top = fmaxf(top, pp[c * (kvl + 2)]);
+        float s = 0.f;
+        for (int c = 0; c < live; c++) {
+            float mc = pp[c * (kvl + 2)];
+            wt[c] = mc == NEG_INF ? 0.f : expf(mc - top);
+            s += pp[c * (kvl + 2) + 1] * wt[c];
+        }
+        tot = s;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kvl; i += blockDim.x) {
+        float v = 0.f;
+        for (int c = 0; c < live; c++) v = fmaf(pp[c * (kvl + 2) + 2 + i], wt[c], v);
+        ol[th * kvl + i] = v / tot;
+    }
+}
+
+// o[t][h·vd + j] = W_UV[h·vd + j] · ol[t][h]: each head's latent sum out to its values (uv: the
+// heads' vd rows of kvl, f32 or bf16). Grid (t·heads + h, vd / warps), a warp per row.
+extern "C" __global__ void mla_uv(const float* ol, const u8* base, MatD uv, float* o, int nh, int vd) {
+    long long th = blockIdx.x;
+    int h = (int)(th % nh), lane = threadIdx.x & 31;
+    int j = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= vd) return;
+    float a[1] = {0.f};
+    row_dots<1>(base, uv, h * vd + j, ol + th * uv.cols, 0, 1, lane, a);
+    float v = warp_sum(a[0]);
+    if (lane == 0) o[th * vd + j] = v;
 }

@@ -8,8 +8,9 @@
 //! routers (softmax or sigmoid, correction bias, groups, scaling; gpt-oss's logit bias and
 //! softmax over the chosen), routed experts with biases and the clamped SwiGLU, shared experts
 //! gated or not, dense feed-forwards; in every weight format flashmoe stores, MXFP4 included
-//! (its own kernels: e2m1 nibbles and e8m0 scales read as stored). Not yet: latent attention
-//! (the MLA lineage), experts beyond GPU memory (the whole model must fit).
+//! (its own kernels: e2m1 nibbles and e8m0 scales read as stored); multi-head latent attention
+//! (DeepSeek-V3, Kimi-K2: a latent cache, attended in the latent space). Not yet: DSA's
+//! lightning indexer (DeepSeek-V3.2, GLM-5), experts beyond GPU memory (the whole model must fit).
 
 use super::{Accelerator, DeviceState};
 use crate::layers::attention::QkNorms;
@@ -51,8 +52,16 @@ pub fn supports(model: &Model) -> Result<()> {
                     "layer {i}: gated attention with a whole-width q/k norm ({family}) is not on the CUDA backend: use --device cpu"
                 )
             }
-            MixerWeights::Mla(_) => {
-                bail!("layer {i}: latent attention ({family}) is not on the CUDA backend yet: use --device cpu")
+            MixerWeights::Mla(m) if m.indexer.is_some() || m.shares_selection => bail!(
+                "layer {i}: DSA's lightning indexer (DeepSeek-V3.2, GLM-5) is not on the CUDA backend yet: use --device cpu"
+            ),
+            MixerWeights::Mla(m) if m.kv_lora + m.rope_dim > MLA_ROW || !m.rope_dim.is_multiple_of(2) => bail!(
+                "layer {i}: latent rows of {} + {} do not fit the CUDA latent attention kernel (at most {MLA_ROW}, an even rope part): use --device cpu",
+                m.kv_lora,
+                m.rope_dim
+            ),
+            MixerWeights::Mla(m) if ![&m.uk, &m.uv].iter().all(|w| matches!(w.kind, WKind::F32 | WKind::BF16)) => {
+                bail!("layer {i}: latent attention's W_UK/W_UV in {} ({family}): use --device cpu", m.uk.kind.name())
             }
             _ => {}
         }
@@ -314,9 +323,48 @@ impl DDelta {
     }
 }
 
+/// The query path of a latent-attention layer.
+enum DQ {
+    /// `q_proj`.
+    Full(DMat),
+    /// `q_b_proj(q_a_layernorm(q_a_proj x))`: the norm's weight and eps.
+    LoRA { a: DMat, norm: DVec, eps: f32, b: DMat },
+}
+
+/// Multi-head latent attention (`layers::mla::Mla`): the cache holds `kvl + rd` floats per
+/// position, attended in the latent space for a prompt as for decode.
+struct DMla {
+    q: DQ,
+    kv_a: DMat,
+    kv_norm: DVec,
+    kv_eps: f32,
+    uk: DMat,
+    uv: DMat,
+    o: DMat,
+    nh: usize,
+    nope: usize,
+    rd: usize,
+    kvl: usize,
+    vd: usize,
+    /// q-LoRA's rank (0: no q-LoRA).
+    q_lora: usize,
+    interleaved: bool,
+    scale: f32,
+    /// RoPE's frequency per rotated pair (f64) and the factor on cos and sin.
+    freqs: CudaSlice<f64>,
+    fscale: f32,
+}
+
+impl DMla {
+    fn row(&self) -> usize {
+        self.kvl + self.rd
+    }
+}
+
 enum DMixer {
     Attn(Box<DAttn>),
     Delta(Box<DDelta>),
+    Mla(Box<DMla>),
 }
 
 struct DLayer {
@@ -356,6 +404,11 @@ struct Kernels {
     mma_down_tiles: CudaFunction,
     swiglu_mul: CudaFunction,
     route_topk: CudaFunction,
+    mla_rope_cache: CudaFunction,
+    mla_absorb: CudaFunction,
+    mla_part: CudaFunction,
+    mla_merge: CudaFunction,
+    mla_uv: CudaFunction,
     router_topk: CudaFunction,
     swiglu_gate_up: CudaFunction,
     swiglu_gate_up_i8: CudaFunction,
@@ -381,6 +434,8 @@ pub struct CudaModel {
     eps: f32,
     /// Floats of one (token, head) attention part: the widest attention layer's heads × (d + 2).
     part_floats: usize,
+    /// Floats of a decode token's latent-attention parts per CHUNK positions (0: no such layer).
+    mla_part_floats: usize,
     /// One forward pass at a time (they share the stream), and its scratch buffers.
     run: Mutex<Scratch>,
 }
@@ -400,6 +455,8 @@ struct CudaState {
 enum StateKind {
     /// Floats per position of k (and of v).
     Kv(usize),
+    /// Floats per position of a latent cache (one buffer; the second is a placeholder).
+    Latent(usize),
     /// Floats of the conv history and of the recurrent state.
     Delta(usize, usize),
 }
@@ -447,6 +504,16 @@ const NT: usize = 8;
 const MT: usize = 32;
 /// Positions per attention block (`CHUNK` in kernels.cu).
 const CHUNK: usize = 128;
+/// Positions per block of a decode token's latent attention (`mla_part`'s parts).
+const MLA_CHUNK: usize = 64;
+/// The widest latent cache row `mla_part` takes (`MLA_PL` lanes' floats × 32).
+const MLA_ROW: usize = 18 * 32;
+/// Heads per block of `mla_part` (`MLA_HW`), and positions per shared-memory tile (`MLA_TP`).
+const MLA_HW: usize = 8;
+const MLA_TP: usize = 16;
+/// Longest prompt chunk a model with latent attention computes at once: its scratch grows as
+/// tokens × heads × the latent row (three buffers of 2048 × 128 × 576 floats for DeepSeek-V3).
+const MLA_PREFILL: usize = 2048;
 
 impl CudaModel {
     /// Uploads every weight of `model` (streamed experts are read once, through the store).
@@ -484,7 +551,7 @@ impl CudaModel {
                     eps: d.eps,
                 })),
                 MixerWeights::Attention(a) => DMixer::Attn(Box::new(up.attention(a)?)),
-                MixerWeights::Mla(_) => unreachable!("refused by supports()"),
+                MixerWeights::Mla(m) => DMixer::Mla(Box::new(up.mla(m)?)),
             };
             let ffn = match &l.ffn {
                 FfnWeights::Dense(m) => DFfn::Dense(Box::new(up.mlp(&m.view())?)),
@@ -519,6 +586,14 @@ impl CudaModel {
         let norm = up.vec(model.norm.weight())?;
         stream.synchronize()?;
         let part_floats = part_floats(&layers);
+        let mla_part_floats = layers
+            .iter()
+            .map(|l| match &l.mixer {
+                DMixer::Mla(a) => a.nh * (a.kvl + 2) * CHUNK.div_ceil(MLA_CHUNK),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
         Ok(CudaModel {
             name: format!("CUDA {ordinal}: {gpu}"),
             stream,
@@ -530,6 +605,7 @@ impl CudaModel {
             vocab: model.cfg.vocab_size,
             eps: model.cfg.rms_norm_eps,
             part_floats,
+            mla_part_floats,
             run: Mutex::new(Scratch::default()),
         })
     }
@@ -599,15 +675,32 @@ impl CudaModel {
         q: Qx,
         xb: u64,
     ) -> Result<Prep> {
-        let one = fast && n == 1 && self.hidden.is_multiple_of(32);
+        self.norm_rows(x, (y, yb), w, h, (self.hidden, self.eps), n, fast, q, xb)
+    }
+
+    /// [`CudaModel::add_rmsnorm`] on rows of `dim` with this `eps` (q-LoRA's latent norm too).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_rows(
+        &self,
+        x: u64,
+        (y, yb): (u64, u64),
+        w: &DVec,
+        h: u64,
+        (dim, eps): (usize, f32),
+        n: usize,
+        fast: bool,
+        q: Qx,
+        xb: u64,
+    ) -> Result<Prep> {
+        let one = fast && n == 1 && dim.is_multiple_of(32);
         let mut b = self.stream.launch_builder(&self.k.add_rmsnorm);
-        let dim = self.hidden as i32;
+        let dim32 = dim as i32;
         let fused = if one { q } else { Qx::default() };
-        b.arg(&x).arg(&y).arg(&yb).arg(&w.ptr).arg(&h).arg(&dim).arg(&self.eps).arg(&fused);
+        b.arg(&x).arg(&y).arg(&yb).arg(&w.ptr).arg(&h).arg(&dim32).arg(&eps).arg(&fused);
         // NORM_PER (8) values per thread in registers
-        let threads = self.hidden.div_ceil(8).next_multiple_of(32).clamp(32, 1024);
+        let threads = dim.div_ceil(8).next_multiple_of(32).clamp(32, 1024);
         unsafe { b.launch(cfg((n, 1), threads, 0)) }?;
-        if one { Ok(Prep { qx: q, xb: 0 }) } else { self.prep(fast, h, n, self.hidden, q, xb) }
+        if one { Ok(Prep { qx: q, xb: 0 }) } else { self.prep(fast, h, n, dim, q, xb) }
     }
 
     /// [`swiglu`] of experts `ex` (routed by `ids`, `wts` when not null).
@@ -786,6 +879,11 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         mma_down_tiles: f("mma_down_tiles")?,
         swiglu_mul: f("swiglu_mul")?,
         route_topk: f("route_topk")?,
+        mla_rope_cache: f("mla_rope_cache")?,
+        mla_absorb: f("mla_absorb")?,
+        mla_part: f("mla_part")?,
+        mla_merge: f("mla_merge")?,
+        mla_uv: f("mla_uv")?,
         router_topk: f("router_topk")?,
         swiglu_gate_up: f("swiglu_gate_up")?,
         swiglu_gate_up_i8: f("swiglu_gate_up_i8")?,
@@ -938,6 +1036,46 @@ pub fn route_once(
     Ok((0..n).map(|t| (0..k).map(|j| (ids[t * k + j] as usize, wts[t * k + j])).collect()).collect())
 }
 
+/// One decode token's latent attention through `mla_part` and `mla_merge` (kernel tests):
+/// the query `qc` (heads × (kvl + rd), already in the latent space) over the cached `rows`
+/// (positions × (kvl + rd)), the context split in parts of MLA_CHUNK positions with `spare`
+/// empty parts past its end (as a decode graph's grid covers the cache's capacity), and whole
+/// in one part (a prompt's path). Returns both `[heads][kvl]` outputs.
+pub fn mla_attend_once(
+    ordinal: usize,
+    qc: &[f32],
+    rows: &[f32],
+    (nh, kvl, rd): (usize, usize, usize),
+    spare: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let g = test_device(ordinal)?;
+    let (s, kn) = g.as_ref().expect("opened");
+    let lw = kvl + rd;
+    if lw > MLA_ROW || qc.len() != nh * lw || rows.is_empty() || !rows.len().is_multiple_of(lw) {
+        bail!("mla_attend_once: sizes do not fit the kernel");
+    }
+    let len = rows.len() / lw;
+    let (q, cache) = (s.clone_htod(qc)?, s.clone_htod(rows)?);
+    let meta = s.clone_htod(&[len as i64 - 1, ptr(&cache, s) as i64, 0])?;
+    let parts = len.div_ceil(MLA_CHUNK) + spare;
+    let part = s.alloc_zeros::<f32>(nh * parts * (kvl + 2))?;
+    let (split, whole) = (s.alloc_zeros::<f32>(nh * kvl)?, s.alloc_zeros::<f32>(nh * kvl)?);
+    let (nh32, kvl32, rd32, layer) = (nh as i32, kvl as i32, rd as i32, 0i32);
+    let (pq, pm, pp) = (ptr(&q, s), ptr(&meta, s), ptr(&part, s));
+    for (out, mp, chunk) in [(&split, parts, MLA_CHUNK), (&whole, 1, i32::MAX as usize)] {
+        let (mp32, ch32, po) = (mp as i32, chunk as i32, ptr(out, s));
+        let mut lb = s.launch_builder(&kn.mla_part);
+        lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&po).arg(&nh32).arg(&kvl32).arg(&rd32).arg(&mp32).arg(&ch32);
+        unsafe { lb.launch(cfg((nh.div_ceil(MLA_HW), mp), 32 * MLA_HW, 4 * MLA_TP * lw)) }?;
+        if mp > 1 {
+            let mut lb = s.launch_builder(&kn.mla_merge);
+            lb.arg(&pp).arg(&pm).arg(&po).arg(&nh32).arg(&kvl32).arg(&mp32).arg(&ch32);
+            unsafe { lb.launch(cfg((nh, 1), kvl.next_multiple_of(32).min(256), 4 * mp)) }?;
+        }
+    }
+    Ok((s.clone_dtoh(&split)?, s.clone_dtoh(&whole)?))
+}
+
 /// y = W·x for `n` tokens: one token per warp and row (decode; on the int8 input where `qx`
 /// has one), or 8 per weight read.
 #[allow(clippy::too_many_arguments)]
@@ -1034,6 +1172,44 @@ impl Uploader {
             d: a.head_dim,
             gated: a.gated,
             rot,
+            freqs: self.stream.clone_htod(&f).context("uploading weights to the GPU")?,
+            fscale: fscale as f32,
+        })
+    }
+
+    fn mla(&self, m: &crate::layers::mla::Mla) -> Result<DMla> {
+        use crate::layers::mla::QProj;
+        let (freqs, fscale) = m.rope.freqs();
+        let mut f = freqs.to_vec();
+        f.resize(f.len().max(1), 0.0);
+        let (q, q_lora) = match &m.q {
+            QProj::Full(w) => (DQ::Full(self.mat(&w.view())?), 0),
+            QProj::LoRA { a, norm, b } => (
+                DQ::LoRA {
+                    a: self.mat(&a.view())?,
+                    norm: self.vec(norm.weight())?,
+                    eps: norm.eps(),
+                    b: self.mat(&b.view())?,
+                },
+                a.rows,
+            ),
+        };
+        Ok(DMla {
+            q,
+            kv_a: self.mat(&m.kv_a.view())?,
+            kv_norm: self.vec(m.kv_norm.weight())?,
+            kv_eps: m.kv_norm.eps(),
+            uk: self.mat(&m.uk.view())?,
+            uv: self.mat(&m.uv.view())?,
+            o: self.mat(&m.o_proj.view())?,
+            nh: m.num_heads,
+            nope: m.nope,
+            rd: m.rope_dim,
+            kvl: m.kv_lora,
+            vd: m.v_dim,
+            q_lora,
+            interleaved: m.interleaved,
+            scale: m.scale,
             freqs: self.stream.clone_htod(&f).context("uploading weights to the GPU")?,
             fscale: fscale as f32,
         })
@@ -1138,6 +1314,17 @@ impl Accelerator for CudaModel {
     }
 
     fn forward(&self, model: &Model, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        if self.mla_part_floats > 0 && tokens.len() > MLA_PREFILL {
+            let mut logits = Vec::new();
+            for (i, c) in tokens.chunks(MLA_PREFILL).enumerate() {
+                let last = (i + 1) * MLA_PREFILL >= tokens.len();
+                let l = self.forward(model, st, c, all_logits)?;
+                if all_logits || last {
+                    logits.extend(l);
+                }
+            }
+            return Ok(logits);
+        }
         let t0 = std::time::Instant::now();
         let mut guard = self.run.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
@@ -1151,7 +1338,10 @@ impl Accelerator for CudaModel {
         // sequence's end return at once), other calls what they attend
         let graph = n == 1 && graphs();
         let parts = if graph { ds.cap } else { st.pos + n }.div_ceil(CHUNK);
-        let sizes = [n * h, widest, n * 64, n * self.vocab, 1 + 2 * self.layers.len(), n * self.part_floats * parts];
+        // a decode token's latent attention splits its context too (prompts attend whole)
+        let mla_parts = if n == 1 { self.mla_part_floats * parts } else { 0 };
+        let part = (n * self.part_floats * parts).max(mla_parts);
+        let sizes = [n * h, widest, n * 64, n * self.vocab, 1 + 2 * self.layers.len(), part];
         let fresh = sc.fit(s, sizes)?;
         // the embeddings and the positions and caches, through host buffers kept between calls
         sc.host_x.clear();
@@ -1320,6 +1510,78 @@ impl CudaModel {
         Ok((&a.o, pb, qo, opt(a.o_bias.as_ref())))
     }
 
+    /// Latent attention of `n` tokens on the normed `h` (`layers::mla`, in the latent space for
+    /// a prompt as for decode): q (through q-LoRA's normed latent) and the kv_a row; the latent
+    /// normed and the rope parts rotated, [c ‖ k_pe] into the cache; each head's query into the
+    /// latent space; attention over the cached rows (a decode token's context in parts of
+    /// MLA_CHUNK positions, merged); out through W_UV. Returns the output projection to run.
+    #[allow(clippy::too_many_arguments)]
+    fn mla<'a>(
+        &self,
+        a: &'a DMla,
+        b: &Bufs,
+        layer: i32,
+        (ph, qh): (u64, Prep),
+        n: usize,
+        parts: usize,
+        fast: bool,
+    ) -> Result<(&'a DMat, u64, Prep, u64)> {
+        let s = &self.stream;
+        let p = |b: &CudaSlice<f32>| ptr(b, s);
+        let (pa, pb, pc, pmeta, ppart) = (p(&b.a), p(&b.b), p(&b.c), ptr(&b.meta, s), p(&b.part));
+        let (nh, lw) = (a.nh, a.row());
+        // q → a; q-LoRA's latent → c, the kv_a rows after it
+        let lat = pc + 4 * (n * a.q_lora) as u64;
+        match &a.q {
+            DQ::Full(q) => self.matmuls(&[(q, pa), (&a.kv_a, lat)], ph, n, qh)?,
+            DQ::LoRA { a: qa, norm, eps, b: qb } => {
+                self.matmuls(&[(qa, pc), (&a.kv_a, lat)], ph, n, qh)?;
+                let xb = ptr(&b.xbh, s);
+                let pq = self.norm_rows(pc, (0, 0), norm, pc, (a.q_lora, *eps), n, fast, b.qa.qx(s), xb)?;
+                self.matmul(qb, pc, pa, n, pq)?;
+            }
+        }
+        let (nh32, nope32, rd32, kvl32, il) =
+            (nh as i32, a.nope as i32, a.rd as i32, a.kvl as i32, a.interleaved as i32);
+        let freqs = ptr(&a.freqs, s);
+        let mut lb = s.launch_builder(&self.k.mla_rope_cache);
+        lb.arg(&pa).arg(&lat).arg(&pmeta).arg(&layer).arg(&a.kv_norm.ptr).arg(&a.kv_eps).arg(&nh32).arg(&nope32);
+        lb.arg(&rd32).arg(&kvl32).arg(&freqs).arg(&a.fscale).arg(&il);
+        unsafe { lb.launch(cfg((n, 1 + nh), 128, 0)) }?;
+        // the latent-space queries → b
+        let mut lb = s.launch_builder(&self.k.mla_absorb);
+        lb.arg(&pa).arg(&a.uk.ptr).arg(&a.uk.d).arg(&pb).arg(&nh32).arg(&nope32).arg(&rd32).arg(&a.scale);
+        unsafe { lb.launch(cfg((n * nh, 1), a.kvl.next_multiple_of(32).min(256), 4 * a.nope)) }?;
+        // attention → the latent sums in a (q is spent)
+        let (mparts, chunk) =
+            if n == 1 { (parts * CHUNK.div_ceil(MLA_CHUNK), MLA_CHUNK) } else { (1, i32::MAX as usize) };
+        let (mp32, ch32) = (mparts as i32, chunk as i32);
+        let mut lb = s.launch_builder(&self.k.mla_part);
+        lb.arg(&pb)
+            .arg(&pmeta)
+            .arg(&layer)
+            .arg(&ppart)
+            .arg(&pa)
+            .arg(&nh32)
+            .arg(&kvl32)
+            .arg(&rd32)
+            .arg(&mp32)
+            .arg(&ch32);
+        unsafe { lb.launch(cfg((n * nh.div_ceil(MLA_HW), mparts), 32 * MLA_HW, 4 * MLA_TP * lw)) }?;
+        if mparts > 1 {
+            let mut lb = s.launch_builder(&self.k.mla_merge);
+            lb.arg(&ppart).arg(&pmeta).arg(&pa).arg(&nh32).arg(&kvl32).arg(&mp32).arg(&ch32);
+            unsafe { lb.launch(cfg((n * nh, 1), a.kvl.next_multiple_of(32).min(256), 4 * mparts)) }?;
+        }
+        // out of the latent space → c, o_proj's input
+        let vd32 = a.vd as i32;
+        let mut lb = s.launch_builder(&self.k.mla_uv);
+        lb.arg(&pa).arg(&a.uv.ptr).arg(&a.uv.d).arg(&pc).arg(&nh32).arg(&vd32);
+        unsafe { lb.launch(cfg((n * nh, a.vd.div_ceil(WARPS)), 32 * WARPS, 0)) }?;
+        let qo = self.prep(fast, pc, n, nh * a.vd, b.qa.qx(s), ptr(&b.xbh, s))?;
+        Ok((&a.o, pc, qo, 0))
+    }
+
     /// Gated DeltaNet of `n` tokens on the normed `h`: the four input projections, the causal
     /// conv (history from the state) with SiLU, q/k L2 norms, the recurrence with its gated
     /// RMSNorm; returns the output projection to run (matrix, input, its fast form).
@@ -1377,6 +1639,7 @@ impl CudaModel {
             let (o, oin, qo, ob) = match &l.mixer {
                 DMixer::Attn(a) => self.attention(a, b, layer, (ph, qh), n, parts, fast)?,
                 DMixer::Delta(d) => self.deltanet(d, b, layer, (ph, qh), n, fast)?,
+                DMixer::Mla(a) => self.mla(a, b, layer, (ph, qh), n, parts, fast)?,
             };
             // the output projection into y, then x += y and the post-mixer norm
             let qh = if n == 1 && o.d.rows as usize == h {
@@ -1614,7 +1877,7 @@ impl CudaModel {
 fn part_floats(layers: &[DLayer]) -> usize {
     let per = |l: &DLayer| match &l.mixer {
         DMixer::Attn(a) => a.nh * (a.d + 2),
-        DMixer::Delta(_) => 0,
+        DMixer::Delta(_) | DMixer::Mla(_) => 0,
     };
     layers.iter().map(per).max().unwrap_or(0)
 }
@@ -1624,6 +1887,9 @@ fn scratch_floats(l: &DLayer, n: usize, hidden: usize, k: Option<usize>) -> usiz
     let attn = match &l.mixer {
         DMixer::Attn(a) => n * (a.nh * if a.gated { 2 * a.d } else { a.d }).max(a.nkv * a.d),
         DMixer::Delta(d) => n * d.conv_dim().max(d.nv * d.dv),
+        // q, then the latent sums (a); the latent-space queries (b); q-LoRA's latent and the
+        // kv_a row, then the values (c)
+        DMixer::Mla(a) => n * (a.nh * a.row()).max(a.q_lora + a.row()).max(a.nh * (a.nope + a.rd)).max(a.nh * a.vd),
     };
     let ffn = match &l.ffn {
         DFfn::Dense(m) => n * m.gate.rows as usize,
@@ -1648,6 +1914,7 @@ impl CudaModel {
                 .map(|l| match &l.mixer {
                     DMixer::Attn(a) => StateKind::Kv(a.nkv * a.d),
                     DMixer::Delta(d) => StateKind::Delta((d.kern - 1) * d.conv_dim(), d.nv * d.dk * d.dv),
+                    DMixer::Mla(a) => StateKind::Latent(a.row()),
                 })
                 .collect();
             st.device = Some(Box::new(CudaState { stream: s.clone(), bufs: Vec::new(), cap: 0, kinds }));
@@ -1669,6 +1936,13 @@ impl CudaModel {
             let pair = match (kind, prev) {
                 (StateKind::Delta(..), Some(p)) => p,
                 (StateKind::Delta(h, st), None) => (s.alloc_zeros::<f32>(h.max(1))?, s.alloc_zeros::<f32>(st.max(1))?),
+                (StateKind::Latent(row), prev) => {
+                    let mut c = s.alloc_zeros::<f32>(cap * row)?;
+                    if let Some((old, _)) = prev {
+                        s.memcpy_dtod(&old, &mut c.slice_mut(..old.len()))?;
+                    }
+                    (c, s.alloc_zeros::<f32>(1)?)
+                }
                 (StateKind::Kv(row), prev) => {
                     let (mut k, mut v) = (s.alloc_zeros::<f32>(cap * row)?, s.alloc_zeros::<f32>(cap * row)?);
                     if let Some((ok, ov)) = prev {
