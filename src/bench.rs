@@ -13,6 +13,8 @@ use std::time::Instant;
 pub struct BenchOptions {
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
+    /// Prefill on a pool of this many threads instead of the caller's.
+    pub prefill_threads: Option<usize>,
     /// Evict the model's files from the page cache first.
     pub cold: bool,
     pub seed: u64,
@@ -68,7 +70,9 @@ pub struct BenchResult {
     pub prefetch_accuracy: f64,
     pub cache_mode: String,
     pub experts_per_token: usize,
+    /// Decode's threads, and prefill's (the same unless `--prefill-threads`).
     pub threads: usize,
+    pub prefill_threads: usize,
     /// Where the model ran (`cpu`, or the accelerator in words).
     pub device: String,
 }
@@ -169,7 +173,13 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     let s0 = stats();
     let pb = spinner(format!("prefill of {} tokens", prompt.len()));
     let t = Instant::now();
-    let logits = model.forward(&mut st, &prompt, false)?;
+    let logits = match opts.prefill_threads {
+        Some(n) if n != rayon::current_num_threads() => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()?
+            .install(|| model.forward(&mut st, &prompt, false))?,
+        _ => model.forward(&mut st, &prompt, false)?,
+    };
     let prefill_s = t.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let prefill_phases = phases(model, prompt.len(), &s0);
@@ -243,6 +253,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         cache_mode: model.store.as_ref().map_or("memory".into(), |s| format!("{:?}", s.mode).to_lowercase()),
         experts_per_token: k,
         threads: rayon::current_num_threads(),
+        prefill_threads: opts.prefill_threads.unwrap_or_else(rayon::current_num_threads),
         device: model.accel.as_ref().map_or("cpu".into(), |a| a.name()),
     })
 }

@@ -55,9 +55,8 @@ fn main() {
         Cmd::Synth { preset, layers, experts, dense, routing, seed, to, force } => {
             cmd_synth(&preset, layers, &experts, &dense, routing, seed, &to, force)
         }
-        Cmd::Bench { model, prompt_tokens, gen_tokens, cold, seed, json, store } => {
-            resolve(model).and_then(|model| cmd_bench(&model, prompt_tokens, gen_tokens, cold, seed, json, &store))
-        }
+        Cmd::Bench { model, prompt_tokens, gen_tokens, prefill_threads, cold, seed, json, store } => resolve(model)
+            .and_then(|model| cmd_bench(&model, prompt_tokens, gen_tokens, prefill_threads, cold, seed, json, &store)),
         Cmd::Eval { model, text, reference, experts, group_size, window, max_tokens, json, store } => resolve(model)
             .and_then(|model| {
                 cmd_eval(EvalArgs { model, text, reference, experts, group_size, window, max_tokens, json }, &store)

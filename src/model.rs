@@ -185,7 +185,7 @@ pub struct Model {
 
 /// Whether every value is finite (NaN and ±Inf are not); a prompt's rows in parallel.
 pub(crate) fn all_finite(x: &[f32]) -> bool {
-    if x.len() >= 1 << 18 && crate::tensor::parallel(x.len()) {
+    if x.len() >= 1 << 18 && crate::tensor::parallel(x.len()) && !crate::par::on_team() {
         use rayon::prelude::*;
         return x.par_chunks(1 << 16).all(finite_chunk);
     }
@@ -301,7 +301,7 @@ impl Layer {
 
 /// x += y (in parallel for a prompt's rows).
 fn add_assign(x: &mut [f32], y: &[f32]) {
-    if crate::tensor::parallel(x.len()) && x.len() > 1 << 14 {
+    if crate::tensor::parallel(x.len()) && x.len() > 1 << 14 && !crate::par::on_team() {
         use rayon::prelude::*;
         x.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(a, b)| crate::kernels::axpy(1.0, b, a));
     } else {

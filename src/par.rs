@@ -97,30 +97,48 @@ impl<T> Shared<T> {
 /// Keeps the caller's team spinning between steps until dropped (a decode pass: the gaps
 /// between its steps are short, but a few, such as the page-cache checks of a layer's experts,
 /// can outlast the spin window, and a parked helper takes tens of microseconds to wake).
-pub struct Hold(Option<&'static Team>);
+/// While it lives, [`on_team`] is true on its thread. It stays on the thread that made it.
+pub struct Hold {
+    team: Option<&'static Team>,
+    _here: std::marker::PhantomData<*const ()>,
+}
 
-/// Holds the team of the calling thread's pool awake (see [`Hold`]); nothing when one thread.
+/// Holds the team of the calling thread's pool awake (see [`Hold`]); no team when one thread.
 pub fn hold() -> Hold {
+    HOLDING.set(HOLDING.get() + 1);
     let threads = rayon::current_num_threads();
+    let here = std::marker::PhantomData;
     if threads <= 1 || IN_TEAM.get() {
-        return Hold(None);
+        return Hold { team: None, _here: here };
     }
     let t = team(threads);
     t.holds.fetch_add(1, SeqCst);
-    Hold(Some(t))
+    Hold { team: Some(t), _here: here }
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        if let Some(t) = self.0 {
+        HOLDING.set(HOLDING.get() - 1);
+        if let Some(t) = self.team {
             t.holds.fetch_sub(1, SeqCst);
         }
     }
 }
 
+/// Whether this thread runs a decode pass (it made a live [`Hold`]) or a team's items: rayon
+/// is then no place for work. Its workers are other threads than the team's, and while the
+/// helpers spin between steps they hold every core (or the process's CPU quota): a rayon job
+/// waits for the scheduler to preempt one, milliseconds on 16 cores (docs/PERFORMANCE.md,
+/// "MLA decode").
+pub fn on_team() -> bool {
+    IN_TEAM.get() || HOLDING.get() > 0
+}
+
 thread_local! {
     /// Set on helpers, and on a leader while it leads: a nested step runs inline.
     static IN_TEAM: Cell<bool> = const { Cell::new(false) };
+    /// Live [`Hold`]s made on this thread.
+    static HOLDING: Cell<usize> = const { Cell::new(0) };
 }
 
 /// The step word: epoch (24 bits) | items (20) | next unclaimed item (20). One word, so a
@@ -466,6 +484,22 @@ mod tests {
             let sum = AtomicU64::new(0);
             for_each(64, |i| _ = sum.fetch_add(i as u64, Relaxed));
             assert_eq!(sum.load(Relaxed), 63 * 64 / 2);
+        });
+    }
+
+    #[test]
+    fn a_decode_pass_and_the_items_of_its_steps_are_on_the_team() {
+        on_threads(4, || {
+            assert!(!on_team());
+            {
+                let _h = hold();
+                assert!(on_team());
+                let seen = AtomicU64::new(0);
+                for_each(64, |_| _ = seen.fetch_add(on_team() as u64, Relaxed));
+                assert_eq!(seen.load(Relaxed), 64, "every item, on whichever member");
+                let _nested = hold();
+            }
+            assert!(!on_team(), "dropping the holds ends it");
         });
     }
 

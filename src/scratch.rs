@@ -14,7 +14,7 @@ use std::thread::LocalKey;
 const KEEP: usize = 64;
 /// Larger buffers (prefill's) go back to the allocator, so a long prompt does not leave the
 /// pool holding hundreds of MB.
-const MAX_ELEMS: usize = 1 << 20;
+pub(crate) const MAX_ELEMS: usize = 1 << 20;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
@@ -28,9 +28,10 @@ pub struct Buf(Vec<f32>);
 pub fn zeros(n: usize) -> Buf {
     let mut v = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten().unwrap_or_default();
     v.clear();
-    if n >= 1 << 18 && crate::tensor::parallel(n) {
+    if n >= 1 << 18 && crate::tensor::parallel(n) && !crate::par::on_team() {
         // a prompt's buffers run to tens of MB per layer (a 512-token MoE's expert outputs:
-        // 42 MB); one thread zeroing them held all the others up
+        // 42 MB); one thread zeroing them held all the others up. Never in decode: rayon's
+        // workers would fight the team's spinning helpers for the cores
         use rayon::prelude::*;
         v.par_extend(rayon::iter::repeat_n(0.0, n));
     } else {

@@ -126,6 +126,10 @@ pub(crate) enum Cmd {
         prompt_tokens: usize,
         #[arg(long, default_value_t = 32)]
         gen_tokens: usize,
+        /// Prefill on this many threads, decode on `--threads` (decode's scaling after a long
+        /// prompt, without the prompt's time at each thread count).
+        #[arg(long)]
+        prefill_threads: Option<usize>,
         /// Evict the model's expert files from the page cache first (posix_fadvise).
         #[arg(long)]
         cold: bool,

@@ -9,6 +9,7 @@ pub(crate) fn cmd_bench(
     dir: &std::path::Path,
     prompt_tokens: usize,
     gen_tokens: usize,
+    prefill_threads: Option<usize>,
     cold: bool,
     seed: u64,
     json: bool,
@@ -20,6 +21,7 @@ pub(crate) fn cmd_bench(
         &flashmoe::bench::BenchOptions {
             prompt_tokens,
             gen_tokens,
+            prefill_threads,
             cold,
             seed,
             progress: flashmoe::progress::on_terminal(),

@@ -300,6 +300,59 @@ pub fn axpy4_rows_scalar(p: [&[f32]; 4], rows: &[f32], stride: usize, out: &mut 
     }
 }
 
+/// `out[h·n + j] = q[h] · rows[j·stride ..][..d]` for the `heads` rows of `q` (`d` =
+/// `q.len() / heads` each) and `n = out.len() / heads` rows: a group of heads' scores over the
+/// same cached rows (latent attention's decode), 4 heads × 4 rows per [`dot4x4`] so each row,
+/// loaded once, feeds every head from L1. A short tile repeats its last head or row and drops
+/// the repeats, so a score never depends on the tile it is in.
+pub fn dot_tile(q: &[f32], heads: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+    if heads == 0 || out.is_empty() {
+        return;
+    }
+    let (d, n) = (q.len() / heads, out.len() / heads);
+    assert!(q.len() == heads * d && out.len() == heads * n, "dot_tile: ragged tile");
+    assert!(rows.len() >= (n - 1) * stride + d, "rows too short");
+    let head = |h: usize| &q[h.min(heads - 1) * d..(h.min(heads - 1) + 1) * d];
+    let row = |j: usize| &rows[j.min(n - 1) * stride..j.min(n - 1) * stride + d];
+    for j0 in (0..n).step_by(4) {
+        let rs = [row(j0), row(j0 + 1), row(j0 + 2), row(j0 + 3)];
+        for h0 in (0..heads).step_by(4) {
+            let s = dot4x4([head(h0), head(h0 + 1), head(h0 + 2), head(h0 + 3)], rs);
+            for (hi, sh) in s.iter().enumerate().take(heads - h0) {
+                let o = &mut out[(h0 + hi) * n + j0..];
+                for (oj, &v) in o.iter_mut().zip(sh).take(n - j0) {
+                    *oj = v;
+                }
+            }
+        }
+    }
+}
+
+/// `out[h·d ..][..d] += Σ_j w[h·n + j] · rows[j·stride ..][..d]` for `heads` rows of weights
+/// (`n = w.len() / heads` each) and `d = out.len() / heads`: a group of heads' weighted sums
+/// of the same cached rows, 4 heads at a time through [`axpy4_rows`] so each row is loaded
+/// once per four heads. A last partial quad goes through a copy of its outputs, the missing
+/// heads repeating the last one's weights.
+pub fn axpy_tile(w: &[f32], heads: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+    if heads == 0 {
+        return;
+    }
+    let (n, d) = (w.len() / heads, out.len() / heads);
+    assert!(w.len() == heads * n && out.len() == heads * d, "axpy_tile: ragged tile");
+    let wr = |h: usize| &w[h.min(heads - 1) * n..(h.min(heads - 1) + 1) * n];
+    let full = heads / 4 * 4;
+    for h0 in (0..full).step_by(4) {
+        axpy4_rows([wr(h0), wr(h0 + 1), wr(h0 + 2), wr(h0 + 3)], rows, stride, &mut out[h0 * d..(h0 + 4) * d]);
+    }
+    if full < heads {
+        let r = heads - full;
+        let mut quad = crate::scratch::zeros(4 * d);
+        quad[..r * d].copy_from_slice(&out[full * d..]);
+        axpy4_rows([wr(full), wr(full + 1), wr(full + 2), wr(full + 3)], rows, stride, &mut quad);
+        out[full * d..].copy_from_slice(&quad[..r * d]);
+    }
+}
+
 /// Four dot products of one row against four vectors (register blocking for prefill).
 #[inline]
 pub fn dot4(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
@@ -815,6 +868,42 @@ mod tests {
                 for j in 0..d {
                     let want = o0[j] as f64 + (0..len).map(|p| w[p] as f64 * rows[p * stride + j] as f64).sum::<f64>();
                     assert!((o[j] as f64 - want).abs() < 1e-4, "axpy_rows d {d} len {len} j {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn head_tiles_match_a_scalar_reference_on_odd_sizes() {
+        // heads around multiples of 4, rows with and without tails, widths with and without
+        // whole 16- and 64-column blocks (576 and 512: DeepSeek's latent rows and latents)
+        for heads in [1, 3, 4, 5, 7, 16, 18] {
+            for n in [1, 2, 3, 5, 17, 130] {
+                for (d, dv) in [(7, 5), (37, 33), (576, 512)] {
+                    let stride = d + 3;
+                    let rows = rnd((n - 1) * stride + d, 1 + n as u64);
+                    let q = rnd(heads * d, 2 + heads as u64);
+                    let mut s = vec![f32::NAN; heads * n];
+                    dot_tile(&q, heads, &rows, stride, &mut s);
+                    for h in 0..heads {
+                        for j in 0..n {
+                            let want: f64 = (0..d).map(|i| q[h * d + i] as f64 * rows[j * stride + i] as f64).sum();
+                            let got = s[h * n + j] as f64;
+                            assert!((got - want).abs() < 1e-5 * (1.0 + want.abs()), "dot_tile {heads}×{n}×{d}");
+                        }
+                    }
+                    let w = rnd(heads * n, 3);
+                    let o0 = rnd(heads * dv, 4);
+                    let mut o = o0.clone();
+                    axpy_tile(&w, heads, &rows, stride, &mut o);
+                    for h in 0..heads {
+                        for c in 0..dv {
+                            let want = o0[h * dv + c] as f64
+                                + (0..n).map(|j| w[h * n + j] as f64 * rows[j * stride + c] as f64).sum::<f64>();
+                            let got = o[h * dv + c] as f64;
+                            assert!((got - want).abs() < 1e-5 * (1.0 + want.abs()), "axpy_tile {heads}×{n}×{dv}");
+                        }
+                    }
                 }
             }
         }

@@ -154,6 +154,8 @@ fn row_dot(w: &MatRef<'_>, r: usize, x: &[f32]) -> f32 {
 }
 
 /// `f(i, chunk)` over `size`-chunks of `data`: on the decode team for one token, rayon else.
+/// The step profile books a step to the caller's line.
+#[track_caller]
 fn each_chunk(decode: bool, data: &mut [f32], size: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if decode {
         crate::par::chunks_mut(data, size, f);
@@ -326,71 +328,63 @@ impl Mla {
         });
 
         // 5. softmax over the cached rows and the weighted sum of latents: one item per (token,
-        //    group of heads, part of the positions), so a part's rows are read once for the
-        //    group, from cache; the parts' partial softmaxes merge after
+        //    part of the positions, group of heads), the groups of a part next to each other so
+        //    the items running at once read the same rows (from L3). An item reads each of its
+        //    rows once for all its heads ([`attend_part`]); the parts' partial softmaxes merge
+        //    in the next step. Every item writes its whole output: nothing is zeroed between
+        //    steps (a large zeroing went to rayon, whose workers then fought the team's
+        //    spinning helpers for the cores: docs/PERFORMANCE.md, "MLA decode").
         let (hg, parts) = work_split(n, nh, pos0 + n);
         let groups = nh.div_ceil(hg);
         let per = hg * (kvl + 2);
-        let rows = &cache.lat;
-        let mut partial = scratch::zeros(n * groups * parts * per);
+        let rows = &cache.lat[..];
+        let mut partial = scratch::dirty(n * parts * groups * per);
         each_chunk(decode, &mut partial, per, |i, out| {
-            let (t, g, c) = (i / (groups * parts), i / parts % groups, i % parts);
+            let (t, c, g) = (i / (parts * groups), i / groups % parts, i % groups);
+            let (h0, h1) = (g * hg, ((g + 1) * hg).min(nh));
             let sel = chosen(t);
             let len = sel.map_or(pos0 + t + 1, <[u32]>::len);
             let (j0, j1) = (c * len / parts, (c + 1) * len / parts);
-            let mut w = scratch::dirty(j1 - j0);
-            for (k, h) in (g * hg..((g + 1) * hg).min(nh)).enumerate() {
-                let qh = &qc[(t * nh + h) * lw..(t * nh + h + 1) * lw];
-                let o = &mut out[k * (kvl + 2)..(k + 1) * (kvl + 2)];
-                match sel {
-                    None => crate::kernels::dot_rows(qh, &rows[j0 * lw..], lw, 1.0, &mut w),
-                    Some(pos) => {
-                        for (wi, &s) in w.iter_mut().zip(&pos[j0..j1]) {
-                            *wi = crate::kernels::dot(qh, &rows[s as usize * lw..(s as usize + 1) * lw]);
-                        }
-                    }
-                }
-                (o[0], o[1]) = crate::kernels::softmax(&mut w);
-                match sel {
-                    None => crate::kernels::axpy_rows(&w, &rows[j0 * lw..], lw, &mut o[2..]),
-                    Some(pos) => {
-                        for (&wi, &s) in w.iter().zip(&pos[j0..j1]) {
-                            crate::kernels::axpy(wi, &rows[s as usize * lw..s as usize * lw + kvl], &mut o[2..]);
-                        }
-                    }
-                }
-            }
-        });
-        let mut ol = scratch::zeros(n * nh * kvl);
-        each_chunk(decode, &mut ol, kvl, |i, o| {
-            let (t, h) = (i / nh, i % nh);
-            let part = |c: usize| {
-                let at = ((t * groups + h / hg) * parts + c) * per + (h % hg) * (kvl + 2);
-                &partial[at..at + kvl + 2]
-            };
-            if parts == 1 {
-                return o.copy_from_slice(&part(0)[2..]);
-            }
-            // each part weighs by its share Σ e^(x − m)·e^(m − max m) of the whole
-            let top = (0..parts).map(|c| part(c)[0]).fold(f32::NEG_INFINITY, f32::max);
-            let total: f32 = (0..parts).map(|c| part(c)[1] * (part(c)[0] - top).exp()).sum();
-            for c in 0..parts {
-                let p = part(c);
-                if p[1] > 0.0 {
-                    crate::kernels::axpy(p[1] * (p[0] - top).exp() / total, &p[2..], o);
-                }
-            }
+            let q = &qc[(t * nh + h0) * lw..(t * nh + h1) * lw];
+            let (acc, stats) = out.split_at_mut(hg * kvl);
+            attend_part(
+                q,
+                h1 - h0,
+                rows,
+                lw,
+                kvl,
+                sel,
+                j0..j1,
+                &mut acc[..(h1 - h0) * kvl],
+                &mut stats[..2 * (h1 - h0)],
+            );
         });
 
-        // 6. out of the latent space per head, then the output projection
+        // 6. per head: merge its parts, then out of the latent space through W_UV; then the
+        //    output projection
         let vd = self.v_dim;
-        let mut o = scratch::zeros(n * nh * vd);
+        let mut o = scratch::dirty(n * nh * vd);
         let uv = self.uv.view();
         each_chunk(decode, &mut o, vd, |i, oh| {
-            let h = i % nh;
-            let l = &ol[i * kvl..(i + 1) * kvl];
+            let (t, h) = (i / nh, i % nh);
+            // part c's Σ e^(x − m)·c, m and Σ e^(x − m) for this head
+            let part = |c: usize| {
+                let at = ((t * parts + c) * groups + h / hg) * per;
+                let k = h % hg;
+                let st = at + hg * kvl + 2 * k;
+                (&partial[at + k * kvl..at + (k + 1) * kvl], partial[st], partial[st + 1])
+            };
+            let top = (0..parts).map(|c| part(c).1).fold(f32::NEG_INFINITY, f32::max);
+            let total: f32 = (0..parts).map(|c| part(c).2 * (part(c).1 - top).exp()).sum();
+            let mut l = scratch::zeros(kvl);
+            for c in 0..parts {
+                let (acc, m, z) = part(c);
+                if z > 0.0 {
+                    crate::kernels::axpy((m - top).exp() / total, acc, &mut l);
+                }
+            }
             for (j, v) in oh.iter_mut().enumerate() {
-                *v = row_dot(&uv, h * vd + j, l);
+                *v = row_dot(&uv, h * vd + j, &l);
             }
         });
         self.o_proj.matmul(&o, n, out, p);
@@ -583,14 +577,78 @@ impl Mla {
     }
 }
 
+/// Positions per block of [`attend_part`]: its rows (DeepSeek-V3: 128 × 2,304 B) stay in L2
+/// between the scores and the weighted sum.
+const DB: usize = 128;
+
+/// Latent attention of `heads` queries `q` (`[heads][lw]`, scaled, in the latent space) over
+/// positions `j0..j1` of the cached rows (`[pos][lw]`: the latent's `kvl` values, then the
+/// rope key), or over those positions of `sel`'s list: `acc[h]` = Σ e^(x − m)·c and
+/// `stats[h]` = (m, Σ e^(x − m)), what merging parts needs. Blocks of [`DB`] positions: each
+/// block's rows are read once for all the heads, as `[heads × lw]·[lw × DB]` scores
+/// ([`kernels::dot_tile`]) and `[heads × DB]·[DB × kvl]` sums ([`kernels::axpy_tile`]), and
+/// the blocks merge online (a larger max rescales what came before). A selection's rows are
+/// gathered into a block first.
+#[allow(clippy::too_many_arguments)]
+fn attend_part(
+    q: &[f32],
+    heads: usize,
+    rows: &[f32],
+    lw: usize,
+    kvl: usize,
+    sel: Option<&[u32]>,
+    span: std::ops::Range<usize>,
+    acc: &mut [f32],
+    stats: &mut [f32],
+) {
+    use crate::kernels;
+    acc.iter_mut().for_each(|v| *v = 0.0);
+    for st in stats.chunks_exact_mut(2) {
+        (st[0], st[1]) = (f32::NEG_INFINITY, 0.0);
+    }
+    let mut s = scratch::dirty(heads * DB);
+    let mut gathered = scratch::dirty(if sel.is_some() { DB * lw } else { 0 });
+    for b0 in span.clone().step_by(DB) {
+        let nb = (b0 + DB).min(span.end) - b0;
+        let block: &[f32] = match sel {
+            None => &rows[b0 * lw..(b0 + nb) * lw],
+            Some(pos) => {
+                for (g, &r) in gathered.chunks_exact_mut(lw).zip(&pos[b0..b0 + nb]) {
+                    g.copy_from_slice(&rows[r as usize * lw..(r as usize + 1) * lw]);
+                }
+                &gathered[..nb * lw]
+            }
+        };
+        let s = &mut s[..heads * nb];
+        kernels::dot_tile(q, heads, block, lw, s);
+        for ((sh, st), ah) in s.chunks_exact_mut(nb).zip(stats.chunks_exact_mut(2)).zip(acc.chunks_exact_mut(kvl)) {
+            // the block's softmax, then weighed against what came before
+            let (mb, zb) = kernels::softmax(sh);
+            let (m, z) = (st[0], st[1]);
+            let top = m.max(mb);
+            if top > m && z > 0.0 {
+                let f = (m - top).exp();
+                ah.iter_mut().for_each(|v| *v *= f);
+                st[1] = z * f;
+            }
+            let f = zb * (mb - top).exp();
+            sh.iter_mut().for_each(|v| *v *= f);
+            (st[0], st[1]) = (top, st[1] + f);
+        }
+        kernels::axpy_tile(s, heads, block, lw, acc);
+    }
+}
+
 /// (heads per work item, parts of the positions) for `n` tokens of `heads` heads seeing up to
 /// `seen` positions: groups of up to 16 heads share each part's rows; the positions split
-/// (in parts of at least 256) only when tokens and groups give fewer than 32 items. It depends
-/// on the shape alone, never on the thread count, so results do not either.
+/// (in parts of at least [`DB`]) only when tokens and groups give fewer than 32 items, into
+/// at most 64 items in all (DeepSeek-V3's one token: 8 groups × 8 parts from 897 positions,
+/// 4 items for each of 16 threads). It depends on the shape alone, never on the thread count,
+/// so results do not either.
 fn work_split(n: usize, heads: usize, seen: usize) -> (usize, usize) {
     let hg = heads.min(16);
     let items = n * heads.div_ceil(hg);
-    let parts = if items >= 32 { 1 } else { seen.div_ceil(256).clamp(1, (64 / items).max(1)) };
+    let parts = if items >= 32 { 1 } else { seen.div_ceil(DB).clamp(1, (64 / items).max(1)) };
     (hg, parts)
 }
 
@@ -798,7 +856,7 @@ mod tests {
         let l = layer_of(20, true, 11);
         let kv_b = uniform(20 * (l.nope + l.v_dim) * l.kv_lora, 11 + 3);
         let n = 300;
-        assert_eq!(work_split(1, 20, n), (16, 2));
+        assert_eq!(work_split(1, 20, n), (16, 3));
         let x = uniform(n * 24, 8);
         let want = naive(&l, &kv_b, &x, n, |_, _| true);
         let mut out = vec![0f32; n * 24];
@@ -812,6 +870,79 @@ mod tests {
                 close(&step, &want[t * 24..(t + 1) * 24], 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn a_part_over_many_blocks_is_the_whole_softmax() {
+        // 5 heads (a short head tile), odd widths, spans across several blocks with tails,
+        // every position and a selection
+        let (heads, kvl, rd) = (5, 37, 9);
+        let lw = kvl + rd;
+        let seen = 3 * DB + 45;
+        let rows = uniform(seen * lw, 1);
+        let q: Vec<f32> = uniform(heads * lw, 2).iter().map(|v| 6.0 * v).collect();
+        let pick: Vec<u32> = (0..seen as u32).filter(|s| s % 3 != 1).collect();
+        for (sel, span) in [(None, 0..seen), (None, 7..2 * DB + 3), (None, 5..6), (Some(&pick[..]), 3..pick.len())] {
+            let (mut acc, mut stats) = (vec![f32::NAN; heads * kvl], vec![f32::NAN; 2 * heads]);
+            attend_part(&q, heads, &rows, lw, kvl, sel, span.clone(), &mut acc, &mut stats);
+            for h in 0..heads {
+                let pos: Vec<usize> = span.clone().map(|j| sel.map_or(j, |p| p[j] as usize)).collect();
+                let x: Vec<f64> = pos
+                    .iter()
+                    .map(|&s| (0..lw).map(|i| q[h * lw + i] as f64 * rows[s * lw + i] as f64).sum())
+                    .collect();
+                let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = x.iter().map(|v| (v - m).exp()).sum();
+                assert!((stats[2 * h] as f64 - m).abs() < 1e-5, "max of head {h}");
+                assert!((stats[2 * h + 1] as f64 - z).abs() < 1e-5 * z, "sum of head {h}");
+                for c in 0..kvl {
+                    let want: f64 = pos.iter().zip(&x).map(|(&s, v)| (v - m).exp() * rows[s * lw + c] as f64).sum();
+                    let got = acc[h * kvl + c] as f64;
+                    assert!((got - want).abs() < 1e-5 * z, "head {h} column {c}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_context_decode_is_the_same_on_any_thread_count() {
+        // 20 heads (two groups), 600 positions (5 parts): one token's outputs, bit for bit
+        let l = layer_of(20, true, 13);
+        let n = 600;
+        let x = uniform(n * 24, 14);
+        let mut c = LatentCache::default();
+        let mut out = vec![0f32; (n - 1) * 24];
+        l.forward(&x[..(n - 1) * 24], n - 1, 0, &mut c, &mut Selection::default(), &mut out, Precision::Exact);
+        let decode = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let _h = crate::par::hold();
+                let (mut c, mut step) = (c.clone(), vec![0f32; 24]);
+                l.forward(&x[(n - 1) * 24..], 1, n - 1, &mut c, &mut Selection::default(), &mut step, Precision::Exact);
+                step
+            })
+        };
+        let one = decode(1);
+        assert!(one.iter().all(|v| v.is_finite()));
+        for threads in [2, 5, 32] {
+            assert_eq!(decode(threads), one, "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn long_context_decode_gives_sixteen_threads_items_and_no_large_zeroing() {
+        // DeepSeek-V3 (128 heads, 576-float rows) decoding one token after 1k-160k positions
+        let (heads, kvl) = (128, 512);
+        for seen in [1024, 2048, 8192, 163_840] {
+            let (hg, parts) = work_split(1, heads, seen);
+            let items = heads.div_ceil(hg) * parts;
+            assert!(items >= 4 * 16, "{seen} positions: {items} items for 16 threads");
+            // the partial softmaxes stay a pooled buffer, written in full (never zeroed)
+            let floats = items * hg * (kvl + 2);
+            assert!(floats <= scratch::MAX_ELEMS, "{seen} positions: {floats} floats of partials");
+        }
+        // a short context stays whole: its rows are few
+        assert_eq!(work_split(1, heads, 100), (16, 1));
     }
 
     #[test]

@@ -37,7 +37,7 @@ impl RmsNorm {
                 *v *= inv * w;
             }
         };
-        if x.len() > self.w.len() && crate::tensor::parallel(x.len()) {
+        if x.len() > self.w.len() && crate::tensor::parallel(x.len()) && !crate::par::on_team() {
             use rayon::prelude::*;
             x.par_chunks_exact_mut(self.w.len()).for_each(norm);
         } else {
