@@ -120,4 +120,38 @@ fn cli_runs_a_gguf() {
     assert!(g.contains("tok/s"), "{g}");
     let b = run(&["bench", "--prompt-tokens", "8", "--gen-tokens", "4"]);
     assert!(b.contains("decode"), "{b}");
+    let i = run(&["inspect"]);
+    assert!(i.contains("(GGUF)") && i.contains("ggml-Q4_K") && i.contains("ggml-Q6_K"), "{i}");
+}
+
+/// `convert --experts keep` copies a GGUF's blocks into the flash layout: the streamed model
+/// computes what the GGUF does (the router, stored F32, becomes bf16 as every converted router
+/// does; this fixture's are bf16 values, so the logits are the same bits).
+#[test]
+fn convert_keeps_the_gguf_blocks() {
+    use flashmoe::flash::convert::{ConvertOptions, convert, source_expert_kind};
+    let from = fixture("qwen3moe-q8_0.gguf");
+    let kind = source_expert_kind(&from).unwrap().unwrap();
+    assert_eq!(kind.name(), "ggml-Q8_0");
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("m");
+    let opts = ConvertOptions { experts: kind, dense: flashmoe::tensor::WKind::BF16, force: false, progress: false };
+    convert(&from, &to, &opts).unwrap();
+    let tokens = &llama("q8_0").sequences[1];
+    let run = |p: &Path| {
+        let mut m = flashmoe::load::load_model(p).unwrap();
+        m.opts.precision = flashmoe::tensor::Precision::Exact;
+        m.forward(&mut m.new_state(), tokens, true).unwrap()
+    };
+    assert_eq!(run(&from), run(&to));
+    // mixed expert formats (Q4_K_M: Q4_K gate/up, Q6_K down in some layers) are refused by name
+    let q4 = fixture("qwen3moe-q4_k_m.gguf");
+    let opts = ConvertOptions { experts: source_expert_kind(&q4).unwrap().unwrap(), ..opts };
+    let e = format!("{:#}", convert(&q4, &dir.path().join("q4"), &opts).unwrap_err());
+    assert!(e.contains("down_proj is ggml-Q6_K"), "{e}");
+    let tok = flashmoe::tokenizer::TextTokenizer::load(&to).unwrap();
+    assert_eq!(
+        tok.encode("ROMEO:").unwrap(),
+        flashmoe::tokenizer::TextTokenizer::load(&from).unwrap().encode("ROMEO:").unwrap()
+    );
 }

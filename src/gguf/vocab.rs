@@ -127,3 +127,18 @@ pub fn vocab(g: &Gguf) -> Result<Vocab> {
     };
     Ok(Vocab { tokenizer, template, bos: bos.map(|b| tokens[b].to_string()), eos: eos.map(|e| tokens[e].to_string()) })
 }
+
+/// The tokenizer files a converted model carries beside its weights (`convert --from
+/// FILE.gguf`): `tokenizer.json`, `tokenizer_config.json` (BOS/EOS) and `chat_template.jinja`.
+pub fn side_files(g: &Gguf) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let v = vocab(g)?;
+    let json =
+        v.tokenizer.to_string(false).map_err(|e| anyhow!("{}: serializing its tokenizer: {e}", g.path.display()))?;
+    let cfg = json!({"bos_token": v.bos, "eos_token": v.eos});
+    let mut files =
+        vec![("tokenizer.json", json.into_bytes()), ("tokenizer_config.json", cfg.to_string().into_bytes())];
+    if let Some(t) = v.template {
+        files.push(("chat_template.jinja", t.into_bytes()));
+    }
+    Ok(files)
+}
