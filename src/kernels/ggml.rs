@@ -1,7 +1,8 @@
 //! ggml's block-quantized formats (GGUF tensors), kept as stored: a row is whole blocks, each
 //! block its scales and packed values. Rows are decoded block by block into a small buffer on
 //! the stack and dotted with the f32 activations, so nothing is expanded at load; Q8_0, Q4_K
-//! and Q6_K (the common Q4_K_M / Q8_0 mixes) have AVX-512 kernels that never leave registers.
+//! and Q6_K (the common Q4_K_M / Q8_0 mixes) have AVX-512 and AVX2 kernels that never leave
+//! registers.
 //!
 //! The layouts and the arithmetic of each decoder follow ggml's `dequantize_row_*`
 //! (`ggml-quants.c`), operation for operation in f32, so a decoded value is the value
@@ -333,6 +334,16 @@ pub fn dot(t: Ggml, row: &[u8], x: &[f32]) -> f32 {
             _ => {}
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::isa() == super::Isa::Avx2 && x.len().is_multiple_of(t.block()) {
+        // SAFETY: as above, for AVX2 and FMA
+        match t {
+            Ggml::Q8_0 => return unsafe { super::x86::dot_q8_0_avx2(row, x) },
+            Ggml::Q4_K => return unsafe { super::x86::dot_q4_k_avx2(row, x) },
+            Ggml::Q6_K => return unsafe { super::x86::dot_q6_k_avx2(row, x) },
+            _ => {}
+        }
+    }
     dot_scalar(t, row, x)
 }
 
@@ -407,7 +418,20 @@ pub(crate) mod tests {
             assert!(w.iter().all(|v| v.is_finite()), "{t:?}");
             let want: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
             let scale: f64 = w.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>().max(1e-6);
-            for got in [dot(t, &row, &x), dot_scalar(t, &row, &x)] {
+            let mut got = vec![dot(t, &row, &x), dot_scalar(t, &row, &x)];
+            // the AVX2 kernels, wherever the CPU has them (the dispatch prefers AVX-512)
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                use crate::kernels::x86;
+                // SAFETY: detected just now; whole blocks
+                match t {
+                    Ggml::Q8_0 => got.push(unsafe { x86::dot_q8_0_avx2(&row, &x) }),
+                    Ggml::Q4_K => got.push(unsafe { x86::dot_q4_k_avx2(&row, &x) }),
+                    Ggml::Q6_K => got.push(unsafe { x86::dot_q6_k_avx2(&row, &x) }),
+                    _ => {}
+                }
+            }
+            for got in got {
                 assert!(((got as f64 - want) / scale).abs() < 1e-5, "{t:?}: {got} vs {want}");
             }
             // a partial row (the values before the last block's end)

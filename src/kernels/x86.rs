@@ -1455,3 +1455,102 @@ pub unsafe fn dot_q6_k_avx512(row: &[u8], x: &[f32]) -> f32 {
     }
     _mm512_reduce_add_ps(total)
 }
+
+/// 8 bytes at `p` widened to i32 lanes (unsigned).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn u8x8(p: *const u8) -> __m256i {
+    _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
+}
+
+/// [`dot_q8_0_avx512`] on AVX2: eight values at a time.
+///
+/// # Safety
+/// AVX2 and FMA must be present; `x.len()` a multiple of 32 and `row` that many values' blocks.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q8_0_avx2(row: &[u8], x: &[f32]) -> f32 {
+    let mut total = _mm256_setzero_ps();
+    for k in 0..x.len() / 32 {
+        let b = &row[k * 34..(k + 1) * 34];
+        let (p, xp) = (b.as_ptr().add(2), x.as_ptr().add(k * 32));
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..4 {
+            let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * i) as *const __m128i)));
+            acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(xp.add(8 * i)), acc);
+        }
+        total = _mm256_fmadd_ps(acc, _mm256_set1_ps(half_at(b, 0)), total);
+    }
+    hsum256(total)
+}
+
+/// [`dot_q4_k_avx512`] on AVX2: eight values at a time.
+///
+/// # Safety
+/// AVX2 and FMA must be present; `x.len()` a multiple of 256 and `row` that many values' blocks.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q4_k_avx2(row: &[u8], x: &[f32]) -> f32 {
+    let fifteen = _mm256_set1_epi32(15);
+    let mut total = _mm256_setzero_ps();
+    for k in 0..x.len() / 256 {
+        let b = &row[k * 144..(k + 1) * 144];
+        let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+        for j in 0..4 {
+            let (s1, m1) = super::ggml::scale_min_k4(2 * j, &b[4..16]);
+            let (s2, m2) = super::ggml::scale_min_k4(2 * j + 1, &b[4..16]);
+            let (q, xp) = (b.as_ptr().add(16 + 32 * j), x.as_ptr().add(k * 256 + 64 * j));
+            let (mut lo, mut hi, mut xl, mut xh) =
+                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            for i in 0..4 {
+                let v = u8x8(q.add(8 * i));
+                let (x0, x1) = (_mm256_loadu_ps(xp.add(8 * i)), _mm256_loadu_ps(xp.add(32 + 8 * i)));
+                lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, fifteen)), x0, lo);
+                hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), x1, hi);
+                (xl, xh) = (_mm256_add_ps(xl, x0), _mm256_add_ps(xh, x1));
+            }
+            total = _mm256_fmadd_ps(lo, _mm256_set1_ps(d * s1 as f32), total);
+            total = _mm256_fmadd_ps(hi, _mm256_set1_ps(d * s2 as f32), total);
+            total = _mm256_fnmadd_ps(xl, _mm256_set1_ps(dmin * m1 as f32), total);
+            total = _mm256_fnmadd_ps(xh, _mm256_set1_ps(dmin * m2 as f32), total);
+        }
+    }
+    hsum256(total)
+}
+
+/// [`dot_q6_k_avx512`] on AVX2: eight values at a time.
+///
+/// # Safety
+/// AVX2 and FMA must be present; `x.len()` a multiple of 256 and `row` that many values' blocks.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q6_k_avx2(row: &[u8], x: &[f32]) -> f32 {
+    let (fifteen, three, off) = (_mm256_set1_epi32(15), _mm256_set1_epi32(3), _mm256_set1_epi32(32));
+    let mut total = _mm256_setzero_ps();
+    for k in 0..x.len() / 256 {
+        let b = &row[k * 210..(k + 1) * 210];
+        let d = half_at(b, 208);
+        for n in 0..2 {
+            let (ql, qh) = (b.as_ptr().add(64 * n), b.as_ptr().add(128 + 32 * n));
+            let sc = &b[192 + 8 * n..200 + 8 * n];
+            let xp = x.as_ptr().add(k * 256 + 128 * n);
+            for c in 0..4 {
+                let (a, bb, h) = (u8x8(ql.add(8 * c)), u8x8(ql.add(32 + 8 * c)), u8x8(qh.add(8 * c)));
+                let h0 = _mm256_slli_epi32(_mm256_and_si256(h, three), 4);
+                let h2 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2), three), 4);
+                let h4 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 4), three), 4);
+                let h6 = _mm256_slli_epi32(_mm256_srli_epi32(h, 6), 4);
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(a, fifteen), h0),
+                    _mm256_or_si256(_mm256_and_si256(bb, fifteen), h2),
+                    _mm256_or_si256(_mm256_srli_epi32(a, 4), h4),
+                    _mm256_or_si256(_mm256_srli_epi32(bb, 4), h6),
+                ];
+                for (i, qi) in q.into_iter().enumerate() {
+                    let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(qi, off));
+                    let s = d * (sc[c / 2 + 2 * i] as i8) as f32;
+                    let xv = _mm256_loadu_ps(xp.add(32 * i + 8 * c));
+                    total = _mm256_fmadd_ps(_mm256_mul_ps(v, xv), _mm256_set1_ps(s), total);
+                }
+            }
+        }
+    }
+    hsum256(total)
+}
