@@ -657,6 +657,15 @@ def main():
     moe2 = dict(moe, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False,
                 num_key_value_heads=1, num_experts_per_tok=3)
     make("qwen3_moe_norm", Qwen3MoeConfig, Qwen3MoeForCausalLM, moe2, torch.bfloat16, short, 500)
+    # the checkpoint scripts/gguf_fixtures.sh converts to GGUF with llama.cpp (made only when named):
+    # llama.cpp's qwen3moe has no dense layers and always renormalises the top-k, and widths of
+    # 256 let the K-quants' blocks divide every row
+    gg = dict(common, hidden_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+              head_dim=64, intermediate_size=256, moe_intermediate_size=256, num_experts=4, num_experts_per_tok=2,
+              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+              rope_parameters=dict(rope_type="default", rope_theta=10000.0), max_position_embeddings=64)
+    if "qwen3_moe_gguf" in ONLY:
+        make("qwen3_moe_gguf", Qwen3MoeConfig, Qwen3MoeForCausalLM, gg, torch.bfloat16, prompt, 2400)
 
     from transformers import Glm4MoeConfig, MiniMaxM2Config, MixtralConfig
 

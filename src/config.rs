@@ -272,7 +272,12 @@ pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
 
 impl ModelConfig {
     /// Reads `config.json` (and `generation_config.json` for extra EOS ids) from a checkpoint dir.
+    /// A GGUF file's config comes from its metadata ([`crate::gguf::arch`]).
     pub fn load(dir: &Path) -> Result<ModelConfig> {
+        if crate::gguf::is_gguf(dir) {
+            let g = crate::gguf::Gguf::open(dir)?;
+            return Self::from_json(g.config()).with_context(|| format!("in the metadata of {}", dir.display()));
+        }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let root: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;

@@ -16,6 +16,7 @@ pub mod eval;
 pub mod families;
 pub mod flash;
 pub mod generate;
+pub mod gguf;
 pub mod grammar;
 pub mod harmony;
 pub mod import;

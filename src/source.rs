@@ -7,9 +7,8 @@
 //! Implementations: Hugging Face safetensors ([`crate::checkpoint::Checkpoint`]: one file or
 //! shards; f32/bf16/f16, FP8 with its block scales, compressed-tensors int groups, MXFP4
 //! blocks), MLX ([`Mlx`]: quantized `weight`/`scales`/`biases` triples over the same files) and
-//! the flash layout's resident file ([`crate::load::FlashResident`]). A GGUF reader is a fourth:
-//! its tensors map to a [`Format`] (a new variant with its decoding here for each ggml block
-//! type the engine does not compute natively), and nothing in `load` or `convert` changes.
+//! the flash layout's resident file ([`crate::load::FlashResident`]), and GGUF files
+//! ([`crate::gguf::Gguf`]: ggml's block types as [`WKind::Ggml`], kept as stored).
 
 use crate::checkpoint::Checkpoint;
 use crate::tensor::{AlignedBytes, Mat, WKind};
@@ -303,9 +302,12 @@ pub trait Source: Sync {
     }
 }
 
-/// The source checkpoint in `dir`: MLX when its safetensors hold MLX-quantized triples (or
+/// The source checkpoint in `dir` (or a GGUF file): MLX when its safetensors hold MLX-quantized triples (or
 /// MLX's conv layout), Hugging Face otherwise.
 pub fn open(dir: &Path) -> Result<Box<dyn Source>> {
+    if crate::gguf::is_gguf(dir) {
+        return Ok(Box::new(crate::gguf::Gguf::open(dir)?));
+    }
     let ck = Checkpoint::open(dir)?;
     Ok(match Mlx::over(ck)? {
         Ok(m) => Box::new(m),

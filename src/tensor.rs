@@ -1,6 +1,7 @@
 //! Weight matrices in their storage format (f32, bf16, f16 or group-quantized), owned or
 //! memory-mapped, with f32 matrix–vector and matrix–matrix products. Activations are f32.
 
+use crate::kernels::ggml::{self, Ggml};
 use crate::kernels::{self, QPrep, amx};
 use crate::quant::{self, QMat};
 use crate::scratch::{self, Pool};
@@ -25,6 +26,8 @@ pub enum WKind {
     /// OCP MXFP4 (gpt-oss's experts as released): per row, `cols/2` bytes of e2m1 values (the
     /// low nibble first) for every row, then `cols/32` e8m0 scales (2^(s − 127)) per row.
     Mxfp4,
+    /// A ggml block type as GGUF stores it: each row whole blocks of scales and values.
+    Ggml(Ggml),
 }
 
 impl WKind {
@@ -35,6 +38,7 @@ impl WKind {
             WKind::BF16 | WKind::F16 => rows * cols * 2,
             WKind::Q { bits, group } => quant::blob_bytes(rows, cols, bits, group as usize),
             WKind::Mxfp4 => rows * (cols.div_ceil(32) * 17),
+            WKind::Ggml(t) => rows * t.row_bytes(cols),
         }
     }
 
@@ -60,6 +64,7 @@ impl WKind {
             WKind::F16 => "f16".into(),
             WKind::Q { bits, group } => format!("q{bits}g{group}"),
             WKind::Mxfp4 => "mxfp4".into(),
+            WKind::Ggml(t) => format!("ggml-{}", t.name()),
         }
     }
 
@@ -70,6 +75,7 @@ impl WKind {
             "bf16" => Some(WKind::BF16),
             "f16" => Some(WKind::F16),
             "mxfp4" => Some(WKind::Mxfp4),
+            _ if s.starts_with("ggml-") => Ggml::parse(&s[5..]).map(WKind::Ggml),
             _ => {
                 let rest = s.strip_prefix('q')?;
                 let (b, g) = rest.split_once('g')?;
@@ -337,6 +343,7 @@ impl Mat {
                     let (cb, fb) = (chunk_aux + n * sc, full_aux + rows * sc);
                     out[fb + r0 * sc..fb + r1 * sc].copy_from_slice(&blob[cb..cb + n * sc]);
                 }
+                WKind::Ggml(t) => unreachable!("no encoder for {}: GGUF tensors are kept as stored", t.name()),
                 WKind::Mxfp4 => {
                     let (vb, sb) = mxfp4_split(rows, cols);
                     let (vals, scales) = out.split_at_mut(rows * vb);
@@ -370,6 +377,14 @@ impl Mat {
             }
             // e8m0's NaN
             WKind::Mxfp4 => d[self.rows * mxfp4_split(self.rows, self.cols).0..].iter().position(|&s| s == 0xff),
+            // a non-finite scale decodes to non-finite values
+            WKind::Ggml(_) => {
+                let mut row = vec![0f32; self.cols];
+                (0..self.rows).find_map(|r| {
+                    self.row_f32(r, &mut row);
+                    row.iter().position(|v| !v.is_finite()).map(|c| r * self.cols + c)
+                })
+            }
         }
     }
 
@@ -401,6 +416,10 @@ impl<'a> MatRef<'a> {
             WKind::Mxfp4 => {
                 let (vals, scales) = self.mxfp4_row(r);
                 kernels::mxfp4_decode_row(vals, scales, out);
+            }
+            WKind::Ggml(t) => {
+                let rb = t.row_bytes(c);
+                ggml::decode_row(t, &self.data[r * rb..(r + 1) * rb], out)
             }
         }
     }
@@ -461,6 +480,12 @@ impl<'a> MatRef<'a> {
                 for (o, r) in y.iter_mut().zip(r0..) {
                     let (vals, scales) = self.mxfp4_row(r);
                     *o = kernels::dot_mxfp4(vals, scales, x);
+                }
+            }
+            (WKind::Ggml(t), Input::Plain(x)) => {
+                let rb = t.row_bytes(c);
+                for (o, r) in y.iter_mut().zip(r0..) {
+                    *o = ggml::dot(t, &self.data[r * rb..(r + 1) * rb], x);
                 }
             }
             (_, Input::Plain(x)) => {

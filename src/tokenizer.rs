@@ -40,7 +40,18 @@ impl TextTokenizer {
         self.tok.to_string(false).map_err(|e| anyhow!("serializing the tokenizer: {e}"))
     }
 
+    /// The tokenizer of the model in `dir` (a GGUF file: from its metadata).
     pub fn load(dir: &Path) -> Result<TextTokenizer> {
+        if crate::gguf::is_gguf(dir) {
+            let v = crate::gguf::vocab::vocab(&crate::gguf::Gguf::open(dir)?)?;
+            return Ok(TextTokenizer {
+                byte_level: is_byte_level(v.tokenizer.get_decoder()),
+                tok: v.tokenizer,
+                template: v.template,
+                bos_token: v.bos,
+                eos_token: v.eos,
+            });
+        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             anyhow::bail!("{}: tokenizer file is missing", path.display());

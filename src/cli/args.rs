@@ -47,7 +47,8 @@ pub(crate) enum Cmd {
         from: PathBuf,
         #[arg(long)]
         to: PathBuf,
-        /// Routed expert format: q2, q3, q4, q8, bf16, or mxfp4 (gpt-oss releases: kept bit for bit).
+        /// Routed expert format: q2, q3, q4, q8, bf16, mxfp4 (gpt-oss releases: kept bit for bit),
+        /// or keep (the source's own, e.g. a GGUF's ggml blocks, copied).
         #[arg(long, default_value = "q4")]
         experts: String,
         /// Format of the resident matrices (attention, dense and shared-expert MLPs, embeddings,

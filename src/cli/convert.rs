@@ -24,8 +24,17 @@ pub(crate) fn cmd_convert(
         (None, Some(flashmoe::tensor::WKind::Q { bits, group })) if experts == format!("q{bits}") => group,
         (None, _) => 64,
     };
+    let experts = if experts == "keep" {
+        // the source's own expert format (a GGUF's ggml blocks, copied)
+        match flashmoe::flash::convert::source_expert_kind(&from)? {
+            Some(k) => k,
+            None => bail!("--experts keep: {} has no MoE layers", from.display()),
+        }
+    } else {
+        parse_kind(experts, expert_group, "experts")?
+    };
     let opts = ConvertOptions {
-        experts: parse_kind(experts, expert_group, "experts")?,
+        experts,
         dense: parse_kind(dense, group.unwrap_or(64), "dense")?,
         force,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),

@@ -20,7 +20,13 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
     println!(
         "model          {}{}",
         dir.display(),
-        if flash { " (flash layout)" } else { " (Hugging Face checkpoint)" }
+        if flash {
+            " (flash layout)"
+        } else if flashmoe::gguf::is_gguf(&dir) {
+            " (GGUF)"
+        } else {
+            " (Hugging Face checkpoint)"
+        }
     );
     println!(
         "architecture   {} ({}{})",
@@ -122,6 +128,8 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
     }
     println!("parameters     {total} total, {active} active per token");
     // bytes of one expert and of the resident weights, as stored
+    // bytes per stored format, every tensor (a GGUF's quantization mix)
+    let mut mix = std::collections::BTreeMap::<String, u64>::new();
     let (expert_bytes, expert_fmt, resident_bytes) = match &manifest {
         Some(m) => {
             let res = m.files.iter().find(|f| f.name == m.resident.file).map_or(0, |f| f.bytes);
@@ -140,6 +148,7 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
             let (mut experts, mut rest, mut kinds) = (0u64, 0u64, std::collections::BTreeSet::new());
             for n in src.tensors() {
                 let t = src.tensor(n)?;
+                *mix.entry(t.format.describe()).or_default() += t.stored_bytes();
                 match names.layer_of(&pre, n) {
                     // MTP layers past the model's own: skipped by load and convert
                     Some(l) if l >= c.num_layers => {}
@@ -197,6 +206,9 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
     }
     if let Some(m) = &manifest {
         println!("formats        dense {}, experts {}", m.dense, expert_fmt);
+    } else {
+        let mix: Vec<String> = mix.iter().map(|(k, b)| format!("{k} {}", gib(*b as f64))).collect();
+        println!("formats        {}", mix.join(", "));
     }
     let store = StoreOptions::default();
     let slots = if flash { expert_bytes * store.max_batch.max(c.num_experts_per_tok) as u64 } else { 0 };

@@ -113,7 +113,7 @@ pub(crate) fn resident_kind(names: &Names, name: &str, shape: &[usize], dense: W
 /// Whether a resident tensor is copied as stored: source q-groups (MLX) are already in a
 /// format the engine computes.
 fn keeps_bytes(f: &Format) -> bool {
-    matches!(f, Format::Native(WKind::Q { .. }))
+    matches!(f, Format::Native(WKind::Q { .. } | WKind::Ggml(_)))
 }
 
 /// Refuses weights holding NaN or Inf: a model converted from them would only ever produce
@@ -147,7 +147,12 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
         bail!("--dense must be bf16, q8 or q4 (below 4 bits the attention and embedding weights lose too much)");
     }
     let cfg = ModelConfig::load(from)?;
-    let raw_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(from.join("config.json"))?)?;
+    // a GGUF's config and tokenizer files come from its metadata
+    let gguf = if crate::gguf::is_gguf(from) { Some(crate::gguf::Gguf::open(from)?) } else { None };
+    let raw_cfg: serde_json::Value = match &gguf {
+        Some(g) => g.config().clone(),
+        None => serde_json::from_str(&std::fs::read_to_string(from.join("config.json"))?)?,
+    };
     let src = crate::source::open(from)?;
     let ck = src.as_ref();
     let pre = text_prefix(&cfg, ck)?;
@@ -247,6 +252,16 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
             let [g, u, d] = &x.mats;
             for (m, which) in [(g, "gate"), (u, "up"), (d, "down")] {
                 finite(m, &format!("layer {l} expert {e} {which}_proj"), from)?;
+                // ggml blocks are copied, never encoded: the layout holds one expert format
+                if matches!(ek, WKind::Ggml(_)) && m.kind != ek {
+                    bail!(
+                        "{}: layer {l} expert {e} {which}_proj is {}, not {} as the first expert's gate: the flash \
+                         layout holds one expert format (choose one with --experts q4, q8, ...)",
+                        from.display(),
+                        m.kind.name(),
+                        ek.name()
+                    );
+                }
             }
             extent.iter_mut().for_each(|b| *b = 0);
             for (m, part) in [(g, &gate), (u, &up), (d, &down)] {
@@ -271,6 +286,13 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
     }
 
     // 3. side files
+    if let Some(g) = &gguf {
+        for (f, b) in crate::gguf::vocab::side_files(g)? {
+            let mut out = Out::create(&tmp, f)?;
+            out.write(&b)?;
+            files.push(out.finish()?);
+        }
+    }
     for f in SIDE_FILES {
         let src = from.join(f);
         if src.exists() {

@@ -13,6 +13,7 @@ mod x86;
 
 pub mod amx;
 mod gemm;
+pub mod ggml;
 pub use gemm::*;
 
 use smallvec::SmallVec;

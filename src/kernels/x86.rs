@@ -1336,3 +1336,221 @@ pub unsafe fn dot_mxfp4_avx512(vals: &[u8], scales: &[u8], x: &[f32]) -> f32 {
     }
     _mm512_reduce_add_ps(total)
 }
+
+/// 16 bytes at `p` widened to f32 lanes (unsigned).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn u8x16(p: *const u8) -> __m512i {
+    _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
+}
+
+#[inline]
+fn half_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// [`super::ggml::dot`] for Q8_0 rows: per block of 32, the int8 values widened and multiplied
+/// with x, the block's sum scaled by its f16 scale.
+///
+/// # Safety
+/// AVX-512F must be present; `x.len()` a multiple of 32 and `row` that many values' blocks.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_q8_0_avx512(row: &[u8], x: &[f32]) -> f32 {
+    let mut total = _mm512_setzero_ps();
+    for k in 0..x.len() / 32 {
+        let b = &row[k * 34..(k + 1) * 34];
+        let (p, xp) = (b.as_ptr().add(2), x.as_ptr().add(k * 32));
+        let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)));
+        let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i)));
+        let acc = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp.add(16)), _mm512_mul_ps(q0, _mm512_loadu_ps(xp)));
+        total = _mm512_fmadd_ps(acc, _mm512_set1_ps(half_at(b, 0)), total);
+    }
+    _mm512_reduce_add_ps(total)
+}
+
+/// [`super::ggml::dot`] for Q4_K rows: per 32 values, Σ (d·s·q − dmin·m)·x as
+/// d·s·Σ q·x − dmin·m·Σ x, the nibbles widened in registers.
+///
+/// # Safety
+/// AVX-512F must be present; `x.len()` a multiple of 256 and `row` that many values' blocks.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_q4_k_avx512(row: &[u8], x: &[f32]) -> f32 {
+    let fifteen = _mm512_set1_epi32(15);
+    let mut total = _mm512_setzero_ps();
+    for k in 0..x.len() / 256 {
+        let b = &row[k * 144..(k + 1) * 144];
+        let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+        for j in 0..4 {
+            let (s1, m1) = super::ggml::scale_min_k4(2 * j, &b[4..16]);
+            let (s2, m2) = super::ggml::scale_min_k4(2 * j + 1, &b[4..16]);
+            let q = b.as_ptr().add(16 + 32 * j);
+            let xp = x.as_ptr().add(k * 256 + 64 * j);
+            let (b0, b1) = (u8x16(q), u8x16(q.add(16)));
+            let (x0, x1, x2, x3) = (
+                _mm512_loadu_ps(xp),
+                _mm512_loadu_ps(xp.add(16)),
+                _mm512_loadu_ps(xp.add(32)),
+                _mm512_loadu_ps(xp.add(48)),
+            );
+            let lo = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_and_si512(b1, fifteen)),
+                x1,
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, fifteen)), x0),
+            );
+            let hi = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)),
+                x3,
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), x2),
+            );
+            total = _mm512_fmadd_ps(lo, _mm512_set1_ps(d * s1 as f32), total);
+            total = _mm512_fmadd_ps(hi, _mm512_set1_ps(d * s2 as f32), total);
+            total = _mm512_fnmadd_ps(_mm512_add_ps(x0, x1), _mm512_set1_ps(dmin * m1 as f32), total);
+            total = _mm512_fnmadd_ps(_mm512_add_ps(x2, x3), _mm512_set1_ps(dmin * m2 as f32), total);
+        }
+    }
+    _mm512_reduce_add_ps(total)
+}
+
+/// [`super::ggml::dot`] for Q6_K rows: the 4 low and 2 high bits of 16 values at a time
+/// joined in registers, minus 32, times x and the sub-block's scale.
+///
+/// # Safety
+/// AVX-512F must be present; `x.len()` a multiple of 256 and `row` that many values' blocks.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_q6_k_avx512(row: &[u8], x: &[f32]) -> f32 {
+    let (fifteen, three, off) = (_mm512_set1_epi32(15), _mm512_set1_epi32(3), _mm512_set1_epi32(32));
+    let mut total = _mm512_setzero_ps();
+    for k in 0..x.len() / 256 {
+        let b = &row[k * 210..(k + 1) * 210];
+        let d = half_at(b, 208);
+        for n in 0..2 {
+            let (ql, qh) = (b.as_ptr().add(64 * n), b.as_ptr().add(128 + 32 * n));
+            let sc = &b[192 + 8 * n..200 + 8 * n];
+            let xp = x.as_ptr().add(k * 256 + 128 * n);
+            for c in 0..2 {
+                let (a, bb, h) = (u8x16(ql.add(16 * c)), u8x16(ql.add(32 + 16 * c)), u8x16(qh.add(16 * c)));
+                let q = [
+                    _mm512_or_si512(_mm512_and_si512(a, fifteen), _mm512_slli_epi32(_mm512_and_si512(h, three), 4)),
+                    _mm512_or_si512(
+                        _mm512_and_si512(bb, fifteen),
+                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 2), three), 4),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_srli_epi32(a, 4),
+                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 4), three), 4),
+                    ),
+                    _mm512_or_si512(_mm512_srli_epi32(bb, 4), _mm512_slli_epi32(_mm512_srli_epi32(h, 6), 4)),
+                ];
+                for (i, qi) in q.into_iter().enumerate() {
+                    let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(qi, off));
+                    let s = d * (sc[c + 2 * i] as i8) as f32;
+                    total = _mm512_fmadd_ps(
+                        _mm512_mul_ps(v, _mm512_loadu_ps(xp.add(32 * i + 16 * c))),
+                        _mm512_set1_ps(s),
+                        total,
+                    );
+                }
+            }
+        }
+    }
+    _mm512_reduce_add_ps(total)
+}
+
+/// 8 bytes at `p` widened to i32 lanes (unsigned).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn u8x8(p: *const u8) -> __m256i {
+    _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
+}
+
+/// [`dot_q8_0_avx512`] on AVX2: eight values at a time.
+///
+/// # Safety
+/// AVX2 and FMA must be present; `x.len()` a multiple of 32 and `row` that many values' blocks.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q8_0_avx2(row: &[u8], x: &[f32]) -> f32 {
+    let mut total = _mm256_setzero_ps();
+    for k in 0..x.len() / 32 {
+        let b = &row[k * 34..(k + 1) * 34];
+        let (p, xp) = (b.as_ptr().add(2), x.as_ptr().add(k * 32));
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..4 {
+            let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * i) as *const __m128i)));
+            acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(xp.add(8 * i)), acc);
+        }
+        total = _mm256_fmadd_ps(acc, _mm256_set1_ps(half_at(b, 0)), total);
+    }
+    hsum256(total)
+}
+
+/// [`dot_q4_k_avx512`] on AVX2: eight values at a time.
+///
+/// # Safety
+/// AVX2 and FMA must be present; `x.len()` a multiple of 256 and `row` that many values' blocks.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q4_k_avx2(row: &[u8], x: &[f32]) -> f32 {
+    let fifteen = _mm256_set1_epi32(15);
+    let mut total = _mm256_setzero_ps();
+    for k in 0..x.len() / 256 {
+        let b = &row[k * 144..(k + 1) * 144];
+        let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+        for j in 0..4 {
+            let (s1, m1) = super::ggml::scale_min_k4(2 * j, &b[4..16]);
+            let (s2, m2) = super::ggml::scale_min_k4(2 * j + 1, &b[4..16]);
+            let (q, xp) = (b.as_ptr().add(16 + 32 * j), x.as_ptr().add(k * 256 + 64 * j));
+            let (mut lo, mut hi, mut xl, mut xh) =
+                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            for i in 0..4 {
+                let v = u8x8(q.add(8 * i));
+                let (x0, x1) = (_mm256_loadu_ps(xp.add(8 * i)), _mm256_loadu_ps(xp.add(32 + 8 * i)));
+                lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, fifteen)), x0, lo);
+                hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), x1, hi);
+                (xl, xh) = (_mm256_add_ps(xl, x0), _mm256_add_ps(xh, x1));
+            }
+            total = _mm256_fmadd_ps(lo, _mm256_set1_ps(d * s1 as f32), total);
+            total = _mm256_fmadd_ps(hi, _mm256_set1_ps(d * s2 as f32), total);
+            total = _mm256_fnmadd_ps(xl, _mm256_set1_ps(dmin * m1 as f32), total);
+            total = _mm256_fnmadd_ps(xh, _mm256_set1_ps(dmin * m2 as f32), total);
+        }
+    }
+    hsum256(total)
+}
+
+/// [`dot_q6_k_avx512`] on AVX2: eight values at a time.
+///
+/// # Safety
+/// AVX2 and FMA must be present; `x.len()` a multiple of 256 and `row` that many values' blocks.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q6_k_avx2(row: &[u8], x: &[f32]) -> f32 {
+    let (fifteen, three, off) = (_mm256_set1_epi32(15), _mm256_set1_epi32(3), _mm256_set1_epi32(32));
+    let mut total = _mm256_setzero_ps();
+    for k in 0..x.len() / 256 {
+        let b = &row[k * 210..(k + 1) * 210];
+        let d = half_at(b, 208);
+        for n in 0..2 {
+            let (ql, qh) = (b.as_ptr().add(64 * n), b.as_ptr().add(128 + 32 * n));
+            let sc = &b[192 + 8 * n..200 + 8 * n];
+            let xp = x.as_ptr().add(k * 256 + 128 * n);
+            for c in 0..4 {
+                let (a, bb, h) = (u8x8(ql.add(8 * c)), u8x8(ql.add(32 + 8 * c)), u8x8(qh.add(8 * c)));
+                let h0 = _mm256_slli_epi32(_mm256_and_si256(h, three), 4);
+                let h2 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2), three), 4);
+                let h4 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 4), three), 4);
+                let h6 = _mm256_slli_epi32(_mm256_srli_epi32(h, 6), 4);
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(a, fifteen), h0),
+                    _mm256_or_si256(_mm256_and_si256(bb, fifteen), h2),
+                    _mm256_or_si256(_mm256_srli_epi32(a, 4), h4),
+                    _mm256_or_si256(_mm256_srli_epi32(bb, 4), h6),
+                ];
+                for (i, qi) in q.into_iter().enumerate() {
+                    let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(qi, off));
+                    let s = d * (sc[c / 2 + 2 * i] as i8) as f32;
+                    let xv = _mm256_loadu_ps(xp.add(32 * i + 8 * c));
+                    total = _mm256_fmadd_ps(_mm256_mul_ps(v, xv), _mm256_set1_ps(s), total);
+                }
+            }
+        }
+    }
+    hsum256(total)
+}

@@ -37,6 +37,28 @@ pub fn available() -> bool {
 /// Why `model` cannot run on CUDA, if it cannot.
 pub fn supports(model: &Model) -> Result<()> {
     let family = &model.cfg.family;
+    let ggml = |m: &crate::tensor::Mat| match m.kind {
+        WKind::Ggml(t) => {
+            Err(anyhow::anyhow!("GGUF {} weights are not on the CUDA backend yet: use --device cpu", t.name()))
+        }
+        _ => Ok(()),
+    };
+    ggml(&model.embed)?;
+    model.lm_head.as_ref().map_or(Ok(()), ggml)?;
+    for l in &model.layers {
+        if let MixerWeights::Attention(a) = &l.mixer {
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].into_iter().try_for_each(ggml)?;
+        }
+        match &l.ffn {
+            FfnWeights::Moe(m) => {
+                ggml(&m.router)?;
+                if let crate::layers::moe::Experts::Memory(xs) = &m.experts {
+                    xs.iter().try_for_each(|x| [&x.gate, &x.up, &x.down].into_iter().try_for_each(ggml))?;
+                }
+            }
+            FfnWeights::Dense(m) => [&m.gate, &m.up, &m.down].into_iter().try_for_each(ggml)?,
+        }
+    }
     for (i, l) in model.layers.iter().enumerate() {
         match &l.mixer {
             MixerWeights::DeltaNet(d) if d.cfg.k_head_dim > 128 || d.cfg.v_head_dim > 1024 => bail!(
@@ -131,6 +153,7 @@ impl MatD {
                 let vb = m.cols.div_ceil(32) * 16;
                 (d.kind, d.rb, d.soff) = (4, vb as i32, (m.rows * vb) as u64);
             }
+            WKind::Ggml(_) => unreachable!("refused by `supports`"),
         }
         d
     }

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GGUF agreement fixtures (tests/fixtures/gguf/): llama.cpp's own converter and quantizer
+# turn a tiny random Qwen3-MoE checkpoint into GGUF at F16, Q8_0 and Q4_K_M, and llama.cpp's
+# logits for fixed token sequences (and its tokenization of a few texts) are recorded, so
+# tests/gguf.rs checks flashmoe against llama.cpp without building it or installing torch.
+#
+#   PYTHON=/tmp/fx/bin/python scripts/gguf_fixtures.sh
+#
+# PYTHON: a Python with torch and transformers (the venv of scripts/make_fixtures.py). llama.cpp
+# comes from the llama-cpp-python sdist on PyPI (its vendored source), built CPU-only under
+# $WORK (default /tmp/llama-build): libllama, llama-quantize, and scripts/gguf_logits.c.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${WORK:-/tmp/llama-build}
+PY=${PYTHON:-python3}
+VERSION=0.3.36
+OUT=$ROOT/tests/fixtures/gguf
+JOBS=${JOBS:-2}
+mkdir -p "$WORK" "$OUT"
+
+# the sdist through PyPI's JSON API (`pip download --no-binary :all:` would also build its
+# build dependencies, cmake included, from source)
+sdist=$WORK/llama_cpp_python-$VERSION.tar.gz
+if [ ! -f "$sdist" ]; then
+    "$PY" - "$sdist" "$VERSION" <<'EOF'
+import json, sys, urllib.parse, urllib.request
+path, version = sys.argv[1], sys.argv[2]
+index = "https://pypi.org/pypi/llama-cpp-python/json"
+meta = json.load(urllib.request.urlopen(index))
+url = next(u["url"] for u in meta["releases"][version] if u["packagetype"] == "sdist")
+data = urllib.request.urlopen(urllib.parse.urljoin(index, url)).read()
+open(path + ".part", "wb").write(data)
+import os; os.replace(path + ".part", path)
+EOF
+fi
+src=$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp
+[ -d "$src" ] || tar -xzf "$sdist" -C "$WORK"
+
+CMAKE=$(command -v cmake || true)
+if [ -z "$CMAKE" ]; then
+    [ -x "$WORK/venv/bin/cmake" ] || { python3 -m venv "$WORK/venv" && "$WORK/venv/bin/pip" install -q cmake; }
+    CMAKE=$WORK/venv/bin/cmake
+fi
+"$CMAKE" -S "$src" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=ON \
+    -DGGML_CCACHE=OFF > "$WORK/cmake.log"
+"$CMAKE" --build "$WORK/build" -j"$JOBS" --target llama llama-quantize > "$WORK/build.log"
+bin=$WORK/build/bin
+cc -O2 -I"$src/include" -I"$src/ggml/include" "$ROOT/scripts/gguf_logits.c" -L"$bin" -lllama -lggml -lggml-base \
+    -Wl,-rpath,"$bin" -o "$WORK/gguf_logits"
+
+# the checkpoint (float64 reference and all: a fixture like the others, then removed)
+(cd "$ROOT" && "$PY" scripts/make_fixtures.py qwen3_moe_gguf)
+ck=$ROOT/tests/fixtures/qwen3_moe_gguf
+
+# llama.cpp's converter, its vendored gguf-py; the fixture tokenizer's pre-tokenizer hash is
+# unknown to it, but its split regex is Qwen2's
+convert() {
+    "$PY" - "$src" "$ck" "$1" "$2" <<'EOF'
+import sys
+src, ck, outtype, outfile = sys.argv[1:5]
+sys.path[:0] = [src, src + "/gguf-py"]
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+import convert_hf_to_gguf as c
+sys.argv = ["convert_hf_to_gguf.py", ck, "--outtype", outtype, "--outfile", outfile]
+c.main()
+EOF
+}
+convert f16 "$OUT/qwen3moe-f16.gguf"
+convert q8_0 "$OUT/qwen3moe-q8_0.gguf"
+"$bin/llama-quantize" "$OUT/qwen3moe-f16.gguf" "$OUT/qwen3moe-q4_k_m.gguf" Q4_K_M > "$WORK/quantize.log"
+
+# the fixture's prompt, and 40 fixed ids below the special tokens
+prompt=$("$PY" -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['prompt'])))" "$ck/reference.json")
+other=$("$PY" -c "print(','.join(str((i * 7919 + 11) % 313) for i in range(40)))")
+texts=("ROMEO: But soft, what light through yonder window breaks?"
+       "<|im_start|>user
+Numbers like 12345 and 3.14159, café 東京 🙂<|im_end|>"
+       "  fn main() { println!(\"hello\"); }	tabs")
+for q in f16 q8_0 q4_k_m; do
+    "$WORK/gguf_logits" "$OUT/qwen3moe-$q.gguf" "$OUT/llama-$q.json" "$prompt" "$other" -- "${texts[@]}"
+done
+rm -rf "$ck"
+ls -l "$OUT"

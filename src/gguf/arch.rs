@@ -1,0 +1,228 @@
+//! GGUF architectures → the engine's families: `general.architecture` and its `ARCH.*` keys
+//! become the `config.json` value the family's parser reads, and llama.cpp's tensor names
+//! (`blk.N.attn_q.weight`, `blk.N.ffn_gate_exps.weight`, …) the canonical names of the family's
+//! [`Names`] table, so no family has a second implementation for GGUF.
+//!
+//! A stacked expert tensor (`ffn_gate_exps`: `ne = [hidden, inter, experts]`, logically
+//! `[experts, inter, hidden]`) is named as an MLX `switch_mlp` stack, the layout
+//! [`crate::import::expert`] already reads rows of. Supported: `qwen3moe` (llama.cpp's Qwen3-MoE:
+//! rotate-half RoPE as Hugging Face, so its converter does not permute Q/K as it does for
+//! `llama`; every layer MoE, top-k weights always renormalised).
+
+use super::{TensorInfo, Value};
+use crate::families::Names;
+use anyhow::{Result, anyhow, bail};
+use serde_json::{Value as Json, json};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The architectures read, as (GGUF name, `model_type`).
+pub const ARCHES: &[(&str, &str)] = &[("qwen3moe", "qwen3_moe")];
+
+/// Metadata of one file, with messages naming it.
+struct Meta<'a> {
+    file: &'a Path,
+    meta: &'a BTreeMap<String, Value>,
+    arch: &'a str,
+}
+
+impl Meta<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.meta.get(&self.key(k))
+    }
+    /// An integer, or the one value of a per-layer array whose entries are all equal.
+    fn u64_opt(&self, k: &str) -> Result<Option<u64>> {
+        let Some(v) = self.get(k) else { return Ok(None) };
+        let bad = || {
+            anyhow!(
+                "{}: metadata `{}` is {} {v:?}, expected an integer",
+                self.file.display(),
+                self.key(k),
+                v.type_name()
+            )
+        };
+        match v {
+            Value::Array(a) => {
+                let xs: Vec<u64> = a.iter().map(|x| x.as_u64().ok_or_else(bad)).collect::<Result<_>>()?;
+                match xs.first() {
+                    Some(&x) if xs.iter().all(|&y| y == x) => Ok(Some(x)),
+                    _ => bail!(
+                        "{}: metadata `{}` differs between layers ({xs:?}); not supported",
+                        self.file.display(),
+                        self.key(k)
+                    ),
+                }
+            }
+            _ => v.as_u64().map(Some).ok_or_else(bad),
+        }
+    }
+    fn u64(&self, k: &str) -> Result<u64> {
+        self.u64_opt(k)?.ok_or_else(|| anyhow!("{}: metadata `{}` is missing", self.file.display(), self.key(k)))
+    }
+    fn f64_opt(&self, k: &str) -> Result<Option<f64>> {
+        let Some(v) = self.get(k) else { return Ok(None) };
+        v.as_f64().map(Some).ok_or_else(|| {
+            anyhow!("{}: metadata `{}` is {} {v:?}, expected a number", self.file.display(), self.key(k), v.type_name())
+        })
+    }
+}
+
+/// The `config.json` value of the model, and each tensor's canonical name (`None`: not one
+/// the engine reads, e.g. llama.cpp's precomputed `rope_freqs`).
+pub fn map(file: &Path, meta: &BTreeMap<String, Value>, infos: &[TensorInfo]) -> Result<(Json, Vec<Option<String>>)> {
+    let arch = match meta.get("general.architecture") {
+        Some(Value::Str(s)) => s.as_str(),
+        Some(v) => bail!("{}: metadata `general.architecture` is {}, expected a string", file.display(), v.type_name()),
+        None => bail!("{}: metadata `general.architecture` is missing", file.display()),
+    };
+    let Some(&(_, model_type)) = ARCHES.iter().find(|(a, _)| *a == arch) else {
+        let all: Vec<&str> = ARCHES.iter().map(|a| a.0).collect();
+        bail!("{}: GGUF architecture `{arch}` is not supported (supported: {})", file.display(), all.join(", "));
+    };
+    let m = Meta { file, meta, arch };
+    let find = |n: &str| infos.iter().find(|t| t.name == n);
+    let embd = find("token_embd.weight")
+        .ok_or_else(|| anyhow!("{}: tensor `token_embd.weight` is missing", file.display()))?;
+    let vocab = embd.ne.get(1).copied().unwrap_or(0);
+    let config = match model_type {
+        "qwen3_moe" => qwen3moe(&m, vocab, find("output.weight").is_none())?,
+        _ => unreachable!("every entry of ARCHES has a mapping"),
+    };
+    let names = crate::families::names_of(model_type);
+    let pre = names.text_prefixes[0];
+    Ok((config, infos.iter().map(|t| canonical(names, pre, &t.name)).collect()))
+}
+
+/// Shared keys of every decoder: sizes, attention, norms, RoPE, vocabulary.
+fn common(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
+    let hidden = m.u64("embedding_length")?;
+    let heads = m.u64("attention.head_count")?;
+    if heads == 0 {
+        bail!("{}: metadata `{}` is 0", m.file.display(), m.key("attention.head_count"));
+    }
+    let head_dim = m.u64_opt("attention.key_length")?.unwrap_or(hidden / heads);
+    if let Some(v) = m.u64_opt("attention.value_length")?
+        && v != head_dim
+    {
+        bail!("{}: attention.value_length {v} differs from key_length {head_dim}; not supported", m.file.display());
+    }
+    let rot = m.u64_opt("rope.dimension_count")?.unwrap_or(head_dim);
+    let mut rope = json!({
+        "rope_type": "default",
+        "rope_theta": m.f64_opt("rope.freq_base")?.unwrap_or(10000.0),
+        "partial_rotary_factor": rot as f64 / head_dim.max(1) as f64,
+    });
+    let scaling = m.get("rope.scaling.type").map(|v| v.as_str().unwrap_or("?"));
+    match scaling {
+        None | Some("none") => {}
+        Some("yarn") => {
+            rope["rope_type"] = json!("yarn");
+            rope["factor"] = json!(m.f64_opt("rope.scaling.factor")?.unwrap_or(1.0));
+            rope["original_max_position_embeddings"] = json!(m.u64("rope.scaling.original_context_length")?);
+        }
+        Some(t) => {
+            bail!("{}: metadata `{}` is `{t}`; supported: none, yarn", m.file.display(), m.key("rope.scaling.type"))
+        }
+    }
+    let eps = m.f64_opt("attention.layer_norm_rms_epsilon")?.ok_or_else(|| {
+        anyhow!("{}: metadata `{}` is missing", m.file.display(), m.key("attention.layer_norm_rms_epsilon"))
+    })?;
+    let tok = |k: &str| m.meta.get(k).and_then(Value::as_u64);
+    Ok(json!({
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": m.u64("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": m.u64_opt("attention.head_count_kv")?.unwrap_or(heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": eps,
+        "rope_parameters": rope,
+        "max_position_embeddings": m.u64_opt("context_length")?.unwrap_or(32768),
+        "tie_word_embeddings": tied,
+        "eos_token_id": tok("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": tok("tokenizer.ggml.bos_token_id"),
+    }))
+}
+
+/// llama.cpp's `qwen3moe`: its graph renormalises the top-k weights (`norm_w`) and has no
+/// dense layers, whatever the source checkpoint's `norm_topk_prob` was.
+fn qwen3moe(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
+    let mut c = common(m, vocab, tied)?;
+    let o = c.as_object_mut().expect("an object");
+    o.insert("model_type".into(), json!("qwen3_moe"));
+    o.insert("num_experts".into(), json!(m.u64("expert_count")?));
+    o.insert("num_experts_per_tok".into(), json!(m.u64("expert_used_count")?));
+    o.insert("moe_intermediate_size".into(), json!(m.u64("expert_feed_forward_length")?));
+    o.insert("intermediate_size".into(), json!(m.u64_opt("feed_forward_length")?.unwrap_or(0)));
+    o.insert("norm_topk_prob".into(), json!(true));
+    o.insert("decoder_sparse_step".into(), json!(1));
+    o.insert("mlp_only_layers".into(), json!([]));
+    Ok(c)
+}
+
+/// The canonical name of GGUF tensor `g` in a family whose names are `n` under prefix `pre`.
+pub fn canonical(n: &Names, pre: &str, g: &str) -> Option<String> {
+    match g {
+        "token_embd.weight" => return Some(format!("{pre}{}.weight", n.embed)),
+        "output_norm.weight" => return Some(format!("{pre}{}.weight", n.final_norm)),
+        "output.weight" => return Some(format!("{}.weight", n.lm_head[0])),
+        _ => {}
+    }
+    let rest = g.strip_prefix("blk.")?;
+    let (i, rest) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    let (role, suffix) = rest.rsplit_once('.')?;
+    let l = n.layer(pre, i);
+    let (a, f) = (format!("{l}.{}", n.attention), format!("{l}.{}", n.ffn));
+    let module = match role {
+        "attn_norm" => format!("{l}.{}", n.input_norm),
+        "ffn_norm" => format!("{l}.{}", n.post_norm),
+        "attn_q" => format!("{a}.{}", n.q_proj),
+        "attn_k" => format!("{a}.{}", n.k_proj),
+        "attn_v" => format!("{a}.{}", n.v_proj),
+        "attn_output" => format!("{a}.{}", n.o_proj),
+        "attn_q_norm" => format!("{a}.{}", n.q_norm),
+        "attn_k_norm" => format!("{a}.{}", n.k_norm),
+        "ffn_gate_inp" => format!("{f}.{}", n.router),
+        "ffn_gate_exps" => format!("{f}.{}.{}", n.mlx_experts, n.gate_proj),
+        "ffn_up_exps" => format!("{f}.{}.{}", n.mlx_experts, n.up_proj),
+        "ffn_down_exps" => format!("{f}.{}.{}", n.mlx_experts, n.down_proj),
+        "ffn_gate" => format!("{f}.{}", n.gate_proj),
+        "ffn_up" => format!("{f}.{}", n.up_proj),
+        "ffn_down" => format!("{f}.{}", n.down_proj),
+        "ffn_gate_shexp" => format!("{f}.{}.{}", n.shared_expert, n.gate_proj),
+        "ffn_up_shexp" => format!("{f}.{}.{}", n.shared_expert, n.up_proj),
+        "ffn_down_shexp" => format!("{f}.{}.{}", n.shared_expert, n.down_proj),
+        "ffn_gate_inp_shexp" => format!("{f}.{}", n.shared_expert_gate),
+        "exp_probs_b" if suffix == "bias" => return Some(format!("{f}.{}", n.correction_bias)),
+        _ => return None,
+    };
+    Some(format!("{module}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::families::HF;
+
+    #[test]
+    fn llama_cpp_names_become_the_familys() {
+        let c = |g| canonical(&HF, "model.", g);
+        assert_eq!(c("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(c("output.weight").unwrap(), "lm_head.weight");
+        assert_eq!(c("output_norm.weight").unwrap(), "model.norm.weight");
+        assert_eq!(c("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(c("blk.3.attn_k_norm.weight").unwrap(), "model.layers.3.self_attn.k_norm.weight");
+        assert_eq!(c("blk.0.ffn_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(c("blk.0.ffn_gate_inp.weight").unwrap(), "model.layers.0.mlp.gate.weight");
+        let e = c("blk.1.ffn_down_exps.weight").unwrap();
+        assert_eq!(e, "model.layers.1.mlp.switch_mlp.down_proj.weight");
+        assert!(HF.is_expert(&e));
+        assert_eq!(c("blk.1.attn_q.bias").unwrap(), "model.layers.1.self_attn.q_proj.bias");
+        assert_eq!(c("rope_freqs.weight"), None);
+        assert_eq!(c("blk.x.attn_q.weight"), None);
+    }
+}
