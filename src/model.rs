@@ -265,11 +265,7 @@ impl Layer {
             FfnWeights::Dense(m) => {
                 let t = Instant::now();
                 if rows && n > 1 {
-                    let d = self.cols();
-                    let v = m.view();
-                    let mut items: SmallVec<[_; 16]> =
-                        h.chunks(d).zip(y.chunks_mut(d)).map(|(x, o)| (v, x, o)).collect();
-                    crate::layers::mlp::forward_each(&mut items, p);
+                    crate::layers::mlp::forward_rows_each(&mut [(m.view(), &h[..], &mut y[..])], p);
                 } else {
                     m.forward(&h, n, &mut y, p);
                 }
@@ -283,11 +279,6 @@ impl Layer {
         add_assign(x, &y);
         crate::par::mark();
         Ok(())
-    }
-
-    /// The hidden size (the norms' width).
-    fn cols(&self) -> usize {
-        self.input_norm.dim()
     }
 
     fn mixer_name(&self) -> &'static str {
@@ -520,14 +511,14 @@ impl Model {
             self.norm.apply(&mut x[j * h..(j + 1) * h]);
         }
         let t = Instant::now();
-        {
-            let mut jobs: Vec<crate::tensor::Product<'_>> = live
-                .iter()
-                .zip(logits.chunks_mut(v))
-                .map(|(&j, y)| crate::tensor::Product { w: head, x: &x[j * h..(j + 1) * h], y })
-                .collect();
-            crate::tensor::products(&mut jobs, 1, self.opts.precision);
+        rows.vec().clear();
+        for &j in &live {
+            rows.vec().extend_from_slice(&x[j * h..(j + 1) * h]);
         }
+        crate::tensor::products_rows(
+            &mut [crate::tensor::Product { w: head, x: &rows, y: &mut logits }],
+            self.opts.precision,
+        );
         add_since(&PROFILE.lm_head, t);
         for (r, &j) in live.iter().enumerate() {
             let row = logits[r * v..(r + 1) * v].to_vec();

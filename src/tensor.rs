@@ -473,6 +473,60 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Rows `r0..r0 + ys[t].len()` of W·x_t for each token's input `xs[t]` into `ys[t]`, each
+    /// value bit for bit what [`MatRef::rows_into`] gives that token alone (the same kernel's
+    /// sums, in the same order), while each weight row is read once for all the tokens: by a
+    /// multi-vector kernel where the format has one, else by the one-token kernel per token
+    /// while the row is in L1.
+    fn rows_into_multi(&self, xs: &[Input<'_>], r0: usize, ys: &mut [&mut [f32]]) {
+        let (c, m) = (self.cols, xs.len());
+        debug_assert!(ys.len() == m && ys.iter().all(|y| y.len() == ys[0].len()));
+        let len = ys.first().map_or(0, |y| y.len());
+        let mut v: SmallVec<[f32; 16]> = SmallVec::from_elem(0.0, m);
+        let mut put = |i: usize, v: &[f32]| ys.iter_mut().zip(v).for_each(|(y, &v)| y[i] = v);
+        match self.kind {
+            WKind::Q { bits, group } if xs.iter().all(|x| matches!(x, Input::Quant(_))) => {
+                let preps: SmallVec<[&QPrep; 16]> =
+                    xs.iter().map(|x| if let Input::Quant(q) = x { *q } else { unreachable!() }).collect();
+                let q = QMat::new(self.data, self.rows, c, bits, group as usize);
+                let rb = quant::row_bytes(c, bits);
+                let ng = c.div_ceil(group as usize);
+                for (i, r) in (r0..r0 + len).enumerate() {
+                    let (sc, bi) = (&q.scales[r * ng..(r + 1) * ng], &q.biases[r * ng..(r + 1) * ng]);
+                    kernels::qdot_multi(&q.packed[r * rb..(r + 1) * rb], sc, bi, &preps, &mut v);
+                    put(i, &v);
+                }
+            }
+            WKind::F32 | WKind::BF16 if xs.iter().all(|x| matches!(x, Input::Plain(_))) => {
+                let plain: SmallVec<[&[f32]; 16]> =
+                    xs.iter().map(|x| if let Input::Plain(x) = x { *x } else { unreachable!() }).collect();
+                for (i, r) in (r0..r0 + len).enumerate() {
+                    if self.kind == WKind::F32 {
+                        kernels::dot_multi(
+                            &bytemuck::cast_slice::<u8, f32>(self.data)[r * c..(r + 1) * c],
+                            &plain,
+                            &mut v,
+                        );
+                    } else {
+                        kernels::dot_bf16_multi(
+                            &bytemuck::cast_slice::<u8, u16>(self.data)[r * c..(r + 1) * c],
+                            &plain,
+                            &mut v,
+                        );
+                    }
+                    put(i, &v);
+                }
+            }
+            _ => {
+                for i in 0..len {
+                    for (x, y) in xs.iter().zip(ys.iter_mut()) {
+                        self.rows_into(x, r0 + i, &mut y[i..i + 1]);
+                    }
+                }
+            }
+        }
+    }
+
     /// Y = X·Wᵀ for `n` row vectors: `x` is `[n, cols]`, `y` is `[n, rows]`. Each weight row is
     /// decoded once and used for every input vector, so prefill reads the weights once.
     ///
@@ -745,6 +799,71 @@ pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
         };
     }
     products_then(jobs, &[], &|_, _, _| {}, p)
+}
+
+/// [`products`] for products whose tokens are each one decode step of its own sequence (a
+/// batch of sequences): product `j` takes `x.len() / w.cols` tokens (`x` `[n, cols]`, `y`
+/// `[n, rows]`), and every token's outputs are bit for bit what the one-token product gives
+/// it alone (the same input preparation and kernel), while each item reads its weight rows
+/// once for all the tokens. One decode step on the team, as for one token.
+#[track_caller]
+pub fn products_rows(jobs: &mut [Product<'_>], p: Precision) {
+    products_rows_then(jobs, &[], &|_, _, _, _| {}, p)
+}
+
+/// After an item computed rows `r0..` of token `t` of product `j`: `then(j, t, r0, rows)`.
+pub type ThenRows<'a> = dyn Fn(usize, usize, usize, &mut [f32]) + Sync + 'a;
+
+/// [`products_rows`], each item then finishing the rows it computed for each token with `then`
+/// (as [`products_then`] does for one token). Items of product `j` start on multiples of
+/// `align[j]` rows (one where `align` is short).
+#[track_caller]
+pub fn products_rows_then(jobs: &mut [Product<'_>], align: &[usize], then: &ThenRows<'_>, p: Precision) {
+    let site = std::panic::Location::caller();
+    for j in jobs.iter() {
+        assert!(
+            j.w.cols > 0 && j.x.len().is_multiple_of(j.w.cols) && j.y.len() == j.x.len() / j.w.cols * j.w.rows,
+            "a product's inputs and outputs do not match its {}x{} weights",
+            j.w.rows,
+            j.w.cols
+        );
+    }
+    let _timed = account(jobs.iter().map(|j| j.w.kind.bytes(j.w.rows, j.w.cols)).sum());
+    // (weights, input, output, tokens)
+    type Job<'a> = (MatRef<'a>, &'a [f32], OutPtr, usize);
+    let jobs: SmallVec<[Job<'_>; 32]> =
+        jobs.iter_mut().map(|j| (j.w, j.x, OutPtr(j.y.as_mut_ptr()), j.x.len() / j.w.cols)).collect();
+    // token t of product j is input first[j] + t
+    let first: SmallVec<[usize; 32]> = jobs
+        .iter()
+        .scan(0, |o, j| {
+            *o += j.3;
+            Some(*o - j.3)
+        })
+        .collect();
+    let prepared = Prepared::new(jobs.iter().flat_map(|j| j.1.chunks_exact(j.0.cols).map(move |x| (j.0, x))), p);
+    crate::par::mark();
+    let work: usize = jobs.iter().map(|j| j.0.rows * j.0.cols * j.3).sum();
+    let threads = if parallel(work) { rayon::current_num_threads() } else { 1 };
+    let sections: SmallVec<[Section; 32]> = jobs
+        .iter()
+        .enumerate()
+        .map(|(ji, j)| Section { align: align.get(ji).copied().unwrap_or(1), ..Section::of(&j.0) })
+        .collect();
+    let items = plan(&sections, threads);
+    step(site, items.len(), threads, |k| {
+        let (ji, r0, r1) = items[k];
+        let (w, x, y, n) = jobs[ji];
+        let inputs: SmallVec<[Input<'_>; 16]> =
+            (0..n).map(|t| prepared.input(first[ji] + t, &x[t * w.cols..(t + 1) * w.cols])).collect();
+        // SAFETY: each output is a distinct `&mut` of the caller, alive past this call, of
+        // `n` rows of the product's outputs; rows r0..r1 of each token are this item's alone
+        let mut ys: SmallVec<[&mut [f32]; 16]> = (0..n).map(|t| unsafe { y.slice(t * w.rows + r0, r1 - r0) }).collect();
+        w.rows_into_multi(&inputs, r0, &mut ys);
+        for (t, y) in ys.iter_mut().enumerate() {
+            then(ji, t, r0, y);
+        }
+    });
 }
 
 /// After an item computed rows `r0..` of product `j`: `then(j, r0, rows)`.

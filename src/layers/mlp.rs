@@ -3,7 +3,7 @@
 //! their activation ([`Act`]).
 
 pub use crate::config::Act;
-use crate::tensor::{Mat, MatRef, Precision, Product, products};
+use crate::tensor::{Mat, MatRef, Precision, Product, products, products_rows};
 use smallvec::SmallVec;
 use std::sync::Arc;
 
@@ -131,6 +131,59 @@ pub fn forward_each(items: &mut [(MlpRef<'_>, &[f32], &mut [f32])], p: Precision
     for (m, _, out) in items.iter_mut() {
         if let Some([_, _, bd]) = m.bias {
             crate::kernels::axpy(1.0, bd, out);
+        }
+    }
+}
+
+/// [`forward_each`] for blocks that each take several tokens, each token one decode step of
+/// its own sequence (a batch of sequences; a routed expert and the rows that chose it): `x` is
+/// `[n, cols]`, `out` `[n, hidden]`. Every token's output is bit for bit what [`forward_each`]
+/// gives it alone, while each weight row is read once for all of a block's tokens
+/// ([`products_rows`]).
+pub fn forward_rows_each(items: &mut [(MlpRef<'_>, &[f32], &mut [f32])], p: Precision) {
+    let tokens = |m: &MlpRef<'_>, x: &[f32]| x.len() / m.gate.cols.max(1);
+    let inter: usize = items.iter().map(|it| it.0.gate.rows * tokens(&it.0, it.1)).sum();
+    let mut g = crate::scratch::zeros(inter);
+    let mut u = crate::scratch::zeros(inter);
+    let mut jobs: SmallVec<[Product<'_>; 32]> = SmallVec::new();
+    let (mut gs, mut us) = (&mut g[..], &mut u[..]);
+    for (m, x, _) in items.iter() {
+        let n = tokens(m, x);
+        let (ga, rest) = std::mem::take(&mut gs).split_at_mut(m.gate.rows * n);
+        gs = rest;
+        let (ua, rest) = std::mem::take(&mut us).split_at_mut(m.up.rows * n);
+        us = rest;
+        jobs.push(Product { w: m.gate, x, y: ga });
+        jobs.push(Product { w: m.up, x, y: ua });
+    }
+    products_rows(&mut jobs, p);
+    drop(jobs);
+    if items.iter().all(|it| it.0.bias.is_none() && it.0.act == Act::Swiglu) {
+        crate::kernels::swiglu(&mut g, &u);
+    } else {
+        let (mut gs, mut us) = (&mut g[..], &mut u[..]);
+        for (m, x, _) in items.iter() {
+            for _ in 0..tokens(m, x) {
+                let (ga, rest) = std::mem::take(&mut gs).split_at_mut(m.gate.rows);
+                gs = rest;
+                let (ua, rest) = std::mem::take(&mut us).split_at_mut(m.up.rows);
+                us = rest;
+                activate(ga, ua, 0, m.bias, m.act);
+            }
+        }
+    }
+    let mut jobs: SmallVec<[Product<'_>; 16]> = SmallVec::new();
+    let mut gs = &g[..];
+    for (m, x, out) in items.iter_mut() {
+        let (ga, rest) = gs.split_at(m.gate.rows * tokens(m, x));
+        gs = rest;
+        jobs.push(Product { w: m.down, x: ga, y: out });
+    }
+    products_rows(&mut jobs, p);
+    drop(jobs);
+    for (m, _, out) in items.iter_mut() {
+        if let Some([_, _, bd]) = m.bias {
+            out.chunks_exact_mut(bd.len()).for_each(|o| crate::kernels::axpy(1.0, bd, o));
         }
     }
 }
