@@ -976,6 +976,47 @@ impl<'a> Staged<'a> {
     }
 }
 
+impl Staged<'_> {
+    /// [`Staged::product`] of several inputs to the same weights (one per sequence of a batch),
+    /// in one step: row `t` of `y` (`[n, rows]`) is bit for bit what `stages[t].product`
+    /// gives, and each weight row is read once for all of them.
+    #[track_caller]
+    pub fn product_rows(mut stages: SmallVec<[Staged<'_>; 8]>, y: &mut [f32]) {
+        let Some(w) = stages.first().map(|s| s.w) else { return };
+        assert!(
+            stages.iter().all(|s| std::ptr::eq(s.w.data, w.data) && s.w.kind == w.kind && s.w.cols == w.cols)
+                && y.len() == stages.len() * w.rows,
+            "staged products of a batch share their weights and fill one output row each"
+        );
+        let site = std::panic::Location::caller();
+        let _timed = account(w.kind.bytes(w.rows, w.cols));
+        for s in stages.iter_mut() {
+            if let (Some(q), None, WKind::Q { bits, group }) = (&mut s.prep, s.parts, s.w.kind) {
+                q.prepare_with(&s.x, bits, group as usize, s.p == Precision::Fast);
+            }
+        }
+        let inputs: SmallVec<[Input<'_>; 8]> = stages
+            .iter()
+            .map(|s| match &s.prep {
+                Some(q) => Input::Quant(q),
+                None => Input::Plain(&s.x),
+            })
+            .collect();
+        let n = inputs.len();
+        let threads = if parallel(w.rows * w.cols * n) { rayon::current_num_threads() } else { 1 };
+        let items = plan(&[Section::of(&w)], threads);
+        let yp = OutPtr(y.as_mut_ptr());
+        step(site, items.len(), threads, |k| {
+            let (_, r0, r1) = items[k];
+            // SAFETY: rows r0..r1 of each token's output row are this item's alone; `y`
+            // outlives the step
+            let mut ys: SmallVec<[&mut [f32]; 8]> =
+                (0..n).map(|t| unsafe { yp.slice(t * w.rows + r0, r1 - r0) }).collect();
+            w.rows_into_multi(&inputs, r0, &mut ys);
+        });
+    }
+}
+
 /// Counts a decode step's weight bytes and times it (the single-token products' figures).
 fn account(bytes: usize) -> crate::profile::Timed<'static> {
     let prof = &crate::profile::PROFILE;
