@@ -500,21 +500,31 @@ impl<'a> MatRef<'a> {
             WKind::F32 | WKind::BF16 if xs.iter().all(|x| matches!(x, Input::Plain(_))) => {
                 let plain: SmallVec<[&[f32]; 16]> =
                     xs.iter().map(|x| if let Input::Plain(x) = x { *x } else { unreachable!() }).collect();
-                for (i, r) in (r0..r0 + len).enumerate() {
-                    if self.kind == WKind::F32 {
-                        kernels::dot_multi(
-                            &bytemuck::cast_slice::<u8, f32>(self.data)[r * c..(r + 1) * c],
-                            &plain,
-                            &mut v,
-                        );
-                    } else {
-                        kernels::dot_bf16_multi(
-                            &bytemuck::cast_slice::<u8, u16>(self.data)[r * c..(r + 1) * c],
-                            &plain,
-                            &mut v,
-                        );
+                if self.kind == WKind::F32 {
+                    let d: &[f32] = bytemuck::cast_slice(self.data);
+                    for (i, r) in (r0..r0 + len).enumerate() {
+                        kernels::dot_multi(&d[r * c..(r + 1) * c], &plain, &mut v);
+                        put(i, &v);
                     }
-                    put(i, &v);
+                } else {
+                    // two rows at a time: each token's vector is loaded once for both
+                    let d: &[u16] = bytemuck::cast_slice(self.data);
+                    let row = |r: usize| &d[r * c..(r + 1) * c];
+                    let mut v2: SmallVec<[f32; 16]> = SmallVec::from_elem(0.0, m);
+                    let mut i = 0;
+                    while i < len {
+                        let r = r0 + i;
+                        if i + 2 <= len {
+                            kernels::dot_bf16_multi(&[row(r), row(r + 1)], &plain, &mut [&mut v, &mut v2]);
+                            put(i, &v);
+                            put(i + 1, &v2);
+                            i += 2;
+                        } else {
+                            kernels::dot_bf16_multi(&[row(r)], &plain, &mut [&mut v]);
+                            put(i, &v);
+                            i += 1;
+                        }
+                    }
                 }
             }
             _ => {
@@ -1362,6 +1372,57 @@ mod tests {
                     let mut got = vec![f32::NAN; hidden];
                     pool.install(|| swiglu_sum(&terms, &mut got, p));
                     assert_eq!(got, want, "{kind:?} {hidden}x{inter} {p:?} {threads} threads");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_over_rows_are_one_token_products_bit_for_bit() {
+        // every format, widths with and without whole SIMD steps and int8 groups, 1..8 rows
+        for &(rows, cols) in &[(37, 128), (9, 2048 + 64), (5, 40), (70, 64 * 17)] {
+            let w = lcg(rows * cols, 5);
+            let mut mats = vec![
+                Mat::from_f32(rows, cols, w.clone()).unwrap(),
+                Mat::from_half(rows, cols, w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect(), WKind::BF16)
+                    .unwrap(),
+                Mat::from_half(rows, cols, w.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect(), WKind::F16)
+                    .unwrap(),
+                Mat::from_f32(rows, cols, w.clone()).unwrap().to_kind(WKind::Mxfp4),
+            ];
+            for bits in quant::BITS {
+                let group = if cols % 64 == 0 { 64 } else { 8 };
+                mats.push(Mat::from_f32(rows, cols, w.clone()).unwrap().to_kind(WKind::Q { bits, group }));
+            }
+            for (m, p) in mats.iter().flat_map(|m| [(m, Precision::Exact), (m, Precision::Fast)]) {
+                for n in 1..=8 {
+                    let x = lcg(n * cols, 40 + n as u64);
+                    let mut want = vec![0.0; n * rows];
+                    for (xt, yt) in x.chunks(cols).zip(want.chunks_mut(rows)) {
+                        m.matvec(xt, yt, p);
+                    }
+                    for threads in [1, 5] {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        let what = format!("{} {rows}x{cols} {p:?} {n} rows {threads} threads", m.kind.name());
+                        let mut got = vec![f32::NAN; n * rows];
+                        pool.install(|| products_rows(&mut [Product { w: m.view(), x: &x, y: &mut got }], p));
+                        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}");
+                        // the staged inputs of attention's output projection
+                        let mut staged = vec![f32::NAN; n * rows];
+                        pool.install(|| {
+                            let stages: SmallVec<[Staged<'_>; 8]> = x
+                                .chunks(cols)
+                                .map(|xt| {
+                                    let s = Staged::new(m.view(), cols, p);
+                                    // SAFETY: one part, the whole vector
+                                    unsafe { s.write(0, xt) };
+                                    s
+                                })
+                                .collect();
+                            Staged::product_rows(stages, &mut staged)
+                        });
+                        assert!(staged.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "staged {what}");
+                    }
                 }
             }
         }

@@ -738,29 +738,50 @@ pub fn dot_multi(a: &[f32], xs: &[&[f32]], out: &mut [f32]) {
     }
 }
 
-/// [`dot_bf16`] of one row against several vectors: `out[t]` is bit for bit
-/// `dot_bf16(w, xs[t])`, the row widened once for every four vectors on AVX-512 (else
-/// `dot_bf16` per vector).
-pub fn dot_bf16_multi(w: &[u16], xs: &[&[f32]], out: &mut [f32]) {
-    assert!(xs.len() == out.len() && xs.iter().all(|x| x.len() == w.len()), "dot_bf16_multi: ragged vectors");
+/// [`dot_bf16`] of one or two rows against several vectors: `out[r][t]` is bit for bit
+/// `dot_bf16(w[r], xs[t])`. On AVX-512 each row is widened once for every four vectors and,
+/// with two rows, each vector loaded once for both (else `dot_bf16` per pair).
+pub fn dot_bf16_multi(w: &[&[u16]], xs: &[&[f32]], out: &mut [&mut [f32]]) {
+    let n = w.first().map_or(0, |r| r.len());
+    assert!(
+        matches!(w.len(), 1 | 2)
+            && w.iter().all(|r| r.len() == n)
+            && xs.iter().all(|x| x.len() == n)
+            && out.len() == w.len()
+            && out.iter().all(|o| o.len() == xs.len()),
+        "dot_bf16_multi: ragged rows or vectors"
+    );
     #[cfg(target_arch = "x86_64")]
     if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
-        for (v, o) in xs.chunks(MULTI).zip(out.chunks_mut(MULTI)) {
-            // SAFETY: AVX-512F/BW detected; equal lengths checked above.
-            unsafe {
-                use x86::dot_bf16_avx512_multi as k;
-                match v.len() {
-                    1 => k::<1>(w, first(v), o),
-                    2 => k::<2>(w, first(v), o),
-                    3 => k::<3>(w, first(v), o),
-                    _ => k::<4>(w, first(v), o),
-                }
+        for (c, v) in xs.chunks(MULTI).enumerate() {
+            let at = c * MULTI;
+            // SAFETY (every call): AVX-512F/BW detected; equal lengths checked above.
+            macro_rules! tile {
+                ($r:literal, $n:literal) => {{
+                    let mut o = [[0f32; $n]; $r];
+                    unsafe { x86::dot_bf16_avx512_multi::<$r, $n>(first(w), first(v), &mut o) };
+                    for (dst, src) in out.iter_mut().zip(&o) {
+                        dst[at..at + $n].copy_from_slice(src);
+                    }
+                }};
+            }
+            match (w.len(), v.len()) {
+                (1, 1) => tile!(1, 1),
+                (1, 2) => tile!(1, 2),
+                (1, 3) => tile!(1, 3),
+                (1, _) => tile!(1, 4),
+                (_, 1) => tile!(2, 1),
+                (_, 2) => tile!(2, 2),
+                (_, 3) => tile!(2, 3),
+                (_, _) => tile!(2, 4),
             }
         }
         return;
     }
-    for (o, x) in out.iter_mut().zip(xs) {
-        *o = dot_bf16(w, x);
+    for (r, o) in w.iter().zip(out.iter_mut()) {
+        for (o, x) in o.iter_mut().zip(xs) {
+            *o = dot_bf16(r, x);
+        }
     }
 }
 
@@ -1075,12 +1096,18 @@ mod tests {
                 let a = rnd(n, 5 + n as u64);
                 let wb: Vec<u16> = a.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
                 let vs: Vec<&[f32]> = xs.iter().map(|x| &x[..n]).collect();
-                let (mut f, mut h) = (vec![f32::NAN; b], vec![f32::NAN; b]);
+                let (mut f, mut h, mut h2) = (vec![f32::NAN; b], vec![f32::NAN; b], vec![f32::NAN; b]);
                 dot_multi(&a, &vs, &mut f);
-                dot_bf16_multi(&wb, &vs, &mut h);
+                dot_bf16_multi(&[&wb], &vs, &mut [&mut h]);
+                // two rows at once: the second the first reversed
+                let wr: Vec<u16> = wb.iter().rev().copied().collect();
+                let mut h1 = vec![f32::NAN; b];
+                dot_bf16_multi(&[&wr, &wb], &vs, &mut [&mut h1, &mut h2]);
                 for (t, x) in vs.iter().enumerate() {
                     assert_eq!(f[t].to_bits(), dot(&a, x).to_bits(), "f32 {n} vector {t} of {b}");
                     assert_eq!(h[t].to_bits(), dot_bf16(&wb, x).to_bits(), "bf16 {n} vector {t} of {b}");
+                    assert_eq!(h2[t].to_bits(), h[t].to_bits(), "bf16 pair {n} vector {t} of {b}");
+                    assert_eq!(h1[t].to_bits(), dot_bf16(&wr, x).to_bits(), "bf16 pair {n} vector {t} of {b}");
                     let want: f64 = a.iter().zip(*x).map(|(a, b)| *a as f64 * *b as f64).sum();
                     let wantb: f64 = wb.iter().zip(*x).map(|(a, b)| bf16_to_f32(*a) as f64 * *b as f64).sum();
                     assert!((f[t] as f64 - want).abs() < 1e-4 && (h[t] as f64 - wantb).abs() < 1e-4, "{n}: scalar");

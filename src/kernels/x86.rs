@@ -464,32 +464,43 @@ pub unsafe fn qdot_vnni_g64_multi<const BITS: usize, const N: usize>(
     }
 }
 
-/// [`dot_bf16_avx512`] of one bf16 row against `N` vectors, the row widened once for all:
-/// `out[t]` is bit for bit `dot_bf16_avx512(w, xs[t])`.
+/// [`dot_bf16_avx512`] of `R` bf16 rows against `N` vectors, each row widened once for all
+/// vectors and each vector loaded once for all rows: `out[r][t]` is bit for bit
+/// `dot_bf16_avx512(w[r], xs[t])` (every pair keeps that kernel's two accumulators).
 ///
 /// # Safety
-/// AVX-512F and AVX-512BW must be available; every `xs[t]` is as long as `w`; `out` holds `N`.
+/// AVX-512F and AVX-512BW must be available; every row and every `xs[t]` has the same length.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn dot_bf16_avx512_multi<const N: usize>(w: &[u16], xs: [&[f32]; N], out: &mut [f32]) {
-    let n = w.len();
-    let pw = w.as_ptr();
+pub unsafe fn dot_bf16_avx512_multi<const R: usize, const N: usize>(
+    w: [&[u16]; R],
+    xs: [&[f32]; N],
+    out: &mut [[f32; N]; R],
+) {
+    let n = w[0].len();
+    let pw: [*const u16; R] = std::array::from_fn(|r| w[r].as_ptr());
     let px: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
-    let (mut a0, mut a1) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
+    let (mut a0, mut a1) = ([[_mm512_setzero_ps(); N]; R], [[_mm512_setzero_ps(); N]; R]);
     let mut i = 0;
     while i + 32 <= n {
-        let (w0, w1) = (widen_bf16_512(pw.add(i)), widen_bf16_512(pw.add(i + 16)));
+        let w0: [__m512; R] = std::array::from_fn(|r| widen_bf16_512(pw[r].add(i)));
+        let w1: [__m512; R] = std::array::from_fn(|r| widen_bf16_512(pw[r].add(i + 16)));
         for t in 0..N {
-            a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(px[t].add(i)), a0[t]);
-            a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(px[t].add(i + 16)), a1[t]);
+            let (x0, x1) = (_mm512_loadu_ps(px[t].add(i)), _mm512_loadu_ps(px[t].add(i + 16)));
+            for r in 0..R {
+                a0[r][t] = _mm512_fmadd_ps(w0[r], x0, a0[r][t]);
+                a1[r][t] = _mm512_fmadd_ps(w1[r], x1, a1[r][t]);
+            }
         }
         i += 32;
     }
-    for t in 0..N {
-        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
-        for k in i..n {
-            s += bf16_to_f32(w[k]) * xs[t][k];
+    for r in 0..R {
+        for t in 0..N {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][t], a1[r][t]));
+            for k in i..n {
+                s += bf16_to_f32(w[r][k]) * xs[t][k];
+            }
+            out[r][t] = s;
         }
-        out[t] = s;
     }
 }
 

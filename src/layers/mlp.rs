@@ -187,3 +187,55 @@ pub fn forward_rows_each(items: &mut [(MlpRef<'_>, &[f32], &mut [f32])], p: Prec
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::WKind;
+    use crate::testutil::uniform;
+
+    #[test]
+    fn blocks_over_rows_are_each_row_alone_bit_for_bit() {
+        let mat = |rows: usize, cols: usize, seed: u64, kind: WKind| {
+            Mat::from_f32(rows, cols, uniform(rows * cols, seed).iter().map(|v| v * 0.5).collect())
+                .unwrap()
+                .to_kind(kind)
+        };
+        for kind in [WKind::BF16, WKind::Q { bits: 4, group: 64 }, WKind::Q { bits: 8, group: 64 }, WKind::F32] {
+            for (hidden, inter) in [(128, 192), (64, 40)] {
+                let blocks: Vec<Mlp> = (0..3)
+                    .map(|e| {
+                        Mlp::new(
+                            mat(inter, hidden, 10 + e, kind),
+                            mat(inter, hidden, 20 + e, kind),
+                            mat(hidden, inter, 30 + e, kind),
+                        )
+                    })
+                    .collect();
+                let mut clamped = blocks[2].clone();
+                clamped.act = Act::ClampedSwiglu { alpha: 1.7, limit: 0.4 };
+                clamped.bias = Some(Arc::new([uniform(inter, 1), uniform(inter, 2), uniform(hidden, 3)]));
+                let blocks = [&blocks[0], &blocks[1], &clamped];
+                // block i takes i + 2 rows
+                let xs: Vec<Vec<f32>> = (0..3).map(|i| uniform((i + 2) * hidden, 50 + i as u64)).collect();
+                for p in [Precision::Exact, Precision::Fast] {
+                    let mut want: Vec<Vec<f32>> = xs.iter().map(|x| vec![0.0; x.len()]).collect();
+                    for ((b, x), w) in blocks.iter().zip(&xs).zip(want.iter_mut()) {
+                        for (xt, wt) in x.chunks(hidden).zip(w.chunks_mut(hidden)) {
+                            forward_each(&mut [(b.view(), xt, wt)], p);
+                        }
+                    }
+                    let mut got: Vec<Vec<f32>> = xs.iter().map(|x| vec![f32::NAN; x.len()]).collect();
+                    let mut items: Vec<_> = blocks
+                        .iter()
+                        .zip(&xs)
+                        .zip(got.iter_mut())
+                        .map(|((b, x), g)| (b.view(), &x[..], &mut g[..]))
+                        .collect();
+                    forward_rows_each(&mut items, p);
+                    assert_eq!(got, want, "{kind:?} {hidden}x{inter} {p:?}");
+                }
+            }
+        }
+    }
+}
