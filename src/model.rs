@@ -472,10 +472,12 @@ impl Model {
     }
 
     /// [`Model::forward_batch`] with a result per sequence. Per layer the token mixer runs on
-    /// each sequence's own state (one token), then the feed-forward runs over every row at
-    /// once: a routed expert chosen by several sequences is read from the store once for all
-    /// of them, and every row is computed with decode's one-token products, so each sequence's
-    /// logits are bit for bit those it gets alone (in either precision). A sequence that fails
+    /// each sequence's own state (one token; an attention layer's projections over every row
+    /// at once), then the feed-forward runs over every row at once: a routed expert chosen by
+    /// several sequences is read from the store once for all of them. Every product of the
+    /// step reads each weight row once for all the rows that need it, and computes each row
+    /// as decode's one-token product would ([`crate::tensor::products_rows`]), so each
+    /// sequence's logits are bit for bit those it gets alone (in either precision). A sequence that fails
     /// (a bad token, a full context, a non-finite mixer output) leaves the batch and only its
     /// state is poisoned; an error of the shared feed-forward poisons every sequence still in
     /// it. On an accelerator the sequences run one after another.
