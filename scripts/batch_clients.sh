@@ -3,7 +3,7 @@
 # decode steps shared (--max-batch 8) and one request at a time (--max-batch 1), warm (all in
 # memory, page cache) and beyond RAM (a memory cgroup smaller than the model, experts read
 # with O_DIRECT through a small cache) (docs/PERFORMANCE.md, "Concurrent requests").
-# Usage: [ONLY=ram] [CACHE=256M] [LIMIT=2200M] [TOKENS=32] scripts/batch_clients.sh [BIN]. Needs a model in $M (default /tmp/bM):
+# Usage: [ONLY=ram|warm] [CACHE=256M] [LIMIT=2200M] [TOKENS=32] scripts/batch_clients.sh [BIN]. Needs a model in $M (default /tmp/bM):
 #   flashmoe synth --preset qwen3-30b-a3b --layers 4 --to /tmp/bM
 # and a tokenizer beside it (the qwen3_moe fixture's: 320 ids, all valid for the synthetic vocab).
 set -e
@@ -39,6 +39,8 @@ if [ "${ONLY:-all}" != ram ]; then
     serve warm_b8 8 plain
     serve warm_b1 1 plain
 fi
-STORE="--cache direct --cache-size $CACHE --io-threads 8"
-serve ram${LIMIT}_c${CACHE}_b8 8 limited
-serve ram${LIMIT}_c${CACHE}_b1 1 limited
+if [ "${ONLY:-all}" != warm ]; then
+    STORE="--cache direct --cache-size $CACHE --io-threads 8"
+    serve ram${LIMIT}_c${CACHE}_b8 8 limited
+    serve ram${LIMIT}_c${CACHE}_b1 1 limited
+fi

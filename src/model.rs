@@ -251,6 +251,57 @@ impl Layer {
         Ok(())
     }
 
+    /// [`Layer::mix`] of one decode step of each of several sequences: row `t` of `x` is a
+    /// token at `pos[t]` of the sequence whose layer state is `states[t]`. An attention layer
+    /// computes its projections over all the rows at once ([`Attention::decode_rows`]), other
+    /// mixers one row after another; either way each row gets what `mix` gives it alone. A row
+    /// whose output is not finite is left as it was and gets its error.
+    fn mix_rows(
+        &self,
+        x: &mut [f32],
+        pos: &[usize],
+        states: &mut [&mut LayerState],
+        sels: &mut [&mut Selection],
+        opts: &RunOptions,
+    ) -> SmallVec<[Result<()>; 8]> {
+        let d = x.len() / pos.len().max(1);
+        let MixerWeights::Attention(a) = &self.mixer else {
+            return x
+                .chunks_exact_mut(d)
+                .zip(pos)
+                .zip(states.iter_mut().zip(sels.iter_mut()))
+                .map(|((x, &pos), (st, sel))| self.mix(x, 1, pos, st, sel, opts))
+                .collect();
+        };
+        let mut caches: SmallVec<[&mut KvCache; 8]> = states
+            .iter_mut()
+            .map(|st| match &mut **st {
+                LayerState::Kv(c) => c,
+                _ => unreachable!("layer state does not match its mixer"),
+            })
+            .collect();
+        let mut h = scratch::zeros(x.len());
+        let mut y = scratch::zeros(x.len());
+        self.input_norm.forward(x, &mut h);
+        crate::par::mark();
+        let t = Instant::now();
+        a.decode_rows(&h, pos, &mut caches, &mut y, opts.precision);
+        add_since(&PROFILE.mixer, t);
+        x.chunks_exact_mut(d)
+            .zip(y.chunks_exact(d))
+            .map(|(x, y)| {
+                if !all_finite(y) {
+                    bail!(
+                        "non-finite values (NaN or Inf) in the output of the {} (corrupt weights?)",
+                        self.mixer_name()
+                    );
+                }
+                add_assign(x, y);
+                Ok(())
+            })
+            .collect()
+    }
+
     /// The feed-forward half: x += ffn(norm2(x)). `rows`: the `n` rows are one decode step of
     /// `n` sequences each, computed as one-token products (see [`Moe::forward_rows`]).
     fn feed(&self, x: &mut [f32], n: usize, opts: &RunOptions, rows: bool) -> Result<()> {
@@ -265,11 +316,7 @@ impl Layer {
             FfnWeights::Dense(m) => {
                 let t = Instant::now();
                 if rows && n > 1 {
-                    let d = self.cols();
-                    let v = m.view();
-                    let mut items: SmallVec<[_; 16]> =
-                        h.chunks(d).zip(y.chunks_mut(d)).map(|(x, o)| (v, x, o)).collect();
-                    crate::layers::mlp::forward_each(&mut items, p);
+                    crate::layers::mlp::forward_rows_each(&mut [(m.view(), &h[..], &mut y[..])], p);
                 } else {
                     m.forward(&h, n, &mut y, p);
                 }
@@ -283,11 +330,6 @@ impl Layer {
         add_assign(x, &y);
         crate::par::mark();
         Ok(())
-    }
-
-    /// The hidden size (the norms' width).
-    fn cols(&self) -> usize {
-        self.input_norm.dim()
     }
 
     fn mixer_name(&self) -> &'static str {
@@ -430,10 +472,12 @@ impl Model {
     }
 
     /// [`Model::forward_batch`] with a result per sequence. Per layer the token mixer runs on
-    /// each sequence's own state (one token), then the feed-forward runs over every row at
-    /// once: a routed expert chosen by several sequences is read from the store once for all
-    /// of them, and every row is computed with decode's one-token products, so each sequence's
-    /// logits are bit for bit those it gets alone (in either precision). A sequence that fails
+    /// each sequence's own state (one token; an attention layer's projections over every row
+    /// at once), then the feed-forward runs over every row at once: a routed expert chosen by
+    /// several sequences is read from the store once for all of them. Every product of the
+    /// step reads each weight row once for all the rows that need it, and computes each row
+    /// as decode's one-token product would ([`crate::tensor::products_rows`]), so each
+    /// sequence's logits are bit for bit those it gets alone (in either precision). A sequence that fails
     /// (a bad token, a full context, a non-finite mixer output) leaves the batch and only its
     /// state is poisoned; an error of the shared feed-forward poisons every sequence still in
     /// it. On an accelerator the sequences run one after another.
@@ -479,23 +523,40 @@ impl Model {
                     self.prefetch_next(i, &x[j * h..(j + 1) * h]);
                 }
             }
-            live.retain(|&j| {
-                let st = &mut *states[j];
-                match layer.mix(&mut x[j * h..(j + 1) * h], 1, st.pos, &mut st.layers[i], &mut sels[j], &self.opts) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        st.poisoned = true;
-                        res[j] = Some(Err(e.context(format!("layer {i}"))));
-                        false
-                    }
-                }
-            });
-            // the live rows side by side, through the feed-forward together
-            let m = live.len();
+            // the live rows side by side, through the mixer (each on its own state) and the
+            // feed-forward together
             rows.vec().clear();
             for &j in &live {
                 rows.vec().extend_from_slice(&x[j * h..(j + 1) * h]);
             }
+            let pos: SmallVec<[usize; 8]> = live.iter().map(|&j| states[j].pos).collect();
+            let mixed = {
+                let (mut ls, mut ss): (SmallVec<[&mut LayerState; 8]>, SmallVec<[&mut Selection; 8]>) = states
+                    .iter_mut()
+                    .zip(sels.iter_mut())
+                    .enumerate()
+                    .filter(|(j, _)| live.contains(j))
+                    .map(|(_, (st, sel))| (&mut st.layers[i], sel))
+                    .unzip();
+                layer.mix_rows(&mut rows, &pos, &mut ls, &mut ss, &self.opts)
+            };
+            let mut kept = 0;
+            for (r, (j, ok)) in live.clone().into_iter().zip(mixed).enumerate() {
+                match ok {
+                    Ok(()) => {
+                        rows.vec().copy_within(r * h..(r + 1) * h, kept * h);
+                        live[kept] = j;
+                        kept += 1;
+                    }
+                    Err(e) => {
+                        states[j].poisoned = true;
+                        res[j] = Some(Err(e.context(format!("layer {i}"))));
+                    }
+                }
+            }
+            live.truncate(kept);
+            rows.vec().truncate(kept * h);
+            let m = live.len();
             if m == 0 {
                 break;
             }
@@ -520,14 +581,14 @@ impl Model {
             self.norm.apply(&mut x[j * h..(j + 1) * h]);
         }
         let t = Instant::now();
-        {
-            let mut jobs: Vec<crate::tensor::Product<'_>> = live
-                .iter()
-                .zip(logits.chunks_mut(v))
-                .map(|(&j, y)| crate::tensor::Product { w: head, x: &x[j * h..(j + 1) * h], y })
-                .collect();
-            crate::tensor::products(&mut jobs, 1, self.opts.precision);
+        rows.vec().clear();
+        for &j in &live {
+            rows.vec().extend_from_slice(&x[j * h..(j + 1) * h]);
         }
+        crate::tensor::products_rows(
+            &mut [crate::tensor::Product { w: head, x: &rows, y: &mut logits }],
+            self.opts.precision,
+        );
         add_since(&PROFILE.lm_head, t);
         for (r, &j) in live.iter().enumerate() {
             let row = logits[r * v..(r + 1) * v].to_vec();

@@ -498,6 +498,70 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Rows `r0..r0 + ys[t].len()` of W·x_t for each token's input `xs[t]` into `ys[t]`, each
+    /// value bit for bit what [`MatRef::rows_into`] gives that token alone (the same kernel's
+    /// sums, in the same order), while each weight row is read once for all the tokens: by a
+    /// multi-vector kernel where the format has one, else by the one-token kernel per token
+    /// while the row is in L1.
+    fn rows_into_multi(&self, xs: &[Input<'_>], r0: usize, ys: &mut [&mut [f32]]) {
+        let (c, m) = (self.cols, xs.len());
+        debug_assert!(ys.len() == m && ys.iter().all(|y| y.len() == ys[0].len()));
+        let len = ys.first().map_or(0, |y| y.len());
+        let mut v: SmallVec<[f32; 16]> = SmallVec::from_elem(0.0, m);
+        let mut put = |i: usize, v: &[f32]| ys.iter_mut().zip(v).for_each(|(y, &v)| y[i] = v);
+        match self.kind {
+            WKind::Q { bits, group } if xs.iter().all(|x| matches!(x, Input::Quant(_))) => {
+                let preps: SmallVec<[&QPrep; 16]> =
+                    xs.iter().map(|x| if let Input::Quant(q) = x { *q } else { unreachable!() }).collect();
+                let q = QMat::new(self.data, self.rows, c, bits, group as usize);
+                let rb = quant::row_bytes(c, bits);
+                let ng = c.div_ceil(group as usize);
+                for (i, r) in (r0..r0 + len).enumerate() {
+                    let (sc, bi) = (&q.scales[r * ng..(r + 1) * ng], &q.biases[r * ng..(r + 1) * ng]);
+                    kernels::qdot_multi(&q.packed[r * rb..(r + 1) * rb], sc, bi, &preps, &mut v);
+                    put(i, &v);
+                }
+            }
+            WKind::F32 | WKind::BF16 if xs.iter().all(|x| matches!(x, Input::Plain(_))) => {
+                let plain: SmallVec<[&[f32]; 16]> =
+                    xs.iter().map(|x| if let Input::Plain(x) = x { *x } else { unreachable!() }).collect();
+                if self.kind == WKind::F32 {
+                    let d: &[f32] = bytemuck::cast_slice(self.data);
+                    for (i, r) in (r0..r0 + len).enumerate() {
+                        kernels::dot_multi(&d[r * c..(r + 1) * c], &plain, &mut v);
+                        put(i, &v);
+                    }
+                } else {
+                    // two rows at a time: each token's vector is loaded once for both
+                    let d: &[u16] = bytemuck::cast_slice(self.data);
+                    let row = |r: usize| &d[r * c..(r + 1) * c];
+                    let mut v2: SmallVec<[f32; 16]> = SmallVec::from_elem(0.0, m);
+                    let mut i = 0;
+                    while i < len {
+                        let r = r0 + i;
+                        if i + 2 <= len {
+                            kernels::dot_bf16_multi(&[row(r), row(r + 1)], &plain, &mut [&mut v, &mut v2]);
+                            put(i, &v);
+                            put(i + 1, &v2);
+                            i += 2;
+                        } else {
+                            kernels::dot_bf16_multi(&[row(r)], &plain, &mut [&mut v]);
+                            put(i, &v);
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            _ => {
+                for i in 0..len {
+                    for (x, y) in xs.iter().zip(ys.iter_mut()) {
+                        self.rows_into(x, r0 + i, &mut y[i..i + 1]);
+                    }
+                }
+            }
+        }
+    }
+
     /// Y = X·Wᵀ for `n` row vectors: `x` is `[n, cols]`, `y` is `[n, rows]`. Each weight row is
     /// decoded once and used for every input vector, so prefill reads the weights once.
     ///
@@ -772,6 +836,71 @@ pub fn products(jobs: &mut [Product<'_>], n: usize, p: Precision) {
     products_then(jobs, &[], &|_, _, _| {}, p)
 }
 
+/// [`products`] for products whose tokens are each one decode step of its own sequence (a
+/// batch of sequences): product `j` takes `x.len() / w.cols` tokens (`x` `[n, cols]`, `y`
+/// `[n, rows]`), and every token's outputs are bit for bit what the one-token product gives
+/// it alone (the same input preparation and kernel), while each item reads its weight rows
+/// once for all the tokens. One decode step on the team, as for one token.
+#[track_caller]
+pub fn products_rows(jobs: &mut [Product<'_>], p: Precision) {
+    products_rows_then(jobs, &[], &|_, _, _, _| {}, p)
+}
+
+/// After an item computed rows `r0..` of token `t` of product `j`: `then(j, t, r0, rows)`.
+pub type ThenRows<'a> = dyn Fn(usize, usize, usize, &mut [f32]) + Sync + 'a;
+
+/// [`products_rows`], each item then finishing the rows it computed for each token with `then`
+/// (as [`products_then`] does for one token). Items of product `j` start on multiples of
+/// `align[j]` rows (one where `align` is short).
+#[track_caller]
+pub fn products_rows_then(jobs: &mut [Product<'_>], align: &[usize], then: &ThenRows<'_>, p: Precision) {
+    let site = std::panic::Location::caller();
+    for j in jobs.iter() {
+        assert!(
+            j.w.cols > 0 && j.x.len().is_multiple_of(j.w.cols) && j.y.len() == j.x.len() / j.w.cols * j.w.rows,
+            "a product's inputs and outputs do not match its {}x{} weights",
+            j.w.rows,
+            j.w.cols
+        );
+    }
+    let _timed = account(jobs.iter().map(|j| j.w.kind.bytes(j.w.rows, j.w.cols)).sum());
+    // (weights, input, output, tokens)
+    type Job<'a> = (MatRef<'a>, &'a [f32], OutPtr, usize);
+    let jobs: SmallVec<[Job<'_>; 32]> =
+        jobs.iter_mut().map(|j| (j.w, j.x, OutPtr(j.y.as_mut_ptr()), j.x.len() / j.w.cols)).collect();
+    // token t of product j is input first[j] + t
+    let first: SmallVec<[usize; 32]> = jobs
+        .iter()
+        .scan(0, |o, j| {
+            *o += j.3;
+            Some(*o - j.3)
+        })
+        .collect();
+    let prepared = Prepared::new(jobs.iter().flat_map(|j| j.1.chunks_exact(j.0.cols).map(move |x| (j.0, x))), p);
+    crate::par::mark();
+    let work: usize = jobs.iter().map(|j| j.0.rows * j.0.cols * j.3).sum();
+    let threads = if parallel(work) { rayon::current_num_threads() } else { 1 };
+    let sections: SmallVec<[Section; 32]> = jobs
+        .iter()
+        .enumerate()
+        .map(|(ji, j)| Section { align: align.get(ji).copied().unwrap_or(1), ..Section::of(&j.0) })
+        .collect();
+    let items = plan(&sections, threads);
+    step(site, items.len(), threads, |k| {
+        let (ji, r0, r1) = items[k];
+        let (w, x, y, n) = jobs[ji];
+        let inputs: SmallVec<[Input<'_>; 16]> =
+            (0..n).map(|t| prepared.input(first[ji] + t, &x[t * w.cols..(t + 1) * w.cols])).collect();
+        // SAFETY: each output is a distinct `&mut` of the caller, alive past this call, of
+        // `n` rows of the product's outputs; rows r0..r1 of each token are this item's alone
+        let mut ys: SmallVec<[&mut [f32]; 16]> = (0..n).map(|t| unsafe { y.slice(t * w.rows + r0, r1 - r0) }).collect();
+        w.rows_into_multi(&inputs, r0, &mut ys);
+        for (t, y) in ys.iter_mut().enumerate() {
+            then(ji, t, r0, y);
+        }
+    });
+}
+
 /// After an item computed rows `r0..` of product `j`: `then(j, r0, rows)`.
 pub type Then<'a> = dyn Fn(usize, usize, &mut [f32]) + Sync + 'a;
 
@@ -878,6 +1007,47 @@ impl<'a> Staged<'a> {
             let (_, r0, r1) = items[k];
             // SAFETY: rows r0..r1 of `y` are this item's alone; `y` outlives the step
             self.w.rows_into(&input, r0, unsafe { yp.slice(r0, r1 - r0) });
+        });
+    }
+}
+
+impl Staged<'_> {
+    /// [`Staged::product`] of several inputs to the same weights (one per sequence of a batch),
+    /// in one step: row `t` of `y` (`[n, rows]`) is bit for bit what `stages[t].product`
+    /// gives, and each weight row is read once for all of them.
+    #[track_caller]
+    pub fn product_rows(mut stages: SmallVec<[Staged<'_>; 8]>, y: &mut [f32]) {
+        let Some(w) = stages.first().map(|s| s.w) else { return };
+        assert!(
+            stages.iter().all(|s| std::ptr::eq(s.w.data, w.data) && s.w.kind == w.kind && s.w.cols == w.cols)
+                && y.len() == stages.len() * w.rows,
+            "staged products of a batch share their weights and fill one output row each"
+        );
+        let site = std::panic::Location::caller();
+        let _timed = account(w.kind.bytes(w.rows, w.cols));
+        for s in stages.iter_mut() {
+            if let (Some(q), None, WKind::Q { bits, group }) = (&mut s.prep, s.parts, s.w.kind) {
+                q.prepare_with(&s.x, bits, group as usize, s.p == Precision::Fast);
+            }
+        }
+        let inputs: SmallVec<[Input<'_>; 8]> = stages
+            .iter()
+            .map(|s| match &s.prep {
+                Some(q) => Input::Quant(q),
+                None => Input::Plain(&s.x),
+            })
+            .collect();
+        let n = inputs.len();
+        let threads = if parallel(w.rows * w.cols * n) { rayon::current_num_threads() } else { 1 };
+        let items = plan(&[Section::of(&w)], threads);
+        let yp = OutPtr(y.as_mut_ptr());
+        step(site, items.len(), threads, |k| {
+            let (_, r0, r1) = items[k];
+            // SAFETY: rows r0..r1 of each token's output row are this item's alone; `y`
+            // outlives the step
+            let mut ys: SmallVec<[&mut [f32]; 8]> =
+                (0..n).map(|t| unsafe { yp.slice(t * w.rows + r0, r1 - r0) }).collect();
+            w.rows_into_multi(&inputs, r0, &mut ys);
         });
     }
 }
@@ -1281,6 +1451,57 @@ mod tests {
                     let mut got = vec![f32::NAN; hidden];
                     pool.install(|| swiglu_sum(&terms, &mut got, p));
                     assert_eq!(got, want, "{kind:?} {hidden}x{inter} {p:?} {threads} threads");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_over_rows_are_one_token_products_bit_for_bit() {
+        // every format, widths with and without whole SIMD steps and int8 groups, 1..8 rows
+        for &(rows, cols) in &[(37, 128), (9, 2048 + 64), (5, 40), (70, 64 * 17)] {
+            let w = lcg(rows * cols, 5);
+            let mut mats = vec![
+                Mat::from_f32(rows, cols, w.clone()).unwrap(),
+                Mat::from_half(rows, cols, w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect(), WKind::BF16)
+                    .unwrap(),
+                Mat::from_half(rows, cols, w.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect(), WKind::F16)
+                    .unwrap(),
+                Mat::from_f32(rows, cols, w.clone()).unwrap().to_kind(WKind::Mxfp4),
+            ];
+            for bits in quant::BITS {
+                let group = if cols % 64 == 0 { 64 } else { 8 };
+                mats.push(Mat::from_f32(rows, cols, w.clone()).unwrap().to_kind(WKind::Q { bits, group }));
+            }
+            for (m, p) in mats.iter().flat_map(|m| [(m, Precision::Exact), (m, Precision::Fast)]) {
+                for n in 1..=8 {
+                    let x = lcg(n * cols, 40 + n as u64);
+                    let mut want = vec![0.0; n * rows];
+                    for (xt, yt) in x.chunks(cols).zip(want.chunks_mut(rows)) {
+                        m.matvec(xt, yt, p);
+                    }
+                    for threads in [1, 5] {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        let what = format!("{} {rows}x{cols} {p:?} {n} rows {threads} threads", m.kind.name());
+                        let mut got = vec![f32::NAN; n * rows];
+                        pool.install(|| products_rows(&mut [Product { w: m.view(), x: &x, y: &mut got }], p));
+                        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}");
+                        // the staged inputs of attention's output projection
+                        let mut staged = vec![f32::NAN; n * rows];
+                        pool.install(|| {
+                            let stages: SmallVec<[Staged<'_>; 8]> = x
+                                .chunks(cols)
+                                .map(|xt| {
+                                    let s = Staged::new(m.view(), cols, p);
+                                    // SAFETY: one part, the whole vector
+                                    unsafe { s.write(0, xt) };
+                                    s
+                                })
+                                .collect();
+                            Staged::product_rows(stages, &mut staged)
+                        });
+                        assert!(staged.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "staged {what}");
+                    }
                 }
             }
         }

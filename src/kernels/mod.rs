@@ -713,6 +713,132 @@ pub fn qdot(packed: &[u8], scales: &[u16], biases: &[u16], prep: &QPrep) -> f32 
     qdot_scalar(packed, scales, biases, &prep.xp, &prep.xsum, prep.bits, prep.group)
 }
 
+#[cfg(target_arch = "x86_64")]
+/// Vectors a multi-vector kernel takes at once (more go in chunks of this many): four keep
+/// every vector's accumulators in registers.
+const MULTI: usize = 4;
+
+/// The first `N` elements of `s` as an array.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn first<T: Copy, const N: usize>(s: &[T]) -> [T; N] {
+    std::array::from_fn(|i| s[i])
+}
+
+/// Whether [`qdot`] picks the group-64 VNNI kernel for every one of `preps`: their bits.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn g64_vnni(preps: &[&QPrep]) -> Option<u8> {
+    let bits = preps.first()?.bits;
+    let ok = |p: &QPrep| p.fast && p.int8 && p.group == 64 && p.bits == bits && matches!(p.bits, 4 | 8);
+    (isa() == Isa::Avx512Vnni && avx512vl() && preps.iter().all(|p| ok(p))).then_some(bits)
+}
+
+/// [`qdot`] of one row against several prepared vectors (a batch of sequences' decode step):
+/// `out[t]` is bit for bit `qdot(packed, scales, biases, preps[t])`. Where the kernel `qdot`
+/// picks has a multi-vector twin (AVX-512 VNNI, group 64, q4/q8) the row is loaded and
+/// unpacked once for every four vectors; elsewhere it is `qdot` per vector, the row then read
+/// from L1.
+pub fn qdot_multi(packed: &[u8], scales: &[u16], biases: &[u16], preps: &[&QPrep], out: &mut [f32]) {
+    assert_eq!(preps.len(), out.len(), "one output per prepared vector");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(bits) = g64_vnni(preps) {
+        for (ps, os) in preps.chunks(MULTI).zip(out.chunks_mut(MULTI)) {
+            // SAFETY: `g64_vnni` checked what `qdot` checks before it picks `qdot_vnni_g64`, for
+            // every vector; `os` holds one output per vector of `ps`.
+            unsafe {
+                use x86::qdot_vnni_g64_multi as k;
+                match (bits, ps.len()) {
+                    (4, 1) => k::<4, 1>(packed, scales, biases, first(ps), os),
+                    (4, 2) => k::<4, 2>(packed, scales, biases, first(ps), os),
+                    (4, 3) => k::<4, 3>(packed, scales, biases, first(ps), os),
+                    (4, _) => k::<4, 4>(packed, scales, biases, first(ps), os),
+                    (_, 1) => k::<8, 1>(packed, scales, biases, first(ps), os),
+                    (_, 2) => k::<8, 2>(packed, scales, biases, first(ps), os),
+                    (_, 3) => k::<8, 3>(packed, scales, biases, first(ps), os),
+                    (_, _) => k::<8, 4>(packed, scales, biases, first(ps), os),
+                }
+            }
+        }
+        return;
+    }
+    for (o, p) in out.iter_mut().zip(preps) {
+        *o = qdot(packed, scales, biases, p);
+    }
+}
+
+/// [`dot`] of one row against several vectors: `out[t]` is bit for bit `dot(a, xs[t])`, the
+/// row loaded once for every four vectors on AVX-512 (else `dot` per vector).
+pub fn dot_multi(a: &[f32], xs: &[&[f32]], out: &mut [f32]) {
+    assert!(xs.len() == out.len() && xs.iter().all(|x| x.len() == a.len()), "dot_multi: ragged vectors");
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
+        for (v, o) in xs.chunks(MULTI).zip(out.chunks_mut(MULTI)) {
+            // SAFETY: AVX-512F detected; equal lengths checked above.
+            unsafe {
+                use x86::dot_f32_avx512_multi as k;
+                match v.len() {
+                    1 => k::<1>(a, first(v), o),
+                    2 => k::<2>(a, first(v), o),
+                    3 => k::<3>(a, first(v), o),
+                    _ => k::<4>(a, first(v), o),
+                }
+            }
+        }
+        return;
+    }
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o = dot(a, x);
+    }
+}
+
+/// [`dot_bf16`] of one or two rows against several vectors: `out[r][t]` is bit for bit
+/// `dot_bf16(w[r], xs[t])`. On AVX-512 each row is widened once for every four vectors and,
+/// with two rows, each vector loaded once for both (else `dot_bf16` per pair).
+pub fn dot_bf16_multi(w: &[&[u16]], xs: &[&[f32]], out: &mut [&mut [f32]]) {
+    let n = w.first().map_or(0, |r| r.len());
+    assert!(
+        matches!(w.len(), 1 | 2)
+            && w.iter().all(|r| r.len() == n)
+            && xs.iter().all(|x| x.len() == n)
+            && out.len() == w.len()
+            && out.iter().all(|o| o.len() == xs.len()),
+        "dot_bf16_multi: ragged rows or vectors"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Vnni) {
+        for (c, v) in xs.chunks(MULTI).enumerate() {
+            let at = c * MULTI;
+            // SAFETY (every call): AVX-512F/BW detected; equal lengths checked above.
+            macro_rules! tile {
+                ($r:literal, $n:literal) => {{
+                    let mut o = [[0f32; $n]; $r];
+                    unsafe { x86::dot_bf16_avx512_multi::<$r, $n>(first(w), first(v), &mut o) };
+                    for (dst, src) in out.iter_mut().zip(&o) {
+                        dst[at..at + $n].copy_from_slice(src);
+                    }
+                }};
+            }
+            match (w.len(), v.len()) {
+                (1, 1) => tile!(1, 1),
+                (1, 2) => tile!(1, 2),
+                (1, 3) => tile!(1, 3),
+                (1, _) => tile!(1, 4),
+                (_, 1) => tile!(2, 1),
+                (_, 2) => tile!(2, 2),
+                (_, 3) => tile!(2, 3),
+                (_, _) => tile!(2, 4),
+            }
+        }
+        return;
+    }
+    for (r, o) in w.iter().zip(out.iter_mut()) {
+        for (o, x) in o.iter_mut().zip(xs) {
+            *o = dot_bf16(r, x);
+        }
+    }
+}
+
 /// Scalar reference: x in natural order.
 pub fn qdot_scalar(
     packed: &[u8],
@@ -1003,6 +1129,79 @@ mod tests {
             for k in 0..4 {
                 let want: f64 = a.iter().zip(&xs[k]).map(|(x, y)| *x as f64 * *y as f64).sum();
                 assert!((got[k] as f64 - want).abs() < 1e-4, "dot4 {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn multi_vector_dots_are_the_one_vector_dots_bit_for_bit() {
+        // odd sizes and tails: partial 16-group blocks, groups that leave a tail, rows shorter
+        // than a SIMD step; every batch size, past the four a kernel takes at once
+        for b in 1..=8usize {
+            let xs: Vec<Vec<f32>> = (0..b).map(|t| rnd(4096, 200 + t as u64)).collect();
+            for bits in quant::BITS {
+                for &(cols, group) in
+                    &[(64, 64), (128, 64), (64 * 17, 64), (64 * 37, 64), (96, 32), (40, 8), (192, 128)]
+                {
+                    let w = rnd(2 * cols, bits as u64 * 31 + cols as u64);
+                    let blob = crate::tensor::AlignedBytes::from_slice(&quant::quantize(&w, 2, cols, bits, group));
+                    let q = quant::QMat::new(blob.bytes(), 2, cols, bits, group);
+                    let (rb, ng) = (quant::row_bytes(cols, bits), cols.div_ceil(group));
+                    for int8 in [true, false] {
+                        let preps: Vec<QPrep> = xs
+                            .iter()
+                            .map(|x| {
+                                let mut p = QPrep::default();
+                                p.prepare_with(&x[..cols], bits, group, int8);
+                                p
+                            })
+                            .collect();
+                        let refs: Vec<&QPrep> = preps.iter().collect();
+                        let mut row = vec![0.0; cols];
+                        for r in 0..2 {
+                            let (pk, sc, bi) = (
+                                &q.packed[r * rb..(r + 1) * rb],
+                                &q.scales[r * ng..(r + 1) * ng],
+                                &q.biases[r * ng..(r + 1) * ng],
+                            );
+                            let mut got = vec![f32::NAN; b];
+                            qdot_multi(pk, sc, bi, &refs, &mut got);
+                            q.row_f32(r, &mut row);
+                            for (t, p) in preps.iter().enumerate() {
+                                let what = format!("q{bits} {cols}/{group} int8 {int8} row {r} vector {t} of {b}");
+                                assert_eq!(got[t].to_bits(), qdot(pk, sc, bi, p).to_bits(), "{what}");
+                                let x = &xs[t][..cols];
+                                let want: f64 = row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                                let mag: f64 = row.iter().zip(x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                                let wsum: f64 = row.iter().map(|v| v.abs() as f64).sum();
+                                let tol = 1e-5 * (1.0 + mag) + if p.int8 { wsum * amax / 127.0 * 0.5 } else { 0.0 };
+                                assert!((got[t] as f64 - want).abs() <= tol, "{what}: {} vs {want}", got[t]);
+                            }
+                        }
+                    }
+                }
+            }
+            for n in [1, 7, 16, 17, 31, 32, 33, 48, 100, 257, 2048] {
+                let a = rnd(n, 5 + n as u64);
+                let wb: Vec<u16> = a.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+                let vs: Vec<&[f32]> = xs.iter().map(|x| &x[..n]).collect();
+                let (mut f, mut h, mut h2) = (vec![f32::NAN; b], vec![f32::NAN; b], vec![f32::NAN; b]);
+                dot_multi(&a, &vs, &mut f);
+                dot_bf16_multi(&[&wb], &vs, &mut [&mut h]);
+                // two rows at once: the second the first reversed
+                let wr: Vec<u16> = wb.iter().rev().copied().collect();
+                let mut h1 = vec![f32::NAN; b];
+                dot_bf16_multi(&[&wr, &wb], &vs, &mut [&mut h1, &mut h2]);
+                for (t, x) in vs.iter().enumerate() {
+                    assert_eq!(f[t].to_bits(), dot(&a, x).to_bits(), "f32 {n} vector {t} of {b}");
+                    assert_eq!(h[t].to_bits(), dot_bf16(&wb, x).to_bits(), "bf16 {n} vector {t} of {b}");
+                    assert_eq!(h2[t].to_bits(), h[t].to_bits(), "bf16 pair {n} vector {t} of {b}");
+                    assert_eq!(h1[t].to_bits(), dot_bf16(&wr, x).to_bits(), "bf16 pair {n} vector {t} of {b}");
+                    let want: f64 = a.iter().zip(*x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let wantb: f64 = wb.iter().zip(*x).map(|(a, b)| bf16_to_f32(*a) as f64 * *b as f64).sum();
+                    assert!((f[t] as f64 - want).abs() < 1e-4 && (h[t] as f64 - wantb).abs() < 1e-4, "{n}: scalar");
+                }
             }
         }
     }

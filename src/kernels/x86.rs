@@ -353,23 +353,9 @@ pub unsafe fn qdot_vnni_g64<const BITS: usize>(packed: &[u8], scales: &[u16], bi
     let (xq, p) = (prep.xq.as_ptr(), packed.as_ptr());
     let (xscale, xsum) = (prep.xscale.as_ptr(), prep.xsum.as_ptr());
     let ng = scales.len();
-    let m4 = _mm256_set1_epi8(0x0f);
-    let weights = |g: usize| -> __m512i {
-        if BITS == 4 {
-            let v = _mm256_loadu_si256(p.add(g * 32) as *const __m256i);
-            let (lo, hi) = (_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
-            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-        } else {
-            _mm512_loadu_si512(p.add(g * 64) as *const __m512i)
-        }
-    };
-    let dot = |g: usize| {
-        let x = _mm512_loadu_si512(xq.add(g * 64) as *const __m512i);
-        _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), weights(g), x))
-    };
-    let widen = |m: __mmask16, q: *const u16| {
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, q as *const i16)), 16))
-    };
+    // the per-group step, shared with `qdot_vnni_g64_multi` (which must sum as this does)
+    let dot = |g: usize| g64_dot(g64_weights::<BITS>(p, g), xq, g);
+    let widen = |m: __mmask16, q: *const u16| widen_bf16_masked(m, q);
     let (mut acc0, mut acc1, mut bacc) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
     let mut sc = [0f32; 16];
     let mut g = 0;
@@ -391,6 +377,170 @@ pub unsafe fn qdot_vnni_g64<const BITS: usize>(packed: &[u8], scales: &[u16], bi
         g += 16;
     }
     _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + _mm512_reduce_add_ps(bacc)
+}
+
+/// Group `g` of a group-64 q4 (low nibbles, then high) or q8 row as 64 weight bytes, lined up
+/// with the prepared int8 activations.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn g64_weights<const BITS: usize>(p: *const u8, g: usize) -> __m512i {
+    if BITS == 4 {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let v = _mm256_loadu_si256(p.add(g * 32) as *const __m256i);
+        let (lo, hi) = (_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    } else {
+        _mm512_loadu_si512(p.add(g * 64) as *const __m512i)
+    }
+}
+
+/// Group `g`'s integer dot of weights `w` with the int8 activations `xq` (16 partial sums of
+/// four products each), as floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn g64_dot(w: __m512i, xq: *const i8, g: usize) -> __m512 {
+    let x = _mm512_loadu_si512(xq.add(g * 64) as *const __m512i);
+    _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x))
+}
+
+/// The bf16 values at `q` in the lanes of `m` (the rest zero), widened to f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn widen_bf16_masked(m: __mmask16, q: *const u16) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, q as *const i16)), 16))
+}
+
+/// [`qdot_vnni_g64`] of one row against `N` prepared activation vectors at once: each group's
+/// weights are loaded and unpacked once for all of them (a batch of sequences' decode step),
+/// and every vector keeps its own accumulators, updated in the one-token kernel's order, so
+/// `out[t]` is bit for bit `qdot_vnni_g64(.., preps[t])`. Keep the two in step.
+///
+/// # Safety
+/// As [`qdot_vnni_g64`], for every one of `preps`; `out` holds `N` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn qdot_vnni_g64_multi<const BITS: usize, const N: usize>(
+    packed: &[u8],
+    scales: &[u16],
+    biases: &[u16],
+    preps: [&QPrep; N],
+    out: &mut [f32],
+) {
+    let p = packed.as_ptr();
+    let xq: [*const i8; N] = std::array::from_fn(|t| preps[t].xq.as_ptr());
+    let xscale: [*const f32; N] = std::array::from_fn(|t| preps[t].xscale.as_ptr());
+    let xsum: [*const f32; N] = std::array::from_fn(|t| preps[t].xsum.as_ptr());
+    let ng = scales.len();
+    let (mut acc0, mut acc1, mut bacc) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
+    let mut sc = [[0f32; 16]; N];
+    let mut g = 0;
+    while g < ng {
+        let n = (ng - g).min(16);
+        let m: __mmask16 = ((1u32 << n) - 1) as u16;
+        let (ws, wb) = (widen_bf16_masked(m, scales.as_ptr().add(g)), widen_bf16_masked(m, biases.as_ptr().add(g)));
+        for t in 0..N {
+            let s = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, xscale[t].add(g)));
+            _mm512_storeu_ps(sc[t].as_mut_ptr(), s);
+            bacc[t] = _mm512_fmadd_ps(wb, _mm512_maskz_loadu_ps(m, xsum[t].add(g)), bacc[t]);
+        }
+        let mut j = 0;
+        while j + 2 <= n {
+            let (w0, w1) = (g64_weights::<BITS>(p, g + j), g64_weights::<BITS>(p, g + j + 1));
+            for t in 0..N {
+                acc0[t] = _mm512_fmadd_ps(g64_dot(w0, xq[t], g + j), _mm512_set1_ps(sc[t][j]), acc0[t]);
+                acc1[t] = _mm512_fmadd_ps(g64_dot(w1, xq[t], g + j + 1), _mm512_set1_ps(sc[t][j + 1]), acc1[t]);
+            }
+            j += 2;
+        }
+        if j < n {
+            let w0 = g64_weights::<BITS>(p, g + j);
+            for t in 0..N {
+                acc0[t] = _mm512_fmadd_ps(g64_dot(w0, xq[t], g + j), _mm512_set1_ps(sc[t][j]), acc0[t]);
+            }
+        }
+        g += 16;
+    }
+    for t in 0..N {
+        out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t])) + _mm512_reduce_add_ps(bacc[t]);
+    }
+}
+
+/// [`dot_bf16_avx512`] of `R` bf16 rows against `N` vectors, each row widened once for all
+/// vectors and each vector loaded once for all rows: `out[r][t]` is bit for bit
+/// `dot_bf16_avx512(w[r], xs[t])` (every pair keeps that kernel's two accumulators).
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be available; every row and every `xs[t]` has the same length.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn dot_bf16_avx512_multi<const R: usize, const N: usize>(
+    w: [&[u16]; R],
+    xs: [&[f32]; N],
+    out: &mut [[f32; N]; R],
+) {
+    let n = w[0].len();
+    let pw: [*const u16; R] = std::array::from_fn(|r| w[r].as_ptr());
+    let px: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
+    let (mut a0, mut a1) = ([[_mm512_setzero_ps(); N]; R], [[_mm512_setzero_ps(); N]; R]);
+    let mut i = 0;
+    while i + 32 <= n {
+        let w0: [__m512; R] = std::array::from_fn(|r| widen_bf16_512(pw[r].add(i)));
+        let w1: [__m512; R] = std::array::from_fn(|r| widen_bf16_512(pw[r].add(i + 16)));
+        for t in 0..N {
+            let (x0, x1) = (_mm512_loadu_ps(px[t].add(i)), _mm512_loadu_ps(px[t].add(i + 16)));
+            for r in 0..R {
+                a0[r][t] = _mm512_fmadd_ps(w0[r], x0, a0[r][t]);
+                a1[r][t] = _mm512_fmadd_ps(w1[r], x1, a1[r][t]);
+            }
+        }
+        i += 32;
+    }
+    for r in 0..R {
+        for t in 0..N {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][t], a1[r][t]));
+            for k in i..n {
+                s += bf16_to_f32(w[r][k]) * xs[t][k];
+            }
+            out[r][t] = s;
+        }
+    }
+}
+
+/// [`dot_f32_avx512`] of one row against `N` vectors, the row loaded once for all: `out[t]`
+/// is bit for bit `dot_f32_avx512(a, xs[t])`.
+///
+/// # Safety
+/// AVX-512F must be available; every `xs[t]` is as long as `a`; `out` holds `N`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_f32_avx512_multi<const N: usize>(a: &[f32], xs: [&[f32]; N], out: &mut [f32]) {
+    let n = a.len();
+    let pa = a.as_ptr();
+    let pb: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
+    let (mut a0, mut a1) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
+    let mut i = 0;
+    while i + 32 <= n {
+        let (r0, r1) = (_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pa.add(i + 16)));
+        for t in 0..N {
+            a0[t] = _mm512_fmadd_ps(r0, _mm512_loadu_ps(pb[t].add(i)), a0[t]);
+            a1[t] = _mm512_fmadd_ps(r1, _mm512_loadu_ps(pb[t].add(i + 16)), a1[t]);
+        }
+        i += 32;
+    }
+    if i + 16 <= n {
+        let r0 = _mm512_loadu_ps(pa.add(i));
+        for t in 0..N {
+            a0[t] = _mm512_fmadd_ps(r0, _mm512_loadu_ps(pb[t].add(i)), a0[t]);
+        }
+        i += 16;
+    }
+    if i < n {
+        let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        let r = _mm512_maskz_loadu_ps(m, pa.add(i));
+        for t in 0..N {
+            a1[t] = _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(m, pb[t].add(i)), a1[t]);
+        }
+    }
+    for t in 0..N {
+        out[t] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+    }
 }
 
 /// Dequantizes one q4 or q8 row (natural element order) into `out`: w = scale·q + bias.

@@ -6,7 +6,7 @@ use super::norm::RmsNorm;
 use super::rope::Rope;
 use super::sigmoid;
 use crate::scratch;
-use crate::tensor::{Mat, Precision, Product, Staged, products, products_then};
+use crate::tensor::{Mat, Precision, Product, Staged, products, products_rows_then, products_then};
 use rayon::prelude::*;
 use smallvec::SmallVec;
 use std::sync::atomic::{AtomicUsize, Ordering::AcqRel};
@@ -230,6 +230,85 @@ impl Attention {
 }
 
 impl Attention {
+    /// One decode step of each of several sequences (a batch, [`crate::model::Model::forward_batch`]):
+    /// row `t` of `x` is a token at `pos[t]` of the sequence whose cache is `caches[t]`. The
+    /// q/k/v and output projections run over all the rows at once, each weight row read once
+    /// for all ([`products_rows_then`], [`Staged::product_rows`]); attention itself runs on
+    /// each sequence's own cache. Every row's output is bit for bit what [`Attention::forward`]
+    /// of that token alone gives it.
+    pub fn decode_rows(&self, x: &[f32], pos: &[usize], caches: &mut [&mut KvCache], out: &mut [f32], p: Precision) {
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let qw = if self.gated { 2 * d } else { d };
+        let (hq, hk) = (nh * qw, nkv * d);
+        let m = pos.len();
+        assert!(caches.len() == m && x.len() == m * self.q_proj.cols && out.len() == m * self.o_proj.rows);
+        // the q/k/v step writes every row
+        let (mut q, mut k, mut v) = (scratch::dirty(m * hq), scratch::dirty(m * hk), scratch::dirty(m * hk));
+        let tables: SmallVec<[(scratch::Buf, scratch::Buf); 8]> = pos
+            .iter()
+            .map(|&ps| {
+                let (mut cos, mut sin) = (scratch::zeros(0), scratch::zeros(0));
+                self.rope.table(ps, cos.vec(), sin.vec());
+                (cos, sin)
+            })
+            .collect();
+        crate::par::mark();
+        // as in `decode`: a norm over the whole projection needs all of its rows first
+        let whole = matches!(self.qk_norm, QkNorms::Whole { .. });
+        let finish = |j: usize, t: usize, row0: usize, rows: &mut [f32]| {
+            if let Some(b) = &self.bias {
+                crate::kernels::axpy(1.0, &b[j][row0..row0 + rows.len()], rows);
+            }
+            if whole {
+                return;
+            }
+            let (cos, sin) = &tables[t];
+            match j {
+                0 => rows.chunks_exact_mut(qw).for_each(|head| {
+                    self.head_norm(0, &mut head[..d]);
+                    Rope::apply(&mut head[..d], cos, sin);
+                }),
+                1 => rows.chunks_exact_mut(d).for_each(|head| {
+                    self.head_norm(1, head);
+                    Rope::apply(head, cos, sin);
+                }),
+                _ => {}
+            }
+        };
+        let mut jobs = [
+            Product { w: self.q_proj.view(), x, y: &mut q },
+            Product { w: self.k_proj.view(), x, y: &mut k },
+            Product { w: self.v_proj.view(), x, y: &mut v },
+        ];
+        products_rows_then(&mut jobs, &[qw, d], &finish, p);
+        let heads = self.heads();
+        let mut staged: SmallVec<[Staged<'_>; 8]> = SmallVec::new();
+        for (t, cache) in caches.iter_mut().enumerate() {
+            let (qt, kt) = (&mut q[t * hq..(t + 1) * hq], &mut k[t * hk..(t + 1) * hk]);
+            if whole {
+                let (cos, sin) = &tables[t];
+                self.whole_norms(qt, kt);
+                qt.chunks_exact_mut(qw).for_each(|head| Rope::apply(&mut head[..d], cos, sin));
+                kt.chunks_exact_mut(d).for_each(|head| Rope::apply(head, cos, sin));
+            }
+            cache.start = pos[t] + 1 - (cache.k.len() / hk + 1);
+            let (ck, cv) = cache.push(hk, hk);
+            ck.copy_from_slice(kt);
+            cv.copy_from_slice(&v[t * hk..(t + 1) * hk]);
+            let o = Staged::new(self.o_proj.view(), nh / nkv * d, p);
+            crate::par::mark();
+            attend_one(qt, pos[t], cache, &o, heads, context_parts(1, nkv, pos[t], heads.window));
+            staged.push(o);
+        }
+        Staged::product_rows(staged, out);
+        for ((t, cache), o) in caches.iter_mut().enumerate().zip(out.chunks_exact_mut(self.o_proj.rows)) {
+            if let Some(b) = &self.o_bias {
+                crate::kernels::axpy(1.0, b, o);
+            }
+            cache.slide(pos[t] + 1, hk);
+        }
+    }
+
     fn heads(&self) -> Heads<'_> {
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let window = self.window.unwrap_or(usize::MAX);

@@ -2,13 +2,13 @@
 //! limits) → top-k → optional renormalisation and scaling → routed SwiGLU experts, plus a
 //! shared expert: scaled by sigmoid(gate·x) (Qwen3.5 / Qwen3-Next) or added as is (GLM-4.5).
 
-use super::mlp::{Mlp, MlpRef, forward_each};
+use super::mlp::{Mlp, MlpRef, forward_each, forward_rows_each};
 use super::sigmoid;
 use crate::config::RouterSpec;
 use crate::flash::ExpertStore;
 use crate::profile::{PROFILE, add_since};
 use crate::scratch;
-use crate::tensor::{Mat, Precision, Product, SwigluTerm, dot, products, swiglu_sum};
+use crate::tensor::{Mat, Precision, Product, SwigluTerm, dot, products_rows, swiglu_sum};
 use anyhow::Result;
 use rayon::prelude::*;
 use smallvec::SmallVec;
@@ -240,9 +240,11 @@ impl Moe {
     }
 
     /// [`Moe::forward`] for `n` rows that are each one decode step of its own sequence (a
-    /// batch of sequences, [`crate::model::Model::forward_batch`]): routed experts are still
-    /// read once for every row that chose them, but each row's products run as decode's
-    /// one-token products, so every row gets exactly the value one-token `forward` gives it.
+    /// batch of sequences, [`crate::model::Model::forward_batch`]): a routed expert is read
+    /// once for every row that chose it and its weight rows are applied to those rows
+    /// together, each row's products computed as decode's one-token products compute them
+    /// ([`crate::tensor::products_rows`]), so every row gets exactly the value one-token
+    /// `forward` gives it.
     pub fn forward_rows(&self, x: &[f32], n: usize, top_k: Option<usize>, out: &mut [f32], p: Precision) -> Result<()> {
         self.forward_impl(x, n, top_k, out, p, n > 1)
     }
@@ -264,10 +266,7 @@ impl Moe {
         let e = self.router.rows;
         let mut logits = scratch::zeros(n * e);
         if alone {
-            let w = self.router.view();
-            let mut jobs: SmallVec<[Product<'_>; 16]> =
-                x.chunks(h).zip(logits.chunks_mut(e)).map(|(x, y)| Product { w, x, y }).collect();
-            products(&mut jobs, 1, p);
+            products_rows(&mut [Product { w: self.router.view(), x, y: &mut logits }], p);
         } else {
             self.router.matmul(x, n, &mut logits, p);
         }
@@ -334,10 +333,7 @@ impl Moe {
                 let mut so = shared_out.borrow_mut();
                 so.vec().resize(n * h, 0.0);
                 if alone {
-                    let v = sh.mlp.view();
-                    let mut items: SmallVec<[_; 16]> =
-                        x.chunks(h).zip(so.chunks_mut(h)).map(|(x, o)| (v, x, o)).collect();
-                    forward_each(&mut items, p);
+                    forward_rows_each(&mut [(sh.mlp.view(), x, &mut so[..])], p);
                 } else {
                     sh.mlp.forward(x, n, &mut so, p);
                 }
@@ -370,8 +366,29 @@ impl Moe {
             if n == 1 {
                 shared();
             }
+            if alone {
+                // every expert over the rows that chose it, its weights read once for them all
+                let total: usize = batch.iter().map(|b| tokens(b.0)).sum();
+                // written in full below
+                let mut xs = scratch::dirty(total * h);
+                let mut rows = xs.chunks_exact_mut(h);
+                for &(i, _) in batch {
+                    for (a, r) in assign[start[i]..start[i + 1]].iter().zip(&mut rows) {
+                        r.copy_from_slice(&x[a.1 * h..(a.1 + 1) * h]);
+                    }
+                }
+                let mut rest = &xs[..];
+                let mut items: SmallVec<[_; 16]> = SmallVec::new();
+                for &(i, mlp) in batch {
+                    let (xi, r) = rest.split_at(tokens(i) * h);
+                    rest = r;
+                    items.push((mlp, xi, out_of(i)));
+                }
+                forward_rows_each(&mut items, p);
+                return;
+            }
             // experts with several tokens (prefill): one task each
-            let several = |b: &&(usize, MlpRef<'_>)| !alone && tokens(b.0) > 1;
+            let several = |b: &&(usize, MlpRef<'_>)| tokens(b.0) > 1;
             let run = |&&(i, mlp): &&(usize, MlpRef<'_>)| {
                 let mut xs = scratch::zeros(0);
                 for &(_, t, _) in &assign[start[i]..start[i + 1]] {
@@ -385,10 +402,9 @@ impl Moe {
             } else {
                 multi.iter().for_each(run);
             }
-            // experts with one token (all of decode), or every (expert, row) of a batch of
-            // sequences: their products together
+            // experts with one token (all of decode): their products together
             let mut single: SmallVec<[_; 16]> = SmallVec::new();
-            for &(i, mlp) in batch.iter().filter(|b| alone || tokens(b.0) == 1) {
+            for &(i, mlp) in batch.iter().filter(|b| tokens(b.0) == 1) {
                 for (a, o) in assign[start[i]..start[i + 1]].iter().zip(out_of(i).chunks_mut(h)) {
                     single.push((mlp, &x[a.1 * h..(a.1 + 1) * h], o));
                 }
