@@ -3,7 +3,7 @@
 # decode steps shared (--max-batch 8) and one request at a time (--max-batch 1), warm (all in
 # memory, page cache) and beyond RAM (a memory cgroup smaller than the model, experts read
 # with O_DIRECT through a small cache) (docs/PERFORMANCE.md, "Concurrent requests").
-# Usage: [ONLY=ram|warm] [CACHE=256M] [LIMIT=2200M] [TOKENS=32] scripts/batch_clients.sh [BIN]. Needs a model in $M (default /tmp/bM):
+# Usage: [ONLY=ram|warm] [CACHE=256M] [LIMIT=2200M] [TOKENS=32] [EXTRA="serve flags"] scripts/batch_clients.sh [BIN]. Needs a model in $M (default /tmp/bM):
 #   flashmoe synth --preset qwen3-30b-a3b --layers 4 --to /tmp/bM
 # and a tokenizer beside it (the qwen3_moe fixture's: 320 ids, all valid for the synthetic vocab).
 set -e
@@ -26,7 +26,7 @@ limited() {
 }
 serve() { # tag, max-batch, then the launcher's words
     local tag=$1 mb=$2; shift 2
-    ( "$@" "$B" serve --model "$M" --port $PORT --max-batch "$mb" --max-queue 16 --no-prompt-cache $STORE ) 2>/tmp/batch_serve_$tag.log &
+    ( "$@" "$B" serve --model "$M" --port $PORT --max-batch "$mb" --max-queue 16 --no-prompt-cache $STORE ${EXTRA:-} ) 2>/tmp/batch_serve_$tag.log &
     local pid=$!
     until curl -sf localhost:$PORT/health >/dev/null; do sleep 0.5; done
     python3 scripts/batch_clients.py http://localhost:$PORT --tokens "$TOKENS" --ban $BAN --tag "$tag"
