@@ -879,13 +879,7 @@ pub fn products_rows_then(jobs: &mut [Product<'_>], align: &[usize], then: &Then
     let prepared = Prepared::new(jobs.iter().flat_map(|j| j.1.chunks_exact(j.0.cols).map(move |x| (j.0, x))), p);
     crate::par::mark();
     let work: usize = jobs.iter().map(|j| j.0.rows * j.0.cols * j.3).sum();
-    let threads = if parallel(work) { rayon::current_num_threads() } else { 1 };
-    let sections: SmallVec<[Section; 32]> = jobs
-        .iter()
-        .enumerate()
-        .map(|(ji, j)| Section { align: align.get(ji).copied().unwrap_or(1), ..Section::of(&j.0) })
-        .collect();
-    let items = plan(&sections, threads);
+    let (threads, items) = plan_products(jobs.iter().map(|j| j.0), align, work);
     step(site, items.len(), threads, |k| {
         let (ji, r0, r1) = items[k];
         let (w, x, y, n) = jobs[ji];
@@ -899,6 +893,21 @@ pub fn products_rows_then(jobs: &mut [Product<'_>], align: &[usize], then: &Then
             then(ji, t, r0, y);
         }
     });
+}
+
+/// The team size for `work` multiply-adds and the items of a step over whole products, the
+/// items of product `j` starting on multiples of `align[j]` rows (one where `align` is short).
+fn plan_products<'a>(
+    ws: impl Iterator<Item = MatRef<'a>>,
+    align: &[usize],
+    work: usize,
+) -> (usize, SmallVec<[(usize, usize, usize); 256]>) {
+    let threads = if parallel(work) { rayon::current_num_threads() } else { 1 };
+    let sections: SmallVec<[Section; 32]> = ws
+        .enumerate()
+        .map(|(ji, w)| Section { align: align.get(ji).copied().unwrap_or(1), ..Section::of(&w) })
+        .collect();
+    (threads, plan(&sections, threads))
 }
 
 /// After an item computed rows `r0..` of product `j`: `then(j, r0, rows)`.
@@ -919,13 +928,7 @@ pub fn products_then(jobs: &mut [Product<'_>], align: &[usize], then: &Then<'_>,
     let prepared = Prepared::new(jobs.iter().map(|j| (j.0, j.1)), p);
     crate::par::mark();
     let work: usize = jobs.iter().map(|j| j.0.rows * j.0.cols).sum();
-    let threads = if parallel(work) { rayon::current_num_threads() } else { 1 };
-    let sections: SmallVec<[Section; 32]> = jobs
-        .iter()
-        .enumerate()
-        .map(|(ji, j)| Section { align: align.get(ji).copied().unwrap_or(1), ..Section::of(&j.0) })
-        .collect();
-    let items = plan(&sections, threads);
+    let (threads, items) = plan_products(jobs.iter().map(|j| j.0), align, work);
     step(site, items.len(), threads, |k| {
         let (ji, r0, r1) = items[k];
         debug_assert_eq!(jobs[ji].3, jobs[ji].0.rows);
