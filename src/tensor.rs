@@ -785,13 +785,16 @@ impl Section {
     }
 }
 
+/// A decode step's items: (section, first row, end row).
+pub(crate) type Items = SmallVec<[(usize, usize, usize); 256]>;
+
 /// Work items of a decode step, largest first (guided self-scheduling): each item takes half
 /// the remaining work's share per thread, down to a floor of 1/(2·`FLASHMOE_ITEMS`) of a
 /// thread's share (and 16 KB of weights), so the first claims are few and large and the step
 /// ends on small items rather than on one thread finishing a large one while the others wait.
 /// Each claim is an atomic on a line every thread touches: about seven items per thread at four.
 /// Items never span two sections. Returns (section, first row, end row) per item.
-pub(crate) fn plan(sections: &[Section], threads: usize) -> SmallVec<[(usize, usize, usize); 256]> {
+pub(crate) fn plan(sections: &[Section], threads: usize) -> Items {
     let total: usize = sections.iter().map(|s| s.rows * s.row_bytes).sum();
     let floor = (total / (2 * items_per_thread() * threads)).max(16 << 10);
     let mut left = total;
@@ -901,7 +904,7 @@ fn plan_products<'a>(
     ws: impl Iterator<Item = MatRef<'a>>,
     align: &[usize],
     work: usize,
-) -> (usize, SmallVec<[(usize, usize, usize); 256]>) {
+) -> (usize, Items) {
     let threads = if parallel(work) { rayon::current_num_threads() } else { 1 };
     let sections: SmallVec<[Section; 32]> = ws
         .enumerate()
