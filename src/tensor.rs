@@ -900,11 +900,7 @@ pub fn products_rows_then(jobs: &mut [Product<'_>], align: &[usize], then: &Then
 
 /// The team size for `work` multiply-adds and the items of a step over whole products, the
 /// items of product `j` starting on multiples of `align[j]` rows (one where `align` is short).
-fn plan_products<'a>(
-    ws: impl Iterator<Item = MatRef<'a>>,
-    align: &[usize],
-    work: usize,
-) -> (usize, Items) {
+fn plan_products<'a>(ws: impl Iterator<Item = MatRef<'a>>, align: &[usize], work: usize) -> (usize, Items) {
     let threads = if parallel(work) { rayon::current_num_threads() } else { 1 };
     let sections: SmallVec<[Section; 32]> = ws
         .enumerate()
