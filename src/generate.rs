@@ -5,6 +5,8 @@ use crate::model::{Model, State};
 use anyhow::{Result, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 /// Sampling settings; the defaults are greedy decoding.
@@ -119,8 +121,31 @@ fn best_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-/// Index of the largest value (first on ties).
+/// Index of the largest value (first on ties). A vocabulary's logits are scanned by the
+/// decode team ([`crate::par`]) in parts: one thread reading back what all of them wrote held
+/// every other one up between tokens.
 pub fn argmax(x: &[f32]) -> usize {
+    let threads = rayon::current_num_threads().min(64);
+    if x.len() < 1 << 16 || threads < 2 {
+        return argmax_serial(x);
+    }
+    let part = x.len().div_ceil(threads);
+    let best: [AtomicUsize; 64] = std::array::from_fn(|_| AtomicUsize::new(usize::MAX));
+    crate::par::for_each(x.len().div_ceil(part), |i| {
+        let s = &x[i * part..x.len().min((i + 1) * part)];
+        best[i].store(i * part + argmax_serial(s), Relaxed);
+    });
+    // the first part's best wins ties; a part of NaN only offers NaN, which never wins
+    let mut top: Option<usize> = None;
+    for b in best.iter().map(|b| b.load(Relaxed)).take_while(|&b| b != usize::MAX) {
+        if !x[b].is_nan() && top.is_none_or(|t| x[b] > x[t]) {
+            top = Some(b);
+        }
+    }
+    top.unwrap_or(0)
+}
+
+fn argmax_serial(x: &[f32]) -> usize {
     // the largest value by 16 independent lanes (a loop the compiler vectorizes: a scan that
     // carries the best index took ~230 µs per token over a 152k vocabulary), then its first
     // index; NaN is never the largest, as in a scan with `>`
@@ -510,13 +535,14 @@ pub fn decode(
         max_tokens,
         sampler,
         stop_ids,
-        |st, t| model.forward(st, &[t], false),
+        |st, t, logits| model.forward_into(st, &[t], false, logits),
         on_token,
     )
 }
 
 /// [`decode`] with each step's forward pass made by `step` (the server's shared batch step,
-/// [`crate::batch`]); `ctx` is the model's context.
+/// [`crate::batch`]) into the logits it is given, the previous step's (their buffer is
+/// reused); `ctx` is the model's context.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_with(
     ctx: usize,
@@ -526,7 +552,7 @@ pub fn decode_with(
     max_tokens: usize,
     sampler: &mut Sampler,
     stop_ids: &[u32],
-    mut step: impl FnMut(&mut State, u32) -> Result<Vec<f32>>,
+    mut step: impl FnMut(&mut State, u32, &mut Vec<f32>) -> Result<()>,
     mut on_token: impl FnMut(u32, Option<TokenLogprob>) -> bool,
 ) -> Result<(Vec<u32>, StopReason)> {
     let mut out = Vec::new();
@@ -551,7 +577,7 @@ pub fn decode_with(
             // the sequence (cached positions + this token) fills the context
             break StopReason::ContextFull;
         }
-        logits = step(state, tok)?;
+        step(state, tok, &mut logits)?;
     };
     Ok((out, stop))
 }
@@ -584,6 +610,36 @@ mod tests {
                     continue;
                 }
                 assert_eq!(argmax(&x), scan(&x), "len {len} case {case}: {x:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn argmax_in_parts_on_a_team_is_the_scan() {
+        let scan = |x: &[f32]| (0..x.len()).fold(0, |b, i| if x[i] > x[b] { i } else { b });
+        for threads in [2usize, 3, 8, 32] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for len in [1usize << 16, (1 << 16) + 1, 151_936] {
+                let part = len.div_ceil(threads.min(64));
+                for case in 0..6 {
+                    let mut x: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1013) as f32 * 0.01).collect();
+                    match case {
+                        // equal maxima at the end of one part and the start of the next
+                        1 => (x[part - 1], x[part]) = (50.0, 50.0),
+                        // every value equal: the first index
+                        2 => x.iter_mut().for_each(|v| *v = 1.5),
+                        // a later part all NaN but the first
+                        3 => x[part..(2 * part).min(len)].iter_mut().for_each(|v| *v = f32::NAN),
+                        4 => x[len - 1] = f32::INFINITY,
+                        5 => x.iter_mut().skip(1).for_each(|v| *v = f32::NEG_INFINITY),
+                        _ => {}
+                    }
+                    let got = pool.install(|| {
+                        let _hold = crate::par::hold();
+                        argmax(&x)
+                    });
+                    assert_eq!(got, scan(&x), "threads {threads} len {len} case {case}");
+                }
             }
         }
     }

@@ -185,7 +185,19 @@ pub struct Model {
 
 /// Whether every value is finite (NaN and ±Inf are not); a prompt's rows in parallel.
 pub(crate) fn all_finite(x: &[f32]) -> bool {
-    if x.len() >= 1 << 18 && crate::tensor::parallel(x.len()) && !crate::par::on_team() {
+    if x.len() >= 1 << 16 && crate::par::on_team() {
+        // decode's logits, which the team's items just wrote: the leader alone took ~50 µs a
+        // token reading them back
+        let ok = std::sync::atomic::AtomicBool::new(true);
+        let chunk = x.len().div_ceil(rayon::current_num_threads()).next_multiple_of(16);
+        crate::par::for_each(x.len().div_ceil(chunk), |i| {
+            if !finite_chunk(&x[i * chunk..x.len().min((i + 1) * chunk)]) {
+                ok.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        return ok.into_inner();
+    }
+    if x.len() >= 1 << 18 && crate::tensor::parallel(x.len()) {
         use rayon::prelude::*;
         return x.par_chunks(1 << 16).all(finite_chunk);
     }
@@ -391,6 +403,15 @@ impl Model {
     /// Feeds `tokens` after what `st` holds. Returns logits `[rows, vocab]`: one row per token
     /// when `all_logits`, else only the last token's row.
     pub fn forward(&self, st: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.forward_into(st, tokens, all_logits, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Model::forward`] into `logits`, whose buffer is reused (a decode loop hands back the
+    /// previous token's: a fresh 0.6–1 MB vector per token cost tens of microseconds of
+    /// zeroing and page faults on the leader while every other thread waited).
+    pub fn forward_into(&self, st: &mut State, tokens: &[u32], all_logits: bool, logits: &mut Vec<f32>) -> Result<()> {
         let n = tokens.len();
         if st.poisoned {
             bail!("this sequence state was left incomplete by an earlier error; start a new one");
@@ -408,7 +429,8 @@ impl Model {
         }
         let chunk = if self.opts.prefill_chunk == 0 { PREFILL_CHUNK } else { self.opts.prefill_chunk };
         if n > chunk && self.accel.is_none() {
-            let mut logits = Vec::with_capacity(if all_logits { n * v } else { v });
+            logits.clear();
+            logits.reserve(if all_logits { n * v } else { v });
             for (i, c) in tokens.chunks(chunk).enumerate() {
                 let last = (i + 1) * chunk >= n;
                 let l = self.forward(st, c, all_logits)?;
@@ -416,13 +438,14 @@ impl Model {
                     logits.extend(l);
                 }
             }
-            return Ok(logits);
+            return Ok(());
         }
         let t_total = Instant::now();
         if let Some(acc) = &self.accel {
-            let logits = acc.forward(self, st, tokens, all_logits);
+            let res = acc.forward(self, st, tokens, all_logits);
             add_since(&PROFILE.total, t_total);
-            return logits;
+            *logits = res?;
+            return Ok(());
         }
         let mut x = scratch::zeros(n * h);
         for (t, &id) in tokens.iter().enumerate() {
@@ -447,16 +470,20 @@ impl Model {
         self.norm.apply(rows);
         let m = rows.len() / h;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = vec![0.0; m * v];
+        if m > 1 || logits.len() != v {
+            // a one-token product writes every row; a prompt's may accumulate into zeros
+            logits.clear();
+            logits.resize(m * v, 0.0);
+        }
         let t = Instant::now();
-        head.matmul(rows, m, &mut logits, self.opts.precision);
+        head.matmul(rows, m, logits, self.opts.precision);
         add_since(&PROFILE.lm_head, t);
-        if !all_finite(&logits) {
+        if !all_finite(logits) {
             let what = if all_finite(rows) { "lm_head" } else { "final norm" };
             bail!("non-finite logits (NaN or Inf) from the {what} (corrupt weights?)");
         }
         add_since(&PROFILE.total, t_total);
-        Ok(logits)
+        Ok(())
     }
 
     /// One decode step of several sequences: `tokens[j]` follows what `states[j]` holds, each

@@ -24,6 +24,22 @@ thread_local! {
 #[derive(Debug, Default)]
 pub struct Buf(Vec<f32>);
 
+/// Makes room in `v` for `len` more values, growing it by at least `ahead` at a time, and
+/// touches the pages of what it grew: a decode step's cache rows otherwise landed on fresh
+/// pages, a page fault per layer and token (~10 µs in the lent machine's VM).
+pub fn reserve_touched(v: &mut Vec<f32>, len: usize, ahead: usize) {
+    if v.capacity() - v.len() >= len {
+        return;
+    }
+    v.reserve(len.max(ahead));
+    let spare = v.spare_capacity_mut();
+    let n = spare.len().min(len.max(ahead));
+    for page in spare[..n].chunks_mut(1024) {
+        page[0].write(0.0);
+        page[page.len() - 1].write(0.0);
+    }
+}
+
 /// `n` zeros from this thread's pool.
 pub fn zeros(n: usize) -> Buf {
     let mut v = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten().unwrap_or_default();

@@ -316,7 +316,7 @@ impl Session {
     ) -> Result<Output> {
         let pre = self.prefill_alone(prompt, params)?;
         let model = self.model.clone();
-        let step = |st: &mut State, t: u32| model.forward(st, &[t], false);
+        let step = |st: &mut State, t: u32, logits: &mut Vec<f32>| model.forward_into(st, &[t], false, logits);
         let (res, state, held) =
             decode_prefilled(&model, &self.tok, &self.stop_ids, prompt, pre, max_tokens, params, stop, step, on_text);
         self.give_back(state, &held);
@@ -457,7 +457,7 @@ pub fn decode_prefilled(
     max_tokens: usize,
     params: &SamplingParams,
     stop: &[String],
-    step: impl FnMut(&mut State, u32) -> Result<Vec<f32>>,
+    step: impl FnMut(&mut State, u32, &mut Vec<f32>) -> Result<()>,
     on_text: impl FnMut(&str, &[Scored]) -> bool,
 ) -> (Result<Output>, State, Vec<u32>) {
     let Prefilled { mut state, logits, reused, loaded, prompt_secs } = pre;

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -378,6 +378,9 @@ thread_local! {
     static PAGES: Pool<Vec<u8>> = const { Pool::new() };
 }
 
+/// An expert's page-cache check is this many `mincore` calls, items of one step.
+const RESIDENCY_PARTS: usize = 4;
+
 pub struct ExpertStore {
     /// How an extent splits into matrices.
     pub layout: ExpertLayout,
@@ -590,15 +593,23 @@ impl ExpertStore {
         true
     }
 
-    /// Whether every page of expert `e`'s extent is in the page cache (os mode).
-    fn page_cached(&self, lf: &LayerFile, e: usize) -> Option<usize> {
-        let (p, _) = lf.map?;
-        let mut pages = scratch::take(&PAGES);
-        pages.resize(self.stride.div_ceil(4096), 0);
-        let addr = p + e * self.stride;
+    /// Whether part `part` of [`RESIDENCY_PARTS`] (whole pages) of expert `e`'s extent is in
+    /// the page cache.
+    fn part_cached(&self, lf: &LayerFile, e: usize, part: usize) -> bool {
+        let Some((p, _)) = lf.map else { return false };
+        let pages = self.stride.div_ceil(4096);
+        let per = pages.div_ceil(RESIDENCY_PARTS);
+        let (first, last) = ((part * per).min(pages), ((part + 1) * per).min(pages));
+        if first == last {
+            return true;
+        }
+        let mut vec = scratch::take(&PAGES);
+        vec.resize(last - first, 0);
+        let addr = p + e * self.stride + first * 4096;
+        let len = ((last - first) * 4096).min(self.stride - first * 4096);
         // SAFETY: the range lies inside the mapping (file length checked at open).
-        let rc = unsafe { libc::mincore(addr as *mut libc::c_void, self.stride, pages.as_mut_ptr()) };
-        (rc == 0 && pages.iter().all(|v| v & 1 == 1)).then_some(addr)
+        let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        rc == 0 && vec.iter().all(|v| v & 1 == 1)
     }
 
     /// Reads experts `needed` of `layer` and calls `compute` with batches of `(i, expert)`,
@@ -696,7 +707,19 @@ impl ExpertStore {
         call.resident.clear();
         call.resident.resize(needed.len(), 0);
         if self.mode == CacheMode::Os && lf.map.is_some() {
-            crate::par::chunks_mut(&mut call.resident, 1, |i, r| r[0] = self.page_cached(lf, needed[i]).unwrap_or(0));
+            // in parts: a step of one item per expert (8 in a decode layer, 16+ threads) waited
+            // for its slowest `mincore`
+            let missing: SmallVec<[AtomicBool; 64]> = needed.iter().map(|_| AtomicBool::new(false)).collect();
+            crate::par::for_each(needed.len() * RESIDENCY_PARTS, |i| {
+                let (e, part) = (i / RESIDENCY_PARTS, i % RESIDENCY_PARTS);
+                if !missing[e].load(Relaxed) && !self.part_cached(lf, needed[e], part) {
+                    missing[e].store(true, Relaxed);
+                }
+            });
+            let base = lf.map.map_or(0, |(p, _)| p);
+            for (i, r) in call.resident.iter_mut().enumerate() {
+                *r = if missing[i].load(Relaxed) { 0 } else { base + needed[i] * self.stride };
+            }
         }
         Ok(call)
     }

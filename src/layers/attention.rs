@@ -96,10 +96,8 @@ impl KvCache {
     /// Grows by at least 256 positions of `row` at a time, so short runs never reallocate
     /// mid-decode.
     fn push(&mut self, len: usize, row: usize) -> (&mut [f32], &mut [f32]) {
-        if self.k.capacity() - self.k.len() < len {
-            self.k.reserve(len.max(256 * row));
-            self.v.reserve(len.max(256 * row));
-        }
+        scratch::reserve_touched(&mut self.k, len, 256 * row);
+        scratch::reserve_touched(&mut self.v, len, 256 * row);
         let at = self.k.len();
         self.k.resize(at + len, 0.0);
         self.v.resize(at + len, 0.0);

@@ -287,9 +287,7 @@ impl Mla {
         }
         // grown 256 positions at a time, so short runs never reallocate mid-decode
         for (c, new, row) in [(&mut cache.lat, &lat[..], lw), (&mut cache.index_k, &ik[..], ihd)] {
-            if c.capacity() - c.len() < new.len() {
-                c.reserve(new.len().max(256 * row));
-            }
+            crate::scratch::reserve_touched(c, new.len(), 256 * row);
             c.extend_from_slice(new);
         }
 

@@ -312,7 +312,9 @@ impl Moe {
         // parallel tasks, and the combine below sums them in expert order, so the result is
         // the same whatever order they finish in
         let (assign, needed, start) = (&r.assign, &r.needed, &r.start);
-        let mut ys = scratch::zeros(assign.len() * h);
+        // one token's one-token products write all their rows (and decode's fused steps use
+        // none): zeroing them took microseconds a layer
+        let mut ys = if n == 1 { scratch::dirty(assign.len() * h) } else { scratch::zeros(assign.len() * h) };
         let rows = Rows(ys.as_mut_ptr());
         // SAFETY: `with_experts` (and the in-memory call) give each index exactly once, and
         // rows start[i]..start[i + 1] of `ys` belong to index i alone; `ys` outlives every task.

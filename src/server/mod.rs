@@ -1546,7 +1546,10 @@ fn on_engine_n(
                     }
                     let _next = NextTurn(turns.as_ref());
                     let member = app.batch.join();
-                    let step = |st: &mut crate::model::State, t: u32| member.step(st, t);
+                    let step = |st: &mut crate::model::State, t: u32, logits: &mut Vec<f32>| {
+                        *logits = member.step(st, t)?;
+                        Ok(())
+                    };
                     let (mut res, state, held) = crate::session::decode_prefilled(
                         app.batch.model(),
                         &app.tok,
