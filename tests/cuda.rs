@@ -645,7 +645,10 @@ fn decode_attention_kernels_match_the_float64_reference() {
             let qh = &q[h * d..(h + 1) * d];
             let o = |p: usize| (p * nkv + kvh) * d;
             let sc: Vec<f64> = (start..len)
-                .map(|p| qh.iter().zip(&k[o(p)..o(p) + d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt())
+                .map(|p| {
+                    qh.iter().zip(&k[o(p)..o(p) + d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                        / (d as f64).sqrt()
+                })
                 .collect();
             let top = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = sc.iter().map(|s| (s - top).exp()).sum();
@@ -660,6 +663,9 @@ fn decode_attention_kernels_match_the_float64_reference() {
         eprintln!(
             "attention {nh}/{nkv} heads, d {d}, {len} positions, window {window}: attn_dec {worst_dec:.1e}, attn_part1 {worst_part:.1e}"
         );
-        assert!(worst_dec <= 1e-5 && worst_part <= 1e-5, "{nh}/{nkv} heads, d {d}, {len}: {worst_dec:.2e} / {worst_part:.2e}");
+        assert!(
+            worst_dec <= 1e-5 && worst_part <= 1e-5,
+            "{nh}/{nkv} heads, d {d}, {len}: {worst_dec:.2e} / {worst_part:.2e}"
+        );
     }
 }

@@ -19,10 +19,10 @@ use crate::layers::moe::Experts;
 use crate::model::{FfnWeights, MixerWeights, Model, State};
 use crate::tensor::{MatRef, WKind};
 use anyhow::{Context, Result, anyhow, bail};
+use cudarc::driver::sys;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
 };
-use cudarc::driver::sys;
 use std::sync::{Arc, Mutex};
 
 const SOURCE: &str = include_str!("kernels.cu");
@@ -511,8 +511,10 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     p
 }
 
-/// Whether launches may overlap the kernel before them (programmatic dependent launch, sm_90+;
-/// `FLASHMOE_CUDA_PDL=0` turns it off): set once when the kernels are loaded.
+/// Whether launches may overlap the kernel before them (programmatic dependent launch, sm_90+,
+/// `FLASHMOE_CUDA_PDL=1`): set once when the kernels are loaded. Off by default: on the H200 a
+/// replayed decode graph already leaves ~0.1 µs between kernels, and the overlap measured
+/// within noise in decode and 1–2% slower in prefill (docs/PERFORMANCE.md).
 static PDL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A kernel launch, its arguments by reference as cudarc's builder takes them, issued through
@@ -915,7 +917,10 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
     let major = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-    PDL.store(major >= 9 && std::env::var("FLASHMOE_CUDA_PDL").map_or(true, |v| v != "0"), std::sync::atomic::Ordering::Relaxed);
+    PDL.store(
+        major >= 9 && std::env::var("FLASHMOE_CUDA_PDL").is_ok_and(|v| v == "1"),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
     // FLASHMOE_CUDA_SOURCE: a kernels.cu to compile instead of the built-in one (kernel work
     // on a machine without Rust)
@@ -1171,7 +1176,13 @@ pub fn gqa_attend_once(
     let g = test_device(ordinal)?;
     let (s, kn) = g.as_ref().expect("opened");
     let row = nkv * d;
-    if nkv == 0 || !nh.is_multiple_of(nkv) || q.len() != nh * d || k.len() != v.len() || k.is_empty() || !k.len().is_multiple_of(row) {
+    if nkv == 0
+        || !nh.is_multiple_of(nkv)
+        || q.len() != nh * d
+        || k.len() != v.len()
+        || k.is_empty()
+        || !k.len().is_multiple_of(row)
+    {
         bail!("gqa_attend_once: sizes do not fit");
     }
     let len = k.len() / row;
@@ -1501,7 +1512,9 @@ impl Accelerator for CudaModel {
                 let graph = match capture() {
                     // a driver that cannot capture overlapping launches: capture plain ones
                     Err(e) if PDL.swap(false, std::sync::atomic::Ordering::Relaxed) => {
-                        eprintln!("warning: CUDA graph capture with programmatic dependent launch failed ({e:#}); capturing without it");
+                        eprintln!(
+                            "warning: CUDA graph capture with programmatic dependent launch failed ({e:#}); capturing without it"
+                        );
                         capture()?
                     }
                     g => g?,
