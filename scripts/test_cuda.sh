@@ -13,7 +13,7 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="cuda": print(m["executable"])')
     mkdir -p "$CARRY"
-    strip -o "$CARRY/flashmoe" target/release/flashmoe
+    strip -o "$CARRY/flashmoe" "${CARGO_TARGET_DIR:-target}/release/flashmoe"
     strip -o "$CARRY/cuda-tests" "$bin"
     ls -la "$CARRY"
     exit 0

@@ -614,3 +614,58 @@ fn latent_attention_kernel_matches_the_scalar_reference() {
         assert!(worst <= 5e-5, "{nh} heads, {kvl} + {rd}, {len} positions: error {worst:.2e}");
     }
 }
+
+#[test]
+fn decode_attention_kernels_match_the_float64_reference() {
+    if !gpu() {
+        return;
+    }
+    let mut seed = 0x9a7e_0d1c_u64;
+    // (heads, kv heads, head dim, positions, window, spare parts): GQA groups 1..16, windows
+    // shorter than the context, chunk tails, parts past the end, one position
+    let shapes = [
+        (32, 4, 128, 640, usize::MAX, 3),
+        (16, 2, 256, 300, usize::MAX, 1),
+        (64, 8, 64, 1000, 128, 0),
+        (12, 1, 128, 129, usize::MAX, 0),
+        (6, 6, 64, 1, usize::MAX, 2),
+        (48, 4, 128, 2049, 700, 1),
+        (16, 1, 64, 77, 33, 0),
+        (8, 2, 96, 200, usize::MAX, 0),
+    ];
+    for (nh, nkv, d, len, window, spare) in shapes {
+        let mut v = |n: usize| (0..n).map(|_| 2.0 * rng(&mut seed)).collect::<Vec<f32>>();
+        let (q, k, vv) = (v(nh * d), v(len * nkv * d), v(len * nkv * d));
+        let (dec, part) = cuda::gqa_attend_once(0, &q, (&k, &vv), (nh, nkv, d), window, spare).unwrap();
+        assert_eq!(dec.is_empty(), ![64, 128, 256].contains(&d), "attn_dec takes head dims 64, 128, 256");
+        let start = len.saturating_sub(window);
+        let (mut worst_dec, mut worst_part) = (0f64, 0f64);
+        for h in 0..nh {
+            let kvh = h / (nh / nkv);
+            let qh = &q[h * d..(h + 1) * d];
+            let o = |p: usize| (p * nkv + kvh) * d;
+            let sc: Vec<f64> = (start..len)
+                .map(|p| {
+                    qh.iter().zip(&k[o(p)..o(p) + d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let top = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|s| (s - top).exp()).sum();
+            for i in 0..d {
+                let want: f64 = (start..len).map(|p| (sc[p - start] - top).exp() / z * vv[o(p) + i] as f64).sum();
+                worst_part = worst_part.max((part[h * d + i] as f64 - want).abs());
+                if !dec.is_empty() {
+                    worst_dec = worst_dec.max((dec[h * d + i] as f64 - want).abs());
+                }
+            }
+        }
+        eprintln!(
+            "attention {nh}/{nkv} heads, d {d}, {len} positions, window {window}: attn_dec {worst_dec:.1e}, attn_part1 {worst_part:.1e}"
+        );
+        assert!(
+            worst_dec <= 1e-5 && worst_part <= 1e-5,
+            "{nh}/{nkv} heads, d {d}, {len}: {worst_dec:.2e} / {worst_part:.2e}"
+        );
+    }
+}

@@ -9,6 +9,18 @@ typedef unsigned long long u64;
 
 #define NEG_INF __uint_as_float(0xff800000u)
 
+// Programmatic dependent launch (sm_90+, `Launch` in mod.rs): a kernel launched with it may
+// start while the kernel before it still runs. Every kernel first waits here for the one before
+// (its completion and its memory), then lets the next one start its blocks, so the launch and
+// ramp of kernel i+1 overlap kernel i. Nothing may be read or written before this point.
+#ifndef PDL_ENTRY
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_ENTRY()
+#endif
+#endif
+
 // A matrix inside a device buffer: offsets from a base pointer (an expert's extent, or the
 // matrix's own allocation). kind: 0 f32, 1 bf16, 2 f16, 3 group-affine quantized, 4 MXFP4
 // (per row `rb` bytes of e2m1 nibbles, low nibble first, then per row an e8m0 scale per 32).
@@ -374,6 +386,7 @@ __device__ __forceinline__ float vec_dot(const u8* base, const MatD& m, int row,
 
 // Quantizes `rows` rows of `cols` (a multiple of 32) for the integer kernels; a warp per 32.
 extern "C" __global__ void quant_x(const float* x, int rows, int cols, signed char* q, float* d, float* s16) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     long long c = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     long long chunks = (long long)rows * (cols / 32);
@@ -390,6 +403,7 @@ extern "C" __global__ void quant_x(const float* x, int rows, int cols, signed ch
 }
 
 extern "C" __global__ void matvec_q(const u8* base, MatD m, const float* x, float* y, QX qx) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= m.rows) return;
@@ -407,6 +421,7 @@ struct Multi {
 };
 
 extern "C" __global__ void matvec_multi(Multi p, const float* x, QX qx) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int i = 0;
@@ -417,10 +432,12 @@ extern "C" __global__ void matvec_multi(Multi p, const float* x, QX qx) {
 }
 
 extern "C" __global__ void matmul(const u8* base, MatD m, const float* x, float* y, int ntok) {
+    PDL_ENTRY();
     matmul_t<NT>(base, m, x, y, ntok);
 }
 
 extern "C" __global__ void matvec(const u8* base, MatD m, const float* x, float* y, int ntok) {
+    PDL_ENTRY();
     matmul_t<1>(base, m, x, y, ntok);
 }
 
@@ -508,6 +525,7 @@ __device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const floa
 // values take 896)
 extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(float* x, const float* y, const float* yb, const float* w, float* h, int dim,
                                        float eps, QX q) {
+    PDL_ENTRY();
     rmsnorm_row(x, y, yb, w, h, dim, eps, q, (long long)blockIdx.x * dim);
 }
 
@@ -517,6 +535,7 @@ extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(float* x, const f
 // the norm after it in one launch. W's rows are x's dim.
 extern "C" __global__ void matvec_norm(const u8* base, MatD m, const float* xin, QX qx, float* y, const float* yb,
                                        unsigned* done, float* x, const float* w, float* h, float eps, QX hq) {
+    PDL_ENTRY();
     __shared__ bool last;
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -546,6 +565,7 @@ extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v
                                         const long long* meta, int layer, int nh, int nkv, int d, int qw, int rot,
                                         const double* freqs, float fscale, float eps, const float* bq, const float* bk,
                                         const float* bv, int norm) {
+    PDL_ENTRY();
     __shared__ float head[512];
     int pos0 = (int)meta[0];
     float* kc = (float*)meta[1 + 2 * layer];
@@ -616,6 +636,7 @@ extern "C" __global__ void qk_norm_rope(float* q, const float* k, const float* v
 // in place, biases added first when given: block (t, 0) normalises q's row (qd wide), (t, 1) k's.
 extern "C" __global__ void whole_norm(float* q, float* k, const float* qn, const float* kn, const float* bq,
                                       const float* bk, int qd, int kd, float eps) {
+    PDL_ENTRY();
     __shared__ float sh[32];
     int t = blockIdx.x, which = blockIdx.y;
     int dim = which ? kd : qd;
@@ -752,18 +773,162 @@ __device__ __forceinline__ void attn_part_t(const float* q, const long long* met
 // k and then v loads: 25 µs against 44 µs a layer at 512 positions on the H200)
 extern "C" __global__ void attn_part(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
                                      int d, int qw, int parts, int window) {
+    PDL_ENTRY();
     attn_part_t<4>(q, meta, layer, part, nh, nkv, d, qw, parts, window);
 }
 
 extern "C" __global__ void attn_part1(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
                                       int d, int qw, int parts, int window) {
+    PDL_ENTRY();
     attn_part_t<16>(q, meta, layer, part, nh, nkv, d, qw, parts, window);
+}
+
+// One decode token's attention for `gh` query heads of a GQA group, a lane per position: block
+// (kv head · groups + g, c) covers positions c·CHUNK.. (4 warps of 32) for query heads
+// kvh·(nh/nkv) + g·gh.. . A lane scores its position against all gh queries (its k row read
+// once for the group, in 16-byte loads; the queries from shared memory), each warp takes the
+// softmax of its 32 scores per head with one max and one sum, then Σ e·v over its positions
+// with the lanes splitting the dims. No reduction per position: the old kernel's per-position
+// shuffles and online rescaling were its critical path. Writes attn_part's parts.
+template <int DV>  // head dim / 32
+__device__ __forceinline__ void attn_dec_t(const float* q, const long long* meta, int layer, float* part, int nh,
+                                           int nkv, int qw, int parts, int window, int gh) {
+    constexpr int D = 32 * DV, GH = 32 / DV;  // GH · DV = 32 accumulators a lane at most
+    __shared__ float4 sq[GH * D / 4];
+    __shared__ float se[4][GH][32];
+    __shared__ float sm[4][GH], sl[4][GH];
+    __shared__ float sacc[4][GH][D];
+    int groups = (nh / nkv) / gh;
+    int kvh = blockIdx.x / groups, h0 = kvh * (nh / nkv) + (blockIdx.x % groups) * gh;
+    int c = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int pos0 = (int)meta[0];
+    const float* kc = (const float*)meta[1 + 2 * layer];
+    const float* vc = (const float*)meta[2 + 2 * layer];
+    int len = pos0 + 1, start = max(0, len - window);
+    int p0 = start + c * CHUNK, p1 = min(len, p0 + CHUNK);
+    if (p0 >= len) {
+        for (int i = threadIdx.x; i < gh * (D + 2); i += blockDim.x) {
+            int hh = i / (D + 2), j = i - hh * (D + 2);
+            part[((long long)(h0 + hh) * parts + c) * (D + 2) + j] = j == 0 ? NEG_INF : 0.f;
+        }
+        return;
+    }
+    float scale = rsqrtf((float)D);
+    float* sqf = (float*)sq;
+    for (int i = threadIdx.x; i < gh * D; i += blockDim.x) sqf[i] = q[(long long)(h0 + i / D) * qw + i % D] * scale;
+    __syncthreads();
+    long long stride = (long long)nkv * D;
+    int pw = p0 + 32 * w, nw = min(32, p1 - pw);  // the warp's first position and count (≤ 0: none)
+    float s[GH];
+#pragma unroll
+    for (int h = 0; h < GH; h++) s[h] = 0.f;
+    if (lane < nw) {
+        const float4* kp = (const float4*)(kc + (long long)(pw + lane) * stride + kvh * D);
+#pragma unroll
+        for (int j0 = 0; j0 < D / 4; j0 += 8) {
+            float4 kv[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) kv[u] = kp[j0 + u];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+#pragma unroll
+                for (int h = 0; h < GH; h++) {
+                    if (h < gh) {
+                        float4 qq = sq[h * (D / 4) + j0 + u];
+                        s[h] += qq.x * kv[u].x + qq.y * kv[u].y + qq.z * kv[u].z + qq.w * kv[u].w;
+                    }
+                }
+            }
+        }
+    }
+    float m[GH], l[GH];
+#pragma unroll
+    for (int h = 0; h < GH; h++) {
+        if (h < gh) {
+            float v = lane < nw ? s[h] : NEG_INF;
+            float mx = warp_max(v);
+            float e = lane < nw ? __expf(v - mx) : 0.f;
+            m[h] = mx;
+            l[h] = warp_sum(e);
+            se[w][h][lane] = e;
+        }
+    }
+    __syncwarp();
+    float acc[GH][DV];
+#pragma unroll
+    for (int h = 0; h < GH; h++)
+#pragma unroll
+        for (int i = 0; i < DV; i++) acc[h][i] = 0.f;
+    for (int j0 = 0; j0 < nw; j0 += 8) {
+        float vv[8][DV];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const float* vp = vc + (long long)(pw + j0 + u) * stride + kvh * D;
+#pragma unroll
+            for (int i = 0; i < DV; i++) vv[u][i] = j0 + u < nw ? vp[lane + 32 * i] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            if (j0 + u < nw) {
+#pragma unroll
+                for (int h = 0; h < GH; h++) {
+                    if (h < gh) {
+                        float e = se[w][h][j0 + u];
+#pragma unroll
+                        for (int i = 0; i < DV; i++) acc[h][i] += e * vv[u][i];
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < GH; h++) {
+        if (h < gh) {
+            if (lane == 0) { sm[w][h] = m[h]; sl[w][h] = l[h]; }
+#pragma unroll
+            for (int i = 0; i < DV; i++) sacc[w][h][lane + 32 * i] = acc[h][i];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < gh * D; i += blockDim.x) {
+        int hh = i / D, cc = i - hh * D;
+        float top = fmaxf(fmaxf(sm[0][hh], sm[1][hh]), fmaxf(sm[2][hh], sm[3][hh]));
+        float v = 0.f, tot = 0.f;
+#pragma unroll
+        for (int ww = 0; ww < 4; ww++) {
+            float wt = sm[ww][hh] == NEG_INF ? 0.f : __expf(sm[ww][hh] - top);
+            v += wt * sacc[ww][hh][cc];
+            tot += wt * sl[ww][hh];
+        }
+        float* out = part + ((long long)(h0 + hh) * parts + c) * (D + 2);
+        out[2 + cc] = v;
+        if (cc == 0) { out[0] = top; out[1] = tot; }
+    }
+}
+
+extern "C" __global__ void attn_dec2(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
+                                     int qw, int parts, int window, int gh) {
+    PDL_ENTRY();
+    attn_dec_t<2>(q, meta, layer, part, nh, nkv, qw, parts, window, gh);
+}
+
+extern "C" __global__ void attn_dec4(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
+                                     int qw, int parts, int window, int gh) {
+    PDL_ENTRY();
+    attn_dec_t<4>(q, meta, layer, part, nh, nkv, qw, parts, window, gh);
+}
+
+extern "C" __global__ void attn_dec8(const float* q, const long long* meta, int layer, float* part, int nh, int nkv,
+                                     int qw, int parts, int window, int gh) {
+    PDL_ENTRY();
+    attn_dec_t<8>(q, meta, layer, part, nh, nkv, qw, parts, window, gh);
 }
 
 // o[t][h] = the parts of (t, h) merged, times sigmoid of the gate when gated. One block each.
 // sinks (gpt-oss): a logit per head that joins the softmax's sum and adds no value.
 extern "C" __global__ void attn_merge(const float* q, const float* part, float* o, int nh, int d, int qw, int gated,
                                       int parts, QX oq, const float* sinks) {
+    PDL_ENTRY();
     int th = blockIdx.x;
     const float* pp = part + (long long)th * parts * (d + 2);
     float top = sinks ? sinks[th % nh] : NEG_INF;
@@ -900,6 +1065,7 @@ __device__ __forceinline__ void topk_warp(const float* lg, int e, int k, const R
 
 // One warp per token; shared memory 2·e floats.
 extern "C" __global__ void route_topk(const float* logits, int e, int k, RouteD rd, int* ids, float* wts) {
+    PDL_ENTRY();
     extern __shared__ float p[];
     __shared__ float chosen_w[64];
     int t = blockIdx.x;
@@ -911,6 +1077,7 @@ extern "C" __global__ void route_topk(const float* logits, int e, int k, RouteD 
 // launch) runs the top-k on them. Grid rows / warps; shared memory 2·e floats.
 extern "C" __global__ void router_topk(const u8* base, MatD m, const float* x, QX qx, float* logits, int k, RouteD rd,
                                        int* ids, float* wts, unsigned* done) {
+    PDL_ENTRY();
     extern __shared__ float p[];
     __shared__ float chosen_w[64];
     __shared__ bool last;
@@ -965,6 +1132,7 @@ __device__ __forceinline__ float down_bias(const ActD& a, const u8* b, int r) {
 // matrix at `base` when ids is null). Grid (inter rows / warps, pairs).
 extern "C" __global__ void swiglu_gate_up(const u8* base, u64 stride, const int* ids, MatD g, MatD u, const float* x,
                                           float* act, int k, QX qx, ActD ad) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= g.rows) return;
@@ -981,6 +1149,7 @@ extern "C" __global__ void swiglu_gate_up(const u8* base, u64 stride, const int*
 // warps, tokens).
 extern "C" __global__ void down_sum(const u8* base, u64 stride, const int* ids, const float* wts, MatD dn,
                                     const float* act, float* out, int k, int accumulate, QX qx, ActD ad) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= dn.rows) return;
@@ -1045,6 +1214,7 @@ __device__ __forceinline__ void gate_up_i8(const u8* b, const MatD& g, const Mat
 // use; grid (inter rows / (warps · GU_R), pairs).
 extern "C" __global__ void swiglu_gate_up_i8(const u8* base, u64 stride, const int* ids, MatD g, MatD u, float* act,
                                              int k, QX qx, ActD ad) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GU_R;
     if (row0 >= g.rows) return;
@@ -1106,6 +1276,7 @@ __device__ __forceinline__ float down_i8(const u8* base, u64 stride, const int* 
 // down_sum on the int8 activations `qx`, for a q4/q8/MXFP4 down matrix (`i8_ok`); the same grid.
 extern "C" __global__ void down_sum_i8(const u8* base, u64 stride, const int* ids, const float* wts, MatD dn, float* out,
                                        int k, int accumulate, QX qx, ActD ad) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= dn.rows) return;
@@ -1129,6 +1300,7 @@ extern "C" __global__ void down_sum_i8(const u8* base, u64 stride, const int* id
 // out[t] += sigmoid(gw · x[t]) · y[t]: the shared expert's gated contribution (weight 1 when gw
 // is null: GLM's ungated one). One block per token.
 extern "C" __global__ void gated_add(float* out, const float* y, const float* gw, const float* x, int dim) {
+    PDL_ENTRY();
     __shared__ float sh[32];
     long long o = (long long)blockIdx.x * dim;
     float s = 0.f;
@@ -1142,6 +1314,7 @@ extern "C" __global__ void gated_add(float* out, const float* y, const float* gw
 
 // xg[s] = x[order[s] / k]: each slot's token row, so a tile's inputs are contiguous.
 extern "C" __global__ void gather_rows(const float* x, const int* order, float* xg, int dim, int k) {
+    PDL_ENTRY();
     int s = blockIdx.x;
     const float* src = x + (long long)(order[s] / k) * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) xg[(long long)s * dim + i] = src[i];
@@ -1150,6 +1323,7 @@ extern "C" __global__ void gather_rows(const float* x, const int* order, float* 
 // act[s][r] = silu(gate_e · xg[s])[r] · (up_e · xg[s])[r] for the slots of tile blockIdx.y.
 extern "C" __global__ void gate_up_tiles(const u8* base, u64 stride, const int* tiles, MatD g, MatD u, const float* xg,
                                          float* act, ActD ad) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= g.rows) return;
@@ -1172,6 +1346,7 @@ extern "C" __global__ void gate_up_tiles(const u8* base, u64 stride, const int* 
 // ys[s][r] = (down_e · act[s] + bias_e)[r] for the slots of tile blockIdx.y.
 extern "C" __global__ void down_tiles(const u8* base, u64 stride, const int* tiles, MatD dn, const float* act, float* ys,
                                       ActD ad) {
+    PDL_ENTRY();
     const int* tl = tiles + 3 * blockIdx.y;
     int s0 = tl[1];
     const u8* b = base + (u64)tl[0] * stride;
@@ -1181,6 +1356,7 @@ extern "C" __global__ void down_tiles(const u8* base, u64 stride, const int* til
 
 // out[t] = Σ_j wts[t·k + j] · ys[slot_of[t·k + j]], in routing order. One block per token.
 extern "C" __global__ void combine_slots(const float* ys, const int* slot_of, const float* wts, float* out, int dim, int k) {
+    PDL_ENTRY();
     int t = blockIdx.x;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
         float v = 0.f;
@@ -1195,6 +1371,7 @@ extern "C" __global__ void combine_slots(const float* ys, const int* slot_of, co
 // cv[t][c] = silu(Σ_j w[j][c] · in(t + j)): in(i) is history row i below `hist`, else qkv row i − hist.
 extern "C" __global__ void delta_conv(const float* qkv, const long long* meta, int layer, const float* w, float* cv,
                                       int cd, int kern) {
+    PDL_ENTRY();
     const float* hs = (const float*)meta[1 + 2 * layer];
     int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cd) return;
@@ -1211,6 +1388,7 @@ extern "C" __global__ void delta_conv(const float* qkv, const long long* meta, i
 // The history keeps the last `hist` input rows: row i ← in(n + i), ascending, so each channel
 // reads a row before it is overwritten.
 extern "C" __global__ void delta_shift(const float* qkv, const long long* meta, int layer, int n, int cd, int kern) {
+    PDL_ENTRY();
     float* hs = (float*)meta[1 + 2 * layer];
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cd) return;
@@ -1223,6 +1401,7 @@ extern "C" __global__ void delta_shift(const float* qkv, const long long* meta, 
 
 // L2-normalizes each q head (times 1/sqrt(dk)) and k head of cv in place. Grid (tokens, 2·nk), a warp each.
 extern "C" __global__ void delta_l2norm(float* cv, int cd, int kd, int dk, int nk, float qscale) {
+    PDL_ENTRY();
     int t = blockIdx.x, hh = blockIdx.y, lane = threadIdx.x;
     float* x = cv + (long long)t * cd + (hh < nk ? hh * dk : kd + (hh - nk) * dk);
     float scale = hh < nk ? qscale : 1.f;
@@ -1240,6 +1419,7 @@ extern "C" __global__ void delta_rec(const float* cv, const float* z, const floa
                                      const long long* meta, int layer, const float* neg_a, const float* dt_bias,
                                      const float* norm_w, float* o, int n, int cd, int kd, int vd, int nk, int nv,
                                      int dk, int dv, float eps) {
+    PDL_ENTRY();
     __shared__ float qs[128], ks[128], red[32];
     float* S = (float*)meta[2 + 2 * layer];
     int j = blockIdx.x, m = threadIdx.x;
@@ -1373,12 +1553,14 @@ __device__ __forceinline__ void mma_store(float acc[4][4], float* y, int rows, i
 
 // f32 → bf16 (round to nearest even), n values.
 extern "C" __global__ void to_bf16(const float* x, u16* xb, long long n) {
+    PDL_ENTRY();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         xb[i] = (u16)bf16_bits(x[i]);
 }
 
 // y = W·x for ntok tokens on tensor cores; grid (rows / 64, tokens / 32), 4 warps.
 extern "C" __global__ void mma_matmul(const u8* base, MatD m, const u16* xb, float* y, int ntok) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31, r0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 16, t0 = blockIdx.y * MT;
     if (r0 >= m.rows) return;
     float acc[4][4] = {};
@@ -1390,6 +1572,7 @@ extern "C" __global__ void mma_matmul(const u8* base, MatD m, const u16* xb, flo
 // The grouped experts on tensor cores: tiles of up to 32 slots of one expert (see gate_up_tiles).
 extern "C" __global__ void mma_gate_up_tiles(const u8* base, u64 stride, const int* tiles, MatD g, MatD u, const u16* xb,
                                              float* act, ActD ad) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31, r0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 16;
     if (r0 >= g.rows) return;
     const int* tl = tiles + 3 * blockIdx.y;
@@ -1412,6 +1595,7 @@ extern "C" __global__ void mma_gate_up_tiles(const u8* base, u64 stride, const i
 
 extern "C" __global__ void mma_down_tiles(const u8* base, u64 stride, const int* tiles, MatD dn, const u16* actb, float* ys,
                                           ActD ad) {
+    PDL_ENTRY();
     int lane = threadIdx.x & 31, r0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 16;
     if (r0 >= dn.rows) return;
     const int* tl = tiles + 3 * blockIdx.y;
@@ -1424,6 +1608,7 @@ extern "C" __global__ void mma_down_tiles(const u8* base, u64 stride, const int*
 
 // g = silu(g) · u, n values (a prompt's dense MLP between its gate/up and down products).
 extern "C" __global__ void swiglu_mul(float* g, const float* u, long long n) {
+    PDL_ENTRY();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         g[i] = silu(g[i]) * u[i];
 }
@@ -1456,6 +1641,7 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, int pos, double f,
 extern "C" __global__ void mla_rope_cache(float* q, const float* lat, const long long* meta, int layer, const float* w,
                                           float eps, int nh, int nope, int rd, int kvl, const double* freqs,
                                           float fscale, int interleaved) {
+    PDL_ENTRY();
     __shared__ float sh[32];
     int t = blockIdx.x, y = blockIdx.y;
     int pos = (int)meta[0] + t, half = rd / 2, lw = kvl + rd;
@@ -1488,6 +1674,7 @@ extern "C" __global__ void mla_rope_cache(float* q, const float* lat, const long
 // rows read across the block's threads: coalesced); shared memory: nope floats.
 extern "C" __global__ void mla_absorb(const float* q, const u8* base, MatD uk, float* qc, int nh, int nope, int rd,
                                       float scale) {
+    PDL_ENTRY();
     extern __shared__ float qn[];
     long long th = blockIdx.x;
     int h = (int)(th % nh), kvl = uk.cols, lw = kvl + rd;
@@ -1524,6 +1711,7 @@ extern "C" __global__ void mla_absorb(const float* q, const u8* base, MatD uk, f
 // else part[(t·heads + h)·parts + c] = (max, sum, acc[kvl]), merged by mla_merge.
 extern "C" __global__ void mla_part(const float* qc, const long long* meta, int layer, float* part, float* ol, int nh,
                                     int kvl, int rd, int parts, int chunk) {
+    PDL_ENTRY();
     extern __shared__ float rows[];
     int lw = kvl + rd, groups = (nh + MLA_HW - 1) / MLA_HW;
     int t = blockIdx.x / groups, g = blockIdx.x % groups, c = blockIdx.y;
@@ -1612,6 +1800,7 @@ extern "C" __global__ void mla_part(const float* qc, const long long* meta, int 
 // covers the cache's capacity). Block t·heads + h; shared memory: a weight per part.
 extern "C" __global__ void mla_merge(const float* part, const long long* meta, float* ol, int nh, int kvl, int parts,
                                      int chunk) {
+    PDL_ENTRY();
     extern __shared__ float wt[];
     __shared__ float tot;
     long long th = blockIdx.x;
@@ -1640,6 +1829,7 @@ extern "C" __global__ void mla_merge(const float* part, const long long* meta, f
 // o[t][h·vd + j] = W_UV[h·vd + j] · ol[t][h]: each head's latent sum out to its values (uv: the
 // heads' vd rows of kvl, f32 or bf16). Grid (t·heads + h, vd / warps), a warp per row.
 extern "C" __global__ void mla_uv(const float* ol, const u8* base, MatD uv, float* o, int nh, int vd) {
+    PDL_ENTRY();
     long long th = blockIdx.x;
     int h = (int)(th % nh), lane = threadIdx.x & 31;
     int j = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);

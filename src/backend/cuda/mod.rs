@@ -19,10 +19,10 @@ use crate::layers::moe::Experts;
 use crate::model::{FfnWeights, MixerWeights, Model, State};
 use crate::tensor::{MatRef, WKind};
 use anyhow::{Context, Result, anyhow, bail};
+use cudarc::driver::sys;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
 };
-use cudarc::driver::{PushKernelArg, sys};
 use std::sync::{Arc, Mutex};
 
 const SOURCE: &str = include_str!("kernels.cu");
@@ -416,6 +416,8 @@ struct Kernels {
     whole_norm: CudaFunction,
     attn_part: CudaFunction,
     attn_part1: CudaFunction,
+    /// One token's attention for a GQA group, a lane per position (head dims 64, 128, 256).
+    attn_dec: [CudaFunction; 3],
     attn_merge: CudaFunction,
     delta_conv: CudaFunction,
     delta_shift: CudaFunction,
@@ -507,6 +509,60 @@ impl DeviceState for CudaState {
 fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     let (p, _sync) = s.device_ptr(stream);
     p
+}
+
+/// Whether launches may overlap the kernel before them (programmatic dependent launch, sm_90+,
+/// `FLASHMOE_CUDA_PDL=1`): set once when the kernels are loaded. Off by default: on the H200 a
+/// replayed decode graph already leaves ~0.1 µs between kernels, and the overlap measured
+/// within noise in decode and 1–2% slower in prefill (docs/PERFORMANCE.md).
+static PDL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A kernel launch, its arguments by reference as cudarc's builder takes them, issued through
+/// `cuLaunchKernelEx` so that it can carry the programmatic-serialization attribute: the
+/// kernel's blocks then start while the one before still runs and wait for it inside
+/// (`PDL_ENTRY` in kernels.cu), which hides the launch gap and the ramp between kernels.
+struct Launch<'a> {
+    s: &'a CudaStream,
+    f: &'a CudaFunction,
+    args: Vec<*mut std::ffi::c_void>,
+    _args: std::marker::PhantomData<&'a ()>,
+}
+
+fn launch<'a>(s: &'a CudaStream, f: &'a CudaFunction) -> Launch<'a> {
+    Launch { s, f, args: Vec::with_capacity(12), _args: std::marker::PhantomData }
+}
+
+impl<'a> Launch<'a> {
+    fn arg<T: DeviceRepr>(&mut self, v: &'a T) -> &mut Self {
+        self.args.push(v as *const T as *mut std::ffi::c_void);
+        self
+    }
+
+    /// # Safety
+    /// The arguments must match the kernel's parameters, as for cudarc's `launch`.
+    unsafe fn launch(&mut self, c: LaunchConfig) -> Result<(), cudarc::driver::DriverError> {
+        self.s.context().bind_to_thread()?;
+        // SAFETY: a plain C union; zero is a valid value of every member
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = PDL.load(std::sync::atomic::Ordering::Relaxed);
+        let lc = sys::CUlaunchConfig {
+            gridDimX: c.grid_dim.0,
+            gridDimY: c.grid_dim.1,
+            gridDimZ: c.grid_dim.2,
+            blockDimX: c.block_dim.0,
+            blockDimY: c.block_dim.1,
+            blockDimZ: c.block_dim.2,
+            sharedMemBytes: c.shared_mem_bytes,
+            hStream: self.s.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: pdl as u32,
+        };
+        // SAFETY: the caller's; `args` point at values that outlive this call
+        unsafe { sys::cuLaunchKernelEx(&lc, self.f.cu_function(), self.args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+    }
 }
 
 fn cfg(grid: (usize, usize), block: usize, shared: usize) -> LaunchConfig {
@@ -648,7 +704,7 @@ impl CudaModel {
             (m.base[i], m.m[i], m.y[i]) = (w.ptr, w.d, *y);
         }
         let rows: usize = jobs.iter().map(|(w, _)| w.d.rows as usize).sum();
-        let mut b = self.stream.launch_builder(&self.k.matvec_multi);
+        let mut b = launch(&self.stream, &self.k.matvec_multi);
         b.arg(&m).arg(&x).arg(&p.qx);
         unsafe { b.launch(cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
         Ok(())
@@ -661,7 +717,7 @@ impl CudaModel {
     /// `values` f32 at `x` rounded to bf16 into `xb`.
     fn to_bf16(&self, x: u64, values: usize, xb: u64) -> Result<()> {
         let n = values as i64;
-        let mut b = self.stream.launch_builder(&self.k.to_bf16);
+        let mut b = launch(&self.stream, &self.k.to_bf16);
         b.arg(&x).arg(&xb).arg(&n);
         unsafe { b.launch(cfg((values.div_ceil(256).min(4096), 1), 256, 0)) }?;
         Ok(())
@@ -716,7 +772,7 @@ impl CudaModel {
         xb: u64,
     ) -> Result<Prep> {
         let one = fast && n == 1 && dim.is_multiple_of(32);
-        let mut b = self.stream.launch_builder(&self.k.add_rmsnorm);
+        let mut b = launch(&self.stream, &self.k.add_rmsnorm);
         let dim32 = dim as i32;
         let fused = if one { q } else { Qx::default() };
         b.arg(&x).arg(&y).arg(&yb).arg(&w.ptr).arg(&h).arg(&dim32).arg(&eps).arg(&fused);
@@ -757,7 +813,7 @@ impl CudaModel {
         launch_matmul(s, &self.k, m.ptr, m.up, h.0, tmp, n, h.1)?;
         let len = n * m.gate.rows as usize;
         let l64 = len as i64;
-        let mut b = s.launch_builder(&self.k.swiglu_mul);
+        let mut b = launch(s, &self.k.swiglu_mul);
         b.arg(&act.0).arg(&tmp).arg(&l64);
         unsafe { b.launch(cfg((len.div_ceil(256).min(4096), 1), 256, 0)) }?;
         let pa = self.prep(h.1.xb != 0, act.0, n, m.down.cols as usize, Qx::default(), xb)?;
@@ -772,7 +828,7 @@ fn quant(s: &CudaStream, k: &Kernels, fast: bool, x: u64, rows: usize, cols: usi
         return Ok(Qx::default());
     }
     let (r32, c32) = (rows as i32, cols as i32);
-    let mut b = s.launch_builder(&k.quant_x);
+    let mut b = launch(s, &k.quant_x);
     b.arg(&x).arg(&r32).arg(&c32).arg(&q.q).arg(&q.d).arg(&q.s16);
     unsafe { b.launch(cfg(((rows * cols / 32).div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
     Ok(q)
@@ -801,11 +857,11 @@ fn swiglu(
     let qx = h.1.qx;
     let same = (u.kind, u.bits, u.group, u.rb, u.rows, u.cols) == (g.kind, g.bits, g.group, g.rb, g.rows, g.cols);
     if i8 && qx.q != 0 && i8_ok(&g) && same {
-        let mut b = s.launch_builder(&kn.swiglu_gate_up_i8);
+        let mut b = launch(s, &kn.swiglu_gate_up_i8);
         b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&act.0).arg(&k32).arg(&qx).arg(&ad);
         unsafe { b.launch(cfg(((g.rows as usize).div_ceil(WARPS * GU_ROWS), n * k), 32 * WARPS, 0)) }?;
     } else {
-        let mut b = s.launch_builder(&kn.swiglu_gate_up);
+        let mut b = launch(s, &kn.swiglu_gate_up);
         b.arg(&base).arg(&stride).arg(&ids).arg(&g).arg(&u).arg(&h.0).arg(&act.0).arg(&k32).arg(&qx).arg(&ad);
         unsafe { b.launch(cfg(((g.rows as usize).div_ceil(WARPS), n * k), 32 * WARPS, 0)) }?;
     }
@@ -813,11 +869,11 @@ fn swiglu(
     let acc = 0i32;
     let grid = cfg(((dn.rows as usize).div_ceil(WARPS), n), 32 * WARPS, 0);
     if i8 && qa.q != 0 && i8_ok(&dn) {
-        let mut b = s.launch_builder(&kn.down_sum_i8);
+        let mut b = launch(s, &kn.down_sum_i8);
         b.arg(&base).arg(&stride).arg(&ids).arg(&wts).arg(&dn).arg(&out).arg(&k32).arg(&acc).arg(&qa).arg(&ad);
         unsafe { b.launch(grid) }?;
     } else {
-        let mut b = s.launch_builder(&kn.down_sum);
+        let mut b = launch(s, &kn.down_sum);
         b.arg(&base)
             .arg(&stride)
             .arg(&ids)
@@ -861,6 +917,10 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
     let major = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+    PDL.store(
+        major >= 9 && std::env::var("FLASHMOE_CUDA_PDL").is_ok_and(|v| v == "1"),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
     // FLASHMOE_CUDA_SOURCE: a kernels.cu to compile instead of the built-in one (kernel work
     // on a machine without Rust)
@@ -891,6 +951,7 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         whole_norm: f("whole_norm")?,
         attn_part: f("attn_part")?,
         attn_part1: f("attn_part1")?,
+        attn_dec: [f("attn_dec2")?, f("attn_dec4")?, f("attn_dec8")?],
         attn_merge: f("attn_merge")?,
         delta_conv: f("delta_conv")?,
         delta_shift: f("delta_shift")?,
@@ -974,7 +1035,7 @@ pub fn matmul_once(ordinal: usize, w: &MatRef<'_>, x: &[f32], n: usize, fast: bo
     let q = QBuf::new(s, w.cols)?;
     let qx = if fast && n == 1 && w.cols.is_multiple_of(32) {
         let (one, c32, qx) = (1i32, w.cols as i32, q.qx(s));
-        let mut b = s.launch_builder(&k.quant_x);
+        let mut b = launch(s, &k.quant_x);
         b.arg(&px).arg(&one).arg(&c32).arg(&qx.q).arg(&qx.d).arg(&qx.s16);
         unsafe { b.launch(cfg(((w.cols / 32).div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
         qx
@@ -984,7 +1045,7 @@ pub fn matmul_once(ordinal: usize, w: &MatRef<'_>, x: &[f32], n: usize, fast: bo
     let xbf = s.alloc_zeros::<u16>(n * w.cols)?;
     let xb = if fast && n > 1 {
         let (len, pxb) = ((n * w.cols) as i64, ptr(&xbf, s));
-        let mut b = s.launch_builder(&k.to_bf16);
+        let mut b = launch(s, &k.to_bf16);
         b.arg(&px).arg(&pxb).arg(&len);
         unsafe { b.launch(cfg(((n * w.cols).div_ceil(256).min(4096), 1), 256, 0)) }?;
         pxb
@@ -1030,7 +1091,7 @@ fn route(
     wts: u64,
     n: usize,
 ) -> Result<()> {
-    let mut lb = s.launch_builder(&kn.route_topk);
+    let mut lb = launch(s, &kn.route_topk);
     lb.arg(&logits).arg(&e).arg(&k).arg(&rd).arg(&ids).arg(&wts);
     unsafe { lb.launch(cfg((n, 1), 32, 8 * e as usize)) }?;
     Ok(())
@@ -1087,16 +1148,71 @@ pub fn mla_attend_once(
     let (pq, pm, pp) = (ptr(&q, s), ptr(&meta, s), ptr(&part, s));
     for (out, mp, chunk) in [(&split, parts, MLA_CHUNK), (&whole, 1, i32::MAX as usize)] {
         let (mp32, ch32, po) = (mp as i32, chunk as i32, ptr(out, s));
-        let mut lb = s.launch_builder(&kn.mla_part);
+        let mut lb = launch(s, &kn.mla_part);
         lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&po).arg(&nh32).arg(&kvl32).arg(&rd32).arg(&mp32).arg(&ch32);
         unsafe { lb.launch(cfg((nh.div_ceil(MLA_HW), mp), 32 * MLA_HW, 4 * MLA_TP * lw)) }?;
         if mp > 1 {
-            let mut lb = s.launch_builder(&kn.mla_merge);
+            let mut lb = launch(s, &kn.mla_merge);
             lb.arg(&pp).arg(&pm).arg(&po).arg(&nh32).arg(&kvl32).arg(&mp32).arg(&ch32);
             unsafe { lb.launch(cfg((nh, 1), kvl.next_multiple_of(32).min(256), 4 * mp)) }?;
         }
     }
     Ok((s.clone_dtoh(&split)?, s.clone_dtoh(&whole)?))
+}
+
+/// One decode token's attention (test hook): queries `q` ([heads][d]) over `len` cached
+/// positions of k and v ([len][kv heads][d]) within the last `window` positions, in parts of
+/// CHUNK with `spare` empty parts past the end (a decode graph's grid covers the cache's
+/// capacity), merged. Returns `[heads][d]` through `attn_dec` (where it takes the shape, else
+/// empty) and through `attn_part1`.
+pub fn gqa_attend_once(
+    ordinal: usize,
+    q: &[f32],
+    (k, v): (&[f32], &[f32]),
+    (nh, nkv, d): (usize, usize, usize),
+    window: usize,
+    spare: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let g = test_device(ordinal)?;
+    let (s, kn) = g.as_ref().expect("opened");
+    let row = nkv * d;
+    if nkv == 0
+        || !nh.is_multiple_of(nkv)
+        || q.len() != nh * d
+        || k.len() != v.len()
+        || k.is_empty()
+        || !k.len().is_multiple_of(row)
+    {
+        bail!("gqa_attend_once: sizes do not fit");
+    }
+    let len = k.len() / row;
+    let (qd, kc, vc) = (s.clone_htod(q)?, s.clone_htod(k)?, s.clone_htod(v)?);
+    let meta = s.clone_htod(&[len as i64 - 1, ptr(&kc, s) as i64, ptr(&vc, s) as i64])?;
+    let parts = len.div_ceil(CHUNK) + spare;
+    let part = s.alloc_zeros::<f32>(nh * parts * (d + 2))?;
+    let (nh32, nkv32, d32, parts32, layer, w32) =
+        (nh as i32, nkv as i32, d as i32, parts as i32, 0i32, window.min(i32::MAX as usize) as i32);
+    let (pq, pm, pp) = (ptr(&qd, s), ptr(&meta, s), ptr(&part, s));
+    let merge = |out: &CudaSlice<f32>| -> Result<Vec<f32>> {
+        let (po, gated, oq, sinks) = (ptr(out, s), 0i32, Qx::default(), 0u64);
+        let mut lb = launch(s, &kn.attn_merge);
+        lb.arg(&pq).arg(&pp).arg(&po).arg(&nh32).arg(&d32).arg(&d32).arg(&gated).arg(&parts32).arg(&oq).arg(&sinks);
+        unsafe { lb.launch(cfg((nh, 1), 128, 0)) }?;
+        Ok(s.clone_dtoh(out)?)
+    };
+    let mut dec = Vec::new();
+    if let Some((f, gh)) = dec_heads(nh, nkv, d, parts) {
+        let (out, gh32) = (s.alloc_zeros::<f32>(nh * d)?, gh as i32);
+        let mut lb = launch(s, &kn.attn_dec[f]);
+        lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&nh32).arg(&nkv32).arg(&d32).arg(&parts32).arg(&w32).arg(&gh32);
+        unsafe { lb.launch(cfg((nh / gh, parts), 128, 0)) }?;
+        dec = merge(&out)?;
+    }
+    let out = s.alloc_zeros::<f32>(nh * d)?;
+    let mut lb = launch(s, &kn.attn_part1);
+    lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&nh32).arg(&nkv32).arg(&d32).arg(&d32).arg(&parts32).arg(&w32);
+    unsafe { lb.launch(cfg((nh, parts), 128, 0)) }?;
+    Ok((dec, merge(&out)?))
 }
 
 /// y = W·x for `n` tokens: one token per warp and row (decode; on the int8 input where `qx`
@@ -1106,19 +1222,19 @@ fn launch_matmul(s: &CudaStream, k: &Kernels, base: u64, d: MatD, x: u64, y: u64
     let grid = |per: usize| cfg(((d.rows as usize).div_ceil(WARPS), n.div_ceil(per)), 32 * WARPS, 0);
     let n32 = n as i32;
     if n == 1 && p.qx.q != 0 {
-        let mut b = s.launch_builder(&k.matvec_q);
+        let mut b = launch(s, &k.matvec_q);
         b.arg(&base).arg(&d).arg(&x).arg(&y).arg(&p.qx);
         unsafe { b.launch(grid(1)) }?;
         return Ok(());
     }
     if n > 1 && p.xb != 0 && mma_ok(&d) {
-        let mut b = s.launch_builder(&k.mma_matmul);
+        let mut b = launch(s, &k.mma_matmul);
         b.arg(&base).arg(&d).arg(&p.xb).arg(&y).arg(&n32);
         unsafe { b.launch(cfg(((d.rows as usize).div_ceil(64), n.div_ceil(MT)), 128, 0)) }?;
         return Ok(());
     }
     let (f, per) = if n == 1 { (&k.matvec, 1) } else { (&k.matmul, NT) };
-    let mut b = s.launch_builder(f);
+    let mut b = launch(s, f);
     b.arg(&base).arg(&d).arg(&x).arg(&y).arg(&n32);
     unsafe { b.launch(grid(per)) }?;
     Ok(())
@@ -1386,12 +1502,24 @@ impl Accelerator for CudaModel {
             let key = (k, fast, parts);
             if fresh || sc.graph.as_ref().is_none_or(|g| g.0 != key) {
                 sc.graph = None;
-                s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-                let pass = self.pass(b, 1, k, 1, fast, parts);
-                let graph = s.end_capture(sys::CUgraphInstantiate_flags(0));
-                pass?;
-                let graph = graph?.ok_or_else(|| anyhow!("CUDA graph capture produced no graph"))?;
-                sc.graph = Some((key, Graph(graph)));
+                let mut capture = || -> Result<Graph> {
+                    s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                    let pass = self.pass(b, 1, k, 1, fast, parts);
+                    let graph = s.end_capture(sys::CUgraphInstantiate_flags(0));
+                    pass?;
+                    Ok(Graph(graph?.ok_or_else(|| anyhow!("CUDA graph capture produced no graph"))?))
+                };
+                let graph = match capture() {
+                    // a driver that cannot capture overlapping launches: capture plain ones
+                    Err(e) if PDL.swap(false, std::sync::atomic::Ordering::Relaxed) => {
+                        eprintln!(
+                            "warning: CUDA graph capture with programmatic dependent launch failed ({e:#}); capturing without it"
+                        );
+                        capture()?
+                    }
+                    g => g?,
+                };
+                sc.graph = Some((key, graph));
             }
             sc.graph.as_ref().expect("captured").1.0.launch()?;
         } else {
@@ -1457,6 +1585,30 @@ fn report_timing(t: [std::time::Instant; 5]) {
     );
 }
 
+/// `FLASHMOE_CUDA_ATTN=part`: one token's attention through the per-head kernel (`attn_part1`)
+/// instead of `attn_dec` (comparisons on one binary).
+fn old_attention() -> Option<()> {
+    static OLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    OLD.get_or_init(|| std::env::var("FLASHMOE_CUDA_ATTN").is_ok_and(|v| v == "part")).then_some(())
+}
+
+/// Blocks a decode token's attention should at least fill (about the H100/H200's SM count).
+const DEC_BLOCKS: usize = 128;
+
+/// `attn_dec`'s kernel (by head dim: 64, 128, 256) and query heads per block for one token over
+/// `parts` chunks: as many heads of a group as still give DEC_BLOCKS blocks (each k row read
+/// once for them), a divisor of the group, at most 32 / (d / 32) (a lane's accumulators).
+fn dec_heads(nh: usize, nkv: usize, d: usize, parts: usize) -> Option<(usize, usize)> {
+    let f = [64, 128, 256].iter().position(|&x| x == d)?;
+    if nkv == 0 || !nh.is_multiple_of(nkv) {
+        return None;
+    }
+    let g = nh / nkv;
+    let fits = (1..=(1024 / d).min(g)).filter(|gh| g.is_multiple_of(*gh));
+    let gh = fits.clone().filter(|gh| nh / gh * parts >= DEC_BLOCKS).max().unwrap_or(1);
+    Some((f, gh))
+}
+
 /// Whether decode replays a captured CUDA graph (FLASHMOE_CUDA_GRAPH=0 turns it off).
 fn graphs() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -1499,7 +1651,7 @@ impl CudaModel {
         if a.norm == NormAt::Whole {
             // the norms over the whole projections first (q and k biases with them)
             let (qd, kd) = ((a.nh * a.d) as i32, (a.nkv * a.d) as i32);
-            let mut lb = s.launch_builder(&self.k.whole_norm);
+            let mut lb = launch(s, &self.k.whole_norm);
             lb.arg(&pa).arg(&pb).arg(&qn).arg(&kn).arg(&bq).arg(&bk).arg(&qd).arg(&kd).arg(&eps);
             unsafe { lb.launch(cfg((n, 2), 256, 0)) }?;
             (bq, bk) = (0, 0);
@@ -1507,22 +1659,31 @@ impl CudaModel {
         let (nh, nkv, d, qw32, rot) = (a.nh as i32, a.nkv as i32, a.d as i32, qw as i32, a.rot as i32);
         let (gated, parts32, per_head) = (a.gated as i32, parts as i32, (a.norm == NormAt::PerHead) as i32);
         let freqs = ptr(&a.freqs, s);
-        let mut lb = s.launch_builder(&self.k.qk_norm_rope);
+        let mut lb = launch(s, &self.k.qk_norm_rope);
         lb.arg(&pa).arg(&pb).arg(&pc).arg(&qn).arg(&kn).arg(&pmeta).arg(&layer);
         lb.arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&rot).arg(&freqs).arg(&a.fscale).arg(&eps);
         lb.arg(&bq).arg(&bk).arg(&bv).arg(&per_head);
         unsafe { lb.launch(cfg((n, a.nh + a.nkv), 32, 0)) }?;
         // attention in parts of CHUNK positions, merged into b; then o_proj → y
         // one token: its own kernel (few blocks, each a long walk: more loads in flight)
-        let mut lb = s.launch_builder(if n == 1 { &self.k.attn_part1 } else { &self.k.attn_part });
-        lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&parts32);
-        lb.arg(&a.window);
-        unsafe { lb.launch(cfg((n * a.nh, parts), 128, 0)) }?;
+        let dec = (n == 1 && old_attention().is_none()).then(|| dec_heads(a.nh, a.nkv, a.d, parts)).flatten();
+        if let Some((f, gh)) = dec {
+            let gh32 = gh as i32;
+            let mut lb = launch(s, &self.k.attn_dec[f]);
+            lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&qw32).arg(&parts32);
+            lb.arg(&a.window).arg(&gh32);
+            unsafe { lb.launch(cfg((a.nh / gh, parts), 128, 0)) }?;
+        } else {
+            let mut lb = launch(s, if n == 1 { &self.k.attn_part1 } else { &self.k.attn_part });
+            lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&d).arg(&qw32).arg(&parts32);
+            lb.arg(&a.window);
+            unsafe { lb.launch(cfg((n * a.nh, parts), 128, 0)) }?;
+        }
         // one token: the merge writes o_proj's int8 input too (a block per head, a warp per 32)
         let fused = fast && n == 1 && a.d.is_multiple_of(32) && a.d <= 1024;
         let oq = if fused { b.qa.qx(s) } else { Qx::default() };
         let sinks = opt(a.sinks.as_ref());
-        let mut lb = s.launch_builder(&self.k.attn_merge);
+        let mut lb = launch(s, &self.k.attn_merge);
         lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32).arg(&oq).arg(&sinks);
         unsafe { lb.launch(cfg((n * a.nh, 1), if fused { a.d } else { 128 }, 0)) }?;
         let qo = if fused {
@@ -1567,19 +1728,19 @@ impl CudaModel {
         let (nh32, nope32, rd32, kvl32, il) =
             (nh as i32, a.nope as i32, a.rd as i32, a.kvl as i32, a.interleaved as i32);
         let freqs = ptr(&a.freqs, s);
-        let mut lb = s.launch_builder(&self.k.mla_rope_cache);
+        let mut lb = launch(s, &self.k.mla_rope_cache);
         lb.arg(&pa).arg(&lat).arg(&pmeta).arg(&layer).arg(&a.kv_norm.ptr).arg(&a.kv_eps).arg(&nh32).arg(&nope32);
         lb.arg(&rd32).arg(&kvl32).arg(&freqs).arg(&a.fscale).arg(&il);
         unsafe { lb.launch(cfg((n, 1 + nh), 128, 0)) }?;
         // the latent-space queries → b
-        let mut lb = s.launch_builder(&self.k.mla_absorb);
+        let mut lb = launch(s, &self.k.mla_absorb);
         lb.arg(&pa).arg(&a.uk.ptr).arg(&a.uk.d).arg(&pb).arg(&nh32).arg(&nope32).arg(&rd32).arg(&a.scale);
         unsafe { lb.launch(cfg((n * nh, 1), a.kvl.next_multiple_of(32).min(256), 4 * a.nope)) }?;
         // attention → the latent sums in a (q is spent)
         let (mparts, chunk) =
             if n == 1 { (parts * CHUNK.div_ceil(MLA_CHUNK), MLA_CHUNK) } else { (1, i32::MAX as usize) };
         let (mp32, ch32) = (mparts as i32, chunk as i32);
-        let mut lb = s.launch_builder(&self.k.mla_part);
+        let mut lb = launch(s, &self.k.mla_part);
         lb.arg(&pb)
             .arg(&pmeta)
             .arg(&layer)
@@ -1592,13 +1753,13 @@ impl CudaModel {
             .arg(&ch32);
         unsafe { lb.launch(cfg((n * nh.div_ceil(MLA_HW), mparts), 32 * MLA_HW, 4 * MLA_TP * lw)) }?;
         if mparts > 1 {
-            let mut lb = s.launch_builder(&self.k.mla_merge);
+            let mut lb = launch(s, &self.k.mla_merge);
             lb.arg(&ppart).arg(&pmeta).arg(&pa).arg(&nh32).arg(&kvl32).arg(&mp32).arg(&ch32);
             unsafe { lb.launch(cfg((n * nh, 1), a.kvl.next_multiple_of(32).min(256), 4 * mparts)) }?;
         }
         // out of the latent space → c, o_proj's input
         let vd32 = a.vd as i32;
-        let mut lb = s.launch_builder(&self.k.mla_uv);
+        let mut lb = launch(s, &self.k.mla_uv);
         lb.arg(&pa).arg(&a.uv.ptr).arg(&a.uv.d).arg(&pc).arg(&nh32).arg(&vd32);
         unsafe { lb.launch(cfg((n * nh, a.vd.div_ceil(WARPS)), 32 * WARPS, 0)) }?;
         let qo = self.prep(fast, pc, n, nh * a.vd, b.qa.qx(s), ptr(&b.xbh, s))?;
@@ -1624,18 +1785,18 @@ impl CudaModel {
         self.matmuls(&[(&d.qkv, pa), (&d.z, pc), (&d.b, pd), (&d.a, py)], ph, n, qh)?;
         let (cd, kd, vd) = (d.conv_dim(), d.nk * d.dk, d.nv * d.dv);
         let (cd32, kern32, n32) = (cd as i32, d.kern as i32, n as i32);
-        let mut lb = s.launch_builder(&self.k.delta_conv);
+        let mut lb = launch(s, &self.k.delta_conv);
         lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&d.conv_w.ptr).arg(&pb).arg(&cd32).arg(&kern32);
         unsafe { lb.launch(cfg((cd.div_ceil(256), n), 256, 0)) }?;
-        let mut lb = s.launch_builder(&self.k.delta_shift);
+        let mut lb = launch(s, &self.k.delta_shift);
         lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&n32).arg(&cd32).arg(&kern32);
         unsafe { lb.launch(cfg((cd.div_ceil(256), 1), 256, 0)) }?;
         let (kd32, dk32, nk32, qscale) = (kd as i32, d.dk as i32, d.nk as i32, 1.0f32 / (d.dk as f32).sqrt());
-        let mut lb = s.launch_builder(&self.k.delta_l2norm);
+        let mut lb = launch(s, &self.k.delta_l2norm);
         lb.arg(&pb).arg(&cd32).arg(&kd32).arg(&dk32).arg(&nk32).arg(&qscale);
         unsafe { lb.launch(cfg((n, 2 * d.nk), 32, 0)) }?;
         let (vd32, nv32, dv32) = (vd as i32, d.nv as i32, d.dv as i32);
-        let mut lb = s.launch_builder(&self.k.delta_rec);
+        let mut lb = launch(s, &self.k.delta_rec);
         lb.arg(&pb).arg(&pc).arg(&pd).arg(&py).arg(&pmeta).arg(&layer).arg(&d.neg_a.ptr).arg(&d.dt_bias.ptr);
         lb.arg(&d.norm_w.ptr).arg(&pa).arg(&n32).arg(&cd32).arg(&kd32).arg(&vd32).arg(&nk32).arg(&nv32);
         lb.arg(&dk32).arg(&dv32).arg(&d.eps);
@@ -1670,7 +1831,7 @@ impl CudaModel {
                 let one = fast && h.is_multiple_of(32);
                 let hq = if one { qa } else { Qx::default() };
                 let done = ptr(&b.done, s);
-                let mut lb = s.launch_builder(&self.k.matvec_norm);
+                let mut lb = launch(s, &self.k.matvec_norm);
                 lb.arg(&o.ptr)
                     .arg(&o.d)
                     .arg(&oin)
@@ -1697,7 +1858,7 @@ impl CudaModel {
                     if n == 1 {
                         // the product and the top-k in one launch (its last block routes)
                         let (r, done) = (&m.router, ptr(&b.done, s));
-                        let mut lb = s.launch_builder(&self.k.router_topk);
+                        let mut lb = launch(s, &self.k.router_topk);
                         lb.arg(&r.ptr).arg(&r.d).arg(&ph).arg(&qh.qx).arg(&pa).arg(&k32).arg(&m.route).arg(&pids);
                         lb.arg(&pw).arg(&done);
                         let blocks = (e32 as usize).div_ceil(WARPS);
@@ -1716,7 +1877,7 @@ impl CudaModel {
                     if let Some((sh, gate)) = &m.shared {
                         self.mlp(sh, (ph, qh), (pb, qb), pc, xbe, pd, n)?;
                         let (dim, gw) = (h as i32, gate.as_ref().map_or(0u64, |g| g.ptr));
-                        let mut lb = s.launch_builder(&self.k.gated_add);
+                        let mut lb = launch(s, &self.k.gated_add);
                         lb.arg(&py).arg(&pd).arg(&gw).arg(&ph).arg(&dim);
                         unsafe { lb.launch(cfg((n, 1), 256, 0)) }?;
                     }
@@ -1869,28 +2030,28 @@ impl CudaModel {
         let (porder, pslot) = (pid + 4 * pairs as u64, pid + 8 * pairs as u64);
         let ntiles = tl.len() / 3;
         let (dim, k32) = (self.hidden as i32, k as i32);
-        let mut b = s.launch_builder(&self.k.gather_rows);
+        let mut b = launch(s, &self.k.gather_rows);
         b.arg(&h).arg(&porder).arg(&xg).arg(&dim).arg(&k32);
         unsafe { b.launch(cfg((pairs, 1), 256, 0)) }?;
         if mma {
             let (inter, hidden) = (ex.gate.rows as usize, ex.down.rows as usize);
             self.to_bf16(xg, pairs * self.hidden, xb)?;
-            let mut b = s.launch_builder(&self.k.mma_gate_up_tiles);
+            let mut b = launch(s, &self.k.mma_gate_up_tiles);
             b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xb).arg(&act).arg(&ex.act);
             unsafe { b.launch(cfg((inter.div_ceil(64), ntiles), 128, 0)) }?;
             self.to_bf16(act, pairs * inter, xb)?;
-            let mut b = s.launch_builder(&self.k.mma_down_tiles);
+            let mut b = launch(s, &self.k.mma_down_tiles);
             b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&xb).arg(&ys).arg(&ex.act);
             unsafe { b.launch(cfg((hidden.div_ceil(64), ntiles), 128, 0)) }?;
         } else {
-            let mut b = s.launch_builder(&self.k.gate_up_tiles);
+            let mut b = launch(s, &self.k.gate_up_tiles);
             b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.gate).arg(&ex.up).arg(&xg).arg(&act).arg(&ex.act);
             unsafe { b.launch(cfg(((ex.gate.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
-            let mut b = s.launch_builder(&self.k.down_tiles);
+            let mut b = launch(s, &self.k.down_tiles);
             b.arg(&ex.ptr).arg(&ex.stride).arg(&pt).arg(&ex.down).arg(&act).arg(&ys).arg(&ex.act);
             unsafe { b.launch(cfg(((ex.down.rows as usize).div_ceil(WARPS), ntiles), 32 * WARPS, 0)) }?;
         }
-        let mut b = s.launch_builder(&self.k.combine_slots);
+        let mut b = launch(s, &self.k.combine_slots);
         b.arg(&ys).arg(&pslot).arg(&wts).arg(&out).arg(&dim).arg(&k32);
         unsafe { b.launch(cfg((n, 1), 256, 0)) }?;
         Ok(())
