@@ -9,6 +9,7 @@
 # There: carry target/mla-carry, then `bash bench/results/2026-12-02-mla-decode/run.sh 2048`
 #   and, in a second call, `... run.sh 8192` (each under 10 minutes; the first synthesizes
 #   /tmp/ds, about 100 s, which a warm machine keeps for the second). Logs land in $OUT.
+#   THREADS="16 4 1" picks the thread counts, REPEAT=0 skips the last run (16 again).
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 C=target/mla-carry
@@ -47,10 +48,10 @@ run() { # binary threads [extra bench flags]
 }
 echo "step sites: this build mla.rs:319 W_UKᵀq, :342 attention, :358 merge + W_UV, :380 o_proj, :257/:264 projections;"
 echo "            main's mla.rs:159 those first three + merge (4 steps), :396 o_proj, :255/:262 projections"
-for t in 16 8 4 1; do run flashmoe $t --prefill-threads 16; done
+for t in ${THREADS:-16 8 4 1}; do run flashmoe $t --prefill-threads 16; done
 if [ -x "$C/flashmoe-main" ]; then
     run flashmoe-main 16
     # main's prefill at 4 threads: 17 s at 2048 tokens, several minutes at 8192
     if [ "$P" -le 2048 ]; then run flashmoe-main 4; fi
 fi
-run flashmoe 16 --prefill-threads 16
+if [ "${REPEAT:-1}" = 1 ]; then run flashmoe 16 --prefill-threads 16; fi
