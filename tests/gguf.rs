@@ -1,7 +1,8 @@
-//! GGUF models against llama.cpp: a tiny Qwen3-MoE converted by llama.cpp's own
-//! `convert_hf_to_gguf.py` (F16, Q8_0) and `llama-quantize` (Q4_K_M), with llama.cpp's logits
-//! for fixed token sequences and its tokenization of a few texts (scripts/gguf_fixtures.sh
-//! made them; nothing here builds llama.cpp).
+//! GGUF models against llama.cpp: tiny random checkpoints converted by llama.cpp's own
+//! `convert_hf_to_gguf.py` (F16, Q8_0) and `llama-quantize` (Q4_K_M) — a Qwen3-MoE
+//! (`qwen3moe`), a gpt-oss with MXFP4 experts (`gpt-oss`), a DeepSeek-V3 (`deepseek2`) — with
+//! llama.cpp's logits for fixed token sequences and its tokenization of a few texts
+//! (scripts/gguf_fixtures.sh made them; nothing here builds llama.cpp).
 
 mod common;
 
@@ -22,9 +23,9 @@ struct Llama {
     tokens: Vec<Vec<u32>>,
 }
 
-fn llama(q: &str) -> Llama {
+fn llama(arch: &str, q: &str) -> Llama {
     let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("llama-{q}.json"))).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("llama-{arch}-{q}.json"))).unwrap()).unwrap();
     let ids = |x: &Value| x.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect::<Vec<u32>>();
     Llama {
         sequences: v["sequences"].as_array().unwrap().iter().map(ids).collect(),
@@ -46,11 +47,11 @@ fn llama(q: &str) -> Llama {
 }
 
 /// (top-1 agreement, mean KL(llama.cpp ‖ flashmoe)) over every position of every sequence.
-fn agree(q: &str) -> (f64, f64) {
-    let path = fixture(&format!("qwen3moe-{q}.gguf"));
+fn agree(arch: &str, q: &str) -> (f64, f64) {
+    let path = fixture(&format!("{arch}-{q}.gguf"));
     let mut m = flashmoe::load::load_model(&path).unwrap();
     m.opts.precision = flashmoe::tensor::Precision::Exact;
-    let l = llama(q);
+    let l = llama(arch, q);
     let (mut top, mut kl, mut n) = (0.0, 0.0, 0.0);
     for (seq, want) in l.sequences.iter().zip(&l.logits) {
         let got = m.forward(&mut m.new_state(), seq, true).unwrap();
@@ -59,13 +60,13 @@ fn agree(q: &str) -> (f64, f64) {
         (top, kl, n) = (top + t * rows, kl + k * rows, n + rows);
     }
     let (top, kl) = (top / n, kl / n);
-    eprintln!("{q}: top-1 {top:.4}, mean KL {kl:.2e} over {n} positions");
+    eprintln!("{arch} {q}: top-1 {top:.4}, mean KL {kl:.2e} over {n} positions");
     (top, kl)
 }
 
 #[test]
 fn f16_agrees_with_llama_cpp() {
-    let (top, kl) = agree("f16");
+    let (top, kl) = agree("qwen3moe", "f16");
     assert!(top >= 0.99 && kl <= 1e-3, "F16: top-1 {top}, KL {kl}");
 }
 
@@ -73,14 +74,38 @@ fn f16_agrees_with_llama_cpp() {
 /// Q8_K blocks); flashmoe keeps them in f32, so these bound the difference that makes.
 #[test]
 fn q8_0_agrees_with_llama_cpp() {
-    let (top, kl) = agree("q8_0");
+    let (top, kl) = agree("qwen3moe", "q8_0");
     assert!(top >= 0.95 && kl <= 1e-2, "Q8_0: top-1 {top}, KL {kl}");
 }
 
 #[test]
 fn q4_k_m_agrees_with_llama_cpp() {
-    let (top, kl) = agree("q4_k_m");
+    let (top, kl) = agree("qwen3moe", "q4_k_m");
     assert!(top >= 0.9 && kl <= 3e-2, "Q4_K_M: top-1 {top}, KL {kl}");
+}
+
+#[test]
+fn gpt_oss_f16_agrees_with_llama_cpp() {
+    let (top, kl) = agree("gpt-oss", "f16");
+    assert!(top >= 0.99 && kl <= 1e-3, "gpt-oss F16: top-1 {top}, KL {kl}");
+}
+
+#[test]
+fn gpt_oss_q8_0_agrees_with_llama_cpp() {
+    let (top, kl) = agree("gpt-oss", "q8_0");
+    assert!(top >= 0.95 && kl <= 1e-2, "gpt-oss Q8_0: top-1 {top}, KL {kl}");
+}
+
+#[test]
+fn deepseek2_f16_agrees_with_llama_cpp() {
+    let (top, kl) = agree("deepseek2", "f16");
+    assert!(top >= 0.99 && kl <= 1e-3, "deepseek2 F16: top-1 {top}, KL {kl}");
+}
+
+#[test]
+fn deepseek2_q8_0_agrees_with_llama_cpp() {
+    let (top, kl) = agree("deepseek2", "q8_0");
+    assert!(top >= 0.95 && kl <= 1e-2, "deepseek2 Q8_0: top-1 {top}, KL {kl}");
 }
 
 #[test]
@@ -92,7 +117,7 @@ fn q4_k_m_keeps_llama_cpps_quantization_mix() {
 
 #[test]
 fn tokenizer_from_metadata_tokenizes_as_llama_cpp() {
-    let l = llama("f16");
+    let l = llama("qwen3moe", "f16");
     let tok = flashmoe::tokenizer::TextTokenizer::load(&fixture("qwen3moe-f16.gguf")).unwrap();
     assert!(!l.texts.is_empty());
     for (text, want) in l.texts.iter().zip(&l.tokens) {
@@ -137,7 +162,7 @@ fn convert_keeps_the_gguf_blocks() {
     let to = dir.path().join("m");
     let opts = ConvertOptions { experts: kind, dense: flashmoe::tensor::WKind::BF16, force: false, progress: false };
     convert(&from, &to, &opts).unwrap();
-    let tokens = &llama("q8_0").sequences[1];
+    let tokens = &llama("qwen3moe", "q8_0").sequences[1];
     let run = |p: &Path| {
         let mut m = flashmoe::load::load_model(p).unwrap();
         m.opts.precision = flashmoe::tensor::Precision::Exact;

@@ -125,6 +125,25 @@ pub fn split_kv_b(kv_b: &Mat, heads: usize, nope: usize, v: usize) -> (Mat, Mat)
     (to(heads * nope, kvl, uk), to(heads * v, kvl, uv))
 }
 
+/// [`split_kv_b`] from llama.cpp's split halves: `k_b` (`[heads · kv_lora, nope]`, each head's
+/// W_UK transposed) and `v_b` (`[heads · v, kv_lora]`, W_UV), in f32 or bf16 as there.
+pub fn join_kv_b(k_b: &Mat, v_b: &Mat, heads: usize) -> (Mat, Mat) {
+    let (kvl, nope) = (k_b.rows / heads, k_b.cols);
+    let kt = k_b.to_f32();
+    let mut uk = vec![0f32; heads * nope * kvl];
+    for h in 0..heads {
+        for c in 0..kvl {
+            for i in 0..nope {
+                uk[(h * nope + i) * kvl + c] = kt[(h * kvl + c) * nope + i];
+            }
+        }
+    }
+    let keep = |m: Mat, kind: WKind| if matches!(kind, WKind::F32 | WKind::F16) { m } else { m.to_kind(WKind::BF16) };
+    let uk = keep(Mat::from_f32(heads * nope, kvl, uk).expect("sizes match"), k_b.kind);
+    let uv = keep(Mat::from_f32(v_b.rows, v_b.cols, v_b.to_f32()).expect("sizes match"), v_b.kind);
+    (uk, uv)
+}
+
 /// Rows `r0..r0 + n` of an f32 or bf16 matrix (a group of heads' rows of W_UK or W_UV).
 fn rows_of<'a>(w: &MatRef<'a>, r0: usize, n: usize) -> MatRef<'a> {
     let b = w.cols * w.kind.size();
