@@ -77,7 +77,8 @@ Numbers like 12345 and 3.14159, café 東京 🙂<|im_end|>"
 
 # One architecture: the make_fixtures.py checkpoint NAME (float64 reference and all; removed
 # after) as ARCH-f16.gguf and ARCH-q8_0.gguf (and ARCH-q4_k_m.gguf with `q4`), and llama.cpp's
-# records of each as llama-ARCH-Q.json.
+# records of each as llama-ARCH-Q.json, and the checkpoint's own reference as
+# transformers-ARCH.json.
 fixture() {
     local arch=$1 name=$2 q4=${3:-} qs=(f16 q8_0)
     (cd "$ROOT" && "$PY" scripts/make_fixtures.py "$name")
@@ -103,6 +104,14 @@ EOF
     for q in "${qs[@]}"; do
         "$WORK/gguf_logits" "$OUT/$arch-$q.gguf" "$OUT/llama-$arch-$q.json" "$prompt" "$other" -- "${texts[@]}"
     done
+    # the float64 reference of the checkpoint itself (transformers): what the F16 file holds,
+    # computed exactly, prefill and step-by-step decode
+    "$PY" - "$ck/reference.json" "$OUT/transformers-$arch.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+keep = ("transformers", "prompt", "prefill_logits", "greedy", "decode_logits")
+json.dump({k: r[k] for k in keep}, open(sys.argv[2], "w"), separators=(",", ":"))
+EOF
     rm -rf "$ck"
 }
 
