@@ -246,3 +246,86 @@ fn convert_keeps_the_gguf_blocks() {
     let e = format!("{:#}", convert(&q4, &dir.path().join("q4"), &opts).unwrap_err());
     assert!(e.contains("down_proj is ggml-Q6_K"), "{e}");
 }
+
+/// `path` written again by flashmoe's GGUF writer, with `meta` edited and each tensor passed
+/// through `tensor` (name, `ne`, ggml type, bytes; `None` drops it).
+fn rewrite(
+    path: &Path,
+    meta: impl Fn(&mut std::collections::BTreeMap<String, flashmoe::gguf::Value>),
+    tensor: impl Fn(&flashmoe::gguf::Gguf, &str, &[u8]) -> Option<(String, Vec<u64>, u32, Vec<u8>)>,
+) -> Vec<u8> {
+    let g = flashmoe::gguf::Gguf::open(path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    let mut m = g.meta.clone();
+    meta(&mut m);
+    let ts: Vec<_> = g.infos.iter().filter_map(|t| tensor(&g, &t.name, &bytes[t.start..t.start + t.len])).collect();
+    let ms: Vec<(&str, flashmoe::gguf::Value)> = m.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let ts: Vec<(&str, Vec<u64>, u32, Vec<u8>)> =
+        ts.iter().map(|(n, ne, ty, b)| (n.as_str(), ne.clone(), *ty, b.clone())).collect();
+    flashmoe::gguf::write::gguf(&ms, &ts)
+}
+
+/// Older deepseek2 files hold `attn_kv_b` whole (llama.cpp's converter now splits it): the F16
+/// fixture written that way (each head's `k_b` transposed back, then its `v_b`) computes the
+/// same logits bit for bit. A file without sigmoid routing is refused naming the key.
+#[test]
+fn deepseek2_with_kv_b_whole_computes_as_split() {
+    let path = fixture("deepseek2-f16.gguf");
+    let same = |g: &flashmoe::gguf::Gguf, n: &str, b: &[u8]| {
+        let t = g.infos.iter().find(|t| t.name == n).unwrap();
+        Some((n.to_string(), t.ne.clone(), t.ggml_type, b.to_vec()))
+    };
+    let file = std::fs::read(&path).unwrap();
+    let whole = rewrite(
+        &path,
+        |_| {},
+        |g, n, b| {
+            if n.ends_with("attn_v_b.weight") {
+                return None;
+            }
+            let Some(l) = n.strip_suffix("attn_k_b.weight") else { return same(g, n, b) };
+            let info = |n: &str| g.infos.iter().find(|t| t.name == n).unwrap();
+            let (k, v) = (info(n), info(&format!("{l}attn_v_b.weight")));
+            assert_eq!((k.ggml_type, v.ggml_type), (1, 1), "F16");
+            let [nope, kvl, heads] = [k.ne[0], k.ne[1], k.ne[2]].map(|x| x as usize);
+            let vd = v.ne[1] as usize;
+            let f16 = |t: &flashmoe::gguf::TensorInfo, i: usize| &file[t.start + 2 * i..t.start + 2 * i + 2];
+            let mut out = Vec::new();
+            for h in 0..heads {
+                for i in 0..nope {
+                    (0..kvl).for_each(|c| out.extend(f16(k, (h * kvl + c) * nope + i)));
+                }
+                for j in 0..vd {
+                    (0..kvl).for_each(|c| out.extend(f16(v, (h * vd + j) * kvl + c)));
+                }
+            }
+            Some((format!("{l}attn_kv_b.weight"), vec![kvl as u64, (heads * (nope + vd)) as u64], 1, out))
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("whole.gguf");
+    std::fs::write(&p, &whole).unwrap();
+    let g = flashmoe::gguf::Gguf::open(&p).unwrap();
+    assert!(g.infos.iter().any(|t| t.name == "blk.0.attn_kv_b.weight"));
+    assert!(!g.infos.iter().any(|t| t.name.contains("attn_k_b")));
+    let tokens = &llama("deepseek2", "f16").sequences[0];
+    let run = |p: &Path| {
+        let mut m = flashmoe::load::load_model(p).unwrap();
+        m.opts.precision = flashmoe::tensor::Precision::Exact;
+        m.forward(&mut m.new_state(), tokens, true).unwrap()
+    };
+    assert_eq!(run(&p), run(&path));
+    for (gating, want) in [(None, "missing, which llama.cpp reads as 1"), (Some(1u32), "is 1 (softmax routing")] {
+        let b = rewrite(
+            &path,
+            |m| match gating {
+                None => drop(m.remove("deepseek2.expert_gating_func")),
+                Some(v) => drop(m.insert("deepseek2.expert_gating_func".into(), flashmoe::gguf::Value::U32(v))),
+            },
+            same,
+        );
+        std::fs::write(&p, &b).unwrap();
+        let e = format!("{:#}", flashmoe::gguf::Gguf::open(&p).err().unwrap());
+        assert!(e.contains("deepseek2.expert_gating_func") && e.contains(want), "{e}");
+    }
+}

@@ -681,6 +681,43 @@ mod tests {
         assert!(logits.len() == 24 && logits.iter().all(|v| v.is_finite()));
     }
 
+    /// ggml's MXFP4 blocks become the engine's MXFP4 rows holding the same values (ggml's own
+    /// decoder, tested against gguf-py's, is the reference), any row range; a tensor of the
+    /// wrong size is refused naming it.
+    #[test]
+    fn ggml_mxfp4_rows_repack_into_the_engines_mxfp4_with_the_same_values() {
+        let (rows, cols) = (5, 96);
+        let data = crate::kernels::ggml::tests::random_row(Ggml::MXFP4, rows * cols / 32, 7);
+        let p = Path::new("x.gguf");
+        let t = Tensor {
+            name: "e",
+            file: p,
+            shape: vec![rows, cols],
+            format: Format::GgmlMxfp4,
+            parts: SmallVec::from_iter([&data[..]]),
+            aux_bytes: 0,
+        };
+        let row_bytes = cols / 32 * 17;
+        for range in [0..rows, 1..4, 4..5, 2..2] {
+            let m = t.rows(range.clone()).unwrap();
+            assert_eq!((m.kind, m.rows, m.cols), (WKind::Mxfp4, range.len(), cols));
+            let mut want = vec![0f32; range.len() * cols];
+            for (i, r) in range.clone().enumerate() {
+                let row = &data[r * row_bytes..(r + 1) * row_bytes];
+                crate::kernels::ggml::decode_row(Ggml::MXFP4, row, &mut want[i * cols..(i + 1) * cols]);
+                let x: Vec<f32> = (0..cols).map(|j| ((j * 37 % 11) as f32 - 5.0) / 3.0).collect();
+                let y = &mut [0f32];
+                m.slice_rows(i, i + 1).matvec(&x, y, crate::tensor::Precision::Exact);
+                let d = crate::kernels::ggml::dot_scalar(Ggml::MXFP4, row, &x);
+                assert!((y[0] - d).abs() <= 1e-4 * (1.0 + d.abs()), "row {r}: {} vs {d}", y[0]);
+            }
+            assert_eq!(m.to_f32(), want, "{range:?}");
+        }
+        let short = Tensor { parts: SmallVec::from_iter([&data[1..]]), ..t.clone() };
+        let e = format!("{:#}", short.rows(0..1).unwrap_err());
+        assert!(e.contains("MXFP4 tensor `e`") && e.contains("x.gguf"), "{e}");
+    }
+
     #[test]
     fn bad_files_are_refused_naming_the_file_and_what_is_wrong() {
         let d = tempfile::tempdir().unwrap();

@@ -1144,6 +1144,45 @@ mod tests {
         }
     }
 
+    /// llama.cpp's split halves (`k_b` each head's W_UK transposed, `v_b` its W_UV) give what
+    /// `kv_b_proj` whole gives, in any format (odd sizes where the format allows).
+    #[test]
+    fn the_split_halves_give_the_latent_space_copies_of_the_whole() {
+        use crate::kernels::ggml::Ggml;
+        for (nh, nope, vd, kvl, kind) in [
+            (3, 5, 7, 9, WKind::F32),
+            (3, 5, 7, 9, WKind::F16),
+            (2, 32, 3, 64, WKind::Ggml(Ggml::Q8_0)),
+            (1, 32, 32, 32, WKind::BF16),
+        ] {
+            // the whole with the halves' values, so both hold exactly the same numbers
+            let mk = |rows: usize, cols: usize, seed: u64, kind: WKind| match kind {
+                WKind::Ggml(t) => {
+                    let b = crate::kernels::ggml::tests::random_row(t, rows * cols / t.block(), seed);
+                    Mat::from_bytes(rows, cols, kind, crate::tensor::AlignedBytes::from_slice(&b)).unwrap()
+                }
+                _ => Mat::from_f32(rows, cols, uniform(rows * cols, seed)).unwrap().to_kind(kind),
+            };
+            let k_b = mk(nh * kvl, nope, 5, kind);
+            let v_b = mk(nh * vd, kvl, 6, kind);
+            let (kt, vt) = (k_b.to_f32(), v_b.to_f32());
+            let mut whole = vec![];
+            for h in 0..nh {
+                for i in 0..nope {
+                    whole.extend((0..kvl).map(|c| kt[(h * kvl + c) * nope + i]));
+                }
+                whole.extend(&vt[h * vd * kvl..(h + 1) * vd * kvl]);
+            }
+            let whole = Mat::from_f32(nh * (nope + vd), kvl, whole).unwrap();
+            let whole = if matches!(kind, WKind::F16 | WKind::F32) { whole } else { whole.to_kind(WKind::BF16) };
+            let (uk, uv) = join_kv_b(&k_b, &v_b, nh);
+            let (wk, wv) = split_kv_b(&whole, nh, nope, vd);
+            assert_eq!((uk.rows, uk.cols, uv.rows, uv.cols), (nh * nope, kvl, nh * vd, kvl));
+            assert_eq!(uk.kind, if matches!(kind, WKind::F32 | WKind::F16) { WKind::F32 } else { WKind::BF16 });
+            assert_eq!((uk.to_f32(), uv.to_f32()), (wk.to_f32(), wv.to_f32()), "{kind:?}");
+        }
+    }
+
     #[test]
     fn layer_norm_matches_its_definition() {
         let mut x = vec![1.0, 2.0, 4.0, -3.0];
