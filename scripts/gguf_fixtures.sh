@@ -6,6 +6,7 @@
 #   qwen3moe   Qwen3-MoE                 F16, Q8_0, Q4_K_M
 #   gpt-oss    gpt-oss, MXFP4 experts    F16, Q8_0 (the experts stay MXFP4 in both)
 #   deepseek2  DeepSeek-V3 MLA           F16, Q8_0
+#   glm4moe    GLM-4.5                   F16, Q8_0
 #
 #   PYTHON=/tmp/fx/bin/python scripts/gguf_fixtures.sh [ARCH ...]   # all, or only these
 #
@@ -62,6 +63,9 @@ src, ck, outtype, outfile = sys.argv[1:5]
 sys.path[:0] = [src, src + "/gguf-py"]
 from conversion.base import TextModel
 TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+# GLM's vocabulary step looks up GLM's own special tokens ([gMASK], ...), which the fixture
+# tokenizer has not: its BPE vocabulary is written as any GPT-2-style one
+TextModel._set_vocab_glm = lambda self: self._set_vocab_gpt2()
 import convert_hf_to_gguf as c
 sys.argv = ["convert_hf_to_gguf.py", ck, "--outtype", outtype, "--outfile", outfile]
 c.main()
@@ -119,4 +123,5 @@ want() { [ $# -eq 1 ] || [[ " ${*:2} " == *" $1 "* ]]; }
 want qwen3moe "$@" && fixture qwen3moe qwen3_moe_gguf q4
 want gpt-oss "$@" && fixture gpt-oss gpt_oss_gguf
 want deepseek2 "$@" && fixture deepseek2 deepseek_v3_gguf
+want glm4moe "$@" && fixture glm4moe glm4_moe_gguf
 ls -l "$OUT"

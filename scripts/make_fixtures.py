@@ -737,6 +737,12 @@ def main():
     air = dict(glm, use_qk_norm=False, n_group=1, topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=2,
                n_shared_experts=2, norm_topk_prob=False)
     make("glm4_moe_air", Glm4MoeConfig, Glm4MoeForCausalLM, air, torch.float32, short, 900)
+    # for scripts/gguf_fixtures.sh (made only when named): llama.cpp's glm4moe has no group
+    # limit; widths of 32 let Q8_0's blocks divide every row
+    glm_g = dict(glm, hidden_size=64, num_hidden_layers=3, head_dim=16, intermediate_size=64,
+                 moe_intermediate_size=32, n_group=1, topk_group=1)
+    if "glm4_moe_gguf" in ONLY:
+        make("glm4_moe_gguf", Glm4MoeConfig, Glm4MoeForCausalLM, glm_g, torch.bfloat16, prompt, 2700)
 
     from transformers import GptOssConfig
 

@@ -17,6 +17,8 @@
 //!   unscaled); sigmoid routing with a correction bias, groups, scale; shared experts; dense
 //!   layers first. Softmax routing (DeepSeek-V2, and files without `expert_gating_func`, which
 //!   llama.cpp reads as V2's) is refused.
+//! - `glm4moe` (GLM-4.5/4.6/4.7): the DeepSeek router without MLA; partial half-split RoPE,
+//!   q/k norm and biases where their tensors are; the MTP layers past the text model skipped.
 
 use super::{TensorInfo, Value};
 use crate::families::Names;
@@ -26,7 +28,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The architectures read, as (GGUF name, `model_type`).
-pub const ARCHES: &[(&str, &str)] = &[("qwen3moe", "qwen3_moe"), ("gpt-oss", "gpt_oss"), ("deepseek2", "deepseek_v3")];
+pub const ARCHES: &[(&str, &str)] =
+    &[("qwen3moe", "qwen3_moe"), ("gpt-oss", "gpt_oss"), ("deepseek2", "deepseek_v3"), ("glm4moe", "glm4_moe")];
 
 /// Metadata of one file, with messages naming it.
 struct Meta<'a> {
@@ -100,6 +103,7 @@ pub fn map(file: &Path, meta: &BTreeMap<String, Value>, infos: &[TensorInfo]) ->
         "qwen3_moe" => qwen3moe(&m, vocab, find("output.weight").is_none())?,
         "gpt_oss" => gpt_oss(&m, vocab, find("output.weight").is_none())?,
         "deepseek_v3" => deepseek2(&m, vocab, find("output.weight").is_none())?,
+        "glm4_moe" => glm4moe(&m, vocab, find("output.weight").is_none(), &|n| find(n).is_some())?,
         _ => unreachable!("every entry of ARCHES has a mapping"),
     };
     let names = crate::families::names_of(model_type);
@@ -233,15 +237,6 @@ fn gpt_oss(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
 fn deepseek2(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
     let mut c = common(m, vocab, tied)?;
     let d = m.file.display();
-    match m.u64_opt("expert_gating_func")? {
-        Some(2) => {}
-        Some(1) | None => bail!(
-            "{d}: metadata `{}` is {} (softmax routing, DeepSeek-V2's); only sigmoid (2, DeepSeek-V3 and Kimi-K2) is supported",
-            m.key("expert_gating_func"),
-            if m.get("expert_gating_func").is_some() { "1" } else { "missing, which llama.cpp reads as 1" }
-        ),
-        Some(g) => bail!("{d}: metadata `{}` is {g}; only sigmoid (2) is supported", m.key("expert_gating_func")),
-    }
     let rope = m.u64("rope.dimension_count")?;
     let k = m.u64("attention.key_length_mla")?;
     if k <= rope {
@@ -257,6 +252,32 @@ fn deepseek2(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
     o.insert("qk_rope_head_dim".into(), json!(rope));
     o.insert("v_head_dim".into(), json!(m.u64("attention.value_length_mla")?));
     o.insert("rope_interleave".into(), json!(true));
+    deepseek_moe(m, o)?;
+    if c["rope_parameters"]["rope_type"] == "yarn" {
+        // cos and sin unscaled, the softmax by (1 + 0.1 · mscale_all_dim · ln factor)²
+        let all_dim = m.f64_opt("rope.scaling.yarn_log_multiplier")?.unwrap_or(0.0) / 0.1;
+        let r = &mut c["rope_parameters"];
+        r["attention_factor"] = json!(1.0);
+        r["mscale"] = json!(all_dim);
+        r["mscale_all_dim"] = json!(all_dim);
+    }
+    Ok(c)
+}
+
+/// DeepSeek's MoE recipe as `deepseek2` and `glm4moe` state it: sigmoid routing (refused
+/// otherwise: softmax is DeepSeek-V2's, and a file without `expert_gating_func` is read so by
+/// llama.cpp), groups, scale, renormalisation, shared experts, dense layers first.
+fn deepseek_moe(m: &Meta, o: &mut serde_json::Map<String, Json>) -> Result<()> {
+    let d = m.file.display();
+    match m.u64_opt("expert_gating_func")? {
+        Some(2) => {}
+        Some(1) | None => bail!(
+            "{d}: metadata `{}` is {} (softmax routing, DeepSeek-V2's); only sigmoid (2) is supported",
+            m.key("expert_gating_func"),
+            if m.get("expert_gating_func").is_some() { "1" } else { "missing, which llama.cpp reads as 1" }
+        ),
+        Some(g) => bail!("{d}: metadata `{}` is {g}; only sigmoid (2) is supported", m.key("expert_gating_func")),
+    }
     o.insert("intermediate_size".into(), json!(m.u64("feed_forward_length")?));
     o.insert("moe_intermediate_size".into(), json!(m.u64("expert_feed_forward_length")?));
     o.insert("n_routed_experts".into(), json!(m.u64("expert_count")?));
@@ -274,14 +295,24 @@ fn deepseek2(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
     };
     o.insert("norm_topk_prob".into(), json!(norm));
     o.insert("scoring_func".into(), json!("sigmoid"));
-    if c["rope_parameters"]["rope_type"] == "yarn" {
-        // cos and sin unscaled, the softmax by (1 + 0.1 · mscale_all_dim · ln factor)²
-        let all_dim = m.f64_opt("rope.scaling.yarn_log_multiplier")?.unwrap_or(0.0) / 0.1;
-        let r = &mut c["rope_parameters"];
-        r["attention_factor"] = json!(1.0);
-        r["mscale"] = json!(all_dim);
-        r["mscale_all_dim"] = json!(all_dim);
+    Ok(())
+}
+
+/// llama.cpp's `glm4moe` (GLM-4.5/4.6/4.7): q/k norm and q/k/v biases where the file has
+/// their tensors; `block_count` counts the MTP layers (`nextn_predict_layers`), which are not
+/// part of the text model.
+fn glm4moe(m: &Meta, vocab: u64, tied: bool, has: &dyn Fn(&str) -> bool) -> Result<Json> {
+    let mut c = gqa(m, vocab, tied)?;
+    let (blocks, nextn) = (m.u64("block_count")?, m.u64_opt("nextn_predict_layers")?.unwrap_or(0));
+    if nextn >= blocks {
+        bail!("{}: nextn_predict_layers {nextn} leaves none of the {blocks} blocks", m.file.display());
     }
+    let o = c.as_object_mut().expect("an object");
+    o.insert("model_type".into(), json!("glm4_moe"));
+    o.insert("num_hidden_layers".into(), json!(blocks - nextn));
+    o.insert("use_qk_norm".into(), json!(has("blk.0.attn_q_norm.weight")));
+    o.insert("attention_bias".into(), json!(has("blk.0.attn_q.bias")));
+    deepseek_moe(m, o)?;
     Ok(c)
 }
 
