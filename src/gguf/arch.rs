@@ -388,13 +388,13 @@ mod tests {
         assert_eq!(c("rope_freqs.weight"), None);
         // gpt-oss: sinks (no suffix in the family's names), the post-attention norm, the
         // router's bias, experts' biases beside their stacks
-        let o = |g| canonical(&crate::families::names_of("gpt_oss"), "model.", g);
+        let o = |g| canonical(crate::families::names_of("gpt_oss"), "model.", g);
         assert_eq!(o("blk.2.attn_sinks.weight").unwrap(), "model.layers.2.self_attn.sinks");
         assert_eq!(o("blk.2.post_attention_norm.weight").unwrap(), "model.layers.2.post_attention_layernorm.weight");
         assert_eq!(o("blk.2.ffn_gate_inp.bias").unwrap(), "model.layers.2.mlp.router.bias");
         assert_eq!(o("blk.2.ffn_up_exps.bias").unwrap(), "model.layers.2.mlp.switch_mlp.up_proj.bias");
         // deepseek2: MLA's projections, kv_b whole or split, shared experts, the correction bias
-        let d = |g| canonical(&crate::families::names_of("deepseek_v3"), "model.", g);
+        let d = |g| canonical(crate::families::names_of("deepseek_v3"), "model.", g);
         assert_eq!(d("blk.1.attn_q_a.weight").unwrap(), "model.layers.1.self_attn.q_a_proj.weight");
         assert_eq!(d("blk.1.attn_q_a_norm.weight").unwrap(), "model.layers.1.self_attn.q_a_layernorm.weight");
         assert_eq!(d("blk.1.attn_kv_a_mqa.weight").unwrap(), "model.layers.1.self_attn.kv_a_proj_with_mqa.weight");
