@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The GGUF agreement fixtures (tests/fixtures/gguf/): llama.cpp's own converter and quantizer
-# turn a tiny random Qwen3-MoE checkpoint into GGUF at F16, Q8_0 and Q4_K_M, and llama.cpp's
-# logits for fixed token sequences (and its tokenization of a few texts) are recorded, so
-# tests/gguf.rs checks flashmoe against llama.cpp without building it or installing torch.
+# The GGUF agreement fixtures (tests/fixtures/gguf/): llama.cpp's own converter (and quantizer)
+# turn tiny random checkpoints of several families into GGUF, and llama.cpp's logits for fixed
+# token sequences (and its tokenization of a few texts) are recorded, so tests/gguf.rs checks
+# flashmoe against llama.cpp without building it or installing torch:
+#   qwen3moe   Qwen3-MoE                 F16, Q8_0, Q4_K_M
+#   gpt-oss    gpt-oss, MXFP4 experts    F16, Q8_0 (the experts stay MXFP4 in both)
+#   deepseek2  DeepSeek-V3 MLA           F16, Q8_0
+#   glm4moe    GLM-4.5                   F16, Q8_0
 #
-#   PYTHON=/tmp/fx/bin/python scripts/gguf_fixtures.sh
+#   PYTHON=/tmp/fx/bin/python scripts/gguf_fixtures.sh [ARCH ...]   # all, or only these
 #
 # PYTHON: a Python with torch and transformers (the venv of scripts/make_fixtures.py). llama.cpp
 # comes from the llama-cpp-python sdist on PyPI (its vendored source), built CPU-only under
@@ -50,37 +54,74 @@ bin=$WORK/build/bin
 cc -O2 -I"$src/include" -I"$src/ggml/include" "$ROOT/scripts/gguf_logits.c" -L"$bin" -lllama -lggml -lggml-base \
     -Wl,-rpath,"$bin" -o "$WORK/gguf_logits"
 
-# the checkpoint (float64 reference and all: a fixture like the others, then removed)
-(cd "$ROOT" && "$PY" scripts/make_fixtures.py qwen3_moe_gguf)
-ck=$ROOT/tests/fixtures/qwen3_moe_gguf
-
 # llama.cpp's converter, its vendored gguf-py; the fixture tokenizer's pre-tokenizer hash is
 # unknown to it, but its split regex is Qwen2's
 convert() {
-    "$PY" - "$src" "$ck" "$1" "$2" <<'EOF'
+    "$PY" - "$src" "$1" "$2" "$3" <<'EOF'
 import sys
 src, ck, outtype, outfile = sys.argv[1:5]
 sys.path[:0] = [src, src + "/gguf-py"]
 from conversion.base import TextModel
 TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+# GLM's vocabulary step looks up GLM's own special tokens ([gMASK], ...), which the fixture
+# tokenizer has not: its BPE vocabulary is written as any GPT-2-style one
+TextModel._set_vocab_glm = lambda self: self._set_vocab_gpt2()
 import convert_hf_to_gguf as c
 sys.argv = ["convert_hf_to_gguf.py", ck, "--outtype", outtype, "--outfile", outfile]
 c.main()
 EOF
 }
-convert f16 "$OUT/qwen3moe-f16.gguf"
-convert q8_0 "$OUT/qwen3moe-q8_0.gguf"
-"$bin/llama-quantize" "$OUT/qwen3moe-f16.gguf" "$OUT/qwen3moe-q4_k_m.gguf" Q4_K_M > "$WORK/quantize.log"
 
-# the fixture's prompt, and 40 fixed ids below the special tokens
-prompt=$("$PY" -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['prompt'])))" "$ck/reference.json")
+# 40 fixed ids below the special tokens, and texts for the tokenizer
 other=$("$PY" -c "print(','.join(str((i * 7919 + 11) % 313) for i in range(40)))")
 texts=("ROMEO: But soft, what light through yonder window breaks?"
        "<|im_start|>user
 Numbers like 12345 and 3.14159, café 東京 🙂<|im_end|>"
        "  fn main() { println!(\"hello\"); }	tabs")
-for q in f16 q8_0 q4_k_m; do
-    "$WORK/gguf_logits" "$OUT/qwen3moe-$q.gguf" "$OUT/llama-$q.json" "$prompt" "$other" -- "${texts[@]}"
-done
-rm -rf "$ck"
+
+# One architecture: the make_fixtures.py checkpoint NAME (float64 reference and all; removed
+# after) as ARCH-f16.gguf and ARCH-q8_0.gguf (and ARCH-q4_k_m.gguf with `q4`), and llama.cpp's
+# records of each as llama-ARCH-Q.json, and the checkpoint's own reference as
+# transformers-ARCH.json.
+fixture() {
+    local arch=$1 name=$2 q4=${3:-} qs=(f16 q8_0)
+    (cd "$ROOT" && "$PY" scripts/make_fixtures.py "$name")
+    local ck=$ROOT/tests/fixtures/$name
+    if [ "$arch" = deepseek2 ]; then
+        # transformers' config drops the release's scoring_func; without it llama.cpp routes
+        # deepseek2 by softmax (DeepSeek-V2's)
+        "$PY" - "$ck/config.json" <<'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.update(scoring_func="sigmoid", topk_method="noaux_tc")
+json.dump(c, open(sys.argv[1], "w"), indent=2)
+EOF
+    fi
+    convert "$ck" f16 "$OUT/$arch-f16.gguf"
+    convert "$ck" q8_0 "$OUT/$arch-q8_0.gguf"
+    if [ "$q4" = q4 ]; then
+        "$bin/llama-quantize" "$OUT/$arch-f16.gguf" "$OUT/$arch-q4_k_m.gguf" Q4_K_M > "$WORK/quantize.log"
+        qs+=(q4_k_m)
+    fi
+    local prompt
+    prompt=$("$PY" -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['prompt'])))" "$ck/reference.json")
+    for q in "${qs[@]}"; do
+        "$WORK/gguf_logits" "$OUT/$arch-$q.gguf" "$OUT/llama-$arch-$q.json" "$prompt" "$other" -- "${texts[@]}"
+    done
+    # the float64 reference of the checkpoint itself (transformers): what the F16 file holds,
+    # computed exactly, prefill and step-by-step decode
+    "$PY" - "$ck/reference.json" "$OUT/transformers-$arch.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+keep = ("transformers", "prompt", "prefill_logits", "greedy", "decode_logits")
+json.dump({k: r[k] for k in keep}, open(sys.argv[2], "w"), separators=(",", ":"))
+EOF
+    rm -rf "$ck"
+}
+
+want() { [ $# -eq 1 ] || [[ " ${*:2} " == *" $1 "* ]]; }
+want qwen3moe "$@" && fixture qwen3moe qwen3_moe_gguf q4
+want gpt-oss "$@" && fixture gpt-oss gpt_oss_gguf
+want deepseek2 "$@" && fixture deepseek2 deepseek_v3_gguf
+want glm4moe "$@" && fixture glm4moe glm4_moe_gguf
 ls -l "$OUT"

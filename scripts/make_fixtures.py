@@ -737,6 +737,12 @@ def main():
     air = dict(glm, use_qk_norm=False, n_group=1, topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=2,
                n_shared_experts=2, norm_topk_prob=False)
     make("glm4_moe_air", Glm4MoeConfig, Glm4MoeForCausalLM, air, torch.float32, short, 900)
+    # for scripts/gguf_fixtures.sh (made only when named): llama.cpp's glm4moe has no group
+    # limit; widths of 32 let Q8_0's blocks divide every row
+    glm_g = dict(glm, hidden_size=64, num_hidden_layers=3, head_dim=16, intermediate_size=64,
+                 moe_intermediate_size=32, n_group=1, topk_group=1)
+    if "glm4_moe_gguf" in ONLY:
+        make("glm4_moe_gguf", Glm4MoeConfig, Glm4MoeForCausalLM, glm_g, torch.bfloat16, prompt, 2700)
 
     from transformers import GptOssConfig
 
@@ -762,6 +768,12 @@ def main():
     # as released: MXFP4 experts (the reference runs on their dequantized values)
     oss_q = dict(oss, intermediate_size=32)  # MXFP4 blocks of 32 along both expert inputs
     make("gpt_oss_mxfp4", GptOssConfig, GptOssForCausalLM, oss_q, torch.bfloat16, short, 1100, mxfp4=True)
+    # for scripts/gguf_fixtures.sh (made only when named): MXFP4 experts as released, which
+    # llama.cpp's converter keeps; widths of 32 let Q8_0's blocks divide the other rows
+    oss_g = dict(oss, hidden_size=64, num_hidden_layers=2, intermediate_size=32, num_local_experts=4,
+                 num_experts_per_tok=2, head_dim=16)
+    if "gpt_oss_gguf" in ONLY:
+        make("gpt_oss_gguf", GptOssConfig, GptOssForCausalLM, oss_g, torch.bfloat16, prompt, 2500, mxfp4=True)
 
     mla_fixtures(common, prompt, short)
 
@@ -830,6 +842,17 @@ def mla_fixtures(common, prompt, short):
     # multiples of 32), the reference on their dequantized values
     kimi_q = dict(kimi, moe_intermediate_size=32)
     make("kimi_k25_int4", DeepseekV3Config, V3, kimi_q, torch.bfloat16, short, 1700, int4=32, kimi=True)
+    # for scripts/gguf_fixtures.sh (made only when named): llama.cpp's deepseek2 rotates
+    # interleaved pairs and knows YaRN's mscale only through mscale_all_dim (so mscale equals it
+    # here, as in the releases); widths of 32 let Q8_0's blocks divide every row, k_b's included
+    ds_g = dict(v3, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                intermediate_size=64, moe_intermediate_size=32,
+                rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
+                                     original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
+                                     mscale=1.0, mscale_all_dim=1.0))
+    if "deepseek_v3_gguf" in ONLY:
+        make("deepseek_v3_gguf", DeepseekV3Config, V3, ds_g, torch.bfloat16, prompt, 2600)
 
 
 # fixture names given on the command line: make only those

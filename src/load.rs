@@ -8,7 +8,7 @@ use crate::flash::{ExpertStore, Manifest, StoreOptions};
 use crate::import::{self, text_prefix};
 use crate::layers::attention::{Attention, QkNorms};
 use crate::layers::deltanet::DeltaNet;
-use crate::layers::mla::{Indexer, Mla, QProj, split_kv_b};
+use crate::layers::mla::{Indexer, Mla, QProj, join_kv_b, split_kv_b};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::Experts;
 use crate::layers::moe::{Moe, Scoring, SharedExpert};
@@ -257,8 +257,24 @@ impl Loader<'_> {
                 b: self.ck.mat(&weight(p, n.q_b), &[qd, r])?,
             },
         };
-        let kv_b = self.ck.mat(&weight(p, n.kv_b), &[nh * (nope + vd), kvl])?;
-        let (uk, uv) = split_kv_b(&kv_b, nh, nope, vd);
+        let (uk, uv) = if self.ck.has(&weight(p, n.kv_b)) || !self.ck.has(&weight(p, n.k_b)) {
+            split_kv_b(&self.ck.mat(&weight(p, n.kv_b), &[nh * (nope + vd), kvl])?, nh, nope, vd)
+        } else {
+            let flat = |name: &str, rows: usize, cols: usize| -> Result<Mat> {
+                let t = self.ck.tensor(&weight(p, name))?;
+                if t.rows_cols() != (rows, cols) {
+                    bail!(
+                        "{}: tensor `{}` has shape {:?}, expected {:?}",
+                        t.file.display(),
+                        t.name,
+                        t.shape,
+                        [nh, rows / nh, cols]
+                    );
+                }
+                t.mat()
+            };
+            join_kv_b(&flat(n.k_b, nh * kvl, nope)?, &flat(n.v_b, nh * vd, kvl)?, nh)
+        };
         let spec = m.indexer.as_ref();
         let indexer = match spec {
             Some(s) if s.own[layer] => {

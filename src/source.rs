@@ -32,6 +32,10 @@ pub enum Format {
     /// word (part 0), and one scale per `group` inputs (part 1). With bf16 scales a q-group
     /// matrix holding the checkpoint's own values bit for bit, else dequantized to f32.
     PackedInt { bits: u8, group: usize, scale: WKind },
+    /// ggml's MXFP4 blocks (GGUF): per 32 values an e8m0 scale byte, then 16 bytes holding
+    /// values 0–15 in their low nibbles and 16–31 in their high ones. The values and scales of
+    /// [`WKind::Mxfp4`] in another order: rows are repacked into it, bit for bit.
+    GgmlMxfp4,
     /// Stored in a type the engine does not read (the type's name).
     Unsupported(String),
 }
@@ -43,6 +47,7 @@ impl Format {
             Format::Native(k) => k.name(),
             Format::Fp8 { block: [r, c], .. } => format!("fp8 e4m3 ({r}x{c} blocks)"),
             Format::PackedInt { bits, group, .. } => format!("int{bits} g{group} (compressed-tensors)"),
+            Format::GgmlMxfp4 => "mxfp4 (ggml blocks)".into(),
             Format::Unsupported(t) => t.clone(),
         }
     }
@@ -129,6 +134,7 @@ impl<'a> Tensor<'a> {
             Format::Native(kind) => self.native_rows(*kind, rows, cols, range),
             Format::Fp8 { block, scale } => self.fp8_rows(*block, *scale, range),
             Format::PackedInt { bits, group, scale } => self.packed_rows(*bits, *group, *scale, range),
+            Format::GgmlMxfp4 => self.ggml_mxfp4_rows(rows, cols, range),
             Format::Unsupported(t) => {
                 bail!("{file}: tensor `{name}` has unsupported dtype {t} (supported: F32, BF16, F16, F8_E4M3)")
             }
@@ -167,6 +173,35 @@ impl<'a> Tensor<'a> {
             b[at].copy_from_slice(&part[range.start * rb..range.end * rb]);
         }
         Mat::from_bytes(n, cols, kind, blob)
+    }
+
+    /// ggml MXFP4 rows as [`WKind::Mxfp4`]: each block's scale to the scales, its values
+    /// (0–15 low nibbles, 16–31 high) in order, two to a byte, the lower first.
+    fn ggml_mxfp4_rows(&self, rows: usize, cols: usize, range: Range<usize>) -> Result<Mat> {
+        let (nb, row) = (cols.div_ceil(32), cols.div_ceil(32) * 17);
+        if !cols.is_multiple_of(32) || self.parts.len() != 1 || self.parts[0].len() != rows * row {
+            bail!(
+                "{}: MXFP4 tensor `{}` of shape {:?} holds {} bytes (whole 32-value blocks of 17 bytes expected)",
+                self.file.display(),
+                self.name,
+                self.shape,
+                self.parts.iter().map(|p| p.len()).sum::<usize>()
+            );
+        }
+        let n = range.len();
+        let mut blob = AlignedBytes::zeroed(WKind::Mxfp4.bytes(n, cols));
+        let (vals, scales) = blob.bytes_mut().split_at_mut(n * nb * 16);
+        for (i, r) in range.enumerate() {
+            for (b, blk) in self.parts[0][r * row..(r + 1) * row].chunks_exact(17).enumerate() {
+                scales[i * nb + b] = blk[0];
+                let q = &blk[1..];
+                let v = |j: usize| if j < 16 { q[j] & 15 } else { q[j - 16] >> 4 };
+                for (k, o) in vals[(i * nb + b) * 16..][..16].iter_mut().enumerate() {
+                    *o = v(2 * k) | (v(2 * k + 1) << 4);
+                }
+            }
+        }
+        Mat::from_bytes(n, cols, WKind::Mxfp4, blob)
     }
 
     /// FP8 e4m3 rows times their block scales, as f32 (the DeepSeek, GLM and MiniMax releases).

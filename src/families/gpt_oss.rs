@@ -91,9 +91,24 @@ impl Family for GptOss {
 }
 
 /// Expert `e` under `p` (`….mlp.experts`): MXFP4 blocks as released (kept bit for bit), or the
-/// bf16 twin.
+/// bf16 twin; or from stacks of gate, up and down apart with their biases (`….mlp.switch_mlp`,
+/// GGUF's `ffn_*_exps`), kept as stored.
 fn expert(ck: &dyn Source, cfg: &ModelConfig, p: &str, e: usize) -> Result<Expert> {
     let (h, i, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
+    let sw = p.strip_suffix(NAMES.experts).map(|f| format!("{f}{}", NAMES.mlx_experts));
+    if let Some(sw) = sw.filter(|sw| ck.has(&format!("{sw}.{}.weight", NAMES.gate_proj))) {
+        let projs = [(NAMES.gate_proj, i, h), (NAMES.up_proj, i, h), (NAMES.down_proj, h, i)];
+        let m = |&(proj, rows, cols): &(&str, usize, usize)| {
+            ck.mat_rows(&format!("{sw}.{proj}.weight"), &[ne, rows, cols], e * rows..(e + 1) * rows)
+        };
+        let b = |&(proj, rows, _): &(&str, usize, usize)| -> Result<Vec<f32>> {
+            Ok(ck.mat_rows(&format!("{sw}.{proj}.bias"), &[ne, rows], e..e + 1)?.to_f32())
+        };
+        return Ok(Expert {
+            mats: [m(&projs[0])?, m(&projs[1])?, m(&projs[2])?],
+            bias: Some([b(&projs[0])?, b(&projs[1])?, b(&projs[2])?]),
+        });
+    }
     let bias = |name: &str, len: usize| -> Result<Vec<f32>> {
         Ok(ck.mat_rows(&format!("{p}.{name}"), &[ne, len], e..e + 1)?.to_f32())
     };

@@ -67,6 +67,10 @@ pub struct MlaNames {
     pub kv_a: &'static str,
     pub kv_a_norm: &'static str,
     pub kv_b: &'static str,
+    /// `kv_b`'s key and value halves as llama.cpp's converter splits them (GGUF `attn_k_b`,
+    /// each head's transposed: `[heads, kv_lora, nope]`; `attn_v_b`: `[heads, v, kv_lora]`).
+    pub k_b: &'static str,
+    pub v_b: &'static str,
     /// The lightning indexer and its parts.
     pub indexer: &'static str,
     pub index_q: &'static str,
@@ -119,6 +123,8 @@ pub const HF: Names = Names {
         kv_a: "kv_a_proj_with_mqa",
         kv_a_norm: "kv_a_layernorm",
         kv_b: "kv_b_proj",
+        k_b: "k_b_proj",
+        v_b: "v_b_proj",
         indexer: "indexer",
         index_q: "wq_b",
         index_k: "wk",

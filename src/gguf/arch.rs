@@ -5,9 +5,20 @@
 //!
 //! A stacked expert tensor (`ffn_gate_exps`: `ne = [hidden, inter, experts]`, logically
 //! `[experts, inter, hidden]`) is named as an MLX `switch_mlp` stack, the layout
-//! [`crate::import::expert`] already reads rows of. Supported: `qwen3moe` (llama.cpp's Qwen3-MoE:
-//! rotate-half RoPE as Hugging Face, so its converter does not permute Q/K as it does for
-//! `llama`; every layer MoE, top-k weights always renormalised).
+//! [`crate::import::expert`] already reads rows of. Supported, as llama.cpp's graphs compute
+//! them:
+//! - `qwen3moe`: rotate-half RoPE as Hugging Face (its converter does not permute Q/K as it
+//!   does for `llama`); every layer MoE, top-k weights always renormalised.
+//! - `gpt-oss`: biases, sinks, every other layer sliding (`sliding_window_pattern`, else even
+//!   layers), YaRN; experts in ggml's MXFP4 ([`crate::source::Format::GgmlMxfp4`]) with biases.
+//! - `deepseek2` (DeepSeek-V3/R1, Kimi-K2): MLA, with `kv_b_proj` whole (older files) or split
+//!   as llama.cpp's converter now writes it (`attn_k_b` transposed, `attn_v_b`); interleaved
+//!   RoPE; DeepSeek's YaRN (`yarn_log_multiplier` = 0.1 · mscale_all_dim, cos and sin
+//!   unscaled); sigmoid routing with a correction bias, groups, scale; shared experts; dense
+//!   layers first. Softmax routing (DeepSeek-V2, and files without `expert_gating_func`, which
+//!   llama.cpp reads as V2's) is refused.
+//! - `glm4moe` (GLM-4.5/4.6/4.7): the DeepSeek router without MLA; partial half-split RoPE,
+//!   q/k norm and biases where their tensors are; the MTP layers past the text model skipped.
 
 use super::{TensorInfo, Value};
 use crate::families::Names;
@@ -17,7 +28,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The architectures read, as (GGUF name, `model_type`).
-pub const ARCHES: &[(&str, &str)] = &[("qwen3moe", "qwen3_moe")];
+pub const ARCHES: &[(&str, &str)] =
+    &[("qwen3moe", "qwen3_moe"), ("gpt-oss", "gpt_oss"), ("deepseek2", "deepseek_v3"), ("glm4moe", "glm4_moe")];
 
 /// Metadata of one file, with messages naming it.
 struct Meta<'a> {
@@ -89,6 +101,9 @@ pub fn map(file: &Path, meta: &BTreeMap<String, Value>, infos: &[TensorInfo]) ->
     let vocab = embd.ne.get(1).copied().unwrap_or(0);
     let config = match model_type {
         "qwen3_moe" => qwen3moe(&m, vocab, find("output.weight").is_none())?,
+        "gpt_oss" => gpt_oss(&m, vocab, find("output.weight").is_none())?,
+        "deepseek_v3" => deepseek2(&m, vocab, find("output.weight").is_none())?,
+        "glm4_moe" => glm4moe(&m, vocab, find("output.weight").is_none(), &|n| find(n).is_some())?,
         _ => unreachable!("every entry of ARCHES has a mapping"),
     };
     let names = crate::families::names_of(model_type);
@@ -96,24 +111,16 @@ pub fn map(file: &Path, meta: &BTreeMap<String, Value>, infos: &[TensorInfo]) ->
     Ok((config, infos.iter().map(|t| canonical(names, pre, &t.name)).collect()))
 }
 
-/// Shared keys of every decoder: sizes, attention, norms, RoPE, vocabulary.
+/// Shared keys of every decoder: sizes, norms, RoPE, vocabulary (the head width is the
+/// architecture's: [`gqa`], or MLA's own).
 fn common(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
-    let hidden = m.u64("embedding_length")?;
     let heads = m.u64("attention.head_count")?;
     if heads == 0 {
         bail!("{}: metadata `{}` is 0", m.file.display(), m.key("attention.head_count"));
     }
-    let head_dim = m.u64_opt("attention.key_length")?.unwrap_or(hidden / heads);
-    if let Some(v) = m.u64_opt("attention.value_length")?
-        && v != head_dim
-    {
-        bail!("{}: attention.value_length {v} differs from key_length {head_dim}; not supported", m.file.display());
-    }
-    let rot = m.u64_opt("rope.dimension_count")?.unwrap_or(head_dim);
     let mut rope = json!({
         "rope_type": "default",
         "rope_theta": m.f64_opt("rope.freq_base")?.unwrap_or(10000.0),
-        "partial_rotary_factor": rot as f64 / head_dim.max(1) as f64,
     });
     let scaling = m.get("rope.scaling.type").map(|v| v.as_str().unwrap_or("?"));
     match scaling {
@@ -122,6 +129,8 @@ fn common(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
             rope["rope_type"] = json!("yarn");
             rope["factor"] = json!(m.f64_opt("rope.scaling.factor")?.unwrap_or(1.0));
             rope["original_max_position_embeddings"] = json!(m.u64("rope.scaling.original_context_length")?);
+            rope["beta_fast"] = json!(m.f64_opt("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0));
+            rope["beta_slow"] = json!(m.f64_opt("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0));
         }
         Some(t) => {
             bail!("{}: metadata `{}` is `{t}`; supported: none, yarn", m.file.display(), m.key("rope.scaling.type"))
@@ -133,11 +142,9 @@ fn common(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
     let tok = |k: &str| m.meta.get(k).and_then(Value::as_u64);
     Ok(json!({
         "vocab_size": vocab,
-        "hidden_size": hidden,
+        "hidden_size": m.u64("embedding_length")?,
         "num_hidden_layers": m.u64("block_count")?,
         "num_attention_heads": heads,
-        "num_key_value_heads": m.u64_opt("attention.head_count_kv")?.unwrap_or(heads),
-        "head_dim": head_dim,
         "rms_norm_eps": eps,
         "rope_parameters": rope,
         "max_position_embeddings": m.u64_opt("context_length")?.unwrap_or(32768),
@@ -147,10 +154,27 @@ fn common(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
     }))
 }
 
+/// [`common`] for grouped-query attention: KV heads, the head width and its rotated part.
+fn gqa(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
+    let mut c = common(m, vocab, tied)?;
+    let heads = m.u64("attention.head_count")?;
+    let head_dim = m.u64_opt("attention.key_length")?.unwrap_or(m.u64("embedding_length")? / heads);
+    if let Some(v) = m.u64_opt("attention.value_length")?
+        && v != head_dim
+    {
+        bail!("{}: attention.value_length {v} differs from key_length {head_dim}; not supported", m.file.display());
+    }
+    let rot = m.u64_opt("rope.dimension_count")?.unwrap_or(head_dim);
+    c["num_key_value_heads"] = json!(m.u64_opt("attention.head_count_kv")?.unwrap_or(heads));
+    c["head_dim"] = json!(head_dim);
+    c["rope_parameters"]["partial_rotary_factor"] = json!(rot as f64 / head_dim.max(1) as f64);
+    Ok(c)
+}
+
 /// llama.cpp's `qwen3moe`: its graph renormalises the top-k weights (`norm_w`) and has no
 /// dense layers, whatever the source checkpoint's `norm_topk_prob` was.
 fn qwen3moe(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
-    let mut c = common(m, vocab, tied)?;
+    let mut c = gqa(m, vocab, tied)?;
     let o = c.as_object_mut().expect("an object");
     o.insert("model_type".into(), json!("qwen3_moe"));
     o.insert("num_experts".into(), json!(m.u64("expert_count")?));
@@ -160,6 +184,135 @@ fn qwen3moe(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
     o.insert("norm_topk_prob".into(), json!(true));
     o.insert("decoder_sparse_step".into(), json!(1));
     o.insert("mlp_only_layers".into(), json!([]));
+    Ok(c)
+}
+
+/// llama.cpp's `gpt-oss`: the family's switches (biases, sinks, the clamped SwiGLU of alpha
+/// 1.702 and limit 7, the router softmaxed over the chosen) are llama.cpp's constants too.
+/// Sliding layers by `sliding_window_pattern` (per layer, or every n-th full), else every
+/// other one from the first. llama.cpp's YaRN rounds the correction range outwards
+/// (`truncate`), the Hugging Face config of the releases does not: the releases' is kept.
+fn gpt_oss(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
+    let mut c = gqa(m, vocab, tied)?;
+    let layers = m.u64("block_count")? as usize;
+    let sliding: Vec<bool> = match m.get("attention.sliding_window_pattern") {
+        Some(Value::Array(a)) => {
+            let v: Option<Vec<bool>> = a.iter().map(Value::as_bool).collect();
+            match v {
+                Some(v) if v.len() == layers => v,
+                _ => bail!(
+                    "{}: metadata `{}` must be {layers} bools",
+                    m.file.display(),
+                    m.key("attention.sliding_window_pattern")
+                ),
+            }
+        }
+        _ => {
+            let n = m.u64_opt("attention.sliding_window_pattern")?.unwrap_or(2) as usize;
+            (0..layers).map(|i| n == 0 || i % n < n - 1).collect()
+        }
+    };
+    let o = c.as_object_mut().expect("an object");
+    o.insert("model_type".into(), json!("gpt_oss"));
+    o.insert("num_local_experts".into(), json!(m.u64("expert_count")?));
+    o.insert("num_experts_per_tok".into(), json!(m.u64("expert_used_count")?));
+    let inter = match m.u64_opt("expert_feed_forward_length")? {
+        Some(i) => i,
+        None => m.u64("feed_forward_length")?,
+    };
+    o.insert("intermediate_size".into(), json!(inter));
+    o.insert("sliding_window".into(), json!(m.u64("attention.sliding_window")?));
+    let kinds = sliding.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" });
+    o.insert("layer_types".into(), json!(kinds.collect::<Vec<_>>()));
+    o.insert("attention_bias".into(), json!(true));
+    o.insert("swiglu_limit".into(), json!(7.0));
+    if c["rope_parameters"]["rope_type"] == "yarn" {
+        c["rope_parameters"]["truncate"] = json!(false);
+    }
+    Ok(c)
+}
+
+/// llama.cpp's `deepseek2`: MLA sizes from its `*_mla` keys (`key_length` and `value_length`
+/// are the latent's, `head_count_kv` 1), the DeepSeek router and its YaRN.
+fn deepseek2(m: &Meta, vocab: u64, tied: bool) -> Result<Json> {
+    let mut c = common(m, vocab, tied)?;
+    let d = m.file.display();
+    let rope = m.u64("rope.dimension_count")?;
+    let k = m.u64("attention.key_length_mla")?;
+    if k <= rope {
+        bail!("{d}: attention.key_length_mla {k} must exceed rope.dimension_count {rope}");
+    }
+    let heads = m.u64("attention.head_count")?;
+    let o = c.as_object_mut().expect("an object");
+    o.insert("model_type".into(), json!("deepseek_v3"));
+    o.insert("num_key_value_heads".into(), json!(heads));
+    o.insert("q_lora_rank".into(), json!(m.u64_opt("attention.q_lora_rank")?.filter(|&r| r > 0)));
+    o.insert("kv_lora_rank".into(), json!(m.u64("attention.kv_lora_rank")?));
+    o.insert("qk_nope_head_dim".into(), json!(k - rope));
+    o.insert("qk_rope_head_dim".into(), json!(rope));
+    o.insert("v_head_dim".into(), json!(m.u64("attention.value_length_mla")?));
+    o.insert("rope_interleave".into(), json!(true));
+    deepseek_moe(m, o)?;
+    if c["rope_parameters"]["rope_type"] == "yarn" {
+        // cos and sin unscaled, the softmax by (1 + 0.1 · mscale_all_dim · ln factor)²
+        let all_dim = m.f64_opt("rope.scaling.yarn_log_multiplier")?.unwrap_or(0.0) / 0.1;
+        let r = &mut c["rope_parameters"];
+        r["attention_factor"] = json!(1.0);
+        r["mscale"] = json!(all_dim);
+        r["mscale_all_dim"] = json!(all_dim);
+    }
+    Ok(c)
+}
+
+/// DeepSeek's MoE recipe as `deepseek2` and `glm4moe` state it: sigmoid routing (refused
+/// otherwise: softmax is DeepSeek-V2's, and a file without `expert_gating_func` is read so by
+/// llama.cpp), groups, scale, renormalisation, shared experts, dense layers first.
+fn deepseek_moe(m: &Meta, o: &mut serde_json::Map<String, Json>) -> Result<()> {
+    let d = m.file.display();
+    match m.u64_opt("expert_gating_func")? {
+        Some(2) => {}
+        Some(1) | None => bail!(
+            "{d}: metadata `{}` is {} (softmax routing, DeepSeek-V2's); only sigmoid (2) is supported",
+            m.key("expert_gating_func"),
+            if m.get("expert_gating_func").is_some() { "1" } else { "missing, which llama.cpp reads as 1" }
+        ),
+        Some(g) => bail!("{d}: metadata `{}` is {g}; only sigmoid (2) is supported", m.key("expert_gating_func")),
+    }
+    o.insert("intermediate_size".into(), json!(m.u64("feed_forward_length")?));
+    o.insert("moe_intermediate_size".into(), json!(m.u64("expert_feed_forward_length")?));
+    o.insert("n_routed_experts".into(), json!(m.u64("expert_count")?));
+    o.insert("num_experts_per_tok".into(), json!(m.u64("expert_used_count")?));
+    o.insert("n_shared_experts".into(), json!(m.u64_opt("expert_shared_count")?.unwrap_or(0)));
+    o.insert("first_k_dense_replace".into(), json!(m.u64_opt("leading_dense_block_count")?.unwrap_or(0)));
+    o.insert("n_group".into(), json!(m.u64_opt("expert_group_count")?.unwrap_or(1)));
+    o.insert("topk_group".into(), json!(m.u64_opt("expert_group_used_count")?.unwrap_or(1)));
+    o.insert("routed_scaling_factor".into(), json!(m.f64_opt("expert_weights_scale")?.unwrap_or(1.0)));
+    let norm = match m.get("expert_weights_norm") {
+        None => false,
+        Some(v) => {
+            v.as_bool().ok_or_else(|| anyhow!("{d}: metadata `{}` is not a bool", m.key("expert_weights_norm")))?
+        }
+    };
+    o.insert("norm_topk_prob".into(), json!(norm));
+    o.insert("scoring_func".into(), json!("sigmoid"));
+    Ok(())
+}
+
+/// llama.cpp's `glm4moe` (GLM-4.5/4.6/4.7): q/k norm and q/k/v biases where the file has
+/// their tensors; `block_count` counts the MTP layers (`nextn_predict_layers`), which are not
+/// part of the text model.
+fn glm4moe(m: &Meta, vocab: u64, tied: bool, has: &dyn Fn(&str) -> bool) -> Result<Json> {
+    let mut c = gqa(m, vocab, tied)?;
+    let (blocks, nextn) = (m.u64("block_count")?, m.u64_opt("nextn_predict_layers")?.unwrap_or(0));
+    if nextn >= blocks {
+        bail!("{}: nextn_predict_layers {nextn} leaves none of the {blocks} blocks", m.file.display());
+    }
+    let o = c.as_object_mut().expect("an object");
+    o.insert("model_type".into(), json!("glm4_moe"));
+    o.insert("num_hidden_layers".into(), json!(blocks - nextn));
+    o.insert("use_qk_norm".into(), json!(has("blk.0.attn_q_norm.weight")));
+    o.insert("attention_bias".into(), json!(has("blk.0.attn_q.bias")));
+    deepseek_moe(m, o)?;
     Ok(c)
 }
 
@@ -186,6 +339,16 @@ pub fn canonical(n: &Names, pre: &str, g: &str) -> Option<String> {
         "attn_output" => format!("{a}.{}", n.o_proj),
         "attn_q_norm" => format!("{a}.{}", n.q_norm),
         "attn_k_norm" => format!("{a}.{}", n.k_norm),
+        "post_attention_norm" => format!("{l}.{}", n.post_norm),
+        "attn_sinks" if suffix == "weight" => return Some(format!("{a}.{}", n.sinks)),
+        "attn_q_a" => format!("{a}.{}", n.mla.q_a),
+        "attn_q_a_norm" => format!("{a}.{}", n.mla.q_a_norm),
+        "attn_q_b" => format!("{a}.{}", n.mla.q_b),
+        "attn_kv_a_mqa" => format!("{a}.{}", n.mla.kv_a),
+        "attn_kv_a_norm" => format!("{a}.{}", n.mla.kv_a_norm),
+        "attn_kv_b" => format!("{a}.{}", n.mla.kv_b),
+        "attn_k_b" => format!("{a}.{}", n.mla.k_b),
+        "attn_v_b" => format!("{a}.{}", n.mla.v_b),
         "ffn_gate_inp" => format!("{f}.{}", n.router),
         "ffn_gate_exps" => format!("{f}.{}.{}", n.mlx_experts, n.gate_proj),
         "ffn_up_exps" => format!("{f}.{}.{}", n.mlx_experts, n.up_proj),
@@ -223,6 +386,23 @@ mod tests {
         assert!(HF.is_expert(&e));
         assert_eq!(c("blk.1.attn_q.bias").unwrap(), "model.layers.1.self_attn.q_proj.bias");
         assert_eq!(c("rope_freqs.weight"), None);
+        // gpt-oss: sinks (no suffix in the family's names), the post-attention norm, the
+        // router's bias, experts' biases beside their stacks
+        let o = |g| canonical(crate::families::names_of("gpt_oss"), "model.", g);
+        assert_eq!(o("blk.2.attn_sinks.weight").unwrap(), "model.layers.2.self_attn.sinks");
+        assert_eq!(o("blk.2.post_attention_norm.weight").unwrap(), "model.layers.2.post_attention_layernorm.weight");
+        assert_eq!(o("blk.2.ffn_gate_inp.bias").unwrap(), "model.layers.2.mlp.router.bias");
+        assert_eq!(o("blk.2.ffn_up_exps.bias").unwrap(), "model.layers.2.mlp.switch_mlp.up_proj.bias");
+        // deepseek2: MLA's projections, kv_b whole or split, shared experts, the correction bias
+        let d = |g| canonical(crate::families::names_of("deepseek_v3"), "model.", g);
+        assert_eq!(d("blk.1.attn_q_a.weight").unwrap(), "model.layers.1.self_attn.q_a_proj.weight");
+        assert_eq!(d("blk.1.attn_q_a_norm.weight").unwrap(), "model.layers.1.self_attn.q_a_layernorm.weight");
+        assert_eq!(d("blk.1.attn_kv_a_mqa.weight").unwrap(), "model.layers.1.self_attn.kv_a_proj_with_mqa.weight");
+        assert_eq!(d("blk.1.attn_kv_b.weight").unwrap(), "model.layers.1.self_attn.kv_b_proj.weight");
+        assert_eq!(d("blk.1.attn_k_b.weight").unwrap(), "model.layers.1.self_attn.k_b_proj.weight");
+        assert_eq!(d("blk.1.attn_v_b.weight").unwrap(), "model.layers.1.self_attn.v_b_proj.weight");
+        assert_eq!(d("blk.1.ffn_down_shexp.weight").unwrap(), "model.layers.1.mlp.shared_experts.down_proj.weight");
+        assert_eq!(d("blk.1.exp_probs_b.bias").unwrap(), "model.layers.1.mlp.gate.e_score_correction_bias");
         assert_eq!(c("blk.x.attn_q.weight"), None);
     }
 }

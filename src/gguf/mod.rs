@@ -110,6 +110,8 @@ fn storage(ty: u32) -> Option<std::result::Result<WKind, &'static str>> {
         0 => WKind::F32,
         1 => WKind::F16,
         30 => WKind::BF16,
+        // repacked into the engine's own MXFP4 (its kernels, CUDA's included); the same size
+        39 => WKind::Mxfp4,
         _ => match Ggml::from_id(ty) {
             Some(t) => WKind::Ggml(t),
             None => {
@@ -167,6 +169,7 @@ impl TensorInfo {
             Ok(WKind::F32) => "F32".into(),
             Ok(WKind::F16) => "F16".into(),
             Ok(WKind::BF16) => "BF16".into(),
+            Ok(WKind::Mxfp4) => "MXFP4".into(),
             Ok(WKind::Ggml(t)) => t.name().into(),
             Ok(k) => k.name(),
             Err(n) => n.into(),
@@ -340,15 +343,15 @@ fn parse(path: &Path, b: &[u8], shard: usize) -> Result<(BTreeMap<String, Value>
         }
         let len = match kind {
             Ok(k) => {
-                if let WKind::Ggml(t) = k
-                    && ne[0] % t.block() as u64 != 0
+                let block = match k {
+                    WKind::Ggml(t) => Some((t.name(), t.block() as u64)),
+                    WKind::Mxfp4 => Some(("MXFP4", 32)),
+                    _ => None,
+                };
+                if let Some((t, b)) = block
+                    && ne[0] % b != 0
                 {
-                    bail!(
-                        "{d}: tensor `{name}` is {} with rows of {}, not a multiple of its block of {}",
-                        t.name(),
-                        ne[0],
-                        t.block()
-                    );
+                    bail!("{d}: tensor `{name}` is {t} with rows of {}, not a multiple of its block of {b}", ne[0]);
                 }
                 let rows = ne[1..].iter().try_fold(1u64, |a, &x| a.checked_mul(x));
                 rows.and_then(|rw| usize::try_from(rw).ok())
@@ -475,6 +478,7 @@ impl Source for Gguf {
         let t = &self.infos[i];
         let sh = &self.shards[t.shard];
         let (format, parts) = match t.kind {
+            Ok(WKind::Mxfp4) => (Format::GgmlMxfp4, SmallVec::from_iter([&sh.map[t.start..t.start + t.len]])),
             Ok(k) => (Format::Native(k), SmallVec::from_iter([&sh.map[t.start..t.start + t.len]])),
             Err(n) => (Format::Unsupported(format!("{n} (GGUF tensor `{}`)", t.name)), SmallVec::new()),
         };
@@ -485,7 +489,10 @@ impl Source for Gguf {
         let t = self.tensor(name)?.expect(shape)?;
         let info = self.info(name)?;
         let (rows, cols) = t.rows_cols();
-        let Ok(kind) = info.kind else { return t.rows(range) };
+        let kind = match info.kind {
+            Ok(WKind::Mxfp4) | Err(_) => return t.rows(range),
+            Ok(k) => k,
+        };
         let at = info.start + range.start * kind.bytes(1, cols);
         if range.end > rows || range.start > range.end || !at.is_multiple_of(8) {
             return t.rows(range);
@@ -672,6 +679,43 @@ mod tests {
         let m = crate::load::load_model(&p).unwrap();
         let logits = m.forward(&mut m.new_state(), &[1, 2, 3], true).unwrap();
         assert!(logits.len() == 24 && logits.iter().all(|v| v.is_finite()));
+    }
+
+    /// ggml's MXFP4 blocks become the engine's MXFP4 rows holding the same values (ggml's own
+    /// decoder, tested against gguf-py's, is the reference), any row range; a tensor of the
+    /// wrong size is refused naming it.
+    #[test]
+    fn ggml_mxfp4_rows_repack_into_the_engines_mxfp4_with_the_same_values() {
+        let (rows, cols) = (5, 96);
+        let data = crate::kernels::ggml::tests::random_row(Ggml::MXFP4, rows * cols / 32, 7);
+        let p = Path::new("x.gguf");
+        let t = Tensor {
+            name: "e",
+            file: p,
+            shape: vec![rows, cols],
+            format: Format::GgmlMxfp4,
+            parts: SmallVec::from_iter([&data[..]]),
+            aux_bytes: 0,
+        };
+        let row_bytes = cols / 32 * 17;
+        for range in [0..rows, 1..4, 4..5, 2..2] {
+            let m = t.rows(range.clone()).unwrap();
+            assert_eq!((m.kind, m.rows, m.cols), (WKind::Mxfp4, range.len(), cols));
+            let mut want = vec![0f32; range.len() * cols];
+            for (i, r) in range.clone().enumerate() {
+                let row = &data[r * row_bytes..(r + 1) * row_bytes];
+                crate::kernels::ggml::decode_row(Ggml::MXFP4, row, &mut want[i * cols..(i + 1) * cols]);
+                let x: Vec<f32> = (0..cols).map(|j| ((j * 37 % 11) as f32 - 5.0) / 3.0).collect();
+                let y = &mut [0f32];
+                m.slice_rows(i, i + 1).matvec(&x, y, crate::tensor::Precision::Exact);
+                let d = crate::kernels::ggml::dot_scalar(Ggml::MXFP4, row, &x);
+                assert!((y[0] - d).abs() <= 1e-4 * (1.0 + d.abs()), "row {r}: {} vs {d}", y[0]);
+            }
+            assert_eq!(m.to_f32(), want, "{range:?}");
+        }
+        let short = Tensor { parts: SmallVec::from_iter([&data[1..]]), ..t.clone() };
+        let e = format!("{:#}", short.rows(0..1).unwrap_err());
+        assert!(e.contains("MXFP4 tensor `e`") && e.contains("x.gguf"), "{e}");
     }
 
     #[test]

@@ -125,6 +125,25 @@ pub fn split_kv_b(kv_b: &Mat, heads: usize, nope: usize, v: usize) -> (Mat, Mat)
     (to(heads * nope, kvl, uk), to(heads * v, kvl, uv))
 }
 
+/// [`split_kv_b`] from llama.cpp's split halves: `k_b` (`[heads · kv_lora, nope]`, each head's
+/// W_UK transposed) and `v_b` (`[heads · v, kv_lora]`, W_UV), in f32 or bf16 as there.
+pub fn join_kv_b(k_b: &Mat, v_b: &Mat, heads: usize) -> (Mat, Mat) {
+    let (kvl, nope) = (k_b.rows / heads, k_b.cols);
+    let kt = k_b.to_f32();
+    let mut uk = vec![0f32; heads * nope * kvl];
+    for h in 0..heads {
+        for c in 0..kvl {
+            for i in 0..nope {
+                uk[(h * nope + i) * kvl + c] = kt[(h * kvl + c) * nope + i];
+            }
+        }
+    }
+    let keep = |m: Mat, kind: WKind| if matches!(kind, WKind::F32 | WKind::F16) { m } else { m.to_kind(WKind::BF16) };
+    let uk = keep(Mat::from_f32(heads * nope, kvl, uk).expect("sizes match"), k_b.kind);
+    let uv = keep(Mat::from_f32(v_b.rows, v_b.cols, v_b.to_f32()).expect("sizes match"), v_b.kind);
+    (uk, uv)
+}
+
 /// Rows `r0..r0 + n` of an f32 or bf16 matrix (a group of heads' rows of W_UK or W_UV).
 fn rows_of<'a>(w: &MatRef<'a>, r0: usize, n: usize) -> MatRef<'a> {
     let b = w.cols * w.kind.size();
@@ -1120,6 +1139,45 @@ mod tests {
                     assert_eq!(&uv[(h * vd + i) * kvl..(h * vd + i + 1) * kvl], &w[r * kvl..(r + 1) * kvl]);
                 }
             }
+        }
+    }
+
+    /// llama.cpp's split halves (`k_b` each head's W_UK transposed, `v_b` its W_UV) give what
+    /// `kv_b_proj` whole gives, in any format (odd sizes where the format allows).
+    #[test]
+    fn the_split_halves_give_the_latent_space_copies_of_the_whole() {
+        use crate::kernels::ggml::Ggml;
+        for (nh, nope, vd, kvl, kind) in [
+            (3, 5, 7, 9, WKind::F32),
+            (3, 5, 7, 9, WKind::F16),
+            (2, 32, 3, 64, WKind::Ggml(Ggml::Q8_0)),
+            (1, 32, 32, 32, WKind::BF16),
+        ] {
+            // the whole with the halves' values, so both hold exactly the same numbers
+            let mk = |rows: usize, cols: usize, seed: u64, kind: WKind| match kind {
+                WKind::Ggml(t) => {
+                    let b = crate::kernels::ggml::tests::random_row(t, rows * cols / t.block(), seed);
+                    Mat::from_bytes(rows, cols, kind, crate::tensor::AlignedBytes::from_slice(&b)).unwrap()
+                }
+                _ => Mat::from_f32(rows, cols, uniform(rows * cols, seed)).unwrap().to_kind(kind),
+            };
+            let k_b = mk(nh * kvl, nope, 5, kind);
+            let v_b = mk(nh * vd, kvl, 6, kind);
+            let (kt, vt) = (k_b.to_f32(), v_b.to_f32());
+            let mut whole = vec![];
+            for h in 0..nh {
+                for i in 0..nope {
+                    whole.extend((0..kvl).map(|c| kt[(h * kvl + c) * nope + i]));
+                }
+                whole.extend(&vt[h * vd * kvl..(h + 1) * vd * kvl]);
+            }
+            let whole = Mat::from_f32(nh * (nope + vd), kvl, whole).unwrap();
+            let whole = if matches!(kind, WKind::F16 | WKind::F32) { whole } else { whole.to_kind(WKind::BF16) };
+            let (uk, uv) = join_kv_b(&k_b, &v_b, nh);
+            let (wk, wv) = split_kv_b(&whole, nh, nope, vd);
+            assert_eq!((uk.rows, uk.cols, uv.rows, uv.cols), (nh * nope, kvl, nh * vd, kvl));
+            assert_eq!(uk.kind, if matches!(kind, WKind::F32 | WKind::F16) { WKind::F32 } else { WKind::BF16 });
+            assert_eq!((uk.to_f32(), uv.to_f32()), (wk.to_f32(), wv.to_f32()), "{kind:?}");
         }
     }
 

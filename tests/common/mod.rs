@@ -38,7 +38,12 @@ pub struct Reference {
 
 /// The `reference.json` of the fixture in `dir` (written by scripts/make_fixtures.py).
 pub fn reference(dir: &Path) -> Reference {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    reference_file(&dir.join("reference.json"))
+}
+
+/// A reference record at `path` (a fixture's `reference.json`, or a copy of its fields).
+pub fn reference_file(path: &Path) -> Reference {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
     let rows = |k: &str| {
         v[k].as_array()
