@@ -21,10 +21,14 @@ plain() { exec "$@"; }
 limited() { memcg_run "$@"; }
 serve() { # tag, max-batch, then the launcher's words
     local tag=$1 mb=$2; shift 2
+    if curl -sf localhost:$PORT/health >/dev/null; then echo "port $PORT is taken (PORT=...)" >&2; exit 1; fi
     [ "$1" = limited ] && memcg_init "$LIMIT"
     ( "$@" "$B" serve --model "$M" --port $PORT --max-batch "$mb" --max-queue 16 --no-prompt-cache $STORE ${EXTRA:-} ) 2>/tmp/batch_serve_$tag.log &
     local pid=$!
-    until curl -sf localhost:$PORT/health >/dev/null; do sleep 0.5; done
+    until curl -sf localhost:$PORT/health >/dev/null; do
+        kill -0 $pid 2>/dev/null || { echo "the server stopped: /tmp/batch_serve_$tag.log" >&2; tail -3 /tmp/batch_serve_$tag.log >&2; exit 1; }
+        sleep 0.5
+    done
     python3 scripts/batch_clients.py http://localhost:$PORT --tokens "$TOKENS" --ban $BAN --tag "$tag"
     [ "$1" = limited ] && echo "cgroup peak: $(memcg_peak) bytes (v$MEMCG_V, $MEMCG)" >&2
     kill $pid; wait $pid 2>/dev/null || true

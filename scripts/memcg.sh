@@ -2,7 +2,7 @@
 # scripts/batch_clients.sh and bench/batch_16core.sh. Needs root.
 #
 #   memcg_init 2200M      # the cgroup flashmoe_bench, limited to 2200M (page cache included)
-#   memcg_run CMD ARGS... # runs CMD inside it
+#   memcg_run CMD ARGS... # becomes CMD (exec) inside it
 #   memcg_peak            # its peak memory in bytes since memcg_init ("n/a" where unknown)
 #
 # v1: the memory controller's own hierarchy (/sys/fs/cgroup/memory). v2: the unified hierarchy
@@ -49,9 +49,11 @@ memcg_init() {
     echo 0 > "$MEMCG/memory.swap.max" 2>/dev/null || true
 }
 
+# Replaces the calling shell (exec, as `exec` does), so that the process id a caller started
+# in the background is CMD's own: run it as a subshell's last command.
 memcg_run() {
     [ -n "${MEMCG:-}" ] || { memcg_die "memcg_run before memcg_init"; return 1; }
-    sh -c 'echo $$ > "$0/cgroup.procs" && shift && exec "$@"' "$MEMCG" _ "$@"
+    exec sh -c 'echo $$ > "$0/cgroup.procs" && shift && exec "$@"' "$MEMCG" _ "$@"
 }
 
 memcg_peak() {

@@ -276,21 +276,39 @@ impl Layer {
             MixerWeights::Attention(a) => {
                 let mut caches: SmallVec<[&mut KvCache; 8]> = states
                     .iter_mut()
-                    .map(|st| if let LayerState::Kv(c) = &mut **st { c } else { unreachable!("layer state does not match its mixer") })
+                    .map(|st| {
+                        if let LayerState::Kv(c) = &mut **st {
+                            c
+                        } else {
+                            unreachable!("layer state does not match its mixer")
+                        }
+                    })
                     .collect();
                 a.decode_rows(&h, pos, &mut caches, &mut y, p);
             }
             MixerWeights::DeltaNet(dn) => {
                 let mut ds: SmallVec<[&mut DeltaState; 8]> = states
                     .iter_mut()
-                    .map(|st| if let LayerState::Delta(s) = &mut **st { s } else { unreachable!("layer state does not match its mixer") })
+                    .map(|st| {
+                        if let LayerState::Delta(s) = &mut **st {
+                            s
+                        } else {
+                            unreachable!("layer state does not match its mixer")
+                        }
+                    })
                     .collect();
                 dn.decode_rows(&h, &mut ds, &mut y, p);
             }
             MixerWeights::Mla(a) => {
                 let mut caches: SmallVec<[&mut LatentCache; 8]> = states
                     .iter_mut()
-                    .map(|st| if let LayerState::Latent(c) = &mut **st { c } else { unreachable!("layer state does not match its mixer") })
+                    .map(|st| {
+                        if let LayerState::Latent(c) = &mut **st {
+                            c
+                        } else {
+                            unreachable!("layer state does not match its mixer")
+                        }
+                    })
                     .collect();
                 a.decode_rows(&h, pos, &mut caches, sels, &mut y, p);
             }

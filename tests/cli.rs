@@ -328,11 +328,15 @@ fn the_memory_cgroup_helper_detects_cgroup_v1_and_v2() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/memcg.sh");
     let run = |fs: &Path| {
         let cmd = format!(
-            ". '{}' && memcg_init 64M && memcg_run sh -c 'echo inside' && echo \"v$MEMCG_V $MEMCG\"",
+            ". '{}' && memcg_init 64M && (memcg_run sh -c 'echo inside') && echo \"v$MEMCG_V $MEMCG\"",
             script.display()
         );
         let out = Command::new("bash").arg("-c").arg(cmd).env("CGROUP_FS", fs).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let tmp = tempfile::tempdir().unwrap();

@@ -193,16 +193,7 @@ impl DeltaNet {
     /// The recurrence over `n` tokens' projections (steps 1-5), from and into `st`; `o` gets
     /// the gated, normalised outputs, token-major `[n, value_dim]`.
     #[allow(clippy::too_many_arguments)]
-    fn recur(
-        &self,
-        qkv: &[f32],
-        z: &[f32],
-        b: &[f32],
-        a: &[f32],
-        n: usize,
-        st: &mut DeltaState,
-        o: &mut [f32],
-    ) {
+    fn recur(&self, qkv: &[f32], z: &[f32], b: &[f32], a: &[f32], n: usize, st: &mut DeltaState, o: &mut [f32]) {
         let c = &self.cfg;
         let (cd, kd, vd) = (c.conv_dim(), c.key_dim(), c.value_dim());
         let (nk, nv, dk, dv, kern) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim, c.conv_kernel);

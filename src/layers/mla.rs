@@ -476,7 +476,8 @@ impl Projected {
             let (a, b) = part(len);
             a..b
         };
-        let (q, lat, ik, iw, iq) = (at(self.q.len()), at(self.lat.len()), at(self.ik.len()), at(self.iw.len()), at(self.iq.len()));
+        let (q, lat, ik, iw, iq) =
+            (at(self.q.len()), at(self.lat.len()), at(self.ik.len()), at(self.iw.len()), at(self.iq.len()));
         ProjectedRows {
             q: &mut self.q[q],
             lat: &mut self.lat[lat],
