@@ -537,18 +537,16 @@ impl Model {
         for &j in &live {
             self.embed.row_f32(tokens[j] as usize, &mut x[j * h..(j + 1) * h]);
         }
-        let prefetch = self.store.as_ref().is_some_and(|s| s.prefetch);
+        // no read-ahead in a batch's step: it issues the union of its rows' experts at once
+        // anyway, and every row's predictions would take the slots that union needs (with a
+        // cache smaller than the step's experts, the predicted reads evicted what the step
+        // then read again)
         let _hold = crate::par::hold();
         let mut sels: Vec<Selection> = (0..b).map(|_| Selection::default()).collect();
         let mut rows = scratch::zeros(0);
         for (i, layer) in self.layers.iter().enumerate() {
             if live.is_empty() {
                 break;
-            }
-            if prefetch {
-                for &j in &live {
-                    self.prefetch_next(i, &x[j * h..(j + 1) * h]);
-                }
             }
             // the live rows side by side, through the mixer (each on its own state) and the
             // feed-forward together

@@ -6,8 +6,9 @@
 //! - `os`: buffered reads, the kernel's page cache is the cache (as in the original engine);
 //!   an expert already fully in the page cache (asked with mincore) is computed in place from a
 //!   read-only mapping of its file, without a read or a copy;
-//! - `direct`: `O_DIRECT` reads, and the slots themselves form an in-process LRU cache of
-//!   `cache_bytes`.
+//! - `direct`: `O_DIRECT` reads, and the slots themselves form an in-process cache of
+//!   `cache_bytes`, evicting the expert needed again last (see `Slots::victim`: a batch's step
+//!   may need more experts than it holds, which plain LRU turns into a miss per read).
 
 use super::format::{ExpertLayout, Experts};
 use crate::scratch::{self, Pool};
@@ -232,8 +233,9 @@ struct Slots {
     /// Per layer index: its place in the pass over the expert layers (the eviction order's
     /// next-use part); empty: every layer alike.
     rank: Vec<usize>,
-    /// Expert layers in the pass.
+    /// Expert layers in the pass, and their indices in its order.
     layers: usize,
+    order: Vec<usize>,
 }
 
 impl Slots {
@@ -250,6 +252,7 @@ impl Slots {
             claims: 0,
             rank: vec![],
             layers: 1,
+            order: vec![],
         }
     }
 
@@ -262,6 +265,7 @@ impl Slots {
             g.rank[l] = r;
         }
         g.layers = layers.len().max(1);
+        g.order = layers.to_vec();
         g
     }
 
@@ -287,6 +291,12 @@ impl Slots {
             }
         };
         (0..self.key.len()).filter(|&s| self.free(s)).min_by_key(|&s| order(s))
+    }
+
+    /// The expert layer a pass visits before `layer` (the last one before the first).
+    fn before(&self, layer: usize) -> usize {
+        let at = self.rank.get(layer).copied().unwrap_or(0);
+        self.order.get((at + self.layers - 1) % self.layers).copied().unwrap_or(layer)
     }
 
     /// A use of slot `s`'s expert (a hit, or a wait for its read) at `tick`.
@@ -951,7 +961,14 @@ impl ExpertStore {
                 if (0..self.nslots).filter(|&s| g.free(s)).count() <= self.max_batch {
                     break;
                 }
-                let Some(s) = g.victim(layer, |k| k.0 == layer && experts.contains(&k.1)) else { break };
+                // the layer before `layer` runs next, its experts unknown yet: neither they nor
+                // the predicted ones make room for a guess
+                let before = g.before(layer);
+                let keep = |k: Key| k.0 == before || (k.0 == layer && experts.contains(&k.1));
+                let Some(s) = g.victim(layer, keep) else { break };
+                if g.key[s].is_some_and(keep) {
+                    break;
+                }
                 if !self.start_read(&mut g, jobs, lf, s, key, tick) {
                     break;
                 }
@@ -1097,6 +1114,7 @@ mod slot_policy {
         assert_eq!(g.victim(2, |k| k == (2, 0)), Some(3), "an expert the call wants stays");
         g.pins[3] = 1;
         assert_eq!(g.victim(2, |k| k == (2, 0)), Some(4));
+        assert_eq!((g.before(2), g.before(7), g.before(9)), (9, 5, 7), "the pass wraps around");
         // wanted experts only when every other slot is held
         for s in 1..6 {
             g.pins[s] = 1;

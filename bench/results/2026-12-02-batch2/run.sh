@@ -6,10 +6,10 @@
 # Model: flashmoe synth --preset qwen3-30b-a3b --layers 4 --to /tmp/bM (q4 experts, bf16 resident).
 set -euo pipefail
 NEW=$1 MAIN=$2
-OUT=${OUT:-bench/results/2026-12-02-batch2}
+OUT=${OUT:-bench/results/2026-12-02-batch2}; mkdir -p "$OUT"
 export TOKENS=${TOKENS:-24} PORT=${PORT:-18531}
 for setting in ${SETTINGS:-ram256 warm ram768}; do
-    for which in new main; do
+    for which in ${WHICH:-new main}; do
         bin=$NEW; [ $which = main ] && bin=$MAIN
         case $setting in
             warm) ONLY=warm bash scripts/batch_clients.sh "$bin" ;;
