@@ -272,10 +272,10 @@ impl Slots {
     /// The slot to read an expert of `layer` into, among those nobody reads, computes from or
     /// waits for; `wanted` are the experts the caller itself still needs (not taken while
     /// another slot is free). Empty slots first; then the expert whose next use is furthest
-    /// away: a forward pass visits the expert layers in order, so an expert of the layer just
-    /// passed is needed again only a whole pass later, and one of `layer` itself (not wanted
-    /// now) after that; among a layer's experts, the least used since it was read, then the
-    /// least recently used. Plain LRU would, once a batch's step needs more experts than the
+    /// away: a forward pass visits the expert layers in order, so one of `layer` itself that
+    /// the caller does not want is needed again a whole pass later at the earliest, one of the
+    /// layer just passed a layer sooner, and so on back; among a layer's experts, the least
+    /// used since it was read, then the least recently used. Plain LRU would, once a batch's step needs more experts than the
     /// cache holds, evict each expert just before the next step asks for it again (every
     /// read a miss); this order keeps most of the cache across steps and cycles the rest.
     fn victim(&self, layer: usize, wanted: impl Fn(Key) -> bool) -> Option<usize> {

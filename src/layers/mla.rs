@@ -293,7 +293,7 @@ impl Mla {
                     }
                     run(&mut jobs);
                 }
-                // per row
+                // each row on its own
                 norm.apply(&mut qa);
                 let mut jobs: Jobs<'_> = smallvec![Product { w: b.view(), x: &qa, y: &mut q }];
                 if let Some(i) = ix {
