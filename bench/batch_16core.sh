@@ -2,8 +2,8 @@
 # Continuous batching on a many-core machine (docs/PERFORMANCE.md, "Concurrent requests"):
 # aggregate tok/s and per-request latency at 1, 2, 4 and 8 concurrent streaming clients, decode
 # steps shared (serve --max-batch 8) against one request at a time (--max-batch 1), on $THREADS
-# compute threads; warm (files in the page cache) and, where the machine has the cgroup-v1
-# memory controller and this runs as root, beyond RAM (scripts/batch_clients.sh: a $LIMIT
+# compute threads; warm (files in the page cache) and, where the machine has a memory cgroup
+# controller (v1 or v2, scripts/memcg.sh) and this runs as root, beyond RAM (scripts/batch_clients.sh: a $LIMIT
 # cgroup, O_DIRECT expert reads through a $CACHE cache). Runs a prebuilt binary, so it can be
 # carried to a machine without Rust:
 #
@@ -26,8 +26,9 @@ if [ ! -f "$M/flashmoe.json" ]; then
     "$BIN" synth --preset qwen3-30b-a3b --layers "$LAYERS" --experts q4 --dense "$DENSE" --to "$M"
 fi
 if [ -z "${ONLY:-}" ]; then
-    # beyond RAM needs the cgroup-v1 memory controller (scripts/batch_clients.sh writes to it)
-    if [ -d /sys/fs/cgroup/memory ] && [ -w /sys/fs/cgroup/memory ]; then ONLY=all; else ONLY=warm; fi
+    # beyond RAM needs a memory cgroup, v1 or v2 (scripts/memcg.sh); without one, warm only
+    . scripts/memcg.sh
+    if memcg_init "${LIMIT:-2200M}"; then ONLY=all; else ONLY=warm; echo "no memory cgroup: warm only" >&2; fi
 fi
 echo "threads $RAYON_NUM_THREADS, model $M, $TOKENS tokens per client, settings: $ONLY" >&2
 ONLY=$ONLY bash scripts/batch_clients.sh "$BIN" | tee -a "$RES"

@@ -1,6 +1,8 @@
 //! Time per `Model::forward_batch` step at batch sizes 1, 2, 4, 8 on a converted model, with
-//! the phases of the profile (docs/PERFORMANCE.md, "Concurrent requests").
-//! Usage: cargo run --release --example batch_step -- MODEL_DIR [STEPS]
+//! the phases of the profile (docs/PERFORMANCE.md, "Concurrent requests"); with CACHE_MB, the
+//! experts are read with O_DIRECT through a direct cache of that size, and each batch size
+//! also prints per token the distinct experts its steps needed, the reads and the cache hits.
+//! Usage: cargo run --release --example batch_step -- MODEL_DIR [STEPS] [CACHE_MB]
 use flashmoe::load::{LoadOptions, load_model_with};
 use flashmoe::profile::PROFILE;
 use std::time::Instant;
@@ -9,7 +11,14 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(args.get(1).map_or("/tmp/bM", |s| s.as_str()));
     let steps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
-    let m = load_model_with(&dir, &LoadOptions::default())?;
+    let cache: Option<u64> = args.get(3).and_then(|s| s.parse().ok());
+    let mut lo = LoadOptions::default();
+    if let Some(mb) = cache {
+        lo.store.mode = flashmoe::flash::CacheMode::Direct;
+        lo.store.cache_bytes = mb << 20;
+    }
+    let m = load_model_with(&dir, &lo)?;
+    let stats = || m.store.as_ref().map(|s| s.stats()).unwrap_or_default();
     let v = m.vocab_size() as u32;
     for b in [1usize, 2, 4, 8] {
         let mut states: Vec<_> = (0..b).map(|_| m.new_state()).collect();
@@ -20,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         // one step to warm
         m.forward_batch(&mut states.iter_mut().collect::<Vec<_>>(), &toks)?;
         PROFILE.reset();
+        let s0 = stats();
         let t = Instant::now();
         for i in 0..steps {
             toks.iter_mut().enumerate().for_each(|(s, k)| *k = (*k + 17 * i as u32 + s as u32) % v);
@@ -37,6 +47,17 @@ fn main() -> anyhow::Result<()> {
             per(p.shared_expert),
             per(p.lm_head)
         );
+        if cache.is_some() {
+            let s1 = stats();
+            let per_token = |v: u64| v as f64 / (steps * b) as f64;
+            let (hits, misses) = (s1.hits - s0.hits, s1.misses - s0.misses);
+            println!(
+                "  experts per token: {:.1} distinct in the step, {:.1} read, {:.1} cache hits",
+                per_token(hits + misses),
+                per_token(misses),
+                per_token(hits)
+            );
+        }
     }
     // and the check: a batched step gives every sequence exactly its logits alone
     let mut states: Vec<_> = (0..8u32).map(|_| m.new_state()).collect();

@@ -264,10 +264,11 @@ impl Layer {
     }
 
     /// [`Layer::mix`] of one decode step of each of several sequences: row `t` of `x` is a
-    /// token at `pos[t]` of the sequence whose layer state is `states[t]`. An attention layer
-    /// computes its projections over all the rows at once ([`Attention::decode_rows`]), other
-    /// mixers one row after another; either way each row gets what `mix` gives it alone. A row
-    /// whose output is not finite is left as it was and gets its error.
+    /// token at `pos[t]` of the sequence whose layer state is `states[t]`. Every mixer computes
+    /// its projections over all the rows at once and the rest on each sequence's own state
+    /// ([`Attention::decode_rows`], [`DeltaNet::decode_rows`], [`Mla::decode_rows`]); each
+    /// row gets what `mix` gives it alone. A row whose output is not finite is left as it was
+    /// and gets its error.
     fn mix_rows(
         &self,
         x: &mut [f32],
@@ -277,27 +278,53 @@ impl Layer {
         opts: &RunOptions,
     ) -> SmallVec<[Result<()>; 8]> {
         let d = x.len() / pos.len().max(1);
-        let MixerWeights::Attention(a) = &self.mixer else {
-            return x
-                .chunks_exact_mut(d)
-                .zip(pos)
-                .zip(states.iter_mut().zip(sels.iter_mut()))
-                .map(|((x, &pos), (st, sel))| self.mix(x, 1, pos, st, sel, opts))
-                .collect();
-        };
-        let mut caches: SmallVec<[&mut KvCache; 8]> = states
-            .iter_mut()
-            .map(|st| match &mut **st {
-                LayerState::Kv(c) => c,
-                _ => unreachable!("layer state does not match its mixer"),
-            })
-            .collect();
         let mut h = scratch::zeros(x.len());
         let mut y = scratch::zeros(x.len());
         self.input_norm.forward(x, &mut h);
         crate::par::mark();
         let t = Instant::now();
-        a.decode_rows(&h, pos, &mut caches, &mut y, opts.precision);
+        let p = opts.precision;
+        match &self.mixer {
+            MixerWeights::Attention(a) => {
+                let mut caches: SmallVec<[&mut KvCache; 8]> = states
+                    .iter_mut()
+                    .map(|st| {
+                        if let LayerState::Kv(c) = &mut **st {
+                            c
+                        } else {
+                            unreachable!("layer state does not match its mixer")
+                        }
+                    })
+                    .collect();
+                a.decode_rows(&h, pos, &mut caches, &mut y, p);
+            }
+            MixerWeights::DeltaNet(dn) => {
+                let mut ds: SmallVec<[&mut DeltaState; 8]> = states
+                    .iter_mut()
+                    .map(|st| {
+                        if let LayerState::Delta(s) = &mut **st {
+                            s
+                        } else {
+                            unreachable!("layer state does not match its mixer")
+                        }
+                    })
+                    .collect();
+                dn.decode_rows(&h, &mut ds, &mut y, p);
+            }
+            MixerWeights::Mla(a) => {
+                let mut caches: SmallVec<[&mut LatentCache; 8]> = states
+                    .iter_mut()
+                    .map(|st| {
+                        if let LayerState::Latent(c) = &mut **st {
+                            c
+                        } else {
+                            unreachable!("layer state does not match its mixer")
+                        }
+                    })
+                    .collect();
+                a.decode_rows(&h, pos, &mut caches, sels, &mut y, p);
+            }
+        }
         add_since(&PROFILE.mixer, t);
         x.chunks_exact_mut(d)
             .zip(y.chunks_exact(d))
@@ -537,18 +564,16 @@ impl Model {
         for &j in &live {
             self.embed.row_f32(tokens[j] as usize, &mut x[j * h..(j + 1) * h]);
         }
-        let prefetch = self.store.as_ref().is_some_and(|s| s.prefetch);
+        // no read-ahead in a batch's step: it issues the union of its rows' experts at once
+        // anyway, and every row's predictions would take the slots that union needs (with a
+        // cache smaller than the step's experts, the predicted reads evicted what the step
+        // then read again)
         let _hold = crate::par::hold();
         let mut sels: Vec<Selection> = (0..b).map(|_| Selection::default()).collect();
         let mut rows = scratch::zeros(0);
         for (i, layer) in self.layers.iter().enumerate() {
             if live.is_empty() {
                 break;
-            }
-            if prefetch {
-                for &j in &live {
-                    self.prefetch_next(i, &x[j * h..(j + 1) * h]);
-                }
             }
             // the live rows side by side, through the mixer (each on its own state) and the
             // feed-forward together

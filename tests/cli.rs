@@ -319,3 +319,55 @@ fn progress_is_drawn_on_a_terminal_and_nowhere_else() {
         assert!(!err.contains('\r') && !err.contains('\x1b') && !err.contains("loading "), "{args:?}: {err:?}");
     }
 }
+
+/// `scripts/memcg.sh` (the beyond-RAM scripts' memory cgroup) on fake cgroup trees: v1, v2
+/// and v2 under a hybrid host's `unified`, each given the limit in its own file; no hierarchy
+/// with a memory controller is a clear error naming what was looked at.
+#[test]
+fn the_memory_cgroup_helper_detects_cgroup_v1_and_v2() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/memcg.sh");
+    let run = |fs: &Path| {
+        let cmd = format!(
+            ". '{}' && memcg_init 64M && (memcg_run sh -c 'echo inside') && echo \"v$MEMCG_V $MEMCG\"",
+            script.display()
+        );
+        let out = Command::new("bash").arg("-c").arg(cmd).env("CGROUP_FS", fs).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let tmp = tempfile::tempdir().unwrap();
+    // v1: the memory controller's own hierarchy
+    let v1 = tmp.path().join("v1");
+    std::fs::create_dir_all(v1.join("memory")).unwrap();
+    let (ok, out, err) = run(&v1);
+    assert!(ok, "{err}");
+    let cg = v1.join("memory/flashmoe_bench");
+    assert_eq!(out, format!("inside\nv1 {}\n", cg.display()));
+    assert_eq!(read(cg.join("memory.limit_in_bytes")).trim(), "67108864");
+    assert!(!read(cg.join("cgroup.procs")).trim().is_empty(), "the command's shell joined the cgroup");
+    // v2, at the root or under `unified`
+    for sub in ["", "unified"] {
+        let fs = tmp.path().join(format!("v2{sub}"));
+        let root = fs.join(sub);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        let (ok, out, err) = run(&fs);
+        assert!(ok, "{err}");
+        let cg = root.join("flashmoe_bench");
+        assert_eq!(out, format!("inside\nv2 {}\n", cg.display()));
+        assert_eq!(read(cg.join("memory.max")).trim(), "67108864");
+        assert_eq!(read(root.join("cgroup.subtree_control")).trim(), "+memory");
+    }
+    // v2 without the memory controller (a hybrid host where v1 holds it, unwritable), none
+    let fs = tmp.path().join("nomem");
+    std::fs::create_dir_all(fs.join("unified")).unwrap();
+    std::fs::write(fs.join("unified/cgroup.controllers"), "cpu pids\n").unwrap();
+    let (ok, _, err) = run(&fs);
+    assert!(!ok && err.contains("has no memory controller") && err.contains("unified/cgroup.controllers"), "{err}");
+    let (ok, _, err) = run(&tmp.path().join("empty"));
+    assert!(!ok && err.contains("no cgroup v1 memory controller"), "{err}");
+}

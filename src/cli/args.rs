@@ -368,7 +368,7 @@ impl PromptCacheArgs {
 /// Expert store settings (converted models).
 #[derive(Args, Clone)]
 pub(crate) struct StoreArgs {
-    /// `os`: buffered reads, the page cache caches; `direct`: O_DIRECT + own LRU cache;
+    /// `os`: buffered reads, the page cache caches; `direct`: O_DIRECT + own cache;
     /// `auto`: direct when the expert files exceed half the memory this process may use (it won
     /// every beyond-RAM run: 1.9x on the 80B shape), else os (warm experts are computed in
     /// place from the page cache).

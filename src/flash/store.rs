@@ -6,8 +6,9 @@
 //! - `os`: buffered reads, the kernel's page cache is the cache (as in the original engine);
 //!   an expert already fully in the page cache (asked with mincore) is computed in place from a
 //!   read-only mapping of its file, without a read or a copy;
-//! - `direct`: `O_DIRECT` reads, and the slots themselves form an in-process LRU cache of
-//!   `cache_bytes`.
+//! - `direct`: `O_DIRECT` reads, and the slots themselves form an in-process cache of
+//!   `cache_bytes`, evicting the expert needed again last (see `Slots::victim`: a batch's step
+//!   may need more experts than it holds, which plain LRU turns into a miss per read).
 
 use super::format::{ExpertLayout, Experts};
 use crate::scratch::{self, Pool};
@@ -224,6 +225,17 @@ struct Slots {
     /// Reads in flight (demand reads and prefetches): key → slot.
     inflight: HashMap<Key, usize>,
     tick: u64,
+    /// Uses of the slot's expert since it was read (saturating), halved every `key.len()`
+    /// reads: the frequency part of the eviction order.
+    uses: Vec<u8>,
+    /// Reads started, for the halving.
+    claims: usize,
+    /// Per layer index: its place in the pass over the expert layers (the eviction order's
+    /// next-use part); empty: every layer alike.
+    rank: Vec<usize>,
+    /// Expert layers in the pass, and their indices in its order.
+    layers: usize,
+    order: Vec<usize>,
 }
 
 impl Slots {
@@ -236,12 +248,61 @@ impl Slots {
             map: HashMap::new(),
             inflight: HashMap::new(),
             tick: 0,
+            uses: vec![0; n],
+            claims: 0,
+            rank: vec![],
+            layers: 1,
+            order: vec![],
         }
     }
 
-    /// Least recently used slot that nobody reads, computes from or waits for.
-    fn victim(&self) -> Option<usize> {
-        (0..self.key.len()).filter(|&s| self.free(s)).min_by_key(|&s| self.last_use[s])
+    /// [`Slots::new`] for a store whose expert layers are `layers`, in the order a forward
+    /// pass visits them.
+    fn for_layers(n: usize, layers: &[usize]) -> Slots {
+        let mut g = Slots::new(n);
+        g.rank = vec![0; layers.iter().max().map_or(0, |&l| l + 1)];
+        for (r, &l) in layers.iter().enumerate() {
+            g.rank[l] = r;
+        }
+        g.layers = layers.len().max(1);
+        g.order = layers.to_vec();
+        g
+    }
+
+    /// The slot to read an expert of `layer` into, among those nobody reads, computes from or
+    /// waits for; `wanted` are the experts the caller itself still needs (not taken while
+    /// another slot is free). Empty slots first; then the expert whose next use is furthest
+    /// away: a forward pass visits the expert layers in order, so one of `layer` itself that
+    /// the caller does not want is needed again a whole pass later at the earliest, one of the
+    /// layer just passed a layer sooner, and so on back; among a layer's experts, the least
+    /// used since it was read, then the least recently used. Plain LRU would, once a batch's step needs more experts than the
+    /// cache holds, evict each expert just before the next step asks for it again (every
+    /// read a miss); this order keeps most of the cache across steps and cycles the rest.
+    fn victim(&self, layer: usize, wanted: impl Fn(Key) -> bool) -> Option<usize> {
+        let layers = self.layers;
+        let at = self.rank.get(layer).copied().unwrap_or(0);
+        let order = |s: usize| match self.key[s] {
+            None => (0, false, 0, 0, 0),
+            Some(k) => {
+                // layers until its next use, counted from `layer` (`layers` for `layer` itself)
+                let ahead = (self.rank.get(k.0).copied().unwrap_or(0) + layers - at) % layers;
+                let next = if ahead == 0 { layers } else { ahead };
+                (1, wanted(k), layers - next, self.uses[s], self.last_use[s])
+            }
+        };
+        (0..self.key.len()).filter(|&s| self.free(s)).min_by_key(|&s| order(s))
+    }
+
+    /// The expert layer a pass visits before `layer` (the last one before the first).
+    fn before(&self, layer: usize) -> usize {
+        let at = self.rank.get(layer).copied().unwrap_or(0);
+        self.order.get((at + self.layers - 1) % self.layers).copied().unwrap_or(layer)
+    }
+
+    /// A use of slot `s`'s expert (a hit, or a wait for its read) at `tick`.
+    fn touch(&mut self, s: usize, tick: u64) {
+        self.last_use[s] = tick;
+        self.uses[s] = self.uses[s].saturating_add(1);
     }
 
     fn free(&self, s: usize) -> bool {
@@ -258,7 +319,13 @@ impl Slots {
         self.key[s] = Some(key);
         self.state[s] = SlotState::Reading;
         self.last_use[s] = tick;
+        self.uses[s] = 1;
         self.inflight.insert(key, s);
+        // the frequencies fade, so that experts popular long ago leave the cache in time
+        self.claims += 1;
+        if self.claims.is_multiple_of(self.key.len()) {
+            self.uses.iter_mut().for_each(|u| *u /= 2);
+        }
     }
 
     fn unpin(&mut self, s: usize) {
@@ -272,6 +339,7 @@ impl Slots {
         self.state[s] = SlotState::Empty;
         self.key[s] = None;
         self.last_use[s] = 0;
+        self.uses[s] = 0;
     }
 }
 
@@ -349,9 +417,16 @@ struct Call<'a> {
     /// An expert read into a buffer of the call's own (every slot held by others).
     private: Option<usize>,
     failed: Option<String>,
+    /// The needed experts as a bit set (kept in the cache while the call places the others).
+    want: scratch::Pooled<Vec<u64>>,
 }
 
 impl Call<'_> {
+    /// Whether the call needs expert `e`.
+    fn wants(&self, e: usize) -> bool {
+        self.want.get(e / 64).is_some_and(|w| w >> (e % 64) & 1 == 1)
+    }
+
     /// Unpins the ready experts' slots and empties the ready list; whether a slot was released.
     fn release(&mut self, g: &mut Slots) -> bool {
         let mut released = false;
@@ -376,6 +451,8 @@ thread_local! {
     /// (os mode), else 0; per thread: `mincore`'s answer.
     static RESIDENT: Pool<Vec<usize>> = const { Pool::new() };
     static PAGES: Pool<Vec<u8>> = const { Pool::new() };
+    /// Per call: the needed experts as a bit set.
+    static WANT: Pool<Vec<u64>> = const { Pool::new() };
 }
 
 /// An expert's page-cache check is this many `mincore` calls, items of one step.
@@ -485,6 +562,8 @@ impl ExpertStore {
             };
             files.insert(l.layer, LayerFile { path, file, map });
         }
+        let mut layer_order: Vec<usize> = ex.layers.iter().map(|l| l.layer).collect();
+        layer_order.sort_unstable();
         let nslots = match opts.mode {
             CacheMode::Os => max_batch,
             // a cache larger than every expert of the model holds nothing more
@@ -493,7 +572,7 @@ impl ExpertStore {
             }
         };
         let shared = Arc::new(Shared {
-            slots: Mutex::new(Slots::new(nslots)),
+            slots: Mutex::new(Slots::for_layers(nslots, &layer_order)),
             changed: Condvar::new(),
             counters: Counters::default(),
             direct: opts.mode == CacheMode::Direct,
@@ -698,9 +777,15 @@ impl ExpertStore {
             mapped: 0,
             private: None,
             failed: None,
+            want: scratch::take(&WANT),
         };
         call.ready.clear();
         call.waiting.clear();
+        call.want.clear();
+        call.want.resize(self.num_experts.div_ceil(64), 0);
+        for &e in needed {
+            call.want[e / 64] |= 1 << (e % 64);
+        }
         // page-cache residency of every needed expert, asked up front and in parallel: `mincore`
         // visits each 4 KiB page of an extent, microseconds per expert, which one thread would
         // spend serially in every layer of a decode step while the others wait
@@ -744,7 +829,7 @@ impl ExpertStore {
             if let Some(s) = g.map.get(&key).or_else(|| g.inflight.get(&key)).copied() {
                 // cached (direct mode), or being read already (a prefetch, another caller)
                 g.pins[s] += 1;
-                g.last_use[s] = tick;
+                g.touch(s, tick);
                 if g.state[s] == SlotState::Ready {
                     c.hits.fetch_add(1, Relaxed);
                     call.ready.push((next, Ready::Slot(s)));
@@ -758,7 +843,7 @@ impl ExpertStore {
                 c.hits.fetch_add(1, Relaxed);
                 call.ready.push((next, Ready::Mapped { addr }));
                 call.mapped += 1;
-            } else if let Some(s) = g.victim() {
+            } else if let Some(s) = g.victim(call.layer, |k| k.0 == call.layer && call.wants(k.1)) {
                 if !self.start_read(g, jobs, lf, s, key, tick) {
                     call.failed = Some("the expert store's I/O threads are gone".into());
                     return;
@@ -899,7 +984,14 @@ impl ExpertStore {
                 if (0..self.nslots).filter(|&s| g.free(s)).count() <= self.max_batch {
                     break;
                 }
-                let Some(s) = g.victim() else { break };
+                // the layer before `layer` runs next, its experts unknown yet: neither they nor
+                // the predicted ones make room for a guess
+                let before = g.before(layer);
+                let keep = |k: Key| k.0 == before || (k.0 == layer && experts.contains(&k.1));
+                let Some(s) = g.victim(layer, keep) else { break };
+                if g.key[s].is_some_and(keep) {
+                    break;
+                }
                 if !self.start_read(&mut g, jobs, lf, s, key, tick) {
                     break;
                 }
@@ -1002,22 +1094,70 @@ mod slot_policy {
     fn the_victim_is_the_least_recently_used_slot_nobody_holds() {
         let mut g = Slots::new(4);
         // empty slots first (never used), lowest index among equals
-        assert_eq!(g.victim(), Some(0));
+        assert_eq!(g.victim(0, |_| false), Some(0));
         for (s, t) in [(0, 5), (1, 2), (2, 9), (3, 7)] {
             cached(&mut g, s, (0, s), t);
         }
-        assert_eq!(g.victim(), Some(1));
+        assert_eq!(g.victim(0, |_| false), Some(1));
         g.pins[1] = 1; // computing from it
-        assert_eq!(g.victim(), Some(0));
+        assert_eq!(g.victim(0, |_| false), Some(0));
         g.state[0] = SlotState::Reading; // a read in flight is never the victim
-        assert_eq!(g.victim(), Some(3));
+        assert_eq!(g.victim(0, |_| false), Some(3));
         g.pins[3] = 2;
         g.pins[2] = 1;
-        assert_eq!(g.victim(), None, "every slot held: the caller reads into a buffer of its own");
+        assert_eq!(g.victim(0, |_| false), None, "every slot held: the caller reads into a buffer of its own");
         g.unpin(3);
-        assert_eq!(g.victim(), None);
+        assert_eq!(g.victim(0, |_| false), None);
         g.unpin(3);
-        assert_eq!(g.victim(), Some(3));
+        assert_eq!(g.victim(0, |_| false), Some(3));
+    }
+
+    #[test]
+    fn the_victim_is_the_expert_needed_again_last() {
+        // expert layers 2, 5, 7, 9 (a pass visits them in that order)
+        let mut g = Slots::for_layers(6, &[2, 5, 7, 9]);
+        for (s, key) in [(0, (2, 0)), (1, (5, 1)), (2, (7, 2)), (3, (9, 3)), (4, (7, 4))] {
+            cached(&mut g, s, key, 10 - s as u64);
+        }
+        assert_eq!(g.victim(9, |_| false), Some(5), "an empty slot first");
+        cached(&mut g, 5, (7, 5), 1);
+        let none = |_: Key| false;
+        // reading for layer 9: its own experts it does not want are needed again only a whole
+        // pass later; then layer 7's (the layer just passed), the least used, then the least
+        // recently used
+        assert_eq!(g.victim(9, none), Some(3));
+        let nine = |k: Key| k.0 == 9;
+        assert_eq!(g.victim(9, nine), Some(5));
+        g.touch(5, 12);
+        g.touch(5, 13);
+        g.touch(2, 11);
+        assert_eq!(g.victim(9, nine), Some(4), "slots 2 and 5 are used more");
+        // reading for layer 2: layer 2's own experts it does not want come first, then layer 9's
+        assert_eq!(g.victim(2, none), Some(0));
+        assert_eq!(g.victim(2, |k| k == (2, 0)), Some(3), "an expert the call wants stays");
+        g.pins[3] = 1;
+        assert_eq!(g.victim(2, |k| k == (2, 0)), Some(4));
+        assert_eq!((g.before(2), g.before(7), g.before(9)), (9, 5, 7), "the pass wraps around");
+        // wanted experts only when every other slot is held
+        for s in 1..6 {
+            g.pins[s] = 1;
+        }
+        assert_eq!(g.victim(2, |k| k == (2, 0)), Some(0));
+    }
+
+    #[test]
+    fn uses_fade_as_experts_are_read() {
+        let mut g = Slots::new(2);
+        cached(&mut g, 0, (0, 0), 1);
+        (0..9).for_each(|t| g.touch(0, 2 + t));
+        assert_eq!(g.uses, [10, 0]);
+        // every second read (as many as there are slots) halves every count
+        g.claim(1, (0, 1), 20);
+        assert_eq!(g.uses, [5, 0]);
+        g.claim(1, (0, 2), 21);
+        assert_eq!(g.uses, [5, 1]);
+        g.claim(1, (0, 3), 22);
+        assert_eq!(g.uses, [2, 0]);
     }
 
     #[test]
@@ -1048,7 +1188,7 @@ mod slot_policy {
         g.unpin(0);
         assert_eq!(g.state[0], SlotState::Empty);
         assert_eq!(g.key[0], None);
-        assert_eq!(g.victim(), Some(0));
+        assert_eq!(g.victim(0, |_| false), Some(0));
     }
 }
 
@@ -1116,5 +1256,66 @@ mod slot_memory {
             let e = ExpertStore::open_in(dir.path(), &ex, &opts, short).err().unwrap().to_string();
             assert!(e.contains("slot allocator"), "{e}");
         }
+    }
+
+    /// Steps over four expert layers that need more experts than the cache holds (a batch's
+    /// union): plain LRU would miss every one; the store keeps most of its cache across steps.
+    #[test]
+    fn a_step_needing_more_than_the_cache_holds_still_hits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (parts, _, stride) = expert_layout(WKind::BF16, 64, 32, false);
+        let layers = [1usize, 2, 4, 6];
+        let ex = Experts {
+            kind: "bf16".into(),
+            num_experts: 8,
+            stride,
+            gate: parts[0],
+            up: parts[1],
+            down: parts[2],
+            biases: None,
+            layers: layers.iter().map(|&l| ExpertLayer { layer: l, file: format!("l{l}.bin") }).collect(),
+        };
+        let bytes = |l: usize, e: usize| -> Vec<u8> {
+            (0..stride as usize).map(|i| (l * 67 + e * 31 + i % 251) as u8).collect()
+        };
+        for &l in &layers {
+            let data: Vec<u8> = (0..8).flat_map(|e| bytes(l, e)).collect();
+            std::fs::write(dir.path().join(format!("l{l}.bin")), &data).unwrap();
+        }
+        // ten slots; a step needs 4 × 4 = 16 experts
+        let opts = StoreOptions {
+            mode: CacheMode::Direct,
+            cache_bytes: 10 * stride,
+            io_threads: 2,
+            max_batch: 3,
+            prefetch: false,
+        };
+        let store = ExpertStore::open(dir.path(), &ex, &opts).unwrap();
+        let needed = [[0, 2, 5, 7], [1, 2, 3, 6], [0, 4, 5, 6], [3, 5, 6, 7]];
+        let mut hits = vec![];
+        for _ in 0..8 {
+            let before = store.stats();
+            for (&l, need) in layers.iter().zip(&needed) {
+                store
+                    .with_experts(
+                        l,
+                        need,
+                        || {},
+                        |batch| {
+                            for &(i, b) in batch {
+                                assert_eq!(b, &bytes(l, need[i])[..], "layer {l} expert {}", need[i]);
+                            }
+                        },
+                    )
+                    .unwrap();
+            }
+            let after = store.stats();
+            assert_eq!(after.hits + after.misses - before.hits - before.misses, 16);
+            hits.push(after.hits - before.hits);
+        }
+        // the first step fills the cache; after it, the ten slots hold what the next step
+        // needs but for the one batch of slots cycled through per layer
+        assert_eq!(hits[0], 0);
+        assert!(hits[2..].iter().all(|&h| h >= 5), "hits per step {hits:?}");
     }
 }

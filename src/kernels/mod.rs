@@ -736,9 +736,9 @@ fn g64_vnni(preps: &[&QPrep]) -> Option<u8> {
 
 /// [`qdot`] of one row against several prepared vectors (a batch of sequences' decode step):
 /// `out[t]` is bit for bit `qdot(packed, scales, biases, preps[t])`. Where the kernel `qdot`
-/// picks has a multi-vector twin (AVX-512 VNNI, group 64, q4/q8) the row is loaded and
-/// unpacked once for every four vectors; elsewhere it is `qdot` per vector, the row then read
-/// from L1.
+/// picks has a multi-vector twin (AVX-512 VNNI group 64 q4/q8; AVX2 q2/q4/q8) the row is
+/// loaded and unpacked once for every four vectors; elsewhere it is `qdot` per vector, the row
+/// then read from L1.
 pub fn qdot_multi(packed: &[u8], scales: &[u16], biases: &[u16], preps: &[&QPrep], out: &mut [f32]) {
     assert_eq!(preps.len(), out.len(), "one output per prepared vector");
     #[cfg(target_arch = "x86_64")]
@@ -762,13 +762,33 @@ pub fn qdot_multi(packed: &[u8], scales: &[u16], biases: &[u16], preps: &[&QPrep
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2
+        && let Some(p0) = preps.first()
+        && preps.iter().all(|p| p.fast && p.bits == p0.bits && p.group == p0.group && p.xp.len() == p0.xp.len())
+    {
+        for (ps, os) in preps.chunks(MULTI).zip(out.chunks_mut(MULTI)) {
+            // SAFETY: AVX2 detected and every prep `fast` (what `qdot` checks before it picks
+            // `qdot_avx2`), all of one shape; `os` holds one output per vector of `ps`.
+            unsafe {
+                use x86::qdot_avx2_multi as k;
+                match ps.len() {
+                    1 => k::<1>(packed, scales, biases, first(ps), os),
+                    2 => k::<2>(packed, scales, biases, first(ps), os),
+                    3 => k::<3>(packed, scales, biases, first(ps), os),
+                    _ => k::<4>(packed, scales, biases, first(ps), os),
+                }
+            }
+        }
+        return;
+    }
     for (o, p) in out.iter_mut().zip(preps) {
         *o = qdot(packed, scales, biases, p);
     }
 }
 
 /// [`dot`] of one row against several vectors: `out[t]` is bit for bit `dot(a, xs[t])`, the
-/// row loaded once for every four vectors on AVX-512 (else `dot` per vector).
+/// row loaded once for every four vectors on AVX-512 and AVX2 (else `dot` per vector).
 pub fn dot_multi(a: &[f32], xs: &[&[f32]], out: &mut [f32]) {
     assert!(xs.len() == out.len() && xs.iter().all(|x| x.len() == a.len()), "dot_multi: ragged vectors");
     #[cfg(target_arch = "x86_64")]
@@ -787,14 +807,31 @@ pub fn dot_multi(a: &[f32], xs: &[&[f32]], out: &mut [f32]) {
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 {
+        for (v, o) in xs.chunks(MULTI).zip(out.chunks_mut(MULTI)) {
+            // SAFETY: AVX2 and FMA detected; equal lengths checked above.
+            unsafe {
+                use x86::dot_f32_avx2_multi as k;
+                match v.len() {
+                    1 => k::<1>(a, first(v), o),
+                    2 => k::<2>(a, first(v), o),
+                    3 => k::<3>(a, first(v), o),
+                    _ => k::<4>(a, first(v), o),
+                }
+            }
+        }
+        return;
+    }
     for (o, x) in out.iter_mut().zip(xs) {
         *o = dot(a, x);
     }
 }
 
 /// [`dot_bf16`] of one or two rows against several vectors: `out[r][t]` is bit for bit
-/// `dot_bf16(w[r], xs[t])`. On AVX-512 each row is widened once for every four vectors and,
-/// with two rows, each vector loaded once for both (else `dot_bf16` per pair).
+/// `dot_bf16(w[r], xs[t])`. On AVX-512 and AVX2 each row is widened once for every four
+/// vectors and, on AVX-512 with two rows, each vector loaded once for both (else `dot_bf16`
+/// per pair).
 pub fn dot_bf16_multi(w: &[&[u16]], xs: &[&[f32]], out: &mut [&mut [f32]]) {
     let n = w.first().map_or(0, |r| r.len());
     assert!(
@@ -828,6 +865,25 @@ pub fn dot_bf16_multi(w: &[&[u16]], xs: &[&[f32]], out: &mut [&mut [f32]]) {
                 (_, 2) => tile!(2, 2),
                 (_, 3) => tile!(2, 3),
                 (_, _) => tile!(2, 4),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 {
+        // one row at a time: two rows' accumulators for four vectors outnumber the registers
+        for (r, o) in w.iter().zip(out.iter_mut()) {
+            for (v, o) in xs.chunks(MULTI).zip(o.chunks_mut(MULTI)) {
+                // SAFETY: AVX2 and FMA detected; equal lengths checked above.
+                unsafe {
+                    use x86::dot_bf16_avx2_multi as k;
+                    match v.len() {
+                        1 => k::<1>(r, first(v), o),
+                        2 => k::<2>(r, first(v), o),
+                        3 => k::<3>(r, first(v), o),
+                        _ => k::<4>(r, first(v), o),
+                    }
+                }
             }
         }
         return;
@@ -1204,6 +1260,95 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX2 multi-vector kernels called directly (whatever ISA the dispatch picks here):
+    /// every vector bit for bit its one-vector kernel, odd lengths and tails, 1 to 4 vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_multi_vector_kernels_are_their_one_vector_kernels_bit_for_bit() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("skipped: no AVX2 here");
+            return;
+        }
+        let xs: Vec<Vec<f32>> = (0..4).map(|t| rnd(4096, 900 + t as u64)).collect();
+        macro_rules! each_n {
+            ($f:ident) => {
+                $f!(1);
+                $f!(2);
+                $f!(3);
+                $f!(4);
+            };
+        }
+        for n in [1, 7, 8, 15, 16, 17, 31, 33, 100, 257, 2048] {
+            let a = rnd(n, 77 + n as u64);
+            let wb: Vec<u16> = a.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+            macro_rules! check {
+                ($n:literal) => {{
+                    let v: [&[f32]; $n] = std::array::from_fn(|t| &xs[t][..n]);
+                    let (mut f, mut h) = ([f32::NAN; $n], [f32::NAN; $n]);
+                    // SAFETY: AVX2 and FMA detected above; equal lengths.
+                    unsafe {
+                        x86::dot_f32_avx2_multi::<$n>(&a, v, &mut f);
+                        x86::dot_bf16_avx2_multi::<$n>(&wb, v, &mut h);
+                        for t in 0..$n {
+                            assert_eq!(f[t].to_bits(), x86::dot_f32_avx2(&a, v[t]).to_bits(), "f32 {n} {t}/{}", $n);
+                            assert_eq!(h[t].to_bits(), x86::dot_bf16_avx2(&wb, v[t]).to_bits(), "bf16 {n} {t}/{}", $n);
+                        }
+                    }
+                }};
+            }
+            each_n!(check);
+        }
+        let mut fast = 0;
+        for bits in [2u8, 4, 8] {
+            for &(cols, group) in &[(64, 64), (128, 64), (64 * 17, 64), (64 * 37, 64), (192, 32), (192, 128), (40, 8)] {
+                let w = rnd(2 * cols, bits as u64 * 13 + cols as u64);
+                let blob = crate::tensor::AlignedBytes::from_slice(&quant::quantize(&w, 2, cols, bits, group));
+                let q = quant::QMat::new(blob.bytes(), 2, cols, bits, group);
+                let (rb, ng) = (quant::row_bytes(cols, bits), cols.div_ceil(group));
+                let preps: Vec<QPrep> = xs
+                    .iter()
+                    .map(|x| {
+                        let mut p = QPrep::default();
+                        p.prepare_with(&x[..cols], bits, group, false);
+                        p
+                    })
+                    .collect();
+                if !preps[0].fast {
+                    continue;
+                }
+                fast += 1;
+                for r in 0..2 {
+                    let (pk, sc, bi) = (
+                        &q.packed[r * rb..(r + 1) * rb],
+                        &q.scales[r * ng..(r + 1) * ng],
+                        &q.biases[r * ng..(r + 1) * ng],
+                    );
+                    macro_rules! check {
+                        ($n:literal) => {{
+                            let ps: [&QPrep; $n] = std::array::from_fn(|t| &preps[t]);
+                            let mut got = [f32::NAN; $n];
+                            // SAFETY: AVX2 and FMA detected; every prep `fast`, of one shape.
+                            unsafe {
+                                x86::qdot_avx2_multi::<$n>(pk, sc, bi, ps, &mut got);
+                                for t in 0..$n {
+                                    let want = x86::qdot_avx2(pk, sc, bi, ps[t]);
+                                    assert_eq!(
+                                        got[t].to_bits(),
+                                        want.to_bits(),
+                                        "q{bits} {cols}/{group} row {r} {t}/{}",
+                                        $n
+                                    );
+                                }
+                            }
+                        }};
+                    }
+                    each_n!(check);
+                }
+            }
+        }
+        assert!(fast >= 9, "only {fast} shapes took the SIMD path");
     }
 
     #[test]

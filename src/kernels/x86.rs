@@ -543,6 +543,148 @@ pub unsafe fn dot_f32_avx512_multi<const N: usize>(a: &[f32], xs: [&[f32]; N], o
     }
 }
 
+/// [`dot_f32_avx2`] of one row against `N` vectors, the row loaded once for all: `out[t]` is
+/// bit for bit `dot_f32_avx2(a, xs[t])`.
+///
+/// # Safety
+/// AVX2 and FMA must be available; every `xs[t]` is as long as `a`; `out` holds `N`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_f32_avx2_multi<const N: usize>(a: &[f32], xs: [&[f32]; N], out: &mut [f32]) {
+    let n = a.len();
+    let pa = a.as_ptr();
+    let pb: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
+    let (mut a0, mut a1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+    let mut i = 0;
+    while i + 16 <= n {
+        let (r0, r1) = (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pa.add(i + 8)));
+        for t in 0..N {
+            a0[t] = _mm256_fmadd_ps(r0, _mm256_loadu_ps(pb[t].add(i)), a0[t]);
+            a1[t] = _mm256_fmadd_ps(r1, _mm256_loadu_ps(pb[t].add(i + 8)), a1[t]);
+        }
+        i += 16;
+    }
+    for t in 0..N {
+        let mut s = hsum256(_mm256_add_ps(a0[t], a1[t]));
+        for k in i..n {
+            s += a[k] * xs[t][k];
+        }
+        out[t] = s;
+    }
+}
+
+/// [`dot_bf16_avx2`] of one row against `N` vectors, the row widened once for all: `out[t]`
+/// is bit for bit `dot_bf16_avx2(w, xs[t])`.
+///
+/// # Safety
+/// AVX2 and FMA must be available; every `xs[t]` is as long as `w`; `out` holds `N`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_bf16_avx2_multi<const N: usize>(w: &[u16], xs: [&[f32]; N], out: &mut [f32]) {
+    let n = w.len();
+    let pw = w.as_ptr();
+    let px: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
+    let (mut a0, mut a1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+    let mut i = 0;
+    while i + 16 <= n {
+        let (w0, w1) = (widen_bf16_256(pw.add(i)), widen_bf16_256(pw.add(i + 8)));
+        for t in 0..N {
+            a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(px[t].add(i)), a0[t]);
+            a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(px[t].add(i + 8)), a1[t]);
+        }
+        i += 16;
+    }
+    for t in 0..N {
+        let mut s = hsum256(_mm256_add_ps(a0[t], a1[t]));
+        for k in i..n {
+            s += bf16_to_f32(w[k]) * xs[t][k];
+        }
+        out[t] = s;
+    }
+}
+
+/// 16 bytes as two halves of 8 floats (as [`fma_u8x16_256`] widens them).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn u8x16_256(v: __m128i) -> (__m256, __m256) {
+    (_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))))
+}
+
+/// `acc` + the widened 16 bytes `(a, b)` times 16 floats at `x`, in [`fma_u8x16_256`]'s order.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_wide_256((a, b): (__m256, __m256), x: *const f32, acc: __m256) -> __m256 {
+    _mm256_fmadd_ps(b, _mm256_loadu_ps(x.add(8)), _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc))
+}
+
+/// [`qdot_avx2`] of one row against `N` prepared vectors, each 16 packed weights widened once
+/// for all: `out[t]` is bit for bit `qdot_avx2(packed, scales, biases, preps[t])`.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `prep.fast` must hold for this row's sizes, and every prep
+/// has the first one's bits, group and length; `out` holds `N`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn qdot_avx2_multi<const N: usize>(
+    packed: &[u8],
+    scales: &[u16],
+    biases: &[u16],
+    preps: [&QPrep; N],
+    out: &mut [f32],
+) {
+    let (p, group, bits, cols) = (packed.as_ptr(), preps[0].group, preps[0].bits, preps[0].xp.len());
+    let xp: [*const f32; N] = std::array::from_fn(|t| preps[t].xp.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut bacc = [0.0f32; N];
+    let lo4 = _mm_set1_epi8(0x0f);
+    let lo2 = _mm_set1_epi8(0x03);
+    for (g, (&s, &b)) in scales.iter().zip(biases).enumerate() {
+        let (mut e, end) = (g * group, ((g + 1) * group).min(cols));
+        let mut ga = [_mm256_setzero_ps(); N];
+        match bits {
+            4 => {
+                while e < end {
+                    let v = _mm_loadu_si128(p.add(e / 2) as *const __m128i);
+                    let (lo, hi) =
+                        (u8x16_256(_mm_and_si128(v, lo4)), u8x16_256(_mm_and_si128(_mm_srli_epi16(v, 4), lo4)));
+                    for t in 0..N {
+                        ga[t] = fma_wide_256(lo, xp[t].add(e), ga[t]);
+                        ga[t] = fma_wide_256(hi, xp[t].add(e + 16), ga[t]);
+                    }
+                    e += 32;
+                }
+            }
+            8 => {
+                while e < end {
+                    let w = u8x16_256(_mm_loadu_si128(p.add(e) as *const __m128i));
+                    for t in 0..N {
+                        ga[t] = fma_wide_256(w, xp[t].add(e), ga[t]);
+                    }
+                    e += 16;
+                }
+            }
+            _ => {
+                while e < end {
+                    let v = _mm_loadu_si128(p.add(e / 4) as *const __m128i);
+                    for ph in 0..4 {
+                        let sh = _mm_srl_epi16(v, _mm_cvtsi32_si128(2 * ph as i32));
+                        let w = u8x16_256(_mm_and_si128(sh, lo2));
+                        for t in 0..N {
+                            ga[t] = fma_wide_256(w, xp[t].add(e + 16 * ph), ga[t]);
+                        }
+                    }
+                    e += 64;
+                }
+            }
+        }
+        let sc = _mm256_set1_ps(bf16_to_f32(s));
+        for t in 0..N {
+            acc[t] = _mm256_fmadd_ps(sc, ga[t], acc[t]);
+            bacc[t] += bf16_to_f32(b) * preps[t].xsum[g];
+        }
+    }
+    for t in 0..N {
+        out[t] = hsum256(acc[t]) + bacc[t];
+    }
+}
+
 /// Dequantizes one q4 or q8 row (natural element order) into `out`: w = scale·q + bias.
 ///
 /// # Safety

@@ -7,7 +7,7 @@ use super::norm::inv_rms;
 use super::{sigmoid, softplus};
 use crate::config::LinearAttnConfig;
 use crate::scratch;
-use crate::tensor::{Mat, Precision, Product, products};
+use crate::tensor::{Mat, Precision, Product, products, products_rows};
 use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -140,23 +140,63 @@ fn delta_step(s: &mut [f32], q: &[f32], k: &[f32], v: &[f32], beta: f32, decay: 
 impl DeltaNet {
     pub fn forward(&self, x: &[f32], n: usize, st: &mut DeltaState, out: &mut [f32], p: Precision) {
         let c = &self.cfg;
-        let (cd, kd, vd) = (c.conv_dim(), c.key_dim(), c.value_dim());
-        let (nk, nv, dk, dv, kern) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim, c.conv_kernel);
+        let (cd, vd, nv) = (c.conv_dim(), c.value_dim(), c.num_v_heads);
         let mut qkv = scratch::zeros(n * cd);
         let mut z = scratch::zeros(n * vd);
         let mut b = scratch::zeros(n * nv);
         let mut a = scratch::zeros(n * nv);
-        products(
-            &mut [
-                Product { w: self.in_proj_qkv.view(), x, y: &mut qkv },
-                Product { w: self.in_proj_z.view(), x, y: &mut z },
-                Product { w: self.in_proj_b.view(), x, y: &mut b },
-                Product { w: self.in_proj_a.view(), x, y: &mut a },
-            ],
-            n,
-            p,
-        );
+        products(&mut self.in_products(x, &mut qkv, &mut z, &mut b, &mut a), n, p);
+        let mut o = scratch::zeros(n * vd);
+        self.recur(&qkv, &z, &b, &a, n, st, &mut o);
+        self.out_proj.matmul(&o, n, out, p);
+    }
 
+    /// One decode step of each of several sequences (a batch, [`crate::model::Model::forward_batch`]):
+    /// row `t` of `x` is the next token of the sequence whose state is `states[t]`. The input
+    /// and output projections run over all the rows at once, each weight row read once for
+    /// all ([`products_rows`]); the convolution and the delta rule run on each sequence's own
+    /// state. Every row's output is bit for bit what [`DeltaNet::forward`] of that token
+    /// alone gives it.
+    pub fn decode_rows(&self, x: &[f32], states: &mut [&mut DeltaState], out: &mut [f32], p: Precision) {
+        let c = &self.cfg;
+        let (cd, vd, nv, m) = (c.conv_dim(), c.value_dim(), c.num_v_heads, states.len());
+        assert!(x.len() == m * self.in_proj_qkv.cols && out.len() == m * self.out_proj.rows);
+        // every product writes every row
+        let (mut qkv, mut z, mut b, mut a) =
+            (scratch::dirty(m * cd), scratch::dirty(m * vd), scratch::dirty(m * nv), scratch::dirty(m * nv));
+        products_rows(&mut self.in_products(x, &mut qkv, &mut z, &mut b, &mut a), p);
+        let mut o = scratch::zeros(m * vd);
+        for (t, st) in states.iter_mut().enumerate() {
+            let (zt, bt, at) = (&z[t * vd..(t + 1) * vd], &b[t * nv..(t + 1) * nv], &a[t * nv..(t + 1) * nv]);
+            self.recur(&qkv[t * cd..(t + 1) * cd], zt, bt, at, 1, st, &mut o[t * vd..(t + 1) * vd]);
+        }
+        products_rows(&mut [Product { w: self.out_proj.view(), x: &o, y: out }], p);
+    }
+
+    /// The input projections of `x` into qkv, z, b and a.
+    fn in_products<'a>(
+        &'a self,
+        x: &'a [f32],
+        qkv: &'a mut [f32],
+        z: &'a mut [f32],
+        b: &'a mut [f32],
+        a: &'a mut [f32],
+    ) -> [Product<'a>; 4] {
+        [
+            Product { w: self.in_proj_qkv.view(), x, y: qkv },
+            Product { w: self.in_proj_z.view(), x, y: z },
+            Product { w: self.in_proj_b.view(), x, y: b },
+            Product { w: self.in_proj_a.view(), x, y: a },
+        ]
+    }
+
+    /// The recurrence over `n` tokens' projections (steps 1-5), from and into `st`; `o` gets
+    /// the gated, normalised outputs, token-major `[n, value_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn recur(&self, qkv: &[f32], z: &[f32], b: &[f32], a: &[f32], n: usize, st: &mut DeltaState, o: &mut [f32]) {
+        let c = &self.cfg;
+        let (cd, kd, vd) = (c.conv_dim(), c.key_dim(), c.value_dim());
+        let (nk, nv, dk, dv, kern) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim, c.conv_kernel);
         // 1. causal depthwise conv over [history, x_0..x_n], then SiLU; the last kernel-1
         //    inputs become the history. Tokens are independent here: a prompt's run in parallel.
         let hist = st.conv.len() / cd;
@@ -217,7 +257,6 @@ impl DeltaNet {
                 .for_each_init(|| (scratch::zeros(dv), scratch::zeros(dv)), head);
         }
         // head-major → token-major
-        let mut o = scratch::zeros(n * vd);
         let gather = |(t, ot): (usize, &mut [f32])| {
             for (j, oj) in ot.chunks_exact_mut(dv).enumerate() {
                 oj.copy_from_slice(&oh[(j * n + t) * dv..(j * n + t + 1) * dv]);
@@ -228,6 +267,5 @@ impl DeltaNet {
         } else {
             o.chunks_exact_mut(vd).enumerate().for_each(gather);
         }
-        self.out_proj.matmul(&o, n, out, p);
     }
 }

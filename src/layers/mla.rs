@@ -26,7 +26,7 @@ use super::norm::RmsNorm;
 use super::rope::Rope;
 use crate::config::IndexerSpec;
 use crate::scratch;
-use crate::tensor::{Mat, MatRef, Precision, Product, WKind, products};
+use crate::tensor::{Mat, MatRef, Precision, Product, WKind, products, products_rows};
 use rayon::prelude::*;
 use smallvec::{SmallVec, smallvec};
 
@@ -240,10 +240,47 @@ impl Mla {
         p: Precision,
         form: Form,
     ) {
+        let mut pr = self.project(x, n, p, false);
+        let mut o = scratch::dirty(n * self.num_heads * self.v_dim);
+        self.attend(&mut pr.slices(0, n), n, pos0, cache, sel, &mut o, p, form);
+        self.o_proj.matmul(&o, n, out, p);
+    }
+
+    /// One decode step of each of several sequences (a batch, [`crate::model::Model::forward_batch`]):
+    /// row `t` of `x` is a token at `pos[t]` of the sequence whose latent cache is `caches[t]`
+    /// (and whose indexer selection is `sels[t]`). Every projection runs over all the rows at
+    /// once, each weight row read once for all ([`products_rows`]); attention runs on each
+    /// sequence's own cache. Every row's output is bit for bit what [`Mla::forward`] of that
+    /// token alone gives it.
+    pub fn decode_rows(
+        &self,
+        x: &[f32],
+        pos: &[usize],
+        caches: &mut [&mut LatentCache],
+        sels: &mut [&mut Selection],
+        out: &mut [f32],
+        p: Precision,
+    ) {
+        let m = pos.len();
+        assert!(caches.len() == m && sels.len() == m && out.len() == m * self.o_proj.rows);
+        let mut pr = self.project(x, m, p, true);
+        let ov = self.num_heads * self.v_dim;
+        // every row is written by its attention
+        let mut o = scratch::dirty(m * ov);
+        for (t, (cache, sel)) in caches.iter_mut().zip(sels.iter_mut()).enumerate() {
+            let ot = &mut o[t * ov..(t + 1) * ov];
+            self.attend(&mut pr.slices(t, 1), 1, pos[t], cache, sel, ot, p, Form::Cheaper);
+        }
+        products_rows(&mut [Product { w: self.o_proj.view(), x: &o, y: out }], p);
+    }
+
+    /// Step 1, the projections of `n` tokens: q (through the q-LoRA latent), the latent row,
+    /// the indexer's inputs. `rows`: the tokens are each one decode step of its own sequence,
+    /// computed as one-token products over all of them ([`products_rows`]).
+    fn project(&self, x: &[f32], n: usize, p: Precision, rows: bool) -> Projected {
         let (nh, nope, rd, kvl) = (self.num_heads, self.nope, self.rope_dim, self.kv_lora);
         let (qd, lw) = (nope + rd, kvl + rd);
-        let decode = n == 1;
-        // 1. projections: q (through the q-LoRA latent), the latent row, the indexer's inputs
+        let run = |jobs: &mut [Product<'_>]| if rows { products_rows(jobs, p) } else { products(jobs, n, p) };
         let mut q = scratch::zeros(n * nh * qd);
         let mut lat = scratch::zeros(n * lw);
         let ix = self.indexer.as_ref();
@@ -260,7 +297,7 @@ impl Mla {
                     jobs.push(Product { w: i.wk.view(), x, y: &mut ik });
                     jobs.push(Product { w: i.weights.view(), x, y: &mut iw });
                 }
-                products(&mut jobs, n, p);
+                run(&mut jobs);
             }
             QProj::LoRA { a, norm, b } => {
                 let mut qa = scratch::zeros(n * a.rows);
@@ -273,16 +310,41 @@ impl Mla {
                         jobs.push(Product { w: i.wk.view(), x, y: &mut ik });
                         jobs.push(Product { w: i.weights.view(), x, y: &mut iw });
                     }
-                    products(&mut jobs, n, p);
+                    run(&mut jobs);
                 }
+                // each row on its own
                 norm.apply(&mut qa);
                 let mut jobs: Jobs<'_> = smallvec![Product { w: b.view(), x: &qa, y: &mut q }];
                 if let Some(i) = ix {
                     jobs.push(Product { w: i.wq_b.view(), x: &qa, y: &mut iq });
                 }
-                products(&mut jobs, n, p);
+                run(&mut jobs);
             }
         }
+        Projected { q, lat, ik, iw, iq, n }
+    }
+
+    /// Steps 2-6 for `n` tokens at `pos0..` of one sequence from their projections: the
+    /// attention's output `o`, `[n, heads · v_dim]`, before the output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        pr: &mut ProjectedRows<'_>,
+        n: usize,
+        pos0: usize,
+        cache: &mut LatentCache,
+        sel: &mut Selection,
+        o: &mut [f32],
+        p: Precision,
+        form: Form,
+    ) {
+        let (nh, nope, rd, kvl) = (self.num_heads, self.nope, self.rope_dim, self.kv_lora);
+        let (qd, lw) = (nope + rd, kvl + rd);
+        let decode = n == 1;
+        let ix = self.indexer.as_ref();
+        let (ihd, ihn) = ix.map_or((0, 0), |i| (i.spec.head_dim, i.spec.heads));
+        let ProjectedRows { q, lat, ik, iw, iq } = pr;
+        let (q, lat, ik, iw, iq) = (&mut **q, &mut **lat, &mut **ik, &**iw, &mut **iq);
 
         // 2. per token: normalise the latent, rotate the shared key and each head's rope part
         //    (and the indexer's), then append to the cache
@@ -325,9 +387,8 @@ impl Mla {
             _ => None,
         };
         if let Some(group_bytes) = group_bytes {
-            let mut o = scratch::zeros(n * nh * self.v_dim);
-            self.attend_expanded(&q, n, pos0, cache, &chosen, &mut o, group_bytes, p);
-            return self.o_proj.matmul(&o, n, out, p);
+            o.fill(0.0);
+            return self.attend_expanded(q, n, pos0, cache, &chosen, o, group_bytes, p);
         }
 
         // 4. each head's query in the latent space: [W_UKᵀ q_nope ‖ q_pe]·scale
@@ -380,9 +441,8 @@ impl Mla {
         // 6. per head: merge its parts, then out of the latent space through W_UV; then the
         //    output projection
         let vd = self.v_dim;
-        let mut o = scratch::dirty(n * nh * vd);
         let uv = self.uv.view();
-        each_chunk(decode, &mut o, vd, |i, oh| {
+        each_chunk(decode, o, vd, |i, oh| {
             let (t, h) = (i / nh, i % nh);
             // part c's Σ e^(x − m)·c, m and Σ e^(x − m) for this head
             let part = |c: usize| {
@@ -404,7 +464,44 @@ impl Mla {
                 *v = row_dot(&uv, h * vd + j, &l);
             }
         });
-        self.o_proj.matmul(&o, n, out, p);
+    }
+}
+
+/// The projections of a forward pass's tokens ([`Mla::project`]).
+struct Projected {
+    q: scratch::Buf,
+    lat: scratch::Buf,
+    ik: scratch::Buf,
+    iw: scratch::Buf,
+    iq: scratch::Buf,
+    n: usize,
+}
+
+/// Tokens `t0..t0 + n` of a [`Projected`].
+struct ProjectedRows<'a> {
+    q: &'a mut [f32],
+    lat: &'a mut [f32],
+    ik: &'a mut [f32],
+    iw: &'a [f32],
+    iq: &'a mut [f32],
+}
+
+impl Projected {
+    fn slices(&mut self, t0: usize, n: usize) -> ProjectedRows<'_> {
+        let part = |len: usize| (t0 * len / self.n, (t0 + n) * len / self.n);
+        let at = |len: usize| {
+            let (a, b) = part(len);
+            a..b
+        };
+        let (q, lat, ik, iw, iq) =
+            (at(self.q.len()), at(self.lat.len()), at(self.ik.len()), at(self.iw.len()), at(self.iq.len()));
+        ProjectedRows {
+            q: &mut self.q[q],
+            lat: &mut self.lat[lat],
+            ik: &mut self.ik[ik],
+            iw: &self.iw[iw],
+            iq: &mut self.iq[iq],
+        }
     }
 }
 
