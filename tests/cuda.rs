@@ -633,16 +633,21 @@ fn decode_attention_kernels_match_the_float64_reference() {
         (16, 1, 64, 77, 33, 0),
         (8, 2, 96, 200, usize::MAX, 0),
     ];
-    for (nh, nkv, d, len, window, spare) in shapes {
+    // each shape also with gated queries ([heads][2d], the gate after each head's query: the
+    // layout of Qwen3.5 / Qwen3-Next, whose real head dim 256 takes attn_dec while the fixtures'
+    // tiny heads never do)
+    for ((nh, nkv, d, len, window, spare), gated) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
         let mut v = |n: usize| (0..n).map(|_| 2.0 * rng(&mut seed)).collect::<Vec<f32>>();
-        let (q, k, vv) = (v(nh * d), v(len * nkv * d), v(len * nkv * d));
+        let qw = if gated { 2 * d } else { d };
+        let (q, k, vv) = (v(nh * qw), v(len * nkv * d), v(len * nkv * d));
         let (dec, part) = cuda::gqa_attend_once(0, &q, (&k, &vv), (nh, nkv, d), window, spare).unwrap();
         assert_eq!(dec.is_empty(), ![64, 128, 256].contains(&d), "attn_dec takes head dims 64, 128, 256");
         let start = len.saturating_sub(window);
         let (mut worst_dec, mut worst_part) = (0f64, 0f64);
         for h in 0..nh {
             let kvh = h / (nh / nkv);
-            let qh = &q[h * d..(h + 1) * d];
+            let qh = &q[h * qw..h * qw + d];
+            let gate = |i: usize| if gated { 1.0 / (1.0 + (-(q[h * qw + d + i] as f64)).exp()) } else { 1.0 };
             let o = |p: usize| (p * nkv + kvh) * d;
             let sc: Vec<f64> = (start..len)
                 .map(|p| {
@@ -653,7 +658,8 @@ fn decode_attention_kernels_match_the_float64_reference() {
             let top = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = sc.iter().map(|s| (s - top).exp()).sum();
             for i in 0..d {
-                let want: f64 = (start..len).map(|p| (sc[p - start] - top).exp() / z * vv[o(p) + i] as f64).sum();
+                let want: f64 =
+                    gate(i) * (start..len).map(|p| (sc[p - start] - top).exp() / z * vv[o(p) + i] as f64).sum::<f64>();
                 worst_part = worst_part.max((part[h * d + i] as f64 - want).abs());
                 if !dec.is_empty() {
                     worst_dec = worst_dec.max((dec[h * d + i] as f64 - want).abs());
@@ -661,7 +667,7 @@ fn decode_attention_kernels_match_the_float64_reference() {
             }
         }
         eprintln!(
-            "attention {nh}/{nkv} heads, d {d}, {len} positions, window {window}: attn_dec {worst_dec:.1e}, attn_part1 {worst_part:.1e}"
+            "attention {nh}/{nkv} heads, d {d}, {len} positions, window {window}, gated {gated}: attn_dec {worst_dec:.1e}, attn_part1 {worst_part:.1e}"
         );
         assert!(
             worst_dec <= 1e-5 && worst_part <= 1e-5,

@@ -1160,11 +1160,12 @@ pub fn mla_attend_once(
     Ok((s.clone_dtoh(&split)?, s.clone_dtoh(&whole)?))
 }
 
-/// One decode token's attention (test hook): queries `q` ([heads][d]) over `len` cached
-/// positions of k and v ([len][kv heads][d]) within the last `window` positions, in parts of
-/// CHUNK with `spare` empty parts past the end (a decode graph's grid covers the cache's
-/// capacity), merged. Returns `[heads][d]` through `attn_dec` (where it takes the shape, else
-/// empty) and through `attn_part1`.
+/// One decode token's attention (test hook): queries `q` ([heads][d], or [heads][2d] with
+/// each head's output gate after its query, as Qwen3.5 and Qwen3-Next lay them out) over `len`
+/// cached positions of k and v ([len][kv heads][d]) within the last `window` positions, in
+/// parts of CHUNK with `spare` empty parts past the end (a decode graph's grid covers the
+/// cache's capacity), merged (and gated). Returns `[heads][d]` through `attn_dec` (where it
+/// takes the shape, else empty) and through `attn_part1`.
 pub fn gqa_attend_once(
     ordinal: usize,
     q: &[f32],
@@ -1176,9 +1177,10 @@ pub fn gqa_attend_once(
     let g = test_device(ordinal)?;
     let (s, kn) = g.as_ref().expect("opened");
     let row = nkv * d;
+    let qw = q.len() / nh.max(1);
     if nkv == 0
         || !nh.is_multiple_of(nkv)
-        || q.len() != nh * d
+        || (q.len() != nh * d && q.len() != nh * 2 * d)
         || k.len() != v.len()
         || k.is_empty()
         || !k.len().is_multiple_of(row)
@@ -1192,11 +1194,12 @@ pub fn gqa_attend_once(
     let part = s.alloc_zeros::<f32>(nh * parts * (d + 2))?;
     let (nh32, nkv32, d32, parts32, layer, w32) =
         (nh as i32, nkv as i32, d as i32, parts as i32, 0i32, window.min(i32::MAX as usize) as i32);
+    let (qw32, gated) = (qw as i32, (qw == 2 * d) as i32);
     let (pq, pm, pp) = (ptr(&qd, s), ptr(&meta, s), ptr(&part, s));
     let merge = |out: &CudaSlice<f32>| -> Result<Vec<f32>> {
-        let (po, gated, oq, sinks) = (ptr(out, s), 0i32, Qx::default(), 0u64);
+        let (po, oq, sinks) = (ptr(out, s), Qx::default(), 0u64);
         let mut lb = launch(s, &kn.attn_merge);
-        lb.arg(&pq).arg(&pp).arg(&po).arg(&nh32).arg(&d32).arg(&d32).arg(&gated).arg(&parts32).arg(&oq).arg(&sinks);
+        lb.arg(&pq).arg(&pp).arg(&po).arg(&nh32).arg(&d32).arg(&qw32).arg(&gated).arg(&parts32).arg(&oq).arg(&sinks);
         unsafe { lb.launch(cfg((nh, 1), 128, 0)) }?;
         Ok(s.clone_dtoh(out)?)
     };
@@ -1204,13 +1207,13 @@ pub fn gqa_attend_once(
     if let Some((f, gh)) = dec_heads(nh, nkv, d, parts) {
         let (out, gh32) = (s.alloc_zeros::<f32>(nh * d)?, gh as i32);
         let mut lb = launch(s, &kn.attn_dec[f]);
-        lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&nh32).arg(&nkv32).arg(&d32).arg(&parts32).arg(&w32).arg(&gh32);
+        lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&nh32).arg(&nkv32).arg(&qw32).arg(&parts32).arg(&w32).arg(&gh32);
         unsafe { lb.launch(cfg((nh / gh, parts), 128, 0)) }?;
         dec = merge(&out)?;
     }
     let out = s.alloc_zeros::<f32>(nh * d)?;
     let mut lb = launch(s, &kn.attn_part1);
-    lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&nh32).arg(&nkv32).arg(&d32).arg(&d32).arg(&parts32).arg(&w32);
+    lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&nh32).arg(&nkv32).arg(&d32).arg(&qw32).arg(&parts32).arg(&w32);
     unsafe { lb.launch(cfg((nh, parts), 128, 0)) }?;
     Ok((dec, merge(&out)?))
 }
