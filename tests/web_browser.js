@@ -317,12 +317,14 @@ async function main() {
     await setField(page, '#max_tokens', '900');
     await setField(page, '#extra', JSON.stringify({ logit_bias: JSON.parse(noEos) }));
     await send(page, 'Speak on.');
+    // tapped as soon as the answer has begun: on an idle machine the built-in model writes
+    // all 900 tokens (its context allows no more) in about two seconds
     await page.waitForFunction(
       () => {
         const all = document.querySelectorAll('.msg.assistant .content');
-        return all.length === 2 && all[1].textContent.length > 10;
+        return all.length === 2 && all[1].textContent.length > 0 && document.body.dataset.state === 'generating';
       },
-      { timeout: 30000 },
+      { timeout: 30000, polling: 'mutation' },
     );
     await page.tap('#stop');
     await idle(page);
