@@ -4,7 +4,7 @@
 //! Each sequence decodes on its own thread (sampling, grammar, stop strings and streaming stay
 //! there) and hands its state and next token to [`Member::step`]. The first sequence to hand
 //! one in while no step runs leads the next step: it waits until every sequence in the batch
-//! has handed in its token (or [`GATHER`] has passed: a sequence that missed a step, say
+//! has handed in its token (or the gather window, [`GATHER`] by default, has passed: a sequence that missed a step, say
 //! one whose client reads slowly, is not waited for again until it hands one in), takes up to `max_batch` of them, runs one forward pass over all, and
 //! hands every state back with its logits. A sequence joins with [`Batcher::join`] once its
 //! prompt is prefilled and leaves when its [`Member`] is dropped (finished, cancelled): the
@@ -17,12 +17,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// How long a step's leader waits for the batch's other sequences to hand in their tokens.
+/// How long a step's leader waits by default for the batch's other sequences to hand in
+/// their tokens: far above the time a sequence needs between steps (sampling, streaming), far
+/// below a step of a real model.
 pub const GATHER: Duration = Duration::from_millis(20);
 
 pub struct Batcher {
     model: Arc<Model>,
     max_batch: usize,
+    gather: Duration,
     inner: Mutex<Inner>,
     cv: Condvar,
     /// Steps run and sequence-steps in them (the mean batch is their ratio).
@@ -53,10 +56,13 @@ pub struct Member<'a> {
 }
 
 impl Batcher {
-    pub fn new(model: Arc<Model>, max_batch: usize) -> Batcher {
+    /// A batch of up to `max_batch` sequences whose leader waits up to `gather` for the
+    /// others' tokens.
+    pub fn new(model: Arc<Model>, max_batch: usize, gather: Duration) -> Batcher {
         Batcher {
             model,
             max_batch: max_batch.max(1),
+            gather,
             inner: Mutex::new(Inner::default()),
             cv: Condvar::new(),
             steps: AtomicU64::new(0),
@@ -145,7 +151,7 @@ impl Member<'_> {
                 let t0 = *since.get_or_insert_with(Instant::now);
                 let expected = g.members.len().saturating_sub(g.late.len()).min(b.max_batch);
                 let all = g.queue.len() >= expected;
-                let left = GATHER.saturating_sub(t0.elapsed());
+                let left = b.gather.saturating_sub(t0.elapsed());
                 if all || left.is_zero() {
                     g.leading = true;
                     let take = g.queue.len().min(b.max_batch);

@@ -41,8 +41,28 @@ fn main() {
         Cmd::Chat { model, system, system_file, no_think, max_tokens, sampling, store, prompt_cache } => {
             cmd_chat(model, system, system_file, no_think, max_tokens, &sampling, &store, &prompt_cache)
         }
-        Cmd::Serve { model, host, port, max_queue, max_batch, model_id, api_key, cors, store, prompt_cache } => {
-            let opts = flashmoe::server::ServerOptions { max_queue, max_batch, api_key, cors, ..Default::default() };
+        Cmd::Serve {
+            model,
+            host,
+            port,
+            max_queue,
+            max_batch,
+            batch_wait_ms,
+            model_id,
+            api_key,
+            cors,
+            store,
+            prompt_cache,
+        } => {
+            let batch_wait = std::time::Duration::from_millis(batch_wait_ms);
+            let opts = flashmoe::server::ServerOptions {
+                max_queue,
+                max_batch,
+                batch_wait,
+                api_key,
+                cors,
+                ..Default::default()
+            };
             cmd_serve(model, &host, port, model_id, opts, &store, &prompt_cache)
         }
         Cmd::Convert { from, to, experts, dense, group_size, force } => {

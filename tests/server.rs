@@ -529,7 +529,15 @@ fn n_choices_whole_and_streamed() {
 /// seed) gets, whole and streamed, chat and completions.
 #[test]
 fn n_choices_decode_as_one_batch_each_as_alone() {
-    let base = start_with(ServerOptions { model_id: "m".into(), max_batch: 8, max_queue: 4, ..Default::default() });
+    // a gather window far above any pause the OS gives a thread on CI's 2 shared cores: a
+    // choice kept off the CPU past the default 20 ms would step on its own until it caught up
+    let base = start_with(ServerOptions {
+        model_id: "m".into(),
+        max_batch: 8,
+        max_queue: 4,
+        batch_wait: Duration::from_secs(2),
+        ..Default::default()
+    });
     let tok = TextTokenizer::load(model_dir()).unwrap();
     let mut bias = serde_json::Map::new();
     for s in ["<|endoftext|>", "<|im_end|>"] {
@@ -547,10 +555,9 @@ fn n_choices_decode_as_one_batch_each_as_alone() {
     );
     // 4 × 24 tokens: each choice feeds 23 (the last one drawn is not fed back)
     assert_eq!(rows, 4.0 * 23.0, "{a}");
-    // shared, on average by more than 1.5 of the 4: a choice whose thread the OS keeps off the
-    // CPU past the batch's gather window (20 ms; CI runs other tests beside this one on 2
-    // cores) steps on its own until it catches up, so all 4 in every step is not guaranteed
-    assert!(steps <= 0.65 * rows, "the choices' steps were not shared: {rows} sequences in {steps} steps");
+    eprintln!("n choices: {rows} sequences in {steps} steps");
+    // mostly all 4 (the choices join one by one, each after its own prefill)
+    assert!(steps <= 0.5 * rows, "the choices' steps were not shared: {rows} sequences in {steps} steps");
     let texts: Vec<String> =
         a["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().into()).collect();
     assert_eq!(texts.len(), 4);
@@ -1548,7 +1555,14 @@ fn timed_stream_then(url: &str, body: Value, first: impl FnOnce()) -> (String, V
 /// arrives while another generates streams its whole answer before that one has finished.
 #[test]
 fn concurrent_streams_decode_together_and_each_gets_its_text_alone() {
-    let base = start_with(ServerOptions { model_id: "m".into(), max_batch: 4, max_queue: 4, ..Default::default() });
+    // a long gather window: see n_choices_decode_as_one_batch_each_as_alone
+    let base = start_with(ServerOptions {
+        model_id: "m".into(),
+        max_batch: 4,
+        max_queue: 4,
+        batch_wait: Duration::from_secs(2),
+        ..Default::default()
+    });
     let url = format!("{base}/v1/completions");
     let tok = TextTokenizer::load(model_dir()).unwrap();
     let mut bias = serde_json::Map::new();
@@ -1557,13 +1571,16 @@ fn concurrent_streams_decode_together_and_each_gets_its_text_alone() {
     }
     let body = |prompt: &str, n: usize| json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": true, "logit_bias": bias});
     let prompts = ["ROMEO:", "JULIET:\nO Romeo", "First Citizen:\nBefore we proceed", "HAMLET:"];
-    let alone: Vec<String> = prompts.iter().map(|p| timed_stream(&url, body(p, 40)).0).collect();
+    // long enough that clients whose requests arrive apart (each thread starts when the OS
+    // lets it) still share most steps
+    let n = 100;
+    let alone: Vec<String> = prompts.iter().map(|p| timed_stream(&url, body(p, n)).0).collect();
     assert!(alone.iter().all(|t| !t.is_empty()));
     let (steps0, rows0) =
         (metric(&base, "flashmoe_decode_steps_total"), metric(&base, "flashmoe_decode_step_sequences_total"));
     for round in 0..2 {
         let together: Vec<String> = std::thread::scope(|s| {
-            let hs: Vec<_> = prompts.iter().map(|p| s.spawn(|| timed_stream(&url, body(p, 40)).0)).collect();
+            let hs: Vec<_> = prompts.iter().map(|p| s.spawn(|| timed_stream(&url, body(p, n)).0)).collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert_eq!(together, alone, "round {round}: a client's text differs from its text alone");
@@ -1572,6 +1589,7 @@ fn concurrent_streams_decode_together_and_each_gets_its_text_alone() {
         metric(&base, "flashmoe_decode_steps_total") - steps0,
         metric(&base, "flashmoe_decode_step_sequences_total") - rows0,
     );
+    eprintln!("concurrent streams: {rows} sequences in {steps} steps");
     assert!(rows > 1.5 * steps, "decode steps were not shared: {rows} sequences in {steps} steps");
 
     // a long answer, and a short one asked for once the long one streams

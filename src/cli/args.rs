@@ -237,6 +237,10 @@ pub(crate) enum Cmd {
         /// request at a time. CPU only (1 on an accelerator).
         #[arg(long, default_value_t = 8, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=256), usize::from))]
         max_batch: usize,
+        /// How long a decode step waits (milliseconds) for the batch's other requests to hand
+        /// in their next token before it runs without the late ones.
+        #[arg(long, default_value_t = 20, value_name = "MS")]
+        batch_wait_ms: u64,
         /// Name clients use for the model (default: the directory name).
         #[arg(long)]
         model_id: Option<String>,

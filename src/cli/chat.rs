@@ -40,8 +40,7 @@ pub(crate) fn cmd_serve(
     store: &StoreArgs,
     prompt_cache: &PromptCacheArgs,
 ) -> Result<()> {
-    let flashmoe::server::ServerOptions { max_queue, max_batch, api_key, cors, .. } = opts;
-    let api_key = api_key.filter(|k| !k.is_empty());
+    let api_key = opts.api_key.clone().filter(|k| !k.is_empty());
     let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
     if !loopback && api_key.is_none() {
         eprintln!("warning: serving on {host} without --api-key: anyone who can reach this address can use the model");
@@ -63,10 +62,11 @@ pub(crate) fn cmd_serve(
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         if name.starts_with("default-") { "flashmoe-default".into() } else { name }
     });
-    if let Some(bad) = cors.iter().find(|o| *o != "*" && !(o.starts_with("http://") || o.starts_with("https://"))) {
+    if let Some(bad) = opts.cors.iter().find(|o| *o != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+    {
         anyhow::bail!("--cors {bad}: an origin is `*` or scheme://host[:port], e.g. http://localhost:3000");
     }
-    let opts = flashmoe::server::ServerOptions { model_id, max_queue, max_batch, api_key, cors, ..Default::default() };
+    let opts = flashmoe::server::ServerOptions { model_id, api_key, ..opts };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(flashmoe::server::serve(session, host, port, opts))
 }

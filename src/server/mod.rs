@@ -47,6 +47,9 @@ pub struct ServerOptions {
     /// batching, [`crate::batch`]); 1 serves one request at a time. Forced to 1 on an
     /// accelerator.
     pub max_batch: usize,
+    /// How long a decode step waits for the batch's other sequences to hand in their next
+    /// token before it runs without the late ones.
+    pub batch_wait: std::time::Duration,
     /// Default `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
     /// Required as `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every endpoint but
@@ -69,6 +72,7 @@ impl Default for ServerOptions {
             model_id: "flashmoe".into(),
             max_queue: 16,
             max_batch: 8,
+            batch_wait: crate::batch::GATHER,
             default_max_tokens: 256,
             api_key: None,
             max_body_bytes: 8 << 20,
@@ -161,7 +165,7 @@ fn build(mut session: Session, mut opts: ServerOptions) -> (Router, Shared) {
     }
     // a snapshot or two per conversation generating at once
     session.set_max_snapshots(opts.max_batch.max(4));
-    let batch = crate::batch::Batcher::new(session.model.clone(), opts.max_batch);
+    let batch = crate::batch::Batcher::new(session.model.clone(), opts.max_batch, opts.batch_wait);
     let (vocab, stop_ids) = (session.model.vocab_size(), session.stop_ids.clone());
     let mt = &session.model.cfg.model_type;
     let tools = crate::families::by_model_type(mt).map_or_else(|_| Default::default(), |f| f.tool_format(mt));
