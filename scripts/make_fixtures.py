@@ -14,12 +14,20 @@ For each fixture, reference.json holds:
   greedy          greedy continuation (argmax, no sampling)
   decode_logits   one row per step when prompt + greedy[:-1] is fed one token at a time with a cache
 tokenizer_reference.json holds encode/decode checks and rendered chat templates.
+
+Variants (not committed): FIXTURES_VARY=N FIXTURES_OUT=DIR makes every fixture again with other
+shapes drawn from N (layer counts and patterns, hidden sizes, head counts, head, LoRA and rope
+dims, expert counts, top-k, groups, intermediate sizes, windows, indexer budgets: odd sizes
+included) and other weights; `FLASHMOE_FIXTURES=DIR cargo test --release --test reference` then
+checks the engine on them (scripts/fixture_variants.sh does both).
 """
 import importlib.util
 import json
 import os
+import random
 import shutil
 import sys
+import zlib
 
 import torch
 import transformers
@@ -28,7 +36,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-OUT = os.path.join(ROOT, "tests", "fixtures")
+OUT = os.environ.get("FIXTURES_OUT") or os.path.join(ROOT, "tests", "fixtures")
+VARY = int(os.environ.get("FIXTURES_VARY") or 0)
 TEMPLATE = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_template.jinja")).read()
 VOCAB = 320
 GREEDY_STEPS = 8
@@ -213,10 +222,100 @@ def rows(t):
     return [[float(f"{x:.8g}") for x in r] for r in t.tolist()]
 
 
+def vary(name, kw, n, blocks=1):
+    """The config `kw` with other shapes drawn from variant `n` (see the module doc). `blocks`:
+    what expert inputs must be multiples of (MXFP4 and int4 releases quantize in blocks of 32)."""
+    r = random.Random(zlib.crc32(f"{name}/{n}".encode()))
+    kw = json.loads(json.dumps(kw))
+    if "text_config" in kw:  # a wrapper (Qwen3.5 VL): the text model varies, the vision tower follows
+        kw["text_config"] = vary(name, kw["text_config"], n, blocks)
+        kw["vision_config"]["out_hidden_size"] = kw["text_config"]["hidden_size"]
+        return kw
+    pick = r.choice
+    layers = max(2, kw["num_hidden_layers"] + pick([-1, 0, 1, 2]))
+    kw["num_hidden_layers"] = layers
+    for key in ["layer_types", "indexer_types"]:
+        if key in kw:
+            kinds = sorted(set(kw[key]))
+            t = [pick(kinds) for _ in range(layers)]
+            if key == "indexer_types":
+                t[0] = "full"  # a shared indexer reuses an earlier full one's choice
+            for i, k in enumerate(kinds):  # every kind at least once
+                if k not in t:
+                    t[(i + 1) % layers] = k
+            kw[key] = t
+    if "mlp_only_layers" in kw:
+        kw["mlp_only_layers"] = [i for i in kw["mlp_only_layers"] if i < layers]
+    if "first_k_dense_replace" in kw:
+        kw["first_k_dense_replace"] = pick(range(0, min(3, layers)))
+    kw["hidden_size"] = pick([32, 64]) if blocks > 1 else pick([24, 30, 36, 40, 44, 56])
+    mla = "kv_lora_rank" in kw
+    if mla:
+        kw["num_attention_heads"] = kw["num_key_value_heads"] = pick([1, 2, 3, 4, 6])
+        if kw.get("q_lora_rank"):
+            kw["q_lora_rank"] = pick(range(6, 25))
+        kw["kv_lora_rank"] = pick(range(6, 21))
+        kw["qk_nope_head_dim"] = pick(range(2, 11))
+        kw["qk_rope_head_dim"] = pick([2, 4, 6, 8])
+        kw["v_head_dim"] = pick(range(3, 13))
+        if "index_head_dim" in kw:
+            # ReLU'd scores of few heads over few dims tie at 0 too often for a choice to be made
+            kw["index_head_dim"] = pick([d for d in [8, 12, 16] if d > kw["qk_rope_head_dim"]])
+            kw["index_n_heads"] = pick([4, 8])
+            kw["index_topk"] = pick(range(3, 11))
+    else:
+        nkv = pick([1, 2, 3])
+        kw["num_key_value_heads"] = nkv
+        kw["num_attention_heads"] = nkv * pick([1, 2, 3, 4])
+        rope = kw.get("rope_parameters", {})
+        frac = rope.get("partial_rotary_factor", 1.0)
+        # the rotated part of a head is a whole number of pairs
+        kw["head_dim"] = pick([d for d in [4, 6, 8, 10, 12, 16, 20, 24] if (d * frac) % 2 == 0 and d * frac >= 2])
+        if "mrope_section" in rope:  # the sections split the rotated half-dims
+            half = int(kw["head_dim"] * frac) // 2
+            rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+        if "rotary_dim" in kw:
+            kw["rotary_dim"] = int(kw["head_dim"] * frac)
+        if "partial_rotary_factor" in kw:
+            kw["partial_rotary_factor"] = frac
+    if "linear_num_key_heads" in kw:
+        kw["linear_num_key_heads"] = k = pick([1, 2])
+        kw["linear_num_value_heads"] = k * pick([1, 2, 3])
+        kw["linear_key_head_dim"] = pick([4, 6, 8, 12])
+        kw["linear_value_head_dim"] = pick(range(3, 13))
+        kw["linear_conv_kernel_dim"] = pick([2, 3, 4])
+    ekey = next(k for k in ["num_experts", "num_local_experts", "n_routed_experts"] if k in kw)
+    groups = kw.get("n_group", 1)
+    if groups > 1:
+        kw["n_group"] = groups = pick([2, 4])
+        kw[ekey] = groups * pick([2, 3])
+        kw["topk_group"] = pick(range(1, groups))
+    else:
+        kw[ekey] = pick(range(3, 13))
+    per_group = kw[ekey] // groups
+    kw["num_experts_per_tok"] = pick(range(1, min(4, kw.get("topk_group", 1) * per_group - 1, kw[ekey] - 1) + 1))
+    sizes = [32, 64] if blocks > 1 else list(range(5, 49))
+    for key in ["moe_intermediate_size", "shared_expert_intermediate_size"]:
+        if key in kw:
+            kw[key] = pick(sizes)
+    if "intermediate_size" in kw:
+        # gpt-oss and the per-expert families name their expert width so
+        kw["intermediate_size"] = pick(sizes if ekey == "num_local_experts" else list(range(5, 49)))
+    if "n_shared_experts" in kw:
+        kw["n_shared_experts"] = pick([1, 2])
+    if kw.get("sliding_window"):
+        kw["sliding_window"] = pick(range(2, 10))
+    return kw
+
+
 def make(name, cfg_cls, model_cls, cfg_kwargs, dtype, prompt, seed, shard=None, fused=False, wrap_dtype=None,
          mtp=False, fp8=None, mxfp4=False, int4=None, kimi=False):
     if ONLY and name not in ONLY:
         return
+    if VARY:
+        cfg_kwargs = vary(name, cfg_kwargs, VARY, 32 if (mxfp4 or int4) else 1)
+        seed += 100_000 * VARY
+        print(f"{name}: variant {VARY}: {json.dumps(cfg_kwargs, sort_keys=True)}")
     path = os.path.join(OUT, name)
     for attempt in range(50):
         torch.manual_seed(seed + attempt)
@@ -777,7 +876,7 @@ def main():
 
     mla_fixtures(common, prompt, short)
 
-    if not ONLY:
+    if not ONLY and not VARY:
         tokenizer_reference()
 
 

@@ -8,17 +8,15 @@
 
 mod common;
 
-use common::FIXTURES;
-
 use flashmoe::flash::convert::{ConvertOptions, convert};
 use flashmoe::flash::{CacheMode, StoreOptions};
 use flashmoe::load::{LoadOptions, load_model_with};
 use flashmoe::model::{Model, State};
 use flashmoe::tensor::{Precision, WKind};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    common::fixture_dir(name)
 }
 
 fn many() -> usize {
@@ -99,7 +97,7 @@ fn check(label: &str, m: &mut Model) {
 #[test]
 fn a_batch_step_equals_each_sequence_alone_on_every_family() {
     flashmoe::tensor::set_parallel_threshold(0);
-    for name in FIXTURES {
+    for name in common::fixtures() {
         let mut m = load_model_with(&fixture(name), &LoadOptions::default()).unwrap();
         check(name, &mut m);
     }

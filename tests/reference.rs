@@ -4,18 +4,18 @@
 
 mod common;
 
-use common::{FIXTURES, Reference, agreement, rel_err};
+use common::{Reference, agreement, rel_err};
 use flashmoe::checkpoint::Checkpoint;
 use flashmoe::config::ModelConfig;
 use flashmoe::generate::{Sampler, SamplingParams, generate};
 use flashmoe::load::load_model;
 use flashmoe::model::Model;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const TOL: f64 = 1e-4;
 
 fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    common::fixture_dir(name)
 }
 
 fn reference(name: &str) -> Reference {
@@ -32,21 +32,30 @@ fn model(name: &str) -> Model {
 /// The default prefill (bf16 activations where the CPU has AVX-512 BF16) against the float64
 /// reference. These random fixtures have nearly tied logits, so the bounds are loose ceilings
 /// over the measured values; the built-in model's perplexity moves by 1e-4 (default_model.rs).
+/// The KL bound is on the median position: bf16's rounding (4e-3 relative) may flip a router
+/// choice whose margin is a few 1e-3 — fixtures are made with margins from 2e-3 up — and that
+/// position's logits then differ wholly (KL 3.7 at one of 38 positions of a variant of
+/// qwen35_text, scripts/fixture_variants.sh 1), while an error in the math moves every position.
 #[test]
 fn fast_prefill_stays_close_to_reference() {
-    for name in FIXTURES {
+    for name in common::fixtures() {
         let (mut m, r) = (model(name), reference(name));
         m.opts.precision = flashmoe::tensor::Precision::Fast;
         let logits = m.forward(&mut m.new_state(), &r.prompt, true).unwrap();
-        let (top, kl) = agreement(&logits, &r.prefill);
-        eprintln!("{name}: bf16 prefill top-1 {top:.3}, mean KL {kl:.2e}");
-        assert!(top >= 0.85 && kl <= 0.05, "{name}: bf16 prefill top-1 {top}, KL {kl}");
+        let (top, mean) = agreement(&logits, &r.prefill);
+        let v = r.prefill[0].len();
+        let mut kls: Vec<f64> =
+            r.prefill.iter().enumerate().map(|(t, w)| agreement(&logits[t * v..(t + 1) * v], &[w.clone()]).1).collect();
+        kls.sort_by(f64::total_cmp);
+        let median = kls[kls.len() / 2];
+        eprintln!("{name}: bf16 prefill top-1 {top:.3}, KL median {median:.2e}, mean {mean:.2e}");
+        assert!(top >= 0.85 && median <= 0.01, "{name}: bf16 prefill top-1 {top}, KL median {median}, mean {mean}");
     }
 }
 
 #[test]
 fn prefill_matches_reference() {
-    for name in FIXTURES {
+    for name in common::fixtures() {
         let (m, r) = (model(name), reference(name));
         let mut st = m.new_state();
         let logits = m.forward(&mut st, &r.prompt, true).unwrap();
@@ -60,7 +69,7 @@ fn prefill_matches_reference() {
 /// here: prompts of 9-38 tokens make 2-6 chunks, the last one short).
 #[test]
 fn a_prompt_in_prefill_chunks_matches_reference() {
-    for name in FIXTURES {
+    for name in common::fixtures() {
         let (mut m, r) = (model(name), reference(name));
         m.opts.prefill_chunk = 7;
         let all = m.forward(&mut m.new_state(), &r.prompt, true).unwrap();
@@ -76,7 +85,7 @@ fn a_prompt_in_prefill_chunks_matches_reference() {
 
 #[test]
 fn token_by_token_decode_matches_reference() {
-    for name in FIXTURES {
+    for name in common::fixtures() {
         let (m, r) = (model(name), reference(name));
         let mut seq = r.prompt.clone();
         seq.extend(&r.greedy[..r.greedy.len() - 1]);
@@ -93,7 +102,7 @@ fn token_by_token_decode_matches_reference() {
 
 #[test]
 fn prefill_then_decode_matches_reference() {
-    for name in FIXTURES {
+    for name in common::fixtures() {
         let (m, r) = (model(name), reference(name));
         let p = r.prompt.len();
         let mut st = m.new_state();
@@ -118,7 +127,7 @@ fn prefill_then_decode_matches_reference() {
 
 #[test]
 fn greedy_generation_matches_reference() {
-    for name in FIXTURES {
+    for name in common::fixtures() {
         let (m, r) = (model(name), reference(name));
         let mut st = m.new_state();
         let mut sampler = Sampler::new(SamplingParams::default());
@@ -151,7 +160,7 @@ fn stops_on_eos_and_at_max_tokens() {
 
 #[test]
 fn parameter_count_matches_checkpoint() {
-    for name in FIXTURES {
+    for name in common::fixtures() {
         let cfg = ModelConfig::load(&dir(name)).unwrap();
         let ck = Checkpoint::open(&dir(name)).unwrap();
         let stored: u64 = ck

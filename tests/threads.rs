@@ -6,15 +6,13 @@
 
 mod common;
 
-use common::FIXTURES;
-
 use flashmoe::flash::convert::{ConvertOptions, convert};
 use flashmoe::flash::synth::{Routing, SynthOptions, synth};
 use flashmoe::flash::{CacheMode, StoreOptions};
 use flashmoe::load::{LoadOptions, load_model_with};
 use flashmoe::model::Model;
 use flashmoe::tensor::{Precision, WKind};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Worker threads of the many-thread runs (`FLASHMOE_TEST_THREADS`, default 32).
 fn many() -> usize {
@@ -22,7 +20,7 @@ fn many() -> usize {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    common::fixture_dir(name)
 }
 
 fn q4() -> ConvertOptions {
@@ -62,7 +60,7 @@ fn check(label: &str, m: &mut Model, n: usize, decode: usize) {
 
 #[test]
 fn checkpoints_of_every_family_on_many_threads() {
-    for name in FIXTURES {
+    for name in common::fixtures() {
         let mut m = load_model_with(&fixture(name), &LoadOptions::default()).unwrap();
         check(name, &mut m, 9, 3);
     }

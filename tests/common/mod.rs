@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Every fixture of scripts/make_fixtures.py: each family, and each of its checkpoint layouts.
 pub const FIXTURES: &[&str] = &[
@@ -28,6 +28,29 @@ pub const FIXTURES: &[&str] = &[
     "kimi_k25",
     "kimi_k25_int4",
 ];
+
+/// Where the fixtures are: tests/fixtures, or `$FLASHMOE_FIXTURES` (variants made by
+/// scripts/fixture_variants.sh, or the fixtures carried to another machine).
+pub fn fixtures_root() -> PathBuf {
+    std::env::var_os("FLASHMOE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+}
+
+/// The directory of fixture `name`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    fixtures_root().join(name)
+}
+
+/// The fixtures of [`FIXTURES`] present under [`fixtures_root`] (all of them unless
+/// `$FLASHMOE_FIXTURES` names a directory of only some).
+pub fn fixtures() -> Vec<&'static str> {
+    let root = fixtures_root();
+    let have: Vec<&'static str> =
+        FIXTURES.iter().copied().filter(|n| root.join(n).join("config.json").exists()).collect();
+    assert!(!have.is_empty(), "no fixtures under {}", root.display());
+    have
+}
 
 pub struct Reference {
     pub prompt: Vec<u32>,
