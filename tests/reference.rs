@@ -44,8 +44,12 @@ fn fast_prefill_stays_close_to_reference() {
         let logits = m.forward(&mut m.new_state(), &r.prompt, true).unwrap();
         let (top, mean) = agreement(&logits, &r.prefill);
         let v = r.prefill[0].len();
-        let mut kls: Vec<f64> =
-            r.prefill.iter().enumerate().map(|(t, w)| agreement(&logits[t * v..(t + 1) * v], &[w.clone()]).1).collect();
+        let mut kls: Vec<f64> = r
+            .prefill
+            .iter()
+            .enumerate()
+            .map(|(t, w)| agreement(&logits[t * v..(t + 1) * v], std::slice::from_ref(w)).1)
+            .collect();
         kls.sort_by(f64::total_cmp);
         let median = kls[kls.len() / 2];
         eprintln!("{name}: bf16 prefill top-1 {top:.3}, KL median {median:.2e}, mean {mean:.2e}");
