@@ -1,5 +1,7 @@
 //! The OpenAI-compatible server on a loopback port with the built-in model, driven by reqwest;
-//! and (tests/openai_client.py) by the official `openai` Python package.
+//! and by the official clients: the `openai`, `anthropic` and LangChain Python packages
+//! (tests/*_client.py) and the `openai` and `@anthropic-ai/sdk` Node packages
+//! (tests/node_clients.mjs).
 
 mod common;
 
@@ -1118,6 +1120,45 @@ fn official_anthropic_python_client() {
     let py = python_with("anthropic", "anthropic");
     let base = start(8);
     run_client(&py, "anthropic_client.py", &base, "all anthropic client checks passed");
+}
+
+/// The official Node SDKs (`openai`, with its stream/parse helpers, tool runner and zod
+/// formats, and `@anthropic-ai/sdk`) against the server: tests/node_clients.mjs. Skipped where
+/// Node is not installed (as the browser test is).
+#[test]
+fn official_node_clients() {
+    if !std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        println!("skipped: node not available (apt-get install nodejs npm)");
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-clients");
+    let pkgs = ["openai@6.49.0", "@anthropic-ai/sdk@1.16.0", "zod@4.6.7"];
+    let installed = |p: &str| {
+        let (name, version) = p.rsplit_once('@').unwrap();
+        let meta =
+            std::fs::read_to_string(dir.join("node_modules").join(name).join("package.json")).unwrap_or_default();
+        meta.contains(&format!("\"version\": \"{version}\""))
+    };
+    if !pkgs.iter().all(|p| installed(p)) {
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = std::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .args(pkgs)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "npm install {pkgs:?} failed (the npm registry must be reachable)");
+    }
+    let base = start(8);
+    let out = std::process::Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node_clients.mjs"))
+        .arg(&base)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "node_clients.mjs failed:\n{so}\n{se}");
+    assert!(so.contains("all openai node checks passed") && so.contains("all anthropic node checks passed"), "{so}");
 }
 
 /// LangChain's `with_structured_output` (json_schema and function calling) against the server.
