@@ -213,10 +213,23 @@ pub(crate) fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
 }
 
 pub(crate) fn req_usize(v: &Value, name: &str) -> Result<usize> {
-    field(v, name)
+    let x = field(v, name)
         .and_then(Value::as_u64)
-        .map(|x| x as usize)
-        .ok_or_else(|| anyhow!("config.json: field `{name}` is missing or not a non-negative integer"))
+        .ok_or_else(|| anyhow!("config.json: field `{name}` is missing or not a non-negative integer"))?;
+    // no size, count or id of a model comes near 2^32; a damaged file's value must not reach an
+    // allocation
+    if x >= 1 << 32 {
+        bail!("config.json: field `{name}` is {x}, implausibly large");
+    }
+    Ok(x as usize)
+}
+
+/// `x`, the value of field `name`, unless it is above `max`.
+fn at_most(x: usize, name: &str, max: usize) -> Result<usize> {
+    if x > max {
+        bail!("config.json: field `{name}` is {x}; at most {max} is supported");
+    }
+    Ok(x)
 }
 
 /// The per-layer list `name` of `v` (one string per layer: `layer_types`, `mlp_layer_types`,
@@ -316,7 +329,7 @@ impl ModelConfig {
             root
         };
         let hidden_size = req_usize(t, "hidden_size")?;
-        let num_layers = req_usize(t, "num_hidden_layers")?;
+        let num_layers = at_most(req_usize(t, "num_hidden_layers")?, "num_hidden_layers", 4096)?;
         let num_heads = req_usize(t, "num_attention_heads")?;
         let num_kv_heads = opt_usize(t, "num_key_value_heads", num_heads)?;
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
@@ -399,7 +412,7 @@ impl ModelConfig {
         // MiniMax do); the DeepSeek lineage and GLM say `n_routed_experts`
         let num_experts =
             match ["num_experts", "num_local_experts", "n_routed_experts"].iter().find(|k| field(t, k).is_some()) {
-                Some(k) => req_usize(t, k)?,
+                Some(k) => at_most(req_usize(t, k)?, k, 1 << 16)?,
                 None => 0,
             };
         let ffns: Vec<Ffn> =
@@ -710,6 +723,18 @@ mod tests {
         bad.as_object_mut().unwrap().remove("hidden_size");
         let e = ModelConfig::from_json(&bad).unwrap_err().to_string();
         assert!(e.contains("`hidden_size`"), "{e}");
+        // a damaged count is an error, not an allocation of its size (found by mutating configs)
+        for (field, v, want) in [
+            ("num_hidden_layers", 1u64 << 40, "implausibly large"),
+            ("num_hidden_layers", 5000, "at most 4096"),
+            ("num_experts", 1 << 20, "at most 65536"),
+            ("hidden_size", 1 << 33, "implausibly large"),
+        ] {
+            let mut bad = c.clone();
+            bad[field] = json!(v);
+            let e = ModelConfig::from_json(&bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{field}` is {v}")) && e.contains(want), "{e}");
+        }
     }
 
     #[test]
