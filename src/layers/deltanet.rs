@@ -230,7 +230,7 @@ impl DeltaNet {
         let mut oh = scratch::zeros(nv * n * dv);
         let head = |(kv_mem, gate): &mut (scratch::Buf, scratch::Buf),
                     (j, (s, oj)): (usize, (&mut [f32], &mut [f32]))| {
-            let kh = j / (nv / nk);
+            let kh = self.cfg.k_head_of(j);
             for (t, ot) in oj.chunks_exact_mut(dv).enumerate() {
                 let c = &cv[t * cd..(t + 1) * cd];
                 let (qj, kj) = (&c[kh * dk..(kh + 1) * dk], &c[kd + kh * dk..kd + (kh + 1) * dk]);
