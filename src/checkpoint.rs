@@ -349,7 +349,15 @@ impl Checkpoint {
         let mut shape = lead.to_vec();
         shape.push(b.shape[b.shape.len() - 2] * 32);
         let parts = SmallVec::from_iter([&self.files[b.file].1[b.start..b.end], &self.files[s.file].1[s.start..s.end]]);
-        Ok(Tensor { name: key, file, shape, format: Format::Native(WKind::Mxfp4), parts, aux_bytes: 0, order: RowOrder::Plain })
+        Ok(Tensor {
+            name: key,
+            file,
+            shape,
+            format: Format::Native(WKind::Mxfp4),
+            parts,
+            aux_bytes: 0,
+            order: RowOrder::Plain,
+        })
     }
 }
 

@@ -82,7 +82,9 @@ pub enum RowOrder {
     /// In each block of `head` rows, logical row `s·head/2 + i` is stored at `2i + s`: the
     /// permutation llama.cpp's converter applies to `llama` Q/K projections for its RoPE of
     /// adjacent pairs (Hugging Face rotates the two halves of a head).
-    RopePairs { head: usize },
+    RopePairs {
+        head: usize,
+    },
 }
 
 impl RowOrder {
@@ -525,6 +527,73 @@ pub fn missing(dir: &Path, name: &str) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `RopePairs` undoes llama.cpp's Q/K permutation (each head viewed `[2, head/2]`, the two
+    /// axes swapped) for any row range, for floats and ggml blocks alike; −exp values decode
+    /// to their logarithm.
+    #[test]
+    fn rope_pairs_and_neg_exp_decode_to_the_logical_values() {
+        let (heads, head, cols) = (3, 6, 32);
+        let logical: Vec<f32> = (0..heads * head * cols).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 16.0).collect();
+        // the converter's permutation: stored row h·head + 2i + s holds logical h·head + s·head/2 + i
+        let mut stored = vec![0f32; logical.len()];
+        for h in 0..heads {
+            for s in 0..2 {
+                for i in 0..head / 2 {
+                    let (from, to) = (h * head + s * head / 2 + i, h * head + 2 * i + s);
+                    stored[to * cols..(to + 1) * cols].copy_from_slice(&logical[from * cols..(from + 1) * cols]);
+                }
+            }
+        }
+        // one Q8_0 block a row
+        let q8 = crate::kernels::ggml::tests::random_row(crate::kernels::ggml::Ggml::Q8_0, heads * head, 3);
+        let f32s: &[u8] = bytemuck::cast_slice(&stored);
+        let p = Path::new("m.gguf");
+        for (kind, bytes) in [(WKind::F32, f32s), (WKind::Ggml(crate::kernels::ggml::Ggml::Q8_0), &q8[..])] {
+            let t = Tensor {
+                name: "q",
+                file: p,
+                shape: vec![heads * head, cols],
+                format: Format::Native(kind),
+                parts: SmallVec::from_iter([bytes]),
+                aux_bytes: 0,
+                order: RowOrder::RopePairs { head },
+            };
+            let want = Tensor { order: RowOrder::Plain, ..t.clone() }.mat().unwrap().to_f32();
+            for range in [0..heads * head, 4..11, 17..18] {
+                let got = t.rows(range.clone()).unwrap().to_f32();
+                let w: Vec<f32> = range
+                    .clone()
+                    .flat_map(|r| {
+                        let s = RowOrder::RopePairs { head }.stored(r);
+                        want[s * cols..(s + 1) * cols].to_vec()
+                    })
+                    .collect();
+                assert_eq!(got, w, "{kind:?} {range:?}");
+                if kind == WKind::F32 {
+                    assert_eq!(got, logical[range.start * cols..range.end * cols], "{range:?}");
+                }
+            }
+            let odd = Tensor { order: RowOrder::RopePairs { head: 4 }, ..t.clone() };
+            assert!(format!("{:#}", odd.rows(0..1).unwrap_err()).contains("RoPE heads of 4"));
+        }
+        let a: Vec<f32> = vec![-1.0, -0.25, -7.5];
+        let t = Tensor {
+            name: "a",
+            file: p,
+            shape: vec![3],
+            format: Format::NegExp(WKind::F32),
+            parts: SmallVec::from_iter([bytemuck::cast_slice::<f32, u8>(&a)]),
+            aux_bytes: 0,
+            order: RowOrder::Plain,
+        };
+        let x = t.mat().unwrap().to_f32();
+        assert!(x.iter().zip(&a).all(|(x, a)| (-x.exp() - a).abs() <= 1e-6 * a.abs()), "{x:?}");
+        let bad: Vec<f32> = vec![-1.0, 0.0, -2.0];
+        let t = Tensor { parts: SmallVec::from_iter([bytemuck::cast_slice::<f32, u8>(&bad)]), ..t };
+        let e = format!("{:#}", t.mat().unwrap_err());
+        assert!(e.contains("tensor `a`") && e.contains("element 1"), "{e}");
+    }
 
     #[test]
     fn native_parts_concatenate_into_the_engine_layout_for_any_row_range() {

@@ -369,7 +369,9 @@ fn qwen_deltanet(m: &Meta, vocab: u64, tied: bool, model_type: &str) -> Result<J
             Some(v) if v.len() >= layers => v[..layers].to_vec(),
             _ => bail!("{d}: metadata `{}` must be {blocks} bools", m.key("attention.recurrent_layers")),
         },
-        Some(v) => bail!("{d}: metadata `{}` is {}, expected an array", m.key("attention.recurrent_layers"), v.type_name()),
+        Some(v) => {
+            bail!("{d}: metadata `{}` is {}, expected an array", m.key("attention.recurrent_layers"), v.type_name())
+        }
         None => {
             let every = m.u64_opt("full_attention_interval")?.unwrap_or(4).max(1) as usize;
             (0..layers).map(|i| (i + 1) % every != 0).collect()
@@ -549,5 +551,29 @@ mod tests {
         assert_eq!(d("blk.1.ffn_down_shexp.weight").unwrap(), "model.layers.1.mlp.shared_experts.down_proj.weight");
         assert_eq!(d("blk.1.exp_probs_b.bias").unwrap(), "model.layers.1.mlp.gate.e_score_correction_bias");
         assert_eq!(c("blk.x.attn_q.weight"), None);
+        // Gated DeltaNet (Qwen3-Next, Qwen3.5)
+        let dn = "model.layers.2.linear_attn";
+        assert_eq!(c("blk.2.attn_qkv.weight").unwrap(), format!("{dn}.in_proj_qkv.weight"));
+        assert_eq!(c("blk.2.attn_gate.weight").unwrap(), format!("{dn}.in_proj_z.weight"));
+        assert_eq!(c("blk.2.ssm_in.weight").unwrap(), format!("{dn}.in_proj_qkvz.weight"));
+        assert_eq!(c("blk.2.ssm_ba.weight").unwrap(), format!("{dn}.in_proj_ba.weight"));
+        assert_eq!(c("blk.2.ssm_beta.weight").unwrap(), format!("{dn}.in_proj_b.weight"));
+        assert_eq!(c("blk.2.ssm_alpha.weight").unwrap(), format!("{dn}.in_proj_a.weight"));
+        assert_eq!(c("blk.2.ssm_conv1d.weight").unwrap(), format!("{dn}.conv1d.weight"));
+        assert_eq!(c("blk.2.ssm_dt.bias").unwrap(), format!("{dn}.dt_bias"));
+        assert_eq!(c("blk.2.ssm_a").unwrap(), format!("{dn}.A_log"));
+        assert_eq!(c("blk.2.ssm_norm.weight").unwrap(), format!("{dn}.norm.weight"));
+        assert_eq!(c("blk.2.ssm_out.weight").unwrap(), format!("{dn}.out_proj.weight"));
+        assert_eq!(c("blk.2.ffn_gate_inp_shexp.weight").unwrap(), "model.layers.2.mlp.shared_expert_gate.weight");
+        // Mixtral: the router, and older files' experts one by one
+        let m = |g| canonical(crate::families::names_of("mixtral"), "model.", g);
+        assert_eq!(m("blk.1.ffn_gate_inp.weight").unwrap(), "model.layers.1.block_sparse_moe.gate.weight");
+        assert_eq!(m("blk.1.ffn_up.3.weight").unwrap(), "model.layers.1.block_sparse_moe.experts.3.w3.weight");
+        assert_eq!(m("blk.1.ffn_down.0.weight").unwrap(), "model.layers.1.block_sparse_moe.experts.0.w2.weight");
+        assert_eq!(
+            m("blk.1.ffn_gate_exps.weight").unwrap(),
+            "model.layers.1.block_sparse_moe.switch_mlp.gate_proj.weight"
+        );
+        assert_eq!(m("blk.1.ffn_what.3.weight"), None);
     }
 }
