@@ -58,7 +58,8 @@ cc -O2 -I"$src/include" -I"$src/ggml/include" "$ROOT/scripts/gguf_logits.c" -L"$
     -Wl,-rpath,"$bin" -o "$WORK/gguf_logits"
 
 # llama.cpp's converter, its vendored gguf-py; the fixture tokenizer's pre-tokenizer hash is
-# unknown to it, but its split regex is Qwen2's
+# unknown to it, but its split regex is Qwen2's (PRE: the name to write, `qwen2` by default;
+# Qwen3.5's `qwen35` also keeps combining marks with the letters before them)
 convert() {
     "$PY" - "$src" "$@" <<'EOF'
 import sys
@@ -66,7 +67,8 @@ src, ck, outtype, outfile = sys.argv[1:5]
 extra = sys.argv[5:]
 sys.path[:0] = [src, src + "/gguf-py"]
 from conversion.base import TextModel
-TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+import os
+TextModel.get_vocab_base_pre = lambda self, tokenizer: os.environ.get("PRE", "qwen2")
 # GLM's vocabulary step looks up GLM's own special tokens ([gMASK], ...), which the fixture
 # tokenizer has not: its BPE vocabulary is written as any GPT-2-style one
 TextModel._set_vocab_glm = lambda self: self._set_vocab_gpt2()
@@ -85,7 +87,8 @@ other=$("$PY" -c "print(','.join(str((i * 7919 + 11) % 313) for i in range(40)))
 texts=("ROMEO: But soft, what light through yonder window breaks?"
        "<|im_start|>user
 Numbers like 12345 and 3.14159, café 東京 🙂<|im_end|>"
-       "  fn main() { println!(\"hello\"); }	tabs")
+       "  fn main() { println!(\"hello\"); }	tabs"
+       "naïve café with combining marks: naïve café")
 
 # One architecture: the make_fixtures.py checkpoint NAME (float64 reference and all; removed
 # after) as ARCH-f16.gguf and ARCH-q8_0.gguf (and ARCH-q4_k_m.gguf with `q4`), and llama.cpp's
@@ -95,6 +98,8 @@ fixture() {
     local arch=$1 name=$2 q4=${3:-} qs=(f16 q8_0) extra=()
     # the Qwen DeltaNet converters expect MTP layers unless told there are none
     case $arch in qwen3next|qwen35moe) extra=(--no-mtp) ;; esac
+    local pre=qwen2
+    [ "$arch" = qwen35moe ] && pre=qwen35
     (cd "$ROOT" && "$PY" scripts/make_fixtures.py "$name")
     local ck=$ROOT/tests/fixtures/$name
     if [ "$arch" = deepseek2 ]; then
@@ -107,8 +112,8 @@ c.update(scoring_func="sigmoid", topk_method="noaux_tc")
 json.dump(c, open(sys.argv[1], "w"), indent=2)
 EOF
     fi
-    convert "$ck" f16 "$OUT/$arch-f16.gguf" "${extra[@]}"
-    convert "$ck" q8_0 "$OUT/$arch-q8_0.gguf" "${extra[@]}"
+    PRE=$pre convert "$ck" f16 "$OUT/$arch-f16.gguf" "${extra[@]}"
+    PRE=$pre convert "$ck" q8_0 "$OUT/$arch-q8_0.gguf" "${extra[@]}"
     if [ "$q4" = q4 ]; then
         "$bin/llama-quantize" "$OUT/$arch-f16.gguf" "$OUT/$arch-q4_k_m.gguf" Q4_K_M > "$WORK/quantize.log"
         qs+=(q4_k_m)
