@@ -7,6 +7,9 @@
 #   gpt-oss    gpt-oss, MXFP4 experts    F16, Q8_0 (the experts stay MXFP4 in both)
 #   deepseek2  DeepSeek-V3 MLA           F16, Q8_0
 #   glm4moe    GLM-4.5                   F16, Q8_0
+#   qwen3next  Qwen3-Next                F16, Q8_0
+#   qwen35moe  Qwen3.5-MoE               F16, Q8_0
+#   llama      Mixtral                   F16, Q8_0
 #
 #   PYTHON=/tmp/fx/bin/python scripts/gguf_fixtures.sh [ARCH ...]   # all, or only these
 #
@@ -55,19 +58,26 @@ cc -O2 -I"$src/include" -I"$src/ggml/include" "$ROOT/scripts/gguf_logits.c" -L"$
     -Wl,-rpath,"$bin" -o "$WORK/gguf_logits"
 
 # llama.cpp's converter, its vendored gguf-py; the fixture tokenizer's pre-tokenizer hash is
-# unknown to it, but its split regex is Qwen2's
+# unknown to it, but its split regex is Qwen2's (PRE: the name to write, `qwen2` by default;
+# Qwen3.5's `qwen35` also keeps combining marks with the letters before them)
 convert() {
-    "$PY" - "$src" "$1" "$2" "$3" <<'EOF'
+    "$PY" - "$src" "$@" <<'EOF'
 import sys
 src, ck, outtype, outfile = sys.argv[1:5]
+extra = sys.argv[5:]
 sys.path[:0] = [src, src + "/gguf-py"]
 from conversion.base import TextModel
-TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+import os
+TextModel.get_vocab_base_pre = lambda self, tokenizer: os.environ.get("PRE", "qwen2")
 # GLM's vocabulary step looks up GLM's own special tokens ([gMASK], ...), which the fixture
 # tokenizer has not: its BPE vocabulary is written as any GPT-2-style one
 TextModel._set_vocab_glm = lambda self: self._set_vocab_gpt2()
+# llama's vocabulary step tries SentencePiece first (the Mixtral releases' tokenizer.model);
+# the fixture tokenizer is GPT-2-style BPE
+from conversion.llama import LlamaModel
+LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2()
 import convert_hf_to_gguf as c
-sys.argv = ["convert_hf_to_gguf.py", ck, "--outtype", outtype, "--outfile", outfile]
+sys.argv = ["convert_hf_to_gguf.py", ck, "--outtype", outtype, "--outfile", outfile] + extra
 c.main()
 EOF
 }
@@ -77,14 +87,19 @@ other=$("$PY" -c "print(','.join(str((i * 7919 + 11) % 313) for i in range(40)))
 texts=("ROMEO: But soft, what light through yonder window breaks?"
        "<|im_start|>user
 Numbers like 12345 and 3.14159, café 東京 🙂<|im_end|>"
-       "  fn main() { println!(\"hello\"); }	tabs")
+       "  fn main() { println!(\"hello\"); }	tabs"
+       "naïve café with combining marks: naïve café")
 
 # One architecture: the make_fixtures.py checkpoint NAME (float64 reference and all; removed
 # after) as ARCH-f16.gguf and ARCH-q8_0.gguf (and ARCH-q4_k_m.gguf with `q4`), and llama.cpp's
 # records of each as llama-ARCH-Q.json, and the checkpoint's own reference as
 # transformers-ARCH.json.
 fixture() {
-    local arch=$1 name=$2 q4=${3:-} qs=(f16 q8_0)
+    local arch=$1 name=$2 q4=${3:-} qs=(f16 q8_0) extra=()
+    # the Qwen DeltaNet converters expect MTP layers unless told there are none
+    case $arch in qwen3next|qwen35moe) extra=(--no-mtp) ;; esac
+    local pre=qwen2
+    [ "$arch" = qwen35moe ] && pre=qwen35
     (cd "$ROOT" && "$PY" scripts/make_fixtures.py "$name")
     local ck=$ROOT/tests/fixtures/$name
     if [ "$arch" = deepseek2 ]; then
@@ -97,8 +112,8 @@ c.update(scoring_func="sigmoid", topk_method="noaux_tc")
 json.dump(c, open(sys.argv[1], "w"), indent=2)
 EOF
     fi
-    convert "$ck" f16 "$OUT/$arch-f16.gguf"
-    convert "$ck" q8_0 "$OUT/$arch-q8_0.gguf"
+    PRE=$pre convert "$ck" f16 "$OUT/$arch-f16.gguf" "${extra[@]}"
+    PRE=$pre convert "$ck" q8_0 "$OUT/$arch-q8_0.gguf" "${extra[@]}"
     if [ "$q4" = q4 ]; then
         "$bin/llama-quantize" "$OUT/$arch-f16.gguf" "$OUT/$arch-q4_k_m.gguf" Q4_K_M > "$WORK/quantize.log"
         qs+=(q4_k_m)
@@ -124,4 +139,7 @@ want qwen3moe "$@" && fixture qwen3moe qwen3_moe_gguf q4
 want gpt-oss "$@" && fixture gpt-oss gpt_oss_gguf
 want deepseek2 "$@" && fixture deepseek2 deepseek_v3_gguf
 want glm4moe "$@" && fixture glm4moe glm4_moe_gguf
+want qwen3next "$@" && fixture qwen3next qwen3_next_gguf
+want qwen35moe "$@" && fixture qwen35moe qwen35_moe_gguf
+want llama "$@" && fixture llama mixtral_gguf
 ls -l "$OUT"

@@ -709,6 +709,16 @@ def main():
               image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
               vision_end_token_id=VOCAB - 4)
     make("qwen35_vl", Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, vl, torch.float32, prompt, 200)
+    # for scripts/gguf_fixtures.sh (made only when named): llama.cpp's qwen35moe wants equal key
+    # and value head widths; widths of 32 let Q8_0's blocks divide every row; two value heads per
+    # key head, which its converter reorders
+    q35_g = dict(qwen35_text, hidden_size=32, num_hidden_layers=3,
+                 layer_types=["linear_attention", "linear_attention", "full_attention"], num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                 linear_key_head_dim=8, linear_value_head_dim=8, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=32)
+    if "qwen35_moe_gguf" in ONLY:
+        make("qwen35_moe_gguf", Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM, q35_g, torch.bfloat16, prompt, 2800)
 
     nxt = dict(
         common,
@@ -733,6 +743,13 @@ def main():
         max_position_embeddings=64,
     )
     make("qwen3_next", Qwen3NextConfig, Qwen3NextForCausalLM, nxt, torch.float16, prompt, 300)
+    # for scripts/gguf_fixtures.sh (made only when named): llama.cpp's qwen3next has no dense
+    # layers, always renormalises the top-k and wants equal key and value head widths; widths of
+    # 32 let Q8_0's blocks divide every row
+    nxt_g = dict(nxt, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+                 moe_intermediate_size=32, shared_expert_intermediate_size=32, mlp_only_layers=[])
+    if "qwen3_next_gguf" in ONLY:
+        make("qwen3_next_gguf", Qwen3NextConfig, Qwen3NextForCausalLM, nxt_g, torch.bfloat16, prompt, 2900)
 
     moe = dict(
         common,
@@ -785,6 +802,11 @@ def main():
         max_position_embeddings=64,
     )
     make("mixtral", MixtralConfig, MixtralForCausalLM, mixtral, torch.float32, prompt, 600)
+    # for scripts/gguf_fixtures.sh (made only when named): llama.cpp's llama has no sliding
+    # window (nor do the Mixtral releases); widths of 32 let Q8_0's blocks divide every row
+    mixtral_g = dict(mixtral, intermediate_size=32, sliding_window=None)
+    if "mixtral_gguf" in ONLY:
+        make("mixtral_gguf", MixtralConfig, MixtralForCausalLM, mixtral_g, torch.bfloat16, prompt, 3000)
 
     MiniMaxM2ForCausalLM = float64_module("transformers.models.minimax_m2.modeling_minimax_m2").MiniMaxM2ForCausalLM
     minimax = dict(

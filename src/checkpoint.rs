@@ -5,7 +5,7 @@
 //! `weight_scale_inv`), compressed-tensors `pack-quantized` integer weights (Kimi-K2.5's int4
 //! experts, as `X.weight`) and gpt-oss's MXFP4 `X_blocks`/`X_scales` (as `X`).
 
-use crate::source::{self, Format, Source, Tensor};
+use crate::source::{self, Format, RowOrder, Source, Tensor};
 use crate::tensor::{Mat, WKind};
 use anyhow::{Context, Result, anyhow, bail};
 use memmap2::Mmap;
@@ -206,7 +206,15 @@ impl Checkpoint {
         let (key, e) = self.tensors.get_key_value(name).ok_or_else(|| source::missing(&self.dir, name))?;
         let file = self.files[e.file].0.as_path();
         let bytes = &self.files[e.file].1[e.start..e.end];
-        let t = |format, parts| Tensor { name: key, file, shape: e.shape.clone(), format, parts, aux_bytes: 0 };
+        let t = |format, parts| Tensor {
+            name: key,
+            file,
+            shape: e.shape.clone(),
+            format,
+            parts,
+            aux_bytes: 0,
+            order: RowOrder::Plain,
+        };
         Ok(match float_kind(e.dtype) {
             Some(kind) => t(Format::Native(kind), SmallVec::from_iter([bytes])),
             None if e.dtype == StDtype::F8_E4M3 => {
@@ -315,6 +323,7 @@ impl Checkpoint {
             format: Format::PackedInt { bits, group, scale },
             parts,
             aux_bytes: h.end - h.start,
+            order: RowOrder::Plain,
         })
     }
 
@@ -340,7 +349,15 @@ impl Checkpoint {
         let mut shape = lead.to_vec();
         shape.push(b.shape[b.shape.len() - 2] * 32);
         let parts = SmallVec::from_iter([&self.files[b.file].1[b.start..b.end], &self.files[s.file].1[s.start..s.end]]);
-        Ok(Tensor { name: key, file, shape, format: Format::Native(WKind::Mxfp4), parts, aux_bytes: 0 })
+        Ok(Tensor {
+            name: key,
+            file,
+            shape,
+            format: Format::Native(WKind::Mxfp4),
+            parts,
+            aux_bytes: 0,
+            order: RowOrder::Plain,
+        })
     }
 }
 

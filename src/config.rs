@@ -152,9 +152,17 @@ pub struct LinearAttnConfig {
     pub k_head_dim: usize,
     pub v_head_dim: usize,
     pub conv_kernel: usize,
+    /// Value head j reads key head `j % num_k_heads` (llama.cpp's `qwen35`/`qwen35moe` GGUFs,
+    /// whose converter reorders the value heads so), not `j / (num_v_heads / num_k_heads)`
+    /// (Hugging Face's grouping). Config key `linear_value_heads_tiled`, written only for those.
+    pub v_heads_tiled: bool,
 }
 
 impl LinearAttnConfig {
+    /// The key head that value head `j` reads.
+    pub fn k_head_of(&self, j: usize) -> usize {
+        if self.v_heads_tiled { j % self.num_k_heads } else { j / (self.num_v_heads / self.num_k_heads) }
+    }
     pub fn key_dim(&self) -> usize {
         self.num_k_heads * self.k_head_dim
     }
@@ -446,6 +454,7 @@ impl ModelConfig {
                 k_head_dim: req_usize(t, "linear_key_head_dim")?,
                 v_head_dim: req_usize(t, "linear_value_head_dim")?,
                 conv_kernel: opt_usize(t, "linear_conv_kernel_dim", 4)?,
+                v_heads_tiled: opt_bool(t, "linear_value_heads_tiled", false)?,
             };
             if l.num_k_heads == 0 || !l.num_v_heads.is_multiple_of(l.num_k_heads) || l.conv_kernel == 0 {
                 bail!(

@@ -185,8 +185,8 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn norm(&self, name: &str, dim: usize, zero_centered: bool) -> Result<RmsNorm> {
         let mut w = self.ck.vector(name, &[dim])?;
-        if zero_centered && self.ck.mlx_layout() {
-            // MLX releases store zero-centred norms already shifted by +1 (as `convert` undoes)
+        if zero_centered && self.ck.shifted_norms() {
+            // MLX releases and GGUFs store zero-centred norms already shifted by +1 (as `convert` undoes)
             w.iter_mut().for_each(|x| *x -= 1.0);
         }
         Ok(RmsNorm::new(w, self.cfg.rms_norm_eps, zero_centered))

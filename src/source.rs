@@ -36,6 +36,9 @@ pub enum Format {
     /// values 0–15 in their low nibbles and 16–31 in their high ones. The values and scales of
     /// [`WKind::Mxfp4`] in another order: rows are repacked into it, bit for bit.
     GgmlMxfp4,
+    /// Floats of `kind` holding −exp(x) of the logical values x (llama.cpp's `ssm_a`, which
+    /// its converter computes from Gated DeltaNet's `A_log`): decoded as ln(−v), in f32.
+    NegExp(WKind),
     /// Stored in a type the engine does not read (the type's name).
     Unsupported(String),
 }
@@ -48,6 +51,7 @@ impl Format {
             Format::Fp8 { block: [r, c], .. } => format!("fp8 e4m3 ({r}x{c} blocks)"),
             Format::PackedInt { bits, group, .. } => format!("int{bits} g{group} (compressed-tensors)"),
             Format::GgmlMxfp4 => "mxfp4 (ggml blocks)".into(),
+            Format::NegExp(k) => format!("{} (-exp)", k.name()),
             Format::Unsupported(t) => t.clone(),
         }
     }
@@ -67,6 +71,33 @@ pub struct Tensor<'a> {
     pub parts: SmallVec<[&'a [u8]; 3]>,
     /// Bytes stored beside it that hold no values (compressed-tensors' `weight_shape`).
     pub aux_bytes: usize,
+    /// Where each logical row is stored.
+    pub order: RowOrder,
+}
+
+/// The order rows are stored in, against the logical (Hugging Face) order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RowOrder {
+    Plain,
+    /// In each block of `head` rows, logical row `s·head/2 + i` is stored at `2i + s`: the
+    /// permutation llama.cpp's converter applies to `llama` Q/K projections for its RoPE of
+    /// adjacent pairs (Hugging Face rotates the two halves of a head).
+    RopePairs {
+        head: usize,
+    },
+}
+
+impl RowOrder {
+    /// The stored row of logical row `r`.
+    pub fn stored(self, r: usize) -> usize {
+        match self {
+            RowOrder::Plain => r,
+            RowOrder::RopePairs { head } => {
+                let (h, j, half) = (r / head, r % head, head / 2);
+                h * head + 2 * (j % half) + j / half
+            }
+        }
+    }
 }
 
 /// Byte offsets of the sections of a `[rows, cols]` matrix of `kind` in the engine's layout
@@ -96,7 +127,7 @@ impl<'a> Tensor<'a> {
             bail!("{}: tensor `{name}` holds {} bytes, its shape {shape:?} needs {need}", file.display(), blob.len());
         }
         let parts = sections(kind, rows, cols).into_iter().map(|r| &blob[r]).collect();
-        Ok(Tensor { name, file, shape, format: Format::Native(kind), parts, aux_bytes: 0 })
+        Ok(Tensor { name, file, shape, format: Format::Native(kind), parts, aux_bytes: 0, order: RowOrder::Plain })
     }
 
     /// Bytes as stored, all parts.
@@ -130,11 +161,20 @@ impl<'a> Tensor<'a> {
         if range.start > range.end || range.end > rows {
             bail!("{file}: tensor `{name}`: rows {range:?} out of its {rows}");
         }
+        if let RowOrder::RopePairs { head } = self.order {
+            if head < 2 || !head.is_multiple_of(2) || !rows.is_multiple_of(head) {
+                bail!("{file}: tensor `{name}`: {rows} rows do not split into RoPE heads of {head}");
+            }
+            let all = Tensor { order: RowOrder::Plain, ..self.clone() }.rows(0..rows)?;
+            let at: Vec<Range<usize>> = range.map(|r| self.order.stored(r)).map(|s| s..s + 1).collect();
+            return Ok(all.gather_rows(&at));
+        }
         let m = match &self.format {
             Format::Native(kind) => self.native_rows(*kind, rows, cols, range),
             Format::Fp8 { block, scale } => self.fp8_rows(*block, *scale, range),
             Format::PackedInt { bits, group, scale } => self.packed_rows(*bits, *group, *scale, range),
             Format::GgmlMxfp4 => self.ggml_mxfp4_rows(rows, cols, range),
+            Format::NegExp(kind) => self.neg_exp_rows(*kind, rows, cols, range),
             Format::Unsupported(t) => {
                 bail!("{file}: tensor `{name}` has unsupported dtype {t} (supported: F32, BF16, F16, F8_E4M3)")
             }
@@ -173,6 +213,23 @@ impl<'a> Tensor<'a> {
             b[at].copy_from_slice(&part[range.start * rb..range.end * rb]);
         }
         Mat::from_bytes(n, cols, kind, blob)
+    }
+
+    /// x = ln(−v) of floats v = −exp(x); a v that no real x gives is refused naming it.
+    fn neg_exp_rows(&self, kind: WKind, rows: usize, cols: usize, range: Range<usize>) -> Result<Mat> {
+        let start = range.start * cols;
+        let v = self.native_rows(kind, rows, cols, range.clone())?.to_f32();
+        let x: Vec<f32> = v.iter().map(|&v| (-v).ln()).collect();
+        if let Some(i) = x.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{}: tensor `{}` holds {} at element {}: not −exp of a finite value",
+                self.file.display(),
+                self.name,
+                v[i],
+                start + i
+            );
+        }
+        Mat::from_f32(range.len(), cols, x)
     }
 
     /// ggml MXFP4 rows as [`WKind::Mxfp4`]: each block's scale to the scales, its values
@@ -318,6 +375,11 @@ pub trait Source: Sync {
     fn mlx_layout(&self) -> bool {
         false
     }
+    /// Whether zero-centred norm weights are stored shifted by +1, as the multiplier (MLX's
+    /// and llama.cpp's conversions).
+    fn shifted_norms(&self) -> bool {
+        self.mlx_layout()
+    }
 
     /// Logical shape of tensor `name`.
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
@@ -445,6 +507,7 @@ impl Source for Mlx {
             format: Format::Native(kind),
             parts: SmallVec::from_iter([w, sc, bi]),
             aux_bytes: 0,
+            order: RowOrder::Plain,
         })
     }
 }
@@ -464,6 +527,73 @@ pub fn missing(dir: &Path, name: &str) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `RopePairs` undoes llama.cpp's Q/K permutation (each head viewed `[2, head/2]`, the two
+    /// axes swapped) for any row range, for floats and ggml blocks alike; −exp values decode
+    /// to their logarithm.
+    #[test]
+    fn rope_pairs_and_neg_exp_decode_to_the_logical_values() {
+        let (heads, head, cols) = (3, 6, 32);
+        let logical: Vec<f32> = (0..heads * head * cols).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 16.0).collect();
+        // the converter's permutation: stored row h·head + 2i + s holds logical h·head + s·head/2 + i
+        let mut stored = vec![0f32; logical.len()];
+        for h in 0..heads {
+            for s in 0..2 {
+                for i in 0..head / 2 {
+                    let (from, to) = (h * head + s * head / 2 + i, h * head + 2 * i + s);
+                    stored[to * cols..(to + 1) * cols].copy_from_slice(&logical[from * cols..(from + 1) * cols]);
+                }
+            }
+        }
+        // one Q8_0 block a row
+        let q8 = crate::kernels::ggml::tests::random_row(crate::kernels::ggml::Ggml::Q8_0, heads * head, 3);
+        let f32s: &[u8] = bytemuck::cast_slice(&stored);
+        let p = Path::new("m.gguf");
+        for (kind, bytes) in [(WKind::F32, f32s), (WKind::Ggml(crate::kernels::ggml::Ggml::Q8_0), &q8[..])] {
+            let t = Tensor {
+                name: "q",
+                file: p,
+                shape: vec![heads * head, cols],
+                format: Format::Native(kind),
+                parts: SmallVec::from_iter([bytes]),
+                aux_bytes: 0,
+                order: RowOrder::RopePairs { head },
+            };
+            let want = Tensor { order: RowOrder::Plain, ..t.clone() }.mat().unwrap().to_f32();
+            for range in [0..heads * head, 4..11, 17..18] {
+                let got = t.rows(range.clone()).unwrap().to_f32();
+                let w: Vec<f32> = range
+                    .clone()
+                    .flat_map(|r| {
+                        let s = RowOrder::RopePairs { head }.stored(r);
+                        want[s * cols..(s + 1) * cols].to_vec()
+                    })
+                    .collect();
+                assert_eq!(got, w, "{kind:?} {range:?}");
+                if kind == WKind::F32 {
+                    assert_eq!(got, logical[range.start * cols..range.end * cols], "{range:?}");
+                }
+            }
+            let odd = Tensor { order: RowOrder::RopePairs { head: 4 }, ..t.clone() };
+            assert!(format!("{:#}", odd.rows(0..1).unwrap_err()).contains("RoPE heads of 4"));
+        }
+        let a: Vec<f32> = vec![-1.0, -0.25, -7.5];
+        let t = Tensor {
+            name: "a",
+            file: p,
+            shape: vec![3],
+            format: Format::NegExp(WKind::F32),
+            parts: SmallVec::from_iter([bytemuck::cast_slice::<f32, u8>(&a)]),
+            aux_bytes: 0,
+            order: RowOrder::Plain,
+        };
+        let x = t.mat().unwrap().to_f32();
+        assert!(x.iter().zip(&a).all(|(x, a)| (-x.exp() - a).abs() <= 1e-6 * a.abs()), "{x:?}");
+        let bad: Vec<f32> = vec![-1.0, 0.0, -2.0];
+        let t = Tensor { parts: SmallVec::from_iter([bytemuck::cast_slice::<f32, u8>(&bad)]), ..t };
+        let e = format!("{:#}", t.mat().unwrap_err());
+        assert!(e.contains("tensor `a`") && e.contains("element 1"), "{e}");
+    }
 
     #[test]
     fn native_parts_concatenate_into_the_engine_layout_for_any_row_range() {

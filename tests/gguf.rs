@@ -1,7 +1,8 @@
 //! GGUF models against llama.cpp: tiny random checkpoints converted by llama.cpp's own
 //! `convert_hf_to_gguf.py` (F16, Q8_0) and `llama-quantize` (Q4_K_M) — a Qwen3-MoE
 //! (`qwen3moe`), a gpt-oss with MXFP4 experts (`gpt-oss`), a DeepSeek-V3 (`deepseek2`), a
-//! GLM-4.5 (`glm4moe`) — with
+//! GLM-4.5 (`glm4moe`), a Qwen3-Next (`qwen3next`), a Qwen3.5-MoE (`qwen35moe`), a Mixtral
+//! (`llama` with experts) — with
 //! llama.cpp's logits for fixed token sequences and its tokenization of a few texts
 //! (scripts/gguf_fixtures.sh made them; nothing here builds llama.cpp).
 
@@ -70,7 +71,7 @@ fn agree(arch: &str, q: &str) -> (f64, f64) {
 /// step-by-step decode (prompt, then the greedy tokens one at a time).
 #[test]
 fn f16_files_compute_the_checkpoints_float64_reference() {
-    for arch in ["qwen3moe", "gpt-oss", "deepseek2", "glm4moe"] {
+    for arch in ["qwen3moe", "gpt-oss", "deepseek2", "glm4moe", "qwen3next", "qwen35moe", "llama"] {
         let r = reference_file(&fixture(&format!("transformers-{arch}.json")));
         let mut m = flashmoe::load::load_model(&fixture(&format!("{arch}-f16.gguf"))).unwrap();
         m.opts.precision = flashmoe::tensor::Precision::Exact;
@@ -152,6 +153,57 @@ fn glm4moe_q8_0_agrees_with_llama_cpp() {
     assert!(top >= 0.95 && kl <= 1.5e-2, "glm4moe Q8_0: top-1 {top}, KL {kl}");
 }
 
+/// Measured: top-1 0.987, KL 1.4e-5 (Gated DeltaNet from the converter's split `attn_qkv` /
+/// `attn_gate`, `ssm_a` = −exp(A_log), norms stored as 1 + w). The one position of 78 that
+/// differs is a near tie (flashmoe's top two 6e-4 apart); this file matches its float64
+/// reference to 4e-6 (above).
+#[test]
+fn qwen3next_f16_agrees_with_llama_cpp() {
+    let (top, kl) = agree("qwen3next", "f16");
+    assert!(top >= 0.98 && kl <= 1e-3, "qwen3next F16: top-1 {top}, KL {kl}");
+}
+
+/// Measured: top-1 0.821, KL 0.13. This tiny random DeltaNet model is sensitive to 8-bit
+/// rounding: llama.cpp's own F16 → Q8_0 shift is 0.795 / 6.1e-2 and flashmoe's Q8_0 (weights
+/// rounded, activations not) is 0.885 / 9.0e-2 from llama.cpp's F16.
+#[test]
+fn qwen3next_q8_0_agrees_with_llama_cpp() {
+    let (top, kl) = agree("qwen3next", "q8_0");
+    assert!(top >= 0.75 && kl <= 0.2, "qwen3next Q8_0: top-1 {top}, KL {kl}");
+}
+
+/// Qwen3.5-MoE with two value heads per key head, which llama.cpp's converter reorders
+/// (computed in that order: `linear_value_heads_tiled`). Measured: top-1 0.987, KL 2.5e-5; the
+/// one position that differs is a near tie (2e-3 apart in flashmoe's logits, 5e-4 in
+/// llama.cpp's) where float64 transformers picks flashmoe's token.
+#[test]
+fn qwen35moe_f16_agrees_with_llama_cpp() {
+    let (top, kl) = agree("qwen35moe", "f16");
+    assert!(top >= 0.98 && kl <= 1e-3, "qwen35moe F16: top-1 {top}, KL {kl}");
+}
+
+/// Measured: top-1 0.897, KL 6.0e-2 (llama.cpp's own F16 → Q8_0 shift: 0.833 / 8.0e-2).
+#[test]
+fn qwen35moe_q8_0_agrees_with_llama_cpp() {
+    let (top, kl) = agree("qwen35moe", "q8_0");
+    assert!(top >= 0.85 && kl <= 0.12, "qwen35moe Q8_0: top-1 {top}, KL {kl}");
+}
+
+/// Mixtral as `llama` with `ffn_*_exps`, its Q/K rows permuted back from the converter's
+/// RoPE order. Measured: top-1 1.000, KL 2.5e-6.
+#[test]
+fn llama_f16_agrees_with_llama_cpp() {
+    let (top, kl) = agree("llama", "f16");
+    assert!(top >= 0.99 && kl <= 1e-3, "llama F16: top-1 {top}, KL {kl}");
+}
+
+/// Measured: top-1 0.949, KL 1.1e-2 (llama.cpp's own F16 → Q8_0 shift: 0.923 / 1.4e-2).
+#[test]
+fn llama_q8_0_agrees_with_llama_cpp() {
+    let (top, kl) = agree("llama", "q8_0");
+    assert!(top >= 0.9 && kl <= 2e-2, "llama Q8_0: top-1 {top}, KL {kl}");
+}
+
 #[test]
 fn q4_k_m_keeps_llama_cpps_quantization_mix() {
     let g = flashmoe::gguf::Gguf::open(&fixture("qwen3moe-q4_k_m.gguf")).unwrap();
@@ -159,17 +211,26 @@ fn q4_k_m_keeps_llama_cpps_quantization_mix() {
     assert!(types.contains("Q4_K") && types.contains("Q6_K"), "{types:?}");
 }
 
+/// Every fixture's vocabulary (`qwen35moe`'s with Qwen3.5's pre-tokenizer `qwen35`, which keeps
+/// combining marks with their letters) tokenizes the recorded texts as llama.cpp did. (The
+/// fixture vocabulary has no merge across a combining mark, so the last text tokenizes alike
+/// under `qwen2` too: this checks that `qwen35` is read and agrees, not where it splits.)
 #[test]
 fn tokenizer_from_metadata_tokenizes_as_llama_cpp() {
-    let l = llama("qwen3moe", "f16");
-    let tok = flashmoe::tokenizer::TextTokenizer::load(&fixture("qwen3moe-f16.gguf")).unwrap();
-    assert!(!l.texts.is_empty());
-    for (text, want) in l.texts.iter().zip(&l.tokens) {
-        assert_eq!(&tok.encode(text).unwrap(), want, "{text:?}");
-        assert_eq!(&tok.decode(want, false).unwrap(), text);
+    for arch in ["qwen3moe", "gpt-oss", "deepseek2", "glm4moe", "qwen3next", "qwen35moe", "llama"] {
+        let l = llama(arch, "f16");
+        let path = fixture(&format!("{arch}-f16.gguf"));
+        let tok = flashmoe::tokenizer::TextTokenizer::load(&path).unwrap();
+        assert!(!l.texts.is_empty());
+        for (text, want) in l.texts.iter().zip(&l.tokens) {
+            assert_eq!(&tok.encode(text).unwrap(), want, "{arch}: {text:?}");
+            assert_eq!(&tok.decode(want, false).unwrap(), text, "{arch}");
+        }
+        assert!(tok.has_chat_template());
+        assert_eq!(tok.eos_id(), Some(315));
     }
-    assert!(tok.has_chat_template());
-    assert_eq!(tok.eos_id(), Some(315));
+    let g = flashmoe::gguf::Gguf::open(&fixture("qwen35moe-f16.gguf")).unwrap();
+    assert_eq!(g.get("tokenizer.ggml.pre").unwrap().as_str(), Some("qwen35"));
 }
 
 /// Every command on a GGUF of each architecture: `logits`, `generate`, `bench`, `inspect`
@@ -184,6 +245,9 @@ fn cli_runs_a_gguf_of_each_architecture() {
         ("gpt-oss-q8_0.gguf", "gpt-oss", &["mxfp4", "ggml-Q8_0"][..]),
         ("deepseek2-q8_0.gguf", "DeepSeek-V3", &["ggml-Q8_0"][..]),
         ("glm4moe-q8_0.gguf", "GLM-4.5", &["ggml-Q8_0"][..]),
+        ("qwen3next-q8_0.gguf", "Qwen3-Next", &["ggml-Q8_0"][..]),
+        ("qwen35moe-q8_0.gguf", "Qwen3.5-MoE", &["ggml-Q8_0", "f32 (-exp)"][..]),
+        ("llama-q8_0.gguf", "Mixtral", &["ggml-Q8_0"][..]),
     ] {
         let path = fixture(file);
         let run = |args: &[&str], model: &Path| {
@@ -232,9 +296,15 @@ fn cli_runs_a_gguf_of_each_architecture() {
 fn convert_keeps_the_gguf_blocks() {
     use flashmoe::flash::convert::{ConvertOptions, convert, source_expert_kind};
     let dir = tempfile::tempdir().unwrap();
-    for (arch, kind) in
-        [("qwen3moe", "ggml-Q8_0"), ("gpt-oss", "mxfp4"), ("deepseek2", "ggml-Q8_0"), ("glm4moe", "ggml-Q8_0")]
-    {
+    for (arch, kind) in [
+        ("qwen3moe", "ggml-Q8_0"),
+        ("gpt-oss", "mxfp4"),
+        ("deepseek2", "ggml-Q8_0"),
+        ("glm4moe", "ggml-Q8_0"),
+        ("qwen3next", "ggml-Q8_0"),
+        ("qwen35moe", "ggml-Q8_0"),
+        ("llama", "ggml-Q8_0"),
+    ] {
         let from = fixture(&format!("{arch}-q8_0.gguf"));
         let ek = source_expert_kind(&from).unwrap().unwrap();
         assert_eq!(ek.name(), kind);
@@ -347,4 +417,139 @@ fn deepseek2_with_kv_b_whole_computes_as_split() {
         let e = format!("{:#}", flashmoe::gguf::Gguf::open(&p).err().unwrap());
         assert!(e.contains("deepseek2.expert_gating_func") && e.contains(want), "{e}");
     }
+}
+
+/// The bytes of GGUF tensor `n` of `g` (a whole-file read `file`).
+fn bytes_of<'a>(g: &flashmoe::gguf::Gguf, file: &'a [u8], n: &str) -> (&'a [u8], Vec<u64>, u32) {
+    let t = g.infos.iter().find(|t| t.name == n).unwrap_or_else(|| panic!("no tensor {n}"));
+    (&file[t.start..t.start + t.len], t.ne.clone(), t.ggml_type)
+}
+
+fn logits_of(p: &Path, tokens: &[u32]) -> Vec<f32> {
+    let mut m = flashmoe::load::load_model(p).unwrap();
+    m.opts.precision = flashmoe::tensor::Precision::Exact;
+    m.forward(&mut m.new_state(), tokens, true).unwrap()
+}
+
+/// Older Mixtral GGUFs keep each expert apart (`blk.N.ffn_gate.E.weight`, …), older Qwen3-Next
+/// GGUFs keep the DeltaNet input projection fused (`ssm_in`, grouped per key head as in the
+/// Hugging Face checkpoint): the F16 fixtures rewritten so compute the same logits bit for bit.
+#[test]
+fn older_gguf_layouts_compute_as_the_current_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = |g: &flashmoe::gguf::Gguf, file: &[u8], n: &str| {
+        let (b, ne, ty) = bytes_of(g, file, n);
+        (n.to_string(), ne, ty, b.to_vec())
+    };
+    // Mixtral: the stacked experts split per expert
+    let path = fixture("llama-f16.gguf");
+    let file = std::fs::read(&path).unwrap();
+    let g = flashmoe::gguf::Gguf::open(&path).unwrap();
+    let mut ts = Vec::new();
+    for t in &g.infos {
+        let Some((l, p)) = t.name.strip_suffix("_exps.weight").and_then(|s| s.split_once(".ffn_")) else {
+            ts.push(keep(&g, &file, &t.name));
+            continue;
+        };
+        let (b, ne, ty) = bytes_of(&g, &file, &t.name);
+        let per = b.len() / ne[2] as usize;
+        for e in 0..ne[2] as usize {
+            ts.push((format!("{l}.ffn_{p}.{e}.weight"), ne[..2].to_vec(), ty, b[e * per..(e + 1) * per].to_vec()));
+        }
+    }
+    let ms: Vec<(&str, flashmoe::gguf::Value)> = g.meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let tv: Vec<(&str, Vec<u64>, u32, Vec<u8>)> =
+        ts.iter().map(|(n, ne, ty, b)| (n.as_str(), ne.clone(), *ty, b.clone())).collect();
+    let p = dir.path().join("per-expert.gguf");
+    std::fs::write(&p, flashmoe::gguf::write::gguf(&ms, &tv)).unwrap();
+    assert!(flashmoe::gguf::Gguf::open(&p).unwrap().infos.iter().any(|t| t.name == "blk.0.ffn_down.5.weight"));
+    let tokens = &llama("llama", "f16").sequences[0];
+    assert_eq!(logits_of(&p, tokens), logits_of(&path, tokens));
+
+    // Qwen3-Next: attn_qkv and attn_gate fused back into ssm_in, per key head [q, k, v, z]
+    let path = fixture("qwen3next-f16.gguf");
+    let file = std::fs::read(&path).unwrap();
+    let g = flashmoe::gguf::Gguf::open(&path).unwrap();
+    let c = g.config().clone();
+    let u = |k: &str| c[k].as_u64().unwrap() as usize;
+    let (nk, nv, dk, dv) =
+        (u("linear_num_key_heads"), u("linear_num_value_heads"), u("linear_key_head_dim"), u("linear_value_head_dim"));
+    let vg = nv / nk * dv;
+    let mut ts = Vec::new();
+    for t in &g.infos {
+        if t.name.ends_with("attn_gate.weight") {
+            continue;
+        }
+        let Some(l) = t.name.strip_suffix("attn_qkv.weight") else {
+            ts.push(keep(&g, &file, &t.name));
+            continue;
+        };
+        let (qkv, ne, ty) = bytes_of(&g, &file, &t.name);
+        let (z, _, zty) = bytes_of(&g, &file, &format!("{l}attn_gate.weight"));
+        assert_eq!((ty, zty), (1, 1), "F16");
+        let rb = 2 * ne[0] as usize;
+        let rows = |b: &[u8], from: usize, n: usize| b[from * rb..(from + n) * rb].to_vec();
+        let mut out = Vec::new();
+        for h in 0..nk {
+            out.extend(rows(qkv, h * dk, dk));
+            out.extend(rows(qkv, nk * dk + h * dk, dk));
+            out.extend(rows(qkv, 2 * nk * dk + h * vg, vg));
+            out.extend(rows(z, h * vg, vg));
+        }
+        ts.push((format!("{l}ssm_in.weight"), vec![ne[0], (2 * nk * dk + 2 * nv * dv) as u64], 1, out));
+    }
+    let ms: Vec<(&str, flashmoe::gguf::Value)> = g.meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let tv: Vec<(&str, Vec<u64>, u32, Vec<u8>)> =
+        ts.iter().map(|(n, ne, ty, b)| (n.as_str(), ne.clone(), *ty, b.clone())).collect();
+    let p = dir.path().join("ssm-in.gguf");
+    std::fs::write(&p, flashmoe::gguf::write::gguf(&ms, &tv)).unwrap();
+    assert!(flashmoe::gguf::Gguf::open(&p).unwrap().infos.iter().any(|t| t.name == "blk.0.ssm_in.weight"));
+    let tokens = &llama("qwen3next", "f16").sequences[0];
+    assert_eq!(logits_of(&p, tokens), logits_of(&path, tokens));
+}
+
+/// Bad metadata and tensors of the new architectures are refused naming the key or tensor.
+#[test]
+fn bad_deltanet_and_llama_files_are_refused_by_name() {
+    use flashmoe::gguf::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.gguf");
+    let same = |g: &flashmoe::gguf::Gguf, n: &str, b: &[u8]| {
+        let t = g.infos.iter().find(|t| t.name == n).unwrap();
+        Some((n.to_string(), t.ne.clone(), t.ggml_type, b.to_vec()))
+    };
+    let open_err = |b: Vec<u8>| {
+        std::fs::write(&p, b).unwrap();
+        format!("{:#}", flashmoe::load::load_model(&p).err().expect("refused"))
+    };
+    // a dense llama
+    let e = open_err(rewrite(&fixture("llama-f16.gguf"), |m| drop(m.remove("llama.expert_count")), same));
+    assert!(e.contains("llama.expert_count") && e.contains("dense"), "{e}");
+    // value heads that are not a multiple of the key heads
+    let e = open_err(rewrite(
+        &fixture("qwen35moe-f16.gguf"),
+        |m| drop(m.insert("qwen35moe.ssm.time_step_rank".into(), Value::U32(3))),
+        same,
+    ));
+    assert!(e.contains("ssm.time_step_rank 3") && e.contains("ssm.group_count 2"), "{e}");
+    // a recurrent-layer list of the wrong length
+    let e = open_err(rewrite(
+        &fixture("qwen3next-f16.gguf"),
+        |m| drop(m.insert("qwen3next.attention.recurrent_layers".into(), Value::Array(vec![Value::Bool(true)]))),
+        same,
+    ));
+    assert!(e.contains("qwen3next.attention.recurrent_layers") && e.contains("3 bools"), "{e}");
+    // ssm_a must hold −exp of a real: a positive entry is refused naming the tensor
+    let e = open_err(rewrite(
+        &fixture("qwen3next-f16.gguf"),
+        |_| {},
+        |g, n, b| {
+            let mut b = b.to_vec();
+            if n == "blk.0.ssm_a" {
+                b[..4].copy_from_slice(&0.5f32.to_le_bytes());
+            }
+            same(g, n, &b)
+        },
+    ));
+    assert!(e.contains("linear_attn.A_log") && e.contains("not −exp"), "{e}");
 }

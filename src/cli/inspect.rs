@@ -122,8 +122,13 @@ pub(crate) fn cmd_inspect(dir: PathBuf) -> Result<()> {
     }
     if let Some(l) = &c.linear {
         println!(
-            "deltanet       {} k heads x {}, {} v heads x {}, conv kernel {}",
-            l.num_k_heads, l.k_head_dim, l.num_v_heads, l.v_head_dim, l.conv_kernel
+            "deltanet       {} k heads x {}, {} v heads x {}, conv kernel {}{}",
+            l.num_k_heads,
+            l.k_head_dim,
+            l.num_v_heads,
+            l.v_head_dim,
+            l.conv_kernel,
+            if l.v_heads_tiled { " (v heads in llama.cpp's tiled order)" } else { "" }
         );
     }
     println!("parameters     {total} total, {active} active per token");

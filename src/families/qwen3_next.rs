@@ -56,10 +56,22 @@ impl Family for Qwen3Next {
 
     /// Un-fuses the checkpoint's projections. Rows of `in_proj_qkvz` come grouped per key head
     /// g: [q_g, k_g, v of g's value heads, z of the same]; `in_proj_ba` per key head: [b of g's
-    /// value heads, a of the same].
+    /// value heads, a of the same]. llama.cpp's converter splits `in_proj_qkvz` into the
+    /// `in_proj_qkv` and `in_proj_z` of Qwen3.5's layout (GGUF `attn_qkv`, `attn_gate`), read
+    /// as they are where the fused tensor is absent.
     fn deltanet_inputs(&self, ck: &dyn Source, p: &str, l: &LinearAttnConfig, h: usize) -> Result<[Mat; 4]> {
         let (kd, vd, nv, nk) = (l.key_dim(), l.value_dim(), l.num_v_heads, l.num_k_heads);
-        let fused = ck.mat(&format!("{p}.in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?;
+        let ba = ck.mat(&format!("{p}.in_proj_ba.weight"), &[2 * nv, h])?;
+        let per = nv / nk;
+        let b_rows: Vec<_> = (0..nk).map(|g| 2 * per * g..2 * per * g + per).collect();
+        let a_rows: Vec<_> = (0..nk).map(|g| 2 * per * g + per..2 * per * (g + 1)).collect();
+        let (b, a) = (ba.gather_rows(&b_rows), ba.gather_rows(&a_rows));
+        let name = format!("{p}.in_proj_qkvz.weight");
+        if !ck.has(&name) && ck.has(&format!("{p}.in_proj_qkv.weight")) {
+            let qkv = ck.mat(&format!("{p}.in_proj_qkv.weight"), &[l.conv_dim(), h])?;
+            return Ok([qkv, ck.mat(&format!("{p}.in_proj_z.weight"), &[vd, h])?, b, a]);
+        }
+        let fused = ck.mat(&name, &[2 * kd + 2 * vd, h])?;
         let (dk, vg) = (l.k_head_dim, (nv / nk) * l.v_head_dim);
         let gs = 2 * dk + 2 * vg;
         let part = |off: usize, len: usize| (0..nk).map(|g| g * gs + off..g * gs + off + len).collect::<Vec<_>>();
@@ -67,11 +79,7 @@ impl Family for Qwen3Next {
         qkv.extend(part(dk, dk));
         qkv.extend(part(2 * dk, vg));
         let z = fused.gather_rows(&part(2 * dk + vg, vg));
-        let ba = ck.mat(&format!("{p}.in_proj_ba.weight"), &[2 * nv, h])?;
-        let per = nv / nk;
-        let b_rows: Vec<_> = (0..nk).map(|g| 2 * per * g..2 * per * g + per).collect();
-        let a_rows: Vec<_> = (0..nk).map(|g| 2 * per * g + per..2 * per * (g + 1)).collect();
-        Ok([fused.gather_rows(&qkv), z, ba.gather_rows(&b_rows), ba.gather_rows(&a_rows)])
+        Ok([fused.gather_rows(&qkv), z, b, a])
     }
 
     fn deltanet_input_tensors(&self, p: &str, l: &LinearAttnConfig, h: usize) -> Vec<(String, Vec<usize>)> {

@@ -218,7 +218,7 @@ pub fn convert(from: &Path, to: &Path, opts: &ConvertOptions) -> Result<ConvertR
             if mlx_layout && n.ends_with(&conv) && shape.len() == 3 {
                 shape = vec![shape[0], 1, shape[1]]; // [C, K, 1] and [C, 1, K] share one memory order
             }
-            if mlx_layout && cfg.zero_centered_norm() && names.is_offset_norm(&pre, n) {
+            if ck.shifted_norms() && cfg.zero_centered_norm() && names.is_offset_norm(&pre, n) {
                 let v: Vec<f32> = m.to_f32().iter().map(|x| x - 1.0).collect();
                 m = Mat::from_f32(m.rows, m.cols, v)?;
             }

@@ -22,14 +22,32 @@
 
 use super::{TensorInfo, Value};
 use crate::families::Names;
+use crate::source::RowOrder;
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value as Json, json};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The architectures read, as (GGUF name, `model_type`).
-pub const ARCHES: &[(&str, &str)] =
-    &[("qwen3moe", "qwen3_moe"), ("gpt-oss", "gpt_oss"), ("deepseek2", "deepseek_v3"), ("glm4moe", "glm4_moe")];
+pub const ARCHES: &[(&str, &str)] = &[
+    ("qwen3moe", "qwen3_moe"),
+    ("gpt-oss", "gpt_oss"),
+    ("deepseek2", "deepseek_v3"),
+    ("glm4moe", "glm4_moe"),
+    ("qwen3next", "qwen3_next"),
+    ("qwen35moe", "qwen3_5_moe_text"),
+    ("llama", "mixtral"),
+];
+
+/// How one GGUF tensor is presented: its canonical name, logical shape, row order, and whether
+/// it holds −exp of its values ([`Format::NegExp`](crate::source::Format::NegExp)).
+#[derive(Clone, Debug)]
+pub struct Mapped {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub order: RowOrder,
+    pub neg_exp: bool,
+}
 
 /// Metadata of one file, with messages naming it.
 struct Meta<'a> {
@@ -82,9 +100,9 @@ impl Meta<'_> {
     }
 }
 
-/// The `config.json` value of the model, and each tensor's canonical name (`None`: not one
-/// the engine reads, e.g. llama.cpp's precomputed `rope_freqs`).
-pub fn map(file: &Path, meta: &BTreeMap<String, Value>, infos: &[TensorInfo]) -> Result<(Json, Vec<Option<String>>)> {
+/// The `config.json` value of the model, and how each tensor is presented (`None`: not one
+/// the engine reads, e.g. an MTP layer's).
+pub fn map(file: &Path, meta: &BTreeMap<String, Value>, infos: &[TensorInfo]) -> Result<(Json, Vec<Option<Mapped>>)> {
     let arch = match meta.get("general.architecture") {
         Some(Value::Str(s)) => s.as_str(),
         Some(v) => bail!("{}: metadata `general.architecture` is {}, expected a string", file.display(), v.type_name()),
@@ -104,11 +122,27 @@ pub fn map(file: &Path, meta: &BTreeMap<String, Value>, infos: &[TensorInfo]) ->
         "gpt_oss" => gpt_oss(&m, vocab, find("output.weight").is_none())?,
         "deepseek_v3" => deepseek2(&m, vocab, find("output.weight").is_none())?,
         "glm4_moe" => glm4moe(&m, vocab, find("output.weight").is_none(), &|n| find(n).is_some())?,
+        "qwen3_next" | "qwen3_5_moe_text" => qwen_deltanet(&m, vocab, find("output.weight").is_none(), model_type)?,
+        "mixtral" => llama(&m, vocab, find("output.weight").is_none(), &|n| find(n).is_some())?,
         _ => unreachable!("every entry of ARCHES has a mapping"),
     };
     let names = crate::families::names_of(model_type);
     let pre = names.text_prefixes[0];
-    Ok((config, infos.iter().map(|t| canonical(names, pre, &t.name)).collect()))
+    let head = config["head_dim"].as_u64().unwrap_or(0) as usize;
+    let present = |t: &TensorInfo| {
+        let name = canonical(names, pre, &t.name)?;
+        let mut shape = t.shape();
+        // llama.cpp squeezes the depthwise conv's `[channels, 1, kernel]` to `[channels, kernel]`
+        if name.ends_with(&format!(".{}.weight", names.conv1d)) && shape.len() == 2 {
+            shape.insert(1, 1);
+        }
+        let neg_exp = t.name.ends_with(".ssm_a");
+        // llama.cpp's converter permutes `llama`'s Q and K rows for its RoPE of adjacent pairs
+        let q_or_k = t.name.ends_with(".attn_q.weight") || t.name.ends_with(".attn_k.weight");
+        let order = if arch == "llama" && q_or_k { RowOrder::RopePairs { head } } else { RowOrder::Plain };
+        Some(Mapped { name, shape, order, neg_exp })
+    };
+    Ok((config, infos.iter().map(present).collect()))
 }
 
 /// Shared keys of every decoder: sizes, norms, RoPE, vocabulary (the head width is the
@@ -316,6 +350,96 @@ fn glm4moe(m: &Meta, vocab: u64, tied: bool, has: &dyn Fn(&str) -> bool) -> Resu
     Ok(c)
 }
 
+/// llama.cpp's `qwen3next` (Qwen3-Next) and `qwen35moe` (Qwen3.5-MoE): Gated DeltaNet sizes
+/// from its `ssm.*` keys, the layer pattern from `attention.recurrent_layers` (else every
+/// `full_attention_interval`-th layer is attention), every layer MoE with a gated shared
+/// expert, top-k renormalised; `block_count` counts the MTP layers (`nextn_predict_layers`),
+/// skipped. `qwen35moe`'s converter reorders the value heads (key head `j % n_k` for value head
+/// `j`); M-RoPE's sections (`rope.dimension_sections`) rotate text positions as plain RoPE.
+fn qwen_deltanet(m: &Meta, vocab: u64, tied: bool, model_type: &str) -> Result<Json> {
+    let mut c = gqa(m, vocab, tied)?;
+    let d = m.file.display();
+    let (blocks, nextn) = (m.u64("block_count")?, m.u64_opt("nextn_predict_layers")?.unwrap_or(0));
+    if nextn >= blocks {
+        bail!("{d}: nextn_predict_layers {nextn} leaves none of the {blocks} blocks");
+    }
+    let layers = (blocks - nextn) as usize;
+    let recurrent: Vec<bool> = match m.get("attention.recurrent_layers") {
+        Some(Value::Array(a)) => match a.iter().map(Value::as_bool).collect::<Option<Vec<bool>>>() {
+            Some(v) if v.len() >= layers => v[..layers].to_vec(),
+            _ => bail!("{d}: metadata `{}` must be {blocks} bools", m.key("attention.recurrent_layers")),
+        },
+        Some(v) => {
+            bail!("{d}: metadata `{}` is {}, expected an array", m.key("attention.recurrent_layers"), v.type_name())
+        }
+        None => {
+            let every = m.u64_opt("full_attention_interval")?.unwrap_or(4).max(1) as usize;
+            (0..layers).map(|i| (i + 1) % every != 0).collect()
+        }
+    };
+    let (nk, nv, inner) = (m.u64("ssm.group_count")?, m.u64("ssm.time_step_rank")?, m.u64("ssm.inner_size")?);
+    if nk == 0 || nv == 0 || nv % nk != 0 || inner % nv != 0 {
+        bail!(
+            "{d}: ssm.time_step_rank {nv} (value heads) must be a multiple of ssm.group_count {nk} (key heads), \
+             and ssm.inner_size {inner} of it"
+        );
+    }
+    let kinds = recurrent.iter().map(|&r| if r { "linear_attention" } else { "full_attention" });
+    let o = c.as_object_mut().expect("an object");
+    o.insert("model_type".into(), json!(model_type));
+    o.insert("num_hidden_layers".into(), json!(layers));
+    o.insert("layer_types".into(), json!(kinds.collect::<Vec<_>>()));
+    o.insert("linear_num_key_heads".into(), json!(nk));
+    o.insert("linear_num_value_heads".into(), json!(nv));
+    o.insert("linear_key_head_dim".into(), json!(m.u64("ssm.state_size")?));
+    o.insert("linear_value_head_dim".into(), json!(inner / nv));
+    o.insert("linear_conv_kernel_dim".into(), json!(m.u64("ssm.conv_kernel")?));
+    if model_type == "qwen3_5_moe_text" && nv != nk {
+        o.insert("linear_value_heads_tiled".into(), json!(true));
+    }
+    o.insert("num_experts".into(), json!(m.u64("expert_count")?));
+    o.insert("num_experts_per_tok".into(), json!(m.u64("expert_used_count")?));
+    o.insert("moe_intermediate_size".into(), json!(m.u64("expert_feed_forward_length")?));
+    let shared = match m.u64_opt("expert_shared_feed_forward_length")? {
+        Some(s) if s > 0 => s,
+        _ => m.u64("feed_forward_length")?,
+    };
+    o.insert("shared_expert_intermediate_size".into(), json!(shared));
+    o.insert("norm_topk_prob".into(), json!(true));
+    o.insert("decoder_sparse_step".into(), json!(1));
+    o.insert("mlp_only_layers".into(), json!([]));
+    Ok(c)
+}
+
+/// llama.cpp's `llama` with experts (Mixtral): softmax top-k renormalised, full RoPE, no
+/// sliding window (llama.cpp's graph has none). A dense `llama` (no `expert_count`) and
+/// llama3-style RoPE scaling (`rope_freqs`) are refused.
+fn llama(m: &Meta, vocab: u64, tied: bool, has: &dyn Fn(&str) -> bool) -> Result<Json> {
+    let mut c = gqa(m, vocab, tied)?;
+    let d = m.file.display();
+    let experts = m.u64_opt("expert_count")?.unwrap_or(0);
+    if experts == 0 {
+        bail!(
+            "{d}: a `llama` without experts (`{}` missing or 0) is a dense model; flashmoe runs mixture-of-experts \
+             models (`llama` with ffn_*_exps, as Mixtral's)",
+            m.key("expert_count")
+        );
+    }
+    if has("rope_freqs.weight") {
+        bail!("{d}: tensor `rope_freqs.weight` (llama3-style RoPE scaling) is not supported");
+    }
+    let o = c.as_object_mut().expect("an object");
+    o.insert("model_type".into(), json!("mixtral"));
+    o.insert("num_local_experts".into(), json!(experts));
+    o.insert("num_experts_per_tok".into(), json!(m.u64("expert_used_count")?));
+    let inter = match m.u64_opt("expert_feed_forward_length")? {
+        Some(i) if i > 0 => i,
+        _ => m.u64("feed_forward_length")?,
+    };
+    o.insert("intermediate_size".into(), json!(inter));
+    Ok(c)
+}
+
 /// The canonical name of GGUF tensor `g` in a family whose names are `n` under prefix `pre`.
 pub fn canonical(n: &Names, pre: &str, g: &str) -> Option<String> {
     match g {
@@ -327,9 +451,20 @@ pub fn canonical(n: &Names, pre: &str, g: &str) -> Option<String> {
     let rest = g.strip_prefix("blk.")?;
     let (i, rest) = rest.split_once('.')?;
     let i: usize = i.parse().ok()?;
-    let (role, suffix) = rest.rsplit_once('.')?;
     let l = n.layer(pre, i);
+    let dn = format!("{l}.{}", n.deltanet);
+    if rest == "ssm_a" {
+        return Some(format!("{dn}.{}", n.a_log));
+    }
+    let (role, suffix) = rest.rsplit_once('.')?;
     let (a, f) = (format!("{l}.{}", n.attention), format!("{l}.{}", n.ffn));
+    // older files keep each expert apart: `ffn_gate.E`, `ffn_up.E`, `ffn_down.E`
+    if let Some((p, e)) = role.split_once('.')
+        && let Ok(e) = e.parse::<usize>()
+    {
+        let k = ["ffn_gate", "ffn_up", "ffn_down"].iter().position(|&x| x == p)?;
+        return Some(format!("{f}.{}.{e}.{}.{suffix}", n.experts, n.expert_projs[k]));
+    }
     let module = match role {
         "attn_norm" => format!("{l}.{}", n.input_norm),
         "ffn_norm" => format!("{l}.{}", n.post_norm),
@@ -361,6 +496,18 @@ pub fn canonical(n: &Names, pre: &str, g: &str) -> Option<String> {
         "ffn_down_shexp" => format!("{f}.{}.{}", n.shared_expert, n.down_proj),
         "ffn_gate_inp_shexp" => format!("{f}.{}", n.shared_expert_gate),
         "exp_probs_b" if suffix == "bias" => return Some(format!("{f}.{}", n.correction_bias)),
+        // Gated DeltaNet (Qwen3-Next, Qwen3.5): `attn_qkv`/`attn_gate` as the converter splits
+        // Qwen3-Next's fused `in_proj_qkvz` (older files keep it whole, as `ssm_in`)
+        "attn_qkv" => format!("{dn}.in_proj_qkv"),
+        "attn_gate" => format!("{dn}.in_proj_z"),
+        "ssm_in" => format!("{dn}.in_proj_qkvz"),
+        "ssm_ba" => format!("{dn}.in_proj_ba"),
+        "ssm_beta" => format!("{dn}.in_proj_b"),
+        "ssm_alpha" => format!("{dn}.in_proj_a"),
+        "ssm_conv1d" => format!("{dn}.{}", n.conv1d),
+        "ssm_dt" if suffix == "bias" => return Some(format!("{dn}.{}", n.dt_bias)),
+        "ssm_norm" => format!("{dn}.{}", n.gated_norm),
+        "ssm_out" => format!("{dn}.{}", n.out_proj),
         _ => return None,
     };
     Some(format!("{module}.{suffix}"))
@@ -404,5 +551,29 @@ mod tests {
         assert_eq!(d("blk.1.ffn_down_shexp.weight").unwrap(), "model.layers.1.mlp.shared_experts.down_proj.weight");
         assert_eq!(d("blk.1.exp_probs_b.bias").unwrap(), "model.layers.1.mlp.gate.e_score_correction_bias");
         assert_eq!(c("blk.x.attn_q.weight"), None);
+        // Gated DeltaNet (Qwen3-Next, Qwen3.5)
+        let dn = "model.layers.2.linear_attn";
+        assert_eq!(c("blk.2.attn_qkv.weight").unwrap(), format!("{dn}.in_proj_qkv.weight"));
+        assert_eq!(c("blk.2.attn_gate.weight").unwrap(), format!("{dn}.in_proj_z.weight"));
+        assert_eq!(c("blk.2.ssm_in.weight").unwrap(), format!("{dn}.in_proj_qkvz.weight"));
+        assert_eq!(c("blk.2.ssm_ba.weight").unwrap(), format!("{dn}.in_proj_ba.weight"));
+        assert_eq!(c("blk.2.ssm_beta.weight").unwrap(), format!("{dn}.in_proj_b.weight"));
+        assert_eq!(c("blk.2.ssm_alpha.weight").unwrap(), format!("{dn}.in_proj_a.weight"));
+        assert_eq!(c("blk.2.ssm_conv1d.weight").unwrap(), format!("{dn}.conv1d.weight"));
+        assert_eq!(c("blk.2.ssm_dt.bias").unwrap(), format!("{dn}.dt_bias"));
+        assert_eq!(c("blk.2.ssm_a").unwrap(), format!("{dn}.A_log"));
+        assert_eq!(c("blk.2.ssm_norm.weight").unwrap(), format!("{dn}.norm.weight"));
+        assert_eq!(c("blk.2.ssm_out.weight").unwrap(), format!("{dn}.out_proj.weight"));
+        assert_eq!(c("blk.2.ffn_gate_inp_shexp.weight").unwrap(), "model.layers.2.mlp.shared_expert_gate.weight");
+        // Mixtral: the router, and older files' experts one by one
+        let m = |g| canonical(crate::families::names_of("mixtral"), "model.", g);
+        assert_eq!(m("blk.1.ffn_gate_inp.weight").unwrap(), "model.layers.1.block_sparse_moe.gate.weight");
+        assert_eq!(m("blk.1.ffn_up.3.weight").unwrap(), "model.layers.1.block_sparse_moe.experts.3.w3.weight");
+        assert_eq!(m("blk.1.ffn_down.0.weight").unwrap(), "model.layers.1.block_sparse_moe.experts.0.w2.weight");
+        assert_eq!(
+            m("blk.1.ffn_gate_exps.weight").unwrap(),
+            "model.layers.1.block_sparse_moe.switch_mlp.gate_proj.weight"
+        );
+        assert_eq!(m("blk.1.ffn_what.3.weight"), None);
     }
 }

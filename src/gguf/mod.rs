@@ -13,7 +13,7 @@ pub mod arch;
 pub mod vocab;
 
 use crate::kernels::ggml::Ggml;
-use crate::source::{Format, Source, Tensor};
+use crate::source::{Format, RowOrder, Source, Tensor};
 use crate::tensor::{Mat, WKind};
 use anyhow::{Context, Result, anyhow, bail};
 use memmap2::Mmap;
@@ -193,6 +193,8 @@ pub struct Gguf {
     pub infos: Vec<TensorInfo>,
     /// Canonical name → index into `infos`.
     by_name: HashMap<String, usize>,
+    /// How each tensor of `infos` is presented (`None`: not read).
+    views: Vec<Option<arch::Mapped>>,
     /// The `config.json` value this model's family parses.
     config: serde_json::Value,
 }
@@ -428,16 +430,16 @@ impl Gguf {
         {
             bail!("{}: split.tensors.count is {want}, the shards hold {} tensors", paths[0].display(), infos.len());
         }
-        let (config, names) = arch::map(&paths[0], &meta, &infos)?;
+        let (config, views) = arch::map(&paths[0], &meta, &infos)?;
         let mut by_name = HashMap::new();
-        for (i, canonical) in names.into_iter().enumerate() {
-            if let Some(c) = canonical
-                && by_name.insert(c.clone(), i).is_some()
+        for (i, v) in views.iter().enumerate() {
+            if let Some(v) = v
+                && by_name.insert(v.name.clone(), i).is_some()
             {
                 bail!("{}: tensor `{}` appears twice", paths[0].display(), infos[i].name);
             }
         }
-        Ok(Gguf { path: paths[0].clone(), shards, meta, infos, by_name, config })
+        Ok(Gguf { path: paths[0].clone(), shards, meta, infos, by_name, views, config })
     }
 
     /// The `config.json` value of the model (what [`crate::config::ModelConfig::from_json`]
@@ -473,25 +475,32 @@ impl Source for Gguf {
     fn has(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }
+    /// llama.cpp's converters store zero-centred norms (Qwen3-Next, Qwen3.5) as their multiplier.
+    fn shifted_norms(&self) -> bool {
+        true
+    }
     fn tensor(&self, name: &str) -> Result<Tensor<'_>> {
         let (key, &i) = self.by_name.get_key_value(name).ok_or_else(|| crate::source::missing(&self.path, name))?;
-        let t = &self.infos[i];
+        let (t, v) = (&self.infos[i], self.views[i].as_ref().expect("a named tensor is presented"));
         let sh = &self.shards[t.shard];
+        let bytes = SmallVec::from_iter([&sh.map[t.start..t.start + t.len]]);
         let (format, parts) = match t.kind {
-            Ok(WKind::Mxfp4) => (Format::GgmlMxfp4, SmallVec::from_iter([&sh.map[t.start..t.start + t.len]])),
-            Ok(k) => (Format::Native(k), SmallVec::from_iter([&sh.map[t.start..t.start + t.len]])),
+            Ok(WKind::Mxfp4) => (Format::GgmlMxfp4, bytes),
+            Ok(k @ (WKind::F32 | WKind::F16 | WKind::BF16)) if v.neg_exp => (Format::NegExp(k), bytes),
+            Ok(k) if v.neg_exp => (Format::Unsupported(format!("{} for −exp values", k.name())), bytes),
+            Ok(k) => (Format::Native(k), bytes),
             Err(n) => (Format::Unsupported(format!("{n} (GGUF tensor `{}`)", t.name)), SmallVec::new()),
         };
-        Ok(Tensor { name: key, file: &sh.path, shape: t.shape(), format, parts, aux_bytes: 0 })
+        Ok(Tensor { name: key, file: &sh.path, shape: v.shape.clone(), format, parts, aux_bytes: 0, order: v.order })
     }
     /// Rows of a tensor as a view of the mapping (no copy) where they start 8-byte aligned.
     fn mat_rows(&self, name: &str, shape: &[usize], range: std::ops::Range<usize>) -> Result<Mat> {
         let t = self.tensor(name)?.expect(shape)?;
         let info = self.info(name)?;
         let (rows, cols) = t.rows_cols();
-        let kind = match info.kind {
-            Ok(WKind::Mxfp4) | Err(_) => return t.rows(range),
-            Ok(k) => k,
+        let kind = match (info.kind, &t.format, t.order) {
+            (Ok(k), Format::Native(_), RowOrder::Plain) if k != WKind::Mxfp4 => k,
+            _ => return t.rows(range),
         };
         let at = info.start + range.start * kind.bytes(1, cols);
         if range.end > rows || range.start > range.end || !at.is_multiple_of(8) {
@@ -696,6 +705,7 @@ mod tests {
             format: Format::GgmlMxfp4,
             parts: SmallVec::from_iter([&data[..]]),
             aux_bytes: 0,
+            order: RowOrder::Plain,
         };
         let row_bytes = cols / 32 * 17;
         for range in [0..rows, 1..4, 4..5, 2..2] {

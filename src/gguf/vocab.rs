@@ -17,6 +17,10 @@ fn pre_regex(pre: &str) -> Option<&'static str> {
         "qwen2" | "deepseek-r1-qwen" => {
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
         }
+        // Qwen3.5's: combining marks stay with the letters before them
+        "qwen35" => {
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        }
         "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "falcon3" | "pixtral" => {
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
         }
@@ -63,7 +67,9 @@ pub fn vocab(g: &Gguf) -> Result<Vocab> {
     }
     let pre = g.meta.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
     let regex = pre_regex(pre).ok_or_else(|| {
-        anyhow!("{file}: tokenizer.ggml.pre `{pre}` is not supported (supported: qwen2, llama-bpe, gpt2, default)")
+        anyhow!(
+            "{file}: tokenizer.ggml.pre `{pre}` is not supported (supported: qwen2, qwen35, llama-bpe, gpt2, default)"
+        )
     })?;
     let mut vocab = serde_json::Map::new();
     let mut added = Vec::new();

@@ -230,7 +230,7 @@ impl DeltaNet {
         let mut oh = scratch::zeros(nv * n * dv);
         let head = |(kv_mem, gate): &mut (scratch::Buf, scratch::Buf),
                     (j, (s, oj)): (usize, (&mut [f32], &mut [f32]))| {
-            let kh = j / (nv / nk);
+            let kh = self.cfg.k_head_of(j);
             for (t, ot) in oj.chunks_exact_mut(dv).enumerate() {
                 let c = &cv[t * cd..(t + 1) * cd];
                 let (qj, kj) = (&c[kh * dk..(kh + 1) * dk], &c[kd + kh * dk..kd + (kh + 1) * dk]);
@@ -266,6 +266,102 @@ impl DeltaNet {
             o.par_chunks_exact_mut(vd).enumerate().for_each(gather);
         } else {
             o.chunks_exact_mut(vd).enumerate().for_each(gather);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's value-head order for Qwen3.5 (tiled: value head `p·n_k + g` is the p-th of
+    /// key head g, HF's `g·r + p`), with every value-indexed weight reordered so, gives each
+    /// head bit for bit the outputs of HF's grouped order, over a prompt and a decode step.
+    #[test]
+    fn tiled_value_heads_compute_the_grouped_heads() {
+        let (nk, nv, dk, dv, kern, h) = (2, 6, 3, 5, 4, 7);
+        let r = nv / nk;
+        let grouped = LinearAttnConfig {
+            num_k_heads: nk,
+            num_v_heads: nv,
+            k_head_dim: dk,
+            v_head_dim: dv,
+            conv_kernel: kern,
+            v_heads_tiled: false,
+        };
+        let (cd, kd, vd) = (grouped.conv_dim(), grouped.key_dim(), grouped.value_dim());
+        let mut seed = 7u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.8
+                })
+                .collect()
+        };
+        let mat = |rows: usize, cols: usize, v: Vec<f32>| Mat::from_f32(rows, cols, v).unwrap();
+        let g = DeltaNet {
+            cfg: grouped.clone(),
+            in_proj_qkv: mat(cd, h, rnd(cd * h)),
+            in_proj_z: mat(vd, h, rnd(vd * h)),
+            in_proj_b: mat(nv, h, rnd(nv * h)),
+            in_proj_a: mat(nv, h, rnd(nv * h)),
+            conv_w: rnd(kern * cd),
+            dt_bias: rnd(nv),
+            neg_a: rnd(nv).iter().map(|v| -(v.abs() + 0.1)).collect(),
+            norm_w: rnd(dv),
+            eps: 1e-6,
+            out_proj: mat(h, vd, rnd(h * vd)),
+        };
+        // tiled head i holds grouped head `of(i)`
+        let of = |i: usize| (i % nk) * r + i / nk;
+        let rows_of = |m: &Mat, base: usize, per: usize| {
+            let mut rs: Vec<_> = (0..base).map(|x| x..x + 1).collect();
+            rs.extend((0..nv).map(|i| base + of(i) * per..base + (of(i) + 1) * per));
+            m.gather_rows(&rs)
+        };
+        let chans = |v: &[f32], width: usize| -> Vec<f32> {
+            v.chunks_exact(width)
+                .flat_map(|tap| {
+                    let mut c = tap[..2 * kd].to_vec();
+                    (0..nv).for_each(|i| c.extend(&tap[2 * kd + of(i) * dv..2 * kd + (of(i) + 1) * dv]));
+                    c
+                })
+                .collect()
+        };
+        let per_head = |v: &[f32]| (0..nv).map(|i| v[of(i)]).collect::<Vec<f32>>();
+        let t = DeltaNet {
+            cfg: LinearAttnConfig { v_heads_tiled: true, ..grouped.clone() },
+            in_proj_qkv: rows_of(&g.in_proj_qkv, 2 * kd, dv),
+            in_proj_z: rows_of(&g.in_proj_z, 0, dv),
+            in_proj_b: rows_of(&g.in_proj_b, 0, 1),
+            in_proj_a: rows_of(&g.in_proj_a, 0, 1),
+            conv_w: chans(&g.conv_w, cd),
+            dt_bias: per_head(&g.dt_bias),
+            neg_a: per_head(&g.neg_a),
+            norm_w: g.norm_w.clone(),
+            eps: g.eps,
+            out_proj: g.out_proj.clone(),
+        };
+        let (mut sg, mut st) = (DeltaState::new(&g.cfg), DeltaState::new(&t.cfg));
+        for n in [5, 1] {
+            let x = rnd(n * h);
+            let proj = |d: &DeltaNet| {
+                let (mut qkv, mut z, mut b, mut a) =
+                    (vec![0.0; n * cd], vec![0.0; n * vd], vec![0.0; n * nv], vec![0.0; n * nv]);
+                products(&mut d.in_products(&x, &mut qkv, &mut z, &mut b, &mut a), n, Precision::Exact);
+                (qkv, z, b, a)
+            };
+            let ((q1, z1, b1, a1), (q2, z2, b2, a2)) = (proj(&g), proj(&t));
+            let (mut o1, mut o2) = (vec![0.0; n * vd], vec![0.0; n * vd]);
+            g.recur(&q1, &z1, &b1, &a1, n, &mut sg, &mut o1);
+            t.recur(&q2, &z2, &b2, &a2, n, &mut st, &mut o2);
+            for tok in 0..n {
+                for i in 0..nv {
+                    let want = &o1[tok * vd + of(i) * dv..tok * vd + (of(i) + 1) * dv];
+                    assert_eq!(&o2[tok * vd + i * dv..tok * vd + (i + 1) * dv], want, "token {tok} of {n}, head {i}");
+                }
+            }
         }
     }
 }

@@ -66,6 +66,10 @@ pub fn supports(model: &Model) -> Result<()> {
                 d.cfg.k_head_dim,
                 d.cfg.v_head_dim
             ),
+            MixerWeights::DeltaNet(d) if d.cfg.v_heads_tiled => bail!(
+                "layer {i}: Gated DeltaNet with llama.cpp's tiled value-head order (a qwen35/qwen35moe GGUF) is not \
+                 on the CUDA backend: use --device cpu"
+            ),
             MixerWeights::Attention(a) if a.head_dim > 256 => {
                 bail!("layer {i}: head_dim {} is above the CUDA attention kernel's 256: use --device cpu", a.head_dim)
             }
