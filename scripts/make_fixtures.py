@@ -233,6 +233,8 @@ def vary(name, kw, n, blocks=1):
         return kw
     pick = r.choice
     layers = max(2, kw["num_hidden_layers"] + pick([-1, 0, 1, 2]))
+    if "linear_num_key_heads" in kw and "layer_types" not in kw:
+        layers = max(layers, 4)  # the default pattern's first full-attention layer is the 4th
     kw["num_hidden_layers"] = layers
     for key in ["layer_types", "indexer_types"]:
         if key in kw:
@@ -261,7 +263,7 @@ def vary(name, kw, n, blocks=1):
         if "index_head_dim" in kw:
             # ReLU'd scores of few heads over few dims tie at 0 too often for a choice to be made
             kw["index_head_dim"] = pick([d for d in [8, 12, 16] if d > kw["qk_rope_head_dim"]])
-            kw["index_n_heads"] = pick([4, 8])
+            kw["index_n_heads"] = pick([8, 16])
             kw["index_topk"] = pick(range(3, 11))
     else:
         nkv = pick([1, 2, 3])
