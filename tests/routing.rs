@@ -41,7 +41,14 @@ fn measure(experts: usize, k: usize, routing: Routing) -> (RoutingSummary, Routi
     };
     synth_config(config(experts, k), "routing-test", &out, &so).unwrap();
     let m = load_model_with(&out, &LoadOptions::default()).unwrap();
-    let opts = BenchOptions { prompt_tokens: 1024, gen_tokens: 96, prefill_threads: None, cold: false, seed: 5, progress: false };
+    let opts = BenchOptions {
+        prompt_tokens: 1024,
+        gen_tokens: 96,
+        prefill_threads: None,
+        cold: false,
+        seed: 5,
+        progress: false,
+    };
     let r = run(&m, &opts).unwrap();
     (r.prefill_routing, r.decode_routing)
 }
@@ -73,7 +80,12 @@ fn each_routing_mode_lands_in_its_bands_at_two_expert_counts() {
             assert!(pre.layers.iter().all(|l| l.chunk_tokens == 1024.0 && l.routings == 1024 * k as u64), "{tag}");
             // the prompt and the continuation: random tokens carry no context, so reuse is what
             // popularity gives
-            within(&format!("{tag}: prefill reuse over its independent value"), pre.reuse / pre.independent_reuse, 0.8, 1.25);
+            within(
+                &format!("{tag}: prefill reuse over its independent value"),
+                pre.reuse / pre.independent_reuse,
+                0.8,
+                1.25,
+            );
             match mode {
                 Routing::Uniform => {
                     // 16–64 routings per expert: the sampling noise lifts the empirical top 10% a little
@@ -83,10 +95,30 @@ fn each_routing_mode_lands_in_its_bands_at_two_expert_counts() {
                 }
                 Routing::Realistic => {
                     within(&format!("{tag}: top10"), pre.top10_share, REALISTIC_TOP10 - 0.04, REALISTIC_TOP10 + 0.05);
-                    within(&format!("{tag}: effective share"), pre.effective_share, BUILTIN_EFFECTIVE_SHARE - 0.07, BUILTIN_EFFECTIVE_SHARE + 0.07);
-                    within(&format!("{tag}: reuse / (k/E)"), pre.reuse / uniform_k, 0.7 * BUILTIN_REUSE_RATIO, 1.15 * BUILTIN_REUSE_RATIO);
-                    within(&format!("{tag}: decode top10"), dec.top10_share, REALISTIC_TOP10 - 0.08, REALISTIC_TOP10 + 0.15);
-                    within(&format!("{tag}: decode reuse / (k/E)"), dec.reuse / uniform_k, 0.5 * BUILTIN_REUSE_RATIO, 1.5 * BUILTIN_REUSE_RATIO);
+                    within(
+                        &format!("{tag}: effective share"),
+                        pre.effective_share,
+                        BUILTIN_EFFECTIVE_SHARE - 0.07,
+                        BUILTIN_EFFECTIVE_SHARE + 0.07,
+                    );
+                    within(
+                        &format!("{tag}: reuse / (k/E)"),
+                        pre.reuse / uniform_k,
+                        0.7 * BUILTIN_REUSE_RATIO,
+                        1.15 * BUILTIN_REUSE_RATIO,
+                    );
+                    within(
+                        &format!("{tag}: decode top10"),
+                        dec.top10_share,
+                        REALISTIC_TOP10 - 0.08,
+                        REALISTIC_TOP10 + 0.15,
+                    );
+                    within(
+                        &format!("{tag}: decode reuse / (k/E)"),
+                        dec.reuse / uniform_k,
+                        0.5 * BUILTIN_REUSE_RATIO,
+                        1.5 * BUILTIN_REUSE_RATIO,
+                    );
                 }
                 Routing::Skewed => {
                     // −α·ln(1 + rank) is not scale-free: its head grows with the expert count
