@@ -618,11 +618,7 @@ mod tests {
             // contexts longer than a block (ATTN_BLOCK): whole blocks and a tail, windowed, sinks
             (Heads { nh: 8, nkv: 2, d: 64, gated: true, window: usize::MAX, sinks: None }, 2, 700),
             (Heads { nh: 4, nkv: 4, d: 16, gated: false, window: usize::MAX, sinks: None }, 1, 128),
-            (
-                Heads { nh: 4, nkv: 2, d: 32, gated: false, window: 301, sinks: Some(&[0.5, -1.0, 3.0, 0.0]) },
-                3,
-                900,
-            ),
+            (Heads { nh: 4, nkv: 2, d: 32, gated: false, window: 301, sinks: Some(&[0.5, -1.0, 3.0, 0.0]) }, 3, 900),
         ] {
             let qw = if heads.gated { 2 * heads.d } else { heads.d };
             let q: Vec<f32> = uniform(n * heads.nh * qw, 1).iter().map(|v| v * 4.0).collect();
