@@ -23,7 +23,7 @@ export RAYON_NUM_THREADS=${THREADS:-16}
 export TOKENS=${TOKENS:-24}
 mkdir -p "$WORK" "$(dirname "$RES")"
 if [ ! -f "$M/flashmoe.json" ]; then
-    "$BIN" synth --preset qwen3-30b-a3b --layers "$LAYERS" --experts q4 --dense "$DENSE" --to "$M"
+    "$BIN" synth --preset qwen3-30b-a3b --layers "$LAYERS" --experts q4 --dense "$DENSE" --routing skewed --to "$M"
 fi
 if [ -z "${ONLY:-}" ]; then
     # beyond RAM needs a memory cgroup, v1 or v2 (scripts/memcg.sh); without one, warm only

@@ -49,7 +49,7 @@ fi
 gguf="$WORK/synth-$LAYERS.gguf"
 [ -s "$gguf" ] || PYTHONPATH="$LLAMA_SRC/gguf-py" python3 "$GGUF_SCRIPT" "$gguf" "$LAYERS"
 m="$WORK/flashmoe-$LAYERS"
-[ -s "$m/manifest.json" ] || "$BIN" synth --preset qwen3-30b-a3b --layers "$LAYERS" --experts q4 --dense q4 --to "$m" --force
+[ -s "$m/manifest.json" ] || "$BIN" synth --preset qwen3-30b-a3b --layers "$LAYERS" --experts q4 --dense q4 --routing skewed --to "$m" --force
 if [ -n "${build:-}" ]; then
     wait "$build" || { tail -n 30 "$WORK/cmake.log" "$WORK/build.log"; exit 1; }
 fi

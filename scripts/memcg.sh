@@ -1,7 +1,7 @@
 # Memory cgroup for the beyond-RAM benchmarks, cgroup v1 or v2 (detected); sourced by
 # scripts/batch_clients.sh and bench/batch_16core.sh. Needs root.
 #
-#   memcg_init 2200M      # the cgroup flashmoe_bench, limited to 2200M (page cache included)
+#   memcg_init 2200M      # the cgroup flashmoe_bench ($MEMCG_NAME), limited to 2200M (page cache included)
 #   memcg_run CMD ARGS... # becomes CMD (exec) inside it
 #   memcg_peak            # its peak memory in bytes since memcg_init ("n/a" where unknown)
 #
@@ -19,7 +19,7 @@ memcg_init() {
     bytes=$(numfmt --from=iec "$1") || { memcg_die "bad memory limit '$1' (e.g. 2200M)"; return 1; }
     if [ -d "$fs/memory" ] && [ -w "$fs/memory" ]; then
         MEMCG_V=1
-        MEMCG=$fs/memory/flashmoe_bench
+        MEMCG=$fs/memory/${MEMCG_NAME:-flashmoe_bench}
         mkdir -p "$MEMCG" || { memcg_die "cannot create $MEMCG"; return 1; }
         echo "$bytes" > "$MEMCG/memory.limit_in_bytes" || { memcg_die "cannot write $MEMCG/memory.limit_in_bytes"; return 1; }
         echo 0 > "$MEMCG/memory.max_usage_in_bytes" 2>/dev/null || true
@@ -36,7 +36,7 @@ memcg_init() {
         return 1
     fi
     MEMCG_V=2
-    MEMCG=$root/flashmoe_bench
+    MEMCG=$root/${MEMCG_NAME:-flashmoe_bench}
     # a fresh cgroup each time: memory.peak cannot be reset on older kernels
     if [ -d "$MEMCG" ]; then rmdir "$MEMCG" 2>/dev/null || true; fi
     mkdir -p "$MEMCG" || { memcg_die "cannot create $MEMCG"; return 1; }

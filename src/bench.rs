@@ -66,6 +66,10 @@ pub struct BenchResult {
     pub top10pct_expert_share: f64,
     /// Share of a token's experts the previous token also used (same layer).
     pub expert_reuse: f64,
+    /// Per MoE layer: popularity (top-10% share, entropy), reuse from the previous token, and
+    /// the share of the experts each prompt chunk needed (prefill).
+    pub prefill_routing: crate::profile::RoutingSummary,
+    pub decode_routing: crate::profile::RoutingSummary,
     /// Share of prefetched (predicted) experts that were then routed to (with --prefetch).
     pub prefetch_accuracy: f64,
     pub cache_mode: String,
@@ -170,6 +174,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     let stats = || model.store.as_ref().map(|s| s.stats()).unwrap_or_default();
 
     PROFILE.reset();
+    routing_start();
     let s0 = stats();
     let pb = spinner(format!("prefill of {} tokens", prompt.len()));
     let t = Instant::now();
@@ -184,6 +189,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     pb.finish_and_clear();
     let prefill_phases = phases(model, prompt.len(), &s0);
     let prefill_read = stats().bytes_read - s0.bytes_read;
+    let prefill_routing = routing_take().summary();
 
     PROFILE.reset();
     crate::par::take_step_profile();
@@ -245,6 +251,8 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         products_gb_s: prof.product_bytes as f64 / prof.products.max(1) as f64,
         top10pct_expert_share: routing.top_share(0.10),
         expert_reuse: routing.reuse(),
+        prefill_routing,
+        decode_routing: routing.summary(),
         prefetch_accuracy: if s2.prefetched > s1.prefetched {
             (s2.prefetch_used - s1.prefetch_used) as f64 / (s2.prefetched - s1.prefetched) as f64
         } else {

@@ -19,6 +19,8 @@ pub struct EvalResult {
     /// Fraction of positions where both models' most likely token agree, with a reference.
     pub top1: Option<f64>,
     pub secs: f64,
+    /// The model's routing over the text (not the reference's).
+    pub routing: crate::profile::RoutingSummary,
 }
 
 fn log_softmax(row: &[f32], out: &mut Vec<f64>) {
@@ -73,6 +75,7 @@ pub fn evaluate_with(
         );
     }
     let t0 = Instant::now();
+    crate::profile::routing_start();
     let v = model.vocab_size();
     const CHUNK: usize = 64;
     let (mut nll, mut n, mut kl, mut agree, mut windows) = (0.0f64, 0usize, 0.0f64, 0usize, 0usize);
@@ -87,10 +90,12 @@ pub fn evaluate_with(
         // feed all but the last token; row i predicts win[i + 1]
         for (c, chunk) in win[..win.len() - 1].chunks(CHUNK).enumerate() {
             let logits = model.forward(&mut st, chunk, true)?;
+            crate::profile::routing_record(false);
             let rlogits = match (reference, rst.as_mut()) {
                 (Some(r), Some(s)) => Some(r.forward(s, chunk, true)?),
                 _ => None,
             };
+            crate::profile::routing_record(true);
             for i in 0..chunk.len() {
                 let target = win[c * CHUNK + i + 1] as usize;
                 log_softmax(&logits[i * v..(i + 1) * v], &mut lq);
@@ -114,5 +119,6 @@ pub fn evaluate_with(
         kl: reference.map(|_| kl / n as f64),
         top1: reference.map(|_| agree as f64 / n as f64),
         secs: t0.elapsed().as_secs_f64(),
+        routing: crate::profile::routing_take().summary(),
     })
 }

@@ -108,8 +108,9 @@ pub(crate) enum Cmd {
         /// releases ship them.
         #[arg(long, default_value = "q4")]
         dense: String,
-        /// uniform (worst case for caches) or skewed (trained-model-like popularity).
-        #[arg(long, default_value = "skewed")]
+        /// realistic (expert popularity fitted to a trained model's), uniform (near-uniform:
+        /// the worst case for caches) or skewed (a heavy-tailed hot set: cache-friendly).
+        #[arg(long, default_value = "realistic")]
         routing: flashmoe::flash::synth::Routing,
         #[arg(long, default_value_t = 0)]
         seed: u64,

@@ -84,6 +84,9 @@ pub(crate) fn cmd_bench(
         100.0 * r.top10pct_expert_share,
         100.0 * r.expert_reuse
     );
+    if !r.prefill_routing.layers.is_empty() {
+        println!("prefill          {}", super::eval::routing_line(&r.prefill_routing));
+    }
     println!("peak RSS         {:.2} GB", r.peak_rss_bytes as f64 / 1e9);
     let line: Vec<String> = r.phases_ms.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
     println!("ms/token         {}", line.join(", "));

@@ -46,6 +46,9 @@ pub(crate) fn cmd_eval(a: EvalArgs, store: &StoreArgs) -> Result<()> {
             r.secs,
             r.tokens as f64 * if reference.is_some() { 2.0 } else { 1.0 } / r.secs
         );
+        if !r.routing.layers.is_empty() {
+            println!("{}", routing_line(&r.routing));
+        }
     }
     Ok(())
 }
@@ -79,4 +82,21 @@ pub(crate) fn cmd_logits(model: PathBuf, tokens: &str, fast: bool, incremental: 
     let rows: Vec<&[f32]> = logits.chunks(m.vocab_size()).collect();
     println!("{}", json!({"tokens": ids, "logits": rows}));
     Ok(())
+}
+
+/// One line of routing statistics (means over the MoE layers).
+pub(crate) fn routing_line(r: &flashmoe::profile::RoutingSummary) -> String {
+    format!(
+        "routing: top 10% of experts take {:.1}% of routings, popularity entropy {:.3} of uniform \
+         (as {:.1}% of the experts uniformly), {:.1}% of a token's experts reused from the previous token \
+         ({:.1}% from popularity alone), a {:.0}-token chunk needs {:.1}% of the experts (means over {} MoE layers)",
+        100.0 * r.top10_share,
+        r.entropy,
+        100.0 * r.effective_share,
+        100.0 * r.reuse,
+        100.0 * r.independent_reuse,
+        r.layers.iter().map(|l| l.chunk_tokens).sum::<f64>() / r.layers.len().max(1) as f64,
+        100.0 * r.chunk_distinct_share,
+        r.layers.len()
+    )
 }

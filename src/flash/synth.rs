@@ -3,12 +3,19 @@
 //! token are measured at full scale without downloading a checkpoint.
 //!
 //! Routing: `uniform` leaves the router random (every expert equally likely: the cache's worst
-//! case). `skewed` gives every embedding a constant component along hidden dimension 0 and sets
-//! router row e's weight on that dimension so that its logit carries −α·ln(1 + rank_e) (rank_e a
-//! random permutation per layer), on top of a unit-variance random part. Expert popularity then
-//! follows a Zipf(1)-like law with a heavy tail, the hot set differs per layer, and consecutive
-//! tokens share it, which is what makes caches work on trained models. `bench` prints the
-//! resulting concentration.
+//! case, and the near-uniform end of trained models). `skewed` and `realistic` give every
+//! embedding a constant component along hidden dimension 0 and set router row e's weight on that
+//! dimension so that its logit carries a per-expert bias b_e (the experts' order a random
+//! permutation per layer), on top of a unit-variance random part; top-k over those logits makes
+//! expert popularity follow the bias, the hot set differs per layer, and consecutive tokens share
+//! it, which is what makes caches work on trained models. `skewed`: b = −α·ln(1 + rank), a
+//! Zipf(1)-like law with a heavy tail (about half of all routings on the top 10%). `realistic`:
+//! b = −σ·(rank + ½)/experts, linear in the expert's rank share, with σ solved for the model's
+//! expert count and k so that the top 10% of experts take [`REALISTIC_TOP10`] of the routings:
+//! the law and that share were fitted to the built-in trained model's routing over held-out text
+//! (`scripts/routing_fit.py`; docs/PERFORMANCE.md, "Routing realism"), and with them the
+//! popularity's entropy and the reuse between consecutive tokens follow at any expert count.
+//! `bench` prints the resulting statistics.
 
 use super::convert::{Out, resident_kind};
 use super::format::{ExpertLayer, Experts, MANIFEST, Manifest, Part, TENSOR_ALIGN, TensorEntry, expert_layout};
@@ -27,6 +34,7 @@ use std::path::Path;
 pub enum Routing {
     Uniform,
     Skewed,
+    Realistic,
 }
 
 impl std::str::FromStr for Routing {
@@ -35,7 +43,8 @@ impl std::str::FromStr for Routing {
         match s {
             "uniform" => Ok(Routing::Uniform),
             "skewed" => Ok(Routing::Skewed),
-            _ => bail!("routing must be `uniform` or `skewed`, got `{s}`"),
+            "realistic" => Ok(Routing::Realistic),
+            _ => bail!("--routing must be `uniform`, `realistic` or `skewed`, got `{s}`"),
         }
     }
 }
@@ -78,7 +87,8 @@ enum Init {
     /// log(uniform(1, 16)), as A_log.
     ALog,
     Embedding,
-    Router,
+    /// A router choosing this many experts per token.
+    Router(usize),
 }
 
 fn specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
@@ -176,7 +186,7 @@ fn specs(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
         let f = format!("{p}.{}", n.ffn);
         match c.ffns[i] {
             Ffn::Moe => {
-                s.push((w(&f, n.router), vec![c.num_experts, h], Init::Router));
+                s.push((w(&f, n.router), vec![c.num_experts, h], Init::Router(c.num_experts_per_tok)));
                 if c.router.logit_bias {
                     s.push((format!("{f}.{}.bias", n.router), vec![c.num_experts], Init::Const(0.0)));
                 }
@@ -213,6 +223,67 @@ const SKEW_COMPONENT: f32 = 4.0;
 /// strong skew; this value puts about half of all routings on the top 10% of experts.
 const SKEW_ALPHA: f32 = 0.5;
 
+/// Share of the routings that the top 10% of experts take in `realistic` routing: the mean over
+/// the built-in model's 8 MoE layers over its held-out text (`flashmoe eval --text
+/// models/default/valid.txt --json`, 18,810 tokens: 0.339; per layer 0.22–0.47).
+pub const REALISTIC_TOP10: f64 = 0.339;
+
+/// erfc(x)/2 for x ≥ 0 by the Chebyshev fit of Numerical Recipes' `erfcc` (relative error
+/// below 1.2e-7), extended by symmetry: the chance that a unit normal exceeds `x·√2`.
+fn normal_tail(x: f64) -> f64 {
+    let z = x.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let c = [
+        -1.265_512_23,
+        1.000_023_68,
+        0.374_091_96,
+        0.096_784_18,
+        -0.186_288_06,
+        0.278_868_07,
+        -1.135_203_98,
+        1.488_515_87,
+        -0.822_152_23,
+        0.170_872_77,
+    ];
+    let poly = c.iter().rev().fold(0.0, |acc, &a| acc * t + a);
+    let erfc = t * (-z * z + poly).exp();
+    if x >= 0.0 { erfc / 2.0 } else { 1.0 - erfc / 2.0 }
+}
+
+/// Mean-field share of the routings on the top 10% of `biases` (sorted, largest first) when
+/// each token takes the `k` largest of bias + a unit normal: the threshold τ with
+/// Σ P(b_e + z > τ) = k, each expert's share P(b_e + z > τ)/k (the 10% boundary expert in part).
+pub fn top10_share_of_biases(biases: &[f64], k: usize) -> f64 {
+    let e = biases.len();
+    let chosen = |tau: f64| biases.iter().map(|b| normal_tail(tau - b)).sum::<f64>();
+    let (mut lo, mut hi) = (-60.0, 60.0);
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if chosen(mid) > k as f64 { lo = mid } else { hi = mid }
+    }
+    let tau = 0.5 * (lo + hi);
+    let p: Vec<f64> = biases.iter().map(|b| normal_tail(tau - b)).collect();
+    let total: f64 = p.iter().sum();
+    let x = 0.1 * e as f64;
+    let whole = x.floor() as usize;
+    (p[..whole].iter().sum::<f64>() + p.get(whole).map_or(0.0, |q| (x - whole as f64) * q)) / total
+}
+
+/// `realistic` routing's biases b_e = −σ·(rank + ½)/experts (largest first), σ solved so that
+/// the top 10% take [`REALISTIC_TOP10`] of the routings at this expert count and k.
+pub fn realistic_biases(experts: usize, k: usize) -> Vec<f64> {
+    let law = |sigma: f64| -> Vec<f64> { (0..experts).map(|r| -sigma * (r as f64 + 0.5) / experts as f64).collect() };
+    if experts < 2 || k >= experts {
+        return vec![0.0; experts];
+    }
+    let (mut lo, mut hi) = (0.0, 60.0);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if top10_share_of_biases(&law(mid), k) < REALISTIC_TOP10 { lo = mid } else { hi = mid }
+    }
+    law(0.5 * (lo + hi))
+}
+
 fn fill(init: Init, shape: &[usize], rng: &mut Rng, routing: Routing) -> Vec<f32> {
     let n: usize = shape.iter().product();
     let cols = *shape.last().unwrap_or(&1);
@@ -223,14 +294,14 @@ fn fill(init: Init, shape: &[usize], rng: &mut Rng, routing: Routing) -> Vec<f32
         Init::ALog => (0..n).map(|_| (8.5 + rng.sym(7.5)).ln()).collect(),
         Init::Embedding => {
             let mut v: Vec<f32> = (0..n).map(|_| rng.sym(sq3)).collect();
-            if routing == Routing::Skewed {
+            if routing != Routing::Uniform {
                 v.iter_mut().step_by(cols).for_each(|x| *x = SKEW_COMPONENT);
             }
             v
         }
-        Init::Router => {
+        Init::Router(k) => {
             let mut v: Vec<f32> = (0..n).map(|_| rng.sym(sq3 / (cols as f32).sqrt())).collect();
-            if routing == Routing::Skewed {
+            if routing != Routing::Uniform {
                 let rows = n / cols;
                 // a random rank per expert; the normalised dim-0 input is ≈ SKEW_COMPONENT
                 let mut rank: Vec<usize> = (0..rows).collect();
@@ -238,8 +309,12 @@ fn fill(init: Init, shape: &[usize], rng: &mut Rng, routing: Routing) -> Vec<f32
                     rank.swap(i, (rng.next() % (i as u64 + 1)) as usize);
                 }
                 let x0 = SKEW_COMPONENT / (1.0 + SKEW_COMPONENT * SKEW_COMPONENT / cols as f32).sqrt();
-                for (e, r) in rank.iter().enumerate() {
-                    v[e * cols] = -SKEW_ALPHA * ((1 + r) as f32).ln() / x0;
+                let bias = match routing {
+                    Routing::Realistic => realistic_biases(rows, k).iter().map(|&b| b as f32).collect(),
+                    _ => (0..rows).map(|r| -SKEW_ALPHA * ((1 + r) as f32).ln()).collect::<Vec<f32>>(),
+                };
+                for (e, &r) in rank.iter().enumerate() {
+                    v[e * cols] = bias[r] / x0;
                 }
             }
             v
@@ -325,7 +400,13 @@ fn cut_layers(mut raw: serde_json::Value, layers: Option<usize>, preset: &str) -
 
 /// Writes a synthetic model of `preset` to `to` in the flash layout.
 pub fn synth(preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport> {
-    let (mut raw, full) = cut_layers(preset_config(preset)?, opts.layers, preset)?;
+    synth_config(preset_config(preset)?, preset, to, opts)
+}
+
+/// [`synth`] of any shape: `raw` is a text model's `config.json` (a preset's, or a small one
+/// for tests), named `preset` in the manifest.
+pub fn synth_config(raw: serde_json::Value, preset: &str, to: &Path, opts: &SynthOptions) -> Result<SynthReport> {
+    let (mut raw, full) = cut_layers(raw, opts.layers, preset)?;
     raw["flashmoe_synthetic"] = json!({"preset": preset, "routing": format!("{:?}", opts.routing).to_lowercase(),
         "seed": opts.seed, "full_layers": full});
     let cfg = ModelConfig::from_json(&raw)?;
@@ -426,6 +507,42 @@ mod cut_tests {
             assert!(cut_layers(preset_config(p).unwrap(), Some(full + 1), p).is_err());
         }
     }
+    #[test]
+    fn normal_tail_matches_known_values() {
+        for (x, want) in [(0.0, 0.5), (1.0, 0.158_655_254), (-2.0, 0.977_249_868), (3.5, 2.326_290_8e-4)] {
+            let got = normal_tail(x);
+            assert!((got - want).abs() <= 2e-7 * want.max(1e-3) + 1e-9, "tail({x}) = {got}, want {want}");
+        }
+    }
+
+    /// `realistic` biases hit the target share at any expert count (mean field), and a Monte
+    /// Carlo top-k over bias + unit normals (Box-Muller on the synth generator) agrees.
+    #[test]
+    fn realistic_biases_give_the_target_share_at_any_expert_count() {
+        for (e, k) in [(8, 2), (32, 4), (128, 8), (512, 10), (384, 8)] {
+            let b = realistic_biases(e, k);
+            assert!(b.windows(2).all(|w| w[0] > w[1]), "{e}: largest first");
+            assert!((top10_share_of_biases(&b, k) - REALISTIC_TOP10).abs() < 1e-3, "{e} experts");
+        }
+        let (e, k, tokens) = (64, 4, 4000);
+        let b = realistic_biases(e, k);
+        let mut rng = Rng(11);
+        let mut uni = || ((rng.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let mut counts = vec![0u64; e];
+        let mut l = vec![(0.0, 0); e];
+        for _ in 0..tokens {
+            for (i, x) in l.iter_mut().enumerate() {
+                let z = (-2.0 * uni().ln()).sqrt() * (std::f64::consts::TAU * uni()).cos();
+                *x = (b[i] + z, i);
+            }
+            l.sort_unstable_by(|a, c| c.0.total_cmp(&a.0));
+            l[..k].iter().for_each(|&(_, i)| counts[i] += 1);
+        }
+        // the top 10% by bias: 6.4 experts
+        let top = (counts[..6].iter().sum::<u64>() as f64 + 0.4 * counts[6] as f64) / (tokens * k) as f64;
+        assert!((top - REALISTIC_TOP10).abs() < 0.015, "Monte Carlo share {top}");
+    }
+
     /// MXFP4 extents are written as nibbles and scales directly: every part decodes to finite
     /// values within e2m1's ±6 at the part's amplitude (the scale its nearest power of two), and
     /// not all zero.

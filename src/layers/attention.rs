@@ -357,6 +357,10 @@ fn part_len(heads: Heads<'_>, parts: usize) -> usize {
     if parts == 1 { g * heads.d } else { g * (heads.d + 2) }
 }
 
+/// Positions of a context part scored and summed at once: a KV head's block of k and v rows
+/// (64 KB each at head dim 128) stays in L2 while its query heads use it.
+const ATTN_BLOCK: usize = 128;
+
 /// Item (token t, KV head kvh, part c of `parts`) of attention over the cache: softmax(q·Kᵀ/√d)·V
 /// for the query heads sharing the KV head, causal. The heads run together so the KV head's
 /// cached rows are read once per item, not once per query head; with several parts each
@@ -385,15 +389,57 @@ fn attend_part(
     // a sliding cache starts at `cache.start`; the window never reaches before it
     let r0 = p0 - cache.start;
     let (ks, vs) = (&cache.k[r0 * stride + kvh * d..], &cache.v[r0 * stride + kvh * d..]);
-    let mut w = scratch::zeros(p1 - p0);
-    for j in 0..g {
+    let n_pos = p1 - p0;
+    let slot = |j: usize| if parts == 1 { j * d..(j + 1) * d } else { j * (d + 2) + 2..(j + 1) * (d + 2) };
+    // (max, Σ e^(x − max)) of each head's softmax over the positions
+    let mut ml: SmallVec<[(f32, f32); 16]> = SmallVec::new();
+    if n_pos <= ATTN_BLOCK {
+        let mut w = scratch::zeros(n_pos);
+        for j in 0..g {
+            let h = kvh * g + j;
+            let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
+            crate::kernels::dot_rows(qh, ks, stride, scale, &mut w);
+            ml.push(crate::kernels::softmax(&mut w));
+            let oj = &mut out[slot(j)];
+            oj.iter_mut().for_each(|v| *v = 0.0);
+            crate::kernels::axpy_rows(&w, vs, stride, oj);
+        }
+    } else {
+        // a long context in blocks of positions, every head over a block before the next, so
+        // the block's k and v rows come from L2 once per head instead of from memory (a long
+        // prompt's attention streamed the whole cache once per query head); each head's output
+        // is the running softmax-weighted mean of its blocks' outputs
+        let mut w = scratch::zeros(ATTN_BLOCK);
+        let mut ob = scratch::zeros(d);
+        ml.resize(g, (f32::NEG_INFINITY, 0.0));
+        for j in 0..g {
+            out[slot(j)].iter_mut().for_each(|v| *v = 0.0);
+        }
+        for b0 in (0..n_pos).step_by(ATTN_BLOCK) {
+            let len = ATTN_BLOCK.min(n_pos - b0);
+            let (kb, vb) = (&ks[b0 * stride..], &vs[b0 * stride..]);
+            for (j, mlj) in ml.iter_mut().enumerate() {
+                let h = kvh * g + j;
+                let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
+                let wb = &mut w[..len];
+                crate::kernels::dot_rows(qh, kb, stride, scale, wb);
+                let (mb, lb) = crate::kernels::softmax(wb);
+                ob.iter_mut().for_each(|v| *v = 0.0);
+                crate::kernels::axpy_rows(wb, vb, stride, &mut ob);
+                let (m, l) = *mlj;
+                let top = m.max(mb);
+                let (a, c) = (l * (m - top).exp(), lb * (mb - top).exp());
+                let (wa, wc) = (a / (a + c), c / (a + c));
+                for (o, x) in out[slot(j)].iter_mut().zip(ob.iter()) {
+                    *o = *o * wa + *x * wc;
+                }
+                *mlj = (top, a + c);
+            }
+        }
+    }
+    for (j, &(m, l)) in ml.iter().enumerate() {
         let h = kvh * g + j;
-        let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
-        crate::kernels::dot_rows(qh, ks, stride, scale, &mut w);
-        let (m, l) = crate::kernels::softmax(&mut w);
-        let oj = if parts == 1 { &mut out[j * d..(j + 1) * d] } else { &mut out[j * (d + 2) + 2..(j + 1) * (d + 2)] };
-        oj.iter_mut().for_each(|v| *v = 0.0);
-        crate::kernels::axpy_rows(&w, vs, stride, oj);
+        let oj = &mut out[slot(j)];
         if parts == 1 {
             if let Some(s) = sinks {
                 // the sink's share of the softmax: e^(s − m) against the positions' Σ e^(x − m) = l
@@ -569,6 +615,10 @@ mod tests {
                 200,
             ),
             (Heads { nh: 4, nkv: 2, d: 16, gated: false, window: 7, sinks: Some(&[2.0, 1.0, -3.0, 9.0]) }, 4, 20),
+            // contexts longer than a block (ATTN_BLOCK): whole blocks and a tail, windowed, sinks
+            (Heads { nh: 8, nkv: 2, d: 64, gated: true, window: usize::MAX, sinks: None }, 2, 700),
+            (Heads { nh: 4, nkv: 4, d: 16, gated: false, window: usize::MAX, sinks: None }, 1, 128),
+            (Heads { nh: 4, nkv: 2, d: 32, gated: false, window: 301, sinks: Some(&[0.5, -1.0, 3.0, 0.0]) }, 3, 900),
         ] {
             let qw = if heads.gated { 2 * heads.d } else { heads.d };
             let q: Vec<f32> = uniform(n * heads.nh * qw, 1).iter().map(|v| v * 4.0).collect();

@@ -307,6 +307,10 @@ impl Moe {
             }
         }
         r.start.push(r.assign.len());
+        if n > 1 && !alone {
+            // a prompt chunk of one sequence (a batch's rows are other sequences)
+            crate::profile::record_chunk(self.layer, r.needed.len(), n);
+        }
         add_since(&PROFILE.route, t_route);
         // expert i's outputs are rows start[i]..start[i + 1] of `ys`: ready experts run as
         // parallel tasks, and the combine below sums them in expert order, so the result is
