@@ -264,13 +264,50 @@ impl Mla {
         let m = pos.len();
         assert!(caches.len() == m && sels.len() == m && out.len() == m * self.o_proj.rows);
         let mut pr = self.project(x, m, p, true);
-        let ov = self.num_heads * self.v_dim;
+        let (nh, qd, lw, kvl, vd) =
+            (self.num_heads, self.nope + self.rope_dim, self.kv_lora + self.rope_dim, self.kv_lora, self.v_dim);
         // every row is written by its attention
-        let mut o = scratch::dirty(m * ov);
-        for (t, (cache, sel)) in caches.iter_mut().zip(sels.iter_mut()).enumerate() {
-            let ot = &mut o[t * ov..(t + 1) * ov];
-            self.attend(&mut pr.slices(t, 1), 1, pos[t], cache, sel, ot, p, Form::Cheaper);
+        let mut o = scratch::dirty(m * nh * vd);
+        if m == 1 {
+            self.attend(&mut pr.slices(0, 1), 1, pos[0], caches[0], sels[0], &mut o, p, Form::Cheaper);
+            return products_rows(&mut [Product { w: self.o_proj.view(), x: &o, y: out }], p);
         }
+        // one token of a sequence always attends in the latent space (`expands` is false)
+        for (t, (cache, sel)) in caches.iter_mut().zip(sels.iter_mut()).enumerate() {
+            self.prepare(&mut pr.slices(t, 1), 1, pos[t], cache, sel);
+        }
+        // W_UK's and W_UV's rows are read once for all the sequences (per head, [h][t][..]),
+        // then the outputs turned token-major
+        let mut qh = scratch::zeros(nh * m * lw);
+        each_chunk(true, &mut qh, m * lw, |h, out| {
+            let qs: SmallVec<[&[f32]; 8]> = (0..m).map(|t| &pr.q[(t * nh + h) * qd..(t * nh + h + 1) * qd]).collect();
+            self.absorb(h, &qs, &mut out.chunks_exact_mut(lw).collect::<SmallVec<[_; 8]>>());
+        });
+        let mut qc = scratch::dirty(m * nh * lw);
+        each_chunk(true, &mut qc, lw, |i, out| {
+            let (t, h) = (i / nh, i % nh);
+            out.copy_from_slice(&qh[(h * m + t) * lw..(h * m + t + 1) * lw]);
+        });
+        let parts: SmallVec<[(scratch::Buf, Split); 8]> = (0..m)
+            .map(|t| {
+                let chosen = |u: usize| sels[t].rows.get(u).and_then(Option::as_deref);
+                self.latent_parts(&qc[t * nh * lw..(t + 1) * nh * lw], 1, pos[t], caches[t], &chosen, true)
+            })
+            .collect();
+        let mut l = scratch::zeros(nh * m * kvl);
+        each_chunk(true, &mut l, kvl, |i, li| {
+            let (h, t) = (i / m, i % m);
+            merge(&parts[t].0, parts[t].1, 0, h, li);
+        });
+        let mut oh = scratch::dirty(nh * m * vd);
+        each_chunk(true, &mut oh, m * vd, |h, out| {
+            let ls: SmallVec<[&[f32]; 8]> = l[h * m * kvl..(h + 1) * m * kvl].chunks_exact(kvl).collect();
+            self.out_of_latent(h, &ls, &mut out.chunks_exact_mut(vd).collect::<SmallVec<[_; 8]>>());
+        });
+        each_chunk(true, &mut o, vd, |i, out| {
+            let (t, h) = (i / nh, i % nh);
+            out.copy_from_slice(&oh[(h * m + t) * vd..(h * m + t + 1) * vd]);
+        });
         products_rows(&mut [Product { w: self.o_proj.view(), x: &o, y: out }], p);
     }
 
@@ -338,6 +375,40 @@ impl Mla {
         p: Precision,
         form: Form,
     ) {
+        let (nh, qd, lw, kvl) = (self.num_heads, self.nope + self.rope_dim, self.kv_lora + self.rope_dim, self.kv_lora);
+        let decode = n == 1;
+        self.prepare(pr, n, pos0, cache, sel);
+        let q = &*pr.q;
+        let chosen = |t: usize| sel.rows.get(t).and_then(Option::as_deref);
+        let seen: usize = (0..n).map(|t| chosen(t).map_or(pos0 + t + 1, <[u32]>::len)).sum();
+        let group_bytes = match form {
+            Form::Cheaper if self.expands(n, pos0, seen) => Some(EXPAND_BYTES),
+            Form::Expanded { group_bytes } => Some(group_bytes),
+            _ => None,
+        };
+        if let Some(group_bytes) = group_bytes {
+            o.fill(0.0);
+            return self.attend_expanded(q, n, pos0, cache, &chosen, o, group_bytes, p);
+        }
+        // 4. each head's query in the latent space: [W_UKᵀ q_nope ‖ q_pe]·scale
+        let mut qc = scratch::zeros(n * nh * lw);
+        each_chunk(decode, &mut qc, lw, |i, out| self.absorb(i % nh, &[&q[i * qd..(i + 1) * qd]], &mut [out]));
+        let (partial, split) = self.latent_parts(&qc, n, pos0, cache, &chosen, decode);
+        // 6. per head: merge its parts, then out of the latent space through W_UV; then the
+        //    output projection
+        let vd = self.v_dim;
+        each_chunk(decode, o, vd, |i, oh| {
+            let (t, h) = (i / nh, i % nh);
+            let mut l = scratch::zeros(kvl);
+            merge(&partial, split, t, h, &mut l);
+            self.out_of_latent(h, &[&l], &mut [oh]);
+        });
+    }
+
+    /// Steps 2-3 of attention over `n` new tokens: the latents and the shared key normalised
+    /// and rotated (the queries' rope parts too) and appended to the cache; the indexer's
+    /// choice of positions per token, or the shared one kept.
+    fn prepare(&self, pr: &mut ProjectedRows<'_>, n: usize, pos0: usize, cache: &mut LatentCache, sel: &mut Selection) {
         let (nh, nope, rd, kvl) = (self.num_heads, self.nope, self.rope_dim, self.kv_lora);
         let (qd, lw) = (nope + rd, kvl + rd);
         let decode = n == 1;
@@ -345,7 +416,6 @@ impl Mla {
         let (ihd, ihn) = ix.map_or((0, 0), |i| (i.spec.head_dim, i.spec.heads));
         let ProjectedRows { q, lat, ik, iw, iq } = pr;
         let (q, lat, ik, iw, iq) = (&mut **q, &mut **lat, &mut **ik, &**iw, &mut **iq);
-
         // 2. per token: normalise the latent, rotate the shared key and each head's rope part
         //    (and the indexer's), then append to the cache
         let (mut cos, mut sin) = (scratch::zeros(0), scratch::zeros(0));
@@ -379,32 +449,50 @@ impl Mla {
         } else if !self.shares_selection {
             sel.rows.clear();
         }
-        let chosen = |t: usize| sel.rows.get(t).and_then(Option::as_deref);
-        let seen: usize = (0..n).map(|t| chosen(t).map_or(pos0 + t + 1, <[u32]>::len)).sum();
-        let group_bytes = match form {
-            Form::Cheaper if self.expands(n, pos0, seen) => Some(EXPAND_BYTES),
-            Form::Expanded { group_bytes } => Some(group_bytes),
-            _ => None,
-        };
-        if let Some(group_bytes) = group_bytes {
-            o.fill(0.0);
-            return self.attend_expanded(q, n, pos0, cache, &chosen, o, group_bytes, p);
-        }
+    }
 
-        // 4. each head's query in the latent space: [W_UKᵀ q_nope ‖ q_pe]·scale
-        let mut qc = scratch::zeros(n * nh * lw);
+    /// Step 4 for head `h` of several queries (`qs[t]`, `nope + rope` each) into `outs[t]`
+    /// (`kv_lora + rope`, zeroed): [W_UKᵀ q_nope ‖ q_pe]·scale. Each row of W_UK is read once
+    /// for all the queries, and each output sums in the same order as for one query alone.
+    fn absorb(&self, h: usize, qs: &[&[f32]], outs: &mut [&mut [f32]]) {
+        let (nope, kvl) = (self.nope, self.kv_lora);
         let uk = self.uk.view();
-        each_chunk(decode, &mut qc, lw, |i, out| {
-            let (t, h) = (i / nh, i % nh);
-            let qh = &q[(t * nh + h) * qd..(t * nh + h + 1) * qd];
-            for (r, &a) in qh[..nope].iter().enumerate() {
-                row_axpy(&uk, h * nope + r, a * self.scale, &mut out[..kvl]);
+        for r in 0..nope {
+            for (qh, out) in qs.iter().zip(outs.iter_mut()) {
+                row_axpy(&uk, h * nope + r, qh[r] * self.scale, &mut out[..kvl]);
             }
+        }
+        for (qh, out) in qs.iter().zip(outs.iter_mut()) {
             for (o, &v) in out[kvl..].iter_mut().zip(&qh[nope..]) {
                 *o = v * self.scale;
             }
-        });
+        }
+    }
 
+    /// Step 6's second half for head `h`: each latent `ls[t]` out through W_UV into `outs[t]`
+    /// (`v_dim`), each row of W_UV read once for all.
+    fn out_of_latent(&self, h: usize, ls: &[&[f32]], outs: &mut [&mut [f32]]) {
+        let (vd, uv) = (self.v_dim, self.uv.view());
+        for j in 0..vd {
+            for (l, out) in ls.iter().zip(outs.iter_mut()) {
+                out[j] = row_dot(&uv, h * vd + j, l);
+            }
+        }
+    }
+
+    /// Step 5 over the `n` tokens' latent-space queries `qc`: the partial softmaxes and
+    /// weighted latent sums of every (token, part of the positions, group of heads), for
+    /// [`merge`].
+    fn latent_parts<'s>(
+        &self,
+        qc: &[f32],
+        n: usize,
+        pos0: usize,
+        cache: &LatentCache,
+        chosen: &(dyn Fn(usize) -> Option<&'s [u32]> + Sync),
+        decode: bool,
+    ) -> (scratch::Buf, Split) {
+        let (nh, kvl, lw) = (self.num_heads, self.kv_lora, self.kv_lora + self.rope_dim);
         // 5. softmax over the cached rows and the weighted sum of latents: one item per (token,
         //    part of the positions, group of heads), the groups of a part next to each other so
         //    the items running at once read the same rows (from L3). An item reads each of its
@@ -437,33 +525,38 @@ impl Mla {
                 &mut stats[..2 * (h1 - h0)],
             );
         });
+        (partial, Split { hg, parts, groups, per })
+    }
+}
 
-        // 6. per head: merge its parts, then out of the latent space through W_UV; then the
-        //    output projection
-        let vd = self.v_dim;
-        let uv = self.uv.view();
-        each_chunk(decode, o, vd, |i, oh| {
-            let (t, h) = (i / nh, i % nh);
-            // part c's Σ e^(x − m)·c, m and Σ e^(x − m) for this head
-            let part = |c: usize| {
-                let at = ((t * parts + c) * groups + h / hg) * per;
-                let k = h % hg;
-                let st = at + hg * kvl + 2 * k;
-                (&partial[at + k * kvl..at + (k + 1) * kvl], partial[st], partial[st + 1])
-            };
-            let top = (0..parts).map(|c| part(c).1).fold(f32::NEG_INFINITY, f32::max);
-            let total: f32 = (0..parts).map(|c| part(c).2 * (part(c).1 - top).exp()).sum();
-            let mut l = scratch::zeros(kvl);
-            for c in 0..parts {
-                let (acc, m, z) = part(c);
-                if z > 0.0 {
-                    crate::kernels::axpy((m - top).exp() / total, acc, &mut l);
-                }
-            }
-            for (j, v) in oh.iter_mut().enumerate() {
-                *v = row_dot(&uv, h * vd + j, &l);
-            }
-        });
+/// How [`Mla::latent_parts`] split its items: heads per group, parts of the positions,
+/// groups, floats per item.
+#[derive(Clone, Copy)]
+struct Split {
+    hg: usize,
+    parts: usize,
+    groups: usize,
+    per: usize,
+}
+
+/// Step 6's first half: token `t`'s head `h` latent (`l`, zeroed, `kv_lora`) from its parts'
+/// partial softmaxes: part c's Σ e^(x − m)·c weighed by its share of the whole.
+fn merge(partial: &[f32], split: Split, t: usize, h: usize, l: &mut [f32]) {
+    let Split { hg, parts, groups, per } = split;
+    let kvl = l.len();
+    let part = |c: usize| {
+        let at = ((t * parts + c) * groups + h / hg) * per;
+        let k = h % hg;
+        let st = at + hg * kvl + 2 * k;
+        (&partial[at + k * kvl..at + (k + 1) * kvl], partial[st], partial[st + 1])
+    };
+    let top = (0..parts).map(|c| part(c).1).fold(f32::NEG_INFINITY, f32::max);
+    let total: f32 = (0..parts).map(|c| part(c).2 * (part(c).1 - top).exp()).sum();
+    for c in 0..parts {
+        let (acc, m, z) = part(c);
+        if z > 0.0 {
+            crate::kernels::axpy((m - top).exp() / total, acc, l);
+        }
     }
 }
 
