@@ -26,6 +26,8 @@ GEN=${GEN:-64}
 ROUNDS=${ROUNDS:-3}
 MEMCG=${MEMCG:-}
 COLD_ROUNDS=${COLD_ROUNDS:-2}
+COLD_GEN=${COLD_GEN:-16}        # decode tokens beyond RAM (llama.cpp's mmap thrashes there)
+COLD_TIMEOUT=${COLD_TIMEOUT:-600} # seconds a beyond-RAM llama-bench run may take
 PYTHON=${PYTHON:-python3}
 mkdir -p "$WORK"
 gguf=$WORK/synth$LAYERS-q4_k_m.gguf
@@ -40,7 +42,7 @@ flash=$WORK/synth$LAYERS-flash
 # holds one expert format): flashmoe's own q4 (group 64), its dense matrices q4 too
 [ -s "$flash/flashmoe.json" ] || "$BIN" convert --from "$gguf" --to "$flash" --experts q4 --dense q4 --force
 "$BIN" sysbench --memory | tee -a "$RES.sysbench"
-"$BIN" sysbench --file "$gguf" | tee -a "$RES.sysbench"
+"$BIN" sysbench --file "$gguf" --direct | tee -a "$RES.sysbench"
 
 evict() { # drop one file's pages from the page cache
     "$PYTHON" -c 'import os,sys
@@ -53,23 +55,28 @@ in_cg() { # run "$@" in the memory cgroup (a subshell becomes it)
     (memcg_run "$@")
 }
 llama() { # mode
-    local pre=() j
-    [ "$1" = cold ] && { evict "$gguf"; pre=(in_cg); }
-    j=$("${pre[@]}" "$LLAMA_BUILD/bin/llama-bench" -m "$gguf" -p "$PROMPT" -n "$GEN" -t "$THREADS" -r 1 -o jsonl 2>/dev/null |
+    local pre=() extra=() j
+    # beyond RAM without the CPU repack (--repack 1, its default, copies the Q4_K weights into
+    # anonymous memory: 1.5 GB of it met the cgroup's OOM killer), reading through its mmap
+    local gen=$GEN
+    [ "$1" = cold ] && { evict "$gguf"; pre=(in_cg timeout "$COLD_TIMEOUT"); extra=(--repack 0 -lm mmap --no-warmup); gen=$COLD_GEN; }
+    j=$("${pre[@]}" "$LLAMA_BUILD/bin/llama-bench" -m "$gguf" -p "$PROMPT" -n "$gen" -t "$THREADS" -r 1 -o jsonl "${extra[@]}" 2>"$WORK/llama.err" |
         "$PYTHON" -c 'import sys,json
 r=[json.loads(l) for l in sys.stdin if l.strip()]
-print(json.dumps({"prefill_tok_s":[x["avg_ts"] for x in r if x["n_prompt"]][0],"decode_tok_s":[x["avg_ts"] for x in r if x["n_gen"]][0]}))')
+print(json.dumps({"prefill_tok_s":[x["avg_ts"] for x in r if x["n_prompt"]][0],"decode_tok_s":[x["avg_ts"] for x in r if x["n_gen"]][0]}))') ||
+        j="{\"failed\":\"no result (over ${COLD_TIMEOUT}s beyond RAM, or see $WORK/llama.err)\"}"
     echo "{\"engine\":\"llama.cpp\",\"mode\":\"$1\",\"run\":$j}" | tee -a "$RES"
 }
 fm() { # label model mode
-    local pre=() extra=() j
+    local pre=() extra=() j gen=$GEN
     if [ "$3" = cold ]; then
         pre=(in_cg)
         extra=(--cold)
+        gen=$COLD_GEN
         [ -f "$2" ] && evict "$2"
         [ -d "$2" ] && mapfile -t files < <(find "$2" -type f) && evict "${files[@]}"
     fi
-    j=$("${pre[@]}" "$BIN" bench --model "$2" --threads "$THREADS" --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --json "${extra[@]}")
+    j=$("${pre[@]}" "$BIN" bench --model "$2" --threads "$THREADS" --prompt-tokens "$PROMPT" --gen-tokens "$gen" --json "${extra[@]}")
     echo "{\"engine\":\"$1\",\"mode\":\"$3\",\"run\":$j}" | tee -a "$RES"
 }
 find "$gguf" "$flash" -type f -exec cat {} + >/dev/null
@@ -93,7 +100,10 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 for mode in ("warm", "cold"):
     for eng in ("llama.cpp", "flashmoe-gguf", "flashmoe-flash"):
-        r = [x["run"] for x in rows if x["mode"] == mode and x["engine"] == eng]
+        r = [x["run"] for x in rows if x["mode"] == mode and x["engine"] == eng and "failed" not in x["run"]]
+        bad = sum(1 for x in rows if x["mode"] == mode and x["engine"] == eng and "failed" in x["run"])
+        if bad:
+            print(f"{mode:5} {eng:15} {bad} run(s) without a result")
         if not r:
             continue
         pp = sorted(x["prefill_tok_s"] for x in r)
