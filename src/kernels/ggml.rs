@@ -314,6 +314,36 @@ fn e8m0_half(e: u8) -> f32 {
 /// A row of `out.len()` values decoded (the last block may be partial).
 pub fn decode_row(t: Ggml, row: &[u8], out: &mut [f32]) {
     let (bs, bb) = (t.block(), t.block_bytes());
+    #[cfg(target_arch = "x86_64")]
+    if matches!(t, Ggml::Q4_K | Ggml::Q6_K) && matches!(super::isa(), super::Isa::Avx512 | super::Isa::Avx512Vnni) {
+        // whole blocks in registers (prefill expands GGUF matrices tile by tile through here),
+        // the same values as decode_block; a partial last block below
+        let whole = out.len() / bs;
+        for (k, o) in out[..whole * bs].chunks_exact_mut(bs).enumerate() {
+            let b = &row[k * bb..(k + 1) * bb];
+            // SAFETY: the ISA was detected at run time; one whole block in, 256 values out
+            unsafe {
+                match t {
+                    Ggml::Q4_K => super::x86::decode_q4_k_avx512(b, o),
+                    _ => super::x86::decode_q6_k_avx512(b, o),
+                }
+            }
+        }
+        if whole * bs < out.len() {
+            let mut buf = [0f32; QK_K];
+            decode_block(t, &row[whole * bb..(whole + 1) * bb], &mut buf);
+            let rest = &mut out[whole * bs..];
+            let n = rest.len();
+            rest.copy_from_slice(&buf[..n]);
+        }
+        return;
+    }
+    decode_row_scalar(t, row, out)
+}
+
+/// [`decode_row`] block by block through [`decode_block`] (the reference).
+pub fn decode_row_scalar(t: Ggml, row: &[u8], out: &mut [f32]) {
+    let (bs, bb) = (t.block(), t.block_bytes());
     let mut buf = [0f32; QK_K];
     for (k, o) in out.chunks_mut(bs).enumerate() {
         decode_block(t, &row[k * bb..(k + 1) * bb], &mut buf[..bs]);
@@ -392,6 +422,49 @@ pub(crate) mod tests {
             }
         }
         row
+    }
+
+    #[test]
+    fn decode_row_is_the_scalar_decode_bit_for_bit() {
+        // odd block counts, rows ending inside a block, every ISA this CPU has
+        for t in Ggml::ALL {
+            for (blocks, cut) in [(1, 0), (3, 0), (5, 7), (2, t.block() - 1), (7, 1)] {
+                let row = random_row(t, blocks, 31 * blocks as u64 + t.id() as u64);
+                let n = blocks * t.block() - cut.min(t.block() - 1);
+                let mut want = vec![f32::NAN; n];
+                decode_row_scalar(t, &row, &mut want);
+                let mut got = vec![f32::NAN; n];
+                decode_row(t, &row, &mut got);
+                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{t:?} {blocks} blocks, {n} values");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_block_decodes_are_the_scalar_ones_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for t in [Ggml::Q4_K, Ggml::Q6_K] {
+            for seed in 0..64 {
+                let b = random_row(t, 1, 1000 + seed);
+                let mut want = [0f32; QK_K];
+                decode_block(t, &b, &mut want);
+                let mut got = [f32::NAN; QK_K];
+                // SAFETY: AVX-512F detected above; one whole block
+                unsafe {
+                    match t {
+                        Ggml::Q4_K => crate::kernels::x86::decode_q4_k_avx512(&b, &mut got),
+                        _ => crate::kernels::x86::decode_q6_k_avx512(&b, &mut got),
+                    }
+                }
+                for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                    assert_eq!(w.to_bits(), g.to_bits(), "{t:?} seed {seed} value {i}: {w} vs {g}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1846,3 +1846,62 @@ pub unsafe fn dot_q6_k_avx2(row: &[u8], x: &[f32]) -> f32 {
     }
     hsum256(total)
 }
+
+/// One Q4_K block (256 values) decoded into `y`, bit for bit [`super::ggml::decode_block`]'s
+/// values: per value `d·s·q − dmin·m` as a product and a difference (no fused multiply-add).
+///
+/// # Safety
+/// AVX-512F must be present; `b` one whole block (144 bytes), `y` 256 values.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn decode_q4_k_avx512(b: &[u8], y: &mut [f32]) {
+    assert!(b.len() >= 144 && y.len() >= 256);
+    let fifteen = _mm512_set1_epi32(15);
+    let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+    for j in 0..4 {
+        let (s1, m1) = super::ggml::scale_min_k4(2 * j, &b[4..16]);
+        let (s2, m2) = super::ggml::scale_min_k4(2 * j + 1, &b[4..16]);
+        let (d1, m1, d2, m2) = (d * s1 as f32, dmin * m1 as f32, d * s2 as f32, dmin * m2 as f32);
+        for h in 0..2 {
+            let q = u8x16(b.as_ptr().add(16 + 32 * j + 16 * h));
+            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, fifteen));
+            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+            let o = y.as_mut_ptr().add(64 * j + 16 * h);
+            _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_mul_ps(lo, _mm512_set1_ps(d1)), _mm512_set1_ps(m1)));
+            _mm512_storeu_ps(o.add(32), _mm512_sub_ps(_mm512_mul_ps(hi, _mm512_set1_ps(d2)), _mm512_set1_ps(m2)));
+        }
+    }
+}
+
+/// One Q6_K block (256 values) decoded into `y`, bit for bit [`super::ggml::decode_block`]'s
+/// values: per value `(d·s)·q` with q = low 4 | high 2 bits − 32.
+///
+/// # Safety
+/// AVX-512F must be present; `b` one whole block (210 bytes), `y` 256 values.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn decode_q6_k_avx512(b: &[u8], y: &mut [f32]) {
+    assert!(b.len() >= 210 && y.len() >= 256);
+    let (fifteen, three, off) = (_mm512_set1_epi32(15), _mm512_set1_epi32(3), _mm512_set1_epi32(32));
+    let d = half_at(b, 208);
+    for n in 0..2 {
+        let sc = &b[192 + 8 * n..200 + 8 * n];
+        for h in 0..2 {
+            let l0 = u8x16(b.as_ptr().add(64 * n + 16 * h));
+            let l1 = u8x16(b.as_ptr().add(64 * n + 32 + 16 * h));
+            let qh = u8x16(b.as_ptr().add(128 + 32 * n + 16 * h));
+            let hb = |s: u32| {
+                _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(qh, _mm512_set1_epi32(s as i32)), three), 4)
+            };
+            let qs = [
+                _mm512_or_si512(_mm512_and_si512(l0, fifteen), hb(0)),
+                _mm512_or_si512(_mm512_and_si512(l1, fifteen), hb(2)),
+                _mm512_or_si512(_mm512_srli_epi32(l0, 4), hb(4)),
+                _mm512_or_si512(_mm512_srli_epi32(l1, 4), hb(6)),
+            ];
+            for (k, q) in qs.into_iter().enumerate() {
+                let ds = d * (sc[h + 2 * k] as i8 as f32);
+                let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, off));
+                _mm512_storeu_ps(y.as_mut_ptr().add(128 * n + 32 * k + 16 * h), _mm512_mul_ps(_mm512_set1_ps(ds), v));
+            }
+        }
+    }
+}
