@@ -15,7 +15,8 @@
 #
 #   PYTHON=/tmp/fx/bin/python scripts/gguf_fixtures.sh [ARCH ...]   # all, or only these
 #
-# PYTHON: a Python with torch and transformers (the venv of scripts/make_fixtures.py). llama.cpp
+# PYTHON: a Python with torch and transformers (the venv of scripts/make_fixtures.py; `spm` also
+# needs the `sentencepiece` package). llama.cpp
 # comes from the llama-cpp-python sdist on PyPI (its vendored source), built CPU-only under
 # $WORK (default /tmp/llama-build): libllama, llama-quantize, and scripts/gguf_logits.c.
 set -euo pipefail
@@ -168,8 +169,8 @@ spm.SentencePieceTrainer.train(
     input=ck + "/corpus.txt", model_prefix=ck + "/tokenizer", model_type="bpe", vocab_size=512,
     byte_fallback=True, character_coverage=0.99, normalization_rule_name="identity",
     remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-    control_symbols=["<|im_start|>", "<|im_end|>"], user_defined_symbols=["~~tool~~"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-    hard_vocab_limit=False, minloglevel=2)
+    control_symbols=["<|im_start|>", "<|im_end|>"], user_defined_symbols=["~~tool~~"],
+    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
 sp = spm.SentencePieceProcessor(model_file=ck + "/tokenizer.model")
 assert sp.vocab_size() <= 512, sp.vocab_size()
 assert sp.PieceToId("~~tool~~") == 5, sp.PieceToId("~~tool~~")

@@ -2,7 +2,7 @@
 //! `convert_hf_to_gguf.py` (F16, Q8_0) and `llama-quantize` (Q4_K_M) — a Qwen3-MoE
 //! (`qwen3moe`), a gpt-oss with MXFP4 experts (`gpt-oss`), a DeepSeek-V3 (`deepseek2`), a
 //! GLM-4.5 (`glm4moe`), a Qwen3-Next (`qwen3next`), a Qwen3.5-MoE (`qwen35moe`), a Mixtral
-//! (`llama` with experts) — with
+//! (`llama` with experts), a Mixtral with a SentencePiece vocabulary (`spm`) — with
 //! llama.cpp's logits for fixed token sequences and its tokenization of a few texts
 //! (scripts/gguf_fixtures.sh made them; nothing here builds llama.cpp).
 
@@ -621,8 +621,10 @@ fn cli_runs_a_sentencepiece_gguf() {
         .output()
         .unwrap();
     assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
-    let (a, b) =
-        (flashmoe::tokenizer::TextTokenizer::load(&path).unwrap(), flashmoe::tokenizer::TextTokenizer::load(&to).unwrap());
+    let (a, b) = (
+        flashmoe::tokenizer::TextTokenizer::load(&path).unwrap(),
+        flashmoe::tokenizer::TextTokenizer::load(&to).unwrap(),
+    );
     for (text, _) in llama("spm", "f16").texts.iter().zip(0..) {
         assert_eq!(a.encode(text).unwrap(), b.encode(text).unwrap(), "{text:?}");
     }
@@ -700,4 +702,11 @@ fn sentencepiece_token_bytes_keep_the_space() {
     assert_eq!(tok.token_bytes(id), b" t");
     assert_eq!(tok.token_bytes(6 + 0xE2), [0xE2]);
     assert_eq!(tok.token_bytes(3), b"<|im_start|>");
+}
+
+/// The SentencePiece fixture (a 2-layer Mixtral) computes llama.cpp's logits too.
+#[test]
+fn spm_f16_agrees_with_llama_cpp() {
+    let (top, kl) = agree("spm", "f16");
+    assert!(top >= 0.99 && kl <= 1e-3, "top-1 {top}, KL {kl}");
 }

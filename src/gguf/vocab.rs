@@ -5,7 +5,8 @@
 //! SentencePiece (`llama`, the Llama lineage's), tokenized as llama.cpp's SPM tokenizer does:
 //! spaces become U+2581, a leading one is added before each stretch of text (at the start and
 //! after each special token) unless `tokenizer.ggml.add_space_prefix` is false, adjacent pieces
-//! merge greedily by the score of the piece they make (the leftmost of equal ones first), and
+//! merge greedily by the score of the piece they make (llama.cpp takes the leftmost of equal
+//! scores, the ranks here the lower id, then the earlier split: alike where scores differ), and
 //! a character no piece covers becomes its UTF-8 bytes' `<0xXX>` tokens. As a `tokenizers` BPE
 //! model that is: merges ranked by the merged piece's score, byte fallback, and a
 //! prepend-and-replace normalizer.
@@ -90,11 +91,8 @@ pub fn vocab(g: &Gguf) -> Result<Vocab> {
                 "normalized": false, "special": ty == CONTROL}));
         }
     }
-    let (normalizer, pre_tokenizer, decoder, merges, unk) = if spm {
-        spm_parts(g, &tokens, &types, &vocab)?
-    } else {
-        gpt2_parts(g, &vocab)?
-    };
+    let (normalizer, pre_tokenizer, decoder, merges, unk) =
+        if spm { spm_parts(g, &tokens, &types, &vocab)? } else { gpt2_parts(g, &vocab)? };
     let id = |k: &str| -> Result<Option<usize>> {
         match g.meta.get(k) {
             None => Ok(None),
@@ -108,9 +106,9 @@ pub fn vocab(g: &Gguf) -> Result<Vocab> {
     // llama.cpp's default: BOS for SentencePiece, none for GPT-2-style BPE
     let add_bos = match g.meta.get("tokenizer.ggml.add_bos_token") {
         None => spm,
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| anyhow!("{file}: metadata `tokenizer.ggml.add_bos_token` is {}, not a bool", v.type_name()))?,
+        Some(v) => v.as_bool().ok_or_else(|| {
+            anyhow!("{file}: metadata `tokenizer.ggml.add_bos_token` is {}, not a bool", v.type_name())
+        })?,
     };
     let post = match (add_bos, bos) {
         (true, Some(b)) => {
@@ -182,7 +180,8 @@ fn spm_parts(g: &Gguf, tokens: &[&str], types: &[i64], vocab: &serde_json::Map<S
     let scores = g.meta.get(key).ok_or_else(|| {
         anyhow!("{file}: metadata `{key}` is missing (a SentencePiece vocabulary ranks its pieces by score)")
     })?;
-    let scores = scores.as_array().ok_or_else(|| anyhow!("{file}: metadata `{key}` is {}, not an array", scores.type_name()))?;
+    let scores =
+        scores.as_array().ok_or_else(|| anyhow!("{file}: metadata `{key}` is {}, not an array", scores.type_name()))?;
     if scores.len() != tokens.len() {
         bail!("{file}: {key} has {} entries, tokenizer.ggml.tokens {}", scores.len(), tokens.len());
     }
@@ -202,7 +201,10 @@ fn spm_parts(g: &Gguf, tokens: &[&str], types: &[i64], vocab: &serde_json::Map<S
                 "{file}: tokenizer.ggml.tokens has no byte piece `{t}` (a SentencePiece vocabulary falls back to all 256)"
             ),
             Some(i) if types[i as usize] != BYTE => {
-                bail!("{file}: tokenizer.ggml.token_type[{i}] of byte piece `{t}` is {}, not {BYTE} (byte)", types[i as usize])
+                bail!(
+                    "{file}: tokenizer.ggml.token_type[{i}] of byte piece `{t}` is {}, not {BYTE} (byte)",
+                    types[i as usize]
+                )
             }
             Some(_) => {}
         }
