@@ -10,10 +10,13 @@
 #   qwen3next  Qwen3-Next                F16, Q8_0
 #   qwen35moe  Qwen3.5-MoE               F16, Q8_0
 #   llama      Mixtral                   F16, Q8_0
+#   spm        Mixtral with a SentencePiece vocabulary (tokenizer.model, BPE with byte
+#              fallback, trained here with the `sentencepiece` package): F16, its tokenization
 #
 #   PYTHON=/tmp/fx/bin/python scripts/gguf_fixtures.sh [ARCH ...]   # all, or only these
 #
-# PYTHON: a Python with torch and transformers (the venv of scripts/make_fixtures.py). llama.cpp
+# PYTHON: a Python with torch and transformers (the venv of scripts/make_fixtures.py; `spm` also
+# needs the `sentencepiece` package). llama.cpp
 # comes from the llama-cpp-python sdist on PyPI (its vendored source), built CPU-only under
 # $WORK (default /tmp/llama-build): libllama, llama-quantize, and scripts/gguf_logits.c.
 set -euo pipefail
@@ -75,7 +78,8 @@ TextModel._set_vocab_glm = lambda self: self._set_vocab_gpt2()
 # llama's vocabulary step tries SentencePiece first (the Mixtral releases' tokenizer.model);
 # the fixture tokenizer is GPT-2-style BPE
 from conversion.llama import LlamaModel
-LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2()
+if not os.environ.get("SPM"):
+    LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2()
 import convert_hf_to_gguf as c
 sys.argv = ["convert_hf_to_gguf.py", ck, "--outtype", outtype, "--outfile", outfile] + extra
 c.main()
@@ -134,6 +138,65 @@ EOF
     rm -rf "$ck"
 }
 
+# A SentencePiece vocabulary as the Llama lineage's GGUFs carry it (`tokenizer.ggml.model` =
+# `llama`): a 512-piece BPE model with byte fallback trained on a few lines (spaces, newlines,
+# digits, punctuation, accents, CJK, an emoji), in a 2-layer random Mixtral, converted with
+# llama.cpp's own SentencePiece vocabulary step; llama.cpp's tokenization of texts that exercise
+# the space prefix, byte fallback and the user-defined tokens is recorded in llama-spm-f16.json.
+spm_fixture() {
+    local ck=$WORK/mixtral_spm
+    rm -rf "$ck" && mkdir -p "$ck"
+    "$PY" - "$ck" <<'EOF'
+import json, sys, torch
+import sentencepiece as spm
+from transformers import MixtralConfig, MixtralForCausalLM
+ck = sys.argv[1]
+lines = [
+    "The quick brown fox jumps over the lazy dog. Flash storage streams experts on demand.",
+    "A mixture of experts routes each token to a few feed-forward networks; the rest stay on disk.",
+    "  Indented lines, double  spaces and trailing spaces   ",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9, 12345, 3.14159, 2026-12-02 (and 100%)!",
+    "Punctuation: \"quotes\", 'apostrophes', [brackets], {braces}, <angles> & #hashes?",
+    "Accents: café, naïve, résumé, Zürich, São Paulo, Ångström, façade, jalapeño.",
+    "CJK: 東京は日本の首都です。北京是中国的首都。서울은 한국의 수도입니다.",
+    "<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\nHi, how can I help?<|im_end|>",
+] * 4 + ["Emoji: 🙂 smiles and more text after it."]
+with open(ck + "/corpus.txt", "w") as f:
+    f.write("\n".join(lines) + "\n")
+# Llama's own trainer settings where they matter: no normalization, extra whitespace kept,
+# digits split, byte fallback; the emoji (and rare CJK) fall below the character coverage
+spm.SentencePieceTrainer.train(
+    input=ck + "/corpus.txt", model_prefix=ck + "/tokenizer", model_type="bpe", vocab_size=512,
+    byte_fallback=True, character_coverage=0.99, normalization_rule_name="identity",
+    remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+    control_symbols=["<|im_start|>", "<|im_end|>"], user_defined_symbols=["~~tool~~"],
+    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+sp = spm.SentencePieceProcessor(model_file=ck + "/tokenizer.model")
+assert sp.vocab_size() <= 512, sp.vocab_size()
+assert sp.PieceToId("~~tool~~") == 5, sp.PieceToId("~~tool~~")
+torch.manual_seed(0)
+config = MixtralConfig(vocab_size=sp.vocab_size(), hidden_size=32, intermediate_size=32,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, sliding_window=None)
+MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(ck)
+template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+           "add_eos_token": False, "chat_template": template,
+           # the converter types a trainer's user-defined piece as normal unless told
+           "added_tokens_decoder": {"5": {"content": "~~tool~~", "special": False}}}, open(ck + "/tokenizer_config.json", "w"))
+EOF
+    SPM=1 convert "$ck" f16 "$OUT/spm-f16.gguf"
+    local texts=("Hello there!" " leading space" "trailing space " "double  spaces   and three"
+        $'two\nlines\n\nand a blank one' "Numbers 12345 and 3.14159" "café naïve Zürich"
+        "東京は日本の首都" "unknown Ω ∑ 🚀 🙂 byte fallback"
+        $'<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n' "<s>a</s> controls" "call~~tool~~ now ~~tool~~" " " "  " $'\n'
+        $'\ttab\r\n')
+    "$WORK/gguf_logits" "$OUT/spm-f16.gguf" "$OUT/llama-spm-f16.json" "1,5,9,300,42" -- "${texts[@]}"
+    rm -rf "$ck"
+}
+
 want() { [ $# -eq 1 ] || [[ " ${*:2} " == *" $1 "* ]]; }
 want qwen3moe "$@" && fixture qwen3moe qwen3_moe_gguf q4
 want gpt-oss "$@" && fixture gpt-oss gpt_oss_gguf
@@ -142,4 +205,5 @@ want glm4moe "$@" && fixture glm4moe glm4_moe_gguf
 want qwen3next "$@" && fixture qwen3next qwen3_next_gguf
 want qwen35moe "$@" && fixture qwen35moe qwen35_moe_gguf
 want llama "$@" && fixture llama mixtral_gguf
+want spm "$@" && spm_fixture
 ls -l "$OUT"

@@ -90,7 +90,13 @@ impl TextTokenizer {
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.tok.encode(text, true).map_err(|e| anyhow!("tokenizer: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        let ids = enc.get_ids();
+        // a BOS the tokenizer adds before a text that starts with it (a chat template's
+        // `{{ bos_token }}`) is given once, as llama.cpp's chat path does
+        if ids.len() > 1 && ids[0] == ids[1] && enc.get_special_tokens_mask().first() == Some(&1) {
+            return Ok(ids[1..].to_vec());
+        }
+        Ok(ids.to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
@@ -123,6 +129,9 @@ impl TextTokenizer {
             && let Some(bytes) = piece.chars().map(byte_of_char).collect::<Option<Vec<u8>>>()
         {
             return bytes;
+        }
+        if is_sentencepiece(self.tok.get_decoder()) {
+            return piece.replace('\u{2581}', " ").into_bytes();
         }
         self.decode(&[id], false).map(String::into_bytes).unwrap_or_default()
     }
@@ -347,6 +356,17 @@ pub fn bytes_text(b: &[u8]) -> String {
             s.push_str(&format!("\\x{b:02x}"));
             s
         }),
+    }
+}
+
+/// Whether a decoder is SentencePiece's (U+2581 for a space, the first one stripped): a lone
+/// token decoded through it would lose its leading space.
+fn is_sentencepiece(d: Option<&tokenizers::decoders::DecoderWrapper>) -> bool {
+    use tokenizers::decoders::DecoderWrapper as D;
+    match d {
+        Some(D::Metaspace(_) | D::Strip(_)) => true,
+        Some(D::Sequence(s)) => s.get_decoders().iter().any(|d| is_sentencepiece(Some(d))),
+        _ => false,
     }
 }
 

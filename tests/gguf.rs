@@ -2,7 +2,7 @@
 //! `convert_hf_to_gguf.py` (F16, Q8_0) and `llama-quantize` (Q4_K_M) — a Qwen3-MoE
 //! (`qwen3moe`), a gpt-oss with MXFP4 experts (`gpt-oss`), a DeepSeek-V3 (`deepseek2`), a
 //! GLM-4.5 (`glm4moe`), a Qwen3-Next (`qwen3next`), a Qwen3.5-MoE (`qwen35moe`), a Mixtral
-//! (`llama` with experts) — with
+//! (`llama` with experts), a Mixtral with a SentencePiece vocabulary (`spm`) — with
 //! llama.cpp's logits for fixed token sequences and its tokenization of a few texts
 //! (scripts/gguf_fixtures.sh made them; nothing here builds llama.cpp).
 
@@ -552,4 +552,161 @@ fn bad_deltanet_and_llama_files_are_refused_by_name() {
         },
     ));
     assert!(e.contains("linear_attn.A_log") && e.contains("not −exp"), "{e}");
+}
+
+/// A SentencePiece vocabulary (`tokenizer.ggml.model` = `llama`, a BPE model with byte
+/// fallback trained by the `sentencepiece` package, converted by llama.cpp's own SentencePiece
+/// step) tokenizes as llama.cpp did: the leading U+2581 before each stretch of text (at the
+/// start and after each control or user-defined token), spaces doubled and trailing, newlines
+/// and characters no piece covers as `<0xXX>` bytes, control and user-defined tokens split out.
+/// BOS comes first (the file's `add_bos_token`), once even where a chat template writes it.
+#[test]
+fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
+    let l = llama("spm", "f16");
+    let path = fixture("spm-f16.gguf");
+    let g = flashmoe::gguf::Gguf::open(&path).unwrap();
+    assert_eq!(g.get("tokenizer.ggml.model").unwrap().as_str(), Some("llama"));
+    let tok = flashmoe::tokenizer::TextTokenizer::load(&path).unwrap();
+    assert!(l.texts.len() >= 15);
+    let bytes = |ids: &[u32]| ids.iter().filter(|&&i| (6..262).contains(&i)).count();
+    assert!(l.tokens.iter().map(|t| bytes(t)).sum::<usize>() >= 20, "byte fallback is exercised");
+    for (text, want) in l.texts.iter().zip(&l.tokens) {
+        let got = tok.encode(text).unwrap();
+        assert_eq!(got[0], 1, "BOS first: {text:?}");
+        // a text that starts with BOS keeps that one
+        let want_bos = if want.first() == Some(&1) { want.clone() } else { [&[1], &want[..]].concat() };
+        assert_eq!(got, want_bos, "{text:?}");
+        let added = want.iter().any(|&i| i < 6);
+        if !added {
+            assert_eq!(&tok.decode(want, false).unwrap(), text, "round trip");
+            assert_eq!(&tok.decode(&got, true).unwrap(), text, "round trip, BOS skipped");
+        }
+    }
+    // after a control or user-defined token the next text's added space stays, as in llama.cpp
+    let i = l.texts.iter().position(|t| t == "call~~tool~~ now ~~tool~~").unwrap();
+    assert_eq!(tok.decode(&l.tokens[i], false).unwrap(), "call~~tool~~  now ~~tool~~");
+    let i = l.texts.iter().position(|t| t.starts_with("<|im_start|>user")).unwrap();
+    assert_eq!(tok.decode(&l.tokens[i], true).unwrap(), "user\nHi \n assistant\n");
+    assert_eq!(tok.special_id("<|im_start|>"), Some(3));
+    assert_eq!(tok.special_id("~~tool~~"), None, "user-defined, not special");
+    assert_eq!(tok.eos_id(), Some(2));
+    assert!(tok.has_chat_template());
+    let msgs = serde_json::json!([{"role": "user", "content": "Hi"}]);
+    let prompt = tok.apply_chat_template(&msgs, None, true, &serde_json::Map::new()).unwrap();
+    assert!(prompt.starts_with("<s><|im_start|>user"), "{prompt}");
+    let ids = tok.encode(&prompt).unwrap();
+    assert_eq!(&ids[..3], &[1, 3, 413], "one BOS, then <|im_start|> and the added space: {ids:?}");
+}
+
+/// The text commands run a SentencePiece GGUF; `convert` writes its tokenizer beside the
+/// weights, and the converted model tokenizes as the GGUF does.
+#[test]
+fn cli_runs_a_sentencepiece_gguf() {
+    let exe = env!("CARGO_BIN_EXE_flashmoe");
+    let path = fixture("spm-f16.gguf");
+    let out = std::process::Command::new(exe)
+        .args(["generate", "--prompt", "Hello there! café 🚀", "--max-tokens", "6", "--temperature", "0", "--model"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && e.contains("tok/s"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("spm");
+    let out = std::process::Command::new(exe)
+        .args(["convert", "--experts", "keep", "--from"])
+        .arg(&path)
+        .arg("--to")
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+    let (a, b) = (
+        flashmoe::tokenizer::TextTokenizer::load(&path).unwrap(),
+        flashmoe::tokenizer::TextTokenizer::load(&to).unwrap(),
+    );
+    for (text, _) in llama("spm", "f16").texts.iter().zip(0..) {
+        assert_eq!(a.encode(text).unwrap(), b.encode(text).unwrap(), "{text:?}");
+    }
+}
+
+/// Bad SentencePiece metadata is refused naming the key: scores missing, of the wrong length
+/// or not numbers, a byte piece missing or not typed as a byte.
+#[test]
+fn bad_sentencepiece_metadata_is_refused_by_name() {
+    use flashmoe::gguf::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.gguf");
+    let same = |g: &flashmoe::gguf::Gguf, n: &str, b: &[u8]| {
+        let t = g.infos.iter().find(|t| t.name == n).unwrap();
+        Some((n.to_string(), t.ne.clone(), t.ggml_type, b.to_vec()))
+    };
+    let err = |edit: &dyn Fn(&mut std::collections::BTreeMap<String, Value>)| {
+        std::fs::write(&p, rewrite(&fixture("spm-f16.gguf"), edit, same)).unwrap();
+        match flashmoe::tokenizer::TextTokenizer::load(&p) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let e = err(&|m| drop(m.remove("tokenizer.ggml.scores")));
+    assert!(e.contains("tokenizer.ggml.scores") && e.contains("missing"), "{e}");
+    let e = err(&|m| {
+        if let Some(Value::Array(a)) = m.get_mut("tokenizer.ggml.scores") {
+            a.pop();
+        }
+    });
+    assert!(e.contains("tokenizer.ggml.scores has 511 entries, tokenizer.ggml.tokens 512"), "{e}");
+    let e = err(&|m| {
+        if let Some(Value::Array(a)) = m.get_mut("tokenizer.ggml.scores") {
+            a.iter_mut().for_each(|x| *x = Value::Str("x".into()));
+        }
+    });
+    assert!(e.contains("tokenizer.ggml.scores`[0]") && e.contains("not a finite number"), "{e}");
+    let e = err(&|m| {
+        if let Some(Value::Array(a)) = m.get_mut("tokenizer.ggml.tokens") {
+            a[6 + 0x41] = Value::Str("<0x41>?".into());
+        }
+    });
+    assert!(e.contains("tokenizer.ggml.tokens has no byte piece `<0x41>`"), "{e}");
+    let e = err(&|m| {
+        if let Some(Value::Array(a)) = m.get_mut("tokenizer.ggml.token_type") {
+            a[6 + 0x41] = Value::I32(1);
+        }
+    });
+    assert!(e.contains("tokenizer.ggml.token_type[71]") && e.contains("<0x41>"), "{e}");
+    let e = err(&|m| drop(m.insert("tokenizer.ggml.add_space_prefix".into(), Value::U32(1))));
+    assert!(e.contains("tokenizer.ggml.add_space_prefix"), "{e}");
+    // without the space prefix the first piece has no U+2581
+    std::fs::write(
+        &p,
+        rewrite(
+            &fixture("spm-f16.gguf"),
+            |m| drop(m.insert("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false))),
+            same,
+        ),
+    )
+    .unwrap();
+    let tok = flashmoe::tokenizer::TextTokenizer::load(&p).unwrap();
+    let ids = tok.encode("Hello there!").unwrap();
+    assert_eq!(tok.decode(&ids, true).unwrap(), "Hello there!");
+    assert_ne!(&ids[1..], &llama("spm", "f16").tokens[0][..]);
+}
+
+/// A SentencePiece token's bytes keep its space (U+2581), which decoding it alone strips.
+#[test]
+fn sentencepiece_token_bytes_keep_the_space() {
+    let tok = flashmoe::tokenizer::TextTokenizer::load(&fixture("spm-f16.gguf")).unwrap();
+    let space = tok.token_to_id("\u{2581}").unwrap();
+    assert_eq!(tok.token_bytes(space), b" ");
+    let id = tok.token_to_id("\u{2581}t").unwrap();
+    assert_eq!(tok.token_bytes(id), b" t");
+    assert_eq!(tok.token_bytes(6 + 0xE2), [0xE2]);
+    assert_eq!(tok.token_bytes(3), b"<|im_start|>");
+}
+
+/// The SentencePiece fixture (a 2-layer Mixtral) computes llama.cpp's logits too.
+#[test]
+fn spm_f16_agrees_with_llama_cpp() {
+    let (top, kl) = agree("spm", "f16");
+    assert!(top >= 0.99 && kl <= 1e-3, "top-1 {top}, KL {kl}");
 }
