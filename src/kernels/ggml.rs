@@ -313,9 +313,9 @@ fn e8m0_half(e: u8) -> f32 {
 
 /// A row of `out.len()` values decoded (the last block may be partial).
 pub fn decode_row(t: Ggml, row: &[u8], out: &mut [f32]) {
-    let (bs, bb) = (t.block(), t.block_bytes());
     #[cfg(target_arch = "x86_64")]
     if matches!(t, Ggml::Q4_K | Ggml::Q6_K) && matches!(super::isa(), super::Isa::Avx512 | super::Isa::Avx512Vnni) {
+        let (bs, bb) = (t.block(), t.block_bytes());
         // whole blocks in registers (prefill expands GGUF matrices tile by tile through here),
         // the same values as decode_block; a partial last block below
         let whole = out.len() / bs;
