@@ -506,6 +506,26 @@ fn greedy_generation_on_cuda_equals_the_cpu() {
     }
 }
 
+/// The kernels compile for every architecture the backend targets, GPU or not: NVRTC alone
+/// (CI installs it from PyPI and sets FLASHMOE_REQUIRE_NVRTC=1, so a kernel that does not
+/// compile fails there, not first on the GPU machine).
+#[test]
+fn kernels_compile_with_nvrtc() {
+    for arch in ["compute_80", "compute_90"] {
+        match cuda::compile_check(arch) {
+            None => {
+                assert!(std::env::var("FLASHMOE_REQUIRE_NVRTC").is_err(), "FLASHMOE_REQUIRE_NVRTC is set but libnvrtc.so cannot be loaded");
+                eprintln!("no NVRTC: not run");
+                return;
+            }
+            Some(r) => {
+                let n = r.unwrap();
+                assert!(n > 10_000, "{arch}: {n} bytes of PTX");
+            }
+        }
+    }
+}
+
 #[test]
 fn a_missing_device_is_a_clear_error() {
     let o = LoadOptions { device: Device::Cuda(99), ..Default::default() };

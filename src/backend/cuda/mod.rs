@@ -34,6 +34,22 @@ pub fn available() -> bool {
     present && CudaContext::device_count().is_ok_and(|n| n > 0)
 }
 
+/// Compiles the built-in kernels to PTX for `arch` (e.g. `compute_90`) and returns the PTX's
+/// length: NVRTC alone, no driver or GPU, so machines without one (CI) still catch a kernel
+/// that does not compile. `None` where NVRTC cannot be loaded.
+pub fn compile_check(arch: &'static str) -> Option<Result<usize>> {
+    // SAFETY: only probes for the shared library.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return None;
+    }
+    let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
+    Some(
+        cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+            .map(|ptx| ptx.to_src().len())
+            .map_err(|e| anyhow!("compiling the kernels for {arch} failed: {e:?}")),
+    )
+}
+
 /// Why `model` cannot run on CUDA, if it cannot.
 pub fn supports(model: &Model) -> Result<()> {
     let family = &model.cfg.family;
