@@ -514,7 +514,10 @@ fn kernels_compile_with_nvrtc() {
     for arch in ["compute_80", "compute_90"] {
         match cuda::compile_check(arch) {
             None => {
-                assert!(std::env::var("FLASHMOE_REQUIRE_NVRTC").is_err(), "FLASHMOE_REQUIRE_NVRTC is set but libnvrtc.so cannot be loaded");
+                assert!(
+                    std::env::var("FLASHMOE_REQUIRE_NVRTC").is_err(),
+                    "FLASHMOE_REQUIRE_NVRTC is set but libnvrtc.so cannot be loaded"
+                );
                 eprintln!("no NVRTC: not run");
                 return;
             }
@@ -660,10 +663,11 @@ fn decode_attention_kernels_match_the_float64_reference() {
         let mut v = |n: usize| (0..n).map(|_| 2.0 * rng(&mut seed)).collect::<Vec<f32>>();
         let qw = if gated { 2 * d } else { d };
         let (q, k, vv) = (v(nh * qw), v(len * nkv * d), v(len * nkv * d));
-        let (dec, part) = cuda::gqa_attend_once(0, &q, (&k, &vv), (nh, nkv, d), window, spare).unwrap();
+        let (vec, dec, part) = cuda::gqa_attend_once(0, &q, (&k, &vv), (nh, nkv, d), window, spare).unwrap();
         assert_eq!(dec.is_empty(), ![64, 128, 256].contains(&d), "attn_dec takes head dims 64, 128, 256");
+        assert_eq!(vec.is_empty(), ![64, 128, 256].contains(&d), "attn_vec takes head dims 64, 128, 256");
         let start = len.saturating_sub(window);
-        let (mut worst_dec, mut worst_part) = (0f64, 0f64);
+        let (mut worst_vec, mut worst_dec, mut worst_part) = (0f64, 0f64, 0f64);
         for h in 0..nh {
             let kvh = h / (nh / nkv);
             let qh = &q[h * qw..h * qw + d];
@@ -684,14 +688,17 @@ fn decode_attention_kernels_match_the_float64_reference() {
                 if !dec.is_empty() {
                     worst_dec = worst_dec.max((dec[h * d + i] as f64 - want).abs());
                 }
+                if !vec.is_empty() {
+                    worst_vec = worst_vec.max((vec[h * d + i] as f64 - want).abs());
+                }
             }
         }
         eprintln!(
-            "attention {nh}/{nkv} heads, d {d}, {len} positions, window {window}, gated {gated}: attn_dec {worst_dec:.1e}, attn_part1 {worst_part:.1e}"
+            "attention {nh}/{nkv} heads, d {d}, {len} positions, window {window}, gated {gated}: attn_vec {worst_vec:.1e}, attn_dec {worst_dec:.1e}, attn_part1 {worst_part:.1e}"
         );
         assert!(
-            worst_dec <= 1e-5 && worst_part <= 1e-5,
-            "{nh}/{nkv} heads, d {d}, {len}: {worst_dec:.2e} / {worst_part:.2e}"
+            worst_vec <= 1e-5 && worst_dec <= 1e-5 && worst_part <= 1e-5,
+            "{nh}/{nkv} heads, d {d}, {len}: {worst_vec:.2e} / {worst_dec:.2e} / {worst_part:.2e}"
         );
     }
 }

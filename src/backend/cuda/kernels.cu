@@ -113,25 +113,42 @@ __device__ __forceinline__ void qdots(const u8* r, const u16* sc, const u16* bi,
     }
 }
 
+#ifndef HD_U
+#define HD_U 4
+#endif
+
 // bf16 / f16 rows, 16-byte loads (cols a multiple of 8).
 template <int KIND, int T>
 __device__ __forceinline__ void hdots(const u16* r, int cols, const float* x, long long xs, int nt, int lane, float* acc) {
     const uint4* r4 = (const uint4*)r;
-    for (int i = lane; i < cols / 8; i += 32) {
-        uint4 v = __ldg(r4 + i);
-        u32 ws[4] = {v.x, v.y, v.z, v.w};
-        float w[8];
+    const int n = cols / 8;
+    // HD_U loads of a lane issued before the first use (a router's 2048 bf16 columns: 8 loads
+    // a lane, which one at a time were 8 round trips)
+    for (int i0 = lane; i0 < n; i0 += 32 * HD_U) {
+        uint4 vs[HD_U];
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            u16 b = (u16)(ws[k >> 1] >> ((k & 1) * 16));
-            w[k] = KIND == 1 ? bf(b) : h2f(b);
+        for (int e = 0; e < HD_U; e++) {
+            int i = i0 + 32 * e;
+            vs[e] = i < n ? __ldg(r4 + i) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int t = 0; t < T; t++) {
-            if (t < nt) {
-                const float4* x4 = (const float4*)(x + t * xs + i * 8);
-                float4 a = x4[0], c = x4[1];
-                acc[t] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * c.x + w[5] * c.y + w[6] * c.z + w[7] * c.w;
+        for (int e = 0; e < HD_U; e++) {
+            int i = i0 + 32 * e;
+            if (i >= n) break;
+            u32 ws[4] = {vs[e].x, vs[e].y, vs[e].z, vs[e].w};
+            float w[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                u16 b = (u16)(ws[k >> 1] >> ((k & 1) * 16));
+                w[k] = KIND == 1 ? bf(b) : h2f(b);
+            }
+#pragma unroll
+            for (int t = 0; t < T; t++) {
+                if (t < nt) {
+                    const float4* x4 = (const float4*)(x + t * xs + i * 8);
+                    float4 a = x4[0], c = x4[1];
+                    acc[t] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * c.x + w[5] * c.y + w[6] * c.z + w[7] * c.w;
+                }
             }
         }
     }
@@ -403,9 +420,9 @@ extern "C" __global__ void quant_x(const float* x, int rows, int cols, signed ch
 }
 
 extern "C" __global__ void matvec_q(const u8* base, MatD m, const float* x, float* y, QX qx) {
-    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    PDL_ENTRY();
     if (row >= m.rows) return;
     float v = warp_sum(vec_dot(base, m, row, x, qx, lane));
     if (lane == 0) y[row] = v;
@@ -421,11 +438,11 @@ struct Multi {
 };
 
 extern "C" __global__ void matvec_multi(Multi p, const float* x, QX qx) {
-    PDL_ENTRY();
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int i = 0;
     while (i < p.n && row >= p.m[i].rows) row -= p.m[i++].rows;
+    PDL_ENTRY();
     if (i >= p.n) return;
     float v = warp_sum(vec_dot((const u8*)p.base[i], p.m[i], row, x, qx, lane));
     if (lane == 0) ((float*)p.y[i])[row] = v;
@@ -493,18 +510,24 @@ __device__ __forceinline__ void rmsnorm_row(float* x, const float* y, const floa
         }
         return;
     }
-    float v[NORM_PER], ww[NORM_PER];
+    // every load issued before the first use, none behind a branch: a load whose use sits in
+    // its own branch is waited for there, one round trip per value (this norm took 6 µs)
+    float v[NORM_PER], ww[NORM_PER], yv[NORM_PER];
+    const float* yy = y ? y : x;
+#pragma unroll
+    for (int r = 0; r < NORM_PER; r++) {
+        int i = threadIdx.x + r * nb;
+        bool in = i < dim;
+        v[r] = in ? x[o + i] : 0.f;
+        yv[r] = in ? __ldcg(yy + o + i) : 0.f;
+        ww[r] = in ? w[i] : 0.f;
+    }
     float ss = 0.f;
 #pragma unroll
     for (int r = 0; r < NORM_PER; r++) {
         int i = threadIdx.x + r * nb;
-        v[r] = i < dim ? x[o + i] : 0.f;
-        ww[r] = i < dim ? w[i] : 0.f;
-        if (y && i < dim) v[r] += __ldcg(y + o + i) + (yb ? yb[i] : 0.f);
-    }
-#pragma unroll
-    for (int r = 0; r < NORM_PER; r++) {
-        int i = threadIdx.x + r * nb;
+        // (a bias, gpt-oss's, is loaded only here: one more round trip where there is one)
+        if (y) v[r] += yv[r] + (yb && i < dim ? yb[i] : 0.f);
         if (y && i < dim) x[o + i] = v[r];
         ss += v[r] * v[r];
     }
@@ -529,26 +552,37 @@ extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(float* x, const f
     rmsnorm_row(x, y, yb, w, h, dim, eps, q, (long long)blockIdx.x * dim);
 }
 
+// Whether this block is the launch's last to get here (counted in `*done`), every block's
+// writes before this point visible to it. One acquire-release atomic per block after the
+// barrier (a fence by every thread, sequentially consistent, cost more than the rest of a
+// small kernel); the barrier carries the block's writes into its release and the last
+// block's acquire out to all its threads.
+__device__ __forceinline__ bool last_block(unsigned* done) {
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned old;
+        asm volatile("atom.acq_rel.gpu.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(done) : "memory");
+        last = old == gridDim.x - 1;
+    }
+    __syncthreads();
+    return last;
+}
+
 // One token's y = W·xin (a warp per row, as matvec_q) and then, in the block that finishes last
 // (counted in `*done`, set back to 0 for the next launch), x += y and h = rmsnorm(x) · w with
 // h's int8 form into `hq` when hq.q is set, as add_rmsnorm: a mixer's output projection and
 // the norm after it in one launch. W's rows are x's dim.
 extern "C" __global__ void matvec_norm(const u8* base, MatD m, const float* xin, QX qx, float* y, const float* yb,
                                        unsigned* done, float* x, const float* w, float* h, float eps, QX hq) {
-    PDL_ENTRY();
-    __shared__ bool last;
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    PDL_ENTRY();
     if (row < m.rows) {
         float v = warp_sum(vec_dot(base, m, row, xin, qx, lane));
         if (lane == 0) y[row] = v;
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_block(done)) return;
     rmsnorm_row(x, y, yb, w, h, m.rows, eps, hq, 0);
     if (threadIdx.x == 0) *done = 0;
 }
@@ -924,6 +958,130 @@ extern "C" __global__ void attn_dec8(const float* q, const long long* meta, int 
     attn_dec_t<8>(q, meta, layer, part, nh, nkv, qw, parts, window, gh);
 }
 
+// One decode token's attention for `gh` (≤ GM) query heads of a GQA group over one part of
+// VW·PW = 64 positions (a CHUNK holds VP_SUB of them): each of the VW warps takes PW
+// positions, a lane holding DL = D/32 consecutive dims of each row, so rows are read
+// coalesced, each k and v row once for the block's heads, and every load of a lane (PW k and
+// PW v pieces) is in flight at once: one memory round trip where attn_dec walked its
+// positions in several. A warp's scores are summed across its lanes; the warps' softmax
+// pieces are merged in shared memory into part[(h·parts + c)] = (max, sum, acc[D]).
+#define VW 16
+#define VPW 4
+#define VP_SUB (CHUNK / (VW * VPW))
+template <int D, int GM>
+__device__ __forceinline__ void attn_vec_t(const float* q, const long long* meta, int layer, float* part, int nh,
+                                           int nkv, int qw, int parts, int window, int gh) {
+    constexpr int DL = D / 32, PW = VPW;
+    __shared__ float sm[VW][GM], sl[VW][GM];
+    __shared__ float sacc[VW][GM][D];
+    int groups = (nh / nkv) / gh;
+    int kvh = blockIdx.x / groups, h0 = kvh * (nh / nkv) + (blockIdx.x % groups) * gh;
+    int c = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int pos0 = (int)meta[0];
+    const float* kc = (const float*)meta[1 + 2 * layer];
+    const float* vc = (const float*)meta[2 + 2 * layer];
+    int len = pos0 + 1, start = max(0, len - window);
+    int p0 = start + c * (VW * PW), p1 = min(len, p0 + VW * PW);
+    if (p0 >= len) {
+        for (int i = threadIdx.x; i < gh * (D + 2); i += blockDim.x) {
+            int hh = i / (D + 2), j = i - hh * (D + 2);
+            part[((long long)(h0 + hh) * parts + c) * (D + 2) + j] = j == 0 ? NEG_INF : 0.f;
+        }
+        return;
+    }
+    long long stride = (long long)nkv * D;
+    int pw0 = p0 + w * PW;
+    // every load first: the heads' queries (this lane's dims), then the warp's k and v pieces
+    float qv[GM][DL], kr[PW][DL], vr[PW][DL];
+#pragma unroll
+    for (int h = 0; h < GM; h++)
+#pragma unroll
+        for (int i = 0; i < DL; i++) qv[h][i] = h < gh ? q[(long long)(h0 + h) * qw + lane * DL + i] : 0.f;
+#pragma unroll
+    for (int u = 0; u < PW; u++) {
+        bool in = pw0 + u < p1;
+        const float* kp = kc + (long long)(pw0 + u) * stride + kvh * D + lane * DL;
+        const float* vp = vc + (long long)(pw0 + u) * stride + kvh * D + lane * DL;
+#pragma unroll
+        for (int i = 0; i < DL; i += 2) {
+            float2 a = in ? *(const float2*)(kp + i) : make_float2(0.f, 0.f);
+            float2 b = in ? *(const float2*)(vp + i) : make_float2(0.f, 0.f);
+            kr[u][i] = a.x; kr[u][i + 1] = a.y;
+            vr[u][i] = b.x; vr[u][i + 1] = b.y;
+        }
+    }
+    float scale = rsqrtf((float)D);
+#pragma unroll
+    for (int h = 0; h < GM; h++) {
+        if (h < gh) {
+            float sc[PW];
+#pragma unroll
+            for (int u = 0; u < PW; u++) {
+                float a = 0.f;
+#pragma unroll
+                for (int i = 0; i < DL; i++) a += qv[h][i] * kr[u][i];
+                sc[u] = warp_sum(a) * scale;
+            }
+            float mx = NEG_INF;
+#pragma unroll
+            for (int u = 0; u < PW; u++) if (pw0 + u < p1) mx = fmaxf(mx, sc[u]);
+            float l = 0.f, acc[DL];
+#pragma unroll
+            for (int i = 0; i < DL; i++) acc[i] = 0.f;
+#pragma unroll
+            for (int u = 0; u < PW; u++) {
+                float e = pw0 + u < p1 ? __expf(sc[u] - mx) : 0.f;
+                l += e;
+#pragma unroll
+                for (int i = 0; i < DL; i++) acc[i] += e * vr[u][i];
+            }
+            if (lane == 0) { sm[w][h] = mx; sl[w][h] = l; }
+#pragma unroll
+            for (int i = 0; i < DL; i++) sacc[w][h][lane * DL + i] = acc[i];
+        }
+    }
+    __syncthreads();
+    // a warp with no position left its max at −∞: weight 0
+    for (int i = threadIdx.x; i < gh * D; i += blockDim.x) {
+        int hh = i / D, cc = i - hh * D;
+        float top = NEG_INF;
+#pragma unroll
+        for (int ww = 0; ww < VW; ww++) top = fmaxf(top, sm[ww][hh]);
+        float v = 0.f, tot = 0.f;
+#pragma unroll
+        for (int ww = 0; ww < VW; ww++) {
+            float wt = sm[ww][hh] == NEG_INF ? 0.f : __expf(sm[ww][hh] - top);
+            v += wt * sacc[ww][hh][cc];
+            tot += wt * sl[ww][hh];
+        }
+        float* out = part + ((long long)(h0 + hh) * parts + c) * (D + 2);
+        out[2 + cc] = v;
+        if (cc == 0) { out[0] = top; out[1] = tot; }
+    }
+}
+
+// (sacc: VW · GM · D floats, 32 KB for each)
+extern "C" __global__ void __launch_bounds__(32 * VW) attn_vec64(const float* q, const long long* meta, int layer,
+                                                                 float* part, int nh, int nkv, int qw, int parts,
+                                                                 int window, int gh) {
+    PDL_ENTRY();
+    attn_vec_t<64, 8>(q, meta, layer, part, nh, nkv, qw, parts, window, gh);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * VW) attn_vec128(const float* q, const long long* meta, int layer,
+                                                                  float* part, int nh, int nkv, int qw, int parts,
+                                                                  int window, int gh) {
+    PDL_ENTRY();
+    attn_vec_t<128, 4>(q, meta, layer, part, nh, nkv, qw, parts, window, gh);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * VW) attn_vec256(const float* q, const long long* meta, int layer,
+                                                                  float* part, int nh, int nkv, int qw, int parts,
+                                                                  int window, int gh) {
+    PDL_ENTRY();
+    attn_vec_t<256, 2>(q, meta, layer, part, nh, nkv, qw, parts, window, gh);
+}
+
 // o[t][h] = the parts of (t, h) merged, times sigmoid of the gate when gated. One block each.
 // sinks (gpt-oss): a logit per head that joins the softmax's sum and adds no value.
 extern "C" __global__ void attn_merge(const float* q, const float* part, float* o, int nh, int d, int qw, int gated,
@@ -1077,23 +1235,16 @@ extern "C" __global__ void route_topk(const float* logits, int e, int k, RouteD 
 // launch) runs the top-k on them. Grid rows / warps; shared memory 2·e floats.
 extern "C" __global__ void router_topk(const u8* base, MatD m, const float* x, QX qx, float* logits, int k, RouteD rd,
                                        int* ids, float* wts, unsigned* done) {
-    PDL_ENTRY();
     extern __shared__ float p[];
     __shared__ float chosen_w[64];
-    __shared__ bool last;
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    PDL_ENTRY();
     if (row < m.rows) {
         float v = warp_sum(vec_dot(base, m, row, x, qx, lane));
         if (lane == 0) logits[row] = v;
     }
-    // the classic last-block pattern: every block's logits visible before its count
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_block(done)) return;
     if (threadIdx.x < 32) topk_warp(logits, m.rows, k, rd, ids, wts, p, p + m.rows, chosen_w, 0, lane);
     if (threadIdx.x == 0) *done = 0;
 }

@@ -438,6 +438,7 @@ struct Kernels {
     attn_part1: CudaFunction,
     /// One token's attention for a GQA group, a lane per position (head dims 64, 128, 256).
     attn_dec: [CudaFunction; 3],
+    attn_vec: [CudaFunction; 3],
     attn_merge: CudaFunction,
     delta_conv: CudaFunction,
     delta_shift: CudaFunction,
@@ -595,6 +596,12 @@ fn cfg(grid: (usize, usize), block: usize, shared: usize) -> LaunchConfig {
 
 /// Warps (rows) per block of the row kernels.
 const WARPS: usize = 8;
+/// Warps of a `router_topk` block.
+const ROUTER_WARPS: usize = 2;
+/// Warps of an `attn_vec` block (`VW` in kernels.cu).
+const VEC_WARPS: usize = 16;
+/// Warps of a block of `matvec_norm` (whose last block runs the norm).
+const NORM_WARPS: usize = 16;
 /// Rows a warp of `swiglu_gate_up_i8` computes (`GU_R` in kernels.cu).
 const GU_ROWS: usize = 1;
 /// Tokens the matmul kernel computes per weight read (`NT` in kernels.cu).
@@ -796,8 +803,9 @@ impl CudaModel {
         let dim32 = dim as i32;
         let fused = if one { q } else { Qx::default() };
         b.arg(&x).arg(&y).arg(&yb).arg(&w.ptr).arg(&h).arg(&dim32).arg(&eps).arg(&fused);
-        // NORM_PER (8) values per thread in registers
-        let threads = dim.div_ceil(8).next_multiple_of(32).clamp(32, 1024);
+        // two values a thread (up to 1024 threads; NORM_PER, 8, held in registers at most): a
+        // thread's quantized chunks are serial shuffle chains, fewer is shorter
+        let threads = dim.div_ceil(2).next_multiple_of(32).clamp(32, 1024);
         unsafe { b.launch(cfg((n, 1), threads, 0)) }?;
         if one { Ok(Prep { qx: q, xb: 0 }) } else { self.prep(fast, h, n, dim, q, xb) }
     }
@@ -972,6 +980,7 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         attn_part: f("attn_part")?,
         attn_part1: f("attn_part1")?,
         attn_dec: [f("attn_dec2")?, f("attn_dec4")?, f("attn_dec8")?],
+        attn_vec: [f("attn_vec64")?, f("attn_vec128")?, f("attn_vec256")?],
         attn_merge: f("attn_merge")?,
         delta_conv: f("delta_conv")?,
         delta_shift: f("delta_shift")?,
@@ -1184,8 +1193,8 @@ pub fn mla_attend_once(
 /// each head's output gate after its query, as Qwen3.5 and Qwen3-Next lay them out) over `len`
 /// cached positions of k and v ([len][kv heads][d]) within the last `window` positions, in
 /// parts of CHUNK with `spare` empty parts past the end (a decode graph's grid covers the
-/// cache's capacity), merged (and gated). Returns `[heads][d]` through `attn_dec` (where it
-/// takes the shape, else empty) and through `attn_part1`.
+/// cache's capacity), merged (and gated). Returns `[heads][d]` through `attn_vec` and through
+/// `attn_dec` (each where it takes the shape, else empty), and through `attn_part1`.
 pub fn gqa_attend_once(
     ordinal: usize,
     q: &[f32],
@@ -1193,7 +1202,7 @@ pub fn gqa_attend_once(
     (nh, nkv, d): (usize, usize, usize),
     window: usize,
     spare: usize,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let g = test_device(ordinal)?;
     let (s, kn) = g.as_ref().expect("opened");
     let row = nkv * d;
@@ -1211,31 +1220,39 @@ pub fn gqa_attend_once(
     let (qd, kc, vc) = (s.clone_htod(q)?, s.clone_htod(k)?, s.clone_htod(v)?);
     let meta = s.clone_htod(&[len as i64 - 1, ptr(&kc, s) as i64, ptr(&vc, s) as i64])?;
     let parts = len.div_ceil(CHUNK) + spare;
-    let part = s.alloc_zeros::<f32>(nh * parts * (d + 2))?;
+    let part = s.alloc_zeros::<f32>(nh * parts * VEC_SUB * (d + 2))?;
     let (nh32, nkv32, d32, parts32, layer, w32) =
         (nh as i32, nkv as i32, d as i32, parts as i32, 0i32, window.min(i32::MAX as usize) as i32);
     let (qw32, gated) = (qw as i32, (qw == 2 * d) as i32);
     let (pq, pm, pp) = (ptr(&qd, s), ptr(&meta, s), ptr(&part, s));
-    let merge = |out: &CudaSlice<f32>| -> Result<Vec<f32>> {
+    let merge = |out: &CudaSlice<f32>, parts32: i32| -> Result<Vec<f32>> {
         let (po, oq, sinks) = (ptr(out, s), Qx::default(), 0u64);
         let mut lb = launch(s, &kn.attn_merge);
         lb.arg(&pq).arg(&pp).arg(&po).arg(&nh32).arg(&d32).arg(&qw32).arg(&gated).arg(&parts32).arg(&oq).arg(&sinks);
         unsafe { lb.launch(cfg((nh, 1), 128, 0)) }?;
         Ok(s.clone_dtoh(out)?)
     };
+    let mut vec = Vec::new();
+    if let Some((f, gh)) = vec_heads(nh, nkv, d) {
+        let (out, gh32, vparts) = (s.alloc_zeros::<f32>(nh * d)?, gh as i32, (parts * VEC_SUB) as i32);
+        let mut lb = launch(s, &kn.attn_vec[f]);
+        lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&nh32).arg(&nkv32).arg(&qw32).arg(&vparts).arg(&w32).arg(&gh32);
+        unsafe { lb.launch(cfg((nh / gh, parts * VEC_SUB), 32 * VEC_WARPS, 0)) }?;
+        vec = merge(&out, vparts)?;
+    }
     let mut dec = Vec::new();
     if let Some((f, gh)) = dec_heads(nh, nkv, d, parts) {
         let (out, gh32) = (s.alloc_zeros::<f32>(nh * d)?, gh as i32);
         let mut lb = launch(s, &kn.attn_dec[f]);
         lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&nh32).arg(&nkv32).arg(&qw32).arg(&parts32).arg(&w32).arg(&gh32);
         unsafe { lb.launch(cfg((nh / gh, parts), 128, 0)) }?;
-        dec = merge(&out)?;
+        dec = merge(&out, parts32)?;
     }
     let out = s.alloc_zeros::<f32>(nh * d)?;
     let mut lb = launch(s, &kn.attn_part1);
     lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&nh32).arg(&nkv32).arg(&d32).arg(&qw32).arg(&parts32).arg(&w32);
     unsafe { lb.launch(cfg((nh, parts), 128, 0)) }?;
-    Ok((dec, merge(&out)?))
+    Ok((vec, dec, merge(&out, parts32)?))
 }
 
 /// y = W·x for `n` tokens: one token per warp and row (decode; on the int8 input where `qx`
@@ -1502,7 +1519,8 @@ impl Accelerator for CudaModel {
         let parts = if graph { ds.cap } else { st.pos + n }.div_ceil(CHUNK);
         // a decode token's latent attention splits its context too (prompts attend whole)
         let mla_parts = if n == 1 { self.mla_part_floats * parts } else { 0 };
-        let part = (n * self.part_floats * parts).max(mla_parts);
+        // (a decode token's attn_vec writes VEC_SUB parts to a CHUNK)
+        let part = (n * self.part_floats * parts * if n == 1 { VEC_SUB } else { 1 }).max(mla_parts);
         let sizes = [n * h, widest, n * 64, n * self.vocab, 1 + 2 * self.layers.len(), part];
         let fresh = sc.fit(s, sizes)?;
         // the embeddings and the positions and caches, through host buffers kept between calls
@@ -1608,11 +1626,37 @@ fn report_timing(t: [std::time::Instant; 5]) {
     );
 }
 
-/// `FLASHMOE_CUDA_ATTN=part`: one token's attention through the per-head kernel (`attn_part1`)
-/// instead of `attn_dec` (comparisons on one binary).
-fn old_attention() -> Option<()> {
-    static OLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    OLD.get_or_init(|| std::env::var("FLASHMOE_CUDA_ATTN").is_ok_and(|v| v == "part")).then_some(())
+/// One decode token's attention kernel: `FLASHMOE_CUDA_ATTN=part` the per-head `attn_part1`,
+/// `dec` the per-position `attn_dec`, else (and by default) `attn_vec` (comparisons on one
+/// binary; each falls back to `attn_part1` for head dims it does not take).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DecAttn {
+    Part,
+    Dec,
+    Vec,
+}
+
+fn dec_attention() -> DecAttn {
+    static K: std::sync::OnceLock<DecAttn> = std::sync::OnceLock::new();
+    *K.get_or_init(|| match std::env::var("FLASHMOE_CUDA_ATTN").as_deref() {
+        Ok("part") => DecAttn::Part,
+        Ok("dec") => DecAttn::Dec,
+        _ => DecAttn::Vec,
+    })
+}
+
+/// Positions of an `attn_vec` part: a CHUNK is VEC_SUB of them (`VP_SUB` in kernels.cu).
+const VEC_SUB: usize = 2;
+
+/// `attn_vec`'s kernel (by head dim: 64, 128, 256) and query heads per block: the largest
+/// divisor of the group up to 8, 4, 2 (its shared memory holds VW · GM · d floats).
+fn vec_heads(nh: usize, nkv: usize, d: usize) -> Option<(usize, usize)> {
+    let f = [64, 128, 256].iter().position(|&x| x == d)?;
+    if nkv == 0 || !nh.is_multiple_of(nkv) {
+        return None;
+    }
+    let (g, most) = (nh / nkv, [8, 4, 2][f]);
+    Some((f, (1..=most.min(g)).filter(|gh| g.is_multiple_of(*gh)).max().unwrap_or(1)))
 }
 
 /// Blocks a decode token's attention should at least fill (about the H100/H200's SM count).
@@ -1689,8 +1733,19 @@ impl CudaModel {
         unsafe { lb.launch(cfg((n, a.nh + a.nkv), 32, 0)) }?;
         // attention in parts of CHUNK positions, merged into b; then o_proj → y
         // one token: its own kernel (few blocks, each a long walk: more loads in flight)
-        let dec = (n == 1 && old_attention().is_none()).then(|| dec_heads(a.nh, a.nkv, a.d, parts)).flatten();
-        if let Some((f, gh)) = dec {
+        let kind = if n == 1 { dec_attention() } else { DecAttn::Part };
+        let vec = (kind == DecAttn::Vec).then(|| vec_heads(a.nh, a.nkv, a.d)).flatten();
+        let dec = (kind == DecAttn::Dec).then(|| dec_heads(a.nh, a.nkv, a.d, parts)).flatten();
+        // the parts the merge reads: attn_vec's are VEC_SUB to a CHUNK
+        let mparts = if vec.is_some() { parts * VEC_SUB } else { parts };
+        let mparts32 = mparts as i32;
+        if let Some((f, gh)) = vec {
+            let gh32 = gh as i32;
+            let mut lb = launch(s, &self.k.attn_vec[f]);
+            lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&qw32).arg(&mparts32);
+            lb.arg(&a.window).arg(&gh32);
+            unsafe { lb.launch(cfg((a.nh / gh, mparts), 32 * VEC_WARPS, 0)) }?;
+        } else if let Some((f, gh)) = dec {
             let gh32 = gh as i32;
             let mut lb = launch(s, &self.k.attn_dec[f]);
             lb.arg(&pa).arg(&pmeta).arg(&layer).arg(&ppart).arg(&nh).arg(&nkv).arg(&qw32).arg(&parts32);
@@ -1707,7 +1762,7 @@ impl CudaModel {
         let oq = if fused { b.qa.qx(s) } else { Qx::default() };
         let sinks = opt(a.sinks.as_ref());
         let mut lb = launch(s, &self.k.attn_merge);
-        lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&parts32).arg(&oq).arg(&sinks);
+        lb.arg(&pa).arg(&ppart).arg(&pb).arg(&nh).arg(&d).arg(&qw32).arg(&gated).arg(&mparts32).arg(&oq).arg(&sinks);
         unsafe { lb.launch(cfg((n * a.nh, 1), if fused { a.d } else { 128 }, 0)) }?;
         let qo = if fused {
             Prep { qx: oq, xb: 0 }
@@ -1865,7 +1920,8 @@ impl CudaModel {
                     .arg(&px)
                     .arg(&l.post_norm.ptr);
                 lb.arg(&ph).arg(&self.eps).arg(&hq);
-                unsafe { lb.launch(cfg((h.div_ceil(WARPS), 1), 32 * WARPS, 0)) }?;
+                // blocks of NORM_WARPS: the last one's norm has 4 values a thread, not 8
+                unsafe { lb.launch(cfg((h.div_ceil(NORM_WARPS), 1), 32 * NORM_WARPS, 0)) }?;
                 if one { Prep { qx: qa, xb: 0 } } else { self.prep(fast, ph, n, h, qa, xbh)? }
             } else {
                 self.matmul(o, oin, py, n, qo)?;
@@ -1884,8 +1940,9 @@ impl CudaModel {
                         let mut lb = launch(s, &self.k.router_topk);
                         lb.arg(&r.ptr).arg(&r.d).arg(&ph).arg(&qh.qx).arg(&pa).arg(&k32).arg(&m.route).arg(&pids);
                         lb.arg(&pw).arg(&done);
-                        let blocks = (e32 as usize).div_ceil(WARPS);
-                        unsafe { lb.launch(cfg((blocks, 1), 32 * WARPS, shared)) }?;
+                        // small blocks: a router's few rows spread over more SMs
+                        let blocks = (e32 as usize).div_ceil(ROUTER_WARPS);
+                        unsafe { lb.launch(cfg((blocks, 1), 32 * ROUTER_WARPS, shared)) }?;
                     } else {
                         self.matmul(&m.router, ph, pa, n, qh)?;
                         route(s, &self.k, pa, e32, k32, m.route, pids, pw, n)?;
