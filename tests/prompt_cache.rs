@@ -34,8 +34,12 @@ fn same_state(a: &State, b: &State, what: &str) {
     for (i, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
         assert_eq!(x.kind(), y.kind(), "{what}: layer {i}");
         for (p, q) in x.buffers().iter().zip(y.buffers()) {
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert!(bits(p) == bits(q), "{what}: layer {i} differs");
+            let bytes = |b: &flashmoe::model::StateBuf<'_>| {
+                let mut v = vec![];
+                b.le_bytes(0, b.len(), &mut v);
+                v
+            };
+            assert!(bytes(p) == bytes(&q), "{what}: layer {i} differs");
         }
     }
 }
