@@ -294,7 +294,7 @@ pub fn read_state(path: &Path, model: &Model, identity: &str) -> Result<(Vec<u32
     let run = model.opts.kv_cache;
     if let Some(t) = h.layers.iter().find_map(|(k, _)| crate::model::kv_kind_type(k)).filter(|&t| t != run) {
         bail!(
-            "{}: holds a {t} KV cache, this run's is {run} (--kv-cache {t} reads it; entries of one type never \
+            "{}: holds a KV cache of type {t}, this run's is {run} (--kv-cache {t} reads it; entries of one type never \
              serve another)",
             path.display()
         );
