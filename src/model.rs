@@ -367,7 +367,7 @@ impl Layer {
         self.input_norm.forward(x, &mut h);
         crate::par::mark();
         let t = Instant::now();
-        match (&self.mixer, st) {
+        match (&self.mixer, &mut *st) {
             (MixerWeights::Attention(a), LayerState::Kv(c)) => a.forward(&h, n, pos0, c, &mut y, p),
             (MixerWeights::DeltaNet(d), LayerState::Delta(s)) => d.forward(&h, n, s, &mut y, p),
             (MixerWeights::Mla(a), LayerState::Latent(c)) => a.forward(&h, n, pos0, c, sel, &mut y, p),
@@ -375,7 +375,7 @@ impl Layer {
         }
         add_since(&PROFILE.mixer, t);
         if !all_finite(&y) {
-            bail!("non-finite values (NaN or Inf) in the output of the {} (corrupt weights?)", self.mixer_name());
+            bail!("non-finite values (NaN or Inf) in the output of the {} ({})", self.mixer_name(), non_finite_cause(st));
         }
         add_assign(x, &y);
         Ok(())
@@ -446,11 +446,13 @@ impl Layer {
         add_since(&PROFILE.mixer, t);
         x.chunks_exact_mut(d)
             .zip(y.chunks_exact(d))
-            .map(|(x, y)| {
+            .zip(states.iter())
+            .map(|((x, y), st)| {
                 if !all_finite(y) {
                     bail!(
-                        "non-finite values (NaN or Inf) in the output of the {} (corrupt weights?)",
-                        self.mixer_name()
+                        "non-finite values (NaN or Inf) in the output of the {} ({})",
+                        self.mixer_name(),
+                        non_finite_cause(st)
                     );
                 }
                 add_assign(x, y);
@@ -495,6 +497,16 @@ impl Layer {
             MixerWeights::DeltaNet(_) => "DeltaNet mixer",
             MixerWeights::Mla(_) => "latent attention",
         }
+    }
+}
+
+/// What a mixer's non-finite output may come from: an f16 KV cache's overflow, or the weights.
+fn non_finite_cause(st: &LayerState) -> &'static str {
+    match st {
+        LayerState::Kv(c) if c.ty() == KvType::F16 => {
+            "an f16 KV cache holds values up to 65504: --kv-cache bf16 keeps f32's range; or corrupt weights?"
+        }
+        _ => "corrupt weights?",
     }
 }
 

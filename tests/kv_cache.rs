@@ -137,3 +137,30 @@ fn greedy_generation_is_the_f32_cache_s() {
         }
     }
 }
+
+/// Values past f16's range (65504) become infinite in an f16 cache: the forward pass fails
+/// with an error that names the cache type and the way out; bf16 and f32 hold them.
+#[test]
+fn an_f16_overflow_is_an_error_that_says_so() {
+    let mut base = model("qwen3_moe", KvType::F32);
+    if let flashmoe::model::MixerWeights::Attention(a) = &mut base.layers[0].mixer {
+        // values near 1e6 at every position
+        let v = a.v_proj.to_f32().iter().map(|w| w * 1e7).collect();
+        a.v_proj = flashmoe::tensor::Mat::from_f32(a.v_proj.rows, a.v_proj.cols, v).unwrap();
+    } else {
+        panic!("qwen3_moe's first layer is attention");
+    }
+    let prompt = [3, 1, 4, 1, 5];
+    for kv in [KvType::F32, KvType::Bf16, KvType::F16] {
+        base.opts.kv_cache = kv;
+        let mut st = base.new_state();
+        let r = base.forward(&mut st, &prompt, false);
+        if kv != KvType::F16 {
+            let l = r.unwrap_or_else(|e| panic!("{kv}: {e:#}"));
+            assert!(l.iter().all(|x| x.is_finite()), "{kv}");
+            continue;
+        }
+        let e = format!("{:#}", r.err().expect("an f16 cache held 1e6"));
+        assert!(e.contains("f16 KV cache") && e.contains("--kv-cache bf16"), "{e}");
+    }
+}
