@@ -48,16 +48,37 @@ pub fn f16_to_f32(h: u16) -> f32 {
     half::f16::from_bits(h).to_f32()
 }
 
-/// f32 → bf16 bits, to nearest, ties to even (NaN stays NaN).
+/// f32 → bf16 bits, to nearest, ties to even (NaN stays NaN): a decode step's new cache rows.
 pub fn round_bf16(x: &[f32], out: &mut [u16]) {
-    assert_eq!(x.len(), out.len());
-    out.iter_mut().zip(x).for_each(|(o, v)| *o = half::bf16::from_f32(*v).to_bits());
+    round_h(isa(), false, x, out)
 }
 
-/// f32 → f16 bits, to nearest, ties to even; above 65504 (after rounding) ±∞.
+/// f32 → f16 bits, to nearest, ties to even; from 65520 on ±∞.
 pub fn round_f16(x: &[f32], out: &mut [u16]) {
+    round_h(isa(), true, x, out)
+}
+
+/// [`round_bf16`] (or [`round_f16`]) with the kernel of `isa`.
+pub fn round_h(isa: Isa, f16: bool, x: &[f32], out: &mut [u16]) {
     assert_eq!(x.len(), out.len());
-    out.iter_mut().zip(x).for_each(|(o, v)| *o = half::f16::from_f32(*v).to_bits());
+    let done = match isa {
+        // SAFETY (both): the caller checked the ISA; equal lengths
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::round_avx512(f16, x, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if f16c() => unsafe { x86::round_avx2(f16, x, out) },
+        _ => 0,
+    };
+    round_scalar(f16, &x[done..], &mut out[done..]);
+}
+
+/// Scalar reference of [`round_h`].
+pub fn round_scalar(f16: bool, x: &[f32], out: &mut [u16]) {
+    if f16 {
+        out.iter_mut().zip(x).for_each(|(o, v)| *o = half::f16::from_f32(*v).to_bits());
+    } else {
+        out.iter_mut().zip(x).for_each(|(o, v)| *o = half::bf16::from_f32(*v).to_bits());
+    }
 }
 
 /// `out[p] = scale · q · rows[p·stride ..][..q.len()]` ([`super::dot_rows`] for any cache type).
@@ -335,6 +356,59 @@ mod x86 {
         }
     }
 
+    /// Rounds whole groups of 16 to bf16 (the bits plus 0x7fff plus the kept lowest bit, then
+    /// the high half; NaN quieted as `half` does) or f16 (`vcvtps2ph`); returns how many.
+    ///
+    /// # Safety
+    /// AVX-512F/BW must be available; `out.len() >= x.len()`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn round_avx512(f16: bool, x: &[f32], out: &mut [u16]) -> usize {
+        let n = x.len() / 16 * 16;
+        let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+        for i in (0..n).step_by(16) {
+            let v = _mm512_loadu_ps(px.add(i));
+            let h = if f16 {
+                _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
+            } else {
+                let b = _mm512_castps_si512(v);
+                let odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+                let r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), odd), 16);
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                let q = _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
+                _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, q))
+            };
+            _mm256_storeu_si256(po.add(i) as *mut __m256i, h);
+        }
+        n
+    }
+
+    /// [`round_avx512`] 8 at a time (F16C's `vcvtps2ph` for f16).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `out.len() >= x.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn round_avx2(f16: bool, x: &[f32], out: &mut [u16]) -> usize {
+        let n = x.len() / 8 * 8;
+        let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+        for i in (0..n).step_by(8) {
+            let v = _mm256_loadu_ps(px.add(i));
+            let h = if f16 {
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)
+            } else {
+                let b = _mm256_castps_si256(v);
+                let odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+                let r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), odd), 16);
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+                let q = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
+                let w = _mm256_blendv_epi8(r, q, nan);
+                // 8 × 32 bits → 8 × 16 (each value fits: no saturation)
+                _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w))
+            };
+            _mm_storeu_si128(po.add(i) as *mut __m128i, h);
+        }
+        n
+    }
+
     /// Scores of `d = 16·C` wide rows: q in registers across the positions.
     ///
     /// # Safety
@@ -534,6 +608,29 @@ mod tests {
             for n in [m.wrapping_sub(1), m + 1].into_iter().filter(|&n| n < 0x7c00) {
                 let en = (*x as f64 - f16_to_f32(sign | n) as f64).abs();
                 assert!(e < en || (e == en && m & 1 == 0), "f16 of {x}: {v} against {}", f16_to_f32(sign | n));
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_rounds_as_the_scalar_code() {
+        let mut xs: Vec<f32> = uniform(1000, 11).iter().map(|v| v * 3e5).collect();
+        xs.extend(uniform(1000, 12).iter().map(|v| v * 1e-3));
+        // ties, the ends of both ranges, subnormals, infinities, NaNs
+        xs.extend([1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), 1.0 + 2f32.powi(-11), 65504.0, 65519.0, 65520.0]);
+        xs.extend([f32::MAX, -f32::MAX, 1e-40, 2f32.powi(-25), f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN]);
+        xs.extend([f32::from_bits(0x7f80_0001), -0.0, 0.0]);
+        for isa in isas() {
+            for f16 in [false, true] {
+                for len in [0, 1, 7, 8, 15, 16, 17, 33, xs.len()] {
+                    let (mut a, mut b) = (vec![0u16; len], vec![0u16; len]);
+                    round_h(isa, f16, &xs[..len], &mut a);
+                    round_scalar(f16, &xs[..len], &mut b);
+                    for i in 0..len {
+                        let nan = |h: u16| if f16 { f16_to_f32(h).is_nan() } else { bf16_to_f32(h).is_nan() };
+                        assert!(a[i] == b[i] || (nan(a[i]) && nan(b[i])), "{isa:?} f16 {f16} {}: {:#x} vs {:#x}", xs[i], a[i], b[i]);
+                    }
+                }
             }
         }
     }
