@@ -375,7 +375,11 @@ impl Layer {
         }
         add_since(&PROFILE.mixer, t);
         if !all_finite(&y) {
-            bail!("non-finite values (NaN or Inf) in the output of the {} ({})", self.mixer_name(), non_finite_cause(st));
+            bail!(
+                "non-finite values (NaN or Inf) in the output of the {} ({})",
+                self.mixer_name(),
+                non_finite_cause(st)
+            );
         }
         add_assign(x, &y);
         Ok(())

@@ -160,7 +160,7 @@ fn an_f16_overflow_is_an_error_that_says_so() {
             assert!(l.iter().all(|x| x.is_finite()), "{kv}");
             continue;
         }
-        let e = format!("{:#}", r.err().expect("an f16 cache held 1e6"));
+        let e = format!("{:#}", r.expect_err("an f16 cache held 1e6"));
         assert!(e.contains("f16 KV cache") && e.contains("--kv-cache bf16"), "{e}");
     }
 }

@@ -151,7 +151,7 @@ fn another_cache_type_is_refused_by_name_and_an_old_file_loads() {
         write_state(&mut std::fs::File::create(&path).unwrap(), &id, &p, &st).unwrap();
         m.opts.kv_cache = read;
         assert_ne!(model_identity(&dir("qwen3_moe"), &m), id, "{wrote} vs {read}: one identity");
-        let e = format!("{:#}", read_state(&path, &m, &id).err().expect("loaded another type"));
+        let e = format!("{:#}", read_state(&path, &m, &id).expect_err("loaded another type"));
         let (w, r) = (format!("a KV cache of type {wrote}"), format!("this run's is {read}"));
         assert!(e.contains(&path.display().to_string()) && e.contains(&w) && e.contains(&r), "{e}");
         // the files say their type: an f32 cache as every file before them did
@@ -176,7 +176,7 @@ fn another_cache_type_is_refused_by_name_and_an_old_file_loads() {
     assert!(bits(&a) == bits(&b), "decode after the old file differs");
     let mut m16 = model("gpt_oss");
     m16.opts.kv_cache = KvType::Bf16;
-    let e = format!("{:#}", read_state(&old, &m16, &h.identity).err().expect("an f32 file in a bf16 run"));
+    let e = format!("{:#}", read_state(&old, &m16, &h.identity).expect_err("an f32 file in a bf16 run"));
     assert!(e.contains("a KV cache of type f32, this run's is bf16") && e.contains("gpt_oss.fmpc"), "{e}");
 }
 

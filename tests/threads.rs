@@ -51,7 +51,8 @@ fn prompt(m: &Model, n: usize) -> Vec<u32> {
 fn check(label: &str, m: &mut Model, n: usize, decode: usize) {
     flashmoe::tensor::set_parallel_threshold(0);
     let p = prompt(m, n);
-    for (precision, kv) in [(Precision::Exact, KvType::F32), (Precision::Fast, KvType::F32), (Precision::Fast, KvType::Bf16)]
+    for (precision, kv) in
+        [(Precision::Exact, KvType::F32), (Precision::Fast, KvType::F32), (Precision::Fast, KvType::Bf16)]
     {
         m.opts.precision = precision;
         m.opts.kv_cache = kv;

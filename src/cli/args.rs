@@ -4,8 +4,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use flashmoe::flash::CacheMode;
 use flashmoe::generate::SamplingParams;
-use flashmoe::load::LoadOptions;
 use flashmoe::layers::attention::KvType;
+use flashmoe::load::LoadOptions;
 use flashmoe::tensor::{Precision, WKind};
 use std::path::{Path, PathBuf};
 

@@ -489,7 +489,8 @@ mod neon {
         }
         let sign = vshlq_n_u32::<16>(vandq_u32(h, vdupq_n_u32(0x8000)));
         let em = vshlq_n_u32::<13>(vandq_u32(h, vdupq_n_u32(0x7fff)));
-        let scaled = vreinterpretq_u32_f32(vmulq_f32(vreinterpretq_f32_u32(em), vdupq_n_f32(f32::from_bits(0x7780_0000))));
+        let scaled =
+            vreinterpretq_u32_f32(vmulq_f32(vreinterpretq_f32_u32(em), vdupq_n_f32(f32::from_bits(0x7780_0000))));
         let special = vceqq_u32(vandq_u32(h, vdupq_n_u32(0x7c00)), vdupq_n_u32(0x7c00));
         let v = vbslq_u32(special, vorrq_u32(em, vdupq_n_u32(0x7f80_0000)), scaled);
         vreinterpretq_f32_u32(vorrq_u32(v, sign))
@@ -559,7 +560,11 @@ mod tests {
     fn halves(n: usize, seed: u64, f16: bool) -> Vec<u16> {
         let x: Vec<f32> = uniform(n, seed).iter().map(|v| v * 16.0).collect();
         let mut h = vec![0u16; n];
-        if f16 { round_f16(&x, &mut h) } else { round_bf16(&x, &mut h) }
+        if f16 {
+            round_f16(&x, &mut h)
+        } else {
+            round_bf16(&x, &mut h)
+        }
         let specials: &[u16] = if f16 { &[0x8000, 0x0001, 0x03ff, 0x7bff, 0xfbff] } else { &[0x8000, 0x0001, 0x7f7f] };
         for (i, s) in specials.iter().enumerate() {
             if i * 7 < n {
@@ -628,7 +633,13 @@ mod tests {
                     round_scalar(f16, &xs[..len], &mut b);
                     for i in 0..len {
                         let nan = |h: u16| if f16 { f16_to_f32(h).is_nan() } else { bf16_to_f32(h).is_nan() };
-                        assert!(a[i] == b[i] || (nan(a[i]) && nan(b[i])), "{isa:?} f16 {f16} {}: {:#x} vs {:#x}", xs[i], a[i], b[i]);
+                        assert!(
+                            a[i] == b[i] || (nan(a[i]) && nan(b[i])),
+                            "{isa:?} f16 {f16} {}: {:#x} vs {:#x}",
+                            xs[i],
+                            a[i],
+                            b[i]
+                        );
                     }
                 }
             }
@@ -651,9 +662,13 @@ mod tests {
                             dot_rows_h(isa, f16, &q, &rows, stride, 0.3, &mut got);
                             for (p, g) in got.iter().enumerate() {
                                 let r = &rows[p * stride..p * stride + d];
-                                let want: f64 = r.iter().zip(&q).map(|(h, x)| widen(f16, *h) * *x as f64).sum::<f64>() * 0.3;
+                                let want: f64 =
+                                    r.iter().zip(&q).map(|(h, x)| widen(f16, *h) * *x as f64).sum::<f64>() * 0.3;
                                 let mag: f64 = r.iter().zip(&q).map(|(h, x)| (widen(f16, *h) * *x as f64).abs()).sum();
-                                assert!((*g as f64 - want).abs() <= 1e-6 * mag + 1e-30, "{what}: score {p} {g} vs {want}");
+                                assert!(
+                                    (*g as f64 - want).abs() <= 1e-6 * mag + 1e-30,
+                                    "{what}: score {p} {g} vs {want}"
+                                );
                             }
                             let init = uniform(d, 8);
                             let mut got = init.clone();
@@ -662,7 +677,9 @@ mod tests {
                                 let want = init[j] as f64
                                     + (0..n_pos).map(|p| w[p] as f64 * widen(f16, rows[p * stride + j])).sum::<f64>();
                                 let mag = init[j].abs() as f64
-                                    + (0..n_pos).map(|p| (w[p] as f64 * widen(f16, rows[p * stride + j])).abs()).sum::<f64>();
+                                    + (0..n_pos)
+                                        .map(|p| (w[p] as f64 * widen(f16, rows[p * stride + j])).abs())
+                                        .sum::<f64>();
                                 assert!((got[j] as f64 - want).abs() <= 1e-6 * mag + 1e-30, "{what}: sum {j}");
                             }
                             // the per-row kernels against their scalar forms

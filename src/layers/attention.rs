@@ -840,46 +840,50 @@ mod tests {
             let len = (pos0 + n) * heads.nkv * heads.d;
             // every cache type against the float64 definition over the values it holds
             for ty in [KvType::F32, KvType::Bf16, KvType::F16] {
-            let cache = KvCache {
-                k: KvBuf::from_f32(ty, &uniform(len, 2)),
-                v: KvBuf::from_f32(ty, &uniform(len, 3)),
-                ..Default::default()
-            };
-            let want = naive(&q, n, pos0, &cache, heads);
-            for parts in [1, 2, 5, 64] {
-                let mut o = vec![0f32; n * heads.nh * heads.d];
-                attend(&q, n, pos0, &cache, &mut o, heads, parts);
-                let err = o.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
-                assert!(err < 1e-5, "{heads:?} {ty} n {n} pos0 {pos0} parts {parts}: max error {err}");
-                if n == 1 {
-                    // decode's step: each KV head merged by its last part, straight into the
-                    // output projection's input — the same numbers as attend then the product
-                    let cols = heads.nh * heads.d;
-                    let w = uniform(cols * 24, 4);
-                    let group = if cols % 64 == 0 { 64 } else { cols };
-                    let blob = crate::quant::quantize(&w, 24, cols, 4, group);
-                    let kind = crate::tensor::WKind::Q { bits: 4, group: group as u16 };
-                    let bytes = crate::tensor::AlignedBytes::from_slice(&blob);
-                    for m in
-                        [Mat::from_f32(24, cols, w.clone()).unwrap(), Mat::from_bytes(24, cols, kind, bytes).unwrap()]
-                    {
-                        for p in [Precision::Exact, Precision::Fast] {
-                            let mut want = vec![0f32; 24];
-                            m.matvec(&o, &mut want, p);
-                            for threads in [1, 4] {
-                                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                                let mut got = vec![f32::NAN; 24];
-                                pool.install(|| {
-                                    let staged = Staged::new(m.view(), heads.nh / heads.nkv * heads.d, p);
-                                    attend_one(&q, pos0, &cache, &staged, heads, parts);
-                                    staged.product(&mut got);
-                                });
-                                assert_eq!(got, want, "{heads:?} {ty} pos0 {pos0} parts {parts} {p:?} {threads} threads");
+                let cache = KvCache {
+                    k: KvBuf::from_f32(ty, &uniform(len, 2)),
+                    v: KvBuf::from_f32(ty, &uniform(len, 3)),
+                    ..Default::default()
+                };
+                let want = naive(&q, n, pos0, &cache, heads);
+                for parts in [1, 2, 5, 64] {
+                    let mut o = vec![0f32; n * heads.nh * heads.d];
+                    attend(&q, n, pos0, &cache, &mut o, heads, parts);
+                    let err = o.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+                    assert!(err < 1e-5, "{heads:?} {ty} n {n} pos0 {pos0} parts {parts}: max error {err}");
+                    if n == 1 {
+                        // decode's step: each KV head merged by its last part, straight into the
+                        // output projection's input — the same numbers as attend then the product
+                        let cols = heads.nh * heads.d;
+                        let w = uniform(cols * 24, 4);
+                        let group = if cols % 64 == 0 { 64 } else { cols };
+                        let blob = crate::quant::quantize(&w, 24, cols, 4, group);
+                        let kind = crate::tensor::WKind::Q { bits: 4, group: group as u16 };
+                        let bytes = crate::tensor::AlignedBytes::from_slice(&blob);
+                        for m in [
+                            Mat::from_f32(24, cols, w.clone()).unwrap(),
+                            Mat::from_bytes(24, cols, kind, bytes).unwrap(),
+                        ] {
+                            for p in [Precision::Exact, Precision::Fast] {
+                                let mut want = vec![0f32; 24];
+                                m.matvec(&o, &mut want, p);
+                                for threads in [1, 4] {
+                                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                                    let mut got = vec![f32::NAN; 24];
+                                    pool.install(|| {
+                                        let staged = Staged::new(m.view(), heads.nh / heads.nkv * heads.d, p);
+                                        attend_one(&q, pos0, &cache, &staged, heads, parts);
+                                        staged.product(&mut got);
+                                    });
+                                    assert_eq!(
+                                        got, want,
+                                        "{heads:?} {ty} pos0 {pos0} parts {parts} {p:?} {threads} threads"
+                                    );
+                                }
                             }
                         }
                     }
                 }
-            }
             }
         }
     }
