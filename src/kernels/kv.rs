@@ -100,16 +100,10 @@ pub fn axpy_rows_kv(w: &[f32], rows: KvRows<'_>, stride: usize, out: &mut [f32])
 }
 
 /// F16C, for the AVX2 path's f16 conversions.
+#[cfg(target_arch = "x86_64")]
 fn f16c() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *F.get_or_init(|| is_x86_feature_detected!("f16c"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *F.get_or_init(|| is_x86_feature_detected!("f16c"))
 }
 
 /// The instruction sets this machine runs the 16-bit kernels with (tests try each).
