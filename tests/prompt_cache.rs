@@ -9,7 +9,7 @@ use common::FIXTURES;
 use flashmoe::generate::SamplingParams;
 use flashmoe::layers::attention::KvType;
 use flashmoe::load::load_model;
-use flashmoe::model::{Model, State};
+use flashmoe::model::{Model, State, StateBuf};
 use flashmoe::prompt_cache::{self, PromptCache, entry_name, model_identity, read_state, write_state};
 use flashmoe::session::Session;
 use flashmoe::tokenizer::TextTokenizer;
@@ -171,9 +171,22 @@ fn another_cache_type_is_refused_by_name_and_an_old_file_loads() {
     let (tokens, mut loaded) = read_state(&old, &m, &h.identity).unwrap();
     let mut fresh = m.new_state();
     m.forward(&mut fresh, &tokens, false).unwrap();
-    same_state(&fresh, &loaded, "old file");
+    // the file was computed on x86 with AVX-512: the same numbers up to the kernels' rounding
+    // (bit for bit there; another ISA sums in another order)
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(a.len() == b.len() && err <= 1e-4 * scale, "{what}: error {err} of {scale}");
+    };
+    for (i, (x, y)) in fresh.layers.iter().zip(&loaded.layers).enumerate() {
+        assert_eq!(x.kind(), y.kind(), "old file: layer {i}");
+        for (p, q) in x.buffers().into_iter().zip(y.buffers()) {
+            let (StateBuf::F32(p), StateBuf::F32(q)) = (p, q) else { panic!("old file: layer {i} is not f32") };
+            close(p, q, &format!("old file: layer {i}"));
+        }
+    }
     let (a, b) = (m.forward(&mut fresh, &[5], false).unwrap(), m.forward(&mut loaded, &[5], false).unwrap());
-    assert!(bits(&a) == bits(&b), "decode after the old file differs");
+    close(&b, &a, "decode after the old file");
     let mut m16 = model("gpt_oss");
     m16.opts.kv_cache = KvType::Bf16;
     let e = format!("{:#}", read_state(&old, &m16, &h.identity).expect_err("an f32 file in a bf16 run"));
