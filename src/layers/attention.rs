@@ -815,6 +815,38 @@ mod tests {
     }
 
     #[test]
+    fn a_16_bit_cache_holds_the_rounded_rows_at_half_the_bytes_and_slides_alike() {
+        let row = 2 * 12;
+        for window in [None, Some(5)] {
+            let mut caches: Vec<KvCache> =
+                [KvType::F32, KvType::Bf16, KvType::F16].into_iter().map(|t| KvCache::new(t, window)).collect();
+            for (n, seed) in [(3, 1), (1, 2), (7, 3), (1, 4), (1, 5)] {
+                let (k, v) = (uniform(n * row, seed), uniform(n * row, seed + 10));
+                for c in &mut caches {
+                    let end = c.start + c.k.len() / row + n;
+                    c.append(&k, &v, row);
+                    c.slide(end, row);
+                }
+            }
+            let want = caches[0].k.to_f32();
+            assert_eq!(want.len() / row, window.map_or(13, |w| window_rows(13, w)), "{window:?}");
+            for c in &caches[1..] {
+                // the same rows, each rounded once, in the same place
+                assert_eq!((c.start, c.k.len(), c.v.len()), (caches[0].start, want.len(), want.len()));
+                assert_eq!(c.k.rows().len(), want.len());
+                let b = KvBuf::from_f32(c.ty(), &want);
+                assert!(
+                    matches!((&c.k, &b), (KvBuf::Bf16(x), KvBuf::Bf16(y)) | (KvBuf::F16(x), KvBuf::F16(y)) if x == y)
+                );
+                assert_eq!(c.bytes(), (c.k.capacity() + c.v.capacity()) * 2, "{}", c.ty());
+            }
+            assert_eq!(caches[0].bytes(), (caches[0].k.capacity() + caches[0].v.capacity()) * 4);
+            // a cache of 256 positions or fewer: one growth step of 256 rows, half the bytes
+            assert_eq!(caches[1].bytes() * 2, caches[0].bytes());
+        }
+    }
+
+    #[test]
     fn context_parts_merge_to_the_whole_softmax() {
         for (heads, n, pos0) in [
             (Heads { nh: 8, nkv: 2, d: 64, gated: true, window: usize::MAX, sinks: None }, 1, 300),
