@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
-tests=(--lib --test reference --test flash --test bad_input --test tokenizer --test session --test mlx_import)
+tests=(--lib --test reference --test flash --test bad_input --test tokenizer --test session --test mlx_import --test kv_cache)
 for cpu in max cortex-a53; do
     echo "== aarch64 tests under qemu, -cpu $cpu"
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $cpu -L /usr/aarch64-linux-gnu" \

@@ -1,6 +1,7 @@
 //! `flashmoe bench`: prefill and decode speed, time per phase, bytes read per token, cache
 //! behaviour and memory, on any model (synthetic full-size ones included).
 
+use crate::layers::attention::KvType;
 use crate::layers::moe::Experts;
 use crate::model::{FfnWeights, Model};
 use crate::profile::{PROFILE, routing_start, routing_take};
@@ -79,6 +80,11 @@ pub struct BenchResult {
     pub prefill_threads: usize,
     /// Where the model ran (`cpu`, or the accelerator in words).
     pub device: String,
+    /// The KV cache type (`f32`, `bf16`, `f16`; a GPU's is f32), and the cache bytes a decode
+    /// token reads at the end of the run: attention's keys and values in its window, MLA's
+    /// latents and indexer keys (DeltaNet's fixed-size state is not counted).
+    pub kv_cache: String,
+    pub kv_bytes_per_token: f64,
 }
 
 /// Peak resident set size of this process (VmHWM).
@@ -143,6 +149,23 @@ pub fn weight_bytes_per_token(model: &Model, k: usize) -> f64 {
         }
     }
     b
+}
+
+/// Bytes of KV cache one decode token reads after `pos` tokens with caches of type `kv`:
+/// every attention layer's keys and values in its window, MLA's latent rows (f32) and indexer
+/// keys.
+pub fn kv_bytes_per_token(model: &Model, pos: usize, kv: KvType) -> f64 {
+    let mut b = 0;
+    for l in &model.layers {
+        let (kind, lens) = l.state_shape(pos, kv);
+        let n: usize = lens.iter().sum();
+        b += match kind {
+            "delta" => 0,
+            k if crate::model::kv_kind_type(k).is_some() => n * kv.bytes(),
+            _ => n * 4,
+        };
+    }
+    b as f64
 }
 
 /// Runs the benchmark: a random prompt prefilled at once, then `gen_tokens` greedy decode steps.
@@ -227,6 +250,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     let bytes = misses * model.store.as_ref().map_or(0, |s| s.expert_bytes() as u64);
     let fetched = s2.bytes_read - s1.bytes_read;
     let k = model.opts.experts_per_token.unwrap_or(model.cfg.num_experts_per_tok);
+    let kv = if model.accel.is_some() { KvType::F32 } else { model.opts.kv_cache };
     Ok(BenchResult {
         cold_resident_fraction: cold_resident,
         prompt_tokens: prompt.len(),
@@ -263,5 +287,7 @@ pub fn run(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         threads: rayon::current_num_threads(),
         prefill_threads: opts.prefill_threads.unwrap_or_else(rayon::current_num_threads),
         device: model.accel.as_ref().map_or("cpu".into(), |a| a.name()),
+        kv_cache: kv.name().into(),
+        kv_bytes_per_token: kv_bytes_per_token(model, st.pos, kv),
     })
 }

@@ -96,6 +96,8 @@ pub struct LoadOptions {
     pub precision: crate::tensor::Precision,
     /// Where the forward pass runs.
     pub device: crate::backend::Device,
+    /// The CPU's KV cache type ([`crate::model::RunOptions::kv_cache`]; a GPU keeps f32).
+    pub kv_cache: crate::layers::attention::KvType,
 }
 
 /// Loads config and weights from `dir` (a Hugging Face checkpoint or a converted model).
@@ -155,6 +157,7 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let mut m =
             build(cfg, &res, store, preload).with_context(|| format!("loading model from {}", dir.display()))?;
         m.opts.precision = opts.precision;
+        m.opts.kv_cache = opts.kv_cache;
         m.accel = crate::backend::attach(&m, opts.device)?;
         return Ok(m);
     }
@@ -163,6 +166,7 @@ pub fn load_model_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     let mut m =
         build(cfg, src.as_ref(), None, None).with_context(|| format!("loading model from {}", dir.display()))?;
     m.opts.precision = opts.precision;
+    m.opts.kv_cache = opts.kv_cache;
     m.accel = crate::backend::attach(&m, opts.device)?;
     Ok(m)
 }

@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::flash::ExpertStore;
-use crate::layers::attention::{Attention, KvCache};
+use crate::layers::attention::{Attention, KvCache, KvType};
 use crate::layers::deltanet::{DeltaNet, DeltaState};
 use crate::layers::mla::{LatentCache, Mla, Selection};
 use crate::layers::mlp::Mlp;
@@ -53,30 +53,31 @@ pub enum LayerState {
 }
 
 impl LayerState {
-    /// The variant's name in prompt-cache files ([`crate::prompt_cache`]).
+    /// The variant's name in prompt-cache files ([`crate::prompt_cache`]); a 16-bit KV cache's
+    /// names its type.
     pub fn kind(&self) -> &'static str {
         match self {
-            LayerState::Kv(_) => "kv",
+            LayerState::Kv(c) => kv_kind(c.ty()),
             LayerState::Delta(_) => "delta",
             LayerState::Latent(_) => "latent",
         }
     }
 
     /// The state's buffers, in the order cache files hold them.
-    pub fn buffers(&self) -> SmallVec<[&Vec<f32>; 4]> {
+    pub fn buffers(&self) -> SmallVec<[StateBuf<'_>; 4]> {
         match self {
-            LayerState::Kv(c) => smallvec![&c.k, &c.v],
-            LayerState::Delta(d) => smallvec![&d.conv, &d.s],
-            LayerState::Latent(c) => smallvec![&c.lat, &c.index_k],
+            LayerState::Kv(c) => smallvec![c.k.state_buf(), c.v.state_buf()],
+            LayerState::Delta(d) => smallvec![StateBuf::F32(&d.conv), StateBuf::F32(&d.s)],
+            LayerState::Latent(c) => smallvec![StateBuf::F32(&c.lat), StateBuf::F32(&c.index_k)],
         }
     }
 
     /// The same buffers, to fill when loading.
-    pub fn buffers_mut(&mut self) -> SmallVec<[&mut Vec<f32>; 4]> {
+    pub fn buffers_mut(&mut self) -> SmallVec<[StateBufMut<'_>; 4]> {
         match self {
-            LayerState::Kv(c) => smallvec![&mut c.k, &mut c.v],
-            LayerState::Delta(d) => smallvec![&mut d.conv, &mut d.s],
-            LayerState::Latent(c) => smallvec![&mut c.lat, &mut c.index_k],
+            LayerState::Kv(c) => smallvec![c.k.state_buf_mut(), c.v.state_buf_mut()],
+            LayerState::Delta(d) => smallvec![StateBufMut::F32(&mut d.conv), StateBufMut::F32(&mut d.s)],
+            LayerState::Latent(c) => smallvec![StateBufMut::F32(&mut c.lat), StateBufMut::F32(&mut c.index_k)],
         }
     }
 
@@ -99,7 +100,7 @@ impl LayerState {
         if !self.truncatable() || to > from || from == 0 {
             return false;
         }
-        for b in self.buffers_mut() {
+        for mut b in self.buffers_mut() {
             let row = b.len() / from;
             b.truncate(row * to);
         }
@@ -107,14 +108,128 @@ impl LayerState {
     }
 }
 
+/// A KV layer's state kind in prompt-cache files: `kv` (f32, as every file before 16-bit
+/// caches), `kv-bf16`, `kv-f16`.
+pub fn kv_kind(ty: KvType) -> &'static str {
+    match ty {
+        KvType::F32 => "kv",
+        KvType::Bf16 => "kv-bf16",
+        KvType::F16 => "kv-f16",
+    }
+}
+
+/// The KV cache type of a state kind ([`kv_kind`]), `None` for other kinds.
+pub fn kv_kind_type(kind: &str) -> Option<KvType> {
+    [KvType::F32, KvType::Bf16, KvType::F16].into_iter().find(|&t| kv_kind(t) == kind)
+}
+
+/// One buffer of a layer's state as stored: f32 values, or 16-bit ones (a bf16/f16 KV cache).
+#[derive(Clone, Copy, Debug)]
+pub enum StateBuf<'a> {
+    F32(&'a [f32]),
+    U16(&'a [u16]),
+}
+
+impl StateBuf<'_> {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            StateBuf::F32(v) => v.len(),
+            StateBuf::U16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of one value.
+    pub fn value_bytes(&self) -> usize {
+        match self {
+            StateBuf::F32(_) => 4,
+            StateBuf::U16(_) => 2,
+        }
+    }
+
+    /// Appends values `from..to`, little-endian, to `out`.
+    pub fn le_bytes(&self, from: usize, to: usize, out: &mut Vec<u8>) {
+        match self {
+            StateBuf::F32(v) => out.extend(v[from..to].iter().flat_map(|x| x.to_le_bytes())),
+            StateBuf::U16(v) => out.extend(v[from..to].iter().flat_map(|x| x.to_le_bytes())),
+        }
+    }
+}
+
+/// A [`StateBuf`] to fill when loading.
+#[derive(Debug)]
+pub enum StateBufMut<'a> {
+    F32(&'a mut Vec<f32>),
+    U16(&'a mut Vec<u16>),
+}
+
+impl StateBufMut<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            StateBufMut::F32(v) => v.len(),
+            StateBufMut::U16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn truncate(&mut self, n: usize) {
+        match self {
+            StateBufMut::F32(v) => v.truncate(n),
+            StateBufMut::U16(v) => v.truncate(n),
+        }
+    }
+
+    /// Bytes of one value.
+    pub fn value_bytes(&self) -> usize {
+        match self {
+            StateBufMut::F32(_) => 4,
+            StateBufMut::U16(_) => 2,
+        }
+    }
+
+    /// Makes the buffer `len` zeros and returns its bytes, to be read into (little-endian:
+    /// [`Self::from_le`] after).
+    pub fn zeroed_bytes(&mut self, len: usize) -> &mut [u8] {
+        match self {
+            StateBufMut::F32(v) => {
+                v.clear();
+                v.resize(len, 0.0);
+                bytemuck::cast_slice_mut(&mut v[..])
+            }
+            StateBufMut::U16(v) => {
+                v.clear();
+                v.resize(len, 0);
+                bytemuck::cast_slice_mut(&mut v[..])
+            }
+        }
+    }
+
+    /// Turns little-endian values read into [`Self::zeroed_bytes`] into native ones.
+    pub fn from_le(&mut self) {
+        #[cfg(target_endian = "big")]
+        match self {
+            StateBufMut::F32(v) => v.iter_mut().for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes())),
+            StateBufMut::U16(v) => v.iter_mut().for_each(|x| *x = x.swap_bytes()),
+        }
+    }
+}
+
 impl Layer {
     /// The kind of state this layer keeps and the length of each of its buffers after `pos`
     /// tokens ([`LayerState::kind`], [`LayerState::buffers`]).
-    pub fn state_shape(&self, pos: usize) -> (&'static str, SmallVec<[usize; 4]>) {
+    /// `kv` is the run's KV cache type.
+    pub fn state_shape(&self, pos: usize, kv: KvType) -> (&'static str, SmallVec<[usize; 4]>) {
         match &self.mixer {
             MixerWeights::Attention(a) => {
                 let rows = a.window.map_or(pos, |w| crate::layers::attention::window_rows(pos, w));
-                ("kv", smallvec![rows * a.num_kv_heads * a.head_dim; 2])
+                (kv_kind(kv), smallvec![rows * a.num_kv_heads * a.head_dim; 2])
             }
             MixerWeights::DeltaNet(d) => {
                 let s = DeltaState::new(&d.cfg);
@@ -160,6 +275,9 @@ pub struct RunOptions {
     pub experts_per_token: Option<usize>,
     /// How products treat activations: exact (f32, as the reference) or fast (int8/bf16).
     pub precision: Precision,
+    /// How KV caches store their rows ([`KvType`]): f32 (the default here, as the reference
+    /// computes), or bf16 / f16 at half the bytes (the CLI's default is bf16).
+    pub kv_cache: KvType,
     /// A longer prompt runs in chunks of this many tokens (0: [`PREFILL_CHUNK`]): activation
     /// buffers stay bounded, and each chunk still reads a routed expert once for all its tokens.
     pub prefill_chunk: usize,
@@ -249,7 +367,7 @@ impl Layer {
         self.input_norm.forward(x, &mut h);
         crate::par::mark();
         let t = Instant::now();
-        match (&self.mixer, st) {
+        match (&self.mixer, &mut *st) {
             (MixerWeights::Attention(a), LayerState::Kv(c)) => a.forward(&h, n, pos0, c, &mut y, p),
             (MixerWeights::DeltaNet(d), LayerState::Delta(s)) => d.forward(&h, n, s, &mut y, p),
             (MixerWeights::Mla(a), LayerState::Latent(c)) => a.forward(&h, n, pos0, c, sel, &mut y, p),
@@ -257,7 +375,11 @@ impl Layer {
         }
         add_since(&PROFILE.mixer, t);
         if !all_finite(&y) {
-            bail!("non-finite values (NaN or Inf) in the output of the {} (corrupt weights?)", self.mixer_name());
+            bail!(
+                "non-finite values (NaN or Inf) in the output of the {} ({})",
+                self.mixer_name(),
+                non_finite_cause(st)
+            );
         }
         add_assign(x, &y);
         Ok(())
@@ -328,11 +450,13 @@ impl Layer {
         add_since(&PROFILE.mixer, t);
         x.chunks_exact_mut(d)
             .zip(y.chunks_exact(d))
-            .map(|(x, y)| {
+            .zip(states.iter())
+            .map(|((x, y), st)| {
                 if !all_finite(y) {
                     bail!(
-                        "non-finite values (NaN or Inf) in the output of the {} (corrupt weights?)",
-                        self.mixer_name()
+                        "non-finite values (NaN or Inf) in the output of the {} ({})",
+                        self.mixer_name(),
+                        non_finite_cause(st)
                     );
                 }
                 add_assign(x, y);
@@ -380,6 +504,16 @@ impl Layer {
     }
 }
 
+/// What a mixer's non-finite output may come from: an f16 KV cache's overflow, or the weights.
+fn non_finite_cause(st: &LayerState) -> &'static str {
+    match st {
+        LayerState::Kv(c) if c.ty() == KvType::F16 => {
+            "an f16 KV cache holds values up to 65504: --kv-cache bf16 keeps f32's range; or corrupt weights?"
+        }
+        _ => "corrupt weights?",
+    }
+}
+
 /// x += y (in parallel for a prompt's rows).
 fn add_assign(x: &mut [f32], y: &[f32]) {
     if crate::tensor::parallel(x.len()) && x.len() > 1 << 14 && !crate::par::on_team() {
@@ -410,7 +544,7 @@ impl Model {
             .layers
             .iter()
             .map(|l| match &l.mixer {
-                MixerWeights::Attention(a) => LayerState::Kv(KvCache { window: a.window, ..Default::default() }),
+                MixerWeights::Attention(a) => LayerState::Kv(KvCache::new(self.opts.kv_cache, a.window)),
                 MixerWeights::DeltaNet(d) => LayerState::Delta(DeltaState::new(&d.cfg)),
                 MixerWeights::Mla(_) => LayerState::Latent(LatentCache::default()),
             })

@@ -3,6 +3,7 @@
 //! server and library users choose alike.
 
 use crate::flash::{CacheMode, StoreOptions};
+use crate::layers::attention::KvType;
 use crate::load::LoadOptions;
 use crate::tensor::Precision;
 use anyhow::{Context, Result, bail};
@@ -33,6 +34,8 @@ pub struct StoreChoices {
     pub mlock: bool,
     pub precision: Precision,
     pub device: crate::backend::Device,
+    /// The KV cache type; bf16 by default here (half the bytes of f32, no overflow).
+    pub kv_cache: KvType,
 }
 
 impl Default for StoreChoices {
@@ -46,6 +49,7 @@ impl Default for StoreChoices {
             mlock: false,
             precision: Precision::Fast,
             device: crate::backend::Device::Cpu,
+            kv_cache: KvType::Bf16,
         }
     }
 }
@@ -90,6 +94,7 @@ impl StoreChoices {
             mlock: self.mlock,
             precision: self.precision,
             device: self.device,
+            kv_cache: self.kv_cache,
         })
     }
 }

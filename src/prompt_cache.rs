@@ -5,7 +5,8 @@
 //! One directory per model identity (`<cache dir>/prompt-cache/<model>-<hash>/` by default);
 //! one file per entry, named by a hash of its tokens and their count. A file holds a header
 //! (format version, model identity, the tokens themselves, each layer's state kind and buffer
-//! lengths, a CRC) and then every buffer as raw little-endian f32 with a CRC of its own. Loading
+//! lengths, a CRC) and then every buffer as raw little-endian values (f32; a bf16 or f16 KV cache's 16 bits, its kind
+//! saying which) with a CRC of its own. Loading
 //! checks all of it against the model; an entry that fails is removed and ignored. The hash
 //! only names files: the stored tokens decide what an entry is, so a collision cannot serve a
 //! wrong state.
@@ -58,7 +59,7 @@ pub fn entry_name(tokens: &[u32]) -> String {
 
 /// What decides a model's states: its files (config, and each file's name, size and
 /// modification time, so a converted-again or retrained model gets new entries) and the run
-/// options that change the numbers (precision, experts per token).
+/// options that change the numbers (precision, experts per token, a 16-bit KV cache).
 pub fn model_identity(dir: &Path, model: &Model) -> String {
     let mut h = fnv64(FNV0, &fs::read(dir.join("config.json")).unwrap_or_default());
     let mut files = vec![];
@@ -95,8 +96,13 @@ pub fn model_identity(dir: &Path, model: &Model) -> String {
         .unwrap_or_else(|| "model".into());
     let name: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).take(64).collect();
+    // an f32 cache adds nothing: files from before 16-bit caches keep their identity
+    let kv = match model.opts.kv_cache {
+        crate::layers::attention::KvType::F32 => String::new(),
+        t => format!(" kv_cache={t}"),
+    };
     format!(
-        "{name}-{h:016x} layers={} precision={:?} experts_per_token={:?}",
+        "{name}-{h:016x} layers={} precision={:?} experts_per_token={:?}{kv}",
         model.layers.len(),
         model.opts.precision,
         model.opts.experts_per_token
@@ -139,7 +145,7 @@ fn put_u64(h: &mut Vec<u8>, v: u64) {
 
 /// Bytes a file of `st` after `tokens` takes.
 pub fn file_bytes(identity: &str, tokens: &[u32], st: &State) -> u64 {
-    let data: usize = st.layers.iter().flat_map(|l| l.buffers()).map(|b| b.len() * 4).sum();
+    let data: usize = st.layers.iter().flat_map(|l| l.buffers()).map(|b| b.len() * b.value_bytes()).sum();
     (header(identity, tokens, st).len() + data + 4) as u64
 }
 
@@ -185,9 +191,9 @@ pub fn write_state(w: &mut impl Write, identity: &str, tokens: &[u32], st: &Stat
     let mut bytes = vec![];
     for l in &st.layers {
         for b in l.buffers() {
-            for part in b.chunks(1 << 16) {
+            for from in (0..b.len()).step_by(1 << 16) {
                 bytes.clear();
-                bytes.extend(part.iter().flat_map(|v| v.to_le_bytes()));
+                b.le_bytes(from, b.len().min(from + (1 << 16)), &mut bytes);
                 crc.update(&bytes);
                 w.write_all(&bytes)?;
             }
@@ -202,7 +208,8 @@ pub fn write_state(w: &mut impl Write, identity: &str, tokens: &[u32], st: &Stat
 pub struct Header {
     pub identity: String,
     pub tokens: Vec<u32>,
-    /// Each layer's state kind and buffer lengths (f32 elements).
+    /// Each layer's state kind and buffer lengths (values: 2 bytes each in a 16-bit KV cache,
+    /// `kv-bf16` or `kv-f16`, else 4).
     pub layers: Vec<(String, SmallVec<[u64; 4]>)>,
     /// Bytes of the header, its CRC included.
     pub bytes: u64,
@@ -283,6 +290,15 @@ pub fn read_state(path: &Path, model: &Model, identity: &str) -> Result<(Vec<u32
     let size = f.metadata()?.len();
     let mut r = BufReader::with_capacity(1 << 20, f);
     let h = read_header(&mut r)?;
+    // another KV cache type is named as such (its identity differs too)
+    let run = model.opts.kv_cache;
+    if let Some(t) = h.layers.iter().find_map(|(k, _)| crate::model::kv_kind_type(k)).filter(|&t| t != run) {
+        bail!(
+            "{}: holds a KV cache of type {t}, this run's is {run} (--kv-cache {t} reads it; entries of one type never \
+             serve another)",
+            path.display()
+        );
+    }
     if h.identity != identity {
         bail!("made by another model or with other options ({}; this is {identity})", h.identity);
     }
@@ -292,27 +308,29 @@ pub fn read_state(path: &Path, model: &Model, identity: &str) -> Result<(Vec<u32
     }
     let mut st = model.new_state();
     for (i, ((kind, lens), layer)) in h.layers.iter().zip(&model.layers).enumerate() {
-        let (want_kind, want) = layer.state_shape(n);
+        let (want_kind, want) = layer.state_shape(n, run);
         if kind != want_kind || lens.len() != want.len() || lens.iter().zip(&want).any(|(a, b)| *a != *b as u64) {
             bail!(
                 "layer {i}: a {kind} state of lengths {lens:?}, the model's is {want_kind} {want:?} after {n} tokens"
             );
         }
     }
-    let data: u64 = h.layers.iter().flat_map(|(_, l)| l).sum::<u64>() * 4;
+    let data: u64 = st
+        .layers
+        .iter()
+        .zip(&h.layers)
+        .flat_map(|(l, (_, lens))| l.buffers().into_iter().zip(lens).map(|(b, n)| n * b.value_bytes() as u64))
+        .sum();
     if size != h.bytes + data + 4 {
         bail!("{} bytes, the header says {} (truncated or corrupt)", size, h.bytes + data + 4);
     }
     let mut crc = crc32fast::Hasher::new();
     for (l, (_, lens)) in st.layers.iter_mut().zip(&h.layers) {
-        for (b, &len) in l.buffers_mut().into_iter().zip(lens) {
-            b.clear();
-            b.resize(len as usize, 0.0);
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut b[..]);
+        for (mut b, &len) in l.buffers_mut().into_iter().zip(lens) {
+            let bytes = b.zeroed_bytes(len as usize);
             r.read_exact(bytes).context("truncated (state data)")?;
             crc.update(bytes);
-            #[cfg(target_endian = "big")]
-            b.iter_mut().for_each(|v| *v = f32::from_bits(v.to_bits().swap_bytes()));
+            b.from_le();
         }
     }
     let mut c = [0u8; 4];

@@ -27,16 +27,16 @@ pub struct Buf(Vec<f32>);
 /// Makes room in `v` for `len` more values, growing it by at least `ahead` at a time, and
 /// touches the pages of what it grew: a decode step's cache rows otherwise landed on fresh
 /// pages, a page fault per layer and token (~10 µs in the lent machine's VM).
-pub fn reserve_touched(v: &mut Vec<f32>, len: usize, ahead: usize) {
+pub fn reserve_touched<T: Copy + Default>(v: &mut Vec<T>, len: usize, ahead: usize) {
     if v.capacity() - v.len() >= len {
         return;
     }
     v.reserve(len.max(ahead));
     let spare = v.spare_capacity_mut();
     let n = spare.len().min(len.max(ahead));
-    for page in spare[..n].chunks_mut(1024) {
-        page[0].write(0.0);
-        page[page.len() - 1].write(0.0);
+    for page in spare[..n].chunks_mut(4096 / std::mem::size_of::<T>().max(1)) {
+        page[0].write(T::default());
+        page[page.len() - 1].write(T::default());
     }
 }
 

@@ -1,6 +1,6 @@
 //! A decode step of several sequences at once (`Model::forward_batch`) gives every sequence
 //! exactly the logits it gets alone (`Model::forward`, one token), bit for bit, in both
-//! precisions, on every fixture family, with the sequences at different positions (prompts of
+//! precisions and with f32, bf16 and f16 KV caches, on every fixture family, with the sequences at different positions (prompts of
 //! different lengths, some decoded further), on one thread and on an oversubscribed pool; with
 //! experts streamed from a converted model too, where a routed expert two sequences chose is
 //! read once. Each step's products (attention's projections, the router, every expert over the
@@ -10,6 +10,7 @@ mod common;
 
 use flashmoe::flash::convert::{ConvertOptions, convert};
 use flashmoe::flash::{CacheMode, StoreOptions};
+use flashmoe::layers::attention::KvType;
 use flashmoe::load::{LoadOptions, load_model_with};
 use flashmoe::model::{Model, State};
 use flashmoe::tensor::{Precision, WKind};
@@ -77,18 +78,27 @@ fn run(m: &Model, lens: &[usize], lead: &[usize], steps: usize, batched: bool) -
     out
 }
 
-fn check(label: &str, m: &mut Model) {
+/// Each precision with an f32 cache, and the CLI's default (fast, bf16) and f16 too.
+const ALL: &[(Precision, KvType)] = &[
+    (Precision::Exact, KvType::F32),
+    (Precision::Fast, KvType::F32),
+    (Precision::Fast, KvType::Bf16),
+    (Precision::Exact, KvType::F16),
+];
+
+fn check(label: &str, m: &mut Model, runs: &[(Precision, KvType)]) {
     // six sequences: more than the four vectors a multi-vector kernel takes at once
     let (lens, lead) = ([3usize, 9, 1, 6, 2, 4], [0usize, 2, 5, 1, 3, 0]);
-    for precision in [Precision::Exact, Precision::Fast] {
+    for &(precision, kv) in runs {
         m.opts.precision = precision;
+        m.opts.kv_cache = kv;
         let alone = on_threads(1, || run(m, &lens, &lead, 4, false));
         assert!(alone.iter().flatten().flatten().all(|v| v.is_finite()), "{label}: non-finite logits");
         for threads in [1, many()] {
             let together = on_threads(threads, || run(m, &lens, &lead, 4, true));
             assert!(
                 alone == together,
-                "{label} {precision:?} on {threads} threads: a batched step differs from one alone"
+                "{label} {precision:?} {kv} cache on {threads} threads: a batched step differs from one alone"
             );
         }
     }
@@ -99,7 +109,7 @@ fn a_batch_step_equals_each_sequence_alone_on_every_family() {
     flashmoe::tensor::set_parallel_threshold(0);
     for name in common::fixtures() {
         let mut m = load_model_with(&fixture(name), &LoadOptions::default()).unwrap();
-        check(name, &mut m);
+        check(name, &mut m, ALL);
     }
 }
 
@@ -118,7 +128,7 @@ fn a_batch_step_equals_each_sequence_alone_with_streamed_experts() {
                 ..Default::default()
             };
             let mut m = load_model_with(&out, &lo).unwrap();
-            check(&format!("{name} {mode:?} {cache_bytes}"), &mut m);
+            check(&format!("{name} {mode:?} {cache_bytes}"), &mut m, &[ALL[0], ALL[2]]);
         }
     }
 }

@@ -371,3 +371,35 @@ fn the_memory_cgroup_helper_detects_cgroup_v1_and_v2() {
     let (ok, _, err) = run(&tmp.path().join("empty"));
     assert!(!ok && err.contains("no cgroup v1 memory controller"), "{err}");
 }
+
+/// `--kv-cache`: `logits` keeps an f32 cache unless asked, `bench` defaults to bf16 and reports
+/// the type and the cache bytes a decode token reads, `--exact` refuses a 16-bit type by name.
+#[test]
+fn kv_cache_flag_chooses_the_cache_type() {
+    let dir = fixture("qwen3_moe");
+    let d = dir.to_str().unwrap();
+    let logits = |extra: &[&str]| {
+        let mut a = vec!["logits", "--model", d, "--tokens", "1,2,3,4,5,6", "--incremental"];
+        a.extend(extra);
+        run(&a).0
+    };
+    assert_eq!(logits(&[]), logits(&["--kv-cache", "f32"]));
+    assert_ne!(logits(&[]), logits(&["--kv-cache", "bf16"]));
+    // 4 attention layers of 2 KV heads of 12: keys and values, 2 or 4 bytes each
+    for (extra, ty, bytes) in [(None, "bf16", 2), (Some("f32"), "f32", 4), (Some("f16"), "f16", 2)] {
+        let mut a = vec!["bench", "--model", d, "--prompt-tokens", "5", "--gen-tokens", "3", "--json"];
+        if let Some(t) = extra {
+            a.extend(["--kv-cache", t]);
+        }
+        let j: Value = serde_json::from_str(&run(&a).0).unwrap();
+        assert_eq!(j["kv_cache"], ty, "{j}");
+        let pos = j["prompt_tokens"].as_u64().unwrap() + j["gen_tokens"].as_u64().unwrap();
+        assert_eq!(j["kv_bytes_per_token"].as_f64().unwrap(), (pos * 4 * 2 * 2 * 12 * bytes) as f64, "{j}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["generate", "--model", d, "--prompt", "Hi", "--max-tokens", "1", "--exact", "--kv-cache", "bf16"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--exact") && e.contains("--kv-cache bf16"), "{e}");
+}

@@ -205,6 +205,7 @@ fn streamed_experts_equal_in_memory_experts_in_both_cache_modes() {
                 mlock: mode == CacheMode::Os,
                 precision: flashmoe::tensor::Precision::Fast,
                 device: flashmoe::backend::Device::Cpu,
+                kv_cache: flashmoe::layers::attention::KvType::F32,
             };
             let m = load_model_with(&out, &lo).unwrap();
             let store = m.store.clone().unwrap();

@@ -7,8 +7,9 @@ mod common;
 
 use common::FIXTURES;
 use flashmoe::generate::SamplingParams;
+use flashmoe::layers::attention::KvType;
 use flashmoe::load::load_model;
-use flashmoe::model::{Model, State};
+use flashmoe::model::{Model, State, StateBuf};
 use flashmoe::prompt_cache::{self, PromptCache, entry_name, model_identity, read_state, write_state};
 use flashmoe::session::Session;
 use flashmoe::tokenizer::TextTokenizer;
@@ -34,8 +35,12 @@ fn same_state(a: &State, b: &State, what: &str) {
     for (i, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
         assert_eq!(x.kind(), y.kind(), "{what}: layer {i}");
         for (p, q) in x.buffers().iter().zip(y.buffers()) {
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert!(bits(p) == bits(q), "{what}: layer {i} differs");
+            let bytes = |b: &flashmoe::model::StateBuf<'_>| {
+                let mut v = vec![];
+                b.le_bytes(0, b.len(), &mut v);
+                v
+            };
+            assert!(bytes(p) == bytes(&q), "{what}: layer {i} differs");
         }
     }
 }
@@ -47,9 +52,11 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn saved_states_load_bit_for_bit_and_continue_identically_on_every_fixture() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in FIXTURES {
-        let m = model(name);
-        let id = model_identity(&dir(name), &m);
+    for (name, kv) in FIXTURES.iter().flat_map(|n| [KvType::F32, KvType::Bf16, KvType::F16].map(|t| (n, t))) {
+        let mut m = model(name);
+        m.opts.kv_cache = kv;
+        let name = &format!("{name} {kv}");
+        let id = model_identity(&dir(name.split(' ').next().unwrap()), &m);
         let p = prompt(40);
         let mut st = m.new_state();
         m.forward(&mut st, &p[..30], false).unwrap();
@@ -77,10 +84,17 @@ fn a_kv_entry_serves_shorter_prefixes_and_a_recurrent_one_only_its_own() {
     let tmp = tempfile::tempdir().unwrap();
     // gpt-oss's sliding layers keep only their window's rows: like a recurrent state, not a
     // prefix's
-    for (name, truncatable) in [("qwen3_moe", true), ("gpt_oss", false), ("qwen3_next", false)] {
-        let m = model(name);
+    for (name, truncatable, kv) in [
+        ("qwen3_moe", true, KvType::F32),
+        ("qwen3_moe", true, KvType::Bf16),
+        ("deepseek_v3", true, KvType::F16),
+        ("gpt_oss", false, KvType::Bf16),
+        ("qwen3_next", false, KvType::F32),
+    ] {
+        let mut m = model(name);
+        m.opts.kv_cache = kv;
         let id = model_identity(&dir(name), &m);
-        let mut pc = PromptCache::open(tmp.path().join(name), id, 1 << 30).unwrap();
+        let mut pc = PromptCache::open(tmp.path().join(format!("{name}-{kv}")), id, 1 << 30).unwrap();
         let p = prompt(40);
         let mut st = m.new_state();
         m.forward(&mut st, &p[..30], false).unwrap();
@@ -118,6 +132,65 @@ fn rejected(pc: &mut PromptCache, m: &Model, name: &str, len: usize, what: &str)
     assert!(e.contains(&path.display().to_string()), "{what}: {e}");
     assert!(!path.exists(), "{what}: not removed");
     eprintln!("{what}: {e}");
+}
+
+/// A KV cache of another type is refused, the error naming the file and both types (each run's
+/// identity names a 16-bit type too, so a store never offers one); a file written before
+/// caches had a type (an f32 cache, kind `kv`: scripts/make_old_prompt_cache.sh) loads as one.
+#[test]
+fn another_cache_type_is_refused_by_name_and_an_old_file_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = prompt(20);
+    for (wrote, read) in [(KvType::Bf16, KvType::F32), (KvType::F32, KvType::F16), (KvType::F16, KvType::Bf16)] {
+        let mut m = model("qwen3_moe");
+        m.opts.kv_cache = wrote;
+        let id = model_identity(&dir("qwen3_moe"), &m);
+        let mut st = m.new_state();
+        m.forward(&mut st, &p, false).unwrap();
+        let path = tmp.path().join(format!("{wrote}.fmpc"));
+        write_state(&mut std::fs::File::create(&path).unwrap(), &id, &p, &st).unwrap();
+        m.opts.kv_cache = read;
+        assert_ne!(model_identity(&dir("qwen3_moe"), &m), id, "{wrote} vs {read}: one identity");
+        let e = format!("{:#}", read_state(&path, &m, &id).expect_err("loaded another type"));
+        let (w, r) = (format!("a KV cache of type {wrote}"), format!("this run's is {read}"));
+        assert!(e.contains(&path.display().to_string()) && e.contains(&w) && e.contains(&r), "{e}");
+        // the files say their type: an f32 cache as every file before them did
+        let h = prompt_cache::read_header(&mut std::fs::File::open(&path).unwrap()).unwrap();
+        let want = match wrote {
+            KvType::F32 => "kv",
+            KvType::Bf16 => "kv-bf16",
+            KvType::F16 => "kv-f16",
+        };
+        assert!(h.layers.iter().all(|(k, _)| k == want || k == "delta"), "{:?}", h.layers);
+    }
+    // the old file: its own identity (the fixture's files had other modification times)
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/prompt_cache_v1/gpt_oss.fmpc");
+    let h = prompt_cache::read_header(&mut std::fs::File::open(&old).unwrap()).unwrap();
+    assert!(h.identity.contains("precision=Exact") && !h.identity.contains("kv_cache"), "{}", h.identity);
+    let m = model("gpt_oss");
+    let (tokens, mut loaded) = read_state(&old, &m, &h.identity).unwrap();
+    let mut fresh = m.new_state();
+    m.forward(&mut fresh, &tokens, false).unwrap();
+    // the file was computed on x86 with AVX-512: the same numbers up to the kernels' rounding
+    // (bit for bit there; another ISA sums in another order)
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(a.len() == b.len() && err <= 1e-4 * scale, "{what}: error {err} of {scale}");
+    };
+    for (i, (x, y)) in fresh.layers.iter().zip(&loaded.layers).enumerate() {
+        assert_eq!(x.kind(), y.kind(), "old file: layer {i}");
+        for (p, q) in x.buffers().into_iter().zip(y.buffers()) {
+            let (StateBuf::F32(p), StateBuf::F32(q)) = (p, q) else { panic!("old file: layer {i} is not f32") };
+            close(p, q, &format!("old file: layer {i}"));
+        }
+    }
+    let (a, b) = (m.forward(&mut fresh, &[5], false).unwrap(), m.forward(&mut loaded, &[5], false).unwrap());
+    close(&b, &a, "decode after the old file");
+    let mut m16 = model("gpt_oss");
+    m16.opts.kv_cache = KvType::Bf16;
+    let e = format!("{:#}", read_state(&old, &m16, &h.identity).expect_err("an f32 file in a bf16 run"));
+    assert!(e.contains("a KV cache of type f32, this run's is bf16") && e.contains("gpt_oss.fmpc"), "{e}");
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod common;
 use flashmoe::flash::convert::{ConvertOptions, convert};
 use flashmoe::flash::synth::{Routing, SynthOptions, synth};
 use flashmoe::flash::{CacheMode, StoreOptions};
+use flashmoe::layers::attention::KvType;
 use flashmoe::load::{LoadOptions, load_model_with};
 use flashmoe::model::Model;
 use flashmoe::tensor::{Precision, WKind};
@@ -45,16 +46,20 @@ fn prompt(m: &Model, n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % m.vocab_size() as u32).collect()
 }
 
-/// One thread and `many()` threads agree exactly, for both precisions.
+/// One thread and `many()` threads agree exactly, for both precisions with an f32 KV cache
+/// and for the CLI's default (fast, bf16 cache).
 fn check(label: &str, m: &mut Model, n: usize, decode: usize) {
     flashmoe::tensor::set_parallel_threshold(0);
     let p = prompt(m, n);
-    for precision in [Precision::Exact, Precision::Fast] {
+    for (precision, kv) in
+        [(Precision::Exact, KvType::F32), (Precision::Fast, KvType::F32), (Precision::Fast, KvType::Bf16)]
+    {
         m.opts.precision = precision;
+        m.opts.kv_cache = kv;
         let one = on_threads(1, || run(m, &p, decode));
         let lots = on_threads(many(), || run(m, &p, decode));
         assert!(one.iter().flatten().all(|v| v.is_finite()), "{label}: non-finite logits");
-        assert_eq!(one, lots, "{label} {precision:?}: {} threads differ from one", many());
+        assert_eq!(one, lots, "{label} {precision:?} {kv} cache: {} threads differ from one", many());
     }
 }
 

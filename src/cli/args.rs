@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use flashmoe::flash::CacheMode;
 use flashmoe::generate::SamplingParams;
+use flashmoe::layers::attention::KvType;
 use flashmoe::load::LoadOptions;
 use flashmoe::tensor::{Precision, WKind};
 use std::path::{Path, PathBuf};
@@ -400,6 +401,11 @@ pub(crate) struct StoreArgs {
     /// bf16 activations on CPUs with AVX-512 BF16.
     #[arg(long)]
     pub(crate) exact: bool,
+    /// How the KV cache stores keys and values: bf16 (the default; `logits` and --exact: f32)
+    /// or f16 at 2 bytes a value, f32 at 4. f16 keeps 3 more bits than bf16 but a value above
+    /// 65504 becomes infinite.
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    pub(crate) kv_cache: Option<String>,
     /// Routed experts per token (overrides the model's top-k; fewer read less per token).
     #[arg(long)]
     pub(crate) experts_per_token: Option<usize>,
@@ -428,6 +434,18 @@ impl StoreArgs {
         Ok(())
     }
 
+    /// The `--kv-cache` type: `default` when not given, f32 with --exact (which refuses another).
+    pub(crate) fn kv_cache(&self, default: KvType) -> Result<KvType> {
+        match (self.kv_cache.as_deref(), self.exact) {
+            (Some(t), true) if t != "f32" => {
+                bail!("--exact computes with an f32 KV cache: --kv-cache {t} contradicts it (drop one)")
+            }
+            (Some(t), _) => t.parse(),
+            (None, true) => Ok(KvType::F32),
+            (None, false) => Ok(default),
+        }
+    }
+
     /// The store settings for the model in `dir`, `auto` values resolved.
     pub(crate) fn load_options(&self, dir: &Path) -> Result<LoadOptions> {
         use flashmoe::options::{Choice, StoreChoices, parse_size};
@@ -451,6 +469,7 @@ impl StoreArgs {
             mlock: self.mlock,
             precision: if self.exact { Precision::Exact } else { Precision::Fast },
             device: self.device,
+            kv_cache: self.kv_cache(KvType::Bf16)?,
         }
         .resolve(dir)
     }

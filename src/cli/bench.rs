@@ -65,6 +65,7 @@ pub(crate) fn cmd_bench(
         }
     );
     println!("decode           {} tokens in {:.2}s: {:.3} tok/s", r.gen_tokens, r.decode_s, r.decode_tok_s);
+    println!("kv cache         {}, {:.2} MB/token read at the end", r.kv_cache, r.kv_bytes_per_token / 1e6);
     println!(
         "expert I/O       {:.2} MB/token read in {:.1} reads (prefetches included), {:.3} GB/s; \
          {:.2} MB/token missed when asked; cache hit rate {:.1}%",

@@ -63,6 +63,8 @@ pub(crate) fn cmd_logits(model: PathBuf, tokens: &str, fast: bool, incremental: 
         .collect::<Result<_>>()?;
     let mut opts = store.load_options(&model)?;
     opts.precision = if fast { Precision::Fast } else { Precision::Exact };
+    // the verification tool: an f32 cache unless asked
+    opts.kv_cache = store.kv_cache(flashmoe::layers::attention::KvType::F32)?;
     let mut m = loading(&model, || load_model_with(&model, &opts))?;
     store.apply_experts(&mut m)?;
     if ids.is_empty() {

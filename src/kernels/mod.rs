@@ -13,6 +13,8 @@ mod x86;
 
 pub mod amx;
 mod gemm;
+pub mod kv;
+pub use kv::{KvRows, axpy_rows_kv, dot_rows_kv};
 pub mod ggml;
 pub use gemm::*;
 

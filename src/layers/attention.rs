@@ -5,6 +5,7 @@
 use super::norm::RmsNorm;
 use super::rope::Rope;
 use super::sigmoid;
+use crate::kernels::KvRows;
 use crate::scratch;
 use crate::tensor::{Mat, Precision, Product, Staged, products, products_rows_then, products_then};
 use rayon::prelude::*;
@@ -49,13 +50,201 @@ pub enum QkNorms {
     },
 }
 
-/// Keys and values of past positions, `[pos][kv_head][head_dim]`. A sliding-window layer's
-/// cache holds only the positions a later token can still see ([`window_rows`]): the first
-/// row is position `start`.
+/// How a KV cache stores its rows (`--kv-cache`): f32 as computed, or rounded (to nearest,
+/// ties to even) to bf16 or f16, halving the bytes each decode token reads back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvType {
+    #[default]
+    F32,
+    /// f32's exponent range: no overflow; 8 significant bits.
+    Bf16,
+    /// 11 significant bits, but a value above 65504 becomes ±∞.
+    F16,
+}
+
+impl KvType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::Bf16 => "bf16",
+            KvType::F16 => "f16",
+        }
+    }
+
+    /// Bytes of one stored value.
+    pub fn bytes(self) -> usize {
+        if self == KvType::F32 { 4 } else { 2 }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<KvType> {
+        match s {
+            "f32" => Ok(KvType::F32),
+            "bf16" => Ok(KvType::Bf16),
+            "f16" => Ok(KvType::F16),
+            _ => anyhow::bail!("--kv-cache: `{s}` is not a KV cache type (f32, bf16 or f16)"),
+        }
+    }
+}
+
+/// Keys or values of a cache, `[pos][kv_head][head_dim]`, stored as its [`KvType`].
+#[derive(Clone, Debug)]
+pub enum KvBuf {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
+}
+
+impl Default for KvBuf {
+    fn default() -> Self {
+        KvBuf::F32(Vec::new())
+    }
+}
+
+impl KvBuf {
+    pub fn new(ty: KvType) -> KvBuf {
+        match ty {
+            KvType::F32 => KvBuf::F32(Vec::new()),
+            KvType::Bf16 => KvBuf::Bf16(Vec::new()),
+            KvType::F16 => KvBuf::F16(Vec::new()),
+        }
+    }
+
+    pub fn ty(&self) -> KvType {
+        match self {
+            KvBuf::F32(_) => KvType::F32,
+            KvBuf::Bf16(_) => KvType::Bf16,
+            KvBuf::F16(_) => KvType::F16,
+        }
+    }
+
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            KvBuf::F32(v) => v.len(),
+            KvBuf::Bf16(v) | KvBuf::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            KvBuf::F32(v) => v.capacity(),
+            KvBuf::Bf16(v) | KvBuf::F16(v) => v.capacity(),
+        }
+    }
+
+    /// Bytes allocated.
+    pub fn bytes(&self) -> usize {
+        self.capacity() * self.ty().bytes()
+    }
+
+    /// The rows as the kernels read them.
+    pub fn rows(&self) -> KvRows<'_> {
+        match self {
+            KvBuf::F32(v) => KvRows::F32(v),
+            KvBuf::Bf16(v) => KvRows::Bf16(v),
+            KvBuf::F16(v) => KvRows::F16(v),
+        }
+    }
+
+    /// The values widened to f32 (tests, conversions).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let r = self.rows();
+        (0..r.len()).map(|i| r.get(i)).collect()
+    }
+
+    /// A buffer of type `ty` holding `x` (rounded to nearest even for a 16-bit type).
+    pub fn from_f32(ty: KvType, x: &[f32]) -> KvBuf {
+        let mut b = KvBuf::new(ty);
+        b.extend(x, 0);
+        b
+    }
+
+    /// Keeps the first `n` values.
+    pub fn truncate(&mut self, n: usize) {
+        match self {
+            KvBuf::F32(v) => v.truncate(n),
+            KvBuf::Bf16(v) | KvBuf::F16(v) => v.truncate(n),
+        }
+    }
+
+    fn drain_front(&mut self, n: usize) {
+        match self {
+            KvBuf::F32(v) => drop(v.drain(..n)),
+            KvBuf::Bf16(v) | KvBuf::F16(v) => drop(v.drain(..n)),
+        }
+    }
+
+    fn shrink_to(&mut self, n: usize) {
+        match self {
+            KvBuf::F32(v) => v.shrink_to(n),
+            KvBuf::Bf16(v) | KvBuf::F16(v) => v.shrink_to(n),
+        }
+    }
+
+    /// Appends `x`, rounded to the buffer's type, growing by at least `ahead` values at a time.
+    pub fn extend(&mut self, x: &[f32], ahead: usize) {
+        match self {
+            KvBuf::F32(v) => {
+                scratch::reserve_touched(v, x.len(), ahead);
+                v.extend_from_slice(x);
+            }
+            KvBuf::Bf16(v) | KvBuf::F16(v) => {
+                scratch::reserve_touched(v, x.len(), ahead);
+                let at = v.len();
+                v.resize(at + x.len(), 0);
+                if self.ty() == KvType::Bf16 {
+                    crate::kernels::kv::round_bf16(x, &mut self.u16_mut()[at..]);
+                } else {
+                    crate::kernels::kv::round_f16(x, &mut self.u16_mut()[at..]);
+                }
+            }
+        }
+    }
+
+    fn u16_mut(&mut self) -> &mut Vec<u16> {
+        match self {
+            KvBuf::Bf16(v) | KvBuf::F16(v) => v,
+            KvBuf::F32(_) => unreachable!("an f32 buffer"),
+        }
+    }
+
+    /// The buffer as a prompt-cache file stores it.
+    pub fn state_buf(&self) -> crate::model::StateBuf<'_> {
+        match self {
+            KvBuf::F32(v) => crate::model::StateBuf::F32(v),
+            KvBuf::Bf16(v) | KvBuf::F16(v) => crate::model::StateBuf::U16(v),
+        }
+    }
+
+    /// The same, to fill when loading.
+    pub fn state_buf_mut(&mut self) -> crate::model::StateBufMut<'_> {
+        match self {
+            KvBuf::F32(v) => crate::model::StateBufMut::F32(v),
+            KvBuf::Bf16(v) | KvBuf::F16(v) => crate::model::StateBufMut::U16(v),
+        }
+    }
+}
+
+/// Keys and values of past positions, `[pos][kv_head][head_dim]`, in the run's [`KvType`]. A
+/// sliding-window layer's cache holds only the positions a later token can still see
+/// ([`window_rows`]): the first row is position `start`.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: KvBuf,
+    pub v: KvBuf,
     /// The layer's window, if it slides.
     pub window: Option<usize>,
     /// The position of the first row (set by each forward pass from the positions it ends at).
@@ -72,13 +261,22 @@ pub fn window_rows(pos: usize, w: usize) -> usize {
 }
 
 impl KvCache {
+    /// An empty cache of type `ty`.
+    pub fn new(ty: KvType, window: Option<usize>) -> KvCache {
+        KvCache { k: KvBuf::new(ty), v: KvBuf::new(ty), window, start: 0 }
+    }
+
+    pub fn ty(&self) -> KvType {
+        self.k.ty()
+    }
+
     /// Drops what no later token of a sliding layer can see, once positions up to `end` are in.
     fn slide(&mut self, end: usize, row: usize) {
         let Some(w) = self.window else { return };
         let (held, keep) = (self.k.len() / row, window_rows(end, w));
         if held > keep {
-            self.k.drain(..(held - keep) * row);
-            self.v.drain(..(held - keep) * row);
+            self.k.drain_front((held - keep) * row);
+            self.v.drain_front((held - keep) * row);
             // a long prompt's rows are not kept around as capacity
             if self.k.capacity() > 4 * (keep + 256) * row {
                 self.k.shrink_to((keep + 256) * row);
@@ -89,19 +287,28 @@ impl KvCache {
     }
 
     pub fn bytes(&self) -> usize {
-        (self.k.capacity() + self.v.capacity()) * 4
+        self.k.bytes() + self.v.bytes()
     }
 
-    /// Appends `len` elements each to keys and values (zeros, to be written) and returns them.
+    /// Appends `len` zeros each to the keys and values of an f32 cache, to be written in
+    /// place, and returns them; `None` for a 16-bit cache (its rows come through [`Self::append`]).
     /// Grows by at least 256 positions of `row` at a time, so short runs never reallocate
     /// mid-decode.
-    fn push(&mut self, len: usize, row: usize) -> (&mut [f32], &mut [f32]) {
-        scratch::reserve_touched(&mut self.k, len, 256 * row);
-        scratch::reserve_touched(&mut self.v, len, 256 * row);
-        let at = self.k.len();
-        self.k.resize(at + len, 0.0);
-        self.v.resize(at + len, 0.0);
-        (&mut self.k[at..], &mut self.v[at..])
+    fn push_f32(&mut self, len: usize, row: usize) -> Option<(&mut [f32], &mut [f32])> {
+        let (KvBuf::F32(k), KvBuf::F32(v)) = (&mut self.k, &mut self.v) else { return None };
+        scratch::reserve_touched(k, len, 256 * row);
+        scratch::reserve_touched(v, len, 256 * row);
+        let at = k.len();
+        k.resize(at + len, 0.0);
+        v.resize(at + len, 0.0);
+        Some((&mut k[at..], &mut v[at..]))
+    }
+
+    /// Appends rows of keys and values, rounded to the cache's type (growing as
+    /// [`Self::push_f32`] does).
+    fn append(&mut self, k: &[f32], v: &[f32], row: usize) {
+        self.k.extend(k, 256 * row);
+        self.v.extend(v, 256 * row);
     }
 }
 
@@ -153,9 +360,7 @@ impl Attention {
             let mut tb = tables();
             q.chunks_mut(nh * qw).zip(k.chunks_mut(nkv * d)).enumerate().for_each(|c| rotate(&mut tb, c));
         }
-        let (ck, cv) = cache.push(k.len(), nkv * d);
-        ck.copy_from_slice(&k);
-        cv.copy_from_slice(&v);
+        cache.append(&k, &v, nkv * d);
         cache.start = pos0 + n - cache.k.len() / (nkv * d);
 
         let mut o = scratch::zeros(n * nh * d);
@@ -180,7 +385,17 @@ impl Attention {
         let (mut cos, mut sin) = (scratch::zeros(0), scratch::zeros(0));
         self.rope.table(pos, cos.vec(), sin.vec());
         cache.start = pos + 1 - (cache.k.len() / (nkv * d) + 1);
-        let (k, v) = cache.push(nkv * d, nkv * d);
+        // an f32 cache takes k and v straight from their products; a 16-bit one rounds them
+        // after the step
+        let row = nkv * d;
+        let f32_cache = cache.ty() == KvType::F32;
+        let n16 = if f32_cache { 0 } else { row };
+        // the products write every element
+        let (mut k16, mut v16) = (scratch::dirty(n16), scratch::dirty(n16));
+        let (k, v) = match cache.push_f32(row, row) {
+            Some(kv) => kv,
+            None => (&mut k16[..], &mut v16[..]),
+        };
         crate::par::mark();
         // a norm over the whole projection needs all of its rows: RoPE waits for it
         let whole = matches!(self.qk_norm, QkNorms::Whole { .. });
@@ -205,15 +420,17 @@ impl Attention {
         };
         let mut jobs = [
             Product { w: self.q_proj.view(), x, y: &mut q },
-            Product { w: self.k_proj.view(), x, y: k },
-            Product { w: self.v_proj.view(), x, y: v },
+            Product { w: self.k_proj.view(), x, y: &mut *k },
+            Product { w: self.v_proj.view(), x, y: &mut *v },
         ];
         products_then(&mut jobs, &[qw, d], &finish, p);
         if whole {
-            let k = &mut cache.k[(pos - cache.start) * nkv * d..];
             self.whole_norms(&mut q[..], k);
             q.chunks_exact_mut(qw).for_each(|head| Rope::apply(&mut head[..d], &cos, &sin));
             k.chunks_exact_mut(d).for_each(|head| Rope::apply(head, &cos, &sin));
+        }
+        if !f32_cache {
+            cache.append(&k16, &v16, row);
         }
         let heads = self.heads();
         let o = Staged::new(self.o_proj.view(), nh / nkv * d, p);
@@ -290,9 +507,7 @@ impl Attention {
                 kt.chunks_exact_mut(d).for_each(|head| Rope::apply(head, cos, sin));
             }
             cache.start = pos[t] + 1 - (cache.k.len() / hk + 1);
-            let (ck, cv) = cache.push(hk, hk);
-            ck.copy_from_slice(kt);
-            cv.copy_from_slice(&v[t * hk..(t + 1) * hk]);
+            cache.append(kt, &v[t * hk..(t + 1) * hk], hk);
             let o = Staged::new(self.o_proj.view(), nh / nkv * d, p);
             crate::par::mark();
             attend_one(qt, pos[t], cache, &o, heads, context_parts(1, nkv, pos[t], heads.window));
@@ -388,7 +603,7 @@ fn attend_part(
     let stride = nkv * d;
     // a sliding cache starts at `cache.start`; the window never reaches before it
     let r0 = p0 - cache.start;
-    let (ks, vs) = (&cache.k[r0 * stride + kvh * d..], &cache.v[r0 * stride + kvh * d..]);
+    let (ks, vs) = (cache.k.rows().skip(r0 * stride + kvh * d), cache.v.rows().skip(r0 * stride + kvh * d));
     let n_pos = p1 - p0;
     let slot = |j: usize| if parts == 1 { j * d..(j + 1) * d } else { j * (d + 2) + 2..(j + 1) * (d + 2) };
     // (max, Σ e^(x − max)) of each head's softmax over the positions
@@ -398,11 +613,11 @@ fn attend_part(
         for j in 0..g {
             let h = kvh * g + j;
             let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
-            crate::kernels::dot_rows(qh, ks, stride, scale, &mut w);
+            crate::kernels::dot_rows_kv(qh, ks, stride, scale, &mut w);
             ml.push(crate::kernels::softmax(&mut w));
             let oj = &mut out[slot(j)];
             oj.iter_mut().for_each(|v| *v = 0.0);
-            crate::kernels::axpy_rows(&w, vs, stride, oj);
+            crate::kernels::axpy_rows_kv(&w, vs, stride, oj);
         }
     } else {
         // a long context in blocks of positions, every head over a block before the next, so
@@ -417,15 +632,15 @@ fn attend_part(
         }
         for b0 in (0..n_pos).step_by(ATTN_BLOCK) {
             let len = ATTN_BLOCK.min(n_pos - b0);
-            let (kb, vb) = (&ks[b0 * stride..], &vs[b0 * stride..]);
+            let (kb, vb) = (ks.skip(b0 * stride), vs.skip(b0 * stride));
             for (j, mlj) in ml.iter_mut().enumerate() {
                 let h = kvh * g + j;
                 let qh = &q[(t * nh + h) * qw..(t * nh + h) * qw + d];
                 let wb = &mut w[..len];
-                crate::kernels::dot_rows(qh, kb, stride, scale, wb);
+                crate::kernels::dot_rows_kv(qh, kb, stride, scale, wb);
                 let (mb, lb) = crate::kernels::softmax(wb);
                 ob.iter_mut().for_each(|v| *v = 0.0);
-                crate::kernels::axpy_rows(wb, vb, stride, &mut ob);
+                crate::kernels::axpy_rows_kv(wb, vb, stride, &mut ob);
                 let (m, l) = *mlj;
                 let top = m.max(mb);
                 let (a, c) = (l * (m - top).exp(), lb * (mb - top).exp());
@@ -563,17 +778,17 @@ mod tests {
                 let from = (pos0 + t + 1).saturating_sub(h.window);
                 let s: Vec<f64> = (from..pos0 + t + 1)
                     .map(|p| {
-                        let k = &c.k[(p * h.nkv + kvh) * h.d..];
-                        (0..h.d).map(|j| qh[j] as f64 * k[j] as f64).sum::<f64>() / (h.d as f64).sqrt()
+                        let k = c.k.rows().skip((p * h.nkv + kvh) * h.d);
+                        (0..h.d).map(|j| qh[j] as f64 * k.get(j) as f64).sum::<f64>() / (h.d as f64).sqrt()
                     })
                     .collect();
                 let sink = h.sinks.map(|sk| sk[head] as f64);
                 let m = s.iter().cloned().chain(sink).fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().chain(&sink).map(|x| (x - m).exp()).sum();
                 for (p, x) in (from..).zip(&s) {
-                    let v = &c.v[(p * h.nkv + kvh) * h.d..];
+                    let v = c.v.rows().skip((p * h.nkv + kvh) * h.d);
                     for j in 0..h.d {
-                        o[(t * h.nh + head) * h.d + j] += (x - m).exp() / z * v[j] as f64;
+                        o[(t * h.nh + head) * h.d + j] += (x - m).exp() / z * v.get(j) as f64;
                     }
                 }
                 if h.gated {
@@ -596,6 +811,38 @@ mod tests {
                 let next = window_rows(pos + 1, w);
                 assert!(next == r + 1 || next == w - 1, "w {w} pos {pos}: {r} -> {next}");
             }
+        }
+    }
+
+    #[test]
+    fn a_16_bit_cache_holds_the_rounded_rows_at_half_the_bytes_and_slides_alike() {
+        let row = 2 * 12;
+        for window in [None, Some(5)] {
+            let mut caches: Vec<KvCache> =
+                [KvType::F32, KvType::Bf16, KvType::F16].into_iter().map(|t| KvCache::new(t, window)).collect();
+            for (n, seed) in [(3, 1), (1, 2), (7, 3), (1, 4), (1, 5)] {
+                let (k, v) = (uniform(n * row, seed), uniform(n * row, seed + 10));
+                for c in &mut caches {
+                    let end = c.start + c.k.len() / row + n;
+                    c.append(&k, &v, row);
+                    c.slide(end, row);
+                }
+            }
+            let want = caches[0].k.to_f32();
+            assert_eq!(want.len() / row, window.map_or(13, |w| window_rows(13, w)), "{window:?}");
+            for c in &caches[1..] {
+                // the same rows, each rounded once, in the same place
+                assert_eq!((c.start, c.k.len(), c.v.len()), (caches[0].start, want.len(), want.len()));
+                assert_eq!(c.k.rows().len(), want.len());
+                let b = KvBuf::from_f32(c.ty(), &want);
+                assert!(
+                    matches!((&c.k, &b), (KvBuf::Bf16(x), KvBuf::Bf16(y)) | (KvBuf::F16(x), KvBuf::F16(y)) if x == y)
+                );
+                assert_eq!(c.bytes(), (c.k.capacity() + c.v.capacity()) * 2, "{}", c.ty());
+            }
+            assert_eq!(caches[0].bytes(), (caches[0].k.capacity() + caches[0].v.capacity()) * 4);
+            // a cache of 256 positions or fewer: one growth step of 256 rows, half the bytes
+            assert_eq!(caches[1].bytes() * 2, caches[0].bytes());
         }
     }
 
@@ -623,37 +870,48 @@ mod tests {
             let qw = if heads.gated { 2 * heads.d } else { heads.d };
             let q: Vec<f32> = uniform(n * heads.nh * qw, 1).iter().map(|v| v * 4.0).collect();
             let len = (pos0 + n) * heads.nkv * heads.d;
-            let cache = KvCache { k: uniform(len, 2), v: uniform(len, 3), ..Default::default() };
-            let want = naive(&q, n, pos0, &cache, heads);
-            for parts in [1, 2, 5, 64] {
-                let mut o = vec![0f32; n * heads.nh * heads.d];
-                attend(&q, n, pos0, &cache, &mut o, heads, parts);
-                let err = o.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
-                assert!(err < 1e-5, "{heads:?} n {n} pos0 {pos0} parts {parts}: max error {err}");
-                if n == 1 {
-                    // decode's step: each KV head merged by its last part, straight into the
-                    // output projection's input — the same numbers as attend then the product
-                    let cols = heads.nh * heads.d;
-                    let w = uniform(cols * 24, 4);
-                    let group = if cols % 64 == 0 { 64 } else { cols };
-                    let blob = crate::quant::quantize(&w, 24, cols, 4, group);
-                    let kind = crate::tensor::WKind::Q { bits: 4, group: group as u16 };
-                    let bytes = crate::tensor::AlignedBytes::from_slice(&blob);
-                    for m in
-                        [Mat::from_f32(24, cols, w.clone()).unwrap(), Mat::from_bytes(24, cols, kind, bytes).unwrap()]
-                    {
-                        for p in [Precision::Exact, Precision::Fast] {
-                            let mut want = vec![0f32; 24];
-                            m.matvec(&o, &mut want, p);
-                            for threads in [1, 4] {
-                                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                                let mut got = vec![f32::NAN; 24];
-                                pool.install(|| {
-                                    let staged = Staged::new(m.view(), heads.nh / heads.nkv * heads.d, p);
-                                    attend_one(&q, pos0, &cache, &staged, heads, parts);
-                                    staged.product(&mut got);
-                                });
-                                assert_eq!(got, want, "{heads:?} pos0 {pos0} parts {parts} {p:?} {threads} threads");
+            // every cache type against the float64 definition over the values it holds
+            for ty in [KvType::F32, KvType::Bf16, KvType::F16] {
+                let cache = KvCache {
+                    k: KvBuf::from_f32(ty, &uniform(len, 2)),
+                    v: KvBuf::from_f32(ty, &uniform(len, 3)),
+                    ..Default::default()
+                };
+                let want = naive(&q, n, pos0, &cache, heads);
+                for parts in [1, 2, 5, 64] {
+                    let mut o = vec![0f32; n * heads.nh * heads.d];
+                    attend(&q, n, pos0, &cache, &mut o, heads, parts);
+                    let err = o.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+                    assert!(err < 1e-5, "{heads:?} {ty} n {n} pos0 {pos0} parts {parts}: max error {err}");
+                    if n == 1 {
+                        // decode's step: each KV head merged by its last part, straight into the
+                        // output projection's input — the same numbers as attend then the product
+                        let cols = heads.nh * heads.d;
+                        let w = uniform(cols * 24, 4);
+                        let group = if cols % 64 == 0 { 64 } else { cols };
+                        let blob = crate::quant::quantize(&w, 24, cols, 4, group);
+                        let kind = crate::tensor::WKind::Q { bits: 4, group: group as u16 };
+                        let bytes = crate::tensor::AlignedBytes::from_slice(&blob);
+                        for m in [
+                            Mat::from_f32(24, cols, w.clone()).unwrap(),
+                            Mat::from_bytes(24, cols, kind, bytes).unwrap(),
+                        ] {
+                            for p in [Precision::Exact, Precision::Fast] {
+                                let mut want = vec![0f32; 24];
+                                m.matvec(&o, &mut want, p);
+                                for threads in [1, 4] {
+                                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                                    let mut got = vec![f32::NAN; 24];
+                                    pool.install(|| {
+                                        let staged = Staged::new(m.view(), heads.nh / heads.nkv * heads.d, p);
+                                        attend_one(&q, pos0, &cache, &staged, heads, parts);
+                                        staged.product(&mut got);
+                                    });
+                                    assert_eq!(
+                                        got, want,
+                                        "{heads:?} {ty} pos0 {pos0} parts {parts} {p:?} {threads} threads"
+                                    );
+                                }
                             }
                         }
                     }
