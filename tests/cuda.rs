@@ -8,9 +8,9 @@ mod common;
 
 use common::{Reference, agreement, rel_err};
 use flashmoe::backend::{Device, cuda};
+use flashmoe::config::IndexerSpec;
 use flashmoe::config::{Act, RouterSpec};
 use flashmoe::generate::{Sampler, SamplingParams, generate};
-use flashmoe::config::IndexerSpec;
 use flashmoe::layers::mla::{Indexer, LatentCache};
 use flashmoe::layers::mlp::Mlp;
 use flashmoe::layers::moe::{Scoring, route};
@@ -518,7 +518,10 @@ fn kernels_compile_with_nvrtc() {
     for arch in ["compute_80", "compute_90"] {
         match cuda::compile_check(arch) {
             None => {
-                assert!(std::env::var("FLASHMOE_REQUIRE_NVRTC").is_err(), "FLASHMOE_REQUIRE_NVRTC is set but libnvrtc.so cannot be loaded");
+                assert!(
+                    std::env::var("FLASHMOE_REQUIRE_NVRTC").is_err(),
+                    "FLASHMOE_REQUIRE_NVRTC is set but libnvrtc.so cannot be loaded"
+                );
                 eprintln!("no NVRTC: not run");
                 return;
             }
@@ -633,8 +636,7 @@ fn lightning_indexer_kernels_match_the_cpu() {
         let what = format!("{heads} heads x {hd}, tokens {pos0}..{}, budget {topk}", pos0 + n);
         let mut v = |len: usize| (0..len).map(|_| rng(&mut seed)).collect::<Vec<f32>>();
         let (q, w, keys) = (v(n * heads * hd), v(n * heads), v((pos0 + n) * hd));
-        let (scores, sel) =
-            cuda::indexer_once(0, &q, &w, &keys, (heads, hd), (pos0, n), topk, (group, spare)).unwrap();
+        let (scores, sel) = cuda::indexer_once(0, &q, &w, &keys, (heads, hd), (pos0, n), topk, (group, spare)).unwrap();
         let ix = cpu_indexer(heads, hd, topk);
         let cache = LatentCache { lat: vec![], index_k: keys.clone() };
         let (mut worst, mut near) = (0f64, 0usize);
@@ -649,7 +651,11 @@ fn lightning_indexer_kernels_match_the_cpu() {
                 assert!(e <= 1e-5, "{what}, token {t} position {s}: score {g} on the GPU, {c} on the CPU");
                 worst = worst.max(e);
             }
-            assert_eq!(sel[t], top_k(&scores[t], topk.min(pos + 1)), "{what}, token {t}: not the top of its own scores");
+            assert_eq!(
+                sel[t],
+                top_k(&scores[t], topk.min(pos + 1)),
+                "{what}, token {t}: not the top of its own scores"
+            );
             match ix.select(qt, wt, pos, &cache, false) {
                 None => {
                     assert!(pos < topk, "{what}, token {t}: the CPU selects nothing past the budget");
@@ -662,14 +668,20 @@ fn lightning_indexer_kernels_match_the_cpu() {
                     let edge = sorted[topk - 1] as f64;
                     for &p in c.iter().filter(|p| !sel[t].contains(p)).chain(sel[t].iter().filter(|p| !c.contains(p))) {
                         let d = (want[p as usize] as f64 - edge).abs() / top;
-                        assert!(d <= 1e-5, "{what}, token {t}: position {p} (score {}) chosen by one side only, {d:.1e} from the boundary {edge}", want[p as usize]);
+                        assert!(
+                            d <= 1e-5,
+                            "{what}, token {t}: position {p} (score {}) chosen by one side only, {d:.1e} from the boundary {edge}",
+                            want[p as usize]
+                        );
                         near += 1;
                     }
                 }
                 Some(_) => {}
             }
         }
-        eprintln!("indexer {what}: score error {worst:.1e} of the row's largest; {near} boundary positions reordered by rounding");
+        eprintln!(
+            "indexer {what}: score error {worst:.1e} of the row's largest; {near} boundary positions reordered by rounding"
+        );
     }
     // ties: runs of 3 equal keys and keys opposite to every (positive) query
     let (heads, hd, len) = (6, 10, 120);
@@ -719,7 +731,8 @@ fn selected_latent_attention_matches_the_scalar_reference() {
         let mut v = |n: usize| (0..n).map(|_| rng(&mut seed)).collect::<Vec<f32>>();
         let (qc, rows) = (v(nh * lw), v(len * lw));
         // every position with probability about k / len, then cut or filled to k
-        let mut sel: Vec<u32> = (0..len as u32).filter(|_| (rng(&mut seed) + 1.0) / 2.0 < k as f32 / len as f32).collect();
+        let mut sel: Vec<u32> =
+            (0..len as u32).filter(|_| (rng(&mut seed) + 1.0) / 2.0 < k as f32 / len as f32).collect();
         sel.truncate(k);
         let extra: Vec<u32> = (0..len as u32).filter(|p| !sel.contains(p)).take(k - sel.len()).collect();
         sel.extend(extra);
@@ -730,7 +743,12 @@ fn selected_latent_attention_matches_the_scalar_reference() {
             let q = &qc[h * lw..(h + 1) * lw];
             let sc: Vec<f64> = sel
                 .iter()
-                .map(|&p| q.iter().zip(&rows[p as usize * lw..(p as usize + 1) * lw]).map(|(a, b)| *a as f64 * *b as f64).sum())
+                .map(|&p| {
+                    q.iter()
+                        .zip(&rows[p as usize * lw..(p as usize + 1) * lw])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum()
+                })
                 .collect();
             let top = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = sc.iter().map(|s| (s - top).exp()).sum();
@@ -742,7 +760,9 @@ fn selected_latent_attention_matches_the_scalar_reference() {
                 }
             }
         }
-        eprintln!("selected latent attention {nh} heads, {kvl} + {rd}, {k} of {len} positions: max abs error {worst:.1e}");
+        eprintln!(
+            "selected latent attention {nh} heads, {kvl} + {rd}, {k} of {len} positions: max abs error {worst:.1e}"
+        );
         assert!(worst <= 5e-5, "{nh} heads, {kvl} + {rd}, {k} of {len} positions: error {worst:.2e}");
     }
 }
@@ -804,13 +824,21 @@ fn dsa_long_prompts_on_cuda_match_the_cpu() {
                     "{name}, budget {topk}: 300-token prompt in {} part(s) + 3 decode steps, CUDA vs CPU {e:.2e}",
                     chunks.len()
                 );
-                assert!(e <= TOL, "{name}, budget {topk}: long prompt in {} part(s), CUDA vs CPU {e:.2e}", chunks.len());
+                assert!(
+                    e <= TOL,
+                    "{name}, budget {topk}: long prompt in {} part(s), CUDA vs CPU {e:.2e}",
+                    chunks.len()
+                );
             }
             let greedy = |m: &Model| {
                 let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
                 generate(m, &mut m.new_state(), prompt, 16, &mut s, &[], |_| true).unwrap().0
             };
-            assert_eq!(greedy(&gpu), greedy(&cpu), "{name}, budget {topk}: greedy continuations of the long prompt differ");
+            assert_eq!(
+                greedy(&gpu),
+                greedy(&cpu),
+                "{name}, budget {topk}: greedy continuations of the long prompt differ"
+            );
         }
     }
 }

@@ -96,18 +96,24 @@ pub fn supports(model: &Model) -> Result<()> {
                     "layer {i}: gated attention with a whole-width q/k norm ({family}) is not on the CUDA backend: use --device cpu"
                 )
             }
-            MixerWeights::Mla(m) if m.indexer.as_ref().is_some_and(|x| dsa_scores_shared(&x.spec) > DSA_SHARED) => {
+            MixerWeights::Mla(m)
+                if m.indexer
+                    .as_ref()
+                    .is_some_and(|x| dsa_scores_shared(x.spec.heads, x.spec.head_dim) > DSA_SHARED) =>
+            {
                 let x = &m.indexer.as_ref().expect("matched").spec;
                 bail!(
                     "layer {i}: a lightning indexer of {} heads x {} needs {} B of shared memory in the CUDA score kernel, above its {DSA_SHARED}: use --device cpu",
                     x.heads,
                     x.head_dim,
-                    dsa_scores_shared(x)
+                    dsa_scores_shared(x.heads, x.head_dim)
                 )
             }
             MixerWeights::Mla(m)
                 if m.indexer.as_ref().is_some_and(|x| {
-                    x.spec.topk == 0 || x.spec.head_dim < m.rope_dim || matches!(m.q, crate::layers::mla::QProj::Full(_))
+                    x.spec.topk == 0
+                        || x.spec.head_dim < m.rope_dim
+                        || matches!(m.q, crate::layers::mla::QProj::Full(_))
                 }) =>
             {
                 bail!(
@@ -115,9 +121,14 @@ pub fn supports(model: &Model) -> Result<()> {
                 )
             }
             MixerWeights::Mla(m)
-                if m.shares_selection && !model.layers[..i].iter().any(|l| matches!(&l.mixer, MixerWeights::Mla(e) if e.indexer.is_some())) =>
+                if m.shares_selection
+                    && !model.layers[..i]
+                        .iter()
+                        .any(|l| matches!(&l.mixer, MixerWeights::Mla(e) if e.indexer.is_some())) =>
             {
-                bail!("layer {i}: shares the lightning indexer's selection of an earlier layer, and none has an indexer")
+                bail!(
+                    "layer {i}: shares the lightning indexer's selection of an earlier layer, and none has an indexer"
+                )
             }
             MixerWeights::Mla(m) if m.kv_lora + m.rope_dim > MLA_ROW || !m.rope_dim.is_multiple_of(2) => bail!(
                 "layer {i}: latent rows of {} + {} do not fit the CUDA latent attention kernel (at most {MLA_ROW}, an even rope part): use --device cpu",
@@ -397,7 +408,9 @@ enum DQ {
 }
 
 /// Multi-head latent attention (`layers::mla::Mla`): the cache holds `kvl + rd` floats per
-/// position, attended in the latent space for a prompt as for decode.
+/// position, attended in the latent space for a prompt as for decode; with DSA, each token
+/// attends to its indexer's selection (`topk` positions), the index keys (`hd` floats per
+/// position) in the layer state's second buffer.
 struct DMla {
     q: DQ,
     kv_a: DMat,
@@ -444,10 +457,11 @@ impl DIndexer {
     }
 }
 
-/// Bytes of `dsa_scores`' shared memory for an indexer (its `dsa_qstride` padding, 8 warps).
-fn dsa_scores_shared(x: &crate::config::IndexerSpec) -> usize {
-    let qs = if x.head_dim % 2 == 1 { x.head_dim } else { x.head_dim + 1 };
-    4 * (x.heads * qs + x.heads + 8 * x.head_dim)
+/// Bytes of `dsa_scores`' shared memory for an indexer of `heads` × `hd`: the queries at
+/// `dsa_qstride`'s odd row stride, the weights, a key for each of the block's 8 warps.
+fn dsa_scores_shared(heads: usize, hd: usize) -> usize {
+    let qs = if hd % 2 == 1 { hd } else { hd + 1 };
+    4 * (heads * qs + heads + 8 * hd)
 }
 
 /// The shared memory a block may take without opting in (48 KiB).
@@ -1303,6 +1317,9 @@ fn mla_attend(
     Ok((s.clone_dtoh(&split)?, s.clone_dtoh(&whole)?))
 }
 
+/// Each token's index scores (of its positions 0..=pos) and selection ([`indexer_once`]).
+pub type IndexerOut = (Vec<Vec<f32>>, Vec<Vec<u32>>);
+
 /// The lightning indexer's scores and selection on the GPU (`dsa_scores`, `dsa_select`; kernel
 /// tests against `layers::mla::Indexer`): `n` tokens at positions `pos0..pos0 + n` with their
 /// rotated queries `q` (n × heads × hd) and weights `w` (n × heads) over the cached index
@@ -1320,16 +1337,10 @@ pub fn indexer_once(
     (pos0, n): (usize, usize),
     topk: usize,
     (group, spare): (usize, usize),
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<u32>>)> {
+) -> Result<IndexerOut> {
     let g = test_device(ordinal)?;
     let (s, kn) = g.as_ref().expect("opened");
-    let shared = dsa_scores_shared(&crate::config::IndexerSpec {
-        heads,
-        head_dim: hd,
-        topk,
-        interleaved: false,
-        own: vec![],
-    });
+    let shared = dsa_scores_shared(heads, hd);
     if n == 0
         || group == 0
         || topk == 0
@@ -1948,7 +1959,10 @@ impl CudaModel {
         let lat = pc + 4 * (n * a.q_lora) as u64;
         // the indexer's projections: queries (from q-LoRA's normed latent), key and weights
         // (from h), one token's [queries ‖ key ‖ weights] after another's
-        let dsa = b.dsa.as_ref().filter(|_| a.topk > 0);
+        let dsa = match a.topk {
+            0 => None,
+            _ => Some(b.dsa.as_ref().ok_or_else(|| anyhow!("the lightning indexer's buffers were not fitted"))?),
+        };
         let (piq, pik, piw) = match (&a.ix, dsa) {
             (Some(x), Some(d)) => {
                 let p = ptr(&d.proj, s);
@@ -1990,7 +2004,7 @@ impl CudaModel {
             unsafe { lb.launch(cfg((n, 1 + x.heads), 128, 0)) }?;
             let g = dsa_group(n, stride);
             let (pscores, stride64, topk32) = (ptr(&d.scores, s), stride as i64, a.topk as i32);
-            let shared = 4 * (x.heads * if x.hd % 2 == 1 { x.hd } else { x.hd + 1 } + x.heads + 8 * x.hd);
+            let shared = dsa_scores_shared(x.heads, x.hd);
             for t0 in (0..n).step_by(g) {
                 let (m, t032) = (g.min(n - t0), t0 as i32);
                 let mut lb = launch(s, &self.k.dsa_scores);
