@@ -8,18 +8,20 @@ mod common;
 
 use common::{Reference, agreement, rel_err};
 use flashmoe::backend::{Device, cuda};
+use flashmoe::config::IndexerSpec;
 use flashmoe::config::{Act, RouterSpec};
 use flashmoe::generate::{Sampler, SamplingParams, generate};
+use flashmoe::layers::mla::{Indexer, LatentCache};
 use flashmoe::layers::mlp::Mlp;
 use flashmoe::layers::moe::{Scoring, route};
 use flashmoe::load::{LoadOptions, load_model, load_model_with};
-use flashmoe::model::Model;
+use flashmoe::model::{MixerWeights, Model};
 use flashmoe::tensor::{Mat, Precision, WKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Every fixture of the families the backend runs (DSA's lightning indexer is refused, see
-/// `the_lightning_indexer_is_refused_by_name`).
+/// Every fixture of the families the backend runs (the DSA ones' 38-token prompts are longer
+/// than their indexers' budget of 8: every later token attends to a selection).
 const FIXTURES: &[&str] = &[
     "qwen3_moe",
     "qwen3_moe_norm",
@@ -39,6 +41,8 @@ const FIXTURES: &[&str] = &[
     "deepseek_v3_fp8",
     "kimi_k25",
     "kimi_k25_int4",
+    "deepseek_v32",
+    "glm_moe_dsa",
 ];
 /// f32 accumulation in another order than the CPU's: the bound.
 const TOL: f64 = 1e-3;
@@ -580,22 +584,262 @@ fn long_prompts_on_cuda_match_the_cpu() {
     }
 }
 
-/// DSA's lightning indexer (DeepSeek-V3.2, GLM-5) is not on the GPU yet: `--device cuda` names
-/// it, `auto` runs on the CPU.
+/// A CPU indexer of these sizes for its `scores` and `select` (the products are not used).
+fn cpu_indexer(heads: usize, hd: usize, topk: usize) -> Indexer {
+    let one = || Mat::from_f32(1, 1, vec![0.0]).unwrap();
+    Indexer {
+        wq_b: one(),
+        wk: one(),
+        k_norm: (vec![], vec![]),
+        weights: one(),
+        spec: IndexerSpec { heads, head_dim: hd, topk, interleaved: false, own: vec![true] },
+    }
+}
+
+/// The top `k` of `score` by the CPU's rule (higher score first, then the lower position),
+/// ascending.
+fn top_k(score: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..score.len() as u32).collect();
+    idx.sort_by(|&a, &b| score[b as usize].total_cmp(&score[a as usize]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx.sort();
+    idx
+}
+
+/// The lightning indexer's kernels (`dsa_scores`, `dsa_select`) against the CPU's
+/// `Indexer::scores` and `Indexer::select` on random queries, weights and keys: odd sizes
+/// (heads off a warp's 32 and above it, odd head dims), prompts and decode tokens, contexts
+/// within the budget (every position, in order) and past it, tokens in several launch groups,
+/// score rows longer than the context (a decode graph's grid). Scores within f32 rounding; the
+/// selection exactly the CPU's rule applied to the GPU's own scores (the select kernel alone),
+/// and the CPU's selection itself but where the two sides' roundings reorder scores within 1e-5
+/// of the budget's boundary (printed). Then ties: keys repeated in runs of 3 (equal scores on
+/// each side) and keys opposite to every query (score exactly 0 after the ReLU), the boundary
+/// inside both: the selection must equal the CPU's exactly (lower positions first).
 #[test]
-fn the_lightning_indexer_is_refused_by_name() {
+fn lightning_indexer_kernels_match_the_cpu() {
+    if !gpu() {
+        return;
+    }
+    let mut seed = 0xd5a_1dec_u64;
+    // (heads, head dim, tokens before, tokens, budget, tokens per launch, spare positions)
+    let shapes = [
+        (8, 8, 0, 40, 8, 40, 0),
+        (5, 12, 290, 13, 100, 4, 3),
+        (33, 7, 500, 3, 37, 3, 0),
+        (64, 128, 1000, 1, 2048, 1, 300),
+        (64, 128, 3000, 1, 2048, 1, 77),
+        (32, 128, 20_000, 2, 2048, 1, 0),
+        (1, 1, 10, 5, 3, 2, 0),
+    ];
+    for (heads, hd, pos0, n, topk, group, spare) in shapes {
+        let what = format!("{heads} heads x {hd}, tokens {pos0}..{}, budget {topk}", pos0 + n);
+        let mut v = |len: usize| (0..len).map(|_| rng(&mut seed)).collect::<Vec<f32>>();
+        let (q, w, keys) = (v(n * heads * hd), v(n * heads), v((pos0 + n) * hd));
+        let (scores, sel) = cuda::indexer_once(0, &q, &w, &keys, (heads, hd), (pos0, n), topk, (group, spare)).unwrap();
+        let ix = cpu_indexer(heads, hd, topk);
+        let cache = LatentCache { lat: vec![], index_k: keys.clone() };
+        let (mut worst, mut near) = (0f64, 0usize);
+        for t in 0..n {
+            let pos = pos0 + t;
+            let (qt, wt) = (&q[t * heads * hd..(t + 1) * heads * hd], &w[t * heads..(t + 1) * heads]);
+            let mut want = vec![0f32; pos + 1];
+            ix.scores(qt, wt, &keys, 0, &mut want);
+            let top = want.iter().fold(1e-3f32, |a, b| a.max(b.abs())) as f64;
+            for (s, (g, c)) in scores[t].iter().zip(&want).enumerate() {
+                let e = (*g as f64 - *c as f64).abs() / top;
+                assert!(e <= 1e-5, "{what}, token {t} position {s}: score {g} on the GPU, {c} on the CPU");
+                worst = worst.max(e);
+            }
+            assert_eq!(
+                sel[t],
+                top_k(&scores[t], topk.min(pos + 1)),
+                "{what}, token {t}: not the top of its own scores"
+            );
+            match ix.select(qt, wt, pos, &cache, false) {
+                None => {
+                    assert!(pos < topk, "{what}, token {t}: the CPU selects nothing past the budget");
+                    assert_eq!(sel[t], (0..=pos as u32).collect::<Vec<_>>(), "{what}, token {t}: within the budget");
+                }
+                Some(c) if c != sel[t] => {
+                    // only positions whose CPU score is within rounding of the boundary may differ
+                    let mut sorted = want.clone();
+                    sorted.sort_by(|a, b| b.total_cmp(a));
+                    let edge = sorted[topk - 1] as f64;
+                    for &p in c.iter().filter(|p| !sel[t].contains(p)).chain(sel[t].iter().filter(|p| !c.contains(p))) {
+                        let d = (want[p as usize] as f64 - edge).abs() / top;
+                        assert!(
+                            d <= 1e-5,
+                            "{what}, token {t}: position {p} (score {}) chosen by one side only, {d:.1e} from the boundary {edge}",
+                            want[p as usize]
+                        );
+                        near += 1;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        eprintln!(
+            "indexer {what}: score error {worst:.1e} of the row's largest; {near} boundary positions reordered by rounding"
+        );
+    }
+    // ties: runs of 3 equal keys and keys opposite to every (positive) query
+    let (heads, hd, len) = (6, 10, 120);
+    let q: Vec<f32> = (0..heads * hd).map(|_| rng(&mut seed).abs() + 0.1).collect();
+    let w: Vec<f32> = (0..heads).map(|_| rng(&mut seed).abs() + 0.2).collect();
+    let mut keys = vec![];
+    let run: Vec<f32> = (0..len * hd).map(|_| rng(&mut seed).abs() + 0.05).collect();
+    for s in 0..len {
+        if s % 2 == 0 {
+            let r = s / 6;
+            keys.extend_from_slice(&run[r * hd..(r + 1) * hd]);
+        } else {
+            keys.extend(std::iter::repeat_n(-1.0f32, hd));
+        }
+    }
+    let cache = LatentCache { lat: vec![], index_k: keys.clone() };
+    for topk in [1, 2, 3, 4, 11, 59, 60, 61, 100, 119] {
+        let ix = cpu_indexer(heads, hd, topk);
+        let (scores, sel) =
+            cuda::indexer_once(0, &q, &w, &keys[..len * hd], (heads, hd), (len - 1, 1), topk, (1, 5)).unwrap();
+        let zeros = scores[0].iter().filter(|v| **v == 0.0).count();
+        assert_eq!(zeros, len / 2, "budget {topk}: the keys opposite to the queries score exactly 0 on the GPU");
+        let want = ix.select(&q, &w, len - 1, &cache, false).unwrap();
+        assert_eq!(sel[0], want, "budget {topk}: tied scores are broken otherwise than on the CPU");
+    }
+}
+
+/// A selection's latent attention (`mla_part_sel`, `mla_merge_sel`) against the float64
+/// softmax over the selected rows alone: random sorted selections, the budget across several
+/// decode parts with empty parts past it, a selection of every position, of one.
+#[test]
+fn selected_latent_attention_matches_the_scalar_reference() {
+    if !gpu() {
+        return;
+    }
+    let mut seed = 0x5e1e_c7ed_u64;
+    // (heads, kv_lora, rope, positions, selected, spare parts)
+    let shapes = [
+        (11, 45, 7, 300, 100, 3),
+        (128, 512, 64, 3000, 2048, 0),
+        (3, 12, 4, 10, 10, 0),
+        (8, 31, 2, 64, 1, 1),
+        (16, 500, 76, 700, 129, 2),
+    ];
+    for (nh, kvl, rd, len, k, spare) in shapes {
+        let lw = kvl + rd;
+        let mut v = |n: usize| (0..n).map(|_| rng(&mut seed)).collect::<Vec<f32>>();
+        let (qc, rows) = (v(nh * lw), v(len * lw));
+        // every position with probability about k / len, then cut or filled to k
+        let mut sel: Vec<u32> =
+            (0..len as u32).filter(|_| (rng(&mut seed) + 1.0) / 2.0 < k as f32 / len as f32).collect();
+        sel.truncate(k);
+        let extra: Vec<u32> = (0..len as u32).filter(|p| !sel.contains(p)).take(k - sel.len()).collect();
+        sel.extend(extra);
+        sel.sort();
+        let (split, whole) = cuda::mla_attend_selected_once(0, &qc, &rows, (nh, kvl, rd), spare, &sel).unwrap();
+        let mut worst = 0f64;
+        for h in 0..nh {
+            let q = &qc[h * lw..(h + 1) * lw];
+            let sc: Vec<f64> = sel
+                .iter()
+                .map(|&p| {
+                    q.iter()
+                        .zip(&rows[p as usize * lw..(p as usize + 1) * lw])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum()
+                })
+                .collect();
+            let top = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|s| (s - top).exp()).sum();
+            for i in 0..kvl {
+                let want: f64 =
+                    sel.iter().zip(&sc).map(|(&p, s)| (s - top).exp() / z * rows[p as usize * lw + i] as f64).sum();
+                for got in [split[h * kvl + i], whole[h * kvl + i]] {
+                    worst = worst.max((got as f64 - want).abs());
+                }
+            }
+        }
+        eprintln!(
+            "selected latent attention {nh} heads, {kvl} + {rd}, {k} of {len} positions: max abs error {worst:.1e}"
+        );
+        assert!(worst <= 5e-5, "{nh} heads, {kvl} + {rd}, {k} of {len} positions: error {worst:.2e}");
+    }
+}
+
+/// Sets every lightning indexer's budget of `m` (the layers that share a selection have none).
+fn set_budget(m: &mut Model, topk: usize) {
+    for l in &mut m.layers {
+        if let MixerWeights::Mla(a) = &mut l.mixer
+            && let Some(x) = &mut a.indexer
+        {
+            x.spec.topk = topk;
+        }
+    }
+}
+
+/// DSA (DeepSeek-V3.2, GLM-5.2's shared selections) past the fixtures' prompts: 300-token
+/// prompts, far longer than the budget, in one chunk and in two (the second's tokens select
+/// among the first's keys), then decode steps, CUDA against the CPU (itself checked against the
+/// reference); with the fixtures' budget of 8 and with 100 (the first 100 tokens attend to
+/// everything, later ones to a selection spread over two decode parts); then 16 greedy tokens
+/// after the prompt, equal to the CPU's. A selection that went wrong moves logits by far more
+/// than TOL.
+#[test]
+fn dsa_long_prompts_on_cuda_match_the_cpu() {
     if !gpu() {
         return;
     }
     for name in ["deepseek_v32", "glm_moe_dsa"] {
-        let o = LoadOptions { device: Device::Cuda(0), ..Default::default() };
-        let e = match load_model_with(&dir(name), &o) {
-            Ok(_) => panic!("{name} loaded on CUDA"),
-            Err(e) => format!("{e:#}"),
-        };
-        assert!(e.contains("lightning indexer") && e.contains("--device cpu"), "{e}");
-        let o = LoadOptions { device: Device::Auto, ..Default::default() };
-        assert!(load_model_with(&dir(name), &o).unwrap().accel.is_none(), "{name}");
+        for topk in [8, 100] {
+            let (mut gpu, mut cpu) = (load_model(&dir(name)).unwrap(), on_cpu(name));
+            gpu.opts.precision = Precision::Exact;
+            for m in [&mut gpu, &mut cpu] {
+                m.cfg.max_position_embeddings = 4096;
+                set_budget(m, topk);
+            }
+            gpu.accel = flashmoe::backend::attach(&gpu, Device::Cuda(0)).unwrap();
+            assert!(gpu.accel.is_some(), "{name}: not on the GPU");
+            let mut seed = 0xd5a_u64 + name.len() as u64;
+            let v = cpu.vocab_size() as u64;
+            let tokens: Vec<u32> =
+                (0..303).map(|_| ((rng(&mut seed) as f64 + 1.0) / 2.0 * (v - 1) as f64) as u32).collect();
+            let (prompt, rest) = tokens.split_at(300);
+            let run = |m: &Model, chunks: &[&[u32]]| {
+                let mut st = m.new_state();
+                let mut out = vec![];
+                for c in chunks {
+                    out.extend(m.forward(&mut st, c, true).unwrap());
+                }
+                for &t in rest {
+                    out.extend(m.forward(&mut st, &[t], false).unwrap());
+                }
+                out
+            };
+            let want = run(&cpu, &[prompt]);
+            let want: Vec<Vec<f64>> = want.chunks(v as usize).map(|r| r.iter().map(|x| *x as f64).collect()).collect();
+            for chunks in [&[prompt][..], &[&prompt[..170], &prompt[170..]][..]] {
+                let e = rel_err(&run(&gpu, chunks), &want);
+                eprintln!(
+                    "{name}, budget {topk}: 300-token prompt in {} part(s) + 3 decode steps, CUDA vs CPU {e:.2e}",
+                    chunks.len()
+                );
+                assert!(
+                    e <= TOL,
+                    "{name}, budget {topk}: long prompt in {} part(s), CUDA vs CPU {e:.2e}",
+                    chunks.len()
+                );
+            }
+            let greedy = |m: &Model| {
+                let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
+                generate(m, &mut m.new_state(), prompt, 16, &mut s, &[], |_| true).unwrap().0
+            };
+            assert_eq!(
+                greedy(&gpu),
+                greedy(&cpu),
+                "{name}, budget {topk}: greedy continuations of the long prompt differ"
+            );
+        }
     }
 }
 

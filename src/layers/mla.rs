@@ -861,9 +861,11 @@ fn work_split(n: usize, heads: usize, seen: usize) -> (usize, usize) {
 
 impl Indexer {
     /// The positions token at `pos` attends to: all (`None`) while it sees at most `topk`,
-    /// else the `topk` its score ranks highest, in order.
-    /// Scores are computed in blocks of 256 positions (on the decode team for one token).
-    fn select(&self, q: &[f32], w: &[f32], pos: usize, cache: &LatentCache, decode: bool) -> Option<Vec<u32>> {
+    /// else the `topk` its score ranks highest, in order; of equal scores the lower positions
+    /// (a total order, so any implementation can choose the same: the CUDA backend's does).
+    /// `q`: its rotated queries (heads × head_dim), `w`: its weights (one per head).
+    /// Scores are computed in blocks of 256 positions (`decode`: on the decode team).
+    pub fn select(&self, q: &[f32], w: &[f32], pos: usize, cache: &LatentCache, decode: bool) -> Option<Vec<u32>> {
         let k = self.spec.topk;
         let seen = pos + 1;
         if seen <= k {
@@ -877,7 +879,7 @@ impl Indexer {
         });
         score.truncate(seen);
         let mut idx: Vec<u32> = (0..seen as u32).collect();
-        idx.select_nth_unstable_by(k - 1, |&a, &b| score[b as usize].total_cmp(&score[a as usize]));
+        idx.select_nth_unstable_by(k - 1, |&a, &b| score[b as usize].total_cmp(&score[a as usize]).then(a.cmp(&b)));
         idx.truncate(k);
         idx.sort_unstable();
         Some(idx)
@@ -889,7 +891,7 @@ impl Indexer {
     /// heads × head_dim, `w`: a weight per head): Σ_h w_h/√heads · ReLU(q_h·k/√head_dim), the
     /// heads in order. Dots go 4 heads × 4 positions at a time; a short tile repeats its last
     /// head or position and drops the repeats, so a score never depends on the block it is in.
-    fn scores(&self, q: &[f32], w: &[f32], keys: &[f32], s0: usize, out: &mut [f32]) {
+    pub fn scores(&self, q: &[f32], w: &[f32], keys: &[f32], s0: usize, out: &mut [f32]) {
         let (hn, hd) = (self.spec.heads, self.spec.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
         let wscale = 1.0 / (hn as f32).sqrt();
@@ -1264,6 +1266,42 @@ mod tests {
         assert!(!l.expands(1, 0, 1) && !l.expands(1, 5000, 5001));
         // a few tokens after a long context: expanding every position costs more
         assert!(!l.expands(4, 8000, causal(4, 8000)));
+    }
+
+    #[test]
+    fn tied_index_scores_keep_the_lower_positions() {
+        // keys repeated in runs of 3 (equal scores), and keys opposite to every query (score 0
+        // after the ReLU): the budget's boundary falls inside a run and inside the zeros
+        let (hn, hd) = (3, 5);
+        let q: Vec<f32> = uniform(hn * hd, 8).iter().map(|v| v.abs() + 0.1).collect();
+        let w = vec![0.9, 0.4, 1.3];
+        let base = uniform(40 * hd, 9);
+        let mut keys = vec![];
+        for s in 0..60 {
+            let k: Vec<f32> = if s % 2 == 0 {
+                base[(s / 6) * hd..(s / 6 + 1) * hd].iter().map(|v| v.abs() + 0.05).collect()
+            } else {
+                vec![-1.0; hd]
+            };
+            keys.extend(k);
+        }
+        let cache = LatentCache { lat: vec![], index_k: keys };
+        for topk in [1, 2, 4, 7, 29, 30, 31, 45] {
+            let ix = Indexer {
+                wq_b: Mat::from_f32(1, 1, vec![0.0]).unwrap(),
+                wk: Mat::from_f32(1, 1, vec![0.0]).unwrap(),
+                k_norm: (vec![], vec![]),
+                weights: Mat::from_f32(1, 1, vec![0.0]).unwrap(),
+                spec: IndexerSpec { heads: hn, head_dim: hd, topk, interleaved: false, own: vec![true] },
+            };
+            let mut score = vec![0f32; 60];
+            ix.scores(&q, &w, &cache.index_k, 0, &mut score);
+            let mut want: Vec<u32> = (0..60).collect();
+            want.sort_by(|&a, &b| score[b as usize].total_cmp(&score[a as usize]).then(a.cmp(&b)));
+            want.truncate(topk);
+            want.sort();
+            assert_eq!(ix.select(&q, &w, 59, &cache, false).unwrap(), want, "budget {topk}");
+        }
     }
 
     #[test]

@@ -1859,16 +1859,19 @@ extern "C" __global__ void mla_absorb(const float* q, const u8* base, MatD uk, f
 // Σ p·c. Block (t·groups + g, c): heads g·MLA_HW.. (a warp each) over positions c·chunk.. of
 // 0..=pos0 + t, the rows staged MLA_TP at a time in shared memory (MLA_TP × lw floats), so the
 // group's heads read each row from global memory once. One part: ol[t][h] = the normalised sum;
-// else part[(t·heads + h)·parts + c] = (max, sum, acc[kvl]), merged by mla_merge.
-extern "C" __global__ void mla_part(const float* qc, const long long* meta, int layer, float* part, float* ol, int nh,
-                                    int kvl, int rd, int parts, int chunk) {
-    PDL_ENTRY();
+// else part[(t·heads + h)·parts + c] = (max, sum, acc[kvl]), merged by mla_merge. With a
+// selection (DSA: sel not null), token t attends to the min(len, topk) positions listed at
+// sel[t·topk ..] (ascending) instead, its parts cut from that list.
+__device__ __forceinline__ void mla_part_body(const float* qc, const long long* meta, int layer, float* part, float* ol,
+                                              int nh, int kvl, int rd, int parts, int chunk, const int* sel, int topk) {
     extern __shared__ float rows[];
     int lw = kvl + rd, groups = (nh + MLA_HW - 1) / MLA_HW;
     int t = blockIdx.x / groups, g = blockIdx.x % groups, c = blockIdx.y;
     int lane = threadIdx.x & 31, h = g * MLA_HW + (threadIdx.x >> 5);
     bool live = h < nh;
     int len = (int)meta[0] + t + 1;
+    const int* pick = sel ? sel + (long long)t * topk : nullptr;
+    if (sel) len = min(len, topk);
     long long p0l = (long long)c * chunk;
     int p0 = (int)min(p0l, (long long)len), p1 = (int)min((long long)len, p0l + chunk);
     const float* cache = (const float*)meta[1 + 2 * layer];
@@ -1884,8 +1887,15 @@ extern "C" __global__ void mla_part(const float* qc, const long long* meta, int 
     for (int pb = p0; pb < p1; pb += MLA_TP) {
         int np = min(MLA_TP, p1 - pb);
         __syncthreads();
-        const float* src = cache + (long long)pb * lw;
-        for (int i = threadIdx.x; i < np * lw; i += blockDim.x) rows[i] = src[i];
+        if (pick) {
+            for (int i = threadIdx.x; i < np * lw; i += blockDim.x) {
+                int j = i / lw;
+                rows[i] = cache[(long long)pick[pb + j] * lw + (i - j * lw)];
+            }
+        } else {
+            const float* src = cache + (long long)pb * lw;
+            for (int i = threadIdx.x; i < np * lw; i += blockDim.x) rows[i] = src[i];
+        }
         __syncthreads();
         if (!live) continue;
         float sc[MLA_TP];
@@ -1946,16 +1956,30 @@ extern "C" __global__ void mla_part(const float* qc, const long long* meta, int 
     }
 }
 
+extern "C" __global__ void mla_part(const float* qc, const long long* meta, int layer, float* part, float* ol, int nh,
+                                    int kvl, int rd, int parts, int chunk) {
+    PDL_ENTRY();
+    mla_part_body(qc, meta, layer, part, ol, nh, kvl, rd, parts, chunk, nullptr, 0);
+}
+
+// mla_part over each token's selection (sel: tokens × topk positions, from dsa_select).
+extern "C" __global__ void mla_part_sel(const float* qc, const long long* meta, int layer, float* part, float* ol,
+                                        int nh, int kvl, int rd, int parts, int chunk, const int* sel, int topk) {
+    PDL_ENTRY();
+    mla_part_body(qc, meta, layer, part, ol, nh, kvl, rd, parts, chunk, sel, topk);
+}
+
 // ol[t][h] = the parts of (t, h) merged: each part weighs by its share Σ e^(x − m)·e^(m − max m)
 // of the whole. Only the parts that hold positions of token t are read (a decode graph's grid
 // covers the cache's capacity). Block t·heads + h; shared memory: a weight per part.
-extern "C" __global__ void mla_merge(const float* part, const long long* meta, float* ol, int nh, int kvl, int parts,
-                                     int chunk) {
-    PDL_ENTRY();
+// topk > 0: a selection's parts (mla_part_sel), min(len, topk) positions.
+__device__ __forceinline__ void mla_merge_body(const float* part, const long long* meta, float* ol, int nh, int kvl,
+                                               int parts, int chunk, int topk) {
     extern __shared__ float wt[];
     __shared__ float tot;
     long long th = blockIdx.x;
     int len = (int)meta[0] + (int)(th / nh) + 1;
+    if (topk > 0) len = min(len, topk);
     int live = min(parts, (len + chunk - 1) / chunk);
     const float* pp = part + th * parts * (kvl + 2);
     if (threadIdx.x == 0) {
@@ -1977,6 +2001,18 @@ extern "C" __global__ void mla_merge(const float* part, const long long* meta, f
     }
 }
 
+extern "C" __global__ void mla_merge(const float* part, const long long* meta, float* ol, int nh, int kvl, int parts,
+                                     int chunk) {
+    PDL_ENTRY();
+    mla_merge_body(part, meta, ol, nh, kvl, parts, chunk, 0);
+}
+
+extern "C" __global__ void mla_merge_sel(const float* part, const long long* meta, float* ol, int nh, int kvl,
+                                         int parts, int chunk, int topk) {
+    PDL_ENTRY();
+    mla_merge_body(part, meta, ol, nh, kvl, parts, chunk, topk);
+}
+
 // o[t][h·vd + j] = W_UV[h·vd + j] · ol[t][h]: each head's latent sum out to its values (uv: the
 // heads' vd rows of kvl, f32 or bf16). Grid (t·heads + h, vd / warps), a warp per row.
 extern "C" __global__ void mla_uv(const float* ol, const u8* base, MatD uv, float* o, int nh, int vd) {
@@ -1989,4 +2025,213 @@ extern "C" __global__ void mla_uv(const float* ol, const u8* base, MatD uv, floa
     row_dots<1>(base, uv, h * vd + j, ol + th * uv.cols, 0, 1, lane, a);
     float v = warp_sum(a[0]);
     if (lane == 0) o[th * vd + j] = v;
+}
+
+// DSA's lightning indexer (DeepSeek-V3.2, GLM-5; src/layers/mla.rs, `Indexer`). A layer with
+// its own indexer keeps one key of hd floats per position beside its latent cache, at
+// meta[2 + 2·layer]. Token t's score of position s is Σ_h w_h/√heads · ReLU(q_h·k_s/√hd); it
+// attends to the topk positions scoring highest (ties: the lower position), or to all while it
+// sees at most topk.
+
+__device__ double block_sum_d(double v, double* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    double s = 0.0;
+    for (int i = 0; i < nw; i++) s += sh[i];
+    return s;
+}
+
+// Block (t, 0): token t's index key (ik rows of hd, as wk wrote them) LayerNorm'd in double
+// (weight nw, bias nb, eps 1e-6, as the CPU's layer_norm), its first rd values rotated, written
+// into the index cache at position pos0 + t; block (t, 1 + h): the first rd values of indexer
+// head h's query (iq rows of heads × hd) rotated in place. Pairs (2i, 2i+1) when interleaved,
+// else (i, i + rd/2); the MLA's frequencies. blockDim: a multiple of 32.
+extern "C" __global__ void dsa_prep(float* iq, const float* ik, const long long* meta, int layer, const float* nw,
+                                    const float* nb, int heads, int hd, int rd, const double* freqs, float fscale,
+                                    int interleaved) {
+    PDL_ENTRY();
+    __shared__ double sh[32];
+    int t = blockIdx.x, y = blockIdx.y;
+    int pos = (int)meta[0] + t, half = rd / 2;
+    float* dst;
+    if (y == 0) {
+        const float* k = ik + (long long)t * hd;
+        float* row = (float*)meta[2 + 2 * layer] + (long long)pos * hd;
+        double s = 0.0;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) s += (double)k[i];
+        double mean = block_sum_d(s, sh) / hd;
+        double v = 0.0;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+            double d = (double)k[i] - mean;
+            v += d * d;
+        }
+        double inv = 1.0 / sqrt(block_sum_d(v, sh) / hd + 1e-6);
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+            float z = (float)(((double)k[i] - mean) * inv);
+            row[i] = __fadd_rn(__fmul_rn(z, nw[i]), nb[i]);
+        }
+        // the rotation reads values other threads wrote
+        __syncthreads();
+        dst = row;
+    } else {
+        dst = iq + ((long long)t * heads + (y - 1)) * hd;
+    }
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        int a = interleaved ? 2 * j : j, b = interleaved ? 2 * j + 1 : j + half;
+        float va = dst[a], vb = dst[b];
+        rope_pair(va, vb, pos, freqs[j], fscale);
+        dst[a] = va;
+        dst[b] = vb;
+    }
+}
+
+#define DSA_SP 64  // positions per block of dsa_scores
+
+// Shared memory of dsa_scores (floats): the token's queries, a row of heads·hd padded to an odd
+// stride (a lane per head reads them without bank conflicts), the weights, a key per warp.
+__device__ __forceinline__ int dsa_qstride(int hd) { return (hd & 1) ? hd : hd + 1; }
+
+// Scores of tokens t0 + blockIdx.x over positions blockIdx.y·DSA_SP .. (up to their own: the
+// grid may cover more, as a decode graph's covers the cache's capacity): scores[blockIdx.x ·
+// stride + s]. iq: the rotated queries (tokens × heads × hd), iw: the weights (tokens × heads).
+// A warp per position: its key staged in shared memory, a lane per head (heads past 32 looped),
+// the heads' terms summed across the warp. Every score is computed the same way whatever block
+// it falls in. blockDim 256.
+extern "C" __global__ void dsa_scores(const float* iq, const float* iw, const long long* meta, int layer, int t0,
+                                      int heads, int hd, float* scores, long long stride) {
+    PDL_ENTRY();
+    extern __shared__ float sm[];
+    int qs = dsa_qstride(hd), nwarps = blockDim.x >> 5;
+    float* qsh = sm;
+    float* wsh = qsh + heads * qs;
+    float* ksh = wsh + heads;
+    int t = t0 + blockIdx.x;
+    int len = (int)meta[0] + t + 1;
+    int s0 = blockIdx.y * DSA_SP;
+    if (s0 >= len) return;  // the whole block: before any barrier
+    const float* q = iq + (long long)t * heads * hd;
+    for (int i = threadIdx.x; i < heads * hd; i += blockDim.x) qsh[(i / hd) * qs + i % hd] = q[i];
+    // as the CPU's constants: 1/√heads on the weights, 1/√hd on the dots
+    float wscale = 1.f / sqrtf((float)heads), scale = 1.f / sqrtf((float)hd);
+    for (int i = threadIdx.x; i < heads; i += blockDim.x) wsh[i] = iw[(long long)t * heads + i] * wscale;
+    __syncthreads();
+    const float* keys = (const float*)meta[2 + 2 * layer];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* kw = ksh + warp * hd;
+    int s1 = min(len, s0 + DSA_SP);
+    for (int s = s0 + warp; s < s1; s += nwarps) {
+        for (int i = lane; i < hd; i += 32) kw[i] = keys[(long long)s * hd + i];
+        __syncwarp();
+        float acc = 0.f;
+        for (int h = lane; h < heads; h += 32) {
+            const float* qh = qsh + h * qs;
+            float d = 0.f;
+            for (int i = 0; i < hd; i++) d = fmaf(qh[i], kw[i], d);
+            acc = fmaf(wsh[h], fmaxf(d * scale, 0.f), acc);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) scores[(long long)blockIdx.x * stride + s] = acc;
+        __syncwarp();
+    }
+}
+
+// A float's bits as an unsigned key in the order of Rust's f32::total_cmp.
+__device__ __forceinline__ unsigned int dsa_key(float f) {
+    unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Inclusive prefix sum of v over the block (blockDim a multiple of 32, at most 1024); *total:
+// the block's sum. wsum: 32 ints of shared memory.
+__device__ int block_scan(int v, int* wsum, int* total) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int u = __shfl_up_sync(0xffffffff, v, o);
+        if (lane >= o) v += u;
+    }
+    if (lane == 31) wsum[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        int x = lane < nw ? wsum[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int u = __shfl_up_sync(0xffffffff, x, o);
+            if (lane >= o) x += u;
+        }
+        if (lane < nw) wsum[lane] = x;
+    }
+    __syncthreads();
+    int r = v + (w > 0 ? wsum[w - 1] : 0);
+    *total = wsum[nw - 1];
+    __syncthreads();
+    return r;
+}
+
+// Token t0 + blockIdx.x's selection from its scores (scores + blockIdx.x · stride, its len
+// positions): sel[t·topk + j], ascending. At most topk positions: all of them. Else an exact
+// threshold search: the topk-th largest key found by four 8-bit radix passes (a histogram each
+// over the keys that share the digits found so far), then one pass in position order keeps the
+// keys above it and the first `want` equal to it (the lower positions, as the CPU breaks ties),
+// written in order by a block prefix sum: no sort. blockDim a multiple of 32, at most 1024.
+extern "C" __global__ void __launch_bounds__(1024) dsa_select(const float* scores, long long stride,
+                                                              const long long* meta, int t0, int topk, int* sel) {
+    PDL_ENTRY();
+    __shared__ unsigned int hist[256];
+    __shared__ int wsum[32];
+    __shared__ unsigned int s_prefix, s_mask;
+    __shared__ int s_want;
+    int t = t0 + blockIdx.x;
+    int len = (int)meta[0] + t + 1;
+    const float* sc = scores + (long long)blockIdx.x * stride;
+    int* out = sel + (long long)t * topk;
+    if (len <= topk) {
+        for (int j = threadIdx.x; j < len; j += blockDim.x) out[j] = j;
+        return;
+    }
+    if (threadIdx.x == 0) {
+        s_prefix = 0u;
+        s_mask = 0u;
+        s_want = topk;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+        __syncthreads();
+        unsigned int prefix = s_prefix, mask = s_mask;
+        for (int s = threadIdx.x; s < len; s += blockDim.x) {
+            unsigned int k = dsa_key(sc[s]);
+            if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            // the digit holding the want-th largest candidate: at least want candidates remain
+            unsigned int above = 0u, want = (unsigned int)s_want;
+            int b = 255;
+            for (; b > 0; b--) {
+                if (above + hist[b] >= want) break;
+                above += hist[b];
+            }
+            s_want = (int)(want - above);
+            s_prefix = prefix | ((unsigned int)b << shift);
+            s_mask = mask | (255u << shift);
+        }
+        __syncthreads();
+    }
+    unsigned int thr = s_prefix;
+    int want = s_want, eq_base = 0, at = 0;
+    for (int b0 = 0; b0 < len && at < topk; b0 += blockDim.x) {
+        int s = b0 + threadIdx.x;
+        unsigned int k = s < len ? dsa_key(sc[s]) : 0u;
+        int gt = s < len && k > thr, eq = s < len && k == thr, tot;
+        int rank = eq_base + block_scan(eq, wsum, &tot) - eq;
+        eq_base += tot;
+        int take = gt || (eq && rank < want);
+        int j = at + block_scan(take, wsum, &tot) - take;
+        if (take) out[j] = s;
+        at += tot;
+    }
 }

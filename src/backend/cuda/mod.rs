@@ -9,8 +9,10 @@
 //! softmax over the chosen), routed experts with biases and the clamped SwiGLU, shared experts
 //! gated or not, dense feed-forwards; in every weight format flashmoe stores, MXFP4 included
 //! (its own kernels: e2m1 nibbles and e8m0 scales read as stored); multi-head latent attention
-//! (DeepSeek-V3, Kimi-K2: a latent cache, attended in the latent space). Not yet: DSA's
-//! lightning indexer (DeepSeek-V3.2, GLM-5), experts beyond GPU memory (the whole model must fit).
+//! (DeepSeek-V3, Kimi-K2: a latent cache, attended in the latent space) and DSA's lightning
+//! indexer (DeepSeek-V3.2, GLM-5: index keys beside the latent cache, each token's top-k
+//! selection found and attended on the GPU). Not yet: experts beyond GPU memory (the whole
+//! model must fit).
 
 use super::{Accelerator, DeviceState};
 use crate::layers::attention::QkNorms;
@@ -94,9 +96,40 @@ pub fn supports(model: &Model) -> Result<()> {
                     "layer {i}: gated attention with a whole-width q/k norm ({family}) is not on the CUDA backend: use --device cpu"
                 )
             }
-            MixerWeights::Mla(m) if m.indexer.is_some() || m.shares_selection => bail!(
-                "layer {i}: DSA's lightning indexer (DeepSeek-V3.2, GLM-5) is not on the CUDA backend yet: use --device cpu"
-            ),
+            MixerWeights::Mla(m)
+                if m.indexer
+                    .as_ref()
+                    .is_some_and(|x| dsa_scores_shared(x.spec.heads, x.spec.head_dim) > DSA_SHARED) =>
+            {
+                let x = &m.indexer.as_ref().expect("matched").spec;
+                bail!(
+                    "layer {i}: a lightning indexer of {} heads x {} needs {} B of shared memory in the CUDA score kernel, above its {DSA_SHARED}: use --device cpu",
+                    x.heads,
+                    x.head_dim,
+                    dsa_scores_shared(x.heads, x.head_dim)
+                )
+            }
+            MixerWeights::Mla(m)
+                if m.indexer.as_ref().is_some_and(|x| {
+                    x.spec.topk == 0
+                        || x.spec.head_dim < m.rope_dim
+                        || matches!(m.q, crate::layers::mla::QProj::Full(_))
+                }) =>
+            {
+                bail!(
+                    "layer {i}: a lightning indexer needs q-LoRA, index_topk > 0 and index_head_dim >= qk_rope_head_dim on the CUDA backend: use --device cpu"
+                )
+            }
+            MixerWeights::Mla(m)
+                if m.shares_selection
+                    && !model.layers[..i]
+                        .iter()
+                        .any(|l| matches!(&l.mixer, MixerWeights::Mla(e) if e.indexer.is_some())) =>
+            {
+                bail!(
+                    "layer {i}: shares the lightning indexer's selection of an earlier layer, and none has an indexer"
+                )
+            }
             MixerWeights::Mla(m) if m.kv_lora + m.rope_dim > MLA_ROW || !m.rope_dim.is_multiple_of(2) => bail!(
                 "layer {i}: latent rows of {} + {} do not fit the CUDA latent attention kernel (at most {MLA_ROW}, an even rope part): use --device cpu",
                 m.kv_lora,
@@ -375,7 +408,9 @@ enum DQ {
 }
 
 /// Multi-head latent attention (`layers::mla::Mla`): the cache holds `kvl + rd` floats per
-/// position, attended in the latent space for a prompt as for decode.
+/// position, attended in the latent space for a prompt as for decode; with DSA, each token
+/// attends to its indexer's selection (`topk` positions), the index keys (`hd` floats per
+/// position) in the layer state's second buffer.
 struct DMla {
     q: DQ,
     kv_a: DMat,
@@ -396,7 +431,46 @@ struct DMla {
     /// RoPE's frequency per rotated pair (f64) and the factor on cos and sin.
     freqs: CudaSlice<f64>,
     fscale: f32,
+    /// Its lightning indexer (DSA), if it has its own.
+    ix: Option<Box<DIndexer>>,
+    /// The positions each token attends to (0: all): the budget of its own indexer or of the
+    /// one whose selection it shares.
+    topk: usize,
 }
+
+/// DSA's lightning indexer of a latent-attention layer (`layers::mla::Indexer`).
+struct DIndexer {
+    wq_b: DMat,
+    wk: DMat,
+    weights: DMat,
+    /// `k_norm`'s weight and bias.
+    norm: (DVec, DVec),
+    heads: usize,
+    hd: usize,
+    interleaved: bool,
+}
+
+impl DIndexer {
+    /// Floats of one token's projections: queries, key, weights.
+    fn floats(&self) -> usize {
+        self.heads * self.hd + self.hd + self.heads
+    }
+}
+
+/// Bytes of `dsa_scores`' shared memory for an indexer of `heads` × `hd`: the queries at
+/// `dsa_qstride`'s odd row stride, the weights, a key for each of the block's 8 warps.
+fn dsa_scores_shared(heads: usize, hd: usize) -> usize {
+    let qs = if hd % 2 == 1 { hd } else { hd + 1 };
+    4 * (heads * qs + heads + 8 * hd)
+}
+
+/// The shared memory a block may take without opting in (48 KiB).
+const DSA_SHARED: usize = 48 << 10;
+/// Positions per block of `dsa_scores` (`DSA_SP` in kernels.cu).
+const DSA_SP: usize = 64;
+/// Most floats of a prompt's index scores at once (128 MB): tokens × context, in groups of
+/// tokens when a chunk's scores would take more.
+const DSA_SCORES: usize = 1 << 25;
 
 impl DMla {
     fn row(&self) -> usize {
@@ -454,6 +528,11 @@ struct Kernels {
     mla_absorb: CudaFunction,
     mla_part: CudaFunction,
     mla_merge: CudaFunction,
+    mla_part_sel: CudaFunction,
+    mla_merge_sel: CudaFunction,
+    dsa_prep: CudaFunction,
+    dsa_scores: CudaFunction,
+    dsa_select: CudaFunction,
     mla_uv: CudaFunction,
     router_topk: CudaFunction,
     swiglu_gate_up: CudaFunction,
@@ -482,6 +561,9 @@ pub struct CudaModel {
     part_floats: usize,
     /// Floats of a decode token's latent-attention parts per CHUNK positions (0: no such layer).
     mla_part_floats: usize,
+    /// DSA: the most floats of one token's indexer projections, and the largest budget (0, 0:
+    /// no indexer).
+    dsa: (usize, usize),
     /// One forward pass at a time (they share the stream), and its scratch buffers.
     run: Mutex<Scratch>,
 }
@@ -501,8 +583,9 @@ struct CudaState {
 enum StateKind {
     /// Floats per position of k (and of v).
     Kv(usize),
-    /// Floats per position of a latent cache (one buffer; the second is a placeholder).
-    Latent(usize),
+    /// Floats per position of a latent cache and of its index keys (DSA; 0: none, the second
+    /// buffer a placeholder).
+    Latent(usize, usize),
     /// Floats of the conv history and of the recurrent state.
     Delta(usize, usize),
 }
@@ -637,6 +720,8 @@ impl CudaModel {
         }
         let up = Uploader { stream: stream.clone() };
         let mut layers = Vec::with_capacity(model.layers.len());
+        // the budget of the last layer with an indexer, for the layers that share its selection
+        let mut topk = 0;
         for (i, l) in model.layers.iter().enumerate() {
             let mixer = match &l.mixer {
                 MixerWeights::DeltaNet(d) => DMixer::Delta(Box::new(DDelta {
@@ -657,7 +742,11 @@ impl CudaModel {
                     eps: d.eps,
                 })),
                 MixerWeights::Attention(a) => DMixer::Attn(Box::new(up.attention(a)?)),
-                MixerWeights::Mla(m) => DMixer::Mla(Box::new(up.mla(m)?)),
+                MixerWeights::Mla(m) => {
+                    let d = up.mla(m, topk)?;
+                    topk = d.topk;
+                    DMixer::Mla(Box::new(d))
+                }
             };
             let ffn = match &l.ffn {
                 FfnWeights::Dense(m) => DFfn::Dense(Box::new(up.mlp(&m.view())?)),
@@ -700,6 +789,10 @@ impl CudaModel {
             })
             .max()
             .unwrap_or(0);
+        let dsa = layers.iter().fold((0, 0), |(f, k), l| match &l.mixer {
+            DMixer::Mla(a) => (f.max(a.ix.as_ref().map_or(0, |x| x.floats())), k.max(a.topk)),
+            _ => (f, k),
+        });
         Ok(CudaModel {
             name: format!("CUDA {ordinal}: {gpu}"),
             stream,
@@ -712,6 +805,7 @@ impl CudaModel {
             eps: model.cfg.rms_norm_eps,
             part_floats,
             mla_part_floats,
+            dsa,
             run: Mutex::new(Scratch::default()),
         })
     }
@@ -996,6 +1090,11 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Kernels, S
         mla_absorb: f("mla_absorb")?,
         mla_part: f("mla_part")?,
         mla_merge: f("mla_merge")?,
+        mla_part_sel: f("mla_part_sel")?,
+        mla_merge_sel: f("mla_merge_sel")?,
+        dsa_prep: f("dsa_prep")?,
+        dsa_scores: f("dsa_scores")?,
+        dsa_select: f("dsa_select")?,
         mla_uv: f("mla_uv")?,
         router_topk: f("router_topk")?,
         swiglu_gate_up: f("swiglu_gate_up")?,
@@ -1161,6 +1260,30 @@ pub fn mla_attend_once(
     (nh, kvl, rd): (usize, usize, usize),
     spare: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    mla_attend(ordinal, qc, rows, (nh, kvl, rd), spare, None)
+}
+
+/// [`mla_attend_once`] over the positions of `sel` alone (ascending, as `dsa_select` writes
+/// them), through `mla_part_sel` and `mla_merge_sel`: a budget of `sel.len()` positions.
+pub fn mla_attend_selected_once(
+    ordinal: usize,
+    qc: &[f32],
+    rows: &[f32],
+    (nh, kvl, rd): (usize, usize, usize),
+    spare: usize,
+    sel: &[u32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    mla_attend(ordinal, qc, rows, (nh, kvl, rd), spare, Some(sel))
+}
+
+fn mla_attend(
+    ordinal: usize,
+    qc: &[f32],
+    rows: &[f32],
+    (nh, kvl, rd): (usize, usize, usize),
+    spare: usize,
+    sel: Option<&[u32]>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let g = test_device(ordinal)?;
     let (s, kn) = g.as_ref().expect("opened");
     let lw = kvl + rd;
@@ -1168,25 +1291,101 @@ pub fn mla_attend_once(
         bail!("mla_attend_once: sizes do not fit the kernel");
     }
     let len = rows.len() / lw;
+    if sel.is_some_and(|p| p.is_empty() || p.len() > len || p.iter().any(|&r| r as usize >= len)) {
+        bail!("mla_attend_selected_once: a selection of 1..=positions rows within the cache");
+    }
     let (q, cache) = (s.clone_htod(qc)?, s.clone_htod(rows)?);
     let meta = s.clone_htod(&[len as i64 - 1, ptr(&cache, s) as i64, 0])?;
+    let picked: Vec<i32> = sel.unwrap_or(&[]).iter().map(|&r| r as i32).collect();
+    let psel = s.clone_htod(&picked[..].iter().copied().chain([0]).collect::<Vec<i32>>())?;
+    let (psel, topk32) = (ptr(&psel, s), picked.len() as i32);
+    // the parts a decode graph's grid gives for this many positions
     let parts = len.div_ceil(MLA_CHUNK) + spare;
     let part = s.alloc_zeros::<f32>(nh * parts * (kvl + 2))?;
     let (split, whole) = (s.alloc_zeros::<f32>(nh * kvl)?, s.alloc_zeros::<f32>(nh * kvl)?);
     let (nh32, kvl32, rd32, layer) = (nh as i32, kvl as i32, rd as i32, 0i32);
     let (pq, pm, pp) = (ptr(&q, s), ptr(&meta, s), ptr(&part, s));
+    let selected = sel.is_some();
     for (out, mp, chunk) in [(&split, parts, MLA_CHUNK), (&whole, 1, i32::MAX as usize)] {
         let (mp32, ch32, po) = (mp as i32, chunk as i32, ptr(out, s));
-        let mut lb = launch(s, &kn.mla_part);
+        let mut lb = launch(s, if selected { &kn.mla_part_sel } else { &kn.mla_part });
         lb.arg(&pq).arg(&pm).arg(&layer).arg(&pp).arg(&po).arg(&nh32).arg(&kvl32).arg(&rd32).arg(&mp32).arg(&ch32);
+        if selected {
+            lb.arg(&psel).arg(&topk32);
+        }
         unsafe { lb.launch(cfg((nh.div_ceil(MLA_HW), mp), 32 * MLA_HW, 4 * MLA_TP * lw)) }?;
         if mp > 1 {
-            let mut lb = launch(s, &kn.mla_merge);
+            let mut lb = launch(s, if selected { &kn.mla_merge_sel } else { &kn.mla_merge });
             lb.arg(&pp).arg(&pm).arg(&po).arg(&nh32).arg(&kvl32).arg(&mp32).arg(&ch32);
+            if selected {
+                lb.arg(&topk32);
+            }
             unsafe { lb.launch(cfg((nh, 1), kvl.next_multiple_of(32).min(256), 4 * mp)) }?;
         }
     }
     Ok((s.clone_dtoh(&split)?, s.clone_dtoh(&whole)?))
+}
+
+/// Each token's index scores (of its positions 0..=pos) and selection ([`indexer_once`]).
+pub type IndexerOut = (Vec<Vec<f32>>, Vec<Vec<u32>>);
+
+/// The lightning indexer's scores and selection on the GPU (`dsa_scores`, `dsa_select`; kernel
+/// tests against `layers::mla::Indexer`): `n` tokens at positions `pos0..pos0 + n` with their
+/// rotated queries `q` (n × heads × hd) and weights `w` (n × heads) over the cached index
+/// `keys` (at least pos0 + n rows of hd), `group` tokens per launch, each token's scores row
+/// `spare` positions longer than the context (as a decode graph's grid covers the cache's
+/// capacity). Returns each token's scores of its positions 0..=pos and its selection (all of
+/// them while it sees at most `topk`).
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_once(
+    ordinal: usize,
+    q: &[f32],
+    w: &[f32],
+    keys: &[f32],
+    (heads, hd): (usize, usize),
+    (pos0, n): (usize, usize),
+    topk: usize,
+    (group, spare): (usize, usize),
+) -> Result<IndexerOut> {
+    let g = test_device(ordinal)?;
+    let (s, kn) = g.as_ref().expect("opened");
+    let shared = dsa_scores_shared(heads, hd);
+    if n == 0
+        || group == 0
+        || topk == 0
+        || q.len() != n * heads * hd
+        || w.len() != n * heads
+        || keys.len() < (pos0 + n) * hd
+        || shared > DSA_SHARED
+    {
+        bail!("indexer_once: sizes do not fit the kernels");
+    }
+    let stride = pos0 + n + spare;
+    let (dq, dw, dk) = (s.clone_htod(q)?, s.clone_htod(w)?, s.clone_htod(keys)?);
+    let meta = s.clone_htod(&[pos0 as i64, 0, ptr(&dk, s) as i64])?;
+    let scores = s.alloc_zeros::<f32>(group * stride)?;
+    let sel = s.alloc_zeros::<i32>(n * topk)?;
+    let (pq, pw, pm, ps, psel) = (ptr(&dq, s), ptr(&dw, s), ptr(&meta, s), ptr(&scores, s), ptr(&sel, s));
+    let (layer, heads32, hd32, stride64, topk32) = (0i32, heads as i32, hd as i32, stride as i64, topk as i32);
+    let mut all = Vec::with_capacity(n);
+    for t0 in (0..n).step_by(group) {
+        let (m, t032) = (group.min(n - t0), t0 as i32);
+        let mut lb = launch(s, &kn.dsa_scores);
+        lb.arg(&pq).arg(&pw).arg(&pm).arg(&layer).arg(&t032).arg(&heads32).arg(&hd32).arg(&ps).arg(&stride64);
+        unsafe { lb.launch(cfg((m, stride.div_ceil(DSA_SP)), 256, shared)) }?;
+        let mut lb = launch(s, &kn.dsa_select);
+        lb.arg(&ps).arg(&stride64).arg(&pm).arg(&t032).arg(&topk32).arg(&psel);
+        unsafe { lb.launch(cfg((m, 1), 1024, 0)) }?;
+        let got = s.clone_dtoh(&scores)?;
+        for t in 0..m {
+            all.push(got[t * stride..t * stride + pos0 + t0 + t + 1].to_vec());
+        }
+    }
+    let sel = s.clone_dtoh(&sel)?;
+    let picked = (0..n)
+        .map(|t| sel[t * topk..t * topk + (pos0 + t + 1).min(topk)].iter().map(|&p| p as u32).collect())
+        .collect();
+    Ok((all, picked))
 }
 
 /// One decode token's attention (test hook): queries `q` ([heads][d], or [heads][2d] with
@@ -1356,7 +1555,8 @@ impl Uploader {
         })
     }
 
-    fn mla(&self, m: &crate::layers::mla::Mla) -> Result<DMla> {
+    /// `shared_topk`: the budget of the selection the layer shares, if it does.
+    fn mla(&self, m: &crate::layers::mla::Mla, shared_topk: usize) -> Result<DMla> {
         use crate::layers::mla::QProj;
         let (freqs, fscale) = m.rope.freqs();
         let mut f = freqs.to_vec();
@@ -1391,6 +1591,23 @@ impl Uploader {
             scale: m.scale,
             freqs: self.stream.clone_htod(&f).context("uploading weights to the GPU")?,
             fscale: fscale as f32,
+            ix: match &m.indexer {
+                Some(x) => Some(Box::new(DIndexer {
+                    wq_b: self.mat(&x.wq_b.view())?,
+                    wk: self.mat(&x.wk.view())?,
+                    weights: self.mat(&x.weights.view())?,
+                    norm: (self.vec(&x.k_norm.0)?, self.vec(&x.k_norm.1)?),
+                    heads: x.spec.heads,
+                    hd: x.spec.head_dim,
+                    interleaved: x.spec.interleaved,
+                })),
+                None => None,
+            },
+            topk: match &m.indexer {
+                Some(x) => x.spec.topk,
+                None if m.shares_selection => shared_topk,
+                None => 0,
+            },
         })
     }
 
@@ -1523,6 +1740,7 @@ impl Accelerator for CudaModel {
         let part = (n * self.part_floats * parts * if n == 1 { VEC_SUB } else { 1 }).max(mla_parts);
         let sizes = [n * h, widest, n * 64, n * self.vocab, 1 + 2 * self.layers.len(), part];
         let fresh = sc.fit(s, sizes)?;
+        let fresh = self.fit_dsa(sc.bufs.as_mut().expect("fitted"), s, n, parts * CHUNK)? || fresh;
         // the embeddings and the positions and caches, through host buffers kept between calls
         sc.host_x.clear();
         sc.host_x.resize(n * h, 0.0);
@@ -1794,13 +2012,32 @@ impl CudaModel {
         let (nh, lw) = (a.nh, a.row());
         // q → a; q-LoRA's latent → c, the kv_a rows after it
         let lat = pc + 4 * (n * a.q_lora) as u64;
+        // the indexer's projections: queries (from q-LoRA's normed latent), key and weights
+        // (from h), one token's [queries ‖ key ‖ weights] after another's
+        let dsa = match a.topk {
+            0 => None,
+            _ => Some(b.dsa.as_ref().ok_or_else(|| anyhow!("the lightning indexer's buffers were not fitted"))?),
+        };
+        let (piq, pik, piw) = match (&a.ix, dsa) {
+            (Some(x), Some(d)) => {
+                let p = ptr(&d.proj, s);
+                (p, p + 4 * (n * x.heads * x.hd) as u64, p + 4 * (n * (x.heads * x.hd + x.hd)) as u64)
+            }
+            _ => (0, 0, 0),
+        };
         match &a.q {
             DQ::Full(q) => self.matmuls(&[(q, pa), (&a.kv_a, lat)], ph, n, qh)?,
             DQ::LoRA { a: qa, norm, eps, b: qb } => {
-                self.matmuls(&[(qa, pc), (&a.kv_a, lat)], ph, n, qh)?;
+                match &a.ix {
+                    Some(x) => self.matmuls(&[(qa, pc), (&a.kv_a, lat), (&x.wk, pik), (&x.weights, piw)], ph, n, qh)?,
+                    None => self.matmuls(&[(qa, pc), (&a.kv_a, lat)], ph, n, qh)?,
+                }
                 let xb = ptr(&b.xbh, s);
                 let pq = self.norm_rows(pc, (0, 0), norm, pc, (a.q_lora, *eps), n, fast, b.qa.qx(s), xb)?;
                 self.matmul(qb, pc, pa, n, pq)?;
+                if let Some(x) = &a.ix {
+                    self.matmul(&x.wq_b, pc, piq, n, pq)?;
+                }
             }
         }
         let (nh32, nope32, rd32, kvl32, il) =
@@ -1810,6 +2047,30 @@ impl CudaModel {
         lb.arg(&pa).arg(&lat).arg(&pmeta).arg(&layer).arg(&a.kv_norm.ptr).arg(&a.kv_eps).arg(&nh32).arg(&nope32);
         lb.arg(&rd32).arg(&kvl32).arg(&freqs).arg(&a.fscale).arg(&il);
         unsafe { lb.launch(cfg((n, 1 + nh), 128, 0)) }?;
+        // the indexer: its key normed, rotated and cached, its queries rotated; each token's
+        // scores and selection (a layer that shares one keeps the last)
+        let stride = parts * CHUNK;
+        let psel = dsa.map_or(0, |d| ptr(&d.sel, s));
+        if let (Some(x), Some(d)) = (&a.ix, dsa) {
+            let (heads32, hd32, il) = (x.heads as i32, x.hd as i32, x.interleaved as i32);
+            let mut lb = launch(s, &self.k.dsa_prep);
+            lb.arg(&piq).arg(&pik).arg(&pmeta).arg(&layer).arg(&x.norm.0.ptr).arg(&x.norm.1.ptr).arg(&heads32);
+            lb.arg(&hd32).arg(&rd32).arg(&freqs).arg(&a.fscale).arg(&il);
+            unsafe { lb.launch(cfg((n, 1 + x.heads), 128, 0)) }?;
+            let g = dsa_group(n, stride);
+            let (pscores, stride64, topk32) = (ptr(&d.scores, s), stride as i64, a.topk as i32);
+            let shared = dsa_scores_shared(x.heads, x.hd);
+            for t0 in (0..n).step_by(g) {
+                let (m, t032) = (g.min(n - t0), t0 as i32);
+                let mut lb = launch(s, &self.k.dsa_scores);
+                lb.arg(&piq).arg(&piw).arg(&pmeta).arg(&layer).arg(&t032).arg(&heads32).arg(&hd32).arg(&pscores);
+                lb.arg(&stride64);
+                unsafe { lb.launch(cfg((m, stride.div_ceil(DSA_SP)), 256, shared)) }?;
+                let mut lb = launch(s, &self.k.dsa_select);
+                lb.arg(&pscores).arg(&stride64).arg(&pmeta).arg(&t032).arg(&topk32).arg(&psel);
+                unsafe { lb.launch(cfg((m, 1), 1024, 0)) }?;
+            }
+        }
         // the latent-space queries → b
         let mut lb = launch(s, &self.k.mla_absorb);
         lb.arg(&pa).arg(&a.uk.ptr).arg(&a.uk.d).arg(&pb).arg(&nh32).arg(&nope32).arg(&rd32).arg(&a.scale);
@@ -1818,7 +2079,10 @@ impl CudaModel {
         let (mparts, chunk) =
             if n == 1 { (parts * CHUNK.div_ceil(MLA_CHUNK), MLA_CHUNK) } else { (1, i32::MAX as usize) };
         let (mp32, ch32) = (mparts as i32, chunk as i32);
-        let mut lb = launch(s, &self.k.mla_part);
+        // with a selection (DSA), over each token's selected positions
+        let topk32 = a.topk as i32;
+        let selected = psel != 0;
+        let mut lb = launch(s, if selected { &self.k.mla_part_sel } else { &self.k.mla_part });
         lb.arg(&pb)
             .arg(&pmeta)
             .arg(&layer)
@@ -1829,10 +2093,16 @@ impl CudaModel {
             .arg(&rd32)
             .arg(&mp32)
             .arg(&ch32);
+        if selected {
+            lb.arg(&psel).arg(&topk32);
+        }
         unsafe { lb.launch(cfg((n * nh.div_ceil(MLA_HW), mparts), 32 * MLA_HW, 4 * MLA_TP * lw)) }?;
         if mparts > 1 {
-            let mut lb = launch(s, &self.k.mla_merge);
+            let mut lb = launch(s, if selected { &self.k.mla_merge_sel } else { &self.k.mla_merge });
             lb.arg(&ppart).arg(&pmeta).arg(&pa).arg(&nh32).arg(&kvl32).arg(&mp32).arg(&ch32);
+            if selected {
+                lb.arg(&topk32);
+            }
             unsafe { lb.launch(cfg((n * nh, 1), a.kvl.next_multiple_of(32).min(256), 4 * mparts)) }?;
         }
         // out of the latent space → c, o_proj's input
@@ -2019,6 +2289,22 @@ struct Bufs {
     xbe: CudaSlice<u16>,
     /// What they hold, as [`Scratch::fit`] asks.
     size: [usize; 6],
+    /// The lightning indexer's, when the model has one ([`CudaModel::fit_dsa`]).
+    dsa: Option<DsaBufs>,
+}
+
+/// DSA's buffers: the indexer's projections (per token: queries, key, weights), a group of
+/// tokens' scores (rows of `stride` floats), each token's selection (`topk` positions).
+struct DsaBufs {
+    proj: CudaSlice<f32>,
+    scores: CudaSlice<f32>,
+    sel: CudaSlice<i32>,
+    size: [usize; 3],
+}
+
+/// Tokens whose index scores a prompt computes at once, its rows `stride` long.
+fn dsa_group(n: usize, stride: usize) -> usize {
+    (DSA_SCORES / stride.max(1)).clamp(1, n.max(1))
 }
 
 impl Scratch {
@@ -2053,6 +2339,7 @@ impl Scratch {
                 xbh: s.alloc_zeros::<u16>(w.max(1))?,
                 xbe: s.alloc_zeros::<u16>(w.max(1))?,
                 size: want,
+                dsa: None,
             });
         }
         Ok(fresh)
@@ -2060,6 +2347,28 @@ impl Scratch {
 }
 
 impl CudaModel {
+    /// Makes `b` hold the indexer's buffers for `n` tokens whose scores rows are `stride` long
+    /// (no-op without an indexer); true when they were (re)allocated, which invalidates the
+    /// captured graph.
+    fn fit_dsa(&self, b: &mut Bufs, s: &Arc<CudaStream>, n: usize, stride: usize) -> Result<bool> {
+        let (floats, topk) = self.dsa;
+        if topk == 0 {
+            return Ok(false);
+        }
+        let want = [n * floats, dsa_group(n, stride) * stride, n * topk];
+        if b.dsa.as_ref().is_some_and(|d| d.size.iter().zip(&want).all(|(have, need)| have >= need)) {
+            return Ok(false);
+        }
+        b.dsa = None;
+        b.dsa = Some(DsaBufs {
+            proj: s.alloc_zeros::<f32>(want[0].max(1))?,
+            scores: s.alloc_zeros::<f32>(want[1].max(1))?,
+            sel: s.alloc_zeros::<i32>(want[2].max(1))?,
+            size: want,
+        });
+        Ok(true)
+    }
+
     /// A prompt's routed experts, grouped by expert on the host (the one sync of a MoE layer):
     /// each expert's weights are read once per 8 of its tokens instead of once per token.
     /// `ids` holds the routing (`n · k` ids), then the slot order and each pair's slot.
@@ -2178,7 +2487,7 @@ impl CudaModel {
                 .map(|l| match &l.mixer {
                     DMixer::Attn(a) => StateKind::Kv(a.nkv * a.d),
                     DMixer::Delta(d) => StateKind::Delta((d.kern - 1) * d.conv_dim(), d.nv * d.dk * d.dv),
-                    DMixer::Mla(a) => StateKind::Latent(a.row()),
+                    DMixer::Mla(a) => StateKind::Latent(a.row(), a.ix.as_ref().map_or(0, |x| x.hd)),
                 })
                 .collect();
             st.device = Some(Box::new(CudaState { stream: s.clone(), bufs: Vec::new(), cap: 0, kinds }));
@@ -2200,12 +2509,16 @@ impl CudaModel {
             let pair = match (kind, prev) {
                 (StateKind::Delta(..), Some(p)) => p,
                 (StateKind::Delta(h, st), None) => (s.alloc_zeros::<f32>(h.max(1))?, s.alloc_zeros::<f32>(st.max(1))?),
-                (StateKind::Latent(row), prev) => {
+                (StateKind::Latent(row, ix), prev) => {
                     let mut c = s.alloc_zeros::<f32>(cap * row)?;
-                    if let Some((old, _)) = prev {
+                    let mut k = s.alloc_zeros::<f32>((cap * ix).max(1))?;
+                    if let Some((old, old_k)) = prev {
                         s.memcpy_dtod(&old, &mut c.slice_mut(..old.len()))?;
+                        if ix > 0 {
+                            s.memcpy_dtod(&old_k, &mut k.slice_mut(..old_k.len()))?;
+                        }
                     }
-                    (c, s.alloc_zeros::<f32>(1)?)
+                    (c, k)
                 }
                 (StateKind::Kv(row), prev) => {
                     let (mut k, mut v) = (s.alloc_zeros::<f32>(cap * row)?, s.alloc_zeros::<f32>(cap * row)?);
