@@ -612,12 +612,15 @@ fn top_k(score: &[f32], k: usize) -> Vec<u32> {
 /// within the budget (every position, in order) and past it, tokens in several launch groups,
 /// score rows longer than the context (a decode graph's grid). Scores within f32 rounding; the
 /// selection exactly the CPU's rule applied to the GPU's own scores (the select kernel alone),
-/// and the CPU's selection itself but where the two sides' roundings reorder scores within 1e-5
-/// of the budget's boundary (printed). Then ties: keys repeated in runs of 3 (equal scores on
+/// and the CPU's selection itself but where the two sides' roundings reorder scores within
+/// rounding of the budget's boundary (counted and printed). Then ties: keys repeated in runs of 3 (equal scores on
 /// each side) and keys opposite to every query (score exactly 0 after the ReLU), the boundary
 /// inside both: the selection must equal the CPU's exactly (lower positions first).
 #[test]
 fn lightning_indexer_kernels_match_the_cpu() {
+    // of the row's largest score: f32 dots of up to 128 terms summed over up to 64 heads in
+    // another order than the CPU's (an indexing error is off by the scores' own size)
+    const SCORE_TOL: f64 = 1e-4;
     if !gpu() {
         return;
     }
@@ -648,7 +651,7 @@ fn lightning_indexer_kernels_match_the_cpu() {
             let top = want.iter().fold(1e-3f32, |a, b| a.max(b.abs())) as f64;
             for (s, (g, c)) in scores[t].iter().zip(&want).enumerate() {
                 let e = (*g as f64 - *c as f64).abs() / top;
-                assert!(e <= 1e-5, "{what}, token {t} position {s}: score {g} on the GPU, {c} on the CPU");
+                assert!(e <= SCORE_TOL, "{what}, token {t} position {s}: score {g} on the GPU, {c} on the CPU");
                 worst = worst.max(e);
             }
             assert_eq!(
@@ -669,7 +672,7 @@ fn lightning_indexer_kernels_match_the_cpu() {
                     for &p in c.iter().filter(|p| !sel[t].contains(p)).chain(sel[t].iter().filter(|p| !c.contains(p))) {
                         let d = (want[p as usize] as f64 - edge).abs() / top;
                         assert!(
-                            d <= 1e-5,
+                            d <= 2.0 * SCORE_TOL,
                             "{what}, token {t}: position {p} (score {}) chosen by one side only, {d:.1e} from the boundary {edge}",
                             want[p as usize]
                         );

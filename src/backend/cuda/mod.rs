@@ -1995,6 +1995,9 @@ impl CudaModel {
     /// normed and the rope parts rotated, [c ‖ k_pe] into the cache; each head's query into the
     /// latent space; attention over the cached rows (a decode token's context in parts of
     /// MLA_CHUNK positions, merged); out through W_UV. Returns the output projection to run.
+    /// With DSA, the indexer's keys are cached and each token's selection found (or the last
+    /// full layer's kept, for a layer that shares it) before the attention, which then reads
+    /// the selected rows alone.
     #[allow(clippy::too_many_arguments)]
     fn mla<'a>(
         &self,
