@@ -40,12 +40,13 @@ for r in 1 2; do
     P=512 G=128 fm old X=1 $O
     P=512 G=128 fm new X=1 $N
     P=512 G=128 fm new-dec FLASHMOE_CUDA_ATTN=dec $N
+    P=512 G=128 fm new-pdl FLASHMOE_CUDA_PDL=1 $N
 done
 P=4096 G=64 fm old X=1 $O
 P=4096 G=64 fm new X=1 $N
 P=4096 G=64 fm new-dec FLASHMOE_CUDA_ATTN=dec $N
-P=16384 G=64 fm new X=1 $N
-P=16384 G=64 fm new-dec FLASHMOE_CUDA_ATTN=dec $N
+P=8192 G=64 fm new X=1 $N
+P=8192 G=64 fm new-dec FLASHMOE_CUDA_ATTN=dec $N
 echo "flashmoe A/B done at $(el) s"
 INC=$(dirname "$(find /usr/local/cuda/ /usr/local/cuda*/ -name cupti.h 2>/dev/null | head -1)")
 LIB=$(dirname "$(find /usr/local/cuda/ /usr/local/cuda*/ -name 'libcupti.so*' 2>/dev/null | head -1)")
@@ -55,6 +56,11 @@ for v in new old; do
     env $E CUDA_INJECTION64_PATH=/tmp/cupti_trace.so CUPTI_TRACE_OUT=/tmp/trace-$v.txt timeout 60 $B bench --model $m --device cuda --prompt-tokens 512 --gen-tokens 32 >/dev/null 2>&1
     echo "== $v" >>$RES/tables.txt; python3 scripts/cupti_table.py /tmp/trace-$v.txt 16 >>$RES/tables.txt 2>&1
 done
+# issue 18 on the 16 cores: the KV cache in f32 and bf16 (bench/kv_cache.sh, 2 rounds), and the memory roofline
+$N sysbench --memory 2>&1 | tail -4 | tee $RES/sysbench.txt
+timeout 200 bash bench/kv_cache.sh $N $m $RES/kv 2 --device cpu --threads 16 >$RES/kv.txt 2>&1
+tail -8 $RES/kv.txt
+echo "cpu done at $(el) s"
 wait $GG; cat $RES/gguf.log | tail -3
 wait $BUILD; cat $W/done; tail -2 $W/build.log
 LB=$W/build/bin/llama-bench
