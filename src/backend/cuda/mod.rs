@@ -679,8 +679,6 @@ fn cfg(grid: (usize, usize), block: usize, shared: usize) -> LaunchConfig {
 
 /// Warps (rows) per block of the row kernels.
 const WARPS: usize = 8;
-/// Warps of a `router_topk` block.
-const ROUTER_WARPS: usize = 2;
 /// Warps of an `attn_vec` block (`VW` in kernels.cu).
 const VEC_WARPS: usize = 16;
 /// Warps of a block of `matvec_norm` (whose last block runs the norm).
@@ -1866,6 +1864,12 @@ fn dec_attention() -> DecAttn {
 /// Positions of an `attn_vec` part: a CHUNK is VEC_SUB of them (`VP_SUB` in kernels.cu).
 const VEC_SUB: usize = 2;
 
+/// The most CHUNK parts (the cache's capacity / CHUNK) a decode token's attention takes
+/// `attn_vec` for: on the H200 (24-layer 30B-A3B shape) it decoded 531–543 tok/s against
+/// `attn_dec`'s 464–467 at 1,024 positions of capacity, 372 against 367 at 8,192, and 290
+/// against 318 at 16,384.
+const VEC_PARTS: usize = 64;
+
 /// `attn_vec`'s kernel (by head dim: 64, 128, 256) and query heads per block: the largest
 /// divisor of the group up to 8, 4, 2 (its shared memory holds VW · GM · d floats).
 fn vec_heads(nh: usize, nkv: usize, d: usize) -> Option<(usize, usize)> {
@@ -1952,7 +1956,10 @@ impl CudaModel {
         // attention in parts of CHUNK positions, merged into b; then o_proj → y
         // one token: its own kernel (few blocks, each a long walk: more loads in flight)
         let kind = if n == 1 { dec_attention() } else { DecAttn::Part };
-        let vec = (kind == DecAttn::Vec).then(|| vec_heads(a.nh, a.nkv, a.d)).flatten();
+        // attn_vec up to VEC_PARTS parts, attn_dec past them (the merge of attn_vec's many
+        // parts then costs more than its blocks save)
+        let vec = (kind == DecAttn::Vec && parts <= VEC_PARTS).then(|| vec_heads(a.nh, a.nkv, a.d)).flatten();
+        let kind = if kind == DecAttn::Vec && vec.is_none() { DecAttn::Dec } else { kind };
         let dec = (kind == DecAttn::Dec).then(|| dec_heads(a.nh, a.nkv, a.d, parts)).flatten();
         // the parts the merge reads: attn_vec's are VEC_SUB to a CHUNK
         let mparts = if vec.is_some() { parts * VEC_SUB } else { parts };
@@ -2213,9 +2220,8 @@ impl CudaModel {
                         let mut lb = launch(s, &self.k.router_topk);
                         lb.arg(&r.ptr).arg(&r.d).arg(&ph).arg(&qh.qx).arg(&pa).arg(&k32).arg(&m.route).arg(&pids);
                         lb.arg(&pw).arg(&done);
-                        // small blocks: a router's few rows spread over more SMs
-                        let blocks = (e32 as usize).div_ceil(ROUTER_WARPS);
-                        unsafe { lb.launch(cfg((blocks, 1), 32 * ROUTER_WARPS, shared)) }?;
+                        let blocks = (e32 as usize).div_ceil(WARPS);
+                        unsafe { lb.launch(cfg((blocks, 1), 32 * WARPS, shared)) }?;
                     } else {
                         self.matmul(&m.router, ph, pa, n, qh)?;
                         route(s, &self.k, pa, e32, k32, m.route, pids, pw, n)?;
