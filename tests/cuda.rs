@@ -563,30 +563,35 @@ fn long_prompts_on_cuda_match_the_cpu() {
         // the fixtures' configs say 64 positions; the math has no such limit
         gpu.cfg.max_position_embeddings = 4096;
         cpu.cfg.max_position_embeddings = 4096;
-        let mut seed = 0x5eed_u64 + name.len() as u64;
-        let v = cpu.vocab_size() as u64;
-        let tokens: Vec<u32> =
-            (0..303).map(|_| ((rng(&mut seed) as f64 + 1.0) / 2.0 * (v - 1) as f64) as u32).collect();
-        let (prompt, rest) = tokens.split_at(300);
-        let run = |m: &Model, chunks: &[&[u32]]| {
-            let mut st = m.new_state();
-            let mut out = vec![];
-            for c in chunks {
-                out.extend(m.forward(&mut st, c, true).unwrap());
-            }
-            for &t in rest {
-                out.extend(m.forward(&mut st, &[t], false).unwrap());
-            }
-            out
-        };
-        let want = run(&cpu, &[prompt]);
-        let want: Vec<Vec<f64>> = want.chunks(v as usize).map(|r| r.iter().map(|x| *x as f64).collect()).collect();
-        for chunks in [&[prompt][..], &[&prompt[..170], &prompt[170..]][..]] {
-            let e = rel_err(&run(&gpu, chunks), &want);
-            eprintln!("{name}: 300-token prompt in {} part(s) + 3 decode steps, CUDA vs CPU {e:.2e}", chunks.len());
-            assert!(e <= TOL, "{name}: long prompt, CUDA vs CPU {e:.2e}");
-        }
+        long_prompt_against_cpu(&gpu, &cpu, 0x5eed_u64 + name.len() as u64, name);
     }
+}
+
+/// A random 300-token prompt (in one chunk and in two, 170 + 130) and 3 decode steps after it,
+/// every position's logits through `gpu` against `cpu`'s within TOL; returns the prompt.
+fn long_prompt_against_cpu(gpu: &Model, cpu: &Model, mut seed: u64, what: &str) -> Vec<u32> {
+    let v = cpu.vocab_size() as u64;
+    let tokens: Vec<u32> = (0..303).map(|_| ((rng(&mut seed) as f64 + 1.0) / 2.0 * (v - 1) as f64) as u32).collect();
+    let (prompt, rest) = tokens.split_at(300);
+    let run = |m: &Model, chunks: &[&[u32]]| {
+        let mut st = m.new_state();
+        let mut out = vec![];
+        for c in chunks {
+            out.extend(m.forward(&mut st, c, true).unwrap());
+        }
+        for &t in rest {
+            out.extend(m.forward(&mut st, &[t], false).unwrap());
+        }
+        out
+    };
+    let want = run(cpu, &[prompt]);
+    let want: Vec<Vec<f64>> = want.chunks(v as usize).map(|r| r.iter().map(|x| *x as f64).collect()).collect();
+    for chunks in [&[prompt][..], &[&prompt[..170], &prompt[170..]][..]] {
+        let e = rel_err(&run(gpu, chunks), &want);
+        eprintln!("{what}: 300-token prompt in {} part(s) + 3 decode steps, CUDA vs CPU {e:.2e}", chunks.len());
+        assert!(e <= TOL, "{what}: long prompt in {} part(s), CUDA vs CPU {e:.2e}", chunks.len());
+    }
+    prompt.to_vec()
 }
 
 /// A CPU indexer of these sizes for its `scores` and `select` (the products are not used).
@@ -808,39 +813,11 @@ fn dsa_long_prompts_on_cuda_match_the_cpu() {
             }
             gpu.accel = flashmoe::backend::attach(&gpu, Device::Cuda(0)).unwrap();
             assert!(gpu.accel.is_some(), "{name}: not on the GPU");
-            let mut seed = 0xd5a_u64 + name.len() as u64;
-            let v = cpu.vocab_size() as u64;
-            let tokens: Vec<u32> =
-                (0..303).map(|_| ((rng(&mut seed) as f64 + 1.0) / 2.0 * (v - 1) as f64) as u32).collect();
-            let (prompt, rest) = tokens.split_at(300);
-            let run = |m: &Model, chunks: &[&[u32]]| {
-                let mut st = m.new_state();
-                let mut out = vec![];
-                for c in chunks {
-                    out.extend(m.forward(&mut st, c, true).unwrap());
-                }
-                for &t in rest {
-                    out.extend(m.forward(&mut st, &[t], false).unwrap());
-                }
-                out
-            };
-            let want = run(&cpu, &[prompt]);
-            let want: Vec<Vec<f64>> = want.chunks(v as usize).map(|r| r.iter().map(|x| *x as f64).collect()).collect();
-            for chunks in [&[prompt][..], &[&prompt[..170], &prompt[170..]][..]] {
-                let e = rel_err(&run(&gpu, chunks), &want);
-                eprintln!(
-                    "{name}, budget {topk}: 300-token prompt in {} part(s) + 3 decode steps, CUDA vs CPU {e:.2e}",
-                    chunks.len()
-                );
-                assert!(
-                    e <= TOL,
-                    "{name}, budget {topk}: long prompt in {} part(s), CUDA vs CPU {e:.2e}",
-                    chunks.len()
-                );
-            }
+            let what = format!("{name}, budget {topk}");
+            let prompt = long_prompt_against_cpu(&gpu, &cpu, 0xd5a_u64 + name.len() as u64, &what);
             let greedy = |m: &Model| {
                 let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
-                generate(m, &mut m.new_state(), prompt, 16, &mut s, &[], |_| true).unwrap().0
+                generate(m, &mut m.new_state(), &prompt, 16, &mut s, &[], |_| true).unwrap().0
             };
             assert_eq!(
                 greedy(&gpu),
