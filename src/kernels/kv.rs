@@ -145,20 +145,7 @@ pub fn dot_h(isa: Isa, f16: bool, w: &[u16], x: &[f32]) -> f32 {
 
 /// Scalar reference of [`dot_h`]: eight running sums, then the tail.
 pub fn dot_h_scalar(f16: bool, w: &[u16], x: &[f32]) -> f32 {
-    let widen = |h: u16| if f16 { f16_to_f32(h) } else { bf16_to_f32(h) };
-    let mut acc = [0.0f32; 8];
-    let (cw, cx) = (w.chunks_exact(8), x.chunks_exact(8));
-    let (rw, rx) = (cw.remainder(), cx.remainder());
-    for (a, b) in cw.zip(cx) {
-        for i in 0..8 {
-            acc[i] += widen(a[i]) * b[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (a, b) in rw.iter().zip(rx) {
-        s += widen(*a) * b;
-    }
-    s
+    if f16 { super::dot_widened_scalar(w, x, f16_to_f32) } else { super::dot_bf16_scalar(w, x) }
 }
 
 /// y += a·h(x) for 16-bit `x`, with the kernel of `isa`.

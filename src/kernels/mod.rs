@@ -465,17 +465,24 @@ pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
 }
 
 pub fn dot_bf16_scalar(w: &[u16], x: &[f32]) -> f32 {
+    dot_widened_scalar(w, x, bf16_to_f32)
+}
+
+/// Σ widen(w)·x for 16-bit `w`: eight running sums, then the tail (the scalar reference of the
+/// bf16 and f16 dots).
+#[inline]
+pub fn dot_widened_scalar(w: &[u16], x: &[f32], widen: impl Fn(u16) -> f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let (cw, cx) = (w.chunks_exact(8), x.chunks_exact(8));
     let (rw, rx) = (cw.remainder(), cx.remainder());
     for (a, b) in cw.zip(cx) {
         for i in 0..8 {
-            acc[i] += bf16_to_f32(a[i]) * b[i];
+            acc[i] += widen(a[i]) * b[i];
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (a, b) in rw.iter().zip(rx) {
-        s += bf16_to_f32(*a) * b;
+        s += widen(*a) * b;
     }
     s
 }
